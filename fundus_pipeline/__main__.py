@@ -1,0 +1,3 @@
+from fundus_pipeline.cli import main
+
+main()

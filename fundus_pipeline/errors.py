@@ -1,0 +1,34 @@
+"""Domain errors. Each maps to one line on stderr and a documented exit code (see README)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_ITEMS_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+class FundusError(Exception):
+    """Base class: a fatal error with a one-line message (exit code 1)."""
+
+    exit_code = EXIT_FATAL
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(FundusError):
+    """Bad flag, bad config, refused output folder (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(FundusError):
+    """A single input item cannot be read or processed (recorded per item, never fatal to a run)."""
+
+
+class WeightsError(FundusError):
+    """Missing, corrupt, unknown or mismatching model weights (exit code 1)."""
