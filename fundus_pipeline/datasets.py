@@ -1,0 +1,109 @@
+"""The public vessel datasets as laid out in ``../shared/data`` (DRIVE, HRF) and their standard splits.
+
+Splits (never train, tune or select on the test lists):
+- DRIVE: train 21-40, test 01-20 (1st observer is the reference; 2nd observer is the human baseline).
+- HRF (Orlando et al. 2017): train = images 01-05 of each class (h, g, dr), test = the rest (06-15;
+  11_h, 12_h and 13_h have no manual annotation, so 27 labelled test images).
+- Validation (checkpoint selection and the a-priori threshold) is a fixed subset of the *training*
+  images: DRIVE 37-40 and HRF 05_h, 05_g, 05_dr.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+DRIVE_TRAIN = [f"{i:02d}" for i in range(21, 41)]
+DRIVE_TEST = [f"{i:02d}" for i in range(1, 21)]
+DRIVE_VAL = ["37", "38", "39", "40"]
+HRF_CLASSES = ("h", "g", "dr")
+HRF_TRAIN = [f"{i:02d}_{c}" for c in HRF_CLASSES for i in range(1, 6)]
+HRF_TEST = [f"{i:02d}_{c}" for c in HRF_CLASSES for i in range(6, 16)]
+HRF_UNLABELLED = {"11_h", "12_h", "13_h"}
+HRF_VAL = ["05_h", "05_g", "05_dr"]
+
+
+def default_data_root() -> Path:
+    """``$FUNDUS_DATA`` if set, else ``../shared/data`` beside the repository checkout."""
+    env = os.environ.get("FUNDUS_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Sample:
+    name: str  # e.g. "drive/21" or "hrf/01_h"
+    rgb: np.ndarray  # float32 HxWx3 in [0,1] at the model's working scale
+    vessels: np.ndarray  # float32 HxW in [0,1] (soft after downscaling)
+    fov: np.ndarray  # bool HxW
+    scale: float  # working scale relative to the native image
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode == "P":  # palette GIFs: binarise on raw indices
+            return (np.asarray(im) > 0).astype(np.uint8) * 255
+        return np.asarray(im.convert("L"))
+
+
+def _resize(arr: np.ndarray, scale: float, interp=cv2.INTER_AREA) -> np.ndarray:
+    if scale == 1.0:
+        return arr
+    h, w = arr.shape[:2]
+    return cv2.resize(arr, (round(w * scale), round(h * scale)), interpolation=interp)
+
+
+def drive_paths(root: Path, ident: str) -> dict[str, Path]:
+    split = "training" if int(ident) >= 21 else "test"
+    base = root / "DRIVE" / split
+    return {
+        "image": base / "images" / f"{ident}_{split}.tif",
+        "vessels": base / "1st_manual" / f"{ident}_manual1.gif",
+        "fov": base / "mask" / f"{ident}_{split}_mask.gif",
+    }
+
+
+def hrf_paths(root: Path, ident: str) -> dict[str, Path]:
+    num, cls = ident.split("_")
+    ext = "JPG" if cls == "dr" else "jpg"
+    base = root / "HRF"
+    return {
+        "image": base / "images" / f"{ident}.{ext}",
+        "vessels": base / "manual1" / f"{ident}.tif",
+        "fov": base / "mask" / f"{ident}_mask.tif",
+    }
+
+
+def load_sample(root: Path, dataset: str, ident: str, scale: float) -> Sample:
+    paths = drive_paths(root, ident) if dataset == "drive" else hrf_paths(root, ident)
+    rgb = _resize(_read_rgb(paths["image"]).astype(np.float32) / 255.0, scale)
+    ves = _resize(_read_gray(paths["vessels"]).astype(np.float32) / 255.0, scale)
+    fov = _resize(_read_gray(paths["fov"]), scale, cv2.INTER_NEAREST) > 127
+    return Sample(f"{dataset}/{ident}", rgb, ves, fov, scale)
+
+
+# The working scales used in training: DRIVE at native resolution, HRF at half resolution. At
+# inference the scale is derived from the FOV diameter (see fundus_pipeline.segmentation.working_scale),
+# which gives the same values for these two datasets.
+TRAIN_SCALES = {"drive": 1.0, "hrf": 0.5}
+
+
+def training_sets(root: Path) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) samples: DRIVE 21-40 + HRF train split, minus the fixed validation subset."""
+    train, val = [], []
+    for ident in DRIVE_TRAIN:
+        (val if ident in DRIVE_VAL else train).append(load_sample(root, "drive", ident, TRAIN_SCALES["drive"]))
+    for ident in HRF_TRAIN:
+        (val if ident in HRF_VAL else train).append(load_sample(root, "hrf", ident, TRAIN_SCALES["hrf"]))
+    return train, val

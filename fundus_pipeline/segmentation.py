@@ -1,0 +1,133 @@
+"""Vessel-segmentation inference: working scale, padding, tiled prediction with overlap blending."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_MAX_FOV_DIAMETER = 1800.0
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 64
+
+
+def working_scale(fov_diameter: float, max_fov_diameter: float = DEFAULT_MAX_FOV_DIAMETER) -> float:
+    """The model's working scale for an image whose FOV has this diameter (native pixels).
+
+    Images are downscaled by the smallest integer factor that brings the FOV diameter to at most
+    ``max_fov_diameter``: DRIVE (FOV ~540 px) stays at 1, HRF (~3260 px) and 2560-px EyePACS photographs
+    go to 1/2. This matches how the shipped models were trained (DRIVE native, HRF halved).
+    """
+    if not math.isfinite(fov_diameter) or fov_diameter <= 0:
+        return 1.0
+    return 1.0 / max(1, math.ceil(fov_diameter / max_fov_diameter))
+
+
+def _pad_to(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, int, int]:
+    h, w = x.shape[-2:]
+    ph = (-h) % divisor
+    pw = (-w) % divisor
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    return x, h, w
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    w = np.ones(n, np.float32)
+    if overlap > 0:
+        r = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        w[:overlap] = np.minimum(w[:overlap], r)
+        w[-overlap:] = np.minimum(w[-overlap:], r[::-1])
+    return w
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    tile: int | None = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    amp: bool = False,
+) -> np.ndarray:
+    """Vessel logits (float32 HxW) for a float32 HxWx3 RGB image in [0,1] at the model's scale.
+
+    With ``tile`` set and the image larger than a tile, the image is processed in overlapping tiles whose
+    predictions are blended with linear ramps, which bounds memory for any image size. ``tile=None``
+    processes the whole image at once.
+    """
+    device = torch.device(device)
+    divisor = int(getattr(model, "size_divisor", 16))
+    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].float()
+    H, W = rgb.shape[:2]
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        t, h, w = _pad_to(t, divisor)
+        t = t.to(device)
+        if amp and device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = model(t)
+        else:
+            y = model(t)
+        return y.float()[0, 0, :h, :w].cpu()
+
+    if tile is None or (H <= tile and W <= tile):
+        return run(x).numpy()
+    tile = max(tile, 2 * overlap + divisor)
+    stride = tile - overlap
+    ys = list(range(0, max(H - tile, 0) + 1, stride))
+    xs = list(range(0, max(W - tile, 0) + 1, stride))
+    if ys[-1] + tile < H:
+        ys.append(H - tile)
+    if xs[-1] + tile < W:
+        xs.append(W - tile)
+    acc = np.zeros((H, W), np.float32)
+    wsum = np.zeros((H, W), np.float32)
+    for y0 in ys:
+        for x0 in xs:
+            th, tw = min(tile, H - y0), min(tile, W - x0)
+            out = run(x[..., y0 : y0 + th, x0 : x0 + tw]).numpy()
+            wy = _ramp(th, overlap if th == tile else 0)
+            wx = _ramp(tw, overlap if tw == tile else 0)
+            # Tiles that touch the image border keep full weight there.
+            if y0 == 0:
+                wy[: overlap] = 1.0
+            if y0 + th >= H:
+                wy[-overlap:] = 1.0
+            if x0 == 0:
+                wx[: overlap] = 1.0
+            if x0 + tw >= W:
+                wx[-overlap:] = 1.0
+            wgt = wy[:, None] * wx[None, :]
+            acc[y0 : y0 + th, x0 : x0 + tw] += out * wgt
+            wsum[y0 : y0 + th, x0 : x0 + tw] += wgt
+    return acc / np.maximum(wsum, 1e-6)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))).astype(np.float32)
+
+
+def predict_native(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    fov_mask: np.ndarray,
+    scale: float,
+    **kw,
+) -> np.ndarray:
+    """Vessel probability (float32 HxW in [0,1]) at the image's native resolution, 0 outside the FOV."""
+    H, W = rgb.shape[:2]
+    if scale != 1.0:
+        small = cv2.resize(rgb, (max(1, round(W * scale)), max(1, round(H * scale))), interpolation=cv2.INTER_AREA)
+    else:
+        small = rgb
+    logits = predict_logits(model, small, **kw)
+    if scale != 1.0:
+        logits = cv2.resize(logits, (W, H), interpolation=cv2.INTER_LINEAR)
+    prob = sigmoid(logits)
+    prob[~fov_mask] = 0.0
+    return prob
