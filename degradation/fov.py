@@ -35,3 +35,273 @@ class FovGeometry:
     def circle_mask(self) -> np.ndarray:
         yy, xx = np.ogrid[: self.height, : self.width]
         return (xx - self.cx) ** 2 + (yy - self.cy) ** 2 <= self.radius**2
+
+
+# ------------------------------------------------------------------------------------------- estimation
+#
+# How the FOV is estimated (all at a working size whose longest side is ``_WORK_SIDE`` px):
+#   1. v = max(R, G, B), smoothed (Gaussian), so a dark or colour-cast fundus still stands out from the
+#      black surround.
+#   2. The background level is the median of the four corner patches (corners lie outside the FOV disc
+#      even when the disc is cut at the top/bottom); the fundus level is the median of the pixels well
+#      above it. Threshold = background + ``_THRESH_FRAC`` x (fundus - background), never less than
+#      background + ``_MIN_CONTRAST``: low, so that dark, vignetted rims stay inside.
+#   3. Largest connected region, holes filled (outer contour drawn filled).
+#   4. A circle is fitted to the region's outline, leaving out the points on the image border (cut FOVs),
+#      with a few rounds of outlier rejection (notches, labels, reflections, dark rims).
+#   5. The native-resolution mask is the fitted circle clipped to the frame (rasterised exactly from
+#      the geometry, so it does not inherit the working-size staircase).
+# When there is no dark surround (an already-cropped image, a non-fundus photo) or the fit is implausible,
+# ``estimate_fov`` returns the full frame and ``fov_geometry`` the inscribed circle.
+
+_WORK_SIDE = 512
+_THRESH_FRAC = 0.15
+_MIN_CONTRAST = 0.02
+_BORDER_TOL = 1.5  # working-size px: outline points this close to the frame are the cut, not the rim
+
+
+def _to_float_work(rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Downscale (INTER_AREA) to the working size and return max-channel in [0,1] plus the scale factors."""
+    import cv2
+
+    a = np.asarray(rgb)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {a.shape}")
+    h, w = a.shape[:2]
+    s = min(1.0, _WORK_SIDE / max(h, w))
+    ws, hs = max(1, int(round(w * s))), max(1, int(round(h * s)))
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    if a.ndim == 3 and a.shape[2] > 3:
+        a = a[..., :3]  # drop alpha
+    if a.dtype.kind == "f":
+        scale = 1.0
+    elif a.dtype.kind in "ui":
+        scale = 1.0 / float(np.iinfo(a.dtype).max)
+        if a.dtype not in (np.uint8, np.uint16):
+            a = a.astype(np.float32)
+    else:
+        raise ValueError(f"unsupported dtype {a.dtype}")
+    if (ws, hs) != (w, h):
+        a = cv2.resize(np.ascontiguousarray(a), (ws, hs), interpolation=cv2.INTER_AREA)
+    v = a.max(axis=2) if a.ndim == 3 else a
+    v = v.astype(np.float32) * np.float32(scale)
+    return v, ws / w, hs / h
+
+
+def _full_frame(h: int, w: int) -> FovGeometry:
+    return FovGeometry(cx=(w - 1) / 2.0, cy=(h - 1) / 2.0, radius=min(h, w) / 2.0, height=h, width=w)
+
+
+def _fit_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Algebraic (Kasa) least-squares circle through points (x, y)."""
+    xm, ym = x.mean(), y.mean()
+    u, v = x - xm, y - ym
+    A = np.stack([u, v, np.ones_like(u)], axis=1)
+    b = u * u + v * v
+    sol, *_ = np.linalg.lstsq(A, b, rcond=None)
+    cx, cy = sol[0] / 2.0, sol[1] / 2.0
+    r = float(np.sqrt(max(sol[2] + cx * cx + cy * cy, 0.0)))
+    return float(cx + xm), float(cy + ym), r
+
+
+def _robust_circle(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> tuple[float, float, float, np.ndarray]:
+    keep = np.ones(x.shape, bool)
+    cx, cy, r = _fit_circle(x, y)
+    for _ in range(rounds):
+        res = np.hypot(x - cx, y - cy) - r
+        mad = np.median(np.abs(res[keep])) if keep.any() else 0.0
+        tol = max(1.0, 3.0 * 1.4826 * mad)
+        new = np.abs(res) <= tol
+        if new.sum() < 10 or np.array_equal(new, keep):
+            break
+        keep = new
+        cx, cy, r = _fit_circle(x[keep], y[keep])
+    return cx, cy, r, keep
+
+
+def _outline_points(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]] | None:
+    """Outline of the largest region of ``mask`` (pixel centres), minus the points on straight cuts.
+
+    A cut is the image border, or a straight horizontal/vertical edge of the region (black padding
+    bands, e.g. EyePACS images padded to a square): a bounding-box side along which at least 8% of the
+    outline runs. Returns (x, y, box) with box = (x0, y0, x1, y1), the kept region's extent in
+    working pixel edges (the frame on uncut sides).
+    """
+    import cv2
+
+    m = np.ascontiguousarray(mask.astype(np.uint8))
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float64)
+    h, w = m.shape
+    x, y = c[:, 0], c[:, 1]
+    n = x.size
+    box = [-0.5, -0.5, w - 0.5, h - 0.5]
+    keep = (x > _BORDER_TOL) & (x < w - 1 - _BORDER_TOL) & (y > _BORDER_TOL) & (y < h - 1 - _BORDER_TOL)
+    for side, coord, edge in ((0, x, x.min()), (1, y, y.min()), (2, x, x.max()), (3, y, y.max())):
+        on = np.abs(coord - edge) <= 1.5
+        if on.sum() >= 0.08 * n:
+            keep &= np.abs(coord - edge) > _BORDER_TOL
+            box[side] = edge - 0.5 if side < 2 else edge + 0.5
+    return x[keep], y[keep], (box[0], box[1], box[2], box[3])
+
+
+def _refine_radius(v: np.ndarray, cx: float, cy: float, r: float, box, bg: float) -> float:
+    """Move the radius to the half-level crossing of the median radial profile around the rim."""
+    import cv2
+
+    band, step = 6.0, 0.5
+    radii = np.arange(-band, band + 1e-9, step)
+    theta = np.linspace(-np.pi, np.pi, 360, endpoint=False)
+    xs = cx + np.cos(theta)[:, None] * (r + radii)[None, :]
+    ys = cy + np.sin(theta)[:, None] * (r + radii)[None, :]
+    # rays that meet a cut (or leave the frame) are left out
+    inside = (xs > box[0] + 2) & (xs < box[2] - 2) & (ys > box[1] + 2) & (ys < box[3] - 2)
+    rays = inside.all(axis=1)
+    if rays.sum() < 30:
+        return r
+    samples = cv2.remap(v, xs[rays].astype(np.float32), ys[rays].astype(np.float32), cv2.INTER_LINEAR)
+    prof = np.median(samples, axis=0)
+    centres = radii
+    ok = np.isfinite(prof)
+    if ok.sum() < 8:
+        return r
+    prof, centres = prof[ok], centres[ok]
+    inner = float(np.median(prof[centres < -band + 2.5]))
+    half = bg + 0.5 * (inner - bg)
+    if inner - bg < 2 * _MIN_CONTRAST:
+        return r
+    # last crossing from above to below the half level, walking outwards
+    above = prof >= half
+    for i in range(len(prof) - 1, 0, -1):
+        if above[i - 1] and not above[i]:
+            f = (prof[i - 1] - half) / max(prof[i - 1] - prof[i], 1e-6)
+            return r + float(centres[i - 1] + f * (centres[i] - centres[i - 1]))
+    return r
+
+
+def _geometry_from_work_mask(
+    work: np.ndarray, h: int, w: int, sx: float, sy: float, v: np.ndarray | None = None, bg: float = 0.0
+) -> tuple[FovGeometry, tuple[float, float, float, float]] | None:
+    """Fit the circle at working size and map it (and the cut box) to native coordinates; None if implausible."""
+    pts = _outline_points(work)
+    if pts is None or pts[0].size < 20:
+        return None
+    x, y, box = pts
+    cx, cy, r, keep = _robust_circle(x, y)
+    hs, ws = work.shape
+    # the outline runs through the centres of the outermost FOV pixels: the edge is half a pixel further out
+    r = r + 0.5
+    if not np.isfinite(r) or r < 0.2 * min(hs, ws) or r > 1.5 * max(hs, ws):
+        return None
+    if keep.sum() < 20:
+        return None
+    # spread of kept points around the centre: an arc shorter than ~60 degrees cannot pin the circle
+    ang = np.arctan2(y[keep] - cy, x[keep] - cx)
+    if np.histogram(ang, bins=12, range=(-np.pi, np.pi))[0].astype(bool).sum() < 2:
+        return None
+    if v is not None:
+        r = _refine_radius(v, cx, cy, r, box, bg)
+    geom = FovGeometry(
+        cx=(cx + 0.5) / sx - 0.5, cy=(cy + 0.5) / sy - 0.5, radius=float(r / np.sqrt(sx * sy)), height=h, width=w
+    )
+    nbox = (box[0] + 0.5) / sx - 0.5, (box[1] + 0.5) / sy - 0.5, (box[2] + 0.5) / sx - 0.5, (box[3] + 0.5) / sy - 0.5
+    return geom, nbox
+
+
+def _threshold_work(v: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(foreground mask at working size, background level), or None when there is no dark surround."""
+    import cv2
+
+    hs, ws = v.shape
+    sig = max(1.0, max(hs, ws) / 256.0)
+    vs = cv2.GaussianBlur(v, (0, 0), sig)
+    p = max(2, int(round(0.04 * min(hs, ws))))
+    corners = [vs[:p, :p], vs[:p, -p:], vs[-p:, :p], vs[-p:, -p:]]
+    bg = float(np.median([np.median(c) for c in corners]))
+    above = vs[vs > bg + _MIN_CONTRAST]
+    if above.size < 0.1 * vs.size:
+        return None
+    fg = float(np.median(above))
+    if fg - bg < 2 * _MIN_CONTRAST:
+        return None
+    t = bg + max(_THRESH_FRAC * (fg - bg), _MIN_CONTRAST)
+    m = (vs > t).astype(np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, k)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    big = max(contours, key=cv2.contourArea)
+    out = np.zeros_like(m)
+    cv2.drawContours(out, [big], -1, 1, thickness=cv2.FILLED)
+    frac = out.mean()
+    if frac > 0.985 or frac < 0.1:
+        return None
+    return out.astype(bool), bg
+
+
+def _clip_to_box(mask: np.ndarray, box) -> np.ndarray:
+    """Clear the native rows/columns outside the cut box (x0, y0, x1, y1 given as pixel-edge coordinates)."""
+    h, w = mask.shape
+    c0, r0 = int(np.ceil(box[0])), int(np.ceil(box[1]))
+    c1, r1 = int(np.floor(box[2])) + 1, int(np.floor(box[3])) + 1
+    c0, r0, c1, r1 = max(0, c0), max(0, r0), min(w, c1), min(h, r1)
+    mask[:r0] = False
+    mask[r1:] = False
+    mask[:, :c0] = False
+    mask[:, c1:] = False
+    return mask
+
+
+def estimate_fov_geometry(rgb: np.ndarray) -> tuple[np.ndarray, FovGeometry]:
+    """(bool HxW FOV mask at native resolution, fitted FOV circle) for a fundus photograph.
+
+    ``rgb``: HxWx3 (or HxW, or HxWx4: alpha ignored) float in [0,1], uint8 or uint16, any size. The
+    mask is the fitted circle clipped to the frame. If no FOV can be found (no dark surround: a cropped
+    or non-fundus image), the mask is the full frame and the geometry the inscribed circle.
+    """
+    a = np.asarray(rgb)
+    h, w = a.shape[:2]
+    v, sx, sy = _to_float_work(a)
+    found = _threshold_work(v)
+    fit = None if found is None else _geometry_from_work_mask(found[0], h, w, sx, sy, v, found[1])
+    if fit is None:
+        return np.ones((h, w), bool), _full_frame(h, w)
+    geom, box = fit
+    return _clip_to_box(geom.circle_mask(), box), geom
+
+
+def estimate_fov(rgb: np.ndarray) -> np.ndarray:
+    """Bool HxW FOV mask at native resolution (full frame if no FOV is found); see estimate_fov_geometry."""
+    return estimate_fov_geometry(rgb)[0]
+
+
+def fov_geometry(mask: np.ndarray) -> FovGeometry:
+    """Fit the FOV circle (centre, radius; native pixel coordinates) to a FOV mask.
+
+    The circle is fitted to the outline of the mask's largest region, leaving out outline points on the
+    image border, so FOVs cut at the top/bottom (HRF, EyePACS) give the full circle, which then extends
+    past the frame. Large masks are fitted at a reduced size (longest side 512) for speed. An empty or
+    full-frame mask, or one whose outline cannot pin a circle, gives the inscribed circle.
+    """
+    import cv2
+
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., 0]
+    m = m > (0 if m.dtype == np.bool_ else (np.iinfo(m.dtype).max // 2 if m.dtype.kind in "ui" else 0.5))
+    h, w = m.shape
+    s = min(1.0, _WORK_SIDE / max(h, w))
+    if s < 1.0:
+        ws, hs = max(1, int(round(w * s))), max(1, int(round(h * s)))
+        small = cv2.resize(m.astype(np.float32), (ws, hs), interpolation=cv2.INTER_AREA) >= 0.5
+        sx, sy = ws / w, hs / h
+    else:
+        small, sx, sy = m, 1.0, 1.0
+    if not small.any() or small.all():
+        return _full_frame(h, w)
+    fit = _geometry_from_work_mask(small, h, w, sx, sy)
+    return _full_frame(h, w) if fit is None else fit[0]
