@@ -1,0 +1,411 @@
+"""``fundus evaluate segment``: score vessel predictions against ground truth, inside the FOV.
+
+Pairing rule (documented in the report): every file is identified by its *pairing key*, the lower-cased
+file name without extension and without known suffixes, stripped repeatedly from the end:
+``_prob``, ``_vessels`` (``fundus segment`` outputs), ``_mask`` (FOV masks), ``_manual1``/``_manual2``
+(DRIVE observers), ``_test``/``_training`` (DRIVE image names). So DRIVE ``01_test_prob.png``,
+``1st_manual/01_manual1.gif`` and ``mask/01_test_mask.gif`` all have key ``01``; HRF ``01_h_prob.png``,
+``manual1/01_h.tif`` and ``mask/01_h_mask.tif`` have key ``01_h``. Discovery is recursive and
+case-insensitive on the extension; folders are paired by key only (sub-folder names are ignored), and
+two files of one folder with the same key are a usage error.
+
+Predictions: if PRED_DIR holds ``*_prob.*`` / ``*_vessels.*`` files (a ``fundus segment`` output), those
+are used (other images there, e.g. overlays, are ignored): ``_prob`` is a probability map (uint16 v/65535,
+uint8 v/255) giving AUCs and, thresholded with ``prob >= T``, the binary metrics; a key with only
+``_vessels`` uses that mask (> half of the dtype max) and has no AUC. Otherwise every image in PRED_DIR is
+a prediction: palette images are binarised on their raw indices (> 0), images with at most two grey levels
+are binary masks (> half of the dtype max), other images are probability maps (v / dtype max).
+
+Ground truth and FOV masks: palette images -> raw index > 0 (DRIVE 2nd_manual is a {0,1} palette GIF
+shown as grey 3/253), otherwise value > half of the dtype max (127 for uint8; > 0 for masks valued 0/1 only); colour
+images use the maximum over their colour channels. Without ``--fov`` the FOV is the whole image.
+
+Threshold: ``--threshold``, else ``config.threshold`` of PRED_DIR/manifest.json, else 0.5.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fundus_pipeline.errors import InputError, UsageError
+from fundus_pipeline.metrics import (
+    ALL_KEYS,
+    cldice,
+    confusion,
+    json_safe,
+    predicted_mask,
+    score_histograms,
+    segmentation_report,
+)
+
+SUFFIXES = ("_prob", "_vessels", "_mask", "_manual1", "_manual2", "_test", "_training")
+CSV_COLUMNS = (
+    "key", "status", "source", "pred", "gt", "fov", "height", "width", "tp", "fp", "tn", "fn",
+) + ALL_KEYS
+PROTOCOL = (
+    "Metrics inside the FOV mask (whole image when no FOV folder is given). Predicted vessel: prob >= threshold "
+    "(or the binary mask). Pooled = confusion counts and score histograms summed over all images (pooled AUCs "
+    "are over all FOV pixels of all images); mean = mean of per-image metrics. AUC-ROC: exact Mann-Whitney "
+    "(ties 1/2) on 65536 score levels; AUC-PR: step-wise average precision. 0/0 ratios are 1.0 (no error "
+    "possible). clDice: skeletons by skimage skeletonize inside the FOV. 95% CIs: percentile bootstrap over "
+    "images. Pairing: lower-cased file names with the suffixes " + ", ".join(SUFFIXES) + " stripped."
+)
+
+
+def pairing_key(name: str) -> str:
+    """Lower-cased base name (no folder, no extension) with the known suffixes stripped repeatedly."""
+    base = Path(name).name
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    k = stem.lower()
+    changed = True
+    while changed:
+        changed = False
+        for suf in SUFFIXES:
+            if k.endswith(suf) and len(k) > len(suf):
+                k = k[: -len(suf)]
+                changed = True
+    return k
+
+
+def _discover(root: Path) -> list[tuple[str, Path]]:
+    from fundus_pipeline.io import discover_images
+
+    return [(item.key, item.path) for item in discover_images(root)]
+
+
+def _index(files: list[tuple[str, Path]], what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for key, path in files:
+        k = pairing_key(key)
+        if k in out:
+            a, b = sorted([out[k], path])
+            raise UsageError(f"two {what} files pair under the same key '{k}': {a} and {b}; point to a narrower folder")
+        out[k] = path
+    return out
+
+
+@dataclass
+class PredEntry:
+    key: str
+    prob: Path | None = None
+    mask: Path | None = None
+    plain: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.prob or self.mask or self.plain  # type: ignore[return-value]
+
+
+def collect_predictions(pred_dir: Path, exclude: list[Path] | None = None) -> tuple[dict[str, PredEntry], str]:
+    """Predictions by pairing key and the folder mode (``"segment"`` or ``"plain"``)."""
+    files = _discover(pred_dir)
+    if exclude:
+        ex = [p.resolve() for p in exclude]
+        files = [(k, p) for k, p in files if not any(e in p.resolve().parents for e in ex)]
+    tagged = [(k, p, Path(k).name.lower()) for k, p in files]
+    seg = [t for t in tagged if t[2].endswith("_prob") or t[2].endswith("_vessels")]
+    out: dict[str, PredEntry] = {}
+    if seg:
+        for key, path, low in seg:
+            k = pairing_key(key)
+            e = out.setdefault(k, PredEntry(k))
+            slot = "prob" if low.endswith("_prob") else "mask"
+            if getattr(e, slot) is not None:
+                a, b = sorted([getattr(e, slot), path])
+                raise UsageError(f"two prediction files pair under the same key '{k}': {a} and {b}")
+            setattr(e, slot, path)
+        return out, "segment"
+    for k, p in _index(files, "prediction").items():
+        out[k] = PredEntry(k, plain=p)
+    return out, "plain"
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _read(path: Path) -> tuple[np.ndarray, Any]:
+    from fundus_pipeline.io import read_image
+
+    return read_image(path, raw_palette=True)
+
+
+def _grey(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 3:
+        c = arr.shape[2]
+        arr = arr[..., : (1 if c == 2 else 3)].max(axis=2) if c in (2, 3, 4) else arr.max(axis=2)
+    return arr
+
+
+def _binarise(g: np.ndarray) -> np.ndarray:
+    # 0/1-valued masks (max <= 1) are > 0; anything else is > half of the dtype max (127 for uint8)
+    if int(g.max(initial=0)) <= 1:
+        return g > 0
+    return g > np.iinfo(g.dtype).max // 2
+
+
+def _palette_binary(path: Path, idx: np.ndarray) -> np.ndarray:
+    # Raw index > 0 (DRIVE 2nd_manual: indices {0,1} shown as grey 3/253). Safeguard for inverted
+    # palettes, where index 0 is the bright colour: then the displayed grey > 127 is used instead.
+    if idx.min() == 0 and idx.max() > 0:
+        from fundus_pipeline.io import read_image
+
+        rgb, _ = read_image(path, raw_palette=False)
+        shown = _grey(rgb)
+        if shown[idx == 0].mean() > 127 >= shown[idx != 0].mean():
+            return shown > 127
+    return idx > 0
+
+
+def read_binary(path: Path) -> np.ndarray:
+    """Binary mask: palette -> raw index > 0, else value > half of the dtype max (max over colours;
+    a mask whose values are all 0/1 is > 0)."""
+    arr, meta = _read(path)
+    if meta.palette:
+        return _palette_binary(path, _grey(arr))
+    return _binarise(_grey(arr))
+
+
+def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
+    """(array, source): a float/uint probability map (source ``prob``) or a bool mask (``mask``)."""
+    if entry.prob is not None:
+        arr, meta = _read(entry.prob)
+        if meta.palette:
+            return _palette_binary(entry.prob, _grey(arr)), "mask"
+        return _grey(arr), "prob"
+    if entry.mask is not None:
+        return read_binary(entry.mask), "mask"
+    arr, meta = _read(entry.plain)  # type: ignore[arg-type]
+    g = _grey(arr)
+    if meta.palette:
+        return _palette_binary(entry.plain, g), "mask"  # type: ignore[arg-type]
+    if np.count_nonzero(np.bincount(g.ravel())) <= 2:
+        return _binarise(g), "mask"
+    return g, "prob"
+
+
+def _threshold_from_manifest(pred_dir: Path) -> float | None:
+    mf = pred_dir / "manifest.json"
+    if not mf.is_file():
+        return None
+    try:
+        data = json.loads(mf.read_text(encoding="utf-8"))
+        t = data.get("config", {}).get("threshold")
+        if t is None:
+            return None
+        t = float(t)
+        return t if math.isfinite(t) else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    n_problems: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.6f}"
+    return str(v)
+
+
+def evaluate_segmentation(
+    pred_dir: Path,
+    gt_dir: Path,
+    fov_dir: Path | None = None,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    with_cldice: bool = True,
+) -> EvalResult:
+    """Pair, score and summarise; see the module docstring for the rules. Raises ``UsageError`` when
+    nothing pairs."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    fov_dir = Path(fov_dir) if fov_dir is not None else None
+    if threshold is not None:
+        if not (0.0 <= threshold <= 1.0):
+            raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+        thr, thr_source = float(threshold), "option"
+    else:
+        m = _threshold_from_manifest(pred_dir)
+        thr, thr_source = (m, "manifest") if m is not None else (0.5, "default")
+
+    exclude = [p for p in (gt_dir, fov_dir, out_dir) if p is not None and p.resolve() != pred_dir.resolve()]
+    preds, mode = collect_predictions(pred_dir, exclude)
+    gts = _index(_discover(gt_dir), "ground-truth")
+    fovs = _index(_discover(fov_dir), "FOV mask") if fov_dir is not None else None
+
+    paired = sorted(set(preds) & set(gts))
+    if not paired:
+        raise UsageError(
+            f"no prediction in {pred_dir} pairs with a ground truth in {gt_dir} "
+            f"({len(preds)} predictions, {len(gts)} ground truths; keys are file names without {', '.join(SUFFIXES)})"
+        )
+
+    rows: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    sources: set[str] = set()
+    for k in sorted(set(preds) | set(gts)):
+        pe, gp = preds.get(k), gts.get(k)
+        fp_ = fovs.get(k) if fovs is not None else None
+        row: dict[str, Any] = {
+            "key": k,
+            "pred": str(pe.path) if pe else "",
+            "gt": str(gp) if gp else "",
+            "fov": str(fp_) if fp_ else ("" if fovs is not None else "whole image"),
+            "source": "",
+        }
+        if pe is None:
+            row["status"] = "unpaired: no prediction"
+        elif gp is None:
+            row["status"] = "unpaired: no ground truth"
+        elif fovs is not None and fp_ is None:
+            row["status"] = "unpaired: no FOV mask"
+        else:
+            try:
+                pred, source = read_prediction(pe)
+                gt = read_binary(gp)
+                fov = read_binary(fp_) if fp_ is not None else np.ones(gt.shape, bool)
+                if pred.shape != gt.shape or fov.shape != gt.shape:
+                    raise InputError(
+                        f"size mismatch: prediction {pred.shape[1]}x{pred.shape[0]}, ground truth "
+                        f"{gt.shape[1]}x{gt.shape[0]}, FOV {fov.shape[1]}x{fov.shape[0]}"
+                    )
+                tp, fp, tn, fn = confusion(pred, gt, fov, thr)
+                item: dict[str, Any] = {"key": k, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+                if source == "prob":
+                    item["pos_hist"], item["neg_hist"] = score_histograms(pred, gt, fov)
+                binary = pred if pred.dtype == bool else None
+                if with_cldice:
+                    if binary is None:
+                        binary = predicted_mask(pred, thr)
+                    item["cldice"] = cldice(binary, gt, fov)
+                items.append(item)
+                sources.add(source)
+                row.update({"status": "ok", "source": "prob>=threshold" if source == "prob" else "mask",
+                            "height": gt.shape[0], "width": gt.shape[1]})
+            except InputError as exc:
+                row["status"] = f"error: {exc.message if hasattr(exc, 'message') else exc}"
+        rows.append(row)
+
+    rep = segmentation_report(items, n_boot=n_boot, seed=seed)
+    per = {r["key"]: r for r in rep["per_image"]}
+    for row in rows:
+        if row["key"] in per and row["status"] == "ok":
+            row.update({k: v for k, v in per[row["key"]].items() if k != "key"})
+
+    problems = [r for r in rows if r["status"] != "ok"]
+    summary = {
+        "task": "segmentation",
+        "pred_dir": str(pred_dir),
+        "gt_dir": str(gt_dir),
+        "fov_dir": str(fov_dir) if fov_dir is not None else None,
+        "fov": "mask folder" if fov_dir is not None else "whole image (no --fov given)",
+        "prediction_mode": mode,
+        "prediction_source": sorted(sources),
+        "threshold": thr,
+        "threshold_source": thr_source,
+        "n_images": rep["n_images"],
+        "n_unpaired": sum(r["status"].startswith("unpaired") for r in rows),
+        "n_errors": sum(r["status"].startswith("error") for r in rows),
+        "pooled": rep["pooled"],
+        "mean": rep["mean"],
+        "ci95": rep["ci95"],
+        "bootstrap": rep["bootstrap"],
+        "problems": [{"key": r["key"], "status": r["status"]} for r in problems],
+        "protocol": PROTOCOL,
+    }
+    msgs = [f"{r['key']}: {r['status']}" for r in problems]
+    return EvalResult(rows=rows, summary=json_safe(summary), n_problems=len(problems), messages=msgs)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def metrics_csv(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in sorted(rows, key=lambda r: r["key"]):
+        w.writerow([_fmt(r.get(c)) for c in CSV_COLUMNS])
+    return buf.getvalue().encode("utf-8")
+
+
+_MD_METRICS = ("sensitivity", "specificity", "accuracy", "precision", "f1", "iou", "auc_roc", "auc_pr", "cldice")
+
+
+def _num(v: Any, nd: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def summary_table(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows (metric, pooled, mean, mean 95% CI) for human/Markdown output."""
+    out = []
+    for k in _MD_METRICS:
+        pooled = summary["pooled"].get(k)
+        pci = summary["ci95"].get("pooled", {}).get(k)
+        p = _num(pooled) if k != "cldice" else "-"
+        if pci and pooled is not None:
+            p += f" [{_num(pci[0])}, {_num(pci[1])}]"
+        ci = summary["ci95"].get("mean", {}).get(k) or [None, None]
+        out.append((k, p, _num(summary["mean"].get(k)), f"[{_num(ci[0])}, {_num(ci[1])}]"))
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "# Vessel segmentation evaluation",
+        "",
+        f"- predictions: `{summary['pred_dir']}` ({summary['prediction_mode']}; {', '.join(summary['prediction_source']) or 'none'})",
+        f"- ground truth: `{summary['gt_dir']}`",
+        f"- FOV: {summary['fov']}" + (f" `{summary['fov_dir']}`" if summary["fov_dir"] else ""),
+        f"- threshold: {summary['threshold']} ({summary['threshold_source']})",
+        f"- images scored: {summary['n_images']}; unpaired: {summary['n_unpaired']}; errors: {summary['n_errors']}",
+        f"- bootstrap: {summary['bootstrap']['n']} resamples, seed {summary['bootstrap']['seed']}",
+        "",
+        "| metric | pooled [95% CI] | mean of images | mean 95% CI |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_table(summary)]
+    lines += ["", f"Protocol: {summary['protocol']}", ""]
+    if summary["problems"]:
+        lines += ["## Not scored", ""] + [f"- `{p['key']}`: {p['status']}" for p in summary["problems"]] + [""]
+    return "\n".join(lines)
+
+
+def summary_human(summary: dict[str, Any]) -> str:
+    head = (
+        f"{summary['n_images']} images scored (unpaired {summary['n_unpaired']}, errors {summary['n_errors']}); "
+        f"threshold {summary['threshold']:g} ({summary['threshold_source']}); FOV: {summary['fov']}"
+    )
+    rows = [("metric", "pooled [95% CI]", "mean", "mean 95% CI")] + summary_table(summary)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([head] + body)
+
+
+def write_outputs(result: EvalResult, out_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Write metrics.csv, summary.json and summary.md atomically into ``out_dir``."""
+    from fundus_pipeline.io import write_bytes_atomic
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output path exists and is not a folder: {out_dir}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UsageError(f"output folder {out_dir} already exists and is not empty; pass --overwrite or choose --out")
+    paths = [out_dir / "metrics.csv", out_dir / "summary.json", out_dir / "summary.md"]
+    write_bytes_atomic(paths[0], metrics_csv(result.rows))
+    write_bytes_atomic(paths[1], (json.dumps(result.summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    write_bytes_atomic(paths[2], summary_markdown(result.summary).encode("utf-8"))
+    return paths
