@@ -424,3 +424,14 @@ def msrf_paper(**kwargs) -> nn.Module:
 )
 def msrf_tiny(**kwargs) -> nn.Module:
     return MSRFNet(**{"base": 4, **kwargs})
+
+
+@register_model(
+    "msrf_w8",
+    task="segmentation",
+    arch="msrf",
+    width=8,
+    description="MSRF-Net width 8 (8/16/32/64), the variant trained on CPU and shipped",
+)
+def msrf_w8(**kwargs) -> nn.Module:
+    return MSRFNet(**{"base": 8, **kwargs})
