@@ -1,0 +1,367 @@
+"""Validated, composable degradation recipes and the :class:`Degrader` that samples and applies them."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from . import clinical
+from .cofe import CODES, apply_cofe, sample_cofe, validate_code
+from .fov import FovGeometry
+from .functional import CANONICAL, Frame
+from .rng import item_rng
+
+SCHEMA_VERSION = 1
+BUILTIN_RECIPES = ("mild", "moderate", "severe")
+
+
+class RecipeError(ValueError):
+    """A recipe (built-in name, JSON file or dict) that cannot be loaded or validated."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Field types
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pair(v: Any) -> Any:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (v, v)  # a scalar means a fixed value
+    return v
+
+
+def _range(lo: float, hi: float, integer: bool = False):
+    def check(v: tuple) -> tuple:
+        a, b = v
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError("range bounds must be finite")
+        if a > b:
+            raise ValueError(f"range must be nondecreasing, got [{a}, {b}]")
+        if a < lo or b > hi:
+            raise ValueError(f"range [{a}, {b}] must lie within [{lo}, {hi}]")
+        return v
+
+    base = tuple[int, int] if integer else tuple[float, float]
+    return Annotated[base, BeforeValidator(_pair), AfterValidator(check)]
+
+
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+Code = Literal["001", "010", "011", "100", "101", "110", "111"]
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    p: Prob = 1.0
+
+
+class _CofeStep(_Step):
+    types: list[Code] = Field(default_factory=lambda: ["111"], min_length=1)
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _one_code(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class CofeReleasedStep(_CofeStep):
+    """The released Cofe-Net generator; ``types`` are the codes to draw from (uniformly)."""
+
+    type: Literal["cofe_released"]
+
+
+class CofeTrainingStep(_CofeStep):
+    """The Cofe-Net training-time degradation (stronger; different order, ranges and colours)."""
+
+    type: Literal["cofe_training"]
+
+
+class CofeExamplesStep(_CofeStep):
+    """The earlier generator behind the authors' example parameter files."""
+
+    type: Literal["cofe_examples"]
+
+
+class NoiseStep(_Step):
+    type: Literal["noise"]
+    a_range: _range(0.0, 1.0) = (0.0, 0.005)
+    b_range: _range(0.0, 1.0) = (0.0, 5e-5)
+
+
+class JpegStep(_Step):
+    type: Literal["jpeg"]
+    quality_range: _range(1, 100, integer=True) = (40, 90)
+
+
+class DefocusStep(_Step):
+    type: Literal["defocus"]
+    radius_range: _range(0.0, 64.0) = (0.0, 4.0)
+
+
+class MotionStep(_Step):
+    type: Literal["motion"]
+    length_range: _range(0.0, 128.0) = (0.0, 10.0)
+    angle_range: _range(0.0, 360.0) = (0.0, 180.0)
+
+
+class VignettingStep(_Step):
+    type: Literal["vignetting"]
+    strength_range: _range(0.0, 1.0) = (0.0, 0.5)
+    power_range: _range(0.5, 10.0) = (2.0, 3.0)
+    offset_range: _range(0.0, 1.0) = (0.0, 0.1)
+
+
+class HazeStep(_Step):
+    type: Literal["haze"]
+    t_range: _range(0.0, 1.0) = (0.6, 0.95)
+    airlight_range: _range(0.0, 1.0) = (0.3, 0.7)
+    glare_sigma_range: _range(0.0, 256.0) = (10.0, 30.0)
+    glare_mix_range: _range(0.0, 1.0) = (0.2, 0.6)
+    tint: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (
+        1.0,
+        0.92,
+        0.72,
+    )
+
+
+class OverexposureStep(_Step):
+    type: Literal["overexposure"]
+    gain_range: _range(1.0, 4.0) = (1.1, 1.6)
+    gamma_range: _range(0.2, 1.0) = (0.75, 1.0)
+
+
+class UnderexposureStep(_Step):
+    type: Literal["underexposure"]
+    gain_range: _range(0.05, 1.0) = (0.4, 0.8)
+    gamma_range: _range(1.0, 3.0) = (1.0, 1.5)
+
+
+Step = Annotated[
+    Union[
+        CofeReleasedStep,
+        CofeTrainingStep,
+        CofeExamplesStep,
+        NoiseStep,
+        JpegStep,
+        DefocusStep,
+        MotionStep,
+        VignettingStep,
+        HazeStep,
+        OverexposureStep,
+        UnderexposureStep,
+    ],
+    Field(discriminator="type"),
+]
+STEP_TYPES = ("cofe_released", "cofe_training", "cofe_examples", *clinical.OPS)
+
+
+class Recipe(BaseModel):
+    """``{"schema_version": 1, "name": ..., "steps": [{"name", "type", "p", ...ranges}, ...]}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1]
+    name: str = Field(min_length=1)
+    description: str = ""
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_names(cls, v):
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"step names must be unique, repeated: {', '.join(dup)}")
+        return v
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"invalid {source}: {_format_errors(err)}") from None
+
+
+def load_recipe(name_or_path: str | Path) -> "Degrader":
+    """A built-in recipe name (``mild``, ``moderate``, ``severe``) or a path to a JSON recipe file."""
+    s = str(name_or_path)
+    if isinstance(name_or_path, Path) or s.endswith(".json") or "/" in s or "\\" in s:
+        path = Path(s)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise RecipeError(f"cannot read recipe file {s}: {err.strerror or err}") from None
+        source = f"recipe file {path.name}"
+    else:
+        if s not in BUILTIN_RECIPES:
+            raise RecipeError(f"unknown recipe {s!r}: built-in recipes are {', '.join(BUILTIN_RECIPES)}, or give a .json path")
+        text = resources.files("degradation").joinpath("recipes", f"{s}.json").read_text(encoding="utf-8")
+        source = f"built-in recipe {s}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{source} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+    return Degrader(parse_recipe(data, source))
+
+
+def cofe_degrader(preset: str = "released", code: str = "111") -> "Degrader":
+    """A degrader running exactly one Cofe-Net variant (``released``, ``training`` or ``examples``)
+    with one type code (bits [blur, spot, illumination])."""
+    preset = {"paper-examples": "examples"}.get(preset, preset)
+    if preset not in ("released", "training", "examples"):
+        raise ValueError(f"unknown Cofe-Net preset {preset!r}: expected released, training or examples")
+    code = validate_code(code)
+    recipe = Recipe(
+        schema_version=1,
+        name=f"cofe-{preset}-{code}",
+        description=f"Cofe-Net {preset} degradation, type {code} (bits blur, spot, illumination)",
+        steps=[{"name": preset, "type": f"cofe_{preset}", "types": [code], "p": 1.0}],
+    )
+    return Degrader(recipe)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Degrader
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fov(fov: FovGeometry | dict) -> FovGeometry:
+    if isinstance(fov, FovGeometry):
+        return fov
+    if isinstance(fov, dict):
+        return FovGeometry.from_dict(fov)
+    raise TypeError(f"fov must be a FovGeometry or its dict, got {type(fov).__name__}")
+
+
+class Degrader:
+    """Samples JSON-able parameter records and applies them with a pure function.
+
+    >>> d = cofe_degrader("released", "111")
+    >>> params = d.sample(seed=7, key="01_test", fov=fov)      # doctest: +SKIP
+    >>> out = d.apply(img, params, fov_soft, levels=255)          # doctest: +SKIP
+    """
+
+    def __init__(self, recipe: Recipe | dict):
+        self.recipe = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def config(self) -> dict:
+        """The full resolved configuration (defaults filled in), JSON-able."""
+        return self.recipe.model_dump(mode="json")
+
+    def __repr__(self) -> str:
+        steps = ", ".join(f"{s.name}:{s.type}(p={s.p:g})" for s in self.recipe.steps)
+        return f"Degrader(name={self.name!r}, steps=[{steps}])"
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Degrader":
+        """Rebuild the degrader that produced ``params`` (for replay)."""
+        if not isinstance(params, dict) or "config" not in params:
+            raise RecipeError("parameter record has no 'config': not produced by Degrader.sample")
+        return cls(parse_recipe(params["config"], "recorded recipe"))
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def sample(self, seed: int, key: str, fov: FovGeometry | dict) -> dict:
+        """Draw all parameters for one item. Depends only on (seed, key, recipe), never on the image
+        or on the other items. Each step (and each Cofe op) has its own stream keyed by its name."""
+        fov = FovGeometry.from_dict(_fov(fov).to_dict())  # plain Python numbers, JSON-able
+        steps = []
+        for st in self.recipe.steps:
+            applied = True
+            if st.p < 1.0:
+                applied = bool(st.p > 0.0 and item_rng(seed, key, f"{st.name}/p").random() < st.p)
+            rec: dict[str, Any] = {"name": st.name, "type": st.type, "applied": applied, "params": None}
+            if applied:
+                if st.type.startswith("cofe_"):
+                    code = st.types[0]
+                    if len(st.types) > 1:
+                        code = st.types[int(item_rng(seed, key, f"{st.name}/types").integers(len(st.types)))]
+                    variant = st.type[len("cofe_") :]
+                    rec["params"] = sample_cofe(variant, code, lambda op, n=st.name: item_rng(seed, key, f"{n}/{op}"))
+                else:
+                    sampler = clinical.OPS[st.type][0]
+                    rec["params"] = sampler(item_rng(seed, key, f"{st.name}/params"), st.model_dump())
+            steps.append(rec)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "degrader": self.name,
+            "seed": int(seed),
+            "key": str(key),
+            "fov": fov.to_dict(),
+            "canonical_size": CANONICAL,
+            "config": self.config(),
+            "steps": steps,
+        }
+
+    # -- application ---------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        img: np.ndarray,
+        params: dict,
+        fov_soft: np.ndarray,
+        levels: int = 255,
+        *,
+        exact: bool | None = None,
+        details: dict | None = None,
+    ) -> np.ndarray:
+        """Apply recorded ``params`` to ``img`` (float32 H×W×3 in [0,1], not modified).
+
+        ``fov_soft`` is the float32 H×W soft FOV mask; pixels where it is 0 are treated as the black
+        background of the released pre-processing, and the result is multiplied by it last.
+        ``levels`` is the output's maximum code value (255 or 65535): the PIL-like colour ops quantise to
+        it. ``exact`` forces full-resolution blurs of the large smooth fields (default: only when the
+        image is the canonical 512 frame). ``details``, if a dict, receives image-dependent values
+        (halo mean, hole strength, ...), keyed by step name.
+        """
+        img = np.asarray(img)
+        if not np.issubdtype(img.dtype, np.floating):
+            raise TypeError(f"img must be a float array in [0, 1] (got dtype {img.dtype}); divide by the level count first")
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"img must be H×W×3, got shape {img.shape}")
+        fov = _fov(params["fov"])
+        if img.shape[:2] != (fov.height, fov.width):
+            raise ValueError(f"img shape {img.shape[:2]} does not match the recorded FOV frame {(fov.height, fov.width)}")
+        fov_soft = np.asarray(fov_soft, dtype=np.float32)
+        if fov_soft.shape != img.shape[:2]:
+            raise ValueError(f"fov_soft shape {fov_soft.shape} does not match img {img.shape[:2]}")
+        if int(levels) < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        region = fov_soft > 0
+        x = np.clip(img.astype(np.float32, copy=True), 0.0, 1.0)
+        x *= region[..., None]
+        frame = Frame(fov)
+        ctx = clinical.OpCtx(frame, region, levels)
+        for rec in params["steps"]:
+            if not rec.get("applied") or rec.get("params") is None:
+                continue
+            if rec["type"].startswith("cofe_"):
+                sub = {} if details is not None else None
+                x = apply_cofe(x, rec["params"], frame, region, levels, exact, sub)
+                if details is not None:
+                    details[rec["name"]] = sub
+            else:
+                x = clinical.OPS[rec["type"]][1](x, rec["params"], ctx)
+        x = np.clip(x, 0.0, 1.0)
+        x *= fov_soft[..., None]
+        return x.astype(np.float32, copy=False)
+
+
+__all__ = ["CODES", "Degrader", "Recipe", "RecipeError", "STEP_TYPES", "cofe_degrader", "load_recipe", "parse_recipe"]
