@@ -53,12 +53,13 @@ def predict_logits(
     tile: int | None = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     amp: bool = False,
+    batch_size: int = 1,
 ) -> np.ndarray:
     """Vessel logits (float32 HxW) for a float32 HxWx3 RGB image in [0,1] at the model's scale.
 
     With ``tile`` set and the image larger than a tile, the image is processed in overlapping tiles whose
-    predictions are blended with linear ramps, which bounds memory for any image size. ``tile=None``
-    processes the whole image at once.
+    predictions are blended with linear ramps, which bounds memory for any image size; ``batch_size``
+    tiles go through the model together. ``tile=None`` processes the whole image at once.
     """
     device = torch.device(device)
     divisor = int(getattr(model, "size_divisor", 16))
@@ -73,10 +74,10 @@ def predict_logits(
                 y = model(t)
         else:
             y = model(t)
-        return y.float()[0, 0, :h, :w].cpu()
+        return y.float()[:, 0, :h, :w].cpu()
 
     if tile is None or (H <= tile and W <= tile):
-        return run(x).numpy()
+        return run(x)[0].numpy()
     tile = max(tile, 2 * overlap + divisor)
     stride = tile - overlap
     ys = list(range(0, max(H - tile, 0) + 1, stride))
@@ -87,24 +88,31 @@ def predict_logits(
         xs.append(W - tile)
     acc = np.zeros((H, W), np.float32)
     wsum = np.zeros((H, W), np.float32)
-    for y0 in ys:
-        for x0 in xs:
-            th, tw = min(tile, H - y0), min(tile, W - x0)
-            out = run(x[..., y0 : y0 + th, x0 : x0 + tw]).numpy()
-            wy = _ramp(th, overlap if th == tile else 0)
-            wx = _ramp(tw, overlap if tw == tile else 0)
-            # Tiles that touch the image border keep full weight there.
-            if y0 == 0:
-                wy[: overlap] = 1.0
-            if y0 + th >= H:
-                wy[-overlap:] = 1.0
-            if x0 == 0:
-                wx[: overlap] = 1.0
-            if x0 + tw >= W:
-                wx[-overlap:] = 1.0
-            wgt = wy[:, None] * wx[None, :]
-            acc[y0 : y0 + th, x0 : x0 + tw] += out * wgt
-            wsum[y0 : y0 + th, x0 : x0 + tw] += wgt
+    boxes = [(y0, x0, min(tile, H - y0), min(tile, W - x0)) for y0 in ys for x0 in xs]
+    outs: list[np.ndarray] = []
+    for i in range(0, len(boxes), max(1, batch_size)):
+        group = boxes[i : i + max(1, batch_size)]
+        shapes = {(th, tw) for _, _, th, tw in group}
+        if len(shapes) == 1:
+            batch = torch.cat([x[..., y0 : y0 + th, x0 : x0 + tw] for y0, x0, th, tw in group])
+            outs.extend(run(batch).numpy())
+        else:
+            outs.extend(run(x[..., y0 : y0 + th, x0 : x0 + tw])[0].numpy() for y0, x0, th, tw in group)
+    for (y0, x0, th, tw), out in zip(boxes, outs):
+        wy = _ramp(th, overlap if th == tile else 0)
+        wx = _ramp(tw, overlap if tw == tile else 0)
+        # Tiles that touch the image border keep full weight there.
+        if y0 == 0:
+            wy[: overlap] = 1.0
+        if y0 + th >= H:
+            wy[-overlap:] = 1.0
+        if x0 == 0:
+            wx[: overlap] = 1.0
+        if x0 + tw >= W:
+            wx[-overlap:] = 1.0
+        wgt = wy[:, None] * wx[None, :]
+        acc[y0 : y0 + th, x0 : x0 + tw] += out * wgt
+        wsum[y0 : y0 + th, x0 : x0 + tw] += wgt
     return acc / np.maximum(wsum, 1e-6)
 
 

@@ -135,6 +135,8 @@ def test_tiled_prediction_blends_exactly_for_a_local_model():
     whole = predict_logits(Local(), rgb, tile=None)
     tiled = predict_logits(Local(), rgb, tile=128, overlap=32)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    batched = predict_logits(Local(), rgb, tile=128, overlap=32, batch_size=4)
+    np.testing.assert_array_equal(batched, tiled)
     assert tiled.shape == (300, 421)
 
 

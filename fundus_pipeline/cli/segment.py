@@ -23,7 +23,7 @@ def segment(
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write KEY_overlay.png.")] = False,
     fov: Annotated[str, typer.Option("--fov", help="estimate (find the circular field of view) or full (whole frame).")] = "estimate",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per worker (default: torch's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Kept for scripting; tiles are processed one at a time.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per forward pass (more is faster on a GPU, uses more memory).")] = 1,
     workers: Workers = 1,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -40,6 +40,6 @@ def segment(
     if fov not in ("estimate", "full"):
         raise UsageError(f"invalid --fov {fov!r}: use estimate or full")
     prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume)  # refuse early, before loading a model
-    stage = SegmentStage(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile or None, overlap=overlap, overlay=overlay, fov_policy=fov, threads=threads)
+    stage = SegmentStage(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile or None, overlap=overlap, overlay=overlay, fov_policy=fov, threads=threads, batch_size=batch_size)
     result = run_stage(stage, in_dir, out_dir, overwrite=True if not resume else False, resume=resume, workers=workers, progress=fmt == Format.human)
     report(result, fmt)

@@ -28,6 +28,7 @@ class SegmentStage:
         overlay: bool = False,
         fov_policy: str = "estimate",
         threads: int | None = None,
+        batch_size: int = 1,
     ):
         from fundus_pipeline.device import resolve_device
         from fundus_pipeline.models.weights import load_model
@@ -36,6 +37,7 @@ class SegmentStage:
         self.device = resolve_device(device)
         self.tile, self.overlap, self.overlay, self.fov_policy = tile, overlap, overlay, fov_policy
         self.threads = threads
+        self.batch_size = batch_size
         self._model, self.spec = load_model(weights, arch=arch, device=self.device)
         self.threshold = float(threshold if threshold is not None else self.spec.get("output", {}).get("threshold", 0.5))
         if not 0.0 < self.threshold < 1.0:
@@ -71,6 +73,7 @@ class SegmentStage:
             "max_fov_diameter": self.max_fov,
             "fov_policy": self.fov_policy,
             "overlay": self.overlay,
+            "batch_size": self.batch_size,
         }
 
     def process(self, item: ImageItem, out_dir: Path) -> tuple[list[str], dict]:
@@ -90,7 +93,7 @@ class SegmentStage:
             if not found:
                 raise InputError("no fundus field of view found (no dark surround); if the photograph is already cropped to the retina, pass --fov full")
         scale = working_scale(geom.diameter, self.max_fov)
-        prob = predict_native(self._model, rgb, mask, scale, device=self.device, tile=self.tile, overlap=self.overlap)
+        prob = predict_native(self._model, rgb, mask, scale, device=self.device, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size)
         vessels = (prob >= self.threshold) & mask
         k = item.key
         outputs = [f"{k}_vessels.png", f"{k}_prob.png"]
