@@ -8,7 +8,7 @@ import numpy as np
 
 
 def _u32_words(text: str) -> list[int]:
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()  # file names need not be UTF-8
     return [int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")]
 
 

@@ -17,7 +17,9 @@ import platform
 import signal
 import sys
 import time
+import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,8 +111,8 @@ def _is_relative_to(a: Path, b: Path) -> bool:
         return False
 
 
-def prepare_output(in_dir: Path, out_dir: Path, *, overwrite: bool, resume: bool) -> tuple[Path, Path]:
-    """Validate the input folder and the output folder; create the latter. Returns resolved paths."""
+def prepare_output(in_dir: Path, out_dir: Path, *, overwrite: bool, resume: bool, create: bool = True) -> tuple[Path, Path]:
+    """Validate the input folder and the output folder; create the latter (``create``). Returns resolved paths."""
     if overwrite and resume:
         raise UsageError("--overwrite and --resume cannot be used together")
     if not in_dir.exists():
@@ -122,8 +124,13 @@ def prepare_output(in_dir: Path, out_dir: Path, *, overwrite: bool, resume: bool
         raise UsageError(f"output folder {out_dir} is the input folder or inside it; choose a folder outside {in_dir}")
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out_dir}")
-    if dst.exists() and any(dst.iterdir()) and not (overwrite or resume):
+    non_empty = dst.exists() and any(dst.iterdir())
+    if non_empty and not (overwrite or resume):
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")
+    if non_empty and resume and not ((dst / "manifest.json").exists() or (dst / JOURNAL).exists()):
+        raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json); choose an empty folder or pass --overwrite")
+    if not create:
+        return src, dst
     try:
         dst.mkdir(parents=True, exist_ok=True)
         probe = dst / f".fundus-write-test-{os.getpid()}"
@@ -134,40 +141,36 @@ def prepare_output(in_dir: Path, out_dir: Path, *, overwrite: bool, resume: bool
     return src, dst
 
 
-def _load_previous(out_dir: Path) -> dict[str, dict]:
-    """Rows of an earlier run in this folder (results.csv, then the crash-safe journal)."""
+def _load_previous(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
+    """Rows of earlier runs in this folder (manifest.json, then the crash-safe journal, which is newer),
+    each tagged with the configuration hash it was written with; and the set of hashes seen."""
     rows: dict[str, dict] = {}
     manifest = out_dir / "manifest.json"
     if manifest.exists():
         try:
-            for r in json.loads(manifest.read_text()).get("items", []):
-                rows[r["key"]] = r
-        except (OSError, ValueError, KeyError):
+            m = json.loads(manifest.read_text())
+            for r in m.get("items", []):
+                rows[r["key"]] = {**r, "config_sha256": m.get("config_sha256")}
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     journal = out_dir / JOURNAL
     if journal.exists():
-        for line in journal.read_text().splitlines():
+        for line in journal.read_text(errors="surrogateescape").splitlines():
             try:
                 r = json.loads(line)
                 rows[r["key"]] = r
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 continue  # a torn last line after a crash
-    return rows
+    return rows, {r.get("config_sha256") for r in rows.values()}
 
 
-def _previous_config_hash(out_dir: Path) -> str | None:
-    for name in ("manifest.json", JOURNAL):
-        p = out_dir / name
-        if not p.exists():
-            continue
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary files left by a killed run (``.<name>.<hex>.tmp``, see fundus_pipeline.io)."""
+    for p in out_dir.rglob(".*.tmp"):
         try:
-            if name == "manifest.json":
-                return json.loads(p.read_text()).get("config_sha256")
-            first = p.read_text().splitlines()[0]
-            return json.loads(first).get("config_sha256")
-        except (OSError, ValueError, IndexError):
-            continue
-    return None
+            p.unlink()
+        except OSError:
+            pass
 
 
 _WORKER_STAGE: Any = None
@@ -209,18 +212,20 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
-def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, command: list[str], started: float, interrupted: bool, extra: dict | None = None) -> dict:
+def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, command: list[str], started: float, interrupted: bool, n_inputs: int, resumed: int = 0) -> dict:
     rows = sorted(rows, key=lambda r: r["key"])
-    counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": 0}
+    counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if interrupted:
+        counts["not_processed"] = n_inputs - len(rows)
     cols = BASE_COLUMNS + list(stage.columns)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
-    write_bytes_atomic(out_dir / "results.csv", buf.getvalue().encode())
+    write_bytes_atomic(out_dir / "results.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     cfg = stage.config()
     manifest = {
         "schema_version": 1,
@@ -229,7 +234,7 @@ def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, comma
         "command": command,
         "config": cfg,
         "config_sha256": config_sha256(cfg),
-        "input": {"dir": str(in_dir), "count": len(rows)},
+        "input": {"dir": str(in_dir), "count": n_inputs},
         "output": {"dir": str(out_dir)},
         "environment": environment(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -237,10 +242,10 @@ def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, comma
         "duration_s": round(time.time() - started, 3),
         "interrupted": interrupted,
         "counts": counts,
-        **(extra or {}),
+        **(stage.info() if hasattr(stage, "info") else {}),
         "items": rows,
     }
-    write_bytes_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8", "surrogateescape"))
     return counts
 
 
@@ -260,29 +265,36 @@ def run_stage(
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    src, dst = prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume)
+    src, dst = prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume, create=False)
     if items is None:
         items = discover_images(src)
     if not items:
         raise UsageError(f"no images found in {in_dir} (supported: png, jpg, jpeg, tif, tiff, bmp, ppm, gif)")
+    prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume)  # creates OUT, checks it is writable
     cfg_hash = config_sha256(stage.config())
+    journal_path = dst / JOURNAL
     done: dict[str, dict] = {}
     if resume:
-        prev_hash = _previous_config_hash(dst)
-        if prev_hash is not None and prev_hash != cfg_hash:
+        previous, hashes = _load_previous(dst)
+        if previous and cfg_hash not in hashes:
             raise UsageError(f"{out_dir} was written with a different configuration; rerun with the same options, or use --overwrite")
-        for key, r in _load_previous(dst).items():
-            if r.get("status") in ("ok", "skipped") and all((dst / o).exists() for o in r.get("outputs", [])):
-                done[key] = {**r, "status": "ok"}
-    journal_path = dst / JOURNAL
-    if overwrite and journal_path.exists():
-        journal_path.unlink()
+        for key, r in previous.items():
+            if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all((dst / o).exists() for o in r.get("outputs", [])):
+                done[key] = {k: v for k, v in r.items() if k != "config_sha256"}
+    if overwrite:
+        for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
+            (dst / name).unlink(missing_ok=True)
+    if resume or overwrite:
+        _remove_stale_temporaries(dst)
+    # The journal keeps only rows of the current configuration (the others are not resumable).
+    keep = [json.dumps({**r, "config_sha256": cfg_hash}, default=str) for r in done.values()]
+    write_bytes_atomic(journal_path, ("".join(line + "\n" for line in keep)).encode("utf-8", "surrogateescape"))
     todo = [it for it in items if it.key not in done]
     rows: dict[str, dict] = {it.key: done[it.key] for it in items if it.key in done}
-    skipped = len(rows)
+    resumed = len(rows)
     interrupted = False
-    bar = tqdm(total=len(items), initial=skipped, desc=stage.name, unit="img", file=sys.stderr, disable=not progress or None, dynamic_ncols=True)
-    journal = open(journal_path, "a", buffering=1)
+    bar = tqdm(total=len(items), initial=resumed, desc=stage.name, unit="img", file=sys.stderr, disable=not progress or None, dynamic_ncols=True)
+    journal = open(journal_path, "a", buffering=1, encoding="utf-8", errors="surrogateescape")
 
     def record(row: dict) -> None:
         rows[row["key"]] = row
@@ -299,27 +311,66 @@ def run_stage(
             for it in todo:
                 record(_process_one(stage, it, dst))
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(stage,)) as ex:
-                pending = set()
-                queue = iter(todo)
-                try:
-                    for it in queue:
-                        pending.add(ex.submit(_in_worker, it, dst))
-                        if len(pending) >= 2 * workers:
-                            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                            for f in finished:
-                                record(f.result())
-                    for f in pending:
-                        record(f.result())
-                except KeyboardInterrupt:
-                    ex.shutdown(wait=True, cancel_futures=True)
-                    raise
+            _run_pool(stage, todo, dst, workers, record)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         journal.close()
-        counts = write_reports(stage, list(rows.values()), in_dir=src, out_dir=dst, command=command or sys.argv, started=started, interrupted=interrupted)
-    counts["skipped"] = skipped
+        counts = write_reports(
+            stage, list(rows.values()), in_dir=src, out_dir=dst, command=command or sys.argv, started=started,
+            interrupted=interrupted, n_inputs=len(items), resumed=resumed,
+        )
     failed = [{"key": r["key"], "error": r["error"]} for r in sorted(rows.values(), key=lambda r: r["key"]) if r["status"] == "error"]
     return RunResult(stage.name, src, dst, counts, failed, time.time() - started, interrupted, list(rows.values()))
+
+
+def _run_pool(stage, todo: list[ImageItem], dst: Path, workers: int, record) -> None:
+    """Process ``todo`` in ``workers`` spawned processes (spawn, not fork: safe with CUDA and threads).
+
+    A worker that dies (killed for memory, a crash in a native decoder) does not end the run: the items
+    that were in flight are retried one at a time in a fresh process, so only the item that kills its
+    process is recorded as an error, and a fresh pool takes the rest.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    queue = list(reversed(todo))
+    while queue:
+        suspects = _pool_pass(stage, queue, dst, workers, record, ctx)
+        for it in suspects:  # isolate the culprit
+            if _pool_pass(stage, [it], dst, 1, record, ctx):
+                record({"key": it.key, "input": str(it.path), "outputs": [], "status": "error", "seconds": 0.0,
+                        "error": "the worker process died while processing this image (out of memory or a crash in a decoder)"})
+
+
+def _pool_pass(stage, queue: list[ImageItem], dst: Path, workers: int, record, ctx) -> list[ImageItem]:
+    """Run items from ``queue`` (consumed from the end) until it is empty or a worker dies; return the
+    items that were in flight when a worker died."""
+    in_flight: dict = {}
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage,))
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < 2 * workers:
+                it = queue.pop()
+                in_flight[ex.submit(_in_worker, it, dst)] = it
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for f in finished:
+                row = f.result()  # raises BrokenProcessPool if a worker died
+                del in_flight[f]
+                record(row)
+    except BrokenProcessPool:
+        suspects = []
+        for f, it in in_flight.items():
+            if f.done() and not f.cancelled() and f.exception() is None:
+                record(f.result())
+            else:
+                suspects.append(it)
+        ex.shutdown(wait=False, cancel_futures=True)
+        return suspects
+    except KeyboardInterrupt:
+        ex.shutdown(wait=True, cancel_futures=True)
+        for f in in_flight:  # items that finished while shutting down
+            if f.done() and not f.cancelled() and f.exception() is None:
+                record(f.result())
+        raise
+    ex.shutdown(wait=True)
+    return []

@@ -74,7 +74,8 @@ def test_degrade_is_reproducible_across_reruns_workers_subsets_and_replay(photos
     assert run("degrade", photos, a, "--seed", "7", "--types", "001,111") == 0
     assert run("degrade", photos, b, "--seed", "7", "--types", "001,111") == 0
     assert run("degrade", photos, c, "--seed", "7", "--types", "001,111", "--workers", "2") == 0
-    assert run("degrade", photos, e, "--replay", a / "manifest.json", "--types", "001,111") == 0
+    assert run("degrade", photos, tmp_path / "e2", "--replay", a / "manifest.json", "--types", "111") == 2
+    assert run("degrade", photos, e, "--replay", a / "manifest.json") == 0
     ref = pngs(a)
     assert set(ref) == {f"{k}_{c}.png" for k in ("img0", "img1", "img2", "sub/deep") for c in ("001", "111")}
     assert pngs(b) == ref and pngs(c) == ref and pngs(e) == ref

@@ -80,11 +80,11 @@ FormatOpt = Annotated[Format, typer.Option("--format", help="human: short summar
 def degrade(
     in_dir: InDir,
     out_dir: OutDir,
-    types: Annotated[str, typer.Option("--types", help="Cofe-Net type codes (bits blur,spot,illumination): e.g. 111, '001,010,100' or all.")] = "111",
-    preset: Annotated[str, typer.Option("--preset", help="Cofe-Net variant: released (degrad_de.py) or training (on-the-fly training degradation).")] = "released",
+    types: Annotated[Optional[str], typer.Option("--types", help="Cofe-Net type codes (bits blur,spot,illumination): e.g. 111 (default), '001,010,100' or all.", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Cofe-Net variant: released (degrad_de.py, default) or training (the on-the-fly training degradation).", show_default=False)] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="A recipe instead of Cofe-Net types: mild, moderate, severe or a JSON file.")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed; each image's stream derives from (seed, key, step).")] = 0,
-    replay: Annotated[Optional[Path], typer.Option("--replay", help="Re-apply the parameters recorded in OLD_OUT/manifest.json.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed (default 0); each image's streams derive from (seed, key, step).", show_default=False)] = None,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Re-apply the parameters recorded in OLD_OUT/manifest.json (its types, preset, recipe and seed).")] = None,
     workers: Workers = 1,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -94,17 +94,18 @@ def degrade(
 
     Example: fundus degrade photos/ degraded/ --types all --seed 7
     """
-    from fundus_pipeline.runner import run_stage
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.runner import prepare_output, run_stage
     from fundus_pipeline.stages.degrade import DegradeStage, parse_codes
 
-    if recipe and (types != "111" or preset != "released"):
-        raise FundusUsage("--recipe cannot be combined with --types or --preset")
-    stage = DegradeStage(preset=preset, codes=parse_codes(types), recipe=recipe, seed=seed, replay=replay)
+    if replay and any(v is not None for v in (types, preset, recipe, seed)):
+        raise UsageError("--replay takes the types, preset, recipe and seed from the replay manifest; do not combine it with them")
+    if recipe and (types is not None or preset is not None):
+        raise UsageError("--recipe cannot be combined with --types or --preset")
+    prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume, create=False)
+    stage = DegradeStage(preset=preset or "released", codes=parse_codes(types or "111"), recipe=recipe, seed=seed or 0, replay=replay)
     result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, progress=fmt == Format.human)
     report(result, fmt)
-
-
-from fundus_pipeline.errors import UsageError as FundusUsage  # noqa: E402
 
 
 def _register_optional() -> None:

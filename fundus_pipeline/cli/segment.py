@@ -39,7 +39,7 @@ def segment(
 
     if fov not in ("estimate", "full"):
         raise UsageError(f"invalid --fov {fov!r}: use estimate or full")
-    prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume)  # refuse early, before loading a model
+    prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume, create=False)  # refuse early, before loading a model
     stage = SegmentStage(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile or None, overlap=overlap, overlay=overlay, fov_policy=fov, threads=threads, batch_size=batch_size)
-    result = run_stage(stage, in_dir, out_dir, overwrite=True if not resume else False, resume=resume, workers=workers, progress=fmt == Format.human)
+    result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, progress=fmt == Format.human)
     report(result, fmt)

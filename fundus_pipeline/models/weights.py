@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ def read_manifest(directory: Path | None = None) -> list[dict]:
 def resolve_weights(value: str | Path) -> Path:
     """A registered weights name (``imff``) or a path."""
     p = Path(value)
+    if p.is_dir():
+        raise WeightsError(f"weights path is a folder, not a file: {value}")
     if p.exists():
         return p
     for spec in read_manifest():
@@ -54,7 +57,10 @@ def resolve_weights(value: str | Path) -> Path:
 
 
 def lookup_spec(path: Path) -> tuple[dict | None, str]:
-    digest = sha256_file(path)
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise WeightsError(f"cannot read weights {path}: {e.strerror or e}") from None
     specs = read_manifest()
     for spec in specs:
         if spec["sha256"] == digest:
@@ -67,7 +73,9 @@ def lookup_spec(path: Path) -> tuple[dict | None, str]:
 
 def load_state_dict(path: Path) -> dict:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {path}") from None
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,21 +24,22 @@ def parse_codes(text: str) -> list[str]:
     return sorted(set(codes), key=ALL_CODES.index)
 
 
-def load_replay(path: Path) -> dict[str, dict[str, dict]]:
-    """Per-item, per-variant parameters recorded in an earlier run's manifest.json."""
+def load_replay(path: Path) -> tuple[dict, dict[str, dict[str, dict]], str]:
+    """(config, per-item per-variant parameters, sha256) of an earlier run's manifest.json."""
     try:
-        manifest = json.loads(Path(path).read_text())
+        data = Path(path).read_bytes()
+        manifest = json.loads(data)
     except FileNotFoundError:
         raise UsageError(f"replay manifest not found: {path}") from None
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read replay manifest {path}: {e}") from None
-    if manifest.get("stage") != "degrade":
+        raise UsageError(f"cannot read replay manifest {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(manifest, dict) or manifest.get("stage") != "degrade" or not isinstance(manifest.get("config"), dict):
         raise UsageError(f"{path} is not a manifest of a `fundus degrade` run")
     out = {}
     for row in manifest.get("items", []):
-        if row.get("status") == "ok" and isinstance(row.get("params"), dict):
+        if isinstance(row, dict) and row.get("status") == "ok" and isinstance(row.get("params"), dict):
             out[row["key"]] = row["params"]
-    return out
+    return manifest["config"], out, hashlib.sha256(data).hexdigest()
 
 
 class DegradeStage:
@@ -45,14 +47,19 @@ class DegradeStage:
     columns = ["variants", "bit_depth", "mode", "fov", "params"]
 
     def __init__(self, *, preset: str = "released", codes: list[str] | None = None, recipe: str | None = None, seed: int = 0, replay: Path | None = None):
+        """With ``replay``, the preset, types, recipe and seed are those recorded in the replay manifest."""
+        self.replay_path = str(replay) if replay else None
+        self.replay = None
+        self.replay_sha256 = None
+        if replay:
+            cfg, self.replay, self.replay_sha256 = load_replay(replay)
+            preset, codes, recipe, seed = cfg.get("preset") or "released", cfg.get("types"), cfg.get("recipe"), cfg.get("seed", 0)
         if preset not in PRESETS:
             raise UsageError(f"unknown --preset {preset!r}: choose released or training")
         self.preset = preset
         self.codes = codes or ["111"]
         self.recipe = recipe
         self.seed = int(seed)
-        self.replay_path = str(replay) if replay else None
-        self.replay = load_replay(replay) if replay else None
         self._degraders = None
         self._check()
 
@@ -79,22 +86,25 @@ class DegradeStage:
         return state
 
     def config(self) -> dict:
+        """The resolved configuration (hashed for --resume; paths are kept out of it, see info())."""
         self.setup_worker()
         return {
             "seed": self.seed,
             "preset": None if self.recipe else self.preset,
             "types": None if self.recipe else self.codes,
             "recipe": self.recipe,
-            "replay": self.replay_path,
+            "replay_sha256": self.replay_sha256,
             "degraders": {k or "default": d.config() for k, d in self._degraders.items()},
         }
+
+    def info(self) -> dict:
+        return {"replay": self.replay_path}
 
     def output_name(self, key: str, variant: str) -> str:
         return f"{key}_{variant}.png" if variant else f"{key}.png"
 
     def process(self, item: ImageItem, out_dir: Path) -> tuple[list[str], dict]:
-        from degradation import Degrader, soft_fov_mask
-        from degradation.fov import FovGeometry, estimate_fov_geometry
+        from degradation.fov import estimate_fov_geometry
 
         self.setup_worker()
         arr, meta = read_image(item.path)
@@ -102,6 +112,24 @@ class DegradeStage:
         levels = 65535 if meta.bit_depth == 16 else 255
         mask, geom = estimate_fov_geometry(rgb)
         outputs, params_out = [], {}
+        try:
+            self._variants(item, rgb, alpha, meta, levels, mask, geom, out_dir, outputs, params_out)
+        except BaseException:
+            for name in outputs:  # no half-finished item: remove the variants already written
+                (out_dir / name).unlink(missing_ok=True)
+            raise
+        return outputs, {
+            "variants": list(params_out),
+            "bit_depth": meta.bit_depth,
+            "mode": meta.mode,
+            "fov": geom.to_dict(),
+            "params": params_out,
+        }
+
+    def _variants(self, item, rgb, alpha, meta, levels, mask, geom, out_dir, outputs, params_out) -> None:
+        from degradation import Degrader, soft_fov_mask
+        from degradation.fov import FovGeometry
+
         for variant, degrader in self._degraders.items():
             if self.replay is not None:
                 rec = self.replay.get(item.key, {}).get(variant or "default")
@@ -120,10 +148,3 @@ class DegradeStage:
             write_image_atomic(out_dir / name, native)
             outputs.append(name)
             params_out[variant or "default"] = params
-        return outputs, {
-            "variants": list(params_out),
-            "bit_depth": meta.bit_depth,
-            "mode": meta.mode,
-            "fov": geom.to_dict(),
-            "params": params_out,
-        }

@@ -64,7 +64,7 @@ class SegmentStage:
 
     def config(self) -> dict:
         return {
-            "weights": {k: self.spec.get(k) for k in ("name", "model", "sha256", "file")},
+            "weights": {k: self.spec.get(k) for k in ("name", "model", "sha256")},
             "arch": self.spec.get("model"),
             "threshold": self.threshold,
             "device": str(self.device),
@@ -75,6 +75,9 @@ class SegmentStage:
             "overlay": self.overlay,
             "batch_size": self.batch_size,
         }
+
+    def info(self) -> dict:
+        return {"weights_path": self.spec.get("path")}
 
     def process(self, item: ImageItem, out_dir: Path) -> tuple[list[str], dict]:
         from degradation.fov import estimate_fov_geometry, FovGeometry

@@ -1,0 +1,96 @@
+"""The stage runner: crash isolation, resume safety, odd file names."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fundus_pipeline.cli import main
+from fundus_pipeline.io import read_image, write_image_atomic
+from fundus_pipeline.runner import JOURNAL, run_stage
+from tests.conftest import synthetic_fundus
+
+
+class CopyStage:
+    """Copies each image; the process dies on the key 'boom' (a stand-in for an out-of-memory kill)."""
+
+    name = "copy"
+    columns: list[str] = []
+
+    def config(self) -> dict:
+        return {"copy": 1}
+
+    def process(self, item, out_dir: Path):
+        if item.key == "boom":
+            os._exit(9)
+        arr, _ = read_image(item.path)
+        write_image_atomic(out_dir / f"{item.key}.png", arr)
+        return [f"{item.key}.png"], {}
+
+
+def _folder(tmp_path: Path, names: list[str]) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, n in enumerate(names):
+        Image.fromarray(synthetic_fundus(48, 48, seed=i)).save(d / f"{n}.png")
+    return d
+
+
+def test_a_dying_worker_does_not_end_the_run(tmp_path):
+    d = _folder(tmp_path, ["a", "b", "boom", "c", "d", "e"])
+    res = run_stage(CopyStage(), d, tmp_path / "out", workers=2, progress=False)
+    assert res.exit_code == 3
+    by_key = {r["key"]: r for r in res.rows}
+    assert set(by_key) == {"a", "b", "boom", "c", "d", "e"}
+    assert by_key["boom"]["status"] == "error" and "worker process died" in by_key["boom"]["error"]
+    # Only the item that kills its process fails; the ones in flight beside it are retried.
+    assert sorted(k for k, r in by_key.items() if r["status"] == "ok") == ["a", "b", "c", "d", "e"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert (tmp_path / "out" / "results.csv").exists()
+
+
+def test_non_utf8_file_names(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(synthetic_fundus(48, 48)).save(os.fsdecode(bytes(d) + b"/x\xff.png"))
+    out = tmp_path / "out"
+    assert main(["degrade", str(d), str(out)]) == 0
+    assert (out / "results.csv").exists() and (out / "manifest.json").exists()
+    assert any(p.suffix == ".png" for p in out.iterdir())
+
+
+def test_resume_never_mixes_configurations(tmp_path):
+    d = _folder(tmp_path, [f"i{k}" for k in range(4)])
+    out = tmp_path / "out"
+    assert main(["degrade", str(d), str(out), "--seed", "1"]) == 0
+    # An --overwrite run with another seed that was killed after two items: its journal has 2 rows.
+    assert main(["degrade", str(d), str(out), "--seed", "2", "--overwrite"]) == 0
+    journal = (out / JOURNAL).read_text().splitlines()
+    (out / JOURNAL).write_text("\n".join(journal[:2]) + "\n")
+    (out / "manifest.json").unlink()
+    (out / "results.csv").unlink()
+    # The folder now holds seed-2 work: resuming it with seed 1 is refused, never mixed.
+    assert main(["degrade", str(d), str(out), "--seed", "1", "--resume"]) == 2
+    assert main(["degrade", str(d), str(out), "--seed", "2", "--resume", "--format", "json"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["seed"] == 2 and m["counts"]["skipped"] == 2 and m["counts"]["ok"] == 4
+    assert all(r["params"]["default"]["seed"] == 2 for r in m["items"])
+    ref = tmp_path / "ref"
+    assert main(["degrade", str(d), str(ref), "--seed", "2"]) == 0
+    for k in range(4):
+        assert np.array_equal(np.asarray(Image.open(out / f"i{k}.png")), np.asarray(Image.open(ref / f"i{k}.png")))
+
+
+def test_resume_refuses_a_folder_that_is_not_a_fundus_run(tmp_path):
+    d = _folder(tmp_path, ["a"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["degrade", str(d), str(out), "--resume"]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+    assert main(["degrade", str(tmp_path / "empty_missing"), str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()  # nothing created for a failed start
