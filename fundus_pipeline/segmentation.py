@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MAX_FOV_DIAMETER = 1800.0
-DEFAULT_TILE = 512
+DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 64
 
 

@@ -155,15 +155,18 @@ def _shipped(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["imff"])
-def test_shipped_weights_on_drive_test(arch, data_root, tmp_path, capsys):
+def test_shipped_weights_on_drive_test(arch, data_root, tmp_path):
     """The shipped model reaches the published targets on the DRIVE test split (1st observer, FOV)."""
     spec = _shipped(arch)
     if spec is None or not (weights_dir() / spec["file"]).exists():
         pytest.skip(f"no shipped {arch} weights")
     out = tmp_path / "seg"
     assert run("segment", data_root / "DRIVE" / "test" / "images", out, "--weights", spec["name"], "--device", "cpu") == 0
-    assert run("evaluate", "segment", out, data_root / "DRIVE" / "test" / "1st_manual", "--fov", data_root / "DRIVE" / "test" / "mask", "--format", "json", "--bootstrap", "100", "--no-cldice") == 0
-    s = json.loads(capsys.readouterr().out)
+    ev = tmp_path / "eval"
+    assert run("evaluate", "segment", out, data_root / "DRIVE" / "test" / "1st_manual", "--fov", data_root / "DRIVE" / "test" / "mask", "--out", ev, "--bootstrap", "100", "--no-cldice") == 0
+    s = json.loads((ev / "summary.json").read_text())
+    assert s["threshold_source"] != "default" and s["threshold"] == spec["output"]["threshold"]
+    assert s["n_images"] == 20
     pooled = s["pooled"]
     assert pooled["f1"] >= 0.80
     assert pooled["auc_roc"] >= 0.975

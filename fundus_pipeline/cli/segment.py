@@ -18,7 +18,7 @@ def segment(
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Decision threshold (default: the model's a-priori threshold).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    tile: Annotated[int, typer.Option("--tile", min=0, help="Tile side at the working scale (0 = whole image at once).")] = 512,
+    tile: Annotated[int, typer.Option("--tile", min=0, help="Tile side at the working scale (0 = whole image at once).")] = 1024,
     overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in pixels, blended linearly.")] = 64,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write KEY_overlay.png.")] = False,
     fov: Annotated[str, typer.Option("--fov", help="estimate (find the circular field of view) or full (whole frame).")] = "estimate",

@@ -23,7 +23,7 @@ class SegmentStage:
         arch: str | None = None,
         threshold: float | None = None,
         device: str = "auto",
-        tile: int | None = 512,
+        tile: int | None = 1024,
         overlap: int = 64,
         overlay: bool = False,
         fov_policy: str = "estimate",
