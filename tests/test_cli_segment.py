@@ -96,6 +96,13 @@ def test_manifest_hash_mismatch(photos, tmp_path, tiny_weights, monkeypatch):
     spec["sha256"] = sha256_file(wdir / "tiny.pt")
     (wdir / "manifest.json").write_text(json.dumps({"schema_version": 1, "weights": [spec]}))
     assert run("segment", photos, tmp_path / "o2", "--weights", "tiny") == 0
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models import create_model
+
+    model = create_model("imff_tiny", weights="tiny")
+    assert not model.training
+    with pytest.raises(WeightsError, match="holds weights for"):
+        create_model("msrf_tiny", weights="tiny")
 
 
 def test_bad_images(tmp_path, tiny_weights):
