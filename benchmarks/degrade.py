@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -83,12 +82,12 @@ def time_read_write(in_dir: Path, reps: int = 1) -> float:
 
 def peak_rss_mb(in_dir: Path, n: int) -> float:
     code = (
-        "import resource,sys;from pathlib import Path;"
+        "import sys;from pathlib import Path;"
         "from fundus_pipeline.io import discover_images;from fundus_pipeline.runner import run_stage;"
         "from fundus_pipeline.stages.degrade import DegradeStage;"
         f"items=discover_images(Path({str(in_dir)!r}))[:{n}];"
         f"run_stage(DegradeStage(codes=['111']),Path({str(in_dir)!r}),Path({str(in_dir.parent / f'mem_{n}')!r}),items=items,progress=False);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"  # peak RSS in kB; ru_maxrss would inherit the parent's across fork+exec
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return int(out.stdout.strip().splitlines()[-1]) / 1024

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -35,19 +34,18 @@ from fundus_pipeline.models.weights import load_model  # noqa: E402
 from fundus_pipeline.segmentation import predict_native, working_scale  # noqa: E402
 
 
-def images(root: Path) -> dict[str, np.ndarray]:
+def images(root: Path, names=("drive", "hrf")) -> dict[str, np.ndarray]:
     out = {}
-    drive = root / "DRIVE" / "test" / "images" / "01_test.tif"
-    hrf = root / "HRF" / "images" / "06_h.jpg"
-    if drive.exists() and hrf.exists():
-        for name, p in (("drive", drive), ("hrf", hrf)):
-            a, m = read_image(p)
+    files = {"drive": root / "DRIVE" / "test" / "images" / "01_test.tif", "hrf": root / "HRF" / "images" / "06_h.jpg"}
+    shapes = {"drive": (584, 565), "hrf": (2336, 3504)}
+    for name in names:
+        if files[name].exists():
+            a, m = read_image(files[name])
             out[name] = to_float_rgb(a, m)[0]
-    else:
-        from tests.conftest import synthetic_fundus
+        else:
+            from tests.conftest import synthetic_fundus
 
-        out["drive"] = synthetic_fundus(584, 565).astype(np.float32) / 255
-        out["hrf"] = synthetic_fundus(2336, 3504).astype(np.float32) / 255
+            out[name] = synthetic_fundus(*shapes[name]).astype(np.float32) / 255
     return out
 
 
@@ -69,11 +67,11 @@ def time_one(model, rgb, device, reps: int) -> float:
 
 def peak_rss(weights: str, which: str) -> float:
     code = (
-        "import resource,sys;sys.path.insert(0,'benchmarks');from segment import images,load_model;"
+        "import sys;sys.path.insert(0,'benchmarks');from segment import images,load_model;"
         "from degradation.fov import estimate_fov_geometry;from fundus_pipeline.segmentation import predict_native,working_scale;"
-        f"from fundus_pipeline.datasets import default_data_root;rgb=images(default_data_root())[{which!r}];"
+        f"from fundus_pipeline.datasets import default_data_root;rgb=images(default_data_root(),({which!r},))[{which!r}];"
         f"m,_=load_model({weights!r});mask,g=estimate_fov_geometry(rgb);predict_native(m,rgb,mask,working_scale(g.diameter));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"  # peak RSS in kB; ru_maxrss would inherit the parent's across fork+exec
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     return int(r.stdout.strip().splitlines()[-1]) / 1024
@@ -123,6 +121,7 @@ def main() -> None:
         s = time_one(model, imgs[name], torch.device("cpu"), reps)
         res["cpu"][name] = {"shape": list(imgs[name].shape[:2]), "seconds_per_image": round(s, 3), "images_per_s": round(1 / s, 3)}
     res["peak_rss_mb"] = {name: round(peak_rss(args.weights, name), 1) for name in ("drive", "hrf")}
+    res["peak_rss_mb"]["note"] = "a fresh process: imports, model, one image read, FOV, inference, outputs"
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         gm, _ = load_model(args.weights, device=dev)

@@ -12,12 +12,12 @@ import csv
 import hashlib
 import io as _io
 import json
+import multiprocessing
 import os
 import platform
 import signal
 import sys
 import time
-import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,6 +45,9 @@ class Stage(Protocol):
     def process(self, item: ImageItem, out_dir: Path) -> tuple[list[str], dict]:
         """Process one item; return (relative output paths, stage columns). Raise on failure."""
         ...
+
+    # Optional: ``setup_worker()`` (load models once per process; the stage is pickled to spawned
+    # workers) and ``info() -> dict`` (manifest fields kept out of the configuration hash, e.g. paths).
 
 
 @dataclass
@@ -326,13 +329,15 @@ def run_stage(
 
 
 def _run_pool(stage, todo: list[ImageItem], dst: Path, workers: int, record) -> None:
-    """Process ``todo`` in ``workers`` spawned processes (spawn, not fork: safe with CUDA and threads).
+    """Process ``todo`` in ``workers`` processes, spawned by default (safe with CUDA and torch threads);
+    a torch-free stage may ask for ``start_method = "fork"``, which starts workers much faster.
 
     A worker that dies (killed for memory, a crash in a native decoder) does not end the run: the items
     that were in flight are retried one at a time in a fresh process, so only the item that kills its
     process is recorded as an error, and a fresh pool takes the rest.
     """
-    ctx = multiprocessing.get_context("spawn")
+    method = getattr(stage, "start_method", "spawn")
+    ctx = multiprocessing.get_context(method if method in multiprocessing.get_all_start_methods() else "spawn")
     queue = list(reversed(todo))
     while queue:
         suspects = _pool_pass(stage, queue, dst, workers, record, ctx)

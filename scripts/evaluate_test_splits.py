@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--weights", action="append", required=True)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--degraded", action="append", default=[], help="also evaluate on DRIVE test images degraded with this `fundus degrade` setting, e.g. 'released-111' or 'recipe-moderate' (seed 0)")
     args = ap.parse_args()
     data = default_data_root()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,13 @@ def main() -> None:
         hrf_img = link_folder(tmp / "hrf_images", [hrf_paths(data, i)["image"] for i in hrf_ids])
         hrf_gt = link_folder(tmp / "hrf_gt", [hrf_paths(data, i)["vessels"] for i in hrf_ids])
         hrf_fov = link_folder(tmp / "hrf_fov", [hrf_paths(data, i)["fov"] for i in hrf_ids])
+        degraded = {}
+        for setting in args.degraded:
+            kind, value = setting.split("-", 1)
+            opts = ["--types", value] if kind == "released" else ["--recipe", value]
+            target = tmp / f"drive_degraded_{setting}"
+            sh("degrade", drive / "images", target, *opts, "--seed", 0, "--format", "json")
+            degraded[setting] = target
         ev = args.out / "drive_2nd_observer"
         sh("evaluate", "segment", drive / "2nd_manual", drive / "1st_manual", "--fov", drive / "mask", "--out", ev, "--overwrite", "--bootstrap", args.bootstrap, "--format", "json")
         table["DRIVE 2nd observer"] = {"DRIVE": json.loads((ev / "summary.json").read_text())}
@@ -73,6 +81,12 @@ def main() -> None:
                 if ds == "DRIVE" and w == args.weights[0]:
                     example(seg, drive, ROOT / "docs" / "segmentation_example.png")
             table[w] = row
+            for setting, folder in degraded.items():
+                seg = tmp / f"seg_{w}_{setting}"
+                sh("segment", folder, seg, "--weights", w, "--device", "cpu", "--format", "json")
+                ev = args.out / f"{w}_drive_{setting}"
+                sh("evaluate", "segment", seg, drive / "1st_manual", "--fov", drive / "mask", "--out", ev, "--overwrite", "--bootstrap", args.bootstrap, "--format", "json")
+                table[f"{w} on DRIVE degraded ({setting}, seed 0)"] = {"DRIVE": json.loads((ev / "summary.json").read_text()), "HRF": None}
     lines = ["| model | DRIVE Se | DRIVE Sp | DRIVE Acc | DRIVE F1 [95% CI] | DRIVE AUC-ROC | DRIVE AUC-PR | DRIVE clDice | HRF F1 [95% CI] | HRF AUC-ROC | HRF Acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x):

@@ -30,7 +30,7 @@ from fundus_pipeline.train.segment import f1_curve  # noqa: E402
 
 
 def val_threshold(model, val) -> dict:
-    probs = {s.name: sigmoid(predict_logits(model, s.rgb, tile=512, overlap=64)) for s in val}
+    probs = {s.name: sigmoid(predict_logits(model, s.rgb)) for s in val}  # the defaults of `fundus segment`
     grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
     per_ds = {}
     for ds in sorted({s.name.split("/")[0] for s in val}):
@@ -116,6 +116,8 @@ def main() -> None:
     }
     if old:
         spec["metrics"] = old.get("metrics", {})
+        if args.test_metrics and not args.command:  # adding test figures keeps the recorded training
+            spec["training"] = old["training"]
     for item in args.test_metrics:
         label, path = str(item).split("=", 1)
         s = json.loads(Path(path).read_text())

@@ -155,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _err(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "set FUNDUS_DEBUG=1 for the traceback and report it")
         code = EXIT_FATAL
-    if os.environ.get("FUNDUS_DEBUG") and code not in (0,):
-        pass
     if argv is None:
         sys.exit(code)
     return code

@@ -44,6 +44,7 @@ def load_replay(path: Path) -> tuple[dict, dict[str, dict[str, dict]], str]:
 
 class DegradeStage:
     name = "degrade"
+    start_method = "fork"  # torch-free numpy/OpenCV work: forked workers start in milliseconds
     columns = ["variants", "bit_depth", "mode", "fov", "params"]
 
     def __init__(self, *, preset: str = "released", codes: list[str] | None = None, recipe: str | None = None, seed: int = 0, replay: Path | None = None):
