@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fundus_pipeline.datasets import DRIVE_TEST, HRF_TEST, HRF_UNLABELLED, default_data_root, hrf_paths  # noqa: E402
+from fundus_pipeline.datasets import HRF_TEST, HRF_UNLABELLED, default_data_root, hrf_paths  # noqa: E402
 
 PAPER = {"DRIVE": {"sensitivity": 0.8575, "specificity": 0.9860, "f1": 0.7977, "accuracy": 0.9621}}
 
