@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from fundus_pipeline import __version__
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, UsageError
 from fundus_pipeline.io import ImageItem, discover_images, write_bytes_atomic
 
 JOURNAL = ".fundus-journal.jsonl"
@@ -195,7 +195,7 @@ def _process_one(stage, item: ImageItem, out_dir: Path) -> dict:
         outputs, fields = stage.process(item, out_dir)
         row["outputs"] = outputs
         row.update(fields)
-    except (InputError, FundusError) as e:
+    except FundusError as e:  # InputError, WeightsError, ... are FundusErrors
         row["status"], row["error"] = "error", e.message
     except MemoryError:
         row["status"], row["error"] = "error", "out of memory while processing this image"
