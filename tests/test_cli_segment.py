@@ -15,7 +15,7 @@ from PIL import Image
 from fundus_pipeline.cli import main
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.models.weights import read_manifest, sha256_file, weights_dir
-from fundus_pipeline.segmentation import predict_logits, working_scale
+from fundus_pipeline.segmentation import DEFAULT_FOV_MARGIN, fov_keep_mask, predict_logits, working_scale
 from tests.conftest import synthetic_fundus
 
 
@@ -145,6 +145,35 @@ def test_tiled_prediction_blends_exactly_for_a_local_model():
     batched = predict_logits(Local(), rgb, tile=128, overlap=32, batch_size=4)
     np.testing.assert_array_equal(batched, tiled)
     assert tiled.shape == (300, 421)
+
+
+def test_fov_keep_mask_grows_by_the_margin():
+    fov = np.zeros((101, 101), bool)
+    cv2.circle(fov.view(np.uint8), (50, 50), 30, 1, -1)
+    keep = fov_keep_mask(fov, 5.0)
+    assert keep[fov].all()
+    assert keep[50, 50 + 30 + 5] and not keep[50, 50 + 30 + 7]  # grown by 5 px, not more
+    assert not keep[0, 0]
+    assert np.array_equal(fov_keep_mask(fov, 0.0), fov)
+    full = np.ones((8, 8), bool)
+    assert fov_keep_mask(full, 3.0).all()
+
+
+def test_fov_margin_option(photos, tmp_path, tiny_weights):
+    """Probabilities survive inside the grown FOV only; the default margin is the library's."""
+    import inspect
+
+    from fundus_pipeline.cli.segment import segment
+
+    assert inspect.signature(segment).parameters["fov_margin"].default == DEFAULT_FOV_MARGIN
+    wide, none = tmp_path / "wide", tmp_path / "none"
+    assert run("segment", photos, wide, "--weights", tiny_weights, "--arch", "imff_tiny", "--fov-margin", "0.1") == 0
+    assert run("segment", photos, none, "--weights", tiny_weights, "--arch", "imff_tiny", "--fov-margin", "0") == 0
+    pw = cv2.imread(str(wide / "a_prob.png"), cv2.IMREAD_UNCHANGED)
+    pn = cv2.imread(str(none / "a_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert ((pn > 0) <= (pw > 0)).all() and (pw > 0).sum() > (pn > 0).sum()
+    assert json.loads((wide / "manifest.json").read_text())["config"]["fov_margin"] == 0.1
+    assert run("segment", photos, tmp_path / "bad", "--weights", tiny_weights, "--arch", "imff_tiny", "--fov-margin", "0.9") == 2
 
 
 def test_working_scale():

@@ -21,6 +21,7 @@ def segment(
     overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in pixels, blended linearly.")] = 64,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write KEY_overlay.png.")] = False,
     fov: Annotated[str, typer.Option("--fov", help="estimate (find the circular field of view) or full (whole frame).")] = "estimate",
+    fov_margin: Annotated[float, typer.Option("--fov-margin", min=0.0, max=0.5, help="Keep probabilities this far outside the estimated FOV edge, as a fraction of its diameter.")] = 0.015,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per worker (default: torch's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per forward pass (more is faster on a GPU, uses more memory).")] = 1,
     workers: Workers = 1,
@@ -39,6 +40,6 @@ def segment(
     if fov not in ("estimate", "full"):
         raise UsageError(f"invalid --fov {fov!r}: use estimate or full")
     prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume, create=False)  # refuse early, before loading a model
-    stage = SegmentStage(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile or None, overlap=overlap, overlay=overlay, fov_policy=fov, threads=threads, batch_size=batch_size)
+    stage = SegmentStage(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile or None, overlap=overlap, overlay=overlay, fov_policy=fov, fov_margin=fov_margin, threads=threads, batch_size=batch_size)
     result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, progress=fmt == Format.human)
     report(result, fmt)

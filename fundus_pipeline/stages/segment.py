@@ -8,7 +8,7 @@ import numpy as np
 
 from fundus_pipeline.errors import InputError
 from fundus_pipeline.io import ImageItem, read_image, to_float_rgb, write_image_atomic
-from fundus_pipeline.segmentation import DEFAULT_MAX_FOV_DIAMETER, predict_native, working_scale
+from fundus_pipeline.segmentation import DEFAULT_FOV_MARGIN, DEFAULT_MAX_FOV_DIAMETER, predict_native, working_scale
 
 
 class SegmentStage:
@@ -28,6 +28,7 @@ class SegmentStage:
         fov_policy: str = "estimate",
         threads: int | None = None,
         batch_size: int = 1,
+        fov_margin: float = DEFAULT_FOV_MARGIN,
     ):
         from fundus_pipeline.device import resolve_device
         from fundus_pipeline.models.weights import load_model
@@ -37,6 +38,11 @@ class SegmentStage:
         self.tile, self.overlap, self.overlay, self.fov_policy = tile, overlap, overlay, fov_policy
         self.threads = threads
         self.batch_size = batch_size
+        if not 0.0 <= fov_margin <= 0.5:
+            from fundus_pipeline.errors import UsageError
+
+            raise UsageError(f"--fov-margin must be between 0 and 0.5 (a fraction of the FOV diameter), got {fov_margin}")
+        self.fov_margin = float(fov_margin)
         self._model, self.spec = load_model(weights, arch=arch, device=self.device)
         self.threshold = float(threshold if threshold is not None else self.spec.get("output", {}).get("threshold", 0.5))
         if not 0.0 < self.threshold < 1.0:
@@ -71,6 +77,7 @@ class SegmentStage:
             "overlap": self.overlap,
             "max_fov_diameter": self.max_fov,
             "fov_policy": self.fov_policy,
+            "fov_margin": self.fov_margin,
             "overlay": self.overlay,
             "batch_size": self.batch_size,
         }
@@ -95,8 +102,9 @@ class SegmentStage:
             if not found:
                 raise InputError("no fundus field of view found (no dark surround); if the photograph is already cropped to the retina, pass --fov full")
         scale = working_scale(geom.diameter, self.max_fov)
-        prob = predict_native(self._model, rgb, mask, scale, device=self.device, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size)
-        vessels = (prob >= self.threshold) & mask
+        margin_px = 0.0 if self.fov_policy == "full" else self.fov_margin * geom.diameter
+        prob = predict_native(self._model, rgb, mask, scale, margin_px=margin_px, device=self.device, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size)
+        vessels = prob >= self.threshold  # prob is 0 beyond the FOV margin
         k = item.key
         outputs = [f"{k}_vessels.png", f"{k}_prob.png"]
         write_image_atomic(out_dir / outputs[0], vessels.astype(np.uint8) * 255)
@@ -109,7 +117,7 @@ class SegmentStage:
             write_image_atomic(out_dir / outputs[2], ov)
         nf = int(mask.sum())
         return outputs, {
-            "vessel_fraction": round(float(vessels.sum()) / max(nf, 1), 6),
+            "vessel_fraction": round(float((vessels & mask).sum()) / max(nf, 1), 6),
             "fov_fraction": round(nf / (h * w), 6),
             "fov_found": found,
             "scale": scale,
