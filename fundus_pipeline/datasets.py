@@ -16,7 +16,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from fundus_pipeline.io import read_image, to_float_rgb
 
 DRIVE_TRAIN = [f"{i:02d}" for i in range(21, 41)]
 DRIVE_TEST = [f"{i:02d}" for i in range(1, 21)]
@@ -46,15 +47,22 @@ class Sample:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """Photograph as float32 RGB in [0, 1] (divided by the bit depth's maximum)."""
+    arr, meta = read_image(path)
+    return to_float_rgb(arr, meta)[0]
 
 
 def _read_gray(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode == "P":  # palette GIFs: binarise on raw indices
-            return (np.asarray(im) > 0).astype(np.uint8) * 255
-        return np.asarray(im.convert("L"))
+    """Annotation or mask as uint8 0..255; palette GIFs are binarised on their raw indices (index > 0)."""
+    arr, meta = read_image(path, raw_palette=True)
+    if meta.palette:
+        return (arr > 0).astype(np.uint8) * 255
+    if arr.ndim == 3:  # RGB(A) masks: ITU-R 601 luma of the colour channels, as Pillow's "L"
+        c = arr[..., :3].astype(np.float64)
+        arr = np.rint(c[..., 0] * 0.299 + c[..., 1] * 0.587 + c[..., 2] * 0.114)
+    if arr.dtype == np.uint16 or arr.max() > 255:
+        arr = arr / 257.0
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
 def _resize(arr: np.ndarray, scale: float, interp=cv2.INTER_AREA) -> np.ndarray:
@@ -87,7 +95,7 @@ def hrf_paths(root: Path, ident: str) -> dict[str, Path]:
 
 def load_sample(root: Path, dataset: str, ident: str, scale: float) -> Sample:
     paths = drive_paths(root, ident) if dataset == "drive" else hrf_paths(root, ident)
-    rgb = _resize(_read_rgb(paths["image"]).astype(np.float32) / 255.0, scale)
+    rgb = _resize(_read_rgb(paths["image"]), scale)
     ves = _resize(_read_gray(paths["vessels"]).astype(np.float32) / 255.0, scale)
     fov = _resize(_read_gray(paths["fov"]), scale, cv2.INTER_NEAREST) > 127
     return Sample(f"{dataset}/{ident}", rgb, ves, fov, scale)

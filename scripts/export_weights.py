@@ -23,37 +23,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_pipeline.datasets import default_data_root, training_sets  # noqa: E402
+from fundus_pipeline.metrics import pooled_f1_curve  # noqa: E402
 from fundus_pipeline.models.registry import build_model, get_entry  # noqa: E402
 from fundus_pipeline.models.weights import sha256_file, weights_dir  # noqa: E402
 from fundus_pipeline.segmentation import DEFAULT_MAX_FOV_DIAMETER, predict_logits, sigmoid  # noqa: E402
-from fundus_pipeline.train.segment import f1_curve  # noqa: E402
 
 
 def val_threshold(model, val) -> dict:
+    """The a-priori threshold: maximise the mean of the per-dataset pooled validation F1 (0.05..0.95, 0.001 steps)."""
     probs = {s.name: sigmoid(predict_logits(model, s.rgb)) for s in val}  # the defaults of `fundus segment`
-    grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
-    per_ds = {}
+    curves, aucs = {}, {}
     for ds in sorted({s.name.split("/")[0] for s in val}):
         ss = [s for s in val if s.name.startswith(ds + "/")]
-        f1s = []
-        for t in grid:
-            tp = fp = fn = 0
-            for s in ss:
-                p = probs[s.name][s.fov] >= t
-                g = s.vessels[s.fov] > 0.5
-                tp += int((p & g).sum())
-                fp += int((p & ~g).sum())
-                fn += int((~p & g).sum())
-            f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-        per_ds[ds] = np.array(f1s)
-    mean_f1 = np.mean(list(per_ds.values()), axis=0)
-    k = int(np.argmax(mean_f1))
-    out = {"threshold": float(grid[k]), "rule": "maximise the mean of the per-dataset pooled validation F1", "val_f1": {ds: round(float(v[k]), 4) for ds, v in per_ds.items()}}
-    for ds in per_ds:
-        ss = [s for s in val if s.name.startswith(ds + "/")]
-        _, _, auc = f1_curve([probs[s.name] for s in ss], [s.vessels for s in ss], [s.fov for s in ss])
-        out.setdefault("val_auc_roc", {})[ds] = round(auc, 4)
-    return out
+        thr, curves[ds], aucs[ds] = pooled_f1_curve([probs[s.name] for s in ss], [s.vessels for s in ss], [s.fov for s in ss])
+    mean_f1 = np.mean(list(curves.values()), axis=0)
+    lo, hi = int(np.searchsorted(thr, 0.05)), int(np.searchsorted(thr, 0.95)) + 1
+    k = lo + int(np.argmax(mean_f1[lo:hi]))
+    return {
+        "threshold": round(float(thr[k]), 3),
+        "rule": "maximise the mean of the per-dataset pooled validation F1 (thresholds 0.05-0.95 in 0.001 steps)",
+        "val_f1": {ds: round(float(v[k]), 4) for ds, v in curves.items()},
+        "val_auc_roc": {ds: round(a, 4) for ds, a in aucs.items()},
+    }
 
 
 def main() -> None:

@@ -207,3 +207,22 @@ def test_report_without_histograms_and_empty():
     assert json_safe(rep)["pooled"]["auc_roc"] is None
     empty = segmentation_report([], n_boot=10)
     assert empty["n_images"] == 0 and math.isnan(empty["pooled"]["f1"])
+
+
+def test_pooled_f1_curve_matches_direct_counts():
+    from fundus_pipeline.metrics import binary_metrics, confusion, pooled_f1_curve
+
+    rng = np.random.default_rng(3)
+    probs = [rng.random((20, 30)).astype(np.float32) for _ in range(3)]
+    gts = [(rng.random((20, 30)) < 0.2 + 0.5 * p).astype(np.float32) for p in probs]  # informative scores
+    fovs = [rng.random((20, 30)) < 0.8 for _ in range(3)]
+    thr, f1, auc = pooled_f1_curve(probs, gts, fovs)
+    assert thr.shape == f1.shape == (1000,)
+    for t in (0.1, 0.377, 0.5, 0.9):
+        k = int(round(t * 1000))
+        counts = np.sum([confusion(p, g, f, thr[k]) for p, g, f in zip(probs, gts, fovs)], axis=0)
+        assert f1[k] == pytest.approx(binary_metrics(*map(int, counts))["f1"], abs=1e-12)
+    pos = np.concatenate([p[f & (g > 0.5)] for p, g, f in zip(probs, gts, fovs)])
+    neg = np.concatenate([p[f & (g <= 0.5)] for p, g, f in zip(probs, gts, fovs)])
+    exact = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert 0.6 < auc and auc == pytest.approx(exact, abs=2e-3)  # 1000-level binning

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fundus_pipeline.datasets import Sample, default_data_root, training_sets
+from fundus_pipeline.metrics import pooled_f1_curve
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.segmentation import predict_logits, sigmoid
 
@@ -126,24 +127,9 @@ def total_loss(out: dict, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def f1_curve(probs: list[np.ndarray], gts: list[np.ndarray], fovs: list[np.ndarray]):
-    """Pooled F1 for thresholds 0.01..0.99 and the pooled AUC-ROC, inside the FOV."""
-    bins = 1000
-    pos = np.zeros(bins, np.int64)
-    neg = np.zeros(bins, np.int64)
-    for p, g, f in zip(probs, gts, fovs):
-        q = np.clip((p[f] * bins).astype(np.int64), 0, bins - 1)
-        gt = g[f] > 0.5
-        pos += np.bincount(q[gt], minlength=bins)
-        neg += np.bincount(q[~gt], minlength=bins)
-    tp = np.cumsum(pos[::-1])[::-1]  # predicted positive at threshold k/bins
-    fp = np.cumsum(neg[::-1])[::-1]
-    fn = pos.sum() - tp
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-    thr = np.arange(bins) / bins
+    """(best pooled F1 over thresholds 0.01..0.989, its threshold, pooled AUC-ROC), inside the FOV."""
+    thr, f1, auc = pooled_f1_curve(probs, gts, fovs)
     k = int(np.argmax(f1[10:990])) + 10
-    tpr = np.concatenate([tp / max(pos.sum(), 1), [0.0]])
-    fpr = np.concatenate([fp / max(neg.sum(), 1), [0.0]])
-    auc = float(-np.trapezoid(tpr, fpr))
     return float(f1[k]), float(thr[k]), auc
 
 
