@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fundus_pipeline.device import resolve_device
 from fundus_pipeline.datasets import Sample, default_data_root, training_sets
 from fundus_pipeline.metrics import pooled_f1_curve
 from fundus_pipeline.models.registry import build_model
@@ -172,6 +173,36 @@ def build_degraded_pool(samples: list[Sample], per_image: int, seed: int) -> dic
     return pool
 
 
+def _check_args(args) -> None:
+    """Refuse bad arguments before any data is loaded (UsageError, exit code 2)."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.models.registry import get_entry
+
+    get_entry(args.arch)  # unknown names: a one-line error with suggestions
+    for name in ("steps", "batch_size", "val_every", "ckpt_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.patch < 16:
+        raise UsageError(f"--patch must be at least 16 pixels, got {args.patch}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.degrade_p <= 1.0:
+        raise UsageError(f"--degrade-p must be between 0 and 1, got {args.degrade_p}")
+    if args.init is not None and not args.init.is_file():
+        raise UsageError(f"--init {args.init}: no such weights file")
+    if args.resume and args.init is not None:
+        raise UsageError("--resume continues OUT/last.pt; it cannot be combined with --init")
+    if args.resume and not (args.out / "last.pt").is_file():
+        raise UsageError(f"--resume: {args.out / 'last.pt'} does not exist (start without --resume)")
+    if not args.resume and any((args.out / f).exists() for f in ("last.pt", "best.pt")):
+        raise UsageError(f"{args.out} already holds a training run; pass --resume to continue it or choose a new --out")
+    resolve_device(args.device)  # invalid names and CUDA requests without a GPU
+    root = args.data or default_data_root()
+    missing = [d for d in ("DRIVE", "HRF") if not (root / d).is_dir()]
+    if missing:
+        raise UsageError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fundus train segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="imff", help="registered model name (imff, imff_w8, msrf, ...)")
@@ -192,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (state dict) instead of random init")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     args = ap.parse_args(argv)
+    _check_args(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else (args.device if args.device != "auto" else "cpu"))
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     root = args.data or default_data_root()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     train, val = training_sets(root)
     say(f"train {len(train)} images, val {[s.name for s in val]}, device {device}")
+    if args.amp and device.type != "cuda":
+        say("--amp has an effect on CUDA only; training in float32")
     degraded = build_degraded_pool(train, args.degrade_copies, args.seed) if args.degrade_p > 0 else None
     sampler = PatchSampler(train, args.patch, args.seed, degraded, args.degrade_p)
 
@@ -218,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.98 + 0.02)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
     step, best = 0, {"f1": -1.0}
-    if args.resume and (args.out / "last.pt").exists():
+    if args.resume:
         ck = torch.load(args.out / "last.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
