@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from fundus_pipeline.datasets import HRF_VAL, default_data_root, hrf_paths  # noqa: E402
 from fundus_pipeline.io import read_image, to_float_rgb  # noqa: E402
 from fundus_pipeline.models.weights import load_model  # noqa: E402
-from fundus_pipeline.segmentation import predict_native, working_scale  # noqa: E402
+from fundus_pipeline.segmentation import DEFAULT_FOV_MARGIN, predict_native, working_scale  # noqa: E402
 
 
 def images(root: Path, names=("drive", "hrf")) -> dict[str, np.ndarray]:
@@ -53,13 +53,13 @@ def time_one(model, rgb, device, reps: int) -> float:
     from degradation.fov import estimate_fov_geometry
 
     mask, geom = estimate_fov_geometry(rgb)
-    s = working_scale(geom.diameter)
-    predict_native(model, rgb, mask, s, device=device)  # warm-up
+    s, margin = working_scale(geom.diameter), DEFAULT_FOV_MARGIN * geom.diameter  # as `fundus segment`
+    predict_native(model, rgb, mask, s, margin_px=margin, device=device)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
-        predict_native(model, rgb, mask, s, device=device)
+        predict_native(model, rgb, mask, s, margin_px=margin, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps
@@ -70,7 +70,7 @@ def peak_rss(weights: str, which: str) -> float:
         "import sys;sys.path.insert(0,'benchmarks');from segment import images,load_model;"
         "from degradation.fov import estimate_fov_geometry;from fundus_pipeline.segmentation import predict_native,working_scale;"
         f"from fundus_pipeline.datasets import default_data_root;rgb=images(default_data_root(),({which!r},))[{which!r}];"
-        f"m,_=load_model({weights!r});mask,g=estimate_fov_geometry(rgb);predict_native(m,rgb,mask,working_scale(g.diameter));"
+        f"m,_=load_model({weights!r});mask,g=estimate_fov_geometry(rgb);predict_native(m,rgb,mask,working_scale(g.diameter),margin_px=0.015*g.diameter);"
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"  # peak RSS in kB; ru_maxrss would inherit the parent's across fork+exec
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
