@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 DEFAULT_MAX_FOV_DIAMETER = 1800.0
 # Probabilities are kept up to this fraction of the FOV diameter outside the estimated FOV edge (1.5%:
-# 8 px on DRIVE, 49 px on HRF). The estimate sits 1-2 px inside DRIVE's and HRF's own masks; zeroing
-# right at it drops the vessels that run along the rim (validation: see weights/README.md).
+# 8 px on DRIVE, 49 px on HRF). The estimate sits about 1 px inside DRIVE's and HRF's own masks; zeroing
+# right at it drops the vessels that run along the rim (validation: scripts/val_fov_margin.py).
 DEFAULT_FOV_MARGIN = 0.015
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 64
