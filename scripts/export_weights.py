@@ -105,10 +105,13 @@ def main() -> None:
         "metrics": {},
         "license": "MIT (weights trained by the fundus-pipeline authors; DRIVE and HRF are research datasets, cite them)",
     }
-    if old:
+    if old and args.test_metrics:  # adding test figures to the same weights keeps what was recorded
+        if old["sha256"] != spec["sha256"]:
+            raise SystemExit(f"{target} changed since it was exported; export it again before adding test metrics")
         spec["metrics"] = old.get("metrics", {})
-        if args.test_metrics and not args.command:  # adding test figures keeps the recorded training
+        if not args.command:
             spec["training"] = old["training"]
+    # a fresh export starts with no test metrics: figures measured on other weights must not carry over
     for item in args.test_metrics:
         label, path = str(item).split("=", 1)
         s = json.loads(Path(path).read_text())
