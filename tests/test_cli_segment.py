@@ -192,11 +192,9 @@ def _shipped(arch: str):
 
 @pytest.mark.parametrize("arch", ["imff"])
 def test_shipped_weights_on_drive_test(arch, data_root, tmp_path):
-    """The shipped model on the DRIVE test split (1st observer, inside the FOV), at its a-priori threshold.
-
-    Issue targets: F1 >= 0.80 (met: 0.813) and AUC-ROC >= 0.975: met as the mean of per-image AUCs
-    (0.9754) but not pooled over all FOV pixels (0.9740). The pooled bound below guards the measured
-    value against regressions; it is not the target."""
+    """The shipped model on the DRIVE test split (1st observer, inside the FOV), at its a-priori threshold,
+    with `fundus segment`'s defaults: the issue's targets F1 >= 0.80 and AUC-ROC >= 0.975 pooled over all
+    FOV pixels (measured: F1 0.817, pooled AUC-ROC 0.977, mean of per-image AUCs 0.979)."""
     spec = _shipped(arch)
     if spec is None or not (weights_dir() / spec["file"]).exists():
         pytest.skip(f"no shipped {arch} weights")
@@ -209,5 +207,5 @@ def test_shipped_weights_on_drive_test(arch, data_root, tmp_path):
     assert s["n_images"] == 20
     pooled = s["pooled"]
     assert pooled["f1"] >= 0.80
+    assert pooled["auc_roc"] >= 0.975
     assert s["mean"]["auc_roc"] >= 0.975
-    assert pooled["auc_roc"] >= 0.973
