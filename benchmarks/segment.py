@@ -70,7 +70,7 @@ def peak_rss(weights: str, which: str) -> float:
         "import sys;sys.path.insert(0,'benchmarks');from segment import images,load_model;"
         "from degradation.fov import estimate_fov_geometry;from fundus_pipeline.segmentation import predict_native,working_scale;"
         f"from fundus_pipeline.datasets import default_data_root;rgb=images(default_data_root(),({which!r},))[{which!r}];"
-        f"m,_=load_model({weights!r});mask,g=estimate_fov_geometry(rgb);predict_native(m,rgb,mask,working_scale(g.diameter),margin_px=0.015*g.diameter);"
+        f"m,_=load_model({weights!r});mask,g=estimate_fov_geometry(rgb);predict_native(m,rgb,mask,working_scale(g.diameter));"
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"  # peak RSS in kB; ru_maxrss would inherit the parent's across fork+exec
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -5,8 +5,9 @@
 For the validation images (DRIVE 37-40, HRF 05_h/05_g/05_dr at the working scale) the shipped model's
 probabilities are zeroed outside the *estimated* FOV grown by a margin (a fraction of the estimated
 diameter, as `fundus segment --fov-margin`), then scored inside the datasets' own FOV masks: pooled
-AUC-ROC and pooled F1 at the model's a-priori threshold, per dataset. "none" keeps every probability.
-Prints one JSON document. The default margin (1.5%) was chosen from this output.
+AUC-ROC and pooled F1 at the model's a-priori threshold, per dataset, and the number of predicted vessel
+pixels *outside* the datasets' masks (false vessels beyond the retina's edge, which the metrics inside
+the masks cannot see). "none" keeps every probability. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -50,16 +51,17 @@ def main() -> None:
             q[~fov_keep_mask(est, m * geom.diameter)] = 0.0
             variants[f"{m:g}"] = q
         for name, q in variants.items():
-            a = acc.setdefault(ds, {}).setdefault(name, [0, 0, np.zeros(4, np.int64)])
+            a = acc.setdefault(ds, {}).setdefault(name, [0, 0, np.zeros(4, np.int64), 0])
             pos, neg = score_histograms(q, gt, s.fov)
             a[0] = a[0] + pos
             a[1] = a[1] + neg
             a[2] += np.array(confusion(q, gt, s.fov, thr))
+            a[3] += int(((q >= thr) & ~s.fov).sum())
     out = {"weights": spec["name"], "threshold": thr, "margins_as_fraction_of_fov_diameter": {}}
     for ds, per in acc.items():
         out["margins_as_fraction_of_fov_diameter"][ds] = {
-            name: {"auc_roc": round(float(auc_roc_from_hist(pos, neg)), 5), "f1": round(binary_metrics(*map(int, c))["f1"], 5)}
-            for name, (pos, neg, c) in per.items()
+            name: {"auc_roc": round(float(auc_roc_from_hist(pos, neg)), 5), "f1": round(binary_metrics(*map(int, c))["f1"], 5), "vessel_px_outside_mask": out_px}
+            for name, (pos, neg, c, out_px) in per.items()
         }
     print(json.dumps(out, indent=2))
 

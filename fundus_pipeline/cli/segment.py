@@ -21,7 +21,7 @@ def segment(
     overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tile overlap in pixels, blended linearly.")] = 64,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write KEY_overlay.png.")] = False,
     fov: Annotated[str, typer.Option("--fov", help="estimate (find the circular field of view) or full (whole frame).")] = "estimate",
-    fov_margin: Annotated[float, typer.Option("--fov-margin", min=0.0, max=0.5, help="Keep probabilities this far outside the estimated FOV edge, as a fraction of its diameter.")] = 0.015,
+    fov_margin: Annotated[float, typer.Option("--fov-margin", min=0.0, max=0.5, help="Keep probabilities this far outside the estimated FOV edge, as a fraction of its diameter (default 0: zero outside).")] = 0.0,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per worker (default: torch's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per forward pass (more is faster on a GPU, uses more memory).")] = 1,
     workers: Workers = 1,
