@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fundus_pipeline.evaluate import read_binary
 from fundus_pipeline.io import read_image, to_float_rgb
 
 DRIVE_TRAIN = [f"{i:02d}" for i in range(21, 41)]
@@ -52,19 +53,6 @@ def _read_rgb(path: Path) -> np.ndarray:
     return to_float_rgb(arr, meta)[0]
 
 
-def _read_gray(path: Path) -> np.ndarray:
-    """Annotation or mask as uint8 0..255; palette GIFs are binarised on their raw indices (index > 0)."""
-    arr, meta = read_image(path, raw_palette=True)
-    if meta.palette:
-        return (arr > 0).astype(np.uint8) * 255
-    if arr.ndim == 3:  # RGB(A) masks: ITU-R 601 luma of the colour channels, as Pillow's "L"
-        c = arr[..., :3].astype(np.float64)
-        arr = np.rint(c[..., 0] * 0.299 + c[..., 1] * 0.587 + c[..., 2] * 0.114)
-    if arr.dtype == np.uint16 or arr.max() > 255:
-        arr = arr / 257.0
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-
-
 def _resize(arr: np.ndarray, scale: float, interp=cv2.INTER_AREA) -> np.ndarray:
     if scale == 1.0:
         return arr
@@ -96,8 +84,9 @@ def hrf_paths(root: Path, ident: str) -> dict[str, Path]:
 def load_sample(root: Path, dataset: str, ident: str, scale: float) -> Sample:
     paths = drive_paths(root, ident) if dataset == "drive" else hrf_paths(root, ident)
     rgb = _resize(_read_rgb(paths["image"]), scale)
-    ves = _resize(_read_gray(paths["vessels"]).astype(np.float32) / 255.0, scale)
-    fov = _resize(_read_gray(paths["fov"]), scale, cv2.INTER_NEAREST) > 127
+    # annotations and masks are binarised by the rule `fundus evaluate` applies to ground truth
+    ves = _resize(read_binary(paths["vessels"]).astype(np.float32), scale)
+    fov = _resize(read_binary(paths["fov"]).astype(np.uint8), scale, cv2.INTER_NEAREST) > 0
     return Sample(f"{dataset}/{ident}", rgb, ves, fov, scale)
 
 
