@@ -102,8 +102,7 @@ class SegmentStage:
             if not found:
                 raise InputError("no fundus field of view found (no dark surround); if the photograph is already cropped to the retina, pass --fov full")
         scale = working_scale(geom.diameter, self.max_fov)
-        margin_px = 0.0 if self.fov_policy == "full" else self.fov_margin * geom.diameter
-        prob = predict_native(self._model, rgb, mask, scale, margin_px=margin_px, device=self.device, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size)
+        prob = predict_native(self._model, rgb, mask, scale, margin_px=self.fov_margin * geom.diameter, device=self.device, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size)
         vessels = prob >= self.threshold  # prob is 0 beyond the FOV margin
         k = item.key
         outputs = [f"{k}_vessels.png", f"{k}_prob.png"]

@@ -173,8 +173,8 @@ def build_degraded_pool(samples: list[Sample], per_image: int, seed: int) -> dic
     return pool
 
 
-def _check_args(args) -> None:
-    """Refuse bad arguments before any data is loaded (UsageError, exit code 2)."""
+def _check_args(args) -> tuple[torch.device, Path]:
+    """Refuse bad arguments before any data is loaded (UsageError, exit code 2); (device, data root)."""
     from fundus_pipeline.errors import UsageError
     from fundus_pipeline.models.registry import get_entry
 
@@ -196,11 +196,12 @@ def _check_args(args) -> None:
         raise UsageError(f"--resume: {args.out / 'last.pt'} does not exist (start without --resume)")
     if not args.resume and any((args.out / f).exists() for f in ("last.pt", "best.pt")):
         raise UsageError(f"{args.out} already holds a training run; pass --resume to continue it or choose a new --out")
-    resolve_device(args.device)  # invalid names and CUDA requests without a GPU
+    device = resolve_device(args.device)  # invalid names and CUDA requests without a GPU
     root = args.data or default_data_root()
     missing = [d for d in ("DRIVE", "HRF") if not (root / d).is_dir()]
     if missing:
         raise UsageError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
+    return device, root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,13 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (state dict) instead of random init")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     args = ap.parse_args(argv)
-    _check_args(args)
+    device, root = _check_args(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    root = args.data or default_data_root()
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "train.log", "a", buffering=1)
 
