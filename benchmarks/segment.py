@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from fundus_pipeline.datasets import HRF_VAL, default_data_root, hrf_paths  # noqa: E402
 from fundus_pipeline.io import read_image, to_float_rgb  # noqa: E402
 from fundus_pipeline.models.weights import load_model  # noqa: E402
-from fundus_pipeline.segmentation import DEFAULT_FOV_MARGIN, predict_native, working_scale  # noqa: E402
+from fundus_pipeline.models.inference import DEFAULT_FOV_MARGIN, predict_native, working_scale  # noqa: E402
 
 
 def images(root: Path, names=("drive", "hrf")) -> dict[str, np.ndarray]:
@@ -68,7 +68,7 @@ def time_one(model, rgb, device, reps: int) -> float:
 def peak_rss(weights: str, which: str) -> float:
     code = (
         "import sys;sys.path.insert(0,'benchmarks');from segment import images,load_model;"
-        "from degradation.fov import estimate_fov_geometry;from fundus_pipeline.segmentation import predict_native,working_scale;"
+        "from degradation.fov import estimate_fov_geometry;from fundus_pipeline.models.inference import predict_native,working_scale;"
         f"from fundus_pipeline.datasets import default_data_root;rgb=images(default_data_root(),({which!r},))[{which!r}];"
         f"m,_=load_model({weights!r});mask,g=estimate_fov_geometry(rgb);predict_native(m,rgb,mask,working_scale(g.diameter));"
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"  # peak RSS in kB; ru_maxrss would inherit the parent's across fork+exec
@@ -78,7 +78,7 @@ def peak_rss(weights: str, which: str) -> float:
 
 
 def scale_accuracy(model, root: Path, threshold: float) -> dict:
-    from fundus_pipeline.metrics import auc_roc
+    from fundus_pipeline.evaluation.metrics import auc_roc
 
     out = {}
     for mode, s in (("working_scale_0.5", 0.5), ("native_tiled", 1.0)):

@@ -4,6 +4,6 @@
 """
 
 from .functional import soft_fov_mask
-from .recipe import Degrader, RecipeError, cofe_degrader, load_recipe
+from .recipe import Degrader, RecipeError, cofe_degrader, load_recipe, loads_recipe
 
-__all__ = ["Degrader", "RecipeError", "cofe_degrader", "load_recipe", "soft_fov_mask"]
+__all__ = ["Degrader", "RecipeError", "cofe_degrader", "load_recipe", "loads_recipe", "soft_fov_mask"]

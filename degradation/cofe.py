@@ -171,12 +171,6 @@ def spot_value(r: int) -> float:
     return k * (1 - math.exp(-beta * dd))
 
 
-def spot_kernel_range(r: int) -> tuple[int, int]:
-    """(σ, (kmin, kmax)) before the odd rule: σ = 2·(5 + 20 r/25), k ∈ [⌊σ/5⌋, ⌊σ/4⌋]."""
-    sigma = 2 * (5 + 20 * r / 25)
-    return math.floor(sigma / 5), math.floor(sigma / 4)
-
-
 def _sample_spots(rng, variant: str, h: int = CANONICAL, w: int = CANONICAL) -> list[dict]:
     if variant == "training":
         n = _ri(rng, 5, 20)

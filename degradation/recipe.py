@@ -1,9 +1,21 @@
-"""Validated, composable degradation recipes and the :class:`Degrader` that samples and applies them."""
+"""Validated, composable degradation recipes and the :class:`Degrader` that samples and applies them.
+
+Size limits (enforced when a recipe is loaded or validated, each failure a one-line ``RecipeError``):
+
+* recipe file or text: at most ``MAX_RECIPE_BYTES`` (1 MiB); the file must be a regular file (a FIFO or
+  device such as ``/dev/zero`` is refused before it is opened);
+* JSON nesting: at most ``MAX_NESTING`` levels (a recipe needs 4), at most ``MAX_NODES`` values in all;
+* ``name``: 1..``MAX_NAME_LENGTH`` (200) characters; ``description``: at most ``MAX_DESCRIPTION_LENGTH``
+  (2000); step ``name``: 1..``MAX_STEP_NAME_LENGTH`` (64) characters of ``[A-Za-z0-9_.-]``;
+* ``steps``: 1..``MAX_STEPS`` (64); a Cofe step's ``types``: 1..``MAX_TYPES`` (64) codes.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -19,6 +31,15 @@ from .rng import item_rng
 
 SCHEMA_VERSION = 1
 BUILTIN_RECIPES = ("mild", "moderate", "severe")
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_NODES = 100_000
+MAX_NAME_LENGTH = 200
+MAX_DESCRIPTION_LENGTH = 2000
+MAX_STEP_NAME_LENGTH = 64
+MAX_STEPS = 64
+MAX_TYPES = 64
 
 
 class RecipeError(ValueError):
@@ -57,12 +78,12 @@ Code = Literal["001", "010", "011", "100", "101", "110", "111"]
 
 class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, max_length=MAX_STEP_NAME_LENGTH, pattern=r"^[A-Za-z0-9_.\-]+$")
     p: Prob = 1.0
 
 
 class _CofeStep(_Step):
-    types: list[Code] = Field(default_factory=lambda: ["111"], min_length=1)
+    types: list[Code] = Field(default_factory=lambda: ["111"], min_length=1, max_length=MAX_TYPES)
 
     @field_validator("types", mode="before")
     @classmethod
@@ -166,9 +187,9 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_version: Literal[1]
-    name: str = Field(min_length=1)
-    description: str = ""
-    steps: list[Step] = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
+    description: str = Field(default="", max_length=MAX_DESCRIPTION_LENGTH)
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
 
     @field_validator("steps")
     @classmethod
@@ -188,11 +209,72 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def check_json_shape(data: Any, source: str = "recipe", max_depth: int = MAX_NESTING, max_nodes: int = MAX_NODES) -> None:
+    """Refuse (``RecipeError``) decoded JSON nested deeper than ``max_depth`` or holding more than
+    ``max_nodes`` values. Iterative: never recurses, whatever the input."""
+    stack = [(data, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise RecipeError(f"invalid {source}: too large (more than {max_nodes} JSON values)")
+        if isinstance(value, (dict, list, tuple)):
+            if depth > max_depth:
+                raise RecipeError(f"invalid {source}: nested too deeply (more than {max_depth} levels)")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json_text(text: str | bytes, source: str = "recipe", max_bytes: int = MAX_RECIPE_BYTES) -> Any:
+    """``json.loads`` with the size and nesting limits; every failure is a one-line ``RecipeError``."""
+    if len(text) > max_bytes:
+        raise RecipeError(f"{source} is too large ({len(text)} bytes; at most {max_bytes})")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{source} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+    except RecursionError:
+        raise RecipeError(f"invalid {source}: nested too deeply (more than {MAX_NESTING} levels)") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise RecipeError(f"{source} is not valid JSON: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    check_json_shape(data, source)
+    return data
+
+
+def _short_repr(s: str, limit: int = 60) -> str:
+    return repr(s) if len(s) <= limit else repr(s[:limit]) + f"... ({len(s)} characters)"
+
+
+def read_recipe_file(path: Path, source: str, max_bytes: int = MAX_RECIPE_BYTES) -> bytes:
+    """The bytes of a recipe file: a regular file (FIFOs and devices are refused before opening), at
+    most ``max_bytes``."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(f"cannot read {source}: not a regular file")
+        if st.st_size > max_bytes:
+            raise RecipeError(f"{source} is too large ({st.st_size} bytes; at most {max_bytes})")
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as err:
+        raise RecipeError(f"cannot read {source}: {err.strerror or err}") from None
+    if len(data) > max_bytes:
+        raise RecipeError(f"{source} is too large (more than {max_bytes} bytes)")
+    return data
+
+
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate decoded recipe data (a dict, e.g. a recorded ``Degrader.config()``) into a :class:`Recipe`."""
+    if isinstance(data, Recipe):
+        return data
+    check_json_shape(data, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"invalid {source}: {_format_errors(err)}") from None
+    except RecursionError:  # pragma: no cover - check_json_shape bounds the nesting first
+        raise RecipeError(f"invalid {source}: nested too deeply") from None
 
 
 def load_recipe(name_or_path: str | Path) -> "Degrader":
@@ -200,21 +282,21 @@ def load_recipe(name_or_path: str | Path) -> "Degrader":
     s = str(name_or_path)
     if isinstance(name_or_path, Path) or s.endswith(".json") or "/" in s or "\\" in s:
         path = Path(s)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise RecipeError(f"cannot read recipe file {s}: {err.strerror or err}") from None
+        if len(s) > 4096:
+            raise RecipeError(f"cannot read recipe file {_short_repr(s)}: path too long")
+        text = read_recipe_file(path, f"recipe file {s}")
         source = f"recipe file {path.name}"
     else:
         if s not in BUILTIN_RECIPES:
-            raise RecipeError(f"unknown recipe {s!r}: built-in recipes are {', '.join(BUILTIN_RECIPES)}, or give a .json path")
+            raise RecipeError(f"unknown recipe {_short_repr(s)}: built-in recipes are {', '.join(BUILTIN_RECIPES)}, or give a .json path")
         text = resources.files("degradation").joinpath("recipes", f"{s}.json").read_text(encoding="utf-8")
         source = f"built-in recipe {s}"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"{source} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
-    return Degrader(parse_recipe(data, source))
+    return Degrader(parse_recipe(parse_json_text(text, source), source))
+
+
+def loads_recipe(text: str | bytes, source: str = "recipe") -> "Degrader":
+    """A recipe given as JSON text (same limits as a recipe file)."""
+    return Degrader(parse_recipe(parse_json_text(text, source), source))
 
 
 def cofe_degrader(preset: str = "released", code: str = "111") -> "Degrader":
@@ -270,11 +352,21 @@ class Degrader:
         return f"Degrader(name={self.name!r}, steps=[{steps}])"
 
     @classmethod
+    def from_config(cls, config: dict, source: str = "recorded recipe") -> "Degrader":
+        """Rebuild a degrader from its recorded :meth:`config` output (e.g. a manifest's ``degraders``).
+
+        The result has an identical ``config()`` and, for the same parameters, identical output pixels
+        as the degrader that recorded it; nothing is re-read from a recipe file or name."""
+        if not isinstance(config, dict):
+            raise RecipeError(f"invalid {source}: expected an object, got {type(config).__name__}")
+        return cls(parse_recipe(config, source))
+
+    @classmethod
     def from_params(cls, params: dict) -> "Degrader":
         """Rebuild the degrader that produced ``params`` (for replay)."""
         if not isinstance(params, dict) or "config" not in params:
             raise RecipeError("parameter record has no 'config': not produced by Degrader.sample")
-        return cls(parse_recipe(params["config"], "recorded recipe"))
+        return cls.from_config(params["config"], "recorded recipe")
 
     # -- sampling ------------------------------------------------------------------------------------
 
@@ -364,4 +456,15 @@ class Degrader:
         return x.astype(np.float32, copy=False)
 
 
-__all__ = ["CODES", "Degrader", "Recipe", "RecipeError", "STEP_TYPES", "cofe_degrader", "load_recipe", "parse_recipe"]
+__all__ = [
+    "CODES",
+    "Degrader",
+    "MAX_RECIPE_BYTES",
+    "Recipe",
+    "RecipeError",
+    "STEP_TYPES",
+    "cofe_degrader",
+    "load_recipe",
+    "loads_recipe",
+    "parse_recipe",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fundus_pipeline.evaluate import read_binary
+from fundus_pipeline.evaluation.segment import read_binary
 from fundus_pipeline.io import read_image, to_float_rgb
 
 DRIVE_TRAIN = [f"{i:02d}" for i in range(21, 41)]
@@ -91,7 +91,7 @@ def load_sample(root: Path, dataset: str, ident: str, scale: float) -> Sample:
 
 
 # The working scales used in training: DRIVE at native resolution, HRF at half resolution. At
-# inference the scale is derived from the FOV diameter (see fundus_pipeline.segmentation.working_scale),
+# inference the scale is derived from the FOV diameter (see fundus_pipeline.models.inference.working_scale),
 # which gives the same values for these two datasets.
 TRAIN_SCALES = {"drive": 1.0, "hrf": 0.5}
 

@@ -9,23 +9,36 @@ The decoder is chosen from the file's *content* (magic bytes), not its extension
   PNGs go through Pillow (converted to RGB/RGBA, or raw indices with ``raw_palette=True``).
 * JPEG, BMP, GIF: Pillow with ``LOAD_TRUNCATED_IMAGES`` off, so a truncated JPEG raises instead of
   coming back half grey.
-* TIFF: tifffile (first page; 8/16-bit; float and 32-bit integer TIFFs are refused).
+* TIFF: tifffile (first page; 8/16-bit; float and 32-bit integer TIFFs are refused). tifffile's log
+  messages and Pillow's warnings are silenced during the read (the ``InputError`` is the one message),
+  and pixel data that extends past the end of the file is refused before any decoder runs.
 * PPM/PGM: OpenCV (keeps 16-bit), after a Pillow load that detects truncation.
 
 EXIF orientation (JPEG, PNG ``eXIf``, TIFF tag 274) is applied, so arrays are upright. Multi-frame
 GIF/TIFF: the first frame is read.
 
+Size limit: an image with more than ``MAX_PIXELS`` pixels (width x height) is refused with
+``InputError("... image is too large to decode safely ...")`` before decoding. ``MAX_PIXELS`` is
+``2 * PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 with Pillow's default), the count at which Pillow raises
+``DecompressionBombError`` for PNG/JPEG/BMP/GIF/PPM; TIFF headers are checked against the same constant
+(tifffile has no limit of its own: a 1.4 MB tiled TIFF can declare 20000x20000x3 pixels).
+
 Writing (``write_image_atomic``) is PNG only (lossless, 8/16-bit, 1-4 channels). Every write goes to a
-hidden temp file in the destination folder and is moved into place with ``os.replace``.
+hidden temp file ``.<name>.<12 hex>.tmp`` in the destination folder (``<name>`` shortened when needed so
+the temp name fits ``NAME_MAX`` = 255 bytes) and is moved into place with ``os.replace``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import sys
+import threading
 import uuid
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +50,9 @@ from fundus_pipeline.errors import FundusError, InputError, UsageError
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".gif")
 MIN_SIDE = 16
+#: Largest accepted width x height: the count at which Pillow raises DecompressionBombError (see module doc).
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89478485)
+NAME_MAX = 255  # bytes of one file name in the filesystem encoding (ext4, XFS, btrfs, APFS, NTFS)
 PNG_COMPRESSION = 1  # cv2 zlib level; measured on a 3504x2336 RGB: level 1 0.53 s (8.9 MB), 3 0.83 s (8.2 MB), 6 2.8 s (7.7 MB)
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -187,6 +203,16 @@ def _check_size(path: Path, width: int, height: int) -> None:
         raise InputError(f"{path}: image is too small ({width}x{height}); at least {MIN_SIDE}x{MIN_SIDE} is needed")
 
 
+def _check_pixels(path: Path, width: int, height: int, depth: int = 1) -> None:
+    """Refuse images over MAX_PIXELS from their header, before anything is decoded."""
+    pixels = int(width) * int(height) * max(1, int(depth))
+    if pixels > MAX_PIXELS:
+        raise InputError(
+            f"{path}: image is too large to decode safely ({width}x{height}"
+            f"{f'x{depth}' if depth > 1 else ''} = {pixels} pixels, limit {MAX_PIXELS})"
+        )
+
+
 def _refuse_dtype(path: Path, what: str) -> InputError:
     return InputError(f"{path}: unsupported pixel type ({what}); only 8- and 16-bit images are supported")
 
@@ -260,12 +286,60 @@ def _pil_load(im: Image.Image, path: Path, fmt: str) -> None:
         raise InputError(f"{path}: truncated or corrupt {fmt} ({_short(exc)})") from exc
 
 
+_TIFF_LOGGER = logging.getLogger("tifffile")
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextmanager
+def _quiet_tiff_decoders():
+    """Silence tifffile's logger (which otherwise prints e.g. "<TiffTag.fromfile> raised ..." through
+    logging's last-resort handler) and Python warnings (Pillow's "Truncated File Read") while a TIFF is
+    read: the reader reports problems with one InputError line."""
+    global _quiet_depth
+    with _quiet_lock:
+        _quiet_depth += 1
+        if _quiet_depth == 1:
+            _TIFF_LOGGER.addFilter(_drop_record)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                _TIFF_LOGGER.removeFilter(_drop_record)
+
+
+def _check_tiff_extent(path: Path, page, size: int) -> None:
+    """Refuse a TIFF whose strips/tiles extend past the end of the file (truncated), before decoding
+    (libtiff, used by the Pillow fallback, would print its own read errors on stderr)."""
+    try:
+        offsets, counts = page.dataoffsets, page.databytecounts
+    except Exception:
+        return
+    for off, cnt in zip(offsets or (), counts or ()):
+        if int(cnt) > 0 and int(off) + int(cnt) > size:
+            raise InputError(f"{path}: truncated TIFF (pixel data extends past the end of the file)")
+
+
 def _read_tiff(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
+    with _quiet_tiff_decoders():
+        return _read_tiff_quiet(data, path, raw_palette)
+
+
+def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tf:
             page = tf.pages[0]
+            _check_pixels(path, int(page.imagewidth), int(page.imagelength), int(getattr(page, "imagedepth", 1) or 1))
             photometric = int(page.photometric)
             planar = int(page.planarconfig)
             tag = page.tags.get(274)
@@ -274,6 +348,7 @@ def _read_tiff(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, 
             extrasamples = tuple(page.extrasamples) if page.extrasamples is not None else ()
             bits, samples = int(page.bitspersample), int(page.samplesperpixel)
             _check_size(path, int(page.imagewidth), int(page.imagelength))
+            _check_tiff_extent(path, page, len(data))
             try:
                 arr = page.asarray()
             except Exception as exc:
@@ -324,8 +399,11 @@ def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: image is too large to decode safely ({_short(exc)})") from exc
     except Exception as exc:
         raise InputError(f"{path}: truncated or corrupt TIFF ({_short(exc)})") from exc
+    _check_pixels(path, *im.size)
     _pil_load(im, path, "TIFF")
     arr, is_palette = _pil_to_array(im, path, raw_palette)
     return arr, is_palette, _exif_orientation(im)
@@ -488,7 +566,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     error. ``OSError`` becomes ``FundusError("cannot write <path>: <reason>")``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = path.with_name(_temp_name(path.name, uuid.uuid4().hex[:12]))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -507,6 +585,21 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             raise
     except OSError as exc:
         raise FundusError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _temp_name(name: str, tag: str) -> str:
+    """``.{name}.{tag}.tmp``, with ``name`` cut so the whole fits NAME_MAX bytes in the filesystem
+    encoding (a legal 255-byte name plus 18 characters of decoration would not). Still matches ``.*.tmp``."""
+    tmp = f".{name}.{tag}.tmp"
+    raw = os.fsencode(tmp)
+    if len(raw) <= NAME_MAX:
+        return tmp
+    budget = NAME_MAX - (len(raw) - len(os.fsencode(name)))
+    cut = os.fsencode(name)[: max(0, budget)]
+    short = cut.decode(sys.getfilesystemencoding(), "ignore")  # drops a multi-byte character cut in half
+    while len(os.fsencode(f".{short}.{tag}.tmp")) > NAME_MAX and short:
+        short = short[:-1]
+    return f".{short}.{tag}.tmp"
 
 
 def _unlink_quietly(p: Path) -> None:

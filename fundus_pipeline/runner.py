@@ -1,17 +1,22 @@
-"""The stage runner shared by every folder-in/folder-out command.
+"""The stage runner shared by every folder-in/folder-out command (the contract is in ``stages/base.py``).
 
-It discovers the images, guards the output folder, processes items (optionally in parallel worker
-processes), records per-item failures without stopping, writes every output atomically, journals
-finished items so that ``--resume`` works even after a crash, and writes ``manifest.json`` and
-``results.csv`` at the end and on Ctrl-C.
+It resolves the inputs (a folder searched recursively, one image file, or a text file listing image
+paths) and pairs the stage's extra input roles by key, guards and locks the output folder, decodes each
+item and estimates its field of view once, calls the stage's pure ``compute``, writes every output
+atomically, records per-item failures without stopping, journals finished items so that ``--resume``
+works even after a crash, processes items in parallel worker processes when asked (each with its share
+of the CPU threads), reports progress (a bar on a terminal, a line every 30 s or 10% otherwise), and
+writes ``manifest.json`` and ``results.csv`` at the end and on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io as _io
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -22,32 +27,20 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
 from fundus_pipeline import __version__
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, UsageError
-from fundus_pipeline.io import ImageItem, discover_images, write_bytes_atomic
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError
+from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, read_image, write_bytes_atomic, write_image_atomic
+from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
 JOURNAL = ".fundus-journal.jsonl"
+LOCK = ".fundus-lock"
 BASE_COLUMNS = ["key", "input", "outputs", "status", "error", "seconds"]
-
-
-class Stage(Protocol):
-    """What a stage provides to the runner."""
-
-    name: str
-    columns: list[str]  # stage-specific results.csv columns
-
-    def config(self) -> dict: ...
-
-    def process(self, item: ImageItem, out_dir: Path) -> tuple[list[str], dict]:
-        """Process one item; return (relative output paths, stage columns). Raise on failure."""
-        ...
-
-    # Optional: ``setup_worker()`` (load models once per process; the stage is pickled to spawned
-    # workers) and ``info() -> dict`` (manifest fields kept out of the configuration hash, e.g. paths).
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+MAX_LIST_BYTES = 64 << 20
 
 
 @dataclass
@@ -114,34 +107,140 @@ def _is_relative_to(a: Path, b: Path) -> bool:
         return False
 
 
-def prepare_output(in_dir: Path, out_dir: Path, *, overwrite: bool, resume: bool, create: bool = True) -> tuple[Path, Path]:
-    """Validate the input folder and the output folder; create the latter (``create``). Returns resolved paths."""
+@dataclass(frozen=True)
+class Inputs:
+    """The resolved primary input: its kind (folder, file or list), the path given, and the items."""
+
+    kind: str
+    path: Path
+    items: list[ImageItem]
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "count": len(self.items)}
+
+
+def _read_list(path: Path) -> list[ImageItem]:
+    """Items of a list file: one image path a line (blank lines and lines starting with # skipped),
+    relative paths taken from the list's folder. Keys are the paths relative to the deepest folder that
+    holds them all, without extension. A listed file that is missing is kept: it fails as an item."""
+    try:
+        if path.stat().st_size > MAX_LIST_BYTES:
+            raise UsageError(f"input list {path} is larger than {MAX_LIST_BYTES >> 20} MiB")
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as e:
+        raise UsageError(f"cannot read input list {path}: {e.strerror or e}") from None
+    base = path.resolve().parent
+    paths = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line)
+            paths.append(Path(os.path.abspath(p if p.is_absolute() else base / p)))
+    if not paths:
+        return []
+    common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    items: dict[str, ImageItem] = {}
+    for p in paths:
+        key = p.relative_to(common).with_suffix("").as_posix()
+        if key in items and items[key].path != p:
+            raise UsageError(f"two listed files have the same key '{key}': {items[key].path} and {p}; rename or remove one")
+        items[key] = ImageItem(key, p)
+    return [items[k] for k in sorted(items)]
+
+
+def resolve_inputs(path: Path) -> Inputs:
+    """A folder (searched recursively), one image file (key: its name without extension), or a text
+    file (``.txt``, ``.lst``, ``.list``) listing image paths."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"input does not exist: {path}")
+    if path.is_dir():
+        return Inputs("folder", path, discover_images(path))
+    if not path.is_file():
+        raise UsageError(f"input is neither a folder nor a regular file: {path}")
+    ext = path.suffix.lower()
+    if ext in SUPPORTED_EXTENSIONS:
+        return Inputs("file", path, [ImageItem(path.stem, Path(os.path.abspath(path)))])
+    if ext in LIST_EXTENSIONS:
+        return Inputs("list", path, _read_list(path))
+    raise UsageError(
+        f"input {path} is not a folder, an image ({', '.join(SUPPORTED_EXTENSIONS)}) or a list of paths ({', '.join(LIST_EXTENSIONS)})"
+    )
+
+
+def _is_empty(d: Path) -> bool:
+    return not any(p.name != LOCK for p in d.iterdir())
+
+
+def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bool, inputs: Inputs | None = None) -> tuple[Path, Path]:
+    """Refuse bad input/output combinations before any work (and before a model is loaded).
+
+    Returns the resolved (input, output) paths. Nothing is created here.
+    """
     if overwrite and resume:
         raise UsageError("--overwrite and --resume cannot be used together")
-    if not in_dir.exists():
-        raise UsageError(f"input folder does not exist: {in_dir}")
-    if not in_dir.is_dir():
-        raise UsageError(f"input is not a folder: {in_dir}")
-    src, dst = in_dir.resolve(), out_dir.resolve()
-    if dst == src or _is_relative_to(dst, src):
-        raise UsageError(f"output folder {out_dir} is the input folder or inside it; choose a folder outside {in_dir}")
+    in_path = Path(in_path)
+    if not in_path.exists():
+        raise UsageError(f"input does not exist: {in_path}")
+    src, dst = in_path.resolve(), Path(out_dir).resolve()
+    if src.is_dir() and (dst == src or _is_relative_to(dst, src)):
+        raise UsageError(f"output folder {out_dir} is the input folder or inside it; choose a folder outside {in_path}")
+    if src.is_file() and (src == dst or _is_relative_to(src, dst)):
+        raise UsageError(f"the input {in_path} lies inside the output folder {out_dir}; choose another output folder")
+    if inputs is not None and inputs.kind == "list":
+        inside = [it.path for it in inputs.items if _is_relative_to(it.path.resolve(), dst)]
+        if inside:
+            raise UsageError(f"listed input {inside[0]} lies inside the output folder {out_dir}; choose another output folder")
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out_dir}")
-    non_empty = dst.exists() and any(dst.iterdir())
+    non_empty = dst.exists() and not _is_empty(dst)
     if non_empty and not (overwrite or resume):
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")
     if non_empty and resume and not ((dst / "manifest.json").exists() or (dst / JOURNAL).exists()):
         raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json); choose an empty folder or pass --overwrite")
-    if not create:
-        return src, dst
+    return src, dst
+
+
+def _create_output(out_dir: Path, shown: Path) -> None:
     try:
-        dst.mkdir(parents=True, exist_ok=True)
-        probe = dst / f".fundus-write-test-{os.getpid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".fundus-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise FundusError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
-    return src, dst
+        raise FundusError(f"cannot write to output folder {shown}: {e.strerror or e}") from None
+
+
+class OutputLock:
+    """An exclusive advisory lock on ``OUT/.fundus-lock`` held for the whole run, so that a second run
+    into the same folder is refused at once (exit 2) instead of interleaving with the first."""
+
+    def __init__(self, out_dir: Path, shown: Path):
+        self.path, self.shown, self.fd = out_dir / LOCK, shown, None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FundusError(f"cannot write to output folder {self.shown}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UsageError(f"another fundus run is writing to {self.shown}; wait for it to finish or choose another output folder") from None
+            raise FundusError(f"cannot lock output folder {self.shown}: {e.strerror or e}") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (removing it would race a waiting run)
+            self.fd = None
 
 
 def _load_previous(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
@@ -176,25 +275,95 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
             pass
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work: the key, the primary input file, and the files of the other input roles
+    (None when the role's folder has no file with this key)."""
+
+    key: str
+    path: Path
+    extra: dict[str, Path | None] = field(default_factory=dict)
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(workers: int) -> int:
+    """CPU threads per worker: the available cores shared among the workers (at least 1)."""
+    return max(1, available_cpus() // max(1, workers))
+
+
+def _set_threads(stage: Stage, threads: int, forked: bool = False) -> None:
+    import cv2
+
+    if not forked:  # OpenCV's thread pool must not be reconfigured in a forked child (it can deadlock)
+        cv2.setNumThreads(threads)
+    if stage.uses_torch:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 _WORKER_STAGE: Any = None
 
 
-def _worker_init(stage) -> None:
+def _worker_init(stage: Stage, threads: int) -> None:
     global _WORKER_STAGE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _WORKER_STAGE = stage
-    setup = getattr(stage, "setup_worker", None)
-    if setup:
-        setup()
+    _set_threads(stage, threads, forked=multiprocessing.get_start_method(allow_none=True) == "fork" or stage.start_method == "fork")
+    stage.setup()
 
 
-def _process_one(stage, item: ImageItem, out_dir: Path) -> dict:
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {"key": item.key, "input": str(item.path), "outputs": [], "status": "ok", "error": ""}
+def decode(path: Path) -> Image:
+    arr, meta = read_image(path)
+    return Image(arr, meta)
+
+
+def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
+    """The stage's input for one item: its decoded images and the FOV of the primary image, found once."""
+    primary = images["image"]
+    if stage.fov_policy == "estimate":
+        fov = Fov.estimate(primary.rgb)
+    elif stage.fov_policy == "full":
+        fov = Fov.full(primary.meta.height, primary.meta.width)
+    else:
+        fov = None
+    return ItemInput(key, images, fov)
+
+
+def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> list[str]:
+    """Write each output image atomically; on a failure remove the ones already written (no half item)."""
+    written: list[str] = []
     try:
-        outputs, fields = stage.process(item, out_dir)
-        row["outputs"] = outputs
-        row.update(fields)
+        for suffix, arr in result.images.items():
+            name = stage.output_name(key, suffix)
+            write_image_atomic(out_dir / name, arr)
+            written.append(name)
+    except BaseException:
+        for name in written:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _process_one(stage: Stage, work: WorkItem, out_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"key": work.key, "input": str(work.path), "outputs": [], "status": "ok", "error": ""}
+    try:
+        images = {"image": decode(work.path)}
+        for role, path in work.extra.items():
+            if path is None:
+                raise InputError(f"no {role} image with the key {work.key!r}")
+            images[role] = decode(path)
+        result = stage.compute(prepare_item(stage, work.key, images))
+        row["outputs"] = write_outputs(stage, work.key, result, out_dir)
+        row.update(result.fields)
     except FundusError as e:  # InputError, WeightsError, ... are FundusErrors
         row["status"], row["error"] = "error", e.message
     except MemoryError:
@@ -205,8 +374,8 @@ def _process_one(stage, item: ImageItem, out_dir: Path) -> dict:
     return row
 
 
-def _in_worker(item: ImageItem, out_dir: Path) -> dict:
-    return _process_one(_WORKER_STAGE, item, out_dir)
+def _in_worker(work: WorkItem, out_dir: Path) -> dict:
+    return _process_one(_WORKER_STAGE, work, out_dir)
 
 
 def _csv_cell(v: Any) -> Any:
@@ -215,13 +384,24 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
-def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, command: list[str], started: float, interrupted: bool, n_inputs: int, resumed: int = 0) -> dict:
+def write_reports(
+    stage: Stage,
+    rows: list[dict],
+    *,
+    inputs: Inputs,
+    extra_dirs: dict[str, Path],
+    out_dir: Path,
+    command: list[str],
+    started: float,
+    interrupted: bool,
+    resumed: int = 0,
+) -> dict:
     rows = sorted(rows, key=lambda r: r["key"])
     counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     if interrupted:
-        counts["not_processed"] = n_inputs - len(rows)
+        counts["not_processed"] = len(inputs.items) - len(rows)
     cols = BASE_COLUMNS + list(stage.columns)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -229,7 +409,7 @@ def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, comma
     for r in rows:
         w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
     write_bytes_atomic(out_dir / "results.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
-    cfg = stage.config()
+    cfg = stage.config_record()
     manifest = {
         "schema_version": 1,
         "tool": {"name": "fundus-pipeline", "version": __version__},
@@ -237,7 +417,7 @@ def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, comma
         "command": command,
         "config": cfg,
         "config_sha256": config_sha256(cfg),
-        "input": {"dir": str(in_dir), "count": n_inputs},
+        "input": {"dir": str(inputs.path), **inputs.record(), **{role: str(p) for role, p in extra_dirs.items()}},
         "output": {"dir": str(out_dir)},
         "environment": environment(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -245,42 +425,114 @@ def write_reports(stage, rows: list[dict], *, in_dir: Path, out_dir: Path, comma
         "duration_s": round(time.time() - started, 3),
         "interrupted": interrupted,
         "counts": counts,
-        **(stage.info() if hasattr(stage, "info") else {}),
+        **stage.info(),
         "items": rows,
     }
     write_bytes_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8", "surrogateescape"))
     return counts
 
 
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise a plain line every 30 s and every 10% of the
+    items, so batch logs are not silent until the end. Item failures are printed once, as they happen."""
+
+    def __init__(self, name: str, total: int, done: int, enabled: bool):
+        self.name, self.total, self.done, self.enabled = name, total, done, enabled
+        self.failed = 0
+        self.start = self.last = time.monotonic()
+        self.start_done = done
+        self.next_mark = self._mark_after(done)
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=done, desc=name, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def _mark_after(self, n: int) -> int:
+        step = max(1, math.ceil(self.total / 10))
+        return (n // step + 1) * step
+
+    def update(self, row: dict) -> None:
+        self.done += 1
+        if row["status"] == "error":
+            self.failed += 1
+            msg = f"error: {row['key']}: {row['error']}"
+            if self.bar is not None:
+                self.bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if self.enabled and (self.done >= self.next_mark or now - self.last >= 30 or self.done == self.total):
+            self.next_mark = self._mark_after(self.done)
+            self.last = now
+            rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            eta_s = f", ETA {eta:.0f} s" if math.isfinite(eta) and self.done < self.total else ""
+            print(
+                f"{self.name}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), {self.failed} failed, {rate:.2f} img/s{eta_s}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Path]) -> list[WorkItem]:
+    roles = [spec.role for spec in stage.inputs[1:]]
+    missing = [r for r in roles if r not in extra_dirs]
+    if missing:
+        raise UsageError(f"the {stage.name} stage needs the {', '.join(missing)} input(s)")
+    found = {role: {it.key: it.path for it in discover_images(extra_dirs[role])} for role in roles}
+    return [WorkItem(it.key, it.path, {role: found[role].get(it.key) for role in roles}) for it in items]
+
+
 def run_stage(
-    stage,
-    in_dir: Path,
+    stage: Stage,
+    in_path: Path,
     out_dir: Path,
     *,
     overwrite: bool = False,
     resume: bool = False,
     workers: int = 1,
+    threads: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
-    items: list[ImageItem] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> RunResult:
-    """Run ``stage`` over every image of ``in_dir`` into ``out_dir``; see the module docstring."""
+    """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
+    module docstring. ``extra_dirs`` gives the folder of each further input role of the stage."""
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    src, dst = prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume, create=False)
-    if items is None:
-        items = discover_images(src)
-    if not items:
-        raise UsageError(f"no images found in {in_dir} (supported: png, jpg, jpeg, tif, tiff, bmp, ppm, gif)")
-    prepare_output(in_dir, out_dir, overwrite=overwrite, resume=resume)  # creates OUT, checks it is writable
-    cfg_hash = config_sha256(stage.config())
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    extra_dirs = dict(extra_dirs or {})
+    check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume)
+    inputs = resolve_inputs(in_path)
+    if not inputs.items:
+        raise UsageError(f"no images found in {in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
+    _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
+    work = _pair_inputs(stage, inputs.items, extra_dirs)
+    _create_output(dst, out_dir)
+    with OutputLock(dst, out_dir):
+        # Checked again under the lock: a run that started meanwhile has made the folder non-empty.
+        check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
+        return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
+                           threads=threads or default_threads(workers), progress=progress, command=command, started=started)
+
+
+def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, Path], dst: Path, *, overwrite: bool,
+                resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float) -> RunResult:
+    cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     done: dict[str, dict] = {}
     if resume:
         previous, hashes = _load_previous(dst)
         if previous and cfg_hash not in hashes:
-            raise UsageError(f"{out_dir} was written with a different configuration; rerun with the same options, or use --overwrite")
+            raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
         for key, r in previous.items():
             if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all((dst / o).exists() for o in r.get("outputs", [])):
                 done[key] = {k: v for k, v in r.items() if k != "config_sha256"}
@@ -292,43 +544,40 @@ def run_stage(
     # The journal keeps only rows of the current configuration (the others are not resumable).
     keep = [json.dumps({**r, "config_sha256": cfg_hash}, default=str) for r in done.values()]
     write_bytes_atomic(journal_path, ("".join(line + "\n" for line in keep)).encode("utf-8", "surrogateescape"))
-    todo = [it for it in items if it.key not in done]
-    rows: dict[str, dict] = {it.key: done[it.key] for it in items if it.key in done}
+    todo = [w for w in work if w.key not in done]
+    rows: dict[str, dict] = {w.key: done[w.key] for w in work if w.key in done}
     resumed = len(rows)
     interrupted = False
-    bar = tqdm(total=len(items), initial=resumed, desc=stage.name, unit="img", file=sys.stderr, disable=not progress or None, dynamic_ncols=True)
+    bar = Progress(stage.name, len(work), resumed, progress)
     journal = open(journal_path, "a", buffering=1, encoding="utf-8", errors="surrogateescape")
 
     def record(row: dict) -> None:
         rows[row["key"]] = row
         journal.write(json.dumps({**row, "config_sha256": cfg_hash}, default=str) + "\n")
-        bar.update(1)
-        if row["status"] == "error":
-            bar.write(f"error: {row['key']}: {row['error']}", file=sys.stderr)
+        bar.update(row)
 
     try:
         if workers == 1 or len(todo) <= 1:
-            setup = getattr(stage, "setup_worker", None)
-            if setup:
-                setup()
-            for it in todo:
-                record(_process_one(stage, it, dst))
+            _set_threads(stage, threads)
+            stage.setup()
+            for w in todo:
+                record(_process_one(stage, w, dst))
         else:
-            _run_pool(stage, todo, dst, workers, record)
+            _run_pool(stage, todo, dst, workers, threads, record)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         journal.close()
         counts = write_reports(
-            stage, list(rows.values()), in_dir=src, out_dir=dst, command=command or sys.argv, started=started,
-            interrupted=interrupted, n_inputs=len(items), resumed=resumed,
+            stage, list(rows.values()), inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv,
+            started=started, interrupted=interrupted, resumed=resumed,
         )
     failed = [{"key": r["key"], "error": r["error"]} for r in sorted(rows.values(), key=lambda r: r["key"]) if r["status"] == "error"]
-    return RunResult(stage.name, src, dst, counts, failed, time.time() - started, interrupted, list(rows.values()))
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, list(rows.values()))
 
 
-def _run_pool(stage, todo: list[ImageItem], dst: Path, workers: int, record) -> None:
+def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record) -> None:
     """Process ``todo`` in ``workers`` processes, spawned by default (safe with CUDA and torch threads);
     a torch-free stage may ask for ``start_method = "fork"``, which starts workers much faster.
 
@@ -336,22 +585,22 @@ def _run_pool(stage, todo: list[ImageItem], dst: Path, workers: int, record) -> 
     that were in flight are retried one at a time in a fresh process, so only the item that kills its
     process is recorded as an error, and a fresh pool takes the rest.
     """
-    method = getattr(stage, "start_method", "spawn")
+    method = stage.start_method
     ctx = multiprocessing.get_context(method if method in multiprocessing.get_all_start_methods() else "spawn")
     queue = list(reversed(todo))
     while queue:
-        suspects = _pool_pass(stage, queue, dst, workers, record, ctx)
+        suspects = _pool_pass(stage, queue, dst, workers, threads, record, ctx)
         for it in suspects:  # isolate the culprit
-            if _pool_pass(stage, [it], dst, 1, record, ctx):
+            if _pool_pass(stage, [it], dst, 1, threads, record, ctx):
                 record({"key": it.key, "input": str(it.path), "outputs": [], "status": "error", "seconds": 0.0,
                         "error": "the worker process died while processing this image (out of memory or a crash in a decoder)"})
 
 
-def _pool_pass(stage, queue: list[ImageItem], dst: Path, workers: int, record, ctx) -> list[ImageItem]:
+def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, threads: int, record, ctx) -> list[WorkItem]:
     """Run items from ``queue`` (consumed from the end) until it is empty or a worker dies; return the
     items that were in flight when a worker died."""
     in_flight: dict = {}
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage,))
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, threads))
     try:
         while queue or in_flight:
             while queue and len(in_flight) < 2 * workers:

@@ -18,9 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import degradation.fov as fovmod
 from degradation import cofe_degrader, soft_fov_mask
-from degradation.fov import FovGeometry
+from degradation.fov import estimate_fov_geometry
 
 TILE = 176
 
@@ -29,36 +28,8 @@ def read_rgb(p: Path) -> np.ndarray:
     return cv2.imread(str(p), cv2.IMREAD_COLOR)[..., ::-1].copy()
 
 
-def threshold_fov(u8: np.ndarray) -> tuple[np.ndarray, FovGeometry]:
-    """Simple FOV estimate: threshold the red+green sum, keep the largest blob, circle from its extent."""
-    g = u8[..., :2].astype(np.int32).sum(axis=2)
-    m = (g > max(12, 0.1 * np.median(g[g > 0]) if (g > 0).any() else 12)).astype(np.uint8)
-    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(m)
-    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) if n > 1 else 0
-    ys, xs = np.nonzero(lab == k)
-    cx, cy = (xs.min() + xs.max() + 1) / 2 - 0.5, (ys.min() + ys.max() + 1) / 2 - 0.5
-    r = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2
-    fov = FovGeometry(float(cx), float(cy), float(r), u8.shape[0], u8.shape[1])
-    return fov.circle_mask() & (lab == k) | fov.circle_mask() & (m > 0), fov
-
-
-def get_fov(u8: np.ndarray) -> tuple[np.ndarray, FovGeometry]:
-    """The project's FOV estimator when available (degradation.fov), else a simple threshold."""
-    try:
-        if hasattr(fovmod, "estimate_fov_geometry"):
-            mask, fov = fovmod.estimate_fov_geometry(u8)
-            return np.asarray(mask, bool), fov
-        if hasattr(fovmod, "estimate_fov") and hasattr(fovmod, "fov_geometry"):
-            mask = np.asarray(fovmod.estimate_fov(u8), bool)
-            return mask, fovmod.fov_geometry(mask)
-    except Exception:  # noqa: BLE001 - fall back to the simple threshold
-        pass
-    return threshold_fov(u8)
-
-
 def degrade(u8: np.ndarray, preset: str, seed: int, key: str) -> np.ndarray:
-    mask, fov = get_fov(u8)
+    mask, fov = estimate_fov_geometry(u8)
     soft = soft_fov_mask(mask, fov)
     d = cofe_degrader(preset, "111")
     out = d.apply(u8.astype(np.float32) / 255, d.sample(seed, key, fov), soft, levels=255)

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from degradation.fov import estimate_fov_geometry  # noqa: E402
 from fundus_pipeline.datasets import default_data_root, training_sets  # noqa: E402
-from fundus_pipeline.metrics import auc_roc_from_hist, binary_metrics, confusion, score_histograms  # noqa: E402
+from fundus_pipeline.evaluation.metrics import auc_roc_from_hist, binary_metrics, confusion, score_histograms  # noqa: E402
 from fundus_pipeline.models.weights import load_model  # noqa: E402
-from fundus_pipeline.segmentation import fov_keep_mask, predict_logits, sigmoid  # noqa: E402
+from fundus_pipeline.models.inference import fov_keep_mask, predict_logits, sigmoid  # noqa: E402
 
 MARGINS = [0.0, 0.005, 0.01, 0.015, 0.02, 0.03]
 
@@ -36,8 +36,8 @@ def main() -> None:
     ap.add_argument("--weights", default="imff")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model, spec = load_model(args.weights)
-    thr = spec["output"]["threshold"]
+    model, loaded = load_model(args.weights)
+    thr = loaded.threshold
     _, val = training_sets(default_data_root())
     acc: dict[str, dict[str, list]] = {}
     for s in val:
@@ -57,7 +57,7 @@ def main() -> None:
             a[1] = a[1] + neg
             a[2] += np.array(confusion(q, gt, s.fov, thr))
             a[3] += int(((q >= thr) & ~s.fov).sum())
-    out = {"weights": spec["name"], "threshold": thr, "margins_as_fraction_of_fov_diameter": {}}
+    out = {"weights": loaded.name, "threshold": thr, "margins_as_fraction_of_fov_diameter": {}}
     for ds, per in acc.items():
         out["margins_as_fraction_of_fov_diameter"][ds] = {
             name: {"auc_roc": round(float(auc_roc_from_hist(pos, neg)), 5), "f1": round(binary_metrics(*map(int, c))["f1"], 5), "vessel_px_outside_mask": out_px}

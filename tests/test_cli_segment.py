@@ -15,7 +15,7 @@ from PIL import Image
 from fundus_pipeline.cli import main
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.models.weights import read_manifest, sha256_file, weights_dir
-from fundus_pipeline.segmentation import DEFAULT_FOV_MARGIN, fov_keep_mask, predict_logits, working_scale
+from fundus_pipeline.models.inference import DEFAULT_FOV_MARGIN, fov_keep_mask, predict_logits, working_scale
 from tests.conftest import synthetic_fundus
 
 
@@ -89,7 +89,8 @@ def test_manifest_hash_mismatch(photos, tmp_path, tiny_weights, monkeypatch):
     wdir = tmp_path / "weights"
     wdir.mkdir()
     (wdir / "tiny.pt").write_bytes(tiny_weights.read_bytes())
-    spec = {"name": "tiny", "file": "tiny.pt", "model": "imff_tiny", "sha256": "0" * 64, "output": {"threshold": 0.5}, "input": {}}
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "weights" / "manifest.json").read_text())["weights"][0]
+    spec = {**shipped, "name": "tiny", "file": "tiny.pt", "model": "imff_tiny", "arch": "imff", "width": 2, "params": 34600, "sha256": "0" * 64}
     (wdir / "manifest.json").write_text(json.dumps({"schema_version": 1, "weights": [spec]}))
     monkeypatch.setenv("FUNDUS_WEIGHTS", str(wdir))
     assert run("segment", photos, tmp_path / "o", "--weights", "tiny") == 1
@@ -185,7 +186,7 @@ def test_working_scale():
 
 def _shipped(arch: str):
     for spec in read_manifest():
-        if spec["model"] == arch:
+        if spec.model == arch:
             return spec
     return None
 
@@ -196,14 +197,14 @@ def test_shipped_weights_on_drive_test(arch, data_root, tmp_path):
     with `fundus segment`'s defaults: the issue's targets F1 >= 0.80 and AUC-ROC >= 0.975 pooled over all
     FOV pixels (measured: F1 0.817, pooled AUC-ROC 0.9764, mean of per-image AUCs 0.9776)."""
     spec = _shipped(arch)
-    if spec is None or not (weights_dir() / spec["file"]).exists():
+    if spec is None or not (weights_dir() / spec.file).exists():
         pytest.skip(f"no shipped {arch} weights")
     out = tmp_path / "seg"
-    assert run("segment", data_root / "DRIVE" / "test" / "images", out, "--weights", spec["name"], "--device", "cpu") == 0
+    assert run("segment", data_root / "DRIVE" / "test" / "images", out, "--weights", spec.name, "--device", "cpu") == 0
     ev = tmp_path / "eval"
     assert run("evaluate", "segment", out, data_root / "DRIVE" / "test" / "1st_manual", "--fov", data_root / "DRIVE" / "test" / "mask", "--out", ev, "--bootstrap", "100", "--no-cldice") == 0
     s = json.loads((ev / "summary.json").read_text())
-    assert s["threshold_source"] != "default" and s["threshold"] == spec["output"]["threshold"]
+    assert s["threshold_source"] != "default" and s["threshold"] == spec.output.threshold
     assert s["n_images"] == 20
     pooled = s["pooled"]
     assert pooled["f1"] >= 0.80

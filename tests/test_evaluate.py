@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fundus_pipeline.cli.evaluate import evaluate_app
 from fundus_pipeline.errors import UsageError
-from fundus_pipeline.evaluate import pairing_key
+from fundus_pipeline.evaluation.segment import pairing_key
 
 H, W = 20, 24
 
@@ -196,6 +196,7 @@ def test_palette_gt_vs_gt(tmp_path):
 
 
 def test_missing_pairs_exit_3(tmp_path):
+    """A prediction without GT or without FOV mask is a problem (exit 3); GT without prediction is only counted."""
     pred, gt, fov = _drive_tree(tmp_path, keys=("01", "02", "03"))
     (gt / "1st_manual" / "03_manual1.gif").unlink()
     _gif_l(gt / "1st_manual" / "04_manual1.gif", _case()[1])
@@ -203,13 +204,43 @@ def test_missing_pairs_exit_3(tmp_path):
     r = _run(pred, gt, "--fov", fov, "--bootstrap", "0")
     assert r.exit_code == 3, r.output
     rows = {row["key"]: row for row in csv.DictReader((pred / "eval" / "metrics.csv").open())}
+    assert set(rows) == {"01", "02", "03"}  # the GT-only key 04 is not a row
     assert rows["01"]["status"] == "ok"
     assert rows["02"]["status"] == "unpaired: no FOV mask"
     assert rows["03"]["status"] == "unpaired: no ground truth"
-    assert rows["04"]["status"] == "unpaired: no prediction"
     s = json.loads((pred / "eval" / "summary.json").read_text())
-    assert s["n_images"] == 1 and s["n_unpaired"] == 3 and s["pooled"]["tp"] == 60
-    assert "03: unpaired: no ground truth" in r.stderr
+    assert s["n_images"] == 1 and s["n_unpaired"] == 2 and s["pooled"]["tp"] == 60
+    assert s["n_gt_without_prediction"] == 1 and s["gt_without_prediction"] == ["04"]
+    assert [p["key"] for p in s["problems"]] == ["02", "03"]
+    assert "warning: 03: unpaired: no ground truth" in r.stderr
+    assert "warning: 02: unpaired: no FOV mask" in r.stderr
+    assert "1 ground-truth image has no prediction (not scored)" in r.stderr
+    assert "04" not in r.stderr
+
+
+def test_subset_of_ground_truth_exit_0(tmp_path):
+    """Predictions for 5 of 20 DRIVE-style GT images: the 5 are scored, one summary line, exit 0."""
+    keys = [f"{i:02d}" for i in range(1, 21)]
+    pred, gt, fov = _drive_tree(tmp_path, keys=keys)
+    for k in keys[5:]:
+        (pred / f"{k}_test_prob.png").unlink()
+        (pred / f"{k}_test_vessels.png").unlink()
+    r = _run(pred, gt / "1st_manual", "--fov", fov / "mask", "--bootstrap", "0", "--format", "json")
+    assert r.exit_code == 0, (r.output, r.exception)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == ["15 ground-truth images have no prediction (not scored)"]
+    s = json.loads(r.stdout)
+    assert s["n_images"] == 5 and s["n_unpaired"] == 0 and s["n_errors"] == 0 and s["problems"] == []
+    assert s["n_gt_without_prediction"] == 15 and s["gt_without_prediction"] == keys[5:]
+    assert s["pooled"]["tp"] == 5 * 60 and s["pooled"]["fn"] == 5 * 40
+    assert json.loads((pred / "eval" / "summary.json").read_text())["gt_without_prediction"] == keys[5:]
+    rows = list(csv.DictReader((pred / "eval" / "metrics.csv").open()))
+    assert [row["key"] for row in rows] == keys[:5] and all(row["status"] == "ok" for row in rows)
+    md = (pred / "eval" / "summary.md").read_text()
+    assert "ground truth without prediction (not scored): 15" in md
+    # the human table says so too
+    r = _run(pred, gt / "1st_manual", "--fov", fov / "mask", "--bootstrap", "0")
+    assert r.exit_code == 0 and "15 ground truth without prediction" in r.stdout
 
 
 def test_no_pairs_exit_2(tmp_path):
@@ -241,14 +272,130 @@ def test_unreadable_file_is_an_error_row(tmp_path):
     assert rows["02"]["status"].startswith("error:")
 
 
-def test_refuses_to_overwrite(tmp_path):
+def test_rerun_replaces_reports(tmp_path):
+    """A second run replaces the three reports (one stderr line), keeps foreign files, leaves no temp files."""
     pred, gt, fov = _drive_tree(tmp_path, keys=("01",))
-    assert _run(pred, gt, "--fov", fov, "--bootstrap", "0").exit_code == 0
     r = _run(pred, gt, "--fov", fov, "--bootstrap", "0")
-    assert isinstance(r.exception, UsageError) and "--overwrite" in r.exception.message
+    assert r.exit_code == 0, r.output
+    assert "replacing" not in r.stderr  # first run: nothing to replace
+    out = pred / "eval"
+    (out / "notes.txt").write_text("mine")
+    (out / "summary.md").write_text("stale")
+    r = _run(pred, gt, "--fov", fov, "--bootstrap", "0", "--threshold", "0.8")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert r.stderr.strip().splitlines() == [f"replacing the earlier reports in {out}"]
+    assert json.loads((out / "summary.json").read_text())["threshold"] == 0.8
+    assert (out / "summary.md").read_text().startswith("# Vessel segmentation evaluation")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {p.name for p in out.iterdir()} == {"metrics.csv", "summary.json", "summary.md", "notes.txt"}
+    # --overwrite is still accepted (no effect); a non-empty foreign --out folder is fine too
     r = _run(pred, gt, "--fov", fov, "--bootstrap", "0", "--overwrite")
-    assert r.exit_code == 0
-    assert not [p for p in (pred / "eval").iterdir() if p.name.startswith(".")]  # no temp files left
+    assert r.exit_code == 0, r.output
+    other = tmp_path / "other_out"
+    other.mkdir()
+    (other / "keep.png").write_bytes(b"x")
+    r = _run(pred, gt, "--fov", fov, "--bootstrap", "0", "--out", other)
+    assert r.exit_code == 0 and "replacing" not in r.stderr
+    assert (other / "keep.png").read_bytes() == b"x" and (other / "summary.json").is_file()
+    assert not [p for d in (out, other) for p in d.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_writes_reports_atomically(tmp_path, monkeypatch):
+    import fundus_pipeline.io as fio
+
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01",))
+    written = []
+    real = fio.write_bytes_atomic
+    monkeypatch.setattr(fio, "write_bytes_atomic", lambda path, data: (written.append(Path(path).name), real(path, data)))
+    assert _run(pred, gt, "--fov", fov, "--bootstrap", "0").exit_code == 0
+    assert sorted(written) == ["metrics.csv", "summary.json", "summary.md"]
+
+
+def test_unusable_out_is_one_line_usage_error(tmp_path):
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01",))
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    r = _run(pred, gt, "--fov", fov, "--out", f)
+    assert isinstance(r.exception, UsageError) and "not a folder" in r.exception.message
+    blocked = tmp_path / "blocked"
+    (blocked / "summary.json").mkdir(parents=True)
+    r = _run(pred, gt, "--fov", fov, "--out", blocked)
+    assert isinstance(r.exception, UsageError) and "\n" not in r.exception.message
+    assert not (blocked / "metrics.csv").exists()  # refused before anything was written
+
+
+def test_bootstrap_zero_has_no_ci(tmp_path):
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01", "02"))
+    r = _run(pred, gt, "--fov", fov, "--bootstrap", "0")
+    assert r.exit_code == 0, r.output
+    assert "n/a, n/a" not in r.stdout and "95% CI" not in r.stdout
+    header = next(ln for ln in r.stdout.splitlines() if ln.startswith("metric"))
+    assert header.split() == ["metric", "pooled", "mean"]
+    s = json.loads((pred / "eval" / "summary.json").read_text())
+    assert "ci95" not in s and s["bootstrap"]["n"] == 0
+    assert s["pooled"]["f1"] == pytest.approx(120 / 172)
+    md = (pred / "eval" / "summary.md").read_text()
+    assert "| metric | pooled | mean of images |" in md and "95% CI |" not in md and "n/a, n/a" not in md
+    assert "- bootstrap: none" in md
+    r = _run(pred, gt, "--fov", fov, "--bootstrap", "0", "--format", "json")
+    assert "ci95" not in json.loads(r.stdout)
+    # with resamples the CI columns are there
+    r = _run(pred, gt, "--fov", fov, "--bootstrap", "20", "--out", tmp_path / "b")
+    assert r.exit_code == 0 and "mean 95% CI" in r.stdout
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["bootstrap"]["n"] == 20 and len(s["ci95"]["pooled"]["f1"]) == 2
+    assert "| metric | pooled [95% CI] | mean of images | mean 95% CI |" in (tmp_path / "b" / "summary.md").read_text()
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    from fundus_pipeline.cli import main
+
+    code = main(["evaluate", "segment", *[str(a) for a in args]])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_help_shows_defaults(capsys):
+    code, out, _ = _main(capsys, "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "[default: PRED_DIR/eval]" in flat
+    assert "[default: config.threshold of PRED_DIR/manifest.json, else 0.5]" in flat
+    assert "--threshold T" in flat and "0.0<=x<=1.0" in flat
+    assert "--format <human|json>" in flat
+    assert "<bool>" not in out  # --overwrite / --no-cldice are plain flags
+    assert "--overwrite " in out and "compatibility" in flat
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--threshold", "1.5"), "--threshold"),
+        (("--format", "xml"), "--format"),
+        (("--bootstrap", "-1"), "--bootstrap"),
+        (("--seed", "-1"), "--seed"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, capsys, extra, needle):
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01",))
+    r = _run(pred, gt, "--fov", fov, *extra)
+    assert r.exit_code == 2 and f"Invalid value for '{needle}" in r.output
+    # through the real entry point: one "Error:" line, never a traceback, nothing written
+    code, out, err = _main(capsys, pred, gt, "--fov", fov, *extra)
+    assert code != 0 and "Traceback" not in err
+    assert err.startswith("Error: ") and len([ln for ln in err.splitlines() if ln.startswith("Error")]) == 1
+    assert not (pred / "eval").exists()
+
+
+def test_missing_folders_are_one_line_errors(tmp_path, capsys):
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01",))
+    for args in ((tmp_path / "nope", gt), (pred, tmp_path / "nope"), (pred, gt, "--fov", tmp_path / "nope")):
+        code, _, err = _main(capsys, *args)
+        assert code == 2 and "Traceback" not in err and "is not a folder" in err.splitlines()[0]
+    other = tmp_path / "other"
+    _gif_l(other / "09_manual1.gif", _case()[1])
+    code, _, err = _main(capsys, pred, other)
+    assert code == 2 and err.splitlines()[0].startswith("Error: no prediction") and "Traceback" not in err
 
 
 def test_bootstrap_deterministic(tmp_path):

@@ -455,3 +455,102 @@ def test_hrf_files():
     assert img.shape == (2336, 3504, 3) and meta.format == "jpeg" and img.dtype == np.uint8
     mask, mmeta = read_image(DATA / "HRF" / "mask" / "01_dr_mask.tif")
     assert mask.shape == (2336, 3504, 3) and set(np.unique(mask)) <= {0, 255}
+
+
+# ------------------------------------------------------------------------------------------ hardening
+@pytest.mark.parametrize("name", ["L" * 236 + ".png", "L" * 251 + ".png", "é" * 125 + ".png"])
+def test_write_long_file_names(tmp_path, name):
+    """D1: a legal name (<= 255 bytes) must not fail because of the temp file's decoration."""
+    assert len(os.fsencode(name)) <= 255
+    p = tmp_path / name
+    arr = rand((H, W, 3), np.uint8)
+    write_image_atomic(p, arr)
+    np.testing.assert_array_equal(read_image(p)[0], arr)
+    write_bytes_atomic(p, b"again")  # replacing an existing long name works too
+    assert p.read_bytes() == b"again"
+    assert [x.name for x in tmp_path.iterdir()] == [name]  # no temp file left
+
+
+def test_temp_name_fits_and_keeps_pattern():
+    for name in ["a.png", "L" * 236 + ".png", "L" * 251 + ".png", "é" * 125 + ".png", "x" * 400]:
+        tmp = fio._temp_name(name, "0123456789ab")
+        assert len(os.fsencode(tmp)) <= fio.NAME_MAX
+        assert tmp.startswith(".") and tmp.endswith(".0123456789ab.tmp")
+        assert Path(tmp).match(".*.tmp")
+    assert fio._temp_name("a.png", "0123456789ab") == ".a.png.0123456789ab.tmp"  # short names unchanged
+
+
+def _huge_tiled_tiff(path: Path, side: int = 20000) -> None:
+    """A ~1.3 MB tiled, deflate-compressed TIFF that declares side x side x 3 (pre-compressed zero tiles)."""
+    import zlib
+
+    tile = 512
+    payload = zlib.compress(bytes(tile * tile * 3))
+    n = ((side + tile - 1) // tile) ** 2
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(
+            (payload for _ in range(n)),
+            shape=(side, side, 3),
+            dtype=np.uint8,
+            tile=(tile, tile),
+            compression="zlib",
+            photometric="rgb",
+        )
+
+
+def test_tiff_pixel_limit_refused_before_decoding(tmp_path):
+    """D5: a small TIFF declaring 20000x20000x3 is refused from its header (fast, little memory)."""
+    import time
+    import tracemalloc
+
+    p = tmp_path / "bomb.tif"
+    _huge_tiled_tiff(p)
+    assert p.stat().st_size < 2_000_000
+    tracemalloc.start()
+    t = time.perf_counter()
+    try:
+        with pytest.raises(InputError, match="too large to decode safely") as exc:
+            read_image(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - t < 5.0
+    assert peak < 64 * 2**20, peak  # the decoded image would be 1.2 GB
+    _assert_one_line(exc)
+    assert fio.MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS
+    assert str(fio.MAX_PIXELS) in str(exc.value)
+
+
+def test_tiff_pixel_limit_also_on_pillow_fallback(tmp_path, monkeypatch):
+    """The Pillow fallback (used when tifffile cannot decode a page) applies the same limit."""
+    p = tmp_path / "small.tif"
+    tifffile.imwrite(p, rand((H, W, 3), np.uint8), photometric="rgb")
+    monkeypatch.setattr(fio, "MAX_PIXELS", H * W - 1)
+    with pytest.raises(InputError, match="too large to decode safely"):
+        fio._read_tiff_with_pillow(p.read_bytes(), p, False)
+    with pytest.raises(InputError, match="too large to decode safely"):
+        read_image(p)
+    monkeypatch.setattr(fio, "MAX_PIXELS", H * W)
+    assert read_image(p)[0].shape == (H, W, 3)  # the limit itself is allowed
+
+
+@pytest.mark.parametrize(
+    "kwargs,keep",
+    [({}, 200), ({}, 300), ({"compression": "zlib"}, 200), ({"compression": "zlib"}, 300), ({"tile": (16, 16)}, 300), ({}, 0.5)],
+)
+def test_truncated_tiff_prints_nothing(tmp_path, capfd, caplog, kwargs, keep):
+    """D6: a truncated TIFF gives one InputError and no tifffile log line / libtiff / Pillow warning on stderr."""
+    import logging
+
+    p = tmp_path / "t.tif"
+    tifffile.imwrite(p, rand((64, 64, 3), np.uint8), photometric="rgb", **kwargs)
+    data = p.read_bytes()
+    p.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    capfd.readouterr()
+    with pytest.raises(InputError, match="TIFF") as exc:
+        read_image(p)
+    _assert_one_line(exc)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]  # pytest's handler would catch them
+    assert not logging.getLogger("tifffile").filters  # silenced only during the read

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fundus_pipeline.metrics import (
+from fundus_pipeline.evaluation.metrics import (
     auc_pr,
     auc_roc,
     binary_metrics,
@@ -117,15 +117,12 @@ def test_auc_matches_brute_force_with_ties():
     assert auc_pr(u8, y, fov) == pytest.approx(_brute_ap(u8.astype(float), y), abs=1e-12)
 
 
-def test_auc_fast_on_hrf_size():
-    import time
-
+def test_auc_on_hrf_size():
+    """Functional check on a full HRF-sized image (speed is measured in benchmarks/, not asserted here)."""
     rng = np.random.default_rng(0)
     prob = rng.integers(0, 65536, size=(2336, 3504), dtype=np.uint16)
     gt = rng.random((2336, 3504)) < 0.1
-    t = time.perf_counter()
     a = auc_roc(prob, gt, _ones(gt.shape))
-    assert time.perf_counter() - t < 5.0
     assert abs(a - 0.5) < 0.01
 
 
@@ -210,7 +207,7 @@ def test_report_without_histograms_and_empty():
 
 
 def test_pooled_f1_curve_matches_direct_counts():
-    from fundus_pipeline.metrics import binary_metrics, confusion, pooled_f1_curve
+    from fundus_pipeline.evaluation.metrics import binary_metrics, confusion, pooled_f1_curve
 
     rng = np.random.default_rng(3)
     probs = [rng.random((20, 30)).astype(np.float32) for _ in range(3)]

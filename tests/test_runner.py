@@ -12,24 +12,23 @@ from PIL import Image
 from fundus_pipeline.cli import main
 from fundus_pipeline.io import read_image, write_image_atomic
 from fundus_pipeline.runner import JOURNAL, run_stage
+from fundus_pipeline.stages.base import ItemOutput, Stage
 from tests.conftest import synthetic_fundus
 
 
-class CopyStage:
+class CopyStage(Stage):
     """Copies each image; the process dies on the key 'boom' (a stand-in for an out-of-memory kill)."""
 
     name = "copy"
-    columns: list[str] = []
+    fov_policy = "none"
 
-    def config(self) -> dict:
+    def config_record(self) -> dict:
         return {"copy": 1}
 
-    def process(self, item, out_dir: Path):
+    def compute(self, item):
         if item.key == "boom":
             os._exit(9)
-        arr, _ = read_image(item.path)
-        write_image_atomic(out_dir / f"{item.key}.png", arr)
-        return [f"{item.key}.png"], {}
+        return ItemOutput({"": item.image.array})
 
 
 def _folder(tmp_path: Path, names: list[str]) -> Path:

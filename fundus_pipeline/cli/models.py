@@ -1,4 +1,9 @@
-"""``fundus models``: registered architectures and shipped weights."""
+"""``fundus models``: registered architectures and shipped weights.
+
+Answers from metadata only, without importing torch: the architectures come from the static catalogue
+(``fundus_pipeline.models.catalog``, kept equal to the registry by tests/test_models_contract.py), the
+shipped weights from the validated ``weights/manifest.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from fundus_pipeline.cli import Format, FormatOpt, app
+from fundus_pipeline.cli.app import app
+from fundus_pipeline.cli.options import Format, FormatOpt
 
 
 @app.command()
@@ -16,15 +22,26 @@ def models(
     fmt: FormatOpt = Format.human,
 ):
     """List the model architectures and the shipped, verified weights."""
-    from fundus_pipeline.models.registry import build_model, list_models
+    from fundus_pipeline.models.catalog import catalog_entries
     from fundus_pipeline.models.weights import read_manifest
 
-    shipped = {s["model"]: s for s in read_manifest()}
+    shipped = {s.model: s for s in read_manifest()}
     rows = []
-    for e in list_models(pattern):
-        n = sum(p.numel() for p in build_model(e.name).parameters())
+    for e in catalog_entries(pattern):
         s = shipped.get(e.name)
-        rows.append({"name": e.name, "task": e.task, "arch": e.arch, "width": e.width, "params": n, "weights": s["file"] if s else None, "description": e.description})
+        rows.append(
+            {
+                "name": e.name,
+                "task": e.task,
+                "arch": e.arch,
+                "width": e.width,
+                "params": s.params if s else e.params,
+                "weights": s.file if s else None,
+                "weights_name": s.name if s else None,
+                "threshold": s.output.threshold if s else None,
+                "description": e.description,
+            }
+        )
     if fmt == Format.json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fundus_pipeline.cli import app
+from fundus_pipeline.cli.app import app
 
 
 @app.command()

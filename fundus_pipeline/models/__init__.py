@@ -3,15 +3,20 @@
 >>> from fundus_pipeline.models import create_model, list_models
 >>> model = create_model("imff", weights="imff")          # shipped, sha256-verified weights, eval mode
 >>> tiny = create_model("imff_tiny")                       # untrained architecture (e.g. for tests)
+
+Importing this package does not import torch (``fundus models`` lists the catalogue without it);
+building a model does.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fundus_pipeline.models.registry import build_model, get_entry, list_models, register_model
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["create_model", "list_models", "register_model"]
 

@@ -137,7 +137,8 @@ class IMFFNet(nn.Module):
         return 0.3 * u4 + 0.7 * self.head(d4)
 
     def forward_train(self, x):
-        return {"logits": self.forward(x), "aux": [], "edge": None}
+        """Training outputs and the loss weighting the model declares (one output, weight 1; no aux, no edge)."""
+        return {"logits": self.forward(x), "aux": [], "edge": None, "main_weight": 1.0, "edge_weight": 0.0}
 
 
 @register_model("imff_paper", task="segmentation", arch="imff", width=64, description="IMFF-Net at the paper's width (34.7 M parameters)")

@@ -1,15 +1,23 @@
-"""Model registry: ``register_model`` decorates a factory; ``create_model`` builds by name."""
+"""Model registry: ``register_model`` decorates a factory; ``build_model`` builds by name.
+
+Registration is explicit: ``_ensure_loaded`` imports the architecture modules (an ImportError there is
+a real error and propagates). Each registered name must match its row in the torch-free catalogue
+(``fundus_pipeline.models.catalog``), which ``fundus models`` reads without importing torch.
+This module itself does not import torch.
+"""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Callable
-
-import torch.nn as nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from fundus_pipeline.errors import UsageError
+from fundus_pipeline.models.catalog import CATALOG
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -20,32 +28,44 @@ class ModelEntry:
     arch: str  # architecture family, e.g. "imff" or "msrf"
     width: int  # base channel width
     description: str = ""
-    default_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def factory_path(self) -> str:
+        """``"module:function"``, as written in the catalogue."""
+        return f"{self.factory.__module__}:{self.factory.__qualname__}"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, task: str, arch: str, width: int, description: str = "", **default_kwargs):
-    """Register ``factory(**kwargs) -> nn.Module`` under ``name`` (tiny test variants included)."""
+def register_model(name: str, *, task: str, arch: str, width: int, description: str = ""):
+    """Register ``factory(**kwargs) -> nn.Module`` under ``name`` (tiny test variants included).
+
+    A name listed in the catalogue must agree with its row (task, arch, width, description, factory).
+    """
 
     def deco(factory: Callable[..., nn.Module]):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, factory, task, arch, width, description, dict(default_kwargs))
+        entry = ModelEntry(name, factory, task, arch, width, description)
+        row = CATALOG.get(name)
+        if row is not None:
+            diff = [
+                f"{f}={getattr(entry, a)!r} (catalogue: {getattr(row, f)!r})"
+                for f, a in (("task", "task"), ("arch", "arch"), ("width", "width"), ("description", "description"), ("factory", "factory_path"))
+                if getattr(entry, a) != getattr(row, f)
+            ]
+            if diff:
+                raise ValueError(f"model {name!r} disagrees with fundus_pipeline/models/catalog.py: {'; '.join(diff)}")
+        _REGISTRY[name] = entry
         return factory
 
     return deco
 
 
 def _ensure_loaded() -> None:
-    # Importing the architecture modules fills the registry.
-    from fundus_pipeline.models import imff  # noqa: F401
-
-    try:
-        from fundus_pipeline.models import msrf  # noqa: F401
-    except ImportError:
-        pass
+    # Importing the architecture modules fills the registry (no-op after the first call).
+    from fundus_pipeline.models import imff, msrf  # noqa: F401
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -59,16 +79,9 @@ def get_entry(name: str) -> ModelEntry:
 
 def list_models(pattern: str = "*", task: str | None = None) -> list[ModelEntry]:
     _ensure_loaded()
-    return [
-        e
-        for n, e in sorted(_REGISTRY.items())
-        if fnmatch.fnmatch(n, pattern) and (task is None or e.task == task)
-    ]
+    return [e for n, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern) and (task is None or e.task == task)]
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build an untrained model by registry name (weights are loaded by ``fundus_pipeline.models.weights``)."""
-    entry = get_entry(name)
-    model = entry.factory(**{**entry.default_kwargs, **kwargs})
-    model.registry_name = name  # type: ignore[attr-defined]
-    return model
+    return get_entry(name).factory(**kwargs)

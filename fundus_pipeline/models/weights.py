@@ -4,20 +4,41 @@ A weights file is accepted when its sha256 is listed in the manifest (the manife
 architecture, preprocessing and decision threshold), or, for weights you trained yourself, when you
 name the architecture with ``--arch`` (threshold 0.5 unless given). Pickled modules are never loaded:
 ``torch.load(..., weights_only=True)`` only.
+
+The manifest is validated as a whole against ``fundus_pipeline.models.spec.WeightsManifest``.
+Torch is imported only by the functions that load weights, so listing them stays cheap.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import ValidationError
 
 from fundus_pipeline.errors import WeightsError
-from fundus_pipeline.models.registry import build_model, get_entry
+from fundus_pipeline.models.spec import LoadedWeights, WeightsManifest, WeightsSpec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "LoadedWeights",
+    "WeightsSpec",
+    "load_manifest",
+    "load_model",
+    "load_state_dict",
+    "lookup_spec",
+    "read_manifest",
+    "resolve_weights",
+    "sha256_file",
+    "weights_dir",
+]
 
 
 def weights_dir() -> Path:
@@ -33,45 +54,105 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(directory: Path | None = None) -> list[dict]:
+def _describe(e: ValidationError, data: object) -> str:
+    """``entry 'imff': output.threshold: missing field (and 2 more)`` for the first error."""
+    errors = e.errors()
+    first = errors[0]
+    loc = list(first["loc"])
+    where = ""
+    if len(loc) >= 2 and loc[0] == "weights" and isinstance(loc[1], int):
+        raw = data.get("weights") if isinstance(data, dict) else None
+        item = raw[loc[1]] if isinstance(raw, list) and loc[1] < len(raw) else None
+        name = item.get("name") if isinstance(item, dict) else None
+        where = f"entry {name!r}: " if isinstance(name, str) else f"entry #{loc[1] + 1}: "
+        loc = loc[2:]
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    kind = first["type"]
+    if kind == "missing":
+        msg = "missing field"
+    elif kind == "extra_forbidden":
+        msg = "unknown field (misspelt?)"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if kind != "value_error" and "input" in first and not isinstance(first["input"], (dict, list)):
+            msg += f", got {first['input']!r}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}{field}: {msg}{more}"
+
+
+def load_manifest(directory: Path | None = None) -> WeightsManifest:
+    """The validated manifest of ``directory`` (default ``weights_dir()``); empty when the file is absent.
+
+    A malformed file raises ``WeightsError`` naming the file, the entry and the field of the first error.
+    """
     path = (directory or weights_dir()) / "manifest.json"
     if not path.exists():
-        return []
+        return WeightsManifest(schema_version=1, weights=[])
     try:
-        return json.loads(path.read_text())["weights"]
-    except (OSError, ValueError, KeyError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
         raise WeightsError(f"cannot read {path}: {e}") from None
+    try:
+        return WeightsManifest.model_validate(data)
+    except ValidationError as e:
+        raise WeightsError(f"invalid {path}: {_describe(e, data)}") from None
+
+
+def read_manifest(directory: Path | None = None) -> list[WeightsSpec]:
+    """The validated entries of the manifest (``[]`` when there is none)."""
+    return load_manifest(directory).weights
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or Path(value).suffix in (".pt", ".pth", ".bin", ".ckpt")
 
 
 def resolve_weights(value: str | Path) -> Path:
-    """A registered weights name (``imff``) or a path."""
+    """A shipped weights name (``imff``) or a path to a state-dict file."""
     p = Path(value)
     if p.is_dir():
         raise WeightsError(f"weights path is a folder, not a file: {value}")
     if p.exists():
         return p
-    for spec in read_manifest():
-        if spec["name"] == str(value):
-            return weights_dir() / spec["file"]
-    raise WeightsError(f"weights not found: {value}", "pass a .pt state-dict file or a name from `fundus models`")
+    manifest = load_manifest()
+    spec = manifest.get(str(value))
+    if spec is not None:
+        return weights_dir() / spec.file
+    shipped = manifest.names()
+    shipped_text = ", ".join(shipped) if shipped else "none"
+    from fundus_pipeline.models.catalog import CATALOG
+
+    if str(value) in CATALOG:
+        raise WeightsError(
+            f"{value} is an architecture without shipped weights; shipped weights: {shipped_text}",
+            f"for weights you trained yourself, pass the .pt file with --arch {value}",
+        )
+    if _looks_like_path(str(value)):
+        raise WeightsError(f"weights not found: {value}", "pass an existing .pt state-dict file or a name from `fundus models`")
+    close = difflib.get_close_matches(str(value), shipped, n=3)
+    suggestion = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise WeightsError(f"weights not found: {value}{suggestion}", f"pass a .pt state-dict file or a shipped weights name: {shipped_text}")
 
 
-def lookup_spec(path: Path) -> tuple[dict | None, str]:
+def lookup_spec(path: Path) -> tuple[WeightsSpec | None, str]:
+    """(the manifest entry whose sha256 matches the file, or None; the file's sha256)."""
     try:
         digest = sha256_file(path)
     except OSError as e:
         raise WeightsError(f"cannot read weights {path}: {e.strerror or e}") from None
-    specs = read_manifest()
-    for spec in specs:
-        if spec["sha256"] == digest:
-            return spec, digest
-    for spec in specs:
-        if spec["file"] == path.name and path.resolve().parent == weights_dir().resolve():
+    manifest = load_manifest()
+    spec = manifest.by_sha256(digest)
+    if spec is not None:
+        return spec, digest
+    for spec in manifest.weights:
+        if spec.file == path.name and path.resolve().parent == weights_dir().resolve():
             raise WeightsError(f"{path} does not match its sha256 in weights/manifest.json (corrupt or modified file)")
     return None, digest
 
 
 def load_state_dict(path: Path) -> dict:
+    import torch
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -90,8 +171,14 @@ def load_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_model(weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Build the architecture, load verified weights, return (model in eval mode, spec)."""
+def load_model(weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, LoadedWeights]:
+    """Build the architecture, load verified weights; return (model in eval mode, ``LoadedWeights``).
+
+    ``LoadedWeights.spec`` is the manifest entry (a ``WeightsSpec``), or None for weights not in the
+    manifest, which need ``arch`` (their threshold is then ``DEFAULT_THRESHOLD``).
+    """
+    from fundus_pipeline.models.registry import build_model, get_entry
+
     path = resolve_weights(weights)
     spec, digest = lookup_spec(path)
     if spec is None:
@@ -100,23 +187,25 @@ def load_model(weights: str | Path, *, arch: str | None = None, device: str | to
                 f"{path} (sha256 {digest[:12]}...) is not listed in weights/manifest.json",
                 "for weights you trained yourself, name the architecture with --arch (e.g. --arch imff)",
             )
-        spec = {"name": path.stem, "model": arch, "file": str(path), "sha256": digest, "output": {"threshold": 0.5}, "input": {}}
-    elif arch and arch != spec["model"]:
-        raise WeightsError(f"{path} holds weights for {spec['model']!r}, not {arch!r}")
-    get_entry(spec["model"])  # a clear error for an unknown architecture
-    model = build_model(spec["model"])
+        model_name = arch
+    elif arch and arch != spec.model:
+        raise WeightsError(f"{path} holds weights for {spec.model!r}, not {arch!r}")
+    else:
+        model_name = spec.model
+    get_entry(model_name)  # a clear error for an unknown architecture
+    model = build_model(model_name)
     sd = load_state_dict(path)
     want, got = set(model.state_dict()), set(sd)
     if want != got:
         missing, unexpected = sorted(want - got), sorted(got - want)
         raise WeightsError(
-            f"{path} does not fit architecture {spec['model']!r}: {len(missing)} missing and {len(unexpected)} unexpected tensors"
+            f"{path} does not fit architecture {model_name!r}: {len(missing)} missing and {len(unexpected)} unexpected tensors"
             + (f" (e.g. missing {missing[0]})" if missing else "")
             + (f" (e.g. unexpected {unexpected[0]})" if unexpected else "")
         )
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise WeightsError(f"{path} does not fit architecture {spec['model']!r}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        raise WeightsError(f"{path} does not fit architecture {model_name!r}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     model.to(device).eval()
-    return model, {**spec, "sha256": digest, "path": str(path)}
+    return model, LoadedWeights(path=path, sha256=digest, model=model_name, spec=spec)

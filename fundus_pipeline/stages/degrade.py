@@ -2,72 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+from typing import ClassVar
 
+from fundus_pipeline.config import DegradeConfig
 from fundus_pipeline.errors import InputError, UsageError
-from fundus_pipeline.io import ImageItem, from_float_rgb, read_image, to_float_rgb, write_image_atomic
-
-ALL_CODES = ["001", "010", "011", "100", "101", "110", "111"]
-PRESETS = ("released", "training")
-
-
-def parse_codes(text: str) -> list[str]:
-    """'111' -> ['111']; '001,111' -> both; 'all' -> the seven codes. Validated, de-duplicated, ordered."""
-    if text.strip().lower() == "all":
-        return list(ALL_CODES)
-    codes = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in codes if c not in ALL_CODES]
-    if not codes or bad:
-        raise UsageError(f"invalid --types {text!r}: use codes from {', '.join(ALL_CODES)} (bits: blur, spot, illumination), comma-separated, or 'all'")
-    return sorted(set(codes), key=ALL_CODES.index)
+from fundus_pipeline.io import from_float_rgb
+from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
+from fundus_pipeline.stages.replay import load_replay
 
 
-def load_replay(path: Path) -> tuple[dict, dict[str, dict[str, dict]], str]:
-    """(config, per-item per-variant parameters, sha256) of an earlier run's manifest.json."""
-    try:
-        data = Path(path).read_bytes()
-        manifest = json.loads(data)
-    except FileNotFoundError:
-        raise UsageError(f"replay manifest not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read replay manifest {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(manifest, dict) or manifest.get("stage") != "degrade" or not isinstance(manifest.get("config"), dict):
-        raise UsageError(f"{path} is not a manifest of a `fundus degrade` run")
-    out = {}
-    for row in manifest.get("items", []):
-        if isinstance(row, dict) and row.get("status") == "ok" and isinstance(row.get("params"), dict):
-            out[row["key"]] = row["params"]
-    return manifest["config"], out, hashlib.sha256(data).hexdigest()
-
-
-class DegradeStage:
+class DegradeStage(Stage):
     name = "degrade"
-    start_method = "fork"  # torch-free numpy/OpenCV work: forked workers start in milliseconds
-    columns = ["variants", "bit_depth", "mode", "fov", "params"]
+    start_method: ClassVar = "fork"  # torch-free numpy/OpenCV work: forked workers start in milliseconds
+    columns = ("variants", "bit_depth", "mode", "fov", "params")
 
-    def __init__(self, *, preset: str = "released", codes: list[str] | None = None, recipe: str | None = None, seed: int = 0, replay: Path | None = None):
-        """With ``replay``, the preset, types, recipe and seed are those recorded in the replay manifest."""
-        self.replay_path = str(replay) if replay else None
+    def __init__(self, config: DegradeConfig):
+        """With ``config.replay``, the preset, types, recipe and seed are those recorded in the replay manifest."""
+        self.replay_path = str(config.replay) if config.replay else None
         self.replay = None
         self.replay_sha256 = None
-        if replay:
-            cfg, self.replay, self.replay_sha256 = load_replay(replay)
-            preset, codes, recipe, seed = cfg.get("preset") or "released", cfg.get("types"), cfg.get("recipe"), cfg.get("seed", 0)
-        if preset not in PRESETS:
-            raise UsageError(f"unknown --preset {preset!r}: choose released or training")
+        preset, codes, recipe, seed = config.preset, config.types, config.recipe, config.seed
+        self._degraders = None
+        if config.replay:
+            # Everything comes from the manifest's recorded, validated content (never from files it names).
+            self.replay = load_replay(config.replay)
+            self.replay_sha256 = self.replay.sha256
+            preset, codes, recipe, seed = self.replay.preset or "released", self.replay.types, self.replay.recipe, self.replay.seed
+            self._degraders = dict(self.replay.degraders)
         self.preset = preset
         self.codes = codes or ["111"]
         self.recipe = recipe
         self.seed = int(seed)
-        self._degraders = None
-        self._check()
+        self.setup()  # validates the recipe / codes early, in the parent process
 
-    def _check(self) -> None:
-        self.setup_worker()  # validates the recipe / codes early, in the parent process
-
-    def setup_worker(self) -> None:
+    def setup(self) -> None:
         if self._degraders is not None:
             return
         from degradation import RecipeError, cofe_degrader, load_recipe
@@ -83,12 +51,13 @@ class DegradeStage:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_degraders"] = None  # rebuilt in each worker
+        if self.replay is None:
+            state["_degraders"] = None  # rebuilt in each worker
         return state
 
-    def config(self) -> dict:
+    def config_record(self) -> dict:
         """The resolved configuration (hashed for --resume; paths are kept out of it, see info())."""
-        self.setup_worker()
+        self.setup()
         return {
             "seed": self.seed,
             "preset": None if self.recipe else self.preset,
@@ -101,51 +70,33 @@ class DegradeStage:
     def info(self) -> dict:
         return {"replay": self.replay_path}
 
-    def output_name(self, key: str, variant: str) -> str:
-        return f"{key}_{variant}.png" if variant else f"{key}.png"
-
-    def process(self, item: ImageItem, out_dir: Path) -> tuple[list[str], dict]:
-        from degradation.fov import estimate_fov_geometry
-
-        self.setup_worker()
-        arr, meta = read_image(item.path)
-        rgb, alpha = to_float_rgb(arr, meta)
-        levels = 65535 if meta.bit_depth == 16 else 255
-        mask, geom = estimate_fov_geometry(rgb)
-        outputs, params_out = [], {}
-        try:
-            self._variants(item, rgb, alpha, meta, levels, mask, geom, out_dir, outputs, params_out)
-        except BaseException:
-            for name in outputs:  # no half-finished item: remove the variants already written
-                (out_dir / name).unlink(missing_ok=True)
-            raise
-        return outputs, {
-            "variants": list(params_out),
-            "bit_depth": meta.bit_depth,
-            "mode": meta.mode,
-            "fov": geom.to_dict(),
-            "params": params_out,
-        }
-
-    def _variants(self, item, rgb, alpha, meta, levels, mask, geom, out_dir, outputs, params_out) -> None:
+    def compute(self, item: ItemInput) -> ItemOutput:
         from degradation import Degrader, soft_fov_mask
         from degradation.fov import FovGeometry
 
+        self.setup()
+        image, fov = item.image, item.fov
+        levels = 65535 if image.meta.bit_depth == 16 else 255
+        images, params_out = {}, {}
         for variant, degrader in self._degraders.items():
             if self.replay is not None:
-                rec = self.replay.get(item.key, {}).get(variant or "default")
+                rec = self.replay.params_for(item.key, variant)
                 if rec is None:
                     raise InputError(f"no recorded parameters for {item.key!r} (variant {variant or 'default'}) in the replay manifest")
                 degrader = Degrader.from_params(rec)
                 params = rec
-                g = FovGeometry.from_dict(rec["fov"]) if "fov" in rec else geom
+                g = FovGeometry.from_dict(rec["fov"]) if "fov" in rec else fov.geometry
             else:
-                params = degrader.sample(seed=self.seed, key=item.key, fov=geom)
-                g = geom
-            soft = soft_fov_mask(mask, g)
-            out = degrader.apply(rgb, params, soft, levels=levels)
-            native = from_float_rgb(out, meta, alpha, truncate=True)
-            name = self.output_name(item.key, variant)
-            write_image_atomic(out_dir / name, native)
-            outputs.append(name)
+                params = degrader.sample(seed=self.seed, key=item.key, fov=fov.geometry)
+                g = fov.geometry
+            soft = soft_fov_mask(fov.mask, g)
+            out = degrader.apply(image.rgb, params, soft, levels=levels)
+            images[f"_{variant}" if variant else ""] = from_float_rgb(out, image.meta, image.alpha, truncate=True)
             params_out[variant or "default"] = params
+        return ItemOutput(images, {
+            "variants": list(params_out),
+            "bit_depth": image.meta.bit_depth,
+            "mode": image.meta.mode,
+            "fov": fov.geometry.to_dict(),
+            "params": params_out,
+        })

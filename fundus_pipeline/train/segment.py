@@ -1,36 +1,36 @@
-"""Train a vessel segmenter on DRIVE 21-40 + the HRF training split (see fundus_pipeline.datasets).
+"""``fundus train segment``: a vessel segmenter on DRIVE 21-40 + the HRF training split (see
+fundus_pipeline.datasets), as a task on the shared loop (``fundus_pipeline.train.loop``).
 
 Patch training: each step draws ``batch`` patches; a patch is a random rotation (0-360 deg), scale
 (0.75-1.33) and flip of a window centred inside the FOV, followed by colour, gamma, blur and noise
 jitter and, with ``--degrade-p``, a pre-computed whole-image degradation from the ``degradation``
 library (Cofe-Net released/training presets and the clinical recipes), so the model learns to see
-vessels in poor photographs. Loss: BCE + soft Dice inside the FOV (plus deep supervision and edge
-BCE for models that provide them). Adam with cosine decay. Every ``--val-every`` steps the whole
-validation images are segmented at the working scale; the checkpoint with the best validation F1 (at
-its best threshold) is kept, and that threshold is the model's a-priori decision threshold.
-Checkpoints (``last.pt``) are written every ``--ckpt-every`` steps and ``--resume`` continues from one.
+vessels in poor photographs. Loss: BCE + soft Dice inside the FOV, plus the deep supervision and edge
+BCE of models that provide them, weighted as the model declares (``forward_train`` returns
+``main_weight``, the ``aux`` weights and ``edge_weight``). Every ``--val-every`` steps the whole
+validation images are segmented at the working scale; the checkpoint with the best pooled validation
+F1 (at its best threshold) is kept as best.pt. The a-priori decision threshold of exported weights is
+chosen on the same validation images by ``export_description`` (``scripts/export_weights.py``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
-import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from fundus_pipeline.device import resolve_device
-from fundus_pipeline.datasets import Sample, default_data_root, training_sets
-from fundus_pipeline.metrics import pooled_f1_curve
+from fundus_pipeline.datasets import Sample, training_sets
+from fundus_pipeline.evaluation.metrics import pooled_f1_curve
+from fundus_pipeline.models.inference import DEFAULT_MAX_FOV_DIAMETER, predict_logits, sigmoid
 from fundus_pipeline.models.registry import build_model
-from fundus_pipeline.segmentation import predict_logits, sigmoid
+from fundus_pipeline.train.config import SegmentConfig
+from fundus_pipeline.train.loop import Batch, Task, fit
 
 
 def _affine_patch(sample_arrays, rng: np.random.Generator, patch: int, fov: np.ndarray, fov_pts: np.ndarray):
@@ -65,8 +65,21 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class PatchSampler:
-    def __init__(self, samples: list[Sample], patch: int, seed: int, degraded: dict[str, list[np.ndarray]] | None, degrade_p: float):
+    """``batch(step)``: (images N x 3 x P x P, vessels N x 1 x P x P, FOV N x 1 x P x P) as float32, a pure
+    function of (seed, step): the datasets are balanced, then an image, its degraded copy (with
+    probability ``degrade_p``), the affine patch and the photometric jitter are drawn."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        patch: int,
+        seed: int,
+        degraded: dict[str, list[np.ndarray]] | None,
+        degrade_p: float,
+        batch_size: int = 8,
+    ):
         self.samples = samples
+        self.batch_size = batch_size
         self.patch = patch
         self.degraded = degraded or {}
         self.degrade_p = degrade_p
@@ -76,11 +89,11 @@ class PatchSampler:
             self.by_dataset.setdefault(s.name.split("/")[0], []).append(i)
         self.seed = seed
 
-    def batch(self, step: int, batch: int):
+    def batch(self, step: int) -> Batch:
         rng = np.random.default_rng([self.seed, step])
         xs, ys, ms = [], [], []
         datasets = sorted(self.by_dataset)
-        for _ in range(batch):
+        for _ in range(self.batch_size):
             ds = datasets[rng.integers(len(datasets))]  # balance the datasets
             i = self.by_dataset[ds][rng.integers(len(self.by_dataset[ds]))]
             s = self.samples[i]
@@ -117,13 +130,17 @@ def edge_target(target: torch.Tensor) -> torch.Tensor:
 
 
 def total_loss(out: dict, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    main_w = 2.0 if out.get("aux") else 1.0
-    loss = main_w * seg_loss(out["logits"], y, m)
+    """The segmentation loss, weighted as the model's ``forward_train`` declares: ``main_weight`` x
+    seg_loss(logits) + sum of w x seg_loss(aux) over ``aux`` = [(logits, w), ...] + ``edge_weight`` x
+    the FOV-masked BCE of ``edge`` logits against the Canny edges of the target."""
+    if "main_weight" not in out:
+        raise TypeError("forward_train() must declare its loss weighting: return 'main_weight' (and 'edge_weight' with 'edge')")
+    loss = out["main_weight"] * seg_loss(out["logits"], y, m)
     for aux, w in out.get("aux") or []:
         loss = loss + w * seg_loss(aux, y, m)
     if out.get("edge") is not None:
         e = F.binary_cross_entropy_with_logits(out["edge"], edge_target(y), reduction="none")
-        loss = loss + (e * m).sum() / m.sum().clamp_min(1.0)
+        loss = loss + out["edge_weight"] * ((e * m).sum() / m.sum().clamp_min(1.0))
     return loss
 
 
@@ -135,17 +152,16 @@ def f1_curve(probs: list[np.ndarray], gts: list[np.ndarray], fovs: list[np.ndarr
 
 
 def validate(model, val: list[Sample], device) -> dict:
-    model.eval()
+    """Pooled F1 (at its best threshold) and AUC-ROC over all validation images, and per dataset:
+    ``{"f1", "threshold", "auc_roc", "per_dataset": {ds: {...}}}`` (model in eval mode)."""
     probs = [sigmoid(predict_logits(model, s.rgb, device=device, tile=512, overlap=64)) for s in val]
-    model.train()
-    out = {}
+    per = {}
     for ds in sorted({s.name.split("/")[0] for s in val}):
         idx = [i for i, s in enumerate(val) if s.name.startswith(ds + "/")]
         f1, thr, auc = f1_curve([probs[i] for i in idx], [val[i].vessels for i in idx], [val[i].fov for i in idx])
-        out[ds] = {"f1": f1, "threshold": thr, "auc_roc": auc}
+        per[ds] = {"f1": f1, "threshold": thr, "auc_roc": auc}
     f1, thr, auc = f1_curve(probs, [s.vessels for s in val], [s.fov for s in val])
-    out["all"] = {"f1": f1, "threshold": thr, "auc_roc": auc}
-    return out
+    return {"f1": f1, "threshold": thr, "auc_roc": auc, "per_dataset": per}
 
 
 def build_degraded_pool(samples: list[Sample], per_image: int, seed: int) -> dict[str, list[np.ndarray]]:
@@ -173,140 +189,97 @@ def build_degraded_pool(samples: list[Sample], per_image: int, seed: int) -> dic
     return pool
 
 
-def _check_args(args) -> tuple[torch.device, Path]:
-    """Refuse bad arguments before any data is loaded (UsageError, exit code 2); (device, data root)."""
-    from fundus_pipeline.errors import UsageError
-    from fundus_pipeline.models.registry import get_entry
+class SegmentTask(Task):
+    """Vessel segmentation on DRIVE + HRF; best.pt is chosen on the pooled validation F1."""
 
-    get_entry(args.arch)  # unknown names: a one-line error with suggestions
-    for name in ("steps", "batch_size", "val_every", "ckpt_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.patch < 16:
-        raise UsageError(f"--patch must be at least 16 pixels, got {args.patch}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    if not 0.0 <= args.degrade_p <= 1.0:
-        raise UsageError(f"--degrade-p must be between 0 and 1, got {args.degrade_p}")
-    if args.init is not None and not args.init.is_file():
-        raise UsageError(f"--init {args.init}: no such weights file")
-    if args.resume and args.init is not None:
-        raise UsageError("--resume continues OUT/last.pt; it cannot be combined with --init")
-    if args.resume and not (args.out / "last.pt").is_file():
-        raise UsageError(f"--resume: {args.out / 'last.pt'} does not exist (start without --resume)")
-    if not args.resume and any((args.out / f).exists() for f in ("last.pt", "best.pt")):
-        raise UsageError(f"{args.out} already holds a training run; pass --resume to continue it or choose a new --out")
-    device = resolve_device(args.device)  # invalid names and CUDA requests without a GPU
-    root = args.data or default_data_root()
-    missing = [d for d in ("DRIVE", "HRF") if not (root / d).is_dir()]
-    if missing:
-        raise UsageError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
-    return device, root
+    name = "segment"
+    score_key = "f1"
+    cfg: SegmentConfig
+
+    def __init__(self, cfg: SegmentConfig):
+        super().__init__(cfg)
+        self.val: list[Sample] = []
+
+    def model_name(self) -> str:
+        return self.cfg.arch
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.arch)
+
+    def setup(self, log: Callable[[str], None]) -> None:
+        cfg = self.cfg
+        train, self.val = training_sets(cfg.data_root)
+        log(f"train {len(train)} images, val {[s.name for s in self.val]}")
+        degraded = build_degraded_pool(train, cfg.degrade_copies, cfg.seed) if cfg.degrade_p > 0 else None
+        self.sampler = PatchSampler(train, cfg.patch, cfg.seed, degraded, cfg.degrade_p, cfg.batch_size)
+
+    def loss(self, out: dict, batch: Batch) -> torch.Tensor:
+        _, y, m = batch
+        return total_loss(out, y, m)
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict:
+        return validate(model, self.val, device)
+
+    def summary(self) -> dict:
+        return {"arch": self.cfg.arch}
+
+
+def train(cfg: SegmentConfig) -> dict:
+    """Train as ``fundus train segment`` does; returns the run summary (also OUT/summary.json)."""
+    return fit(SegmentTask(cfg), cfg)
+
+
+# --------------------------------------------------------------------------------------- weights export
+def val_threshold(model: nn.Module, val: list[Sample]) -> dict:
+    """The a-priori threshold: maximise the mean of the per-dataset pooled validation F1 (0.05..0.95, 0.001 steps)."""
+    probs = {s.name: sigmoid(predict_logits(model, s.rgb)) for s in val}  # the defaults of `fundus segment`
+    curves, aucs = {}, {}
+    for ds in sorted({s.name.split("/")[0] for s in val}):
+        ss = [s for s in val if s.name.startswith(ds + "/")]
+        thr, curves[ds], aucs[ds] = pooled_f1_curve([probs[s.name] for s in ss], [s.vessels for s in ss], [s.fov for s in ss])
+    mean_f1 = np.mean(list(curves.values()), axis=0)
+    lo, hi = int(np.searchsorted(thr, 0.05)), int(np.searchsorted(thr, 0.95)) + 1
+    k = lo + int(np.argmax(mean_f1[lo:hi]))
+    return {
+        "threshold": round(float(thr[k]), 3),
+        "rule": "maximise the mean of the per-dataset pooled validation F1 (thresholds 0.05-0.95 in 0.001 steps)",
+        "val_f1": {ds: round(float(v[k]), 4) for ds, v in curves.items()},
+        "val_auc_roc": {ds: round(a, 4) for ds, a in aucs.items()},
+    }
+
+
+def export_description(model: nn.Module, data_root: Path | None = None) -> dict:
+    """The segment-specific parts of a weights manifest entry: input contract, output with the a-priori
+    threshold chosen on the validation images, and the data split (``export_weights``'s ``describe``)."""
+    from fundus_pipeline.datasets import default_data_root
+
+    _, val = training_sets(data_root or default_data_root())
+    thr = val_threshold(model, val)
+    return {
+        "input": {
+            "channels": 3,
+            "color": "rgb",
+            "value_range": [0, 1],
+            "normalisation": "none (RGB divided by the bit depth's maximum)",
+            "size_divisor": int(model.size_divisor),
+            "scale_policy": {"type": "fov_max_diameter", "max_fov_diameter": DEFAULT_MAX_FOV_DIAMETER, "rule": "downscale by the smallest integer factor that brings the FOV diameter to <= max_fov_diameter"},
+        },
+        "output": {"activation": "sigmoid", "threshold": thr["threshold"], "threshold_selection": thr},
+        "training": {
+            "data": "DRIVE training 21-36 + HRF training split 01-04 of each class (h, g, dr) at half resolution",
+            "validation": "DRIVE 37-40 + HRF 05_h, 05_g, 05_dr (training images; checkpoint selection and threshold)",
+            "test_never_used": "DRIVE 01-20, HRF 06-15",
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fundus train segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="imff", help="registered model name (imff, imff_w8, msrf, ...)")
-    ap.add_argument("--data", type=Path, default=None, help="dataset root holding DRIVE/ and HRF/ (default ../shared/data)")
-    ap.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, best weights)")
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--patch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val-every", type=int, default=250)
-    ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    ap.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
-    ap.add_argument("--degrade-p", type=float, default=0.0, help="probability of drawing a patch from a degraded copy")
-    ap.add_argument("--degrade-copies", type=int, default=5, help="degraded copies per training image")
-    ap.add_argument("--init", type=Path, default=None, help="start from these weights (state dict) instead of random init")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    args = ap.parse_args(argv)
-    device, root = _check_args(args)
+    """``python -m fundus_pipeline.train.segment ARGS`` = ``fundus train segment ARGS``."""
+    import sys
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "train.log", "a", buffering=1)
+    from fundus_pipeline.cli import main as cli_main
 
-    def say(msg: str):
-        line = f"{time.strftime('%H:%M:%S')} {msg}"
-        print(line, file=log)
-        print(line, file=sys.stderr, flush=True)
-
-    train, val = training_sets(root)
-    say(f"train {len(train)} images, val {[s.name for s in val]}, device {device}")
-    if args.amp and device.type != "cuda":
-        say("--amp has an effect on CUDA only; training in float32")
-    degraded = build_degraded_pool(train, args.degrade_copies, args.seed) if args.degrade_p > 0 else None
-    sampler = PatchSampler(train, args.patch, args.seed, degraded, args.degrade_p)
-
-    model = build_model(args.arch).to(device)
-    if args.init:
-        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.98 + 0.02)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    step, best = 0, {"f1": -1.0}
-    if args.resume:
-        ck = torch.load(args.out / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        step, best = ck["step"], json.loads(ck["best"])
-        say(f"resumed at step {step}, best {best}")
-
-    def checkpoint():
-        tmp = args.out / "last.pt.tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "best": json.dumps(best)}, tmp)
-        tmp.replace(args.out / "last.pt")
-
-    model.train()
-    t0, run_loss = time.time(), 0.0
-    while step < args.steps:
-        x, y, m = (t.to(device) for t in sampler.batch(step, args.batch_size))
-        with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp and device.type == "cuda"):
-            out = model.forward_train(x)
-        out = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-        if out.get("aux"):
-            out["aux"] = [(a.float(), w) for a, w in out["aux"]]
-        loss = total_loss(out, y, m)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        step += 1
-        run_loss += loss.item()
-        if step % 50 == 0:
-            say(f"step {step} loss {run_loss / 50:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / 50:.2f}s/step")
-            run_loss, t0 = 0.0, time.time()
-        if step % args.val_every == 0 or step == args.steps:
-            v = validate(model, val, device)
-            say(f"val step {step}: {json.dumps(v)}")
-            if v["all"]["f1"] > best["f1"]:
-                best = {"step": step, **v["all"], "per_dataset": {k: v[k] for k in v if k != "all"}}
-                tmp = args.out / "best.pt.tmp"
-                torch.save(model.state_dict(), tmp)
-                tmp.replace(args.out / "best.pt")
-                say(f"new best {best}")
-        if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()
-    info = {
-        "arch": args.arch,
-        "argv": sys.argv if argv is None else ["fundus", "train", "segment", *argv],
-        "steps": args.steps,
-        "seed": args.seed,
-        "best": best,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-    (args.out / "summary.json").write_text(json.dumps(info, indent=2))
-    say(f"done: {json.dumps(best)}")
-    return 0
+    return cli_main(["train", "segment", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -167,15 +167,46 @@ def test_colour_ops_match_pil():
         assert np.mean(ours == np.asarray(im, np.float32)) > 0.99
 
 
+_TORCH_FREE_CHECK = r"""
+import random, sys
+sys.modules["torch"] = None  # any `import torch` (direct or through a dependency) now raises ImportError
+import numpy as np
+np.random.seed(123)
+random.seed(123)
+np_state, py_state = np.random.get_state(), random.getstate()
+
+import degradation
+from degradation import cofe_degrader, load_recipe, soft_fov_mask
+from degradation.fov import estimate_fov_geometry
+
+h = w = 96
+yy, xx = np.mgrid[:h, :w]
+img = np.zeros((h, w, 3), np.float32)
+img[np.hypot(yy - h / 2, xx - w / 2) <= 44] = (0.8, 0.4, 0.2)
+mask, fov = estimate_fov_geometry(img)
+soft = soft_fov_mask(mask, fov)
+for d in (cofe_degrader("released", "111"), cofe_degrader("training", "111"), load_recipe("severe")):
+    out = d.apply(img, d.sample(seed=3, key="k", fov=fov), soft, levels=255)
+    assert out.shape == img.shape and np.isfinite(out).all(), d.name
+
+assert sys.modules["torch"] is None
+assert not [m for m in sys.modules if m.startswith("torch.")], "a torch submodule was imported"
+assert not [m for m in sys.modules if m.startswith("fundus_pipeline")], "degradation imported fundus_pipeline"
+# no global random state was used (drawn from or re-seeded)
+g = np.random.get_state()
+assert g[0] == np_state[0] and (g[1] == np_state[1]).all() and g[2:] == np_state[2:], "np.random global state changed"
+assert random.getstate() == py_state, "random global state changed"
+print("ok")
+"""
+
+
 def test_package_is_torch_free_and_uses_no_global_random():
+    """Import and run the package in a fresh interpreter where ``import torch`` fails, and check that
+    sampling and applying leave numpy's and Python's global random states untouched."""
     root = Path(__file__).resolve().parents[2]
-    code = "import sys, degradation; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
-    pkg = root / "degradation"
-    for f in pkg.glob("*.py"):
-        text = f.read_text()
-        for banned in ("np.random.rand", "np.random.seed", "np.random.normal", "np.random.uniform", "import random", "import torch"):
-            assert banned not in text, (f.name, banned)
+    res = subprocess.run([sys.executable, "-c", _TORCH_FREE_CHECK], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"
 
 
 def test_numpy_typed_fov_gives_json_params(fundus128):
@@ -191,16 +222,3 @@ def test_integer_images_rejected(fundus128):
     d = cofe_degrader()
     with pytest.raises(TypeError):
         d.apply((img * 255).astype(np.uint8), d.sample(0, "k", fov), soft)
-
-
-def test_drive_size_speed():
-    """Code 111 at DRIVE size stays well below the budget (loose bound for a loaded CI machine)."""
-    import time
-
-    img, fov, soft = make_fundus(540, height=584, width=565)
-    d = cofe_degrader()
-    p = d.sample(0, "speed", fov)
-    d.apply(img, p, soft)
-    t = time.perf_counter()
-    d.apply(img, p, soft)
-    assert time.perf_counter() - t < 1.0

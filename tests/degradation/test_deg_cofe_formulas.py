@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from degradation import cofe
-from degradation.cofe import code_bits, hole_factor, sample_cofe, spot_kernel_range, spot_value
+from degradation.cofe import code_bits, hole_factor, sample_cofe, spot_value
 from degradation.functional import Frame, blurred_canonical_field, canonical_disk, gaussian_blur, make_odd
 from degradation.fov import FovGeometry
 from degradation.rng import item_rng
@@ -25,20 +25,19 @@ def test_spot_value(r, v):
     assert round(spot_value(r), 3) == v
 
 
-@pytest.mark.parametrize("r,kmin,kmax,odd", [(6, 3, 4, {3, 5}), (25, 10, 12, {11, 13})])
-def test_spot_kernel_sizes(r, kmin, kmax, odd):
-    assert spot_kernel_range(r) == (kmin, kmax)
-    assert {make_odd(k) for k in range(kmin, kmax + 1)} == odd
-
-
 def test_spot_kernels_sampled_follow_radius():
+    """Digest: σ = 2·(5 + 20 r/25), kernel k ∈ [⌊σ/5⌋, ⌊σ/4⌋] per axis, then made odd (+1 if even):
+    r = 6 -> k ∈ [3, 4] -> {3, 5}; r = 25 -> k ∈ [10, 12] -> {11, 13}. Pinned on the sampler itself."""
     seen = {}
     for seed in range(150):
         for sp in _draw("released", "010", seed)["spot"]:
             seen.setdefault(sp["radius"], set()).update({sp["rad_w"], sp["rad_h"]})
-            assert sp["sigma"] == pytest.approx(2 * (5 + 20 * sp["radius"] / 25))
+            sigma = 2 * (5 + 20 * sp["radius"] / 25)
+            assert sp["sigma"] == pytest.approx(sigma)
             assert sp["value"] == pytest.approx(spot_value(sp["radius"]))
-    assert seen[6] <= {3, 5} and seen[25] <= {11, 13}
+            allowed = {make_odd(k) for k in range(math.floor(sigma / 5), math.floor(sigma / 4) + 1)}
+            assert {sp["rad_w"], sp["rad_h"]} <= allowed, (sp["radius"], sp["rad_w"], sp["rad_h"])
+    assert seen[6] == {3, 5} and seen[25] == {11, 13}
     assert min(seen) == 6 and max(seen) == 25  # inclusive randint endpoints reached
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from degradation import Degrader, RecipeError, load_recipe
-from degradation.recipe import BUILTIN_RECIPES
+from degradation import Degrader, RecipeError, cofe_degrader, load_recipe
+from degradation.recipe import BUILTIN_RECIPES, MAX_NAME_LENGTH, MAX_STEPS, loads_recipe
 
 BASE = {"schema_version": 1, "name": "t", "steps": [{"name": "blur", "type": "defocus", "radius_range": [1, 2]}]}
 
@@ -101,3 +102,109 @@ def test_types_list_draws_all_codes(fundus128):
     d = load_recipe("moderate")
     seen = {d.sample(s, "k", fov)["steps"][0]["params"]["type"] for s in range(200) if d.sample(s, "k", fov)["steps"][0]["applied"]}
     assert seen == {"001", "010", "011", "100", "101", "110", "111"}
+
+
+# --------------------------------------------------------------------------------------- size limits
+def test_deeply_nested_json_is_a_recipe_error(tmp_path):
+    bomb = "[" * 200000 + "]" * 200000
+    for load in (lambda: load_recipe(_write(tmp_path, bomb)), lambda: loads_recipe(bomb)):
+        with pytest.raises(RecipeError, match="nested too deeply") as ei:
+            load()
+        assert "\n" not in str(ei.value) and len(str(ei.value)) < 300
+    shallow_but_too_deep = {**BASE, "description": "x", "steps": [{**BASE["steps"][0], "radius_range": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        Degrader(shallow_but_too_deep)
+
+
+def test_recipe_text_and_file_size_bounded(tmp_path):
+    big = {**BASE, "name": "n" * (5 * 2**20)}  # a 5 MB name would be copied into every manifest record
+    with pytest.raises(RecipeError, match="too large") as ei:
+        load_recipe(_write(tmp_path, big))
+    assert len(str(ei.value)) < 300
+    with pytest.raises(RecipeError, match="too large"):
+        loads_recipe(json.dumps(big))
+    with pytest.raises(RecipeError, match="name") as ei:
+        Degrader(big)  # a dict is bounded by the schema
+    assert len(str(ei.value)) < 500
+
+
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (lambda r: r.update(name="n" * (MAX_NAME_LENGTH + 1)), "name"),
+        (lambda r: r.update(description="d" * 2001), "description"),
+        (lambda r: r.update(steps=[{"name": f"s{i}", "type": "defocus"} for i in range(MAX_STEPS + 1)]), "steps"),
+        (lambda r: r["steps"][0].update(name="s" * 65), "name"),
+        (lambda r: r["steps"].__setitem__(0, {"name": "c", "type": "cofe_released", "types": ["111"] * 65}), "types"),
+    ],
+)
+def test_string_and_list_fields_bounded(tmp_path, mutate, field):
+    data = json.loads(json.dumps(BASE))
+    mutate(data)
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(_write(tmp_path, data))
+    assert field in str(ei.value) and "\n" not in str(ei.value)
+    ok = json.loads(json.dumps(BASE))
+    ok["name"] = "n" * MAX_NAME_LENGTH
+    assert load_recipe(_write(tmp_path, ok)).name == ok["name"]
+
+
+def test_long_unknown_name_gives_short_message():
+    with pytest.raises(RecipeError, match="unknown recipe") as ei:
+        load_recipe("x" * 400000)
+    assert len(str(ei.value)) < 300
+
+
+def test_special_files_refused_before_reading(tmp_path):
+    import os
+    import time
+
+    t = time.perf_counter()
+    if Path("/dev/zero").exists():
+        with pytest.raises(RecipeError, match="not a regular file"):
+            load_recipe("/dev/zero")
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    with pytest.raises(RecipeError, match="not a regular file"):
+        load_recipe(fifo)
+    assert time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("name", BUILTIN_RECIPES)
+def test_builtin_configs_match_their_files(name):
+    from importlib import resources
+
+    raw = json.loads(resources.files("degradation").joinpath("recipes", f"{name}.json").read_text())
+    cfg = load_recipe(name).config()
+    assert cfg["name"] == raw["name"] and cfg["description"] == raw["description"]
+    assert len(cfg["steps"]) == len(raw["steps"])
+    for got, want in zip(cfg["steps"], raw["steps"]):
+        for k, v in want.items():
+            assert got[k] == v, (name, k)
+
+
+RECORDED = [*BUILTIN_RECIPES, "cofe:released:111", "cofe:training:011"]
+
+
+def _degrader(spec):
+    if spec.startswith("cofe:"):
+        _, preset, code = spec.split(":")
+        return cofe_degrader(preset, code)
+    return load_recipe(spec)
+
+
+@pytest.mark.parametrize("spec", RECORDED)
+def test_from_config_rebuilds_identical_degrader(fundus128, spec):
+    img, fov, soft = fundus128
+    d = _degrader(spec)
+    recorded = json.loads(json.dumps(d.config()))  # as stored in a manifest
+    r = Degrader.from_config(recorded)
+    assert r.config() == d.config() and r.name == d.name
+    for seed in range(4):
+        p = d.sample(seed, "k", fov)
+        assert r.sample(seed, "k", fov) == p
+        assert r.apply(img, p, soft).tobytes() == d.apply(img, p, soft).tobytes()
+    with pytest.raises(RecipeError, match="recorded recipe"):
+        Degrader.from_config({**recorded, "steps": "nope"})
+    with pytest.raises(RecipeError, match="expected an object"):
+        Degrader.from_config(["x"])

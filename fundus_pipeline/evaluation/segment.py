@@ -21,6 +21,15 @@ shown as grey 3/253), otherwise value > half of the dtype max (127 for uint8; > 
 images use the maximum over their colour channels. Without ``--fov`` the FOV is the whole image.
 
 Threshold: ``--threshold``, else ``config.threshold`` of PRED_DIR/manifest.json, else 0.5.
+
+Coverage: every prediction is scored against its ground truth. Ground-truth images without a prediction
+are not an error (evaluating a subset of a test set is normal): they are counted and listed in the summary
+(``n_gt_without_prediction``, ``gt_without_prediction``) and are not rows of metrics.csv. A prediction
+without ground truth, or without a FOV mask when a FOV folder is given, and unreadable items are problems
+(rows with status ``unpaired: ...`` / ``error: ...``, listed under ``problems``).
+
+Bootstrap: with ``n_boot = 0`` there are no confidence intervals; the summary then has no ``ci95`` key
+(``bootstrap.n`` is 0) and the tables have no CI columns.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from fundus_pipeline.errors import InputError, UsageError
-from fundus_pipeline.metrics import (
+from fundus_pipeline.evaluation.metrics import (
     ALL_KEYS,
     cldice,
     confusion,
@@ -46,6 +55,7 @@ from fundus_pipeline.metrics import (
     segmentation_report,
 )
 
+REPORT_NAMES = ("metrics.csv", "summary.json", "summary.md")
 SUFFIXES = ("_prob", "_vessels", "_mask", "_manual1", "_manual2", "_test", "_training")
 CSV_COLUMNS = (
     "key", "status", "source", "pred", "gt", "fov", "height", "width", "tp", "fp", "tn", "fn",
@@ -210,7 +220,8 @@ class EvalResult:
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
     n_problems: int = 0
-    messages: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # one warning per problem item
+    notes: list[str] = field(default_factory=list)  # informational lines (not problems)
 
 
 def _fmt(v: Any) -> str:
@@ -255,22 +266,21 @@ def evaluate_segmentation(
             f"({len(preds)} predictions, {len(gts)} ground truths; keys are file names without {', '.join(SUFFIXES)})"
         )
 
+    gt_only = sorted(set(gts) - set(preds))  # not scored, not a problem: a subset of the GT was predicted
     rows: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     sources: set[str] = set()
-    for k in sorted(set(preds) | set(gts)):
-        pe, gp = preds.get(k), gts.get(k)
+    for k in sorted(preds):
+        pe, gp = preds[k], gts.get(k)
         fp_ = fovs.get(k) if fovs is not None else None
         row: dict[str, Any] = {
             "key": k,
-            "pred": str(pe.path) if pe else "",
+            "pred": str(pe.path),
             "gt": str(gp) if gp else "",
             "fov": str(fp_) if fp_ else ("" if fovs is not None else "whole image"),
             "source": "",
         }
-        if pe is None:
-            row["status"] = "unpaired: no prediction"
-        elif gp is None:
+        if gp is None:
             row["status"] = "unpaired: no ground truth"
         elif fovs is not None and fp_ is None:
             row["status"] = "unpaired: no FOV mask"
@@ -321,6 +331,8 @@ def evaluate_segmentation(
         "n_images": rep["n_images"],
         "n_unpaired": sum(r["status"].startswith("unpaired") for r in rows),
         "n_errors": sum(r["status"].startswith("error") for r in rows),
+        "n_gt_without_prediction": len(gt_only),
+        "gt_without_prediction": gt_only,
         "pooled": rep["pooled"],
         "mean": rep["mean"],
         "ci95": rep["ci95"],
@@ -328,8 +340,16 @@ def evaluate_segmentation(
         "problems": [{"key": r["key"], "status": r["status"]} for r in problems],
         "protocol": PROTOCOL,
     }
+    if n_boot <= 0:
+        del summary["ci95"]  # no resamples, no CIs (documented: the key is absent, bootstrap.n is 0)
     msgs = [f"{r['key']}: {r['status']}" for r in problems]
-    return EvalResult(rows=rows, summary=json_safe(summary), n_problems=len(problems), messages=msgs)
+    notes = [gt_only_note(len(gt_only))] if gt_only else []
+    return EvalResult(rows=rows, summary=json_safe(summary), n_problems=len(problems), messages=msgs, notes=notes)
+
+
+def gt_only_note(n: int) -> str:
+    """``15 ground-truth images have no prediction (not scored)``."""
+    return f"{n} ground-truth image{'s have' if n != 1 else ' has'} no prediction (not scored)"
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -349,17 +369,36 @@ def _num(v: Any, nd: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
 
 
-def summary_table(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """Rows (metric, pooled, mean, mean 95% CI) for human/Markdown output."""
-    out = []
+def has_ci(summary: dict[str, Any]) -> bool:
+    """Whether the summary carries bootstrap CIs (not with ``--bootstrap 0``)."""
+    return bool(summary.get("ci95")) and summary.get("bootstrap", {}).get("n", 0) > 0
+
+
+def summary_header(summary: dict[str, Any]) -> tuple[str, ...]:
+    """Column titles matching :func:`summary_table`."""
+    if has_ci(summary):
+        return ("metric", "pooled [95% CI]", "mean", "mean 95% CI")
+    return ("metric", "pooled", "mean")
+
+
+def summary_table(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Rows (metric, pooled [CI], mean, mean 95% CI) for human/Markdown output; without CIs
+    (``--bootstrap 0``) the rows are (metric, pooled, mean)."""
+    with_ci = has_ci(summary)
+    ci95 = summary.get("ci95") or {}
+    out: list[tuple[str, ...]] = []
     for k in _MD_METRICS:
         pooled = summary["pooled"].get(k)
-        pci = summary["ci95"].get("pooled", {}).get(k)
         p = _num(pooled) if k != "cldice" else "-"
+        mean = _num(summary["mean"].get(k))
+        if not with_ci:
+            out.append((k, p, mean))
+            continue
+        pci = ci95.get("pooled", {}).get(k)
         if pci and pooled is not None:
             p += f" [{_num(pci[0])}, {_num(pci[1])}]"
-        ci = summary["ci95"].get("mean", {}).get(k) or [None, None]
-        out.append((k, p, _num(summary["mean"].get(k)), f"[{_num(ci[0])}, {_num(ci[1])}]"))
+        ci = ci95.get("mean", {}).get(k) or [None, None]
+        out.append((k, p, mean, f"[{_num(ci[0])}, {_num(ci[1])}]"))
     return out
 
 
@@ -372,12 +411,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- FOV: {summary['fov']}" + (f" `{summary['fov_dir']}`" if summary["fov_dir"] else ""),
         f"- threshold: {summary['threshold']} ({summary['threshold_source']})",
         f"- images scored: {summary['n_images']}; unpaired: {summary['n_unpaired']}; errors: {summary['n_errors']}",
-        f"- bootstrap: {summary['bootstrap']['n']} resamples, seed {summary['bootstrap']['seed']}",
-        "",
-        "| metric | pooled [95% CI] | mean of images | mean 95% CI |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_table(summary)]
+    n_gt_only = summary.get("n_gt_without_prediction", 0)
+    if n_gt_only:
+        keys = ", ".join(f"`{k}`" for k in summary.get("gt_without_prediction", []))
+        lines.append(f"- ground truth without prediction (not scored): {n_gt_only} ({keys})")
+    if has_ci(summary):
+        lines.append(f"- bootstrap: {summary['bootstrap']['n']} resamples, seed {summary['bootstrap']['seed']}")
+    else:
+        lines.append("- bootstrap: none (0 resamples, no confidence intervals)")
+    header = tuple("mean of images" if h == "mean" else h for h in summary_header(summary))
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_table(summary)]
     lines += ["", f"Protocol: {summary['protocol']}", ""]
     if summary["problems"]:
         lines += ["## Not scored", ""] + [f"- `{p['key']}`: {p['status']}" for p in summary["problems"]] + [""]
@@ -385,26 +430,42 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def summary_human(summary: dict[str, Any]) -> str:
+    n_gt_only = summary.get("n_gt_without_prediction", 0)
     head = (
-        f"{summary['n_images']} images scored (unpaired {summary['n_unpaired']}, errors {summary['n_errors']}); "
-        f"threshold {summary['threshold']:g} ({summary['threshold_source']}); FOV: {summary['fov']}"
+        f"{summary['n_images']} images scored (unpaired {summary['n_unpaired']}, errors {summary['n_errors']}"
+        + (f", {n_gt_only} ground truth without prediction" if n_gt_only else "")
+        + f"); threshold {summary['threshold']:g} ({summary['threshold_source']}); FOV: {summary['fov']}"
     )
-    rows = [("metric", "pooled [95% CI]", "mean", "mean 95% CI")] + summary_table(summary)
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [summary_header(summary)] + summary_table(summary)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join([head] + body)
 
 
-def write_outputs(result: EvalResult, out_dir: Path, overwrite: bool = False) -> list[Path]:
-    """Write metrics.csv, summary.json and summary.md atomically into ``out_dir``."""
-    from fundus_pipeline.io import write_bytes_atomic
-
+def check_out_dir(out_dir: Path) -> list[Path]:
+    """Refuse an output path that cannot take the reports (``UsageError``); return the reports of an earlier
+    run found there (they will be replaced). Other files in the folder are never touched."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"output folder {out_dir} already exists and is not empty; pass --overwrite or choose --out")
-    paths = [out_dir / "metrics.csv", out_dir / "summary.json", out_dir / "summary.md"]
+    found = []
+    for name in REPORT_NAMES:
+        p = out_dir / name
+        if p.is_dir() or (p.exists() and not p.is_file()):
+            raise UsageError(f"cannot write the report {p}: a folder or special file has that name; choose --out")
+        if p.is_file():
+            found.append(p)
+    return found
+
+
+def write_outputs(result: EvalResult, out_dir: Path) -> list[Path]:
+    """Write metrics.csv, summary.json and summary.md atomically into ``out_dir`` (created), replacing
+    earlier reports of the same name; nothing else in the folder is touched."""
+    from fundus_pipeline.io import write_bytes_atomic
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    paths = [out_dir / name for name in REPORT_NAMES]
     write_bytes_atomic(paths[0], metrics_csv(result.rows))
     write_bytes_atomic(paths[1], (json.dumps(result.summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     write_bytes_atomic(paths[2], summary_markdown(result.summary).encode("utf-8"))

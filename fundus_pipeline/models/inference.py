@@ -1,4 +1,6 @@
-"""Vessel-segmentation inference: working scale, padding, tiled prediction with overlap blending."""
+"""Inference helpers shared by every network stage: padding to the model's size divisor, tiled
+prediction with overlap blending and batched tiles (any number of output channels), the working scale,
+and the vessel-specific finishing (sigmoid, FOV margin, native resolution)."""
 
 from __future__ import annotations
 
@@ -50,41 +52,7 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
     return w
 
 
-@torch.inference_mode()
-def predict_logits(
-    model: torch.nn.Module,
-    rgb: np.ndarray,
-    *,
-    device: torch.device | str = "cpu",
-    tile: int | None = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    amp: bool = False,
-    batch_size: int = 1,
-) -> np.ndarray:
-    """Vessel logits (float32 HxW) for a float32 HxWx3 RGB image in [0,1] at the model's scale.
-
-    With ``tile`` set and the image larger than a tile, the image is processed in overlapping tiles whose
-    predictions are blended with linear ramps, which bounds memory for any image size; ``batch_size``
-    tiles go through the model together. ``tile=None`` processes the whole image at once.
-    """
-    device = torch.device(device)
-    divisor = int(getattr(model, "size_divisor", 16))
-    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].float()
-    H, W = rgb.shape[:2]
-
-    def run(t: torch.Tensor) -> torch.Tensor:
-        t, h, w = _pad_to(t, divisor)
-        t = t.to(device)
-        if amp and device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                y = model(t)
-        else:
-            y = model(t)
-        return y.float()[:, 0, :h, :w].cpu()
-
-    if tile is None or (H <= tile and W <= tile):
-        return run(x)[0].numpy()
-    tile = max(tile, 2 * overlap + divisor)
+def _tile_boxes(H: int, W: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     stride = tile - overlap
     ys = list(range(0, max(H - tile, 0) + 1, stride))
     xs = list(range(0, max(W - tile, 0) + 1, stride))
@@ -92,34 +60,77 @@ def predict_logits(
         ys.append(H - tile)
     if xs[-1] + tile < W:
         xs.append(W - tile)
-    acc = np.zeros((H, W), np.float32)
-    wsum = np.zeros((H, W), np.float32)
-    boxes = [(y0, x0, min(tile, H - y0), min(tile, W - x0)) for y0 in ys for x0 in xs]
+    return [(y0, x0, min(tile, H - y0), min(tile, W - x0)) for y0 in ys for x0 in xs]
+
+
+def _tile_weight(box: tuple[int, int, int, int], tile: int, overlap: int, H: int, W: int) -> np.ndarray:
+    """Linear-ramp blending weights of one tile; tiles that touch the image border keep full weight there."""
+    y0, x0, th, tw = box
+    wy = _ramp(th, overlap if th == tile else 0)
+    wx = _ramp(tw, overlap if tw == tile else 0)
+    if y0 == 0:
+        wy[:overlap] = 1.0
+    if y0 + th >= H:
+        wy[-overlap:] = 1.0
+    if x0 == 0:
+        wx[:overlap] = 1.0
+    if x0 + tw >= W:
+        wx[-overlap:] = 1.0
+    return wy[:, None] * wx[None, :]
+
+
+@torch.inference_mode()
+def predict_tiled(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    tile: int | None = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = 1,
+) -> np.ndarray:
+    """The model's output (float32 HxWxC, all C output channels) for a float32 HxWxC_in image.
+
+    The model maps N x C_in x h x w to N x C x h x w for h, w divisible by its ``size_divisor``; the
+    image is padded (reflect) to that and the output cropped back. With ``tile`` set and the image
+    larger than a tile, overlapping tiles are blended with linear ramps, which bounds memory for any
+    image size; ``batch_size`` tiles go through the model together. ``tile=None``: one pass.
+    """
+    device = torch.device(device)
+    divisor = int(getattr(model, "size_divisor", 16))
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
+    H, W = image.shape[:2]
+
+    def run(t: torch.Tensor) -> np.ndarray:  # N x h x w x C
+        t, h, w = _pad_to(t, divisor)
+        y = model(t.to(device))
+        return y.float()[:, :, :h, :w].cpu().numpy().transpose(0, 2, 3, 1)
+
+    if tile is None or (H <= tile and W <= tile):
+        return np.ascontiguousarray(run(x)[0])
+    tile = max(tile, 2 * overlap + divisor)
+    boxes = _tile_boxes(H, W, tile, overlap)
     outs: list[np.ndarray] = []
-    for i in range(0, len(boxes), max(1, batch_size)):
-        group = boxes[i : i + max(1, batch_size)]
-        shapes = {(th, tw) for _, _, th, tw in group}
-        if len(shapes) == 1:
-            batch = torch.cat([x[..., y0 : y0 + th, x0 : x0 + tw] for y0, x0, th, tw in group])
-            outs.extend(run(batch).numpy())
+    step = max(1, batch_size)
+    for i in range(0, len(boxes), step):
+        group = boxes[i : i + step]
+        if len({(th, tw) for _, _, th, tw in group}) == 1:
+            outs.extend(run(torch.cat([x[..., y0 : y0 + th, x0 : x0 + tw] for y0, x0, th, tw in group])))
         else:
-            outs.extend(run(x[..., y0 : y0 + th, x0 : x0 + tw])[0].numpy() for y0, x0, th, tw in group)
-    for (y0, x0, th, tw), out in zip(boxes, outs):
-        wy = _ramp(th, overlap if th == tile else 0)
-        wx = _ramp(tw, overlap if tw == tile else 0)
-        # Tiles that touch the image border keep full weight there.
-        if y0 == 0:
-            wy[: overlap] = 1.0
-        if y0 + th >= H:
-            wy[-overlap:] = 1.0
-        if x0 == 0:
-            wx[: overlap] = 1.0
-        if x0 + tw >= W:
-            wx[-overlap:] = 1.0
-        wgt = wy[:, None] * wx[None, :]
-        acc[y0 : y0 + th, x0 : x0 + tw] += out * wgt
+            outs.extend(run(x[..., y0 : y0 + th, x0 : x0 + tw])[0] for y0, x0, th, tw in group)
+    acc = np.zeros((H, W, outs[0].shape[-1]), np.float32)
+    wsum = np.zeros((H, W), np.float32)
+    for box, out in zip(boxes, outs):
+        y0, x0, th, tw = box
+        wgt = _tile_weight(box, tile, overlap, H, W)
+        acc[y0 : y0 + th, x0 : x0 + tw] += out * wgt[..., None]
         wsum[y0 : y0 + th, x0 : x0 + tw] += wgt
-    return acc / np.maximum(wsum, 1e-6)
+    return acc / np.maximum(wsum, 1e-6)[..., None]
+
+
+def predict_logits(model: torch.nn.Module, rgb: np.ndarray, **kw) -> np.ndarray:
+    """Vessel logits (float32 HxW): channel 0 of :func:`predict_tiled` for an RGB image at the model's scale."""
+    return np.ascontiguousarray(predict_tiled(model, rgb, **kw)[..., 0])
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""The ``fundus`` Typer application, the run-summary printer and the error-mapping entry point.
+
+Commands are thin: they parse options, call library code, and map domain errors to one line on stderr
+plus a documented exit code (see README, "Exit codes"). Each command lives in its own module of this
+package and is registered explicitly in ``fundus_pipeline/cli/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from fundus_pipeline import __version__
+from fundus_pipeline.cli.options import Format
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError
+
+app = typer.Typer(
+    name="fundus",
+    help="End-to-end pipeline for retinal fundus photographs: degrade, segment, evaluate, train.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help text: readable in logs, no box drawing
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"fundus {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Show the version and exit.")] = False,
+):
+    """fundus: degrade, segment and evaluate retinal fundus photographs, folder in, folder out."""
+
+
+def report(result, fmt: Format) -> None:
+    """Print a run summary (one JSON document with --format json) and exit with the run's code.
+
+    Item failures were already printed one line each while the run went on; the summary only counts them.
+    """
+    s = result.summary()
+    if fmt == Format.json:
+        typer.echo(json.dumps(s, indent=2))
+    else:
+        c = s["counts"]
+        msg = f"{s['stage']}: {c.get('ok', 0)} ok, {c.get('error', 0)} failed"
+        if c.get("skipped"):
+            msg += f" ({c['skipped']} already done, resumed)"
+        if s["interrupted"]:
+            msg += ", interrupted"
+        typer.echo(f"{msg} -> {s['output']}  (manifest.json, results.csv)")
+        if c.get("error"):
+            typer.echo(f"  the failures are listed in {s['results']} (status=error)", err=True)
+    code = result.exit_code
+    if code:
+        raise typer.Exit(code)
+
+
+# Typer raises click's exception classes: from its own vendored copy in recent versions, from the click
+# package in older ones. Both are reached through public names, never through a private import.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _err(msg: str, hint: str | None = None) -> None:
+    typer.echo(f"Error: {msg}", err=True)
+    if hint:
+        typer.echo(f"Hint: {hint}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: never shows a traceback unless FUNDUS_DEBUG=1."""
+    import fundus_pipeline.cli  # noqa: F401  (registers every command)
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cmd = typer.main.get_command(app)
+        rv = cmd.main(args=args, prog_name="fundus", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except _CLICK_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group called without a command: its help
+            typer.echo(e.ctx.get_help() if e.ctx else str(e))
+            code = EXIT_USAGE
+        else:
+            _err(e.format_message().splitlines()[0] if e.format_message() else type(e).__name__, "run with --help for usage")
+            code = e.exit_code
+    except typer.Exit as e:
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        _err("interrupted")
+        code = EXIT_INTERRUPTED
+    except FundusError as e:
+        _err(e.message, e.hint)
+        code = e.exit_code
+    except Exception as e:
+        if os.environ.get("FUNDUS_DEBUG"):
+            traceback.print_exc()
+        _err(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "set FUNDUS_DEBUG=1 for the traceback and report it")
+        code = EXIT_FATAL
+    if argv is None:
+        sys.exit(code)
+    return code

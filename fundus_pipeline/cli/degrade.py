@@ -1,0 +1,42 @@
+"""``fundus degrade``: realistic, seeded low-quality versions of each photograph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fundus_pipeline.cli.app import app, report
+from fundus_pipeline.cli.options import Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers
+
+
+@app.command()
+def degrade(
+    in_dir: InPath,
+    out_dir: OutDir,
+    types: Annotated[Optional[str], typer.Option("--types", help="Cofe-Net type codes (bits blur,spot,illumination): e.g. 111 (default), '001,010,100' or all.", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Cofe-Net variant: released (degrad_de.py, default) or training (the on-the-fly training degradation).", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="A recipe instead of Cofe-Net types: mild, moderate, severe or a JSON file.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed (default 0); each image's streams derive from (seed, key, step).", show_default=False)] = None,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Re-apply the parameters recorded in OLD_OUT/manifest.json (its types, preset, recipe and seed).", show_default=False)] = None,
+    threads: Threads = None,
+    workers: Workers = 1,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    fmt: FormatOpt = Format.human,
+):
+    """Simulate low-quality fundus photographs (Cofe-Net degradation model and clinical recipes).
+
+    Example: fundus degrade photos/ degraded/ --types all --seed 7
+    """
+    from fundus_pipeline.config import DegradeConfig
+    from fundus_pipeline.runner import check_run_paths, run_stage
+    from fundus_pipeline.stages.degrade import DegradeStage
+
+    cfg = DegradeConfig.from_options(types=types, preset=preset, recipe=recipe, seed=seed, replay=replay)
+    check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
+    stage = DegradeStage(cfg)
+    result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
+    report(result, fmt)

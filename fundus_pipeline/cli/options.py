@@ -1,0 +1,49 @@
+"""Option types shared by the commands (defined once, as Typer ``Annotated`` aliases)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Format(str, Enum):
+    """What a command prints on stdout: a human summary, or exactly one JSON document."""
+
+    human = "human"
+    json = "json"
+
+
+def flag(*names: str, help: str) -> typer.models.OptionInfo:
+    """A boolean on/off flag (``--overlay``); shown without a value in ``--help``."""
+    return typer.Option(*names, help=help, metavar="")
+
+
+InPath = Annotated[
+    Path,
+    typer.Argument(
+        metavar="IN",
+        help="Input: a folder of fundus images (searched recursively), one image file, or a text file listing image paths (one a line, relative to the list's folder).",
+        show_default=False,
+    ),
+]
+OutDir = Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must not be inside the input folder).", show_default=False)]
+Workers = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        "-j",
+        help="Parallel worker processes; each gets cores/workers CPU threads unless --threads is given. Results do not depend on it.",
+    ),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads per worker [default: available cores / workers].", show_default=False),
+]
+Resume = Annotated[bool, flag("--resume", help="Continue an earlier run in OUT: finished items are skipped.")]
+Overwrite = Annotated[bool, flag("--overwrite", help="Allow a non-empty OUT and replace outputs of the same name.")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="human: short summary; json: one JSON summary on stdout.")]
+Quiet = Annotated[bool, flag("--quiet", "-q", help="No progress output on stderr (errors are still printed).")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]

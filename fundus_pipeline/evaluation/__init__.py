@@ -1,0 +1,1 @@
+"""Evaluation per task: ``segment`` (vessel maps against manual annotations); enhance, score and grade follow."""

@@ -1,0 +1,45 @@
+"""The static, torch-free catalogue of the registered model architectures.
+
+``fundus models`` answers from this table (and ``weights/manifest.json``) without importing torch or
+building a single network. The registry is checked against it: ``register_model`` refuses an entry
+whose metadata differ from its catalogue row, and ``tests/test_models_contract.py`` asserts that every
+registered model has a row, that the factory paths agree and that the built model's parameter count
+equals ``params`` here, so the numbers cannot rot. Adding an architecture = a ``@register_model``
+factory plus one row below (the contract test prints the parameter count to paste when it is wrong).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str  # registry name (``--arch``)
+    factory: str  # "module:function", imported only when the model is built
+    task: str  # "segmentation", ...
+    arch: str  # architecture family, e.g. "imff" or "msrf"
+    width: int  # base channel width
+    params: int  # trainable + non-trainable parameter count of the built model
+    description: str
+
+
+_ENTRIES = (
+    CatalogEntry("imff", "fundus_pipeline.models.imff:imff", "segmentation", "imff", 16, 2_172_274, "IMFF-Net, compact width 16 for CPU (shipped)"),
+    CatalogEntry("imff_paper", "fundus_pipeline.models.imff:imff_paper", "segmentation", "imff", 64, 34_684_354, "IMFF-Net at the paper's width (34.7 M parameters)"),
+    CatalogEntry("imff_tiny", "fundus_pipeline.models.imff:imff_tiny", "segmentation", "imff", 2, 34_600, "IMFF-Net, width 2 (tests only)"),
+    CatalogEntry("imff_w8", "fundus_pipeline.models.imff:imff_w8", "segmentation", "imff", 8, 544_570, "IMFF-Net, width 8"),
+    CatalogEntry("msrf", "fundus_pipeline.models.msrf:msrf", "segmentation", "msrf", 16, 5_106_016, "MSRF-Net (multi-scale residual fusion, 10 DSDF blocks, gated shape stream), compact width 16 for CPU"),
+    CatalogEntry("msrf_paper", "fundus_pipeline.models.msrf:msrf_paper", "segmentation", "msrf", 32, 20_406_789, "MSRF-Net at the paper width (32/64/128/256)"),
+    CatalogEntry("msrf_tiny", "fundus_pipeline.models.msrf:msrf_tiny", "segmentation", "msrf", 4, 320_799, "MSRF-Net width 4, for fast tests"),
+    CatalogEntry("msrf_w8", "fundus_pipeline.models.msrf:msrf_w8", "segmentation", "msrf", 8, 1_278_688, "MSRF-Net width 8 (8/16/32/64), the variant trained on CPU and shipped"),
+)
+
+CATALOG: dict[str, CatalogEntry] = {e.name: e for e in _ENTRIES}
+
+
+def catalog_entries(pattern: str = "*", task: str | None = None) -> list[CatalogEntry]:
+    """Catalogue rows sorted by name, filtered by an fnmatch ``pattern`` and ``task`` (no torch import)."""
+    import fnmatch
+
+    return [e for n, e in sorted(CATALOG.items()) if fnmatch.fnmatch(n, pattern) and (task is None or e.task == task)]

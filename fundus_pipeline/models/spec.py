@@ -1,0 +1,215 @@
+"""Typed schema of ``weights/manifest.json`` (pydantic v2) and of the weights a model was loaded from.
+
+Torch-free on purpose: ``fundus models`` reads the manifest without importing torch.
+
+* ``WeightsManifest`` is the whole file: ``{"schema_version": 1, "weights": [WeightsSpec, ...]}``.
+* ``WeightsSpec`` is one shipped weights file. Every model is ``extra="forbid"`` (a misspelt key is an
+  error, never silently ignored) and every field is required unless documented below with its default:
+  ``WeightsSpec.metrics`` (``{}``: a fresh export has no test figures yet), ``TrainingSpec.best_checkpoint``
+  (``None``) and ``TestMetrics.ci95`` (``None``). ``TrainingSpec`` also accepts extra provenance keys.
+* ``LoadedWeights`` is what ``load_model`` returns next to the model: the manifest entry (``None`` for
+  weights you trained yourself, given with ``--arch``), the verified path and sha256, and the decision
+  threshold / scale policy to use.
+
+Writers (``scripts/export_weights.py``): build a dict, ``WeightsSpec.model_validate(d)``, then
+``manifest.with_entry(spec).dumps()`` gives the file's text (``to_json_dict()`` gives the JSON dict).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+
+DEFAULT_THRESHOLD = 0.5  # decision threshold for weights without a manifest entry (``--arch``)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON-compatible dict, keys in the file's order (``model_validate`` of it round-trips)."""
+        return self.model_dump(mode="json")
+
+
+class ScalePolicy(_Strict):
+    type: Literal["fov_max_diameter"]
+    max_fov_diameter: float = Field(gt=0)  # pixels; images with a larger FOV are downscaled by an integer factor
+    rule: str
+
+
+class InputSpec(_Strict):
+    channels: Literal[3]
+    color: Literal["rgb"]
+    value_range: tuple[float, float]
+    normalisation: str
+    size_divisor: int = Field(ge=1)  # H and W of the network input must be multiples of it
+    scale_policy: ScalePolicy
+
+    @field_serializer("value_range")
+    def _plain_numbers(self, v: tuple[float, float]) -> list[int | float]:
+        return [int(x) if float(x).is_integer() else x for x in v]
+
+
+class ThresholdSelection(_Strict):
+    threshold: float = Field(gt=0, lt=1)
+    rule: str
+    val_f1: dict[str, float]
+    val_auc_roc: dict[str, float]
+
+
+class OutputSpec(_Strict):
+    activation: Literal["sigmoid"]
+    threshold: float = Field(gt=0, lt=1)  # the a-priori decision threshold on the sigmoid output
+    threshold_selection: ThresholdSelection
+
+    @model_validator(mode="after")
+    def _same_threshold(self) -> OutputSpec:
+        if self.threshold_selection.threshold != self.threshold:
+            raise ValueError(f"threshold {self.threshold} differs from threshold_selection.threshold {self.threshold_selection.threshold}")
+        return self
+
+
+class TrainingSpec(BaseModel):
+    """Provenance of the weights. The listed keys are required and typed; further keys are kept as given."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    validation: str
+    test_never_used: str
+    command: str
+    seed: int | None
+    steps: int | None
+    best_checkpoint: dict[str, Any] | None = None  # the trainer's summary["best"], recorded as is
+    torch: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class TestMetrics(_Strict):
+    __test__ = False  # not a pytest class
+
+    threshold: float = Field(gt=0, lt=1)
+    n_images: int = Field(ge=1)
+    pooled: dict[str, float]
+    mean: dict[str, float]
+    ci95: dict[str, dict[str, tuple[float, float]]] | None = None
+
+
+class WeightsSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the --weights name
+    file: str  # file name inside the weights folder
+    format: Literal["pt-state-dict"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=1)
+    model: str  # registry name of the architecture (``--arch``), e.g. "msrf_w8"
+    arch: str  # architecture family, e.g. "msrf"
+    width: int = Field(ge=1)
+    params: int = Field(ge=1)
+    input: InputSpec
+    output: OutputSpec
+    training: TrainingSpec
+    metrics: dict[str, TestMetrics] = Field(default_factory=dict)  # test-split figures, label -> metrics
+    license: str
+
+    @field_validator("file")
+    @classmethod
+    def _plain_file_name(cls, v: str) -> str:
+        if not v or Path(v).name != v or v in (".", ".."):
+            raise ValueError(f"must be a file name inside the weights folder, got {v!r}")
+        return v
+
+    @property
+    def threshold(self) -> float:
+        return self.output.threshold
+
+    @property
+    def max_fov_diameter(self) -> float:
+        return self.input.scale_policy.max_fov_diameter
+
+
+class WeightsManifest(_Strict):
+    schema_version: Literal[1]
+    weights: list[WeightsSpec]
+
+    @field_validator("weights")
+    @classmethod
+    def _unique_names(cls, v: list[WeightsSpec]) -> list[WeightsSpec]:
+        seen: set[str] = set()
+        for s in v:
+            if s.name in seen:
+                raise ValueError(f"weights name {s.name!r} listed twice")
+            seen.add(s.name)
+        return v
+
+    def get(self, name: str) -> WeightsSpec | None:
+        return next((s for s in self.weights if s.name == name), None)
+
+    def by_sha256(self, digest: str) -> WeightsSpec | None:
+        return next((s for s in self.weights if s.sha256 == digest), None)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.weights]
+
+    def with_entry(self, spec: WeightsSpec) -> WeightsManifest:
+        """A copy with ``spec`` added or replacing the entry of the same name, sorted by name."""
+        weights = sorted([s for s in self.weights if s.name != spec.name] + [spec], key=lambda s: s.name)
+        return WeightsManifest(schema_version=self.schema_version, weights=weights)
+
+    def dumps(self) -> str:
+        """The manifest file's text."""
+        return json.dumps(self.to_json_dict(), indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """The verified weights a model was built from (returned by ``load_model``)."""
+
+    path: Path
+    sha256: str
+    model: str  # registry name of the architecture the weights were loaded into
+    spec: WeightsSpec | None  # the manifest entry; None for your own weights given with --arch
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec else self.path.stem
+
+    @property
+    def threshold(self) -> float:
+        """The a-priori decision threshold: the manifest's, or ``DEFAULT_THRESHOLD`` for weights without an entry."""
+        return self.spec.output.threshold if self.spec else DEFAULT_THRESHOLD
+
+    @property
+    def threshold_source(self) -> Literal["manifest", "default"]:
+        return "manifest" if self.spec else "default"
+
+    @property
+    def max_fov_diameter(self) -> float:
+        if self.spec:
+            return self.spec.max_fov_diameter
+        from fundus_pipeline.models.inference import DEFAULT_MAX_FOV_DIAMETER
+
+        return float(DEFAULT_MAX_FOV_DIAMETER)
+
+    # -- transition shim: the dict that load_model returned before ------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        """The former dict form (manifest entry + ``sha256`` + ``path``). Deprecated: use the attributes."""
+        if self.spec:
+            base = self.spec.to_json_dict()
+        else:
+            base = {"name": self.name, "model": self.model, "file": str(self.path), "output": {"threshold": DEFAULT_THRESHOLD}, "input": {}}
+        return {**base, "sha256": self.sha256, "path": str(self.path)}
+
+    def __getitem__(self, key: str) -> Any:
+        warnings.warn("LoadedWeights[...] is deprecated: use attributes (.name, .model, .threshold, .spec...)", DeprecationWarning, stacklevel=2)
+        return self.as_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        warnings.warn("LoadedWeights.get() is deprecated: use attributes (.name, .model, .threshold, .spec...)", DeprecationWarning, stacklevel=2)
+        return self.as_dict().get(key, default)

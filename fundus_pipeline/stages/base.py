@@ -1,0 +1,158 @@
+"""The stage contract: what a stage declares and what the runner does for it.
+
+A stage is a pure per-item computation, ``compute(item) -> ItemOutput``, on decoded arrays. Everything
+around it belongs to the runner (``fundus_pipeline.runner``): discovering and pairing the inputs,
+decoding them, estimating the field of view once per item, writing the outputs atomically, recording
+per-item failures, the resume journal, ``manifest.json`` and ``results.csv``. Because ``compute`` never
+reads or writes files, a chained run can hand one stage's output arrays to the next stage in memory,
+while each stage command still writes its own folder.
+
+A stage declares:
+
+* ``name`` and ``columns`` (its own ``results.csv`` columns, after the common ones);
+* ``inputs``: the input roles it needs, each an :class:`InputSpec`. The first is the primary input (the
+  command's ``IN``); the others are found in other folders and matched by item key (e.g. the coming
+  ``score`` stage pairs an enhanced image with its degraded reference);
+* ``fov_policy``: ``"estimate"`` (the runner estimates the circular field of view of the primary image),
+  ``"full"`` (the whole frame) or ``"none"`` (no FOV needed);
+* ``start_method``: how parallel workers start (``"spawn"`` is safe with torch and CUDA; a torch-free
+  stage may use ``"fork"``, which starts workers in milliseconds);
+* ``uses_torch``: whether workers should set torch's CPU thread count;
+* ``config_record()``: the resolved configuration (hashed, so ``--resume`` never mixes configurations);
+  ``info()``: manifest fields kept out of the hash (paths); ``setup()``: per-worker setup (load a model
+  once per process; the stage object is pickled to spawned workers, so drop unpicklable state in
+  ``__getstate__``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from degradation.fov import FovGeometry
+from fundus_pipeline.errors import InputError
+from fundus_pipeline.io import ImageMeta, to_float_rgb
+
+FovPolicy = Literal["estimate", "full", "none"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input role of a stage. ``option`` is the command-line option that names its folder (None for
+    the primary input, which is the command's IN argument)."""
+
+    role: str
+    option: str | None = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A decoded image: the native array (uint8/uint16, gray/graya/rgb/rgba) and what was read."""
+
+    array: np.ndarray
+    meta: ImageMeta
+
+    @cached_property
+    def _float(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return to_float_rgb(self.array, self.meta)
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """float32 HxWx3 RGB in [0, 1] (gray replicated); computed once."""
+        return self._float[0]
+
+    @property
+    def alpha(self) -> np.ndarray | None:
+        """The alpha plane in the native dtype, or None."""
+        return self._float[1]
+
+
+@dataclass(frozen=True)
+class Fov:
+    """The field of view of an item's primary image: boolean mask, circle geometry, and whether a
+    circular FOV with a dark surround was found (False: the mask is the full frame)."""
+
+    mask: np.ndarray
+    geometry: FovGeometry
+    found: bool
+
+    @classmethod
+    def estimate(cls, rgb: np.ndarray) -> "Fov":
+        from degradation.fov import estimate_fov_geometry
+
+        mask, geom = estimate_fov_geometry(rgb)
+        return cls(mask, geom, not bool(mask.all()))
+
+    @classmethod
+    def full(cls, height: int, width: int) -> "Fov":
+        return cls(np.ones((height, width), bool), FovGeometry(width / 2, height / 2, min(height, width) / 2, height, width), True)
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    """What ``compute`` receives: the item key, its decoded images by role, and the FOV (None when the
+    stage's ``fov_policy`` is ``"none"``)."""
+
+    key: str
+    images: dict[str, Image]
+    fov: Fov | None
+
+    @property
+    def image(self) -> Image:
+        """The primary image."""
+        return self.images["image"]
+
+
+@dataclass
+class ItemOutput:
+    """What ``compute`` returns.
+
+    ``images`` maps an output-name suffix to a native array (uint8/uint16, or bool written as 0/255):
+    suffix ``""`` is written as ``OUT/KEY.png``, ``"_vessels"`` as ``OUT/KEY_vessels.png``, in this
+    order. ``fields`` are the stage's ``results.csv`` columns for this item.
+    """
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    """Base class of every folder-in/folder-out stage (see the module docstring)."""
+
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]] = ()
+    inputs: ClassVar[tuple[InputSpec, ...]] = (InputSpec("image"),)
+    start_method: ClassVar[Literal["spawn", "fork"]] = "spawn"
+    uses_torch: ClassVar[bool] = False
+    fov_policy: FovPolicy = "estimate"
+
+    @abstractmethod
+    def config_record(self) -> dict:
+        """The resolved configuration, hashed for ``--resume`` (no paths; see ``info``)."""
+
+    def info(self) -> dict:
+        """Manifest fields kept out of the configuration hash (e.g. the weights path)."""
+        return {}
+
+    def setup(self) -> None:
+        """Per-process setup (load models). Called once in each worker before its first item."""
+
+    @abstractmethod
+    def compute(self, item: ItemInput) -> ItemOutput:
+        """The pure per-item computation. Raise ``InputError`` for a bad item (recorded, the run goes on)."""
+
+    @staticmethod
+    def output_name(key: str, suffix: str) -> str:
+        return f"{key}{suffix}.png"
+
+    @staticmethod
+    def require_fov(item: ItemInput) -> Fov:
+        """The item's FOV, refusing photographs without a circular field of view."""
+        if item.fov is None or not item.fov.found:
+            raise InputError("no fundus field of view found (no dark surround); if the photograph is already cropped to the retina, pass --fov full")
+        return item.fov

@@ -1,0 +1,153 @@
+"""Training options as pydantic models: one definition gives the CLI its defaults and help texts and holds
+every option check (``fundus train ...`` turns a failed check into a one-line ``UsageError``, exit 2).
+
+``TrainConfig`` holds what the shared loop (``fundus_pipeline.train.loop``) needs; each task subclasses
+it with its own options (``SegmentConfig``). This module imports neither torch nor the data code at import
+time, so building the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fundus_pipeline.errors import FundusError, UsageError
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+class TrainConfig(BaseModel):
+    """Options of the shared training loop. Checks that touch the file system run once, at construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="Run folder: last.pt, best.pt, train.log and summary.json are written there.")
+    steps: int = Field(5000, ge=1, description="Optimiser steps (the cosine learning-rate decay ends there).")
+    batch_size: int = Field(8, ge=1, description="Training samples per step.")
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate at step 0 (cosine decay to 2%).")
+    seed: int = Field(0, ge=0, description="Seed of the model initialisation and of every step's samples.")
+    val_every: int = Field(250, ge=1, description="Validate every N steps (and at the last); the best score is kept as best.pt.")
+    ckpt_every: int = Field(100, ge=1, description="Write the resumable checkpoint last.pt every N steps (and at the last).")
+    threads: int = Field(0, ge=0, description="Torch CPU threads (0 = torch's default).")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    amp: bool = Field(False, description="Mixed precision (float16 autocast + gradient scaling) on CUDA; CPU trains in float32.")
+    init: Path | None = Field(None, description="Start from these weights (a state dict or a training checkpoint) instead of a random initialisation.")
+    resume: bool = Field(False, description="Continue the run in OUT from its last.pt, bit-exactly.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from fundus_pipeline.device import resolve_device
+
+        try:
+            resolve_device(v)  # invalid names and CUDA requests without a GPU
+        except UsageError as e:
+            raise ValueError(e.message) from None
+        return v
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        if not v.is_file():
+            raise ValueError(f"{v}: no such weights file")
+        from fundus_pipeline.models.weights import load_state_dict
+
+        try:
+            load_state_dict(v)  # refuses pickled modules; the key check against the architecture is the loop's
+        except FundusError as e:
+            raise ValueError(e.message) from None
+        return v
+
+    @model_validator(mode="after")
+    def _run_folder(self):
+        last = self.out / "last.pt"
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder")
+        if self.resume and self.init is not None:
+            raise ValueError("--resume continues OUT/last.pt; it cannot be combined with --init")
+        if self.resume and not last.is_file():
+            raise ValueError(f"--resume: {last} does not exist (start without --resume)")
+        if not self.resume and any((self.out / f).exists() for f in ("last.pt", "best.pt")):
+            raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out")
+        return self
+
+    @classmethod
+    def from_options(cls: type[C], **options: Any) -> C:
+        """Build and check the config; a failed check becomes one ``UsageError`` line naming the option."""
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            raise config_error(e) from None
+
+    def to_argv(self) -> list[str]:
+        """The options that differ from their defaults, as command-line arguments (recorded in summary.json)."""
+        argv: list[str] = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if field.is_required() or value != field.default:
+                if isinstance(value, bool):
+                    argv += [option_name(name)] if value else []
+                elif value is not None:
+                    argv += [option_name(name), str(value)]
+        return argv
+
+
+def config_error(e: ValidationError) -> UsageError:
+    """The first failed check as one line: ``--field: message``."""
+    err = e.errors(include_url=False)[0]
+    msg = str(err["msg"]).removeprefix("Value error, ").splitlines()[0]
+    if err["loc"]:
+        opt = option_name(str(err["loc"][0]))
+        if not msg.startswith(opt) and not msg.startswith(f"invalid {opt}"):
+            msg = f"{opt}: {msg}"
+    return UsageError(msg)
+
+
+class SegmentConfig(TrainConfig):
+    """``fundus train segment``: the loop's options plus the vessel data pipeline's."""
+
+    arch: str = Field("imff", description="Registered segmentation model (imff, imff_w8, msrf_w8, ...; see `fundus models`).")
+    data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/ and HRF/ [default: $FUNDUS_DATA, else ../shared/data].")
+    patch: int = Field(128, ge=16, description="Training patch side in pixels (random rotation, scale and flip inside the FOV).")
+    degrade_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of drawing a patch from a degraded copy of its image.")
+    degrade_copies: int = Field(5, ge=1, description="Degraded copies per training image (Cofe-Net presets and clinical recipes), used with --degrade-p.")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        from fundus_pipeline.models.registry import get_entry
+
+        try:
+            entry = get_entry(v)  # unknown names: suggestions
+        except UsageError as e:
+            raise ValueError(e.message) from None
+        if entry.task != "segmentation":
+            raise ValueError(f"{v!r} is a {entry.task} model, not a segmentation model")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: Path | None) -> Path | None:
+        root = _data_root(v)
+        missing = [d for d in ("DRIVE", "HRF") if not (root / d).is_dir()]
+        if missing:
+            raise ValueError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
+        return v
+
+    @property
+    def data_root(self) -> Path:
+        return _data_root(self.data)
+
+
+def _data_root(data: Path | None) -> Path:
+    from fundus_pipeline.datasets import default_data_root
+
+    return data or default_data_root()

@@ -1,0 +1,127 @@
+"""Export a training run (RUN/best.pt) to the weights folder with its ``weights/manifest.json`` entry.
+
+The run's weights go through the checked loader (no pickles, strict key check against the
+architecture); the entry is built as a ``fundus_pipeline.models.spec.WeightsSpec`` before anything is
+written, so a wrong or missing field fails the export and leaves the weights folder untouched. The
+task supplies what is specific to it (``describe(model)``: the input contract, the output with its
+a-priori threshold, the data split); this module adds the generic fields (file, sha256, size,
+architecture, parameter count, provenance from RUN/summary.json, license).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from pydantic import ValidationError
+
+from fundus_pipeline.errors import WeightsError
+from fundus_pipeline.models.registry import build_model, get_entry
+from fundus_pipeline.models.spec import WeightsSpec
+from fundus_pipeline.models.weights import load_manifest, load_state_dict, sha256_file, weights_dir
+from fundus_pipeline.train.loop import load_weights_checked
+
+LICENSE = "MIT (weights trained by the fundus-pipeline authors; DRIVE and HRF are research datasets, cite them)"
+
+
+def _validated(entry: dict[str, Any]) -> WeightsSpec:
+    try:
+        return WeightsSpec.model_validate(entry)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(entry)"
+        raise WeightsError(f"manifest entry {entry.get('name')!r} is invalid: {field}: {err['msg']}") from None
+
+
+def _write_manifest(directory: Path, spec: WeightsSpec) -> None:
+    text = load_manifest(directory).with_entry(spec).dumps()
+    tmp = directory / ".manifest.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / "manifest.json")
+
+
+def export_weights(
+    run: Path,
+    *,
+    name: str,
+    model_name: str,
+    describe: Callable[[nn.Module], dict],
+    command: str = "",
+    test_metrics: dict[str, dict] | None = None,
+    directory: Path | None = None,
+) -> WeightsSpec:
+    """Export RUN/best.pt as ``NAME.pt`` plus its manifest entry; returns the entry.
+
+    ``describe(model)`` (model in eval mode) returns ``{"input": ..., "output": ..., "training": {...}}``,
+    the task's fields (``training`` holds the data split; the command, seed, steps and best checkpoint
+    are taken from RUN/summary.json). ``test_metrics`` (label -> figures) are recorded in ``metrics``;
+    when NAME is already exported they are *added* to its entry and the weights, threshold and
+    description stay as exported (RUN/best.pt must still be those weights). A fresh export starts with
+    no test metrics other than those given: figures measured on other weights never carry over.
+    """
+    entry = get_entry(model_name)
+    model = build_model(model_name)
+    best = Path(run) / "best.pt"
+    load_weights_checked(model, best, model_name)
+    model.eval()
+    wdir = directory or weights_dir()
+    wdir.mkdir(parents=True, exist_ok=True)
+    target = wdir / f"{name}.pt"
+    old = load_manifest(wdir).get(name)
+
+    if test_metrics and old is not None:
+        if not target.is_file() or sha256_file(target) != old.sha256:
+            raise WeightsError(f"{target} changed since it was exported; export it again before adding test metrics")
+        shipped = load_state_dict(target)
+        if shipped.keys() != model.state_dict().keys() or not all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items()):
+            raise WeightsError(f"{best} is not the run {name!r} was exported from")
+        d = old.to_json_dict()
+        d["metrics"] = {**d.get("metrics", {}), **test_metrics}
+        if command:
+            d["training"]["command"] = command
+        spec = _validated(d)
+        _write_manifest(wdir, spec)
+        return spec
+
+    desc = describe(model)
+    summary_path = Path(run) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=wdir))
+    try:
+        tmp = tmpdir / target.name  # same file name: the bytes of a direct torch.save(sd, target)
+        torch.save(model.state_dict(), tmp)
+        d = {
+            "name": name,
+            "file": target.name,
+            "format": "pt-state-dict",
+            "sha256": sha256_file(tmp),
+            "size_bytes": tmp.stat().st_size,
+            "model": model_name,
+            "arch": entry.arch,
+            "width": entry.width,
+            "params": sum(p.numel() for p in model.parameters()),
+            "input": desc["input"],
+            "output": desc["output"],
+            "training": {
+                **desc.get("training", {}),
+                "command": command or " ".join(summary.get("argv", [])),
+                "seed": summary.get("seed"),
+                "steps": summary.get("steps"),
+                "best_checkpoint": summary.get("best"),
+                "torch": torch.__version__,
+            },
+            "metrics": dict(test_metrics or {}),
+            "license": LICENSE,
+        }
+        spec = _validated(d)  # before anything is written
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    _write_manifest(wdir, spec)
+    return spec

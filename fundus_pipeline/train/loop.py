@@ -1,0 +1,278 @@
+"""The shared training loop: every network stage trains through ``fit(task, cfg)``.
+
+A ``Task`` declares what is specific to it: the model (``build_model``), the data (``setup`` builds a
+``sampler`` whose ``batch(step)`` returns the step's tensors, augmentation included, as a pure function
+of (seed, step)), an optional on-device ``augment``, the loss (``loss(out, batch)`` on the model's
+``forward_train`` output) and the validation metric (``validate(model, device)`` returns a dict whose
+``score_key`` entry chooses best.pt, higher is better).
+
+The loop owns the rest: seeding; device and precision (float16 autocast + GradScaler with ``--amp`` on
+CUDA; float32 on CPU, with a log line when ``--amp`` was asked for); ``--init`` weights through the
+checked loader (no pickles, strict key check); Adam with cosine decay to 2 % of ``--lr``; checkpoints
+(``last.pt`` every ``ckpt_every`` steps and at the end, written atomically, holding model, optimiser,
+scheduler, grad scaler, step, best and the torch RNG states, so ``--resume`` continues bit-exactly;
+``best.pt``, a plain state dict, on every validation improvement); logging (``train.log`` and stderr, the
+mean loss every 50 steps); and ``summary.json``. Exporting a run to ``weights/`` is
+``fundus_pipeline.train.export.export_weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+import torch.nn as nn
+
+from fundus_pipeline.errors import WeightsError
+from fundus_pipeline.train.config import TrainConfig
+
+__all__ = ["BatchSampler", "Task", "TrainConfig", "fit", "load_weights_checked", "save_atomic"]
+
+LOG_EVERY = 50  # steps between the mean-loss lines
+Batch = tuple[torch.Tensor, ...]
+
+
+class BatchSampler(Protocol):
+    def batch(self, step: int) -> Batch:
+        """The tensors of training step ``step``: a pure function of (seed, step), so resuming needs no sampler state."""
+        ...
+
+
+class Task(ABC):
+    """What a network stage declares to train on the shared loop (see the module docstring)."""
+
+    name: ClassVar[str]  # the command (``fundus train NAME``), recorded in summary.json
+    score_key: ClassVar[str]  # the entry of ``validate``'s dict that chooses best.pt (higher is better)
+    sampler: BatchSampler  # set by ``setup``
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The untrained model (built right after ``torch.manual_seed(cfg.seed)``)."""
+
+    @abstractmethod
+    def setup(self, log: Callable[[str], None]) -> None:
+        """Load the data and set ``self.sampler`` (must not draw from torch's RNG)."""
+
+    def model_name(self) -> str:
+        """The model's registered name, for messages (default: its class name)."""
+        return ""
+
+    def augment(self, batch: Batch, step: int) -> Batch:
+        """On-device augmentation of a sampled batch (default: none; the sampler may augment already)."""
+        return batch
+
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        """The training forward pass (under autocast with --amp); default ``model.forward_train(inputs)``."""
+        return model.forward_train(batch[0])
+
+    @abstractmethod
+    def loss(self, out: Any, batch: Batch) -> torch.Tensor:
+        """Scalar loss from ``forward``'s output (cast to float32) and the batch."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, device: torch.device) -> dict:
+        """Validation metrics (model in eval mode), JSON-serialisable; ``score_key`` holds a float."""
+
+    def summary(self) -> dict:
+        """Task fields for summary.json (e.g. the architecture)."""
+        return {}
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary folder beside ``path``, then rename: readers never see a partial file,
+    and the bytes are those of a direct ``torch.save(obj, path)`` (torch names the archive after the file)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save(obj, tmpdir / path.name)
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def load_weights_checked(model: nn.Module, path: Path, what: str = "") -> None:
+    """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
+    pickled modules, after a strict check of its tensor names and shapes against ``model``."""
+    from fundus_pipeline.models.weights import load_state_dict
+
+    sd = load_state_dict(path)
+    what = what or type(model).__name__
+    want, got = set(model.state_dict()), set(sd)
+    if want != got:
+        missing, unexpected = sorted(want - got), sorted(got - want)
+        raise WeightsError(
+            f"{path} does not fit architecture {what!r}: {len(missing)} missing and {len(unexpected)} unexpected tensors"
+            + (f" (e.g. missing {missing[0]})" if missing else "")
+            + (f" (e.g. unexpected {unexpected[0]})" if unexpected else "")
+        )
+    for k, v in model.state_dict().items():
+        if v.shape != sd[k].shape:
+            raise WeightsError(f"{path} does not fit architecture {what!r}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def _float32(out: Any) -> Any:
+    """Cast the tensors of a (nested) forward output to float32 (a no-op for float32 tensors)."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(v) for v in out)
+    return out
+
+
+class _RunLog:
+    """Timestamped lines to OUT/train.log (appended, line-buffered) and stderr."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, file=self._f)
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def fit(task: Task, cfg: TrainConfig) -> dict:
+    """Train ``task`` as ``cfg`` says; returns (and writes to OUT/summary.json) the run summary."""
+    from fundus_pipeline.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    log = _RunLog(cfg.out / "train.log")
+    try:
+        return _fit(task, cfg, device, amp, log)
+    finally:
+        log.close()
+
+
+def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _RunLog) -> dict:
+    model = task.build_model()
+    if cfg.init is not None:
+        load_weights_checked(model, cfg.init, task.model_name())
+        log(f"initialised from {cfg.init}")
+    model.to(device)
+    task.setup(log)
+    log(f"device {device}, " + ("mixed precision (float16 autocast)" if amp else "float32"))
+    if cfg.amp and not amp:
+        log("--amp has an effect on CUDA only; training in float32")
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps = cfg.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.98 + 0.02)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    step, best = 0, None
+    if cfg.resume:
+        ck = torch.load(cfg.out / "last.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if "rng" in ck:
+            _set_rng_state(ck["rng"], device)
+        step, best = ck["step"], json.loads(ck["best"])
+        if not isinstance(best, dict) or "step" not in best:
+            best = None  # no validation yet (older checkpoints stored {"f1": -1.0})
+        log(f"resumed at step {step}, best {json.dumps(best)}")
+        if "config" in ck:
+            before, now = json.loads(ck["config"]), cfg.model_dump(mode="json")
+            changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ("resume", "init") and before.get(k) != v]
+            if changed:
+                log(f"note: options changed since the checkpoint (the run is no longer one uninterrupted run): {', '.join(changed)}")
+
+    def checkpoint() -> None:
+        state = {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "best": json.dumps(best),
+            "rng": _rng_state(device),
+            "config": cfg.model_dump_json(),
+        }
+        save_atomic(state, cfg.out / "last.pt")
+
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if amp else contextlib.nullcontext
+    model.train()
+    t0, run_loss = time.time(), 0.0
+    while step < cfg.steps:
+        batch = task.augment(tuple(t.to(device) for t in task.sampler.batch(step)), step)
+        with autocast():
+            out = task.forward(model, batch)
+        loss = task.loss(_float32(out), batch)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        run_loss += loss.item()
+        if step % LOG_EVERY == 0:
+            log(f"step {step} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / LOG_EVERY:.2f}s/step")
+            run_loss, t0 = 0.0, time.time()
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            model.eval()
+            with torch.no_grad():
+                v = task.validate(model, device)
+            model.train()
+            log(f"val step {step}: {json.dumps(v)}")
+            score = float(v[task.score_key])
+            if best is None or score > best[task.score_key]:
+                best = {"step": step, **v}
+                save_atomic(model.state_dict(), cfg.out / "best.pt")
+                log(f"new best {json.dumps(best)}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+
+    summary = {
+        "task": task.name,
+        **task.summary(),
+        "argv": ["fundus", "train", task.name, *cfg.to_argv()],
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "best": best,
+        "config": cfg.model_dump(mode="json"),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    tmp = cfg.out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(cfg.out / "summary.json")
+    log(f"done: {json.dumps(best)}")
+    return summary

@@ -1,0 +1,97 @@
+"""Small CLI paths: `fundus models` (also with torch blocked), `fundus sample`, `fundus --version`, and the
+message for an architecture name given as --weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fundus_pipeline import __version__
+from fundus_pipeline.cli import main
+from fundus_pipeline.models.catalog import CATALOG
+from fundus_pipeline.models.weights import read_manifest
+from tests.conftest import synthetic_fundus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_models_human(capsys):
+    assert run("models") == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert set(lines) == set(CATALOG)
+    for spec in read_manifest():
+        assert f"weights/{spec.file}" in lines[spec.model]
+    assert "34.68 M" in lines["imff_paper"] and "weights/" not in lines["imff_paper"]
+
+
+def test_models_json_and_pattern(capsys):
+    assert run("models", "msrf*", "--format", "json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == sorted(n for n in CATALOG if n.startswith("msrf"))
+    shipped = {s.model: s for s in read_manifest()}
+    for r in rows:
+        assert set(r) == {"name", "task", "arch", "width", "params", "weights", "weights_name", "threshold", "description"}
+        row = CATALOG[r["name"]]
+        assert (r["task"], r["arch"], r["width"], r["params"], r["description"]) == (row.task, row.arch, row.width, row.params, row.description)
+        s = shipped.get(r["name"])
+        assert r["weights"] == (s.file if s else None) and r["threshold"] == (s.output.threshold if s else None)
+    assert run("models", "nothing*", "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_models_does_not_import_torch():
+    code = "import sys; sys.modules['torch'] = None; from fundus_pipeline.cli import main; raise SystemExit(main(['models']))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "imff " in p.stdout and "weights/imff.pt" in p.stdout
+    assert "msrf_w8 " in p.stdout and "weights/msrf_w8.pt" in p.stdout
+
+
+def test_sample(tmp_path, capsys):
+    out = tmp_path / "samples" / "nested"
+    assert run("sample", out) == 0
+    target = out / "retina.png"
+    assert f"wrote {target}" in capsys.readouterr().out
+    with Image.open(target) as im:
+        assert im.size == (1411, 1411) and im.mode == "RGB"
+    before = target.read_bytes()
+    assert run("sample", out) == 0
+    assert "already exists" in capsys.readouterr().out
+    assert target.read_bytes() == before
+
+
+def test_sample_refuses_a_file_as_folder(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert run("sample", f) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: cannot create") and "Traceback" not in err
+
+
+def test_version(capsys):
+    assert run("--version") == 0
+    assert capsys.readouterr().out.strip() == f"fundus {__version__}"
+
+
+def test_segment_with_an_architecture_name_as_weights(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(synthetic_fundus(64, 64)).save(d / "a.png")
+    assert run("segment", d, tmp_path / "out", "--weights", "imff_paper") == 1
+    err = capsys.readouterr().err
+    shipped = ", ".join(s.name for s in read_manifest())
+    assert f"Error: imff_paper is an architecture without shipped weights; shipped weights: {shipped}" in err
+    assert "--arch imff_paper" in err and "Traceback" not in err
+    assert run("segment", d, tmp_path / "out2", "--weights", "imfff") == 1
+    assert "Error: weights not found: imfff (did you mean imff?)" in capsys.readouterr().err
+    assert not np.any([p.name == "a_vessels.png" for p in tmp_path.rglob("*")])
