@@ -171,6 +171,25 @@ def load_state_dict(path: Path) -> dict:
     return sd
 
 
+def load_weights_checked(model: nn.Module, path: Path, what: str = "") -> None:
+    """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
+    pickled modules, after a strict check of its tensor names and shapes against ``model``."""
+    sd = load_state_dict(path)
+    what = what or type(model).__name__
+    want, got = set(model.state_dict()), set(sd)
+    if want != got:
+        missing, unexpected = sorted(want - got), sorted(got - want)
+        raise WeightsError(
+            f"{path} does not fit architecture {what!r}: {len(missing)} missing and {len(unexpected)} unexpected tensors"
+            + (f" (e.g. missing {missing[0]})" if missing else "")
+            + (f" (e.g. unexpected {unexpected[0]})" if unexpected else "")
+        )
+    for k, v in model.state_dict().items():
+        if v.shape != sd[k].shape:
+            raise WeightsError(f"{path} does not fit architecture {what!r}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(sd, strict=True)
+
+
 def load_model(weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, LoadedWeights]:
     """Build the architecture, load verified weights; return (model in eval mode, ``LoadedWeights``).
 
@@ -194,18 +213,6 @@ def load_model(weights: str | Path, *, arch: str | None = None, device: str | to
         model_name = spec.model
     get_entry(model_name)  # a clear error for an unknown architecture
     model = build_model(model_name)
-    sd = load_state_dict(path)
-    want, got = set(model.state_dict()), set(sd)
-    if want != got:
-        missing, unexpected = sorted(want - got), sorted(got - want)
-        raise WeightsError(
-            f"{path} does not fit architecture {model_name!r}: {len(missing)} missing and {len(unexpected)} unexpected tensors"
-            + (f" (e.g. missing {missing[0]})" if missing else "")
-            + (f" (e.g. unexpected {unexpected[0]})" if unexpected else "")
-        )
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"{path} does not fit architecture {model_name!r}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    load_weights_checked(model, path, model_name)
     model.to(device).eval()
     return model, LoadedWeights(path=path, sha256=digest, model=model_name, spec=spec)

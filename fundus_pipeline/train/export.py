@@ -25,7 +25,7 @@ from fundus_pipeline.errors import WeightsError
 from fundus_pipeline.models.registry import build_model, get_entry
 from fundus_pipeline.models.spec import WeightsSpec
 from fundus_pipeline.models.weights import load_manifest, load_state_dict, sha256_file, weights_dir
-from fundus_pipeline.train.loop import load_weights_checked
+from fundus_pipeline.models.weights import load_weights_checked
 
 LICENSE = "MIT (weights trained by the fundus-pipeline authors; DRIVE and HRF are research datasets, cite them)"
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 from fundus_pipeline.errors import WeightsError
 from fundus_pipeline.train.config import TrainConfig
 
-__all__ = ["BatchSampler", "Task", "TrainConfig", "fit", "load_weights_checked", "save_atomic"]
+__all__ = ["BatchSampler", "Task", "TrainConfig", "fit", "save_atomic"]
 
 LOG_EVERY = 50  # steps between the mean-loss lines
 Batch = tuple[torch.Tensor, ...]
@@ -103,27 +103,6 @@ def save_atomic(obj: Any, path: Path) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def load_weights_checked(model: nn.Module, path: Path, what: str = "") -> None:
-    """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
-    pickled modules, after a strict check of its tensor names and shapes against ``model``."""
-    from fundus_pipeline.models.weights import load_state_dict
-
-    sd = load_state_dict(path)
-    what = what or type(model).__name__
-    want, got = set(model.state_dict()), set(sd)
-    if want != got:
-        missing, unexpected = sorted(want - got), sorted(got - want)
-        raise WeightsError(
-            f"{path} does not fit architecture {what!r}: {len(missing)} missing and {len(unexpected)} unexpected tensors"
-            + (f" (e.g. missing {missing[0]})" if missing else "")
-            + (f" (e.g. unexpected {unexpected[0]})" if unexpected else "")
-        )
-    for k, v in model.state_dict().items():
-        if v.shape != sd[k].shape:
-            raise WeightsError(f"{path} does not fit architecture {what!r}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-    model.load_state_dict(sd, strict=True)
-
-
 def _float32(out: Any) -> Any:
     """Cast the tensors of a (nested) forward output to float32 (a no-op for float32 tensors)."""
     if isinstance(out, torch.Tensor):
@@ -183,6 +162,8 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
 def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _RunLog) -> dict:
     model = task.build_model()
     if cfg.init is not None:
+        from fundus_pipeline.models.weights import load_weights_checked
+
         load_weights_checked(model, cfg.init, task.model_name())
         log(f"initialised from {cfg.init}")
     model.to(device)
