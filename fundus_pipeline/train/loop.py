@@ -34,7 +34,6 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 import torch.nn as nn
 
-from fundus_pipeline.errors import WeightsError
 from fundus_pipeline.train.config import TrainConfig
 
 __all__ = ["BatchSampler", "Task", "TrainConfig", "fit", "save_atomic"]
