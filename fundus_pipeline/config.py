@@ -102,3 +102,16 @@ class SegmentConfig(StageConfig):
 def default(model: type[BaseModel], name: str) -> Any:
     """The default of a config field (for the CLI's option defaults)."""
     return model.model_fields[name].default
+
+
+class EnhanceConfig(StageConfig):
+    """``fundus enhance``: enhancement weights, device, how the result returns to native resolution, the
+    surround, and the segmenter behind the vessel-fraction columns."""
+
+    weights: str = "cofe"
+    arch: str | None = None
+    device: str = "auto"
+    transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
+    keep_outside: bool = False
+    vessel_stats: bool = True
+    segmenter: str = "imff"

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from fundus_pipeline.datasets import DRIVE_TRAIN, HRF_TRAIN
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -43,3 +46,50 @@ def synthetic_fundus(h: int = 96, w: int = 96, seed: int = 0) -> np.ndarray:
     img[~inside] = 0
     img += rng.normal(0, 0.01, img.shape).astype(np.float32) * inside[..., None]
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _fov_and_vessels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    fov = rgb.max(axis=2) > 20
+    vessels = fov & (rgb[..., 1] < 0.6 * rgb[..., 1][fov].mean())  # the synthetic vessels are dark
+    return fov, vessels
+
+
+def _palette_gif(path: Path, mask: np.ndarray) -> None:
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette([0, 0, 0, 255, 255, 255])
+    im.save(path, optimize=False)
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory) -> Path:
+    """DRIVE training (21-40), HRF (01-05 of each class) and 12 HEI-MED photographs with heimed.csv, in the
+    datasets' own file layout, tiny."""
+    root = tmp_path_factory.mktemp("data")
+    d = root / "DRIVE" / "training"
+    for sub in ("images", "1st_manual", "mask"):
+        (d / sub).mkdir(parents=True)
+    for k, ident in enumerate(DRIVE_TRAIN):
+        rgb = synthetic_fundus(64, 64, k)
+        fov, ves = _fov_and_vessels(rgb)
+        Image.fromarray(rgb).save(d / "images" / f"{ident}_training.tif")
+        _palette_gif(d / "1st_manual" / f"{ident}_manual1.gif", ves)
+        _palette_gif(d / "mask" / f"{ident}_training_mask.gif", fov)
+    h = root / "HRF"
+    for sub in ("images", "manual1", "mask"):
+        (h / sub).mkdir(parents=True)
+    for k, ident in enumerate(HRF_TRAIN):
+        rgb = synthetic_fundus(128, 128, 100 + k)
+        fov, ves = _fov_and_vessels(rgb)
+        ext = "JPG" if ident.endswith("_dr") else "jpg"
+        Image.fromarray(rgb).save(h / "images" / f"{ident}.{ext}", quality=95)
+        Image.fromarray(ves.astype(np.uint8) * 255).save(h / "manual1" / f"{ident}.tif")
+        Image.fromarray(fov.astype(np.uint8) * 255).save(h / "mask" / f"{ident}_mask.tif")
+    hm = root / "HEI-MED"
+    (hm / "images").mkdir(parents=True)
+    rows = ["image,orig_width,orig_height,on_row,on_col,elvd_quality"]
+    for k in range(12):
+        name = f"{k:08d}.jpg"
+        Image.fromarray(synthetic_fundus(80, 96, 200 + k)).save(hm / "images" / name, quality=95)
+        rows.append(f"{name},192,160,40,66,0.5")  # the synthetic disc sits right of the centre
+    (hm / "heimed.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -89,7 +89,7 @@ def test_manifest_hash_mismatch(photos, tmp_path, tiny_weights, monkeypatch):
     wdir = tmp_path / "weights"
     wdir.mkdir()
     (wdir / "tiny.pt").write_bytes(tiny_weights.read_bytes())
-    shipped = json.loads((Path(__file__).resolve().parents[1] / "weights" / "manifest.json").read_text())["weights"][0]
+    shipped = next(w for w in json.loads((Path(__file__).resolve().parents[1] / "weights" / "manifest.json").read_text())["weights"] if w["name"] == "imff")
     spec = {**shipped, "name": "tiny", "file": "tiny.pt", "model": "imff_tiny", "arch": "imff", "width": 2, "params": 34600, "sha256": "0" * 64}
     (wdir / "manifest.json").write_text(json.dumps({"schema_version": 1, "weights": [spec]}))
     monkeypatch.setenv("FUNDUS_WEIGHTS", str(wdir))

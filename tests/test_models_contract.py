@@ -63,7 +63,48 @@ def test_register_model_refuses_disagreeing_metadata(monkeypatch):
         register_model("imff", task="segmentation", arch="imff", width=16)(lambda: None)
 
 
-@pytest.mark.parametrize("name", MODELS)
+SEGMENTERS = [n for n in MODELS if CATALOG[n].task == "segmentation"]
+ENHANCERS = [n for n in MODELS if CATALOG[n].task == "enhancement"]
+
+
+@pytest.mark.parametrize("name", ENHANCERS)
+def test_enhancer_contract(name):
+    """Enhancers map N x 3 x H x W in [0, 1] to an image of the same shape in [0, 1]; forward_train adds the
+    coarse pass (two-scale models, half size), the structure branch's vessel logits and the attention map."""
+    torch.manual_seed(0)
+    model = build_model(name)
+    assert n_params(model) == CATALOG[name].params, f"update models/catalog.py: {name} has {n_params(model):_} parameters"
+    assert model.in_channels == 3 and model.size_divisor >= 1
+    model.eval()
+    side = model.size_divisor * 2
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+        torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)  # oneDNN may pick another 5x5 algorithm
+    model.train()
+    out = model.forward_train(torch.cat([x, x.flip(-1)]))
+    assert set(out) <= {"out", "out_half", "vessel_logits", "attention"} and out["out"].shape == (2, 3, side, side)
+    assert ("out_half" in out) == bool(getattr(model, "two_scale", False))
+    if "out_half" in out:
+        assert out["out_half"].shape == (2, 3, side // 2, side // 2)
+    if "vessel_logits" in out:
+        assert out["vessel_logits"].shape == (2, 1, side, side)
+    if "attention" in out:
+        assert out["attention"].shape == (2, 1, side // 2, side // 2)
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)
+    fresh = build_model(name)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SEGMENTERS)
 def test_model_contract(name):
     torch.manual_seed(0)
     model = build_model(name)

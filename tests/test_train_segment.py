@@ -13,11 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import typer
-from PIL import Image
 
 from fundus_pipeline.cli import app
 from fundus_pipeline.cli import main as cli_main
-from fundus_pipeline.datasets import DRIVE_TRAIN, HRF_TRAIN
 from fundus_pipeline.errors import WeightsError
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.models.weights import load_manifest, sha256_file
@@ -25,45 +23,6 @@ from fundus_pipeline.train import segment as trainer
 from fundus_pipeline.train.config import SegmentConfig, TrainConfig
 from fundus_pipeline.train.export import export_weights
 from fundus_pipeline.train.loop import Task, fit
-from tests.conftest import synthetic_fundus
-
-
-def _fov_and_vessels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    fov = rgb.max(axis=2) > 20
-    vessels = fov & (rgb[..., 1] < 0.6 * rgb[..., 1][fov].mean())  # the synthetic vessels are dark
-    return fov, vessels
-
-
-def _palette_gif(path: Path, mask: np.ndarray) -> None:
-    im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette([0, 0, 0, 255, 255, 255])
-    im.save(path, optimize=False)
-
-
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory) -> Path:
-    """DRIVE training (21-40) and HRF (01-05 of each class) in the datasets' own file layout, tiny."""
-    root = tmp_path_factory.mktemp("data")
-    d = root / "DRIVE" / "training"
-    for sub in ("images", "1st_manual", "mask"):
-        (d / sub).mkdir(parents=True)
-    for k, ident in enumerate(DRIVE_TRAIN):
-        rgb = synthetic_fundus(64, 64, k)
-        fov, ves = _fov_and_vessels(rgb)
-        Image.fromarray(rgb).save(d / "images" / f"{ident}_training.tif")
-        _palette_gif(d / "1st_manual" / f"{ident}_manual1.gif", ves)
-        _palette_gif(d / "mask" / f"{ident}_training_mask.gif", fov)
-    h = root / "HRF"
-    for sub in ("images", "manual1", "mask"):
-        (h / sub).mkdir(parents=True)
-    for k, ident in enumerate(HRF_TRAIN):
-        rgb = synthetic_fundus(128, 128, 100 + k)
-        fov, ves = _fov_and_vessels(rgb)
-        ext = "JPG" if ident.endswith("_dr") else "jpg"
-        Image.fromarray(rgb).save(h / "images" / f"{ident}.{ext}", quality=95)
-        Image.fromarray(ves.astype(np.uint8) * 255).save(h / "manual1" / f"{ident}.tif")
-        Image.fromarray(fov.astype(np.uint8) * 255).save(h / "mask" / f"{ident}_mask.tif")
-    return root
 
 
 def _args(data: Path, out: Path, *extra) -> list[str]:

@@ -25,6 +25,12 @@ class CatalogEntry:
 
 
 _ENTRIES = (
+    CatalogEntry("cofe", "fundus_pipeline.models.cofe:cofe", "enhancement", "cofe", 8, 3_040_945, "Cofe-Net enhancement: two-scale G + RSA (IMFF w16) + LQA, compact width 8 (shipped)"),
+    CatalogEntry("cofe_g", "fundus_pipeline.models.cofe:cofe_g", "enhancement", "cofe", 8, 557_379, "Cofe-Net enhancement ablation: G alone (one pass), width 8"),
+    CatalogEntry("cofe_paper", "fundus_pipeline.models.cofe:cofe_paper", "enhancement", "cofe", 32, 14_335_657, "Cofe-Net enhancement at the paper's G width 32 (RSA IMFF w16)"),
+    CatalogEntry("cofe_rsa", "fundus_pipeline.models.cofe:cofe_rsa", "enhancement", "cofe", 8, 2_870_453, "Cofe-Net enhancement ablation: single-scale G + RSA, width 8"),
+    CatalogEntry("cofe_rsa_lqa", "fundus_pipeline.models.cofe:cofe_rsa_lqa", "enhancement", "cofe", 8, 3_040_198, "Cofe-Net enhancement ablation: single-scale G + RSA + LQA, width 8"),
+    CatalogEntry("cofe_tiny", "fundus_pipeline.models.cofe:cofe_tiny", "enhancement", "cofe", 2, 85_313, "Cofe-Net enhancement, width 2 with an IMFF w2 RSA (tests only)"),
     CatalogEntry("imff", "fundus_pipeline.models.imff:imff", "segmentation", "imff", 16, 2_172_274, "IMFF-Net, compact width 16 for CPU (shipped)"),
     CatalogEntry("imff_paper", "fundus_pipeline.models.imff:imff_paper", "segmentation", "imff", 64, 34_684_354, "IMFF-Net at the paper's width (34.7 M parameters)"),
     CatalogEntry("imff_tiny", "fundus_pipeline.models.imff:imff_tiny", "segmentation", "imff", 2, 34_600, "IMFF-Net, width 2 (tests only)"),
@@ -32,6 +38,8 @@ _ENTRIES = (
     CatalogEntry("msrf", "fundus_pipeline.models.msrf:msrf", "segmentation", "msrf", 16, 5_106_016, "MSRF-Net (multi-scale residual fusion, 10 DSDF blocks, gated shape stream), compact width 16 for CPU"),
     CatalogEntry("msrf_paper", "fundus_pipeline.models.msrf:msrf_paper", "segmentation", "msrf", 32, 20_406_789, "MSRF-Net at the paper width (32/64/128/256)"),
     CatalogEntry("msrf_tiny", "fundus_pipeline.models.msrf:msrf_tiny", "segmentation", "msrf", 4, 320_799, "MSRF-Net width 4, for fast tests"),
+    CatalogEntry("unet_enh", "fundus_pipeline.models.cofe:unet_enh", "enhancement", "unet", 20, 3_032_343, "Plain U-Net enhancement baseline, width 20 (about the compact Cofe-Net's parameter count)"),
+    CatalogEntry("unet_enh_tiny", "fundus_pipeline.models.cofe:unet_enh_tiny", "enhancement", "unet", 2, 30_573, "Plain U-Net enhancement baseline, width 2 (tests only)"),
     CatalogEntry("msrf_w8", "fundus_pipeline.models.msrf:msrf_w8", "segmentation", "msrf", 8, 1_278_688, "MSRF-Net width 8 (8/16/32/64), the variant trained on CPU and shipped"),
 )
 

@@ -117,6 +117,11 @@ class IMFFNet(nn.Module):
         self.head = nn.Conv2d(c1, 1, 1)
 
     def forward(self, x):
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x):
+        """(vessel logits, [d3, d2, d1]): the decoder features at 1/2, 1/4 and 1/8 scale (2, 4 and 8 x base
+        channels), which Cofe-Net's enhancement network takes from its structure branch."""
         s1, p1 = self.e1(x)
         s2, p2 = self.e2(p1)
         s3, p3 = self.e3(p2)
@@ -134,7 +139,7 @@ class IMFFNet(nn.Module):
         u3 = self.up3(y3)
         y4 = 0.3 * u3 + 0.7 * (d3 + self.lift1(p1))
         u4 = self.up4(y4)
-        return 0.3 * u4 + 0.7 * self.head(d4)
+        return 0.3 * u4 + 0.7 * self.head(d4), [d3, d2, d1]
 
     def forward_train(self, x):
         """Training outputs and the loss weighting the model declares (one output, weight 1; no aux, no edge)."""

@@ -21,9 +21,9 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer, field_validator, model_validator
 
 DEFAULT_THRESHOLD = 0.5  # decision threshold for weights without a manifest entry (``--arch``)
 
@@ -42,13 +42,21 @@ class ScalePolicy(_Strict):
     rule: str
 
 
+class CanonicalPolicy(_Strict):
+    """Enhancement networks work in a canonical frame: the FOV's bounding square resized to size x size."""
+
+    type: Literal["canonical_frame"]
+    size: int = Field(ge=32)
+    rule: str
+
+
 class InputSpec(_Strict):
     channels: Literal[3]
     color: Literal["rgb"]
     value_range: tuple[float, float]
     normalisation: str
     size_divisor: int = Field(ge=1)  # H and W of the network input must be multiples of it
-    scale_policy: ScalePolicy
+    scale_policy: Annotated[ScalePolicy | CanonicalPolicy, Field(discriminator="type")]
 
     @field_serializer("value_range")
     def _plain_numbers(self, v: tuple[float, float]) -> list[int | float]:
@@ -72,6 +80,28 @@ class OutputSpec(_Strict):
         if self.threshold_selection.threshold != self.threshold:
             raise ValueError(f"threshold {self.threshold} differs from threshold_selection.threshold {self.threshold_selection.threshold}")
         return self
+
+
+class ImageOutputSpec(_Strict):
+    """The output of an image-to-image network (enhancement): an RGB image in [0, 1] in the canonical frame,
+    brought back to native resolution by ``transfer`` (``upsample`` the output, or add the upsampled
+    correction ``output - input`` to the native photograph), chosen by the measurement in ``transfer_selection``."""
+
+    kind: Literal["image"]
+    activation: Literal["sigmoid"]
+    transfer: Literal["upsample", "residual"]
+    transfer_selection: dict[str, Any]
+
+
+def _output_kind(v: Any) -> str:
+    kind = v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)
+    return "image" if kind == "image" else "segmentation"
+
+
+# Segmentation entries have no ``kind`` (the manifest predates enhancement); image outputs say ``"kind": "image"``.
+AnyOutputSpec = Annotated[
+    Annotated[OutputSpec, Tag("segmentation")] | Annotated[ImageOutputSpec, Tag("image")], Discriminator(_output_kind)
+]
 
 
 class TrainingSpec(BaseModel):
@@ -113,7 +143,7 @@ class WeightsSpec(_Strict):
     width: int = Field(ge=1)
     params: int = Field(ge=1)
     input: InputSpec
-    output: OutputSpec
+    output: AnyOutputSpec
     training: TrainingSpec
     metrics: dict[str, TestMetrics] = Field(default_factory=dict)  # test-split figures, label -> metrics
     license: str
@@ -126,12 +156,13 @@ class WeightsSpec(_Strict):
         return v
 
     @property
-    def threshold(self) -> float:
-        return self.output.threshold
+    def threshold(self) -> float | None:
+        """The segmentation decision threshold (None for image-output weights)."""
+        return getattr(self.output, "threshold", None)
 
     @property
-    def max_fov_diameter(self) -> float:
-        return self.input.scale_policy.max_fov_diameter
+    def max_fov_diameter(self) -> float | None:
+        return getattr(self.input.scale_policy, "max_fov_diameter", None)
 
 
 class WeightsManifest(_Strict):

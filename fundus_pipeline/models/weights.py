@@ -54,6 +54,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_UNION_TAGS = {"output": {"segmentation", "image"}, "scale_policy": {"fov_max_diameter", "canonical_frame"}}
+
+
+def field_path(loc: list | tuple) -> str:
+    """``output.threshold`` from a pydantic error location, leaving out the union member pydantic names
+    (``output.segmentation.threshold``)."""
+    kept = [p for i, p in enumerate(loc) if not (i > 0 and p in _UNION_TAGS.get(str(loc[i - 1]), ()))]
+    return ".".join(str(p) for p in kept)
+
+
 def _describe(e: ValidationError, data: object) -> str:
     """``entry 'imff': output.threshold: missing field (and 2 more)`` for the first error."""
     errors = e.errors()
@@ -66,7 +76,7 @@ def _describe(e: ValidationError, data: object) -> str:
         name = item.get("name") if isinstance(item, dict) else None
         where = f"entry {name!r}: " if isinstance(name, str) else f"entry #{loc[1] + 1}: "
         loc = loc[2:]
-    field = ".".join(str(p) for p in loc) or "(top level)"
+    field = field_path(loc) or "(top level)"
     kind = first["type"]
     if kind == "missing":
         msg = "missing field"
@@ -190,11 +200,14 @@ def load_weights_checked(model: nn.Module, path: Path, what: str = "") -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load_model(weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, LoadedWeights]:
+def load_model(
+    weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", task: str | None = None
+) -> tuple[torch.nn.Module, LoadedWeights]:
     """Build the architecture, load verified weights; return (model in eval mode, ``LoadedWeights``).
 
     ``LoadedWeights.spec`` is the manifest entry (a ``WeightsSpec``), or None for weights not in the
-    manifest, which need ``arch`` (their threshold is then ``DEFAULT_THRESHOLD``).
+    manifest, which need ``arch`` (their threshold is then ``DEFAULT_THRESHOLD``). ``task``: refuse weights of
+    another task (e.g. enhancement weights given to ``fundus segment``).
     """
     from fundus_pipeline.models.registry import build_model, get_entry
 
@@ -211,7 +224,9 @@ def load_model(weights: str | Path, *, arch: str | None = None, device: str | to
         raise WeightsError(f"{path} holds weights for {spec.model!r}, not {arch!r}")
     else:
         model_name = spec.model
-    get_entry(model_name)  # a clear error for an unknown architecture
+    entry = get_entry(model_name)  # a clear error for an unknown architecture
+    if task is not None and entry.task != task:
+        raise WeightsError(f"{weights} is a {entry.task} model ({model_name}); this command needs a {task} model")
     model = build_model(model_name)
     load_weights_checked(model, path, model_name)
     model.to(device).eval()

@@ -23,7 +23,7 @@ class SegmentStage(Stage):
         self.cfg = config
         self.fov_policy = config.fov
         self.device = resolve_device(config.device)
-        self._model, self.spec = load_model(config.weights, arch=config.arch, device=self.device)
+        self._model, self.spec = load_model(config.weights, arch=config.arch, device=self.device, task="segmentation")
         self.threshold = float(config.threshold if config.threshold is not None else self.spec.threshold)
         self.max_fov = float(self.spec.max_fov_diameter or DEFAULT_MAX_FOV_DIAMETER)
 
@@ -36,7 +36,7 @@ class SegmentStage(Stage):
         if self._model is None:
             from fundus_pipeline.models.weights import load_model
 
-            self._model, _ = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device)
+            self._model, _ = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="segmentation")
 
     def config_record(self) -> dict:
         return {

@@ -151,3 +151,67 @@ def _data_root(data: Path | None) -> Path:
     from fundus_pipeline.datasets import default_data_root
 
     return data or default_data_root()
+
+
+class EnhanceConfig(TrainConfig):
+    """``fundus train enhance``: the loop's options plus the enhancement data pipeline's and the loss weights."""
+
+    arch: str = Field("cofe", description="Registered enhancement model (cofe, cofe_rsa_lqa, cofe_rsa, cofe_g, unet_enh; see `fundus models`).")
+    data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/, HRF/ and HEI-MED/ [default: $FUNDUS_DATA, else ../shared/data].")
+    size: int = Field(512, ge=64, description="Canonical frame side: the FOV's bounding square is resized to SIZE x SIZE (Cofe-Net: 512).")
+    crop: int = Field(256, ge=32, description="Training crop side inside the canonical frame (a multiple of the model's size divisor).")
+    clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
+    disc_weight: float = Field(10.0, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
+    vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
+    rsa_init: Path | None = Field(Path("weights/imff.pt"), description="Segmenter weights that initialise the structure branch (models with one; 'none' to start it at random).")
+    cache: Path | None = Field(None, description="File caching the prepared canonical training sources [default: OUT/sources.npz].")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        from fundus_pipeline.models.registry import get_entry
+
+        try:
+            entry = get_entry(v)
+        except UsageError as e:
+            raise ValueError(e.message) from None
+        if entry.task != "enhancement":
+            raise ValueError(f"{v!r} is a {entry.task} model, not an enhancement model")
+        return v
+
+    @field_validator("rsa_init", mode="before")
+    @classmethod
+    def _rsa_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.lower() == "none" else v
+
+    @field_validator("rsa_init")
+    @classmethod
+    def _rsa_init(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v}: no such weights file")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: Path | None) -> Path | None:
+        root = _data_root(v)
+        missing = [d for d in ("DRIVE", "HRF", "HEI-MED") if not (root / d).is_dir()]
+        if missing:
+            raise ValueError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
+        return v
+
+    @model_validator(mode="after")
+    def _crop(self):
+        if self.crop > self.size:
+            raise ValueError(f"--crop {self.crop} is larger than --size {self.size}")
+        if self.crop % 32 or self.size % 32:
+            raise ValueError("--crop and --size must be multiples of 32")
+        return self
+
+    @property
+    def data_root(self) -> Path:
+        return _data_root(self.data)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache or self.out / "sources.npz"

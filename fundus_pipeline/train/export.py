@@ -25,7 +25,7 @@ from fundus_pipeline.errors import WeightsError
 from fundus_pipeline.models.registry import build_model, get_entry
 from fundus_pipeline.models.spec import WeightsSpec
 from fundus_pipeline.models.weights import load_manifest, load_state_dict, sha256_file, weights_dir
-from fundus_pipeline.models.weights import load_weights_checked
+from fundus_pipeline.models.weights import field_path, load_weights_checked
 
 LICENSE = "MIT (weights trained by the fundus-pipeline authors; DRIVE and HRF are research datasets, cite them)"
 
@@ -35,7 +35,7 @@ def _validated(entry: dict[str, Any]) -> WeightsSpec:
         return WeightsSpec.model_validate(entry)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(entry)"
+        field = field_path(err["loc"]) or "(entry)"
         raise WeightsError(f"manifest entry {entry.get('name')!r} is invalid: {field}: {err['msg']}") from None
 
 

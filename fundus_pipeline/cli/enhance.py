@@ -1,0 +1,45 @@
+"""``fundus enhance``: restore poor fundus photographs with a trained Cofe-Net."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from fundus_pipeline.cli.app import app, report
+from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.config import EnhanceConfig, default
+
+
+@app.command()
+def enhance(
+    in_dir: InPath,
+    out_dir: OutDir,
+    weights: Annotated[str, typer.Option("--weights", "-w", help="Enhancement weights: a name from `fundus models` or a .pt state-dict file.")] = default(EnhanceConfig, "weights"),
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
+    device: Device = default(EnhanceConfig, "device"),
+    transfer: Annotated[str, typer.Option("--transfer", help="How the result returns to native resolution: auto (the weights' choice), upsample (resize the output) or residual (add the resized correction to the photograph).")] = default(EnhanceConfig, "transfer"),
+    keep_outside: Annotated[bool, flag("--keep-outside", help="Pass the pixels outside the field of view through (default: 0 there).")] = default(EnhanceConfig, "keep_outside"),
+    vessel_stats: Annotated[bool, typer.Option("--vessel-stats/--no-vessel-stats", help="Segment before and after for the vessel-fraction columns (two segmenter passes per image).")] = default(EnhanceConfig, "vessel_stats"),
+    segmenter: Annotated[str, typer.Option("--segmenter", help="Segmentation weights behind the vessel-fraction columns.")] = default(EnhanceConfig, "segmenter"),
+    threads: Threads = None,
+    workers: Workers = 1,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    fmt: FormatOpt = Format.human,
+):
+    """Enhance fundus photographs: OUT/KEY.png at the input's resolution and bit depth (0 outside the FOV).
+
+    results.csv: luminance and contrast inside the FOV and the segmenter's vessel fraction, before and after.
+    Example: fundus enhance poor/ restored/ --weights cofe
+    """
+    from fundus_pipeline.runner import check_run_paths, run_stage
+    from fundus_pipeline.stages.enhance import EnhanceStage
+
+    cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, transfer=transfer, keep_outside=keep_outside,
+                              vessel_stats=vessel_stats, segmenter=segmenter)
+    check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)  # refuse early, before loading a model
+    stage = EnhanceStage(cfg)
+    result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
+    report(result, fmt)

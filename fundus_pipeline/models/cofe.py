@@ -1,0 +1,239 @@
+"""Cofe-Net (Shen et al., IEEE TMI 2021): fundus enhancement by an encoder-decoder G guided by a retinal
+structure branch (RSA) and a low-quality attention map (LQA), run at two scales with shared weights.
+Built from the digest in seeds.md section 1.6, with a width parameter ``w`` (the paper's G is
+32/64/64/128 channels, i.e. ``w = 32``; LQA 64/128/256 = 2w/4w/8w).
+
+Differences from the paper, all forced or stated:
+- RSA: the paper's CE-Net weights were never published; the RSA here is this project's IMFF-Net
+  segmenter (``imff``), whose decoder gives features at exactly the scales G needs (1/2, 1/4, 1/8:
+  its d3, d2, d1), initialised from the shipped ``weights/imff.pt`` by the trainer and fine-tuned
+  jointly. Its input is RGB in [0, 1] (IMFF's convention) instead of CE-Net's ``I*3.2-1.6``.
+- The 1/2-scale input is a 2x2 average (area) downsample of the full-scale input (paper: bicubic).
+- ``cofe_g`` is G alone, one pass (the paper's G-only wrapper applies G twice).
+
+The forward pass returns the enhanced image in [0, 1]; ``forward_train`` returns every output the loss
+needs: ``out`` (full scale), ``out_half`` (the coarse pass, two-scale models only), ``vessel_logits``
+(RSA models) and ``attention`` (LQA models; no loss is put on it, as in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fundus_pipeline.models.imff import IMFFNet
+from fundus_pipeline.models.registry import register_model
+
+
+def _conv(cin: int, cout: int, k: int = 5, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+
+class ResBlock(nn.Module):
+    """``t = conv_a(x); out = relu(t + conv_b(relu(t)))``: the identity path is conv_a's output (5x5 convs)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv_a = _conv(c, c)
+        self.conv_b = _conv(c, c)
+
+    def forward(self, x):
+        t = self.conv_a(x)
+        return F.relu(t + self.conv_b(F.relu(t)))
+
+
+def _res(c: int, n: int = 3) -> nn.Sequential:
+    return nn.Sequential(*[ResBlock(c) for _ in range(n)])
+
+
+class LQA(nn.Module):
+    """Low-quality attention: a map ``a`` at 1/2 of the input's resolution (no activation)."""
+
+    def __init__(self, w: int):
+        super().__init__()
+        c1, c2, c3 = 2 * w, 4 * w, 8 * w
+        self.down = nn.Sequential(
+            nn.MaxPool2d(2),
+            nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.up = nn.Sequential(
+            nn.Conv2d(c3, c3, 3, padding=1), nn.ReLU(inplace=True), nn.ConvTranspose2d(c3, c3, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c2, 3, padding=1), nn.ReLU(inplace=True), nn.ConvTranspose2d(c2, c2, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c1, 3, padding=1), nn.ReLU(inplace=True), nn.ConvTranspose2d(c1, c1, 4, 2, 1), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Conv2d(c1, 1, 1)
+
+    def forward(self, x):
+        return self.head(self.up(self.down(x)))
+
+
+class EnhanceG(nn.Module):
+    """The enhancement encoder-decoder G (24 ResBlocks, three strided levels, ConvT decoder with additive
+    skips, sigmoid output). ``rsa_ch``: channels of the structure features concatenated at 1/2, 1/4 and
+    1/8 scale (None: no concatenation, the fuse convs are c->c)."""
+
+    def __init__(self, in_ch: int, w: int, rsa_ch: tuple[int, int, int] | None):
+        super().__init__()
+        c1, c2, c3 = w, 2 * w, 4 * w
+        r1, r2, r3 = rsa_ch or (0, 0, 0)
+        self.inc = nn.Sequential(_conv(in_ch, c1), nn.ReLU(inplace=True), _res(c1))
+        self.down1 = nn.Sequential(_conv(c1, c2, stride=2), nn.ReLU(inplace=True))
+        self.fuse1 = nn.Sequential(_conv(c2 + r1, c2), nn.ReLU(inplace=True), _res(c2))
+        self.down2 = nn.Sequential(_conv(c2, c2, stride=2), nn.ReLU(inplace=True))
+        self.fuse2 = nn.Sequential(_conv(c2 + r2, c2), nn.ReLU(inplace=True), _res(c2))
+        self.down3 = nn.Sequential(_conv(c2, c3, stride=2), nn.ReLU(inplace=True))
+        self.fuse3 = nn.Sequential(_conv(c3 + r3, c3), nn.ReLU(inplace=True), _res(c3))
+        self.up3 = nn.Sequential(_res(c3), nn.ConvTranspose2d(c3, c2, 4, 2, 1))
+        self.up2 = nn.Sequential(_res(c2), nn.ConvTranspose2d(c2, c2, 4, 2, 1))
+        self.up1 = nn.Sequential(_res(c2), nn.ConvTranspose2d(c2, c1, 4, 2, 1))
+        self.outc = nn.Sequential(_res(c1), _conv(c1, 3))
+
+    def forward(self, x, feats=None, attention=None):
+        def cat(t, i):
+            return t if feats is None else torch.cat([t, feats[i]], dim=1)
+
+        x1 = self.inc(x)
+        t = self.down1(x1)
+        if attention is not None:
+            t = t * attention + t
+        x2 = self.fuse1(cat(t, 0))
+        x3 = self.fuse2(cat(self.down2(x2), 1))
+        y = self.fuse3(cat(self.down3(x3), 2))
+        y = self.up3(y) + x3
+        y = self.up2(y) + x2
+        y = self.up1(y) + x1
+        return torch.sigmoid(self.outc(y))
+
+
+class CofeNet(nn.Module):
+    """Cofe-Net and its ablations. Input N x 3 x H x W RGB in [0, 1] (H, W divisible by ``size_divisor``)
+    in the canonical frame (the FOV's bounding square); output the enhanced image, same shape."""
+
+    in_channels = 3
+
+    def __init__(self, w: int = 32, *, rsa: bool = True, lqa: bool = True, two_scale: bool = True, rsa_width: int = 16):
+        super().__init__()
+        self.w, self.has_rsa, self.has_lqa, self.two_scale = w, rsa, lqa, two_scale
+        # two-scale: 1/2-scale pass, G needs /8 there and IMFF /16 at full scale -> /16 (x2 for the coarse pass)
+        self.size_divisor = 32 if two_scale else 16
+        self.rsa = IMFFNet(base=rsa_width) if rsa else None
+        rsa_ch = (2 * rsa_width, 4 * rsa_width, 8 * rsa_width) if rsa else None
+        self.lqa = LQA(w) if lqa else None
+        self.g = EnhanceG(6 if two_scale else 3, w, rsa_ch)
+        self.upsample = nn.ConvTranspose2d(3, 3, 4, 2, 1) if two_scale else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's init: conv and ConvT weights ~ N(0, 0.02), bias 0 (BatchNorm of the RSA: N(1, 0.02), 0).
+        The trainer then loads the shipped segmenter's weights into the RSA."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward_train(self, x: torch.Tensor) -> dict:
+        out: dict = {}
+        feats = None
+        if self.rsa is not None:
+            logits, feats = self.rsa.forward_features(x)
+            out["vessel_logits"] = logits
+        a = self.lqa(x) if self.lqa is not None else None
+        if a is not None:
+            out["attention"] = a
+        if not self.two_scale:
+            out["out"] = self.g(x, feats, a)
+            return out
+        xh = F.avg_pool2d(x, 2)
+        fh = [F.max_pool2d(f, 2) for f in feats] if feats is not None else None
+        ah = F.max_pool2d(a, 2) if a is not None else None
+        oh = self.g(torch.cat([xh, xh], dim=1), fh, ah)
+        out["out_half"] = oh
+        out["out"] = self.g(torch.cat([x, self.upsample(oh)], dim=1), feats, a)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_train(x)["out"]
+
+
+class EnhanceUNet(nn.Module):
+    """The learned baseline: a plain residual-free U-Net (4 levels of [Conv3x3, ReLU] x 2, max-pool down,
+    ConvT up, concatenated skips, sigmoid output), about Cofe-Net's compact cost at width ``w``."""
+
+    in_channels = 3
+    size_divisor = 16
+
+    def __init__(self, w: int = 16):
+        super().__init__()
+        chs = [w, 2 * w, 4 * w, 8 * w, 16 * w]
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+
+        self.enc = nn.ModuleList([block(3, chs[0])] + [block(chs[i], chs[i + 1]) for i in range(4)])
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(chs[i + 1], chs[i], 2, 2) for i in reversed(range(4))])
+        self.dec = nn.ModuleList([block(2 * chs[i], chs[i]) for i in reversed(range(4))])
+        self.head = nn.Conv2d(chs[0], 3, 1)
+
+    def forward_train(self, x: torch.Tensor) -> dict:
+        skips = []
+        y = x
+        for i, enc in enumerate(self.enc):
+            y = enc(y if i == 0 else F.max_pool2d(y, 2))
+            skips.append(y)
+        skips.pop()
+        for up, dec in zip(self.ups, self.dec):
+            y = dec(torch.cat([up(y), skips.pop()], dim=1))
+        return {"out": torch.sigmoid(self.head(y))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_train(x)["out"]
+
+
+_DESC = "Cofe-Net enhancement"
+
+
+@register_model("cofe", task="enhancement", arch="cofe", width=8, description=f"{_DESC}: two-scale G + RSA (IMFF w16) + LQA, compact width 8 (shipped)")
+def cofe(**kw) -> CofeNet:
+    return CofeNet(8, **kw)
+
+
+@register_model("cofe_paper", task="enhancement", arch="cofe", width=32, description=f"{_DESC} at the paper's G width 32 (RSA IMFF w16)")
+def cofe_paper(**kw) -> CofeNet:
+    return CofeNet(32, **kw)
+
+
+@register_model("cofe_rsa_lqa", task="enhancement", arch="cofe", width=8, description=f"{_DESC} ablation: single-scale G + RSA + LQA, width 8")
+def cofe_rsa_lqa(**kw) -> CofeNet:
+    return CofeNet(8, two_scale=False, **kw)
+
+
+@register_model("cofe_rsa", task="enhancement", arch="cofe", width=8, description=f"{_DESC} ablation: single-scale G + RSA, width 8")
+def cofe_rsa(**kw) -> CofeNet:
+    return CofeNet(8, lqa=False, two_scale=False, **kw)
+
+
+@register_model("cofe_g", task="enhancement", arch="cofe", width=8, description=f"{_DESC} ablation: G alone (one pass), width 8")
+def cofe_g(**kw) -> CofeNet:
+    return CofeNet(8, rsa=False, lqa=False, two_scale=False, **kw)
+
+
+@register_model("cofe_tiny", task="enhancement", arch="cofe", width=2, description=f"{_DESC}, width 2 with an IMFF w2 RSA (tests only)")
+def cofe_tiny(**kw) -> CofeNet:
+    return CofeNet(2, rsa_width=2, **kw)
+
+
+@register_model("unet_enh", task="enhancement", arch="unet", width=20, description="Plain U-Net enhancement baseline, width 20 (about the compact Cofe-Net's parameter count)")
+def unet_enh(**kw) -> EnhanceUNet:
+    return EnhanceUNet(20, **kw)
+
+
+@register_model("unet_enh_tiny", task="enhancement", arch="unet", width=2, description="Plain U-Net enhancement baseline, width 2 (tests only)")
+def unet_enh_tiny(**kw) -> EnhanceUNet:
+    return EnhanceUNet(2, **kw)

@@ -1,0 +1,350 @@
+"""``fundus train enhance``: Cofe-Net (and its ablations and the U-Net baseline) as a task on the shared
+loop (``fundus_pipeline.train.loop``).
+
+Clean sources (training splits only; test images are never read): DRIVE 21-40, HRF 01-05 of each class
+and the 169 HEI-MED photographs. Each is mapped once into the canonical frame (the FOV's bounding square
+at ``--size``; ``fundus_pipeline.canonical``) with its FOV mask, a vessel target (the manual annotation
+for DRIVE and HRF; the shipped ``imff`` segmenter's probability on the clean photograph for HEI-MED) and
+an optic-disc centre (hand-marked for HEI-MED; ``fundus_pipeline.disc.locate_disc`` elsewhere). The
+prepared sources are cached (``--cache``). Validation (checkpoint choice): DRIVE 37-40, HRF 05_h/g/dr and
+every 10th HEI-MED photograph, each degraded twice with fixed seeds (released type 111 and the
+``moderate`` recipe) and once left clean.
+
+Each training step draws ``--batch-size`` samples as a pure function of (seed, step): a dataset
+(uniformly), a source, a rotation by a multiple of 90 degrees and a flip, then a degradation of the
+whole canonical frame by the ``degradation`` library: with probability ``--clean-p`` none, else one of
+the released Cofe-Net types 001..111, the training-time Cofe-Net types 001..111, or the clinical
+recipes mild / moderate / severe (each of the three families equally likely); finally a ``--crop``
+square at a random place.
+
+Loss (Cofe-Net's, seeds.md 1.7; L1 means the mean over all elements, as nn.L1Loss):
+``L1(B.R, O.R) + w_d L1(B.D, O.D)`` at full scale, the same at 1/2 scale for two-scale models, and
+``w_v BCE(V.R)`` on the structure branch's vessel map for models with one; B clean, O output, R FOV,
+D disc box, V vessel target.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fundus_pipeline.canonical import CanonicalFrame, canonical_fov_geometry
+from fundus_pipeline.datasets import DRIVE_TRAIN, DRIVE_VAL, HRF_TRAIN, HRF_VAL, drive_paths, hrf_paths
+from fundus_pipeline.disc import disc_box_mask, locate_disc
+from fundus_pipeline.models.registry import build_model
+from fundus_pipeline.train.config import EnhanceConfig
+from fundus_pipeline.train.loop import Batch, Task, fit
+
+HEIMED_VAL_EVERY = 10  # every 10th HEI-MED photograph (sorted by name) is a validation source
+CODES = ("001", "010", "011", "100", "101", "110", "111")
+RECIPES = ("mild", "moderate", "severe")
+SEGMENTER = "imff"  # the shipped segmenter that makes the vessel targets of photographs without annotations
+
+
+@dataclass
+class Source:
+    name: str  # "drive/21", "hrf/01_h", "heimed/00000003"
+    rgb: np.ndarray  # float32 S x S x 3 canonical clean image, 0 outside the FOV
+    fov: np.ndarray  # bool S x S
+    vessels: np.ndarray  # float32 S x S vessel target in [0, 1]
+    disc: tuple[float, float]  # (x, y) canonical optic-disc centre
+    vessels_kind: str  # "manual" or "segmenter"
+    disc_kind: str  # "marked" or "located"
+
+
+def heimed_table(root: Path) -> list[dict]:
+    with open(root / "HEI-MED" / "heimed.csv", newline="") as f:
+        return sorted(csv.DictReader(f), key=lambda r: r["image"])
+
+
+def _source_list(root: Path) -> list[tuple[str, dict]]:
+    """(name, info) of every clean training source, in a fixed order."""
+    out: list[tuple[str, dict]] = []
+    for ident in DRIVE_TRAIN:
+        out.append((f"drive/{ident}", {"paths": drive_paths(root, ident)}))
+    for ident in HRF_TRAIN:
+        out.append((f"hrf/{ident}", {"paths": hrf_paths(root, ident)}))
+    for row in heimed_table(root):
+        out.append((f"heimed/{Path(row['image']).stem}", {"paths": {"image": root / "HEI-MED" / "images" / row["image"]}, "row": row}))
+    return out
+
+
+def is_validation(name: str) -> bool:
+    ds, ident = name.split("/")
+    if ds == "drive":
+        return ident in DRIVE_VAL
+    if ds == "hrf":
+        return ident in HRF_VAL
+    return False  # HEI-MED: decided by position (see split_sources)
+
+
+def split_sources(sources: list[Source]) -> tuple[list[Source], list[Source]]:
+    heimed = [s for s in sources if s.name.startswith("heimed/")]
+    val_heimed = {s.name for s in heimed[::HEIMED_VAL_EVERY]}
+    train = [s for s in sources if not (is_validation(s.name) or s.name in val_heimed)]
+    val = [s for s in sources if is_validation(s.name) or s.name in val_heimed]
+    return train, val
+
+
+def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
+    from degradation.fov import estimate_fov_geometry, fov_geometry
+
+    from fundus_pipeline.datasets import _read_rgb
+    from fundus_pipeline.evaluation.segment import read_binary
+    from fundus_pipeline.models.inference import predict_native, working_scale
+
+    paths = info["paths"]
+    rgb = _read_rgb(paths["image"])
+    if "fov" in paths:
+        fov = read_binary(paths["fov"])
+        geom = fov_geometry(fov)
+    else:
+        fov, geom = estimate_fov_geometry(rgb)
+    frame = CanonicalFrame.from_fov(geom, size)
+    rgb = rgb * fov[..., None]
+    if "vessels" in paths:
+        ves, kind = read_binary(paths["vessels"]).astype(np.float32), "manual"
+    else:
+        model, threshold = segmenter
+        ves = predict_native(model, rgb, fov, working_scale(geom.diameter))
+        kind = "segmenter"
+    c_rgb = np.clip(frame.to_canonical(rgb.astype(np.float32)), 0, 1)
+    c_fov = frame.to_canonical(fov.astype(np.uint8), interpolation=0) > 0  # nearest
+    c_ves = frame.to_canonical(ves) * c_fov
+    c_rgb = c_rgb * c_fov[..., None]
+    row = info.get("row")
+    if row is not None:  # HEI-MED: hand-marked optic-nerve centre (row, col in the stored pixels)
+        disc = frame.point_to_canonical(float(row["on_col"]), float(row["on_row"]))
+        disc_kind = "marked"
+    else:
+        disc, disc_kind = locate_disc(c_rgb, c_fov, c_ves), "located"
+    return Source(name, c_rgb.astype(np.float32), c_fov, c_ves.astype(np.float32), disc, kind, disc_kind)
+
+
+def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path | None, log: Callable[[str], None] = print) -> list[Source]:
+    """Every clean training source in the canonical frame (cached in ``cache`` when given)."""
+    listing = _source_list(root)
+    digest = hashlib.sha256(json.dumps([size, [n for n, _ in listing], _sha256(segmenter_weights)]).encode()).hexdigest()[:16]
+    if cache is not None and cache.is_file():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["digest"]) == digest:
+            meta = json.loads(str(z["meta"]))
+            rgb, fov, ves = z["rgb"], z["fov"], z["vessels"]  # each access of z[...] reads the whole array
+            return [Source(m["name"], rgb[i], fov[i], ves[i], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"]) for i, m in enumerate(meta)]
+        log(f"{cache} was prepared from other data or options; preparing again")
+    from fundus_pipeline.models.weights import load_model
+
+    model, spec = load_model(segmenter_weights)
+    log(f"preparing {len(listing)} clean sources at {size}x{size} (vessel targets of HEI-MED from {spec.name})")
+    sources = [_prepare_one(n, info, size, (model, spec.threshold)) for n, info in listing]
+    if cache is not None:
+        meta = [{"name": s.name, "disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind} for s in sources]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(
+            tmp, digest=np.array(digest), meta=np.array(json.dumps(meta)),
+            rgb=np.stack([s.rgb for s in sources]), fov=np.stack([s.fov for s in sources]),
+            vessels=np.stack([s.vessels for s in sources]),
+        )  # fmt: skip
+        tmp.replace(cache)
+    return sources
+
+
+def resolve_segmenter() -> Path:
+    from fundus_pipeline.models.weights import resolve_weights
+
+    return resolve_weights(SEGMENTER)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- degrading
+class DegradationPool:
+    """The degradations the enhancer meets in training: released and training-time Cofe-Net types
+    001..111 and the clinical recipes, three equally likely families."""
+
+    def __init__(self):
+        from degradation import cofe_degrader, load_recipe
+
+        self.families = [
+            [cofe_degrader("released", c) for c in CODES],
+            [cofe_degrader("training", c) for c in CODES],
+            [load_recipe(r) for r in RECIPES],
+        ]
+
+    def draw(self, rng: np.random.Generator):
+        fam = self.families[int(rng.integers(len(self.families)))]
+        return fam[int(rng.integers(len(fam)))]
+
+
+def degrade(degrader, rgb: np.ndarray, fov: np.ndarray, seed: int, key: str) -> np.ndarray:
+    """``rgb`` (canonical, float32) degraded with parameters drawn from (seed, key)."""
+    from degradation import soft_fov_mask
+
+    geom = canonical_fov_geometry(rgb.shape[0])
+    params = degrader.sample(seed=seed, key=key, fov=geom)
+    return degrader.apply(rgb, params, soft_fov_mask(fov, geom), levels=255).astype(np.float32)
+
+
+def _orient(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    a = np.rot90(a, k, axes=(0, 1))
+    return np.ascontiguousarray(a[:, ::-1] if flip else a)
+
+
+def _orient_point(x: float, y: float, n: int, k: int, flip: bool) -> tuple[float, float]:
+    for _ in range(k % 4):  # np.rot90 (counter-clockwise): new[i, j] = old[j, n-1-i]
+        x, y = y, n - 1 - x
+    if flip:
+        x = n - 1 - x
+    return x, y
+
+
+class EnhanceSampler:
+    """``batch(step)`` -> (degraded, clean, FOV, disc box, vessels): N x {3,3,1,1,1} x crop x crop float32."""
+
+    def __init__(self, sources: list[Source], cfg: EnhanceConfig):
+        self.sources = sources
+        self.cfg = cfg
+        self.pool = DegradationPool()
+        self.by_dataset: dict[str, list[int]] = {}
+        for i, s in enumerate(sources):
+            self.by_dataset.setdefault(s.name.split("/")[0], []).append(i)
+
+    def sample(self, step: int, b: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        cfg = self.cfg
+        datasets = sorted(self.by_dataset)
+        ids = self.by_dataset[datasets[int(rng.integers(len(datasets)))]]
+        s = self.sources[ids[int(rng.integers(len(ids)))]]
+        k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+        n = s.rgb.shape[0]
+        clean, fov, ves = _orient(s.rgb, k, flip), _orient(s.fov, k, flip), _orient(s.vessels, k, flip)
+        disc = disc_box_mask(*_orient_point(*s.disc, n, k, flip), n)
+        if rng.random() < cfg.clean_p:
+            deg = clean
+        else:
+            deg = degrade(self.pool.draw(rng), clean, fov, cfg.seed, f"{step}/{b}")
+        c = cfg.crop
+        y0, x0 = int(rng.integers(n - c + 1)), int(rng.integers(n - c + 1))
+        sl = (slice(y0, y0 + c), slice(x0, x0 + c))
+        return deg[sl], clean[sl], fov[sl], disc[sl], ves[sl]
+
+    def batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.cfg.seed, step])
+        parts = [self.sample(step, b, rng) for b in range(self.cfg.batch_size)]
+        deg, clean, fov, disc, ves = (np.stack([p[i] for p in parts]) for i in range(5))
+        return (
+            torch.from_numpy(deg.transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(clean.transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(fov[:, None].astype(np.float32)),
+            torch.from_numpy(disc[:, None].astype(np.float32)),
+            torch.from_numpy(ves[:, None].astype(np.float32)),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def enhance_loss(out: dict, batch: Batch, disc_weight: float, vessel_weight: float) -> torch.Tensor:
+    """Cofe-Net's loss (see the module docstring) on ``forward_train``'s outputs."""
+    _, clean, fov, disc, ves = batch
+
+    def pixel(o, b, r, d):
+        return F.l1_loss(o * r, b * r) + disc_weight * F.l1_loss(o * d, b * d)
+
+    loss = pixel(out["out"], clean, fov, disc)
+    if "out_half" in out:
+        loss = loss + pixel(out["out_half"], F.avg_pool2d(clean, 2), F.avg_pool2d(fov, 2), F.avg_pool2d(disc, 2))
+    if "vessel_logits" in out and vessel_weight > 0:
+        bce = F.binary_cross_entropy_with_logits(out["vessel_logits"], ves, reduction="none")
+        loss = loss + vessel_weight * (bce * fov).mean()
+    return loss
+
+
+# ------------------------------------------------------------------------------------------ validation
+def psnr_in(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    mse = float(((a - b) ** 2)[mask].mean())
+    return 10 * np.log10(1.0 / max(mse, 1e-12))
+
+
+def validation_pairs(val: list[Source], seed: int) -> list[tuple[str, np.ndarray, Source]]:
+    """(kind, degraded, source) for each validation source: released 111, moderate recipe, clean."""
+    from degradation import cofe_degrader, load_recipe
+
+    d111, moderate = cofe_degrader("released", "111"), load_recipe("moderate")
+    pairs = []
+    for s in val:
+        pairs.append(("released111", degrade(d111, s.rgb, s.fov, seed, f"val/{s.name}"), s))
+        pairs.append(("moderate", degrade(moderate, s.rgb, s.fov, seed, f"val/{s.name}"), s))
+        pairs.append(("clean", s.rgb, s))
+    return pairs
+
+
+@torch.no_grad()
+def enhance_canonical(model: nn.Module, rgb: np.ndarray, device) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
+    return model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+
+
+def validate(model: nn.Module, pairs, device) -> dict:
+    per: dict[str, list[float]] = {}
+    base: dict[str, list[float]] = {}
+    for kind, deg, s in pairs:
+        out = enhance_canonical(model, deg, device) * s.fov[..., None]
+        per.setdefault(kind, []).append(psnr_in(out, s.rgb, s.fov))
+        if kind != "clean":
+            base.setdefault(kind, []).append(psnr_in(deg, s.rgb, s.fov))
+    res = {f"psnr_{k}": round(float(np.mean(v)), 3) for k, v in per.items()}
+    res.update({f"psnr_input_{k}": round(float(np.mean(v)), 3) for k, v in base.items()})
+    res["psnr"] = round(float(np.mean([np.mean(v) for k, v in per.items() if k != "clean"])), 3)
+    return res
+
+
+class EnhanceTask(Task):
+    """Fundus enhancement; best.pt is chosen on the mean validation PSNR inside the FOV over the degraded pairs."""
+
+    name = "enhance"
+    score_key = "psnr"
+    cfg: EnhanceConfig
+
+    def model_name(self) -> str:
+        return self.cfg.arch
+
+    def build_model(self) -> nn.Module:
+        model = build_model(self.cfg.arch)
+        rsa = getattr(model, "rsa", None)
+        if rsa is not None and self.cfg.rsa_init is not None and self.cfg.init is None and not self.cfg.resume:
+            from fundus_pipeline.models.weights import load_weights_checked
+
+            load_weights_checked(rsa, self.cfg.rsa_init, "imff")
+        return model
+
+    def setup(self, log: Callable[[str], None]) -> None:
+        cfg = self.cfg
+        sources = prepare_sources(cfg.data_root, cfg.size, resolve_segmenter(), cfg.cache_path, log)
+        train, val = split_sources(sources)
+        located = [s for s in sources if s.disc_kind == "located"]
+        log(f"train {len(train)} sources, val {len(val)} ({', '.join(s.name for s in val[:7])}, ...); discs located on {len(located)}")
+        self.pairs = validation_pairs(val, cfg.seed)
+        self.sampler = EnhanceSampler(train, cfg)
+
+    def loss(self, out: dict, batch: Batch) -> torch.Tensor:
+        return enhance_loss(out, batch, self.cfg.disc_weight, self.cfg.vessel_weight)
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict:
+        return validate(model, self.pairs, device)
+
+    def summary(self) -> dict:
+        return {"arch": self.cfg.arch}
+
+
+def train(cfg: EnhanceConfig) -> dict:
+    return fit(EnhanceTask(cfg), cfg)

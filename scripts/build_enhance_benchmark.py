@@ -1,0 +1,70 @@
+"""Build the frozen enhancement benchmark from the *test* splits (DRIVE 01-20, the 30 HRF test images):
+every released Cofe-Net type 001..111 and the mild, moderate and severe recipes, seeded, with the
+project's own `fundus degrade` stage (so each folder holds its manifest.json with every parameter).
+
+    python scripts/build_enhance_benchmark.py BENCH [--data ../shared/data] [--seed 2026] [--datasets drive,hrf]
+
+Layout: BENCH/<dataset>/released/KEY_<code>.png (seven codes per image), BENCH/<dataset>/<recipe>/KEY.png,
+BENCH/<dataset>/inputs.txt (the clean test images), BENCH/benchmark.json (seed, data root, lists and the
+sha256 of every degraded image). Rebuilding with the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from fundus_pipeline.datasets import DRIVE_TEST, HRF_TEST, default_data_root, drive_paths, hrf_paths
+
+RECIPES = ("mild", "moderate", "severe")
+SEED = 2026
+
+
+def test_images(root: Path, dataset: str) -> list[Path]:
+    if dataset == "drive":
+        return [drive_paths(root, i)["image"] for i in DRIVE_TEST]
+    return [hrf_paths(root, i)["image"] for i in HRF_TEST]
+
+
+def build(out: Path, root: Path, seed: int, datasets: list[str]) -> dict:
+    from fundus_pipeline.config import DegradeConfig
+    from fundus_pipeline.runner import run_stage
+    from fundus_pipeline.stages.degrade import DegradeStage
+
+    record: dict = {"seed": seed, "data_root": str(root), "datasets": {}}
+    for ds in datasets:
+        d = out / ds
+        d.mkdir(parents=True, exist_ok=True)
+        listing = d / "inputs.txt"
+        listing.write_text("".join(f"{p.resolve()}\n" for p in test_images(root, ds)))
+        configs = {"released": DegradeConfig(types=["all"], preset="released", seed=seed)}
+        configs.update({r: DegradeConfig(recipe=r, seed=seed) for r in RECIPES})
+        for name, cfg in configs.items():
+            target = d / name
+            if (target / "manifest.json").is_file():
+                continue  # built already (same seed: same bytes)
+            run_stage(DegradeStage(cfg), listing, target, resume=target.exists(), progress=False)
+        hashes = {
+            str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*.png"))
+        }
+        record["datasets"][ds] = {"inputs": [str(p) for p in test_images(root, ds)], "degradations": list(configs), "sha256": hashes}
+    (out / "benchmark.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--datasets", default="drive,hrf")
+    a = ap.parse_args()
+    rec = build(a.out, a.data or default_data_root(), a.seed, [s.strip() for s in a.datasets.split(",") if s.strip()])
+    print(json.dumps({ds: len(v["sha256"]) for ds, v in rec["datasets"].items()}))
+
+
+if __name__ == "__main__":
+    main()

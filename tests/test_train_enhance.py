@@ -1,0 +1,125 @@
+"""`fundus train enhance` on a synthetic copy of the DRIVE/HRF/HEI-MED layout: outputs, bit-exact resume,
+option checks; the canonical frame, the loss and the sampler's determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from degradation.fov import FovGeometry
+from fundus_pipeline.canonical import CanonicalFrame
+from fundus_pipeline.cli import main as cli_main
+from fundus_pipeline.train import enhance as trainer
+from fundus_pipeline.train.enhance import _orient, _orient_point, enhance_loss
+
+
+def _args(data, out, *extra) -> list[str]:
+    return [
+        "--arch", "cofe_tiny", "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "2",
+        "--size", "64", "--crop", "32", "--val-every", "2", "--ckpt-every", "1", "--threads", "1", "--seed", "5",
+        "--rsa-init", "none", *extra,
+    ]  # fmt: skip
+
+
+def _train(*args: str) -> int:
+    return cli_main(["train", "enhance", *args])
+
+
+def test_train_enhance_writes_a_run_and_resumes_bit_exactly(fake_data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert _train(*_args(fake_data, straight)) == 0
+    for f in ("best.pt", "last.pt", "summary.json", "train.log", "sources.npz"):
+        assert (straight / f).is_file(), f
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["arch"] == "cofe_tiny" and summary["argv"][:3] == ["fundus", "train", "enhance"]
+    best = summary["best"]
+    assert best["step"] in (2, 4) and np.isfinite(best["psnr"]) and {"psnr_released111", "psnr_moderate", "psnr_clean"} <= set(best)
+    log = (straight / "train.log").read_text()
+    # DRIVE 16 + 4, HRF 12 + 3, HEI-MED 10 + 2 (every 10th); discs located on DRIVE and HRF (marked on HEI-MED)
+    assert "train 38 sources, val 9" in log and "discs located on 35" in log
+
+    broken = tmp_path / "broken"
+    real = trainer.EnhanceSampler.batch
+
+    def interrupt(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(trainer.EnhanceSampler, "batch", interrupt)
+    assert _train(*_args(fake_data, broken)) == 130
+    monkeypatch.setattr(trainer.EnhanceSampler, "batch", real)
+    assert _train(*_args(fake_data, broken, "--resume")) == 0
+    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(broken / "last.pt", map_location="cpu", weights_only=True)
+    assert a["step"] == b["step"] == 4 and a["best"] == b["best"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--arch", "imff"], "not an enhancement model"),
+        (["--crop", "128"], "larger than --size"),
+        (["--crop", "48"], "multiples of 32"),
+        (["--clean-p", "2"], "--clean-p"),
+        (["--rsa-init", "missing.pt"], "no such weights file"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(fake_data, tmp_path, capsys, extra, message):
+    assert _train(*_args(fake_data, tmp_path / "run"), *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step(fake_data, tmp_path):
+    from fundus_pipeline.train.config import EnhanceConfig
+
+    cfg = EnhanceConfig(out=tmp_path / "r", data=fake_data, size=64, crop=32, batch_size=3, seed=1, rsa_init=None)
+    sources = trainer.prepare_sources(fake_data, 64, trainer.resolve_segmenter(), None, lambda m: None)
+    train, _ = trainer.split_sources(sources)
+    s1, s2 = trainer.EnhanceSampler(train, cfg), trainer.EnhanceSampler(train, cfg)
+    for x, y in zip(s1.batch(7), s2.batch(7)):
+        assert torch.equal(x, y)
+    assert not torch.equal(s1.batch(7)[0], s1.batch(8)[0])
+    deg, clean, fov, disc, ves = s1.batch(3)
+    assert deg.shape == clean.shape == (3, 3, 32, 32) and fov.shape == disc.shape == ves.shape == (3, 1, 32, 32)
+    assert float(deg.min()) >= 0 and float(deg.max()) <= 1
+
+
+def test_orientation_moves_the_disc_with_the_image():
+    a = np.zeros((9, 9), np.float32)
+    a[2, 6] = 1  # (x, y) = (6, 2)
+    for k in range(4):
+        for flip in (False, True):
+            x, y = _orient_point(6, 2, 9, k, flip)
+            assert _orient(a, k, flip)[int(y), int(x)] == 1
+
+
+def test_canonical_frame_round_trip():
+    rgb = np.random.default_rng(0).random((60, 80, 3)).astype(np.float32)
+    geom = FovGeometry(cx=40, cy=30, radius=35, height=60, width=80)  # the square leaves the image at the top and bottom
+    frame = CanonicalFrame.from_fov(geom, 70)  # same size: no resampling
+    c = frame.to_canonical(rgb)
+    assert c.shape == (70, 70, 3) and c[:5].max() == 0  # padded with black
+    back = frame.to_native(c)
+    np.testing.assert_array_equal(back[:, 5:75], rgb[:, 5:75])
+
+
+def test_loss_is_zero_for_a_perfect_output_and_weights_the_disc():
+    clean = torch.rand(2, 3, 32, 32)
+    fov, disc, ves = torch.ones(2, 1, 32, 32), torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 32, 32)
+    disc[..., :8, :8] = 1
+    batch = (clean, clean, fov, disc, ves)
+    perfect = {"out": clean.clone(), "out_half": torch.nn.functional.avg_pool2d(clean, 2)}
+    assert float(enhance_loss(perfect, batch, 10.0, 0.1)) == pytest.approx(0.0, abs=1e-7)
+    off = clean.clone()
+    off[..., :8, :8] += 0.1  # error only inside the disc box
+    l1 = float(enhance_loss({"out": off}, batch, 0.0, 0.0))
+    l10 = float(enhance_loss({"out": off}, batch, 10.0, 0.0))
+    assert l10 == pytest.approx(11 * l1, rel=1e-5)
