@@ -2,7 +2,9 @@
 every released Cofe-Net type 001..111 and the mild, moderate and severe recipes, seeded, with the
 project's own `fundus degrade` stage (so each folder holds its manifest.json with every parameter).
 
-    python scripts/build_enhance_benchmark.py BENCH [--data ../shared/data] [--seed 2026] [--datasets drive,hrf]
+    python scripts/build_enhance_benchmark.py BENCH [--data ../shared/data] [--seed 2026] [--datasets drive,hrf] [--types all]
+
+``--types`` restricts the released codes (e.g. ``111`` for a quicker HRF part; recorded in benchmark.json).
 
 Layout: BENCH/<dataset>/released/KEY_<code>.png (seven codes per image), BENCH/<dataset>/<recipe>/KEY.png,
 BENCH/<dataset>/inputs.txt (the clean test images), BENCH/benchmark.json (seed, data root, lists and the
@@ -28,7 +30,7 @@ def test_images(root: Path, dataset: str) -> list[Path]:
     return [hrf_paths(root, i)["image"] for i in HRF_TEST]
 
 
-def build(out: Path, root: Path, seed: int, datasets: list[str]) -> dict:
+def build(out: Path, root: Path, seed: int, datasets: list[str], types: str = "all") -> dict:
     from fundus_pipeline.config import DegradeConfig
     from fundus_pipeline.runner import run_stage
     from fundus_pipeline.stages.degrade import DegradeStage
@@ -39,7 +41,7 @@ def build(out: Path, root: Path, seed: int, datasets: list[str]) -> dict:
         d.mkdir(parents=True, exist_ok=True)
         listing = d / "inputs.txt"
         listing.write_text("".join(f"{p.resolve()}\n" for p in test_images(root, ds)))
-        configs = {"released": DegradeConfig(types=["all"], preset="released", seed=seed)}
+        configs = {"released": DegradeConfig(types=types, preset="released", seed=seed)}
         configs.update({r: DegradeConfig(recipe=r, seed=seed) for r in RECIPES})
         for name, cfg in configs.items():
             target = d / name
@@ -50,7 +52,9 @@ def build(out: Path, root: Path, seed: int, datasets: list[str]) -> dict:
             str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(d.rglob("*.png"))
         }
-        record["datasets"][ds] = {"inputs": [str(p) for p in test_images(root, ds)], "degradations": list(configs), "sha256": hashes}
+        prior = json.loads((out / "benchmark.json").read_text())["datasets"] if (out / "benchmark.json").is_file() else {}
+        record["datasets"].update({k: v for k, v in prior.items() if k not in record["datasets"]})
+        record["datasets"][ds] = {"inputs": [str(p) for p in test_images(root, ds)], "released_types": configs["released"].types, "recipes": list(RECIPES), "sha256": hashes}
     (out / "benchmark.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -61,8 +65,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--datasets", default="drive,hrf")
+    ap.add_argument("--types", default="all", help="released Cofe-Net codes (comma-separated or 'all')")
     a = ap.parse_args()
-    rec = build(a.out, a.data or default_data_root(), a.seed, [s.strip() for s in a.datasets.split(",") if s.strip()])
+    rec = build(a.out, a.data or default_data_root(), a.seed, [s.strip() for s in a.datasets.split(",") if s.strip()], a.types)
     print(json.dumps({ds: len(v["sha256"]) for ds, v in rec["datasets"].items()}))
 
 

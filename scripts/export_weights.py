@@ -1,6 +1,10 @@
-"""Export a trained segmentation run to weights/ and record it in weights/manifest.json.
+"""Export a trained run to weights/ and record it in weights/manifest.json.
 
     python scripts/export_weights.py runs/imff --name imff --arch imff [--command "..."]
+    python scripts/export_weights.py runs/cofe --name cofe --arch cofe --transfer-selection docs/transfer_cofe.json
+
+Enhancement runs (an ``enhancement`` architecture) take ``--transfer-selection``: the JSON printed by
+scripts/choose_transfer.py, whose ``choice`` becomes the weights' rule for returning to native resolution.
 
 Loads RUN/best.pt (the checkpoint chosen on the validation subset of the training images), chooses
 the a-priori decision threshold on that same validation subset (the threshold that maximises the mean
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_pipeline.errors import FundusError  # noqa: E402
 from fundus_pipeline.train.export import export_weights  # noqa: E402
+from fundus_pipeline.train import enhance as enhance_task  # noqa: E402
 from fundus_pipeline.train.segment import export_description  # noqa: E402
 
 
@@ -49,6 +54,7 @@ def main() -> None:
     ap.add_argument("--arch", required=True)
     ap.add_argument("--command", default="", help="the exact training command(s), for the manifest")
     ap.add_argument("--test-metrics", action="append", default=[], help="LABEL=summary.json of `fundus evaluate` on a test split")
+    ap.add_argument("--transfer-selection", type=Path, help="enhancement runs: the JSON of scripts/choose_transfer.py")
     args = ap.parse_args()
     torch.set_num_threads(2)
     metrics = {}
@@ -57,11 +63,19 @@ def main() -> None:
         if not sep:
             raise SystemExit(f"--test-metrics {item!r}: expected LABEL=summary.json")
         metrics[label] = test_metrics_entry(Path(path))
+    from fundus_pipeline.models.registry import get_entry
+
+    describe = export_description
+    if get_entry(args.arch).task == "enhancement":
+        if args.transfer_selection is None:
+            raise SystemExit("error: enhancement runs need --transfer-selection (the JSON of scripts/choose_transfer.py)")
+        size = json.loads((args.run / "summary.json").read_text())["config"]["size"]
+        describe = enhance_task.export_description(json.loads(args.transfer_selection.read_text()), size)
     try:
-        spec = export_weights(args.run, name=args.name, model_name=args.arch, describe=export_description, command=args.command, test_metrics=metrics or None)
+        spec = export_weights(args.run, name=args.name, model_name=args.arch, describe=describe, command=args.command, test_metrics=metrics or None)
     except FundusError as e:
         raise SystemExit(f"error: {e.message}") from None
-    print(json.dumps({"name": spec.name, "sha256": spec.sha256, "params": spec.params, "threshold": spec.output.threshold_selection.to_json_dict()}, indent=2))
+    print(json.dumps({"name": spec.name, "sha256": spec.sha256, "params": spec.params, "output": spec.output.to_json_dict()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -348,3 +348,34 @@ class EnhanceTask(Task):
 
 def train(cfg: EnhanceConfig) -> dict:
     return fit(EnhanceTask(cfg), cfg)
+
+
+# --------------------------------------------------------------------------------------- weights export
+def export_description(transfer_selection: dict, size: int = 512) -> Callable[[nn.Module], dict]:
+    """The enhancement-specific parts of a weights manifest entry (``export_weights``'s ``describe``):
+    the canonical-frame input contract, the image output with the transfer rule chosen by
+    ``scripts/choose_transfer.py`` (its JSON is ``transfer_selection``), and the data split."""
+
+    def describe(model: nn.Module) -> dict:
+        return {
+            "input": {
+                "channels": 3,
+                "color": "rgb",
+                "value_range": [0, 1],
+                "normalisation": "none (RGB divided by the bit depth's maximum); 0 outside the FOV",
+                "size_divisor": int(model.size_divisor),
+                "scale_policy": {
+                    "type": "canonical_frame",
+                    "size": size,
+                    "rule": "the FOV's bounding square (side = FOV diameter, centred on the FOV, black where it leaves the photograph) resized to size x size, area averaging when shrinking",
+                },
+            },
+            "output": {"kind": "image", "activation": "sigmoid", "transfer": transfer_selection["choice"], "transfer_selection": transfer_selection},
+            "training": {
+                "data": "clean sources degraded on the fly: DRIVE training 21-36, HRF training 01-04 of each class, HEI-MED (152 of 169 photographs); released and training-time Cofe-Net types 001-111 and the mild/moderate/severe recipes; 10% left clean",
+                "validation": "DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph (17), each degraded with released 111 and moderate (seed 0) and left clean; best checkpoint by mean PSNR inside the FOV",
+                "test_never_used": "DRIVE 01-20, HRF 06-15",
+            },
+        }
+
+    return describe
