@@ -343,7 +343,7 @@ def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> 
     try:
         for suffix, arr in result.images.items():
             name = stage.output_name(key, suffix)
-            write_image_atomic(out_dir / name, arr)
+            write_image_atomic(out_dir / name, arr() if callable(arr) else arr)  # deferred outputs: one at a time
             written.append(name)
     except BaseException:
         for name in written:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
@@ -114,11 +114,17 @@ class ItemOutput:
 
     ``images`` maps an output-name suffix to a native array (uint8/uint16, or bool written as 0/255):
     suffix ``""`` is written as ``OUT/KEY.png``, ``"_vessels"`` as ``OUT/KEY_vessels.png``, in this
-    order. ``fields`` are the stage's ``results.csv`` columns for this item.
+    order. A value may also be a function returning the array: it is called when the output is written
+    (``images_now`` calls it), so a stage with several large outputs holds one at a time. ``fields``
+    are the stage's ``results.csv`` columns for this item.
     """
 
-    images: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, np.ndarray | Callable[[], np.ndarray]] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
+
+    def images_now(self) -> dict[str, np.ndarray]:
+        """Every output array, deferred ones computed (for in-memory chaining and tests)."""
+        return {k: v() if callable(v) else v for k, v in self.images.items()}
 
 
 class Stage(ABC):

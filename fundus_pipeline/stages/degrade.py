@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 from fundus_pipeline.config import DegradeConfig
 from fundus_pipeline.errors import InputError, UsageError
 from fundus_pipeline.io import from_float_rgb
@@ -89,9 +91,12 @@ class DegradeStage(Stage):
             else:
                 params = degrader.sample(seed=self.seed, key=item.key, fov=fov.geometry)
                 g = fov.geometry
-            soft = soft_fov_mask(fov.mask, g)
-            out = degrader.apply(image.rgb, params, soft, levels=levels)
-            images[f"_{variant}" if variant else ""] = from_float_rgb(out, image.meta, image.alpha, truncate=True)
+
+            def render(degrader=degrader, params=params, g=g) -> np.ndarray:  # deferred: one variant in memory at a time
+                out = degrader.apply(image.rgb, params, soft_fov_mask(fov.mask, g), levels=levels)
+                return from_float_rgb(out, image.meta, image.alpha, truncate=True)
+
+            images[f"_{variant}" if variant else ""] = render
             params_out[variant or "default"] = params
         return ItemOutput(images, {
             "variants": list(params_out),
