@@ -1,16 +1,21 @@
-"""``fundus evaluate``: score outputs against references (``segment``: vessel maps vs ground truth)."""
+"""``fundus evaluate``: score outputs against references (``segment``: vessel maps vs ground truth;
+``enhance``: enhanced photographs vs clean references)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from fundus_pipeline.cli.app import app
 from fundus_pipeline.cli.options import Format, FormatOpt, flag
 from fundus_pipeline.errors import UsageError
+
+if TYPE_CHECKING:
+    from fundus_pipeline.evaluation.segment import EvalResult
 
 evaluate_app = typer.Typer(
     help="Evaluate pipeline outputs against reference annotations.",
@@ -82,19 +87,36 @@ def segment(
 
     del overwrite  # accepted for compatibility only: the reports are always replaced
 
-    for what, p in (("PRED_DIR", pred_dir), ("GT_DIR", gt_dir), ("--fov", fov)):
-        if p is not None and not p.is_dir():
-            raise UsageError(f"{what} is not a folder: {p}")
+    _check_folders(("PRED_DIR", pred_dir), ("GT_DIR", gt_dir), ("--fov", fov))
     out_dir = out if out is not None else pred_dir / "eval"
     check_out_dir(out_dir)  # refuse an unusable --out before the (slow) scoring
 
     result = evaluate_segmentation(
         pred_dir, gt_dir, fov, threshold=threshold, n_boot=bootstrap, seed=seed, out_dir=out_dir, with_cldice=not no_cldice
     )
-    earlier = check_out_dir(out_dir)
-    if earlier:
+    _finish(result, out_dir, fmt, write_outputs, summary_human)
+
+
+def _check_folders(*named: tuple[str, Path | None]) -> None:
+    """``UsageError`` for a given path that is not a folder."""
+    for what, p in named:
+        if p is not None and not p.is_dir():
+            raise UsageError(f"{what} is not a folder: {p}")
+
+
+def _finish(
+    result: EvalResult,
+    out_dir: Path,
+    fmt: Format,
+    write: Callable[[EvalResult, Path], object],
+    human: Callable[[dict[str, Any]], str],
+) -> None:
+    """Write the reports (announcing replaced ones), print warnings, notes and the summary; exit 3 on problems."""
+    from fundus_pipeline.evaluation.segment import check_out_dir
+
+    if check_out_dir(out_dir):
         typer.echo(f"replacing the earlier reports in {out_dir}", err=True)
-    write_outputs(result, out_dir)
+    write(result, out_dir)
 
     for msg in result.messages:
         typer.echo(f"warning: {msg}", err=True)
@@ -103,7 +125,57 @@ def segment(
     if fmt is Format.json:
         typer.echo(json.dumps(result.summary, indent=2, allow_nan=False))
     else:
-        typer.echo(summary_human(result.summary))
+        typer.echo(human(result.summary))
         typer.echo(f"reports: {out_dir}/metrics.csv, summary.json, summary.md")
     if result.n_problems:
         raise typer.Exit(3)
+
+
+@evaluate_app.command("enhance")
+def enhance(
+    enh_dir: Annotated[
+        Path,
+        typer.Argument(help="Enhanced photographs: a `fundus enhance` output folder (KEY.png) or any folder of images.", show_default=False),
+    ],
+    ref_dir: Annotated[Path, typer.Argument(help="Clean reference photographs (e.g. the originals that were degraded).", show_default=False)],
+    fov: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--fov",
+            help="FOV masks folder (e.g. HRF mask/); without it the FOV is estimated on each reference image.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
+            "replaced, other files are left alone [default: ENH_DIR/eval].",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: FormatOpt = Format.human,
+    bootstrap: Annotated[
+        int,
+        typer.Option("--bootstrap", min=0, help="Bootstrap resamples over images for the 95% CIs of the means; 0: no CIs."),
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Bootstrap seed (results are identical for the same seed).")] = 0,
+) -> None:
+    """Score enhanced photographs against clean references inside the FOV: PSNR, SSIM, MS-SSIM, CIEDE2000.
+
+    Files pair by name as in `fundus evaluate segment` (01_h.png ~ 01_h.jpg ~ 01_h_mask.tif). Images are
+    scored at their native resolution as RGB in [0, 1]; sizes must match. Writes metrics.csv, summary.json
+    (with each metric's exact definition) and summary.md. Every enhanced image is scored; references without
+    one are only counted (one line on stderr). Exit 3 when an enhanced image has no reference (or no FOV
+    mask with --fov) or an item is unreadable or mismatched (the others are still scored), 2 when nothing pairs.
+    """
+    from fundus_pipeline.evaluation.enhance import evaluate_enhancement, summary_human, write_outputs
+    from fundus_pipeline.evaluation.segment import check_out_dir
+
+    _check_folders(("ENH_DIR", enh_dir), ("REF_DIR", ref_dir), ("--fov", fov))
+    out_dir = out if out is not None else enh_dir / "eval"
+    check_out_dir(out_dir)  # refuse an unusable --out before the (slow) scoring
+
+    result = evaluate_enhancement(enh_dir, ref_dir, fov, n_boot=bootstrap, seed=seed, out_dir=out_dir)
+    _finish(result, out_dir, fmt, write_outputs, summary_human)

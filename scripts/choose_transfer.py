@@ -1,0 +1,61 @@
+"""Decide how an enhancer's canonical-frame result returns to native resolution, by measurement on the HRF
+*validation* images (05_h, 05_g, 05_dr: training split, never test) at native resolution (3504x2336):
+each is degraded with the released Cofe-Net type 111 and with the `moderate` recipe (seed 0), enhanced
+with ``--transfer upsample`` and ``--transfer residual``, and scored against its clean original inside
+the dataset's FOV (PSNR, SSIM, MS-SSIM, CIEDE2000) and by the shipped segmenter's vessel F1 against the
+manual annotation. Prints JSON; the rule chosen is the one with the higher mean SSIM (structure at
+native resolution is the question), recorded in the weights' manifest entry as ``transfer_selection``.
+
+    python scripts/choose_transfer.py WEIGHTS [--arch cofe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from degradation import cofe_degrader, load_recipe, soft_fov_mask
+from degradation.fov import fov_geometry
+from fundus_pipeline.datasets import HRF_VAL, default_data_root, hrf_paths
+from fundus_pipeline.evaluation.image_metrics import score_pair
+from fundus_pipeline.evaluation.enhance_bench import Method, Segmenter, read_rgb, vessel_scores
+from fundus_pipeline.evaluation.segment import read_binary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("weights")
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    root = a.data or default_data_root()
+    spec = f"{a.arch}={a.weights}" if a.arch else a.weights
+    methods = {t: Method(spec, transfer=t) for t in ("upsample", "residual")}
+    seg = Segmenter()
+    degraders = {"released111": cofe_degrader("released", "111"), "moderate": load_recipe("moderate")}
+    rows = []
+    for ident in HRF_VAL:
+        p = hrf_paths(root, ident)
+        clean, fov, gt = read_rgb(p["image"]), read_binary(p["fov"]), read_binary(p["vessels"])
+        geom = fov_geometry(fov)
+        for dname, d in degraders.items():
+            params = d.sample(seed=a.seed, key=ident, fov=geom)
+            deg = d.apply(clean, params, soft_fov_mask(fov, geom), levels=255)
+            deg = np.floor(deg * 255) / 255  # as `fundus degrade` writes it (8-bit)
+            for t, m in methods.items():
+                out = m(deg)
+                rows.append({"image": ident, "degradation": dname, "transfer": t, **score_pair(out, clean, fov), **vessel_scores(seg(out), gt, fov, seg.spec.threshold)})
+                print(json.dumps(rows[-1]), flush=True)
+    means = {t: {k: round(float(np.mean([r[k] for r in rows if r["transfer"] == t])), 4) for k in ("psnr", "ssim", "ms_ssim", "ciede2000", "f1")} for t in methods}
+    choice = max(means, key=lambda t: means[t]["ssim"])
+    print(json.dumps({"choice": choice, "rule": "higher mean SSIM on HRF validation 05_h/05_g/05_dr at native resolution, released 111 and moderate, seed 0", "means": means}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
