@@ -112,7 +112,7 @@ def main() -> None:
     imgs = images(root)
     model, spec = load_model(args.weights)
     res = {
-        "weights": {"name": spec["name"], "model": spec["model"], "sha256": spec["sha256"][:16]},
+        "weights": {"name": spec.name, "model": spec.model, "sha256": spec.sha256[:16]},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "data": "real (DRIVE 01_test, HRF 06_h)" if (root / "DRIVE").is_dir() else "synthetic",
         "cpu": {},
@@ -133,7 +133,7 @@ def main() -> None:
     else:
         res["cuda"] = "no CUDA device on this machine"
     if not args.skip_accuracy and (root / "HRF").is_dir():
-        res["hrf_validation_scale_choice"] = scale_accuracy(model, root, spec["output"]["threshold"])
+        res["hrf_validation_scale_choice"] = scale_accuracy(model, root, spec.threshold)
     print(json.dumps(res, indent=2))
 
 

@@ -190,8 +190,6 @@ def test_user_weights_with_arch(tmp_path):
     assert loaded.spec is None and loaded.model == "imff_tiny" and loaded.name == "mine" and loaded.path == p
     assert loaded.threshold == DEFAULT_THRESHOLD and loaded.threshold_source == "default"
     assert loaded.max_fov_diameter > 0
-    with pytest.warns(DeprecationWarning):
-        assert loaded["model"] == "imff_tiny" and loaded.get("output")["threshold"] == DEFAULT_THRESHOLD
 
 
 def _shipped_dict() -> dict:

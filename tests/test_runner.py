@@ -10,7 +10,6 @@ import numpy as np
 from PIL import Image
 
 from fundus_pipeline.cli import main
-from fundus_pipeline.io import read_image, write_image_atomic
 from fundus_pipeline.runner import JOURNAL, run_stage
 from fundus_pipeline.stages.base import ItemOutput, Stage
 from tests.conftest import synthetic_fundus

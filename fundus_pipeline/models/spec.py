@@ -18,7 +18,6 @@ Writers (``scripts/export_weights.py``): build a dict, ``WeightsSpec.model_valid
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -212,9 +211,10 @@ class LoadedWeights:
         return self.spec.name if self.spec else self.path.stem
 
     @property
-    def threshold(self) -> float:
-        """The a-priori decision threshold: the manifest's, or ``DEFAULT_THRESHOLD`` for weights without an entry."""
-        return self.spec.output.threshold if self.spec else DEFAULT_THRESHOLD
+    def threshold(self) -> float | None:
+        """The a-priori decision threshold: the manifest's (None for image-output weights), or
+        ``DEFAULT_THRESHOLD`` for weights without an entry."""
+        return self.spec.threshold if self.spec else DEFAULT_THRESHOLD
 
     @property
     def threshold_source(self) -> Literal["manifest", "default"]:
@@ -222,25 +222,9 @@ class LoadedWeights:
 
     @property
     def max_fov_diameter(self) -> float:
-        if self.spec:
+        if self.spec and self.spec.max_fov_diameter is not None:
             return self.spec.max_fov_diameter
         from fundus_pipeline.models.inference import DEFAULT_MAX_FOV_DIAMETER
 
         return float(DEFAULT_MAX_FOV_DIAMETER)
 
-    # -- transition shim: the dict that load_model returned before ------------------------------------
-    def as_dict(self) -> dict[str, Any]:
-        """The former dict form (manifest entry + ``sha256`` + ``path``). Deprecated: use the attributes."""
-        if self.spec:
-            base = self.spec.to_json_dict()
-        else:
-            base = {"name": self.name, "model": self.model, "file": str(self.path), "output": {"threshold": DEFAULT_THRESHOLD}, "input": {}}
-        return {**base, "sha256": self.sha256, "path": str(self.path)}
-
-    def __getitem__(self, key: str) -> Any:
-        warnings.warn("LoadedWeights[...] is deprecated: use attributes (.name, .model, .threshold, .spec...)", DeprecationWarning, stacklevel=2)
-        return self.as_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        warnings.warn("LoadedWeights.get() is deprecated: use attributes (.name, .model, .threshold, .spec...)", DeprecationWarning, stacklevel=2)
-        return self.as_dict().get(key, default)

@@ -181,7 +181,7 @@ def load_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_weights_checked(model: nn.Module, path: Path, what: str = "") -> None:
+def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> None:
     """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
     pickled modules, after a strict check of its tensor names and shapes against ``model``."""
     sd = load_state_dict(path)
