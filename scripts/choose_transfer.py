@@ -6,13 +6,14 @@ the dataset's FOV (PSNR, SSIM, MS-SSIM, CIEDE2000) and by the shipped segmenter'
 manual annotation. Prints JSON; the rule chosen is the one with the higher mean SSIM (structure at
 native resolution is the question), recorded in the weights' manifest entry as ``transfer_selection``.
 
-    python scripts/choose_transfer.py WEIGHTS [--arch cofe]
+    python scripts/choose_transfer.py WEIGHTS [--arch cofe] > docs/transfer_cofe.json   (per-image rows on stderr)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,12 @@ def main() -> None:
             for t, m in methods.items():
                 out = m(deg)
                 rows.append({"image": ident, "degradation": dname, "transfer": t, **score_pair(out, clean, fov), **vessel_scores(seg(out), gt, fov, seg.spec.threshold)})
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     means = {t: {k: round(float(np.mean([r[k] for r in rows if r["transfer"] == t])), 4) for k in ("psnr", "ssim", "ms_ssim", "ciede2000", "f1")} for t in methods}
     choice = max(means, key=lambda t: means[t]["ssim"])
-    print(json.dumps({"choice": choice, "rule": "higher mean SSIM on HRF validation 05_h/05_g/05_dr at native resolution, released 111 and moderate, seed 0", "means": means}, indent=1))
+    rule = "higher mean SSIM on HRF validation 05_h/05_g/05_dr at native resolution, released 111 and moderate, seed 0"
+    rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    print(json.dumps({"choice": choice, "rule": rule, "means": means, "rows": rounded}, indent=1))
 
 
 if __name__ == "__main__":

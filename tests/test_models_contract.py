@@ -175,10 +175,14 @@ def test_shipped_weights_agree_with_the_catalogue_and_load(spec: WeightsSpec):
     model, loaded = load_model(spec.name)
     assert isinstance(loaded, LoadedWeights) and loaded.spec == spec
     assert (loaded.name, loaded.model, loaded.sha256, loaded.path) == (spec.name, spec.model, spec.sha256, path)
-    assert loaded.threshold == spec.output.threshold and loaded.threshold_source == "manifest"
-    assert loaded.max_fov_diameter == spec.input.scale_policy.max_fov_diameter
     assert n_params(model) == spec.params and not model.training
     assert model.size_divisor == spec.input.size_divisor
+    if row.task == "enhancement":  # image output in a canonical frame
+        assert loaded.threshold is None and spec.output.kind == "image" and spec.input.scale_policy.type == "canonical_frame"
+        assert spec.output.transfer == spec.output.transfer_selection["choice"]
+        return
+    assert loaded.threshold == spec.output.threshold and loaded.threshold_source == "manifest"
+    assert loaded.max_fov_diameter == spec.input.scale_policy.max_fov_diameter
 
 
 def test_user_weights_with_arch(tmp_path):
@@ -224,9 +228,10 @@ def test_manifest_errors_name_file_entry_and_field(tmp_path, mutate, expected):
 
 def test_manifest_error_counts_the_rest(tmp_path):
     data = _shipped_dict()
-    data["weights"][0]["output"].pop("threshold")
-    data["weights"][0].pop("license")
-    data["weights"][0]["colour"] = "rgb"
+    entry = next(w for w in data["weights"] if w["name"] == "imff")
+    entry["output"].pop("threshold")
+    entry.pop("license")
+    entry["colour"] = "rgb"
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(WeightsError, match=r"\(and 2 more\)$"):
         load_manifest(tmp_path)

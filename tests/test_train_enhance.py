@@ -67,7 +67,7 @@ def test_train_enhance_writes_a_run_and_resumes_bit_exactly(fake_data, tmp_path,
         (["--crop", "128"], "larger than --size"),
         (["--crop", "48"], "multiples of 32"),
         (["--clean-p", "2"], "--clean-p"),
-        (["--rsa-init", "missing.pt"], "no such weights file"),
+        (["--rsa-init", "missing.pt"], "weights not found"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(fake_data, tmp_path, capsys, extra, message):

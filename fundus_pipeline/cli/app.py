@@ -43,6 +43,16 @@ def _root(
     """fundus: degrade, segment and evaluate retinal fundus photographs, folder in, folder out."""
 
 
+def run_stage_command(make_stage, in_dir, out_dir, *, overwrite: bool, resume: bool, workers: int, threads, quiet: bool, fmt: Format) -> None:
+    """The common body of a stage command: refuse bad IN/OUT early (before a model is loaded), build the
+    stage (``make_stage()``), run it over IN into OUT and report."""
+    from fundus_pipeline.runner import check_run_paths, run_stage
+
+    check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
+    result = run_stage(make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
+    report(result, fmt)
+
+
 def report(result, fmt: Format) -> None:
     """Print a run summary (one JSON document with --format json) and exit with the run's code.
 

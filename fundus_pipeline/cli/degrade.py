@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fundus_pipeline.cli.app import app, report
+from fundus_pipeline.cli.app import app, run_stage_command
 from fundus_pipeline.cli.options import Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers
 
 
@@ -32,11 +32,7 @@ def degrade(
     Example: fundus degrade photos/ degraded/ --types all --seed 7
     """
     from fundus_pipeline.config import DegradeConfig
-    from fundus_pipeline.runner import check_run_paths, run_stage
     from fundus_pipeline.stages.degrade import DegradeStage
 
     cfg = DegradeConfig.from_options(types=types, preset=preset, recipe=recipe, seed=seed, replay=replay)
-    check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
-    stage = DegradeStage(cfg)
-    result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
-    report(result, fmt)
+    run_stage_command(lambda: DegradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt)

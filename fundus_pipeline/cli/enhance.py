@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fundus_pipeline.cli.app import app, report
+from fundus_pipeline.cli.app import app, run_stage_command
 from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import EnhanceConfig, default
 
@@ -34,12 +34,8 @@ def enhance(
     results.csv: luminance and contrast inside the FOV and the segmenter's vessel fraction, before and after.
     Example: fundus enhance poor/ restored/ --weights cofe
     """
-    from fundus_pipeline.runner import check_run_paths, run_stage
     from fundus_pipeline.stages.enhance import EnhanceStage
 
     cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, transfer=transfer, keep_outside=keep_outside,
                               vessel_stats=vessel_stats, segmenter=segmenter)
-    check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)  # refuse early, before loading a model
-    stage = EnhanceStage(cfg)
-    result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
-    report(result, fmt)
+    run_stage_command(lambda: EnhanceStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt)

@@ -38,13 +38,14 @@ def models(
                 "params": s.params if s else e.params,
                 "weights": s.file if s else None,
                 "weights_name": s.name if s else None,
-                "threshold": s.output.threshold if s else None,
+                "threshold": s.threshold if s else None,  # None for image-output (enhancement) weights
                 "description": e.description,
             }
         )
     if fmt == Format.json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    name_w = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
         w = f"weights/{r['weights']}" if r["weights"] else "-"
-        typer.echo(f"{r['name']:<12} {r['task']:<13} width {r['width']:<3} {r['params'] / 1e6:7.2f} M  {w:<22} {r['description']}")
+        typer.echo(f"{r['name']:<{name_w}} {r['task']:<13} width {r['width']:<3} {r['params'] / 1e6:7.2f} M  {w:<22} {r['description']}")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fundus_pipeline.cli.app import app, report
+from fundus_pipeline.cli.app import app, run_stage_command
 from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import SegmentConfig, default
 
@@ -36,12 +36,8 @@ def segment(
 
     Example: fundus segment photos/ vessels/ --weights imff --overlay
     """
-    from fundus_pipeline.runner import check_run_paths, run_stage
     from fundus_pipeline.stages.segment import SegmentStage
 
     cfg = SegmentConfig.build(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile, overlap=overlap, overlay=overlay,
                               fov=fov, fov_margin=fov_margin, batch_size=batch_size)
-    check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)  # refuse early, before loading a model
-    stage = SegmentStage(cfg)
-    result = run_stage(stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
-    report(result, fmt)
+    run_stage_command(lambda: SegmentStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt)

@@ -87,7 +87,7 @@ def train_enhance(
     clean_p: Annotated[float, _e("clean_p")] = _E["clean_p"].default,
     disc_weight: Annotated[float, _e("disc_weight")] = _E["disc_weight"].default,
     vessel_weight: Annotated[float, _e("vessel_weight")] = _E["vessel_weight"].default,
-    rsa_init: Annotated[str, _e("rsa_init")] = str(_E["rsa_init"].default),
+    rsa_init: Annotated[str, _e("rsa_init")] = _E["rsa_init"].default,
     cache: Annotated[Optional[Path], _e("cache", show_default=False)] = None,
     init: Annotated[Optional[Path], _e("init", show_default=False)] = None,
     resume: Annotated[bool, _flag("resume")] = False,

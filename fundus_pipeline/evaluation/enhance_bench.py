@@ -43,7 +43,8 @@ def degraded_path(bench: Path, ds: str, cond: str, key: str, image: Path) -> Pat
     if cond == "clean":
         return image
     if cond.startswith("released_"):
-        return bench / ds / "released" / f"{key}_{cond.split('_')[1]}.png"
+        p = bench / ds / "released" / f"{key}_{cond.split('_')[1]}.png"
+        return p if p.is_file() else bench / ds / "released" / f"{key}.png"  # built with one type: no suffix
     return bench / ds / cond / f"{key}.png"
 
 

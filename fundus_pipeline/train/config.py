@@ -163,7 +163,7 @@ class EnhanceConfig(TrainConfig):
     clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
     disc_weight: float = Field(10.0, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
-    rsa_init: Path | None = Field(Path("weights/imff.pt"), description="Segmenter weights that initialise the structure branch (models with one; 'none' to start it at random).")
+    rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
     cache: Path | None = Field(None, description="File caching the prepared canonical training sources [default: OUT/sources.npz].")
 
     @field_validator("arch")
@@ -179,16 +179,17 @@ class EnhanceConfig(TrainConfig):
             raise ValueError(f"{v!r} is a {entry.task} model, not an enhancement model")
         return v
 
-    @field_validator("rsa_init", mode="before")
-    @classmethod
-    def _rsa_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and v.lower() == "none" else v
-
     @field_validator("rsa_init")
     @classmethod
-    def _rsa_init(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"{v}: no such weights file")
+    def _rsa_init(cls, v: str | None) -> str | None:
+        if v is None or v.lower() == "none":
+            return None
+        from fundus_pipeline.models.weights import resolve_weights
+
+        try:
+            resolve_weights(v)  # refused here when missing; resolved again where it is loaded
+        except FundusError as e:
+            raise ValueError(e.message) from None
         return v
 
     @field_validator("data")

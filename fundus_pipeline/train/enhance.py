@@ -322,9 +322,9 @@ class EnhanceTask(Task):
         model = build_model(self.cfg.arch)
         rsa = getattr(model, "rsa", None)
         if rsa is not None and self.cfg.rsa_init is not None and self.cfg.init is None and not self.cfg.resume:
-            from fundus_pipeline.models.weights import load_weights_checked
+            from fundus_pipeline.models.weights import load_weights_checked, resolve_weights
 
-            load_weights_checked(rsa, self.cfg.rsa_init, "imff")
+            load_weights_checked(rsa, resolve_weights(self.cfg.rsa_init), "imff")
         return model
 
     def setup(self, log: Callable[[str], None]) -> None:
