@@ -55,13 +55,14 @@ def make_set(folder: Path, kind: str, n: int) -> Path:
 
 def time_degrade(in_dir: Path, workers: int, reps: int = 1) -> float:
     from fundus_pipeline.runner import run_stage
+    from fundus_pipeline.config import DegradeConfig
     from fundus_pipeline.stages.degrade import DegradeStage
 
     best = float("inf")
     for r in range(reps):
         out = in_dir.parent / f"out_{in_dir.name}_{workers}_{r}"
         t = time.perf_counter()
-        res = run_stage(DegradeStage(codes=["111"], seed=0), in_dir, out, workers=workers, progress=False)
+        res = run_stage(DegradeStage(DegradeConfig(types=["111"], seed=0)), in_dir, out, workers=workers, progress=False)
         best = min(best, time.perf_counter() - t)
         assert res.counts["error"] == 0, res.failed
     return best
@@ -83,10 +84,11 @@ def time_read_write(in_dir: Path, reps: int = 1) -> float:
 def peak_rss_mb(in_dir: Path, n: int) -> float:
     code = (
         "import sys;from pathlib import Path;"
-        "from fundus_pipeline.io import discover_images;from fundus_pipeline.runner import run_stage;"
+        "from fundus_pipeline.config import DegradeConfig;from fundus_pipeline.runner import run_stage;"
         "from fundus_pipeline.stages.degrade import DegradeStage;"
-        f"items=discover_images(Path({str(in_dir)!r}))[:{n}];"
-        f"run_stage(DegradeStage(codes=['111']),Path({str(in_dir)!r}),Path({str(in_dir.parent / f'mem_{n}')!r}),items=items,progress=False);"
+        f"lst=Path({str(in_dir.parent / f'list_{n}.txt')!r});"
+        f"lst.write_text(''.join(str(p)+chr(10) for p in sorted(Path({str(in_dir)!r}).glob('*'))[:{n}]));"  # the first n images, as a list input
+        f"run_stage(DegradeStage(DegradeConfig(types=['111'])),lst,Path({str(in_dir.parent / f'mem_{n}')!r}),progress=False);"
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"  # peak RSS in kB; ru_maxrss would inherit the parent's across fork+exec
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
