@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,14 @@ from fundus_pipeline.errors import InputError, UsageError
 from fundus_pipeline.evaluation.image_metrics import DEFINITIONS, METRIC_KEYS, score_pair
 from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe
 from fundus_pipeline.evaluation.segment import (
-    REPORT_NAMES,
     SUFFIXES,
     EvalResult,
     _discover,
     _fmt,
     _index,
     _num,
-    check_out_dir,
     read_binary,
+    write_reports,
 )
 
 CSV_COLUMNS = ("key",) + METRIC_KEYS + ("fov_fraction", "width", "height", "status", "enhanced", "reference", "fov")
@@ -283,14 +281,5 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_outputs(result: EvalResult, out_dir: Path) -> list[Path]:
-    """Write metrics.csv, summary.json and summary.md atomically into ``out_dir`` (created), replacing
-    earlier reports of the same name; nothing else in the folder is touched."""
-    from fundus_pipeline.io import write_bytes_atomic
-
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    paths = [out_dir / name for name in REPORT_NAMES]
-    write_bytes_atomic(paths[0], metrics_csv(result.rows))
-    write_bytes_atomic(paths[1], (json.dumps(result.summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    write_bytes_atomic(paths[2], summary_markdown(result.summary).encode("utf-8"))
-    return paths
+    """The enhancement reports of ``result`` (see ``segment.write_reports``)."""
+    return write_reports(out_dir, metrics_csv(result.rows), result.summary, summary_markdown(result.summary))

@@ -458,15 +458,20 @@ def check_out_dir(out_dir: Path) -> list[Path]:
     return found
 
 
-def write_outputs(result: EvalResult, out_dir: Path) -> list[Path]:
+def write_reports(out_dir: Path, csv_bytes: bytes, summary: dict[str, Any], markdown: str) -> list[Path]:
     """Write metrics.csv, summary.json and summary.md atomically into ``out_dir`` (created), replacing
-    earlier reports of the same name; nothing else in the folder is touched."""
+    earlier reports of the same name; nothing else in the folder is touched (every evaluator's writer)."""
     from fundus_pipeline.io import write_bytes_atomic
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     paths = [out_dir / name for name in REPORT_NAMES]
-    write_bytes_atomic(paths[0], metrics_csv(result.rows))
-    write_bytes_atomic(paths[1], (json.dumps(result.summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    write_bytes_atomic(paths[2], summary_markdown(result.summary).encode("utf-8"))
+    write_bytes_atomic(paths[0], csv_bytes)
+    write_bytes_atomic(paths[1], (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    write_bytes_atomic(paths[2], markdown.encode("utf-8"))
     return paths
+
+
+def write_outputs(result: EvalResult, out_dir: Path) -> list[Path]:
+    """The segmentation reports of ``result`` (see ``write_reports``)."""
+    return write_reports(out_dir, metrics_csv(result.rows), result.summary, summary_markdown(result.summary))
