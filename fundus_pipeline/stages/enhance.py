@@ -49,8 +49,11 @@ def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size:
     if transfer == "upsample":
         out = frame.to_native(c_out)
     else:
-        out = masked + frame.to_native(c_out - c_in)
-    return np.clip(out, 0, 1) * fov_mask[..., None]
+        out = masked  # in place from here on: a large photograph holds fewer full-size copies
+        out += frame.to_native(c_out - c_in)
+    np.clip(out, 0, 1, out=out)
+    out *= fov_mask[..., None]
+    return out
 
 
 class EnhanceStage(Stage):
