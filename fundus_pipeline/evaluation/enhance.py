@@ -29,8 +29,6 @@ absent with ``n_boot = 0``).
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +41,12 @@ from fundus_pipeline.evaluation.segment import (
     SUFFIXES,
     EvalResult,
     _discover,
-    _fmt,
     _index,
     _num,
     read_binary,
     write_reports,
 )
+from fundus_pipeline.evaluation.segment import metrics_csv as segment_metrics_csv
 
 CSV_COLUMNS = ("key",) + METRIC_KEYS + ("fov_fraction", "width", "height", "status", "enhanced", "reference", "fov")
 LABELS = {"psnr": "psnr [dB]", "ssim": "ssim", "ms_ssim": "ms_ssim", "ciede2000": "ciede2000 [dE00]"}
@@ -215,12 +213,7 @@ def evaluate_enhancement(
 # --------------------------------------------------------------------------------------------- outputs
 def metrics_csv(rows: list[dict[str, Any]]) -> bytes:
     """metrics.csv: one row per enhanced image (problems included, with their status), sorted by key."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for r in sorted(rows, key=lambda r: r["key"]):
-        w.writerow([_fmt(r.get(c)) for c in CSV_COLUMNS])
-    return buf.getvalue().encode("utf-8")
+    return segment_metrics_csv(rows, CSV_COLUMNS)
 
 
 def summary_table(summary: dict[str, Any]) -> list[tuple[str, ...]]:

@@ -353,12 +353,13 @@ def gt_only_note(n: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- outputs
-def metrics_csv(rows: list[dict[str, Any]]) -> bytes:
+def metrics_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUMNS) -> bytes:
+    """metrics.csv: one row per item (problems included, with their status), sorted by key."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for r in sorted(rows, key=lambda r: r["key"]):
-        w.writerow([_fmt(r.get(c)) for c in CSV_COLUMNS])
+        w.writerow([_fmt(r.get(c)) for c in columns])
     return buf.getvalue().encode("utf-8")
 
 

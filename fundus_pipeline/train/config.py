@@ -123,28 +123,39 @@ class SegmentConfig(TrainConfig):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
-        from fundus_pipeline.models.registry import get_entry
-
-        try:
-            entry = get_entry(v)  # unknown names: suggestions
-        except UsageError as e:
-            raise ValueError(e.message) from None
-        if entry.task != "segmentation":
-            raise ValueError(f"{v!r} is a {entry.task} model, not a segmentation model")
-        return v
+        return _check_arch(v, "segmentation")
 
     @field_validator("data")
     @classmethod
     def _data(cls, v: Path | None) -> Path | None:
-        root = _data_root(v)
-        missing = [d for d in ("DRIVE", "HRF") if not (root / d).is_dir()]
-        if missing:
-            raise ValueError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
-        return v
+        return _check_data(v, ("DRIVE", "HRF"))
 
     @property
     def data_root(self) -> Path:
         return _data_root(self.data)
+
+
+def _check_arch(name: str, task: str) -> str:
+    """A registered model of ``task`` (unknown names get suggestions)."""
+    from fundus_pipeline.models.registry import get_entry
+
+    try:
+        entry = get_entry(name)
+    except UsageError as e:
+        raise ValueError(e.message) from None
+    if entry.task != task:
+        article = "an" if task[0] in "aeiou" else "a"
+        raise ValueError(f"{name!r} is a {entry.task} model, not {article} {task} model")
+    return name
+
+
+def _check_data(data: Path | None, required: tuple[str, ...]) -> Path | None:
+    """The dataset root must hold the ``required`` dataset folders."""
+    root = _data_root(data)
+    missing = [d for d in required if not (root / d).is_dir()]
+    if missing:
+        raise ValueError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
+    return data
 
 
 def _data_root(data: Path | None) -> Path:
@@ -169,15 +180,7 @@ class EnhanceConfig(TrainConfig):
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
-        from fundus_pipeline.models.registry import get_entry
-
-        try:
-            entry = get_entry(v)
-        except UsageError as e:
-            raise ValueError(e.message) from None
-        if entry.task != "enhancement":
-            raise ValueError(f"{v!r} is a {entry.task} model, not an enhancement model")
-        return v
+        return _check_arch(v, "enhancement")
 
     @field_validator("rsa_init")
     @classmethod
@@ -195,11 +198,7 @@ class EnhanceConfig(TrainConfig):
     @field_validator("data")
     @classmethod
     def _data(cls, v: Path | None) -> Path | None:
-        root = _data_root(v)
-        missing = [d for d in ("DRIVE", "HRF", "HEI-MED") if not (root / d).is_dir()]
-        if missing:
-            raise ValueError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
-        return v
+        return _check_data(v, ("DRIVE", "HRF", "HEI-MED"))
 
     @model_validator(mode="after")
     def _crop(self):
