@@ -115,3 +115,11 @@ class EnhanceConfig(StageConfig):
     keep_outside: bool = False
     vessel_stats: bool = True
     segmenter: str = "imff"
+
+
+class ScoreConfig(StageConfig):
+    """``fundus score``: quality weights and device (the crops are the weights' fixed test-time protocol)."""
+
+    weights: str = "sdmp"
+    arch: str | None = None
+    device: str = "auto"

@@ -2,6 +2,8 @@
 
     python scripts/export_weights.py runs/imff --name imff --arch imff [--command "..."]
     python scripts/export_weights.py runs/cofe --name cofe --arch cofe --transfer-selection docs/transfer_cofe.json
+    python scripts/export_weights.py runs/vit --name vit_fundus --arch vit_fundus
+    python scripts/export_weights.py runs/sdmp --name sdmp --arch sdmp
 
 Enhancement runs (an ``enhancement`` architecture) take ``--transfer-selection``: the JSON printed by
 scripts/choose_transfer.py, whose ``choice`` becomes the weights' rule for returning to native resolution.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fundus_pipeline.errors import FundusError  # noqa: E402
 from fundus_pipeline.train.export import export_weights  # noqa: E402
 from fundus_pipeline.train import enhance as enhance_task  # noqa: E402
+from fundus_pipeline.train import score as score_task  # noqa: E402
 from fundus_pipeline.train.segment import export_description  # noqa: E402
 
 
@@ -55,6 +58,7 @@ def main() -> None:
     ap.add_argument("--command", default="", help="the exact training command(s), for the manifest")
     ap.add_argument("--test-metrics", action="append", default=[], help="LABEL=summary.json of `fundus evaluate` on a test split")
     ap.add_argument("--transfer-selection", type=Path, help="enhancement runs: the JSON of scripts/choose_transfer.py")
+    ap.add_argument("--checkpoint", type=Path, help="export this training checkpoint (e.g. an early snapshot of RUN/last.pt) instead of RUN/best.pt")
     args = ap.parse_args()
     torch.set_num_threads(2)
     metrics = {}
@@ -66,13 +70,19 @@ def main() -> None:
     from fundus_pipeline.models.registry import get_entry
 
     describe = export_description
-    if get_entry(args.arch).task == "enhancement":
+    task = get_entry(args.arch).task
+    config = json.loads((args.run / "summary.json").read_text())["config"]
+    if task == "enhancement":
         if args.transfer_selection is None:
             raise SystemExit("error: enhancement runs need --transfer-selection (the JSON of scripts/choose_transfer.py)")
-        size = json.loads((args.run / "summary.json").read_text())["config"]["size"]
-        describe = enhance_task.export_description(json.loads(args.transfer_selection.read_text()), size)
+        describe = enhance_task.export_description(json.loads(args.transfer_selection.read_text()), config["size"])
+    elif task == "pretext":
+        describe = score_task.pretext_description(config)
+    elif task == "quality":
+        describe = score_task.score_description(config)
     try:
-        spec = export_weights(args.run, name=args.name, model_name=args.arch, describe=describe, command=args.command, test_metrics=metrics or None)
+        spec = export_weights(args.run, name=args.name, model_name=args.arch, describe=describe, command=args.command,
+                              test_metrics=metrics or None, checkpoint=args.checkpoint)
     except FundusError as e:
         raise SystemExit(f"error: {e.message}") from None
     print(json.dumps({"name": spec.name, "sha256": spec.sha256, "params": spec.params, "output": spec.output.to_json_dict()}, indent=2))

@@ -43,13 +43,19 @@ def _root(
     """fundus: degrade, segment and evaluate retinal fundus photographs, folder in, folder out."""
 
 
-def run_stage_command(make_stage, in_dir, out_dir, *, overwrite: bool, resume: bool, workers: int, threads, quiet: bool, fmt: Format) -> None:
+def run_stage_command(
+    make_stage, in_dir, out_dir, *, overwrite: bool, resume: bool, workers: int, threads, quiet: bool, fmt: Format, extra_dirs: dict | None = None
+) -> None:
     """The common body of a stage command: refuse bad IN/OUT early (before a model is loaded), build the
-    stage (``make_stage()``), run it over IN into OUT and report."""
+    stage (``make_stage()``), run it over IN into OUT (``extra_dirs``: the folders of its further input
+    roles, e.g. ``{"reference": ...}``) and report."""
     from fundus_pipeline.runner import check_run_paths, run_stage
 
     check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
-    result = run_stage(make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, progress=not quiet and fmt == Format.human)
+    result = run_stage(
+        make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
+        progress=not quiet and fmt == Format.human, extra_dirs=extra_dirs,
+    )  # fmt: skip
     report(result, fmt)
 
 

@@ -1,5 +1,5 @@
 """``fundus evaluate``: score outputs against references (``segment``: vessel maps vs ground truth;
-``enhance``: enhanced photographs vs clean references)."""
+``enhance``: enhanced photographs vs clean references; ``score``: predicted quality scores vs quality labels)."""
 
 from __future__ import annotations
 
@@ -178,4 +178,71 @@ def enhance(
     check_out_dir(out_dir)  # refuse an unusable --out before the (slow) scoring
 
     result = evaluate_enhancement(enh_dir, ref_dir, fov, n_boot=bootstrap, seed=seed, out_dir=out_dir)
+    _finish(result, out_dir, fmt, write_outputs, summary_human)
+
+
+@evaluate_app.command("score")
+def score(
+    scores_csv: Annotated[
+        Path,
+        typer.Argument(help="Predicted quality scores: a `fundus score` results.csv (key, score, status) or any CSV "
+                       "with a key column and a score column.", show_default=False),
+    ],
+    labels: Annotated[
+        Path,
+        typer.Argument(help="Quality labels: a quality set's pairs.csv (key, part, source, label, grouping columns), "
+                       "or the folder holding it.", show_default=False),
+    ],
+    column: Annotated[
+        str, typer.Option("--column", help="The score column of SCORES_CSV (higher = better quality).")
+    ] = "score",
+    part: Annotated[
+        str, typer.Option("--part", metavar="PART", help="Label rows of this part only (test, train, ...); all: every row.")
+    ] = "test",
+    by: Annotated[
+        str,
+        typer.Option("--by", metavar="COLS", help="Comma-separated label columns to report per group as well; '': none."),
+    ] = "enhancer,family",
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
+            "replaced, other files are left alone [default: SCORES_CSV's folder/eval_score].",
+            show_default=False,
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int,
+        typer.Option("--bootstrap", min=0, help="Bootstrap resamples of source photographs for the 95% CIs; 0: no CIs."),
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Bootstrap seed (results are identical for the same seed).")] = 0,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Score predicted image quality against quality labels: SROCC, PLCC, KROCC, RMSE.
+
+    Joins SCORES_CSV and the labels on key (label rows of --part only). SROCC (Spearman) and KROCC (Kendall
+    tau-b) use the raw scores; PLCC (Pearson) and RMSE compare the labels with the scores mapped onto the
+    label scale by a least-squares 4-parameter logistic (VQEG), fitted per set. Reported for all pairs and
+    per group of each --by column, with 95% CIs from a cluster bootstrap that resamples source photographs
+    (all pairs of a drawn source together). Writes metrics.csv (one row per group), summary.json (with each
+    metric's exact definition) and summary.md. Rows whose status is not ok, with an empty or non-numeric
+    score, or whose key is not in the labels are listed and not scored (exit 3; the others are still scored);
+    label rows without a score are only counted. Exit 2 for an unreadable file, a missing column or no key in
+    common.
+    """
+    from fundus_pipeline.evaluation.score import evaluate_scores, summary_human, write_outputs
+    from fundus_pipeline.evaluation.segment import check_out_dir
+
+    labels_csv = labels / "pairs.csv" if labels.is_dir() else labels
+    for what, p in (("SCORES_CSV", scores_csv), ("LABELS", labels_csv)):
+        if not p.is_file():
+            raise UsageError(f"{what} is not a file: {p}")
+    out_dir = out if out is not None else scores_csv.parent / "eval_score"
+    check_out_dir(out_dir)  # refuse an unusable --out before the bootstrap
+
+    groups = [c.strip() for c in by.split(",") if c.strip()]
+    result = evaluate_scores(
+        scores_csv, labels_csv, column=column, by=groups, part=None if part == "all" else part, n_boot=bootstrap, seed=seed
+    )
     _finish(result, out_dir, fmt, write_outputs, summary_human)

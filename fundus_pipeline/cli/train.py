@@ -10,13 +10,15 @@ import typer
 
 from fundus_pipeline.cli.app import app
 from fundus_pipeline.cli.options import flag
-from fundus_pipeline.train.config import EnhanceConfig, SegmentConfig
+from fundus_pipeline.train.config import EnhanceConfig, PretextConfig, ScoreConfig, SegmentConfig
 
 train_app = typer.Typer(help="Train the models on real data (see weights/README.md for the exact commands).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 _F = SegmentConfig.model_fields
 _E = EnhanceConfig.model_fields
+_P = PretextConfig.model_fields
+_S = ScoreConfig.model_fields
 
 
 def _opt(field: str, fields=_F, **kw) -> typer.models.OptionInfo:
@@ -106,3 +108,85 @@ def train_enhance(
     from fundus_pipeline.train.enhance import train
 
     train(cfg)
+
+
+def _p(field: str, **kw) -> typer.models.OptionInfo:
+    return _opt(field, _P, **kw)
+
+
+@train_app.command("pretext")
+def train_pretext(
+    out: Annotated[Path, _p("out", show_default=False)],
+    arch: Annotated[str, _p("arch")] = _P["arch"].default,
+    data: Annotated[Optional[Path], _p("data", show_default=False)] = None,
+    steps: Annotated[int, _p("steps")] = _P["steps"].default,
+    batch_size: Annotated[int, _p("batch_size")] = _P["batch_size"].default,
+    size: Annotated[int, _p("size")] = _P["size"].default,
+    pool_draws: Annotated[int, _p("pool_draws")] = _P["pool_draws"].default,
+    clean_p: Annotated[float, _p("clean_p")] = _P["clean_p"].default,
+    lr: Annotated[float, _p("lr")] = _P["lr"].default,
+    seed: Annotated[int, _p("seed")] = _P["seed"].default,
+    val_every: Annotated[int, _p("val_every")] = _P["val_every"].default,
+    ckpt_every: Annotated[int, _p("ckpt_every")] = _P["ckpt_every"].default,
+    threads: Annotated[int, _p("threads")] = _P["threads"].default,
+    device: Annotated[str, _p("device")] = _P["device"].default,
+    amp: Annotated[bool, _flag("amp")] = False,
+    cache: Annotated[Optional[Path], _p("cache", show_default=False)] = None,
+    init: Annotated[Optional[Path], _p("init", show_default=False)] = None,
+    resume: Annotated[bool, _flag("resume")] = False,
+):
+    """Train the ViT stream of the quality scorer on a self-supervised pretext task: from a 224 crop of a
+    training photograph degraded by the simulator, predict which operations were applied and how strongly.
+
+    Writes OUT/last.pt (resumable), OUT/best.pt (lowest validation loss), OUT/train.log and OUT/summary.json.
+    Example: fundus train pretext --out runs/vit --steps 1500 --threads 2
+    """
+    cfg = PretextConfig.from_options(
+        out=out, arch=arch, data=data, steps=steps, batch_size=batch_size, size=size, pool_draws=pool_draws, clean_p=clean_p,
+        lr=lr, seed=seed, val_every=val_every, ckpt_every=ckpt_every, threads=threads, device=device, amp=amp, cache=cache,
+        init=init, resume=resume,
+    )  # fmt: skip
+    from fundus_pipeline.train.score import train_pretext as run
+
+    run(cfg)
+
+
+def _s(field: str, **kw) -> typer.models.OptionInfo:
+    return _opt(field, _S, **kw)
+
+
+@train_app.command("score")
+def train_score(
+    out: Annotated[Path, _s("out", show_default=False)],
+    quality_set: Annotated[Path, _s("quality_set", show_default=False)],
+    arch: Annotated[str, _s("arch")] = _S["arch"].default,
+    steps: Annotated[int, _s("steps")] = _S["steps"].default,
+    batch_size: Annotated[int, _s("batch_size")] = _S["batch_size"].default,
+    size: Annotated[int, _s("size")] = _S["size"].default,
+    lr: Annotated[float, _s("lr")] = _S["lr"].default,
+    seed: Annotated[int, _s("seed")] = _S["seed"].default,
+    val_every: Annotated[int, _s("val_every")] = _S["val_every"].default,
+    val_stride: Annotated[int, _s("val_stride")] = _S["val_stride"].default,
+    ckpt_every: Annotated[int, _s("ckpt_every")] = _S["ckpt_every"].default,
+    threads: Annotated[int, _s("threads")] = _S["threads"].default,
+    device: Annotated[str, _s("device")] = _S["device"].default,
+    amp: Annotated[bool, _flag("amp")] = False,
+    cnn_init: Annotated[str, _s("cnn_init")] = _S["cnn_init"].default,
+    vit_init: Annotated[str, _s("vit_init")] = _S["vit_init"].default,
+    init: Annotated[Optional[Path], _s("init", show_default=False)] = None,
+    resume: Annotated[bool, _flag("resume")] = False,
+):
+    """Train the full-reference quality scorer (SDMP-Net or an ablation) on a quality set's train split.
+
+    The frozen streams come from the shipped segmenter (--cnn-init) and the pretext ViT (--vit-init).
+    Writes OUT/last.pt (resumable), OUT/best.pt (best validation SROCC), OUT/train.log and OUT/summary.json.
+    Example: fundus train score --quality-set sets/quality --out runs/sdmp --steps 1500 --threads 2
+    """
+    cfg = ScoreConfig.from_options(
+        out=out, quality_set=quality_set, arch=arch, steps=steps, batch_size=batch_size, size=size, lr=lr, seed=seed,
+        val_every=val_every, val_stride=val_stride, ckpt_every=ckpt_every, threads=threads, device=device, amp=amp,
+        cnn_init=cnn_init, vit_init=vit_init, init=init, resume=resume,
+    )  # fmt: skip
+    from fundus_pipeline.train.score import train_score as run
+
+    run(cfg)

@@ -41,6 +41,13 @@ _ENTRIES = (
     CatalogEntry("unet_enh", "fundus_pipeline.models.cofe:unet_enh", "enhancement", "unet", 20, 3_032_343, "Plain U-Net enhancement baseline, width 20 (about the compact Cofe-Net's parameter count)"),
     CatalogEntry("unet_enh_tiny", "fundus_pipeline.models.cofe:unet_enh_tiny", "enhancement", "unet", 2, 30_573, "Plain U-Net enhancement baseline, width 2 (tests only)"),
     CatalogEntry("msrf_w8", "fundus_pipeline.models.msrf:msrf_w8", "segmentation", "msrf", 8, 1_278_688, "MSRF-Net width 8 (8/16/32/64), the variant trained on CPU and shipped"),
+    CatalogEntry("sdmp", "fundus_pipeline.models.sdmp:sdmp", "quality", "sdmp", 64, 1_960_532, "SDMP-Net full-reference IQA (enhanced vs degraded): frozen IMFF w16 e1-e3 + fundus ViT d96x5 streams, deformable fusion, width 64 (shipped)"),
+    CatalogEntry("sdmp_cnn", "fundus_pipeline.models.sdmp:sdmp_cnn", "quality", "sdmp", 64, 1_084_098, "SDMP-Net full-reference IQA (enhanced vs degraded) ablation: CNN stream (IMFF w16 e1-e3) only, width 64"),
+    CatalogEntry("sdmp_nodeform", "fundus_pipeline.models.sdmp:sdmp_nodeform", "quality", "sdmp", 64, 1_769_746, "SDMP-Net full-reference IQA (enhanced vs degraded) ablation: without deformable fusion, width 64"),
+    CatalogEntry("sdmp_tiny", "fundus_pipeline.models.sdmp:sdmp_tiny", "quality", "sdmp", 4, 35_938, "SDMP-Net full-reference IQA (enhanced vs degraded), width 4 with IMFF w2 + ViT d16x2 streams (tests only)"),
+    CatalogEntry("sdmp_vit", "fundus_pipeline.models.sdmp:sdmp_vit", "quality", "sdmp", 64, 1_431_762, "SDMP-Net full-reference IQA (enhanced vs degraded) ablation: ViT stream (fundus ViT d96x5) only, width 64"),
+    CatalogEntry("vit_fundus", "fundus_pipeline.models.sdmp:vit_fundus", "pretext", "vit", 96, 654_928, "Fundus ViT (patch 8, 224 input, pretext head on CLS) for SDMP-Net's ViT stream: dim 96, depth 5, heads 3"),
+    CatalogEntry("vit_fundus_tiny", "fundus_pipeline.models.sdmp:vit_fundus_tiny", "pretext", "vit", 16, 22_528, "Fundus ViT (patch 8, 224 input, pretext head on CLS) for SDMP-Net's ViT stream: dim 16, depth 2, heads 2 (tests only)"),
 )
 
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in _ENTRIES}

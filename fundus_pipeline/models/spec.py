@@ -92,14 +92,43 @@ class ImageOutputSpec(_Strict):
     transfer_selection: dict[str, Any]
 
 
+class ScoreOutputSpec(_Strict):
+    """The output of a full-reference quality network (``fundus score``): one score in ``range`` (higher is
+    better) for an (enhanced, reference) pair, the mean over the deterministic test-time ``crops`` (each
+    ``crop`` x ``crop`` in the canonical frame of the input spec)."""
+
+    kind: Literal["score"]
+    range: tuple[float, float]
+    reference: str  # what the reference image of a pair is
+    crop: int = Field(ge=8)
+    crops: str  # the test-time crop protocol, in words
+    label: str  # what the score was trained to predict
+
+
+class PretextOutputSpec(_Strict):
+    """A feature network trained on a self-supervised pretext task (the frozen ViT stream of ``sdmp``):
+    ``targets`` names its head's outputs in order."""
+
+    kind: Literal["pretext"]
+    targets: list[str]
+    crop: int = Field(ge=8)
+
+
+_KINDS = ("image", "score", "pretext")
+
+
 def _output_kind(v: Any) -> str:
     kind = v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)
-    return "image" if kind == "image" else "segmentation"
+    return kind if kind in _KINDS else "segmentation"
 
 
-# Segmentation entries have no ``kind`` (the manifest predates enhancement); image outputs say ``"kind": "image"``.
+# Segmentation entries have no ``kind`` (the manifest predates enhancement); the others say ``"kind": ...``.
 AnyOutputSpec = Annotated[
-    Annotated[OutputSpec, Tag("segmentation")] | Annotated[ImageOutputSpec, Tag("image")], Discriminator(_output_kind)
+    Annotated[OutputSpec, Tag("segmentation")]
+    | Annotated[ImageOutputSpec, Tag("image")]
+    | Annotated[ScoreOutputSpec, Tag("score")]
+    | Annotated[PretextOutputSpec, Tag("pretext")],
+    Discriminator(_output_kind),
 ]
 
 

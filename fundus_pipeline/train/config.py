@@ -215,3 +215,69 @@ class EnhanceConfig(TrainConfig):
     @property
     def cache_path(self) -> Path:
         return self.cache or self.out / "sources.npz"
+
+
+class PretextConfig(TrainConfig):
+    """``fundus train pretext``: the ViT stream of SDMP-Net, trained on a self-supervised pretext task."""
+
+    arch: str = Field("vit_fundus", description="Registered pretext model (vit_fundus; see `fundus models`).")
+    data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/, HRF/ and HEI-MED/ [default: $FUNDUS_DATA, else ../shared/data].")
+    size: int = Field(448, ge=224, description="Side of the scoring frame the crops are taken from (the FOV's bounding square resized).")
+    crop: int = Field(224, ge=224, le=224, description="Crop side (the ViT's input size, 224).")
+    pool_draws: int = Field(6, ge=1, description="Degraded copies of each training source (drawn once, from the seed).")
+    clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is the clean source.")
+    cache: Path | None = Field(None, description="File caching the prepared canonical sources (shared with `fundus train enhance --cache`) [default: OUT/sources.npz].")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v, "pretext")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: Path | None) -> Path | None:
+        return _check_data(v, ("DRIVE", "HRF", "HEI-MED"))
+
+    @property
+    def data_root(self) -> Path:
+        return _data_root(self.data)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache or self.out / "sources.npz"
+
+
+class ScoreConfig(TrainConfig):
+    """``fundus train score``: SDMP-Net (or an ablation) on the train split of a quality set."""
+
+    arch: str = Field("sdmp", description="Registered quality model (sdmp, sdmp_nodeform, sdmp_cnn, sdmp_vit; see `fundus models`).")
+    quality_set: Path = Field(description="A quality set folder (`fundus build quality-set`): its pairs.csv train split trains, val split validates.")
+    size: int = Field(448, ge=224, description="Side of the scoring frame (the set's images are resized to it).")
+    cnn_init: str | None = Field("imff", description="Segmenter weights whose encoder is the frozen CNN stream: a shipped name or a .pt file ('none': random).")
+    vit_init: str | None = Field("vit_fundus", description="Pretext weights of the frozen ViT stream: a shipped name or a .pt file ('none': random).")
+    val_stride: int = Field(1, ge=1, description="Validate on every N-th validation pair (validation costs five crops a pair).")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v, "quality")
+
+    @field_validator("cnn_init", "vit_init")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is None or v.lower() == "none":
+            return None
+        from fundus_pipeline.models.weights import resolve_weights
+
+        try:
+            resolve_weights(v)
+        except FundusError as e:
+            raise ValueError(e.message) from None
+        return v
+
+    @field_validator("quality_set")
+    @classmethod
+    def _set(cls, v: Path) -> Path:
+        if not (v / "pairs.csv").is_file():
+            raise ValueError(f"{v} holds no pairs.csv (build it with `fundus build quality-set`)")
+        return v

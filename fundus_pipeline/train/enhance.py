@@ -66,7 +66,7 @@ def heimed_table(root: Path) -> list[dict]:
         return sorted(csv.DictReader(f), key=lambda r: r["image"])
 
 
-def _source_list(root: Path) -> list[tuple[str, dict]]:
+def source_list(root: Path) -> list[tuple[str, dict]]:
     """(name, info) of every clean training source, in a fixed order."""
     out: list[tuple[str, dict]] = []
     for ident in DRIVE_TRAIN:
@@ -87,22 +87,37 @@ def is_validation(name: str) -> bool:
     return False  # HEI-MED: decided by position (see split_sources)
 
 
+def validation_names(names: list[str]) -> set[str]:
+    """The validation sources among the training-split source ``names`` (in ``source_list`` order): DRIVE
+    37-40, HRF 05_*, and every ``HEIMED_VAL_EVERY``-th HEI-MED photograph by name."""
+    heimed = [n for n in names if n.startswith("heimed/")]
+    return {n for n in names if is_validation(n)} | set(heimed[::HEIMED_VAL_EVERY])
+
+
 def split_sources(sources: list[Source]) -> tuple[list[Source], list[Source]]:
-    heimed = [s for s in sources if s.name.startswith("heimed/")]
-    val_heimed = {s.name for s in heimed[::HEIMED_VAL_EVERY]}
-    train = [s for s in sources if not (is_validation(s.name) or s.name in val_heimed)]
-    val = [s for s in sources if is_validation(s.name) or s.name in val_heimed]
-    return train, val
+    val_names = validation_names([s.name for s in sources])
+    return [s for s in sources if s.name not in val_names], [s for s in sources if s.name in val_names]
 
 
-def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
+@dataclass
+class CanonicalSource:
+    """A clean photograph read from its dataset: native arrays and their canonical-frame versions."""
+
+    frame: CanonicalFrame
+    geometry: object  # the native FovGeometry
+    rgb: np.ndarray  # native float32 RGB, 0 outside the FOV
+    fov: np.ndarray  # native bool FOV (the dataset's mask where it has one, else estimated)
+    c_rgb: np.ndarray  # canonical float32 RGB in [0, 1], 0 outside the canonical FOV
+    c_fov: np.ndarray  # canonical bool FOV (nearest-neighbour)
+
+
+def canonical_source(paths: dict[str, Path], size: int) -> CanonicalSource:
+    """Read ``paths["image"]`` (and ``paths["fov"]`` when given) and map it into the canonical frame."""
     from degradation.fov import estimate_fov_geometry, fov_geometry
 
     from fundus_pipeline.datasets import _read_rgb
     from fundus_pipeline.evaluation.segment import read_binary
-    from fundus_pipeline.models.inference import predict_native, working_scale
 
-    paths = info["paths"]
     rgb = _read_rgb(paths["image"])
     if "fov" in paths:
         fov = read_binary(paths["fov"])
@@ -111,16 +126,25 @@ def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
         fov, geom = estimate_fov_geometry(rgb)
     frame = CanonicalFrame.from_fov(geom, size)
     rgb = rgb * fov[..., None]
+    c_rgb = np.clip(frame.to_canonical(rgb.astype(np.float32)), 0, 1)
+    c_fov = frame.to_canonical(fov.astype(np.uint8), interpolation=0) > 0  # nearest
+    return CanonicalSource(frame, geom, rgb, fov, c_rgb * c_fov[..., None], c_fov)
+
+
+def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
+    from fundus_pipeline.evaluation.segment import read_binary
+    from fundus_pipeline.models.inference import predict_native, working_scale
+
+    paths = info["paths"]
+    cs = canonical_source(paths, size)
+    frame, rgb, fov, c_rgb, c_fov = cs.frame, cs.rgb, cs.fov, cs.c_rgb, cs.c_fov
     if "vessels" in paths:
         ves, kind = read_binary(paths["vessels"]).astype(np.float32), "manual"
     else:
         model, threshold = segmenter
-        ves = predict_native(model, rgb, fov, working_scale(geom.diameter))
+        ves = predict_native(model, rgb, fov, working_scale(cs.geometry.diameter))
         kind = "segmenter"
-    c_rgb = np.clip(frame.to_canonical(rgb.astype(np.float32)), 0, 1)
-    c_fov = frame.to_canonical(fov.astype(np.uint8), interpolation=0) > 0  # nearest
     c_ves = frame.to_canonical(ves) * c_fov
-    c_rgb = c_rgb * c_fov[..., None]
     row = info.get("row")
     if row is not None:  # HEI-MED: hand-marked optic-nerve centre (row, col in the stored pixels)
         disc = frame.point_to_canonical(float(row["on_col"]), float(row["on_row"]))
@@ -132,7 +156,7 @@ def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
 
 def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path | None, log: Callable[[str], None] = print) -> list[Source]:
     """Every clean training source in the canonical frame (cached in ``cache`` when given)."""
-    listing = _source_list(root)
+    listing = source_list(root)
     digest = hashlib.sha256(json.dumps([size, [n for n, _ in listing], _sha256(segmenter_weights)]).encode()).hexdigest()[:16]
     if cache is not None and cache.is_file():
         z = np.load(cache, allow_pickle=False)
@@ -188,13 +212,18 @@ class DegradationPool:
         return fam[int(rng.integers(len(fam)))]
 
 
-def degrade(degrader, rgb: np.ndarray, fov: np.ndarray, seed: int, key: str) -> np.ndarray:
-    """``rgb`` (canonical, float32) degraded with parameters drawn from (seed, key)."""
+def degrade_with_params(degrader, rgb: np.ndarray, fov: np.ndarray, seed: int, key: str) -> tuple[np.ndarray, dict]:
+    """``rgb`` (canonical, float32) degraded with parameters drawn from (seed, key), and the parameter record."""
     from degradation import soft_fov_mask
 
     geom = canonical_fov_geometry(rgb.shape[0])
     params = degrader.sample(seed=seed, key=key, fov=geom)
-    return degrader.apply(rgb, params, soft_fov_mask(fov, geom), levels=255).astype(np.float32)
+    return degrader.apply(rgb, params, soft_fov_mask(fov, geom), levels=255).astype(np.float32), params
+
+
+def degrade(degrader, rgb: np.ndarray, fov: np.ndarray, seed: int, key: str) -> np.ndarray:
+    """``rgb`` (canonical, float32) degraded with parameters drawn from (seed, key)."""
+    return degrade_with_params(degrader, rgb, fov, seed, key)[0]
 
 
 def _orient(a: np.ndarray, k: int, flip: bool) -> np.ndarray:

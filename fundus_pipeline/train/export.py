@@ -55,8 +55,10 @@ def export_weights(
     command: str = "",
     test_metrics: dict[str, dict] | None = None,
     directory: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> WeightsSpec:
-    """Export RUN/best.pt as ``NAME.pt`` plus its manifest entry; returns the entry.
+    """Export RUN/best.pt (or the training ``checkpoint``, e.g. an early snapshot of RUN/last.pt) as
+    ``NAME.pt`` plus its manifest entry; returns the entry.
 
     ``describe(model)`` (model in eval mode) returns ``{"input": ..., "output": ..., "training": {...}}``,
     the task's fields (``training`` holds the data split; the command, seed, steps and best checkpoint
@@ -67,7 +69,7 @@ def export_weights(
     """
     entry = get_entry(model_name)
     model = build_model(model_name)
-    best = Path(run) / "best.pt"
+    best = Path(checkpoint) if checkpoint is not None else Path(run) / "best.pt"
     load_weights_checked(model, best, model_name)
     model.eval()
     wdir = directory or weights_dir()
@@ -92,6 +94,9 @@ def export_weights(
     desc = describe(model)
     summary_path = Path(run) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if checkpoint is not None:  # an early snapshot: its own step, not the run's validation-best
+        step = int(torch.load(best, map_location="cpu", weights_only=True)["step"])
+        summary = {**summary, "steps": step, "best": {"step": step, "note": f"training checkpoint at step {step} of the run (not its validation-best)"}}
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=wdir))
     try:
         tmp = tmpdir / target.name  # same file name: the bytes of a direct torch.save(sd, target)

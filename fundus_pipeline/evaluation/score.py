@@ -1,0 +1,528 @@
+"""``fundus evaluate score``: agreement of predicted quality scores with ground-truth quality labels.
+
+Inputs: a scores CSV (``fundus score``'s ``results.csv``: ``key``, the score column, optionally the
+runner's ``status`` and ``error``) and a quality set's labels file (``pairs.csv``: ``key``, ``part``,
+``source``, ``label`` and the grouping columns such as ``enhancer`` and ``family``). A score is taken as
+*higher = better quality*; a "lower is better" score (a distance) must be negated first.
+
+Join (on ``key``), in this order for every scores row: a key absent from the labels file is a problem
+(``not in labels``); a key whose label row is of another part than ``part`` is ignored (counted,
+``n_scores_other_part``); a row whose ``status`` is not ``ok`` is a problem (``status error: ...``); an
+empty, non-numeric or non-finite score is a problem; the rest are scored. Label rows of the part without a
+scores row are only counted (``n_labels_not_scored``, one note). No scores key in the labels of the part,
+a missing column or an unreadable file is a ``UsageError``.
+
+Metrics (:func:`iqa_metrics`, the VQEG protocol): SROCC and KROCC on the raw scores, PLCC and RMSE after
+a 4-parameter logistic map of the scores onto the label scale (:func:`fit_logistic4`), overall and per
+group of each ``by`` column (a separate fit per group). 95% CIs: a cluster bootstrap over source
+photographs (pairs of one source are correlated), see :data:`DEFINITIONS`.
+
+No-reference baselines (:func:`nr_contrast`, :func:`nr_sharpness`, :func:`nr_entropy`): simple image
+statistics inside the FOV, scored like any other predictor once written to a CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, optimize, special, stats
+
+from fundus_pipeline.errors import UsageError
+from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe
+from fundus_pipeline.evaluation.segment import (
+    EvalResult,
+    _num,
+    metrics_csv,
+    write_reports,
+)
+
+METRIC_KEYS = ("srocc", "plcc", "krocc", "rmse")
+MIN_PAIRS = 3  # fewer scored pairs in a set (group or resample): no metrics
+MIN_LOGISTIC = 5  # fewer pairs: linear map (4 parameters need more points than that)
+MAXFEV = 10_000  # logistic fit on the evaluated data
+MAXFEV_BOOT = 200  # logistic refit on a bootstrap resample, started from the full-data parameters
+OVERALL = "all"
+
+DEFINITIONS = {
+    "direction": "scores are taken as higher = better quality; a 'lower is better' score (a distance) is "
+    "negated before evaluation.",
+    "srocc": "Spearman rank-order correlation of score and label: the Pearson correlation of their ranks "
+    "(scipy.stats.rankdata, tied values get their average rank), as scipy.stats.spearmanr.",
+    "krocc": "Kendall rank-order correlation tau-b of score and label (scipy.stats.kendalltau, variant 'b': "
+    "corrected for ties in both).",
+    "mapping": "label ~ logistic4(score) = (b1 - b2) / (1 + exp(-(score - b3) / |b4|)) + b2, least squares "
+    "(scipy.optimize.curve_fit, Levenberg-Marquardt, maxfev 10000) from b1 = max(label), b2 = min(label), "
+    "b3 = median(score), b4 = std(score) (1 when 0); fitted separately for the whole set and for each group. "
+    "When that fit fails (no convergence, non-finite result) or a set has fewer than 5 pairs: linear least "
+    "squares label ~ a * score + c; 'mapping' says which was used.",
+    "plcc": "Pearson linear correlation of label and mapped score (as scipy.stats.pearsonr).",
+    "rmse": "sqrt(mean((label - mapped score)^2)), in label units.",
+    "n": "scored pairs; metrics are null for a set of fewer than 3 pairs.",
+    "bootstrap": "cluster bootstrap over source photographs: each resample draws the S sources of the "
+    "scored pairs uniformly with replacement (numpy default_rng(seed).multinomial(S, 1/S)) and takes every "
+    "scored pair of a source as many times as the source was drawn; all four metrics are recomputed on each "
+    "resample, the map refitted (logistic started from the set's own fitted parameters, maxfev 200; linear "
+    "on failure or below 5 pairs, counted as boot_linear_fallbacks; linear when the set's own map is linear). A group's "
+    "resample is its pairs in the same resamples; resamples with fewer than 3 of them are skipped. 95% CI: "
+    "2.5th and 97.5th percentiles of the finite resample values (numpy.percentile, linear interpolation).",
+}
+
+
+# --------------------------------------------------------------------------------------------- mapping
+def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """``(b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2``: the VQEG 4-parameter logistic (b1, b2: the
+    asymptotes for x -> +inf / -inf, b3: the midpoint, |b4|: the scale)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (b1 - b2) * special.expit((np.asarray(x, np.float64) - b3) / abs(b4)) + b2
+
+
+def _logistic4_jac(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """Partial derivatives of :func:`logistic4` in (b1, b2, b3, b4), one row per x."""
+    s4 = abs(b4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (x - b3) / s4
+        s = special.expit(z)
+        ds = (b1 - b2) * s * (1.0 - s)
+        return np.stack([s, 1.0 - s, -ds / s4, -ds * z / s4 * np.sign(b4)], axis=1)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A fitted score-to-label map: ``logistic4`` with (b1, b2, b3, b4), or ``linear`` with (a, c);
+    ``note`` says why the logistic was not used."""
+
+    kind: str
+    params: tuple[float, ...]
+    note: str = ""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if self.kind == "logistic4":
+            return logistic4(x, *self.params)
+        a, c = self.params
+        return a * x + c
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "params": list(self.params)}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def _fit_linear(x: np.ndarray, y: np.ndarray, note: str) -> Mapping:
+    (a, c), *_ = np.linalg.lstsq(np.stack([x, np.ones_like(x)], axis=1), y, rcond=None)
+    return Mapping("linear", (float(a), float(c)), note)
+
+
+def fit_logistic4(
+    pred: np.ndarray, label: np.ndarray, *, p0: Sequence[float] | None = None, maxfev: int = MAXFEV
+) -> Mapping:
+    """Least-squares :func:`logistic4` map of ``pred`` onto ``label`` (``curve_fit``, analytic Jacobian),
+    from ``p0`` or b1 = max(label), b2 = min(label), b3 = median(pred), b4 = std(pred) (1 when 0). Falls back
+    to a linear least-squares map (``kind == "linear"``, the reason in ``note``) when the fit fails or there
+    are fewer than 5 pairs."""
+    x = np.asarray(pred, np.float64)
+    y = np.asarray(label, np.float64)
+    if x.size < MIN_LOGISTIC:
+        return _fit_linear(x, y, f"fewer than {MIN_LOGISTIC} pairs")
+    if p0 is None:
+        sd = float(np.std(x))
+        p0 = (float(y.max()), float(y.min()), float(np.median(x)), sd if sd > 0 else 1.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # OptimizeWarning (no covariance), overflow in degenerate steps
+            params, _ = optimize.curve_fit(logistic4, x, y, p0=list(p0), jac=_logistic4_jac, maxfev=maxfev)
+    except (RuntimeError, ValueError, TypeError, np.linalg.LinAlgError) as exc:
+        return _fit_linear(x, y, f"logistic fit failed: {str(exc).splitlines()[0]}")
+    if not (np.all(np.isfinite(params)) and params[3] != 0 and np.all(np.isfinite(logistic4(x, *params)))):
+        return _fit_linear(x, y, "logistic fit failed: non-finite parameters")
+    return Mapping("logistic4", tuple(float(p) for p in params))
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation (as scipy.stats.pearsonr, without its per-call overhead); NaN for constant input."""
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(np.clip((a @ b) / den, -1.0, 1.0)) if den > 0 else math.nan
+
+
+def _kendall(a: np.ndarray, b: np.ndarray) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: NaN
+        return float(stats.kendalltau(a, b).statistic)
+
+
+def _metric_values(x: np.ndarray, y: np.ndarray, mapping: Mapping) -> dict[str, float]:
+    mapped = mapping(x)
+    return {
+        "srocc": _pearson(stats.rankdata(x), stats.rankdata(y)),  # = scipy.stats.spearmanr
+        "plcc": _pearson(y, mapped),
+        "krocc": _kendall(x, y),
+        "rmse": float(np.sqrt(np.mean((y - mapped) ** 2))),
+    }
+
+
+def _set_metrics(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], Mapping | None]:
+    """The four metrics of one set and its fitted map (NaN and None for fewer than 3 pairs)."""
+    if x.size < MIN_PAIRS:
+        return dict.fromkeys(METRIC_KEYS, math.nan), None
+    mapping = fit_logistic4(x, y)
+    return _metric_values(x, y, mapping), mapping
+
+
+def iqa_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, Any]:
+    """``n``, ``srocc``, ``krocc`` (on the raw scores), ``plcc`` and ``rmse`` (label vs
+    :func:`fit_logistic4`-mapped scores) and ``mapping`` (:meth:`Mapping.as_dict`); see
+    :data:`DEFINITIONS`. Higher ``pred`` must mean better quality: pass ``-pred`` for a "lower is better"
+    score (a distance). Fewer than 3 pairs: NaN metrics and mapping None."""
+    x = np.asarray(pred, np.float64).ravel()
+    y = np.asarray(label, np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pred and label differ in length: {x.size} and {y.size}")
+    vals, mapping = _set_metrics(x, y)
+    return {"n": int(x.size), **vals, "mapping": mapping.as_dict() if mapping else None}
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+def source_bootstrap(n_sources: int, n_boot: int, seed: int) -> np.ndarray:
+    """``n_boot x n_sources`` draw counts: each row resamples the sources uniformly with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_sources, np.full(n_sources, 1.0 / n_sources), size=n_boot)
+
+
+def resample_indices(counts: np.ndarray, codes: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """Pair indices of one resample: every pair of ``subset`` repeated as often as its source
+    (``codes[pair]``) was drawn (``counts``, one row of :func:`source_bootstrap`)."""
+    return np.repeat(subset, counts[codes[subset]])
+
+
+def _resample_values(x: np.ndarray, y: np.ndarray, start: Mapping) -> tuple[np.ndarray, bool]:
+    """The four metrics of one resample (NaN when too small) and whether its logistic fit fell back."""
+    if x.size < MIN_PAIRS:
+        return np.full(len(METRIC_KEYS), np.nan), False
+    if start.kind == "logistic4":
+        mapping = fit_logistic4(x, y, p0=start.params, maxfev=MAXFEV_BOOT)
+    else:
+        mapping = _fit_linear(x, y, start.note)
+    vals = _metric_values(x, y, mapping)
+    return np.array([vals[k] for k in METRIC_KEYS]), mapping.kind != start.kind
+
+
+def bootstrap_cis(
+    pred: np.ndarray,
+    label: np.ndarray,
+    codes: np.ndarray,
+    sets: Sequence[tuple[np.ndarray, Mapping]],
+    n_boot: int,
+    seed: int,
+) -> list[tuple[dict[str, list[float | None]], int]]:
+    """Source-bootstrap 95% CIs for each ``(pair indices, fitted map)`` of ``sets`` from the same
+    resamples (``codes``: source index of each pair, 0..S-1); per set the CIs by metric and the number of
+    resamples whose logistic refit fell back to linear."""
+    counts = source_bootstrap(int(codes.max()) + 1, n_boot, seed)
+    boot = np.full((len(sets), n_boot, len(METRIC_KEYS)), np.nan)
+    fallbacks = np.zeros(len(sets), np.int64)
+    for b in range(n_boot):
+        for j, (subset, start) in enumerate(sets):
+            idx = resample_indices(counts[b], codes, subset)
+            boot[j, b], fell_back = _resample_values(pred[idx], label[idx], start)
+            fallbacks[j] += fell_back
+    return [
+        ({k: _percentile_ci(boot[j, :, m]) for m, k in enumerate(METRIC_KEYS)}, int(fallbacks[j]))
+        for j in range(len(sets))
+    ]
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _read_csv(path: Path, what: str, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV with a header holding ``required``; ``UsageError`` otherwise or on duplicate keys."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read the {what} {path}: {exc}") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        have = ", ".join(columns) if columns else "none"
+        raise UsageError(f"the {what} {path} has no column {', '.join(map(repr, missing))} (columns: {have})")
+    seen: set[str] = set()
+    for r in rows:
+        if r["key"] in seen:
+            raise UsageError(f"the {what} {path} has key '{r['key']}' twice")
+        seen.add(r["key"])
+    return rows
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _score_problem(row: dict[str, str], column: str) -> str | None:
+    """Why a scores row cannot be scored (status not ok, empty or invalid value), or None."""
+    status = (row.get("status") or "ok").strip()
+    if status != "ok":
+        err = (row.get("error") or "").strip()
+        return f"status {status}" + (f": {err}" if err else "")
+    raw = (row.get(column) or "").strip()
+    if not raw:
+        return f"empty {column}"
+    if _float(raw) is None:
+        return f"{column} {raw!r} is not a finite number"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def evaluate_scores(
+    scores_csv: Path,
+    labels_csv: Path,
+    *,
+    column: str = "score",
+    by: Sequence[str] = ("enhancer", "family"),
+    part: str | None = "test",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvalResult:
+    """Join, score and summarise (rules in the module docstring); ``part=None`` keeps every label row.
+    ``rows`` of the result are the metrics.csv rows: the whole set (group_by ``all``), then each group of
+    each ``by`` column."""
+    scores_csv, labels_csv = Path(scores_csv), Path(labels_csv)
+    by = list(dict.fromkeys(by))
+    needed = ["key", "source", "label"] + (["part"] if part is not None else []) + by
+    labels = {r["key"]: r for r in _read_csv(labels_csv, "labels file", list(dict.fromkeys(needed)))}
+    scores = _read_csv(scores_csv, "scores file", ["key", column])
+    in_part = {k: r for k, r in labels.items() if part is None or r["part"] == part}
+    if not in_part:
+        parts = ", ".join(sorted({r["part"] for r in labels.values()})) or "none"
+        raise UsageError(f"no label row of {labels_csv} has part '{part}' (parts: {parts})")
+    if not any(r["key"] in in_part for r in scores):
+        where = f" (part {part})" if part is not None else ""
+        raise UsageError(f"no key of the scores file {scores_csv} is in the labels file {labels_csv}{where}")
+
+    label_of: dict[str, float] = {}
+    for k, r in in_part.items():
+        lab = _float(r["label"])
+        if lab is None:
+            raise UsageError(f"the labels file {labels_csv} has label {r['label']!r} for key '{k}'")
+        label_of[k] = lab
+
+    problems: list[dict[str, str]] = []
+    scored: list[tuple[float, dict[str, str]]] = []
+    n_other_part = 0
+    for r in sorted(scores, key=lambda r: r["key"]):
+        k = r["key"]
+        if k not in labels:
+            problems.append({"key": k, "status": "not in labels"})
+        elif k not in in_part:
+            n_other_part += 1
+        elif (why := _score_problem(r, column)) is not None:
+            problems.append({"key": k, "status": why})
+        else:
+            scored.append((float(r[column]), in_part[k]))
+    n_labels_not_scored = len(set(in_part) - {r["key"] for r in scores})
+
+    pred = np.array([s for s, _ in scored], np.float64)
+    label = np.array([label_of[lab["key"]] for _, lab in scored], np.float64)
+    uniq, codes = np.unique(np.array([lab["source"] for _, lab in scored], dtype=str), return_inverse=True)
+
+    sets: list[tuple[str, str, np.ndarray]] = [(OVERALL, OVERALL, np.arange(len(scored)))]
+    for col in by:
+        values = np.array([lab[col] for _, lab in scored], dtype=str)
+        sets += [(col, str(g), np.flatnonzero(values == g)) for g in np.unique(values)]
+    entries: list[dict[str, Any]] = []
+    mappings: list[Mapping | None] = []
+    for _, _, idx in sets:
+        vals, mapping = _set_metrics(pred[idx], label[idx])
+        n_src = len(np.unique(codes[idx]))
+        entries.append({"n": idx.size, "n_sources": n_src, **vals, "mapping": mapping.as_dict() if mapping else None})
+        mappings.append(mapping)
+
+    if n_boot > 0:
+        fitted = [(idx, m) for (_, _, idx), m in zip(sets, mappings) if m is not None]
+        cis = iter(bootstrap_cis(pred, label, codes, fitted, n_boot, seed) if fitted else [])
+        for e, m in zip(entries, mappings):
+            if m is not None:
+                e["ci95"], e["boot_linear_fallbacks"] = next(cis)
+            else:
+                e["ci95"] = {k: [math.nan, math.nan] for k in METRIC_KEYS}
+
+    groups: dict[str, dict[str, Any]] = {col: {} for col in by}
+    for (col, g, _), e in zip(sets[1:], entries[1:]):
+        groups[col][g] = e
+    summary: dict[str, Any] = {
+        "task": "quality-assessment",
+        "scores_csv": str(scores_csv),
+        "labels_csv": str(labels_csv),
+        "column": column,
+        "part": part if part is not None else "all",
+        "by": by,
+        "n_pairs": len(scored),
+        "n_sources": len(uniq),
+        "n_problems": len(problems),
+        "n_scores_other_part": n_other_part,
+        "n_labels_not_scored": n_labels_not_scored,
+        "overall": entries[0],
+        "groups": groups,
+        "bootstrap": {"n": int(n_boot), "seed": int(seed), "unit": "source photograph"},
+        "problems": problems,
+        "definitions": DEFINITIONS,
+    }
+    rows = [_csv_row(i, col, g, e) for i, ((col, g, _), e) in enumerate(zip(sets, entries))]
+    notes = []
+    if n_labels_not_scored:
+        s = "s have" if n_labels_not_scored != 1 else " has"
+        notes.append(f"{n_labels_not_scored} label row{s} no row in the scores file (not scored)")
+    notes += [
+        f"{col}={g}: linear map ({m.note})" for (col, g, _), m in zip(sets, mappings) if m is not None and m.kind == "linear"
+    ]
+    return EvalResult(
+        rows=rows,
+        summary=json_safe(summary),
+        n_problems=len(problems),
+        messages=[f"{p['key']}: {p['status']}" for p in problems],
+        notes=notes,
+    )
+
+
+def _csv_row(order: int, col: str, group: str, e: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.csv row; ``key`` (not written) keeps the rows in set order."""
+    row = {"key": order, "group_by": col, "group": group, "n": e["n"], "n_sources": e["n_sources"],
+           **{k: e[k] for k in METRIC_KEYS}, "mapping": e["mapping"]["kind"] if e["mapping"] else ""}
+    for k, (lo, hi) in e.get("ci95", {}).items():
+        row[f"{k}_ci_lo"], row[f"{k}_ci_hi"] = lo, hi
+    return row
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def csv_columns(with_ci: bool) -> tuple[str, ...]:
+    """metrics.csv columns (the CI columns only with a bootstrap)."""
+    ci = tuple(f"{k}_ci_{end}" for k in METRIC_KEYS for end in ("lo", "hi")) if with_ci else ()
+    return ("group_by", "group", "n", "n_sources") + METRIC_KEYS + ci + ("mapping",)
+
+
+def summary_table(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Header and rows (group_by, group, n, sources, each metric [with its CI]) for the tables."""
+    with_ci = summary["bootstrap"]["n"] > 0
+    sets = [(OVERALL, OVERALL, summary["overall"])]
+    sets += [(col, g, e) for col in summary["by"] for g, e in summary["groups"][col].items()]
+    out: list[tuple[str, ...]] = [("group_by", "group", "n", "sources") + tuple(k + (" [95% CI]" if with_ci else "") for k in METRIC_KEYS)]
+    for col, g, e in sets:
+        cells = []
+        for k in METRIC_KEYS:
+            cell = _num(e[k])
+            if with_ci:
+                lo, hi = e["ci95"][k]
+                cell += f" [{_num(lo)}, {_num(hi)}]"
+            cells.append(cell)
+        out.append((col, g, str(e["n"]), str(e["n_sources"]), *cells))
+    return out
+
+
+def _counts(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['n_pairs']} pairs of {summary['n_sources']} sources scored (part {summary['part']}; "
+        f"problems {summary['n_problems']}, label rows not scored {summary['n_labels_not_scored']}, "
+        f"scores of other parts {summary['n_scores_other_part']})"
+    )
+
+
+def summary_human(summary: dict[str, Any]) -> str:
+    """A short plain-text table for the terminal."""
+    rows = summary_table(summary)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([f"{_counts(summary)}; score column '{summary['column']}'"] + body)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """summary.md: inputs, counts, the metric table, the definitions and the unscored rows."""
+    boot = summary["bootstrap"]
+    lines = [
+        "# Quality-assessment evaluation",
+        "",
+        f"- scores: `{summary['scores_csv']}` (column `{summary['column']}`)",
+        f"- labels: `{summary['labels_csv']}`",
+        f"- {_counts(summary)}",
+        f"- bootstrap: {boot['n']} resamples of source photographs, seed {boot['seed']}"
+        if boot["n"] > 0
+        else "- bootstrap: none (no confidence intervals)",
+    ]
+    table = summary_table(summary)
+    lines += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in summary["definitions"].items()] + [""]
+    if summary["problems"]:
+        lines += ["## Not scored", ""] + [f"- `{p['key']}`: {p['status']}" for p in summary["problems"]] + [""]
+    return "\n".join(lines)
+
+
+def write_outputs(result: EvalResult, out_dir: Path) -> list[Path]:
+    """The quality-assessment reports of ``result`` (see ``segment.write_reports``)."""
+    columns = csv_columns(result.summary["bootstrap"]["n"] > 0)
+    return write_reports(out_dir, metrics_csv(result.rows, columns), result.summary, summary_markdown(result.summary))
+
+
+# --------------------------------------------------------------------------------------------- no-reference baselines
+# Functions of an RGB float image in [0, 1] (H x W x 3) and a boolean FOV mask (H x W); computed in float64
+# on the Rec. 601 luma Y = 0.299 R + 0.587 G + 0.114 B; NaN when no pixel is left to measure.
+_DISK3 = np.hypot(*np.mgrid[-3:4, -3:4]) <= 3  # pixels within Euclidean distance 3 of the centre
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Rec. 601 luma ``0.299 R + 0.587 G + 0.114 B`` (float64, H x W)."""
+    rgb = np.asarray(rgb, np.float64)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 RGB image, got shape {rgb.shape}")
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def _fov(y: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    fov = np.asarray(fov, bool)
+    if fov.shape != y.shape:
+        raise ValueError(f"FOV shape {fov.shape} differs from the image's {y.shape}")
+    return fov
+
+
+def nr_contrast(rgb: np.ndarray, fov: np.ndarray) -> float:
+    """Standard deviation (population, ddof 0) of Y over the FOV pixels."""
+    y = luma(rgb)
+    v = y[_fov(y, fov)]
+    return float(v.std()) if v.size else math.nan
+
+
+def nr_sharpness(rgb: np.ndarray, fov: np.ndarray) -> float:
+    """Variance (population) of ``cv2.Laplacian(Y, cv2.CV_64F, ksize=3)`` (kernel [[2, 0, 2], [0, -8, 0],
+    [2, 0, 2]]) over the FOV eroded by 3 px: the pixels whose every pixel within Euclidean distance 3 lies
+    inside the FOV and inside the image, so neither the FOV edge nor the image border counts. (This kernel
+    only sees diagonal neighbours: a 1-px checkerboard scores 0.)"""
+    import cv2
+
+    y = luma(rgb)
+    inner = ndimage.binary_erosion(_fov(y, fov), structure=_DISK3, border_value=0)
+    v = cv2.Laplacian(y, cv2.CV_64F, ksize=3)[inner]
+    return float(v.var()) if v.size else math.nan
+
+
+def nr_entropy(rgb: np.ndarray, fov: np.ndarray) -> float:
+    """Shannon entropy in bits, ``-sum p log2 p``, of the 256-bin histogram of Y over the FOV pixels; bin
+    ``clip(round(255 Y), 0, 255)`` (the grey levels of an 8-bit image)."""
+    y = luma(rgb)
+    levels = np.clip(np.rint(y[_fov(y, fov)] * 255), 0, 255).astype(np.int64)
+    if not levels.size:
+        return math.nan
+    p = np.bincount(levels, minlength=256) / levels.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())

@@ -1,0 +1,332 @@
+"""``fundus build quality-set``: an EFID-like set of (degraded, enhanced) pairs, each with a hidden clean
+original and a label that means something for the retina (``fundus_pipeline.quality.label``).
+
+Parts and sources (never mixed): ``train`` = DRIVE 21-40, HRF 01-05 of each class and the 169 HEI-MED
+photographs (its ``split`` column marks the validation sources used for checkpoint choice: DRIVE 37-40,
+HRF 05_*, every 10th HEI-MED photograph, as in ``fundus train enhance``); ``test`` = DRIVE 01-20 and HRF
+06-15 of each class.
+
+Every source is mapped once into the canonical frame (the FOV's bounding square resized to ``size``; 512:
+DRIVE's own scale) and quantised to 8 bits: that frame is the set's native resolution, where images are
+written and labels computed. Per source, ``draws`` degradations, each of one family in turn (released
+Cofe-Net types, training-time Cofe-Net types, clinical recipes; the first family rotates with the
+source), the type or recipe and all parameters drawn from (seed, source, draw); each degraded image is
+enhanced by every enhancer (8-bit output, 0 outside the FOV) and labelled.
+
+Layout of OUT:
+    manifest.json         options, label definition, enhancers (weights sha256), segmenter, counts
+    pairs.csv             one row per pair: key, part, split, source, dataset, degraded_key, degradation,
+                          family, enhancer, enhancer_kind, seed, label, ssim, f1, and the degradation's
+                          own severity (deg_ssim, deg_f1, deg_label: the label of the degraded image itself)
+    degradations.jsonl    the parameter record of every degraded image (replayable with ``degradation``)
+    PART/clean/SRC.png, PART/degraded/DKEY.png, PART/enhanced/KEY.png, PART/reference/KEY.png
+                          (a hard link to the degraded image, so ``fundus score PART/enhanced OUT
+                          --reference PART/reference`` pairs by key)
+    rows/PART/SRC.json    per-source results; a rerun skips finished sources (resume)
+
+Keys: source ``drive-21``, degraded ``drive-21__d0``, pair ``drive-21__d0__clahe``. The same options and
+seed give the same bytes on the same platform and thread count (model enhancers and the segmenter run in
+float32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fundus_pipeline.errors import UsageError
+
+PARTS = ("train", "test")
+CLASSICAL_ENHANCERS = ("identity", "clahe", "gamma", "unsharp", "denoise", "oversharpen", "blur", "colour_cast")
+#: The shipped enhancement weights of the default set (the Cofe-Net, its G-only ablation, the U-Net baseline and
+#: the step-250 checkpoints of the last two); each must be listed in weights/manifest.json.
+MODEL_ENHANCERS = ("cofe", "cofe_g", "cofe_g_step250", "unet_enh", "unet_enh_step250")
+DEFAULT_ENHANCERS = CLASSICAL_ENHANCERS + MODEL_ENHANCERS
+FAMILIES = ("cofe-released", "cofe-training", "recipe")
+CODES = ("001", "010", "011", "100", "101", "110", "111")
+RECIPES = ("mild", "moderate", "severe")
+COLUMNS = (
+    "key", "part", "split", "source", "dataset", "degraded_key", "degradation", "family", "enhancer", "enhancer_kind",
+    "seed", "label", "ssim", "f1", "deg_label", "deg_ssim", "deg_f1",
+)  # fmt: skip
+
+
+class QualitySetConfig(BaseModel):
+    """Options of ``fundus build quality-set`` (recorded in the set's manifest; a resume needs the same)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(512, ge=64, le=2048)
+    draws: int = Field(2, ge=1, le=20)
+    seed: int = Field(2026, ge=0)
+    enhancers: tuple[str, ...] = DEFAULT_ENHANCERS
+    parts: tuple[Literal["train", "test"], ...] = PARTS
+    limit: int | None = Field(None, ge=1)  # at most this many sources per dataset and part (quick builds, tests)
+    segmenter: str = "imff"
+
+    @field_validator("enhancers")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("give one or more distinct enhancer names")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def part_sources(root: Path, part: str) -> list[tuple[str, dict]]:
+    """(source name, {"paths": ...}) of a part, in a fixed order."""
+    from fundus_pipeline.datasets import DRIVE_TEST, HRF_TEST, drive_paths, hrf_paths
+    from fundus_pipeline.train.enhance import source_list
+
+    if part == "train":
+        return source_list(root)
+    return [(f"drive/{i}", {"paths": drive_paths(root, i)}) for i in DRIVE_TEST] + [(f"hrf/{i}", {"paths": hrf_paths(root, i)}) for i in HRF_TEST]
+
+
+def _limit(listing: list[tuple[str, dict]], limit: int | None) -> list[tuple[str, dict]]:
+    if limit is None:
+        return listing
+    seen: dict[str, int] = {}
+    out = []
+    for name, info in listing:
+        ds = name.split("/")[0]
+        if seen.get(ds, 0) < limit:
+            seen[ds] = seen.get(ds, 0) + 1
+            out.append((name, info))
+    return out
+
+
+def source_key(name: str) -> str:
+    """``drive/21`` -> ``drive-21``."""
+    return name.replace("/", "-")
+
+
+# ---------------------------------------------------------------------------------------------- degrading
+def draw_degrader(name: str, draw: int, seed: int):
+    """(degrader, degradation label, family) of draw ``draw`` of source ``name``: the family rotates with the
+    draw from a per-source start; the type (or recipe) is drawn from (seed, source, draw)."""
+    from degradation import cofe_degrader, load_recipe
+
+    h = zlib.crc32(name.encode())
+    family = FAMILIES[(h + draw) % len(FAMILIES)]
+    rng = np.random.default_rng([seed, h, draw])
+    if family == "recipe":
+        r = RECIPES[int(rng.integers(len(RECIPES)))]
+        return load_recipe(r), f"recipe-{r}", f"recipe-{r}"
+    preset = family.split("-")[1]
+    code = CODES[int(rng.integers(len(CODES)))]
+    return cofe_degrader(preset, code), f"{preset}-{code}", family
+
+
+# ---------------------------------------------------------------------------------------------- enhancers
+class SetEnhancer:
+    """An enhancer of the set, in the canonical frame: ``enh(rgb, fov) -> rgb`` (float32, 0 outside the FOV).
+    Classical ones from ``fundus_pipeline.classical``; model ones are shipped enhancement weights, run on
+    the canonical frame as ``fundus enhance`` runs them there."""
+
+    def __init__(self, name: str, device: str = "cpu"):
+        from fundus_pipeline.classical import CLASSICAL, HARMFUL
+
+        self.name = name
+        self.fn: Callable | None = CLASSICAL.get(name)
+        self.sha256: str | None = None
+        if self.fn is not None:
+            self.kind = "harmful" if name in HARMFUL else "classical"
+            return
+        from fundus_pipeline.models.weights import load_manifest, load_model
+
+        if load_manifest().get(name) is None:
+            raise UsageError(
+                f"unknown enhancer {name!r}: use {', '.join(CLASSICAL_ENHANCERS)} or a shipped enhancement weights name "
+                "(see `fundus models`)"
+            )
+        self.model, loaded = load_model(name, task="enhancement", device=device)
+        self.sha256 = loaded.sha256
+        self.kind = "model"
+        self.device = device
+
+    def __call__(self, rgb: np.ndarray, fov: np.ndarray) -> np.ndarray:
+        if self.fn is not None:
+            return self.fn(rgb, fov)
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(self.device)
+            out = self.model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+        return np.clip(out, 0, 1) * fov[..., None]
+
+    def record(self) -> dict:
+        return {"name": self.name, "kind": self.kind, **({"sha256": self.sha256} if self.sha256 else {})}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def quantise(rgb: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 (round half to even, as numpy rounds)."""
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _write_png(path: Path, u8: np.ndarray) -> None:
+    from fundus_pipeline.io import write_image_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image_atomic(path, u8)
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` as a hard link to ``target`` (a copy where hard links are not possible), replacing atomically."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        tmp.write_bytes(target.read_bytes())
+    os.replace(tmp, link)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    from fundus_pipeline.io import write_bytes_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------- building
+def config_digest(cfg: QualitySetConfig, enhancers: list[SetEnhancer], segmenter_sha: str) -> str:
+    payload = json.dumps([cfg.model_dump(mode="json"), [e.record() for e in enhancers], segmenter_sha], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_source(
+    name: str, info: dict, part: str, split: str, cfg: QualitySetConfig, enhancers: list[SetEnhancer], mapper, out: Path
+) -> tuple[list[dict], list[dict]]:
+    """Build every pair of one source; returns (pair rows, degradation records)."""
+    from fundus_pipeline.quality.label import quality_label
+    from fundus_pipeline.stages.base import Fov
+    from fundus_pipeline.train.enhance import canonical_source, degrade_with_params
+
+    src = source_key(name)
+    cs = canonical_source(info["paths"], cfg.size)
+    clean_u8 = quantise(cs.c_rgb)
+    clean = clean_u8.astype(np.float32) / 255.0
+    _write_png(out / part / "clean" / f"{src}.png", clean_u8)
+    fov = Fov.estimate(clean)  # the label's FOV: the clean image's, by the project's FOV code
+    ves_clean = mapper(clean, fov)
+    rows, records = [], []
+    for d in range(cfg.draws):
+        degrader, degradation, family = draw_degrader(name, d, cfg.seed)
+        dkey = f"{src}__d{d}"
+        deg, params = degrade_with_params(degrader, clean, cs.c_fov, cfg.seed, dkey)
+        deg_u8 = quantise(deg)
+        deg = deg_u8.astype(np.float32) / 255.0
+        dpath = out / part / "degraded" / f"{dkey}.png"
+        _write_png(dpath, deg_u8)
+        records.append({"degraded_key": dkey, "part": part, "source": name, "degradation": degradation, "params": params})
+        deg_q = quality_label(deg, clean, fov.mask, mapper(deg, fov), ves_clean)
+        for enh in enhancers:
+            key = f"{dkey}__{enh.name}"
+            e_u8 = quantise(enh(deg, cs.c_fov))
+            e = e_u8.astype(np.float32) / 255.0
+            _write_png(out / part / "enhanced" / f"{key}.png", e_u8)
+            _link(dpath, out / part / "reference" / f"{key}.png")
+            q = quality_label(e, clean, fov.mask, mapper(e, fov), ves_clean)
+            rows.append({
+                "key": key, "part": part, "split": split, "source": name, "dataset": name.split("/")[0], "degraded_key": dkey,
+                "degradation": degradation, "family": family, "enhancer": enh.name, "enhancer_kind": enh.kind, "seed": cfg.seed,
+                "label": q["label"], "ssim": q["ssim"], "f1": q["f1"],
+                "deg_label": deg_q["label"], "deg_ssim": deg_q["ssim"], "deg_f1": deg_q["f1"],
+            })  # fmt: skip
+    return rows, records
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+    return buf.getvalue()
+
+
+def build_quality_set(
+    root: Path, out: Path, cfg: QualitySetConfig, *, overwrite: bool = False, threads: int = 2, log: Callable[[str], None] = print
+) -> dict:
+    """Build (or resume) the quality set in ``out``; returns the manifest."""
+    import torch
+
+    from fundus_pipeline import __version__
+    from fundus_pipeline.io import write_bytes_atomic
+    from fundus_pipeline.quality.label import LABEL_DEFINITION, VesselMapper
+    from fundus_pipeline.train.enhance import validation_names
+
+    torch.set_num_threads(threads)
+    enhancers = [SetEnhancer(n) for n in cfg.enhancers]
+    mapper = VesselMapper(cfg.segmenter)
+    digest = config_digest(cfg, enhancers, mapper.loaded.sha256)
+    state = out / "rows" / "config.json"
+    if state.is_file():
+        before = json.loads(state.read_text()).get("digest")
+        if before != digest and not overwrite:
+            raise UsageError(f"{out} holds a quality set built with other options or weights; pass --overwrite to rebuild it")
+        if before != digest:
+            import shutil
+
+            for sub in ("rows", *PARTS):
+                shutil.rmtree(out / sub, ignore_errors=True)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} is not empty and holds no quality set; choose an empty folder or pass --overwrite")
+    _write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json")})
+
+    all_rows: list[dict] = []
+    all_records: list[dict] = []
+    counts: dict[str, dict[str, int]] = {}
+    for part in cfg.parts:
+        listing = _limit(part_sources(root, part), cfg.limit)
+        val = validation_names([n for n, _ in part_sources(root, part)]) if part == "train" else set()
+        for i, (name, info) in enumerate(listing):
+            done = out / "rows" / part / f"{source_key(name)}.json"
+            if done.is_file():
+                res = json.loads(done.read_text())
+            else:
+                split = "test" if part == "test" else ("val" if name in val else "train")
+                rows, records = build_source(name, info, part, split, cfg, enhancers, mapper, out)
+                res = {"rows": rows, "records": records}
+                _write_json_atomic(done, res)
+                log(f"{part} {i + 1}/{len(listing)} {name}: {len(rows)} pairs")
+            all_rows += res["rows"]
+            all_records += res["records"]
+        c = counts.setdefault(part, {})
+        c["sources"] = len(listing)
+        c["pairs"] = sum(r["part"] == part for r in all_rows)
+        for s in ("train", "val", "test"):
+            n = sum(r["part"] == part and r["split"] == s for r in all_rows)
+            if n:
+                c[f"pairs_{s}"] = n
+
+    write_bytes_atomic(out / "pairs.csv", _csv_text(all_rows).encode())
+    write_bytes_atomic(out / "degradations.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_records).encode())
+    manifest = {
+        "schema_version": 1,
+        "kind": "fundus quality set",
+        "fundus_version": __version__,
+        "config": cfg.model_dump(mode="json"),
+        "digest": digest,
+        "label": LABEL_DEFINITION,
+        "resolution": f"the canonical frame: FOV bounding square resized to {cfg.size}x{cfg.size}, 8-bit RGB",
+        "enhancers": [e.record() for e in enhancers],
+        "segmenter": {"weights": mapper.loaded.name, "sha256": mapper.loaded.sha256, "threshold": mapper.threshold},
+        "counts": counts,
+        "torch": torch.__version__,
+        "threads": threads,
+    }
+    _write_json_atomic(out / "manifest.json", manifest)
+    return manifest

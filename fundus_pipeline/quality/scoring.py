@@ -1,0 +1,46 @@
+"""How a quality network sees a pair, shared by ``fundus train score`` and ``fundus score``.
+
+Both images are mapped into the canonical frame of the reference's field of view (the FOV's bounding
+square resized to ``size`` = 448 by default, 0 outside the FOV; ``fundus_pipeline.canonical``) and scored on
+224 x 224 crops. Test time (deterministic): the five crops of the frame, the four quadrants (which tile the
+448 frame exactly) and the centre; the score is their mean and the spread their standard deviation.
+Training takes one random 224 crop per pair, the same place in both images (the seed averaged twenty crops
+pixelwise, a bug).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCORE_SIZE = 448
+CROP = 224
+CROPS_RULE = "the four quadrants and the centre crop (224 x 224) of the 448 x 448 canonical frame; score = their mean, spread = their standard deviation"
+
+
+def crop_boxes(size: int = SCORE_SIZE, crop: int = CROP) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the test-time crops: the four quadrant corners and the centre."""
+    far = size - crop
+    centre = far // 2
+    return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
+
+
+def to_score_frame(rgb: np.ndarray, geometry, size: int = SCORE_SIZE) -> np.ndarray:
+    """A native float32 RGB photograph in the scoring frame of FOV ``geometry`` (values outside the FOV kept as given)."""
+    from fundus_pipeline.canonical import CanonicalFrame
+
+    return np.clip(CanonicalFrame.from_fov(geometry, size).to_canonical(rgb.astype(np.float32)), 0, 1)
+
+
+def predict_pair(model, enhanced: np.ndarray, reference: np.ndarray, device="cpu", boxes=None, crop: int = CROP) -> tuple[float, float]:
+    """(mean score, standard deviation) over the crops ``boxes`` (default ``crop_boxes``) of two frames."""
+    import torch
+
+    boxes = crop_boxes(enhanced.shape[0], crop) if boxes is None else boxes
+
+    def stack(a: np.ndarray) -> torch.Tensor:
+        t = np.stack([a[y : y + crop, x : x + crop] for y, x in boxes]).transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(t)).to(device)
+
+    with torch.inference_mode():
+        s = model(stack(enhanced), stack(reference)).float().cpu().numpy().astype(np.float64)
+    return float(s.mean()), float(s.std())

@@ -1,0 +1,74 @@
+"""The ``score`` stage: how good is an enhancement? A full-reference quality score of each enhanced
+photograph against the degraded photograph it was made from (SDMP-Net; ``fundus_pipeline.models.sdmp``).
+
+Inputs: the enhanced images (IN) and, matched by key, the degraded references (``--reference``); an
+enhanced image without its partner, or of another size, is a per-item error. Both images are mapped into
+the scoring frame of the enhanced image's field of view (``fundus_pipeline.quality.scoring``) and scored on
+the five deterministic test-time crops. No images are written; ``results.csv`` gets ``score`` (the crop
+mean, in [0, 1], higher is better) and ``score_spread`` (the standard deviation over the crops).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fundus_pipeline.config import ScoreConfig
+from fundus_pipeline.errors import InputError
+from fundus_pipeline.quality.scoring import CROP, SCORE_SIZE, crop_boxes, predict_pair, to_score_frame
+from fundus_pipeline.stages.base import InputSpec, ItemInput, ItemOutput, Stage
+
+
+class ScoreStage(Stage):
+    name = "score"
+    columns = ("score", "score_spread", "crops")
+    inputs = (InputSpec("image"), InputSpec("reference", "--reference", "the degraded photograph each enhanced image was made from"))
+    uses_torch: ClassVar = True
+
+    def __init__(self, config: ScoreConfig):
+        from fundus_pipeline.device import resolve_device
+
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self._model = None
+        self._load()
+        spec = self.spec.spec
+        self.size = int(getattr(spec.input.scale_policy, "size", SCORE_SIZE)) if spec else SCORE_SIZE
+        self.crop = int(getattr(spec.output, "crop", CROP)) if spec else CROP
+
+    def _load(self) -> None:
+        from fundus_pipeline.models.weights import load_model
+
+        self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="quality")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_model"] = None  # reloaded (and re-verified) in each worker
+        return state
+
+    def setup(self) -> None:
+        if self._model is None:
+            self._load()
+
+    def config_record(self) -> dict:
+        return {
+            "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
+            "size": self.size,
+            "crops": crop_boxes(self.size, self.crop),
+            "crop": self.crop,
+            "device": str(self.device),
+        }
+
+    def info(self) -> dict:
+        return {"weights_path": str(self.spec.path)}
+
+    def compute(self, item: ItemInput) -> ItemOutput:
+        self.setup()
+        fov = self.require_fov(item)
+        enh, ref = item.image, item.images["reference"]
+        if (ref.meta.height, ref.meta.width) != (enh.meta.height, enh.meta.width):
+            raise InputError(f"size mismatch: enhanced {enh.meta.width}x{enh.meta.height}, reference {ref.meta.width}x{ref.meta.height}")
+        mask = fov.mask[..., None]
+        e = to_score_frame(enh.rgb * mask, fov.geometry, self.size)
+        r = to_score_frame(ref.rgb * mask, fov.geometry, self.size)
+        score, spread = predict_pair(self._model, e, r, self.device, crop_boxes(self.size, self.crop), self.crop)
+        return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(crop_boxes(self.size, self.crop))})

@@ -1,0 +1,376 @@
+"""Training of the quality scorer, two tasks on the shared loop (``fundus_pipeline.train.loop``).
+
+``fundus train pretext``: the ViT stream of SDMP-Net (``vit_fundus``), trained from scratch with a
+self-supervised pretext task that needs no human label. The clean training sources of ``fundus train
+enhance`` (DRIVE 21-40, HRF 01-05, HEI-MED; the same validation sources held out) are degraded by the
+``degradation`` library, ``--pool-draws`` times each (released and training-time Cofe-Net types and the
+clinical recipes, parameters drawn from (seed, source, draw)), in the 448 scoring frame. A training sample
+is a random 224 crop of a degraded frame (or, with probability ``--clean-p``, of the clean one), rotated by
+a multiple of 90 degrees and flipped. Targets (``PRETEXT_TARGETS``): which of the 13 simulated operations
+were applied to the photograph (binary cross-entropy), whether none was (clean), and the crop's
+severity: PSNR / 50 and SSIM of the degraded crop against its clean crop inside the FOV (mean squared
+error). Validation: the held-out sources, each degraded three times with fixed seeds and left clean once,
+on the centre crop; best.pt by the negative validation loss.
+
+``fundus train score``: SDMP-Net (``sdmp`` and its ablations) on the ``train`` split of a quality set
+(``fundus build quality-set``); its frozen streams are loaded first: the CNN stream from the shipped
+segmenter (``--cnn-init``, default ``imff``), the ViT stream from the pretext weights (``--vit-init``).
+A sample is a pair (enhanced, degraded reference) in the 448 scoring frame, one random 224 crop at the same
+place in both, the same rotation and flip; the loss is the mean squared error to the pair's label.
+Validation: the ``val`` split of the set (held-out training sources), the test-time five-crop mean;
+best.pt by SROCC.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fundus_pipeline.models.registry import build_model
+from fundus_pipeline.quality.scoring import CROP, SCORE_SIZE, crop_boxes, predict_pair
+from fundus_pipeline.train.config import PretextConfig, ScoreConfig
+from fundus_pipeline.train.loop import Batch, Task, fit
+
+COFE_OPS = ("color", "halo", "hole", "spot", "blur")
+CLINICAL_OPS = ("haze", "defocus", "motion", "vignetting", "underexposure", "overexposure", "noise", "jpeg")
+PRETEXT_TARGETS = (*(f"cofe_{o}" for o in COFE_OPS), *CLINICAL_OPS, "clean", "psnr_over_50", "ssim")
+N_BINARY = len(COFE_OPS) + len(CLINICAL_OPS) + 1
+
+
+def applied_ops(params: dict | None) -> np.ndarray:
+    """The binary pretext targets of a degradation parameter record (None: clean)."""
+    t = np.zeros(N_BINARY, np.float32)
+    if params is not None:
+        for step in params["steps"]:
+            if not step.get("applied") or step.get("params") is None:
+                continue
+            if step["type"].startswith("cofe_"):
+                for i, op in enumerate(COFE_OPS):
+                    if op in step["params"]:
+                        t[i] = 1.0
+            elif step["type"] in CLINICAL_OPS:
+                t[len(COFE_OPS) + CLINICAL_OPS.index(step["type"])] = 1.0
+    t[-1] = float(not t[:-1].any())
+    return t
+
+
+def _orient(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    a = np.rot90(a, k, axes=(0, 1))
+    return np.ascontiguousarray(a[:, ::-1] if flip else a)
+
+
+def _resize(a: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    return a if a.shape[0] == size else cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def severity(deg: np.ndarray, clean: np.ndarray, fov: np.ndarray) -> tuple[float, float]:
+    """(PSNR / 50 capped at 1, SSIM) of a degraded crop against its clean crop inside ``fov`` ((1, 1) when empty)."""
+    from fundus_pipeline.evaluation.image_metrics import ssim
+
+    if not fov.any():
+        return 1.0, 1.0
+    mse = float(((deg - clean) ** 2)[fov].mean())
+    psnr = 10 * np.log10(1.0 / max(mse, 1e-10))
+    return min(psnr / 50.0, 1.0), float(ssim(deg, clean, fov))
+
+
+# ------------------------------------------------------------------------------------------------ pretext
+class PretextPool:
+    """Clean sources and their degraded copies in the scoring frame (uint8), with the binary targets."""
+
+    def __init__(self, sources, draws: int, seed: int, size: int, tag: str):
+        from fundus_pipeline.train.enhance import DegradationPool, degrade_with_params
+
+        pool = DegradationPool()
+        self.clean: list[np.ndarray] = []
+        self.fov: list[np.ndarray] = []
+        self.items: list[tuple[int, np.ndarray, np.ndarray]] = []  # (source index, degraded frame, targets)
+        for i, s in enumerate(sources):
+            self.clean.append(_q(_resize(s.rgb, size)))
+            self.fov.append(_resize(s.fov.astype(np.uint8), size) > 0)
+            for d in range(draws):
+                rng = np.random.default_rng([seed, i, d, zlib.crc32(tag.encode())])
+                deg, params = degrade_with_params(pool.draw(rng), s.rgb, s.fov, seed, f"{tag}/{s.name}/{d}")
+                self.items.append((i, _q(_resize(deg, size)), applied_ops(params)))
+
+
+def _q(rgb: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def pretext_sample(clean: np.ndarray, deg: np.ndarray, fov: np.ndarray, ops: np.ndarray, y: int, x: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(crop of ``deg`` as float32, the 16 targets) for the crop at (y, x)."""
+    sl = (slice(y, y + crop), slice(x, x + crop))
+    d = deg[sl].astype(np.float32) / 255
+    c = clean[sl].astype(np.float32) / 255
+    p, s = severity(d, c, fov[sl])
+    return d, np.concatenate([ops, np.array([p, s], np.float32)])
+
+
+class PretextSampler:
+    def __init__(self, pool: PretextPool, cfg: PretextConfig):
+        self.pool, self.cfg = pool, cfg
+
+    def batch(self, step: int) -> Batch:
+        cfg, pool = self.cfg, self.pool
+        rng = np.random.default_rng([cfg.seed, step])
+        xs, ts = [], []
+        for _ in range(cfg.batch_size):
+            i, deg, ops = pool.items[int(rng.integers(len(pool.items)))]
+            clean, fov = pool.clean[i], pool.fov[i]
+            if rng.random() < cfg.clean_p:
+                deg, ops = clean, applied_ops(None)
+            k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+            n = cfg.size - cfg.crop
+            y, x = int(rng.integers(n + 1)), int(rng.integers(n + 1))
+            d, t = pretext_sample(_orient(clean, k, flip), _orient(deg, k, flip), _orient(fov, k, flip), ops, y, x, cfg.crop)
+            xs.append(d)
+            ts.append(t)
+        return torch.from_numpy(np.stack(xs).transpose(0, 3, 1, 2).copy()), torch.from_numpy(np.stack(ts))
+
+
+def pretext_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE on the binary targets plus 10 x MSE on the two severities (sigmoid outputs)."""
+    bce = F.binary_cross_entropy_with_logits(logits[:, :N_BINARY], target[:, :N_BINARY])
+    mse = F.mse_loss(torch.sigmoid(logits[:, N_BINARY:]), target[:, N_BINARY:])
+    return bce + 10.0 * mse
+
+
+class PretextTask(Task):
+    """The ViT stream's pretext task; best.pt by the negative validation loss."""
+
+    name = "pretext"
+    score_key = "neg_loss"
+    cfg: PretextConfig
+
+    def model_name(self) -> str:
+        return self.cfg.arch
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.arch, n_outputs=len(PRETEXT_TARGETS))
+
+    def setup(self, log: Callable[[str], None]) -> None:
+        from fundus_pipeline.train.enhance import prepare_sources, resolve_segmenter, split_sources
+
+        cfg = self.cfg
+        sources = prepare_sources(cfg.data_root, 512, resolve_segmenter(), cfg.cache_path, log)
+        train, val = split_sources(sources)
+        log(f"pretext: degrading {len(train)} training sources x {cfg.pool_draws} and {len(val)} validation sources x 3")
+        self.sampler = PretextSampler(PretextPool(train, cfg.pool_draws, cfg.seed, cfg.size, "train"), cfg)
+        vpool = PretextPool(val, 3, cfg.seed + 1, cfg.size, "val")
+        c = (cfg.size - cfg.crop) // 2
+        items = [(vpool.clean[i], deg, vpool.fov[i], ops) for i, deg, ops in vpool.items]
+        items += [(cl, cl, fv, applied_ops(None)) for cl, fv in zip(vpool.clean, vpool.fov)]
+        pairs = [pretext_sample(cl, deg, fv, ops, c, c, cfg.crop) for cl, deg, fv, ops in items]
+        self.val_x = torch.from_numpy(np.stack([p[0] for p in pairs]).transpose(0, 3, 1, 2).copy())
+        self.val_t = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        log(f"pretext validation: {len(pairs)} centre crops")
+
+    def forward(self, model: nn.Module, batch: Batch):
+        return model(batch[0])
+
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return pretext_loss(out, batch[1])
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict:
+        logits = torch.cat([model(self.val_x[i : i + 16].to(device)).float().cpu() for i in range(0, len(self.val_x), 16)])
+        t = self.val_t
+        loss = float(pretext_loss(logits, t))
+        acc = float(((logits[:, :N_BINARY] > 0).float() == t[:, :N_BINARY]).float().mean())
+        sev = (torch.sigmoid(logits[:, N_BINARY:]) - t[:, N_BINARY:]).abs().mean(0)
+        return {"neg_loss": round(-loss, 5), "bit_accuracy": round(acc, 4), "psnr_mae_db": round(float(sev[0]) * 50, 3), "ssim_mae": round(float(sev[1]), 4)}
+
+    def summary(self) -> dict:
+        return {"arch": self.cfg.arch, "targets": list(PRETEXT_TARGETS)}
+
+
+def train_pretext(cfg: PretextConfig) -> dict:
+    return fit(PretextTask(cfg), cfg)
+
+
+# ------------------------------------------------------------------------------------------------- score
+def read_pairs(set_dir: Path, split: str) -> list[dict]:
+    """The pairs of one split (``train``, ``val`` or ``test``) of a quality set's pairs.csv."""
+    with open(set_dir / "pairs.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r["split"] == split]
+
+
+class PairReader:
+    """Reads a pair's images from the set as scoring frames (uint8), caching the shared degraded ones."""
+
+    def __init__(self, set_dir: Path, size: int):
+        self.set_dir, self.size = set_dir, size
+        self._refs: dict[str, np.ndarray] = {}
+
+    def _read(self, path: Path) -> np.ndarray:
+        from fundus_pipeline.evaluation.enhance import read_rgb
+
+        return _q(_resize(read_rgb(path), self.size))
+
+    def __call__(self, row: dict) -> tuple[np.ndarray, np.ndarray]:
+        part = row["part"]
+        ref = self._refs.get(row["degraded_key"])
+        if ref is None:
+            ref = self._refs[row["degraded_key"]] = self._read(self.set_dir / part / "degraded" / f"{row['degraded_key']}.png")
+        return self._read(self.set_dir / part / "enhanced" / f"{row['key']}.png"), ref
+
+
+class ScoreSampler:
+    def __init__(self, rows: list[dict], reader: PairReader, cfg: ScoreConfig):
+        self.rows, self.reader, self.cfg = rows, reader, cfg
+
+    def batch(self, step: int) -> Batch:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        es, rs, ls = [], [], []
+        for _ in range(cfg.batch_size):
+            row = self.rows[int(rng.integers(len(self.rows)))]
+            e, r = self.reader(row)
+            k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+            n = cfg.size - CROP
+            y, x = int(rng.integers(n + 1)), int(rng.integers(n + 1))
+            sl = (slice(y, y + CROP), slice(x, x + CROP))
+            es.append(_orient(e, k, flip)[sl])
+            rs.append(_orient(r, k, flip)[sl])
+            ls.append(float(row["label"]))
+
+        def t(a: list[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(np.stack(a).transpose(0, 3, 1, 2).astype(np.float32) / 255)
+
+        return t(es), t(rs), torch.tensor(ls, dtype=torch.float32)
+
+
+def load_streams(model: nn.Module, cnn_init: str | None, vit_init: str | None) -> None:
+    """Load the frozen streams of an SDMP model: the CNN stream from segmenter weights (their e1-e3 keys),
+    the ViT stream from pretext weights (each a shipped name or a file; None: left random)."""
+    from fundus_pipeline.models.weights import load_state_dict, resolve_weights
+
+    cnn = load_state_dict(resolve_weights(cnn_init)) if cnn_init and getattr(model, "cnn", None) is not None else None
+    vit = load_state_dict(resolve_weights(vit_init)) if vit_init and getattr(model, "vit", None) is not None else None
+    model.load_streams(cnn, vit)
+
+
+class ScoreTask(Task):
+    """SDMP-Net on a quality set; best.pt by the validation SROCC."""
+
+    name = "score"
+    score_key = "srocc"
+    cfg: ScoreConfig
+
+    def model_name(self) -> str:
+        return self.cfg.arch
+
+    def build_model(self) -> nn.Module:
+        model = build_model(self.cfg.arch)
+        if self.cfg.init is None and not self.cfg.resume:
+            load_streams(model, self.cfg.cnn_init, self.cfg.vit_init)
+        return model
+
+    def setup(self, log: Callable[[str], None]) -> None:
+        cfg = self.cfg
+        train, val = read_pairs(cfg.quality_set, "train"), read_pairs(cfg.quality_set, "val")
+        if not train or not val:
+            from fundus_pipeline.errors import UsageError
+
+            raise UsageError(f"{cfg.quality_set}/pairs.csv has {len(train)} train and {len(val)} val pairs; both are needed")
+        reader = PairReader(cfg.quality_set, cfg.size)
+        self.sampler = ScoreSampler(train, reader, cfg)
+        self.val = val[:: cfg.val_stride]
+        self.reader = reader
+        log(f"score: {len(train)} training pairs, {len(self.val)} validation pairs (every {cfg.val_stride}th of {len(val)})")
+
+    def forward(self, model: nn.Module, batch: Batch):
+        return model.forward_train(batch[0], batch[1])
+
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.mse_loss(out, batch[2])
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict:
+        from fundus_pipeline.evaluation.score import iqa_metrics
+
+        boxes = crop_boxes(self.cfg.size, CROP)
+        pred, lab = [], []
+        for row in self.val:
+            e, r = self.reader(row)
+            pred.append(predict_pair(model, e.astype(np.float32) / 255, r.astype(np.float32) / 255, device, boxes)[0])
+            lab.append(float(row["label"]))
+        m = iqa_metrics(np.array(pred), np.array(lab))
+        return {k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")}
+
+    def summary(self) -> dict:
+        return {"arch": self.cfg.arch}
+
+
+def train_score(cfg: ScoreConfig) -> dict:
+    return fit(ScoreTask(cfg), cfg)
+
+
+# --------------------------------------------------------------------------------------- weights export
+def _frame_input(size: int) -> dict:
+    return {
+        "channels": 3,
+        "color": "rgb",
+        "value_range": [0, 1],
+        "normalisation": "none outside the network (RGB divided by the bit depth's maximum; the ViT stream maps x to (x - 0.5) / 0.5 inside)",
+        "size_divisor": CROP,
+        "scale_policy": {
+            "type": "canonical_frame",
+            "size": size,
+            "rule": "the FOV's bounding square (side = FOV diameter, centred on the FOV, black where it leaves the photograph) resized to size x size, area averaging when shrinking; 224 x 224 crops of it",
+        },
+    }
+
+
+def pretext_description(config: dict) -> Callable[[nn.Module], dict]:
+    """The manifest fields of pretext (ViT stream) weights, from the run's recorded config."""
+
+    def describe(model: nn.Module) -> dict:
+        return {
+            "input": _frame_input(int(config["size"])),
+            "output": {"kind": "pretext", "targets": list(PRETEXT_TARGETS), "crop": CROP},
+            "training": {
+                "data": f"clean training sources (DRIVE 21-36, HRF 01-04 of each class, HEI-MED 152 of 169) each degraded {config['pool_draws']} times (released and training-time Cofe-Net types, clinical recipes); random 224 crops; targets: which simulated operations were applied, clean, and the crop's PSNR/50 and SSIM",
+                "validation": "DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph, each degraded 3 times and left clean once, centre crop; best checkpoint by validation loss",
+                "test_never_used": "DRIVE 01-20, HRF 06-15",
+            },
+        }
+
+    return describe
+
+
+def score_description(config: dict) -> Callable[[nn.Module], dict]:
+    """The manifest fields of quality (SDMP-Net) weights, from the run's recorded config."""
+    from fundus_pipeline.quality.label import LABEL_DEFINITION
+    from fundus_pipeline.quality.scoring import CROPS_RULE
+
+    def describe(model: nn.Module) -> dict:
+        return {
+            "input": _frame_input(int(config["size"])),
+            "output": {
+                "kind": "score",
+                "range": [0, 1],
+                "reference": "the degraded photograph the enhanced photograph was made from",
+                "crop": CROP,
+                "crops": CROPS_RULE,
+                "label": LABEL_DEFINITION,
+            },
+            "training": {
+                "data": f"quality set {Path(config['quality_set']).name}: pairs of its train split (training sources DRIVE 21-36, HRF 01-04, HEI-MED 152); frozen streams: CNN = {config['cnn_init']} encoder, ViT = {config['vit_init']}",
+                "validation": "the set's val split (DRIVE 37-40, HRF 05_*, every 10th HEI-MED source), five-crop test-time protocol; best checkpoint by SROCC",
+                "test_never_used": "the set's test part (DRIVE 01-20, HRF 06-15)",
+            },
+        }
+
+    return describe
+
+
+__all__ = ["PRETEXT_TARGETS", "PretextTask", "ScoreTask", "SCORE_SIZE", "train_pretext", "train_score"]

@@ -1,0 +1,209 @@
+"""The quality scorer end to end on a synthetic copy of the datasets: the label (known answers), the
+quality-set builder (bytes, resume, refusals), the pretext and score trainers (bit-exact resume), the
+``fundus score`` command (pairing by key, per-item errors) and ``fundus evaluate score`` on its output."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fundus_pipeline.classical import CLASSICAL, HARMFUL
+from fundus_pipeline.cli import main as cli_main
+from fundus_pipeline.quality.label import quality_label, vessel_f1
+from fundus_pipeline.train.score import PRETEXT_TARGETS, applied_ops
+from tests.conftest import synthetic_fundus
+
+torch.set_num_threads(1)
+
+
+def _disc(n: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[:n, :n]
+    return (yy - n / 2 + 0.5) ** 2 + (xx - n / 2 + 0.5) ** 2 <= (n / 2 - 2) ** 2
+
+
+def test_label_known_answers():
+    rng = np.random.default_rng(0)
+    fov = _disc()
+    clean = rng.random((64, 64, 3)).astype(np.float32) * fov[..., None]
+    ves = (rng.random((64, 64)) < 0.2) & fov
+    same = quality_label(clean, clean, fov, ves, ves)
+    assert same == {"ssim": pytest.approx(1.0), "f1": 1.0, "label": pytest.approx(1.0)}
+    black = quality_label(np.zeros_like(clean), clean, fov, np.zeros_like(ves), ves)
+    assert black["f1"] == 0.0 and black["ssim"] < 0.05 and black["label"] < 0.03
+    # F1 counts only FOV pixels and is 1 when both maps are empty there
+    outside = ~fov
+    assert vessel_f1(outside, np.zeros_like(fov), fov) == 1.0
+    half = ves.copy()
+    half[:32] = False
+    f = vessel_f1(half, ves, fov)
+    assert f == pytest.approx(2 * half.sum() / (half.sum() + ves.sum()))
+
+
+def test_classical_enhancers_stay_in_range_and_inside_the_fov():
+    rgb = synthetic_fundus(96, 96, 3).astype(np.float32) / 255
+    fov = _disc(96)
+    for name, fn in CLASSICAL.items():
+        out = fn(rgb, fov)
+        assert out.shape == rgb.shape and out.dtype == np.float32, name
+        assert out.min() >= 0 and out.max() <= 1 and not out[~fov].any(), name
+    from fundus_pipeline.evaluation.image_metrics import ssim
+
+    # the harmful ones do damage: each is further from the input than the helpful unsharp mask is
+    helpful = ssim(CLASSICAL["unsharp"](rgb, fov), rgb, fov)
+    for name in HARMFUL:
+        assert ssim(CLASSICAL[name](rgb, fov), rgb, fov) < helpful, name
+
+
+def test_pretext_targets_from_parameter_records():
+    from degradation import cofe_degrader, load_recipe
+
+    from fundus_pipeline.canonical import canonical_fov_geometry
+
+    geom = canonical_fov_geometry(512)
+    t = applied_ops(cofe_degrader("released", "111").sample(seed=0, key="a", fov=geom))
+    names = list(PRETEXT_TARGETS)
+    on = {names[i] for i in np.flatnonzero(t)}
+    assert on == {"cofe_color", "cofe_halo", "cofe_hole", "cofe_spot", "cofe_blur"}
+    assert set(np.flatnonzero(applied_ops(None))) == {names.index("clean")}
+    rec = load_recipe("severe").sample(seed=3, key="b", fov=geom)
+    applied = {s["type"] for s in rec["steps"] if s["applied"]}
+    on = {names[i] for i in np.flatnonzero(applied_ops(rec))}
+    assert {a for a in applied if not a.startswith("cofe_")} <= on and "clean" not in on
+
+
+def _build(data: Path, out: Path, *extra: str) -> int:
+    return cli_main([
+        "build", "quality-set", str(out), "--data", str(data), "--parts", "train", "--limit", "1", "--draws", "1",
+        "--size", "128", "--enhancers", "identity,blur", "--threads", "1", *extra,
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quality_set(fake_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs") / "set"
+    assert _build(fake_data, out) == 0
+    return out
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_quality_set_layout_labels_and_rebuild(quality_set, fake_data, tmp_path):
+    rows = list(csv.DictReader(open(quality_set / "pairs.csv")))
+    # one source per dataset (limit 1), one draw, two enhancers
+    assert len(rows) == 6 and {r["dataset"] for r in rows} == {"drive", "hrf", "heimed"}
+    assert {r["split"] for r in rows} == {"train", "val"}  # the first HEI-MED photograph is a validation source
+    for r in rows:
+        assert 0 <= float(r["label"]) <= 1
+        assert float(r["label"]) == pytest.approx((float(r["ssim"]) + float(r["f1"])) / 2, abs=2e-6)
+        enh = quality_set / "train" / "enhanced" / f"{r['key']}.png"
+        ref = quality_set / "train" / "reference" / f"{r['key']}.png"
+        deg = quality_set / "train" / "degraded" / f"{r['degraded_key']}.png"
+        assert enh.is_file() and ref.read_bytes() == deg.read_bytes()
+        if r["enhancer"] == "identity":  # the identity pair is labelled as the degraded image itself
+            assert r["label"] == r["deg_label"]
+    manifest = json.loads((quality_set / "manifest.json").read_text())
+    assert manifest["counts"]["train"]["pairs"] == 6 and manifest["segmenter"]["weights"] == "imff"
+    assert len((quality_set / "degradations.jsonl").read_text().splitlines()) == 3
+
+    again = tmp_path / "again"
+    assert _build(fake_data, again) == 0
+    a, b = _tree(quality_set), _tree(again)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "manifest.json")
+
+    # resume: a finished source is not rebuilt (its rows file is reused as is)
+    marker = again / "rows" / "train" / "drive-21.json"
+    stamp = marker.stat().st_mtime_ns
+    assert _build(fake_data, again) == 0 and marker.stat().st_mtime_ns == stamp
+    # other options on an existing set are refused; an unknown enhancer is a usage error
+    assert _build(fake_data, again, "--seed", "7") == 2
+    assert _build(fake_data, tmp_path / "x", "--enhancers", "identity,nope") == 2
+
+
+def _pretext(data: Path, out: Path, *extra: str) -> int:
+    return cli_main([
+        "train", "pretext", "--arch", "vit_fundus_tiny", "--data", str(data), "--out", str(out), "--steps", "4",
+        "--batch-size", "2", "--size", "224", "--pool-draws", "1", "--val-every", "2", "--ckpt-every", "1",
+        "--threads", "1", *extra,
+    ])  # fmt: skip
+
+
+def _score_train(qs: Path, out: Path, vit: Path, *extra: str) -> int:
+    return cli_main([
+        "train", "score", "--arch", "sdmp_tiny", "--quality-set", str(qs), "--out", str(out), "--steps", "4",
+        "--batch-size", "2", "--size", "224", "--val-every", "2", "--ckpt-every", "1", "--threads", "1",
+        "--cnn-init", "none", "--vit-init", str(vit), *extra,
+    ])  # fmt: skip
+
+
+def _same_last(a: Path, b: Path) -> None:
+    x = torch.load(a / "last.pt", map_location="cpu", weights_only=True)
+    y = torch.load(b / "last.pt", map_location="cpu", weights_only=True)
+    assert x["step"] == y["step"] == 4 and x["best"] == y["best"]
+    for k in x["model"]:
+        assert torch.equal(x["model"][k], y["model"][k]), k
+
+
+def test_pretext_and_score_training_resume_bit_exactly_and_score_runs(quality_set, fake_data, tmp_path, monkeypatch):
+    from fundus_pipeline.train import score as trainer
+
+    vit = tmp_path / "vit"
+    assert _pretext(fake_data, vit) == 0
+    best = json.loads((vit / "summary.json").read_text())["best"]
+    assert {"neg_loss", "bit_accuracy", "psnr_mae_db", "ssim_mae"} <= set(best) and np.isfinite(best["neg_loss"])
+    # the frozen ViT stream of SDMP is the pretext network: its weights load into the score model
+    straight = tmp_path / "sdmp"
+    assert _score_train(quality_set, straight, vit / "best.pt") == 0
+    model_sd = torch.load(straight / "best.pt", map_location="cpu", weights_only=True)
+    vit_sd = torch.load(vit / "best.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(model_sd[f"vit.{k}"], v) for k, v in vit_sd.items())
+    summary = json.loads((straight / "summary.json").read_text())
+    assert {"srocc", "plcc", "krocc", "rmse"} <= set(summary["best"])
+
+    broken = tmp_path / "broken"
+    real = trainer.ScoreSampler.batch
+
+    def interrupt(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(trainer.ScoreSampler, "batch", interrupt)
+    assert _score_train(quality_set, broken, vit / "best.pt") == 130
+    monkeypatch.setattr(trainer.ScoreSampler, "batch", real)
+    assert _score_train(quality_set, broken, vit / "best.pt", "--resume") == 0
+    _same_last(straight, broken)
+
+    # fundus score on the set's train part, one reference missing: per-item error, exit 3
+    enh, ref = quality_set / "train" / "enhanced", tmp_path / "ref"
+    ref.mkdir()
+    keys = sorted(p.stem for p in enh.glob("*.png"))
+    for k in keys[1:]:
+        (ref / f"{k}.png").write_bytes((quality_set / "train" / "reference" / f"{k}.png").read_bytes())
+    out = tmp_path / "scores"
+    code = cli_main(["score", str(enh), str(out), "--reference", str(ref), "--weights", str(straight / "best.pt"), "--arch", "sdmp_tiny",
+                     "--threads", "1", "--quiet"])  # fmt: skip
+    assert code == 3
+    res = {r["key"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert res[keys[0]]["status"] == "error" and "no reference image" in res[keys[0]]["error"]
+    for k in keys[1:]:
+        assert res[k]["status"] == "ok" and 0 < float(res[k]["score"]) < 1 and float(res[k]["score_spread"]) >= 0
+    # the scores are the test-time protocol's: the same pair scored again gives the same value
+    out2 = tmp_path / "scores2"
+    assert cli_main(["score", str(enh), str(out2), "--reference", str(quality_set / "train" / "reference"), "--weights",
+                     str(straight / "best.pt"), "--arch", "sdmp_tiny", "--threads", "1", "--quiet"]) == 0  # fmt: skip
+    res2 = {r["key"]: r for r in csv.DictReader(open(out2 / "results.csv"))}
+    assert all(res2[k]["score"] == res[k]["score"] for k in keys[1:])
+    # a segmentation model is refused as a scorer
+    assert cli_main(["score", str(enh), str(tmp_path / "s3"), "--reference", str(ref), "--weights", "imff", "--quiet"]) == 1
+    # and the evaluator reads the command's output against the set's labels
+    assert cli_main(["evaluate", "score", str(out2 / "results.csv"), str(quality_set / "pairs.csv"), "--part", "train",
+                     "--bootstrap", "20", "--out", str(tmp_path / "ev"), "--format", "json"]) == 0  # fmt: skip
+    ev = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert ev["overall"]["n"] == 6
