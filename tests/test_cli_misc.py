@@ -38,13 +38,18 @@ def test_models_json_and_pattern(capsys):
     assert run("models", "msrf*", "--format", "json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == sorted(n for n in CATALOG if n.startswith("msrf"))
-    shipped = {s.model: s for s in read_manifest()}
-    for r in rows:
-        assert set(r) == {"name", "task", "arch", "width", "params", "weights", "weights_name", "threshold", "description"}
+    assert run("models", "--format", "json") == 0
+    everything = json.loads(capsys.readouterr().out)
+    assert [r for r in everything if r["name"].startswith("msrf")] == rows
+    for r in everything:
+        assert set(r) == {"name", "task", "arch", "width", "params", "weights", "weights_name", "threshold", "other_weights", "description"}
         row = CATALOG[r["name"]]
         assert (r["task"], r["arch"], r["width"], r["params"], r["description"]) == (row.task, row.arch, row.width, row.params, row.description)
-        s = shipped.get(r["name"])
-        assert r["weights"] == (s.file if s else None) and r["threshold"] == (s.output.threshold if s else None)
+        # every shipped weights file of the architecture is listed: the one named after it first, the others after
+        specs = [s for s in read_manifest() if s.model == r["name"]]
+        s = next((w for w in specs if w.name == r["name"]), min(specs, key=lambda w: w.name) if specs else None)
+        assert r["weights"] == (s.file if s else None) and r["threshold"] == (s.threshold if s else None)
+        assert r["other_weights"] == sorted(w.name for w in specs if w is not s)
     assert run("models", "nothing*", "--format", "json") == 0
     assert json.loads(capsys.readouterr().out) == []
 

@@ -176,6 +176,10 @@ def test_shipped_weights_agree_with_the_catalogue_and_load(spec: WeightsSpec):
     assert isinstance(loaded, LoadedWeights) and loaded.spec == spec
     assert (loaded.name, loaded.model, loaded.sha256, loaded.path) == (spec.name, spec.model, spec.sha256, path)
     assert n_params(model) == spec.params and not model.training
+    if row.task in ("pretext", "quality"):  # fixed 224 crops of a canonical frame; a feature head or a score
+        assert loaded.threshold is None and spec.output.kind == {"pretext": "pretext", "quality": "score"}[row.task]
+        assert spec.output.crop == model.img_size and spec.input.scale_policy.type == "canonical_frame"
+        return
     assert model.size_divisor == spec.input.size_divisor
     if row.task == "enhancement":  # image output in a canonical frame
         assert loaded.threshold is None and spec.output.kind == "image" and spec.input.scale_policy.type == "canonical_frame"

@@ -180,6 +180,22 @@ def test_pretext_and_score_training_resume_bit_exactly_and_score_runs(quality_se
     assert _score_train(quality_set, broken, vit / "best.pt", "--resume") == 0
     _same_last(straight, broken)
 
+    # both runs export to a weights folder with typed manifest entries (an early checkpoint too)
+    from fundus_pipeline.models.spec import WeightsManifest
+    from fundus_pipeline.train.export import export_weights
+
+    wdir = tmp_path / "weights"
+    cfg = lambda run: json.loads((run / "summary.json").read_text())["config"]  # noqa: E731
+    vspec = export_weights(vit, name="vit_t", model_name="vit_fundus_tiny", describe=trainer.pretext_description(cfg(vit)), directory=wdir)
+    sspec = export_weights(straight, name="sdmp_t", model_name="sdmp_tiny", describe=trainer.score_description(cfg(straight)), directory=wdir)
+    early = export_weights(straight, name="sdmp_t2", model_name="sdmp_tiny", describe=trainer.score_description(cfg(straight)),
+                           directory=wdir, checkpoint=straight / "last.pt")  # fmt: skip
+    assert vspec.output.kind == "pretext" and list(vspec.output.targets) == list(PRETEXT_TARGETS)
+    assert sspec.output.kind == "score" and sspec.output.crop == 224 and sspec.input.scale_policy.size == 224
+    assert early.training.steps == 4 and early.training.best_checkpoint["step"] == 4
+    manifest = WeightsManifest.model_validate_json((wdir / "manifest.json").read_text())
+    assert manifest.names() == ["sdmp_t", "sdmp_t2", "vit_t"]
+
     # fundus score on the set's train part, one reference missing: per-item error, exit 3
     enh, ref = quality_set / "train" / "enhanced", tmp_path / "ref"
     ref.mkdir()

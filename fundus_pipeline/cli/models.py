@@ -25,10 +25,13 @@ def models(
     from fundus_pipeline.models.catalog import catalog_entries
     from fundus_pipeline.models.weights import read_manifest
 
-    shipped = {s.model: s for s in read_manifest()}
+    by_model: dict[str, list] = {}
+    for spec in read_manifest():
+        by_model.setdefault(spec.model, []).append(spec)
     rows = []
     for e in catalog_entries(pattern):
-        s = shipped.get(e.name)
+        specs = sorted(by_model.get(e.name, []), key=lambda w: (w.name != e.name, w.name))  # the weights named after the model first
+        s = specs[0] if specs else None
         rows.append(
             {
                 "name": e.name,
@@ -39,6 +42,7 @@ def models(
                 "weights": s.file if s else None,
                 "weights_name": s.name if s else None,
                 "threshold": s.threshold if s else None,  # None for image-output (enhancement) weights
+                "other_weights": [w.name for w in specs[1:]],  # e.g. early checkpoints of the same architecture
                 "description": e.description,
             }
         )
@@ -48,4 +52,6 @@ def models(
     name_w = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
         w = f"weights/{r['weights']}" if r["weights"] else "-"
+        if r["other_weights"]:
+            w += f" (+{', '.join(r['other_weights'])})"
         typer.echo(f"{r['name']:<{name_w}} {r['task']:<13} width {r['width']:<3} {r['params'] / 1e6:7.2f} M  {w:<22} {r['description']}")
