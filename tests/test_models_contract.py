@@ -220,7 +220,7 @@ def _shipped_dict() -> dict:
 )
 def test_manifest_errors_name_file_entry_and_field(tmp_path, mutate, expected):
     data = _shipped_dict()
-    entry = data["weights"][-1]
+    entry = next(w for w in data["weights"] if w["name"] == "imff")  # a segmentation entry
     mutate(entry)
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(WeightsError) as ei:

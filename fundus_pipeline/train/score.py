@@ -286,7 +286,7 @@ class ScoreTask(Task):
         self.sampler = ScoreSampler(train, reader, cfg)
         self.val = val[:: cfg.val_stride]
         self.reader = reader
-        log(f"score: {len(train)} training pairs, {len(self.val)} validation pairs (every {cfg.val_stride}th of {len(val)})")
+        log(f"score: {len(train)} training pairs, {len(self.val)} validation pairs (one in {cfg.val_stride} of {len(val)})")
 
     def forward(self, model: nn.Module, batch: Batch):
         return model.forward_train(batch[0], batch[1])
