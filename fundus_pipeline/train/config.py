@@ -164,18 +164,37 @@ def _data_root(data: Path | None) -> Path:
     return data or default_data_root()
 
 
-class EnhanceConfig(TrainConfig):
+class SourcesConfig(TrainConfig):
+    """Options of the tasks that read the clean canonical training sources (``train.enhance.prepare_sources``):
+    the dataset root and the cache of the prepared sources."""
+
+    data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/, HRF/ and HEI-MED/ [default: $FUNDUS_DATA, else ../shared/data].")
+    cache: Path | None = Field(None, description="File caching the prepared canonical training sources (shared by `fundus train enhance` and `pretext`) [default: OUT/sources.npz].")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: Path | None) -> Path | None:
+        return _check_data(v, ("DRIVE", "HRF", "HEI-MED"))
+
+    @property
+    def data_root(self) -> Path:
+        return _data_root(self.data)
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache or self.out / "sources.npz"
+
+
+class EnhanceConfig(SourcesConfig):
     """``fundus train enhance``: the loop's options plus the enhancement data pipeline's and the loss weights."""
 
     arch: str = Field("cofe", description="Registered enhancement model (cofe, cofe_rsa_lqa, cofe_rsa, cofe_g, unet_enh; see `fundus models`).")
-    data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/, HRF/ and HEI-MED/ [default: $FUNDUS_DATA, else ../shared/data].")
     size: int = Field(512, ge=64, description="Canonical frame side: the FOV's bounding square is resized to SIZE x SIZE (Cofe-Net: 512).")
     crop: int = Field(256, ge=32, description="Training crop side inside the canonical frame (a multiple of the model's size divisor).")
     clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
     disc_weight: float = Field(10.0, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
-    cache: Path | None = Field(None, description="File caching the prepared canonical training sources [default: OUT/sources.npz].")
 
     @field_validator("arch")
     @classmethod
@@ -195,11 +214,6 @@ class EnhanceConfig(TrainConfig):
             raise ValueError(e.message) from None
         return v
 
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: Path | None) -> Path | None:
-        return _check_data(v, ("DRIVE", "HRF", "HEI-MED"))
-
     @model_validator(mode="after")
     def _crop(self):
         if self.crop > self.size:
@@ -208,43 +222,20 @@ class EnhanceConfig(TrainConfig):
             raise ValueError("--crop and --size must be multiples of 32")
         return self
 
-    @property
-    def data_root(self) -> Path:
-        return _data_root(self.data)
 
-    @property
-    def cache_path(self) -> Path:
-        return self.cache or self.out / "sources.npz"
-
-
-class PretextConfig(TrainConfig):
+class PretextConfig(SourcesConfig):
     """``fundus train pretext``: the ViT stream of SDMP-Net, trained on a self-supervised pretext task."""
 
     arch: str = Field("vit_fundus", description="Registered pretext model (vit_fundus; see `fundus models`).")
-    data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/, HRF/ and HEI-MED/ [default: $FUNDUS_DATA, else ../shared/data].")
     size: int = Field(448, ge=224, description="Side of the scoring frame the crops are taken from (the FOV's bounding square resized).")
     crop: int = Field(224, ge=224, le=224, description="Crop side (the ViT's input size, 224).")
     pool_draws: int = Field(6, ge=1, description="Degraded copies of each training source (drawn once, from the seed).")
     clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is the clean source.")
-    cache: Path | None = Field(None, description="File caching the prepared canonical sources (shared with `fundus train enhance --cache`) [default: OUT/sources.npz].")
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v, "pretext")
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: Path | None) -> Path | None:
-        return _check_data(v, ("DRIVE", "HRF", "HEI-MED"))
-
-    @property
-    def data_root(self) -> Path:
-        return _data_root(self.data)
-
-    @property
-    def cache_path(self) -> Path:
-        return self.cache or self.out / "sources.npz"
 
 
 class ScoreConfig(TrainConfig):
