@@ -43,7 +43,9 @@ from fundus_pipeline.evaluation.segment import (
     _discover,
     _index,
     _num,
+    markdown_table,
     read_binary,
+    text_table,
     write_reports,
 )
 from fundus_pipeline.evaluation.segment import metrics_csv as segment_metrics_csv
@@ -240,10 +242,7 @@ def _counts(summary: dict[str, Any]) -> str:
 
 def summary_human(summary: dict[str, Any]) -> str:
     """A short plain-text table for the terminal."""
-    rows = summary_table(summary)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([f"{_counts(summary)}; native resolution; FOV: {summary['fov']}"] + body)
+    return "\n".join([f"{_counts(summary)}; native resolution; FOV: {summary['fov']}", *text_table(summary_table(summary))])
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -265,8 +264,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append("- bootstrap: none (no confidence intervals)")
     table = summary_table(summary)
     header = tuple("mean of images" if h == "mean" else h for h in table[0])
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    lines += ["", *markdown_table([header, *table[1:]])]
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in summary["definitions"].items()] + [""]
     if summary["problems"]:
         lines += ["## Not scored", ""] + [f"- `{p['key']}`: {p['status']}" for p in summary["problems"]] + [""]

@@ -39,7 +39,9 @@ from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe
 from fundus_pipeline.evaluation.segment import (
     EvalResult,
     _num,
+    markdown_table,
     metrics_csv,
+    text_table,
     write_reports,
 )
 
@@ -441,10 +443,7 @@ def _counts(summary: dict[str, Any]) -> str:
 
 def summary_human(summary: dict[str, Any]) -> str:
     """A short plain-text table for the terminal."""
-    rows = summary_table(summary)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([f"{_counts(summary)}; score column '{summary['column']}'"] + body)
+    return "\n".join([f"{_counts(summary)}; score column '{summary['column']}'", *text_table(summary_table(summary))])
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -460,9 +459,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if boot["n"] > 0
         else "- bootstrap: none (no confidence intervals)",
     ]
-    table = summary_table(summary)
-    lines += ["", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    lines += ["", *markdown_table(summary_table(summary))]
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in summary["definitions"].items()] + [""]
     if summary["problems"]:
         lines += ["## Not scored", ""] + [f"- `{p['key']}`: {p['status']}" for p in summary["problems"]] + [""]

@@ -422,8 +422,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     else:
         lines.append("- bootstrap: none (0 resamples, no confidence intervals)")
     header = tuple("mean of images" if h == "mean" else h for h in summary_header(summary))
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in summary_table(summary)]
+    lines += ["", *markdown_table([header, *summary_table(summary)])]
     lines += ["", f"Protocol: {summary['protocol']}", ""]
     if summary["problems"]:
         lines += ["## Not scored", ""] + [f"- `{p['key']}`: {p['status']}" for p in summary["problems"]] + [""]
@@ -437,10 +436,18 @@ def summary_human(summary: dict[str, Any]) -> str:
         + (f", {n_gt_only} ground truth without prediction" if n_gt_only else "")
         + f"); threshold {summary['threshold']:g} ({summary['threshold_source']}); FOV: {summary['fov']}"
     )
-    rows = [summary_header(summary)] + summary_table(summary)
+    return "\n".join([head, *text_table([summary_header(summary), *summary_table(summary)])])
+
+
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """The lines of a plain-text table (first row: the header), columns padded to their widest cell."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([head] + body)
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """The lines of a Markdown table (first row: the header)."""
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
 def check_out_dir(out_dir: Path) -> list[Path]:
