@@ -20,8 +20,8 @@ A stage declares:
 * ``uses_torch``: whether workers should set torch's CPU thread count;
 * ``config_record()``: the resolved configuration (hashed, so ``--resume`` never mixes configurations);
   ``info()``: manifest fields kept out of the hash (paths); ``setup()``: per-worker setup (load a model
-  once per process; the stage object is pickled to spawned workers, so drop unpicklable state in
-  ``__getstate__``).
+  once per process; the stage object is pickled to spawned workers: the attributes named in
+  ``transient`` (loaded models) are sent as None and rebuilt by ``setup`` in each worker).
 """
 
 from __future__ import annotations
@@ -136,6 +136,13 @@ class Stage(ABC):
     start_method: ClassVar[Literal["spawn", "fork"]] = "spawn"
     uses_torch: ClassVar[bool] = False
     fov_policy: FovPolicy = "estimate"
+    transient: ClassVar[tuple[str, ...]] = ()  # attributes sent to spawned workers as None (``setup`` rebuilds them)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in self.transient:
+            state[name] = None
+        return state
 
     @abstractmethod
     def config_record(self) -> dict:

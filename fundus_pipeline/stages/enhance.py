@@ -63,6 +63,7 @@ class EnhanceStage(Stage):
         "vessel_fraction_before", "vessel_fraction_after", "fov_fraction", "transfer",
     )  # fmt: skip
     uses_torch: ClassVar = True
+    transient = ("_models",)  # reloaded (and re-verified) in each worker
 
     def __init__(self, config: EnhanceConfig):
         from fundus_pipeline.device import resolve_device
@@ -84,11 +85,6 @@ class EnhanceStage(Stage):
         if self.cfg.vessel_stats:
             seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation")
         self._models = (model, seg)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_models"] = None  # reloaded (and re-verified) in each worker
-        return state
 
     def setup(self) -> None:
         if self._models is None:

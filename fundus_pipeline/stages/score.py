@@ -23,6 +23,7 @@ class ScoreStage(Stage):
     columns = ("score", "score_spread", "crops")
     inputs = (InputSpec("image"), InputSpec("reference", "--reference", "the degraded photograph each enhanced image was made from"))
     uses_torch: ClassVar = True
+    transient = ("_model",)  # reloaded (and re-verified) in each worker
 
     def __init__(self, config: ScoreConfig):
         from fundus_pipeline.device import resolve_device
@@ -39,11 +40,6 @@ class ScoreStage(Stage):
         from fundus_pipeline.models.weights import load_model
 
         self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="quality")
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_model"] = None  # reloaded (and re-verified) in each worker
-        return state
 
     def setup(self) -> None:
         if self._model is None:

@@ -15,6 +15,7 @@ class SegmentStage(Stage):
     name = "segment"
     columns = ("vessel_fraction", "fov_fraction", "fov_found", "scale", "threshold")
     uses_torch: ClassVar = True
+    transient = ("_model",)  # reloaded (and re-verified) in each worker
 
     def __init__(self, config: SegmentConfig):
         from fundus_pipeline.device import resolve_device
@@ -26,11 +27,6 @@ class SegmentStage(Stage):
         self._model, self.spec = load_model(config.weights, arch=config.arch, device=self.device, task="segmentation")
         self.threshold = float(config.threshold if config.threshold is not None else self.spec.threshold)
         self.max_fov = float(self.spec.max_fov_diameter or DEFAULT_MAX_FOV_DIAMETER)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_model"] = None  # reloaded (and re-verified) in each worker
-        return state
 
     def setup(self) -> None:
         if self._model is None:
