@@ -344,9 +344,6 @@ class EnhanceTask(Task):
     score_key = "psnr"
     cfg: EnhanceConfig
 
-    def model_name(self) -> str:
-        return self.cfg.arch
-
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.arch)
         rsa = getattr(model, "rsa", None)
@@ -370,9 +367,6 @@ class EnhanceTask(Task):
 
     def validate(self, model: nn.Module, device: torch.device) -> dict:
         return validate(model, self.pairs, device)
-
-    def summary(self) -> dict:
-        return {"arch": self.cfg.arch}
 
 
 def train(cfg: EnhanceConfig) -> dict:

@@ -67,8 +67,8 @@ class Task(ABC):
         """Load the data and set ``self.sampler`` (must not draw from torch's RNG)."""
 
     def model_name(self) -> str:
-        """The model's registered name, for messages (default: its class name)."""
-        return ""
+        """The model's registered name, for messages: the config's ``arch`` ("" when it has none)."""
+        return getattr(self.cfg, "arch", "")
 
     def augment(self, batch: Batch, step: int) -> Batch:
         """On-device augmentation of a sampled batch (default: none; the sampler may augment already)."""
@@ -87,8 +87,8 @@ class Task(ABC):
         """Validation metrics (model in eval mode), JSON-serialisable; ``score_key`` holds a float."""
 
     def summary(self) -> dict:
-        """Task fields for summary.json (e.g. the architecture)."""
-        return {}
+        """Task fields for summary.json: the architecture (a task may add its own)."""
+        return {"arch": self.model_name()} if self.model_name() else {}
 
 
 def save_atomic(obj: Any, path: Path) -> None:

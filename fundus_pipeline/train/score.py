@@ -152,9 +152,6 @@ class PretextTask(Task):
     score_key = "neg_loss"
     cfg: PretextConfig
 
-    def model_name(self) -> str:
-        return self.cfg.arch
-
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.arch, n_outputs=len(PRETEXT_TARGETS))
 
@@ -190,7 +187,7 @@ class PretextTask(Task):
         return {"neg_loss": round(-loss, 5), "bit_accuracy": round(acc, 4), "psnr_mae_db": round(float(sev[0]) * 50, 3), "ssim_mae": round(float(sev[1]), 4)}
 
     def summary(self) -> dict:
-        return {"arch": self.cfg.arch, "targets": list(PRETEXT_TARGETS)}
+        return {**super().summary(), "targets": list(PRETEXT_TARGETS)}
 
 
 def train_pretext(cfg: PretextConfig) -> dict:
@@ -266,9 +263,6 @@ class ScoreTask(Task):
     score_key = "srocc"
     cfg: ScoreConfig
 
-    def model_name(self) -> str:
-        return self.cfg.arch
-
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.arch)
         if self.cfg.init is None and not self.cfg.resume:
@@ -305,9 +299,6 @@ class ScoreTask(Task):
             lab.append(float(row["label"]))
         m = iqa_metrics(np.array(pred), np.array(lab))
         return {k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")}
-
-    def summary(self) -> dict:
-        return {"arch": self.cfg.arch}
 
 
 def train_score(cfg: ScoreConfig) -> dict:

@@ -200,9 +200,6 @@ class SegmentTask(Task):
         super().__init__(cfg)
         self.val: list[Sample] = []
 
-    def model_name(self) -> str:
-        return self.cfg.arch
-
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.arch)
 
@@ -219,9 +216,6 @@ class SegmentTask(Task):
 
     def validate(self, model: nn.Module, device: torch.device) -> dict:
         return validate(model, self.val, device)
-
-    def summary(self) -> dict:
-        return {"arch": self.cfg.arch}
 
 
 def train(cfg: SegmentConfig) -> dict:
