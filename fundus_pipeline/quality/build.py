@@ -290,8 +290,9 @@ def build_quality_set(
     all_records: list[dict] = []
     counts: dict[str, dict[str, int]] = {}
     for part in cfg.parts:
-        listing = _limit(part_sources(root, part), cfg.limit)
-        val = validation_names([n for n, _ in part_sources(root, part)]) if part == "train" else set()
+        every = part_sources(root, part)
+        listing = _limit(every, cfg.limit)
+        val = validation_names([n for n, _ in every]) if part == "train" else set()
         for i, (name, info) in enumerate(listing):
             done = out / "rows" / part / f"{source_key(name)}.json"
             if done.is_file():

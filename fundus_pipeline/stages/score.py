@@ -35,6 +35,7 @@ class ScoreStage(Stage):
         spec = self.spec.spec
         self.size = int(getattr(spec.input.scale_policy, "size", SCORE_SIZE)) if spec else SCORE_SIZE
         self.crop = int(getattr(spec.output, "crop", CROP)) if spec else CROP
+        self.boxes = crop_boxes(self.size, self.crop)
 
     def _load(self) -> None:
         from fundus_pipeline.models.weights import load_model
@@ -49,7 +50,7 @@ class ScoreStage(Stage):
         return {
             "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
             "size": self.size,
-            "crops": crop_boxes(self.size, self.crop),
+            "crops": self.boxes,
             "crop": self.crop,
             "device": str(self.device),
         }
@@ -66,5 +67,5 @@ class ScoreStage(Stage):
         mask = fov.mask[..., None]
         e = to_score_frame(enh.rgb * mask, fov.geometry, self.size)
         r = to_score_frame(ref.rgb * mask, fov.geometry, self.size)
-        score, spread = predict_pair(self._model, e, r, self.device, crop_boxes(self.size, self.crop), self.crop)
-        return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(crop_boxes(self.size, self.crop))})
+        score, spread = predict_pair(self._model, e, r, self.device, self.boxes, self.crop)
+        return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes)})
