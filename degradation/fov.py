@@ -33,8 +33,15 @@ class FovGeometry:
         return cls(float(d["cx"]), float(d["cy"]), float(d["radius"]), int(d["height"]), int(d["width"]))
 
     def circle_mask(self) -> np.ndarray:
-        yy, xx = np.ogrid[: self.height, : self.width]
-        return (xx - self.cx) ** 2 + (yy - self.cy) ** 2 <= self.radius**2
+        """Bool HxW: pixel centres within the circle (computed in bands of rows, so a very large frame needs
+        no full-size float array; each pixel's arithmetic is the same as in one piece)."""
+        out = np.empty((self.height, self.width), bool)
+        dx2 = (np.arange(self.width)[None, :] - self.cx) ** 2
+        step = max(1, (1 << 21) // max(1, self.width))
+        for y0 in range(0, self.height, step):
+            yy = np.arange(y0, min(self.height, y0 + step))[:, None]
+            out[y0 : y0 + step] = dx2 + (yy - self.cy) ** 2 <= self.radius**2
+        return out
 
 
 # ------------------------------------------------------------------------------------------- estimation
@@ -68,8 +75,7 @@ def _to_float_work(rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
     if a.ndim not in (2, 3):
         raise ValueError(f"expected an HxW or HxWxC image, got shape {a.shape}")
     h, w = a.shape[:2]
-    s = min(1.0, _WORK_SIDE / max(h, w))
-    ws, hs = max(1, int(round(w * s))), max(1, int(round(h * s)))
+    ws, hs = fov_work_size(h, w)
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     if a.ndim == 3 and a.shape[2] > 3:
@@ -266,6 +272,28 @@ def estimate_fov_geometry(rgb: np.ndarray) -> tuple[np.ndarray, FovGeometry]:
     a = np.asarray(rgb)
     h, w = a.shape[:2]
     v, sx, sy = _to_float_work(a)
+    return _estimate_from_work(v, h, w, sx, sy)
+
+
+def fov_work_size(height: int, width: int) -> tuple[int, int]:
+    """(width, height) of the working image the FOV is estimated on (longest side at most 512)."""
+    s = min(1.0, _WORK_SIDE / max(height, width))
+    return max(1, int(round(width * s))), max(1, int(round(height * s)))
+
+
+def estimate_fov_geometry_work(work: np.ndarray, height: int, width: int) -> tuple[np.ndarray, FovGeometry]:
+    """``estimate_fov_geometry`` of a ``height`` x ``width`` photograph given only its working image: the
+    photograph as float in [0, 1] area-averaged to ``fov_work_size(height, width)`` (HxWx3 or HxW). For
+    photographs too large to hold as float (the caller reduces them in bands)."""
+    ws, hs = fov_work_size(height, width)
+    v = np.asarray(work, np.float32)
+    if v.shape[:2] != (hs, ws):
+        raise ValueError(f"working image {v.shape[:2]} is not {(hs, ws)}")
+    v = v.max(axis=2) if v.ndim == 3 else v
+    return _estimate_from_work(v, height, width, ws / width, hs / height)
+
+
+def _estimate_from_work(v: np.ndarray, h: int, w: int, sx: float, sy: float) -> tuple[np.ndarray, FovGeometry]:
     found = _threshold_work(v)
     fit = None if found is None else _geometry_from_work_mask(found[0], h, w, sx, sy, v, found[1])
     if fit is None:

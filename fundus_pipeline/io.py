@@ -277,6 +277,31 @@ def _short(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _is_large(width: int, height: int) -> bool:
+    from fundus_pipeline.bands import is_large
+
+    return is_large(height, width)
+
+
+def _read_large_jpeg(data: bytes, path: Path, im: Image.Image) -> np.ndarray:
+    """A very large baseline RGB or gray JPEG, decoded by OpenCV straight into one array (Pillow would hold
+    its own 4-byte-per-pixel copy and a bytes copy besides: three times the memory). Pillow first decodes
+    it at 1/8 scale (``draft``), which reads the whole entropy-coded stream, so a truncated or corrupt
+    file is refused as on the normal path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        probe = Image.open(io.BytesIO(data))
+    probe.draft(probe.mode, (max(1, probe.size[0] // 8), max(1, probe.size[1] // 8)))
+    _pil_load(probe, path, "JPEG")
+    probe.close()
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # no EXIF rotation: applied after
+    if arr is None or arr.shape[:2] != (im.size[1], im.size[0]):
+        raise InputError(f"{path}: truncated or corrupt JPEG")
+    if arr.ndim == 3:
+        cv2.cvtColor(arr, cv2.COLOR_BGR2RGB, dst=arr)
+    return arr
+
+
 def _pil_load(im: Image.Image, path: Path, fmt: str) -> None:
     try:
         with warnings.catch_warnings():
@@ -454,6 +479,9 @@ def read_image(path: Path, *, raw_palette: bool = False) -> tuple[np.ndarray, Im
     if fmt == "PNG" and data.startswith(_PNG_SIG):
         arr, is_palette = _read_png(data, path, im, raw_palette)
         orientation = _png_exif_orientation(data)
+    elif fmt == "JPEG" and im.mode in ("RGB", "L") and _is_large(*im.size):
+        orientation = _exif_orientation(im)
+        arr, is_palette = _read_large_jpeg(data, path, im), False
     elif fmt in ("JPEG", "MPO", "BMP", "DIB", "GIF"):
         if fmt == "GIF":
             im.seek(0)

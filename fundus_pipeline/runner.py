@@ -329,7 +329,7 @@ def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
     """The stage's input for one item: its decoded images and the FOV of the primary image, found once."""
     primary = images["image"]
     if stage.fov_policy == "estimate":
-        fov = Fov.estimate(primary.rgb)
+        fov = Fov.estimate_image(primary)
     elif stage.fov_policy == "full":
         fov = Fov.full(primary.meta.height, primary.meta.width)
     else:

@@ -169,3 +169,32 @@ def predict_native(
     prob = sigmoid(logits)
     prob[~fov_keep_mask(fov_mask, margin_px)] = 0.0
     return prob
+
+
+def predict_native_bands(
+    model: torch.nn.Module,
+    image,
+    fov_mask: np.ndarray,
+    scale: float,
+    margin_px: float = 0.0,
+    **kw,
+):
+    """:func:`predict_native` for a very large photograph (a ``stages.base.Image``, or anything with its
+    ``color`` integer planes and ``maxval``): yields ``(rows, probability rows)`` one band of native rows at
+    a time (``fundus_pipeline.bands``), with no full-resolution float copy of the photograph or of the
+    probability map. The working-scale image is area-averaged from the integer planes in bands and the
+    logits return to native size by banded bilinear interpolation, both as OpenCV computes them (to float
+    rounding)."""
+    from fundus_pipeline.bands import BandUpsampler, rgb_downscale, row_bands
+
+    H, W = image.color.shape[:2]
+    ws, hs = (max(1, round(W * scale)), max(1, round(H * scale))) if scale != 1.0 else (W, H)
+    small = rgb_downscale(image.color, ws, hs, image.maxval)  # scale 1 (a huge frame, a small FOV): native size
+    logits = predict_logits(model, small, **kw)
+    del small
+    keep = fov_keep_mask(fov_mask, margin_px)
+    up = BandUpsampler(logits, W, H) if scale != 1.0 else None
+    for rows in row_bands(H, W):
+        prob = sigmoid(up.rows(rows) if up is not None else logits[rows])
+        prob[~keep[rows]] = 0.0
+        yield rows, prob

@@ -71,6 +71,26 @@ class Image:
         """The alpha plane in the native dtype, or None."""
         return self._float[1]
 
+    @property
+    def color(self) -> np.ndarray:
+        """The colour planes of the native integer array, without alpha (HxW gray or HxWx3 RGB; a view)."""
+        a = self.array
+        if a.ndim == 2:
+            return a
+        return a[..., 0] if a.shape[2] == 2 else a[..., :3]
+
+    @property
+    def maxval(self) -> int:
+        """The largest code value of the native dtype (255 or 65535)."""
+        return int(np.iinfo(self.array.dtype).max)
+
+    @property
+    def large(self) -> bool:
+        """Above ``bands.LARGE_PIXELS``: stages take their banded paths (no full-size float copies)."""
+        from fundus_pipeline.bands import is_large
+
+        return is_large(self.meta.height, self.meta.width)
+
 
 @dataclass(frozen=True)
 class Fov:
@@ -87,6 +107,36 @@ class Fov:
 
         mask, geom = estimate_fov_geometry(rgb)
         return cls(mask, geom, not bool(mask.all()))
+
+    @classmethod
+    def estimate_image(cls, image: "Image") -> "Fov":
+        """``estimate(image.rgb)``; for a very large photograph from its integer array, reduced to the FOV's
+        working size in row bands (``fundus_pipeline.bands``), with no full-size float copy."""
+        if not image.large:
+            return cls.estimate(image.rgb)
+        from degradation.fov import estimate_fov_geometry_work, fov_work_size
+
+        from fundus_pipeline.bands import area_downscale_float
+
+        h, w = image.meta.height, image.meta.width
+        ws, hs = fov_work_size(h, w)
+        mask, geom = estimate_fov_geometry_work(area_downscale_float(image.color, ws, hs, image.maxval), h, w)
+        return cls(mask, geom, not bool(mask.all()))
+
+    def surround_level(self, image: np.ndarray) -> float:
+        """The 95th percentile of the mean colour value outside the FOV, in [0, 1] (every 7th pixel; 0 when there
+        is no outside): near 0 for a fundus photograph's black surround (DRIVE 0.04, HRF and EyePACS below
+        0.03), far above it when the "FOV" was fitted to a picture that has none (a natural image: 0.7-0.8).
+        ``image``: the float RGB in [0, 1] or the decoded integer array (gray or colour, no alpha)."""
+        outside = ~self.mask
+        if not outside.any():
+            return 0.0
+        vals = image[outside][::7]
+        if vals.ndim == 2:
+            vals = vals.mean(axis=1)
+        if image.dtype.kind in "ui":
+            vals = vals / float(np.iinfo(image.dtype).max)
+        return float(np.percentile(vals, 95)) if vals.size else 0.0
 
     @classmethod
     def full(cls, height: int, width: int) -> "Fov":

@@ -56,6 +56,64 @@ def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size:
     return out
 
 
+def enhance_native_large(model, image, fov, size: int, transfer: str, device, keep_outside: bool):
+    """:func:`enhance_native` for a very large photograph (``fundus_pipeline.bands``), from its decoded integer
+    array and in row bands: returns (the enhanced photograph in the input's dtype and layout, luminance
+    statistics before (mean, std), after (mean, std)). The canonical input is area-averaged from the
+    integer square and masked by the canonical FOV afterwards; the correction returns to native size by
+    banded bilinear interpolation."""
+    import torch
+
+    from fundus_pipeline.bands import BandUpsampler, rgb_downscale, row_bands
+    from fundus_pipeline.io import from_float_rgb, to_float_rgb
+
+    frame = CanonicalFrame.from_fov(fov.geometry, size)
+    c_fov = frame.to_canonical(fov.mask.view(np.uint8), interpolation=0) > 0
+    if frame.side > size:  # the usual case: the masked FOV square area-averaged in bands, as to_canonical does
+        c_in = rgb_downscale(image.color, size, size, image.maxval, box=(frame.x0, frame.y0, frame.side, frame.side), mask=fov.mask)
+    else:  # a small FOV in a huge frame: only its (small) square is converted, as to_canonical would
+        import cv2
+
+        ax0, ax1, ay0, ay1 = frame._overlap()
+        sq = np.zeros((frame.side, frame.side, 3), np.float32)
+        box = (slice(ay0, ay1), slice(ax0, ax1))
+        sq[ay0 - frame.y0 : ay1 - frame.y0, ax0 - frame.x0 : ax1 - frame.x0] = to_float_rgb(image.array[box], image.meta)[0] * fov.mask[box][..., None]
+        c_in = sq if frame.side == size else cv2.resize(sq, (size, size), interpolation=cv2.INTER_LINEAR)
+    np.clip(c_in, 0, 1, out=c_in)
+    c_in *= c_fov[..., None]
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(c_in.transpose(2, 0, 1)))[None].to(device)
+        c_out = model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+    c_out *= c_fov[..., None]
+    corr = c_out if transfer == "upsample" else c_out - c_in
+    up = BandUpsampler(corr, frame.side, frame.side)
+    ax0, ax1, ay0, ay1 = frame._overlap()
+    h, w = fov.mask.shape
+    out = np.empty_like(image.array)
+    stats = np.zeros((2, 3), np.float64)  # before / after: count, sum, sum of squares of the luminance in the FOV
+    for rows in row_bands(h, w):
+        rgb, alpha = to_float_rgb(image.array[rows], image.meta)
+        m = fov.mask[rows]
+        native = np.zeros_like(rgb)
+        r0, r1 = max(rows.start, ay0), min(rows.stop, ay1)
+        if r0 < r1 and ax1 > ax0:
+            native[r0 - rows.start : r1 - rows.start, ax0:ax1] = up.rows(slice(r0 - frame.y0, r1 - frame.y0))[:, ax0 - frame.x0 : ax1 - frame.x0]
+        res = native if transfer == "upsample" else rgb * m[..., None] + native
+        np.clip(res, 0, 1, out=res)
+        res *= m[..., None]
+        for k, img in enumerate((rgb, res)):
+            y = (img @ _LUMA)[m].astype(np.float64)
+            stats[k] += (y.size, y.sum(), (y * y).sum())
+        if keep_outside:
+            res = np.where(m[..., None], res, rgb)
+        out[rows] = from_float_rgb(res, image.meta, alpha)
+
+    def mean_std(n: float, s1: float, s2: float) -> tuple[float, float]:
+        return (0.0, 0.0) if n == 0 else (float(s1 / n), float(np.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))))
+
+    return out, mean_std(*stats[0]), mean_std(*stats[1])
+
+
 class EnhanceStage(Stage):
     name = "enhance"
     columns = (
@@ -106,17 +164,24 @@ class EnhanceStage(Stage):
     def info(self) -> dict:
         return {"weights_path": str(self.spec.path)}
 
-    def vessel_fraction(self, rgb: np.ndarray, fov) -> float:
-        from fundus_pipeline.models.inference import predict_native, working_scale
+    def vessel_fraction(self, rgb, fov, large: bool = False) -> float:
+        """Vessel fraction inside the FOV of ``rgb`` (float RGB; with ``large``, a very large photograph's ``Image``)."""
+        from fundus_pipeline.models.inference import predict_native, predict_native_bands, working_scale
 
         seg = self._models[1]
-        prob = predict_native(seg, rgb, fov.mask, working_scale(fov.geometry.diameter, self.seg_spec.max_fov_diameter), device=self.device)
-        return float(((prob >= self.seg_spec.threshold) & fov.mask).sum()) / max(int(fov.mask.sum()), 1)
+        scale = working_scale(fov.geometry.diameter, self.seg_spec.max_fov_diameter)
+        if large:
+            n = sum(int(((p >= self.seg_spec.threshold) & fov.mask[rows]).sum()) for rows, p in predict_native_bands(seg, rgb, fov.mask, scale, device=self.device))
+        else:
+            n = int(((predict_native(seg, rgb, fov.mask, scale, device=self.device) >= self.seg_spec.threshold) & fov.mask).sum())
+        return float(n) / max(int(fov.mask.sum()), 1)
 
     def compute(self, item: ItemInput) -> ItemOutput:
         self.setup()
         fov = self.require_fov(item)
         image = item.image
+        if image.large:
+            return self.compute_large(item, fov)
         rgb = image.rgb
         out = enhance_native(self._models[0], rgb, fov.mask, fov.geometry, self.size, self.transfer, self.device)
         if self.cfg.keep_outside:
@@ -133,3 +198,20 @@ class EnhanceStage(Stage):
             fields["vessel_fraction_before"] = round(self.vessel_fraction(rgb, fov), 6)
             fields["vessel_fraction_after"] = round(self.vessel_fraction(out, fov), 6)
         return ItemOutput({"": from_float_rgb(out, image.meta, image.alpha)}, fields)
+
+    def compute_large(self, item: ItemInput, fov) -> ItemOutput:
+        """A very large photograph: the same output and columns, computed in row bands (``enhance_native_large``)."""
+        image = item.image
+        out, (lb, cb), (la, ca) = enhance_native_large(self._models[0], image, fov, self.size, self.transfer, self.device, self.cfg.keep_outside)
+        fields = {
+            "luminance_before": round(lb, 5), "luminance_after": round(la, 5),
+            "contrast_before": round(cb, 5), "contrast_after": round(ca, 5),
+            "vessel_fraction_before": "", "vessel_fraction_after": "",
+            "fov_fraction": round(float(fov.mask.mean()), 6), "transfer": self.transfer,
+        }  # fmt: skip
+        if self.cfg.vessel_stats:
+            from fundus_pipeline.stages.base import Image
+
+            fields["vessel_fraction_before"] = round(self.vessel_fraction(image, fov, large=True), 6)
+            fields["vessel_fraction_after"] = round(self.vessel_fraction(Image(out, image.meta), fov, large=True), 6)
+        return ItemOutput({"": out}, fields)
