@@ -123,3 +123,12 @@ class ScoreConfig(StageConfig):
     weights: str = "sdmp"
     arch: str | None = None
     device: str = "auto"
+
+
+class GradeConfig(StageConfig):
+    """``fundus grade``: grading weights, device, and the probability at which a flag is listed."""
+
+    weights: str = "hemf"
+    arch: str | None = None
+    device: str = "auto"
+    flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)

@@ -104,3 +104,30 @@ def training_sets(root: Path) -> tuple[list[Sample], list[Sample]]:
     for ident in HRF_TRAIN:
         (val if ident in HRF_VAL else train).append(load_sample(root, "hrf", ident, TRAIN_SCALES["hrf"]))
     return train, val
+
+
+# EyePACS-256 (real photographs with EyeQ quality labels): one split by patient, fixed once.
+EYEPACS256_SPLIT_SEED = 0
+EYEPACS256_FRACTIONS = (0.70, 0.15)  # train, val; the rest is test
+
+
+def eyepacs256_split(root: Path) -> list[dict]:
+    """Rows ``{"image", "key", "patient", "quality", "split"}`` of ``EyePACS-256/labels.csv``, split by patient
+    (both eyes of a patient in one part): the sorted patient ids are permuted by numpy's generator seeded
+    with ``EYEPACS256_SPLIT_SEED``; the first 70% train, the next 15% val, the rest test."""
+    import csv
+
+    with open(root / "EyePACS-256" / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    patients = sorted({r["image"].split("_")[0] for r in rows}, key=lambda p: (len(p), p))
+    order = np.random.default_rng(EYEPACS256_SPLIT_SEED).permutation(len(patients))
+    n_train = round(len(patients) * EYEPACS256_FRACTIONS[0])
+    n_val = round(len(patients) * EYEPACS256_FRACTIONS[1])
+    part = {}
+    for rank, i in enumerate(order):
+        part[patients[i]] = "train" if rank < n_train else ("val" if rank < n_train + n_val else "test")
+    out = []
+    for r in rows:
+        p = r["image"].split("_")[0]
+        out.append({"image": r["image"], "key": Path(r["image"]).stem, "patient": p, "quality": int(r["quality"]), "split": part[p]})
+    return out

@@ -80,6 +80,13 @@ def main() -> None:
         describe = score_task.pretext_description(config)
     elif task == "quality":
         describe = score_task.score_description(config)
+    elif task == "grading":
+        from fundus_pipeline.train.grade import grade_description
+
+        calib = args.run / "calibration.json"
+        if not calib.is_file():
+            raise SystemExit(f"error: {calib} is missing (fundus train grade writes it after training)")
+        describe = grade_description(config, json.loads(calib.read_text()))
     try:
         spec = export_weights(args.run, name=args.name, model_name=args.arch, describe=describe, command=args.command,
                               test_metrics=metrics or None, checkpoint=args.checkpoint)

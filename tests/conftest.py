@@ -92,4 +92,12 @@ def fake_data(tmp_path_factory) -> Path:
         Image.fromarray(synthetic_fundus(80, 96, 200 + k)).save(hm / "images" / name, quality=95)
         rows.append(f"{name},192,160,40,66,0.5")  # the synthetic disc sits right of the centre
     (hm / "heimed.csv").write_text("\n".join(rows) + "\n")
+    ep = root / "EyePACS-256"
+    (ep / "images").mkdir(parents=True)
+    rows = ["image,quality,DR_grade"]
+    for k in range(10):  # 5 patients, both eyes; grades 0, 1, 2 in turn
+        name = f"{10 + k // 2}_{'left' if k % 2 == 0 else 'right'}.jpeg"
+        Image.fromarray(synthetic_fundus(64, 64, 300 + k)).save(ep / "images" / name, quality=90)
+        rows.append(f"{name},{k % 3},0")
+    (ep / "labels.csv").write_text("\n".join(rows) + "\n")
     return root

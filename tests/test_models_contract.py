@@ -3,7 +3,8 @@ that ``fundus models`` reads, and the typed weights manifest.
 
 Per model: it builds, matches its catalogue row (metadata, factory path and parameter count), maps
 N x 3 x H x W RGB to N x 1 x H x W logits, ``forward_train`` returns the documented dict, and a state
-dict round-trips through ``torch.save`` / ``torch.load(weights_only=True)`` with identical outputs.
+dict round-trips through ``torch.save`` / ``torch.load(weights_only=True)`` with identical outputs
+(enhancers map to an image, graders a square input to N x (grades + flags) logits).
 Per shipped weights: the manifest entry agrees with the catalogue and the checked loader loads them.
 """
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from fundus_pipeline.errors import WeightsError
+from fundus_pipeline.quality.grading import FLAGS, GRADES
 from fundus_pipeline.models.catalog import CATALOG
 from fundus_pipeline.models.registry import build_model, list_models, register_model
 from fundus_pipeline.models.spec import DEFAULT_THRESHOLD, LoadedWeights, WeightsManifest, WeightsSpec
@@ -151,6 +153,46 @@ def test_model_contract(name):
         assert torch.equal(fresh(x), model(x))
 
 
+
+GRADERS = [n for n in MODELS if CATALOG[n].task == "grading"]
+
+
+@pytest.mark.parametrize("name", GRADERS)
+def test_grader_contract(name):
+    """Graders map N x 3 x S x S RGB in [0, 1] (S = the model's ``input_size``, square) to N x (n_grades + n_flags)
+    logits: the grade logits (``GRADES`` order) first, then the multi-label flag logits (``FLAGS`` order)."""
+    from fundus_pipeline.quality.grading import FLAGS, GRADES
+
+    torch.manual_seed(0)
+    model = build_model(name)
+    assert isinstance(model, torch.nn.Module)
+    assert n_params(model) == CATALOG[name].params, f"update models/catalog.py: {name} has {n_params(model):_} parameters"
+    assert model.in_channels == 3 and model.size_divisor >= 1 and model.input_size % model.size_divisor == 0
+    assert (model.n_grades, model.n_flags) == (len(GRADES), len(FLAGS))
+    side = model.input_size
+    x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    x[..., side // 4 : side // 2, :] *= 0.3
+
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (2, len(GRADES) + len(FLAGS)) and y.dtype == torch.float32
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)  # oneDNN may pick another conv algorithm
+    with pytest.raises(ValueError, match="square"):
+        model(torch.rand(1, 3, side, side + model.size_divisor))
+
+    # state dict round trip into a fresh, differently initialised model
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)
+    fresh = build_model(name)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=1e-5)
+
 # --- the shipped weights and the typed manifest -----------------------------------------------------
 
 
@@ -181,6 +223,11 @@ def test_shipped_weights_agree_with_the_catalogue_and_load(spec: WeightsSpec):
         assert spec.output.crop == model.img_size and spec.input.scale_policy.type == "canonical_frame"
         return
     assert model.size_divisor == spec.input.size_divisor
+    if row.task == "grading":  # grade and flag logits of a canonical frame at the model's input size, calibrated
+        assert loaded.threshold is None and spec.output.kind == "grade" and spec.input.scale_policy.type == "canonical_frame"
+        assert spec.input.scale_policy.size == model.input_size and spec.output.temperature > 0
+        assert (spec.output.grades, spec.output.flags) == (list(GRADES), list(FLAGS))
+        return
     if row.task == "enhancement":  # image output in a canonical frame
         assert loaded.threshold is None and spec.output.kind == "image" and spec.input.scale_policy.type == "canonical_frame"
         assert spec.output.transfer == spec.output.transfer_selection["choice"]

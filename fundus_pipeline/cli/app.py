@@ -44,11 +44,12 @@ def _root(
 
 
 def run_stage_command(
-    make_stage, in_dir, out_dir, *, overwrite: bool, resume: bool, workers: int, threads, quiet: bool, fmt: Format, extra_dirs: dict | None = None
+    make_stage, in_dir, out_dir, *, overwrite: bool, resume: bool, workers: int, threads, quiet: bool, fmt: Format, extra_dirs: dict | None = None,
+    after=None,
 ) -> None:
     """The common body of a stage command: refuse bad IN/OUT early (before a model is loaded), build the
     stage (``make_stage()``), run it over IN into OUT (``extra_dirs``: the folders of its further input
-    roles, e.g. ``{"reference": ...}``) and report."""
+    roles, e.g. ``{"reference": ...}``), call ``after()`` unless the run was interrupted, and report."""
     from fundus_pipeline.runner import check_run_paths, run_stage
 
     check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
@@ -56,6 +57,8 @@ def run_stage_command(
         make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
         progress=not quiet and fmt == Format.human, extra_dirs=extra_dirs,
     )  # fmt: skip
+    if after is not None and not result.interrupted:
+        after()
     report(result, fmt)
 
 

@@ -1,4 +1,4 @@
-"""``fundus build ...``: build the project's derived datasets (today: the quality set of ``fundus score``)."""
+"""``fundus build ...``: build the project's derived datasets: the quality set of ``fundus score`` and the grade set of ``fundus grade``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 from fundus_pipeline.cli.app import app
 from fundus_pipeline.cli.options import Format, FormatOpt, Overwrite
 from fundus_pipeline.quality.build import DEFAULT_ENHANCERS, PARTS, QualitySetConfig
+from fundus_pipeline.quality.grade_set import GradeSetConfig
 
 build_app = typer.Typer(help="Build derived datasets from ../shared/data (seeded, rebuilt bit for bit).", no_args_is_help=True)
 app.add_typer(build_app, name="build")
@@ -69,3 +70,53 @@ def quality_set(
     else:
         c = manifest["counts"]
         typer.echo("quality set: " + ", ".join(f"{p} {c[p]['sources']} sources / {c[p]['pairs']} pairs" for p in c) + f" -> {out}/pairs.csv")
+
+
+_G = GradeSetConfig.model_fields
+
+
+@build_app.command("grade-set")
+def grade_set(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False)],
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False)
+    ] = None,
+    size: Annotated[int, typer.Option("--size", help="Side of the canonical frame where labels are computed.")] = _G["size"].default,
+    store_size: Annotated[int, typer.Option("--store-size", help="Side of the images written.")] = _G["store_size"].default,
+    draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph.")] = _G["draws"].default,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw.")] = _G["seed"].default,
+    parts: Annotated[str, typer.Option("--parts", help="Comma-separated parts to build: train, test.")] = ",".join(PARTS),
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for the segmenter (bytes are reproducible for a fixed value).")] = 2,
+    overwrite: Overwrite = False,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Build the grade set: clean and degraded photographs with a grade and flags, plus not-fundus pictures.
+
+    Grade of a degraded photograph D of clean C: from q(D) = (SSIM(D, C) + F1(vessels(D), vessels(C))) / 2,
+    Good q >= 0.90, Reject q < 0.70, Usable between; flags: what the simulator applied (see README, "Quality
+    grading"). Same parts and sources as the quality set. Writes OUT/labels.csv, OUT/manifest.json,
+    OUT/degradations.jsonl and OUT/PART/images; a rerun resumes. Example: fundus build grade-set sets/grade
+    """
+    from pydantic import ValidationError
+
+    from fundus_pipeline.config import usage_error
+    from fundus_pipeline.datasets import default_data_root
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.quality.grade_set import build_grade_set
+
+    root = data or default_data_root()
+    if not root.is_dir():
+        raise UsageError(f"dataset root not found: {root} (pass --data or set FUNDUS_DATA)")
+    try:
+        cfg = GradeSetConfig(size=size, store_size=store_size, draws=draws, seed=seed, parts=_names(parts), limit=limit)
+    except ValidationError as e:
+        raise usage_error(e) from None
+    manifest = build_grade_set(root, out, cfg, overwrite=overwrite, threads=threads, log=lambda m: typer.echo(m, err=True))
+    if fmt is Format.json:
+        typer.echo(json.dumps(manifest, indent=2))
+    else:
+        c = manifest["counts"]
+        typer.echo("grade set: " + ", ".join(f"{p} {c[p]['sources']} sources / {c[p]['images']} images {c[p]['grades']}" for p in c) + f" -> {out}/labels.csv")

@@ -1,5 +1,6 @@
 """``fundus evaluate``: score outputs against references (``segment``: vessel maps vs ground truth;
-``enhance``: enhanced photographs vs clean references; ``score``: predicted quality scores vs quality labels)."""
+``enhance``: enhanced photographs vs clean references; ``score``: predicted quality scores vs quality labels;
+``grade``: predicted quality grades and flags vs quality labels)."""
 
 from __future__ import annotations
 
@@ -245,4 +246,66 @@ def score(
     result = evaluate_scores(
         scores_csv, labels_csv, column=column, by=groups, part=None if part == "all" else part, n_boot=bootstrap, seed=seed
     )
+    _finish(result, out_dir, fmt, write_outputs, summary_human)
+
+
+@evaluate_app.command("grade")
+def grade(
+    results_csv: Annotated[
+        Path,
+        typer.Argument(help="Predicted grades: a `fundus grade` results.csv (key, status, grade, p_good, p_usable, "
+                       "p_reject, temperature, p_<flag>).", show_default=False),
+    ],
+    labels: Annotated[
+        Path,
+        typer.Argument(help="Quality labels: EyeQ's image,quality[,DR_grade] CSV as published, or a CSV with key, "
+                       "quality (0 good, 1 usable, 2 reject) and optionally flag_<name>, source and grouping "
+                       "columns; or the folder holding it as labels.csv.", show_default=False),
+    ],
+    by: Annotated[
+        Optional[list[str]],
+        typer.Option("--by", metavar="COL", help="Label column to report per group as well (repeat it, or "
+                     "comma-separate: --by family --by DR_grade) [default: none].", show_default=False),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
+            "replaced, other files are left alone [default: RESULTS_CSV's folder/eval_grade].",
+            show_default=False,
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int,
+        typer.Option("--bootstrap", min=0, help="Cluster-bootstrap resamples for the 95% CIs; 0: no CIs."),
+    ] = 1000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Bootstrap seed (results are identical for the same seed).")] = 0,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Score predicted quality grades against quality labels: accuracy, macro F1, kappa, flag AUC, ECE.
+
+    Joins RESULTS_CSV and the labels on key (EyeQ labels: the image name without extension). Reports, for
+    all images and per group of each --by column: accuracy, macro F1, quadratic-weighted kappa, per-class
+    precision and recall, the confusion matrix and the predicted-class fractions (the grade column); the ROC
+    AUC of each p_<flag> against the labels' flag_<flag> and their mean; expected calibration error (15 bins)
+    and NLL before (softmax(T ln p)) and after temperature scaling. 95% CIs come from a cluster bootstrap over
+    the labels' source column, else over patients for EyeQ keys (both eyes together), else over images.
+    Writes metrics.csv (one row per group), summary.json (with each metric's exact definition) and
+    summary.md. Rows whose status is not ok, with an invalid grade or probability, or whose key is not in the
+    labels are listed and not graded (exit 3; the others are still graded); label rows without a result are
+    only counted. Exit 2 for an unreadable file, a missing column, a bad label value or no key in common.
+    """
+    from fundus_pipeline.evaluation.grade import evaluate_grades, summary_human, write_outputs
+    from fundus_pipeline.evaluation.segment import check_out_dir
+
+    labels_csv = labels / "labels.csv" if labels.is_dir() else labels
+    for what, p in (("RESULTS_CSV", results_csv), ("LABELS", labels_csv)):
+        if not p.is_file():
+            raise UsageError(f"{what} is not a file: {p}")
+    out_dir = out if out is not None else results_csv.parent / "eval_grade"
+    check_out_dir(out_dir)  # refuse an unusable --out before the bootstrap
+
+    groups = [c.strip() for v in by or [] for c in v.split(",") if c.strip()]
+    result = evaluate_grades(results_csv, labels_csv, by=groups, n_boot=bootstrap, seed=seed)
     _finish(result, out_dir, fmt, write_outputs, summary_human)

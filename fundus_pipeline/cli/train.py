@@ -10,7 +10,7 @@ import typer
 
 from fundus_pipeline.cli.app import app
 from fundus_pipeline.cli.options import flag
-from fundus_pipeline.train.config import EnhanceConfig, PretextConfig, ScoreConfig, SegmentConfig
+from fundus_pipeline.train.config import EnhanceConfig, GradeConfig, PretextConfig, ScoreConfig, SegmentConfig
 
 train_app = typer.Typer(help="Train the models on real data (see weights/README.md for the exact commands).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -19,6 +19,7 @@ _F = SegmentConfig.model_fields
 _E = EnhanceConfig.model_fields
 _P = PretextConfig.model_fields
 _S = ScoreConfig.model_fields
+_G = GradeConfig.model_fields
 
 
 def _opt(field: str, fields=_F, **kw) -> typer.models.OptionInfo:
@@ -188,5 +189,45 @@ def train_score(
         cnn_init=cnn_init, vit_init=vit_init, init=init, resume=resume,
     )  # fmt: skip
     from fundus_pipeline.train.score import train_score as run
+
+    run(cfg)
+
+
+def _g(field: str, **kw) -> typer.models.OptionInfo:
+    return _opt(field, _G, **kw)
+
+
+@train_app.command("grade")
+def train_grade(
+    out: Annotated[Path, _g("out", show_default=False)],
+    grade_set: Annotated[Path, _g("grade_set", show_default=False)],
+    arch: Annotated[str, _g("arch")] = _G["arch"].default,
+    data: Annotated[Optional[Path], _g("data", show_default=False)] = None,
+    steps: Annotated[int, _g("steps")] = _G["steps"].default,
+    batch_size: Annotated[int, _g("batch_size")] = _G["batch_size"].default,
+    real_p: Annotated[float, _g("real_p")] = _G["real_p"].default,
+    natural_p: Annotated[float, _g("natural_p")] = _G["natural_p"].default,
+    lr: Annotated[float, _g("lr")] = _G["lr"].default,
+    seed: Annotated[int, _g("seed")] = _G["seed"].default,
+    val_every: Annotated[int, _g("val_every")] = _G["val_every"].default,
+    ckpt_every: Annotated[int, _g("ckpt_every")] = _G["ckpt_every"].default,
+    threads: Annotated[int, _g("threads")] = _G["threads"].default,
+    device: Annotated[str, _g("device")] = _G["device"].default,
+    amp: Annotated[bool, _flag("amp")] = False,
+    init: Annotated[Optional[Path], _g("init", show_default=False)] = None,
+    resume: Annotated[bool, _flag("resume")] = False,
+):
+    """Train the no-reference grader (HEMF, an ablation or the CNN baseline) on a grade set and EyePACS-256.
+
+    Writes OUT/last.pt (resumable), OUT/best.pt (best validation macro F1), OUT/calibration.json (the
+    temperature fitted on the validation images), OUT/train.log and OUT/summary.json.
+    Example: fundus train grade --grade-set sets/grade --out runs/hemf --steps 1500 --threads 2
+    """
+    cfg = GradeConfig.from_options(
+        out=out, grade_set=grade_set, arch=arch, data=data, steps=steps, batch_size=batch_size, real_p=real_p,
+        natural_p=natural_p, lr=lr, seed=seed, val_every=val_every, ckpt_every=ckpt_every, threads=threads, device=device,
+        amp=amp, init=init, resume=resume,
+    )  # fmt: skip
+    from fundus_pipeline.train.grade import train_grade as run
 
     run(cfg)

@@ -48,6 +48,14 @@ _ENTRIES = (
     CatalogEntry("sdmp_vit", "fundus_pipeline.models.sdmp:sdmp_vit", "quality", "sdmp", 64, 1_431_762, "SDMP-Net full-reference IQA (enhanced vs degraded) ablation: ViT stream (fundus ViT d96x5) only, width 64"),
     CatalogEntry("vit_fundus", "fundus_pipeline.models.sdmp:vit_fundus", "pretext", "vit", 96, 654_928, "Fundus ViT (patch 8, 224 input, pretext head on CLS) for SDMP-Net's ViT stream: dim 96, depth 5, heads 3"),
     CatalogEntry("vit_fundus_tiny", "fundus_pipeline.models.sdmp:vit_fundus_tiny", "pretext", "vit", 16, 22_528, "Fundus ViT (patch 8, 224 input, pretext head on CLS) for SDMP-Net's ViT stream: dim 16, depth 2, heads 2 (tests only)"),
+    CatalogEntry("grade_cnn", "fundus_pipeline.models.hemf:grade_cnn", "grading", "cnn", 48, 3_068_100, "Plain CNN grader baseline (3 grades + 9 flags), widths 48/96/192/384, depths 2/3/3/2, 224 input, about the compact HEMF's FLOPs"),
+    CatalogEntry("grade_cnn_tiny", "fundus_pipeline.models.hemf:grade_cnn_tiny", "grading", "cnn", 8, 26_148, "Plain CNN grader baseline (3 grades + 9 flags), widths 8/16/32/64, depths 1, 64 input (tests only)"),
+    CatalogEntry("hemf", "fundus_pipeline.models.hemf:hemf", "grading", "hemf", 24, 3_277_780, "HEMF no-reference grader (3 grades + 9 flags): ELF + EGF branches, HEF fusion with MHEA, compact dims 24/48/96/192, depths 2, EGF 3 layers, 2 heads, 224 input (shipped)"),
+    CatalogEntry("hemf_global", "fundus_pipeline.models.hemf:hemf_global", "grading", "hemf", 24, 2_010_188, "HEMF no-reference grader (3 grades + 9 flags) ablation: global (EGF) branch only, HEF fusion with MHEA, compact dims 24/48/96/192, depths 2, EGF 3 layers, 2 heads, 224 input"),
+    CatalogEntry("hemf_local", "fundus_pipeline.models.hemf:hemf_local", "grading", "hemf", 24, 2_230_148, "HEMF no-reference grader (3 grades + 9 flags) ablation: local (ELF) branch only, HEF fusion with MHEA, compact dims 24/48/96/192, depths 2, EGF 3 layers, 2 heads, 224 input"),
+    CatalogEntry("hemf_nomhea", "fundus_pipeline.models.hemf:hemf_nomhea", "grading", "hemf", 24, 3_231_700, "HEMF no-reference grader (3 grades + 9 flags) ablation: ELF + EGF branches, HEF fusion without MHEA, compact dims 24/48/96/192, depths 2, EGF 3 layers, 2 heads, 224 input"),
+    CatalogEntry("hemf_paper", "fundus_pipeline.models.hemf:hemf_paper", "grading", "hemf", 96, 66_682_108, "HEMF no-reference grader (3 grades + 9 flags): ELF + EGF branches, HEF fusion with MHEA, the paper's dims 96/192/384/768, depths 4, EGF 3 layers, 8 heads, 224 input"),
+    CatalogEntry("hemf_tiny", "fundus_pipeline.models.hemf:hemf_tiny", "grading", "hemf", 8, 271_460, "HEMF no-reference grader (3 grades + 9 flags): ELF + EGF branches, HEF fusion with MHEA, dims 8/16/32/64, depths 1, EGF 1 layer, 2 heads, 64 input (tests only)"),
 )
 
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in _ENTRIES}

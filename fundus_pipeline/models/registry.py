@@ -65,7 +65,7 @@ def register_model(name: str, *, task: str, arch: str, width: int, description: 
 
 def _ensure_loaded() -> None:
     # Importing the architecture modules fills the registry (no-op after the first call).
-    from fundus_pipeline.models import cofe, imff, msrf, sdmp  # noqa: F401
+    from fundus_pipeline.models import cofe, hemf, imff, msrf, sdmp  # noqa: F401
 
 
 def get_entry(name: str) -> ModelEntry:

@@ -114,7 +114,18 @@ class PretextOutputSpec(_Strict):
     crop: int = Field(ge=8)
 
 
-_KINDS = ("image", "score", "pretext")
+class GradeOutputSpec(_Strict):
+    """The output of a no-reference grader (``fundus grade``): logits of the ``grades`` (softmax after dividing
+    by ``temperature``, fitted on validation images) followed by one logit per flag of ``flags`` (sigmoid)."""
+
+    kind: Literal["grade"]
+    grades: list[str]
+    flags: list[str]
+    temperature: float = Field(gt=0)
+    grade_rule: str  # how the training grades were made
+
+
+_KINDS = ("image", "score", "pretext", "grade")
 
 
 def _output_kind(v: Any) -> str:
@@ -127,7 +138,8 @@ AnyOutputSpec = Annotated[
     Annotated[OutputSpec, Tag("segmentation")]
     | Annotated[ImageOutputSpec, Tag("image")]
     | Annotated[ScoreOutputSpec, Tag("score")]
-    | Annotated[PretextOutputSpec, Tag("pretext")],
+    | Annotated[PretextOutputSpec, Tag("pretext")]
+    | Annotated[GradeOutputSpec, Tag("grade")],
     Discriminator(_output_kind),
 ]
 

@@ -54,7 +54,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_UNION_TAGS = {"output": {"segmentation", "image", "score", "pretext"}, "scale_policy": {"fov_max_diameter", "canonical_frame"}}
+_UNION_TAGS = {"output": {"segmentation", "image", "score", "pretext", "grade"}, "scale_policy": {"fov_max_diameter", "canonical_frame"}}
 
 
 def field_path(loc: list | tuple) -> str:

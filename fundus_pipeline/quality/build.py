@@ -174,7 +174,7 @@ def quantise(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def _write_png(path: Path, u8: np.ndarray) -> None:
+def write_png(path: Path, u8: np.ndarray) -> None:
     from fundus_pipeline.io import write_image_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def _link(target: Path, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj) -> None:
     from fundus_pipeline.io import write_bytes_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,7 @@ def build_source(
     cs = canonical_source(info["paths"], cfg.size)
     clean_u8 = quantise(cs.c_rgb)
     clean = clean_u8.astype(np.float32) / 255.0
-    _write_png(out / part / "clean" / f"{src}.png", clean_u8)
+    write_png(out / part / "clean" / f"{src}.png", clean_u8)
     fov = Fov.estimate(clean)  # the label's FOV: the clean image's, by the project's FOV code
     ves_clean = mapper(clean, fov)
     rows, records = [], []
@@ -229,14 +229,14 @@ def build_source(
         deg_u8 = quantise(deg)
         deg = deg_u8.astype(np.float32) / 255.0
         dpath = out / part / "degraded" / f"{dkey}.png"
-        _write_png(dpath, deg_u8)
+        write_png(dpath, deg_u8)
         records.append({"degraded_key": dkey, "part": part, "source": name, "degradation": degradation, "params": params})
         deg_q = quality_label(deg, clean, fov.mask, mapper(deg, fov), ves_clean)
         for enh in enhancers:
             key = f"{dkey}__{enh.name}"
             e_u8 = quantise(enh(deg, cs.c_fov))
             e = e_u8.astype(np.float32) / 255.0
-            _write_png(out / part / "enhanced" / f"{key}.png", e_u8)
+            write_png(out / part / "enhanced" / f"{key}.png", e_u8)
             _link(dpath, out / part / "reference" / f"{key}.png")
             q = quality_label(e, clean, fov.mask, mapper(e, fov), ves_clean)
             rows.append({
@@ -248,43 +248,42 @@ def build_source(
     return rows, records
 
 
-def _csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """``rows`` as CSV text with these columns (floats with 6 decimals)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in columns})
     return buf.getvalue()
 
 
-def build_quality_set(
-    root: Path, out: Path, cfg: QualitySetConfig, *, overwrite: bool = False, threads: int = 2, log: Callable[[str], None] = print
-) -> dict:
-    """Build (or resume) the quality set in ``out``; returns the manifest."""
-    import torch
-
-    from fundus_pipeline import __version__
-    from fundus_pipeline.io import write_bytes_atomic
-    from fundus_pipeline.quality.label import LABEL_DEFINITION, VesselMapper
-    from fundus_pipeline.train.enhance import validation_names
-
-    torch.set_num_threads(threads)
-    enhancers = [SetEnhancer(n) for n in cfg.enhancers]
-    mapper = VesselMapper(cfg.segmenter)
-    digest = config_digest(cfg, enhancers, mapper.loaded.sha256)
+def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str) -> None:
+    """Claim ``out`` for a set built with ``digest``: resume one built with the same options, refuse (or with
+    ``overwrite`` clear) one built with others, refuse a non-empty folder that holds no set."""
     state = out / "rows" / "config.json"
     if state.is_file():
         before = json.loads(state.read_text()).get("digest")
         if before != digest and not overwrite:
-            raise UsageError(f"{out} holds a quality set built with other options or weights; pass --overwrite to rebuild it")
+            raise UsageError(f"{out} holds a {what} built with other options or weights; pass --overwrite to rebuild it")
         if before != digest:
             import shutil
 
             for sub in ("rows", *PARTS):
                 shutil.rmtree(out / sub, ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} is not empty and holds no quality set; choose an empty folder or pass --overwrite")
-    _write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json")})
+        raise UsageError(f"{out} is not empty and holds no {what}; choose an empty folder or pass --overwrite")
+    write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json")})
+
+
+def build_parts(
+    root: Path, out: Path, cfg, build_one: Callable[[str, dict, str, str], tuple[list[dict], list[dict]]], unit: str,
+    log: Callable[[str], None],
+) -> tuple[list[dict], list[dict], dict]:
+    """Run ``build_one(name, info, part, split) -> (rows, records)`` over every source of ``cfg.parts`` (at most
+    ``cfg.limit`` per dataset), skipping sources finished by an earlier run (``rows/PART/SRC.json``).
+    Returns every row, every record and the counts per part (``unit``: what a row is, e.g. "pairs")."""
+    from fundus_pipeline.train.enhance import validation_names
 
     all_rows: list[dict] = []
     all_records: list[dict] = []
@@ -299,21 +298,44 @@ def build_quality_set(
                 res = json.loads(done.read_text())
             else:
                 split = "test" if part == "test" else ("val" if name in val else "train")
-                rows, records = build_source(name, info, part, split, cfg, enhancers, mapper, out)
+                rows, records = build_one(name, info, part, split)
                 res = {"rows": rows, "records": records}
-                _write_json_atomic(done, res)
-                log(f"{part} {i + 1}/{len(listing)} {name}: {len(rows)} pairs")
+                write_json_atomic(done, res)
+                log(f"{part} {i + 1}/{len(listing)} {name}: {len(rows)} {unit}")
             all_rows += res["rows"]
             all_records += res["records"]
         c = counts.setdefault(part, {})
         c["sources"] = len(listing)
-        c["pairs"] = sum(r["part"] == part for r in all_rows)
+        c[unit] = sum(r["part"] == part for r in all_rows)
         for s in ("train", "val", "test"):
             n = sum(r["part"] == part and r["split"] == s for r in all_rows)
             if n:
-                c[f"pairs_{s}"] = n
+                c[f"{unit}_{s}"] = n
+    return all_rows, all_records, counts
 
-    write_bytes_atomic(out / "pairs.csv", _csv_text(all_rows).encode())
+
+def build_quality_set(
+    root: Path, out: Path, cfg: QualitySetConfig, *, overwrite: bool = False, threads: int = 2, log: Callable[[str], None] = print
+) -> dict:
+    """Build (or resume) the quality set in ``out``; returns the manifest."""
+    import torch
+
+    from fundus_pipeline import __version__
+    from fundus_pipeline.io import write_bytes_atomic
+    from fundus_pipeline.quality.label import LABEL_DEFINITION, VesselMapper
+
+    torch.set_num_threads(threads)
+    enhancers = [SetEnhancer(n) for n in cfg.enhancers]
+    mapper = VesselMapper(cfg.segmenter)
+    digest = config_digest(cfg, enhancers, mapper.loaded.sha256)
+    open_set(out, digest, cfg, overwrite, "quality set")
+
+    def one(name: str, info: dict, part: str, split: str) -> tuple[list[dict], list[dict]]:
+        return build_source(name, info, part, split, cfg, enhancers, mapper, out)
+
+    all_rows, all_records, counts = build_parts(root, out, cfg, one, "pairs", log)
+
+    write_bytes_atomic(out / "pairs.csv", csv_text(all_rows).encode())
     write_bytes_atomic(out / "degradations.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_records).encode())
     manifest = {
         "schema_version": 1,
@@ -329,5 +351,5 @@ def build_quality_set(
         "torch": torch.__version__,
         "threads": threads,
     }
-    _write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / "manifest.json", manifest)
     return manifest

@@ -272,3 +272,37 @@ class ScoreConfig(TrainConfig):
         if not (v / "pairs.csv").is_file():
             raise ValueError(f"{v} holds no pairs.csv (build it with `fundus build quality-set`)")
         return v
+
+
+class GradeConfig(TrainConfig):
+    """``fundus train grade``: the no-reference grader (HEMF, an ablation or the CNN baseline)."""
+
+    arch: str = Field("hemf", description="Registered grading model (hemf, hemf_local, hemf_global, hemf_nomhea, grade_cnn; see `fundus models`).")
+    grade_set: Path = Field(description="A grade set folder (`fundus build grade-set`): its labels.csv train split trains, val split validates.")
+    data: Path | None = Field(None, validate_default=True, description="Dataset root holding EyePACS-256/ [default: $FUNDUS_DATA, else ../shared/data].")
+    real_p: float = Field(0.3, ge=0.0, lt=1.0, description="Probability that a sample is a real EyePACS-256 training photograph (0: none are read).")
+    natural_p: float = Field(0.1, ge=0.0, lt=1.0, description="Probability that a sample is a not-fundus picture.")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v, "grading")
+
+    @field_validator("grade_set")
+    @classmethod
+    def _set(cls, v: Path) -> Path:
+        if not (v / "labels.csv").is_file():
+            raise ValueError(f"{v} holds no labels.csv (build it with `fundus build grade-set`)")
+        return v
+
+    @model_validator(mode="after")
+    def _mixture(self):
+        if self.real_p + self.natural_p >= 1.0:
+            raise ValueError("--real-p plus --natural-p must stay below 1 (the rest are the grade set's photographs)")
+        if self.real_p > 0:
+            _check_data(self.data, ("EyePACS-256",))
+        return self
+
+    @property
+    def data_root(self) -> Path:
+        return _data_root(self.data)

@@ -34,31 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fundus_pipeline.models.registry import build_model
+from fundus_pipeline.quality.grading import CLINICAL_OPS, COFE_OPS, applied_ops
 from fundus_pipeline.quality.scoring import CROP, SCORE_SIZE, crop_boxes, predict_pair
 from fundus_pipeline.train.config import PretextConfig, ScoreConfig
 from fundus_pipeline.train.loop import Batch, Task, fit
 
-COFE_OPS = ("color", "halo", "hole", "spot", "blur")
-CLINICAL_OPS = ("haze", "defocus", "motion", "vignetting", "underexposure", "overexposure", "noise", "jpeg")
 PRETEXT_TARGETS = (*(f"cofe_{o}" for o in COFE_OPS), *CLINICAL_OPS, "clean", "psnr_over_50", "ssim")
 N_BINARY = len(COFE_OPS) + len(CLINICAL_OPS) + 1
-
-
-def applied_ops(params: dict | None) -> np.ndarray:
-    """The binary pretext targets of a degradation parameter record (None: clean)."""
-    t = np.zeros(N_BINARY, np.float32)
-    if params is not None:
-        for step in params["steps"]:
-            if not step.get("applied") or step.get("params") is None:
-                continue
-            if step["type"].startswith("cofe_"):
-                for i, op in enumerate(COFE_OPS):
-                    if op in step["params"]:
-                        t[i] = 1.0
-            elif step["type"] in CLINICAL_OPS:
-                t[len(COFE_OPS) + CLINICAL_OPS.index(step["type"])] = 1.0
-    t[-1] = float(not t[:-1].any())
-    return t
 
 
 def _orient(a: np.ndarray, k: int, flip: bool) -> np.ndarray:

@@ -1,0 +1,69 @@
+"""``fundus grade``: a no-reference grade (Good / Usable / Reject) of each photograph and what is wrong with it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fundus_pipeline.cli.app import app, run_stage_command
+from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.config import GradeConfig, default
+from fundus_pipeline.quality.grading import GRADES
+
+
+def sort_into(out_dir: Path) -> dict[str, int]:
+    """Copy (never move) each input graded in ``OUT/results.csv`` into ``OUT/<grade>/KEY<suffix>``, with its
+    original bytes; each copy is written to a temporary name and renamed, so a rerun replaces it whole."""
+    counts = {g: 0 for g in GRADES}
+    with open(out_dir / "results.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("status") != "ok" or row.get("grade") not in counts:
+                continue
+            src = Path(row["input"])
+            dst = out_dir / row["grade"] / f"{row['key']}{src.suffix}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            for g in GRADES:  # a regraded item (a run with other weights, --overwrite) leaves no stale copy behind
+                stale = out_dir / g / dst.relative_to(out_dir / row["grade"])
+                if g != row["grade"] and stale.is_file():
+                    stale.unlink()
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            counts[row["grade"]] += 1
+    return counts
+
+
+@app.command()
+def grade(
+    in_dir: InPath,
+    out_dir: OutDir,
+    weights: Annotated[str, typer.Option("--weights", "-w", help="Grading weights: a name from `fundus models` or a .pt state-dict file.")] = default(GradeConfig, "weights"),
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
+    flag_threshold: Annotated[float, typer.Option("--flag-threshold", help="A flag is listed in the 'flags' column from this probability on.")] = default(GradeConfig, "flag_threshold"),
+    sort: Annotated[bool, flag("--sort-into", help="After grading, copy (never move) each input into OUT/good, OUT/usable or OUT/reject.")] = False,
+    device: Device = default(GradeConfig, "device"),
+    threads: Threads = None,
+    workers: Workers = 1,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    fmt: FormatOpt = Format.human,
+):
+    """Grade photographs as Good, Usable or Reject (EyeQ's classes) and say what is wrong (HEMF, no reference).
+
+    results.csv: grade, the three calibrated probabilities, the temperature, one probability per flag (blur,
+    illumination, spots, haze, noise, compression, underexposure, overexposure, not_fundus), the flags at or
+    above --flag-threshold, and the FOV figures. No images are written unless --sort-into. An image without a
+    circular field of view is graded on the whole frame. Example: fundus grade photos/ graded/ --sort-into
+    """
+    from fundus_pipeline.stages.grade import GradeStage
+
+    cfg = GradeConfig.build(weights=weights, arch=arch, device=device, flag_threshold=flag_threshold)
+    after = (lambda: sort_into(out_dir)) if sort else None
+    run_stage_command(lambda: GradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
+                      quiet=quiet, fmt=fmt, after=after)

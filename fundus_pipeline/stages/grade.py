@@ -1,0 +1,107 @@
+"""The ``grade`` stage: is a photograph fit to read? A no-reference grade (Good / Usable / Reject, EyeQ's
+classes) and what is wrong with it (the flags of ``fundus_pipeline.quality.grading``), by HEMF.
+
+The network sees the photograph in its canonical frame: the field of view's bounding square (0 outside the
+FOV) resized to the weights' input size with area averaging. An image without a circular field of view is
+not refused (it may be a photograph cropped to the retina, or not a fundus photograph at all, which is what
+the ``not_fundus`` flag is for): the whole image is squashed to the input size instead. Grade probabilities
+are the softmax of the grade logits divided by the weights' temperature (fitted on validation images);
+flag probabilities are the sigmoid of the flag logits. No images are written (``--sort-into`` copies the
+inputs afterwards, see the command).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from fundus_pipeline.config import GradeConfig
+from fundus_pipeline.quality.grading import FLAGS, GRADES
+from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
+
+
+def grade_frame(rgb: np.ndarray, fov, size: int) -> np.ndarray:
+    """The grader's input (float32 size x size x 3): the FOV's canonical frame, or the squashed image."""
+    import cv2
+
+    from fundus_pipeline.canonical import CanonicalFrame
+
+    if fov is not None and fov.found:
+        frame = CanonicalFrame.from_fov(fov.geometry, size)
+        return np.clip(frame.to_canonical(rgb * fov.mask[..., None]), 0, 1).astype(np.float32)
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if h > size or w > size else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interp).astype(np.float32)
+
+
+def grade_probabilities(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(grade probabilities N x 3: softmax of grade logits / T, flag probabilities N x F: sigmoid)."""
+    n = len(GRADES)
+    z = logits[:, :n] / temperature
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    return p, 1.0 / (1.0 + np.exp(-np.clip(logits[:, n:], -60, 60)))
+
+
+class GradeStage(Stage):
+    name = "grade"
+    columns = (
+        "grade", *(f"p_{g}" for g in GRADES), "temperature", *(f"p_{f}" for f in FLAGS), "flags", "fov_found", "fov_fraction",
+        "fov_diameter",
+    )  # fmt: skip
+    uses_torch: ClassVar = True
+    transient = ("_model",)  # reloaded (and re-verified) in each worker
+
+    def __init__(self, config: GradeConfig):
+        from fundus_pipeline.device import resolve_device
+
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self._model = None
+        self._load()
+        spec = self.spec.spec
+        self.size = int(getattr(spec.input.scale_policy, "size", 0) or self._model.input_size) if spec else int(self._model.input_size)
+        self.temperature = float(getattr(spec.output, "temperature", 1.0)) if spec else 1.0
+
+    def _load(self) -> None:
+        from fundus_pipeline.models.weights import load_model
+
+        self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="grading")
+
+    def setup(self) -> None:
+        if self._model is None:
+            self._load()
+
+    def config_record(self) -> dict:
+        return {
+            "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
+            "size": self.size,
+            "temperature": self.temperature,
+            "flag_threshold": self.cfg.flag_threshold,
+            "device": str(self.device),
+        }
+
+    def info(self) -> dict:
+        return {"weights_path": str(self.spec.path)}
+
+    def compute(self, item: ItemInput) -> ItemOutput:
+        import torch
+
+        self.setup()
+        fov = item.fov
+        x = grade_frame(item.image.rgb, fov, self.size)
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(self.device)
+            logits = self._model(t).float().cpu().numpy()
+        pg, pf = grade_probabilities(logits, self.temperature)
+        pg, pf = pg[0], pf[0]
+        found = bool(fov is not None and fov.found)
+        fields = {"grade": GRADES[int(pg.argmax())], **{f"p_{g}": round(float(p), 6) for g, p in zip(GRADES, pg)}, "temperature": self.temperature}
+        fields.update({f"p_{f}": round(float(p), 6) for f, p in zip(FLAGS, pf)})
+        fields["flags"] = " ".join(f for f, p in zip(FLAGS, pf) if p >= self.cfg.flag_threshold)
+        fields["fov_found"] = found
+        fields["fov_fraction"] = round(float(fov.mask.mean()), 6) if found else ""
+        fields["fov_diameter"] = round(float(fov.geometry.diameter), 2) if found else ""
+        return ItemOutput({}, fields)

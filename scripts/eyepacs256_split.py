@@ -1,0 +1,25 @@
+"""Write the EyePACS-256 patient split (``fundus_pipeline.datasets.eyepacs256_split``) to a CSV.
+
+    python scripts/eyepacs256_split.py > docs/grade/eyepacs256_split.csv
+
+The split is a pure function of the labels file and a fixed seed; the committed CSV records it, and
+``tests/test_grade.py`` checks that the function still reproduces it.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+from fundus_pipeline.datasets import default_data_root, eyepacs256_split
+
+
+def main() -> None:
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(["image", "patient", "quality", "split"])
+    for r in eyepacs256_split(default_data_root()):
+        w.writerow([r["image"], r["patient"], r["quality"], r["split"]])
+
+
+if __name__ == "__main__":
+    main()
