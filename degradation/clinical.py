@@ -14,7 +14,7 @@ import math
 import cv2
 import numpy as np
 
-from .functional import Frame, disc_psf, line_psf, smooth_blur
+from .functional import Frame, blur_in_place, disc_psf, line_psf, smooth_blur
 
 
 def _row_chunks(h: int, w: int, pixels: int = 1 << 17):
@@ -24,10 +24,11 @@ def _row_chunks(h: int, w: int, pixels: int = 1 << 17):
 
 
 class OpCtx:
-    def __init__(self, frame: Frame, region: np.ndarray, levels: int):
+    def __init__(self, frame: Frame, region: np.ndarray, levels: int, owned: bool = False):
         self.frame = frame
         self.region = region
         self.levels = int(levels)
+        self.owned = owned  # the ops may overwrite their input (the caller's working copy): fewer full-size arrays
 
 
 def _u(rng: np.random.Generator, r) -> float:
@@ -56,7 +57,7 @@ def apply_noise(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     if a == 0.0 and b == 0.0:
         return img.copy()
     g = np.random.Generator(np.random.PCG64(int(rec["seed"])))
-    out = np.empty_like(img, dtype=np.float32)
+    out = img if ctx.owned and img.dtype == np.float32 else np.empty_like(img, dtype=np.float32)
     fa, fb = np.float32(a), np.float32(b)
     for rows in _row_chunks(img.shape[0], img.shape[1]):  # fixed chunking: the stream order is fixed
         x = img[rows]
@@ -88,11 +89,17 @@ def sample_jpeg(rng, cfg: dict) -> dict:
 
 
 def apply_jpeg(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
-    u8 = np.rint(np.clip(img, 0, 1) * 255.0).astype(np.uint8)
+    u8 = np.empty(img.shape, np.uint8)
+    for rows in _row_chunks(img.shape[0], img.shape[1]):  # by row bands: no full-size float temporaries
+        u8[rows] = np.rint(np.clip(img[rows], 0, 1) * 255.0)
     ok, buf = cv2.imencode(".jpg", u8[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rec["quality"])])
     if not ok:  # pragma: no cover - cv2 always encodes a valid uint8 RGB array
         raise RuntimeError("JPEG encoding failed")
+    del u8
     dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    if ctx.owned and img.dtype == np.float32:
+        np.divide(dec, np.float32(255.0), out=img, dtype=np.float32)
+        return img
     return dec.astype(np.float32) / np.float32(255.0)
 
 
@@ -108,15 +115,19 @@ def sample_defocus(rng, cfg: dict) -> dict:
     return {"radius": _u(rng, cfg["radius_range"])}
 
 
-def _filter(img: np.ndarray, k: np.ndarray) -> np.ndarray:
+def _filter(img: np.ndarray, k: np.ndarray, owned: bool = False) -> np.ndarray:
     if k.shape == (1, 1):
-        return img.copy()
-    out = cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT_101)
+        return img if owned else img.copy()
+
+    def filt(a: np.ndarray) -> np.ndarray:
+        return cv2.filter2D(a, -1, k, borderType=cv2.BORDER_REFLECT_101)
+
+    out = blur_in_place(img, filt, k.shape[0] // 2) if owned else filt(img)  # in place: the same values, by row bands
     return np.clip(out, 0.0, 1.0, out=out)
 
 
 def apply_defocus(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
-    return _filter(img, disc_psf(ctx.frame.length(rec["radius"])))
+    return _filter(img, disc_psf(ctx.frame.length(rec["radius"])), ctx.owned)
 
 
 def sample_motion(rng, cfg: dict) -> dict:
@@ -127,7 +138,7 @@ def sample_motion(rng, cfg: dict) -> dict:
 
 
 def apply_motion(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
-    return _filter(img, line_psf(ctx.frame.length(rec["length"]), float(rec["angle"])))
+    return _filter(img, line_psf(ctx.frame.length(rec["length"]), float(rec["angle"])), ctx.owned)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,10 +165,13 @@ def apply_vignetting(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     th = math.radians(rec["direction"])
     cx = fov.cx + rec["offset"] * fov.radius * math.cos(th)
     cy = fov.cy + rec["offset"] * fov.radius * math.sin(th)
-    yy, xx = np.ogrid[: img.shape[0], : img.shape[1]]
-    rho = np.sqrt(((xx - cx) ** 2 + (yy - cy) ** 2).astype(np.float32)) / np.float32(fov.radius)
-    gain = 1.0 - np.float32(rec["strength"]) * np.minimum(rho, 1.0) ** np.float32(rec["power"])
-    out = img * np.clip(gain, 0.0, 1.0)[..., None].astype(np.float32)
+    out = img if ctx.owned else np.empty(img.shape, np.result_type(img.dtype, np.float32))
+    dx2 = (np.arange(img.shape[1])[None, :] - cx) ** 2
+    for rows in _row_chunks(img.shape[0], img.shape[1]):  # the gain per row band: no full-size temporaries
+        yy = np.arange(rows.start, rows.stop)[:, None]
+        rho = np.sqrt((dx2 + (yy - cy) ** 2).astype(np.float32)) / np.float32(fov.radius)
+        gain = 1.0 - np.float32(rec["strength"]) * np.minimum(rho, 1.0) ** np.float32(rec["power"])
+        out[rows] = img[rows] * np.clip(gain, 0.0, 1.0)[..., None].astype(np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -187,10 +201,16 @@ def apply_haze(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     if t >= 1.0:
         return img.copy()
     veil = np.float32(rec["airlight"]) * np.asarray(rec["tint"], np.float32) * (np.float32(1.0) - m)
-    out = img * t + (np.float32(1.0) - t) * veil
-    if m > 0:
-        glare = smooth_blur(img, ctx.frame.length(rec["glare_sigma"]))
-        out += (np.float32(1.0) - t) * m * glare
+    glare = smooth_blur(img, ctx.frame.length(rec["glare_sigma"])) if m > 0 else None
+    if ctx.owned:  # the same arithmetic in the input's buffer
+        img *= t
+        img += (np.float32(1.0) - t) * veil
+        out = img
+    else:
+        out = img * t + (np.float32(1.0) - t) * veil
+    if glare is not None:
+        glare *= (np.float32(1.0) - t) * m
+        out += glare
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -209,9 +229,11 @@ def sample_exposure(rng, cfg: dict) -> dict:
 def apply_exposure(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     g, gm = np.float32(rec["gain"]), np.float32(rec["gamma"])
     if gm == 1.0:
-        out = img * g
+        out = img if ctx.owned else img.copy()
+        out *= g
         return np.clip(out, 0.0, 1.0, out=out)
-    out = cv2.pow(np.ascontiguousarray(img, dtype=np.float32), float(gm))
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    out = cv2.pow(src, float(gm), dst=src if ctx.owned and src is img else None)
     out *= g
     return np.clip(out, 0.0, 1.0, out=out)
 

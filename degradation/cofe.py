@@ -27,6 +27,7 @@ import numpy as np
 from .functional import (
     CANONICAL,
     Frame,
+    blur_in_place,
     blurred_canonical_field,
     canonical_disk,
     gaussian_blur,
@@ -239,8 +240,9 @@ def sample_cofe(variant: str, code: str, rng_for: Callable[[str], np.random.Gene
 class _Ctx:
     """Per-call state: geometry, FOV region, quantisation levels and image-dependent values."""
 
-    def __init__(self, frame: Frame, region: np.ndarray, levels: int, exact: bool, details: dict | None):
+    def __init__(self, frame: Frame, region: np.ndarray, levels: int, exact: bool, details: dict | None, owned: bool = False):
         self.frame = frame
+        self.owned = owned  # the ops may overwrite their input (the caller's working copy): fewer full-size arrays
         self.region = region  # bool H×W: inside the FOV
         self.levels = int(levels)
         self.exact = exact
@@ -291,7 +293,7 @@ def _apply_color(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     luma_mean = luma_sum / ctx.area
     grey = float(int(luma_mean + 0.5))
     lut_c = pil_blend(grey, ramp, c, lv).astype(np.uint8) if use_lut else None
-    out = np.empty(img.shape, np.float32)
+    out = img if ctx.owned else np.empty(img.shape, np.float32)
     for rows in _row_chunks(h, w):
         qc = cv2.LUT(qb[rows], lut_c).astype(np.float32) if use_lut else pil_blend(grey, qb[rows], c, lv)
         o = pil_blend(pil_luma(qc)[..., None], qc, s, lv)
@@ -321,8 +323,14 @@ def _apply_halo(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     f = work_factor(g, float(w.max()), ctx.exact)
     field, pad = blurred_canonical_field(ring, g, g, sigma, f)
     field = ctx.frame.warp_from_canonical(field, f, pad)
-    out = field[..., None] * w
-    out += img
+    if ctx.owned:  # img + field * w in place, by row chunks and channels (float addition commutes: same values)
+        for rows in _row_chunks(*field.shape):
+            for k in range(3):
+                img[rows, :, k] += field[rows] * w[k]
+        out = img
+    else:
+        out = field[..., None] * w
+        out += img
     return np.clip(out, np.float32(0.0), np.float32(1.0), out=out)
 
 
@@ -342,12 +350,16 @@ def _apply_hole(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     field, pad = blurred_canonical_field(disk, kw, kh, float(rec["sigma"]), f)
     field = ctx.frame.warp_from_canonical(field, f, pad)
     field *= np.float32(factor)
-    out = img + field[..., None]
+    if ctx.owned:
+        img += field[..., None]
+        out = img
+    else:
+        out = img + field[..., None]
     return np.clip(out, np.float32(0.0), np.float32(1.0), out=out)
 
 
 def _apply_spots(img: np.ndarray, spots: list[dict], ctx: _Ctx) -> np.ndarray:
-    out = img.copy()
+    out = img if ctx.owned else img.copy()
     fr = ctx.frame
     hgt, wid = out.shape[:2]
     for sp in spots:
@@ -372,7 +384,11 @@ def _apply_spots(img: np.ndarray, spots: list[dict], ctx: _Ctx) -> np.ndarray:
 
 def _apply_blur(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     fr = ctx.frame
-    out = gaussian_blur(img, fr.kernel(int(rec["rad_w"])), fr.kernel(int(rec["rad_h"])), fr.length(rec["sigma"]))
+    kw, kh, sigma = fr.kernel(int(rec["rad_w"])), fr.kernel(int(rec["rad_h"])), fr.length(rec["sigma"])
+    if ctx.owned:  # the same blur, written back into the input as a sliding window of row bands
+        out = blur_in_place(img, lambda a: gaussian_blur(a, kw, kh, sigma), kh // 2)
+    else:
+        out = gaussian_blur(img, kw, kh, sigma)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -392,12 +408,16 @@ def apply_cofe(
     levels: int = 255,
     exact: bool | None = None,
     details: dict | None = None,
+    *,
+    consume: bool = False,
 ) -> np.ndarray:
     """Apply one Cofe-Net record to ``img`` (float32 H×W×3, background already black). No FOV
-    multiply here: the caller (:class:`~degradation.Degrader`) multiplies by the soft mask last."""
+    multiply here: the caller (:class:`~degradation.Degrader`) multiplies by the soft mask last.
+    ``consume``: ``img`` is the caller's working copy and may be overwritten (same result, fewer
+    full-size arrays: what large photographs need)."""
     if exact is None:
         exact = frame.is_identity
-    ctx = _Ctx(frame, region, levels, exact, details)
+    ctx = _Ctx(frame, region, levels, exact, details, owned=consume)
     out = img
     for op in _ORDER[rec["variant"]]:
         if op in rec and rec[op] is not None:

@@ -32,6 +32,33 @@ def gaussian_blur(x: np.ndarray, kw: int, kh: int, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(x, (int(kw), int(kh)), sigmaX=float(sigma), sigmaY=float(sigma), borderType=_BORDER)
 
 
+def blur_in_place(img: np.ndarray, blur, radius: int, band: int = 256) -> np.ndarray:
+    """``blur(img)`` written back into ``img`` and returned, holding only a window of rows besides it.
+
+    ``blur`` is a row-local filter with reflected image borders (``gaussian_blur``), ``radius`` its reach in
+    rows. Output rows [a, b) are ``blur`` of the rows [a - radius, b + radius) (a copy, clipped to the
+    image, so the image's top and bottom are reflected exactly as in one piece); a finished row is written
+    back once no later band reads it. Each output value is computed from the same input values by the
+    same filter as in one piece."""
+    h = img.shape[0]
+    if h <= band + 2 * radius:
+        img[...] = blur(img)
+        return img
+    pending: list[tuple[int, np.ndarray]] = []  # (first row, finished rows) not yet written back
+    for a in range(0, h, band):
+        b = min(h, a + band)
+        lo, hi = max(0, a - radius), min(h, b + radius)
+        out = blur(np.ascontiguousarray(img[lo:hi]))[a - lo : b - lo]
+        pending.append((a, out))
+        while pending and pending[0][0] + len(pending[0][1]) <= b - radius:  # no later band reads these rows
+            r0, rows = pending.pop(0)
+            img[r0 : r0 + len(rows)] = rows
+        if b == h:
+            for r0, rows in pending:
+                img[r0 : r0 + len(rows)] = rows
+    return img
+
+
 # ---------------------------------------------------------------------------------------------------
 # Geometry: canonical 512 frame <-> native pixels
 # ---------------------------------------------------------------------------------------------------
@@ -254,7 +281,8 @@ def _gauss_ksize(sigma: float) -> int:
 
 def smooth_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """A wide Gaussian blur (sigma in native pixels, ±4σ) with *dark* surroundings (zero padding: no light
-    comes from outside the picture), computed at reduced resolution when sigma is large. Zero padding
+    comes from outside the picture), computed at reduced resolution when sigma is large (then the result
+    is a view into a slightly larger array, the caller's to modify). Zero padding
     is exact on any grid, so down-blur-up stays within ~1/255 of the direct blur (tested)."""
     if sigma <= 0:
         return img.copy()
@@ -268,12 +296,13 @@ def smooth_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     src = cv2.copyMakeBorder(img, f, f + ph, f, f + pw, cv2.BORDER_CONSTANT, value=0)
     hh, ww = src.shape[:2]
     small = cv2.resize(src, (ww // f, hh // f), interpolation=cv2.INTER_AREA)
+    del src  # a full-size copy: gone before the full-size upsampling
     # the area average adds (f²−1)/12 and the bilinear upsampling ~f²/6 of variance: take them off
     fs = math.sqrt(max(sigma * sigma - (f * f - 1) / 12.0 - f * f / 6.0, 0.25 * f * f)) / f
     k = _gauss_ksize(fs)
     small = cv2.GaussianBlur(small, (k, k), sigmaX=fs, sigmaY=fs, borderType=cv2.BORDER_CONSTANT)
     up = cv2.resize(small, (ww, hh), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(up[f : f + h, f : f + w])
+    return up[f : f + h, f : f + w]  # a view of the padded result (no second full-size copy)
 
 
 def soft_fov_mask(binary: np.ndarray, fov: FovGeometry | dict) -> np.ndarray:

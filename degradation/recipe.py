@@ -413,8 +413,13 @@ class Degrader:
         *,
         exact: bool | None = None,
         details: dict | None = None,
+        consume: bool = False,
     ) -> np.ndarray:
-        """Apply recorded ``params`` to ``img`` (float32 H×W×3 in [0,1], not modified).
+        """Apply recorded ``params`` to ``img`` (float32 H×W×3 in [0,1], not modified unless ``consume``).
+
+        ``consume=True``: ``img`` (C-contiguous float32) is a copy the caller no longer needs; it becomes the
+        working buffer and every op runs in place where it can, so a large photograph holds one full-size
+        float image instead of several. The result is the same, bit for bit.
 
         ``fov_soft`` is the float32 H×W soft FOV mask; pixels where it is 0 are treated as the black
         background of the released pre-processing, and the result is multiplied by it last.
@@ -437,21 +442,25 @@ class Degrader:
         if int(levels) < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
         region = fov_soft > 0
-        x = np.clip(img.astype(np.float32, copy=True), 0.0, 1.0)
+        if consume and img.dtype == np.float32 and img.flags.c_contiguous and img.flags.writeable:
+            x = np.clip(img, 0.0, 1.0, out=img)
+        else:
+            x = np.clip(img.astype(np.float32, copy=True), 0.0, 1.0)
+        del img
         x *= region[..., None]
         frame = Frame(fov)
-        ctx = clinical.OpCtx(frame, region, levels)
+        ctx = clinical.OpCtx(frame, region, levels, owned=True)  # x is this call's own working copy
         for rec in params["steps"]:
             if not rec.get("applied") or rec.get("params") is None:
                 continue
             if rec["type"].startswith("cofe_"):
                 sub = {} if details is not None else None
-                x = apply_cofe(x, rec["params"], frame, region, levels, exact, sub)
+                x = apply_cofe(x, rec["params"], frame, region, levels, exact, sub, consume=True)
                 if details is not None:
                     details[rec["name"]] = sub
             else:
                 x = clinical.OPS[rec["type"]][1](x, rec["params"], ctx)
-        x = np.clip(x, 0.0, 1.0)
+        x = np.clip(x, 0.0, 1.0, out=x) if x.dtype == np.float32 else np.clip(x, 0.0, 1.0)
         x *= fov_soft[..., None]
         return x.astype(np.float32, copy=False)
 

@@ -556,13 +556,14 @@ def to_float_rgb(arr: np.ndarray, meta: ImageMeta) -> tuple[np.ndarray, np.ndarr
 
 
 def from_float_rgb(
-    rgb: np.ndarray, meta: ImageMeta, alpha: np.ndarray | None, *, truncate: bool = False
+    rgb: np.ndarray, meta: ImageMeta, alpha: np.ndarray | None, *, truncate: bool = False, consume: bool = False
 ) -> np.ndarray:
     """Back to ``meta``'s dtype and channel layout.
 
     Gray layouts take the ITU-R BT.601 luminance (0.299 R + 0.587 G + 0.114 B); ``alpha`` is re-attached
     unchanged (if ``alpha`` is None the output has no alpha channel). ``truncate=True`` floors
     ``x * maxval`` (the Cofe-Net generator's integer cast), otherwise rounds; values are clipped.
+    ``consume=True``: ``rgb`` (float32) is not needed afterwards and is used as scratch (same result).
     """
     rgb = np.asarray(rgb, dtype=np.float32)
     if rgb.ndim == 3 and rgb.shape[2] == 1:
@@ -573,9 +574,14 @@ def from_float_rgb(
         plane = rgb if rgb.ndim == 2 else rgb @ _LUMA
     else:
         plane = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
-    scaled = plane * np.float32(maxval)
-    scaled = np.floor(scaled) if truncate else np.rint(scaled)
-    out = np.clip(scaled, 0, maxval).astype(dtype)
+    if consume and plane.flags.writeable:
+        scaled = np.multiply(plane, np.float32(maxval), out=plane)
+        (np.floor if truncate else np.rint)(scaled, out=scaled)
+        out = np.clip(scaled, 0, maxval, out=scaled).astype(dtype)
+    else:
+        scaled = plane * np.float32(maxval)
+        scaled = np.floor(scaled) if truncate else np.rint(scaled)
+        out = np.clip(scaled, 0, maxval).astype(dtype)
     if alpha is not None and meta.mode in ("graya", "rgba"):
         a = np.asarray(alpha)
         if a.shape != out.shape[:2]:

@@ -122,3 +122,25 @@ def test_large_jpeg_reader_matches_pillow_and_refuses_truncation(tmp_path, large
     p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(InputError, match="truncated"):
         read_image(p)
+
+
+@pytest.mark.parametrize("options", [{"types": ["001", "010", "100", "111"]}, {"recipe": "severe", "seed": 3}, {"types": ["111"], "preset": "training"}])
+@pytest.mark.parametrize("kind", ["rgb8", "rgb16", "gray"])
+def test_degrade_in_place_path_gives_the_same_bytes(options, kind, tmp_path, monkeypatch):
+    """Very large photographs are degraded in their own float copy, in place, and converted in place: the
+    same bytes as the exact path."""
+    from fundus_pipeline.config import DegradeConfig
+    from fundus_pipeline.stages.degrade import DegradeStage
+
+    rgb = synthetic_fundus(150, 170, 7)
+    arr = {"rgb8": rgb, "rgb16": rgb.astype(np.uint16) * 257, "gray": rgb[..., 1]}[kind]
+    outs = {}
+    for is_large in (False, True):
+        monkeypatch.setattr(bands, "LARGE_PIXELS", 1 if is_large else 10**12)
+        img = _image(arr, tmp_path)
+        stage = DegradeStage(DegradeConfig(**options))
+        outs[is_large] = stage.compute(ItemInput("p", {"image": img}, Fov.estimate_image(img))).images_now()
+        assert ("_float" in img.__dict__) is not is_large  # the large path never caches a float copy
+    assert outs[False].keys() == outs[True].keys()
+    for k in outs[False]:
+        assert np.array_equal(outs[False][k], outs[True][k]), k

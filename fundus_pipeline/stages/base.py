@@ -68,8 +68,16 @@ class Image:
 
     @property
     def alpha(self) -> np.ndarray | None:
-        """The alpha plane in the native dtype, or None."""
-        return self._float[1]
+        """The alpha plane in the native dtype, or None (read from the integer array: no float conversion)."""
+        if "_float" in self.__dict__:
+            return self._float[1]
+        a = self.array
+        return a[..., a.shape[2] - 1].copy() if a.ndim == 3 and a.shape[2] in (2, 4) else None
+
+    def fresh_rgb(self) -> np.ndarray:
+        """A new float32 RGB copy that the caller owns (``rgb`` when it is cached, else not cached): a very large
+        photograph's stages convert it when needed instead of holding it."""
+        return to_float_rgb(self.array, self.meta)[0]
 
     @property
     def color(self) -> np.ndarray:

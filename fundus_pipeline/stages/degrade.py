@@ -93,7 +93,12 @@ class DegradeStage(Stage):
                 g = fov.geometry
 
             def render(degrader=degrader, params=params, g=g) -> np.ndarray:  # deferred: one variant in memory at a time
-                out = degrader.apply(image.rgb, params, soft_fov_mask(fov.mask, g), levels=levels)
+                soft = soft_fov_mask(fov.mask, g)
+                if image.large:  # its own float copy, degraded in place and converted in place: fewer full-size arrays
+                    out = degrader.apply(image.fresh_rgb(), params, soft, levels=levels, consume=True)
+                    del soft
+                    return from_float_rgb(out, image.meta, image.alpha, truncate=True, consume=True)
+                out = degrader.apply(image.rgb, params, soft, levels=levels)
                 return from_float_rgb(out, image.meta, image.alpha, truncate=True)
 
             images[f"_{variant}" if variant else ""] = render
