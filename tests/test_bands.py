@@ -144,3 +144,12 @@ def test_degrade_in_place_path_gives_the_same_bytes(options, kind, tmp_path, mon
     assert outs[False].keys() == outs[True].keys()
     for k in outs[False]:
         assert np.array_equal(outs[False][k], outs[True][k]), k
+
+
+def test_grade_frame_banded_matches_the_exact_one(tmp_path, monkeypatch):
+    from fundus_pipeline.stages.grade import grade_frame, grade_frame_large
+
+    for arr in (synthetic_fundus(300, 360, 9), np.random.default_rng(0).integers(0, 256, (200, 260, 3), dtype=np.uint8)):
+        img = _image(arr, tmp_path)
+        fov = Fov.estimate_image(img)
+        assert np.abs(grade_frame_large(img, fov, 64) - grade_frame(img.rgb, fov, 64)).max() < 1e-5

@@ -35,6 +35,22 @@ def grade_frame(rgb: np.ndarray, fov, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interp).astype(np.float32)
 
 
+def grade_frame_large(image, fov, size: int) -> np.ndarray:
+    """``grade_frame`` of a very large photograph, area-averaged from its integer array in row bands
+    (``fundus_pipeline.bands``; equal to ``grade_frame`` to float rounding)."""
+    from fundus_pipeline.bands import rgb_downscale
+    from fundus_pipeline.canonical import CanonicalFrame
+
+    h, w = image.color.shape[:2]
+    if fov is not None and fov.found:
+        frame = CanonicalFrame.from_fov(fov.geometry, size)
+        if frame.side > size:
+            box = (frame.x0, frame.y0, frame.side, frame.side)
+            return np.clip(rgb_downscale(image.color, size, size, image.maxval, box=box, mask=fov.mask), 0, 1)
+        return grade_frame(image.rgb, fov, size)  # a small FOV in a huge frame
+    return rgb_downscale(image.color, size, size, image.maxval)
+
+
 def grade_probabilities(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """(grade probabilities N x 3: softmax of grade logits / T, flag probabilities N x F: sigmoid)."""
     n = len(GRADES)
@@ -91,7 +107,7 @@ class GradeStage(Stage):
 
         self.setup()
         fov = item.fov
-        x = grade_frame(item.image.rgb, fov, self.size)
+        x = grade_frame_large(item.image, fov, self.size) if item.image.large else grade_frame(item.image.rgb, fov, self.size)
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(self.device)
             logits = self._model(t).float().cpu().numpy()
