@@ -227,3 +227,34 @@ class Stage(ABC):
         if item.fov is None or not item.fov.found:
             raise InputError("no fundus field of view found (no dark surround); if the photograph is already cropped to the retina, pass --fov full")
         return item.fov
+
+
+class NetworkStage(Stage):
+    """A stage around one network: weights ``cfg.weights`` (a shipped name or a file; ``cfg.arch`` for files
+    not in the manifest) of ``task``, on ``cfg.device``, loaded and verified once per process (the model is
+    sent to spawned workers as None and ``setup`` reloads it there)."""
+
+    task: ClassVar[str]  # the weights' task, checked by the loader ("segmentation", "quality", ...)
+    uses_torch: ClassVar[bool] = True
+    transient: ClassVar[tuple[str, ...]] = ("_model",)
+
+    def __init__(self, config):
+        from fundus_pipeline.device import resolve_device
+
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self._model = None
+        self.setup()
+
+    def setup(self) -> None:
+        if self._model is None:
+            from fundus_pipeline.models.weights import load_model
+
+            self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task=self.task)
+
+    def weights_record(self) -> dict:
+        """The weights' identity for the configuration record (hashed for ``--resume``)."""
+        return {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256}
+
+    def info(self) -> dict:
+        return {"weights_path": str(self.spec.path)}

@@ -12,13 +12,11 @@ inputs afterwards, see the command).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 
 from fundus_pipeline.config import GradeConfig
 from fundus_pipeline.quality.grading import FLAGS, GRADES
-from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
+from fundus_pipeline.stages.base import ItemInput, ItemOutput, NetworkStage
 
 
 def grade_frame(rgb: np.ndarray, fov, size: int) -> np.ndarray:
@@ -61,46 +59,28 @@ def grade_probabilities(logits: np.ndarray, temperature: float) -> tuple[np.ndar
     return p, 1.0 / (1.0 + np.exp(-np.clip(logits[:, n:], -60, 60)))
 
 
-class GradeStage(Stage):
+class GradeStage(NetworkStage):
     name = "grade"
+    task = "grading"
     columns = (
         "grade", *(f"p_{g}" for g in GRADES), "temperature", *(f"p_{f}" for f in FLAGS), "flags", "fov_found", "fov_fraction",
         "fov_diameter",
     )  # fmt: skip
-    uses_torch: ClassVar = True
-    transient = ("_model",)  # reloaded (and re-verified) in each worker
 
     def __init__(self, config: GradeConfig):
-        from fundus_pipeline.device import resolve_device
-
-        self.cfg = config
-        self.device = resolve_device(config.device)
-        self._model = None
-        self._load()
+        super().__init__(config)
         spec = self.spec.spec
         self.size = int(getattr(spec.input.scale_policy, "size", 0) or self._model.input_size) if spec else int(self._model.input_size)
         self.temperature = float(getattr(spec.output, "temperature", 1.0)) if spec else 1.0
 
-    def _load(self) -> None:
-        from fundus_pipeline.models.weights import load_model
-
-        self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="grading")
-
-    def setup(self) -> None:
-        if self._model is None:
-            self._load()
-
     def config_record(self) -> dict:
         return {
-            "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
+            "weights": self.weights_record(),
             "size": self.size,
             "temperature": self.temperature,
             "flag_threshold": self.cfg.flag_threshold,
             "device": str(self.device),
         }
-
-    def info(self) -> dict:
-        return {"weights_path": str(self.spec.path)}
 
     def compute(self, item: ItemInput) -> ItemOutput:
         import torch

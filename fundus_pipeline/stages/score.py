@@ -10,53 +10,33 @@ mean, in [0, 1], higher is better) and ``score_spread`` (the standard deviation 
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from fundus_pipeline.config import ScoreConfig
 from fundus_pipeline.errors import InputError
 from fundus_pipeline.quality.scoring import CROP, SCORE_SIZE, crop_boxes, predict_pair, to_score_frame
-from fundus_pipeline.stages.base import InputSpec, ItemInput, ItemOutput, Stage
+from fundus_pipeline.stages.base import InputSpec, ItemInput, ItemOutput, NetworkStage
 
 
-class ScoreStage(Stage):
+class ScoreStage(NetworkStage):
     name = "score"
+    task = "quality"
     columns = ("score", "score_spread", "crops")
     inputs = (InputSpec("image"), InputSpec("reference", "--reference", "the degraded photograph each enhanced image was made from"))
-    uses_torch: ClassVar = True
-    transient = ("_model",)  # reloaded (and re-verified) in each worker
 
     def __init__(self, config: ScoreConfig):
-        from fundus_pipeline.device import resolve_device
-
-        self.cfg = config
-        self.device = resolve_device(config.device)
-        self._model = None
-        self._load()
+        super().__init__(config)
         spec = self.spec.spec
         self.size = int(getattr(spec.input.scale_policy, "size", SCORE_SIZE)) if spec else SCORE_SIZE
         self.crop = int(getattr(spec.output, "crop", CROP)) if spec else CROP
         self.boxes = crop_boxes(self.size, self.crop)
 
-    def _load(self) -> None:
-        from fundus_pipeline.models.weights import load_model
-
-        self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="quality")
-
-    def setup(self) -> None:
-        if self._model is None:
-            self._load()
-
     def config_record(self) -> dict:
         return {
-            "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
+            "weights": self.weights_record(),
             "size": self.size,
             "crops": self.boxes,
             "crop": self.crop,
             "device": str(self.device),
         }
-
-    def info(self) -> dict:
-        return {"weights_path": str(self.spec.path)}
 
     def compute(self, item: ItemInput) -> ItemOutput:
         self.setup()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
 
 import numpy as np
 
 from fundus_pipeline.config import SegmentConfig
 from fundus_pipeline.models.inference import DEFAULT_MAX_FOV_DIAMETER, predict_native, working_scale
-from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
+from fundus_pipeline.stages.base import ItemInput, ItemOutput, NetworkStage
 
 
 #: Outside these, a result is flagged in the ``warning`` column (the item still succeeds): vessel fractions
@@ -29,32 +28,20 @@ def plausibility_warning(vessel_fraction: float, surround_level: float) -> str:
     return "; ".join(why)
 
 
-class SegmentStage(Stage):
+class SegmentStage(NetworkStage):
     name = "segment"
+    task = "segmentation"
     columns = ("vessel_fraction", "fov_fraction", "fov_found", "scale", "threshold", "warning")
-    uses_torch: ClassVar = True
-    transient = ("_model",)  # reloaded (and re-verified) in each worker
 
     def __init__(self, config: SegmentConfig):
-        from fundus_pipeline.device import resolve_device
-        from fundus_pipeline.models.weights import load_model
-
-        self.cfg = config
+        super().__init__(config)
         self.fov_policy = config.fov
-        self.device = resolve_device(config.device)
-        self._model, self.spec = load_model(config.weights, arch=config.arch, device=self.device, task="segmentation")
         self.threshold = float(config.threshold if config.threshold is not None else self.spec.threshold)
         self.max_fov = float(self.spec.max_fov_diameter or DEFAULT_MAX_FOV_DIAMETER)
 
-    def setup(self) -> None:
-        if self._model is None:
-            from fundus_pipeline.models.weights import load_model
-
-            self._model, _ = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="segmentation")
-
     def config_record(self) -> dict:
         return {
-            "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
+            "weights": self.weights_record(),
             "arch": self.spec.model,
             "threshold": self.threshold,
             "device": str(self.device),
@@ -66,9 +53,6 @@ class SegmentStage(Stage):
             "overlay": self.cfg.overlay,
             "batch_size": self.cfg.batch_size,
         }
-
-    def info(self) -> dict:
-        return {"weights_path": str(self.spec.path)}
 
     def compute(self, item: ItemInput) -> ItemOutput:
         self.setup()
