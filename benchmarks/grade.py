@@ -55,7 +55,7 @@ def hrf_memory(weights: str, n: int) -> dict:
         lst = Path(tmp) / "list.txt"
         lst.write_text("".join(f"{p}\n" for p in files))
         t = time.perf_counter()
-        code = subprocess.run(["fundus", "grade", str(lst), str(Path(tmp) / "out"), "--weights", weights, "--quiet", "--device", "cpu"]).returncode
+        code = subprocess.run(["fundus", "grade", str(lst), str(Path(tmp) / "out"), "--weights", weights, "--quiet", "--device", "cpu"], stdout=subprocess.DEVNULL).returncode
         wall = time.perf_counter() - t
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"photographs": len(files), "exit_code": code, "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1),
