@@ -176,6 +176,15 @@ class EnhanceStage(Stage):
             n = int(((predict_native(seg, rgb, fov.mask, scale, device=self.device) >= self.seg_spec.threshold) & fov.mask).sum())
         return float(n) / max(int(fov.mask.sum()), 1)
 
+    def fields(self, lb: float, cb: float, la: float, ca: float, fov) -> dict:
+        """The results.csv columns (the vessel fractions empty until filled)."""
+        return {
+            "luminance_before": round(lb, 5), "luminance_after": round(la, 5),
+            "contrast_before": round(cb, 5), "contrast_after": round(ca, 5),
+            "vessel_fraction_before": "", "vessel_fraction_after": "",
+            "fov_fraction": round(float(fov.mask.mean()), 6), "transfer": self.transfer,
+        }  # fmt: skip
+
     def compute(self, item: ItemInput) -> ItemOutput:
         self.setup()
         fov = self.require_fov(item)
@@ -188,12 +197,7 @@ class EnhanceStage(Stage):
             out = np.where(fov.mask[..., None], out, rgb)
         lb, cb = luminance_stats(rgb, fov.mask)
         la, ca = luminance_stats(out, fov.mask)
-        fields = {
-            "luminance_before": round(lb, 5), "luminance_after": round(la, 5),
-            "contrast_before": round(cb, 5), "contrast_after": round(ca, 5),
-            "vessel_fraction_before": "", "vessel_fraction_after": "",
-            "fov_fraction": round(float(fov.mask.mean()), 6), "transfer": self.transfer,
-        }  # fmt: skip
+        fields = self.fields(lb, cb, la, ca, fov)
         if self.cfg.vessel_stats:
             fields["vessel_fraction_before"] = round(self.vessel_fraction(rgb, fov), 6)
             fields["vessel_fraction_after"] = round(self.vessel_fraction(out, fov), 6)
@@ -203,12 +207,7 @@ class EnhanceStage(Stage):
         """A very large photograph: the same output and columns, computed in row bands (``enhance_native_large``)."""
         image = item.image
         out, (lb, cb), (la, ca) = enhance_native_large(self._models[0], image, fov, self.size, self.transfer, self.device, self.cfg.keep_outside)
-        fields = {
-            "luminance_before": round(lb, 5), "luminance_after": round(la, 5),
-            "contrast_before": round(cb, 5), "contrast_after": round(ca, 5),
-            "vessel_fraction_before": "", "vessel_fraction_after": "",
-            "fov_fraction": round(float(fov.mask.mean()), 6), "transfer": self.transfer,
-        }  # fmt: skip
+        fields = self.fields(lb, cb, la, ca, fov)
         if self.cfg.vessel_stats:
             from fundus_pipeline.stages.base import Image
 
