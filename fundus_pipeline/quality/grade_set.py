@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fundus_pipeline.quality.build import PARTS, build_parts, csv_text, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png
-from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, grade_of_q
+from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, GRADES, grade_of_q
 
 COLUMNS = (
     "key", "part", "split", "source", "dataset", "kind", "degradation", "family", "seed", "q", "ssim", "f1", "quality",
@@ -191,7 +191,7 @@ def build_grade_set(
         counts[part]["images"] += len(nat)
         counts[part]["natural"] = len(nat)
     for part in cfg.parts:
-        counts[part]["grades"] = {g: sum(r["part"] == part and int(r["quality"]) == i for r in rows) for i, g in enumerate(("good", "usable", "reject"))}
+        counts[part]["grades"] = {g: sum(r["part"] == part and int(r["quality"]) == i for r in rows) for i, g in enumerate(GRADES)}
     write_bytes_atomic(out / "labels.csv", csv_text(rows, COLUMNS).encode())
     write_bytes_atomic(out / "degradations.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
     manifest = {
