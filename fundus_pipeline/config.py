@@ -132,3 +132,122 @@ class GradeConfig(StageConfig):
     arch: str | None = None
     device: str = "auto"
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+RUN_STEPS = ("grade", "enhance", "score", "segment")
+
+
+def _parse_list(v: Any) -> Any:
+    """'a,b' -> ['a', 'b'] (a TOML list or a Python list passes through)."""
+    if isinstance(v, str):
+        return [x.strip() for x in v.split(",") if x.strip()]
+    return v
+
+
+class RunConfig(StageConfig):
+    """``fundus run``: the chain (grade -> enhance -> score -> segment), its decisions, the simulator and
+    the models of each step. Every field is a key of the ``--config`` TOML file and a ``--option`` of the
+    command (``min_gain`` <-> ``--min-gain``); the command line overrides the file.
+
+    The hashed part (``chain_record``) is everything that changes an output byte: steps, decisions,
+    simulation, seed, weights and their options, device. ``workers``, ``threads``, ``format`` and ``quiet``
+    change nothing in the outputs and are kept out of it.
+    """
+
+    steps: list[Literal["grade", "enhance", "score", "segment"]] = list(RUN_STEPS)
+    enhance_if: list[Literal["good", "usable", "reject"]] = ["usable", "reject"]
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0, description="use the enhanced image when score - score_input >= this")
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="... and its score >= this")
+    simulate: str | None = None
+    seed: int = Field(0, ge=0)
+    ground_truth: Path | None = None
+    device: str = "auto"
+    grade_weights: str = "hemf"
+    grade_arch: str | None = None
+    flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    enhance_weights: str = "cofe"
+    enhance_arch: str | None = None
+    transfer: Literal["auto", "upsample", "residual"] = "auto"
+    keep_outside: bool = False
+    score_weights: str = "sdmp"
+    score_arch: str | None = None
+    segment_weights: str = "imff"
+    segment_arch: str | None = None
+    threshold: float | None = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
+    report: bool = True
+    thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
+    workers: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1)
+    format: Literal["human", "json"] = "human"
+    quiet: bool = False
+
+    @field_validator("steps", "enhance_if", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _parse_list(v)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"name at least one of {', '.join(RUN_STEPS)}")
+        v = [s for s in RUN_STEPS if s in v]  # the chain's order, de-duplicated
+        if "score" in v and "enhance" not in v:
+            raise ValueError("the score step scores enhanced images: it needs the enhance step")
+        return v
+
+    @field_validator("enhance_if")
+    @classmethod
+    def _grades(cls, v: list[str]) -> list[str]:
+        return [g for g in ("good", "usable", "reject") if g in v]
+
+    @field_validator("simulate")
+    @classmethod
+    def _simulate(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if simulate_kind(v) == "types":
+            return ",".join(parse_codes(v))
+        return v
+
+    def simulate_options(self) -> dict:
+        """The degrade stage's options for ``simulate``: Cofe-Net types or a recipe."""
+        if self.simulate is None:
+            return {}
+        if simulate_kind(self.simulate) == "types":
+            return {"types": self.simulate, "recipe": None}
+        return {"types": None, "recipe": self.simulate}
+
+    def chain_record(self) -> dict:
+        """The fields that decide the outputs (hashed: ``--resume`` never mixes two configurations)."""
+        skip = {"workers", "threads", "format", "quiet", "ground_truth"}
+        rec = self.model_dump(mode="json", exclude=skip)
+        rec["ground_truth"] = self.ground_truth is not None
+        return rec
+
+
+def simulate_kind(text: str) -> Literal["types", "recipe"]:
+    """``--simulate``: Cofe-Net type codes ('111', '001,010', 'all') or a recipe (a name or a JSON file)."""
+    t = text.strip().lower()
+    if t == "all" or all(c.strip() in COFE_CODES for c in t.split(",") if c.strip()) and t.replace(",", "").strip().isdigit():
+        return "types"
+    return "recipe"
+
+
+def load_toml_config(path: Path) -> dict:
+    """The keys of a ``--config`` TOML file (a UsageError naming the file on a syntax error or an unknown key)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"invalid --config {path}: {str(e).splitlines()[0]}") from None
+    unknown = sorted(set(data) - set(RunConfig.model_fields))
+    if unknown:
+        raise UsageError(f"invalid --config {path}: unknown key {unknown[0]!r} (keys: {', '.join(RunConfig.model_fields)})")
+    return data

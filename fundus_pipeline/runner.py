@@ -389,7 +389,7 @@ def write_reports(
     rows: list[dict],
     *,
     inputs: Inputs,
-    extra_dirs: dict[str, Path],
+    extra_dirs: dict[str, ExtraInput],
     out_dir: Path,
     command: list[str],
     started: float,
@@ -417,7 +417,7 @@ def write_reports(
         "command": command,
         "config": cfg,
         "config_sha256": config_sha256(cfg),
-        "input": {"dir": str(inputs.path), **inputs.record(), **{role: str(p) for role, p in extra_dirs.items()}},
+        "input": {"dir": str(inputs.path), **inputs.record(), **{role: _extra_record(p) for role, p in extra_dirs.items()}},
         "output": {"dir": str(out_dir)},
         "environment": environment(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -480,13 +480,23 @@ class Progress:
             self.bar.close()
 
 
-def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Path]) -> list[WorkItem]:
+ExtraInput = Path | dict[str, Path]  # a folder (its images matched by key) or a planned {key: file} mapping
+
+
+def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, ExtraInput]) -> list[WorkItem]:
     roles = [spec.role for spec in stage.inputs[1:]]
     missing = [r for r in roles if r not in extra_dirs]
     if missing:
         raise UsageError(f"the {stage.name} stage needs the {', '.join(missing)} input(s)")
-    found = {role: {it.key: it.path for it in discover_images(extra_dirs[role])} for role in roles}
+    found = {
+        role: dict(extra_dirs[role]) if isinstance(extra_dirs[role], dict) else {it.key: it.path for it in discover_images(extra_dirs[role])}
+        for role in roles
+    }
     return [WorkItem(it.key, it.path, {role: found[role].get(it.key) for role in roles}) for it in items]
+
+
+def _extra_record(value: ExtraInput) -> str:
+    return f"{len(value)} planned files" if isinstance(value, dict) else str(value)
 
 
 def run_stage(
@@ -500,10 +510,13 @@ def run_stage(
     threads: int | None = None,
     progress: bool = True,
     command: list[str] | None = None,
-    extra_dirs: dict[str, Path] | None = None,
+    extra_dirs: dict[str, ExtraInput] | None = None,
+    items: list[ImageItem] | None = None,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
-    module docstring. ``extra_dirs`` gives the folder of each further input role of the stage."""
+    module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
+    planned ``{key: file}`` mapping. ``items``: a planned list of (key, file) to process instead of the
+    images of ``in_path`` (a chained run's subset; ``in_path`` is then the run's input, for the checks)."""
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -511,7 +524,7 @@ def run_stage(
         raise UsageError(f"--threads must be at least 1, got {threads}")
     extra_dirs = dict(extra_dirs or {})
     check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume)
-    inputs = resolve_inputs(in_path)
+    inputs = resolve_inputs(in_path) if items is None else Inputs("planned", Path(in_path), list(items))
     if not inputs.items:
         raise UsageError(f"no images found in {in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
     _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
@@ -524,7 +537,7 @@ def run_stage(
                            threads=threads or default_threads(workers), progress=progress, command=command, started=started)
 
 
-def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, Path], dst: Path, *, overwrite: bool,
+def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL

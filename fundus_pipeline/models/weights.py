@@ -201,13 +201,15 @@ def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> 
 
 
 def load_model(
-    weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", task: str | None = None
+    weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", task: str | None = None, shared: bool = False
 ) -> tuple[torch.nn.Module, LoadedWeights]:
     """Build the architecture, load verified weights; return (model in eval mode, ``LoadedWeights``).
 
     ``LoadedWeights.spec`` is the manifest entry (a ``WeightsSpec``), or None for weights not in the
     manifest, which need ``arch`` (their threshold is then ``DEFAULT_THRESHOLD``). ``task``: refuse weights of
-    another task (e.g. enhancement weights given to ``fundus segment``).
+    another task (e.g. enhancement weights given to ``fundus segment``). ``shared``: an inference-only caller
+    (a stage) gets the model this process already loaded from the same bytes for the same device, if any,
+    instead of a new copy; callers that may modify the model (training, the Python API) get their own.
     """
     from fundus_pipeline.models.registry import build_model, get_entry
 
@@ -227,7 +229,20 @@ def load_model(
     entry = get_entry(model_name)  # a clear error for an unknown architecture
     if task is not None and entry.task != task:
         raise WeightsError(f"{weights} is a {entry.task} model ({model_name}); this command needs a {task} model")
-    model = build_model(model_name)
-    load_weights_checked(model, path, model_name)
-    model.to(device).eval()
+    import torch
+
+    key = (digest, model_name, str(torch.device(device)))
+    model = _LOADED.get(key) if shared else None
+    if model is None:
+        model = build_model(model_name)
+        load_weights_checked(model, path, model_name)
+        model.to(device).eval()
+        if shared:
+            _LOADED[key] = model
     return model, LoadedWeights(path=path, sha256=digest, model=model_name, spec=spec)
+
+
+# Models loaded in this process, by (weights sha256, architecture, device): a chained run's stages (and a
+# stage's second use of a segmenter) share one loaded, verified model instead of loading it again. The
+# models are in eval mode and only used for inference, so sharing is safe.
+_LOADED: dict[tuple[str, str, str], torch.nn.Module] = {}

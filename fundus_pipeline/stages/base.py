@@ -250,7 +250,7 @@ class NetworkStage(Stage):
         if self._model is None:
             from fundus_pipeline.models.weights import load_model
 
-            self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task=self.task)
+            self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task=self.task, shared=True)
 
     def weights_record(self) -> dict:
         """The weights' identity for the configuration record (hashed for ``--resume``)."""

@@ -138,10 +138,10 @@ class EnhanceStage(Stage):
     def _load(self) -> None:
         from fundus_pipeline.models.weights import load_model
 
-        model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="enhancement")
+        model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="enhancement", shared=True)
         seg = None
         if self.cfg.vessel_stats:
-            seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation")
+            seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation", shared=True)
         self._models = (model, seg)
 
     def setup(self) -> None:

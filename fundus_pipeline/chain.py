@@ -1,0 +1,581 @@
+"""``fundus run``: the stages chained over one folder of photographs, with every decision stated.
+
+The chain is stage after stage (each over all photographs, by the shared runner), so each stage writes
+its own folder under OUT exactly as its own command would, with its own journal, manifest and
+``results.csv``; a stage's decisions are read back from the folder it wrote, and the final table is a
+join of those folders by item key (``join``: ``fundus report`` calls it again on the folders alone)::
+
+    [simulate]  IN --degrade--> OUT/degrade                       (clean originals -> degraded inputs)
+    grade       inputs -> OUT/grade                               (grade, probabilities, flags)
+    enhance     inputs graded in --enhance-if -> OUT/enhance      (others pass through unchanged)
+    score       OUT/enhance vs its input -> OUT/score,            (SDMP-Net: the enhancement's quality)
+                each enhanced input vs itself -> OUT/score_input  (the same scorer on the unenhanced input)
+    segment     the enhanced image where it was made and trusted, else the input -> OUT/segment
+    [simulate]  clean originals -> OUT/segment_clean; the inputs whose enhanced image was segmented ->
+                OUT/segment_input; figures against the clean originals -> OUT/compare
+
+An enhanced image is trusted (segmented instead of its input) when its score minus the input's own score
+is at least ``min_gain`` and its score at least ``min_score``: the scorer was trained on pairs that
+include the identity "enhancement", so the input scored against itself is the scorer's estimate of the
+unenhanced photograph's quality.
+
+Resume: each stage resumes from its journal, the decisions are recomputed from the stages' results
+(deterministic), so a run killed anywhere and rerun with ``--resume`` redoes only what is missing and
+writes the same bytes. ``OUT/manifest.json`` holds the run's configuration (written first, so a resume
+can check it), the weights' sha256, the inputs' sha256 and the joined rows; ``--replay`` reruns it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _io
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fundus_pipeline import __version__
+from fundus_pipeline.config import RunConfig
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, UsageError, WeightsError
+from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
+from fundus_pipeline.runner import JOURNAL, LOCK, OutputLock, _create_output, check_run_paths, config_sha256, environment, resolve_inputs, run_stage
+
+#: The folders a run owns under OUT, in the order they are written.
+STAGE_DIRS = ("degrade", "grade", "enhance", "score", "score_input", "segment", "segment_clean", "segment_input", "compare")
+TOP_FILES = ("manifest.json", "results.csv", "report.html")
+GRADE_NAMES = ("good", "usable", "reject")
+
+
+@dataclass(frozen=True)
+class ChainItem:
+    """One photograph through the chain: its key and input file; in a simulated run also the clean original
+    it was degraded from (key and file) and the degradation (type code or recipe)."""
+
+    key: str
+    input: str
+    clean_key: str = ""
+    clean_input: str = ""
+    degradation: str = ""
+    error: str = ""  # the simulator failed on the clean original: nothing else runs for this item
+
+    def record(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v != "" or k in ("key", "input")}
+
+
+@dataclass
+class ChainResult:
+    out_dir: Path
+    rows: list[dict]
+    counts: dict
+    interrupted: bool
+    duration_s: float
+    report: Path | None = None
+    stages: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_ITEMS_FAILED if self.counts.get("error", 0) else EXIT_OK
+
+    def summary(self) -> dict:
+        return {
+            "stage": "run",
+            "output": str(self.out_dir),
+            "counts": self.counts,
+            "failed": [{"key": r["key"], "error": r["error"]} for r in self.rows if r["status"] == "error"],
+            "stages": self.stages,
+            "manifest": str(self.out_dir / "manifest.json"),
+            "results": str(self.out_dir / "results.csv"),
+            "report": str(self.report) if self.report else None,
+            "duration_s": round(self.duration_s, 3),
+            "interrupted": self.interrupted,
+            "exit_code": self.exit_code,
+        }
+
+
+# ------------------------------------------------------------------------------------------- decisions
+def enhance_decision(cfg: RunConfig, grade_row: dict | None) -> tuple[bool, str]:
+    """(enhance this photograph?, why)."""
+    if "enhance" not in cfg.steps:
+        return False, "no enhance step"
+    if "grade" not in cfg.steps:
+        return True, "no grade step: every photograph is enhanced"
+    if grade_row is None:
+        return False, "not graded (the run stopped before): not enhanced"
+    if grade_row.get("status") != "ok":
+        return False, "grading failed: not enhanced"
+    g = grade_row["grade"]
+    p = float(grade_row[f"p_{g}"])
+    if g in cfg.enhance_if:
+        return True, f"graded {g} (p={p:.2f}); enhance-if {','.join(cfg.enhance_if)}: enhanced"
+    return False, f"graded {g} (p={p:.2f}): passed through unchanged"
+
+
+def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, score_row: dict | None, score_input_row: dict | None) -> tuple[str, str]:
+    """(which image is segmented, "enhanced" or "input"; why)."""
+    if not enhanced:
+        return "input", "not enhanced: the input is segmented"
+    if enhance_row is None or enhance_row.get("status") != "ok":
+        return "input", "enhancement failed: the input is segmented"
+    if "score" not in cfg.steps:
+        return "enhanced", "no score step: the enhanced image is segmented"
+    rows = (score_row, score_input_row)
+    if any(r is None or r.get("status") != "ok" for r in rows):
+        return "input", "the enhancement could not be scored: the input is segmented"
+    s, si = float(score_row["score"]), float(score_input_row["score"])
+    gain = round(s - si, 6)
+    figures = f"score {s:.3f}, input's own {si:.3f} (gain {gain:+.3f})"
+    if gain < cfg.min_gain:
+        return "input", f"{figures} < min-gain {cfg.min_gain:g}: enhancement not trusted, the input is segmented"
+    if s < cfg.min_score:
+        return "input", f"{figures}; score < min-score {cfg.min_score:g}: enhancement not trusted, the input is segmented"
+    return "enhanced", f"{figures} >= min-gain {cfg.min_gain:g}: the enhanced image is segmented"
+
+
+# ------------------------------------------------------------------------------------------- stage rows
+def stage_rows(folder: Path) -> dict[str, dict]:
+    """The rows a stage folder holds (manifest.json, then the newer journal of an interrupted run), by key."""
+    rows: dict[str, dict] = {}
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            for r in json.loads(manifest.read_text()).get("items", []):
+                rows[r["key"]] = r
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    journal = folder / JOURNAL
+    if journal.is_file():
+        for line in journal.read_text(errors="surrogateescape").splitlines():
+            try:
+                r = json.loads(line)
+                rows[r["key"]] = {k: v for k, v in r.items() if k != "config_sha256"}
+            except (ValueError, KeyError, TypeError):
+                continue
+    return rows
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and row.get("status") == "ok"
+
+
+def _output(folder: Path, row: dict | None, suffix: str = "") -> Path | None:
+    """The output file of ``row`` whose name ends with ``suffix + .png`` (the first one for ``""``)."""
+    if not _ok(row):
+        return None
+    for name in row.get("outputs", []):
+        if name.endswith(f"{suffix}.png") and (suffix or name == f"{row['key']}.png"):
+            return folder / name
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ join
+#: results.csv columns, in order; the simulate-only ones are added when the run simulated.
+COLUMNS = (
+    "key", "input", "status", "error", "grade", "p_good", "p_usable", "p_reject", "flags", "enhanced", "enhance_reason",
+    "score", "score_input", "score_gain", "segmented", "segment_reason", "vessel_fraction", "fov_fraction", "warning",
+    "enhanced_image", "vessels_image",
+)  # fmt: skip
+SIM_COLUMNS = ("clean_key", "clean_input", "degradation", "psnr_before", "psnr_after", "ssim_before", "ssim_after", "f1_before", "f1_after")
+GT_COLUMNS = ("f1_gt_before", "f1_gt_after")
+
+
+def columns(cfg: RunConfig) -> tuple[str, ...]:
+    cols = COLUMNS
+    if cfg.simulate:
+        cols = cols[:2] + SIM_COLUMNS[:3] + cols[2:] + SIM_COLUMNS[3:]
+        if cfg.ground_truth is not None:
+            cols += GT_COLUMNS
+    return cols
+
+
+def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
+    """One row per chain item from the stage folders under ``out``: the stages' figures, each decision and
+    its reason, paths relative to ``out``, and every failure as ``step: message`` in ``error``."""
+    rows_of = {name: stage_rows(out / name) for name in STAGE_DIRS}
+    steps = set(cfg.steps)
+    table = []
+    for it in items:
+        row: dict[str, Any] = {c: "" for c in columns(cfg)}
+        row.update(key=it.key, input=it.input)
+        if cfg.simulate:
+            row.update(clean_key=it.clean_key, clean_input=it.clean_input, degradation=it.degradation)
+        errors: list[str] = []
+        pending = False
+
+        def take(step: str, r: dict | None, expected: bool = True) -> dict | None:
+            nonlocal pending
+            if r is None:
+                pending |= expected
+            elif r.get("status") != "ok":
+                errors.append(f"{step}: {r.get('error', '')}")
+            return r
+
+        if it.error:
+            errors.append(f"degrade: {it.error}")
+            row.update(status="error", error="; ".join(errors), enhanced="no", segmented="none")
+            table.append(row)
+            continue
+        g = take("grade", rows_of["grade"].get(it.key), "grade" in steps)
+        if _ok(g):
+            row.update(grade=g["grade"], flags=g.get("flags", ""), **{f"p_{n}": g.get(f"p_{n}", "") for n in GRADE_NAMES})
+        enh, why = enhance_decision(cfg, g)
+        row["enhanced"], row["enhance_reason"] = ("yes" if enh else "no"), why
+        e = take("enhance", rows_of["enhance"].get(it.key), enh) if enh else None
+        s = si = None
+        if enh and _ok(e) and "score" in steps:
+            s = take("score", rows_of["score"].get(it.key))
+            si = take("score", rows_of["score_input"].get(it.key))
+            if _ok(s) and _ok(si):
+                row.update(score=s["score"], score_input=si["score"], score_gain=round(float(s["score"]) - float(si["score"]), 6))
+        if _ok(e):
+            p = _output(out / "enhance", e)
+            row["enhanced_image"] = p.relative_to(out).as_posix() if p else ""
+        if enh and not _ok(e) and e is not None:
+            row["enhance_reason"] += " (failed)"
+        source, why = segment_decision(cfg, enh, e, s, si)
+        if "segment" in steps:
+            seg = take("segment", rows_of["segment"].get(it.key))
+            row["segmented"], row["segment_reason"] = source, why
+            if _ok(seg):
+                row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"], warning=seg.get("warning", ""))
+                p = _output(out / "segment", seg, "_vessels")
+                row["vessels_image"] = p.relative_to(out).as_posix() if p else ""
+        else:
+            row["segmented"], row["segment_reason"] = "none", "no segment step"
+        if cfg.simulate:
+            c = take("compare", rows_of["compare"].get(it.key), not errors)
+            if _ok(c):
+                row.update({k: c[k] for k in SIM_COLUMNS[3:] + GT_COLUMNS if k in c and k in row})
+        row["status"] = "error" if errors else ("pending" if pending else "ok")
+        row["error"] = "; ".join(errors)
+        table.append(row)
+    return table
+
+
+def _csv_bytes(rows: list[dict], cols: tuple[str, ...]) -> bytes:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(cols), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue().encode("utf-8", "surrogateescape")
+
+
+def count(rows: list[dict]) -> dict:
+    c = {"total": len(rows), "ok": 0, "error": 0, "pending": 0}
+    for r in rows:
+        c[r["status"]] = c.get(r["status"], 0) + 1
+    for g in GRADE_NAMES:
+        c[g] = sum(r.get("grade") == g for r in rows)
+    c["enhanced"] = sum(r.get("enhanced") == "yes" and bool(r.get("enhanced_image")) for r in rows)
+    c["enhanced_used"] = sum(r.get("segmented") == "enhanced" and bool(r.get("vessels_image")) for r in rows)
+    c["segmented"] = sum(bool(r.get("vessels_image")) for r in rows)
+    return c
+
+
+# ------------------------------------------------------------------------------------------- the run
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_used(cfg: RunConfig) -> dict[str, dict]:
+    """Each step's weights, loaded and verified once now (a bad name or file fails the run before any work,
+    exit 1; the stages then share the loaded models): {step: {name, model, sha256}}."""
+    from fundus_pipeline.device import resolve_device
+    from fundus_pipeline.models.weights import load_model
+
+    need = {"grade": (cfg.grade_weights, cfg.grade_arch, "grading"), "enhance": (cfg.enhance_weights, cfg.enhance_arch, "enhancement"),
+            "score": (cfg.score_weights, cfg.score_arch, "quality"), "segment": (cfg.segment_weights, cfg.segment_arch, "segmentation")}
+    device = resolve_device(cfg.device)
+    out = {}
+    for step in cfg.steps:
+        weights, arch, task = need[step]
+        try:
+            _, spec = load_model(weights, arch=arch, device=device, task=task, shared=True)
+        except WeightsError as e:
+            raise WeightsError(f"{step} step: {e.message}", e.hint) from None
+        out[step] = {"name": spec.name, "model": spec.model, "sha256": spec.sha256}
+    return out
+
+
+class Chain:
+    """One ``fundus run`` into ``out`` (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool, overwrite: bool, command: list[str] | None,
+                 degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None):
+        self.cfg, self.in_path, self.shown = cfg, Path(in_path), Path(out_dir)
+        self.resume, self.overwrite = resume, overwrite
+        self.command = command or sys.argv
+        self.degrade_replay = degrade_replay
+        self.expect_inputs = expect_inputs
+        self.started = time.time()
+        self.stages: dict[str, dict] = {}
+        self.interrupted = False
+
+    # -- checks before any work -------------------------------------------------------------------------
+    def check(self) -> None:
+        cfg = self.cfg
+        check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume)
+        if cfg.ground_truth is not None:
+            if not cfg.simulate:
+                raise UsageError("--ground-truth gives the vessel annotations of clean originals: it needs --simulate")
+            if not Path(cfg.ground_truth).is_dir():
+                raise UsageError(f"--ground-truth is not a folder: {cfg.ground_truth}")
+            if "segment" not in cfg.steps:
+                raise UsageError("--ground-truth compares vessel segmentations: it needs the segment step")
+        self.inputs = resolve_inputs(self.in_path)
+        if not self.inputs.items:
+            raise UsageError(f"no images found in {self.in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
+        _, self.out = check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
+        if cfg.simulate:
+            from fundus_pipeline.stages.degrade import DegradeStage
+
+            self.degrade_stage = DegradeStage(self._degrade_config())  # a bad recipe fails now (exit 2)
+        self.weights = weights_used(cfg)
+
+    def _degrade_config(self):
+        from fundus_pipeline.config import DegradeConfig
+
+        if self.degrade_replay is not None:
+            return DegradeConfig.build(replay=self.degrade_replay)
+        return DegradeConfig.build(seed=self.cfg.seed, **self.cfg.simulate_options())
+
+    def record(self) -> dict:
+        """The run's identity (hashed for --resume): the chain configuration and the weights' sha256."""
+        return {"config": self.cfg.chain_record(), "weights": self.weights}
+
+    # -- folder handling ---------------------------------------------------------------------------------
+    def _prepare_folder(self) -> None:
+        out = self.out
+        manifest = out / "manifest.json"
+        if self.resume and manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("stage") != "run":
+                raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
+            if old.get("run_sha256") != config_sha256(self.record()):
+                raise UsageError(f"{self.shown} was written by a run with another configuration or other weights; rerun with the same options, or use --overwrite")
+        elif self.resume and any(p.name not in (LOCK,) for p in out.iterdir()):
+            raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
+        if self.overwrite:
+            for name in STAGE_DIRS:
+                d = out / name
+                if d.is_dir():
+                    if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
+                        raise UsageError(f"--overwrite: {d} was not written by fundus (no manifest.json); move it away first")
+                    shutil.rmtree(d)
+            for name in TOP_FILES:
+                (out / name).unlink(missing_ok=True)
+
+    def _write_manifest(self, rows: list[dict], status: str, counts: dict | None = None) -> None:
+        rec = self.record()
+        m = {
+            "schema_version": 1,
+            "tool": {"name": "fundus-pipeline", "version": __version__},
+            "stage": "run",
+            "status": status,
+            "command": self.command,
+            "config": self.cfg.model_dump(mode="json"),
+            "run_sha256": config_sha256(rec),
+            "weights": self.weights,
+            "seed": self.cfg.seed,
+            "input": {"dir": str(self.in_path), **self.inputs.record()},
+            "inputs_sha256": self.input_hashes,
+            "output": {"dir": str(self.out)},
+            "stages": self.stages,
+            "environment": environment(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z") if status != "running" else None,
+            "duration_s": round(time.time() - self.started, 3),
+            "interrupted": self.interrupted,
+            "counts": counts or {},
+            "plan": [it.record() for it in self.plan],
+            "items": rows,
+        }
+        write_bytes_atomic(self.out / "manifest.json", (json.dumps(m, indent=2, default=str) + "\n").encode("utf-8", "surrogateescape"))
+
+    # -- stages ------------------------------------------------------------------------------------------
+    def _stage(self, name: str, stage, items: list[ImageItem], extra: dict | None = None) -> dict[str, dict]:
+        """Run ``stage`` over ``items`` into OUT/name (resumable) and return its rows by key."""
+        folder = self.out / name
+        if not items or self.interrupted:
+            return stage_rows(folder)
+        res = run_stage(
+            stage, self.in_path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
+            progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
+        )  # fmt: skip
+        self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
+        self.interrupted |= res.interrupted
+        return stage_rows(folder)
+
+    def _simulate(self) -> list[ChainItem]:
+        folder = self.out / "degrade"
+        rows = self._stage("degrade", self.degrade_stage, self.inputs.items)
+        plan = []
+        for it in self.inputs.items:
+            r = rows.get(it.key)
+            if r is None:
+                continue  # interrupted before this photograph
+            if r["status"] != "ok":
+                plan.append(ChainItem(it.key, str(it.path), it.key, str(it.path), "", r["error"] or "failed"))
+                continue
+            for variant, name in zip(r["variants"], r["outputs"]):
+                label = self.cfg.simulate if variant == "default" else variant
+                plan.append(ChainItem(name[: -len(".png")], str(folder / name), it.key, str(it.path), label))
+        return plan
+
+    def run(self) -> ChainResult:
+        from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig
+
+        cfg = self.cfg
+        self.check()
+        self.plan: list[ChainItem] = []
+        self.input_hashes = {it.key: _sha256(it.path) for it in self.inputs.items if it.path.is_file()}
+        if self.expect_inputs is not None:
+            changed = sorted(k for k, v in self.expect_inputs.items() if self.input_hashes.get(k) != v)
+            extra = sorted(set(self.input_hashes) - set(self.expect_inputs))
+            if changed or extra:
+                what = f"input {changed[0]!r} is missing or changed" if changed else f"input {extra[0]!r} was not in the replayed run"
+                raise UsageError(f"--replay: {what} since the run (sha256 recorded in its manifest); replay needs the same inputs")
+        _create_output(self.out, self.shown)
+        with OutputLock(self.out, self.shown):
+            check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
+            self._prepare_folder()
+            self._write_manifest([], "running")
+            try:
+                self._run_steps(EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig)
+            except KeyboardInterrupt:
+                self.interrupted = True
+            return self._finish()
+
+    def _run_steps(self, EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig) -> None:
+        cfg = self.cfg
+        if cfg.simulate:
+            self.plan = self._simulate()
+        else:
+            self.plan = [ChainItem(it.key, str(it.path)) for it in self.inputs.items]
+        live = [it for it in self.plan if not it.error]
+        items = [ImageItem(it.key, Path(it.input)) for it in live]
+        path_of = {it.key: Path(it.input) for it in live}
+        grades: dict[str, dict] = {}
+        if "grade" in cfg.steps:
+            from fundus_pipeline.stages.grade import GradeStage
+
+            grades = self._stage("grade", GradeStage(GradeConfig.build(weights=cfg.grade_weights, arch=cfg.grade_arch, device=cfg.device,
+                                                                       flag_threshold=cfg.flag_threshold)), items)
+        chosen = {it.key: "input" for it in live}
+        if "enhance" in cfg.steps and not self.interrupted:
+            from fundus_pipeline.stages.enhance import EnhanceStage
+
+            todo = [it for it in items if enhance_decision(cfg, grades.get(it.key))[0]]
+            stage = EnhanceStage(EnhanceConfig.build(weights=cfg.enhance_weights, arch=cfg.enhance_arch, device=cfg.device, transfer=cfg.transfer,
+                                                     keep_outside=cfg.keep_outside, vessel_stats=False)) if todo else None
+            enhanced = self._stage("enhance", stage, todo)
+            made = [ImageItem(it.key, p) for it in todo if (p := _output(self.out / "enhance", enhanced.get(it.key)))]
+            scores = score_inputs = {}
+            if "score" in cfg.steps and made:
+                from fundus_pipeline.stages.score import ScoreStage
+
+                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device))
+                scores = self._stage("score", scorer, made, {"reference": {it.key: path_of[it.key] for it in made}})
+                own = [ImageItem(it.key, path_of[it.key]) for it in made]
+                score_inputs = self._stage("score_input", scorer, own, {"reference": {it.key: path_of[it.key] for it in made}})
+            for it in todo:
+                chosen[it.key] = segment_decision(cfg, True, enhanced.get(it.key), scores.get(it.key), score_inputs.get(it.key))[0]
+        enhanced_path = {it.key: self.out / "enhance" / f"{it.key}.png" for it in live if chosen[it.key] == "enhanced"}
+        if "segment" in cfg.steps and not self.interrupted:
+            from fundus_pipeline.stages.segment import SegmentStage
+
+            seg_cfg = SegmentConfig.build(weights=cfg.segment_weights, arch=cfg.segment_arch, device=cfg.device, threshold=cfg.threshold)
+            segmenter = SegmentStage(seg_cfg)
+            self._stage("segment", segmenter, [ImageItem(k, enhanced_path.get(k, p)) for k, p in path_of.items()])
+            if cfg.simulate:
+                clean = {it.clean_key: Path(it.clean_input) for it in live}
+                self._stage("segment_clean", segmenter, [ImageItem(k, p) for k, p in sorted(clean.items())])
+                self._stage("segment_input", segmenter, [ImageItem(k, path_of[k]) for k in sorted(enhanced_path)])
+        if cfg.simulate and not self.interrupted:
+            self._compare(live, enhanced_path)
+
+    def _compare(self, live: list[ChainItem], enhanced_path: dict[str, Path]) -> None:
+        from fundus_pipeline.stages.compare import CompareStage
+
+        cfg = self.cfg
+        vessels = "segment" in cfg.steps
+        truth = vessels and cfg.ground_truth is not None
+        stage = CompareStage(vessels=vessels, truth=truth)
+        out = self.out
+        extra: dict[str, dict[str, Path | None]] = {
+            "clean": {it.key: Path(it.clean_input) for it in live},
+            "delivered": {it.key: enhanced_path.get(it.key, Path(it.input)) for it in live},
+        }
+        if vessels:
+            def vessel_file(folder: str, key: str) -> Path | None:
+                p = out / folder / f"{key}_vessels.png"
+                return p if p.is_file() else None
+
+            extra["vessels_clean"] = {it.key: vessel_file("segment_clean", it.clean_key) for it in live}
+            extra["vessels_before"] = {it.key: vessel_file("segment_input" if it.key in enhanced_path else "segment", it.key) for it in live}
+            extra["vessels_after"] = {it.key: vessel_file("segment", it.key) for it in live}
+        if truth:
+            from fundus_pipeline.evaluation.segment import pairing_key
+            from fundus_pipeline.io import discover_images
+
+            gt = {pairing_key(g.key): g.path for g in discover_images(Path(cfg.ground_truth))}
+            extra["truth"] = {it.key: gt.get(pairing_key(it.clean_key)) for it in live}
+        self._stage("compare", stage, [ImageItem(it.key, Path(it.input)) for it in live], extra)
+
+    def _finish(self) -> ChainResult:
+        rows = join(self.out, self.cfg, self.plan)
+        if self.interrupted:  # photographs the simulator had not reached yet
+            seen = {it.clean_key or it.key for it in self.plan}
+            blank = dict.fromkeys(columns(self.cfg), "")
+            rows += [{**blank, "key": it.key, "input": str(it.path), "status": "pending"} for it in self.inputs.items if it.key not in seen]
+        counts = count(rows)
+        write_bytes_atomic(self.out / "results.csv", _csv_bytes(rows, columns(self.cfg)))
+        report = None
+        if self.cfg.report and self.plan:
+            from fundus_pipeline.report import write_report
+
+            report = write_report(self.out, self.cfg, rows)
+        self._write_manifest(rows, "interrupted" if self.interrupted else "finished", counts)
+        return ChainResult(self.out, rows, counts, self.interrupted, time.time() - self.started, report, self.stages)
+
+
+def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
+              command: list[str] | None = None, degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None) -> ChainResult:
+    """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring)."""
+    if overwrite and resume:
+        raise UsageError("--overwrite and --resume cannot be used together")
+    return Chain(cfg, in_path, out_dir, resume=resume, overwrite=overwrite, command=command, degrade_replay=degrade_replay,
+                 expect_inputs=expect_inputs).run()
+
+
+# ------------------------------------------------------------------------------------------- reading back
+def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:
+    """(the manifest, its configuration, the planned items) of a run folder; a UsageError when it holds none."""
+    path = Path(out_dir) / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{out_dir} holds no `fundus run` output (no manifest.json)") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    if not isinstance(m, dict) or m.get("stage") != "run":
+        raise UsageError(f"{path} is not the manifest of a `fundus run`")
+    try:
+        cfg = RunConfig(**m["config"])
+        plan = [ChainItem(**it) for it in m.get("plan", [])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: invalid run manifest ({str(e).splitlines()[0]})") from None
+    return m, cfg, plan

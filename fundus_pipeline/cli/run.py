@@ -1,0 +1,160 @@
+"""``fundus run``: the chained pipeline with its report; ``fundus report``: rebuild the report of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fundus_pipeline.cli.app import app
+from fundus_pipeline.cli.options import Format, Overwrite, Quiet, Resume, flag
+from fundus_pipeline.config import RunConfig
+
+
+def _d(name: str) -> str:
+    v = RunConfig.model_fields[name].default
+    if isinstance(v, list):
+        v = ",".join(v)
+    return f" [default: {v}]" if v is not None else ""
+
+
+def _opt(*names: str, help: str, field: str) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help + _d(field), show_default=False)
+
+
+def build_config(file: Path | None, options: dict) -> RunConfig:
+    """The run's configuration: the TOML file's keys, overridden by the options given on the command line."""
+    from fundus_pipeline.config import load_toml_config
+
+    values = load_toml_config(file) if file is not None else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    return RunConfig.build(**values)
+
+
+def _summary_line(s: dict) -> str:
+    c = s["counts"]
+    parts = [f"run: {c['total']} photographs, {c.get('ok', 0)} ok, {c.get('error', 0)} failed"]
+    if c.get("pending"):
+        parts[0] += f", {c['pending']} not processed"
+    if any(c.get(g) for g in ("good", "usable", "reject")):
+        parts.append(f"graded {c['good']} good, {c['usable']} usable, {c['reject']} reject")
+    parts.append(f"{c['enhanced']} enhanced, {c['enhanced_used']} trusted")
+    parts.append(f"{c['segmented']} segmented")
+    out = "; ".join(parts)
+    if s["interrupted"]:
+        out += "; interrupted (rerun with --resume)"
+    files = "manifest.json, results.csv" + (", report.html" if s["report"] else "")
+    return f"{out} -> {s['output']}  ({files})"
+
+
+@app.command("run")
+def run_cmd(
+    in_dir: Annotated[Optional[Path], typer.Argument(metavar="IN", help="Input: a folder of fundus photographs (searched recursively), one image, or a text file listing image paths. With --replay: omit it.", show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Argument(metavar="OUT", help="Output folder: one sub-folder per stage, results.csv, manifest.json, report.html.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file whose keys are these options' names with underscores (min_gain = 0.02); the command line overrides it.", show_default=False)] = None,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Reproduce the run recorded in OLD_OUT/manifest.json into OUT, byte for byte (same inputs, weights and options).", show_default=False)] = None,
+    steps: Annotated[Optional[str], _opt("--steps", help="Steps to run, comma-separated, in chain order: grade,enhance,score,segment.", field="steps")] = None,
+    enhance_if: Annotated[Optional[str], _opt("--enhance-if", help="Enhance the photographs graded as these (the others pass through unchanged).", field="enhance_if")] = None,
+    min_gain: Annotated[Optional[float], _opt("--min-gain", help="Trust (segment) an enhanced image when its score minus the input's own score is at least this.", field="min_gain")] = None,
+    min_score: Annotated[Optional[float], _opt("--min-score", help="... and its score is at least this.", field="min_score")] = None,
+    simulate: Annotated[Optional[str], typer.Option("--simulate", help="Degrade the (clean) inputs first: Cofe-Net types (111, '001,010', all) or a recipe (mild, moderate, severe, a JSON file); adds PSNR/SSIM and vessel F1 against the clean originals.", show_default=False)] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the simulator.", field="seed")] = None,
+    ground_truth: Annotated[Optional[Path], typer.Option("--ground-truth", help="With --simulate: manual vessel annotations of the clean originals (paired by name, as `fundus evaluate segment` pairs).", show_default=False)] = None,
+    device: Annotated[Optional[str], _opt("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", field="device")] = None,
+    grade_weights: Annotated[Optional[str], _opt("--grade-weights", help="Grading weights (a name from `fundus models` or a .pt file).", field="grade_weights")] = None,
+    grade_arch: Annotated[Optional[str], typer.Option("--grade-arch", help="Architecture of grading weights not in weights/manifest.json.", show_default=False)] = None,
+    flag_threshold: Annotated[Optional[float], _opt("--flag-threshold", help="A grading flag is listed from this probability on.", field="flag_threshold")] = None,
+    enhance_weights: Annotated[Optional[str], _opt("--enhance-weights", help="Enhancement weights.", field="enhance_weights")] = None,
+    enhance_arch: Annotated[Optional[str], typer.Option("--enhance-arch", help="Architecture of enhancement weights not in the manifest.", show_default=False)] = None,
+    transfer: Annotated[Optional[str], _opt("--transfer", help="How the enhancement returns to native resolution: auto, upsample or residual.", field="transfer")] = None,
+    keep_outside: Annotated[Optional[bool], typer.Option("--keep-outside/--zero-outside", help="Enhanced images keep the input's pixels outside the field of view [default: zero outside].", show_default=False)] = None,
+    score_weights: Annotated[Optional[str], _opt("--score-weights", help="Quality-scoring weights.", field="score_weights")] = None,
+    score_arch: Annotated[Optional[str], typer.Option("--score-arch", help="Architecture of scoring weights not in the manifest.", show_default=False)] = None,
+    segment_weights: Annotated[Optional[str], _opt("--segment-weights", help="Vessel segmentation weights.", field="segment_weights")] = None,
+    segment_arch: Annotated[Optional[str], typer.Option("--segment-arch", help="Architecture of segmentation weights not in the manifest.", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Vessel decision threshold [default: the weights' own].", show_default=False)] = None,
+    report: Annotated[Optional[bool], typer.Option("--report/--no-report", help="Write OUT/report.html [default: --report].", show_default=False)] = None,
+    thumbnail: Annotated[Optional[int], _opt("--thumbnail", help="Thumbnail side in the report, pixels.", field="thumbnail")] = None,
+    workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage (results do not depend on it).", field="workers")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [default: available cores / workers].", show_default=False)] = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    quiet: Annotated[Optional[bool], flag("--quiet", "-q", help="No progress output on stderr (errors are still printed).")] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", help="human: short summary; json: one JSON summary on stdout [default: human].", show_default=False)] = None,
+):
+    """Run the whole chain over a folder: grade -> enhance (the photographs graded --enhance-if) -> score
+    (each enhancement against its input) -> segment (the enhanced image where trusted, else the input),
+    with one table (OUT/results.csv) and one page (OUT/report.html).
+
+    Each stage writes its own folder (OUT/grade, OUT/enhance, OUT/score, OUT/score_input, OUT/segment; with
+    --simulate also OUT/degrade, OUT/segment_clean, OUT/segment_input, OUT/compare) exactly as its own
+    command would. Every decision and its reason is a column of results.csv. Examples:
+
+      fundus run photos/ out/ && xdg-open out/report.html
+
+      fundus run clean/ exp/ --simulate all --ground-truth manual/ --workers 2
+    """
+    from fundus_pipeline.chain import read_run, run_chain
+    from fundus_pipeline.errors import UsageError
+
+    cli = {
+        "steps": steps, "enhance_if": enhance_if, "min_gain": min_gain, "min_score": min_score, "simulate": simulate, "seed": seed,
+        "ground_truth": ground_truth, "device": device, "grade_weights": grade_weights, "grade_arch": grade_arch,
+        "flag_threshold": flag_threshold, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "transfer": transfer,
+        "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "segment_weights": segment_weights,
+        "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
+        "threads": threads, "quiet": quiet, "format": fmt.value if fmt is not None else None,
+    }  # fmt: skip
+    degrade_replay = expect = None
+    if replay is not None:
+        if out_dir is None and in_dir is not None:
+            in_dir, out_dir = None, in_dir
+        if in_dir is not None:
+            raise UsageError("--replay takes the input from the replayed manifest: give only OUT")
+        fixed = [k for k, v in cli.items() if v is not None and k not in ("workers", "threads", "quiet", "format")]
+        if fixed or config is not None:
+            raise UsageError(f"--replay reruns the recorded options; do not combine it with --{(fixed or ['config'])[0].replace('_', '-')}")
+        m, cfg, _ = read_run(Path(replay).parent) if Path(replay).name == "manifest.json" else read_run(Path(replay))
+        cfg = cfg.model_copy(update={k: v for k, v in cli.items() if v is not None})
+        in_dir = Path(m["input"]["path"])
+        expect = m.get("inputs_sha256") or {}
+        old = Path(m["output"]["dir"])
+        if cfg.simulate and (old / "degrade" / "manifest.json").is_file():
+            degrade_replay = old / "degrade" / "manifest.json"
+    else:
+        if in_dir is None or out_dir is None:
+            raise UsageError("give IN and OUT (or --replay OLD_OUT/manifest.json OUT)")
+        cfg = build_config(config, cli)
+    if out_dir is None:
+        raise UsageError("give OUT")
+    result = run_chain(cfg, in_dir, out_dir, resume=resume, overwrite=overwrite, degrade_replay=degrade_replay, expect_inputs=expect)
+    s = result.summary()
+    if cfg.format == "json":
+        typer.echo(json.dumps(s, indent=2))
+    else:
+        typer.echo(_summary_line(s))
+        if s["counts"].get("error"):
+            typer.echo(f"  the failures are listed in {s['results']} (status=error, error=step: message)", err=True)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("report")
+def report_cmd(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="The output folder of a `fundus run`.", show_default=False)],
+):
+    """Rebuild OUT/report.html of a `fundus run` from its folders alone (the stages' results and images).
+
+    Example: fundus report out/
+    """
+    from fundus_pipeline.chain import join, read_run
+    from fundus_pipeline.report import write_report
+    from fundus_pipeline.runner import OutputLock
+
+    _, cfg, plan = read_run(out_dir)
+    with OutputLock(Path(out_dir).resolve(), out_dir):
+        rows = join(Path(out_dir).resolve(), cfg, plan)
+        path = write_report(Path(out_dir).resolve(), cfg, rows)
+    typer.echo(f"wrote {path} ({len(rows)} photographs)")

@@ -1,0 +1,278 @@
+"""``OUT/report.html``: one self-contained page of a ``fundus run`` (no network, no external file).
+
+Built from the joined table (``fundus_pipeline.chain.join``) and the images in the run's folders:
+a summary (counts per grade and flag, enhancement and trust decisions, score and vessel-fraction
+distributions as inline SVG, and in a simulated run the before/after figures per degradation type), then
+one row per photograph with JPEG thumbnails inlined as data URIs (input, enhanced image, vessel overlay),
+sortable by any column and filterable by grade, flag and status with a few lines of plain JavaScript.
+
+The page is streamed to a temporary file row by row (thumbnails are made by a small thread pool a bounded
+window ahead), so memory does not grow with the number of photographs, and renamed into place. The bytes
+depend only on the run's outputs: no times or absolute paths of OUT, so a replay writes the same page.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from fundus_pipeline import __version__
+from fundus_pipeline.quality.grading import FLAGS, GRADES
+
+THUMB_QUALITY = 80
+GREEN = np.array([0, 255, 64], np.float32)
+
+
+# ------------------------------------------------------------------------------------------- thumbnails
+def thumb_array(path: Path, side: int) -> np.ndarray:
+    """An 8-bit RGB thumbnail (longer side ``side``) of an image file, from its integer array (no float
+    copy of a large photograph): 16-bit scaled to 8, gray replicated, alpha dropped, area-averaged."""
+    import cv2
+
+    from fundus_pipeline.io import read_image
+
+    arr, _ = read_image(path)
+    if arr.dtype == np.uint16:
+        arr = (arr >> 8).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    c = arr.shape[2]
+    arr = arr[..., :1] if c in (1, 2) else arr[..., :3]
+    h, w = arr.shape[:2]
+    s = side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = cv2.resize(np.ascontiguousarray(arr), size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    if small.ndim == 2:
+        small = small[..., None]
+    return np.repeat(small, 3, axis=2) if small.shape[2] == 1 else small
+
+
+def data_uri(rgb: np.ndarray) -> str:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
+
+
+def overlay_thumb(image: np.ndarray, vessels_path: Path) -> np.ndarray:
+    """The thumbnail ``image`` with the vessel mask (area-averaged to its size) blended in green."""
+    import cv2
+
+    from fundus_pipeline.io import read_image
+
+    mask, _ = read_image(vessels_path)
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    frac = cv2.resize((mask > (np.iinfo(mask.dtype).max // 2)).astype(np.float32), image.shape[1::-1], interpolation=cv2.INTER_AREA)
+    a = np.clip(frac * 1.6, 0, 0.85)[..., None]
+    return np.round(image * (1 - a) + GREEN * a).astype(np.uint8)
+
+
+def thumbnails(out: Path, row: dict, side: int) -> dict[str, str]:
+    """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable)."""
+    t: dict[str, str] = {"input": "", "enhanced": "", "vessels": ""}
+    base: dict[str, np.ndarray] = {}
+    for name, rel in (("input", row.get("input")), ("enhanced", row.get("enhanced_image"))):
+        if not rel:
+            continue
+        p = Path(rel)
+        p = p if p.is_absolute() else out / p
+        try:
+            base[name] = thumb_array(p, side)
+            t[name] = data_uri(base[name])
+        except Exception:  # an unreadable input is already reported in the row's error
+            pass
+    if row.get("vessels_image"):
+        seg = base.get("enhanced" if row.get("segmented") == "enhanced" else "input")
+        if seg is not None:
+            try:
+                t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"]))
+            except Exception:
+                pass
+    return t
+
+
+def _bounded_map(fn, items: Iterable, workers: int, window: int) -> Iterator:
+    """``map(fn, items)`` in order on a thread pool, at most ``window`` results ahead (bounded memory)."""
+    from collections import deque
+
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        pending: deque = deque()
+        for x in it:
+            pending.append(ex.submit(fn, x))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ------------------------------------------------------------------------------------------- figures
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _mean(vals: list[float]) -> float | None:
+    return sum(vals) / len(vals) if vals else None
+
+
+def svg_bars(pairs: list[tuple[str, float]], *, width: int = 300, bar: int = 16, fmt: str = "{:g}", color: str = "#3b7dd8") -> str:
+    """A horizontal bar chart (label, value) as inline SVG."""
+    if not pairs:
+        return ""
+    top = max((v for _, v in pairs), default=0) or 1
+    lw = 96
+    h = bar * len(pairs) + 4
+    parts = [f'<svg class="chart" width="{width}" height="{h}" viewBox="0 0 {width} {h}" role="img">']
+    for i, (label, v) in enumerate(pairs):
+        y = i * bar + 2
+        w = (width - lw - 48) * v / top
+        parts.append(f'<text x="0" y="{y + bar - 4}">{_esc(label)}</text>')
+        parts.append(f'<rect x="{lw}" y="{y + 2}" width="{w:.1f}" height="{bar - 4}" fill="{color}"/>')
+        parts.append(f'<text x="{lw + w + 4:.1f}" y="{y + bar - 4}">{fmt.format(v)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, width: int = 300, height: int = 90, color: str = "#3b7dd8") -> str:
+    """A histogram of ``values`` over [lo, hi] as inline SVG (axis labels at both ends)."""
+    if not values or hi <= lo:
+        return ""
+    counts = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))[0]
+    top = int(counts.max()) or 1
+    ph = height - 16
+    bw = width / bins
+    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for i, c in enumerate(counts):
+        bh = ph * int(c) / top
+        parts.append(f'<rect x="{i * bw + 0.5:.1f}" y="{ph - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" fill="{color}"><title>{int(c)}</title></rect>')
+    parts.append(f'<text x="0" y="{height - 2}">{lo:g}</text><text x="{width}" y="{height - 2}" text-anchor="end">{hi:g}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 2}" text-anchor="middle">n={len(values)}, max bin {top}</text></svg>')
+    return "".join(parts)
+
+
+def _esc(s: str) -> str:
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def summary(rows: list[dict], simulate: bool, truth: bool) -> dict:
+    """Counts and figures for the top of the page (no thumbnails)."""
+    grades = Counter(r.get("grade") for r in rows if r.get("grade"))
+    flags = Counter(f for r in rows for f in str(r.get("flags") or "").split())
+    status = Counter(r["status"] for r in rows)
+    scores = [v for r in rows if (v := _num(r.get("score"))) is not None]
+    gains = [v for r in rows if (v := _num(r.get("score_gain"))) is not None]
+    vf = [v for r in rows if (v := _num(r.get("vessel_fraction"))) is not None]
+    s = {
+        "total": len(rows),
+        "status": dict(status),
+        "grades": [(g, grades.get(g, 0)) for g in GRADES],
+        "flags": [(f, flags[f]) for f in FLAGS if flags.get(f)],
+        "enhanced": sum(bool(r.get("enhanced_image")) for r in rows),
+        "enhance_failed": sum(r.get("enhanced") == "yes" and not r.get("enhanced_image") for r in rows),
+        "used": sum(r.get("segmented") == "enhanced" and bool(r.get("vessels_image")) for r in rows),
+        "segmented": sum(bool(r.get("vessels_image")) for r in rows),
+        "warnings": sum(bool(r.get("warning")) for r in rows),
+        "score_mean": _mean(scores),
+        "gain_mean": _mean(gains),
+        "vf_mean": _mean(vf),
+        "plots": {
+            "grades": svg_bars([(g, grades.get(g, 0)) for g in GRADES], color="#5a8f29"),
+            "flags": svg_bars([(f, flags[f]) for f in FLAGS if flags.get(f)], color="#c0392b"),
+            "scores": svg_histogram(scores, 0.0, 1.0),
+            "gains": svg_histogram(gains, -0.3, 0.3),
+            "vessels": svg_histogram(vf, 0.0, 0.25),
+        },
+    }
+    if simulate:
+        metrics = ["psnr", "ssim", "f1"] + (["f1_gt"] if truth else [])
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["status"] == "ok":
+                groups.setdefault(r.get("degradation") or "?", []).append(r)
+        table = []
+        for name in sorted(groups) + (["all"] if len(groups) > 1 else []):
+            rs = [r for g in groups.values() for r in g] if name == "all" else groups[name]
+            line: dict[str, Any] = {"degradation": name, "n": len(rs), "enhanced": sum(bool(r.get("enhanced_image")) for r in rs),
+                                    "used": sum(r.get("segmented") == "enhanced" for r in rs)}
+            for m in metrics:
+                for when in ("before", "after"):
+                    line[f"{m}_{when}"] = _mean([v for r in rs if (v := _num(r.get(f"{m}_{when}"))) is not None])
+            table.append(line)
+        s["by_degradation"] = table
+        s["metrics"] = metrics
+    return s
+
+
+# ------------------------------------------------------------------------------------------- page
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+    def fmt(v: Any, nd: int = 3) -> str:
+        f = _num(v)
+        return "" if f is None else f"{f:.{nd}f}"
+
+    env.filters["fmt"] = fmt
+    return env
+
+
+def render_chunks(out: Path, cfg, rows: list[dict], *, workers: int | None = None) -> Iterator[str]:
+    """The page as a stream of text chunks (thumbnails made a bounded window ahead of the rows)."""
+    truth = cfg.ground_truth is not None and "segment" in cfg.steps
+    simulate = bool(cfg.simulate)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+
+    def with_thumbs(row: dict) -> dict:
+        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail), "flag_list": str(row.get("flags") or "").split()}
+
+    template = _environment().get_template("report.html.j2")
+    return template.generate(
+        version=__version__,
+        title=f"fundus run: {out.name}",
+        cfg=cfg,
+        steps=cfg.steps,
+        simulate=simulate,
+        truth=truth,
+        summary=summary(rows, simulate, truth),
+        grades=GRADES,
+        flags=FLAGS,
+        rows=_bounded_map(with_thumbs, rows, workers, 4 * workers),
+    )
+
+
+def write_report(out: Path, cfg, rows: list[dict]) -> Path:
+    """Write ``out/report.html`` atomically (streamed to a temporary file, then renamed)."""
+    from fundus_pipeline.io import _temp_name
+
+    target = Path(out) / "report.html"
+    tmp = target.with_name(_temp_name(target.name, "report"))
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            for chunk in render_chunks(Path(out), cfg, rows):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
