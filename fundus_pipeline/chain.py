@@ -201,7 +201,7 @@ def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
     table = []
     for it in items:
         row: dict[str, Any] = {c: "" for c in columns(cfg)}
-        row.update(key=it.key, input=it.input)
+        row.update(key=it.key, input=_shown(it.input, out))
         if cfg.simulate:
             row.update(clean_key=it.clean_key, clean_input=it.clean_input, degradation=it.degradation)
         errors: list[str] = []
@@ -255,6 +255,14 @@ def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
         row["error"] = "; ".join(errors)
         table.append(row)
     return table
+
+
+def _shown(path: str, out: Path) -> str:
+    """A path inside OUT relative to it (a replay into another folder writes the same table), else as given."""
+    try:
+        return Path(path).relative_to(out).as_posix()
+    except ValueError:
+        return path
 
 
 def _csv_bytes(rows: list[dict], cols: tuple[str, ...]) -> bytes:
@@ -438,7 +446,6 @@ class Chain:
     def run(self) -> ChainResult:
         from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig
 
-        cfg = self.cfg
         self.check()
         self.plan: list[ChainItem] = []
         self.input_hashes = {it.key: _sha256(it.path) for it in self.inputs.items if it.path.is_file()}

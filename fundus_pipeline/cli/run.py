@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app
-from fundus_pipeline.cli.options import Format, Overwrite, Quiet, Resume, flag
+from fundus_pipeline.cli.options import Format, Overwrite, Resume, flag
 from fundus_pipeline.config import RunConfig
 
 

@@ -247,7 +247,7 @@ def render_chunks(out: Path, cfg, rows: list[dict], *, workers: int | None = Non
     template = _environment().get_template("report.html.j2")
     return template.generate(
         version=__version__,
-        title=f"fundus run: {out.name}",
+        title="fundus run report",
         cfg=cfg,
         steps=cfg.steps,
         simulate=simulate,

@@ -1,0 +1,308 @@
+"""`fundus run` end to end with tiny registered models: the decisions (pure, and as the stages saw them),
+the joined table, per-item errors and exit codes, the config file, replay byte for byte, resume after an
+interruption and after a hard crash, the simulated mode with its full-reference figures, and
+`fundus report`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fundus_pipeline.chain import STAGE_DIRS, enhance_decision, segment_decision
+from fundus_pipeline.cli import main
+from fundus_pipeline.config import RunConfig
+from fundus_pipeline.models.registry import build_model
+from tests.conftest import synthetic_fundus
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("weights")
+    out = {}
+    for i, name in enumerate(("hemf_tiny", "cofe_tiny", "sdmp_tiny", "imff_tiny")):
+        torch.manual_seed(i)
+        out[name] = d / f"{name}.pt"
+        torch.save(build_model(name).state_dict(), out[name])
+    return out
+
+
+def tiny_args(tiny, *extra) -> tuple:
+    return (
+        "--grade-weights", tiny["hemf_tiny"], "--grade-arch", "hemf_tiny", "--enhance-weights", tiny["cofe_tiny"], "--enhance-arch", "cofe_tiny",
+        "--score-weights", tiny["sdmp_tiny"], "--score-arch", "sdmp_tiny", "--segment-weights", tiny["imff_tiny"], "--segment-arch", "imff_tiny",
+        "--device", "cpu", "--quiet", "--thumbnail", "64", *extra,
+    )  # fmt: skip
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, (h, w) in enumerate(((96, 112), (80, 80), (88, 96))):
+        Image.fromarray(synthetic_fundus(h, w, i)).save(d / f"p{i}.png")
+    return d
+
+
+def rows_of(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {r["key"]: r for r in csv.DictReader(f)}
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """Every file a run promises to reproduce: images, the joined table, the report (not the manifests,
+    which hold times, nor the stages' own results.csv, which hold seconds)."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and (p.suffix == ".png" or rel in ("results.csv", "report.html")):
+            files[rel] = p.read_bytes()
+    return files
+
+
+# ----------------------------------------------------------------------------------------- decisions
+def test_enhance_decision_follows_the_grade():
+    cfg = RunConfig()
+    assert enhance_decision(cfg, {"status": "ok", "grade": "usable", "p_usable": 0.7})[0]
+    assert enhance_decision(cfg, {"status": "ok", "grade": "reject", "p_reject": 0.9})[0]
+    keep, why = enhance_decision(cfg, {"status": "ok", "grade": "good", "p_good": 0.8})
+    assert not keep and "passed through" in why and "0.80" in why
+    assert not enhance_decision(cfg, {"status": "error", "error": "x"})[0]
+    assert enhance_decision(RunConfig(enhance_if="good"), {"status": "ok", "grade": "good", "p_good": 0.8})[0]
+    assert enhance_decision(RunConfig(steps="enhance,segment"), None) == (True, "no grade step: every photograph is enhanced")
+    assert not enhance_decision(RunConfig(steps="grade,segment"), {"status": "ok", "grade": "reject", "p_reject": 1})[0]
+
+
+def test_segment_decision_trusts_an_enhancement_only_when_it_scores_above_its_input():
+    cfg = RunConfig(min_gain=0.02, min_score=0.3)
+    ok = {"status": "ok"}
+    s = lambda v: {"status": "ok", "score": v}  # noqa: E731
+    assert segment_decision(cfg, False, None, None, None)[0] == "input"
+    assert segment_decision(cfg, True, {"status": "error"}, None, None)[0] == "input"
+    assert segment_decision(cfg, True, ok, s(0.6), s(0.5))[0] == "enhanced"
+    src, why = segment_decision(cfg, True, ok, s(0.51), s(0.5))
+    assert src == "input" and "min-gain" in why and "+0.010" in why
+    assert segment_decision(cfg, True, ok, s(0.25), s(0.1))[0] == "input"  # gain 0.15 but below min-score
+    assert segment_decision(cfg, True, ok, {"status": "error"}, s(0.5))[0] == "input"
+    assert segment_decision(RunConfig(steps="grade,enhance,segment"), True, ok, None, None)[0] == "enhanced"
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="needs the enhance step"):
+        RunConfig.build(steps="grade,score")
+    with pytest.raises(Exception, match="enhance-if"):
+        RunConfig.build(enhance_if="good,bad")
+    assert RunConfig.build(steps="segment,grade").steps == ["grade", "segment"]
+    assert RunConfig.build(simulate="010,001").simulate == "001,010"
+    assert RunConfig.build(simulate="severe").simulate_options() == {"types": None, "recipe": "severe"}
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def test_chain_writes_stage_folders_and_a_joined_table_with_its_decisions(photos, tmp_path, tiny):
+    (photos / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--enhance-if", "good,usable,reject", "--min-gain", "-1")) == 3
+    for name in ("grade", "enhance", "score", "score_input", "segment"):
+        assert (out / name / "manifest.json").is_file() and (out / name / "results.csv").is_file(), name
+    rows = rows_of(out / "results.csv")
+    assert set(rows) == {"p0", "p1", "p2", "broken"}
+    b = rows.pop("broken")
+    assert b["status"] == "error" and b["error"].startswith("grade: ") and "segment: " in b["error"] and b["enhanced"] == "no"
+    seg = rows_of(out / "segment" / "results.csv")
+    for key, r in rows.items():
+        assert r["status"] == "ok" and r["grade"] in ("good", "usable", "reject") and r["enhanced"] == "yes", r
+        assert r["enhanced_image"] == f"enhance/{key}.png" and (out / r["enhanced_image"]).is_file()
+        assert abs(float(r["score_gain"]) - (float(r["score"]) - float(r["score_input"]))) < 2e-6
+        # min-gain -1: every scored enhancement is trusted, and the segment stage really read it
+        assert r["segmented"] == "enhanced" and "enhanced image is segmented" in r["segment_reason"]
+        assert Path(seg[key]["input"]).resolve() == (out / "enhance" / f"{key}.png").resolve()
+        assert r["vessels_image"] == f"segment/{key}_vessels.png" and (out / r["vessels_image"]).is_file()
+        assert r["vessel_fraction"] == seg[key]["vessel_fraction"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stage"] == "run" and m["status"] == "finished" and set(m["weights"]) == {"grade", "enhance", "score", "segment"}
+    assert m["counts"]["error"] == 1 and m["counts"]["enhanced"] == 3 and set(m["inputs_sha256"]) == {"p0", "p1", "p2", "broken"}
+    html = (out / "report.html").read_text()
+    assert html.count('<tr data-grade=') == 4 and "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
+
+    # min-gain 1 (no enhancement can gain that much): the inputs are segmented, the reason says why
+    out2 = tmp_path / "out2"
+    assert run("run", photos, out2, *tiny_args(tiny, "--enhance-if", "good,usable,reject", "--min-gain", "1")) == 3
+    seg2 = rows_of(out2 / "segment" / "results.csv")
+    for key, r in rows_of(out2 / "results.csv").items():
+        if key != "broken":
+            assert r["segmented"] == "input" and "not trusted" in r["segment_reason"]
+            assert Path(seg2[key]["input"]).resolve() == (photos / f"{key}.png").resolve()
+
+
+def test_only_the_grades_named_are_enhanced(photos, tmp_path, tiny):
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,enhance", "--enhance-if", "reject")) == 0
+    rows = rows_of(out / "results.csv")
+    enhanced = rows_of(out / "enhance" / "results.csv") if (out / "enhance").exists() else {}
+    for key, r in rows.items():
+        assert (r["enhanced"] == "yes") == (r["grade"] == "reject") == (key in enhanced)
+        assert r["segmented"] == "none" and r["vessels_image"] == ""
+    assert not (out / "segment").exists() and not (out / "score").exists()
+
+
+def test_replay_reproduces_the_run_byte_for_byte_and_report_rebuilds(photos, tmp_path, tiny):
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert run("run", photos, out, *tiny_args(tiny, "--enhance-if", "good,usable,reject")) == 0
+    assert run("run", "--replay", out / "manifest.json", again, "--quiet") == 0
+    a, b = output_bytes(out), output_bytes(again)
+    assert len(a) == 3 * 3 + 2 and a == b  # enhanced, vessels, prob per photograph
+    # the report is rebuilt from the folders alone, identically
+    (out / "report.html").unlink()
+    assert run("report", out) == 0
+    assert (out / "report.html").read_bytes() == a["report.html"]
+    # replay refuses changed inputs and extra options
+    Image.fromarray(synthetic_fundus(80, 80, 9)).save(photos / "p1.png")
+    assert run("run", "--replay", out / "manifest.json", tmp_path / "x") == 2
+    assert run("run", "--replay", out / "manifest.json", tmp_path / "y", "--min-gain", "0.1") == 2
+
+
+def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos, tmp_path, tiny, monkeypatch):
+    ref = tmp_path / "ref"
+    args = tiny_args(tiny, "--enhance-if", "good,usable,reject")
+    assert run("run", photos, ref, *args) == 0
+    expected = output_bytes(ref)
+
+    # Ctrl-C in the middle of the segment step (the runner records the interruption, the chain stops)
+    from fundus_pipeline.stages.segment import SegmentStage
+
+    real = SegmentStage.compute
+    calls = {"n": 0}
+
+    def interrupt_second(self, item):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, item)
+
+    monkeypatch.setattr(SegmentStage, "compute", interrupt_second)
+    out = tmp_path / "out"
+    assert run("run", photos, out, *args) == 130
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    assert rows_of(out / "results.csv")["p2"]["status"] == "pending"
+    monkeypatch.setattr(SegmentStage, "compute", real)
+    assert run("run", photos, out, *args) == 2  # not empty: needs --resume
+    assert run("run", photos, out, *args, "--resume") == 0
+    assert output_bytes(out) == expected
+
+    # a hard crash (the process exits at once, nothing is flushed or cleaned) in the enhance step
+    crashed = tmp_path / "crashed"
+    code = (
+        "import os, sys\n"
+        "from fundus_pipeline.stages.enhance import EnhanceStage\n"
+        "real = EnhanceStage.compute\n"
+        "n = [0]\n"
+        "def crash(self, item):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 2: os._exit(9)\n"
+        "    return real(self, item)\n"
+        "EnhanceStage.compute = crash\n"
+        "from fundus_pipeline.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, "run", str(photos), str(crashed), *map(str, args)], env=env, capture_output=True, timeout=300)
+    assert r.returncode == 9, r.stderr.decode()[-2000:]
+    assert (crashed / "manifest.json").is_file() and not (crashed / "results.csv").exists()
+    assert run("run", photos, crashed, *args, "--resume") == 0
+    assert output_bytes(crashed) == expected
+
+
+def test_resume_refuses_another_configuration(photos, tmp_path, tiny):
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--flag-threshold", "0.3"), "--resume") == 2
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
+    # --overwrite replaces the run's own folders
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment"), "--overwrite") == 0
+    assert (out / "segment").is_dir() and set(rows_of(out / "results.csv")) == {"p0", "p1", "p2"}
+
+
+def test_config_file_and_command_line_override(photos, tmp_path, tiny, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('steps = ["grade", "enhance"]\nenhance_if = "good,usable,reject"\nmin_gain = 0.05\n')
+    out = tmp_path / "out"
+    assert run("run", photos, out, "--config", cfg, *tiny_args(tiny, "--enhance-if", "reject")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["steps"] == ["grade", "enhance"] and m["config"]["enhance_if"] == ["reject"] and m["config"]["min_gain"] == 0.05
+    capsys.readouterr()
+    cfg.write_text("min_gian = 0.1\n")
+    assert run("run", photos, tmp_path / "o2", "--config", cfg) == 2
+    assert "unknown key 'min_gian'" in capsys.readouterr().err
+    cfg.write_text("min_gain = [\n")
+    assert run("run", photos, tmp_path / "o3", "--config", cfg) == 2
+    cfg.write_text("min_gain = 7\n")
+    assert run("run", photos, tmp_path / "o4", "--config", cfg) == 2
+    assert "invalid --min-gain" in capsys.readouterr().err
+
+
+def test_bad_invocations_exit_2_or_1_with_one_line(photos, tmp_path, tiny, capsys):
+    t = tiny_args(tiny)
+    assert run("run", tmp_path / "missing", tmp_path / "o", *t) == 2
+    assert run("run", photos, photos / "inside", *t) == 2
+    assert run("run", photos, tmp_path / "o", *t, "--ground-truth", tmp_path) == 2  # needs --simulate
+    assert run("run", photos, tmp_path / "o", *t, "--steps", "grade,score") == 2
+    assert run("run", photos, tmp_path / "o", *t, "--simulate", "no-such-recipe") == 2
+    assert run("run", photos, tmp_path / "o", "--grade-weights", "nonexistent", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "grade step: weights not found" in err
+    assert not (tmp_path / "o").exists()  # nothing was created by a refused run
+
+
+def test_simulated_run_measures_what_the_restoration_bought(tmp_path, tiny):
+    clean, truth = tmp_path / "clean", tmp_path / "truth"
+    clean.mkdir()
+    truth.mkdir()
+    for i in range(2):
+        img = synthetic_fundus(96, 96, i)
+        Image.fromarray(img).save(clean / f"{i:02d}_test.png")
+        vessels = (img[..., 1] < 0.6 * img[..., 1][img.max(2) > 20].mean()) & (img.max(2) > 20)
+        Image.fromarray(vessels.astype(np.uint8) * 255).save(truth / f"{i:02d}_manual1.png")
+    out = tmp_path / "out"
+    args = tiny_args(tiny, "--simulate", "001,100", "--seed", "3", "--ground-truth", truth, "--enhance-if", "good,usable,reject", "--min-gain", "-1")
+    assert run("run", clean, out, *args) == 0
+    rows = rows_of(out / "results.csv")
+    assert set(rows) == {"00_test_001", "00_test_100", "01_test_001", "01_test_100"}
+    for key, r in rows.items():
+        assert r["clean_key"] == key[:7] and r["degradation"] == key[-3:] and r["input"].endswith(f"degrade/{key}.png")
+        for col in ("psnr_before", "psnr_after", "ssim_before", "ssim_after", "f1_before", "f1_after", "f1_gt_before", "f1_gt_after"):
+            assert np.isfinite(float(r[col])), (key, col)
+        if r["degradation"] == "001":  # illumination changes every pixel (a blur can be a no-op on a 96-px image)
+            assert float(r["psnr_before"]) < 40 and float(r["ssim_before"]) < 0.99
+    assert (out / "segment_clean" / "00_test_vessels.png").is_file() and (out / "segment_input" / "00_test_001_vessels.png").is_file()
+    html = (out / "report.html").read_text()
+    assert 'id="by-degradation"' in html and ">001<" in html and ">100<" in html
+    # the simulator's parameters replay exactly
+    again = tmp_path / "again"
+    assert run("run", "--replay", out / "manifest.json", again, "--quiet") == 0
+    assert output_bytes(again) == output_bytes(out)
+
+
+def test_stage_folders_match_the_stage_commands(photos, tmp_path, tiny):
+    """OUT/grade is what `fundus grade` writes for the same inputs and weights (same rows, same columns)."""
+    out, alone = tmp_path / "out", tmp_path / "alone"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    assert run("grade", photos, alone, "--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet") == 0
+    a, b = rows_of(out / "grade" / "results.csv"), rows_of(alone / "results.csv")
+    strip = lambda rows: {k: {c: v for c, v in r.items() if c != "seconds"} for k, r in rows.items()}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert set(STAGE_DIRS) >= {"grade", "enhance", "score", "segment"}
