@@ -64,15 +64,33 @@ def test_models_does_not_import_torch():
 
 def test_sample(tmp_path, capsys):
     out = tmp_path / "samples" / "nested"
-    assert run("sample", out) == 0
+    assert run("sample", out, "--clean-only") == 0
     target = out / "retina.png"
     assert f"wrote {target}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["retina.png"]
     with Image.open(target) as im:
         assert im.size == (1411, 1411) and im.mode == "RGB"
     before = target.read_bytes()
-    assert run("sample", out) == 0
+    assert run("sample", out, "--clean-only") == 0
     assert "already exists" in capsys.readouterr().out
     assert target.read_bytes() == before
+
+
+def test_sample_degraded_versions_are_what_degrade_writes(tmp_path, capsys):
+    from fundus_pipeline.cli.sample import DEMO_VERSIONS
+
+    out = tmp_path / "demo"
+    assert run("sample", out) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["retina.png"] + [f"{n}.png" for n, _ in DEMO_VERSIONS])
+    # the moderate version is byte for byte `fundus degrade retina.png OUT --recipe moderate --seed 5`
+    assert run("degrade", out / "retina.png", tmp_path / "deg", "--recipe", "moderate", "--seed", "5", "--quiet") == 0
+    assert (tmp_path / "deg" / "retina.png").read_bytes() == (out / "retina_moderate.png").read_bytes()
+    assert (out / "retina_moderate.png").read_bytes() != (out / "retina.png").read_bytes()
+    before = {n: (out / n).read_bytes() for n in names}
+    capsys.readouterr()
+    assert run("sample", out) == 0
+    assert "already exist" in capsys.readouterr().out and {n: (out / n).read_bytes() for n in names} == before
 
 
 def test_sample_refuses_a_file_as_folder(tmp_path, capsys):

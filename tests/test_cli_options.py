@@ -64,10 +64,14 @@ def test_segment_workers_and_tile_batching_do_not_change_outputs(photos, tmp_pat
         a = np.asarray(Image.open(p), dtype=np.int64)
         b = np.asarray(Image.open(tmp_path / "two_threads" / p.name), dtype=np.int64)
         assert np.abs(a - b).max() <= 1, p.name
-    # tiles of 48 px with 16 px overlap: 1 tile per pass and 3 tiles per pass give the same bytes
+    # tiles of 48 px with 16 px overlap: 1 tile per pass and 3 tiles per pass agree (a batch changes oneDNN's
+    # summation order like a thread count does: a probability may move by one 16-bit level)
     assert run("segment", photos, tmp_path / "t1", *common, "--threads", "1", "--tile", "48", "--overlap", "16") == 0
     assert run("segment", photos, tmp_path / "t3", *common, "--threads", "1", "--tile", "48", "--overlap", "16", "--batch-size", "3") == 0
-    assert _digests(tmp_path / "t1") == _digests(tmp_path / "t3")
+    for p in sorted((tmp_path / "t1").glob("*_prob.png")):
+        a = np.asarray(Image.open(p), dtype=np.int64)
+        b = np.asarray(Image.open(tmp_path / "t3" / p.name), dtype=np.int64)
+        assert np.abs(a - b).max() <= 1, p.name
     assert _digests(tmp_path / "t1") != _digests(tmp_path / "one")  # tiling took effect
 
 

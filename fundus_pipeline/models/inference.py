@@ -52,22 +52,30 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
     return w
 
 
-def _tile_boxes(H: int, W: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    stride = tile - overlap
-    ys = list(range(0, max(H - tile, 0) + 1, stride))
-    xs = list(range(0, max(W - tile, 0) + 1, stride))
-    if ys[-1] + tile < H:
-        ys.append(H - tile)
-    if xs[-1] + tile < W:
-        xs.append(W - tile)
-    return [(y0, x0, min(tile, H - y0), min(tile, W - x0)) for y0 in ys for x0 in xs]
+def _axis_tiles(n: int, tile: int, overlap: int, divisor: int) -> tuple[list[int], int]:
+    """(tile starts, tile length) along one axis of ``n`` pixels: the fewest tiles of at most ``tile`` pixels
+    that overlap by at least ``overlap``, all of one length (the smallest multiple of ``divisor`` that
+    suffices, so no padding), spread evenly. Balanced tiles cover 1411 px with two of 752 instead of two of
+    1024 (the computation nearly halves on a 1411x1411 photograph)."""
+    if n <= tile:
+        return [0], n
+    k = math.ceil((n - overlap) / (tile - overlap))
+    t = min(tile, math.ceil((math.ceil((n - overlap) / k) + overlap) / divisor) * divisor)
+    k = max(k, math.ceil((n - overlap) / (t - overlap)))  # the divisor rounding may not be available under tile
+    return [((n - t) * i) // (k - 1) for i in range(k)], t
 
 
-def _tile_weight(box: tuple[int, int, int, int], tile: int, overlap: int, H: int, W: int) -> np.ndarray:
+def _tile_boxes(H: int, W: int, tile: int, overlap: int, divisor: int = 1) -> list[tuple[int, int, int, int]]:
+    ys, th = _axis_tiles(H, tile, overlap, divisor)
+    xs, tw = _axis_tiles(W, tile, overlap, divisor)
+    return [(y0, x0, th, tw) for y0 in ys for x0 in xs]
+
+
+def _tile_weight(box: tuple[int, int, int, int], overlap: int, H: int, W: int) -> np.ndarray:
     """Linear-ramp blending weights of one tile; tiles that touch the image border keep full weight there."""
     y0, x0, th, tw = box
-    wy = _ramp(th, overlap if th == tile else 0)
-    wx = _ramp(tw, overlap if tw == tile else 0)
+    wy = _ramp(th, min(overlap, th // 2))
+    wx = _ramp(tw, min(overlap, tw // 2))
     if y0 == 0:
         wy[:overlap] = 1.0
     if y0 + th >= H:
@@ -109,7 +117,7 @@ def predict_tiled(
     if tile is None or (H <= tile and W <= tile):
         return np.ascontiguousarray(run(x)[0])
     tile = max(tile, 2 * overlap + divisor)
-    boxes = _tile_boxes(H, W, tile, overlap)
+    boxes = _tile_boxes(H, W, tile, overlap, divisor)
     outs: list[np.ndarray] = []
     step = max(1, batch_size)
     for i in range(0, len(boxes), step):
@@ -122,7 +130,7 @@ def predict_tiled(
     wsum = np.zeros((H, W), np.float32)
     for box, out in zip(boxes, outs):
         y0, x0, th, tw = box
-        wgt = _tile_weight(box, tile, overlap, H, W)
+        wgt = _tile_weight(box, overlap, H, W)
         acc[y0 : y0 + th, x0 : x0 + tw] += out * wgt[..., None]
         wsum[y0 : y0 + th, x0 : x0 + tw] += wgt
     return acc / np.maximum(wsum, 1e-6)[..., None]
