@@ -42,7 +42,9 @@ from fundus_pipeline import __version__
 from fundus_pipeline.config import RunConfig
 from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
-from fundus_pipeline.runner import JOURNAL, LOCK, OutputLock, _create_output, check_run_paths, config_sha256, environment, resolve_inputs, run_stage
+from fundus_pipeline.runner import (
+    JOURNAL, LOCK, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, resolve_inputs, run_stage,
+)
 
 #: The folders a run owns under OUT, in the order they are written.
 STAGE_DIRS = ("degrade", "grade", "enhance", "score", "score_input", "segment", "segment_clean", "segment_input", "compare")
@@ -328,6 +330,7 @@ class Chain:
         self.started = time.time()
         self.stages: dict[str, dict] = {}
         self.interrupted = False
+        self.pool: WorkerPool | None = None
 
     # -- checks before any work -------------------------------------------------------------------------
     def check(self) -> None:
@@ -422,6 +425,7 @@ class Chain:
         res = run_stage(
             stage, self.in_path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
+            pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
         self.interrupted |= res.interrupted
@@ -460,10 +464,14 @@ class Chain:
             check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
             self._prepare_folder()
             self._write_manifest([], "running")
+            self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers)) if self.cfg.workers > 1 else None
             try:
                 self._run_steps(EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig)
             except KeyboardInterrupt:
                 self.interrupted = True
+            finally:
+                if self.pool is not None:
+                    self.pool.close()
             return self._finish()
 
     def _run_steps(self, EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig) -> None:

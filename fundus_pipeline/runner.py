@@ -512,11 +512,13 @@ def run_stage(
     command: list[str] | None = None,
     extra_dirs: dict[str, ExtraInput] | None = None,
     items: list[ImageItem] | None = None,
+    pool: "WorkerPool | None" = None,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
     planned ``{key: file}`` mapping. ``items``: a planned list of (key, file) to process instead of the
-    images of ``in_path`` (a chained run's subset; ``in_path`` is then the run's input, for the checks)."""
+    images of ``in_path`` (a chained run's subset; ``in_path`` is then the run's input, for the checks).
+    ``pool``: worker processes kept across several stages (a chained run), used when ``workers > 1``."""
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -534,11 +536,12 @@ def run_stage(
         # Checked again under the lock: a run that started meanwhile has made the folder non-empty.
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
-                           threads=threads or default_threads(workers), progress=progress, command=command, started=started)
+                           threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool)
 
 
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
-                resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float) -> RunResult:
+                resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
+                pool: "WorkerPool | None" = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     done: dict[str, dict] = {}
@@ -576,7 +579,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             for w in todo:
                 record(_process_one(stage, w, dst))
         else:
-            _run_pool(stage, todo, dst, workers, threads, record)
+            _run_pool(stage, todo, dst, workers, threads, record, pool)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -590,9 +593,10 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, list(rows.values()))
 
 
-def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record) -> None:
+def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, pool: "WorkerPool | None" = None) -> None:
     """Process ``todo`` in ``workers`` processes, spawned by default (safe with CUDA and torch threads);
-    a torch-free stage may ask for ``start_method = "fork"``, which starts workers much faster.
+    a torch-free stage may ask for ``start_method = "fork"``, which starts workers much faster. With
+    ``pool``, its processes are used (and kept for the next stage).
 
     A worker that dies (killed for memory, a crash in a native decoder) does not end the run: the items
     that were in flight are retried one at a time in a fresh process, so only the item that kills its
@@ -602,23 +606,33 @@ def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threa
     ctx = multiprocessing.get_context(method if method in multiprocessing.get_all_start_methods() else "spawn")
     queue = list(reversed(todo))
     while queue:
-        suspects = _pool_pass(stage, queue, dst, workers, threads, record, ctx)
+        suspects = _pool_pass(stage, queue, dst, workers, threads, record, ctx, pool)
         for it in suspects:  # isolate the culprit
             if _pool_pass(stage, [it], dst, 1, threads, record, ctx):
                 record({"key": it.key, "input": str(it.path), "outputs": [], "status": "error", "seconds": 0.0,
                         "error": "the worker process died while processing this image (out of memory or a crash in a decoder)"})
 
 
-def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, threads: int, record, ctx) -> list[WorkItem]:
+def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, threads: int, record, ctx, pool: "WorkerPool | None" = None) -> list[WorkItem]:
     """Run items from ``queue`` (consumed from the end) until it is empty or a worker dies; return the
     items that were in flight when a worker died."""
     in_flight: dict = {}
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, threads))
+    if pool is not None:
+        ex = pool.executor()
+        token = pool.register(stage)
+
+        def submit(it: WorkItem):
+            return ex.submit(_in_pool_worker, token, stage, it, dst)
+    else:
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, threads))
+
+        def submit(it: WorkItem):
+            return ex.submit(_in_worker, it, dst)
     try:
         while queue or in_flight:
             while queue and len(in_flight) < 2 * workers:
                 it = queue.pop()
-                in_flight[ex.submit(_in_worker, it, dst)] = it
+                in_flight[submit(it)] = it
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for f in finished:
                 row = f.result()  # raises BrokenProcessPool if a worker died
@@ -631,13 +645,85 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
                 record(f.result())
             else:
                 suspects.append(it)
-        ex.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.reset()
+        else:
+            ex.shutdown(wait=False, cancel_futures=True)
         return suspects
     except KeyboardInterrupt:
         ex.shutdown(wait=True, cancel_futures=True)
         for f in in_flight:  # items that finished while shutting down
             if f.done() and not f.cancelled() and f.exception() is None:
                 record(f.result())
+        if pool is not None:
+            pool.reset()
         raise
-    ex.shutdown(wait=True)
+    if pool is None:
+        ex.shutdown(wait=True)
     return []
+
+
+# ------------------------------------------------------------------------------------ persistent pool
+_POOL_STAGES: dict[str, Stage] = {}
+
+
+def _pool_worker_init(threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    import cv2
+
+    cv2.setNumThreads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _in_pool_worker(token: str, stage: Stage, work: WorkItem, dst: Path) -> dict:
+    """One item in a persistent worker: the stage is set up once per worker (its models stay loaded, and
+    models shared by several stages are loaded once: ``load_model(shared=True)``)."""
+    known = _POOL_STAGES.get(token)
+    if known is None:
+        stage.setup()
+        _POOL_STAGES.clear()  # one stage at a time: the previous stage object goes (its models stay cached)
+        _POOL_STAGES[token] = known = stage
+    return _process_one(known, work, dst)
+
+
+class WorkerPool:
+    """Worker processes kept across the stages of a chained run (``fundus run``): spawned once, each with
+    ``threads`` CPU threads; each worker sets a stage up on its first item and keeps the loaded models, so
+    a model used by several stages, or a stage run over several folders, is loaded once per worker."""
+
+    def __init__(self, workers: int, threads: int):
+        self.workers, self.threads = workers, threads
+        self._ex: ProcessPoolExecutor | None = None
+        self._n = 0
+
+    def executor(self) -> ProcessPoolExecutor:
+        if self._ex is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_pool_worker_init, initargs=(self.threads,))
+        return self._ex
+
+    def register(self, stage: Stage) -> str:
+        """A token for this stage's pass (workers set the stage up again when the token changes)."""
+        self._n += 1
+        return f"{os.getpid()}-{self._n}-{stage.name}"
+
+    def reset(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=False, cancel_futures=True)
+            self._ex = None
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True)
+            self._ex = None
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

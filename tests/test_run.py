@@ -306,3 +306,38 @@ def test_stage_folders_match_the_stage_commands(photos, tmp_path, tiny):
     strip = lambda rows: {k: {c: v for c, v in r.items() if c != "seconds"} for k, r in rows.items()}  # noqa: E731
     assert strip(a) == strip(b)
     assert set(STAGE_DIRS) >= {"grade", "enhance", "score", "segment"}
+
+
+def test_example_config_is_valid_and_the_clinic_script_processes_and_resumes(tmp_path, tiny):
+    from fundus_pipeline.cli.run import build_config
+
+    cfg = build_config(ROOT / "examples" / "run.toml", {})
+    assert cfg.steps == ["grade", "enhance", "score", "segment"] and cfg.workers == 2
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'grade_weights = "{tiny["hemf_tiny"]}"\ngrade_arch = "hemf_tiny"\nenhance_weights = "{tiny["cofe_tiny"]}"\nenhance_arch = "cofe_tiny"\n'
+        f'score_weights = "{tiny["sdmp_tiny"]}"\nscore_arch = "sdmp_tiny"\nsegment_weights = "{tiny["imff_tiny"]}"\nsegment_arch = "imff_tiny"\n'
+        'device = "cpu"\nthumbnail = 64\nenhance_if = ["good", "usable", "reject"]\n'
+    )
+    week = tmp_path / "week"
+    for c, n in (("clinic_a", 2), ("clinic_b", 1)):
+        (week / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(synthetic_fundus(80, 80, i)).save(week / c / f"{i}.png")
+    script = ROOT / "examples" / "clinics.sh"
+    r = subprocess.run(["bash", str(script), str(week), str(tmp_path / "res"), str(site)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "clinic_a: ok" in r.stdout and "clinic_b: ok" in r.stdout
+    assert len(rows_of(tmp_path / "res" / "clinic_a" / "results.csv")) == 2 and (tmp_path / "res" / "clinic_b" / "report.html").is_file()
+    r = subprocess.run(["bash", str(script), str(week), str(tmp_path / "res"), str(site)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("already finished, skipped") == 2
+
+
+def test_workers_do_not_change_the_outputs(photos, tmp_path, tiny):
+    """--workers 2 (one pool of worker processes kept across the stages) writes the bytes of --workers 1."""
+    (photos / "broken.png").write_text("not an image")
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = tiny_args(tiny, "--enhance-if", "good,usable,reject", "--threads", "1")
+    assert run("run", photos, a, *args) == 3
+    assert run("run", photos, b, *args, "--workers", "2") == 3
+    assert output_bytes(a) == output_bytes(b)
