@@ -150,8 +150,8 @@ class RunConfig(StageConfig):
     command (``min_gain`` <-> ``--min-gain``); the command line overrides the file.
 
     The hashed part (``chain_record``) is everything that changes an output byte: steps, decisions,
-    simulation, seed, weights and their options, device. ``workers``, ``threads``, ``format`` and ``quiet``
-    change nothing in the outputs and are kept out of it.
+    simulation, seed, weights and their options, device. ``workers``, ``threads``, ``format``, ``quiet``,
+    ``resume`` and ``overwrite`` change nothing in the outputs and are kept out of it.
     """
 
     steps: list[Literal["grade", "enhance", "score", "segment"]] = list(RUN_STEPS)
@@ -180,6 +180,8 @@ class RunConfig(StageConfig):
     threads: int | None = Field(None, ge=1)
     format: Literal["human", "json"] = "human"
     quiet: bool = False
+    resume: bool = False
+    overwrite: bool = False
 
     @field_validator("steps", "enhance_if", mode="before")
     @classmethod
@@ -221,7 +223,7 @@ class RunConfig(StageConfig):
 
     def chain_record(self) -> dict:
         """The fields that decide the outputs (hashed: ``--resume`` never mixes two configurations)."""
-        skip = {"workers", "threads", "format", "quiet", "ground_truth"}
+        skip = {"workers", "threads", "format", "quiet", "resume", "overwrite", "ground_truth"}
         rec = self.model_dump(mode="json", exclude=skip)
         rec["ground_truth"] = self.ground_truth is not None
         return rec

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app
-from fundus_pipeline.cli.options import Format, Overwrite, Resume, flag
+from fundus_pipeline.cli.options import Format, flag
 from fundus_pipeline.config import RunConfig
 
 
@@ -79,8 +79,8 @@ def run_cmd(
     thumbnail: Annotated[Optional[int], _opt("--thumbnail", help="Thumbnail side in the report, pixels.", field="thumbnail")] = None,
     workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage (results do not depend on it).", field="workers")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [default: available cores / workers].", show_default=False)] = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
+    resume: Annotated[Optional[bool], flag("--resume", help="Continue an earlier run in OUT: what is finished is kept, the rest is done.")] = None,
+    overwrite: Annotated[Optional[bool], flag("--overwrite", help="Replace an earlier run in OUT (its own folders only).")] = None,
     quiet: Annotated[Optional[bool], flag("--quiet", "-q", help="No progress output on stderr (errors are still printed).")] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", help="human: short summary; json: one JSON summary on stdout [default: human].", show_default=False)] = None,
 ):
@@ -105,7 +105,7 @@ def run_cmd(
         "flag_threshold": flag_threshold, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "transfer": transfer,
         "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "segment_weights": segment_weights,
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
-        "threads": threads, "quiet": quiet, "format": fmt.value if fmt is not None else None,
+        "threads": threads, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip
     degrade_replay = expect = None
     if replay is not None:
@@ -113,11 +113,11 @@ def run_cmd(
             in_dir, out_dir = None, in_dir
         if in_dir is not None:
             raise UsageError("--replay takes the input from the replayed manifest: give only OUT")
-        fixed = [k for k, v in cli.items() if v is not None and k not in ("workers", "threads", "quiet", "format")]
+        fixed = [k for k, v in cli.items() if v is not None and k not in ("workers", "threads", "quiet", "format", "resume", "overwrite")]
         if fixed or config is not None:
             raise UsageError(f"--replay reruns the recorded options; do not combine it with --{(fixed or ['config'])[0].replace('_', '-')}")
         m, cfg, _ = read_run(Path(replay).parent) if Path(replay).name == "manifest.json" else read_run(Path(replay))
-        cfg = cfg.model_copy(update={k: v for k, v in cli.items() if v is not None})
+        cfg = cfg.model_copy(update={"resume": False, "overwrite": False, **{k: v for k, v in cli.items() if v is not None}})
         in_dir = Path(m["input"]["path"])
         expect = m.get("inputs_sha256") or {}
         old = Path(m["output"]["dir"])
@@ -129,7 +129,7 @@ def run_cmd(
         cfg = build_config(config, cli)
     if out_dir is None:
         raise UsageError("give OUT")
-    result = run_chain(cfg, in_dir, out_dir, resume=resume, overwrite=overwrite, degrade_replay=degrade_replay, expect_inputs=expect)
+    result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect)
     s = result.summary()
     if cfg.format == "json":
         typer.echo(json.dumps(s, indent=2))

@@ -221,11 +221,13 @@ class Stage(ABC):
     def output_name(key: str, suffix: str) -> str:
         return f"{key}{suffix}.png"
 
-    @staticmethod
-    def require_fov(item: ItemInput) -> Fov:
+    #: Added to the no-FOV error of ``require_fov`` (a stage that can work on the whole frame says how).
+    no_fov_hint: ClassVar[str] = ""
+
+    def require_fov(self, item: ItemInput) -> Fov:
         """The item's FOV, refusing photographs without a circular field of view."""
         if item.fov is None or not item.fov.found:
-            raise InputError("no fundus field of view found (no dark surround); if the photograph is already cropped to the retina, pass --fov full")
+            raise InputError(f"no fundus field of view found (no dark surround){self.no_fov_hint}")
         return item.fov
 
 

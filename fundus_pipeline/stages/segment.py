@@ -32,6 +32,7 @@ class SegmentStage(NetworkStage):
     name = "segment"
     task = "segmentation"
     columns = ("vessel_fraction", "fov_fraction", "fov_found", "scale", "threshold", "warning")
+    no_fov_hint = "; if the photograph is already cropped to the retina, pass --fov full"
 
     def __init__(self, config: SegmentConfig):
         super().__init__(config)
