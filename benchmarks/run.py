@@ -9,7 +9,7 @@ ru_maxrss of the process and of its largest worker):
   enhancement). Photographs per second with ``--workers 1`` and ``--workers 2``, and the seconds spent
   in each stage. Goal: at least 1 photograph/s with --workers 2 on 2 cores. On CUDA as well when present.
 * ``scale``: peak memory against the number of photographs: N generated photographs (the 20 DRIVE test
-  images degraded with the seven Cofe-Net types and N/140 seeds) through the whole chain with tiny registered models
+  images reduced to 192x192 and degraded with the seven Cofe-Net types and N/140 seeds) through the whole chain with tiny registered models
   (the models' cost does not matter here, the machinery's does), N = 200 and 2,000. Goal: the 2,000-
   photograph peak within 10% of the 200-photograph peak.
 * ``report``: the report of 1,000 of those photographs: its size and, when chromium and chromedriver are
@@ -117,16 +117,25 @@ def throughput(tmp: Path) -> dict:
     return res
 
 
-def generated(tmp: Path, n: int) -> Path:
-    """n generated photographs: the 20 DRIVE test images degraded with the seven Cofe-Net types, n/140 seeds."""
-    src = drive_test()
+def generated(tmp: Path, n: int, side: int = 192) -> Path:
+    """n generated photographs of ``side`` px: the 20 DRIVE test images reduced and degraded with the seven
+    Cofe-Net types, n/140 seeds (small, so that the machinery, not the models, is what is measured)."""
+    import cv2
+
+    from fundus_pipeline.io import read_image, write_image_atomic
+
+    small = tmp / f"drive{side}"
+    if not small.exists():
+        for p in sorted(drive_test().iterdir()):
+            arr, _ = read_image(p)
+            write_image_atomic(small / f"{p.stem}.png", cv2.resize(arr, (side, side), interpolation=cv2.INTER_AREA))
     out = tmp / f"gen{n}"
     out.mkdir()
     per = -(-n // 140)
     k = 0
     for seed in range(per):
         d = tmp / f"g_{n}_{seed}"
-        degrade(src, d, "--types", "all", "--seed", str(seed), "--workers", "2")
+        degrade(small, d, "--types", "all", "--seed", str(seed), "--workers", "2")
         for p in sorted(d.glob("*.png")):
             if k < n:
                 os.link(p, out / f"s{seed:03d}_{p.name}")

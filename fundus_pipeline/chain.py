@@ -8,8 +8,8 @@ join of those folders by item key (``join``: ``fundus report`` calls it again on
     [simulate]  IN --degrade--> OUT/degrade                       (clean originals -> degraded inputs)
     grade       inputs -> OUT/grade                               (grade, probabilities, flags)
     enhance     inputs graded in --enhance-if -> OUT/enhance      (others pass through unchanged)
-    score       OUT/enhance vs its input -> OUT/score,            (SDMP-Net: the enhancement's quality)
-                each enhanced input vs itself -> OUT/score_input  (the same scorer on the unenhanced input)
+    score       OUT/enhance vs its input -> OUT/score             (SDMP-Net: the enhancement's quality, and
+                                                                   the input scored against itself, same pass)
     segment     the enhanced image where it was made and trusted, else the input -> OUT/segment
     [simulate]  clean originals -> OUT/segment_clean; the inputs whose enhanced image was segmented ->
                 OUT/segment_input; figures against the clean originals -> OUT/compare
@@ -47,7 +47,7 @@ from fundus_pipeline.runner import (
 )
 
 #: The folders a run owns under OUT, in the order they are written.
-STAGE_DIRS = ("degrade", "grade", "enhance", "score", "score_input", "segment", "segment_clean", "segment_input", "compare")
+STAGE_DIRS = ("degrade", "grade", "enhance", "score", "segment", "segment_clean", "segment_input", "compare")
 TOP_FILES = ("manifest.json", "results.csv", "report.html")
 GRADE_NAMES = ("good", "usable", "reject")
 
@@ -118,18 +118,17 @@ def enhance_decision(cfg: RunConfig, grade_row: dict | None) -> tuple[bool, str]
     return False, f"graded {g} (p={p:.2f}): passed through unchanged"
 
 
-def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, score_row: dict | None, score_input_row: dict | None) -> tuple[str, str]:
-    """(which image is segmented, "enhanced" or "input"; why)."""
+def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, score_row: dict | None) -> tuple[str, str]:
+    """(which image is segmented, "enhanced" or "input"; why). ``score_row`` holds ``score`` and ``score_input``."""
     if not enhanced:
         return "input", "not enhanced: the input is segmented"
     if enhance_row is None or enhance_row.get("status") != "ok":
         return "input", "enhancement failed: the input is segmented"
     if "score" not in cfg.steps:
         return "enhanced", "no score step: the enhanced image is segmented"
-    rows = (score_row, score_input_row)
-    if any(r is None or r.get("status") != "ok" for r in rows):
+    if score_row is None or score_row.get("status") != "ok":
         return "input", "the enhancement could not be scored: the input is segmented"
-    s, si = float(score_row["score"]), float(score_input_row["score"])
+    s, si = float(score_row["score"]), float(score_row["score_input"])
     gain = round(s - si, 6)
     figures = f"score {s:.3f}, input's own {si:.3f} (gain {gain:+.3f})"
     if gain < cfg.min_gain:
@@ -228,18 +227,17 @@ def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
         enh, why = enhance_decision(cfg, g)
         row["enhanced"], row["enhance_reason"] = ("yes" if enh else "no"), why
         e = take("enhance", rows_of["enhance"].get(it.key), enh) if enh else None
-        s = si = None
+        s = None
         if enh and _ok(e) and "score" in steps:
             s = take("score", rows_of["score"].get(it.key))
-            si = take("score", rows_of["score_input"].get(it.key))
-            if _ok(s) and _ok(si):
-                row.update(score=s["score"], score_input=si["score"], score_gain=round(float(s["score"]) - float(si["score"]), 6))
+            if _ok(s):
+                row.update(score=s["score"], score_input=s["score_input"], score_gain=round(float(s["score"]) - float(s["score_input"]), 6))
         if _ok(e):
             p = _output(out / "enhance", e)
             row["enhanced_image"] = p.relative_to(out).as_posix() if p else ""
         if enh and not _ok(e) and e is not None:
             row["enhance_reason"] += " (failed)"
-        source, why = segment_decision(cfg, enh, e, s, si)
+        source, why = segment_decision(cfg, enh, e, s)
         if "segment" in steps:
             seg = take("segment", rows_of["segment"].get(it.key))
             row["segmented"], row["segment_reason"] = source, why
@@ -498,16 +496,14 @@ class Chain:
                                                      keep_outside=cfg.keep_outside, vessel_stats=False)) if todo else None
             enhanced = self._stage("enhance", stage, todo)
             made = [ImageItem(it.key, p) for it in todo if (p := _output(self.out / "enhance", enhanced.get(it.key)))]
-            scores = score_inputs = {}
+            scores = {}
             if "score" in cfg.steps and made:
                 from fundus_pipeline.stages.score import ScoreStage
 
-                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device))
+                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device, input_score=True))
                 scores = self._stage("score", scorer, made, {"reference": {it.key: path_of[it.key] for it in made}})
-                own = [ImageItem(it.key, path_of[it.key]) for it in made]
-                score_inputs = self._stage("score_input", scorer, own, {"reference": {it.key: path_of[it.key] for it in made}})
             for it in todo:
-                chosen[it.key] = segment_decision(cfg, True, enhanced.get(it.key), scores.get(it.key), score_inputs.get(it.key))[0]
+                chosen[it.key] = segment_decision(cfg, True, enhanced.get(it.key), scores.get(it.key))[0]
         enhanced_path = {it.key: self.out / "enhance" / f"{it.key}.png" for it in live if chosen[it.key] == "enhanced"}
         if "segment" in cfg.steps and not self.interrupted:
             from fundus_pipeline.stages.segment import SegmentStage

@@ -123,6 +123,7 @@ class ScoreConfig(StageConfig):
     weights: str = "sdmp"
     arch: str | None = None
     device: str = "auto"
+    input_score: bool = False  # also score the reference against itself (``score_input``)
 
 
 class GradeConfig(StageConfig):

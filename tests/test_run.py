@@ -91,15 +91,15 @@ def test_enhance_decision_follows_the_grade():
 def test_segment_decision_trusts_an_enhancement_only_when_it_scores_above_its_input():
     cfg = RunConfig(min_gain=0.02, min_score=0.3)
     ok = {"status": "ok"}
-    s = lambda v: {"status": "ok", "score": v}  # noqa: E731
-    assert segment_decision(cfg, False, None, None, None)[0] == "input"
-    assert segment_decision(cfg, True, {"status": "error"}, None, None)[0] == "input"
-    assert segment_decision(cfg, True, ok, s(0.6), s(0.5))[0] == "enhanced"
-    src, why = segment_decision(cfg, True, ok, s(0.51), s(0.5))
+    s = lambda v, vi: {"status": "ok", "score": v, "score_input": vi}  # noqa: E731
+    assert segment_decision(cfg, False, None, None)[0] == "input"
+    assert segment_decision(cfg, True, {"status": "error"}, None)[0] == "input"
+    assert segment_decision(cfg, True, ok, s(0.6, 0.5))[0] == "enhanced"
+    src, why = segment_decision(cfg, True, ok, s(0.51, 0.5))
     assert src == "input" and "min-gain" in why and "+0.010" in why
-    assert segment_decision(cfg, True, ok, s(0.25), s(0.1))[0] == "input"  # gain 0.15 but below min-score
-    assert segment_decision(cfg, True, ok, {"status": "error"}, s(0.5))[0] == "input"
-    assert segment_decision(RunConfig(steps="grade,enhance,segment"), True, ok, None, None)[0] == "enhanced"
+    assert segment_decision(cfg, True, ok, s(0.25, 0.1))[0] == "input"  # gain 0.15 but below min-score
+    assert segment_decision(cfg, True, ok, {"status": "error"})[0] == "input"
+    assert segment_decision(RunConfig(steps="grade,enhance,segment"), True, ok, None)[0] == "enhanced"
 
 
 def test_config_validation():
@@ -117,7 +117,7 @@ def test_chain_writes_stage_folders_and_a_joined_table_with_its_decisions(photos
     (photos / "broken.png").write_text("not an image")
     out = tmp_path / "out"
     assert run("run", photos, out, *tiny_args(tiny, "--enhance-if", "good,usable,reject", "--min-gain", "-1")) == 3
-    for name in ("grade", "enhance", "score", "score_input", "segment"):
+    for name in ("grade", "enhance", "score", "segment"):
         assert (out / name / "manifest.json").is_file() and (out / name / "results.csv").is_file(), name
     rows = rows_of(out / "results.csv")
     assert set(rows) == {"p0", "p1", "p2", "broken"}
@@ -341,3 +341,14 @@ def test_workers_do_not_change_the_outputs(photos, tmp_path, tiny):
     assert run("run", photos, a, *args) == 3
     assert run("run", photos, b, *args, "--workers", "2") == 3
     assert output_bytes(a) == output_bytes(b)
+
+
+def test_the_input_scored_against_itself_in_the_same_pass_equals_a_separate_call():
+    from fundus_pipeline.quality.scoring import predict_pair
+
+    torch.manual_seed(0)
+    m = build_model("sdmp_tiny").eval()
+    rng = np.random.default_rng(0)
+    e, r = (rng.random((448, 448, 3), dtype=np.float32) for _ in range(2))
+    pair, own = predict_pair(m, e, r, identity=True)
+    assert pair == predict_pair(m, e, r) and own == predict_pair(m, r, r) and pair != own

@@ -88,7 +88,7 @@ def run_cmd(
     (each enhancement against its input) -> segment (the enhanced image where trusted, else the input),
     with one table (OUT/results.csv) and one page (OUT/report.html).
 
-    Each stage writes its own folder (OUT/grade, OUT/enhance, OUT/score, OUT/score_input, OUT/segment; with
+    Each stage writes its own folder (OUT/grade, OUT/enhance, OUT/score, OUT/segment; with
     --simulate also OUT/degrade, OUT/segment_clean, OUT/segment_input, OUT/compare) exactly as its own
     command would. Every decision and its reason is a column of results.csv. Examples:
 

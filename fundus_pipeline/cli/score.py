@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers
+from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import ScoreConfig, default
 
 
@@ -22,6 +22,7 @@ def score(
     ],
     weights: Annotated[str, typer.Option("--weights", "-w", help="Quality weights: a name from `fundus models` or a .pt state-dict file.")] = default(ScoreConfig, "weights"),
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
+    input_score: Annotated[bool, flag("--input-score", help="Also score each reference against itself (score_input: the scorer's estimate of the unenhanced photograph's quality), in the same pass.")] = False,
     device: Device = default(ScoreConfig, "device"),
     threads: Threads = None,
     workers: Workers = 1,
@@ -41,6 +42,6 @@ def score(
 
     if not reference.is_dir():
         raise UsageError(f"--reference is not a folder: {reference}")
-    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device)
+    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, input_score=input_score)
     run_stage_command(lambda: ScoreStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, extra_dirs={"reference": reference})

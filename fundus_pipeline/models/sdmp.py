@@ -279,15 +279,26 @@ class SDMPNet(nn.Module):
         f_dis, f_ref = (self.reduce(torch.cat(f, dim=1)) for f in feats)
         return f_dis, f_ref
 
-    def forward(self, dis: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        if dis.shape != ref.shape:
-            raise ValueError(f"dis and ref differ in shape: {tuple(dis.shape)} vs {tuple(ref.shape)}")
-        f_dis, f_ref = self._features(dis, ref)
+    def _head(self, f_dis: torch.Tensor, f_ref: torch.Tensor) -> torch.Tensor:
         f = self.smooth(torch.cat([f_dis - f_ref, f_dis, f_ref], dim=1)).permute(0, 2, 3, 1)  # N x H x W x 2w
         f1 = F.relu(self.fc1(f))
         q = torch.sigmoid(self.fc2(self.drop(f1)))
         a = torch.sigmoid(self.fc_weight(f1))
         return (q * a).sum(dim=(1, 2, 3)) / a.sum(dim=(1, 2, 3))
+
+    def forward(self, dis: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if dis.shape != ref.shape:
+            raise ValueError(f"dis and ref differ in shape: {tuple(dis.shape)} vs {tuple(ref.shape)}")
+        return self._head(*self._features(dis, ref))
+
+    def forward_with_identity(self, dis: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``forward(dis, ref)``, ``forward(ref, ref)``) with the reference's features computed once: the
+        features of an image depend only on the reference (the deformation offsets come from its ViT
+        tokens), so the identity pair reuses them, and the two scores cost about as much as one."""
+        if dis.shape != ref.shape:
+            raise ValueError(f"dis and ref differ in shape: {tuple(dis.shape)} vs {tuple(ref.shape)}")
+        f_dis, f_ref = self._features(dis, ref)
+        return self._head(f_dis, f_ref), self._head(f_ref, f_ref)
 
     def forward_train(self, dis: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """The scores, as ``forward`` (dropout is active when the model is in train mode)."""

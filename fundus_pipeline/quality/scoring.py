@@ -31,8 +31,10 @@ def to_score_frame(rgb: np.ndarray, geometry, size: int = SCORE_SIZE) -> np.ndar
     return np.clip(CanonicalFrame.from_fov(geometry, size).to_canonical(rgb.astype(np.float32)), 0, 1)
 
 
-def predict_pair(model, enhanced: np.ndarray, reference: np.ndarray, device="cpu", boxes=None, crop: int = CROP) -> tuple[float, float]:
-    """(mean score, standard deviation) over the crops ``boxes`` (default ``crop_boxes``) of two frames."""
+def predict_pair(model, enhanced: np.ndarray, reference: np.ndarray, device="cpu", boxes=None, crop: int = CROP, *, identity: bool = False):
+    """(mean score, standard deviation) over the crops ``boxes`` (default ``crop_boxes``) of two frames. With
+    ``identity``: ((mean, std) of the pair, (mean, std) of the reference scored against itself), in one pass
+    (``SDMPNet.forward_with_identity``; the same values as two calls)."""
     import torch
 
     boxes = crop_boxes(enhanced.shape[0], crop) if boxes is None else boxes
@@ -41,6 +43,12 @@ def predict_pair(model, enhanced: np.ndarray, reference: np.ndarray, device="cpu
         t = np.stack([a[y : y + crop, x : x + crop] for y, x in boxes]).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(t)).to(device)
 
+    def stats(s: torch.Tensor) -> tuple[float, float]:
+        a = s.float().cpu().numpy().astype(np.float64)
+        return float(a.mean()), float(a.std())
+
     with torch.inference_mode():
-        s = model(stack(enhanced), stack(reference)).float().cpu().numpy().astype(np.float64)
-    return float(s.mean()), float(s.std())
+        if identity:
+            s, si = model.forward_with_identity(stack(enhanced), stack(reference))
+            return stats(s), stats(si)
+        return stats(model(stack(enhanced), stack(reference)))

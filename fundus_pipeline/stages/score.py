@@ -5,7 +5,9 @@ Inputs: the enhanced images (IN) and, matched by key, the degraded references (`
 enhanced image without its partner, or of another size, is a per-item error. Both images are mapped into
 the scoring frame of the enhanced image's field of view (``fundus_pipeline.quality.scoring``) and scored on
 the five deterministic test-time crops. No images are written; ``results.csv`` gets ``score`` (the crop
-mean, in [0, 1], higher is better) and ``score_spread`` (the standard deviation over the crops).
+mean, in [0, 1], higher is better) and ``score_spread`` (the standard deviation over the crops); with
+``input_score`` also ``score_input`` / ``score_input_spread``, the reference scored against itself (the
+scorer's estimate of the unenhanced photograph's quality), from the same pass.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class ScoreStage(NetworkStage):
 
     def __init__(self, config: ScoreConfig):
         super().__init__(config)
+        if config.input_score:
+            self.columns = (*type(self).columns, "score_input", "score_input_spread")
         spec = self.spec.spec
         self.size = int(getattr(spec.input.scale_policy, "size", SCORE_SIZE)) if spec else SCORE_SIZE
         self.crop = int(getattr(spec.output, "crop", CROP)) if spec else CROP
@@ -36,6 +40,7 @@ class ScoreStage(NetworkStage):
             "crops": self.boxes,
             "crop": self.crop,
             "device": str(self.device),
+            **({"input_score": True} if self.cfg.input_score else {}),
         }
 
     def compute(self, item: ItemInput) -> ItemOutput:
@@ -47,5 +52,9 @@ class ScoreStage(NetworkStage):
         mask = fov.mask[..., None]
         e = to_score_frame(enh.rgb * mask, fov.geometry, self.size)
         r = to_score_frame(ref.rgb * mask, fov.geometry, self.size)
-        score, spread = predict_pair(self._model, e, r, self.device, self.boxes, self.crop)
-        return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes)})
+        if not self.cfg.input_score:
+            score, spread = predict_pair(self._model, e, r, self.device, self.boxes, self.crop)
+            return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes)})
+        (score, spread), (si, si_spread) = predict_pair(self._model, e, r, self.device, self.boxes, self.crop, identity=True)
+        return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes),
+                               "score_input": round(si, 6), "score_input_spread": round(si_spread, 6)})
