@@ -375,6 +375,10 @@ class Chain:
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()):
                 raise UsageError(f"{self.shown} was written by a run with another configuration or other weights; rerun with the same options, or use --overwrite")
+            before = old.get("inputs_sha256") or {}
+            changed = sorted(k for k, v in before.items() if k in self.input_hashes and self.input_hashes[k] != v)
+            if changed:
+                raise UsageError(f"--resume: input {changed[0]!r} changed since the run started; its results would mix two versions; use --overwrite")
         elif self.resume and any(p.name not in (LOCK,) for p in out.iterdir()):
             raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
         if self.overwrite:

@@ -232,6 +232,9 @@ def test_resume_refuses_another_configuration(photos, tmp_path, tiny):
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--flag-threshold", "0.3"), "--resume") == 2
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
+    # an input changed since the run started: resuming would mix two versions
+    Image.fromarray(synthetic_fundus(80, 80, 7)).save(photos / "p1.png")
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
     # --overwrite replaces the run's own folders
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment"), "--overwrite") == 0
     assert (out / "segment").is_dir() and set(rows_of(out / "results.csv")) == {"p0", "p1", "p2"}
