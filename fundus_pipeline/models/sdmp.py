@@ -78,7 +78,7 @@ class DeformConv2d(nn.Module):
         grid = torch.stack([gx, gy], dim=-1).view(n, kk * h, w, 2)
         cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # N x C x kk*H x W
         cols = cols.view(n, c * kk, h * w)  # channel-major, kernel position minor: weight.view(cout, cin*kk)
-        out = torch.matmul(self.weight.view(self.weight.shape[0], -1), cols) + self.bias[:, None]
+        out = torch.matmul(self.weight.reshape(self.weight.shape[0], -1), cols) + self.bias[:, None]
         return out.view(n, -1, h, w)
 
 

@@ -238,6 +238,10 @@ def load_model(
         load_weights_checked(model, path, model_name)
         model.to(device).eval()
         if shared:
+            # Inference only: channels-last weights let oneDNN pick its faster convolutions (measured on this
+            # project's 2 CPU cores: IMFF-Net 0.91 -> 0.49 s at 592x576, Cofe-Net 1.28 -> 0.91 s at 512x512,
+            # SDMP-Net 1.19 -> 0.88 s for five crop pairs; outputs equal to 1e-5). Inputs stay NCHW.
+            model.to(memory_format=torch.channels_last)
             _LOADED[key] = model
     return model, LoadedWeights(path=path, sha256=digest, model=model_name, spec=spec)
 
