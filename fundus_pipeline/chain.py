@@ -28,7 +28,6 @@ can check it), the weights' sha256, the inputs' sha256 and the joined rows; ``--
 from __future__ import annotations
 
 import csv
-import hashlib
 import io as _io
 import json
 import shutil
@@ -40,11 +39,13 @@ from typing import Any
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import RunConfig
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, UsageError, WeightsError
+from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
 from fundus_pipeline.runner import (
-    JOURNAL, LOCK, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, resolve_inputs, run_stage,
+    JOURNAL, LOCK, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
+    resolve_inputs, run_stage,
 )
+from fundus_pipeline.models.weights import sha256_file
 
 #: The folders a run owns under OUT, in the order they are written.
 STAGE_DIRS = ("degrade", "grade", "enhance", "score", "segment", "segment_clean", "segment_input", "compare")
@@ -80,9 +81,7 @@ class ChainResult:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_ITEMS_FAILED if self.counts.get("error", 0) else EXIT_OK
+        return exit_code_of(self.interrupted, self.counts)
 
     def summary(self) -> dict:
         return {
@@ -287,14 +286,6 @@ def count(rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the run
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_used(cfg: RunConfig) -> dict[str, dict]:
     """Each step's weights, loaded and verified once now (a bad name or file fails the run before any work,
     exit 1; the stages then share the loaded models): {step: {name, model, sha256}}."""
@@ -454,7 +445,7 @@ class Chain:
 
         self.check()
         self.plan: list[ChainItem] = []
-        self.input_hashes = {it.key: _sha256(it.path) for it in self.inputs.items if it.path.is_file()}
+        self.input_hashes = {it.key: sha256_file(it.path) for it in self.inputs.items if it.path.is_file()}
         if self.expect_inputs is not None:
             changed = sorted(k for k, v in self.expect_inputs.items() if self.input_hashes.get(k) != v)
             extra = sorted(set(self.input_hashes) - set(self.expect_inputs))

@@ -56,9 +56,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_ITEMS_FAILED if self.counts.get("error", 0) else EXIT_OK
+        return exit_code_of(self.interrupted, self.counts)
 
     def summary(self) -> dict:
         return {
@@ -73,6 +71,13 @@ class RunResult:
             "interrupted": self.interrupted,
             "exit_code": self.exit_code,
         }
+
+
+def exit_code_of(interrupted: bool, counts: dict) -> int:
+    """A run's exit code: 130 when interrupted, 3 when an item failed, else 0 (README, "Exit codes")."""
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ITEMS_FAILED if counts.get("error", 0) else EXIT_OK
 
 
 def config_sha256(config: dict) -> str:
