@@ -92,3 +92,22 @@ def test_resume_refuses_a_folder_that_is_not_a_fundus_run(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     assert main(["degrade", str(tmp_path / "empty_missing"), str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()  # nothing created for a failed start
+
+
+def test_a_persistent_pool_survives_a_dying_worker_and_serves_the_next_stage(tmp_path):
+    """The pool `fundus run` keeps across stages: a worker killed mid-stage loses and duplicates no row (the
+    items in flight are retried, only the culprit fails), and the next stage runs in a fresh pool."""
+    from fundus_pipeline.runner import WorkerPool
+
+    d = _folder(tmp_path, ["a", "b", "boom", "c", "d", "e"])
+    with WorkerPool(2, 1) as pool:
+        first = run_stage(CopyStage(), d, tmp_path / "one", workers=2, progress=False, pool=pool)
+        second = run_stage(CopyStage(), d, tmp_path / "two", workers=2, progress=False, pool=pool)
+    for res, out in ((first, tmp_path / "one"), (second, tmp_path / "two")):
+        assert res.exit_code == 3
+        keys = [r["key"] for r in res.rows]
+        assert sorted(keys) == ["a", "b", "boom", "c", "d", "e"]  # each once
+        assert [r["key"] for r in res.rows if r["status"] == "error"] == ["boom"]
+        assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+        journal = [json.loads(x)["key"] for x in (out / JOURNAL).read_text().splitlines()]
+        assert sorted(journal) == sorted(keys)
