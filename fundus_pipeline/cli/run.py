@@ -35,7 +35,7 @@ def build_config(file: Path | None, options: dict) -> RunConfig:
 
 def _summary_line(s: dict) -> str:
     c = s["counts"]
-    parts = [f"run: {c['total']} photographs, {c.get('ok', 0)} ok, {c.get('error', 0)} failed"]
+    parts = [f"run: {c['total']} photograph{'' if c['total'] == 1 else 's'}, {c.get('ok', 0)} ok, {c.get('error', 0)} failed"]
     if c.get("pending"):
         parts[0] += f", {c['pending']} not processed"
     if any(c.get(g) for g in ("good", "usable", "reject")):
