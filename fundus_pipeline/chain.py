@@ -481,7 +481,7 @@ class Chain:
             from fundus_pipeline.stages.grade import GradeStage
 
             grades = self._stage("grade", GradeStage(GradeConfig.build(weights=cfg.grade_weights, arch=cfg.grade_arch, device=cfg.device,
-                                                                       flag_threshold=cfg.flag_threshold)), items)
+                                                                       flag_threshold=cfg.flag_threshold, batch_size=cfg.grade_batch_size)), items)
         chosen = {it.key: "input" for it in live}
         if "enhance" in cfg.steps and not self.interrupted:
             from fundus_pipeline.stages.enhance import EnhanceStage

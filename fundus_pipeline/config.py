@@ -133,6 +133,7 @@ class GradeConfig(StageConfig):
     arch: str | None = None
     device: str = "auto"
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass")
 
 
 RUN_STEPS = ("grade", "enhance", "score", "segment")
@@ -166,6 +167,7 @@ class RunConfig(StageConfig):
     grade_weights: str = "hemf"
     grade_arch: str | None = None
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    grade_batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass of the grader")
     enhance_weights: str = "cofe"
     enhance_arch: str | None = None
     transfer: Literal["auto", "upsample", "residual"] = "auto"

@@ -357,30 +357,78 @@ def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> 
     return written
 
 
-def _process_one(stage: Stage, work: WorkItem, out_dir: Path) -> dict:
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {"key": work.key, "input": str(work.path), "outputs": [], "status": "ok", "error": ""}
+def _guard(row: dict, fn, *args):
+    """``fn(*args)``; a failure becomes the row's error (one line) instead of ending the run. Returns None then."""
     try:
-        images = {"image": decode(work.path)}
-        for role, path in work.extra.items():
-            if path is None:
-                raise InputError(f"no {role} image with the key {work.key!r}")
-            images[role] = decode(path)
-        result = stage.compute(prepare_item(stage, work.key, images))
-        row["outputs"] = write_outputs(stage, work.key, result, out_dir)
-        row.update(result.fields)
+        return fn(*args)
     except FundusError as e:  # InputError, WeightsError, ... are FundusErrors
         row["status"], row["error"] = "error", e.message
     except MemoryError:
         row["status"], row["error"] = "error", "out of memory while processing this image"
     except Exception as e:  # an unexpected failure on one item must not stop the run
         row["status"], row["error"] = "error", f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def _new_row(work: WorkItem) -> dict[str, Any]:
+    return {"key": work.key, "input": str(work.path), "outputs": [], "status": "ok", "error": ""}
+
+
+def _decode_item(stage: Stage, work: WorkItem) -> ItemInput:
+    images = {"image": decode(work.path)}
+    for role, path in work.extra.items():
+        if path is None:
+            raise InputError(f"no {role} image with the key {work.key!r}")
+        images[role] = decode(path)
+    return prepare_item(stage, work.key, images)
+
+
+def _finish(stage: Stage, row: dict, result: ItemOutput, out_dir: Path) -> None:
+    row["outputs"] = write_outputs(stage, row["key"], result, out_dir)
+    row.update(result.fields)
+
+
+def _process_one(stage: Stage, work: WorkItem, out_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    row = _new_row(work)
+    item = _guard(row, _decode_item, stage, work)
+    if item is not None:
+        result = _guard(row, stage.compute, item)
+        if result is not None:
+            _guard(row, _finish, stage, row, result, out_dir)
     row["seconds"] = round(time.perf_counter() - t0, 4)
     return row
 
 
-def _in_worker(work: WorkItem, out_dir: Path) -> dict:
-    return _process_one(_WORKER_STAGE, work, out_dir)
+def _process_batch(stage: Stage, works: list[WorkItem], out_dir: Path) -> list[dict]:
+    """Items through ``stage.compute_batch`` together (one forward pass for a network stage), each decoded,
+    checked and written on its own: an item that cannot be read fails alone; if the batch itself fails,
+    its items are computed one at a time, so only the culprit fails. ``seconds``: the batch's time shared."""
+    if len(works) == 1:
+        return [_process_one(stage, works[0], out_dir)]
+    t0 = time.perf_counter()
+    rows = [_new_row(w) for w in works]
+    ready = [(row, item) for row, w in zip(rows, works) if (item := _guard(row, _decode_item, stage, w)) is not None]
+    results = None
+    if ready:
+        probe: dict = {}
+        results = _guard(probe, stage.compute_batch, [item for _, item in ready])
+    for k, (row, item) in enumerate(ready):
+        result = results[k] if results is not None else _guard(row, stage.compute, item)
+        if result is not None:
+            _guard(row, _finish, stage, row, result, out_dir)
+    for row in rows:
+        row["seconds"] = round((time.perf_counter() - t0) / len(works), 4)
+    return rows
+
+
+def _chunks(works: list[WorkItem], n: int) -> list[list[WorkItem]]:
+    n = max(1, n)
+    return [works[i : i + n] for i in range(0, len(works), n)]
+
+
+def _in_worker(works: list[WorkItem], out_dir: Path) -> list[dict]:
+    return _process_batch(_WORKER_STAGE, works, out_dir)
 
 
 def _csv_cell(v: Any) -> Any:
@@ -581,8 +629,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         if workers == 1 or len(todo) <= 1:
             _set_threads(stage, threads)
             stage.setup()
-            for w in todo:
-                record(_process_one(stage, w, dst))
+            for chunk in _chunks(todo, stage.batch_size):
+                for row in _process_batch(stage, chunk, dst):
+                    record(row)
         else:
             _run_pool(stage, todo, dst, workers, threads, record, pool)
     except KeyboardInterrupt:
@@ -626,30 +675,33 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         ex = pool.executor()
         token = pool.register(stage)
 
-        def submit(it: WorkItem):
-            return ex.submit(_in_pool_worker, token, stage, it, dst)
+        def submit(chunk: list[WorkItem]):
+            return ex.submit(_in_pool_worker, token, stage, chunk, dst)
     else:
         ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, threads))
 
-        def submit(it: WorkItem):
-            return ex.submit(_in_worker, it, dst)
+        def submit(chunk: list[WorkItem]):
+            return ex.submit(_in_worker, chunk, dst)
+    size = max(1, stage.batch_size)
     try:
         while queue or in_flight:
             while queue and len(in_flight) < 2 * workers:
-                it = queue.pop()
-                in_flight[submit(it)] = it
+                chunk = [queue.pop() for _ in range(min(size, len(queue)))]
+                in_flight[submit(chunk)] = chunk
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for f in finished:
-                row = f.result()  # raises BrokenProcessPool if a worker died
+                rows = f.result()  # raises BrokenProcessPool if a worker died
                 del in_flight[f]
-                record(row)
+                for row in rows:
+                    record(row)
     except BrokenProcessPool:
         suspects = []
-        for f, it in in_flight.items():
+        for f, chunk in in_flight.items():
             if f.done() and not f.cancelled() and f.exception() is None:
-                record(f.result())
+                for row in f.result():
+                    record(row)
             else:
-                suspects.append(it)
+                suspects.extend(chunk)
         if pool is not None:
             pool.reset()
         else:
@@ -659,7 +711,8 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         ex.shutdown(wait=True, cancel_futures=True)
         for f in in_flight:  # items that finished while shutting down
             if f.done() and not f.cancelled() and f.exception() is None:
-                record(f.result())
+                for row in f.result():
+                    record(row)
         if pool is not None:
             pool.reset()
         raise
@@ -685,7 +738,7 @@ def _pool_worker_init(threads: int) -> None:
         pass
 
 
-def _in_pool_worker(token: str, stage: Stage, work: WorkItem, dst: Path) -> dict:
+def _in_pool_worker(token: str, stage: Stage, works: list[WorkItem], dst: Path) -> list[dict]:
     """One item in a persistent worker: the stage is set up once per worker (its models stay loaded, and
     models shared by several stages are loaded once: ``load_model(shared=True)``)."""
     known = _POOL_STAGES.get(token)
@@ -693,7 +746,7 @@ def _in_pool_worker(token: str, stage: Stage, work: WorkItem, dst: Path) -> dict
         stage.setup()
         _POOL_STAGES.clear()  # one stage at a time: the previous stage object goes (its models stay cached)
         _POOL_STAGES[token] = known = stage
-    return _process_one(known, work, dst)
+    return _process_batch(known, works, dst)
 
 
 class WorkerPool:

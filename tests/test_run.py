@@ -355,3 +355,20 @@ def test_the_input_scored_against_itself_in_the_same_pass_equals_a_separate_call
     e, r = (rng.random((448, 448, 3), dtype=np.float32) for _ in range(2))
     pair, own = predict_pair(m, e, r, identity=True)
     assert pair == predict_pair(m, e, r) and own == predict_pair(m, r, r) and pair != own
+
+
+def test_grade_batches_give_the_grades_of_one_at_a_time(photos, tmp_path, tiny):
+    (photos / "broken.png").write_text("not an image")
+    for i in range(3, 6):
+        Image.fromarray(synthetic_fundus(90, 90, i)).save(photos / f"p{i}.png")
+    w = ("--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet", "--threads", "1")
+    assert run("grade", photos, tmp_path / "one", *w) == 3
+    assert run("grade", photos, tmp_path / "four", *w, "--batch-size", "4") == 3
+    a, b = rows_of(tmp_path / "one" / "results.csv"), rows_of(tmp_path / "four" / "results.csv")
+    assert set(a) == set(b) and b["broken"]["status"] == "error"
+    for key in a:
+        if key != "broken":
+            assert a[key]["grade"] == b[key]["grade"] and a[key]["flags"] == b[key]["flags"]
+            for col in ("p_good", "p_usable", "p_reject", "p_blur"):
+                assert abs(float(a[key][col]) - float(b[key][col])) <= 1e-5, (key, col)
+    assert run("grade", photos, tmp_path / "bad", *w, "--batch-size", "0") == 2

@@ -111,3 +111,45 @@ def test_a_persistent_pool_survives_a_dying_worker_and_serves_the_next_stage(tmp
         assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
         journal = [json.loads(x)["key"] for x in (out / JOURNAL).read_text().splitlines()]
         assert sorted(journal) == sorted(keys)
+
+
+class BatchStage(CopyStage):
+    """Copies; records the batch sizes it saw; its batch call fails when the item 'bad' is in it."""
+
+    name = "batchcopy"
+    batch_size = 3
+    seen: list[int] = []
+
+    def compute_batch(self, items):
+        type(self).seen.append(len(items))
+        if any(it.key == "bad" for it in items):
+            raise RuntimeError("a batch with a bad item")
+        return [self.compute(it) for it in items]
+
+    def compute(self, item):
+        if item.key == "bad":
+            raise ValueError("bad item")
+        return super().compute(item)
+
+
+def test_batches_isolate_failures_and_write_what_one_at_a_time_writes(tmp_path):
+    d = _folder(tmp_path, ["a", "b", "bad", "c", "d", "e", "f"])
+    (d / "unreadable.png").write_text("not an image")
+    BatchStage.seen = []
+    res = run_stage(BatchStage(), d, tmp_path / "batched", progress=False)
+    by_key = {r["key"]: r for r in res.rows}
+    assert sorted(by_key) == ["a", "b", "bad", "c", "d", "e", "f", "unreadable"]
+    assert {k for k, r in by_key.items() if r["status"] == "error"} == {"bad", "unreadable"}
+    assert by_key["bad"]["error"] == "ValueError: bad item"  # the batch failed, then each item alone: only the culprit fails
+    assert max(BatchStage.seen) == 3  # the items went in batches
+    one = run_stage(CopyStage(), d, tmp_path / "one", progress=False)
+    written = sorted((tmp_path / "batched").glob("*.png"))
+    assert [p.name for p in written] == ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
+    for p in written:
+        assert (tmp_path / "one" / p.name).read_bytes() == p.read_bytes()
+    assert res.exit_code == 3 and one.exit_code == 3
+    # in worker processes: batches are the pool's tasks, the same rows and bytes
+    pooled = run_stage(BatchStage(), d, tmp_path / "pooled", workers=2, progress=False)
+    assert {r["key"]: r["status"] for r in pooled.rows} == {r["key"]: r["status"] for r in res.rows}
+    for p in written:
+        assert (tmp_path / "pooled" / p.name).read_bytes() == p.read_bytes()

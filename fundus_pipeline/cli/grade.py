@@ -46,6 +46,7 @@ def grade(
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
     flag_threshold: Annotated[float, typer.Option("--flag-threshold", help="A flag is listed in the 'flags' column from this probability on.")] = default(GradeConfig, "flag_threshold"),
     sort: Annotated[bool, flag("--sort-into", help="After grading, copy (never move) each input into OUT/good, OUT/usable or OUT/reject.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Photographs per forward pass (more is faster on a GPU; probabilities may move in the 6th decimal).")] = default(GradeConfig, "batch_size"),
     device: Device = default(GradeConfig, "device"),
     threads: Threads = None,
     workers: Workers = 1,
@@ -63,7 +64,7 @@ def grade(
     """
     from fundus_pipeline.stages.grade import GradeStage
 
-    cfg = GradeConfig.build(weights=weights, arch=arch, device=device, flag_threshold=flag_threshold)
+    cfg = GradeConfig.build(weights=weights, arch=arch, device=device, flag_threshold=flag_threshold, batch_size=batch_size)
     after = (lambda: sort_into(out_dir)) if sort else None
     run_stage_command(lambda: GradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, after=after)

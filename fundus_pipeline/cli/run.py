@@ -66,6 +66,7 @@ def run_cmd(
     grade_weights: Annotated[Optional[str], _opt("--grade-weights", help="Grading weights (a name from `fundus models` or a .pt file).", field="grade_weights")] = None,
     grade_arch: Annotated[Optional[str], typer.Option("--grade-arch", help="Architecture of grading weights not in weights/manifest.json.", show_default=False)] = None,
     flag_threshold: Annotated[Optional[float], _opt("--flag-threshold", help="A grading flag is listed from this probability on.", field="flag_threshold")] = None,
+    grade_batch_size: Annotated[Optional[int], _opt("--grade-batch-size", help="Photographs per forward pass of the grader.", field="grade_batch_size")] = None,
     enhance_weights: Annotated[Optional[str], _opt("--enhance-weights", help="Enhancement weights.", field="enhance_weights")] = None,
     enhance_arch: Annotated[Optional[str], typer.Option("--enhance-arch", help="Architecture of enhancement weights not in the manifest.", show_default=False)] = None,
     transfer: Annotated[Optional[str], _opt("--transfer", help="How the enhancement returns to native resolution: auto, upsample or residual.", field="transfer")] = None,
@@ -102,7 +103,7 @@ def run_cmd(
     cli = {
         "steps": steps, "enhance_if": enhance_if, "min_gain": min_gain, "min_score": min_score, "simulate": simulate, "seed": seed,
         "ground_truth": ground_truth, "device": device, "grade_weights": grade_weights, "grade_arch": grade_arch,
-        "flag_threshold": flag_threshold, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "transfer": transfer,
+        "flag_threshold": flag_threshold, "grade_batch_size": grade_batch_size, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "transfer": transfer,
         "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "segment_weights": segment_weights,
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
         "threads": threads, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,

@@ -217,6 +217,15 @@ class Stage(ABC):
     def compute(self, item: ItemInput) -> ItemOutput:
         """The pure per-item computation. Raise ``InputError`` for a bad item (recorded, the run goes on)."""
 
+    #: Items the runner hands to ``compute_batch`` together (a network stage's ``--batch-size``).
+    batch_size: int = 1
+
+    def compute_batch(self, items: list[ItemInput]) -> list[ItemOutput]:
+        """``compute`` of several items at once (a network stage runs them through one forward pass). The
+        default computes them one by one. If it raises, the runner computes the items one at a time, so
+        only a bad item fails."""
+        return [self.compute(item) for item in items]
+
     @staticmethod
     def output_name(key: str, suffix: str) -> str:
         return f"{key}{suffix}.png"

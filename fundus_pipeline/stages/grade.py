@@ -69,6 +69,7 @@ class GradeStage(NetworkStage):
 
     def __init__(self, config: GradeConfig):
         super().__init__(config)
+        self.batch_size = config.batch_size
         spec = self.spec.spec
         self.size = int(getattr(spec.input.scale_policy, "size", 0) or self._model.input_size) if spec else int(self._model.input_size)
         self.temperature = float(getattr(spec.output, "temperature", 1.0)) if spec else 1.0
@@ -80,19 +81,30 @@ class GradeStage(NetworkStage):
             "temperature": self.temperature,
             "flag_threshold": self.cfg.flag_threshold,
             "device": str(self.device),
+            **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }
 
+    def frame(self, item: ItemInput) -> np.ndarray:
+        """The network's input for one photograph (see ``grade_frame``)."""
+        return grade_frame_large(item.image, item.fov, self.size) if item.image.large else grade_frame(item.image.rgb, item.fov, self.size)
+
     def compute(self, item: ItemInput) -> ItemOutput:
+        return self.compute_batch([item])[0]
+
+    def compute_batch(self, items: list[ItemInput]) -> list[ItemOutput]:
+        """The photographs' frames through one forward pass (``--batch-size``)."""
         import torch
 
         self.setup()
-        fov = item.fov
-        x = grade_frame_large(item.image, fov, self.size) if item.image.large else grade_frame(item.image.rgb, fov, self.size)
+        x = np.stack([self.frame(item) for item in items]).transpose(0, 3, 1, 2)
         with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(self.device)
-            logits = self._model(t).float().cpu().numpy()
+            logits = self._model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
         pg, pf = grade_probabilities(logits, self.temperature)
-        pg, pf = pg[0], pf[0]
+        return [ItemOutput({}, self.fields(item, g, f)) for item, g, f in zip(items, pg, pf)]
+
+    def fields(self, item: ItemInput, pg: np.ndarray, pf: np.ndarray) -> dict:
+        """The results.csv columns of one photograph from its grade and flag probabilities."""
+        fov = item.fov
         found = bool(fov is not None and fov.found)
         fields = {"grade": GRADES[int(pg.argmax())], **{f"p_{g}": round(float(p), 6) for g, p in zip(GRADES, pg)}, "temperature": self.temperature}
         fields.update({f"p_{f}": round(float(p), 6) for f, p in zip(FLAGS, pf)})
@@ -100,4 +112,4 @@ class GradeStage(NetworkStage):
         fields["fov_found"] = found
         fields["fov_fraction"] = round(float(fov.mask.mean()), 6) if found else ""
         fields["fov_diameter"] = round(float(fov.geometry.diameter), 2) if found else ""
-        return ItemOutput({}, fields)
+        return fields
