@@ -1,0 +1,161 @@
+"""Throughput of every network stage against its network's own forward-pass ceiling. Prints one JSON.
+
+For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x584, and 1024x1024):
+
+* ``ceiling``: the network alone, on synthetic tensors already on the device, at the shape the stage
+  feeds it (segment: the padded working-scale image; enhance: the 512x512 canonical frame; score: five
+  224x224 crop pairs; grade: one 224x224 frame), timed over ``--reps`` passes after a warm-up: images/s.
+* ``stage``: the stage's whole per-item work on a decoded photograph (FOV estimate, frames, host-device
+  copies, the network, the results back at native resolution), images/s, and its share of the ceiling.
+* ``decode_s``: decoding the photograph from disk (what worker processes overlap with the device).
+* peak device memory (CUDA) or the process's peak resident memory (CPU).
+
+Run where a GPU is lent: ``python benchmarks/gpu.py --device cuda > benchmarks/results/gpu.json``.
+On a CPU it runs too (``--device cpu``, fewer reps), which checks the script and shows the same split.
+Needs ../shared/data (DRIVE 01_test) or falls back to a synthetic fundus image.
+
+Usage: python benchmarks/gpu.py [--device auto|cpu|cuda] [--reps 20] [--sizes drive,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig  # noqa: E402
+from fundus_pipeline.datasets import default_data_root  # noqa: E402
+from fundus_pipeline.device import resolve_device  # noqa: E402
+from fundus_pipeline.io import write_image_atomic  # noqa: E402
+from fundus_pipeline.runner import decode, prepare_item  # noqa: E402
+
+
+def photograph(size: str, tmp: Path) -> Path:
+    """The DRIVE test image 01 at its size, or resized to ``size`` x ``size`` (a synthetic one without data)."""
+    import cv2
+
+    src = default_data_root() / "DRIVE" / "test" / "images" / "01_test.tif"
+    if src.exists():
+        arr = decode(src).array
+    else:
+        from tests.conftest import synthetic_fundus
+
+        arr = synthetic_fundus(584, 565)
+    if size != "drive":
+        n = int(size)
+        arr = cv2.resize(arr, (n, n), interpolation=cv2.INTER_AREA if n < max(arr.shape[:2]) else cv2.INTER_CUBIC)
+    p = tmp / f"photo_{size}.png"
+    write_image_atomic(p, arr)
+    return p
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, reps: int, device: torch.device) -> float:
+    """Seconds per call after one warm-up call."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> float:
+    """Seconds per forward pass of the stage's network on a synthetic tensor of the shape it is fed."""
+    from fundus_pipeline.models.inference import working_scale
+
+    if stage_name == "segment":
+        scale = working_scale(item.fov.geometry.diameter, stage.max_fov)
+        h, w = (round(d * scale) for d in (item.image.meta.height, item.image.meta.width))
+        h, w = min(h, stage.cfg.tile or h), min(w, stage.cfg.tile or w)
+        div = int(getattr(stage._model, "size_divisor", 16))
+        shape, args = (1, 3, -(-h // div) * div, -(-w // div) * div), 1
+        model = stage._model
+    elif stage_name == "enhance":
+        shape, args, model = (1, 3, stage.size, stage.size), 1, stage._models[0]
+    elif stage_name == "score":
+        shape, args, model = (len(stage.boxes), 3, stage.crop, stage.crop), 2, stage._model
+    else:
+        shape, args, model = (1, 3, stage.size, stage.size), 1, stage._model
+    xs = [torch.rand(*shape, device=device) for _ in range(args)]
+    with torch.inference_mode():
+        if stage_name == "score" and stage.cfg.input_score:
+            return timed(lambda: model.forward_with_identity(*xs), reps, device)
+        return timed(lambda: model(*xs), reps, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--reps", type=int, default=0, help="timed passes (default: 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--sizes", default="drive,1024")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    reps = args.reps or (20 if device.type == "cuda" else 3)
+    out: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "platform": platform.platform(), "reps": reps, "date": time.strftime("%Y-%m-%d"), "stages": {},
+    }  # fmt: skip
+    dev = str(device)
+    stages = {
+        "segment": lambda: __import__("fundus_pipeline.stages.segment", fromlist=["x"]).SegmentStage(SegmentConfig(device=dev)),
+        "enhance": lambda: __import__("fundus_pipeline.stages.enhance", fromlist=["x"]).EnhanceStage(EnhanceConfig(device=dev, vessel_stats=False)),
+        "score": lambda: __import__("fundus_pipeline.stages.score", fromlist=["x"]).ScoreStage(ScoreConfig(device=dev, input_score=True)),
+        "grade": lambda: __import__("fundus_pipeline.stages.grade", fromlist=["x"]).GradeStage(GradeConfig(device=dev)),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = {s: photograph(s, Path(tmp)) for s in args.sizes.split(",")}
+        for name, make in stages.items():
+            stage = make()
+            res = {}
+            for size, path in photos.items():
+                image = decode(path)
+                images = {"image": image, "reference": image} if name == "score" else {"image": image}
+                item = prepare_item(stage, "x", images)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                dec = timed(lambda: decode(path), reps, torch.device("cpu"))
+                prep = timed(lambda: prepare_item(stage, "x", images), reps, torch.device("cpu"))
+                comp = timed(lambda: stage.compute(item), reps, device)
+                ceil = ceiling(name, stage, item, device, reps)
+                whole = dec + prep + comp
+                res[size] = {
+                    "shape": [image.meta.height, image.meta.width],
+                    "stage_images_per_s": round(1 / comp, 3),
+                    "with_decode_images_per_s": round(1 / whole, 3),
+                    "ceiling_images_per_s": round(1 / ceil, 3),
+                    "stage_share_of_ceiling": round(ceil / comp, 3),
+                    "time_share": {"decode": round(dec / whole, 3), "fov_and_inputs": round(prep / whole, 3), "compute": round(comp / whole, 3)},
+                    "network_share_of_compute": round(min(1.0, ceil / comp), 3),
+                }
+                if device.type == "cuda":
+                    res[size]["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            out["stages"][name] = res
+            del stage
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["targets"] = {
+        "segment_images_per_s_at_512_working_resolution": ">= 100 on one data-centre GPU",
+        "whole_chain_photographs_per_s": ">= 25 (benchmarks/run.py on the GPU)",
+        "stage_share_of_ceiling": ">= 0.70",
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
