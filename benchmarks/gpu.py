@@ -146,7 +146,6 @@ def main() -> None:
                 if device.type == "cuda":
                     res[size]["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             out["stages"][name] = res
-            del stage
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["targets"] = {
         "segment_images_per_s_at_512_working_resolution": ">= 100 on one data-centre GPU",
