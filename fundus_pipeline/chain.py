@@ -286,6 +286,21 @@ def count(rows: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the run
+def input_hashes(items: list[ImageItem]) -> dict[str, str]:
+    """{key: sha256} of the input files that exist (a missing one fails later, as an item), read by a few
+    threads at once (hashlib releases the GIL: reading and hashing overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(it: ImageItem) -> tuple[str, str | None]:
+        try:
+            return it.key, sha256_file(it.path)
+        except OSError:
+            return it.key, None
+
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        return {k: h for k, h in ex.map(one, items) if h is not None}
+
+
 def weights_used(cfg: RunConfig) -> dict[str, dict]:
     """Each step's weights, loaded and verified once now (a bad name or file fails the run before any work,
     exit 1; the stages then share the loaded models): {step: {name, model, sha256}}."""
@@ -445,7 +460,7 @@ class Chain:
 
         self.check()
         self.plan: list[ChainItem] = []
-        self.input_hashes = {it.key: sha256_file(it.path) for it in self.inputs.items if it.path.is_file()}
+        self.input_hashes = input_hashes(self.inputs.items)
         if self.expect_inputs is not None:
             changed = sorted(k for k, v in self.expect_inputs.items() if self.input_hashes.get(k) != v)
             extra = sorted(set(self.input_hashes) - set(self.expect_inputs))
