@@ -503,14 +503,15 @@ class Chain:
 
             todo = [it for it in items if enhance_decision(cfg, grades.get(it.key))[0]]
             stage = EnhanceStage(EnhanceConfig.build(weights=cfg.enhance_weights, arch=cfg.enhance_arch, device=cfg.device, transfer=cfg.transfer,
-                                                     keep_outside=cfg.keep_outside, vessel_stats=False)) if todo else None
+                                                     keep_outside=cfg.keep_outside, vessel_stats=False, batch_size=cfg.enhance_batch_size)) if todo else None
             enhanced = self._stage("enhance", stage, todo)
             made = [ImageItem(it.key, p) for it in todo if (p := _output(self.out / "enhance", enhanced.get(it.key)))]
             scores = {}
             if "score" in cfg.steps and made:
                 from fundus_pipeline.stages.score import ScoreStage
 
-                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device, input_score=True))
+                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device, input_score=True,
+                                                      batch_size=cfg.score_batch_size))
                 scores = self._stage("score", scorer, made, {"reference": {it.key: path_of[it.key] for it in made}})
             for it in todo:
                 chosen[it.key] = segment_decision(cfg, True, enhanced.get(it.key), scores.get(it.key))[0]

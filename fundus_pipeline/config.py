@@ -115,6 +115,7 @@ class EnhanceConfig(StageConfig):
     keep_outside: bool = False
     vessel_stats: bool = True
     segmenter: str = "imff"
+    batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass")
 
 
 class ScoreConfig(StageConfig):
@@ -124,6 +125,7 @@ class ScoreConfig(StageConfig):
     arch: str | None = None
     device: str = "auto"
     input_score: bool = False  # also score the reference against itself (``score_input``)
+    batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass")
 
 
 class GradeConfig(StageConfig):
@@ -170,10 +172,12 @@ class RunConfig(StageConfig):
     grade_batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass of the grader")
     enhance_weights: str = "cofe"
     enhance_arch: str | None = None
+    enhance_batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass of the enhancer")
     transfer: Literal["auto", "upsample", "residual"] = "auto"
     keep_outside: bool = False
     score_weights: str = "sdmp"
     score_arch: str | None = None
+    score_batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass of the scorer")
     segment_weights: str = "imff"
     segment_arch: str | None = None
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")

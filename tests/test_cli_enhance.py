@@ -119,3 +119,18 @@ def test_luminance_stats():
     rgb[:2] = 1.0
     mean, std = luminance_stats(rgb, np.ones((4, 4), bool))
     assert mean == pytest.approx(0.5, abs=1e-6) and std == pytest.approx(0.5, abs=1e-6)
+
+
+def test_batches_write_what_one_at_a_time_writes(photos, tmp_path, tiny_cofe):
+    """--batch-size 3: the canonical frames go through one forward pass; the images are within one code value
+    of one at a time and the columns equal; a photograph without a field of view still fails alone."""
+    Image.fromarray(synthetic_fundus(100, 90, 7)).save(photos / "b.png")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(photos / "flat.png")  # no dark surround: no FOV
+    assert run("enhance", photos, tmp_path / "one", *_args(tiny_cofe, "--no-vessel-stats", "--threads", "1")) == 3
+    assert run("enhance", photos, tmp_path / "three", *_args(tiny_cofe, "--no-vessel-stats", "--threads", "1", "--batch-size", "3")) == 3
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "three").glob("*.png")) and "flat.png" not in names and len(names) == 4
+    for n in names:
+        a = cv2.imread(str(tmp_path / "one" / n), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        b = cv2.imread(str(tmp_path / "three" / n), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        assert np.abs(a - b).max() <= 1, n

@@ -372,3 +372,14 @@ def test_grade_batches_give_the_grades_of_one_at_a_time(photos, tmp_path, tiny):
             for col in ("p_good", "p_usable", "p_reject", "p_blur"):
                 assert abs(float(a[key][col]) - float(b[key][col])) <= 1e-5, (key, col)
     assert run("grade", photos, tmp_path / "bad", *w, "--batch-size", "0") == 2
+
+
+def test_score_batches_give_the_scores_of_one_at_a_time(photos, tmp_path, tiny):
+    w = ("--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu", "--quiet", "--threads", "1", "--input-score")
+    assert run("score", photos, tmp_path / "one", "--reference", photos, *w) == 0
+    assert run("score", photos, tmp_path / "three", "--reference", photos, *w, "--batch-size", "3") == 0
+    a, b = rows_of(tmp_path / "one" / "results.csv"), rows_of(tmp_path / "three" / "results.csv")
+    assert set(a) == set(b) == {"p0", "p1", "p2"}
+    for key in a:
+        for col in ("score", "score_spread", "score_input", "score_input_spread"):
+            assert abs(float(a[key][col]) - float(b[key][col])) <= 1e-5, (key, col)

@@ -69,10 +69,12 @@ def run_cmd(
     grade_batch_size: Annotated[Optional[int], _opt("--grade-batch-size", help="Photographs per forward pass of the grader.", field="grade_batch_size")] = None,
     enhance_weights: Annotated[Optional[str], _opt("--enhance-weights", help="Enhancement weights.", field="enhance_weights")] = None,
     enhance_arch: Annotated[Optional[str], typer.Option("--enhance-arch", help="Architecture of enhancement weights not in the manifest.", show_default=False)] = None,
+    enhance_batch_size: Annotated[Optional[int], _opt("--enhance-batch-size", help="Photographs per forward pass of the enhancer.", field="enhance_batch_size")] = None,
     transfer: Annotated[Optional[str], _opt("--transfer", help="How the enhancement returns to native resolution: auto, upsample or residual.", field="transfer")] = None,
     keep_outside: Annotated[Optional[bool], typer.Option("--keep-outside/--zero-outside", help="Enhanced images keep the input's pixels outside the field of view [default: zero outside].", show_default=False)] = None,
     score_weights: Annotated[Optional[str], _opt("--score-weights", help="Quality-scoring weights.", field="score_weights")] = None,
     score_arch: Annotated[Optional[str], typer.Option("--score-arch", help="Architecture of scoring weights not in the manifest.", show_default=False)] = None,
+    score_batch_size: Annotated[Optional[int], _opt("--score-batch-size", help="Pairs per forward pass of the scorer.", field="score_batch_size")] = None,
     segment_weights: Annotated[Optional[str], _opt("--segment-weights", help="Vessel segmentation weights.", field="segment_weights")] = None,
     segment_arch: Annotated[Optional[str], typer.Option("--segment-arch", help="Architecture of segmentation weights not in the manifest.", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Vessel decision threshold [default: the weights' own].", show_default=False)] = None,
@@ -103,8 +105,8 @@ def run_cmd(
     cli = {
         "steps": steps, "enhance_if": enhance_if, "min_gain": min_gain, "min_score": min_score, "simulate": simulate, "seed": seed,
         "ground_truth": ground_truth, "device": device, "grade_weights": grade_weights, "grade_arch": grade_arch,
-        "flag_threshold": flag_threshold, "grade_batch_size": grade_batch_size, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "transfer": transfer,
-        "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "segment_weights": segment_weights,
+        "flag_threshold": flag_threshold, "grade_batch_size": grade_batch_size, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "enhance_batch_size": enhance_batch_size, "transfer": transfer,
+        "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "score_batch_size": score_batch_size, "segment_weights": segment_weights,
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
         "threads": threads, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip

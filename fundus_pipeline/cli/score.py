@@ -23,6 +23,7 @@ def score(
     weights: Annotated[str, typer.Option("--weights", "-w", help="Quality weights: a name from `fundus models` or a .pt state-dict file.")] = default(ScoreConfig, "weights"),
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
     input_score: Annotated[bool, flag("--input-score", help="Also score each reference against itself (score_input: the scorer's estimate of the unenhanced photograph's quality), in the same pass.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass (more is faster on a GPU).")] = default(ScoreConfig, "batch_size"),
     device: Device = default(ScoreConfig, "device"),
     threads: Threads = None,
     workers: Workers = 1,
@@ -42,6 +43,6 @@ def score(
 
     if not reference.is_dir():
         raise UsageError(f"--reference is not a folder: {reference}")
-    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, input_score=input_score)
+    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, input_score=input_score, batch_size=batch_size)
     run_stage_command(lambda: ScoreStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, extra_dirs={"reference": reference})

@@ -35,20 +35,26 @@ def predict_pair(model, enhanced: np.ndarray, reference: np.ndarray, device="cpu
     """(mean score, standard deviation) over the crops ``boxes`` (default ``crop_boxes``) of two frames. With
     ``identity``: ((mean, std) of the pair, (mean, std) of the reference scored against itself), in one pass
     (``SDMPNet.forward_with_identity``; the same values as two calls)."""
+    return predict_pairs(model, [enhanced], [reference], device, boxes, crop, identity=identity)[0]
+
+
+def predict_pairs(model, enhanced: list[np.ndarray], reference: list[np.ndarray], device="cpu", boxes=None, crop: int = CROP, *, identity: bool = False) -> list:
+    """:func:`predict_pair` of several pairs, their crops through one forward pass."""
     import torch
 
-    boxes = crop_boxes(enhanced.shape[0], crop) if boxes is None else boxes
+    boxes = crop_boxes(enhanced[0].shape[0], crop) if boxes is None else boxes
+    k = len(boxes)
 
-    def stack(a: np.ndarray) -> torch.Tensor:
-        t = np.stack([a[y : y + crop, x : x + crop] for y, x in boxes]).transpose(0, 3, 1, 2)
+    def stack(frames: list[np.ndarray]) -> torch.Tensor:
+        t = np.stack([a[y : y + crop, x : x + crop] for a in frames for y, x in boxes]).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(t)).to(device)
 
-    def stats(s: torch.Tensor) -> tuple[float, float]:
-        a = s.float().cpu().numpy().astype(np.float64)
-        return float(a.mean()), float(a.std())
+    def stats(s: torch.Tensor) -> list[tuple[float, float]]:
+        a = s.float().cpu().numpy().astype(np.float64).reshape(len(enhanced), k)
+        return [(float(r.mean()), float(r.std())) for r in a]
 
     with torch.inference_mode():
         if identity:
             s, si = model.forward_with_identity(stack(enhanced), stack(reference))
-            return stats(s), stats(si)
+            return list(zip(stats(s), stats(si)))
         return stats(model(stack(enhanced), stack(reference)))

@@ -33,19 +33,29 @@ def luminance_stats(rgb: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     return float(y.mean()), float(y.std())
 
 
-def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int, transfer: str, device) -> np.ndarray:
-    """The enhanced photograph (float32 HxWx3 in [0, 1], native resolution; 0 outside ``fov_mask``)."""
-    import torch
-
+def canonical_input(rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int):
+    """(frame, the masked photograph, the network's canonical input size x size x 3, the canonical FOV)."""
     frame = CanonicalFrame.from_fov(geometry, size)
     masked = rgb * fov_mask[..., None]
     c_in = np.clip(frame.to_canonical(masked), 0, 1).astype(np.float32)
     c_fov = frame.to_canonical(fov_mask.astype(np.uint8), interpolation=0) > 0
     c_in *= c_fov[..., None]
+    return frame, masked, c_in, c_fov
+
+
+def run_network(model, frames: list[np.ndarray], device) -> list[np.ndarray]:
+    """The network's outputs (size x size x 3 each) for canonical inputs, in one forward pass."""
+    import torch
+
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(c_in.transpose(2, 0, 1)))[None].to(device)
-        c_out = model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
-    c_out *= c_fov[..., None]
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))).to(device)
+        y = model(x).float().cpu().numpy().transpose(0, 2, 3, 1)
+    return list(y)
+
+
+def to_native(frame, masked: np.ndarray, c_in: np.ndarray, c_out: np.ndarray, c_fov: np.ndarray, fov_mask: np.ndarray, transfer: str) -> np.ndarray:
+    """The network output back at native resolution by the ``transfer`` rule (0 outside ``fov_mask``)."""
+    c_out = c_out * c_fov[..., None]
     if transfer == "upsample":
         out = frame.to_native(c_out)
     else:
@@ -54,6 +64,13 @@ def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size:
     np.clip(out, 0, 1, out=out)
     out *= fov_mask[..., None]
     return out
+
+
+def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int, transfer: str, device) -> np.ndarray:
+    """The enhanced photograph (float32 HxWx3 in [0, 1], native resolution; 0 outside ``fov_mask``)."""
+    frame, masked, c_in, c_fov = canonical_input(rgb, fov_mask, geometry, size)
+    (c_out,) = run_network(model, [c_in], device)
+    return to_native(frame, masked, c_in, c_out, c_fov, fov_mask, transfer)
 
 
 def enhance_native_large(model, image, fov, size: int, transfer: str, device, keep_outside: bool):
@@ -128,6 +145,7 @@ class EnhanceStage(Stage):
 
         self.cfg = config
         self.device = resolve_device(config.device)
+        self.batch_size = config.batch_size
         self._models = None
         self._load()
         policy = self.spec.spec.input.scale_policy if self.spec.spec else None
@@ -156,6 +174,7 @@ class EnhanceStage(Stage):
             "keep_outside": self.cfg.keep_outside,
             "device": str(self.device),
             "vessel_stats": self.cfg.vessel_stats,
+            **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }
         if self.cfg.vessel_stats:
             rec["segmenter"] = {"name": self.seg_spec.name, "sha256": self.seg_spec.sha256, "threshold": self.seg_spec.threshold}
@@ -191,8 +210,27 @@ class EnhanceStage(Stage):
         image = item.image
         if image.large:
             return self.compute_large(item, fov)
+        out = enhance_native(self._models[0], image.rgb, fov.mask, fov.geometry, self.size, self.transfer, self.device)
+        return self.finish(item, fov, out)
+
+    def compute_batch(self, items: list[ItemInput]) -> list[ItemOutput]:
+        """Several photographs' canonical frames through one forward pass (``--batch-size``); a very large
+        photograph, or a batch of one, goes through ``compute``."""
+        if len(items) == 1 or any(it.image.large for it in items):
+            return [self.compute(it) for it in items]
+        self.setup()
+        fovs = [self.require_fov(it) for it in items]  # a photograph without a FOV fails the batch: the runner retries one by one
+        prepared = [canonical_input(it.image.rgb, fov.mask, fov.geometry, self.size) for it, fov in zip(items, fovs)]
+        outs = run_network(self._models[0], [p[2] for p in prepared], self.device)
+        return [
+            self.finish(it, fov, to_native(frame, masked, c_in, c_out, c_fov, fov.mask, self.transfer))
+            for it, fov, (frame, masked, c_in, c_fov), c_out in zip(items, fovs, prepared, outs)
+        ]
+
+    def finish(self, item: ItemInput, fov, out: np.ndarray) -> ItemOutput:
+        """The output image and columns of one photograph from its enhanced float RGB ``out``."""
+        image = item.image
         rgb = image.rgb
-        out = enhance_native(self._models[0], rgb, fov.mask, fov.geometry, self.size, self.transfer, self.device)
         if self.cfg.keep_outside:
             out = np.where(fov.mask[..., None], out, rgb)
         lb, cb = luminance_stats(rgb, fov.mask)

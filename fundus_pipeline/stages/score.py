@@ -12,9 +12,11 @@ scorer's estimate of the unenhanced photograph's quality), from the same pass.
 
 from __future__ import annotations
 
+import numpy as np
+
 from fundus_pipeline.config import ScoreConfig
 from fundus_pipeline.errors import InputError
-from fundus_pipeline.quality.scoring import CROP, SCORE_SIZE, crop_boxes, predict_pair, to_score_frame
+from fundus_pipeline.quality.scoring import CROP, SCORE_SIZE, crop_boxes, predict_pairs, to_score_frame
 from fundus_pipeline.stages.base import InputSpec, ItemInput, ItemOutput, NetworkStage
 
 
@@ -26,6 +28,7 @@ class ScoreStage(NetworkStage):
 
     def __init__(self, config: ScoreConfig):
         super().__init__(config)
+        self.batch_size = config.batch_size
         if config.input_score:
             self.columns = (*type(self).columns, "score_input", "score_input_spread")
         spec = self.spec.spec
@@ -41,20 +44,32 @@ class ScoreStage(NetworkStage):
             "crop": self.crop,
             "device": str(self.device),
             **({"input_score": True} if self.cfg.input_score else {}),
+            **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }
 
-    def compute(self, item: ItemInput) -> ItemOutput:
-        self.setup()
+    def frames(self, item: ItemInput) -> tuple[np.ndarray, np.ndarray]:
+        """(enhanced, reference) in the scoring frame of the enhanced image's FOV."""
         fov = self.require_fov(item)
         enh, ref = item.image, item.images["reference"]
         if (ref.meta.height, ref.meta.width) != (enh.meta.height, enh.meta.width):
             raise InputError(f"size mismatch: enhanced {enh.meta.width}x{enh.meta.height}, reference {ref.meta.width}x{ref.meta.height}")
         mask = fov.mask[..., None]
-        e = to_score_frame(enh.rgb * mask, fov.geometry, self.size)
-        r = to_score_frame(ref.rgb * mask, fov.geometry, self.size)
-        if not self.cfg.input_score:
-            score, spread = predict_pair(self._model, e, r, self.device, self.boxes, self.crop)
-            return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes)})
-        (score, spread), (si, si_spread) = predict_pair(self._model, e, r, self.device, self.boxes, self.crop, identity=True)
-        return ItemOutput({}, {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes),
-                               "score_input": round(si, 6), "score_input_spread": round(si_spread, 6)})
+        return to_score_frame(enh.rgb * mask, fov.geometry, self.size), to_score_frame(ref.rgb * mask, fov.geometry, self.size)
+
+    def compute(self, item: ItemInput) -> ItemOutput:
+        return self.compute_batch([item])[0]
+
+    def compute_batch(self, items: list[ItemInput]) -> list[ItemOutput]:
+        """The pairs' crops through one forward pass (``--batch-size``)."""
+        self.setup()
+        frames = [self.frames(it) for it in items]  # a bad pair fails the batch: the runner retries one by one
+        preds = predict_pairs(self._model, [e for e, _ in frames], [r for _, r in frames], self.device, self.boxes, self.crop,
+                              identity=self.cfg.input_score)
+        outs = []
+        for pred in preds:
+            (score, spread), own = (pred, None) if not self.cfg.input_score else pred
+            fields = {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes)}
+            if own is not None:
+                fields.update(score_input=round(own[0], 6), score_input_spread=round(own[1], 6))
+            outs.append(ItemOutput({}, fields))
+        return outs
