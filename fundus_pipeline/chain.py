@@ -43,7 +43,7 @@ from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    resolve_inputs, run_stage,
+    resolve_inputs, run_stage, stage_rows,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -135,28 +135,6 @@ def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, s
     if s < cfg.min_score:
         return "input", f"{figures}; score < min-score {cfg.min_score:g}: enhancement not trusted, the input is segmented"
     return "enhanced", f"{figures} >= min-gain {cfg.min_gain:g}: the enhanced image is segmented"
-
-
-# ------------------------------------------------------------------------------------------- stage rows
-def stage_rows(folder: Path) -> dict[str, dict]:
-    """The rows a stage folder holds (manifest.json, then the newer journal of an interrupted run), by key."""
-    rows: dict[str, dict] = {}
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        try:
-            for r in json.loads(manifest.read_text()).get("items", []):
-                rows[r["key"]] = r
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    journal = folder / JOURNAL
-    if journal.is_file():
-        for line in journal.read_text(errors="surrogateescape").splitlines():
-            try:
-                r = json.loads(line)
-                rows[r["key"]] = {k: v for k, v in r.items() if k != "config_sha256"}
-            except (ValueError, KeyError, TypeError):
-                continue
-    return rows
 
 
 def _ok(row: dict | None) -> bool:
@@ -437,7 +415,7 @@ class Chain:
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
         self.interrupted |= res.interrupted
-        return stage_rows(folder)
+        return {r["key"]: r for r in res.rows}  # the rows just written (and the resumed ones), without reading them back
 
     def _simulate(self) -> list[ChainItem]:
         folder = self.out / "degrade"

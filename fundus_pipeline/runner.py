@@ -271,6 +271,13 @@ def _load_previous(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
     return rows, {r.get("config_sha256") for r in rows.values()}
 
 
+def stage_rows(folder: Path) -> dict[str, dict]:
+    """The rows a stage folder holds, by key (manifest.json, then the newer journal of an interrupted run),
+    without the configuration tag ``_load_previous`` adds; empty for a folder that holds none."""
+    rows, _ = _load_previous(folder)
+    return {k: {c: v for c, v in r.items() if c != "config_sha256"} for k, r in rows.items()}
+
+
 def _remove_stale_temporaries(out_dir: Path) -> None:
     """Temporary files left by a killed run (``.<name>.<hex>.tmp``, see fundus_pipeline.io)."""
     for p in out_dir.rglob(".*.tmp"):
@@ -302,12 +309,13 @@ def default_threads(workers: int) -> int:
     return max(1, available_cpus() // max(1, workers))
 
 
-def _set_threads(stage: Stage, threads: int, forked: bool = False) -> None:
+def _set_threads(stage: Stage | None, threads: int, forked: bool = False) -> None:
+    """OpenCV's and (for a torch stage, or any stage when ``stage`` is None) torch's CPU thread counts."""
     import cv2
 
     if not forked:  # OpenCV's thread pool must not be reconfigured in a forked child (it can deadlock)
         cv2.setNumThreads(threads)
-    if stage.uses_torch:
+    if stage is None or stage.uses_torch:
         import torch
 
         if torch.get_num_threads() != threads:
@@ -727,20 +735,12 @@ _POOL_STAGES: dict[str, Stage] = {}
 
 def _pool_worker_init(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    import cv2
-
-    cv2.setNumThreads(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    _set_threads(None, threads)  # spawned, not forked; the stages it will serve may use torch
 
 
 def _in_pool_worker(token: str, stage: Stage, works: list[WorkItem], dst: Path) -> list[dict]:
-    """One item in a persistent worker: the stage is set up once per worker (its models stay loaded, and
-    models shared by several stages are loaded once: ``load_model(shared=True)``)."""
+    """A batch of items in a persistent worker: the stage is set up once per worker (its models stay loaded,
+    and models shared by several stages are loaded once: ``load_model(shared=True)``)."""
     known = _POOL_STAGES.get(token)
     if known is None:
         stage.setup()
