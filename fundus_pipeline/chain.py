@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fundus_pipeline import __version__
-from fundus_pipeline.config import RunConfig
+from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig
 from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
 from fundus_pipeline.runner import (
@@ -335,9 +335,7 @@ class Chain:
             self.degrade_stage = DegradeStage(self._degrade_config())  # a bad recipe fails now (exit 2)
         self.weights = weights_used(cfg)
 
-    def _degrade_config(self):
-        from fundus_pipeline.config import DegradeConfig
-
+    def _degrade_config(self) -> DegradeConfig:
         if self.degrade_replay is not None:
             return DegradeConfig.build(replay=self.degrade_replay)
         return DegradeConfig.build(seed=self.cfg.seed, **self.cfg.simulate_options())
@@ -434,8 +432,6 @@ class Chain:
         return plan
 
     def run(self) -> ChainResult:
-        from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig
-
         self.check()
         self.plan: list[ChainItem] = []
         self.input_hashes = input_hashes(self.inputs.items)
@@ -452,7 +448,7 @@ class Chain:
             self._write_manifest([], "running")
             self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers)) if self.cfg.workers > 1 else None
             try:
-                self._run_steps(EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig)
+                self._run_steps()
             except KeyboardInterrupt:
                 self.interrupted = True
             finally:
@@ -460,7 +456,7 @@ class Chain:
                     self.pool.close()
             return self._finish()
 
-    def _run_steps(self, EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig) -> None:
+    def _run_steps(self) -> None:
         cfg = self.cfg
         if cfg.simulate:
             self.plan = self._simulate()

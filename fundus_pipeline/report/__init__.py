@@ -14,6 +14,7 @@ depend only on the run's outputs: no times or absolute paths of OUT, so a replay
 from __future__ import annotations
 
 import base64
+import html
 import math
 import os
 from collections import Counter
@@ -138,7 +139,7 @@ def svg_bars(pairs: list[tuple[str, float]], *, width: int = 300, bar: int = 16,
     for i, (label, v) in enumerate(pairs):
         y = i * bar + 2
         w = (width - lw - 48) * v / top
-        parts.append(f'<text x="0" y="{y + bar - 4}">{_esc(label)}</text>')
+        parts.append(f'<text x="0" y="{y + bar - 4}">{html.escape(str(label))}</text>')
         parts.append(f'<rect x="{lw}" y="{y + 2}" width="{w:.1f}" height="{bar - 4}" fill="{color}"/>')
         parts.append(f'<text x="{lw + w + 4:.1f}" y="{y + bar - 4}">{fmt.format(v)}</text>')
     parts.append("</svg>")
@@ -160,10 +161,6 @@ def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, 
     parts.append(f'<text x="0" y="{height - 2}">{lo:g}</text><text x="{width}" y="{height - 2}" text-anchor="end">{hi:g}</text>')
     parts.append(f'<text x="{width / 2}" y="{height - 2}" text-anchor="middle">n={len(values)}, max bin {top}</text></svg>')
     return "".join(parts)
-
-
-def _esc(s: str) -> str:
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 def summary(rows: list[dict], simulate: bool, truth: bool) -> dict:
