@@ -42,7 +42,7 @@ from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, Ru
 from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
 from fundus_pipeline.runner import (
-    JOURNAL, LOCK, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
+    JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
     resolve_inputs, run_stage, stage_rows,
 )
 from fundus_pipeline.models.weights import sha256_file
@@ -303,7 +303,7 @@ class Chain:
     """One ``fundus run`` into ``out`` (see the module docstring)."""
 
     def __init__(self, cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool, overwrite: bool, command: list[str] | None,
-                 degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None):
+                 degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None, engine: "Engine | None" = None):
         self.cfg, self.in_path, self.shown = cfg, Path(in_path), Path(out_dir)
         self.resume, self.overwrite = resume, overwrite
         self.command = command or sys.argv
@@ -313,6 +313,7 @@ class Chain:
         self.stages: dict[str, dict] = {}
         self.interrupted = False
         self.pool: WorkerPool | None = None
+        self.engine = engine  # processes every stage's items instead of this machine's workers (e.g. Ray)
 
     # -- checks before any work -------------------------------------------------------------------------
     def check(self) -> None:
@@ -410,6 +411,7 @@ class Chain:
             stage, self.in_path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
+            engine=self.engine,
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
         self.interrupted |= res.interrupted
@@ -446,7 +448,8 @@ class Chain:
             check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
             self._prepare_folder()
             self._write_manifest([], "running")
-            self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers)) if self.cfg.workers > 1 else None
+            if self.cfg.workers > 1 and self.engine is None:
+                self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers))
             try:
                 self._run_steps()
             except KeyboardInterrupt:
@@ -549,12 +552,14 @@ class Chain:
 
 
 def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
-              command: list[str] | None = None, degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None) -> ChainResult:
-    """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring)."""
+              command: list[str] | None = None, degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None,
+              engine: "Engine | None" = None) -> ChainResult:
+    """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring). ``engine``: where
+    the stages' items are processed (default: this machine, ``cfg.workers`` processes)."""
     if overwrite and resume:
         raise UsageError("--overwrite and --resume cannot be used together")
     return Chain(cfg, in_path, out_dir, resume=resume, overwrite=overwrite, command=command, degrade_replay=degrade_replay,
-                 expect_inputs=expect_inputs).run()
+                 expect_inputs=expect_inputs, engine=engine).run()
 
 
 # ------------------------------------------------------------------------------------------- reading back

@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from tqdm import tqdm
 
@@ -430,6 +430,29 @@ def _process_batch(stage: Stage, works: list[WorkItem], out_dir: Path) -> list[d
     return rows
 
 
+def process_items(stage: Stage, works: list[WorkItem], out_dir: Path) -> list[dict]:
+    """The rows of ``works`` processed by ``stage`` (already set up) into ``out_dir``: decoded, computed
+    together (``stage.batch_size`` at most), written atomically, every failure a row of its own. What an
+    engine's worker calls (see :class:`Engine`)."""
+    return _process_batch(stage, works, out_dir)
+
+
+class Engine(Protocol):
+    """Where a stage's items are processed when not in this machine's processes (``--engine``; the local
+    engine is the runner itself). The runner keeps everything else: inputs, pairing, the lock, resume,
+    the journal, progress and the reports. ``run`` processes ``todo`` (items of ``stage`` not done yet)
+    into ``dst`` with ``threads`` CPU threads per worker, each worker setting the stage up once
+    (``stage.setup()``) and calling :func:`process_items`, and calls ``record(row)`` in this process once
+    for every item, in any order, never twice; a worker that dies must not lose or duplicate a row.
+    ``close`` releases the engine's workers (a chained run uses one engine for all its stages)."""
+
+    name: str
+
+    def run(self, stage: Stage, todo: list[WorkItem], dst: Path, threads: int, record: Callable[[dict], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def _chunks(works: list[WorkItem], n: int) -> list[list[WorkItem]]:
     n = max(1, n)
     return [works[i : i + n] for i in range(0, len(works), n)]
@@ -574,12 +597,14 @@ def run_stage(
     extra_dirs: dict[str, ExtraInput] | None = None,
     items: list[ImageItem] | None = None,
     pool: "WorkerPool | None" = None,
+    engine: Engine | None = None,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
     planned ``{key: file}`` mapping. ``items``: a planned list of (key, file) to process instead of the
     images of ``in_path`` (a chained run's subset; ``in_path`` is then the run's input, for the checks).
-    ``pool``: worker processes kept across several stages (a chained run), used when ``workers > 1``."""
+    ``pool``: worker processes kept across several stages (a chained run), used when ``workers > 1``.
+    ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused."""
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -597,12 +622,13 @@ def run_stage(
         # Checked again under the lock: a run that started meanwhile has made the folder non-empty.
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
-                           threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool)
+                           threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
+                           engine=engine)
 
 
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
-                pool: "WorkerPool | None" = None) -> RunResult:
+                pool: "WorkerPool | None" = None, engine: Engine | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     done: dict[str, dict] = {}
@@ -634,7 +660,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         bar.update(row)
 
     try:
-        if workers == 1 or len(todo) <= 1:
+        if engine is not None and todo:
+            engine.run(stage, todo, dst, threads, record)
+        elif workers == 1 or len(todo) <= 1:
             _set_threads(stage, threads)
             stage.setup()
             for chunk in _chunks(todo, stage.batch_size):
