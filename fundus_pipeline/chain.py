@@ -28,11 +28,14 @@ can check it), the weights' sha256, the inputs' sha256 and the joined rows; ``--
 from __future__ import annotations
 
 import csv
-import io as _io
 import json
+import os
 import shutil
+import sqlite3
 import sys
+import tempfile
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +43,10 @@ from typing import Any
 from fundus_pipeline import __version__
 from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig
 from fundus_pipeline.errors import UsageError, WeightsError
-from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, write_bytes_atomic
+from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    resolve_inputs, run_stage, stage_rows,
+    resolve_inputs, run_stage, stage_lines, stage_rows, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -72,7 +75,7 @@ class ChainItem:
 @dataclass
 class ChainResult:
     out_dir: Path
-    rows: list[dict]
+    failed: list[dict]  # {key, error} of each photograph that failed
     counts: dict
     interrupted: bool
     duration_s: float
@@ -88,7 +91,7 @@ class ChainResult:
             "stage": "run",
             "output": str(self.out_dir),
             "counts": self.counts,
-            "failed": [{"key": r["key"], "error": r["error"]} for r in self.rows if r["status"] == "error"],
+            "failed": self.failed,
             "stages": self.stages,
             "manifest": str(self.out_dir / "manifest.json"),
             "results": str(self.out_dir / "results.csv"),
@@ -171,12 +174,42 @@ def columns(cfg: RunConfig) -> tuple[str, ...]:
     return cols
 
 
-def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
-    """One row per chain item from the stage folders under ``out``: the stages' figures, each decision and
-    its reason, paths relative to ``out``, and every failure as ``step: message`` in ``error``."""
-    rows_of = {name: stage_rows(out / name) for name in STAGE_DIRS}
+class FolderRows:
+    """The rows of the stage folders under ``out``, looked up by (folder, key), kept in a temporary SQLite
+    file instead of memory: joining 100,000 photographs across five folders holds a few megabytes."""
+
+    FOLDERS = ("grade", "enhance", "score", "segment", "compare")  # the ones the table reads
+
+    def __init__(self, out: Path):
+        self._tmp = tempfile.TemporaryDirectory(prefix="fundus-join-")
+        self.db = sqlite3.connect(os.path.join(self._tmp.name, "rows.sqlite"))
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE rows (folder TEXT, key TEXT, row TEXT, PRIMARY KEY (folder, key));")
+        for name in self.FOLDERS:
+            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", ((name, r["key"], json.dumps(r)) for r in stage_lines(out / name)))
+        self.db.commit()
+
+    def get(self, folder: str, key: str) -> dict | None:
+        hit = self.db.execute("SELECT row FROM rows WHERE folder = ? AND key = ?", (folder, key)).fetchone()
+        return json.loads(hit[0]) if hit else None
+
+    def close(self) -> None:
+        self.db.close()
+        self._tmp.cleanup()
+
+
+def join(out: Path, cfg: RunConfig, items: Iterable[ChainItem]) -> Iterator[dict]:
+    """One row per chain item (yielded in the items' order) from the stage folders under ``out``: the
+    stages' figures, each decision and its reason, paths relative to ``out``, and every failure as
+    ``step: message`` in ``error``."""
+    index = FolderRows(out)
+    try:
+        yield from _join(out, cfg, items, index)
+    finally:
+        index.close()
+
+
+def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRows) -> Iterator[dict]:
     steps = set(cfg.steps)
-    table = []
     for it in items:
         row: dict[str, Any] = {c: "" for c in columns(cfg)}
         row.update(key=it.key, input=_shown(it.input, out))
@@ -196,17 +229,17 @@ def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
         if it.error:
             errors.append(f"degrade: {it.error}")
             row.update(status="error", error="; ".join(errors), enhanced="no", segmented="none")
-            table.append(row)
+            yield row
             continue
-        g = take("grade", rows_of["grade"].get(it.key), "grade" in steps)
+        g = take("grade", index.get("grade", it.key), "grade" in steps)
         if _ok(g):
             row.update(grade=g["grade"], flags=g.get("flags", ""), **{f"p_{n}": g.get(f"p_{n}", "") for n in GRADE_NAMES})
         enh, why = enhance_decision(cfg, g)
         row["enhanced"], row["enhance_reason"] = ("yes" if enh else "no"), why
-        e = take("enhance", rows_of["enhance"].get(it.key), enh) if enh else None
+        e = take("enhance", index.get("enhance", it.key), enh) if enh else None
         s = None
         if enh and _ok(e) and "score" in steps:
-            s = take("score", rows_of["score"].get(it.key))
+            s = take("score", index.get("score", it.key))
             if _ok(s):
                 row.update(score=s["score"], score_input=s["score_input"], score_gain=round(float(s["score"]) - float(s["score_input"]), 6))
         if _ok(e):
@@ -216,7 +249,7 @@ def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
             row["enhance_reason"] += " (failed)"
         source, why = segment_decision(cfg, enh, e, s)
         if "segment" in steps:
-            seg = take("segment", rows_of["segment"].get(it.key))
+            seg = take("segment", index.get("segment", it.key))
             row["segmented"], row["segment_reason"] = source, why
             if _ok(seg):
                 row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"], warning=seg.get("warning", ""))
@@ -225,13 +258,12 @@ def join(out: Path, cfg: RunConfig, items: list[ChainItem]) -> list[dict]:
         else:
             row["segmented"], row["segment_reason"] = "none", "no segment step"
         if cfg.simulate:
-            c = take("compare", rows_of["compare"].get(it.key), not errors)
+            c = take("compare", index.get("compare", it.key), not errors)
             if _ok(c):
                 row.update({k: c[k] for k in SIM_COLUMNS[3:] + GT_COLUMNS if k in c and k in row})
         row["status"] = "error" if errors else ("pending" if pending else "ok")
         row["error"] = "; ".join(errors)
-        table.append(row)
-    return table
+        yield row
 
 
 def _shown(path: str, out: Path) -> str:
@@ -242,25 +274,54 @@ def _shown(path: str, out: Path) -> str:
         return path
 
 
-def _csv_bytes(rows: list[dict], cols: tuple[str, ...]) -> bytes:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(cols), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
+def count(rows: Iterable[dict]) -> dict:
+    c = {"total": 0, "ok": 0, "error": 0, "pending": 0, **dict.fromkeys(GRADE_NAMES, 0), "enhanced": 0, "enhanced_used": 0, "segmented": 0}
     for r in rows:
-        w.writerow(r)
-    return buf.getvalue().encode("utf-8", "surrogateescape")
-
-
-def count(rows: list[dict]) -> dict:
-    c = {"total": len(rows), "ok": 0, "error": 0, "pending": 0}
-    for r in rows:
-        c[r["status"]] = c.get(r["status"], 0) + 1
-    for g in GRADE_NAMES:
-        c[g] = sum(r.get("grade") == g for r in rows)
-    c["enhanced"] = sum(r.get("enhanced") == "yes" and bool(r.get("enhanced_image")) for r in rows)
-    c["enhanced_used"] = sum(r.get("segmented") == "enhanced" and bool(r.get("vessels_image")) for r in rows)
-    c["segmented"] = sum(bool(r.get("vessels_image")) for r in rows)
+        _count(c, r)
     return c
+
+
+def _count(c: dict, r: dict) -> None:
+    c["total"] += 1
+    c[r["status"]] = c.get(r["status"], 0) + 1
+    if r.get("grade") in GRADE_NAMES:
+        c[r["grade"]] += 1
+    c["enhanced"] += r.get("enhanced") == "yes" and bool(r.get("enhanced_image"))
+    c["enhanced_used"] += r.get("segmented") == "enhanced" and bool(r.get("vessels_image"))
+    c["segmented"] += bool(r.get("vessels_image"))
+
+
+class RowsFile:
+    """The joined rows of a run as JSON lines in a temporary file: iterable any number of times (the
+    report reads them twice) without holding them in memory."""
+
+    def __init__(self, folder: Path):
+        self._tmp = tempfile.TemporaryDirectory(prefix="fundus-rows-", dir=folder)
+        self.path = Path(self._tmp.name) / "rows.jsonl"
+        self._f = open(self.path, "w", encoding="utf-8", errors="surrogateescape")
+        self.n = 0
+
+    def add(self, row: dict) -> str:
+        text = json.dumps(row, default=str)
+        self._f.write(text + "\n")
+        self.n += 1
+        return text
+
+    def texts(self) -> Iterator[str]:
+        self._f.flush()
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+    def __iter__(self) -> Iterator[dict]:
+        return (json.loads(t) for t in self.texts())
+
+    def __len__(self) -> int:
+        return self.n
+
+    def close(self) -> None:
+        self._f.close()
+        self._tmp.cleanup()
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -374,7 +435,8 @@ class Chain:
             for name in TOP_FILES:
                 (out / name).unlink(missing_ok=True)
 
-    def _write_manifest(self, rows: list[dict], status: str, counts: dict | None = None) -> None:
+    def _write_manifest(self, rows: RowsFile | None, status: str, counts: dict | None = None) -> None:
+        """OUT/manifest.json, its plan and items streamed a line each (``write_json_streamed``)."""
         rec = self.record()
         m = {
             "schema_version": 1,
@@ -396,13 +458,14 @@ class Chain:
             "duration_s": round(time.time() - self.started, 3),
             "interrupted": self.interrupted,
             "counts": counts or {},
-            "plan": [it.record() for it in self.plan],
-            "items": rows,
         }
-        write_bytes_atomic(self.out / "manifest.json", (json.dumps(m, indent=2, default=str) + "\n").encode("utf-8", "surrogateescape"))
+        write_json_streamed(self.out / "manifest.json", m, {
+            "plan": (json.dumps(it.record()) for it in self.plan),
+            "items": rows.texts() if rows is not None else (),
+        })
 
     # -- stages ------------------------------------------------------------------------------------------
-    def _stage(self, name: str, stage, items: list[ImageItem], extra: dict | None = None) -> dict[str, dict]:
+    def _stage(self, name: str, stage, items: list[ImageItem], extra: dict | None = None) -> Mapping[str, dict]:
         """Run ``stage`` over ``items`` into OUT/name (resumable) and return its rows by key."""
         folder = self.out / name
         if not items or self.interrupted:
@@ -415,7 +478,7 @@ class Chain:
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
         self.interrupted |= res.interrupted
-        return {r["key"]: r for r in res.rows}  # the rows just written (and the resumed ones), without reading them back
+        return res.store  # the rows just written (and the resumed ones), without reading them back
 
     def _simulate(self) -> list[ChainItem]:
         folder = self.out / "degrade"
@@ -447,7 +510,7 @@ class Chain:
         with OutputLock(self.out, self.shown):
             check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
             self._prepare_folder()
-            self._write_manifest([], "running")
+            self._write_manifest(None, "running")
             if self.cfg.workers > 1 and self.engine is None:
                 self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers))
             try:
@@ -535,20 +598,40 @@ class Chain:
         self._stage("compare", stage, [ImageItem(it.key, Path(it.input)) for it in live], extra)
 
     def _finish(self) -> ChainResult:
-        rows = join(self.out, self.cfg, self.plan)
+        """results.csv, report.html and manifest.json from the stage folders, a row at a time (the joined rows
+        go to a temporary JSON-lines file, never all in memory)."""
+        cols = columns(self.cfg)
+        counts = count(())
+        failed: list[dict] = []
+        rows = RowsFile(self.out)
+        try:
+            with open_atomic(self.out / "results.csv") as f:
+                w = csv.DictWriter(f, fieldnames=list(cols), extrasaction="ignore", lineterminator="\n")
+                w.writeheader()
+                for row in self._rows():
+                    rows.add(row)
+                    _count(counts, row)
+                    if row["status"] == "error":
+                        failed.append({"key": row["key"], "error": row["error"]})
+                    w.writerow(row)
+            report = None
+            if self.cfg.report and self.plan:
+                from fundus_pipeline.report import write_report
+
+                report = write_report(self.out, self.cfg, rows)
+            self._write_manifest(rows, "interrupted" if self.interrupted else "finished", counts)
+        finally:
+            rows.close()
+        return ChainResult(self.out, failed, counts, self.interrupted, time.time() - self.started, report, self.stages)
+
+    def _rows(self) -> Iterator[dict]:
+        yield from join(self.out, self.cfg, self.plan)
         if self.interrupted:  # photographs the simulator had not reached yet
             seen = {it.clean_key or it.key for it in self.plan}
             blank = dict.fromkeys(columns(self.cfg), "")
-            rows += [{**blank, "key": it.key, "input": str(it.path), "status": "pending"} for it in self.inputs.items if it.key not in seen]
-        counts = count(rows)
-        write_bytes_atomic(self.out / "results.csv", _csv_bytes(rows, columns(self.cfg)))
-        report = None
-        if self.cfg.report and self.plan:
-            from fundus_pipeline.report import write_report
-
-            report = write_report(self.out, self.cfg, rows)
-        self._write_manifest(rows, "interrupted" if self.interrupted else "finished", counts)
-        return ChainResult(self.out, rows, counts, self.interrupted, time.time() - self.started, report, self.stages)
+            for it in self.inputs.items:
+                if it.key not in seen:
+                    yield {**blank, "key": it.key, "input": str(it.path), "status": "pending"}
 
 
 def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,

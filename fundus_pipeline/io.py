@@ -30,6 +30,7 @@ the temp name fits ``NAME_MAX`` = 255 bytes) and is moved into place with ``os.r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -599,20 +600,27 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     Creates parent folders. Never leaves a partial file under the final name; removes the temp file on
     error. ``OSError`` becomes ``FundusError("cannot write <path>: <reason>")``.
     """
+    with open_atomic(path, binary=True) as fh:
+        fh.write(data)
+
+
+@contextlib.contextmanager
+def open_atomic(path: Path, *, binary: bool = False):
+    """A file object that becomes ``path`` when the ``with`` block ends without an error (a hidden temp
+    file in the same folder, fsynced, then ``os.replace``): what ``write_bytes_atomic`` does, for files
+    written piece by piece (a large manifest or table streamed row by row, never held whole in memory).
+    Text mode: UTF-8 with surrogate escapes, ``\n`` line ends. ``OSError`` becomes ``FundusError``."""
     path = Path(path)
     tmp = path.with_name(_temp_name(path.name, uuid.uuid4().hex[:12]))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            fh = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n")
+            with fh:
+                yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        try:
             os.replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)

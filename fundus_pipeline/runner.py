@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import io as _io
 import json
 import math
 import multiprocessing
@@ -27,13 +26,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Protocol
 
 from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError
-from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, read_image, write_bytes_atomic, write_image_atomic
+from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
 JOURNAL = ".fundus-journal.jsonl"
@@ -52,7 +52,12 @@ class RunResult:
     failed: list[dict]
     duration_s: float
     interrupted: bool
-    rows: list[dict] = field(default_factory=list)
+    store: "RowStore" = field(default_factory=lambda: RowStore())
+
+    @property
+    def rows(self) -> list[dict]:
+        """Every row, in key order (parsed from the compact store: for a small run or a test)."""
+        return list(self.store.values())
 
     @property
     def exit_code(self) -> int:
@@ -248,34 +253,91 @@ class OutputLock:
             self.fd = None
 
 
-def _load_previous(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
-    """Rows of earlier runs in this folder (manifest.json, then the crash-safe journal, which is newer),
-    each tagged with the configuration hash it was written with; and the set of hashes seen."""
-    rows: dict[str, dict] = {}
+class RowStore(Mapping):
+    """A stage's rows by key, each kept as its compact JSON text and parsed when read (a third of the
+    memory of a dict, so a run over 100,000 photographs holds tens of megabytes of rows, not hundreds).
+    Iterates in key order; ``rows[key]`` is a fresh dict."""
+
+    def __init__(self) -> None:
+        self._text: dict[str, str] = {}
+
+    def add(self, row: dict) -> None:
+        self._text[row["key"]] = _dumps(row)
+
+    def add_text(self, key: str, text: str) -> None:
+        self._text[key] = text
+
+    def text(self, key: str) -> str:
+        return self._text[key]
+
+    def __getitem__(self, key: str) -> dict:
+        return json.loads(self._text[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._text))
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+
+def _dumps(row: dict) -> str:
+    return json.dumps(row, default=str)
+
+
+def _previous_lines(out_dir: Path) -> Iterator[dict]:
+    """Rows of earlier runs in this folder, oldest first, each with the configuration hash it was written
+    with: the crash-safe journal when there is one (it holds every row of the run that wrote it, the
+    resumed ones included, and is read a line at a time), else manifest.json."""
+    journal = out_dir / JOURNAL
+    if journal.exists():
+        with open(journal, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line after a crash
+                if isinstance(r, dict) and isinstance(r.get("key"), str):
+                    yield r
+        return
     manifest = out_dir / "manifest.json"
     if manifest.exists():
         try:
-            m = json.loads(manifest.read_text())
-            for r in m.get("items", []):
-                rows[r["key"]] = {**r, "config_sha256": m.get("config_sha256")}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    journal = out_dir / JOURNAL
-    if journal.exists():
-        for line in journal.read_text(errors="surrogateescape").splitlines():
-            try:
-                r = json.loads(line)
-                rows[r["key"]] = r
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash
-    return rows, {r.get("config_sha256") for r in rows.values()}
+            m = json.loads(manifest.read_text(errors="surrogateescape"))
+            items = m.get("items", [])
+            for r in items:
+                if isinstance(r, dict) and isinstance(r.get("key"), str):
+                    yield {**r, "config_sha256": m.get("config_sha256")}
+        except (OSError, ValueError, AttributeError, TypeError):
+            return
 
 
-def stage_rows(folder: Path) -> dict[str, dict]:
-    """The rows a stage folder holds, by key (manifest.json, then the newer journal of an interrupted run),
-    without the configuration tag ``_load_previous`` adds; empty for a folder that holds none."""
-    rows, _ = _load_previous(folder)
-    return {k: {c: v for c, v in r.items() if c != "config_sha256"} for k, r in rows.items()}
+def _load_previous(out_dir: Path) -> tuple[RowStore, set[str]]:
+    """Rows of earlier runs in this folder by key (the newest of each), each still tagged with the
+    configuration hash it was written with; and the set of hashes seen."""
+    rows, hashes = RowStore(), set()
+    for r in _previous_lines(out_dir):
+        hashes.add(r.get("config_sha256"))
+        rows.add(r)
+    return rows, hashes
+
+
+def stage_lines(folder: Path) -> Iterator[dict]:
+    """The rows a stage folder holds, oldest first, without the configuration tag (a later row of the same
+    key replaces an earlier one); nothing for a folder that holds none. Read a line at a time."""
+    for r in _previous_lines(folder):
+        r.pop("config_sha256", None)
+        yield r
+
+
+def stage_rows(folder: Path) -> RowStore:
+    """The rows a stage folder holds, by key (see ``stage_lines``)."""
+    rows = RowStore()
+    for r in stage_lines(folder):
+        rows.add(r)
+    return rows
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
@@ -470,7 +532,7 @@ def _csv_cell(v: Any) -> Any:
 
 def write_reports(
     stage: Stage,
-    rows: list[dict],
+    rows: RowStore,
     *,
     inputs: Inputs,
     extra_dirs: dict[str, ExtraInput],
@@ -479,20 +541,23 @@ def write_reports(
     started: float,
     interrupted: bool,
     resumed: int = 0,
-) -> dict:
-    rows = sorted(rows, key=lambda r: r["key"])
+) -> tuple[dict, list[dict]]:
+    """``results.csv`` and ``manifest.json`` of the rows, in key order, each streamed to its file a row at a
+    time (never a whole table in memory) and renamed into place. Returns (counts, failed items)."""
     counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    failed = []
+    cols = BASE_COLUMNS + list(stage.columns)
+    with open_atomic(out_dir / "results.csv") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for key in rows:
+            r = rows[key]
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+            if r["status"] == "error":
+                failed.append({"key": key, "error": r["error"]})
+            w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
     if interrupted:
         counts["not_processed"] = len(inputs.items) - len(rows)
-    cols = BASE_COLUMNS + list(stage.columns)
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
-    write_bytes_atomic(out_dir / "results.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     cfg = stage.config_record()
     manifest = {
         "schema_version": 1,
@@ -510,10 +575,24 @@ def write_reports(
         "interrupted": interrupted,
         "counts": counts,
         **stage.info(),
-        "items": rows,
     }
-    write_bytes_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8", "surrogateescape"))
-    return counts
+    write_json_streamed(out_dir / "manifest.json", manifest, {"items": (rows.text(k) for k in rows)})
+    return counts, failed
+
+
+def write_json_streamed(path: Path, head: dict, lists: dict[str, Iterable[str]]) -> None:
+    """Write ``head`` (indented) plus, as its last keys, each of ``lists``: a JSON array written one element
+    a line from an iterable of JSON texts, so that a manifest of 100,000 items is never built in memory.
+    Atomic (``open_atomic``); the result is ordinary JSON."""
+    text = json.dumps(head, indent=2, default=str)
+    with open_atomic(path) as f:
+        f.write(text[:-2] if lists else text)  # without the closing "\n}"
+        for n, (name, texts) in enumerate(lists.items()):
+            f.write(f"{',' if head or n else ''}\n  {json.dumps(name)}: [")
+            for i, t in enumerate(texts):
+                f.write(f"{',' if i else ''}\n    {t}")
+            f.write("\n  ]")
+        f.write("\n}\n")
 
 
 class Progress:
@@ -631,32 +710,37 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
                 pool: "WorkerPool | None" = None, engine: Engine | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
-    done: dict[str, dict] = {}
+    rows = RowStore()  # this run's rows: the resumed ones, then each one as it is recorded
     if resume:
         previous, hashes = _load_previous(dst)
-        if previous and cfg_hash not in hashes:
+        if len(previous) and cfg_hash not in hashes:
             raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
-        for key, r in previous.items():
+        for key in previous:
+            r = previous[key]
             if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all((dst / o).exists() for o in r.get("outputs", [])):
-                done[key] = {k: v for k, v in r.items() if k != "config_sha256"}
+                del r["config_sha256"]
+                rows.add(r)
+        del previous
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)
     if resume or overwrite:
         _remove_stale_temporaries(dst)
     # The journal keeps only rows of the current configuration (the others are not resumable).
-    keep = [json.dumps({**r, "config_sha256": cfg_hash}, default=str) for r in done.values()]
-    write_bytes_atomic(journal_path, ("".join(line + "\n" for line in keep)).encode("utf-8", "surrogateescape"))
-    todo = [w for w in work if w.key not in done]
-    rows: dict[str, dict] = {w.key: done[w.key] for w in work if w.key in done}
+    tag = f', "config_sha256": "{cfg_hash}"}}'
+    with open_atomic(journal_path) as f:
+        for key in rows:
+            f.write(rows.text(key)[:-1] + tag + "\n")
+    todo = [w for w in work if w.key not in rows]
     resumed = len(rows)
     interrupted = False
     bar = Progress(stage.name, len(work), resumed, progress)
     journal = open(journal_path, "a", buffering=1, encoding="utf-8", errors="surrogateescape")
 
     def record(row: dict) -> None:
-        rows[row["key"]] = row
-        journal.write(json.dumps({**row, "config_sha256": cfg_hash}, default=str) + "\n")
+        text = _dumps(row)
+        rows.add_text(row["key"], text)
+        journal.write(text[:-1] + tag + "\n")
         bar.update(row)
 
     try:
@@ -675,12 +759,11 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     finally:
         bar.close()
         journal.close()
-        counts = write_reports(
-            stage, list(rows.values()), inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv,
+        counts, failed = write_reports(
+            stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv,
             started=started, interrupted=interrupted, resumed=resumed,
         )
-    failed = [{"key": r["key"], "error": r["error"]} for r in sorted(rows.values(), key=lambda r: r["key"]) if r["status"] == "error"]
-    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, list(rows.values()))
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows)
 
 
 def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, pool: "WorkerPool | None" = None) -> None:

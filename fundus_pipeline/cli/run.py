@@ -152,12 +152,18 @@ def report_cmd(
 
     Example: fundus report out/
     """
-    from fundus_pipeline.chain import join, read_run
+    from fundus_pipeline.chain import RowsFile, join, read_run
     from fundus_pipeline.report import write_report
     from fundus_pipeline.runner import OutputLock
 
     _, cfg, plan = read_run(out_dir)
-    with OutputLock(Path(out_dir).resolve(), out_dir):
-        rows = join(Path(out_dir).resolve(), cfg, plan)
-        path = write_report(Path(out_dir).resolve(), cfg, rows)
+    out = Path(out_dir).resolve()
+    with OutputLock(out, out_dir):
+        rows = RowsFile(out)
+        try:
+            for row in join(out, cfg, plan):
+                rows.add(row)
+            path = write_report(out, cfg, rows)
+        finally:
+            rows.close()
     typer.echo(f"wrote {path} ({len(rows)} photographs)")

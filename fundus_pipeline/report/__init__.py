@@ -163,24 +163,48 @@ def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, 
     return "".join(parts)
 
 
-def summary(rows: list[dict], simulate: bool, truth: bool) -> dict:
-    """Counts and figures for the top of the page (no thumbnails)."""
-    grades = Counter(r.get("grade") for r in rows if r.get("grade"))
-    flags = Counter(f for r in rows for f in str(r.get("flags") or "").split())
-    status = Counter(r["status"] for r in rows)
-    scores = [v for r in rows if (v := _num(r.get("score"))) is not None]
-    gains = [v for r in rows if (v := _num(r.get("score_gain"))) is not None]
-    vf = [v for r in rows if (v := _num(r.get("vessel_fraction"))) is not None]
+def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
+    """Counts and figures for the top of the page (no thumbnails), in one pass over the rows."""
+    grades: Counter = Counter()
+    flags: Counter = Counter()
+    status: Counter = Counter()
+    scores, gains, vf = [], [], []
+    n = enhanced = enhance_failed = used = segmented = warnings = 0
+    metrics = ["psnr", "ssim", "f1"] + (["f1_gt"] if truth else [])
+    groups: dict[str, dict[str, Any]] = {}  # per degradation: counts and each metric's values
+    for r in rows:
+        n += 1
+        if r.get("grade"):
+            grades[r["grade"]] += 1
+        flags.update(str(r.get("flags") or "").split())
+        status[r["status"]] += 1
+        for vals, col in ((scores, "score"), (gains, "score_gain"), (vf, "vessel_fraction")):
+            if (v := _num(r.get(col))) is not None:
+                vals.append(v)
+        enhanced += bool(r.get("enhanced_image"))
+        enhance_failed += r.get("enhanced") == "yes" and not r.get("enhanced_image")
+        used += r.get("segmented") == "enhanced" and bool(r.get("vessels_image"))
+        segmented += bool(r.get("vessels_image"))
+        warnings += bool(r.get("warning"))
+        if simulate and r["status"] == "ok":
+            g = groups.setdefault(r.get("degradation") or "?", {"n": 0, "enhanced": 0, "used": 0, "values": {}})
+            g["n"] += 1
+            g["enhanced"] += bool(r.get("enhanced_image"))
+            g["used"] += r.get("segmented") == "enhanced"
+            for m in metrics:
+                for when in ("before", "after"):
+                    if (v := _num(r.get(f"{m}_{when}"))) is not None:
+                        g["values"].setdefault(f"{m}_{when}", []).append(v)
     s = {
-        "total": len(rows),
+        "total": n,
         "status": dict(status),
         "grades": [(g, grades.get(g, 0)) for g in GRADES],
         "flags": [(f, flags[f]) for f in FLAGS if flags.get(f)],
-        "enhanced": sum(bool(r.get("enhanced_image")) for r in rows),
-        "enhance_failed": sum(r.get("enhanced") == "yes" and not r.get("enhanced_image") for r in rows),
-        "used": sum(r.get("segmented") == "enhanced" and bool(r.get("vessels_image")) for r in rows),
-        "segmented": sum(bool(r.get("vessels_image")) for r in rows),
-        "warnings": sum(bool(r.get("warning")) for r in rows),
+        "enhanced": enhanced,
+        "enhance_failed": enhance_failed,
+        "used": used,
+        "segmented": segmented,
+        "warnings": warnings,
         "score_mean": _mean(scores),
         "gain_mean": _mean(gains),
         "vf_mean": _mean(vf),
@@ -193,19 +217,14 @@ def summary(rows: list[dict], simulate: bool, truth: bool) -> dict:
         },
     }
     if simulate:
-        metrics = ["psnr", "ssim", "f1"] + (["f1_gt"] if truth else [])
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            if r["status"] == "ok":
-                groups.setdefault(r.get("degradation") or "?", []).append(r)
         table = []
         for name in sorted(groups) + (["all"] if len(groups) > 1 else []):
-            rs = [r for g in groups.values() for r in g] if name == "all" else groups[name]
-            line: dict[str, Any] = {"degradation": name, "n": len(rs), "enhanced": sum(bool(r.get("enhanced_image")) for r in rs),
-                                    "used": sum(r.get("segmented") == "enhanced" for r in rs)}
+            gs = list(groups.values()) if name == "all" else [groups[name]]
+            line: dict[str, Any] = {"degradation": name, **{k: sum(g[k] for g in gs) for k in ("n", "enhanced", "used")}}
             for m in metrics:
                 for when in ("before", "after"):
-                    line[f"{m}_{when}"] = _mean([v for r in rs if (v := _num(r.get(f"{m}_{when}"))) is not None])
+                    col = f"{m}_{when}"
+                    line[col] = _mean([v for g in gs for v in g["values"].get(col, [])])
             table.append(line)
         s["by_degradation"] = table
         s["metrics"] = metrics
@@ -232,8 +251,9 @@ def _environment():
     return env
 
 
-def render_chunks(out: Path, cfg, rows: list[dict], *, workers: int | None = None) -> Iterator[str]:
-    """The page as a stream of text chunks (thumbnails made a bounded window ahead of the rows)."""
+def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None = None) -> Iterator[str]:
+    """The page as a stream of text chunks (thumbnails made a bounded window ahead of the rows). ``rows`` is
+    read twice (the summary, then the table): a list, or a re-iterable such as ``chain.RowsFile``."""
     truth = cfg.ground_truth is not None and "segment" in cfg.steps
     simulate = bool(cfg.simulate)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -256,20 +276,12 @@ def render_chunks(out: Path, cfg, rows: list[dict], *, workers: int | None = Non
     )
 
 
-def write_report(out: Path, cfg, rows: list[dict]) -> Path:
+def write_report(out: Path, cfg, rows: Iterable[dict]) -> Path:
     """Write ``out/report.html`` atomically (streamed to a temporary file, then renamed)."""
-    from fundus_pipeline.io import _temp_name
+    from fundus_pipeline.io import open_atomic
 
     target = Path(out) / "report.html"
-    tmp = target.with_name(_temp_name(target.name, "report"))
-    try:
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            for chunk in render_chunks(Path(out), cfg, rows):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open_atomic(target) as f:
+        for chunk in render_chunks(Path(out), cfg, rows):
+            f.write(chunk)
     return target
