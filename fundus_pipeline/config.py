@@ -154,8 +154,8 @@ class RunConfig(StageConfig):
     command (``min_gain`` <-> ``--min-gain``); the command line overrides the file.
 
     The hashed part (``chain_record``) is everything that changes an output byte: steps, decisions,
-    simulation, seed, weights and their options, device. ``workers``, ``threads``, ``format``, ``quiet``,
-    ``resume`` and ``overwrite`` change nothing in the outputs and are kept out of it.
+    simulation, seed, weights and their options, device. ``workers``, ``threads``, ``engine``, ``address``,
+    ``format``, ``quiet``, ``resume`` and ``overwrite`` change nothing in the outputs and are kept out of it.
     """
 
     steps: list[Literal["grade", "enhance", "score", "segment"]] = list(RUN_STEPS)
@@ -185,6 +185,8 @@ class RunConfig(StageConfig):
     thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
     workers: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1)
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
     format: Literal["human", "json"] = "human"
     quiet: bool = False
     resume: bool = False
@@ -230,7 +232,7 @@ class RunConfig(StageConfig):
 
     def chain_record(self) -> dict:
         """The fields that decide the outputs (hashed: ``--resume`` never mixes two configurations)."""
-        skip = {"workers", "threads", "format", "quiet", "resume", "overwrite", "ground_truth"}
+        skip = {"workers", "threads", "engine", "address", "format", "quiet", "resume", "overwrite", "ground_truth"}
         rec = self.model_dump(mode="json", exclude=skip)
         rec["ground_truth"] = self.ground_truth is not None
         return rec

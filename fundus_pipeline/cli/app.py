@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from fundus_pipeline import __version__
-from fundus_pipeline.cli.options import Format
+from fundus_pipeline.cli.options import EngineName, Format
 from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError
 
 app = typer.Typer(
@@ -43,20 +43,41 @@ def _root(
     """fundus: degrade, segment and evaluate retinal fundus photographs, folder in, folder out."""
 
 
+def open_engine(engine: EngineName | str, address: str | None, workers: int):
+    """The engine of ``--engine``/``--address``: None for ``local`` (the runner's own processes), else a
+    :class:`~fundus_pipeline.ray_engine.RayEngine` (a usage error when Ray is not installed). Close it after."""
+    from fundus_pipeline.errors import UsageError
+
+    name = EngineName(engine)
+    if address is not None and name != EngineName.ray:
+        raise UsageError("--address names a Ray cluster: it needs --engine ray")
+    if name == EngineName.local:
+        return None
+    from fundus_pipeline.ray_engine import RayEngine
+
+    return RayEngine(address=address, workers=workers)
+
+
 def run_stage_command(
     make_stage, in_dir, out_dir, *, overwrite: bool, resume: bool, workers: int, threads, quiet: bool, fmt: Format, extra_dirs: dict | None = None,
-    after=None,
+    after=None, engine: EngineName = EngineName.local, address: str | None = None,
 ) -> None:
-    """The common body of a stage command: refuse bad IN/OUT early (before a model is loaded), build the
-    stage (``make_stage()``), run it over IN into OUT (``extra_dirs``: the folders of its further input
-    roles, e.g. ``{"reference": ...}``), call ``after()`` unless the run was interrupted, and report."""
+    """The common body of a stage command: refuse bad IN/OUT and engine options early (before a model is
+    loaded), build the stage (``make_stage()``), run it over IN into OUT (``extra_dirs``: the folders of its
+    further input roles, e.g. ``{"reference": ...}``) on the engine of ``--engine``, call ``after()`` unless
+    the run was interrupted, and report."""
     from fundus_pipeline.runner import check_run_paths, run_stage
 
     check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
-    result = run_stage(
-        make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
-        progress=not quiet and fmt == Format.human, extra_dirs=extra_dirs,
-    )  # fmt: skip
+    eng = open_engine(engine, address, workers)
+    try:
+        result = run_stage(
+            make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
+            progress=not quiet and fmt == Format.human, extra_dirs=extra_dirs, engine=eng,
+        )  # fmt: skip
+    finally:
+        if eng is not None:
+            eng.close()
     if after is not None and not result.interrupted:
         after()
     report(result, fmt)

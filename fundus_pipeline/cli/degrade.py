@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers
+from fundus_pipeline.cli.options import Address, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers
 
 
 @app.command()
@@ -22,6 +22,8 @@ def degrade(
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Re-apply the parameters recorded in OLD_OUT/manifest.json (its types, preset, recipe and seed).", show_default=False)] = None,
     threads: Threads = None,
     workers: Workers = 1,
+    engine: Engine = EngineName.local,
+    address: Address = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -35,4 +37,5 @@ def degrade(
     from fundus_pipeline.stages.degrade import DegradeStage
 
     cfg = DegradeConfig.from_options(types=types, preset=preset, recipe=recipe, seed=seed, replay=replay)
-    run_stage_command(lambda: DegradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt)
+    run_stage_command(lambda: DegradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
+                      engine=engine, address=address)

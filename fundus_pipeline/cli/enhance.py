@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Device, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import EnhanceConfig, default
 
 
@@ -25,6 +25,8 @@ def enhance(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photographs per forward pass (more is faster on a GPU; outputs within one code value).")] = default(EnhanceConfig, "batch_size"),
     threads: Threads = None,
     workers: Workers = 1,
+    engine: Engine = EngineName.local,
+    address: Address = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -39,4 +41,5 @@ def enhance(
 
     cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, transfer=transfer, keep_outside=keep_outside,
                               vessel_stats=vessel_stats, segmenter=segmenter, batch_size=batch_size)
-    run_stage_command(lambda: EnhanceStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt)
+    run_stage_command(lambda: EnhanceStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
+                      engine=engine, address=address)

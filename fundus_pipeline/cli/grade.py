@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Device, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import GradeConfig, default
 from fundus_pipeline.quality.grading import GRADES
 
@@ -50,6 +50,8 @@ def grade(
     device: Device = default(GradeConfig, "device"),
     threads: Threads = None,
     workers: Workers = 1,
+    engine: Engine = EngineName.local,
+    address: Address = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -67,4 +69,4 @@ def grade(
     cfg = GradeConfig.build(weights=weights, arch=arch, device=device, flag_threshold=flag_threshold, batch_size=batch_size)
     after = (lambda: sort_into(out_dir)) if sort else None
     run_stage_command(lambda: GradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
-                      quiet=quiet, fmt=fmt, after=after)
+                      quiet=quiet, fmt=fmt, after=after, engine=engine, address=address)

@@ -9,6 +9,13 @@ from typing import Annotated
 import typer
 
 
+class EngineName(str, Enum):
+    """Where a stage's items are processed: this machine's processes, or the actors of a Ray cluster."""
+
+    local = "local"
+    ray = "ray"
+
+
 class Format(str, Enum):
     """What a command prints on stdout: a human summary, or exactly one JSON document."""
 
@@ -47,3 +54,15 @@ Overwrite = Annotated[bool, flag("--overwrite", help="Allow a non-empty OUT and 
 FormatOpt = Annotated[Format, typer.Option("--format", help="human: short summary; json: one JSON summary on stdout.")]
 Quiet = Annotated[bool, flag("--quiet", "-q", help="No progress output on stderr (errors are still printed).")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+Engine = Annotated[
+    EngineName,
+    typer.Option(
+        "--engine",
+        help="local: this machine's worker processes; ray: the actors of a Ray cluster (--workers actors per stage, --threads CPUs each; "
+        "pip install 'fundus-pipeline[ray]'). Results do not depend on it.",
+    ),
+]
+Address = Annotated[
+    str | None,
+    typer.Option("--address", help="With --engine ray: the Ray cluster to use (the address `ray start --head` prints, or auto) [default: start a local Ray instance].", show_default=False),
+]

@@ -8,9 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from fundus_pipeline.cli.app import app
-from fundus_pipeline.cli.options import Format, flag
+from fundus_pipeline.cli.app import app, open_engine
+from fundus_pipeline.cli.options import EngineName, Format, flag
 from fundus_pipeline.config import RunConfig
+
+#: The options ``--replay`` accepts: they change where and how fast a run goes, never an output byte.
+REPLAY_OVERRIDES = ("workers", "threads", "engine", "address", "quiet", "format", "resume", "overwrite")
 
 
 def _d(name: str) -> str:
@@ -82,6 +85,8 @@ def run_cmd(
     thumbnail: Annotated[Optional[int], _opt("--thumbnail", help="Thumbnail side in the report, pixels.", field="thumbnail")] = None,
     workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage (results do not depend on it).", field="workers")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [default: available cores / workers].", show_default=False)] = None,
+    engine: Annotated[Optional[EngineName], _opt("--engine", help="local: this machine's worker processes; ray: the actors of a Ray cluster, every stage (--workers actors, --threads CPUs each; pip install 'fundus-pipeline[ray]'). Results do not depend on it.", field="engine")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="With --engine ray: the Ray cluster to use (the address `ray start --head` prints, or auto) [default: start a local Ray instance].", show_default=False)] = None,
     resume: Annotated[Optional[bool], flag("--resume", help="Continue an earlier run in OUT: what is finished is kept, the rest is done.")] = None,
     overwrite: Annotated[Optional[bool], flag("--overwrite", help="Replace an earlier run in OUT (its own folders only).")] = None,
     quiet: Annotated[Optional[bool], flag("--quiet", "-q", help="No progress output on stderr (errors are still printed).")] = None,
@@ -108,7 +113,7 @@ def run_cmd(
         "flag_threshold": flag_threshold, "grade_batch_size": grade_batch_size, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "enhance_batch_size": enhance_batch_size, "transfer": transfer,
         "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "score_batch_size": score_batch_size, "segment_weights": segment_weights,
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
-        "threads": threads, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
+        "threads": threads, "engine": engine.value if engine is not None else None, "address": address, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip
     degrade_replay = expect = None
     if replay is not None:
@@ -116,11 +121,12 @@ def run_cmd(
             in_dir, out_dir = None, in_dir
         if in_dir is not None:
             raise UsageError("--replay takes the input from the replayed manifest: give only OUT")
-        fixed = [k for k, v in cli.items() if v is not None and k not in ("workers", "threads", "quiet", "format", "resume", "overwrite")]
+        fixed = [k for k, v in cli.items() if v is not None and k not in REPLAY_OVERRIDES]
         if fixed or config is not None:
             raise UsageError(f"--replay reruns the recorded options; do not combine it with --{(fixed or ['config'])[0].replace('_', '-')}")
         m, cfg, _ = read_run(Path(replay).parent) if Path(replay).name == "manifest.json" else read_run(Path(replay))
-        cfg = cfg.model_copy(update={"resume": False, "overwrite": False, **{k: v for k, v in cli.items() if v is not None}})
+        # the engine is where this replay runs, not what it reproduces: local unless --engine is given
+        cfg = cfg.model_copy(update={"resume": False, "overwrite": False, "engine": "local", "address": None, **{k: v for k, v in cli.items() if v is not None}})
         in_dir = Path(m["input"]["path"])
         expect = m.get("inputs_sha256") or {}
         old = Path(m["output"]["dir"])
@@ -132,7 +138,13 @@ def run_cmd(
         cfg = build_config(config, cli)
     if out_dir is None:
         raise UsageError("give OUT")
-    result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect)
+    eng = open_engine(cfg.engine, cfg.address, cfg.workers)
+    try:
+        result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
+                           engine=eng)
+    finally:
+        if eng is not None:
+            eng.close()
     s = result.summary()
     if cfg.format == "json":
         typer.echo(json.dumps(s, indent=2))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Device, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import ScoreConfig, default
 
 
@@ -27,6 +27,8 @@ def score(
     device: Device = default(ScoreConfig, "device"),
     threads: Threads = None,
     workers: Workers = 1,
+    engine: Engine = EngineName.local,
+    address: Address = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -45,4 +47,4 @@ def score(
         raise UsageError(f"--reference is not a folder: {reference}")
     cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, input_score=input_score, batch_size=batch_size)
     run_stage_command(lambda: ScoreStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
-                      quiet=quiet, fmt=fmt, extra_dirs={"reference": reference})
+                      quiet=quiet, fmt=fmt, extra_dirs={"reference": reference}, engine=engine, address=address)

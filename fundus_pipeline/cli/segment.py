@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Device, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Device, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import SegmentConfig, default
 
 
@@ -27,6 +27,8 @@ def segment(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tiles per forward pass (more is faster on a GPU, uses more memory).")] = default(SegmentConfig, "batch_size"),
     threads: Threads = None,
     workers: Workers = 1,
+    engine: Engine = EngineName.local,
+    address: Address = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -40,4 +42,5 @@ def segment(
 
     cfg = SegmentConfig.build(weights=weights, arch=arch, threshold=threshold, device=device, tile=tile, overlap=overlap, overlay=overlay,
                               fov=fov, fov_margin=fov_margin, batch_size=batch_size)
-    run_stage_command(lambda: SegmentStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt)
+    run_stage_command(lambda: SegmentStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
+                      engine=engine, address=address)

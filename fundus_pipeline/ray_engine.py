@@ -1,0 +1,230 @@
+"""``--engine ray``: a stage's items processed by actors of a Ray cluster (see ``docs/scale-out.md``).
+
+The runner keeps everything that is not computation (inputs, pairing, the output lock, resume, the journal,
+progress and the reports; :class:`fundus_pipeline.runner.Engine`); this engine only turns ``todo`` into rows.
+
+Design: Ray Data ``map_batches`` over the listing of work items, with a fixed pool of actors
+(``ActorPoolStrategy(size=N)``), each holding the set-up stage: an actor sets its CPU threads and calls
+``stage.setup()`` once (models loaded once per actor), then :func:`fundus_pipeline.runner.process_items`
+per batch. Choices, and why:
+
+* One dataset row is one whole batch of the local engine (``_chunks(todo, stage.batch_size)``, pickled),
+  mapped with ``batch_size=1``, and one block holds one row: a network stage's batches must be exactly the
+  local engine's (a different grouping changes the forward pass's summation order, so a probability could
+  move by one level) for outputs byte-identical to ``--engine local``; and a task that fails loses one
+  batch, not a block of them. Rows come back pickled in a binary column (exact types, no Arrow
+  conversion) and are streamed to ``record`` as each batch finishes (``iter_batches``, any order).
+* A killed actor (out of memory, a crash in a native decoder) is restarted (``max_restarts=-1``) and its
+  batch retried, ``max_task_retries`` (2) times, never forever: an image that kills every process that
+  reads it would otherwise loop. Blocks whose task still fails are dropped
+  (``DataContext.max_errored_blocks = -1``) and their items go through a second pass one item a task, as
+  the local engine isolates a culprit; an item that still kills its actor is recorded as an error. A row
+  is recorded once per key: a batch retried after its rows already came back (a death between returning
+  and finishing) rewrites identical bytes (atomic, deterministic writes) and is not recorded again.
+* ``max_restarts``/``max_task_retries`` go through ``map_batches``' Ray remote arguments, which Ray
+  2.60 deprecates (removal announced for 2.64) without a named replacement for the retry count; hence the
+  ``ray[data]<2.64`` bound in ``pyproject.toml``. Ray Core actors with ``ObjectRef.future()`` were the
+  fallback; Ray Data works here and gives streaming, back-pressure and actor restarts for free.
+* Quiet: no Ray banner, no progress bars, no worker output on the driver (``log_to_driver=False``: a
+  stage's rows carry its errors); Ray's own messages about dead workers go to stderr, never stdout, so
+  ``--format json`` prints exactly one JSON document.
+
+Workers: ``--workers N`` is the number of actors per stage, each reserving ``--threads`` Ray CPUs (and
+one GPU when the stage runs on CUDA), capped by what the cluster holds and by the number of batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from fundus_pipeline.errors import FundusError, UsageError
+from fundus_pipeline.runner import WorkItem, _chunks, _set_threads, available_cpus, process_items
+from fundus_pipeline.stages.base import Stage
+
+INSTALL_HINT = "pip install 'fundus-pipeline[ray]'"
+#: Retries of a batch whose actor died, before its items are isolated (one per task) and, failing again, recorded as errors.
+TASK_RETRIES = 2
+DIED = "the worker process died while processing this image (out of memory or a crash in a decoder)"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module (with Ray Data), or a usage error that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+class _StageActor:
+    """One actor of the pool: the stage set up once, then one batch of the local engine per call."""
+
+    def __init__(self, stage: Stage, threads: int, dst: str, cwd: str):
+        if os.path.isdir(cwd):
+            os.chdir(cwd)  # relative input paths resolve as in the driver (and error messages read the same)
+        device = getattr(stage, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            stage.device = torch.device("cuda", 0)  # Ray shows this actor its own GPU only, as device 0
+        _set_threads(stage, threads)
+        stage.setup()
+        self.stage, self.dst = stage, Path(dst)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        out = [pickle.dumps(process_items(self.stage, pickle.loads(b), self.dst)) for b in batch["works"]]
+        return {"rows": np.array(out, dtype=object)}
+
+
+def _quiet(ray: Any) -> None:
+    """Ray Data without progress bars or start/finish lines, and Ray's error messages (a worker died, a
+    task is retried) on stderr: Ray prints them on the driver's stdout, which ``--format json`` owns."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    for name, value in (("enable_progress_bars", False), ("print_on_execution_start", False), ("enable_auto_log_stats", False),
+                        ("verbose_stats_logs", False), ("max_errored_blocks", -1)):
+        if hasattr(ctx, name):
+            setattr(ctx, name, value)
+    try:
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # the "progress bars disabled" notice: we asked for it
+    except ImportError:
+        pass
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    worker = sys.modules.get("ray._private.worker")
+    show = getattr(worker, "print_to_stdstream", None)
+    if show is not None and not getattr(show, "_fundus_stderr", False):
+        def to_stderr(data: dict, *args, **kwargs):
+            return show({**data, "is_err": True}, *args, **kwargs)
+
+        to_stderr._fundus_stderr = True  # type: ignore[attr-defined]
+        worker.print_to_stdstream = to_stderr
+
+
+def _first_line(e: BaseException) -> str:
+    """One line for a Ray failure: Ray's messages wrap the cause's traceback, so the last line that names an
+    exception (``ModuleNotFoundError: No module named 'x'``) when there is one, else the first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*: ", ln):
+            return ln
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+class RayEngine:
+    """Process a stage's items on Ray (see the module docstring). ``address``: an existing cluster
+    (``ray start --head`` prints it; ``auto`` finds a local one); None starts a local Ray instance with
+    ``num_cpus`` CPUs (default: this machine's available cores). ``workers``: actors per stage.
+    Ray is initialised by ``start`` (the first ``run`` calls it; a Ray already initialised in this process is
+    used as it is); ``close`` shuts Ray down only if this engine initialised it."""
+
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None, workers: int = 1, num_cpus: int | None = None):
+        self.ray = import_ray()
+        if workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {workers}")
+        self.address, self.workers, self.num_cpus = address, workers, num_cpus
+        self._owned = False  # this engine called ray.init (close calls ray.shutdown)
+
+    # -- the cluster ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect to ``address``, or start a local instance (once; ``run`` calls it), and quiet Ray."""
+        ray = self.ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+            if self.address is None:
+                kwargs["num_cpus"] = self.num_cpus or available_cpus()
+            try:
+                ray.init(address=self.address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                raise FundusError(f"cannot connect to {where}: {_first_line(e)}",
+                                  "start one with `ray start --head` and pass the address it prints" if self.address else None) from None
+            self._owned = True
+        _quiet(ray)
+
+    def _actors(self, stage: Stage, threads: int, batches: int) -> tuple[int, dict]:
+        """(actors, their resources): ``workers`` actors of ``threads`` CPUs (and a GPU each for a CUDA
+        stage), no more than the batches or than the cluster holds; a usage error when not even one fits."""
+        ray = self.ray
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        res: dict[str, Any] = {"num_cpus": threads}
+        fits = sum(int(n.get("CPU", 0) // threads) for n in nodes)
+        if getattr(getattr(stage, "device", None), "type", None) == "cuda":
+            res["num_gpus"] = 1
+            fits = sum(min(int(n.get("CPU", 0) // threads), int(n.get("GPU", 0))) for n in nodes)
+        if fits < 1:
+            most = max((int(n.get("CPU", 0)) for n in nodes), default=0)
+            need = f"{threads} CPUs" + (" and a GPU" if "num_gpus" in res else "")
+            raise UsageError(f"--engine ray: no node of the Ray cluster has {need} for one actor (largest node: {most} CPUs); lower --threads")
+        return max(1, min(self.workers, batches, fits)), res
+
+    # -- the Engine protocol ---------------------------------------------------------------------------------
+    def run(self, stage: Stage, todo: list[WorkItem], dst: Path, threads: int, record: Callable[[dict], None]) -> None:
+        self.start()
+        wanted = {w.key for w in todo}
+        done: set[str] = set()
+
+        def take(rows: list[dict]) -> None:
+            for row in rows:
+                if row["key"] in wanted and row["key"] not in done:  # once per key, even when a batch is retried
+                    done.add(row["key"])
+                    record(row)
+
+        self._pass(stage, _chunks(todo, stage.batch_size), dst, threads, take)
+        rest = [w for w in todo if w.key not in done]
+        if rest:  # batches whose actor died on every retry: each item alone, so only a culprit fails
+            self._pass(stage, [[w] for w in rest], dst, threads, take)
+        take([{"key": w.key, "input": str(w.path), "outputs": [], "status": "error", "seconds": 0.0, "error": DIED}
+              for w in todo if w.key not in done])
+
+    def _pass(self, stage: Stage, batches: list[list[WorkItem]], dst: Path, threads: int, take: Callable[[list[dict]], None]) -> None:
+        ray = self.ray
+        actors, res = self._actors(stage, threads, len(batches))
+        ds = ray.data.from_items([{"works": pickle.dumps(b)} for b in batches], override_num_blocks=len(batches))
+        with warnings.catch_warnings():  # max_restarts/max_task_retries as remote args: deprecated in Ray 2.60, no replacement yet
+            warnings.simplefilter("ignore")
+            ds = ds.map_batches(
+                _StageActor, fn_constructor_args=(stage, threads, str(dst), os.getcwd()), batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=-1, max_task_retries=TASK_RETRIES, **res,
+            )  # fmt: skip
+        it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for out in it:
+                for blob in out["rows"]:
+                    take(pickle.loads(blob))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # the actors could not start (stage.setup() failed on a node), the cluster went away
+            raise FundusError(f"--engine ray: the {stage.name} stage failed on the Ray cluster: {_first_line(e)}",
+                              "the Ray logs (/tmp/ray/session_latest/logs on the node) hold the traceback") from None
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # stops the streaming executor (and its actors) on Ctrl-C or an error
+
+    def close(self) -> None:
+        if self._owned and self.ray.is_initialized():
+            self.ray.shutdown()  # stops the local instance this engine started, or disconnects from the cluster
+        self._owned = False
+
+    def __enter__(self) -> "RayEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,160 @@
+"""``--engine ray``: the same bytes as the local engine, a killed actor retried without losing or duplicating
+a row, an image that kills every actor recorded as an error, and the usage errors. The Ray tests share one
+local Ray instance of 2 CPUs (started once for the module) and are skipped when Ray is not installed."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fundus_pipeline.cli import main
+from fundus_pipeline.models.registry import build_model
+from fundus_pipeline.runner import JOURNAL, run_stage
+from fundus_pipeline.stages.base import ItemOutput, Stage
+from tests.conftest import synthetic_fundus
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.png"))}
+
+
+def _table(out: Path) -> list[dict]:
+    """results.csv without the timing column (``seconds`` differs between any two runs)."""
+    with open(out / "results.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("in")
+    for k in range(5):
+        Image.fromarray(synthetic_fundus(96, 104, k)).save(d / f"p{k}.png")
+    return d
+
+
+# -------------------------------------------------------------------------- without Ray (run first: no Ray started yet)
+def test_engine_ray_without_ray_installed_says_how_to_get_it(photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    assert run("degrade", photos, tmp_path / "out", "--engine", "ray") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'fundus-pipeline[ray]'" in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert run("run", photos, tmp_path / "chain", "--engine", "ray", "--steps", "segment") == 2
+    assert "pip install 'fundus-pipeline[ray]'" in capsys.readouterr().err
+
+
+def test_address_needs_engine_ray(photos, tmp_path, capsys):
+    assert run("degrade", photos, tmp_path / "out", "--address", "127.0.0.1:6379") == 2
+    assert "--address" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert run("run", photos, tmp_path / "chain", "--address", "auto", "--engine", "local") == 2
+    assert "needs --engine ray" in capsys.readouterr().err
+
+
+def test_engine_and_address_change_no_output_byte_of_a_chained_run():
+    from fundus_pipeline.config import RunConfig
+
+    assert RunConfig(engine="ray", address="head:6379", workers=4).chain_record() == RunConfig().chain_record()
+
+
+# -------------------------------------------------------------------------------------------------- with Ray
+@pytest.fixture(scope="module")
+def ray_engine():
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'fundus-pipeline[ray]')")
+    import ray.cloudpickle
+
+    from fundus_pipeline.ray_engine import RayEngine
+
+    # pytest imports this file as a top-level module that Ray's workers cannot import: ship its classes by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    engine = RayEngine(workers=2, num_cpus=2)
+    engine.start()  # one local instance for the module; the commands below find it initialised and leave it running
+    yield engine
+    engine.close()
+
+
+def test_degrade_on_ray_writes_the_bytes_of_the_local_engine(ray_engine, photos, tmp_path, capsys):
+    assert run("degrade", photos, tmp_path / "local", "--seed", "3", "--workers", "2", "--quiet") == 0
+    capsys.readouterr()
+    assert run("degrade", photos, tmp_path / "ray", "--seed", "3", "--workers", "2", "--engine", "ray", "--format", "json") == 0
+    summary = json.loads(capsys.readouterr().out)  # exactly one JSON document on stdout: no Ray banner or log line
+    assert summary["counts"]["ok"] == 5 and summary["exit_code"] == 0
+    assert len(_digests(tmp_path / "local")) == 5
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")
+    assert _table(tmp_path / "ray") == _table(tmp_path / "local")
+
+
+def test_a_torch_stage_in_batches_on_ray_writes_the_bytes_of_the_local_engine(ray_engine, photos, tmp_path):
+    """enhance with --batch-size 2 over 5 photographs: Ray must form the local engine's batches ([p0 p1] [p2 p3]
+    [p4]) for the same forward passes, hence the same bytes."""
+    torch.manual_seed(0)
+    weights = tmp_path / "cofe_tiny.pt"
+    torch.save(build_model("cofe_tiny").state_dict(), weights)
+    common = ("--weights", weights, "--arch", "cofe_tiny", "--device", "cpu", "--no-vessel-stats", "--batch-size", "2",
+              "--workers", "2", "--threads", "1", "--quiet")
+    assert run("enhance", photos, tmp_path / "local", *common) == 0
+    assert run("enhance", photos, tmp_path / "ray", *common, "--engine", "ray") == 0
+    assert len(_digests(tmp_path / "local")) == 5
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")
+    assert _table(tmp_path / "ray") == _table(tmp_path / "local")
+    m = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert m["config_sha256"] == json.loads((tmp_path / "local" / "manifest.json").read_text())["config_sha256"]
+
+
+class DyingStage(Stage):
+    """Copies each image. Its process dies on 'once' the first time only (a marker file remembers it: the
+    retried batch succeeds), and on 'poison' every time (a stand-in for an image that crashes a decoder)."""
+
+    name = "dying"
+    fov_policy = "none"
+
+    def __init__(self, marks: Path):
+        self.marks = str(marks)
+
+    def config_record(self) -> dict:
+        return {"dying": 1}
+
+    def compute(self, item):
+        if item.key == "poison":
+            os._exit(1)
+        if item.key == "once":
+            mark = Path(self.marks) / "once.died"
+            if not mark.exists():
+                mark.write_text(str(os.getpid()))
+                os._exit(1)
+        return ItemOutput({"": item.image.array})
+
+
+def test_a_killed_actor_is_retried_and_no_row_is_lost_or_duplicated(ray_engine, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    keys = ["a", "b", "once", "c", "poison", "d"]
+    for k, key in enumerate(keys):
+        Image.fromarray(synthetic_fundus(48, 48, k)).save(d / f"{key}.png")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    res = run_stage(DyingStage(marks), d, tmp_path / "out", workers=2, threads=1, progress=False, engine=ray_engine)
+    assert (marks / "once.died").exists()  # the actor did die on 'once'
+    assert sorted(r["key"] for r in res.rows.values()) == sorted(keys)  # one row per item
+    errors = {r["key"]: r["error"] for r in res.rows.values() if r["status"] != "ok"}
+    assert list(errors) == ["poison"] and "worker process died" in errors["poison"]  # 'once' was retried and succeeded
+    assert res.exit_code == 3
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(r["key"] for r in m["items"]) == sorted(keys)
+    assert m["counts"]["ok"] == 5 and m["counts"]["error"] == 1
+    journal = [json.loads(x)["key"] for x in (tmp_path / "out" / JOURNAL).read_text().splitlines()]
+    assert sorted(journal) == sorted(keys)  # recorded once each, never twice
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"{k}.png" for k in sorted(keys) if k != "poison"]
+    for k in ("a", "once"):
+        assert (Image.open(tmp_path / "out" / f"{k}.png").tobytes() == Image.open(d / f"{k}.png").tobytes())
