@@ -46,7 +46,7 @@ from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    resolve_inputs, run_stage, stage_lines, stage_rows, write_json_streamed,
+    input_changed, resolve_inputs, run_stage, stage_lines, stage_rows, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -419,10 +419,9 @@ class Chain:
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()):
                 raise UsageError(f"{self.shown} was written by a run with another configuration or other weights; rerun with the same options, or use --overwrite")
-            before = old.get("inputs_sha256") or {}
-            changed = sorted(k for k, v in before.items() if k in self.input_hashes and self.input_hashes[k] != v)
-            if changed:
-                raise UsageError(f"--resume: input {changed[0]!r} changed since the run started; its results would mix two versions; use --overwrite")
+            changed = next((r["key"] for r in stage_lines(out / self._first_folder()) if r.get("status") == "ok" and input_changed(r)), None)
+            if changed is not None:
+                raise UsageError(f"--resume: input {changed!r} changed since the run started; its results would mix two versions; use --overwrite")
         elif self.resume and any(p.name not in (LOCK,) for p in out.iterdir()):
             raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
         if self.overwrite:
@@ -434,6 +433,17 @@ class Chain:
                     shutil.rmtree(d)
             for name in TOP_FILES:
                 (out / name).unlink(missing_ok=True)
+
+    def _first_folder(self) -> str:
+        """The stage folder whose stage reads every original input (its rows record their sha256)."""
+        return "degrade" if self.cfg.simulate else self.cfg.steps[0]
+
+    def _input_hashes(self) -> dict[str, str]:
+        """{key: sha256} of the inputs, as the first stage read them (each worker hashes the bytes it decodes,
+        so planning never reads the whole archive first)."""
+        if self.expect_inputs is not None:
+            return self.input_hashes
+        return {r["key"]: r["input_sha256"] for r in stage_lines(self.out / self._first_folder()) if r.get("input_sha256")}
 
     def _write_manifest(self, rows: RowsFile | None, status: str, counts: dict | None = None) -> None:
         """OUT/manifest.json, its plan and items streamed a line each (``write_json_streamed``)."""
@@ -449,7 +459,7 @@ class Chain:
             "weights": self.weights,
             "seed": self.cfg.seed,
             "input": {"dir": str(self.in_path), **self.inputs.record()},
-            "inputs_sha256": self.input_hashes,
+            "inputs_sha256": self._input_hashes() if status != "running" else {},
             "output": {"dir": str(self.out)},
             "stages": self.stages,
             "environment": environment(),
@@ -499,8 +509,8 @@ class Chain:
     def run(self) -> ChainResult:
         self.check()
         self.plan: list[ChainItem] = []
-        self.input_hashes = input_hashes(self.inputs.items)
-        if self.expect_inputs is not None:
+        if self.expect_inputs is not None:  # --replay: every input checked before any work
+            self.input_hashes = input_hashes(self.inputs.items)
             changed = sorted(k for k, v in self.expect_inputs.items() if self.input_hashes.get(k) != v)
             extra = sorted(set(self.input_hashes) - set(self.expect_inputs))
             if changed or extra:

@@ -31,6 +31,7 @@ the temp name fits ``NAME_MAX`` = 255 bytes) and is moved into place with ``os.r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -435,14 +436,15 @@ def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[
     return arr, is_palette, _exif_orientation(im)
 
 
-def read_image(path: Path, *, raw_palette: bool = False) -> tuple[np.ndarray, ImageMeta]:
+def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read an image in its native dtype and layout; see the module docstring.
 
     Returns HxW (gray), HxWx2 (gray+alpha), HxWx3 (RGB) or HxWx4 (RGBA), uint8 or uint16, upright
     (EXIF orientation applied). Palette images are converted to RGB (RGBA with transparency) unless
     ``raw_palette`` is True, in which case the HxW index array is returned (``meta.palette`` True).
     Raises ``InputError`` with a one-line message for missing, empty, truncated, corrupt, too small
-    (< 16 px on a side) or unsupported-dtype files.
+    (< 16 px on a side) or unsupported-dtype files. ``info``, if a dict, receives the file's ``sha256``
+    (of the bytes decoded), ``size`` and ``mtime_ns``: the provenance of a result, at no extra read.
     """
     path = Path(path)
     try:
@@ -450,9 +452,12 @@ def read_image(path: Path, *, raw_palette: bool = False) -> tuple[np.ndarray, Im
             raise InputError(f"{path}: file not found")
         if not path.is_file():
             raise InputError(f"{path}: not a regular file")
+        st = path.stat()
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if info is not None:
+        info.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=st.st_mtime_ns)
     if not data:
         raise InputError(f"{path}: empty file (0 bytes)")
 

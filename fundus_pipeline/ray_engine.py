@@ -15,7 +15,7 @@ per batch. Choices, and why:
   batch, not a block of them. Rows come back pickled in a binary column (exact types, no Arrow
   conversion) and are streamed to ``record`` as each batch finishes (``iter_batches``, any order).
 * A killed actor (out of memory, a crash in a native decoder) is restarted (``max_restarts=-1``) and its
-  batch retried, ``max_task_retries`` (2) times, never forever: an image that kills every process that
+  batch retried (``max_task_retries``, once), never forever: an image that kills every process that
   reads it would otherwise loop. Blocks whose task still fails are dropped
   (``DataContext.max_errored_blocks = -1``) and their items go through a second pass one item a task, as
   the local engine isolates a culprit; an item that still kills its actor is recorded as an error. A row
@@ -50,7 +50,7 @@ from fundus_pipeline.stages.base import Stage
 
 INSTALL_HINT = "pip install 'fundus-pipeline[ray]'"
 #: Retries of a batch whose actor died, before its items are isolated (one per task) and, failing again, recorded as errors.
-TASK_RETRIES = 2
+TASK_RETRIES = 1
 DIED = "the worker process died while processing this image (out of memory or a crash in a decoder)"
 
 
@@ -86,6 +86,14 @@ class _StageActor:
         return {"rows": np.array(out, dtype=object)}
 
 
+class _DroppedBlocks(logging.Filter):
+    """Hides Ray Data's traceback for a batch whose actor died on every retry (the log file keeps it): the
+    engine does not ignore that batch, it processes its items again one at a time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage()
+
+
 def _quiet(ray: Any) -> None:
     """Ray Data without progress bars or start/finish lines, and Ray's error messages (a worker died, a
     task is retried) on stderr: Ray prints them on the driver's stdout, which ``--format json`` owns."""
@@ -103,8 +111,11 @@ def _quiet(ray: Any) -> None:
     except ImportError:
         pass
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not any(
+            isinstance(f, _DroppedBlocks) for f in handler.filters
+        ):
             handler.setLevel(logging.WARNING)
+            handler.addFilter(_DroppedBlocks())
     worker = sys.modules.get("ray._private.worker")
     show = getattr(worker, "print_to_stdstream", None)
     if show is not None and not getattr(show, "_fundus_stderr", False):

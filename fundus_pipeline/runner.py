@@ -395,9 +395,30 @@ def _worker_init(stage: Stage, threads: int) -> None:
     stage.setup()
 
 
-def decode(path: Path) -> Image:
-    arr, meta = read_image(path)
+def decode(path: Path, info: dict | None = None) -> Image:
+    arr, meta = read_image(path, info=info)
     return Image(arr, meta)
+
+
+def input_changed(row: dict) -> bool:
+    """Whether the input file of a finished row is no longer the one it was computed from: its size or
+    modification time differ from those recorded (``input_stat``) and so does its sha256 (read only then).
+    A row without the record (an older run) counts as unchanged."""
+    stat, digest = row.get("input_stat"), row.get("input_sha256")
+    if not (isinstance(stat, list) and len(stat) == 2 and digest):
+        return False
+    try:
+        st = os.stat(row["input"])
+    except OSError:
+        return True
+    if [st.st_size, st.st_mtime_ns] == stat:
+        return False
+    from fundus_pipeline.models.weights import sha256_file
+
+    try:
+        return sha256_file(Path(row["input"])) != digest
+    except OSError:
+        return True
 
 
 def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
@@ -444,8 +465,13 @@ def _new_row(work: WorkItem) -> dict[str, Any]:
     return {"key": work.key, "input": str(work.path), "outputs": [], "status": "ok", "error": ""}
 
 
-def _decode_item(stage: Stage, work: WorkItem) -> ItemInput:
-    images = {"image": decode(work.path)}
+def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
+    info: dict = {}
+    try:
+        images = {"image": decode(work.path, info)}
+    finally:  # provenance, hashed from the bytes read (also when they do not decode)
+        if info:
+            row["input_sha256"], row["input_stat"] = info["sha256"], [info["size"], info["mtime_ns"]]
     for role, path in work.extra.items():
         if path is None:
             raise InputError(f"no {role} image with the key {work.key!r}")
@@ -461,7 +487,7 @@ def _finish(stage: Stage, row: dict, result: ItemOutput, out_dir: Path) -> None:
 def _process_one(stage: Stage, work: WorkItem, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     row = _new_row(work)
-    item = _guard(row, _decode_item, stage, work)
+    item = _guard(row, _decode_item, stage, work, row)
     if item is not None:
         result = _guard(row, stage.compute, item)
         if result is not None:
@@ -478,7 +504,7 @@ def _process_batch(stage: Stage, works: list[WorkItem], out_dir: Path) -> list[d
         return [_process_one(stage, works[0], out_dir)]
     t0 = time.perf_counter()
     rows = [_new_row(w) for w in works]
-    ready = [(row, item) for row, w in zip(rows, works) if (item := _guard(row, _decode_item, stage, w)) is not None]
+    ready = [(row, item) for row, w in zip(rows, works) if (item := _guard(row, _decode_item, stage, w, row)) is not None]
     results = None
     if ready:
         probe: dict = {}
@@ -717,7 +743,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
         for key in previous:
             r = previous[key]
-            if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all((dst / o).exists() for o in r.get("outputs", [])):
+            if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all((dst / o).exists() for o in r.get("outputs", []))
+                    and not input_changed(r)):  # an input replaced since is processed again
                 del r["config_sha256"]
                 rows.add(r)
         del previous
