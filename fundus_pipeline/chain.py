@@ -539,8 +539,11 @@ class Chain:
         else:
             self.plan = [ChainItem(it.key, str(it.path)) for it in self.inputs.items]
         live = [it for it in self.plan if not it.error]
-        items = [ImageItem(it.key, Path(it.input)) for it in live]
-        path_of = {it.key: Path(it.input) for it in live}
+        if cfg.simulate:
+            items = [ImageItem(it.key, Path(it.input)) for it in live]
+        else:
+            items = list(self.inputs.items)  # the plan is the inputs: their paths are reused (100,000 Path objects are not free)
+        path_of = {it.key: it.path for it in items}
         grades: dict[str, dict] = {}
         if "grade" in cfg.steps:
             from fundus_pipeline.stages.grade import GradeStage

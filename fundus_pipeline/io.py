@@ -91,6 +91,7 @@ def discover_images(root: Path) -> list[ImageItem]:
         raise UsageError(f"input is not a folder: {root}")
 
     found: dict[str, Path] = {}
+    root_s = str(root)
     seen_dirs: set[str] = set()
     stack = [root]
     while stack:
@@ -114,11 +115,11 @@ def discover_images(root: Path) -> list[ImageItem]:
                     continue
             except OSError:
                 continue
-            path = Path(entry.path)
-            if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            stem, ext = os.path.splitext(entry.path)  # strings: pathlib costs more than the scan itself on 100,000 files
+            if ext.lower() not in SUPPORTED_EXTENSIONS:
                 continue
-            rel = path.relative_to(root)
-            key = rel.with_suffix("").as_posix()
+            path = Path(entry.path)
+            key = os.path.relpath(stem, root_s).replace(os.sep, "/")
             if key in found:
                 a, b = sorted([found[key], path])
                 raise UsageError(

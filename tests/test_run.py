@@ -6,6 +6,7 @@ interruption and after a hard crash, the simulated mode with its full-reference 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -135,7 +136,10 @@ def test_chain_writes_stage_folders_and_a_joined_table_with_its_decisions(photos
         assert r["vessel_fraction"] == seg[key]["vessel_fraction"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "run" and m["status"] == "finished" and set(m["weights"]) == {"grade", "enhance", "score", "segment"}
-    assert m["counts"]["error"] == 1 and m["counts"]["enhanced"] == 3 and set(m["inputs_sha256"]) == {"p0", "p1", "p2", "broken"}
+    assert m["counts"]["error"] == 1 and m["counts"]["enhanced"] == 3
+    # each input's sha256, hashed by the grader's worker from the bytes it read (the broken file too)
+    assert m["inputs_sha256"] == {k: hashlib.sha256((photos / f"{k}.png").read_bytes()).hexdigest() for k in ("p0", "p1", "p2", "broken")}
+    assert [r["key"] for r in m["items"]] == ["broken", "p0", "p1", "p2"] and [p["key"] for p in m["plan"]] == ["broken", "p0", "p1", "p2"]
     html = (out / "report.html").read_text()
     assert html.count('<tr data-grade=') == 4 and "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
 

@@ -153,3 +153,45 @@ def test_batches_isolate_failures_and_write_what_one_at_a_time_writes(tmp_path):
     assert {r["key"]: r["status"] for r in pooled.rows} == {r["key"]: r["status"] for r in res.rows}
     for p in written:
         assert (tmp_path / "pooled" / p.name).read_bytes() == p.read_bytes()
+
+
+# ------------------------------------------------------------------------------- large runs, provenance
+def test_rows_record_the_sha256_of_the_bytes_read_and_a_replaced_input_is_redone_on_resume(tmp_path):
+    import hashlib
+
+    d = _folder(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "out"
+    first = run_stage(CopyStage(), d, out, progress=False)
+    rows = {r["key"]: r for r in first.rows}
+    for k in "abc":
+        assert rows[k]["input_sha256"] == hashlib.sha256((d / f"{k}.png").read_bytes()).hexdigest()
+    m = json.loads((out / "manifest.json").read_text())  # streamed one item a line, still one JSON document
+    assert [r["key"] for r in m["items"]] == ["a", "b", "c"] and m["counts"]["ok"] == 3
+    # b is replaced by another image (same name); a is only touched (same bytes, newer mtime)
+    Image.fromarray(synthetic_fundus(48, 48, seed=99)).save(d / "b.png")
+    os.utime(d / "a.png", ns=(1, 1))
+    again = run_stage(CopyStage(), d, out, resume=True, progress=False)
+    assert again.counts["skipped"] == 2  # a (re-hashed: unchanged) and c
+    assert again.store["b"]["input_sha256"] == hashlib.sha256((d / "b.png").read_bytes()).hexdigest() != rows["b"]["input_sha256"]
+    assert np.array_equal(np.asarray(Image.open(out / "b.png")), np.asarray(Image.open(d / "b.png")))
+
+
+def test_an_unreadable_image_still_records_the_hash_of_its_bytes(tmp_path):
+    import hashlib
+
+    d = _folder(tmp_path, ["a"])
+    (d / "bad.png").write_bytes(b"not an image at all")
+    res = run_stage(CopyStage(), d, tmp_path / "out", progress=False)
+    assert res.store["bad"]["status"] == "error"
+    assert res.store["bad"]["input_sha256"] == hashlib.sha256(b"not an image at all").hexdigest()
+
+
+def test_streamed_json_equals_the_whole_document(tmp_path):
+    from fundus_pipeline.runner import write_json_streamed
+
+    head = {"a": 1, "nested": {"x": [1, 2]}, "s": "é\u2028"}
+    items = [{"key": "k1", "v": 0.1}, {"key": "k2", "v": [1, {"z": None}]}]
+    write_json_streamed(tmp_path / "m.json", head, {"plan": (json.dumps(i) for i in items), "items": iter(())})
+    assert json.loads((tmp_path / "m.json").read_text()) == {**head, "plan": items, "items": []}
+    write_json_streamed(tmp_path / "e.json", {}, {"items": (json.dumps(i) for i in items)})
+    assert json.loads((tmp_path / "e.json").read_text()) == {"items": items}
