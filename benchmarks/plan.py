@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fundus_pipeline.chain import ChainItem  # noqa: E402
-from fundus_pipeline.runner import JOURNAL, RowStore, _load_previous, _pair_inputs, check_run_paths, input_changed, resolve_inputs  # noqa: E402
+from fundus_pipeline.runner import JOURNAL, _pair_inputs, check_run_paths, resolve_inputs, resumable_rows  # noqa: E402
 from fundus_pipeline.stages.degrade import DegradeStage  # noqa: E402
 from fundus_pipeline.config import DegradeConfig  # noqa: E402
 
@@ -40,11 +41,12 @@ def make_inputs(tmp: Path, n: int) -> tuple[Path, Path]:
     folder = tmp / "photos"
     listing = tmp / "photos.txt"
     if not listing.exists():
-        src = tmp / "one.png"
-        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(src)
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp / "one.png")
         for i in range(0, n, 1000):  # 1,000 a sub-folder, as archives are laid out
             sub = folder / f"batch{i // 1000:04d}"
             sub.mkdir(parents=True, exist_ok=True)
+            src = sub / "source.bin"  # a file system allows some 65,000 links to one file: a source per folder
+            shutil.copyfile(tmp / "one.png", src)
             for j in range(i, min(n, i + 1000)):
                 os.link(src, sub / f"p{j:06d}.png")
         listing.write_text("".join(f"{p}\n" for p in sorted(str(p) for p in folder.rglob("*.png"))))
@@ -77,22 +79,16 @@ def resume_plan(folder: Path, listing: Path, tmp: Path) -> dict:
     items = resolve_inputs(listing).items
     if not (out / JOURNAL).exists():
         out.mkdir(exist_ok=True)
-        one = tmp / "one.png"
-        st = os.stat(one)
         with open(out / JOURNAL, "w") as f:
             for i, it in enumerate(items):
                 name = f"{i:06d}.png"
-                os.link(one, out / name)
+                os.link(it.path, out / name)
+                st = os.stat(it.path)
                 row = {"key": it.key, "input": str(it.path), "outputs": [name], "status": "ok", "error": "", "input_sha256": "0" * 64,
                        "input_stat": [st.st_size, st.st_mtime_ns], "seconds": 0.1, "config_sha256": "x"}
                 f.write(json.dumps(row) + "\n")
     t = time.perf_counter()
-    previous, _ = _load_previous(out)
-    done = RowStore()
-    for key in previous:
-        r = previous[key]
-        if r["status"] == "ok" and all((out / o).exists() for o in r["outputs"]) and not input_changed(r):
-            done.add(r)
+    done = resumable_rows(out, "x")
     return {"rows": len(done), "seconds": round(time.perf_counter() - t, 3)}
 
 

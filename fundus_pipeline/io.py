@@ -92,8 +92,9 @@ def discover_images(root: Path) -> list[ImageItem]:
 
     found: dict[str, Path] = {}
     root_s = str(root)
+    prefix = root_s if root_s.endswith(os.sep) else root_s + os.sep
     seen_dirs: set[str] = set()
-    stack = [root]
+    stack = [root_s]  # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./")
     while stack:
         folder = stack.pop()
         real = os.path.realpath(folder)
@@ -109,7 +110,7 @@ def discover_images(root: Path) -> list[ImageItem]:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(Path(entry.path))
+                    stack.append(entry.path)
                     continue
                 if not entry.is_file(follow_symlinks=True):
                     continue
@@ -119,7 +120,7 @@ def discover_images(root: Path) -> list[ImageItem]:
             if ext.lower() not in SUPPORTED_EXTENSIONS:
                 continue
             path = Path(entry.path)
-            key = os.path.relpath(stem, root_s).replace(os.sep, "/")
+            key = stem[len(prefix):].replace(os.sep, "/")  # entry paths are root_s + sep + ...
             if key in found:
                 a, b = sorted([found[key], path])
                 raise UsageError(

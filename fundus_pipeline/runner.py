@@ -286,6 +286,9 @@ class RowStore(Mapping):
     def add_text(self, key: str, text: str) -> None:
         self._text[key] = text
 
+    def discard(self, key: str) -> None:
+        self._text.pop(key, None)
+
     def text(self, key: str) -> str:
         return self._text[key]
 
@@ -306,10 +309,10 @@ def _dumps(row: dict) -> str:
     return json.dumps(row, default=str)
 
 
-def _previous_lines(out_dir: Path) -> Iterator[dict]:
+def _previous_lines(out_dir: Path) -> Iterator[tuple[dict, str]]:
     """Rows of earlier runs in this folder, oldest first, each with the configuration hash it was written
-    with: the crash-safe journal when there is one (it holds every row of the run that wrote it, the
-    resumed ones included, and is read a line at a time), else manifest.json."""
+    with, and its JSON text: the crash-safe journal when there is one (it holds every row of the run that
+    wrote it, the resumed ones included, and is read a line at a time), else manifest.json."""
     journal = out_dir / JOURNAL
     if journal.exists():
         with open(journal, encoding="utf-8", errors="surrogateescape") as f:
@@ -319,7 +322,7 @@ def _previous_lines(out_dir: Path) -> Iterator[dict]:
                 except ValueError:
                     continue  # a torn last line after a crash
                 if isinstance(r, dict) and isinstance(r.get("key"), str):
-                    yield r
+                    yield r, line.rstrip("\n")
         return
     manifest = out_dir / "manifest.json"
     if manifest.exists():
@@ -328,25 +331,42 @@ def _previous_lines(out_dir: Path) -> Iterator[dict]:
             items = m.get("items", [])
             for r in items:
                 if isinstance(r, dict) and isinstance(r.get("key"), str):
-                    yield {**r, "config_sha256": m.get("config_sha256")}
+                    r = {**r, "config_sha256": m.get("config_sha256")}
+                    yield r, _dumps(r)
         except (OSError, ValueError, AttributeError, TypeError):
             return
 
 
-def _load_previous(out_dir: Path) -> tuple[RowStore, set[str]]:
-    """Rows of earlier runs in this folder by key (the newest of each), each still tagged with the
-    configuration hash it was written with; and the set of hashes seen."""
+def _untag(row: dict, text: str) -> str:
+    """The JSON text of a journal row without its configuration tag (cut from the text when it ends with
+    it, as the journal writes it; else the row re-encoded)."""
+    tag = f', "config_sha256": {json.dumps(row.get("config_sha256"))}}}'
+    if text.endswith(tag):
+        return text[: -len(tag)] + "}"
+    return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
+
+
+def resumable_rows(dst: Path, cfg_hash: str) -> "RowStore":
+    """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, their
+    outputs present and their input unchanged (``input_changed``). A UsageError when the folder holds rows
+    of other configurations only. One pass over the journal, a stat or two a row."""
     rows, hashes = RowStore(), set()
-    for r in _previous_lines(out_dir):
+    for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
-        rows.add(r)
-    return rows, hashes
+        if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all(os.path.exists(os.path.join(dst, o)) for o in r.get("outputs", []))
+                and not input_changed(r)):  # an input replaced since is processed again
+            rows.add_text(r["key"], _untag(r, text))
+        else:
+            rows.discard(r["key"])
+    if hashes and cfg_hash not in hashes:
+        raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
+    return rows
 
 
 def stage_lines(folder: Path) -> Iterator[dict]:
     """The rows a stage folder holds, oldest first, without the configuration tag (a later row of the same
     key replaces an earlier one); nothing for a folder that holds none. Read a line at a time."""
-    for r in _previous_lines(folder):
+    for r, _ in _previous_lines(folder):
         r.pop("config_sha256", None)
         yield r
 
@@ -354,8 +374,8 @@ def stage_lines(folder: Path) -> Iterator[dict]:
 def stage_rows(folder: Path) -> RowStore:
     """The rows a stage folder holds, by key (see ``stage_lines``)."""
     rows = RowStore()
-    for r in stage_lines(folder):
-        rows.add(r)
+    for r, text in _previous_lines(folder):
+        rows.add_text(r["key"], _untag(r, text))
     return rows
 
 
@@ -758,18 +778,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
                 pool: "WorkerPool | None" = None, engine: Engine | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
-    rows = RowStore()  # this run's rows: the resumed ones, then each one as it is recorded
-    if resume:
-        previous, hashes = _load_previous(dst)
-        if len(previous) and cfg_hash not in hashes:
-            raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
-        for key in previous:
-            r = previous[key]
-            if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all(os.path.exists(os.path.join(dst, o)) for o in r.get("outputs", []))
-                    and not input_changed(r)):  # an input replaced since is processed again
-                del r["config_sha256"]
-                rows.add(r)
-        del previous
+    rows = resumable_rows(dst, cfg_hash) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)
