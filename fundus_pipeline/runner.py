@@ -523,33 +523,31 @@ def _finish(stage: Stage, row: dict, result: ItemOutput, out_dir: Path) -> None:
     row.update(result.fields)
 
 
-def _process_one(stage: Stage, work: WorkItem, out_dir: Path) -> dict:
-    t0 = time.perf_counter()
-    row = _new_row(work)
-    item = _guard(row, _decode_item, stage, work, row)
-    if item is not None:
-        result = _guard(row, stage.compute, item)
-        if result is not None:
-            _guard(row, _finish, stage, row, result, out_dir)
-    row["seconds"] = round(time.perf_counter() - t0, 4)
-    return row
+def _compute_one(stage: Stage, item: ItemInput) -> ItemOutput:
+    with stage.forward_context():
+        return stage.compute(item)
+
+
+def _compute_many(stage: Stage, items: list[ItemInput]) -> list[ItemOutput]:
+    with stage.forward_context():
+        return stage.compute_batch(items)
+
+
+def _compute_ready(stage: Stage, ready: list[tuple[dict, ItemInput]], batch: bool) -> list[tuple[dict, ItemOutput | None]]:
+    """Decoded items computed (``batch``: through ``compute_batch`` together; if the batch fails, one at a
+    time, so only the culprit fails), each with its row (the result None when it failed)."""
+    results = _guard({}, _compute_many, stage, [item for _, item in ready]) if batch and ready else None
+    return [(row, results[k] if results is not None else _guard(row, _compute_one, stage, item)) for k, (row, item) in enumerate(ready)]
 
 
 def _process_batch(stage: Stage, works: list[WorkItem], out_dir: Path) -> list[dict]:
-    """Items through ``stage.compute_batch`` together (one forward pass for a network stage), each decoded,
-    checked and written on its own: an item that cannot be read fails alone; if the batch itself fails,
-    its items are computed one at a time, so only the culprit fails. ``seconds``: the batch's time shared."""
-    if len(works) == 1:
-        return [_process_one(stage, works[0], out_dir)]
+    """Items through ``stage.compute_batch`` together (one forward pass for a network stage; a single item
+    through ``compute``), each decoded, checked and written on its own: an item that cannot be read fails
+    alone. ``seconds``: the batch's time shared."""
     t0 = time.perf_counter()
     rows = [_new_row(w) for w in works]
     ready = [(row, item) for row, w in zip(rows, works) if (item := _guard(row, _decode_item, stage, w, row)) is not None]
-    results = None
-    if ready:
-        probe: dict = {}
-        results = _guard(probe, stage.compute_batch, [item for _, item in ready])
-    for k, (row, item) in enumerate(ready):
-        result = results[k] if results is not None else _guard(row, stage.compute, item)
+    for row, result in _compute_ready(stage, ready, batch=len(works) > 1):
         if result is not None:
             _guard(row, _finish, stage, row, result, out_dir)
     for row in rows:
@@ -578,6 +576,115 @@ class Engine(Protocol):
     def run(self, stage: Stage, todo: list[WorkItem], dst: Path, threads: int, record: Callable[[dict], None]) -> None: ...
 
     def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------------- feeding one device (a GPU)
+_DECODE_STAGE: Any = None
+
+
+def _decoder_init(stage: Stage) -> None:
+    global _DECODE_STAGE
+    import cv2
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    cv2.setNumThreads(1)
+    _DECODE_STAGE = stage
+
+
+def _decode_in_worker(work: WorkItem) -> tuple[dict, ItemInput | None]:
+    t0 = time.perf_counter()
+    row = _new_row(work)
+    item = _guard(row, _decode_item, _DECODE_STAGE, work, row)
+    row["seconds"] = time.perf_counter() - t0
+    return row, item
+
+
+def _write_fed(stage: Stage, row: dict, result: ItemOutput, dst: Path) -> dict:
+    t0 = time.perf_counter()
+    _guard(row, _finish, stage, row, result, dst)
+    row["seconds"] = round(row["seconds"] + time.perf_counter() - t0, 4)
+    return row
+
+
+def _decode_alone(stage: Stage, work: WorkItem, ctx) -> tuple[dict, ItemInput | None]:
+    """Decode one item in a fresh process (after a decoding process died): its row, with an error if it
+    kills that process too."""
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_decoder_init, initargs=(stage,)) as ex:
+        try:
+            return ex.submit(_decode_in_worker, work).result()
+        except BrokenProcessPool:
+            row = _new_row(work)
+            row.update(status="error", seconds=0.0, error="the decoding process died while reading this image (out of memory or a crash in a decoder)")
+            return row, None
+
+
+def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, depth: int | None = None) -> dict:
+    """Process ``todo`` with one model in this process (on its device: a GPU holds one copy, and batches
+    are formed across items), fed by ``workers`` decoding processes (decode and field of view) through a
+    bounded window, with the outputs written by a thread pool while the next batch computes.
+
+    At most ``depth`` items (default: two batches, and at least two per decoder) are decoded ahead of the
+    computation, and at most ``depth`` computed items wait to be written: memory is bounded whatever the
+    number of items. Results equal ``_process_batch``'s (the same batches in the same order; tested).
+    Returns {"depth", "max_waiting", "max_writing"} (what the tests check)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    _set_threads(stage, threads)
+    stage.setup()
+    size = max(1, stage.batch_size)
+    depth = depth or max(2 * size, 2 * workers)
+    ctx = multiprocessing.get_context("spawn")
+    stats = {"depth": depth, "max_waiting": 0, "max_writing": 0}
+    queue = list(reversed(todo))
+    pending: deque = deque()  # (work, future of its decoding), in order
+    ready: list[tuple[dict, ItemInput]] = []
+    writes: deque = deque()
+    decoders = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+    writers = ThreadPoolExecutor(max_workers=2)  # PNG encoding releases the GIL
+    try:
+        while queue or pending or ready:
+            while queue and len(pending) + len(ready) < depth:
+                w = queue.pop()
+                pending.append((w, decoders.submit(_decode_in_worker, w)))
+            stats["max_waiting"] = max(stats["max_waiting"], len(pending) + len(ready))
+            if pending:
+                w, f = pending.popleft()
+                try:
+                    row, item = f.result()
+                except BrokenProcessPool:  # a decoder died: the items in flight are decoded again one at a time
+                    decoders.shutdown(wait=False, cancel_futures=True)
+                    redo = [w] + [x for x, _ in pending]
+                    pending.clear()
+                    decoders = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+                    row, item = _decode_alone(stage, redo[0], ctx)
+                    queue.extend(reversed(redo[1:]))
+                if item is None:
+                    row["seconds"] = round(row["seconds"], 4)
+                    record(row)
+                else:
+                    ready.append((row, item))
+            if ready and (len(ready) >= size or not (pending or queue)):
+                t0 = time.perf_counter()
+                computed = _compute_ready(stage, ready, batch=len(ready) > 1 or size > 1)
+                share = (time.perf_counter() - t0) / len(ready)
+                ready = []
+                for row, result in computed:
+                    row["seconds"] += share
+                    if result is None:
+                        row["seconds"] = round(row["seconds"], 4)
+                        record(row)
+                    else:
+                        writes.append(writers.submit(_write_fed, stage, row, result, dst))
+                stats["max_writing"] = max(stats["max_writing"], len(writes))
+            while writes and (writes[0].done() or len(writes) > depth):
+                record(writes.popleft().result())
+        while writes:
+            record(writes.popleft().result())
+    finally:
+        decoders.shutdown(wait=False, cancel_futures=True)
+        writers.shutdown(wait=True)  # a write in flight completes (atomic either way)
+    return stats
 
 
 def _chunks(works: list[WorkItem], n: int) -> list[list[WorkItem]]:
@@ -745,13 +852,16 @@ def run_stage(
     items: list[ImageItem] | None = None,
     pool: "WorkerPool | None" = None,
     engine: Engine | None = None,
+    feed: bool | None = None,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
     planned ``{key: file}`` mapping. ``items``: a planned list of (key, file) to process instead of the
     images of ``in_path`` (a chained run's subset; ``in_path`` is then the run's input, for the checks).
     ``pool``: worker processes kept across several stages (a chained run), used when ``workers > 1``.
-    ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused."""
+    ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused.
+    ``feed``: one model in this process fed by ``workers`` decoding processes (``run_fed``); default: when the
+    stage runs on a GPU (``stage.feeds_device``)."""
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -770,12 +880,12 @@ def run_stage(
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                            threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                           engine=engine)
+                           engine=engine, feed=feed)
 
 
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
-                pool: "WorkerPool | None" = None, engine: Engine | None = None) -> RunResult:
+                pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     rows = resumable_rows(dst, cfg_hash) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
@@ -804,6 +914,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     try:
         if engine is not None and todo:
             engine.run(stage, todo, dst, threads, record)
+        elif (stage.feeds_device if feed is None else feed) and len(todo) > 1:
+            run_fed(stage, todo, dst, workers, threads, record)
         elif workers == 1 or len(todo) <= 1:
             _set_threads(stage, threads)
             stage.setup()

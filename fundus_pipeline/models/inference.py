@@ -9,6 +9,8 @@ import math
 import cv2
 import numpy as np
 import torch
+
+from fundus_pipeline.device import to_device
 import torch.nn.functional as F
 
 DEFAULT_MAX_FOV_DIAMETER = 1800.0
@@ -111,7 +113,7 @@ def predict_tiled(
 
     def run(t: torch.Tensor) -> np.ndarray:  # N x h x w x C
         t, h, w = _pad_to(t, divisor)
-        y = model(t.to(device))
+        y = model(to_device(t, device))
         return y.float()[:, :, :h, :w].cpu().numpy().transpose(0, 2, 3, 1)
 
     if tile is None or (H <= tile and W <= tile):

@@ -42,12 +42,14 @@ def predict_pairs(model, enhanced: list[np.ndarray], reference: list[np.ndarray]
     """:func:`predict_pair` of several pairs, their crops through one forward pass."""
     import torch
 
+    from fundus_pipeline.device import to_device
+
     boxes = crop_boxes(enhanced[0].shape[0], crop) if boxes is None else boxes
     k = len(boxes)
 
     def stack(frames: list[np.ndarray]) -> torch.Tensor:
         t = np.stack([a[y : y + crop, x : x + crop] for a in frames for y, x in boxes]).transpose(0, 3, 1, 2)
-        return torch.from_numpy(np.ascontiguousarray(t)).to(device)
+        return to_device(torch.from_numpy(np.ascontiguousarray(t)), device)
 
     def stats(s: torch.Tensor) -> list[tuple[float, float]]:
         a = s.float().cpu().numpy().astype(np.float64).reshape(len(enhanced), k)

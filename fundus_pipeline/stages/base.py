@@ -226,6 +226,30 @@ class Stage(ABC):
         only a bad item fails."""
         return [self.compute(item) for item in items]
 
+    @property
+    def precision(self) -> str:
+        """The forward passes' precision: ``fp32``, or autocast to ``bf16``/``fp16`` (a network stage's
+        ``--precision``, part of its configuration record)."""
+        return str(getattr(getattr(self, "cfg", None), "precision", "fp32"))
+
+    def forward_context(self):
+        """The context the runner computes this stage's items in (``device.autocast``; nothing for a
+        torch-free stage or at fp32)."""
+        import contextlib
+
+        if not self.uses_torch or self.precision == "fp32":
+            return contextlib.nullcontext()
+        from fundus_pipeline.device import autocast
+
+        return autocast(getattr(self, "device", "cpu"), self.precision)
+
+    #: Whether the runner should feed this stage from decoding processes into this process's device (one model
+    #: on a GPU, batches formed across items) instead of giving each worker a model of its own.
+    @property
+    def feeds_device(self) -> bool:
+        device = getattr(self, "device", None)
+        return self.uses_torch and device is not None and getattr(device, "type", "cpu") == "cuda"
+
     @staticmethod
     def output_name(key: str, suffix: str) -> str:
         return f"{key}{suffix}.png"

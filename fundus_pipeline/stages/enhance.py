@@ -47,8 +47,10 @@ def run_network(model, frames: list[np.ndarray], device) -> list[np.ndarray]:
     """The network's outputs (size x size x 3 each) for canonical inputs, in one forward pass."""
     import torch
 
+    from fundus_pipeline.device import to_device
+
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))).to(device)
+        x = to_device(torch.from_numpy(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))), device)
         y = model(x).float().cpu().numpy().transpose(0, 2, 3, 1)
     return list(y)
 
@@ -81,6 +83,8 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
     banded bilinear interpolation."""
     import torch
 
+    from fundus_pipeline.device import to_device
+
     from fundus_pipeline.bands import BandUpsampler, rgb_downscale, row_bands
     from fundus_pipeline.io import from_float_rgb, to_float_rgb
 
@@ -99,7 +103,7 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
     np.clip(c_in, 0, 1, out=c_in)
     c_in *= c_fov[..., None]
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(c_in.transpose(2, 0, 1)))[None].to(device)
+        x = to_device(torch.from_numpy(np.ascontiguousarray(c_in.transpose(2, 0, 1)))[None], device)
         c_out = model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
     c_out *= c_fov[..., None]
     corr = c_out if transfer == "upsample" else c_out - c_in

@@ -95,10 +95,12 @@ class GradeStage(NetworkStage):
         """The photographs' frames through one forward pass (``--batch-size``)."""
         import torch
 
+        from fundus_pipeline.device import to_device
+
         self.setup()
         x = np.stack([self.frame(item) for item in items]).transpose(0, 3, 1, 2)
         with torch.inference_mode():
-            logits = self._model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
+            logits = self._model(to_device(torch.from_numpy(np.ascontiguousarray(x)), self.device)).float().cpu().numpy()
         pg, pf = grade_probabilities(logits, self.temperature)
         return [ItemOutput({}, self.fields(item, g, f)) for item, g, f in zip(items, pg, pf)]
 
