@@ -10,11 +10,22 @@ For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x5
 * ``decode_s``: decoding the photograph from disk (what worker processes overlap with the device).
 * peak device memory (CUDA) or the process's peak resident memory (CPU).
 
+* ``batched``: ``--batch`` photographs through ``compute_batch`` at once, images/s, in each precision of
+  ``--precisions`` (fp32; bf16 and fp16 under autocast, fp16 on CUDA only).
+* ``agreement`` (DRIVE test photographs, ``--agree N`` of them): what the low precisions change. Segment: vessel
+  F1 against the manual annotations, float32 against each precision (tolerance 0.002). Enhance: PSNR inside the
+  FOV against the clean photograph of its Cofe-Net 111 degradation (seed 0), float32 against each precision
+  (tolerance 0.05 dB). The precision to ship is the fastest one within both.
+* ``fed``: the runner end to end (``run_stage(feed=True)``: ``--decoders`` decoding processes feed one model,
+  batches of ``--batch``, outputs written by threads) over ``--fed-n`` copies of the DRIVE photograph, images/s
+  with decoding and writing included, against ``stage_images_per_s``: the share the input/output costs.
+
 Run where a GPU is lent: ``python benchmarks/gpu.py --device cuda > benchmarks/results/gpu.json``.
 On a CPU it runs too (``--device cpu``, fewer reps), which checks the script and shows the same split.
 Needs ../shared/data (DRIVE 01_test) or falls back to a synthetic fundus image.
 
-Usage: python benchmarks/gpu.py [--device auto|cpu|cuda] [--reps 20] [--sizes drive,1024]
+Usage: python benchmarks/gpu.py [--device auto|cpu|cuda] [--reps 20] [--sizes drive,1024] [--batch 8]
+       [--precisions fp32,bf16,fp16] [--agree 20] [--fed-n 64] [--decoders 4] [--only segment,enhance,score,grade]
 """
 
 from __future__ import annotations
@@ -99,14 +110,115 @@ def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> fl
         return timed(lambda: model(*xs), reps, device)
 
 
+def batched(name: str, stage, item, device: torch.device, reps: int, batch: int, precisions: list[str]) -> dict:
+    """images/s of ``batch`` copies of ``item`` through ``compute_batch``, per precision."""
+    from fundus_pipeline.device import autocast
+
+    out = {}
+    for p in precisions:
+        with autocast(device, p):
+            out[p] = round(batch / timed(lambda: stage.compute_batch([item] * batch), max(1, reps // 4), device), 3)
+    return out
+
+
+def agreement(name: str, stage, device: torch.device, precisions: list[str], n: int) -> dict:
+    """What each low precision changes in the figures that matter (see the module docstring)."""
+    import numpy as np
+
+    from fundus_pipeline.device import autocast
+    from fundus_pipeline.io import read_image
+
+    root = default_data_root() / "DRIVE" / "test"
+    if not root.is_dir():
+        return {"skipped": "DRIVE not present"}
+    photos = sorted((root / "images").iterdir())[:n]
+    res: dict = {}
+    if name == "segment":
+        for p in precisions:
+            tp = fp = fn = 0
+            for path in photos:
+                item = prepare_item(stage, path.stem, {"image": decode(path)})
+                with autocast(device, p):
+                    out = stage.compute(item)
+                pred = out.images_now()["_vessels"] > 0
+                gt, _ = read_image(next((root / "1st_manual").glob(path.name.split("_")[0] + "_manual1.*")))
+                gt = (gt if gt.ndim == 2 else gt[..., 0]) > 127
+                fov = item.fov.mask
+                tp += int((pred & gt & fov).sum())
+                fp += int((pred & ~gt & fov).sum())
+                fn += int((~pred & gt & fov).sum())
+            res[p] = {"vessel_f1": round(2 * tp / (2 * tp + fp + fn), 5)}
+        for p in precisions[1:]:
+            res[p]["f1_change"] = round(res[p]["vessel_f1"] - res["fp32"]["vessel_f1"], 5)
+            res[p]["within_tolerance"] = abs(res[p]["f1_change"]) <= 0.002
+    elif name == "enhance":
+        from fundus_pipeline.config import DegradeConfig
+        from fundus_pipeline.stages.base import Image as Img
+        from fundus_pipeline.stages.degrade import DegradeStage
+
+        degrader = DegradeStage(DegradeConfig.build(types="111", seed=0))
+        pairs = []
+        for path in photos:
+            clean = decode(path)
+            low = degrader.compute(prepare_item(degrader, path.stem, {"image": clean})).images_now()[""]
+            pairs.append((clean, prepare_item(stage, path.stem, {"image": Img(low, clean.meta)})))
+        for p in precisions:
+            vals = []
+            for clean, item in pairs:
+                with autocast(device, p):
+                    out = stage.compute(item).images_now()[""]
+                m = item.fov.mask
+                mse = float(np.mean((out[m].astype(np.float64) / 255 - clean.rgb[m]) ** 2))
+                vals.append(10 * np.log10(1 / max(mse, 1e-12)))
+            res[p] = {"psnr_db": round(float(np.mean(vals)), 4)}
+        for p in precisions[1:]:
+            res[p]["psnr_change_db"] = round(res[p]["psnr_db"] - res["fp32"]["psnr_db"], 4)
+            res[p]["within_tolerance"] = abs(res[p]["psnr_change_db"]) <= 0.05
+    else:
+        return {"skipped": "no task figure for this stage (scores and grades are compared in `batched` only)"}
+    return res
+
+
+def fed(stage, path: Path, n: int, decoders: int, tmp: Path) -> dict:
+    """The runner end to end over ``n`` copies of ``path``, one model fed by ``decoders`` processes."""
+    import os
+    import shutil
+
+    from fundus_pipeline.runner import run_stage
+
+    src = tmp / f"fed_in_{path.stem}"
+    src.mkdir(exist_ok=True)
+    for i in range(n):
+        dst = src / f"p{i:04d}{path.suffix}"
+        if not dst.exists():
+            os.link(path, dst)
+    out = tmp / f"fed_out_{path.stem}"
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True)
+    wall = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return {"photographs": n, "decoders": decoders, "batch": stage.batch_size, "ok": res.counts.get("ok", 0), "images_per_s": round(n / wall, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
     ap.add_argument("--reps", type=int, default=0, help="timed passes (default: 20 on CUDA, 3 on CPU)")
     ap.add_argument("--sizes", default="drive,1024")
+    ap.add_argument("--batch", type=int, default=0, help="photographs per batch (default: 8 on CUDA, 2 on CPU)")
+    ap.add_argument("--precisions", default="", help="default: fp32,bf16,fp16 on CUDA, fp32,bf16 on CPU")
+    ap.add_argument("--agree", type=int, default=0, help="DRIVE test photographs for the agreement figures (default: 20 on CUDA, 2 on CPU)")
+    ap.add_argument("--fed-n", type=int, default=0, help="photographs of the fed run (default: 64 on CUDA, 4 on CPU)")
+    ap.add_argument("--decoders", type=int, default=4)
+    ap.add_argument("--only", default="segment,enhance,score,grade")
     args = ap.parse_args()
     device = resolve_device(args.device)
-    reps = args.reps or (20 if device.type == "cuda" else 3)
+    gpu = device.type == "cuda"
+    reps = args.reps or (20 if gpu else 3)
+    batch = args.batch or (8 if gpu else 2)
+    precisions = (args.precisions or ("fp32,bf16,fp16" if gpu else "fp32,bf16")).split(",")
+    agree_n, fed_n = args.agree or (20 if gpu else 2), args.fed_n or (64 if gpu else 4)
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "platform": platform.platform(), "reps": reps, "date": time.strftime("%Y-%m-%d"), "stages": {},
@@ -121,6 +233,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photos = {s: photograph(s, Path(tmp)) for s in args.sizes.split(",")}
         for name, make in stages.items():
+            if name not in args.only.split(","):
+                continue
             stage = make()
             res = {}
             for size, path in photos.items():
@@ -143,8 +257,13 @@ def main() -> None:
                     "time_share": {"decode": round(dec / whole, 3), "fov_and_inputs": round(prep / whole, 3), "compute": round(comp / whole, 3)},
                     "network_share_of_compute": round(min(1.0, ceil / comp), 3),
                 }
+                res[size]["batched_images_per_s"] = batched(name, stage, item, device, reps, batch, precisions)
                 if device.type == "cuda":
                     res[size]["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            res["agreement"] = agreement(name, stage, device, precisions, agree_n)
+            if name != "score":  # the scorer pairs two folders: its fed figure is the chain's (benchmarks/run.py)
+                stage.batch_size = batch
+                res["fed"] = fed(stage, photos[args.sizes.split(",")[0]], fed_n, args.decoders, Path(tmp))
             out["stages"][name] = res
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["targets"] = {
