@@ -544,7 +544,7 @@ class Chain:
         else:
             items = list(self.inputs.items)  # the plan is the inputs: their paths are reused (100,000 Path objects are not free)
         path_of = {it.key: it.path for it in items}
-        grades: dict[str, dict] = {}
+        grades: Mapping[str, dict] = {}
         if "grade" in cfg.steps:
             from fundus_pipeline.stages.grade import GradeStage
 
@@ -555,6 +555,7 @@ class Chain:
             from fundus_pipeline.stages.enhance import EnhanceStage
 
             todo = [it for it in items if enhance_decision(cfg, grades.get(it.key))[0]]
+            grades = {}  # each stage's rows are dropped once decided on (a 100,000-photograph run holds one stage's at a time)
             stage = EnhanceStage(EnhanceConfig.build(weights=cfg.enhance_weights, arch=cfg.enhance_arch, device=cfg.device, transfer=cfg.transfer,
                                                      keep_outside=cfg.keep_outside, vessel_stats=False, batch_size=cfg.enhance_batch_size)) if todo else None
             enhanced = self._stage("enhance", stage, todo)
@@ -568,6 +569,8 @@ class Chain:
                 scores = self._stage("score", scorer, made, {"reference": {it.key: path_of[it.key] for it in made}})
             for it in todo:
                 chosen[it.key] = segment_decision(cfg, True, enhanced.get(it.key), scores.get(it.key))[0]
+            del enhanced, scores
+        grades = {}
         enhanced_path = {it.key: self.out / "enhance" / f"{it.key}.png" for it in live if chosen[it.key] == "enhanced"}
         if "segment" in cfg.steps and not self.interrupted:
             from fundus_pipeline.stages.segment import SegmentStage
