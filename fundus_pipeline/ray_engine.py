@@ -9,18 +9,21 @@ Design: Ray Data ``map_batches`` over the listing of work items, with a fixed po
 per batch. Choices, and why:
 
 * One dataset row is one whole batch of the local engine (``_chunks(todo, stage.batch_size)``, pickled),
-  mapped with ``batch_size=1``, and one block holds one row: a network stage's batches must be exactly the
-  local engine's (a different grouping changes the forward pass's summation order, so a probability could
-  move by one level) for outputs byte-identical to ``--engine local``; and a task that fails loses one
-  batch, not a block of them. Rows come back pickled in a binary column (exact types, no Arrow
-  conversion) and are streamed to ``record`` as each batch finishes (``iter_batches``, any order).
+  mapped with ``batch_size=1``: a network stage's batches must be exactly the local engine's (a different
+  grouping changes the forward pass's summation order, so a probability could move by one level) for
+  outputs byte-identical to ``--engine local``. A block (one Ray task) holds one batch, or several when
+  there are more than ``MAX_BLOCKS`` (Ray Data makes blocks slowly: 20,000 one-row blocks took 50 s here,
+  1,000 blocks of 100,000 rows 3 s). Rows come back pickled in a binary column (exact types, no Arrow
+  conversion) and are streamed to ``record`` as each task finishes (``iter_batches``, any order).
 * A killed actor (out of memory, a crash in a native decoder) is restarted (``max_restarts=-1``) and its
-  batch retried (``max_task_retries``, once), never forever: an image that kills every process that
-  reads it would otherwise loop. Blocks whose task still fails are dropped
-  (``DataContext.max_errored_blocks = -1``) and their items go through a second pass one item a task, as
-  the local engine isolates a culprit; an item that still kills its actor is recorded as an error. A row
-  is recorded once per key: a batch retried after its rows already came back (a death between returning
-  and finishing) rewrites identical bytes (atomic, deterministic writes) and is not recorded again.
+  task retried once (``max_task_retries=1``), never forever: an image that kills every process that
+  reads it would otherwise loop. An actor is given one task at a time (``max_tasks_in_flight_per_actor
+  =1``), so a death fails only the task it was computing, never an innocent one queued behind it. Blocks
+  whose task still fails are dropped (``DataContext.max_errored_blocks = -1``) and their items go through
+  a second pass one item a task, as the local engine isolates a culprit; an item that still kills its
+  actor is recorded as an error. A row is recorded once per key: a task retried after its rows already
+  came back (a death between returning and finishing) rewrites identical bytes (atomic, deterministic
+  writes) and is not recorded again.
 * ``max_restarts``/``max_task_retries`` go through ``map_batches``' Ray remote arguments, which Ray
   2.60 deprecates (removal announced for 2.64) without a named replacement for the retry count; hence the
   ``ray[data]<2.64`` bound in ``pyproject.toml``. Ray Core actors with ``ObjectRef.future()`` were the
@@ -39,6 +42,7 @@ import logging
 import os
 import pickle
 import re
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +56,9 @@ INSTALL_HINT = "pip install 'fundus-pipeline[ray]'"
 #: Retries of a batch whose actor died, before its items are isolated (one per task) and, failing again, recorded as errors.
 TASK_RETRIES = 1
 DIED = "the worker process died while processing this image (out of memory or a crash in a decoder)"
+#: Blocks (Ray tasks) per pass at most: Ray Data creates about 400 blocks a second, so a listing of 100,000
+#: photographs is cut into 2,000 tasks of 50, not 100,000 tasks of one.
+MAX_BLOCKS = 2000
 
 
 def import_ray() -> Any:
@@ -62,6 +69,11 @@ def import_ray() -> Any:
     except ImportError:
         raise UsageError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
     return ray
+
+
+def _weights(stage: Stage) -> dict[str, str]:
+    """The sha256 of each model a network stage has loaded (its weights specs: ``spec``, ``seg_spec``)."""
+    return {k: v.sha256 for k, v in vars(stage).items() if isinstance(getattr(v, "sha256", None), str)}
 
 
 class _StageActor:
@@ -76,7 +88,13 @@ class _StageActor:
 
             stage.device = torch.device("cuda", 0)  # Ray shows this actor its own GPU only, as device 0
         _set_threads(stage, threads)
+        expected = _weights(stage)  # what the driver loaded: a node must compute with the same bytes
         stage.setup()
+        found = _weights(stage)
+        for name, sha in expected.items():
+            if found.get(name) != sha:
+                raise RuntimeError(f"WeightsError: the {stage.name} stage's weights on this node (sha256 {found.get(name)}) are not the "
+                                   f"driver's ({sha}); give every node the same weights (FUNDUS_WEIGHTS, or --weights on shared storage)")
         self.stage, self.dst = stage, Path(dst)
 
     def __call__(self, batch: dict) -> dict:
@@ -136,20 +154,37 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once (exit 1) when a ``host:port`` address does not answer: ``ray.init`` would retry for
+    minutes. ``auto`` and ``ray://`` client addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise FundusError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}",
+                          "start one with `ray start --head` and pass the address it prints") from None
+
+
 class RayEngine:
-    """Process a stage's items on Ray (see the module docstring). ``address``: an existing cluster
-    (``ray start --head`` prints it; ``auto`` finds a local one); None starts a local Ray instance with
-    ``num_cpus`` CPUs (default: this machine's available cores). ``workers``: actors per stage.
-    Ray is initialised by ``start`` (the first ``run`` calls it; a Ray already initialised in this process is
-    used as it is); ``close`` shuts Ray down only if this engine initialised it."""
+    """Process a stage's items on Ray (see the module docstring).
+
+    ``address``: an existing cluster (``ray start --head`` prints it; ``auto`` finds a local one); None
+    starts a local Ray instance with ``num_cpus`` CPUs (default: this machine's available cores, or
+    ``workers * threads`` when more, as the local engine runs ``workers`` processes whatever the cores).
+    ``workers``: actors per stage. ``threads``: the CPU threads per actor the runs will ask for, checked
+    against the cluster by ``start`` (optional). Ray is initialised by ``start`` (the first ``run`` calls
+    it; a Ray already initialised in this process is used as it is); ``close`` shuts Ray down only if
+    this engine initialised it (the local instance it started stops; a cluster is only disconnected from)."""
 
     name = "ray"
 
-    def __init__(self, *, address: str | None = None, workers: int = 1, num_cpus: int | None = None):
+    def __init__(self, *, address: str | None = None, workers: int = 1, threads: int | None = None, num_cpus: int | None = None):
         self.ray = import_ray()
         if workers < 1:
             raise UsageError(f"--workers must be at least 1, got {workers}")
-        self.address, self.workers, self.num_cpus = address, workers, num_cpus
+        self.address, self.workers, self.threads, self.num_cpus = address, workers, threads, num_cpus
         self._owned = False  # this engine called ray.init (close calls ray.shutdown)
 
     # -- the cluster ---------------------------------------------------------------------------------------
@@ -159,7 +194,10 @@ class RayEngine:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
             if self.address is None:
-                kwargs["num_cpus"] = self.num_cpus or available_cpus()
+                # as many CPUs as the local engine would use: --workers processes of --threads, at least the cores
+                kwargs["num_cpus"] = self.num_cpus or max(available_cpus(), self.workers * (self.threads or 1))
+            else:
+                _check_reachable(self.address)
             try:
                 ray.init(address=self.address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -168,20 +206,21 @@ class RayEngine:
                                   "start one with `ray start --head` and pass the address it prints" if self.address else None) from None
             self._owned = True
         _quiet(ray)
+        if self.threads is not None:
+            self._actors(self.threads, 1)  # --threads larger than every node: a usage error before any work
 
-    def _actors(self, stage: Stage, threads: int, batches: int) -> tuple[int, dict]:
+    def _actors(self, threads: int, batches: int, gpu: bool = False) -> tuple[int, dict]:
         """(actors, their resources): ``workers`` actors of ``threads`` CPUs (and a GPU each for a CUDA
         stage), no more than the batches or than the cluster holds; a usage error when not even one fits."""
-        ray = self.ray
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
         res: dict[str, Any] = {"num_cpus": threads}
         fits = sum(int(n.get("CPU", 0) // threads) for n in nodes)
-        if getattr(getattr(stage, "device", None), "type", None) == "cuda":
+        if gpu:
             res["num_gpus"] = 1
             fits = sum(min(int(n.get("CPU", 0) // threads), int(n.get("GPU", 0))) for n in nodes)
         if fits < 1:
             most = max((int(n.get("CPU", 0)) for n in nodes), default=0)
-            need = f"{threads} CPUs" + (" and a GPU" if "num_gpus" in res else "")
+            need = f"{threads} CPUs" + (" and a GPU" if gpu else "")
             raise UsageError(f"--engine ray: no node of the Ray cluster has {need} for one actor (largest node: {most} CPUs); lower --threads")
         return max(1, min(self.workers, batches, fits)), res
 
@@ -197,22 +236,26 @@ class RayEngine:
                     done.add(row["key"])
                     record(row)
 
-        self._pass(stage, _chunks(todo, stage.batch_size), dst, threads, take)
+        self._pass(stage, _chunks(todo, stage.batch_size), dst, threads, take, MAX_BLOCKS)
         rest = [w for w in todo if w.key not in done]
-        if rest:  # batches whose actor died on every retry: each item alone, so only a culprit fails
-            self._pass(stage, [[w] for w in rest], dst, threads, take)
+        if rest:  # tasks whose actor died on every retry: each item a task of its own, so only a culprit fails
+            self._pass(stage, [[w] for w in rest], dst, threads, take, len(rest))
         take([{"key": w.key, "input": str(w.path), "outputs": [], "status": "error", "seconds": 0.0, "error": DIED}
               for w in todo if w.key not in done])
 
-    def _pass(self, stage: Stage, batches: list[list[WorkItem]], dst: Path, threads: int, take: Callable[[list[dict]], None]) -> None:
+    def _pass(self, stage: Stage, batches: list[list[WorkItem]], dst: Path, threads: int, take: Callable[[list[dict]], None],
+              max_blocks: int) -> None:
+        """``batches`` through a fresh actor pool in at most ``max_blocks`` tasks, each row to ``take``."""
         ray = self.ray
-        actors, res = self._actors(stage, threads, len(batches))
-        ds = ray.data.from_items([{"works": pickle.dumps(b)} for b in batches], override_num_blocks=len(batches))
+        blocks = min(len(batches), max_blocks)
+        actors, res = self._actors(threads, blocks, gpu=getattr(getattr(stage, "device", None), "type", None) == "cuda")
+        ds = ray.data.from_items([{"works": pickle.dumps(b)} for b in batches], override_num_blocks=blocks)
         with warnings.catch_warnings():  # max_restarts/max_task_retries as remote args: deprecated in Ray 2.60, no replacement yet
             warnings.simplefilter("ignore")
             ds = ds.map_batches(
                 _StageActor, fn_constructor_args=(stage, threads, str(dst), os.getcwd()), batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=-1, max_task_retries=TASK_RETRIES, **res,
+                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                max_restarts=-1, max_task_retries=TASK_RETRIES, **res,
             )  # fmt: skip
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:

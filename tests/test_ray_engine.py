@@ -62,10 +62,46 @@ def test_address_needs_engine_ray(photos, tmp_path, capsys):
     assert "needs --engine ray" in capsys.readouterr().err
 
 
+def test_a_cluster_that_cannot_be_reached_fails_before_any_work(photos, tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'fundus-pipeline[ray]')")
+    import ray
+
+    assert not ray.is_initialized()  # runs before the module's Ray instance starts (it would be used instead)
+    assert run("degrade", photos, tmp_path / "out", "--engine", "ray", "--address", "127.0.0.1:1") == 1
+    err = capsys.readouterr().err
+    assert "cannot connect to the Ray cluster at 127.0.0.1:1" in err and not (tmp_path / "out").exists()
+
+
 def test_engine_and_address_change_no_output_byte_of_a_chained_run():
     from fundus_pipeline.config import RunConfig
 
     assert RunConfig(engine="ray", address="head:6379", workers=4).chain_record() == RunConfig().chain_record()
+
+
+def test_an_actor_refuses_weights_other_than_the_drivers(tmp_path):
+    """On a cluster each actor loads the weights again on its node: other bytes there would change outputs
+    silently, so the actor's setup fails instead (the run then exits 1 with one line)."""
+    import dataclasses
+
+    from fundus_pipeline.config import SegmentConfig
+    from fundus_pipeline.ray_engine import _StageActor
+    from fundus_pipeline.stages.segment import SegmentStage
+
+    torch.manual_seed(0)
+    weights = tmp_path / "imff_tiny.pt"
+    torch.save(build_model("imff_tiny").state_dict(), weights)
+    stage = SegmentStage(SegmentConfig.build(weights=str(weights), arch="imff_tiny", device="cpu"))
+    import cv2
+
+    threads = torch.get_num_threads(), cv2.getNumThreads()  # an actor sets them: restore this process's after
+    try:
+        _StageActor(stage, 1, str(tmp_path), os.getcwd())  # the same weights: accepted
+        stage.spec, stage._model = dataclasses.replace(stage.spec, sha256="0" * 64), None  # the driver loaded other bytes
+        with pytest.raises(RuntimeError, match="weights on this node .* are not the driver's"):
+            _StageActor(stage, 1, str(tmp_path), os.getcwd())
+    finally:
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
 
 
 # -------------------------------------------------------------------------------------------------- with Ray
@@ -113,8 +149,9 @@ def test_a_torch_stage_in_batches_on_ray_writes_the_bytes_of_the_local_engine(ra
 
 
 class DyingStage(Stage):
-    """Copies each image. Its process dies on 'once' the first time only (a marker file remembers it: the
-    retried batch succeeds), and on 'poison' every time (a stand-in for an image that crashes a decoder)."""
+    """Copies each image. Its process dies on a key ending in 'once' the first time only (a marker file
+    remembers it: the retry succeeds), and on one ending in 'poison' every time (a stand-in for an image that
+    crashes a decoder)."""
 
     name = "dying"
     fov_policy = "none"
@@ -126,9 +163,9 @@ class DyingStage(Stage):
         return {"dying": 1}
 
     def compute(self, item):
-        if item.key == "poison":
+        if item.key.endswith("poison"):
             os._exit(1)
-        if item.key == "once":
+        if item.key.endswith("once"):
             mark = Path(self.marks) / "once.died"
             if not mark.exists():
                 mark.write_text(str(os.getpid()))
@@ -136,23 +173,29 @@ class DyingStage(Stage):
         return ItemOutput({"": item.image.array})
 
 
-def test_a_killed_actor_is_retried_and_no_row_is_lost_or_duplicated(ray_engine, tmp_path):
+def test_a_killed_actor_is_retried_and_no_row_is_lost_or_duplicated(ray_engine, tmp_path, monkeypatch):
+    """Two tasks of three items (as a long listing is cut, ``MAX_BLOCKS``): the task with 'b_once' is retried
+    whole; the one with 'e_poison' fails twice, so its three items go again one a task and only 'e_poison'
+    fails."""
+    import fundus_pipeline.ray_engine as ray_engine_module
+
+    monkeypatch.setattr(ray_engine_module, "MAX_BLOCKS", 2)
     d = tmp_path / "in"
     d.mkdir()
-    keys = ["a", "b", "once", "c", "poison", "d"]
+    keys = ["a", "b_once", "c", "d", "e_poison", "f"]  # in key order: [a b_once c] [d e_poison f]
     for k, key in enumerate(keys):
         Image.fromarray(synthetic_fundus(48, 48, k)).save(d / f"{key}.png")
     marks = tmp_path / "marks"
     marks.mkdir()
     res = run_stage(DyingStage(marks), d, tmp_path / "out", workers=2, threads=1, progress=False, engine=ray_engine)
-    assert (marks / "once.died").exists()  # the actor did die on 'once'
+    assert (marks / "once.died").exists()  # an actor did die on 'b_once'
     assert res.exit_code == 3
-    assert [f["key"] for f in res.failed] == ["poison"] and "worker process died" in res.failed[0]["error"]  # 'once' was retried
+    assert [f["key"] for f in res.failed] == ["e_poison"] and "worker process died" in res.failed[0]["error"]  # 'b_once' was retried
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert sorted(r["key"] for r in m["items"]) == sorted(keys)
     assert m["counts"]["ok"] == 5 and m["counts"]["error"] == 1
     journal = [json.loads(x)["key"] for x in (tmp_path / "out" / JOURNAL).read_text().splitlines()]
     assert sorted(journal) == sorted(keys)  # recorded once each, never twice
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"{k}.png" for k in sorted(keys) if k != "poison"]
-    for k in ("a", "once"):
-        assert (Image.open(tmp_path / "out" / f"{k}.png").tobytes() == Image.open(d / f"{k}.png").tobytes())
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"{k}.png" for k in sorted(keys) if k != "e_poison"]
+    for k in ("b_once", "d", "f"):
+        assert Image.open(tmp_path / "out" / f"{k}.png").tobytes() == Image.open(d / f"{k}.png").tobytes()

@@ -43,9 +43,11 @@ def _root(
     """fundus: degrade, segment and evaluate retinal fundus photographs, folder in, folder out."""
 
 
-def open_engine(engine: EngineName | str, address: str | None, workers: int):
+def open_engine(engine: EngineName | str, address: str | None, workers: int, threads: int | None = None):
     """The engine of ``--engine``/``--address``: None for ``local`` (the runner's own processes), else a
-    :class:`~fundus_pipeline.ray_engine.RayEngine` (a usage error when Ray is not installed). Close it after."""
+    connected :class:`~fundus_pipeline.ray_engine.RayEngine`. Usage errors (exit 2): ``--address`` without
+    ``--engine ray``, Ray not installed, no node with ``threads`` CPUs; exit 1: the cluster cannot be
+    reached. Close it after."""
     from fundus_pipeline.errors import UsageError
 
     name = EngineName(engine)
@@ -54,8 +56,15 @@ def open_engine(engine: EngineName | str, address: str | None, workers: int):
     if name == EngineName.local:
         return None
     from fundus_pipeline.ray_engine import RayEngine
+    from fundus_pipeline.runner import default_threads
 
-    return RayEngine(address=address, workers=workers)
+    ray_engine = RayEngine(address=address, workers=workers, threads=threads or default_threads(workers))
+    try:
+        ray_engine.start()  # a cluster that cannot be reached, or too few CPUs, fails now: before OUT is created or a model loaded
+    except BaseException:
+        ray_engine.close()
+        raise
+    return ray_engine
 
 
 def run_stage_command(
@@ -69,7 +78,7 @@ def run_stage_command(
     from fundus_pipeline.runner import check_run_paths, run_stage
 
     check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
-    eng = open_engine(engine, address, workers)
+    eng = open_engine(engine, address, workers, threads)
     try:
         result = run_stage(
             make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,

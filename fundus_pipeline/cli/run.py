@@ -138,7 +138,7 @@ def run_cmd(
         cfg = build_config(config, cli)
     if out_dir is None:
         raise UsageError("give OUT")
-    eng = open_engine(cfg.engine, cfg.address, cfg.workers)
+    eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
     try:
         result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
                            engine=eng)
