@@ -86,6 +86,7 @@ class SegmentConfig(StageConfig):
     arch: str | None = None
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
     device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tile: int = Field(1024, ge=0, description="tile side at the working scale; 0 = the whole image at once")
     overlap: int = Field(64, ge=0)
     overlay: bool = False
@@ -111,6 +112,7 @@ class EnhanceConfig(StageConfig):
     weights: str = "cofe"
     arch: str | None = None
     device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
     keep_outside: bool = False
     vessel_stats: bool = True
@@ -124,6 +126,7 @@ class ScoreConfig(StageConfig):
     weights: str = "sdmp"
     arch: str | None = None
     device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     input_score: bool = False  # also score the reference against itself (``score_input``)
     batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass")
 
@@ -134,6 +137,7 @@ class GradeConfig(StageConfig):
     weights: str = "hemf"
     arch: str | None = None
     device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass")
 
@@ -166,6 +170,7 @@ class RunConfig(StageConfig):
     seed: int = Field(0, ge=0)
     ground_truth: Path | None = None
     device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grade_weights: str = "hemf"
     grade_arch: str | None = None
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
@@ -235,6 +240,8 @@ class RunConfig(StageConfig):
         skip = {"workers", "threads", "engine", "address", "format", "quiet", "resume", "overwrite", "ground_truth"}
         rec = self.model_dump(mode="json", exclude=skip)
         rec["ground_truth"] = self.ground_truth is not None
+        if rec.get("precision") == "fp32":
+            del rec["precision"]  # the default: the hash of a float32 run is the one earlier versions wrote
         return rec
 
 

@@ -137,3 +137,24 @@ def test_autocast_bf16_stays_within_the_stated_tolerance(tmp_path, segmenter):
     assert (a != b).mean() < 0.005  # pixels whose decision flips
     with pytest.raises(Exception, match="needs a CUDA device"):
         autocast("cpu", "fp16")
+
+
+def test_precision_option_is_recorded_checked_and_refused_where_impossible(tmp_path, capsys):
+    from fundus_pipeline.cli import main
+
+    d = _folder(tmp_path, ["a"], size=96)
+    assert main(["segment", str(d), str(tmp_path / "fp16"), "--precision", "fp16", "--device", "cpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not (tmp_path / "fp16").exists()
+    assert main(["run", str(d), str(tmp_path / "run16"), "--precision", "fp16", "--device", "cpu", "--steps", "segment"]) == 2
+    out = tmp_path / "bf16"
+    assert main(["segment", str(d), str(out), "--precision", "bf16", "--device", "cpu", "-q"]) == 0
+    import json
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["precision"] == "bf16"
+    # the precision is part of the configuration: resuming with another one is refused
+    assert main(["segment", str(d), str(out), "--device", "cpu", "--resume", "-q"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    # float32 keeps the records of earlier versions (no precision key)
+    assert main(["segment", str(d), str(tmp_path / "fp32"), "--device", "cpu", "-q"]) == 0
+    assert "precision" not in json.loads((tmp_path / "fp32" / "manifest.json").read_text())["config"]

@@ -54,6 +54,14 @@ Overwrite = Annotated[bool, flag("--overwrite", help="Allow a non-empty OUT and 
 FormatOpt = Annotated[Format, typer.Option("--format", help="human: short summary; json: one JSON summary on stdout.")]
 Quiet = Annotated[bool, flag("--quiet", "-q", help="No progress output on stderr (errors are still printed).")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Forward passes in fp32, or under autocast in bf16 or fp16 (CUDA only): faster on a GPU, results within the tolerance "
+        "benchmarks/gpu.py measures (vessel F1 0.002, PSNR 0.05 dB); slower on most CPUs.",
+    ),
+]
 Engine = Annotated[
     EngineName,
     typer.Option(

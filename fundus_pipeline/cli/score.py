@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Device, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import ScoreConfig, default
 
 
@@ -25,6 +25,7 @@ def score(
     input_score: Annotated[bool, flag("--input-score", help="Also score each reference against itself (score_input: the scorer's estimate of the unenhanced photograph's quality), in the same pass.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass (more is faster on a GPU).")] = default(ScoreConfig, "batch_size"),
     device: Device = default(ScoreConfig, "device"),
+    precision: Precision = default(ScoreConfig, "precision"),
     threads: Threads = None,
     workers: Workers = 1,
     engine: Engine = EngineName.local,
@@ -45,6 +46,6 @@ def score(
 
     if not reference.is_dir():
         raise UsageError(f"--reference is not a folder: {reference}")
-    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, input_score=input_score, batch_size=batch_size)
+    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, precision=precision, input_score=input_score, batch_size=batch_size)
     run_stage_command(lambda: ScoreStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, extra_dirs={"reference": reference}, engine=engine, address=address)

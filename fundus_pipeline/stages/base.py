@@ -232,6 +232,17 @@ class Stage(ABC):
         ``--precision``, part of its configuration record)."""
         return str(getattr(getattr(self, "cfg", None), "precision", "fp32"))
 
+    def precision_record(self) -> dict:
+        """The precision for the configuration record: nothing at fp32 (the records of earlier versions)."""
+        return {} if self.precision == "fp32" else {"precision": self.precision}
+
+    def check_precision(self) -> None:
+        """Refuse a precision the device cannot run now (fp16 on the CPU), before any item."""
+        if self.uses_torch and self.precision != "fp32":
+            from fundus_pipeline.device import autocast
+
+            autocast(getattr(self, "device", "cpu"), self.precision)
+
     def forward_context(self):
         """The context the runner computes this stage's items in (``device.autocast``; nothing for a
         torch-free stage or at fp32)."""
@@ -278,6 +289,7 @@ class NetworkStage(Stage):
 
         self.cfg = config
         self.device = resolve_device(config.device)
+        self.check_precision()
         self._model = None
         self.setup()
 

@@ -149,6 +149,7 @@ class EnhanceStage(Stage):
 
         self.cfg = config
         self.device = resolve_device(config.device)
+        self.check_precision()
         self.batch_size = config.batch_size
         self._models = None
         self._load()
@@ -177,6 +178,7 @@ class EnhanceStage(Stage):
             "transfer": self.transfer,
             "keep_outside": self.cfg.keep_outside,
             "device": str(self.device),
+            **self.precision_record(),
             "vessel_stats": self.cfg.vessel_stats,
             **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }

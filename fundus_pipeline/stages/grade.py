@@ -81,6 +81,7 @@ class GradeStage(NetworkStage):
             "temperature": self.temperature,
             "flag_threshold": self.cfg.flag_threshold,
             "device": str(self.device),
+            **self.precision_record(),
             **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }
 

@@ -43,6 +43,7 @@ class ScoreStage(NetworkStage):
             "crops": self.boxes,
             "crop": self.crop,
             "device": str(self.device),
+            **self.precision_record(),
             **({"input_score": True} if self.cfg.input_score else {}),
             **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }

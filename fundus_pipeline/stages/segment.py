@@ -46,6 +46,7 @@ class SegmentStage(NetworkStage):
             "arch": self.spec.model,
             "threshold": self.threshold,
             "device": str(self.device),
+            **self.precision_record(),
             "tile": self.cfg.tile or None,
             "overlap": self.cfg.overlap,
             "max_fov_diameter": self.max_fov,
