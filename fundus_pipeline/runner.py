@@ -22,11 +22,11 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Protocol
 
 from tqdm import tqdm
