@@ -6,7 +6,8 @@ item and estimates its field of view once, calls the stage's pure ``compute``, w
 atomically, records per-item failures without stopping, journals finished items so that ``--resume``
 works even after a crash, processes items in parallel worker processes when asked (each with its share
 of the CPU threads), reports progress (a bar on a terminal, a line every 30 s or 10% otherwise), and
-writes ``manifest.json`` and ``results.csv`` at the end and on Ctrl-C.
+writes ``manifest.json`` and ``results.csv`` every minute while it runs, at the end and on Ctrl-C, each
+streamed from the rows (kept as compact JSON text) a row at a time.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ JOURNAL = ".fundus-journal.jsonl"
 LOCK = ".fundus-lock"
 BASE_COLUMNS = ["key", "input", "outputs", "status", "error", "seconds"]
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
+#: Seconds between snapshots of results.csv and manifest.json during a run (the journal has every row at once).
+SNAPSHOT_S = 60.0
+SNAPSHOT_SHARE = 0.05  # ... or longer, so that writing them takes at most this share of the run (100,000 rows: seconds)
 MAX_LIST_BYTES = 64 << 20
 
 
@@ -713,9 +717,11 @@ def write_reports(
     started: float,
     interrupted: bool,
     resumed: int = 0,
+    running: bool = False,
 ) -> tuple[dict, list[dict]]:
     """``results.csv`` and ``manifest.json`` of the rows, in key order, each streamed to its file a row at a
-    time (never a whole table in memory) and renamed into place. Returns (counts, failed items)."""
+    time (never a whole table in memory) and renamed into place. ``running``: a snapshot taken while the
+    run goes on (``status`` "running", no ``finished_at``). Returns (counts, failed items)."""
     counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
     failed = []
     cols = BASE_COLUMNS + list(stage.columns)
@@ -728,7 +734,7 @@ def write_reports(
             if r["status"] == "error":
                 failed.append({"key": key, "error": r["error"]})
             w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
-    if interrupted:
+    if interrupted or running:
         counts["not_processed"] = len(inputs.items) - len(rows)
     cfg = stage.config_record()
     manifest = {
@@ -742,7 +748,8 @@ def write_reports(
         "output": {"dir": str(out_dir)},
         "environment": environment(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "running" if running else "interrupted" if interrupted else "finished",
+        "finished_at": None if running else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": round(time.time() - started, 3),
         "interrupted": interrupted,
         "counts": counts,
@@ -905,11 +912,23 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     bar = Progress(stage.name, len(work), resumed, progress)
     journal = open(journal_path, "a", buffering=1, encoding="utf-8", errors="surrogateescape")
 
+    def reports(**kw) -> tuple[dict, list[dict]]:
+        return write_reports(stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv, started=started,
+                             resumed=resumed, **kw)
+
+    next_snapshot = time.monotonic() + SNAPSHOT_S
+
     def record(row: dict) -> None:
+        nonlocal next_snapshot
         text = _dumps(row)
         rows.add_text(row["key"], text)
         journal.write(text[:-1] + tag + "\n")
         bar.update(row)
+        if time.monotonic() >= next_snapshot:  # results.csv and manifest.json kept current in a long run
+            t0 = time.monotonic()
+            reports(interrupted=False, running=True)
+            took = time.monotonic() - t0
+            next_snapshot = t0 + took + max(SNAPSHOT_S, took / SNAPSHOT_SHARE)  # snapshots cost at most 5% of the run
 
     try:
         if engine is not None and todo:
@@ -929,10 +948,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     finally:
         bar.close()
         journal.close()
-        counts, failed = write_reports(
-            stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv,
-            started=started, interrupted=interrupted, resumed=resumed,
-        )
+        counts, failed = reports(interrupted=interrupted)
     return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows)
 
 

@@ -195,3 +195,34 @@ def test_streamed_json_equals_the_whole_document(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {**head, "plan": items, "items": []}
     write_json_streamed(tmp_path / "e.json", {}, {"items": (json.dumps(i) for i in items)})
     assert json.loads((tmp_path / "e.json").read_text()) == {"items": items}
+
+
+class PeekStage(CopyStage):
+    """Copies; records how many rows OUT/results.csv held when each item was computed."""
+
+    name = "peek"
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def compute(self, item):
+        res = super().compute(item)
+        csv_path = self.out / "results.csv"
+        seen = len(csv_path.read_text().splitlines()) - 1 if csv_path.exists() else -1
+        status = json.loads((self.out / "manifest.json").read_text())["status"] if (self.out / "manifest.json").exists() else ""
+        res.fields.update(seen=seen, manifest_status=status)
+        return res
+
+
+def test_results_and_manifest_are_written_while_the_run_goes_on(tmp_path, monkeypatch):
+    import fundus_pipeline.runner as runner
+
+    monkeypatch.setattr(runner, "SNAPSHOT_S", 0.0)  # a snapshot after every row (60 s in a real run)
+    monkeypatch.setattr(runner, "SNAPSHOT_SHARE", float("inf"))
+    d = _folder(tmp_path, ["a", "b", "c", "d"])
+    out = tmp_path / "out"
+    res = run_stage(PeekStage(out), d, out, progress=False)
+    assert [res.store[k]["seen"] for k in "abcd"] == [-1, 1, 2, 3]  # each item saw the rows before it
+    assert [res.store[k]["manifest_status"] for k in "abcd"] == ["", "running", "running", "running"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "finished" and m["finished_at"] and len(m["items"]) == 4
