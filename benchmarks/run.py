@@ -162,7 +162,8 @@ def scale(tmp: Path, sizes: list[int], steps: str = "grade,enhance,score,segment
     if drive_test() is None:
         return {"skipped": "DRIVE not present"}
     tiny = tiny_weights(tmp)
-    res: dict = {"models": "tiny (hemf_tiny, cofe_tiny, sdmp_tiny, imff_tiny), every photograph enhanced", "workers": 2, "steps": steps}
+    enhanced = ", every photograph enhanced" if "enhance" in steps.split(",") else ""
+    res: dict = {"models": f"tiny (hemf_tiny, cofe_tiny, sdmp_tiny, imff_tiny){enhanced}", "workers": 2, "steps": steps}
     for n in sizes:
         inp = tmp / f"gen{n}" if (tmp / f"gen{n}").exists() else generated(tmp, n)
         r = fundus("run", inp, tmp / f"scale{n}", *tiny, "--steps", steps, "--workers", "2", "--quiet")
