@@ -295,8 +295,8 @@ class RowsFile:
     """The joined rows of a run as JSON lines in a temporary file: iterable any number of times (the
     report reads them twice) without holding them in memory."""
 
-    def __init__(self, folder: Path):
-        self._tmp = tempfile.TemporaryDirectory(prefix="fundus-rows-", dir=folder)
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="fundus-rows-")  # not in OUT: a killed run leaves nothing there
         self.path = Path(self._tmp.name) / "rows.jsonl"
         self._f = open(self.path, "w", encoding="utf-8", errors="surrogateescape")
         self.n = 0
@@ -622,7 +622,7 @@ class Chain:
         cols = columns(self.cfg)
         counts = count(())
         failed: list[dict] = []
-        rows = RowsFile(self.out)
+        rows = RowsFile()
         try:
             with open_atomic(self.out / "results.csv") as f:
                 w = csv.DictWriter(f, fieldnames=list(cols), extrasaction="ignore", lineterminator="\n")

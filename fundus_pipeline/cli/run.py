@@ -172,7 +172,7 @@ def report_cmd(
     _, cfg, plan = read_run(out_dir)
     out = Path(out_dir).resolve()
     with OutputLock(out, out_dir):
-        rows = RowsFile(out)
+        rows = RowsFile()
         try:
             for row in join(out, cfg, plan):
                 rows.add(row)
