@@ -18,7 +18,8 @@ For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x5
   (tolerance 0.05 dB). The precision to ship is the fastest one within both.
 * ``fed``: the runner end to end (``run_stage(feed=True)``: ``--decoders`` decoding processes feed one model,
   batches of ``--batch``, outputs written by threads) over ``--fed-n`` copies of the DRIVE photograph, images/s
-  with decoding and writing included, against ``stage_images_per_s``: the share the input/output costs.
+  with decoding and writing included, against ``stage_images_per_s``: the share the input/output costs;
+  and the GPU's utilisation meanwhile (NVML, sampled every 0.2 s; needs ``nvidia-ml-py``).
 
 Run where a GPU is lent: ``python benchmarks/gpu.py --device cuda > benchmarks/results/gpu.json``.
 On a CPU it runs too (``--device cpu``, fewer reps), which checks the script and shows the same split.
@@ -194,11 +195,51 @@ def fed(stage, path: Path, n: int, decoders: int, tmp: Path) -> dict:
             os.link(path, dst)
     out = tmp / f"fed_out_{path.stem}"
     shutil.rmtree(out, ignore_errors=True)
+    sampler = Utilisation(getattr(stage, "device", torch.device("cpu")))
     t = time.perf_counter()
-    res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True)
+    with sampler:
+        res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True)
     wall = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
-    return {"photographs": n, "decoders": decoders, "batch": stage.batch_size, "ok": res.counts.get("ok", 0), "images_per_s": round(n / wall, 3)}
+    return {"photographs": n, "decoders": decoders, "batch": stage.batch_size, "ok": res.counts.get("ok", 0), "images_per_s": round(n / wall, 3),
+            "gpu_utilisation": sampler.result()}
+
+
+class Utilisation:
+    """The GPU's utilisation (percent of time a kernel ran, from NVML through ``torch.cuda.utilization``)
+    sampled every 0.2 s while the ``with`` block runs: mean and samples, or why it is unavailable."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self.why = device, [], None
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.samples.append(int(torch.cuda.utilization(self.device)))
+            except Exception as e:  # no NVML (pip install nvidia-ml-py), or not a CUDA device
+                self.why = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return
+
+    def __enter__(self) -> "Utilisation":
+        if self.device.type == "cuda":
+            self._thread.start()
+        else:
+            self.why = "not a GPU"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def result(self) -> dict | str:
+        if self.samples:
+            return {"mean_percent": round(sum(self.samples) / len(self.samples), 1), "samples": len(self.samples)}
+        return self.why or "no sample (the run was shorter than 0.2 s)"
 
 
 def main() -> None:
