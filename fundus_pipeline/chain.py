@@ -436,6 +436,8 @@ class Chain:
                     shutil.rmtree(d)
             for name in TOP_FILES:
                 (out / name).unlink(missing_ok=True)
+            for page in out.glob("report-*.html"):  # the further pages of a long report
+                page.unlink()
 
     def _first_folder(self) -> str:
         """The stage folder whose stage reads every original input (its rows record their sha256)."""

@@ -387,3 +387,22 @@ def test_score_batches_give_the_scores_of_one_at_a_time(photos, tmp_path, tiny):
     for key in a:
         for col in ("score", "score_spread", "score_input", "score_input_spread"):
             assert abs(float(a[key][col]) - float(b[key][col])) <= 1e-5, (key, col)
+
+
+def test_a_long_report_is_split_into_pages_and_a_shorter_one_removes_them(photos, tmp_path, tiny, monkeypatch):
+    import fundus_pipeline.report as report
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment", "--quiet")) == 0
+    monkeypatch.setattr(report, "PAGE_ROWS", 2)  # 1,000 in a real run
+    assert run("report", out) == 0
+    one, two = (out / "report.html").read_text(), (out / "report-2.html").read_text()
+    assert one.count("<tr data-grade=") == 2 and two.count("<tr data-grade=") == 1
+    assert 'href="report-2.html"' in one and 'href="report.html"' in two
+    assert "Photographs 1&ndash;2 of 3, page 1 of 2" in one and "Photographs 3&ndash;3 of 3, page 2 of 2" in two
+    for page in (one, two):  # each page carries the whole run's figures
+        assert '<div class="big" id="n-total">3</div>' in page
+    monkeypatch.setattr(report, "PAGE_ROWS", 1000)
+    assert run("report", out) == 0
+    assert not (out / "report-2.html").exists() and (out / "report.html").read_text().count("<tr data-grade=") == 3
+    assert "page 1 of" not in (out / "report.html").read_text()
