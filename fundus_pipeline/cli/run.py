@@ -179,4 +179,7 @@ def report_cmd(
             path = write_report(out, cfg, rows)
         finally:
             rows.close()
-    typer.echo(f"wrote {path} ({len(rows)} photographs)")
+    from fundus_pipeline.report import PAGE_ROWS
+
+    pages = max(1, -(-len(rows) // PAGE_ROWS))
+    typer.echo(f"wrote {path} ({len(rows)} photographs{f', {pages} pages: report.html, report-2.html, ...' if pages > 1 else ''})")
