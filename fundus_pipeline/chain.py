@@ -46,7 +46,7 @@ from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, resolve_inputs, run_stage, stage_lines, stage_rows, write_json_streamed,
+    input_changed, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -185,7 +185,7 @@ class FolderRows:
         self.db = sqlite3.connect(os.path.join(self._tmp.name, "rows.sqlite"))
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE rows (folder TEXT, key TEXT, row TEXT, PRIMARY KEY (folder, key));")
         for name in self.FOLDERS:
-            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", ((name, r["key"], json.dumps(r)) for r in stage_lines(out / name)))
+            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", ((name, key, text) for key, text in stage_texts(out / name)))
         self.db.commit()
 
     def get(self, folder: str, key: str) -> dict | None:

@@ -284,9 +284,6 @@ class RowStore(Mapping):
     def __init__(self) -> None:
         self._text: dict[str, str] = {}
 
-    def add(self, row: dict) -> None:
-        self._text[row["key"]] = _dumps(row)
-
     def add_text(self, key: str, text: str) -> None:
         self._text[key] = text
 
@@ -375,11 +372,18 @@ def stage_lines(folder: Path) -> Iterator[dict]:
         yield r
 
 
+def stage_texts(folder: Path) -> Iterator[tuple[str, str]]:
+    """(key, the row's JSON text without the configuration tag) of each row a stage folder holds, oldest
+    first (see ``stage_lines``): for keeping rows as text without encoding them again."""
+    for r, text in _previous_lines(folder):
+        yield r["key"], _untag(r, text)
+
+
 def stage_rows(folder: Path) -> RowStore:
     """The rows a stage folder holds, by key (see ``stage_lines``)."""
     rows = RowStore()
-    for r, text in _previous_lines(folder):
-        rows.add_text(r["key"], _untag(r, text))
+    for key, text in stage_texts(folder):
+        rows.add_text(key, text)
     return rows
 
 

@@ -237,11 +237,9 @@ class Stage(ABC):
         return {} if self.precision == "fp32" else {"precision": self.precision}
 
     def check_precision(self) -> None:
-        """Refuse a precision the device cannot run now (fp16 on the CPU), before any item."""
-        if self.uses_torch and self.precision != "fp32":
-            from fundus_pipeline.device import autocast
-
-            autocast(getattr(self, "device", "cpu"), self.precision)
+        """Refuse a precision the device cannot run now (fp16 on the CPU), before any item: building the
+        context checks it."""
+        self.forward_context()
 
     def forward_context(self):
         """The context the runner computes this stage's items in (``device.autocast``; nothing for a
