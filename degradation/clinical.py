@@ -58,17 +58,21 @@ def apply_noise(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
         return img.copy()
     g = np.random.Generator(np.random.PCG64(int(rec["seed"])))
     out = img if ctx.owned and img.dtype == np.float32 else np.empty_like(img, dtype=np.float32)
-    fa, fb = np.float32(a), np.float32(b)
     for rows in _row_chunks(img.shape[0], img.shape[1]):  # fixed chunking: the stream order is fixed
         x = img[rows]
-        std = x * fa
-        std += fb
-        np.maximum(std, 0.0, out=std)
-        np.sqrt(std, out=std)
-        std *= g.standard_normal(x.shape, dtype=np.float32)
-        std += x
-        out[rows] = np.clip(std, 0.0, 1.0, out=std)
+        out[rows] = noisy(x, rec, g.standard_normal(x.shape, dtype=np.float32))
     return out
+
+
+def noisy(x: np.ndarray, rec: dict, z: np.ndarray) -> np.ndarray:
+    """``x`` plus signal-dependent noise from the standard normal draws ``z`` (a new array, clipped)."""
+    std = x * np.float32(rec["a"])
+    std += np.float32(rec["b"])
+    np.maximum(std, 0.0, out=std)
+    np.sqrt(std, out=std)
+    std *= z
+    std += x
+    return np.clip(std, 0.0, 1.0, out=std)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,8 +130,15 @@ def _filter(img: np.ndarray, k: np.ndarray, owned: bool = False) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def psf(rec: dict, kind: str, frame: Frame) -> np.ndarray:
+    """The native-pixel PSF of a defocus or motion record."""
+    if kind == "defocus":
+        return disc_psf(frame.length(rec["radius"]))
+    return line_psf(frame.length(rec["length"]), float(rec["angle"]))
+
+
 def apply_defocus(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
-    return _filter(img, disc_psf(ctx.frame.length(rec["radius"])), ctx.owned)
+    return _filter(img, psf(rec, "defocus", ctx.frame), ctx.owned)
 
 
 def sample_motion(rng, cfg: dict) -> dict:
@@ -138,7 +149,7 @@ def sample_motion(rng, cfg: dict) -> dict:
 
 
 def apply_motion(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
-    return _filter(img, line_psf(ctx.frame.length(rec["length"]), float(rec["angle"])), ctx.owned)
+    return _filter(img, psf(rec, "motion", ctx.frame), ctx.owned)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,7 +171,8 @@ def sample_vignetting(rng, cfg: dict) -> dict:
     }
 
 
-def apply_vignetting(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
+def apply_vignetting(img: np.ndarray, rec: dict, ctx: OpCtx, y0: int = 0) -> np.ndarray:
+    """``y0``: the native row of ``img``'s first row (a band of a larger photograph)."""
     fov = ctx.frame.fov
     th = math.radians(rec["direction"])
     cx = fov.cx + rec["offset"] * fov.radius * math.cos(th)
@@ -168,7 +180,7 @@ def apply_vignetting(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     out = img if ctx.owned else np.empty(img.shape, np.result_type(img.dtype, np.float32))
     dx2 = (np.arange(img.shape[1])[None, :] - cx) ** 2
     for rows in _row_chunks(img.shape[0], img.shape[1]):  # the gain per row band: no full-size temporaries
-        yy = np.arange(rows.start, rows.stop)[:, None]
+        yy = np.arange(y0 + rows.start, y0 + rows.stop)[:, None]
         rho = np.sqrt((dx2 + (yy - cy) ** 2).astype(np.float32)) / np.float32(fov.radius)
         gain = 1.0 - np.float32(rec["strength"]) * np.minimum(rho, 1.0) ** np.float32(rec["power"])
         out[rows] = img[rows] * np.clip(gain, 0.0, 1.0)[..., None].astype(np.float32)
@@ -200,9 +212,15 @@ def apply_haze(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     t, m = np.float32(rec["t"]), np.float32(rec["glare_mix"])
     if t >= 1.0:
         return img.copy()
-    veil = np.float32(rec["airlight"]) * np.asarray(rec["tint"], np.float32) * (np.float32(1.0) - m)
     glare = smooth_blur(img, ctx.frame.length(rec["glare_sigma"])) if m > 0 else None
-    if ctx.owned:  # the same arithmetic in the input's buffer
+    return haze_mix(img, glare, rec, ctx.owned)
+
+
+def haze_mix(img: np.ndarray, glare: np.ndarray | None, rec: dict, owned: bool) -> np.ndarray:
+    """``t·I + (1 − t)·((1 − m)·A·tint + m·glare)``, clipped (``glare`` is scaled in place)."""
+    t, m = np.float32(rec["t"]), np.float32(rec["glare_mix"])
+    veil = np.float32(rec["airlight"]) * np.asarray(rec["tint"], np.float32) * (np.float32(1.0) - m)
+    if owned:  # the same arithmetic in the input's buffer
         img *= t
         img += (np.float32(1.0) - t) * veil
         out = img

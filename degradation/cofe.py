@@ -272,36 +272,60 @@ def _row_chunks(h: int, w: int):
         yield slice(y, min(h, y + step))
 
 
+class ColorOp:
+    """PIL brightness → contrast → saturation on quantised levels (LUTs for 8-bit, same values), split into
+    the statistic it needs (the mean luminance after brightness over the canonical square) and the
+    per-pixel part, so that both can also run a band of rows at a time."""
+
+    def __init__(self, rec: dict, levels: int):
+        self.lv = lv = int(levels)
+        self.b, self.c, self.s = rec["brightness_factor"], rec["contrast_factor"], rec["saturation_factor"]
+        self.use_lut = lv <= 255
+        self.ramp = np.arange(256, dtype=np.float32)
+        self.lut_b = pil_blend(0.0, self.ramp, self.b, lv).astype(np.uint8) if self.use_lut else None
+        self.lut_c = None
+        self.grey = None
+
+    def brightness(self, x: np.ndarray) -> np.ndarray:
+        q = quantise(x, self.lv)
+        return cv2.LUT(q.astype(np.uint8), self.lut_b) if self.use_lut else pil_blend(0.0, q, self.b, self.lv)
+
+    @staticmethod
+    def luma_sum(qb: np.ndarray) -> float:
+        return float(pil_luma(qb.astype(np.float32)).sum(dtype=np.float64))
+
+    def set_mean(self, luma_mean: float, ctx: "_Ctx") -> None:
+        """Fix the contrast grey from the mean luminance; the black background's value goes to ``ctx.bg``."""
+        self.grey = float(int(luma_mean + 0.5))
+        self.lut_c = pil_blend(self.grey, self.ramp, self.c, self.lv).astype(np.uint8) if self.use_lut else None
+        bg = pil_color(np.zeros((1, 1, 3), np.float32), self.b, self.c, self.s, self.lv, luma_mean=luma_mean)
+        ctx.bg = (bg.reshape(3) / np.float32(self.lv)).astype(np.float32)
+        ctx.details["contrast_mean"] = self.grey
+
+    def finish(self, qb: np.ndarray) -> np.ndarray:
+        """Contrast and saturation of brightness levels ``qb``, back to [0, 1] (float32)."""
+        qc = cv2.LUT(qb, self.lut_c).astype(np.float32) if self.use_lut else pil_blend(self.grey, qb, self.c, self.lv)
+        o = pil_blend(pil_luma(qc)[..., None], qc, self.s, self.lv)
+        o /= np.float32(self.lv)
+        return o
+
+
 def _apply_color(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
-    """PIL brightness → contrast → saturation on quantised levels (LUTs for 8-bit, same values)."""
-    lv = ctx.levels
-    b, c, s = rec["brightness_factor"], rec["contrast_factor"], rec["saturation_factor"]
+    op = ColorOp(rec, ctx.levels)
     h, w = img.shape[:2]
-    use_lut = lv <= 255
-    ramp = np.arange(256, dtype=np.float32)
-    qb = np.empty(img.shape, np.uint8 if use_lut else np.float32)
-    lut_b = pil_blend(0.0, ramp, b, lv).astype(np.uint8) if use_lut else None
+    qb = np.empty(img.shape, np.uint8 if op.use_lut else np.float32)
     by, bx = ctx.box
     luma_sum = 0.0
     for rows in _row_chunks(h, w):
-        q = quantise(img[rows], lv)
-        qb[rows] = cv2.LUT(q.astype(np.uint8), lut_b) if use_lut else pil_blend(0.0, q, b, lv)
+        qb[rows] = op.brightness(img[rows])
         r0, r1 = max(rows.start, by.start), min(rows.stop, by.stop)
         if r0 < r1:
-            luma_sum += float(pil_luma(qb[r0:r1, bx].astype(np.float32)).sum(dtype=np.float64))
+            luma_sum += op.luma_sum(qb[r0:r1, bx])
     # mean luminance over the canonical square; pixels outside the image are black (L = 0)
-    luma_mean = luma_sum / ctx.area
-    grey = float(int(luma_mean + 0.5))
-    lut_c = pil_blend(grey, ramp, c, lv).astype(np.uint8) if use_lut else None
+    op.set_mean(luma_sum / ctx.area, ctx)
     out = img if ctx.owned else np.empty(img.shape, np.float32)
     for rows in _row_chunks(h, w):
-        qc = cv2.LUT(qb[rows], lut_c).astype(np.float32) if use_lut else pil_blend(grey, qb[rows], c, lv)
-        o = pil_blend(pil_luma(qc)[..., None], qc, s, lv)
-        o /= np.float32(lv)
-        out[rows] = o
-    bg = pil_color(np.zeros((1, 1, 3), np.float32), b, c, s, lv, luma_mean=luma_mean)
-    ctx.bg = (bg.reshape(3) / np.float32(lv)).astype(np.float32)
-    ctx.details["contrast_mean"] = grey
+        out[rows] = op.finish(qb[rows])
     return out
 
 
@@ -311,8 +335,8 @@ def _canonical_mean(img: np.ndarray, ctx: _Ctx) -> float:
     return total / (3.0 * ctx.area)
 
 
-def _apply_halo(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
-    mu = _canonical_mean(img, ctx)
+def halo_field(rec: dict, mu: float, ctx: _Ctx) -> tuple[tuple[np.ndarray, int, int], np.ndarray]:
+    """((canonical field, factor, pad), channel weights) of a halo record for the image mean ``mu``."""
     ctx.details["halo_mean"] = mu
     cx, cy = rec["center_a"]
     bx, by = rec["center_b"]
@@ -322,6 +346,12 @@ def _apply_halo(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     w = np.asarray(rec["weights"], np.float32) * np.float32(mu)
     f = work_factor(g, float(w.max()), ctx.exact)
     field, pad = blurred_canonical_field(ring, g, g, sigma, f)
+    return (field, f, pad), w
+
+
+def _apply_halo(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
+    mu = _canonical_mean(img, ctx)
+    (field, f, pad), w = halo_field(rec, mu, ctx)
     field = ctx.frame.warp_from_canonical(field, f, pad)
     if ctx.owned:  # img + field * w in place, by row chunks and channels (float addition commutes: same values)
         for rows in _row_chunks(*field.shape):
@@ -334,20 +364,32 @@ def _apply_halo(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     return np.clip(out, np.float32(0.0), np.float32(1.0), out=out)
 
 
-def _apply_hole(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
+def hole_strength(rec: dict, ctx: _Ctx, a: float | None) -> float:
+    """The hole's brightness factor: recorded (training preset) or from the FOV mean ``a`` (released)."""
     factor = rec.get("brightness_factor")
     if factor is None:
-        a = ctx.region_mean(img)
         factor = hole_factor(rec["beta0"], rec["u"], a)
         ctx.details["hole_mean"] = a
     ctx.details["hole_brightness_factor"] = factor
-    if factor == 0.0:
-        return img
+    return factor
+
+
+def hole_field(rec: dict, factor: float, ctx: _Ctx) -> tuple[np.ndarray, int, int]:
+    """(canonical field, factor, pad) of a hole record of strength ``factor``."""
     cx, cy = rec["center"]
     disk = canonical_disk(cx, cy, int(rec["diameter_circle"] / 2))
     kw, kh = int(rec["rad_w"]), int(rec["rad_h"])
     f = work_factor(min(kw, kh), abs(factor), ctx.exact)
     field, pad = blurred_canonical_field(disk, kw, kh, float(rec["sigma"]), f)
+    return field, f, pad
+
+
+def _apply_hole(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
+    factor = rec.get("brightness_factor")
+    factor = hole_strength(rec, ctx, None if factor is not None else ctx.region_mean(img))
+    if factor == 0.0:
+        return img
+    field, f, pad = hole_field(rec, factor, ctx)
     field = ctx.frame.warp_from_canonical(field, f, pad)
     field *= np.float32(factor)
     if ctx.owned:
@@ -358,10 +400,8 @@ def _apply_hole(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     return np.clip(out, np.float32(0.0), np.float32(1.0), out=out)
 
 
-def _apply_spots(img: np.ndarray, spots: list[dict], ctx: _Ctx) -> np.ndarray:
-    out = img if ctx.owned else img.copy()
-    fr = ctx.frame
-    hgt, wid = out.shape[:2]
+def spot_patches(spots: list[dict], fr: Frame, hgt: int, wid: int):
+    """Per spot, in order: (y0, y1, x0, x1, blurred disk) of its native patch (skipped when off the image)."""
     for sp in spots:
         xn, yn = fr.to_native(*sp["center"])
         rad = int(sp["radius"] / 2) * fr.s
@@ -375,16 +415,25 @@ def _apply_spots(img: np.ndarray, spots: list[dict], ctx: _Ctx) -> np.ndarray:
             continue
         yy, xx = np.ogrid[y0:y1, x0:x1]
         disk = (((xx - xn) ** 2 + (yy - yn) ** 2) <= rad * rad).astype(np.float32) * np.float32(sp["value"])
-        disk = gaussian_blur(disk, kw, kh, fr.length(sp["sigma"]))
+        yield y0, y1, x0, x1, gaussian_blur(disk, kw, kh, fr.length(sp["sigma"]))
+
+
+def _apply_spots(img: np.ndarray, spots: list[dict], ctx: _Ctx) -> np.ndarray:
+    out = img if ctx.owned else img.copy()
+    for y0, y1, x0, x1, disk in spot_patches(spots, ctx.frame, *out.shape[:2]):
         patch = out[y0:y1, x0:x1]
         patch += disk[..., None]
         np.clip(patch, 0.0, 1.0, out=patch)
     return out
 
 
+def blur_kernel(rec: dict, fr: Frame) -> tuple[int, int, float]:
+    """(kernel width, kernel height, sigma) of a blur record in native pixels."""
+    return fr.kernel(int(rec["rad_w"])), fr.kernel(int(rec["rad_h"])), fr.length(rec["sigma"])
+
+
 def _apply_blur(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
-    fr = ctx.frame
-    kw, kh, sigma = fr.kernel(int(rec["rad_w"])), fr.kernel(int(rec["rad_h"])), fr.length(rec["sigma"])
+    kw, kh, sigma = blur_kernel(rec, ctx.frame)
     if ctx.owned:  # the same blur, written back into the input as a sliding window of row bands
         out = blur_in_place(img, lambda a: gaussian_blur(a, kw, kh, sigma), kh // 2)
     else:

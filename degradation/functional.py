@@ -113,20 +113,23 @@ class Frame:
         area = (gx1 - gx0) * (gy1 - gy0)
         return max(gx0, 0), min(gx1, f.width), max(gy0, 0), min(gy1, f.height), area
 
-    def warp_from_canonical(self, field: np.ndarray, factor: int = 1, pad: int = 0) -> np.ndarray:
+    def warp_from_canonical(self, field: np.ndarray, factor: int = 1, pad: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Resample a field on the canonical grid (at 1/factor resolution, padded by ``pad`` canonical
-        pixels) to native pixels: bilinear, pixel-centre aligned, edge values replicated."""
+        pixels) to native pixels: bilinear, pixel-centre aligned, edge values replicated. ``rows=(a, b)``:
+        only native rows [a, b) (the same mapping, shifted; OpenCV's 1/32-pixel coordinate rounding can
+        differ in rare pixels)."""
         f = self.fov
         if factor == 1 and pad == 0 and self.is_identity:
-            return field
+            return field if rows is None else field[rows[0] : rows[1]]
         s = self.s
         ox, oy = self.origin
         a = 1.0 / (s * factor)
         bx = (-ox / s + pad + 0.5) / factor - 0.5
         by = (-oy / s + pad + 0.5) / factor - 0.5
-        m = np.array([[a, 0.0, bx], [0.0, a, by]], dtype=np.float64)
+        y0, y1 = (0, f.height) if rows is None else rows
+        m = np.array([[a, 0.0, bx], [0.0, a, by + a * y0]], dtype=np.float64)
         return cv2.warpAffine(
-            field, m, (f.width, f.height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+            field, m, (f.width, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
         )
 
 
@@ -279,6 +282,19 @@ def _gauss_ksize(sigma: float) -> int:
     return 2 * int(math.ceil(4.0 * sigma)) + 1  # ±4σ: the truncated mass is < 1e-4
 
 
+def smooth_factor(sigma: float) -> int:
+    """The resolution divisor of :func:`smooth_blur` (1: a direct blur)."""
+    return max(1, int(sigma // 6))
+
+
+def smooth_small(small: np.ndarray, sigma: float, f: int) -> np.ndarray:
+    """The blur of :func:`smooth_blur` on its 1/f-scale, area-averaged, zero-padded copy."""
+    # the area average adds (f²−1)/12 and the bilinear upsampling ~f²/6 of variance: take them off
+    fs = math.sqrt(max(sigma * sigma - (f * f - 1) / 12.0 - f * f / 6.0, 0.25 * f * f)) / f
+    k = _gauss_ksize(fs)
+    return cv2.GaussianBlur(small, (k, k), sigmaX=fs, sigmaY=fs, borderType=cv2.BORDER_CONSTANT)
+
+
 def smooth_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """A wide Gaussian blur (sigma in native pixels, ±4σ) with *dark* surroundings (zero padding: no light
     comes from outside the picture), computed at reduced resolution when sigma is large (then the result
@@ -287,7 +303,7 @@ def smooth_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return img.copy()
     h, w = img.shape[:2]
-    f = max(1, int(sigma // 6))
+    f = smooth_factor(sigma)
     if f == 1:
         k = _gauss_ksize(sigma)
         return cv2.GaussianBlur(img, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_CONSTANT)
@@ -297,12 +313,25 @@ def smooth_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     hh, ww = src.shape[:2]
     small = cv2.resize(src, (ww // f, hh // f), interpolation=cv2.INTER_AREA)
     del src  # a full-size copy: gone before the full-size upsampling
-    # the area average adds (f²−1)/12 and the bilinear upsampling ~f²/6 of variance: take them off
-    fs = math.sqrt(max(sigma * sigma - (f * f - 1) / 12.0 - f * f / 6.0, 0.25 * f * f)) / f
-    k = _gauss_ksize(fs)
-    small = cv2.GaussianBlur(small, (k, k), sigmaX=fs, sigmaY=fs, borderType=cv2.BORDER_CONSTANT)
+    small = smooth_small(small, sigma, f)
     up = cv2.resize(small, (ww, hh), interpolation=cv2.INTER_LINEAR)
     return up[f : f + h, f : f + w]  # a view of the padded result (no second full-size copy)
+
+
+def _soft_params(fov: FovGeometry) -> tuple[int, float] | None:
+    """(kernel side, sigma) of the rim ramp, or None when the rim is under 1.5 native pixels (no ramp)."""
+    s = 2.0 * fov.radius / CANONICAL
+    if s < 1.5:
+        return None
+    sigma = 0.5 * s
+    return make_odd(int(math.ceil(3 * sigma)) * 2 + 1), sigma
+
+
+def _soften(blurred: np.ndarray, bf: np.ndarray) -> np.ndarray:
+    # map the edge value 0.5 -> 0, interior 1 -> 1: a ramp of about s pixels inside the mask
+    soft = np.clip(2.0 * blurred - 1.0, 0.0, 1.0) * bf
+    soft[soft > 0.9999] = 1.0  # the blurred interior sums to 1 only up to rounding
+    return soft.astype(np.float32)
 
 
 def soft_fov_mask(binary: np.ndarray, fov: FovGeometry | dict) -> np.ndarray:
@@ -319,13 +348,23 @@ def soft_fov_mask(binary: np.ndarray, fov: FovGeometry | dict) -> np.ndarray:
     if b.shape != (fov.height, fov.width):
         raise ValueError(f"mask shape {b.shape} does not match the FOV geometry {(fov.height, fov.width)}")
     bf = b.astype(np.float32)
-    s = 2.0 * fov.radius / CANONICAL
-    if s < 1.5:
+    p = _soft_params(fov)
+    if p is None:
         return bf
-    sigma = 0.5 * s
-    k = make_odd(int(math.ceil(3 * sigma)) * 2 + 1)
-    soft = gaussian_blur(bf, k, k, sigma)
-    # map the edge value 0.5 -> 0, interior 1 -> 1: a ramp of about s pixels inside the mask
-    soft = np.clip(2.0 * soft - 1.0, 0.0, 1.0) * bf
-    soft[soft > 0.9999] = 1.0  # the blurred interior sums to 1 only up to rounding
-    return soft.astype(np.float32)
+    k, sigma = p
+    return _soften(gaussian_blur(bf, k, k, sigma), bf)
+
+
+def soft_fov_rows(binary: np.ndarray, fov: FovGeometry, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of :func:`soft_fov_mask` (the same values), blurring only those rows and the kernel's reach."""
+    binary = np.asarray(binary)
+    if binary.shape != (fov.height, fov.width):
+        raise ValueError(f"mask shape {binary.shape} does not match the FOV geometry {(fov.height, fov.width)}")
+    p = _soft_params(fov)
+    bf = binary[a:b].astype(bool).astype(np.float32)
+    if p is None:
+        return bf
+    k, sigma = p
+    lo, hi = max(0, a - k // 2), min(fov.height, b + k // 2)
+    wide = binary[lo:hi].astype(bool).astype(np.float32)
+    return _soften(gaussian_blur(wide, k, k, sigma)[a - lo : b - lo], bf)

@@ -465,6 +465,27 @@ class Degrader:
         return x.astype(np.float32, copy=False)
 
 
+    def apply_banded(
+        self,
+        params: dict,
+        read_rows,
+        binary: np.ndarray,
+        write_rows,
+        levels: int = 255,
+        *,
+        exact: bool | None = None,
+        details: dict | None = None,
+        band_rows: int | None = None,
+    ) -> None:
+        """:meth:`apply` a band of rows at a time, for photographs too large to hold as float (see
+        :func:`degradation.banded.apply_banded`: the same operations; a pixel can differ by one code value)."""
+        from .banded import apply_banded
+
+        if int(levels) < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        apply_banded(params, read_rows, binary, write_rows, levels, exact=exact, details=details, band_rows=band_rows)
+
+
 __all__ = [
     "CODES",
     "Degrader",

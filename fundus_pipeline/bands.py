@@ -131,6 +131,19 @@ def rgb_downscale(color: np.ndarray, width: int, height: int, maxval: float, **k
     return np.repeat(small[..., None], 3, axis=2) if small.ndim == 2 else small
 
 
+def masked_frame(image, geometry, mask: np.ndarray, size: int) -> np.ndarray | None:
+    """``clip(CanonicalFrame.from_fov(geometry, size).to_canonical(image.rgb * mask), 0, 1)`` of a very large
+    photograph, area-averaged from its integer array in row bands (equal to float rounding, no float copy);
+    None when the frame is no reduction (a small FOV in a huge frame: take the float path)."""
+    from fundus_pipeline.canonical import CanonicalFrame
+
+    frame = CanonicalFrame.from_fov(geometry, size)
+    if frame.side <= size:
+        return None
+    box = (frame.x0, frame.y0, frame.side, frame.side)
+    return np.clip(rgb_downscale(image.color, size, size, image.maxval, box=box, mask=mask), 0, 1)
+
+
 def area_downscale(arr: np.ndarray, width: int, height: int) -> np.ndarray:
     """``arr`` (integer, any channels) resized to (width, height) with area averaging, from the integer array
     (no full-size float copy)."""
@@ -140,4 +153,4 @@ def area_downscale(arr: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(a, (width, height), interpolation=cv2.INTER_AREA)
 
 
-__all__ = ["BAND_PIXELS", "LARGE_PIXELS", "BandUpsampler", "area_downscale", "area_downscale_float", "is_large", "rgb_downscale", "row_bands"]
+__all__ = ["BAND_PIXELS", "LARGE_PIXELS", "BandUpsampler", "area_downscale", "area_downscale_float", "is_large", "masked_frame", "rgb_downscale", "row_bands"]

@@ -125,25 +125,64 @@ def test_large_jpeg_reader_matches_pillow_and_refuses_truncation(tmp_path, large
 
 
 @pytest.mark.parametrize("options", [{"types": ["001", "010", "100", "111"]}, {"recipe": "severe", "seed": 3}, {"types": ["111"], "preset": "training"}])
-@pytest.mark.parametrize("kind", ["rgb8", "rgb16", "gray"])
-def test_degrade_in_place_path_gives_the_same_bytes(options, kind, tmp_path, monkeypatch):
-    """Very large photographs are degraded in their own float copy, in place, and converted in place: the
-    same bytes as the exact path."""
+@pytest.mark.parametrize("kind", ["rgb8", "rgb16", "gray", "rgba"])
+def test_degrade_banded_path_matches_the_exact_one(options, kind, tmp_path, monkeypatch):
+    """Very large photographs are degraded a band of rows at a time (``degradation.banded``; bands of 16
+    rows here): the same images as the exact path within one code value (a few after JPEG), alpha kept."""
+    import degradation.banded as banded
     from fundus_pipeline.config import DegradeConfig
     from fundus_pipeline.stages.degrade import DegradeStage
 
     rgb = synthetic_fundus(150, 170, 7)
-    arr = {"rgb8": rgb, "rgb16": rgb.astype(np.uint16) * 257, "gray": rgb[..., 1]}[kind]
+    alpha = np.arange(150 * 170, dtype=np.uint8).reshape(150, 170)
+    arr = {"rgb8": rgb, "rgb16": rgb.astype(np.uint16) * 257, "gray": rgb[..., 1], "rgba": np.dstack([rgb, alpha])}[kind]
+    monkeypatch.setattr(banded, "BAND_PIXELS", 170 * 16)
     outs = {}
     for is_large in (False, True):
         monkeypatch.setattr(bands, "LARGE_PIXELS", 1 if is_large else 10**12)
         img = _image(arr, tmp_path)
         stage = DegradeStage(DegradeConfig(**options))
         outs[is_large] = stage.compute(ItemInput("p", {"image": img}, Fov.estimate_image(img))).images_now()
-        assert ("_float" in img.__dict__) is not is_large  # the large path never caches a float copy
+        assert ("_float" in img.__dict__) is not is_large  # the large path never makes a float copy
     assert outs[False].keys() == outs[True].keys()
     for k in outs[False]:
-        assert np.array_equal(outs[False][k], outs[True][k]), k
+        a, b = outs[False][k], outs[True][k]
+        assert a.shape == b.shape and a.dtype == b.dtype, k
+        d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        step = 257 if kind == "rgb16" else 1
+        assert d.max() <= (4 if "recipe" in options else 1) * step, k
+        assert (d > 0).mean() < 0.01, k
+        if kind == "rgba":
+            assert np.array_equal(b[..., 3], alpha)
+
+
+def test_degrade_banded_path_holds_no_full_size_float_copy(tmp_path, monkeypatch):
+    """The banded degrade's working memory is bands of rows: its traced peak (numpy allocations, output
+    included) stays far below one float32 copy of the photograph, which the exact path needs several of."""
+    import tracemalloc
+
+    from fundus_pipeline.config import DegradeConfig
+    from fundus_pipeline.stages.degrade import DegradeStage
+
+    import degradation.banded as banded
+
+    rgb = synthetic_fundus(1200, 1600, 5)
+    float_copy = rgb.size * 4
+    monkeypatch.setattr(banded, "BAND_PIXELS", 1600 * 32)  # bands of 32 rows (about 170 at 12000 columns)
+    peaks = {}
+    for is_large in (False, True):
+        monkeypatch.setattr(bands, "LARGE_PIXELS", 1 if is_large else 10**12)
+        img = _image(rgb, tmp_path)
+        fov = Fov.estimate_image(img)
+        stage = DegradeStage(DegradeConfig(recipe="severe", seed=1))
+        tracemalloc.start()
+        out = stage.compute(ItemInput("p", {"image": img}, fov)).images_now()
+        peaks[is_large] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out[""].shape == rgb.shape
+    # the output (one byte a value) and bands of rows, against several float copies
+    assert peaks[True] < float_copy and peaks[True] < 0.25 * peaks[False], peaks
+    assert peaks[False] > 2 * float_copy, peaks
 
 
 def test_grade_frame_banded_matches_the_exact_one(tmp_path, monkeypatch):
@@ -153,3 +192,22 @@ def test_grade_frame_banded_matches_the_exact_one(tmp_path, monkeypatch):
         img = _image(arr, tmp_path)
         fov = Fov.estimate_image(img)
         assert np.abs(grade_frame_large(img, fov, 64) - grade_frame(img.rgb, fov, 64)).max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "rgb16"])
+def test_score_frames_banded_match_the_exact_ones(kind, tmp_path, monkeypatch):
+    """``fundus score``'s two frames of a very large pair come from the integer arrays in row bands, no float copy."""
+    from fundus_pipeline.stages.score import score_frames
+
+    enh_arr, ref_arr = synthetic_fundus(300, 360, 9), synthetic_fundus(300, 360, 4)
+    if kind == "rgb16":
+        enh_arr, ref_arr = enh_arr.astype(np.uint16) * 257, ref_arr.astype(np.uint16) * 257
+    frames = {}
+    for is_large in (False, True):
+        monkeypatch.setattr(bands, "LARGE_PIXELS", 1 if is_large else 10**12)
+        enh, ref = _image(enh_arr, tmp_path, "e.png"), _image(ref_arr, tmp_path, "r.png")
+        fov = Fov.estimate_image(enh)
+        frames[is_large] = score_frames(enh, ref, fov, 64)
+        assert ("_float" in enh.__dict__ or "_float" in ref.__dict__) is not is_large
+    for a, b in zip(frames[False], frames[True]):
+        assert a.shape == b.shape == (64, 64, 3) and np.abs(a - b).max() < 1e-5

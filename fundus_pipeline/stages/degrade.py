@@ -8,7 +8,7 @@ import numpy as np
 
 from fundus_pipeline.config import DegradeConfig
 from fundus_pipeline.errors import InputError, UsageError
-from fundus_pipeline.io import from_float_rgb
+from fundus_pipeline.io import from_float_rgb, to_float_rgb
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
 from fundus_pipeline.stages.replay import load_replay
 
@@ -93,11 +93,9 @@ class DegradeStage(Stage):
                 g = fov.geometry
 
             def render(degrader=degrader, params=params, g=g) -> np.ndarray:  # deferred: one variant in memory at a time
+                if image.large:  # a band of rows at a time: no full-size float array
+                    return _render_banded(degrader, params, image, fov.mask, levels)
                 soft = soft_fov_mask(fov.mask, g)
-                if image.large:  # its own float copy, degraded in place and converted in place: fewer full-size arrays
-                    out = degrader.apply(image.fresh_rgb(), params, soft, levels=levels, consume=True)
-                    del soft
-                    return from_float_rgb(out, image.meta, image.alpha, truncate=True, consume=True)
                 out = degrader.apply(image.rgb, params, soft, levels=levels)
                 return from_float_rgb(out, image.meta, image.alpha, truncate=True)
 
@@ -110,3 +108,24 @@ class DegradeStage(Stage):
             "fov": fov.geometry.to_dict(),
             "params": params_out,
         })
+
+
+def _render_banded(degrader, params: dict, image, binary: np.ndarray, levels: int) -> np.ndarray:
+    """The degraded photograph in its native layout, computed a band of rows at a time (above
+    ``bands.LARGE_PIXELS``): besides the decoded input and this output, only bands of rows are held."""
+    out: list[np.ndarray] = []
+    arr = image.array
+    has_alpha = arr.ndim == 3 and arr.shape[2] in (2, 4)
+
+    def read_rows(a: int, b: int) -> np.ndarray:
+        return to_float_rgb(arr[a:b], image.meta)[0]
+
+    def write_rows(a: int, x: np.ndarray) -> None:
+        alpha = arr[a : a + len(x), :, arr.shape[2] - 1] if has_alpha else None
+        rows = from_float_rgb(x, image.meta, alpha, truncate=True, consume=True)
+        if not out:
+            out.append(np.empty((arr.shape[0],) + rows.shape[1:], rows.dtype))
+        out[0][a : a + len(rows)] = rows
+
+    degrader.apply_banded(params, read_rows, binary, write_rows, levels=levels)
+    return out[0]

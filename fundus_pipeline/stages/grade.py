@@ -36,16 +36,11 @@ def grade_frame(rgb: np.ndarray, fov, size: int) -> np.ndarray:
 def grade_frame_large(image, fov, size: int) -> np.ndarray:
     """``grade_frame`` of a very large photograph, area-averaged from its integer array in row bands
     (``fundus_pipeline.bands``; equal to ``grade_frame`` to float rounding)."""
-    from fundus_pipeline.bands import rgb_downscale
-    from fundus_pipeline.canonical import CanonicalFrame
+    from fundus_pipeline.bands import masked_frame, rgb_downscale
 
-    h, w = image.color.shape[:2]
     if fov is not None and fov.found:
-        frame = CanonicalFrame.from_fov(fov.geometry, size)
-        if frame.side > size:
-            box = (frame.x0, frame.y0, frame.side, frame.side)
-            return np.clip(rgb_downscale(image.color, size, size, image.maxval, box=box, mask=fov.mask), 0, 1)
-        return grade_frame(image.rgb, fov, size)  # a small FOV in a huge frame
+        out = masked_frame(image, fov.geometry, fov.mask, size)
+        return grade_frame(image.rgb, fov, size) if out is None else out  # None: a small FOV in a huge frame
     return rgb_downscale(image.color, size, size, image.maxval)
 
 

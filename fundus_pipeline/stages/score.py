@@ -54,8 +54,7 @@ class ScoreStage(NetworkStage):
         enh, ref = item.image, item.images["reference"]
         if (ref.meta.height, ref.meta.width) != (enh.meta.height, enh.meta.width):
             raise InputError(f"size mismatch: enhanced {enh.meta.width}x{enh.meta.height}, reference {ref.meta.width}x{ref.meta.height}")
-        mask = fov.mask[..., None]
-        return to_score_frame(enh.rgb * mask, fov.geometry, self.size), to_score_frame(ref.rgb * mask, fov.geometry, self.size)
+        return score_frames(enh, ref, fov, self.size)
 
     def compute(self, item: ItemInput) -> ItemOutput:
         return self.compute_batch([item])[0]
@@ -74,3 +73,16 @@ class ScoreStage(NetworkStage):
                 fields.update(score_input=round(own[0], 6), score_input_spread=round(own[1], 6))
             outs.append(ItemOutput({}, fields))
         return outs
+
+
+def score_frames(enh, ref, fov, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(enhanced, reference) images in the scoring frame of ``fov``; above ``bands.LARGE_PIXELS`` area-averaged
+    from their integer arrays in row bands (no float copy; equal to float rounding)."""
+    if enh.large:
+        from fundus_pipeline.bands import masked_frame
+
+        pair = [masked_frame(im, fov.geometry, fov.mask, size) for im in (enh, ref)]
+        if pair[0] is not None and pair[1] is not None:
+            return pair[0], pair[1]
+    mask = fov.mask[..., None]
+    return to_score_frame(enh.rgb * mask, fov.geometry, size), to_score_frame(ref.rgb * mask, fov.geometry, size)
