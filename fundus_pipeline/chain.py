@@ -489,7 +489,7 @@ class Chain:
             stage, self.in_path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
-            engine=self.engine,
+            engine=self.engine, inputs_checked=name == self._first_folder(),  # _prepare_folder checked its inputs
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
         self.interrupted |= res.interrupted

@@ -347,15 +347,16 @@ def _untag(row: dict, text: str) -> str:
     return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
 
 
-def resumable_rows(dst: Path, cfg_hash: str) -> "RowStore":
+def resumable_rows(dst: Path, cfg_hash: str, check_inputs: bool = True) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, their
-    outputs present and their input unchanged (``input_changed``). A UsageError when the folder holds rows
-    of other configurations only. One pass over the journal, a stat or two a row."""
+    outputs present and their input unchanged (``input_changed``; ``check_inputs=False``: the caller has
+    checked every row's input already). A UsageError when the folder holds rows of other configurations only.
+    One pass over the journal, a stat or two a row."""
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
         if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all(os.path.exists(os.path.join(dst, o)) for o in r.get("outputs", []))
-                and not input_changed(r)):  # an input replaced since is processed again
+                and not (check_inputs and input_changed(r))):  # an input replaced since is processed again
             rows.add_text(r["key"], _untag(r, text))
         else:
             rows.discard(r["key"])
@@ -864,6 +865,7 @@ def run_stage(
     pool: "WorkerPool | None" = None,
     engine: Engine | None = None,
     feed: bool | None = None,
+    inputs_checked: bool = False,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
@@ -872,7 +874,8 @@ def run_stage(
     ``pool``: worker processes kept across several stages (a chained run), used when ``workers > 1``.
     ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused.
     ``feed``: one model in this process fed by ``workers`` decoding processes (``run_fed``); default: when the
-    stage runs on a GPU (``stage.feeds_device``)."""
+    stage runs on a GPU (``stage.feeds_device``). ``inputs_checked``: the caller has checked that no earlier
+    row's input changed (a chained run, for its first stage), so resuming does not stat them again."""
     started = time.time()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -891,15 +894,16 @@ def run_stage(
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                            threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                           engine=engine, feed=feed)
+                           engine=engine, feed=feed, inputs_checked=inputs_checked)
 
 
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
-                pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None) -> RunResult:
+                pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None,
+                inputs_checked: bool = False) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
-    rows = resumable_rows(dst, cfg_hash) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
+    rows = resumable_rows(dst, cfg_hash, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)

@@ -236,6 +236,21 @@ def test_resume_refuses_another_configuration(photos, tmp_path, tiny):
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--flag-threshold", "0.3"), "--resume") == 2
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
+    # resuming checks each input once (the chain before its first stage; that stage does not again)
+    import fundus_pipeline.chain as chain_mod
+    import fundus_pipeline.runner as runner_mod
+
+    checked = []
+
+    def counting(row, real=runner_mod.input_changed):
+        checked.append(row["key"])
+        return real(row)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_mod, "input_changed", counting)
+        mp.setattr(chain_mod, "input_changed", counting)
+        assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
+    assert sorted(checked) == ["p0", "p1", "p2"]
     # an input changed since the run started: resuming would mix two versions
     Image.fromarray(synthetic_fundus(80, 80, 7)).save(photos / "p1.png")
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
