@@ -22,7 +22,12 @@ Exactness, against :meth:`Degrader.apply` on the same input:
 * the halo's and hole's image means are sums in float64 accumulated band by band (in one piece numpy
   and OpenCV sum in another order), and the smooth fields are warped band by band (OpenCV rounds the
   mapped coordinates to 1/32 pixel, which can fall the other way): so a value can differ in its last bits
-  and an output pixel by one code value, rarely (measured in ``tests/degradation/test_deg_banded.py``).
+  and an output pixel by one code value, rarely (measured in ``tests/degradation/test_deg_banded.py``); a
+  later JPEG step re-encodes such a pixel's 8x8 block, which can then move by a few code values.
+
+Memory: bands of rows, the soft mask's rim, and the haze glare's coarse copy (1/f² of the photograph, f =
+glare sigma / 6 native pixels: tiny for the built-in recipes, up to a quarter of a float copy for a custom
+recipe with a glare sigma of a few canonical pixels).
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ class _Field(_Op):
     def finish(self):
         ctx = self.ctx
         if self.kind == "halo":
-            mu = (self.total[0] + ctx.missing * float(ctx.bg.sum(dtype=np.float64))) / (3.0 * ctx.area)
+            mu = float((self.total[0] + ctx.missing * float(ctx.bg.sum(dtype=np.float64))) / (3.0 * ctx.area))
             self.mean = mu
         else:
             self.mean = float(np.mean(self.total / self.count)) if self.count else 0.0
@@ -147,7 +152,7 @@ class _Field(_Op):
             for k in range(3):
                 x[:, :, k] += fld * self.w[k]
         else:
-            fld *= np.float32(self.factor)
+            fld = fld * np.float32(self.factor)  # not in place: for the 512 frame itself fld is a view of the field
             x += fld[..., None]
         return np.clip(x, np.float32(0.0), np.float32(1.0), out=x)
 

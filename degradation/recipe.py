@@ -478,7 +478,8 @@ class Degrader:
         band_rows: int | None = None,
     ) -> None:
         """:meth:`apply` a band of rows at a time, for photographs too large to hold as float (see
-        :func:`degradation.banded.apply_banded`: the same operations; a pixel can differ by one code value)."""
+        :func:`degradation.banded.apply_banded`: the same operations; a pixel can differ by one code value, a few
+        after a later JPEG step)."""
         from .banded import apply_banded
 
         if int(levels) < 1:

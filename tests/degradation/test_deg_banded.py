@@ -78,6 +78,17 @@ def test_statistics_and_fields_move_a_pixel_by_one_code_value_at_most(photo, nam
             assert d2[step][k] == pytest.approx(v, rel=1e-7, abs=1e-12), (step, k)
 
 
+@pytest.mark.parametrize("code", ["101", "111"])
+def test_the_canonical_frame_itself_in_bands(code):
+    """A 512x512 photograph is the canonical frame (its fields are used as they are, not warped): the hole
+    must not scale its stored field in place when rows are asked for twice (a blur follows it)."""
+    img, fov, soft = make_fundus(512)
+    deg = cofe_degrader("released", code)
+    ref, out, _, _ = _both(deg, (img, fov, soft, fov.circle_mask()), 0, 255, 37)
+    dq = np.abs(np.floor(out * 255) - np.floor(ref * 255))
+    assert dq.max() <= 1 and (dq > 0).mean() < 2e-4
+
+
 def test_banded_mask_shape_is_checked(photo):
     img, fov, soft, binary = photo
     deg = cofe_degrader("released", "111")
