@@ -42,6 +42,7 @@ from .fov import FovGeometry
 from .functional import (
     Frame,
     _gauss_ksize,
+    chunk_rows,
     gaussian_blur,
     smooth_factor,
     smooth_small,
@@ -52,11 +53,6 @@ from .functional import (
 BAND_PIXELS = 1 << 21
 #: Rows of a JPEG band's MCU grid and of the context it carries (4:2:0 chroma: 16-row MCUs).
 _JPEG_ROWS = 16
-
-
-def _chunk_rows(width: int) -> int:
-    """Rows of the fixed chunk grid of the colour statistic and the noise stream (``_row_chunks``)."""
-    return max(1, (1 << 17) // max(1, width))
 
 
 class _Op:
@@ -81,7 +77,7 @@ class _Color(_Op):
     def __init__(self, rec: dict, ctx, w: int):
         self.op = cofe.ColorOp(rec, ctx.levels)
         self.ctx = ctx
-        self.unit = _chunk_rows(w)
+        self.unit = chunk_rows(w)
         self.luma_sum = 0.0
 
     def collect(self, x, y0, region):
@@ -196,7 +192,7 @@ class _Noise(_Op):
 
     def __init__(self, rec: dict, h: int, w: int):
         self.rec, self._height = rec, h
-        self.step = _chunk_rows(w)
+        self.step = chunk_rows(w)
         self.gen = np.random.Generator(np.random.PCG64(int(rec["seed"])))
         self.states = {0: self.gen.bit_generator.state}  # chunk index -> state before drawing it
 

@@ -14,13 +14,7 @@ import math
 import cv2
 import numpy as np
 
-from .functional import Frame, blur_in_place, disc_psf, line_psf, smooth_blur
-
-
-def _row_chunks(h: int, w: int, pixels: int = 1 << 17):
-    step = max(1, pixels // max(1, w))
-    for y in range(0, h, step):
-        yield slice(y, min(h, y + step))
+from .functional import Frame, blur_in_place, disc_psf, line_psf, row_chunks, smooth_blur
 
 
 class OpCtx:
@@ -58,7 +52,7 @@ def apply_noise(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
         return img.copy()
     g = np.random.Generator(np.random.PCG64(int(rec["seed"])))
     out = img if ctx.owned and img.dtype == np.float32 else np.empty_like(img, dtype=np.float32)
-    for rows in _row_chunks(img.shape[0], img.shape[1]):  # fixed chunking: the stream order is fixed
+    for rows in row_chunks(img.shape[0], img.shape[1]):  # fixed chunking: the stream order is fixed
         x = img[rows]
         out[rows] = noisy(x, rec, g.standard_normal(x.shape, dtype=np.float32))
     return out
@@ -94,7 +88,7 @@ def sample_jpeg(rng, cfg: dict) -> dict:
 
 def apply_jpeg(img: np.ndarray, rec: dict, ctx: OpCtx) -> np.ndarray:
     u8 = np.empty(img.shape, np.uint8)
-    for rows in _row_chunks(img.shape[0], img.shape[1]):  # by row bands: no full-size float temporaries
+    for rows in row_chunks(img.shape[0], img.shape[1]):  # by row bands: no full-size float temporaries
         u8[rows] = np.rint(np.clip(img[rows], 0, 1) * 255.0)
     ok, buf = cv2.imencode(".jpg", u8[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rec["quality"])])
     if not ok:  # pragma: no cover - cv2 always encodes a valid uint8 RGB array
@@ -179,7 +173,7 @@ def apply_vignetting(img: np.ndarray, rec: dict, ctx: OpCtx, y0: int = 0) -> np.
     cy = fov.cy + rec["offset"] * fov.radius * math.sin(th)
     out = img if ctx.owned else np.empty(img.shape, np.result_type(img.dtype, np.float32))
     dx2 = (np.arange(img.shape[1])[None, :] - cx) ** 2
-    for rows in _row_chunks(img.shape[0], img.shape[1]):  # the gain per row band: no full-size temporaries
+    for rows in row_chunks(img.shape[0], img.shape[1]):  # the gain per row band: no full-size temporaries
         yy = np.arange(y0 + rows.start, y0 + rows.stop)[:, None]
         rho = np.sqrt((dx2 + (yy - cy) ** 2).astype(np.float32)) / np.float32(fov.radius)
         gain = 1.0 - np.float32(rec["strength"]) * np.minimum(rho, 1.0) ** np.float32(rec["power"])

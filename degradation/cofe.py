@@ -36,6 +36,7 @@ from .functional import (
     pil_color,
     pil_luma,
     quantise,
+    row_chunks,
     work_factor,
 )
 
@@ -263,15 +264,6 @@ class _Ctx:
         return float(np.mean(cv2.mean(img, mask=self._region_u8)[:3]))
 
 
-_CHUNK_PIXELS = 1 << 17  # colour ops run on row chunks that stay in cache (several passes each)
-
-
-def _row_chunks(h: int, w: int):
-    step = max(1, _CHUNK_PIXELS // max(1, w))
-    for y in range(0, h, step):
-        yield slice(y, min(h, y + step))
-
-
 class ColorOp:
     """PIL brightness → contrast → saturation on quantised levels (LUTs for 8-bit, same values), split into
     the statistic it needs (the mean luminance after brightness over the canonical square) and the
@@ -316,7 +308,7 @@ def _apply_color(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     qb = np.empty(img.shape, np.uint8 if op.use_lut else np.float32)
     by, bx = ctx.box
     luma_sum = 0.0
-    for rows in _row_chunks(h, w):
+    for rows in row_chunks(h, w):
         qb[rows] = op.brightness(img[rows])
         r0, r1 = max(rows.start, by.start), min(rows.stop, by.stop)
         if r0 < r1:
@@ -324,7 +316,7 @@ def _apply_color(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     # mean luminance over the canonical square; pixels outside the image are black (L = 0)
     op.set_mean(luma_sum / ctx.area, ctx)
     out = img if ctx.owned else np.empty(img.shape, np.float32)
-    for rows in _row_chunks(h, w):
+    for rows in row_chunks(h, w):
         out[rows] = op.finish(qb[rows])
     return out
 
@@ -354,7 +346,7 @@ def _apply_halo(img: np.ndarray, rec: dict, ctx: _Ctx) -> np.ndarray:
     (field, f, pad), w = halo_field(rec, mu, ctx)
     field = ctx.frame.warp_from_canonical(field, f, pad)
     if ctx.owned:  # img + field * w in place, by row chunks and channels (float addition commutes: same values)
-        for rows in _row_chunks(*field.shape):
+        for rows in row_chunks(*field.shape):
             for k in range(3):
                 img[rows, :, k] += field[rows] * w[k]
         out = img

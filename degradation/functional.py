@@ -19,6 +19,23 @@ CANONICAL = 512
 _BORDER = cv2.BORDER_REFLECT_101
 
 
+#: Pixels per row chunk of the per-pixel ops (chunks stay in cache). The colour statistic and the noise
+#: stream are defined on this grid, so the banded path (``degradation.banded``) must use the same one.
+CHUNK_PIXELS = 1 << 17
+
+
+def chunk_rows(width: int) -> int:
+    """Rows per chunk of the fixed chunk grid (:data:`CHUNK_PIXELS` pixels, at least one row)."""
+    return max(1, CHUNK_PIXELS // max(1, width))
+
+
+def row_chunks(h: int, w: int):
+    """Slices of rows [0, h) on the fixed chunk grid."""
+    step = chunk_rows(w)
+    for y in range(0, h, step):
+        yield slice(y, min(h, y + step))
+
+
 def make_odd(k: int) -> int:
     """The released rule: an even kernel side becomes odd by adding one."""
     k = int(k)
