@@ -27,6 +27,11 @@ Needs ../shared/data (DRIVE 01_test) or falls back to a synthetic fundus image.
 
 Usage: python benchmarks/gpu.py [--device auto|cpu|cuda] [--reps 20] [--sizes drive,1024] [--batch 8]
        [--precisions fp32,bf16,fp16] [--agree 20] [--fed-n 64] [--decoders 4] [--only segment,enhance,score,grade]
+       [--compile]
+
+``--compile`` adds ``compiled`` at the first size: each network under ``torch.compile`` (``--compile`` of the
+stage commands): the first call's seconds, compilation included; the compiled forward pass's images/s and
+speed-up over the uncompiled one; the stage's images/s compiled; the largest output difference.
 """
 
 from __future__ import annotations
@@ -87,8 +92,8 @@ def timed(fn, reps: int, device: torch.device) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> float:
-    """Seconds per forward pass of the stage's network on a synthetic tensor of the shape it is fed."""
+def _shape(stage_name: str, stage, item) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of inputs) the stage feeds its network for ``item``."""
     from fundus_pipeline.models.inference import working_scale
 
     if stage_name == "segment":
@@ -96,19 +101,55 @@ def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> fl
         h, w = (round(d * scale) for d in (item.image.meta.height, item.image.meta.width))
         h, w = min(h, stage.cfg.tile or h), min(w, stage.cfg.tile or w)
         div = int(getattr(stage._model, "size_divisor", 16))
-        shape, args = (1, 3, -(-h // div) * div, -(-w // div) * div), 1
-        model = stage._model
-    elif stage_name == "enhance":
-        shape, args, model = (1, 3, stage.size, stage.size), 1, stage._models[0]
-    elif stage_name == "score":
-        shape, args, model = (len(stage.boxes), 3, stage.crop, stage.crop), 2, stage._model
-    else:
-        shape, args, model = (1, 3, stage.size, stage.size), 1, stage._model
+        return (1, 3, -(-h // div) * div, -(-w // div) * div), 1
+    if stage_name == "score":
+        return (len(stage.boxes), 3, stage.crop, stage.crop), 2
+    return (1, 3, stage.size, stage.size), 1
+
+
+def _network(stage_name: str, stage, item):
+    return stage._models[0] if stage_name == "enhance" else stage._model
+
+
+def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> float:
+    """Seconds per forward pass of the stage's network on a synthetic tensor of the shape it is fed."""
+    shape, args = _shape(stage_name, stage, item)
+    model = _network(stage_name, stage, item)
     xs = [torch.rand(*shape, device=device) for _ in range(args)]
     with torch.inference_mode():
         if stage_name == "score" and stage.cfg.input_score:
             return timed(lambda: model.forward_with_identity(*xs), reps, device)
         return timed(lambda: model(*xs), reps, device)
+
+
+def compiled(name: str, make, stage, images: dict, item, device: torch.device, reps: int) -> dict:
+    """``--compile``: the stage's network under ``torch.compile`` (a second stage built with ``compile=True``):
+    the first call's seconds (compilation included), the compiled forward pass against the uncompiled
+    ``ceiling``, the largest difference of their outputs on the same synthetic input, and the stage's
+    per-item seconds compiled."""
+    cstage = make(compile=True)
+    citem = prepare_item(cstage, "x", images)
+    t = time.perf_counter()
+    cstage.compute(citem)
+    sync(device)
+    first = time.perf_counter() - t
+    eager = ceiling(name, stage, item, device, reps)
+    comp = ceiling(name, cstage, citem, device, reps)
+    g = torch.Generator().manual_seed(0)
+    model, cmodel = _network(name, stage, item), _network(name, cstage, citem)
+    shape, args = _shape(name, stage, item)
+    xs = [torch.rand(*shape, generator=g).to(device) for _ in range(args)]
+    with torch.inference_mode():
+        call = (lambda m: m.forward_with_identity(*xs)) if name == "score" and stage.cfg.input_score else (lambda m: m(*xs))
+        a, b = call(model), call(cmodel)
+    a, b = (torch.cat([t.flatten() for t in v]) if isinstance(v, (tuple, list)) else v for v in (a, b))
+    return {
+        "first_call_s": round(first, 2),
+        "ceiling_images_per_s": round(1 / comp, 3),
+        "speedup_over_uncompiled": round(eager / comp, 3),
+        "stage_images_per_s": round(1 / timed(lambda: cstage.compute(citem), reps, device), 3),
+        "max_abs_output_difference": float((a.float() - b.float()).abs().max()),
+    }
 
 
 def batched(name: str, stage, item, device: torch.device, reps: int, batch: int, precisions: list[str]) -> dict:
@@ -253,6 +294,7 @@ def main() -> None:
     ap.add_argument("--fed-n", type=int, default=0, help="photographs of the fed run (default: 64 on CUDA, 4 on CPU)")
     ap.add_argument("--decoders", type=int, default=4)
     ap.add_argument("--only", default="segment,enhance,score,grade")
+    ap.add_argument("--compile", action="store_true", help="also measure each network under torch.compile (at the first size)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -266,10 +308,10 @@ def main() -> None:
     }  # fmt: skip
     dev = str(device)
     stages = {
-        "segment": lambda: __import__("fundus_pipeline.stages.segment", fromlist=["x"]).SegmentStage(SegmentConfig(device=dev)),
-        "enhance": lambda: __import__("fundus_pipeline.stages.enhance", fromlist=["x"]).EnhanceStage(EnhanceConfig(device=dev, vessel_stats=False)),
-        "score": lambda: __import__("fundus_pipeline.stages.score", fromlist=["x"]).ScoreStage(ScoreConfig(device=dev, input_score=True)),
-        "grade": lambda: __import__("fundus_pipeline.stages.grade", fromlist=["x"]).GradeStage(GradeConfig(device=dev)),
+        "segment": lambda **kw: __import__("fundus_pipeline.stages.segment", fromlist=["x"]).SegmentStage(SegmentConfig(device=dev, **kw)),
+        "enhance": lambda **kw: __import__("fundus_pipeline.stages.enhance", fromlist=["x"]).EnhanceStage(EnhanceConfig(device=dev, vessel_stats=False, **kw)),
+        "score": lambda **kw: __import__("fundus_pipeline.stages.score", fromlist=["x"]).ScoreStage(ScoreConfig(device=dev, input_score=True, **kw)),
+        "grade": lambda **kw: __import__("fundus_pipeline.stages.grade", fromlist=["x"]).GradeStage(GradeConfig(device=dev, **kw)),
     }
     with tempfile.TemporaryDirectory() as tmp:
         photos = {s: photograph(s, Path(tmp)) for s in args.sizes.split(",")}
@@ -299,6 +341,8 @@ def main() -> None:
                     "network_share_of_compute": round(min(1.0, ceil / comp), 3),
                 }
                 res[size]["batched_images_per_s"] = batched(name, stage, item, device, reps, batch, precisions)
+                if args.compile and size == args.sizes.split(",")[0]:
+                    res[size]["compiled"] = compiled(name, make, stage, images, item, device, reps)
                 if device.type == "cuda":
                     res[size]["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             res["agreement"] = agreement(name, stage, device, precisions, agree_n)

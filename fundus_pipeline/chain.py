@@ -553,7 +553,7 @@ class Chain:
         if "grade" in cfg.steps:
             from fundus_pipeline.stages.grade import GradeStage
 
-            grades = self._stage("grade", GradeStage(GradeConfig.build(weights=cfg.grade_weights, arch=cfg.grade_arch, device=cfg.device, precision=cfg.precision,
+            grades = self._stage("grade", GradeStage(GradeConfig.build(weights=cfg.grade_weights, arch=cfg.grade_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile,
                                                                        flag_threshold=cfg.flag_threshold, batch_size=cfg.grade_batch_size)), items)
         chosen = {it.key: "input" for it in live}
         if "enhance" in cfg.steps and not self.interrupted:
@@ -561,7 +561,7 @@ class Chain:
 
             todo = [it for it in items if enhance_decision(cfg, grades.get(it.key))[0]]
             grades = {}  # each stage's rows are dropped once decided on (a 100,000-photograph run holds one stage's at a time)
-            stage = EnhanceStage(EnhanceConfig.build(weights=cfg.enhance_weights, arch=cfg.enhance_arch, device=cfg.device, precision=cfg.precision, transfer=cfg.transfer,
+            stage = EnhanceStage(EnhanceConfig.build(weights=cfg.enhance_weights, arch=cfg.enhance_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, transfer=cfg.transfer,
                                                      keep_outside=cfg.keep_outside, vessel_stats=False, batch_size=cfg.enhance_batch_size)) if todo else None
             enhanced = self._stage("enhance", stage, todo)
             made = [ImageItem(it.key, p) for it in todo if (p := _output(self.out / "enhance", enhanced.get(it.key)))]
@@ -569,7 +569,7 @@ class Chain:
             if "score" in cfg.steps and made:
                 from fundus_pipeline.stages.score import ScoreStage
 
-                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device, precision=cfg.precision, input_score=True,
+                scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, input_score=True,
                                                       batch_size=cfg.score_batch_size))
                 scores = self._stage("score", scorer, made, {"reference": {it.key: path_of[it.key] for it in made}})
             for it in todo:
@@ -580,7 +580,7 @@ class Chain:
         if "segment" in cfg.steps and not self.interrupted:
             from fundus_pipeline.stages.segment import SegmentStage
 
-            seg_cfg = SegmentConfig.build(weights=cfg.segment_weights, arch=cfg.segment_arch, device=cfg.device, precision=cfg.precision, threshold=cfg.threshold)
+            seg_cfg = SegmentConfig.build(weights=cfg.segment_weights, arch=cfg.segment_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, threshold=cfg.threshold)
             segmenter = SegmentStage(seg_cfg)
             self._stage("segment", segmenter, [ImageItem(k, enhanced_path.get(k, p)) for k, p in path_of.items()])
             if cfg.simulate:

@@ -87,6 +87,7 @@ class SegmentConfig(StageConfig):
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     tile: int = Field(1024, ge=0, description="tile side at the working scale; 0 = the whole image at once")
     overlap: int = Field(64, ge=0)
     overlay: bool = False
@@ -113,6 +114,7 @@ class EnhanceConfig(StageConfig):
     arch: str | None = None
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
     keep_outside: bool = False
     vessel_stats: bool = True
@@ -127,6 +129,7 @@ class ScoreConfig(StageConfig):
     arch: str | None = None
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     input_score: bool = False  # also score the reference against itself (``score_input``)
     batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass")
 
@@ -138,6 +141,7 @@ class GradeConfig(StageConfig):
     arch: str | None = None
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass")
 
@@ -171,6 +175,7 @@ class RunConfig(StageConfig):
     ground_truth: Path | None = None
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     grade_weights: str = "hemf"
     grade_arch: str | None = None
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
@@ -242,6 +247,8 @@ class RunConfig(StageConfig):
         rec["ground_truth"] = self.ground_truth is not None
         if rec.get("precision") == "fp32":
             del rec["precision"]  # the default: the hash of a float32 run is the one earlier versions wrote
+        if not rec.get("compile"):
+            rec.pop("compile", None)  # likewise
         return rec
 
 

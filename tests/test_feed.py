@@ -158,3 +158,55 @@ def test_precision_option_is_recorded_checked_and_refused_where_impossible(tmp_p
     # float32 keeps the records of earlier versions (no precision key)
     assert main(["segment", str(d), str(tmp_path / "fp32"), "--device", "cpu", "-q"]) == 0
     assert "precision" not in json.loads((tmp_path / "fp32" / "manifest.json").read_text())["config"]
+
+
+def test_compile_option_is_recorded_and_agrees_with_the_uncompiled_model(tmp_path, capsys, monkeypatch):
+    """``--compile`` (torch.compile): the manifest records it, a resume without it is refused, and the
+    compiled networks give the uncompiled outputs, including an entry point besides ``forward`` (SDMP-Net's
+    ``forward_with_identity``, what ``score --input-score`` calls). The graphs are captured by TorchDynamo as
+    with the default backend but run by ``aot_eager``: inductor's code generation takes 1-2 minutes per
+    model on 2 cores; its outputs are compared by ``benchmarks/segment.py --compile`` and, where a GPU is
+    present, by ``tests/test_gpu.py``."""
+    import json
+
+    import torch
+
+    from fundus_pipeline.cli import main
+    from fundus_pipeline.models.registry import build_model
+    from fundus_pipeline.models import weights
+    from fundus_pipeline.models.weights import compile_model
+
+    monkeypatch.setattr(weights, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    eager = build_model("sdmp_tiny").eval()
+    compiled = build_model("sdmp_tiny").eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled)
+    g = torch.Generator().manual_seed(1)
+    dis, ref = torch.rand(2, 3, 224, 224, generator=g), torch.rand(2, 3, 224, 224, generator=g)
+    from torch._dynamo.utils import counters
+
+    with torch.inference_mode():
+        want = eager.forward_with_identity(dis, ref)
+        counters.clear()
+        got = compiled.forward_with_identity(dis, ref)
+        assert counters["stats"]["unique_graphs"] >= 1  # the entry point itself went through the compiler
+        assert torch.allclose(compiled(dis, ref), eager(dis, ref), atol=1e-5)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+    torch.manual_seed(0)
+    w = tmp_path / "imff_tiny.pt"
+    torch.save(build_model("imff_tiny").state_dict(), w)
+    d = _folder(tmp_path, ["a", "b"], size=96)
+    args = ["segment", str(d), "--weights", str(w), "--arch", "imff_tiny", "--device", "cpu", "--threads", "1", "-q"]
+    assert main([*args[:2], str(tmp_path / "eager"), *args[2:]]) == 0
+    assert main([*args[:2], str(tmp_path / "comp"), *args[2:], "--compile"]) == 0
+    assert json.loads((tmp_path / "comp" / "manifest.json").read_text())["config"]["compile"] is True
+    assert "compile" not in json.loads((tmp_path / "eager" / "manifest.json").read_text())["config"]
+    for k in ("a", "b"):
+        p0 = np.asarray(Image.open(tmp_path / "eager" / f"{k}_prob.png"), np.int64)
+        p1 = np.asarray(Image.open(tmp_path / "comp" / f"{k}_prob.png"), np.int64)
+        assert p0.max() > 0 and np.abs(p0 - p1).max() <= 2  # 16-bit probability codes
+    assert main([*args[:2], str(tmp_path / "comp"), *args[2:], "--resume"]) == 2
+    assert "different configuration" in capsys.readouterr().err

@@ -37,13 +37,17 @@ def _photos() -> list[tuple[str, Image, np.ndarray | None]]:
             for i, a in enumerate(synthetic_fundus(384, 384, seed=s) for s in range(3))]
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_segmentation_on_the_accelerator_agrees_with_the_cpu(precision):
+# --compile (torch.compile) is checked on the GPU only: inductor takes minutes on the CPU stand-in
+COMPILED = [("fp32", True)] if ACCEL == "cuda" else []
+
+
+@pytest.mark.parametrize(("precision", "compile"), [(p, False) for p in PRECISIONS] + COMPILED)
+def test_segmentation_on_the_accelerator_agrees_with_the_cpu(precision, compile):
     from fundus_pipeline.config import SegmentConfig
     from fundus_pipeline.stages.segment import SegmentStage
 
     cpu = SegmentStage(SegmentConfig.build(weights="imff", device="cpu"))
-    acc = SegmentStage(SegmentConfig.build(weights="imff", device=ACCEL, precision=precision))
+    acc = SegmentStage(SegmentConfig.build(weights="imff", device=ACCEL, precision=precision, compile=compile))
     counts = {"cpu": [0, 0, 0], "acc": [0, 0, 0]}  # tp, fp, fn against the annotation (or against the CPU's map)
     for key, image, gt in _photos():
         item = prepare_item(cpu, key, {"image": image})

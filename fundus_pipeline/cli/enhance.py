@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import EnhanceConfig, default
 
 
@@ -19,6 +19,7 @@ def enhance(
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
     device: Device = default(EnhanceConfig, "device"),
     precision: Precision = default(EnhanceConfig, "precision"),
+    compile: Compile = default(EnhanceConfig, "compile"),
     transfer: Annotated[str, typer.Option("--transfer", help="How the result returns to native resolution: auto (the weights' choice), upsample (resize the output) or residual (add the resized correction to the photograph).")] = default(EnhanceConfig, "transfer"),
     keep_outside: Annotated[bool, flag("--keep-outside", help="Pass the pixels outside the field of view through (default: 0 there).")] = default(EnhanceConfig, "keep_outside"),
     vessel_stats: Annotated[bool, typer.Option("--vessel-stats/--no-vessel-stats", help="Segment before and after for the vessel-fraction columns (two segmenter passes per image).")] = default(EnhanceConfig, "vessel_stats"),
@@ -40,7 +41,7 @@ def enhance(
     """
     from fundus_pipeline.stages.enhance import EnhanceStage
 
-    cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, precision=precision, transfer=transfer, keep_outside=keep_outside,
+    cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, transfer=transfer, keep_outside=keep_outside,
                               vessel_stats=vessel_stats, segmenter=segmenter, batch_size=batch_size)
     run_stage_command(lambda: EnhanceStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
                       engine=engine, address=address)

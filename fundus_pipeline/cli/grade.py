@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import GradeConfig, default
 from fundus_pipeline.quality.grading import GRADES
 
@@ -49,6 +49,7 @@ def grade(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photographs per forward pass (more is faster on a GPU; probabilities may move in the 6th decimal).")] = default(GradeConfig, "batch_size"),
     device: Device = default(GradeConfig, "device"),
     precision: Precision = default(GradeConfig, "precision"),
+    compile: Compile = default(GradeConfig, "compile"),
     threads: Threads = None,
     workers: Workers = 1,
     engine: Engine = EngineName.local,
@@ -67,7 +68,7 @@ def grade(
     """
     from fundus_pipeline.stages.grade import GradeStage
 
-    cfg = GradeConfig.build(weights=weights, arch=arch, device=device, precision=precision, flag_threshold=flag_threshold, batch_size=batch_size)
+    cfg = GradeConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, flag_threshold=flag_threshold, batch_size=batch_size)
     after = (lambda: sort_into(out_dir)) if sort else None
     run_stage_command(lambda: GradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, after=after, engine=engine, address=address)

@@ -67,6 +67,7 @@ def run_cmd(
     ground_truth: Annotated[Optional[Path], typer.Option("--ground-truth", help="With --simulate: manual vessel annotations of the clean originals (paired by name, as `fundus evaluate segment` pairs).", show_default=False)] = None,
     device: Annotated[Optional[str], _opt("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", field="device")] = None,
     precision: Annotated[Optional[str], _opt("--precision", help="fp32, or bf16/fp16 (CUDA) under autocast for every network step.", field="precision")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile every network step (see `fundus segment --help`).", show_default=False)] = None,
     grade_weights: Annotated[Optional[str], _opt("--grade-weights", help="Grading weights (a name from `fundus models` or a .pt file).", field="grade_weights")] = None,
     grade_arch: Annotated[Optional[str], typer.Option("--grade-arch", help="Architecture of grading weights not in weights/manifest.json.", show_default=False)] = None,
     flag_threshold: Annotated[Optional[float], _opt("--flag-threshold", help="A grading flag is listed from this probability on.", field="flag_threshold")] = None,
@@ -110,7 +111,7 @@ def run_cmd(
 
     cli = {
         "steps": steps, "enhance_if": enhance_if, "min_gain": min_gain, "min_score": min_score, "simulate": simulate, "seed": seed,
-        "ground_truth": ground_truth, "device": device, "precision": precision, "grade_weights": grade_weights, "grade_arch": grade_arch,
+        "ground_truth": ground_truth, "device": device, "precision": precision, "compile": compile, "grade_weights": grade_weights, "grade_arch": grade_arch,
         "flag_threshold": flag_threshold, "grade_batch_size": grade_batch_size, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "enhance_batch_size": enhance_batch_size, "transfer": transfer,
         "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "score_batch_size": score_batch_size, "segment_weights": segment_weights,
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import ScoreConfig, default
 
 
@@ -26,6 +26,7 @@ def score(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass (more is faster on a GPU).")] = default(ScoreConfig, "batch_size"),
     device: Device = default(ScoreConfig, "device"),
     precision: Precision = default(ScoreConfig, "precision"),
+    compile: Compile = default(ScoreConfig, "compile"),
     threads: Threads = None,
     workers: Workers = 1,
     engine: Engine = EngineName.local,
@@ -46,6 +47,6 @@ def score(
 
     if not reference.is_dir():
         raise UsageError(f"--reference is not a folder: {reference}")
-    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, precision=precision, input_score=input_score, batch_size=batch_size)
+    cfg = ScoreConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, input_score=input_score, batch_size=batch_size)
     run_stage_command(lambda: ScoreStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, extra_dirs={"reference": reference}, engine=engine, address=address)

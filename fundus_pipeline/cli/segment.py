@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import SegmentConfig, default
 
 
@@ -20,6 +20,7 @@ def segment(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Decision threshold in (0, 1) [default: the weights' a-priori threshold].", show_default=False)] = None,
     device: Device = default(SegmentConfig, "device"),
     precision: Precision = default(SegmentConfig, "precision"),
+    compile: Compile = default(SegmentConfig, "compile"),
     tile: Annotated[int, typer.Option("--tile", help="Tile side at the working scale (0 = whole image at once).")] = default(SegmentConfig, "tile"),
     overlap: Annotated[int, typer.Option("--overlap", help="Tile overlap in pixels, blended linearly.")] = default(SegmentConfig, "overlap"),
     overlay: Annotated[bool, flag("--overlay", help="Also write KEY_overlay.png.")] = default(SegmentConfig, "overlay"),
@@ -41,7 +42,7 @@ def segment(
     """
     from fundus_pipeline.stages.segment import SegmentStage
 
-    cfg = SegmentConfig.build(weights=weights, arch=arch, threshold=threshold, device=device, precision=precision, tile=tile, overlap=overlap, overlay=overlay,
+    cfg = SegmentConfig.build(weights=weights, arch=arch, threshold=threshold, device=device, precision=precision, compile=compile, tile=tile, overlap=overlap, overlay=overlay,
                               fov=fov, fov_margin=fov_margin, batch_size=batch_size)
     run_stage_command(lambda: SegmentStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
                       engine=engine, address=address)

@@ -201,6 +201,8 @@ class SDMPNet(nn.Module):
 
     in_channels = 3
     img_size = 224
+    #: Entry points besides ``forward`` that ``weights.compile_model`` compiles (``fundus score --input-score``).
+    inference_methods = ("forward_with_identity",)
 
     def __init__(
         self,

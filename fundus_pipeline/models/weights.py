@@ -201,7 +201,8 @@ def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> 
 
 
 def load_model(
-    weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", task: str | None = None, shared: bool = False
+    weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", task: str | None = None, shared: bool = False,
+    compile: bool = False,
 ) -> tuple[torch.nn.Module, LoadedWeights]:
     """Build the architecture, load verified weights; return (model in eval mode, ``LoadedWeights``).
 
@@ -210,6 +211,7 @@ def load_model(
     another task (e.g. enhancement weights given to ``fundus segment``). ``shared``: an inference-only caller
     (a stage) gets the model this process already loaded from the same bytes for the same device, if any,
     instead of a new copy; callers that may modify the model (training, the Python API) get their own.
+    ``compile``: ``torch.compile`` the model's inference entry points (:func:`compile_model`).
     """
     from fundus_pipeline.models.registry import build_model, get_entry
 
@@ -231,7 +233,7 @@ def load_model(
         raise WeightsError(f"{weights} is a {entry.task} model ({model_name}); this command needs a {task} model")
     import torch
 
-    key = (digest, model_name, str(torch.device(device)))
+    key = (digest, model_name, str(torch.device(device)), compile)
     model = _LOADED.get(key) if shared else None
     if model is None:
         model = build_model(model_name)
@@ -242,11 +244,32 @@ def load_model(
             # project's 2 CPU cores: IMFF-Net 0.91 -> 0.49 s at 592x576, Cofe-Net 1.28 -> 0.91 s at 512x512,
             # SDMP-Net 1.19 -> 0.88 s for five crop pairs; outputs equal to 1e-5). Inputs stay NCHW.
             model.to(memory_format=torch.channels_last)
+        if compile:
+            compile_model(model)
+        if shared:
             _LOADED[key] = model
     return model, LoadedWeights(path=path, sha256=digest, model=model_name, spec=spec)
 
 
-# Models loaded in this process, by (weights sha256, architecture, device): a chained run's stages (and a
+#: ``torch.compile``'s backend for ``--compile`` (tests use a cheaper one that traces the same graphs).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_model(model: torch.nn.Module, backend: str | None = None) -> torch.nn.Module:
+    """``torch.compile`` an inference model in place: its ``forward`` and the other entry points its class
+    names in ``inference_methods`` (SDMP-Net's ``forward_with_identity``). Compilation happens at the first
+    call of each input shape (tens of seconds per model on a CPU; it needs a C++ compiler there); measured by
+    ``benchmarks/segment.py --compile`` and ``benchmarks/gpu.py --compile``."""
+    import torch
+
+    backend = backend or COMPILE_BACKEND
+    model.compile(backend=backend)
+    for name in getattr(model, "inference_methods", ()):
+        setattr(model, name, torch.compile(getattr(model, name), backend=backend))
+    return model
+
+
+# Models loaded in this process, by (weights sha256, architecture, device, compiled): a chained run's stages (and a
 # stage's second use of a segmenter) share one loaded, verified model instead of loading it again. The
 # models are in eval mode and only used for inference, so sharing is safe.
 _LOADED: dict[tuple[str, str, str], torch.nn.Module] = {}

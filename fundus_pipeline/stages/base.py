@@ -233,8 +233,12 @@ class Stage(ABC):
         return str(getattr(getattr(self, "cfg", None), "precision", "fp32"))
 
     def precision_record(self) -> dict:
-        """The precision for the configuration record: nothing at fp32 (the records of earlier versions)."""
-        return {} if self.precision == "fp32" else {"precision": self.precision}
+        """The precision and ``--compile`` for the configuration record: nothing at fp32 and uncompiled (the
+        records of earlier versions)."""
+        rec = {} if self.precision == "fp32" else {"precision": self.precision}
+        if getattr(getattr(self, "cfg", None), "compile", False):
+            rec["compile"] = True
+        return rec
 
     def check_precision(self) -> None:
         """Refuse a precision the device cannot run now (fp16 on the CPU), before any item: building the
@@ -295,7 +299,8 @@ class NetworkStage(Stage):
         if self._model is None:
             from fundus_pipeline.models.weights import load_model
 
-            self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task=self.task, shared=True)
+            self._model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task=self.task, shared=True,
+                                                compile=self.cfg.compile)
 
     def weights_record(self) -> dict:
         """The weights' identity for the configuration record (hashed for ``--resume``)."""

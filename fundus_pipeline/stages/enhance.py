@@ -161,10 +161,12 @@ class EnhanceStage(Stage):
     def _load(self) -> None:
         from fundus_pipeline.models.weights import load_model
 
-        model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="enhancement", shared=True)
+        model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="enhancement", shared=True,
+                                 compile=self.cfg.compile)
         seg = None
         if self.cfg.vessel_stats:
-            seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation", shared=True)
+            seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation", shared=True,
+                                            compile=self.cfg.compile)
         self._models = (model, seg)
 
     def setup(self) -> None:
