@@ -63,8 +63,8 @@ Precision = Annotated[
     ),
 ]
 COMPILE_HELP = (
-    "torch.compile the network(s): compiled at the first photograph of each size (about a minute per model on 2 CPU cores, "
-    "faster on later runs from the compile cache), then faster forward passes (IMFF-Net on 2 CPU cores: about 15-25%); "
+    "torch.compile the network(s): compiled at the first photograph of each size in each worker (about two minutes per model "
+    "on 2 CPU cores; later runs reuse the compile cache), then faster forward passes (IMFF-Net on 2 CPU cores: about 15-25%); "
     "outputs agree with the uncompiled ones to float rounding, so it is recorded in the manifest."
 )
 Compile = Annotated[bool, flag("--compile", help=COMPILE_HELP)]
