@@ -165,7 +165,7 @@ def test_compile_option_is_recorded_and_agrees_with_the_uncompiled_model(tmp_pat
     compiled networks give the uncompiled outputs, including an entry point besides ``forward`` (SDMP-Net's
     ``forward_with_identity``, what ``score --input-score`` calls). The graphs are captured by TorchDynamo as
     with the default backend but run by ``aot_eager``: inductor's code generation takes 1-2 minutes per
-    model on 2 cores; its outputs are compared by ``benchmarks/segment.py --compile`` and, where a GPU is
+    model on 2 cores; its outputs are compared by ``benchmarks/gpu.py --compile`` and, where a GPU is
     present, by ``tests/test_gpu.py``."""
     import json
 
@@ -177,6 +177,7 @@ def test_compile_option_is_recorded_and_agrees_with_the_uncompiled_model(tmp_pat
     from fundus_pipeline.models.weights import compile_model
 
     monkeypatch.setattr(weights, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(weights, "_LOADED", {})  # the compiled test models do not outlive the test
     torch.manual_seed(0)
     eager = build_model("sdmp_tiny").eval()
     compiled = build_model("sdmp_tiny").eval()
@@ -200,8 +201,11 @@ def test_compile_option_is_recorded_and_agrees_with_the_uncompiled_model(tmp_pat
     torch.save(build_model("imff_tiny").state_dict(), w)
     d = _folder(tmp_path, ["a", "b"], size=96)
     args = ["segment", str(d), "--weights", str(w), "--arch", "imff_tiny", "--device", "cpu", "--threads", "1", "-q"]
+    counters.clear()
     assert main([*args[:2], str(tmp_path / "eager"), *args[2:]]) == 0
+    assert counters["stats"]["unique_graphs"] == 0
     assert main([*args[:2], str(tmp_path / "comp"), *args[2:], "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the flag reached the model the stage ran
     assert json.loads((tmp_path / "comp" / "manifest.json").read_text())["config"]["compile"] is True
     assert "compile" not in json.loads((tmp_path / "eager" / "manifest.json").read_text())["config"]
     for k in ("a", "b"):
@@ -210,3 +214,19 @@ def test_compile_option_is_recorded_and_agrees_with_the_uncompiled_model(tmp_pat
         assert p0.max() > 0 and np.abs(p0 - p1).max() <= 2  # 16-bit probability codes
     assert main([*args[:2], str(tmp_path / "comp"), *args[2:], "--resume"]) == 2
     assert "different configuration" in capsys.readouterr().err
+
+    # fundus run passes it to its steps; a config file's `compile = true` is overridden by --no-compile
+    run = ["run", str(d), "--steps", "segment", "--segment-weights", str(w), "--segment-arch", "imff_tiny", "--device", "cpu", "--threads", "1",
+           "--quiet", "--no-report"]  # fmt: skip
+    weights._LOADED.clear()
+    torch._dynamo.reset()  # forget the graphs compiled above (the same class and shapes would reuse them)
+    counters.clear()
+    assert main([run[0], run[1], str(tmp_path / "run_c"), *run[2:], "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert json.loads((tmp_path / "run_c" / "manifest.json").read_text())["config"]["compile"] is True
+    toml = tmp_path / "c.toml"
+    toml.write_text("compile = true\n")
+    assert main([run[0], run[1], str(tmp_path / "run_e"), *run[2:], "--config", str(toml), "--no-compile"]) == 0
+    assert json.loads((tmp_path / "run_e" / "manifest.json").read_text())["config"]["compile"] is False
+    for k in ("a", "b"):
+        assert (tmp_path / "run_e" / "segment" / f"{k}_prob.png").read_bytes() == (tmp_path / "eager" / f"{k}_prob.png").read_bytes()

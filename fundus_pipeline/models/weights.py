@@ -259,7 +259,7 @@ def compile_model(model: torch.nn.Module, backend: str | None = None) -> torch.n
     """``torch.compile`` an inference model in place: its ``forward`` and the other entry points its class
     names in ``inference_methods`` (SDMP-Net's ``forward_with_identity``). Compilation happens at the first
     call of each input shape (tens of seconds per model on a CPU; it needs a C++ compiler there); measured by
-    ``benchmarks/segment.py --compile`` and ``benchmarks/gpu.py --compile``."""
+    ``benchmarks/gpu.py --compile``."""
     import torch
 
     backend = backend or COMPILE_BACKEND
@@ -272,4 +272,4 @@ def compile_model(model: torch.nn.Module, backend: str | None = None) -> torch.n
 # Models loaded in this process, by (weights sha256, architecture, device, compiled): a chained run's stages (and a
 # stage's second use of a segmenter) share one loaded, verified model instead of loading it again. The
 # models are in eval mode and only used for inference, so sharing is safe.
-_LOADED: dict[tuple[str, str, str], torch.nn.Module] = {}
+_LOADED: dict[tuple[str, str, str, bool], torch.nn.Module] = {}
