@@ -2,9 +2,11 @@
 "Usable" (../shared/data/CofeNet/img/image, 512x512). Runs `fundus enhance` on all of them (vessel
 fractions before and after in its results.csv), and `fundus segment` on the inputs and on the results,
 then writes a contact sheet (input | enhanced | vessels before | vessels after) of ROWS photographs
-chosen at evenly spaced ranks of input luminance, and prints the mean reference-free figures as JSON.
+chosen at evenly spaced ranks of input luminance, and writes the mean reference-free figures as JSON
+(``--json``, and on stdout after the sub-commands' summary lines).
 
     python scripts/enhance_real.py WORK [--weights cofe] [--arch ARCH] [--rows 6] [--sheet docs/enhance_real_contact_sheet.jpg]
+        [--json docs/enhance_real.json]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--arch", default=None)
     ap.add_argument("--rows", type=int, default=6)
     ap.add_argument("--sheet", type=Path, default=Path("docs/enhance_real_contact_sheet.jpg"))
+    ap.add_argument("--json", type=Path, default=Path("docs/enhance_real.json"))
     a = ap.parse_args()
     src = default_data_root() / "CofeNet" / "img" / "image"
     enh, v0, v1 = a.work / "enhanced", a.work / "vessels_before", a.work / "vessels_after"
@@ -59,6 +62,7 @@ def main() -> None:
     a.sheet.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(a.sheet), np.vstack(sheet), [cv2.IMWRITE_JPEG_QUALITY, 88])
     summary["contact_sheet"] = {"file": str(a.sheet), "rows": [r["key"] for r in picks], "columns": ["input", "enhanced", "vessels before", "vessels after"]}
+    a.json.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 
