@@ -21,7 +21,7 @@ For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x5
   with decoding and writing included, against ``stage_images_per_s``: the share the input/output costs;
   and the GPU's utilisation meanwhile (NVML, sampled every 0.2 s; needs ``nvidia-ml-py``).
 
-Run where a GPU is lent: ``python benchmarks/gpu.py --device cuda > benchmarks/results/gpu.json``.
+Run where a GPU is lent: ``python benchmarks/gpu.py --device cuda --compile > benchmarks/results/gpu.json``.
 On a CPU it runs too (``--device cpu``, fewer reps), which checks the script and shows the same split.
 Needs ../shared/data (DRIVE 01_test) or falls back to a synthetic fundus image.
 
