@@ -107,14 +107,14 @@ def _shape(stage_name: str, stage, item) -> tuple[tuple[int, ...], int]:
     return (1, 3, stage.size, stage.size), 1
 
 
-def _network(stage_name: str, stage, item):
+def _network(stage_name: str, stage):
     return stage._models[0] if stage_name == "enhance" else stage._model
 
 
 def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> float:
     """Seconds per forward pass of the stage's network on a synthetic tensor of the shape it is fed."""
     shape, args = _shape(stage_name, stage, item)
-    model = _network(stage_name, stage, item)
+    model = _network(stage_name, stage)
     xs = [torch.rand(*shape, device=device) for _ in range(args)]
     with torch.inference_mode():
         if stage_name == "score" and stage.cfg.input_score:
@@ -136,7 +136,7 @@ def compiled(name: str, make, stage, images: dict, item, device: torch.device, r
     eager = ceiling(name, stage, item, device, reps)
     comp = ceiling(name, cstage, citem, device, reps)
     g = torch.Generator().manual_seed(0)
-    model, cmodel = _network(name, stage, item), _network(name, cstage, citem)
+    model, cmodel = _network(name, stage), _network(name, cstage)
     shape, args = _shape(name, stage, item)
     xs = [torch.rand(*shape, generator=g).to(device) for _ in range(args)]
     with torch.inference_mode():

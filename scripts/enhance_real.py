@@ -62,8 +62,9 @@ def main() -> None:
     a.sheet.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(a.sheet), np.vstack(sheet), [cv2.IMWRITE_JPEG_QUALITY, 88])
     summary["contact_sheet"] = {"file": str(a.sheet), "rows": [r["key"] for r in picks], "columns": ["input", "enhanced", "vessels before", "vessels after"]}
-    a.json.write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+    text = json.dumps(summary, indent=1)
+    a.json.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -244,10 +244,9 @@ def load_model(
             # project's 2 CPU cores: IMFF-Net 0.91 -> 0.49 s at 592x576, Cofe-Net 1.28 -> 0.91 s at 512x512,
             # SDMP-Net 1.19 -> 0.88 s for five crop pairs; outputs equal to 1e-5). Inputs stay NCHW.
             model.to(memory_format=torch.channels_last)
-        if compile:
-            compile_model(model)
-        if shared:
             _LOADED[key] = model
+        if compile:
+            compile_model(model)  # in place: the cached model is the compiled one
     return model, LoadedWeights(path=path, sha256=digest, model=model_name, spec=spec)
 
 

@@ -162,7 +162,7 @@ class EnhanceStage(Stage):
         from fundus_pipeline.models.weights import load_model
 
         model, self.spec = load_model(self.cfg.weights, arch=self.cfg.arch, device=self.device, task="enhancement", shared=True,
-                                 compile=self.cfg.compile)
+                                      compile=self.cfg.compile)
         seg = None
         if self.cfg.vessel_stats:
             seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation", shared=True,
