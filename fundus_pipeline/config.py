@@ -79,15 +79,20 @@ class DegradeConfig(StageConfig):
         return cls.build(types=types, preset=preset, recipe=recipe, seed=seed, replay=replay)
 
 
-class SegmentConfig(StageConfig):
+class NetworkStageConfig(StageConfig):
+    """The options every network stage shares: device, the forward passes' precision, ``torch.compile``."""
+
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
+
+
+class SegmentConfig(NetworkStageConfig):
     """``fundus segment``: weights, decision threshold, device and tiling, FOV handling, outputs."""
 
     weights: str = "imff"
     arch: str | None = None
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     tile: int = Field(1024, ge=0, description="tile side at the working scale; 0 = the whole image at once")
     overlap: int = Field(64, ge=0)
     overlay: bool = False
@@ -106,15 +111,12 @@ def default(model: type[BaseModel], name: str) -> Any:
     return model.model_fields[name].default
 
 
-class EnhanceConfig(StageConfig):
+class EnhanceConfig(NetworkStageConfig):
     """``fundus enhance``: enhancement weights, device, how the result returns to native resolution, the
     surround, and the segmenter behind the vessel-fraction columns."""
 
     weights: str = "cofe"
     arch: str | None = None
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
     keep_outside: bool = False
     vessel_stats: bool = True
@@ -122,26 +124,20 @@ class EnhanceConfig(StageConfig):
     batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass")
 
 
-class ScoreConfig(StageConfig):
+class ScoreConfig(NetworkStageConfig):
     """``fundus score``: quality weights and device (the crops are the weights' fixed test-time protocol)."""
 
     weights: str = "sdmp"
     arch: str | None = None
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     input_score: bool = False  # also score the reference against itself (``score_input``)
     batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass")
 
 
-class GradeConfig(StageConfig):
+class GradeConfig(NetworkStageConfig):
     """``fundus grade``: grading weights, device, and the probability at which a flag is listed."""
 
     weights: str = "hemf"
     arch: str | None = None
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass")
 
