@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
 from fundus_pipeline.io import discover_images, read_image, write_image_atomic  # noqa: E402
+from fundus_pipeline.runner import environment  # noqa: E402
 
 
 def synthetic(h: int, w: int, seed: int) -> np.ndarray:
@@ -115,7 +114,7 @@ def main() -> None:
         m_small = peak_rss_mb(mem_set, 50)
         m_big = peak_rss_mb(mem_set, args.memory_images)
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": environment(),
         "data": "real DRIVE/HRF" if (default_data_root() / "DRIVE").is_dir() else "synthetic",
         "drive_size": {"images": args.drive, "images_per_s_1_worker": round(args.drive / d1, 2), "images_per_s_2_workers": round(args.drive / d2, 2), "read_write_images_per_s": round(args.drive / rw_d, 2), "degrade_over_read_write": round(d1 / rw_d, 2), "goal_ratio_at_most": 3.0},
         "hrf_size": {"images": args.hrf, "images_per_s_1_worker": round(args.hrf / h1, 3), "images_per_s_2_workers": round(args.hrf / h2, 3), "read_write_images_per_s": round(args.hrf / rw_h, 3), "degrade_over_read_write": round(h1 / rw_h, 2)},

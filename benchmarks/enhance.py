@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from fundus_pipeline.datasets import default_data_root  # noqa: E402
 from fundus_pipeline.io import read_image  # noqa: E402
 from fundus_pipeline.stages.base import Fov, Image, ItemInput  # noqa: E402
 from fundus_pipeline.stages.enhance import EnhanceStage, enhance_native  # noqa: E402
+from fundus_pipeline.runner import environment  # noqa: E402
 
 FILES = {"drive": ("DRIVE/test/images/01_test.tif", (584, 565)), "hrf": ("HRF/images/06_h.jpg", (2336, 3504))}
 
@@ -98,7 +98,7 @@ def main() -> None:
         "weights": {"name": stage.spec.name, "model": stage.spec.model, "sha256": stage.spec.sha256[:16]},
         "transfer": stage.transfer,
         "canonical_size": stage.size,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {**environment(), "torch_threads": torch.get_num_threads()},
         "data": "real (DRIVE 01_test, HRF 06_h)" if (default_data_root() / "DRIVE").is_dir() else "synthetic",
         "cpu": measure(stage, torch.device("cpu"), {"drive": 5, "hrf": 2}),
         "peak_rss_mb": {w: round(peak_rss(a.weights, a.arch, w)) for w in ("drive", "hrf")},

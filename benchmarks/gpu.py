@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -54,7 +53,7 @@ from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, Segm
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
 from fundus_pipeline.device import resolve_device  # noqa: E402
 from fundus_pipeline.io import write_image_atomic  # noqa: E402
-from fundus_pipeline.runner import decode, prepare_item  # noqa: E402
+from fundus_pipeline.runner import decode, environment, prepare_item  # noqa: E402
 
 
 def photograph(size: str, tmp: Path) -> Path:
@@ -304,7 +303,7 @@ def main() -> None:
     agree_n, fed_n = args.agree or (20 if gpu else 2), args.fed_n or (64 if gpu else 4)
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "platform": platform.platform(), "reps": reps, "date": time.strftime("%Y-%m-%d"), "stages": {},
+        "machine": environment(), "reps": reps, "date": time.strftime("%Y-%m-%d"), "stages": {},
     }  # fmt: skip
     dev = str(device)
     stages = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from fundus_pipeline.datasets import HRF_TEST, default_data_root  # noqa: E402
 from fundus_pipeline.io import read_image  # noqa: E402
 from fundus_pipeline.stages.base import Fov, Image, ItemInput  # noqa: E402
 from fundus_pipeline.stages.grade import GradeStage  # noqa: E402
+from fundus_pipeline.runner import environment  # noqa: E402
 
 
 def drive_path() -> Path:
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--hrf", type=int, default=20)
     args = ap.parse_args()
     path = drive_path()
-    result = {"weights": args.weights, "torch": torch.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    result = {"weights": args.weights, "machine": environment(), "cpu_threads": torch.get_num_threads()}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         stage = GradeStage(GradeConfig(weights=args.weights, arch=args.arch, device=dev))
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fundus_pipeline.runner import environment  # noqa: E402
 
 COMMANDS = {
     "degrade": ["degrade", "{inp}", "{out}", "--types", "111"],
@@ -78,7 +78,7 @@ def main() -> None:
             wall, rss, rc = run(cmd)
             results[name] = {"peak_rss_mb": round(rss, 1), "wall_s": round(wall, 1), "exit_code": rc}
     print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": environment(),
         "photograph": {"width": w, "height": h, "megapixels": round(w * h / 1e6, 1), "decoded_mb": round(w * h * 3 / 1e6, 1), "source": source},
         "commands": results,
         "note": "ru_maxrss of each command's process; times depend on what else shares the cores",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fundus_pipeline.chain import ChainItem  # noqa: E402
-from fundus_pipeline.runner import JOURNAL, _pair_inputs, check_run_paths, resolve_inputs, resumable_rows  # noqa: E402
+from fundus_pipeline.runner import JOURNAL, _pair_inputs, check_run_paths, environment, resolve_inputs, resumable_rows  # noqa: E402
 from fundus_pipeline.stages.degrade import DegradeStage  # noqa: E402
 from fundus_pipeline.config import DegradeConfig  # noqa: E402
 
@@ -104,7 +103,7 @@ def main() -> None:
         t = time.perf_counter()
         folder, listing = make_inputs(tmp, a.n)
         made = round(time.perf_counter() - t, 1)
-        res = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "n": a.n, "setup_s": made,
+        res = {"machine": environment(), "date": time.strftime("%Y-%m-%d"), "n": a.n, "setup_s": made,
                "folder": plan(folder, tmp / "out"), "list": plan(listing, tmp / "out"), "resume": resume_plan(folder, listing, tmp)}
         worst = max(res["folder"]["total_s"], res["list"]["total_s"]) + res["resume"]["seconds"]
         res["goal"] = "scan and plan 100,000 paths in under 10 s"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
+from fundus_pipeline.runner import environment  # noqa: E402
 
 CHILD = (
     "import json, resource, sys, time\n"
@@ -229,7 +229,7 @@ def main() -> None:
     import torch
 
     parts = args.only.split(",")
-    result: dict = {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+    result: dict = {"machine": environment(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "date": time.strftime("%Y-%m-%d")}
     tmp_ctx = tempfile.TemporaryDirectory() if args.keep is None else None
     tmp = Path(tmp_ctx.name) if tmp_ctx else args.keep

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from enhance import load  # noqa: E402
 from fundus_pipeline.config import ScoreConfig  # noqa: E402
 from fundus_pipeline.stages.base import Fov, Image, ItemInput  # noqa: E402
 from fundus_pipeline.stages.score import ScoreStage  # noqa: E402
+from fundus_pipeline.runner import environment  # noqa: E402
 
 
 def degraded_twin(img: Image) -> Image:
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     enh = load("drive")
     ref = degraded_twin(enh)
-    result = {"weights": args.weights, "torch": torch.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    result = {"weights": args.weights, "machine": environment(), "cpu_threads": torch.get_num_threads()}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         stage = ScoreStage(ScoreConfig(weights=args.weights, arch=args.arch, device=dev))

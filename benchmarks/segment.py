@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from fundus_pipeline.datasets import HRF_VAL, default_data_root, hrf_paths  # no
 from fundus_pipeline.io import read_image, to_float_rgb  # noqa: E402
 from fundus_pipeline.models.weights import load_model  # noqa: E402
 from fundus_pipeline.models.inference import DEFAULT_FOV_MARGIN, predict_native, working_scale  # noqa: E402
+from fundus_pipeline.runner import environment  # noqa: E402
 
 
 def images(root: Path, names=("drive", "hrf")) -> dict[str, np.ndarray]:
@@ -113,7 +113,7 @@ def main() -> None:
     model, spec = load_model(args.weights)
     res = {
         "weights": {"name": spec.name, "model": spec.model, "sha256": spec.sha256[:16]},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {**environment(), "torch_threads": torch.get_num_threads()},
         "data": "real (DRIVE 01_test, HRF 06_h)" if (root / "DRIVE").is_dir() else "synthetic",
         "cpu": {},
     }

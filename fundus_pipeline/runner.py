@@ -93,13 +93,31 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere platform.processor()), '' when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment() -> dict:
+    """Versions and the machine, recorded in manifests and benchmark JSON. The CPU model and the vector
+    instruction set torch dispatches to are recorded because timings (and the last bits of float results)
+    depend on them: this project's 2-core machine has trained the same networks 3.5x slower on some days
+    than on others (README, "Speed and memory")."""
     import cv2
     import numpy
 
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "numpy": numpy.__version__,
         "opencv": cv2.__version__,
     }
@@ -107,6 +125,7 @@ def environment() -> dict:
         import torch
 
         env["torch"] = torch.__version__
+        env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         env["cuda_available"] = torch.cuda.is_available()
         if torch.cuda.is_available():
             env["cuda_device"] = torch.cuda.get_device_name(0)
