@@ -108,7 +108,7 @@ def cpu_model() -> str:
 def environment() -> dict:
     """Versions and the machine, recorded in manifests and benchmark JSON. The CPU model and the vector
     instruction set torch dispatches to are recorded because timings (and the last bits of float results)
-    depend on them: this project's 2-core machine has trained the same networks 3.5x slower on some days
+    depend on them: this project's 2-core machine has trained the same networks 3.4-3.8x slower on some days
     than on others (README, "Speed and memory")."""
     import cv2
     import numpy
