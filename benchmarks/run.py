@@ -226,11 +226,10 @@ def main() -> None:
     ap.add_argument("--report-n", type=int, default=1000)
     ap.add_argument("--keep", type=Path, help="keep the generated folders here instead of a temporary folder")
     args = ap.parse_args()
-    import torch
+    import torch  # noqa: F401  (loaded so that environment() records torch, its CPU capability and CUDA)
 
     parts = args.only.split(",")
-    result: dict = {"machine": environment(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "date": time.strftime("%Y-%m-%d")}
+    result: dict = {"machine": environment(), "date": time.strftime("%Y-%m-%d")}
     tmp_ctx = tempfile.TemporaryDirectory() if args.keep is None else None
     tmp = Path(tmp_ctx.name) if tmp_ctx else args.keep
     tmp.mkdir(parents=True, exist_ok=True)
