@@ -51,6 +51,8 @@ from fundus_pipeline.runner import (
 from fundus_pipeline.models.weights import sha256_file
 
 #: The folders a run owns under OUT, in the order they are written.
+#: The segment step's addition to "no fundus field of view found" inside `fundus run` (which has no --fov).
+RUN_NO_FOV_HINT = "; `fundus run` works inside a circular field of view with a dark surround (for photographs cropped to the retina: `fundus segment --fov full`)"
 STAGE_DIRS = ("degrade", "grade", "enhance", "score", "segment", "segment_clean", "segment_input", "compare")
 TOP_FILES = ("manifest.json", "results.csv", "report.html")
 GRADE_NAMES = ("good", "usable", "reject")
@@ -250,7 +252,7 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         source, why = segment_decision(cfg, enh, e, s)
         if "segment" in steps:
             seg = take("segment", index.get("segment", it.key))
-            row["segmented"], row["segment_reason"] = source, why
+            row["segmented"], row["segment_reason"] = source, why + (" (failed)" if seg is not None and not _ok(seg) else "")
             if _ok(seg):
                 row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"], warning=seg.get("warning", ""))
                 p = _output(out / "segment", seg, "_vessels")
@@ -364,12 +366,14 @@ class Chain:
     """One ``fundus run`` into ``out`` (see the module docstring)."""
 
     def __init__(self, cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool, overwrite: bool, command: list[str] | None,
-                 degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None, engine: "Engine | None" = None):
+                 degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None, engine: "Engine | None" = None,
+                 expect_weights: dict[str, str] | None = None):
         self.cfg, self.in_path, self.shown = cfg, Path(in_path), Path(out_dir)
         self.resume, self.overwrite = resume, overwrite
         self.command = command or sys.argv
         self.degrade_replay = degrade_replay
         self.expect_inputs = expect_inputs
+        self.expect_weights = expect_weights  # --replay: {step: sha256} of the weights the run used
         self.started = time.time()
         self.stages: dict[str, dict] = {}
         self.interrupted = False
@@ -394,7 +398,10 @@ class Chain:
         if cfg.simulate:
             from fundus_pipeline.stages.degrade import DegradeStage
 
-            self.degrade_stage = DegradeStage(self._degrade_config())  # a bad recipe fails now (exit 2)
+            try:
+                self.degrade_stage = DegradeStage(self._degrade_config())  # a bad recipe fails now (exit 2)
+            except UsageError as e:  # the stage names its own option; here the recipe came from --simulate
+                raise UsageError(e.message.replace("invalid --recipe", "invalid --simulate", 1), e.hint) from None
         from fundus_pipeline.device import autocast, resolve_device
 
         autocast(resolve_device(cfg.device), cfg.precision)  # fp16 without a GPU: refused now, not after a stage
@@ -428,12 +435,22 @@ class Chain:
         elif self.resume and any(p.name not in (LOCK,) for p in out.iterdir()):
             raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
         if self.overwrite:
-            for name in STAGE_DIRS:
-                d = out / name
-                if d.is_dir():
-                    if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
-                        raise UsageError(f"--overwrite: {d} was not written by fundus (no manifest.json); move it away first")
-                    shutil.rmtree(d)
+            # Everything is checked before anything is removed: a refusal leaves the folder as it was.
+            tops = [out / name for name in TOP_FILES if (out / name).exists()] + sorted(out.glob("report-*.html"))
+            if tops:
+                try:
+                    old_stage = json.loads((out / "manifest.json").read_text()).get("stage")
+                except (OSError, ValueError, AttributeError):
+                    old_stage = None
+                if old_stage != "run":
+                    raise UsageError(f"--overwrite: {self.shown} holds {tops[0].name} but no manifest.json of a `fundus run`; "
+                                     "it was not written by fundus run, so nothing is replaced: move it away or choose another folder")
+            dirs = [out / name for name in STAGE_DIRS if (out / name).is_dir()]
+            for d in dirs:
+                if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
+                    raise UsageError(f"--overwrite: {d} was not written by fundus (no manifest.json); move it away first")
+            for d in dirs:
+                shutil.rmtree(d)
             for name in TOP_FILES:
                 (out / name).unlink(missing_ok=True)
             for page in out.glob("report-*.html"):  # the further pages of a long report
@@ -514,13 +531,18 @@ class Chain:
     def run(self) -> ChainResult:
         self.check()
         self.plan: list[ChainItem] = []
+        if self.expect_weights is not None:  # --replay: the same weights, byte for byte, before any work
+            for step, w in self.weights.items():
+                if self.expect_weights.get(step) != w["sha256"]:
+                    raise UsageError(f"--replay: the {step} step's weights ({w['name']}) are not the ones the run used: sha256 {w['sha256'][:12]}..., "
+                                     f"recorded {str(self.expect_weights.get(step))[:12]}...; replay needs the same weights")
         if self.expect_inputs is not None:  # --replay: every input checked before any work
             self.input_hashes = input_hashes(self.inputs.items)
             changed = sorted(k for k, v in self.expect_inputs.items() if self.input_hashes.get(k) != v)
             extra = sorted(set(self.input_hashes) - set(self.expect_inputs))
             if changed or extra:
-                what = f"input {changed[0]!r} is missing or changed" if changed else f"input {extra[0]!r} was not in the replayed run"
-                raise UsageError(f"--replay: {what} since the run (sha256 recorded in its manifest); replay needs the same inputs")
+                what = f"input {changed[0]!r} is missing or has changed since the run" if changed else f"input {extra[0]!r} was not part of the run"
+                raise UsageError(f"--replay: {what} (its manifest records every input's sha256); replay needs the same inputs")
         _create_output(self.out, self.shown)
         with OutputLock(self.out, self.shown):
             check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
@@ -582,6 +604,7 @@ class Chain:
 
             seg_cfg = SegmentConfig.build(weights=cfg.segment_weights, arch=cfg.segment_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, threshold=cfg.threshold)
             segmenter = SegmentStage(seg_cfg)
+            segmenter.no_fov_hint = RUN_NO_FOV_HINT  # `fundus run` has no --fov: the whole chain works inside the field of view
             self._stage("segment", segmenter, [ImageItem(k, enhanced_path.get(k, p)) for k, p in path_of.items()])
             if cfg.simulate:
                 clean = {it.clean_key: Path(it.clean_input) for it in live}
@@ -657,16 +680,86 @@ class Chain:
 
 def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
               command: list[str] | None = None, degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None,
+              expect_weights: dict[str, str] | None = None,
               engine: "Engine | None" = None) -> ChainResult:
     """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring). ``engine``: where
     the stages' items are processed (default: this machine, ``cfg.workers`` processes)."""
     if overwrite and resume:
         raise UsageError("--overwrite and --resume cannot be used together")
     return Chain(cfg, in_path, out_dir, resume=resume, overwrite=overwrite, command=command, degrade_replay=degrade_replay,
-                 expect_inputs=expect_inputs, engine=engine).run()
+                 expect_inputs=expect_inputs, expect_weights=expect_weights, engine=engine).run()
 
 
 # ------------------------------------------------------------------------------------------- reading back
+@dataclass(frozen=True)
+class Replay:
+    """What ``fundus run --replay`` reproduces, read from a finished run's manifest."""
+
+    manifest: Path
+    cfg: RunConfig
+    input: Path
+    old_out: Path
+    inputs_sha256: dict[str, str]
+    weights_sha256: dict[str, str]  # {step: sha256}
+
+
+def read_replay(path: Path) -> Replay:
+    """A finished run's manifest (``OLD_OUT/manifest.json``, a copy of it under any name, or the folder
+    OLD_OUT), checked field by field: a UsageError (exit 2) names what is missing or wrong."""
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from fundus_pipeline.config import error_line
+
+    class _In(BaseModel):
+        path: str
+
+    class _Out(BaseModel):
+        dir: str
+
+    class _Weights(BaseModel):
+        sha256: str
+
+    class _Manifest(BaseModel):  # the parts of a run's manifest that a replay reads
+        model_config = ConfigDict(extra="ignore")
+        schema_version: int
+        stage: str
+        status: str
+        config: dict
+        input: _In
+        output: _Out
+        inputs_sha256: dict[str, str]
+        weights: dict[str, _Weights]
+
+    path = Path(path)
+    file = path / "manifest.json" if path.is_dir() else path
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--replay: {file} not found (give OLD_OUT/manifest.json of a finished `fundus run`)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--replay: cannot read {file}: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"--replay: {file} is not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or raw.get("stage") != "run":
+        raise UsageError(f"--replay: {file} is not the manifest of a `fundus run`")
+    try:
+        m = _Manifest(**raw)
+    except ValidationError as e:
+        raise UsageError(f"--replay: {file}: invalid run manifest ({error_line(e, prefix='')})") from None
+    if m.schema_version != 1:
+        raise UsageError(f"--replay: {file}: manifest schema_version {m.schema_version} is not one this version reads (1)")
+    if m.status != "finished":
+        raise UsageError(f"--replay: {file} records a run that did not finish (status {m.status!r}); finish it with --resume, then replay it")
+    try:
+        cfg = RunConfig(**m.config)
+    except ValidationError as e:
+        raise UsageError(f"--replay: {file}: invalid run manifest ({error_line(e, prefix='config.')})") from None
+    missing = [step for step in cfg.steps if step not in m.weights]
+    if missing:
+        raise UsageError(f"--replay: {file}: invalid run manifest (no weights recorded for the {missing[0]} step)")
+    return Replay(file, cfg, Path(m.input.path), Path(m.output.dir), dict(m.inputs_sha256), {k: w.sha256 for k, w in m.weights.items()})
+
+
 def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:
     """(the manifest, its configuration, the planned items) of a run folder; a UsageError when it holds none."""
     path = Path(out_dir) / "manifest.json"
@@ -678,9 +771,18 @@ def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:
         raise UsageError(f"cannot read {path}: {e}") from None
     if not isinstance(m, dict) or m.get("stage") != "run":
         raise UsageError(f"{path} is not the manifest of a `fundus run`")
+    from pydantic import ValidationError
+
+    from fundus_pipeline.config import error_line
+
+    if not isinstance(m.get("config"), dict):
+        raise UsageError(f"{path}: invalid run manifest (config: missing or not an object)")
     try:
         cfg = RunConfig(**m["config"])
+    except ValidationError as e:
+        raise UsageError(f"{path}: invalid run manifest ({error_line(e, prefix='config.')})") from None
+    try:
         plan = [ChainItem(**it) for it in m.get("plan", [])]
     except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path}: invalid run manifest ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{path}: invalid run manifest (plan: {str(e).splitlines()[0]})") from None
     return m, cfg, plan

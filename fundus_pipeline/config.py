@@ -17,19 +17,31 @@ from fundus_pipeline.errors import UsageError
 COFE_CODES = ("001", "010", "011", "100", "101", "110", "111")
 
 
-def usage_error(e: ValidationError) -> UsageError:
-    """One line from a pydantic error: ``invalid --option: message`` (first error, and how many more)."""
+def error_line(e: ValidationError, prefix: str = "--") -> str:
+    """``name 'value': message`` from a pydantic error's first error, and how many more. ``name`` is the
+    field as an option (``prefix`` "--": ``--min-gain``) or as a key path (``prefix`` "": ``config.min_gain``);
+    list positions are left out of it and the offending value is named instead."""
     errs = e.errors()
     first = errs[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "value"
-    name = "--" + loc.replace("_", "-")
+    parts = [str(x) for x in first["loc"] if not isinstance(x, int)]
+    name = "--" + "-".join(parts).replace("_", "-") if prefix == "--" else prefix + ".".join(parts)
+    value = first.get("input")
+    shown = f" {value!r}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(repr(value)) <= 80 else ""
+    if first["type"] in ("missing", "extra_forbidden", "unexpected_keyword_argument"):
+        shown = ""
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-    return UsageError(f"invalid {name}: {msg}{more}")
+    return f"{name or 'value'}{shown}: {msg}{more}"
+
+
+def usage_error(e: ValidationError) -> UsageError:
+    """One line from a pydantic error: ``invalid --option 'value': message`` (first error, and how many more)."""
+    return UsageError(f"invalid {error_line(e)}")
 
 
 class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused with "Input should be a finite number" (a NaN passes no bound check)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def build(cls, **values: Any):
@@ -216,13 +228,17 @@ class RunConfig(StageConfig):
     @field_validator("enhance_if")
     @classmethod
     def _grades(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one of good, usable, reject (to enhance nothing, leave enhance out of --steps)")
         return [g for g in ("good", "usable", "reject") if g in v]
 
     @field_validator("simulate")
     @classmethod
     def _simulate(cls, v: str | None) -> str | None:
-        if v is None or not v.strip():
+        if v is None:
             return None
+        if not v.strip():
+            raise ValueError("empty: give Cofe-Net type codes (111, '001,010', all) or a recipe (mild, moderate, severe, a JSON file), or leave the option out")
         v = v.strip()
         if simulate_kind(v) == "types":
             return ",".join(parse_codes(v))
@@ -251,8 +267,10 @@ class RunConfig(StageConfig):
 def simulate_kind(text: str) -> Literal["types", "recipe"]:
     """``--simulate``: Cofe-Net type codes ('111', '001,010', 'all') or a recipe (a name or a JSON file)."""
     t = text.strip().lower()
-    if t == "all" or all(c.strip() in COFE_CODES for c in t.split(",") if c.strip()) and t.replace(",", "").strip().isdigit():
+    if t == "all":
         return "types"
+    if t.replace(",", "").replace(" ", "").isdigit() and not Path(text.strip()).is_file():
+        return "types"  # digits and commas are type codes (parse_codes names a bad one), unless a file of that name exists
     return "recipe"
 
 

@@ -12,6 +12,7 @@ streamed from the rows (kept as compact JSON text) a row at a time.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -231,7 +232,21 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")
     if non_empty and resume and not ((dst / "manifest.json").exists() or (dst / JOURNAL).exists()):
         raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json); choose an empty folder or pass --overwrite")
+    if non_empty and overwrite and not (_written_by_fundus(dst / "manifest.json") or (dst / JOURNAL).exists()):
+        # --overwrite replaces a run's outputs; the tables a run writes are removed first, so they must be a run's
+        mine = next((n for n in ("results.csv", "manifest.json", "report.html") if (dst / n).exists()), None)
+        if mine is not None:
+            raise UsageError(f"--overwrite: {out_dir} holds {mine} but no manifest.json of a fundus run, so it is not replaced; move it away or choose another folder")
     return src, dst
+
+
+def _written_by_fundus(manifest: Path) -> bool:
+    """Whether ``manifest`` is a manifest.json that fundus wrote (a stage's or a run's)."""
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and isinstance(m.get("tool"), dict) and m["tool"].get("name") == "fundus-pipeline"
 
 
 def _first_inside(paths: Iterable[Path], root: Path) -> Path | None:
@@ -269,12 +284,17 @@ class OutputLock:
 
     def __init__(self, out_dir: Path, shown: Path):
         self.path, self.shown, self.fd = out_dir / LOCK, shown, None
+        self.created = False  # this run made the lock file (a run refused before any work removes it again)
 
     def __enter__(self) -> "OutputLock":
         import fcntl
 
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.created = True
+            except FileExistsError:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise FundusError(f"cannot write to output folder {self.shown}: {e.strerror or e}") from None
         try:
@@ -289,9 +309,14 @@ class OutputLock:
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # releases the lock; the file stays (removing it would race a waiting run)
+            if self.created and exc_type is not None and issubclass(exc_type, UsageError):
+                # Refused before any work (e.g. --overwrite on a folder fundus did not write): the folder is
+                # left as it was. Unlinked while still locked, so a run that opened it meanwhile is refused.
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            os.close(self.fd)  # releases the lock; otherwise the file stays (removing it would race a waiting run)
             self.fd = None
 
 
@@ -861,6 +886,9 @@ def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Ext
         role: dict(extra_dirs[role]) if isinstance(extra_dirs[role], dict) else {it.key: it.path for it in discover_images(extra_dirs[role])}
         for role in roles
     }
+    empty = next((r for r in roles if not isinstance(extra_dirs[r], dict) and not found[r]), None)
+    if empty is not None:  # every item would fail: a wrong folder, not a per-item problem
+        raise UsageError(f"no images found in the --{empty} folder {extra_dirs[empty]} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
     return [WorkItem(it.key, it.path, {role: found[role].get(it.key) for role in roles}) for it in items]
 
 
@@ -906,6 +934,9 @@ def run_stage(
     if not inputs.items:
         raise UsageError(f"no images found in {in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
     _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
+    for role, folder in extra_dirs.items():  # a further input folder is read, never written: OUT stays out of it
+        if not isinstance(folder, dict) and (dst == Path(folder).resolve() or _is_relative_to(dst, Path(folder).resolve())):
+            raise UsageError(f"output folder {out_dir} is the --{role} folder or inside it; choose a folder outside {folder}")
     work = _pair_inputs(stage, inputs.items, extra_dirs)
     _create_output(dst, out_dir)
     with OutputLock(dst, out_dir):

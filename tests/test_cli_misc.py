@@ -96,9 +96,10 @@ def test_sample_degraded_versions_are_what_degrade_writes(tmp_path, capsys):
 def test_sample_refuses_a_file_as_folder(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert run("sample", f) == 1
+    assert run("sample", f) == 2  # a usage error, as in the stage commands
     err = capsys.readouterr().err
-    assert err.startswith("Error: cannot create") and "Traceback" not in err
+    assert err.startswith("Error: output path exists and is not a folder") and "Traceback" not in err
+    assert f.read_text() == "x"
 
 
 def test_version(capsys):

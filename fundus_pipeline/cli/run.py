@@ -27,6 +27,18 @@ def _opt(*names: str, help: str, field: str) -> typer.models.OptionInfo:
     return typer.Option(*names, help=help + _d(field), show_default=False)
 
 
+#: The option that sets a boolean field to False, where it is not ``--no-NAME``.
+_OFF_FLAGS = {"keep_outside": "--zero-outside"}
+
+
+def _option_name(field: str, value: object) -> str:
+    """The option as the user typed it: ``--no-report`` for report=False, ``--min-gain`` for min_gain."""
+    name = field.replace("_", "-")
+    if value is False and field in ("report", "compile", "keep_outside"):
+        return _OFF_FLAGS.get(field, f"--no-{name}")
+    return f"--{name}"
+
+
 def build_config(file: Path | None, options: dict) -> RunConfig:
     """The run's configuration: the TOML file's keys, overridden by the options given on the command line."""
     from fundus_pipeline.config import load_toml_config
@@ -58,7 +70,7 @@ def run_cmd(
     out_dir: Annotated[Optional[Path], typer.Argument(metavar="OUT", help="Output folder: one sub-folder per stage, results.csv, manifest.json, report.html.", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file whose keys are these options' names with underscores (min_gain = 0.02); the command line overrides it.", show_default=False)] = None,
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Reproduce the run recorded in OLD_OUT/manifest.json into OUT, byte for byte (same inputs, weights and options).", show_default=False)] = None,
-    steps: Annotated[Optional[str], _opt("--steps", help="Steps to run, comma-separated, in chain order: grade,enhance,score,segment.", field="steps")] = None,
+    steps: Annotated[Optional[str], _opt("--steps", help="Steps to run, comma-separated; they always run in the chain's order grade,enhance,score,segment.", field="steps")] = None,
     enhance_if: Annotated[Optional[str], _opt("--enhance-if", help="Enhance the photographs graded as these (the others pass through unchanged).", field="enhance_if")] = None,
     min_gain: Annotated[Optional[float], _opt("--min-gain", help="Trust (segment) an enhanced image when its score minus the input's own score is at least this.", field="min_gain")] = None,
     min_score: Annotated[Optional[float], _opt("--min-score", help="... and its score is at least this.", field="min_score")] = None,
@@ -106,7 +118,7 @@ def run_cmd(
 
       fundus run clean/ exp/ --simulate all --ground-truth manual/ --workers 2
     """
-    from fundus_pipeline.chain import read_run, run_chain
+    from fundus_pipeline.chain import read_replay, run_chain
     from fundus_pipeline.errors import UsageError
 
     cli = {
@@ -117,7 +129,7 @@ def run_cmd(
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
         "threads": threads, "engine": engine.value if engine is not None else None, "address": address, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip
-    degrade_replay = expect = None
+    degrade_replay = expect = expect_weights = None
     if replay is not None:
         if out_dir is None and in_dir is not None:
             in_dir, out_dir = None, in_dir
@@ -125,15 +137,13 @@ def run_cmd(
             raise UsageError("--replay takes the input from the replayed manifest: give only OUT")
         fixed = [k for k, v in cli.items() if v is not None and k not in REPLAY_OVERRIDES]
         if fixed or config is not None:
-            raise UsageError(f"--replay reruns the recorded options; do not combine it with --{(fixed or ['config'])[0].replace('_', '-')}")
-        m, cfg, _ = read_run(Path(replay).parent) if Path(replay).name == "manifest.json" else read_run(Path(replay))
+            raise UsageError(f"--replay reruns the recorded options; do not combine it with {_option_name(fixed[0], cli[fixed[0]]) if fixed else '--config'}")
+        rp = read_replay(Path(replay))
         # the engine is where this replay runs, not what it reproduces: local unless --engine is given
-        cfg = cfg.model_copy(update={"resume": False, "overwrite": False, "engine": "local", "address": None, **{k: v for k, v in cli.items() if v is not None}})
-        in_dir = Path(m["input"]["path"])
-        expect = m.get("inputs_sha256") or {}
-        old = Path(m["output"]["dir"])
-        if cfg.simulate and (old / "degrade" / "manifest.json").is_file():
-            degrade_replay = old / "degrade" / "manifest.json"
+        cfg = rp.cfg.model_copy(update={"resume": False, "overwrite": False, "engine": "local", "address": None, **{k: v for k, v in cli.items() if v is not None}})
+        in_dir, expect, expect_weights = rp.input, rp.inputs_sha256, rp.weights_sha256
+        if cfg.simulate and (rp.old_out / "degrade" / "manifest.json").is_file():
+            degrade_replay = rp.old_out / "degrade" / "manifest.json"
     else:
         if in_dir is None or out_dir is None:
             raise UsageError("give IN and OUT (or --replay OLD_OUT/manifest.json OUT)")
@@ -143,7 +153,7 @@ def run_cmd(
     eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
     try:
         result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
-                           engine=eng)
+                           expect_weights=expect_weights, engine=eng)
     finally:
         if eng is not None:
             eng.close()

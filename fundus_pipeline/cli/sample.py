@@ -49,15 +49,26 @@ def sample(
     """
     import skimage.data
 
-    from fundus_pipeline.errors import FundusError
+    from fundus_pipeline.errors import FundusError, UsageError
     from fundus_pipeline.io import write_image_atomic
 
+    def exists(p: Path) -> bool:
+        """Whether ``p`` is already there (kept); something that is not a file is refused (exit 2)."""
+        if not p.exists() and not p.is_symlink():
+            return False
+        if not p.is_file():
+            raise UsageError(f"{p} exists and is not a file; move it away or choose another folder")
+        return True
+
     target = out_dir / "retina.png"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output path exists and is not a folder: {out_dir}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FundusError(f"cannot create {out_dir}: {e.strerror or e}") from None
-    if target.exists():
+    kept = exists(target)
+    if kept:
         typer.echo(f"{target} already exists")
     else:
         write_image_atomic(target, skimage.data.retina())
@@ -65,10 +76,16 @@ def sample(
     if clean_only:
         return
     names = [out_dir / f"{name}.png" for name, _ in DEMO_VERSIONS]
-    if all(p.exists() for p in names):
+    if all([exists(p) for p in names]):
         typer.echo(f"the {len(names)} degraded versions already exist")
         return
-    for name, arr in degraded_versions(target).items():
+    try:
+        versions = degraded_versions(target)
+    except FundusError as e:
+        if not kept:
+            raise
+        raise UsageError(f"{target} was already there and cannot be degraded ({e.message}); move it away or choose another folder") from None
+    for name, arr in versions.items():
         p = out_dir / f"{name}.png"
         if not p.exists():
             write_image_atomic(p, arr)

@@ -171,7 +171,7 @@ def load_state_dict(path: Path) -> dict:
         raise WeightsError(f"weights file not found: {path}") from None
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:  # a pickle that names classes: a saved module or object
             raise WeightsError(f"{path} is a pickled object, not a plain state dict; pickled modules are refused for safety", "convert it once in a trusted environment: torch.save(model.state_dict(), 'new.pt')") from None
         raise WeightsError(f"cannot read weights {path}: corrupt or not a PyTorch file ({type(e).__name__})") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
@@ -183,7 +183,10 @@ def load_state_dict(path: Path) -> dict:
 
 def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> None:
     """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
-    pickled modules, after a strict check of its tensor names and shapes against ``model``."""
+    pickled modules, after a strict check of its tensor names and shapes against ``model`` and of its
+    values (NaN or infinite values are refused: such weights give no decision, only NaN)."""
+    import torch
+
     sd = load_state_dict(path)
     what = what or type(model).__name__
     want, got = set(model.state_dict()), set(sd)
@@ -197,6 +200,9 @@ def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> 
     for k, v in model.state_dict().items():
         if v.shape != sd[k].shape:
             raise WeightsError(f"{path} does not fit architecture {what!r}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # every output would be NaN, and a NaN probability compares as no decision at all
+        raise WeightsError(f"{path} is corrupt: tensor {bad} holds NaN or infinite values")
     model.load_state_dict(sd, strict=True)
 
 

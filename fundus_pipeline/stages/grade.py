@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fundus_pipeline.config import GradeConfig
+from fundus_pipeline.errors import InputError
 from fundus_pipeline.quality.grading import FLAGS, GRADES
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, NetworkStage
 
@@ -102,6 +103,8 @@ class GradeStage(NetworkStage):
 
     def fields(self, item: ItemInput, pg: np.ndarray, pf: np.ndarray) -> dict:
         """The results.csv columns of one photograph from its grade and flag probabilities."""
+        if not (np.isfinite(pg).all() and np.isfinite(pf).all()):  # argmax of NaN would say "good"
+            raise InputError("the grader's output is not a finite number (NaN or infinity); the weights or the photograph are broken")
         fov = item.fov
         found = bool(fov is not None and fov.found)
         fields = {"grade": GRADES[int(pg.argmax())], **{f"p_{g}": round(float(p), 6) for g, p in zip(GRADES, pg)}, "temperature": self.temperature}

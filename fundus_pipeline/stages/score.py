@@ -12,6 +12,8 @@ scorer's estimate of the unenhanced photograph's quality), from the same pass.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fundus_pipeline.config import ScoreConfig
@@ -68,6 +70,8 @@ class ScoreStage(NetworkStage):
         outs = []
         for pred in preds:
             (score, spread), own = (pred, None) if not self.cfg.input_score else pred
+            if not all(math.isfinite(v) for v in (score, spread, *(own or ()))):  # a NaN gain would decide nothing
+                raise InputError("the scorer's output is not a finite number (NaN or infinity); the weights or the photographs are broken")
             fields = {"score": round(score, 6), "score_spread": round(spread, 6), "crops": len(self.boxes)}
             if own is not None:
                 fields.update(score_input=round(own[0], 6), score_input_spread=round(own[1], 6))
