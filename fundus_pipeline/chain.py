@@ -50,9 +50,9 @@ from fundus_pipeline.runner import (
 )
 from fundus_pipeline.models.weights import sha256_file
 
-#: The folders a run owns under OUT, in the order they are written.
 #: The segment step's addition to "no fundus field of view found" inside `fundus run` (which has no --fov).
 RUN_NO_FOV_HINT = "; `fundus run` works inside a circular field of view with a dark surround (for photographs cropped to the retina: `fundus segment --fov full`)"
+#: The folders a run owns under OUT, in the order they are written.
 STAGE_DIRS = ("degrade", "grade", "enhance", "score", "segment", "segment_clean", "segment_input", "compare")
 TOP_FILES = ("manifest.json", "results.csv", "report.html")
 GRADE_NAMES = ("good", "usable", "reject")
