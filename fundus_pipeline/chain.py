@@ -691,6 +691,22 @@ def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------- reading back
+def _run_manifest_json(file: Path, prefix: str, missing: str) -> dict:
+    """The JSON object of a run's manifest, or a UsageError starting with ``prefix`` (``missing``: the
+    message when the file is not there)."""
+    try:
+        m = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UsageError(prefix + missing) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{prefix}cannot read {file}: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"{prefix}{file} is not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(m, dict) or m.get("stage") != "run":
+        raise UsageError(f"{prefix}{file} is not the manifest of a `fundus run`")
+    return m
+
+
 @dataclass(frozen=True)
 class Replay:
     """What ``fundus run --replay`` reproduces, read from a finished run's manifest."""
@@ -732,16 +748,7 @@ def read_replay(path: Path) -> Replay:
 
     path = Path(path)
     file = path / "manifest.json" if path.is_dir() else path
-    try:
-        raw = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--replay: {file} not found (give OLD_OUT/manifest.json of a finished `fundus run`)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--replay: cannot read {file}: {e}") from None
-    except ValueError as e:
-        raise UsageError(f"--replay: {file} is not JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or raw.get("stage") != "run":
-        raise UsageError(f"--replay: {file} is not the manifest of a `fundus run`")
+    raw = _run_manifest_json(file, "--replay: ", f"{file} not found (give OLD_OUT/manifest.json of a finished `fundus run`)")
     try:
         m = _Manifest(**raw)
     except ValidationError as e:
@@ -763,14 +770,7 @@ def read_replay(path: Path) -> Replay:
 def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:
     """(the manifest, its configuration, the planned items) of a run folder; a UsageError when it holds none."""
     path = Path(out_dir) / "manifest.json"
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{out_dir} holds no `fundus run` output (no manifest.json)") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-    if not isinstance(m, dict) or m.get("stage") != "run":
-        raise UsageError(f"{path} is not the manifest of a `fundus run`")
+    m = _run_manifest_json(path, "", f"{out_dir} holds no `fundus run` output (no manifest.json)")
     from pydantic import ValidationError
 
     from fundus_pipeline.config import error_line

@@ -241,12 +241,15 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
 
 
 def _written_by_fundus(manifest: Path) -> bool:
-    """Whether ``manifest`` is a manifest.json that fundus wrote (a stage's or a run's)."""
+    """Whether ``manifest`` is a manifest.json that fundus wrote (a stage's or a run's). Only its head is read:
+    every manifest starts with its schema version and ``"tool": {"name": "fundus-pipeline", ...}``, and the
+    manifest of a 100,000-photograph run is tens of megabytes."""
     try:
-        m = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        with open(manifest, "rb") as f:
+            head = f.read(4096)
+    except OSError:
         return False
-    return isinstance(m, dict) and isinstance(m.get("tool"), dict) and m["tool"].get("name") == "fundus-pipeline"
+    return head.lstrip().startswith(b"{") and b'"name": "fundus-pipeline"' in head
 
 
 def _first_inside(paths: Iterable[Path], root: Path) -> Path | None:
