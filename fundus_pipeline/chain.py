@@ -46,7 +46,7 @@ from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
+    input_changed, manifest_stage, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -437,14 +437,9 @@ class Chain:
         if self.overwrite:
             # Everything is checked before anything is removed: a refusal leaves the folder as it was.
             tops = [out / name for name in TOP_FILES if (out / name).exists()] + sorted(out.glob("report-*.html"))
-            if tops:
-                try:
-                    old_stage = json.loads((out / "manifest.json").read_text()).get("stage")
-                except (OSError, ValueError, AttributeError):
-                    old_stage = None
-                if old_stage != "run":
-                    raise UsageError(f"--overwrite: {self.shown} holds {tops[0].name} but no manifest.json of a `fundus run`; "
-                                     "it was not written by fundus run, so nothing is replaced: move it away or choose another folder")
+            if tops and manifest_stage(out / "manifest.json") != "run":
+                raise UsageError(f"--overwrite: {self.shown} holds {tops[0].name} but no manifest.json of a `fundus run`; "
+                                 "it was not written by fundus run, so nothing is replaced: move it away or choose another folder")
             dirs = [out / name for name in STAGE_DIRS if (out / name).is_dir()]
             for d in dirs:
                 if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
@@ -707,6 +702,21 @@ def _run_manifest_json(file: Path, prefix: str, missing: str) -> dict:
     return m
 
 
+def _manifest_config(config: Any, where: str) -> RunConfig:
+    """The configuration recorded in a run's manifest, or a UsageError starting with ``where`` that names
+    the bad key."""
+    from pydantic import ValidationError
+
+    from fundus_pipeline.config import error_line
+
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: invalid run manifest (config: missing or not an object)")
+    try:
+        return RunConfig(**config)
+    except ValidationError as e:
+        raise UsageError(f"{where}: invalid run manifest ({error_line(e, prefix='config.')})") from None
+
+
 @dataclass(frozen=True)
 class Replay:
     """What ``fundus run --replay`` reproduces, read from a finished run's manifest."""
@@ -757,10 +767,7 @@ def read_replay(path: Path) -> Replay:
         raise UsageError(f"--replay: {file}: manifest schema_version {m.schema_version} is not one this version reads (1)")
     if m.status != "finished":
         raise UsageError(f"--replay: {file} records a run that did not finish (status {m.status!r}); finish it with --resume, then replay it")
-    try:
-        cfg = RunConfig(**m.config)
-    except ValidationError as e:
-        raise UsageError(f"--replay: {file}: invalid run manifest ({error_line(e, prefix='config.')})") from None
+    cfg = _manifest_config(m.config, f"--replay: {file}")
     missing = [step for step in cfg.steps if step not in m.weights]
     if missing:
         raise UsageError(f"--replay: {file}: invalid run manifest (no weights recorded for the {missing[0]} step)")
@@ -771,16 +778,7 @@ def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:
     """(the manifest, its configuration, the planned items) of a run folder; a UsageError when it holds none."""
     path = Path(out_dir) / "manifest.json"
     m = _run_manifest_json(path, "", f"{out_dir} holds no `fundus run` output (no manifest.json)")
-    from pydantic import ValidationError
-
-    from fundus_pipeline.config import error_line
-
-    if not isinstance(m.get("config"), dict):
-        raise UsageError(f"{path}: invalid run manifest (config: missing or not an object)")
-    try:
-        cfg = RunConfig(**m["config"])
-    except ValidationError as e:
-        raise UsageError(f"{path}: invalid run manifest ({error_line(e, prefix='config.')})") from None
+    cfg = _manifest_config(m.get("config"), str(path))
     try:
         plan = [ChainItem(**it) for it in m.get("plan", [])]
     except (KeyError, TypeError, ValueError) as e:

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -232,7 +233,7 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")
     if non_empty and resume and not ((dst / "manifest.json").exists() or (dst / JOURNAL).exists()):
         raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json); choose an empty folder or pass --overwrite")
-    if non_empty and overwrite and not (_written_by_fundus(dst / "manifest.json") or (dst / JOURNAL).exists()):
+    if non_empty and overwrite and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
         # --overwrite replaces a run's outputs; the tables a run writes are removed first, so they must be a run's
         mine = next((n for n in ("results.csv", "manifest.json", "report.html") if (dst / n).exists()), None)
         if mine is not None:
@@ -240,16 +241,23 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
     return src, dst
 
 
-def _written_by_fundus(manifest: Path) -> bool:
-    """Whether ``manifest`` is a manifest.json that fundus wrote (a stage's or a run's). Only its head is read:
-    every manifest starts with its schema version and ``"tool": {"name": "fundus-pipeline", ...}``, and the
-    manifest of a 100,000-photograph run is tens of megabytes."""
+_MANIFEST_STAGE = re.compile(rb'"stage": "([a-z_]+)"')
+
+
+def manifest_stage(manifest: Path) -> str | None:
+    """The ``stage`` of a manifest.json that fundus wrote ("run", "grade", ...), or None when the file is
+    missing or not fundus's. Only its head is read: every manifest starts with its schema version, ``"tool":
+    {"name": "fundus-pipeline", ...}`` and ``"stage"``, and the manifest of a 100,000-photograph run is tens
+    of megabytes."""
     try:
         with open(manifest, "rb") as f:
             head = f.read(4096)
     except OSError:
-        return False
-    return head.lstrip().startswith(b"{") and b'"name": "fundus-pipeline"' in head
+        return None
+    if not head.lstrip().startswith(b"{") or b'"name": "fundus-pipeline"' not in head:
+        return None
+    m = _MANIFEST_STAGE.search(head)
+    return m.group(1).decode() if m else None
 
 
 def _first_inside(paths: Iterable[Path], root: Path) -> Path | None:

@@ -27,16 +27,15 @@ def _opt(*names: str, help: str, field: str) -> typer.models.OptionInfo:
     return typer.Option(*names, help=help + _d(field), show_default=False)
 
 
-#: The option that sets a boolean field to False, where it is not ``--no-NAME``.
-_OFF_FLAGS = {"keep_outside": "--zero-outside"}
+#: The option that sets each on/off field to False.
+_OFF_FLAGS = {"report": "--no-report", "compile": "--no-compile", "keep_outside": "--zero-outside"}
 
 
 def _option_name(field: str, value: object) -> str:
     """The option as the user typed it: ``--no-report`` for report=False, ``--min-gain`` for min_gain."""
-    name = field.replace("_", "-")
-    if value is False and field in ("report", "compile", "keep_outside"):
-        return _OFF_FLAGS.get(field, f"--no-{name}")
-    return f"--{name}"
+    if value is False and field in _OFF_FLAGS:
+        return _OFF_FLAGS[field]
+    return "--" + field.replace("_", "-")
 
 
 def build_config(file: Path | None, options: dict) -> RunConfig:
