@@ -216,7 +216,7 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         row: dict[str, Any] = {c: "" for c in columns(cfg)}
         row.update(key=it.key, input=_shown(it.input, out))
         if cfg.simulate:
-            row.update(clean_key=it.clean_key, clean_input=it.clean_input, degradation=it.degradation)
+            row.update(clean_key=it.clean_key, clean_input=_shown(it.clean_input, out), degradation=it.degradation)
         errors: list[str] = []
         pending = False
 
@@ -269,11 +269,13 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
 
 
 def _shown(path: str, out: Path) -> str:
-    """A path inside OUT relative to it (a replay into another folder writes the same table), else as given."""
+    """A path inside OUT relative to it (a replay into another folder writes the same table), else absolute
+    (an input given relative to the working folder stays findable from the table and by ``fundus report``)."""
+    p = Path(os.path.abspath(path))
     try:
-        return Path(path).relative_to(out).as_posix()
+        return p.relative_to(out).as_posix()
     except ValueError:
-        return path
+        return str(p)
 
 
 def count(rows: Iterable[dict]) -> dict:
@@ -516,11 +518,11 @@ class Chain:
             if r is None:
                 continue  # interrupted before this photograph
             if r["status"] != "ok":
-                plan.append(ChainItem(it.key, str(it.path), it.key, str(it.path), "", r["error"] or "failed"))
+                plan.append(ChainItem(it.key, os.path.abspath(it.path), it.key, os.path.abspath(it.path), "", r["error"] or "failed"))
                 continue
             for variant, name in zip(r["variants"], r["outputs"]):
                 label = self.cfg.simulate if variant == "default" else variant
-                plan.append(ChainItem(name[: -len(".png")], str(folder / name), it.key, str(it.path), label))
+                plan.append(ChainItem(name[: -len(".png")], str(folder / name), it.key, os.path.abspath(it.path), label))
         return plan
 
     def run(self) -> ChainResult:
@@ -559,7 +561,8 @@ class Chain:
         if cfg.simulate:
             self.plan = self._simulate()
         else:
-            self.plan = [ChainItem(it.key, str(it.path)) for it in self.inputs.items]
+            # absolute, so that the joined table and `fundus report` find the inputs from any working folder
+            self.plan = [ChainItem(it.key, os.path.abspath(it.path)) for it in self.inputs.items]
         live = [it for it in self.plan if not it.error]
         if cfg.simulate:
             items = [ImageItem(it.key, Path(it.input)) for it in live]
@@ -670,7 +673,7 @@ class Chain:
             blank = dict.fromkeys(columns(self.cfg), "")
             for it in self.inputs.items:
                 if it.key not in seen:
-                    yield {**blank, "key": it.key, "input": str(it.path), "status": "pending"}
+                    yield {**blank, "key": it.key, "input": _shown(str(it.path), self.out), "status": "pending"}
 
 
 def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,

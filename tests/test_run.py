@@ -153,6 +153,22 @@ def test_chain_writes_stage_folders_and_a_joined_table_with_its_decisions(photos
             assert Path(seg2[key]["input"]).resolve() == (photos / f"{key}.png").resolve()
 
 
+def test_inputs_given_relative_to_the_working_folder_keep_their_thumbnails(photos, tmp_path, tiny, monkeypatch):
+    """The quick start's form (`fundus run demo out`): `input` is recorded absolute, so the report finds
+    every input (its thumbnail and vessel overlay) and `fundus report` rebuilds it from any folder."""
+    monkeypatch.chdir(tmp_path)
+    assert run("run", "in", "out", *tiny_args(tiny, "--enhance-if", "reject")) == 0
+    out = tmp_path / "out"
+    rows = rows_of(out / "results.csv")
+    assert {r["input"] for r in rows.values()} == {str(photos / f"{k}.png") for k in ("p0", "p1", "p2")}
+    html = (out / "report.html").read_text()
+    enhanced = sum(r["enhanced"] == "yes" for r in rows.values())
+    assert html.count('src="data:image/jpeg;base64,') == 2 * len(rows) + enhanced  # input + vessels each, + enhanced
+    monkeypatch.chdir(photos)
+    (out / "report.html").unlink()
+    assert run("report", out) == 0 and (out / "report.html").read_text() == html
+
+
 def test_only_the_grades_named_are_enhanced(photos, tmp_path, tiny):
     out = tmp_path / "out"
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,enhance", "--enhance-if", "reject")) == 0
