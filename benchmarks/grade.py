@@ -64,7 +64,7 @@ def hrf_memory(weights: str, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", default="hemf")
+    ap.add_argument("--weights", default=GradeConfig.model_fields["weights"].default)
     ap.add_argument("--arch")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--hrf", type=int, default=20)

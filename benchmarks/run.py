@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fundus_pipeline.config import RunConfig  # noqa: E402
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
 from fundus_pipeline.runner import environment  # noqa: E402
 
@@ -98,7 +99,8 @@ def throughput(tmp: Path) -> dict:
     if inp is None:
         return {"skipped": "DRIVE not present"}
     n = len(list(inp.iterdir()))
-    res: dict = {"photographs": n, "size": "565x584 (DRIVE)", "weights": "shipped (hemf, cofe, sdmp, imff)"}
+    c = RunConfig()  # the defaults this run uses
+    res: dict = {"photographs": n, "size": "565x584 (DRIVE)", "weights": f"shipped ({c.grade_weights}, {c.enhance_weights}, {c.score_weights}, {c.segment_weights})"}
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

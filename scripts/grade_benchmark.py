@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fundus_pipeline.config import GradeConfig
 from fundus_pipeline.datasets import DRIVE_TEST, HRF_TEST, default_data_root, eyepacs256_split
 
 
@@ -92,7 +93,7 @@ def markdown(table: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("grade_set", type=Path)
-    ap.add_argument("--methods", default="hemf")
+    ap.add_argument("--methods", default=GradeConfig.model_fields["weights"].default)
     ap.add_argument("--sets", default="synthetic,clean_test,cofenet_real,eyeq_full,eyepacs_test")
     ap.add_argument("--work", type=Path, default=Path("runs/grade_bench"))
     ap.add_argument("--out", type=Path, default=Path("docs/grade_benchmark"))

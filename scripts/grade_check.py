@@ -1,6 +1,7 @@
-"""Record what the shipped grader says about ten real photographs (tests/test_grade_shipped.py checks it).
+"""Record what the default grader (``fundus grade`` without ``--weights``) says about ten real photographs;
+tests/test_grade_shipped.py checks it against the file named after the weights:
 
-    python scripts/grade_check.py > docs/grade_benchmark/hemf_check.csv
+    python scripts/grade_check.py > docs/grade_benchmark/hemf_4k_check.csv
 
 The photographs: DRIVE test 01-03, the first three real low-quality CofeNet photographs, the first three
 EyePACS-256 test photographs (patient split) and scikit-image's astronaut.
@@ -15,6 +16,18 @@ import tempfile
 from pathlib import Path
 
 COLUMNS = ("key", "grade", "p_good", "p_usable", "p_reject", "p_blur", "p_illumination", "p_not_fundus")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_weights() -> str:
+    """The weights ``fundus grade`` uses by default, and the recorded check that belongs to them."""
+    from fundus_pipeline.config import GradeConfig
+
+    return GradeConfig.model_fields["weights"].default
+
+
+def recorded_check(weights: str) -> Path:
+    return ROOT / "docs" / "grade_benchmark" / f"{weights}_check.csv"
 
 
 def check_inputs(data_root: Path, folder: Path) -> list[Path]:

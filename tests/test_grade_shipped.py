@@ -1,7 +1,7 @@
-"""The shipped grader on a few real photographs (DRIVE test 01-03, three real low-quality CofeNet
+"""The default shipped grader on a few real photographs (DRIVE test 01-03, three real low-quality CofeNet
 photographs, three EyePACS-256 test photographs) and scikit-image's astronaut: `fundus grade` reproduces
-the probabilities recorded in docs/grade_benchmark/hemf_check.csv when the weights were exported (within
-1e-3: thread counts may differ) and writes a consistent grade; runs when ../shared/data is present."""
+the probabilities recorded in docs/grade_benchmark/<weights>_check.csv when the weights were exported
+(within 1e-3: thread counts may differ) and writes a consistent grade; runs when ../shared/data is present."""
 
 from __future__ import annotations
 
@@ -17,21 +17,23 @@ from fundus_pipeline.models.weights import weights_dir
 
 pytestmark = pytest.mark.data
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED = ROOT / "docs" / "grade_benchmark" / "hemf_check.csv"
 COLUMNS = ("p_good", "p_usable", "p_reject", "p_blur", "p_illumination", "p_not_fundus")
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from grade_check import check_inputs  # noqa: E402
+from grade_check import check_inputs, default_weights, recorded_check  # noqa: E402
 
 
-def test_shipped_hemf_on_real_photographs(data_root, tmp_path):
-    if not (weights_dir() / "hemf.pt").is_file() or not RECORDED.is_file():
-        pytest.skip("weights/hemf.pt or its recorded check not present")
+def test_default_grader_on_real_photographs(data_root, tmp_path):
+    name = default_weights()
+    recorded_csv = recorded_check(name)
+    if not (weights_dir() / f"{name}.pt").is_file():
+        pytest.skip(f"weights/{name}.pt not present")
+    assert recorded_csv.is_file(), f"record it: python scripts/grade_check.py > {recorded_csv.relative_to(ROOT)}"
     check_inputs(data_root, tmp_path / "in")
     out = tmp_path / "out"
     assert cli_main(["grade", str(tmp_path / "in"), str(out), "--threads", "2", "--quiet"]) == 0
     got = {r["key"]: r for r in csv.DictReader(open(out / "results.csv"))}
-    recorded = {r["key"]: r for r in csv.DictReader(open(RECORDED))}
+    recorded = {r["key"]: r for r in csv.DictReader(open(recorded_csv))}
     assert got.keys() == recorded.keys() and len(got) == 10
     for key, r in got.items():
         p = np.array([float(r[c]) for c in ("p_good", "p_usable", "p_reject")])
