@@ -189,13 +189,16 @@ def resolve_inputs(path: Path) -> Inputs:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"input does not exist: {path}")
+    # absolute from here on: the tables and manifests then name every input unambiguously, so a replay,
+    # a resume or `fundus report` from another working folder finds the same files
+    path = Path(os.path.abspath(path))
     if path.is_dir():
         return Inputs("folder", path, discover_images(path))
     if not path.is_file():
         raise UsageError(f"input is neither a folder nor a regular file: {path}")
     ext = path.suffix.lower()
     if ext in SUPPORTED_EXTENSIONS:
-        return Inputs("file", path, [ImageItem(path.stem, Path(os.path.abspath(path)))])
+        return Inputs("file", path, [ImageItem(path.stem, path)])
     if ext in LIST_EXTENSIONS:
         return Inputs("list", path, _read_list(path))
     raise UsageError(

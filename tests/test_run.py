@@ -155,7 +155,7 @@ def test_chain_writes_stage_folders_and_a_joined_table_with_its_decisions(photos
 
 def test_inputs_given_relative_to_the_working_folder_keep_their_thumbnails(photos, tmp_path, tiny, monkeypatch):
     """The quick start's form (`fundus run demo out`): `input` is recorded absolute, so the report finds
-    every input (its thumbnail and vessel overlay) and `fundus report` rebuilds it from any folder."""
+    every input (its thumbnail and vessel overlay), and `fundus report` and `--replay` work from any folder."""
     monkeypatch.chdir(tmp_path)
     assert run("run", "in", "out", *tiny_args(tiny, "--enhance-if", "reject")) == 0
     out = tmp_path / "out"
@@ -167,6 +167,10 @@ def test_inputs_given_relative_to_the_working_folder_keep_their_thumbnails(photo
     monkeypatch.chdir(photos)
     (out / "report.html").unlink()
     assert run("report", out) == 0 and (out / "report.html").read_text() == html
+    # the manifest names the input folder absolute: a replay from another folder finds the same files
+    assert json.loads((out / "manifest.json").read_text())["input"]["path"] == str(photos)
+    assert run("run", "--replay", out / "manifest.json", tmp_path / "again", "--quiet") == 0
+    assert output_bytes(tmp_path / "again") == output_bytes(out)
 
 
 def test_only_the_grades_named_are_enhanced(photos, tmp_path, tiny):
