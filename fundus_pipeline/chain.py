@@ -477,7 +477,7 @@ class Chain:
             "run_sha256": config_sha256(rec),
             "weights": self.weights,
             "seed": self.cfg.seed,
-            "input": {"dir": str(self.in_path), **self.inputs.record()},
+            "input": {"dir": str(self.inputs.path), **self.inputs.record()},
             "inputs_sha256": self._input_hashes() if status != "running" else {},
             "output": {"dir": str(self.out)},
             "stages": self.stages,
