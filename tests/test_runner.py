@@ -176,6 +176,22 @@ def test_rows_record_the_sha256_of_the_bytes_read_and_a_replaced_input_is_redone
     assert np.array_equal(np.asarray(Image.open(out / "b.png")), np.asarray(Image.open(d / "b.png")))
 
 
+def test_resume_computes_again_a_key_that_now_names_another_file(tmp_path):
+    """The same key from another file (a list now naming b/p.png where it named a/p.png; in `fundus run`,
+    the enhanced image where the input was segmented before) is not taken from the earlier row."""
+    for sub, seed in (("a", 1), ("b", 2)):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(synthetic_fundus(48, 48, seed=seed)).save(tmp_path / sub / "p.png")
+        (tmp_path / f"{sub}.txt").write_text(f"{tmp_path / sub / 'p.png'}\n")
+    out = tmp_path / "out"
+    assert run_stage(CopyStage(), tmp_path / "a.txt", out, progress=False).counts["ok"] == 1
+    again = run_stage(CopyStage(), tmp_path / "b.txt", out, resume=True, progress=False)
+    assert again.counts["skipped"] == 0 and again.store["p"]["input"] == str(tmp_path / "b" / "p.png")
+    assert np.array_equal(np.asarray(Image.open(out / "p.png")), np.asarray(Image.open(tmp_path / "b" / "p.png")))
+    journal = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
+    assert [r["input"] for r in journal] == [str(tmp_path / "b" / "p.png")]
+
+
 def test_an_unreadable_image_still_records_the_hash_of_its_bytes(tmp_path):
     import hashlib
 
