@@ -7,6 +7,7 @@ default exists in one place only.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,6 +233,13 @@ class RunConfig(StageConfig):
             raise ValueError("name at least one of good, usable, reject (to enhance nothing, leave enhance out of --steps)")
         return [g for g in ("good", "usable", "reject") if g in v]
 
+    @field_validator("ground_truth")
+    @classmethod
+    def _truth_absolute(cls, v: Path | None) -> Path | None:
+        """Absolute (recorded and hashed so): a resume with other annotations is refused, and a replay finds
+        them from any working folder."""
+        return None if v is None else Path(os.path.abspath(v))
+
     @field_validator("simulate")
     @classmethod
     def _simulate(cls, v: str | None) -> str | None:
@@ -256,7 +264,7 @@ class RunConfig(StageConfig):
         """The fields that decide the outputs (hashed: ``--resume`` never mixes two configurations)."""
         skip = {"workers", "threads", "engine", "address", "format", "quiet", "resume", "overwrite", "ground_truth"}
         rec = self.model_dump(mode="json", exclude=skip)
-        rec["ground_truth"] = self.ground_truth is not None
+        rec["ground_truth"] = str(self.ground_truth) if self.ground_truth is not None else False  # False: the hash earlier versions wrote
         if rec.get("precision") == "fp32":
             del rec["precision"]  # the default: the hash of a float32 run is the one earlier versions wrote
         if not rec.get("compile"):

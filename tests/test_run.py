@@ -337,6 +337,13 @@ def test_simulated_run_measures_what_the_restoration_bought(tmp_path, tiny):
     again = tmp_path / "again"
     assert run("run", "--replay", out / "manifest.json", again, "--quiet") == 0
     assert output_bytes(again) == output_bytes(out)
+    # other annotations are another configuration: a resume with them is refused, never mixed in
+    other = tmp_path / "truth2"
+    other.mkdir()
+    for p in truth.iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    assert run("run", clean, out, *tiny_args(tiny, "--simulate", "001,100", "--seed", "3", "--ground-truth", other, "--enhance-if",
+                                           "good,usable,reject", "--min-gain", "-1", "--resume")) == 2
 
 
 def test_stage_folders_match_the_stage_commands(photos, tmp_path, tiny):
