@@ -194,6 +194,11 @@ def test_replay_reproduces_the_run_byte_for_byte_and_report_rebuilds(photos, tmp
     (out / "report.html").unlink()
     assert run("report", out) == 0
     assert (out / "report.html").read_bytes() == a["report.html"]
+    # a run killed while running (its manifest says so, without a plan yet): the report is not rebuilt empty
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "status": "running", "plan": []}))
+    assert run("report", out) == 2 and (out / "report.html").read_bytes() == a["report.html"]
+    (out / "manifest.json").write_text(json.dumps(m))
     # replay refuses changed inputs and extra options
     Image.fromarray(synthetic_fundus(80, 80, 9)).save(photos / "p1.png")
     assert run("run", "--replay", out / "manifest.json", tmp_path / "x") == 2

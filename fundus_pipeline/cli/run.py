@@ -176,10 +176,14 @@ def report_cmd(
     Example: fundus report out/
     """
     from fundus_pipeline.chain import RowsFile, join, read_run
+    from fundus_pipeline.errors import UsageError
     from fundus_pipeline.report import write_report
     from fundus_pipeline.runner import OutputLock
 
-    _, cfg, plan = read_run(out_dir)
+    m, cfg, plan = read_run(out_dir)
+    if m.get("status") == "running":  # its plan is written at the end: a report now would be empty
+        raise UsageError(f"{out_dir} holds a run that is still going or was killed (manifest status 'running'); "
+                         "finish it with `fundus run ... --resume`, which writes the report")
     out = Path(out_dir).resolve()
     with OutputLock(out, out_dir):
         rows = RowsFile()
