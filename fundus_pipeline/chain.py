@@ -268,10 +268,17 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         yield row
 
 
+def _at(out: Path, path: str) -> Path:
+    """A planned input as a file: the plan names a file inside OUT relative to OUT (so a moved or replayed
+    output folder still finds its own files), any other absolute."""
+    return Path(path) if os.path.isabs(path) else out / path
+
+
 def _shown(path: str, out: Path) -> str:
-    """A path inside OUT relative to it (a replay into another folder writes the same table), else absolute
-    (an input given relative to the working folder stays findable from the table and by ``fundus report``)."""
-    p = Path(os.path.abspath(path))
+    """A planned input as the table shows it: inside OUT relative to it (a replay into another folder writes
+    the same table), else absolute (an input given relative to the working folder stays findable from the
+    table and by ``fundus report``)."""
+    p = _at(out, path)
     try:
         return p.relative_to(out).as_posix()
     except ValueError:
@@ -518,11 +525,11 @@ class Chain:
             if r is None:
                 continue  # interrupted before this photograph
             if r["status"] != "ok":
-                plan.append(ChainItem(it.key, os.path.abspath(it.path), it.key, os.path.abspath(it.path), "", r["error"] or "failed"))
+                plan.append(ChainItem(it.key, str(it.path), it.key, str(it.path), "", r["error"] or "failed"))
                 continue
             for variant, name in zip(r["variants"], r["outputs"]):
                 label = self.cfg.simulate if variant == "default" else variant
-                plan.append(ChainItem(name[: -len(".png")], str(folder / name), it.key, os.path.abspath(it.path), label))
+                plan.append(ChainItem(name[: -len(".png")], f"{folder.name}/{name}", it.key, str(it.path), label))
         return plan
 
     def run(self) -> ChainResult:
@@ -561,11 +568,10 @@ class Chain:
         if cfg.simulate:
             self.plan = self._simulate()
         else:
-            # absolute, so that the joined table and `fundus report` find the inputs from any working folder
-            self.plan = [ChainItem(it.key, os.path.abspath(it.path)) for it in self.inputs.items]
+            self.plan = [ChainItem(it.key, str(it.path)) for it in self.inputs.items]  # absolute (resolve_inputs)
         live = [it for it in self.plan if not it.error]
         if cfg.simulate:
-            items = [ImageItem(it.key, Path(it.input)) for it in live]
+            items = [ImageItem(it.key, _at(self.out, it.input)) for it in live]
         else:
             items = list(self.inputs.items)  # the plan is the inputs: their paths are reused (100,000 Path objects are not free)
         path_of = {it.key: it.path for it in items}
@@ -621,7 +627,7 @@ class Chain:
         out = self.out
         extra: dict[str, dict[str, Path | None]] = {
             "clean": {it.key: Path(it.clean_input) for it in live},
-            "delivered": {it.key: enhanced_path.get(it.key, Path(it.input)) for it in live},
+            "delivered": {it.key: enhanced_path.get(it.key, _at(self.out, it.input)) for it in live},
         }
         if vessels:
             def vessel_file(folder: str, key: str) -> Path | None:
@@ -637,7 +643,7 @@ class Chain:
 
             gt = {pairing_key(g.key): g.path for g in discover_images(Path(cfg.ground_truth))}
             extra["truth"] = {it.key: gt.get(pairing_key(it.clean_key)) for it in live}
-        self._stage("compare", stage, [ImageItem(it.key, Path(it.input)) for it in live], extra)
+        self._stage("compare", stage, [ImageItem(it.key, _at(self.out, it.input)) for it in live], extra)
 
     def _finish(self) -> ChainResult:
         """results.csv, report.html and manifest.json from the stage folders, a row at a time (the joined rows

@@ -349,6 +349,11 @@ def test_simulated_run_measures_what_the_restoration_bought(tmp_path, tiny):
         (other / p.name).write_bytes(p.read_bytes())
     assert run("run", clean, out, *tiny_args(tiny, "--simulate", "001,100", "--seed", "3", "--ground-truth", other, "--enhance-if",
                                            "good,usable,reject", "--min-gain", "-1", "--resume")) == 2
+    # a moved output folder still finds its own degraded images: its report rebuilds the same page
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    (moved / "report.html").rename(tmp_path / "report_before.html")
+    assert run("report", moved) == 0 and (moved / "report.html").read_bytes() == (tmp_path / "report_before.html").read_bytes()
 
 
 def test_stage_folders_match_the_stage_commands(photos, tmp_path, tiny):
