@@ -126,11 +126,15 @@ def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, s
     """(which image is segmented, "enhanced" or "input"; why). ``score_row`` holds ``score`` and ``score_input``."""
     if not enhanced:
         return "input", "not enhanced: the input is segmented"
-    if enhance_row is None or enhance_row.get("status") != "ok":
+    if enhance_row is None:
+        return "", "not decided: the run stopped before this enhancement"
+    if enhance_row.get("status") != "ok":
         return "input", "enhancement failed: the input is segmented"
     if "score" not in cfg.steps:
         return "enhanced", "no score step: the enhanced image is segmented"
-    if score_row is None or score_row.get("status") != "ok":
+    if score_row is None:
+        return "", "not decided: the run stopped before this enhancement was scored"
+    if score_row.get("status") != "ok":
         return "input", "the enhancement could not be scored: the input is segmented"
     s, si = float(score_row["score"]), float(score_row["score_input"])
     gain = round(s - si, 6)
@@ -247,8 +251,8 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         if _ok(e):
             p = _output(out / "enhance", e)
             row["enhanced_image"] = p.relative_to(out).as_posix() if p else ""
-        if enh and not _ok(e) and e is not None:
-            row["enhance_reason"] += " (failed)"
+        if enh and not _ok(e):
+            row["enhance_reason"] += " (failed)" if e is not None else " (not run yet: the run stopped before)"
         source, why = segment_decision(cfg, enh, e, s)
         if "segment" in steps:
             seg = take("segment", index.get("segment", it.key))

@@ -233,6 +233,32 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
     assert run("run", photos, out, *args, "--resume") == 0
     assert output_bytes(out) == expected
 
+    # Ctrl-C in the enhance step: the photographs not reached yet are pending, not failed, and undecided
+    from fundus_pipeline.stages.enhance import EnhanceStage
+
+    real_enhance = EnhanceStage.compute
+    calls["n"] = 0
+
+    def interrupt_enhance(self, item):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_enhance(self, item)
+
+    monkeypatch.setattr(EnhanceStage, "compute", interrupt_enhance)
+    stopped = tmp_path / "stopped"
+    assert run("run", photos, stopped, *args) == 130
+    pending = [r for r in rows_of(stopped / "results.csv").values() if r["status"] == "pending"]
+    assert pending and all(r["error"] == "" for r in pending)
+    for r in pending:
+        if not r["enhanced_image"]:
+            assert r["enhance_reason"].endswith("(not run yet: the run stopped before)") and r["segmented"] == "", r
+            assert r["segment_reason"].startswith("not decided: the run stopped before"), r
+    assert "failed</div>" not in (stopped / "report.html").read_text()
+    monkeypatch.setattr(EnhanceStage, "compute", real_enhance)
+    assert run("run", photos, stopped, *args, "--resume") == 0
+    assert output_bytes(stopped) == expected
+
     # a hard crash (the process exits at once, nothing is flushed or cleaned) in the enhance step
     crashed = tmp_path / "crashed"
     code = (

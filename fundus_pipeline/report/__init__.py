@@ -182,7 +182,7 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
             if (v := _num(r.get(col))) is not None:
                 vals.append(v)
         enhanced += bool(r.get("enhanced_image"))
-        enhance_failed += r.get("enhanced") == "yes" and not r.get("enhanced_image")
+        enhance_failed += r.get("enhanced") == "yes" and not r.get("enhanced_image") and "enhance: " in str(r.get("error") or "")
         used += r.get("segmented") == "enhanced" and bool(r.get("vessels_image"))
         segmented += bool(r.get("vessels_image"))
         warnings += bool(r.get("warning"))
