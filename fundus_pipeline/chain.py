@@ -289,6 +289,16 @@ def _shown(path: str, out: Path) -> str:
         return str(p)
 
 
+def unreached_rows(cfg: RunConfig, plan: list[ChainItem], inputs: Iterable[ImageItem]) -> Iterator[dict]:
+    """Pending rows of the photographs an interrupted simulated run had not degraded yet (not in its plan);
+    the run's table and report and `fundus report` end with them."""
+    seen = {it.clean_key or it.key for it in plan}
+    blank = dict.fromkeys(columns(cfg), "")
+    for it in inputs:
+        if it.key not in seen:
+            yield {**blank, "key": it.key, "input": str(it.path), "status": "pending"}
+
+
 def count(rows: Iterable[dict]) -> dict:
     c = {"total": 0, "ok": 0, "error": 0, "pending": 0, **dict.fromkeys(GRADE_NAMES, 0), "enhanced": 0, "enhanced_used": 0, "segmented": 0}
     for r in rows:
@@ -678,12 +688,8 @@ class Chain:
 
     def _rows(self) -> Iterator[dict]:
         yield from join(self.out, self.cfg, self.plan)
-        if self.interrupted:  # photographs the simulator had not reached yet
-            seen = {it.clean_key or it.key for it in self.plan}
-            blank = dict.fromkeys(columns(self.cfg), "")
-            for it in self.inputs.items:
-                if it.key not in seen:
-                    yield {**blank, "key": it.key, "input": _shown(str(it.path), self.out), "status": "pending"}
+        if self.interrupted:
+            yield from unreached_rows(self.cfg, self.plan, self.inputs.items)
 
 
 def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,

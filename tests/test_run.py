@@ -259,6 +259,27 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
     assert run("run", photos, stopped, *args, "--resume") == 0
     assert output_bytes(stopped) == expected
 
+    # Ctrl-C while the simulator degrades: the photographs it had not reached are pending rows, in the
+    # run's own report and in the one `fundus report` rebuilds
+    from fundus_pipeline.stages.degrade import DegradeStage
+
+    real_degrade = DegradeStage.compute
+    calls["n"] = 0
+
+    def interrupt_degrade(self, item):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_degrade(self, item)
+
+    monkeypatch.setattr(DegradeStage, "compute", interrupt_degrade)
+    sim = tmp_path / "sim"
+    assert run("run", photos, sim, *args, "--simulate", "001", "--workers", "1") == 130
+    assert sum(r["status"] == "pending" and not r["degradation"] for r in rows_of(sim / "results.csv").values()) == 2
+    own = (sim / "report.html").read_bytes()
+    (sim / "report.html").unlink()
+    assert run("report", sim) == 0 and (sim / "report.html").read_bytes() == own
+
     # a hard crash (the process exits at once, nothing is flushed or cleaned) in the enhance step
     crashed = tmp_path / "crashed"
     code = (
