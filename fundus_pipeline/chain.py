@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fundus_pipeline import __version__
-from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig
+from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind
 from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
@@ -533,13 +533,16 @@ class Chain:
     def _simulate(self) -> list[ChainItem]:
         folder = self.out / "degrade"
         rows = self._stage("degrade", self.degrade_stage, self.inputs.items)
+        sim = self.cfg.simulate or ""
+        codes = sim.split(",") if simulate_kind(sim) == "types" and "," in sim else []  # several types: an item per type
         plan = []
         for it in self.inputs.items:
             r = rows.get(it.key)
             if r is None:
                 continue  # interrupted before this photograph
-            if r["status"] != "ok":
-                plan.append(ChainItem(it.key, str(it.path), it.key, str(it.path), "", r["error"] or "failed"))
+            if r["status"] != "ok":  # one error row per item the photograph would have given (keys never collide)
+                for code in codes or [""]:
+                    plan.append(ChainItem(f"{it.key}_{code}" if code else it.key, str(it.path), it.key, str(it.path), code, r["error"] or "failed"))
                 continue
             for variant, name in zip(r["variants"], r["outputs"]):
                 label = self.cfg.simulate if variant == "default" else variant

@@ -403,6 +403,21 @@ def test_simulated_run_measures_what_the_restoration_bought(tmp_path, tiny):
     assert run("report", moved) == 0 and (moved / "report.html").read_bytes() == (tmp_path / "report_before.html").read_bytes()
 
 
+def test_a_photograph_the_simulator_cannot_read_gives_an_error_row_per_type_with_keys_that_never_collide(tmp_path, tiny):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    Image.fromarray(synthetic_fundus(80, 80, 0)).save(clean / "p.png")
+    (clean / "p_001.png").write_text("not an image")  # its error rows must not take the key of p's 001 version
+    out = tmp_path / "out"
+    assert run("run", clean, out, *tiny_args(tiny, "--simulate", "001,010", "--steps", "grade")) == 3
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["key"] for r in rows) == ["p_001", "p_001_001", "p_001_010", "p_010"]
+    for r in rows:
+        assert (r["status"] == "error") == (r["clean_key"] == "p_001"), r
+        assert r["degradation"] == r["key"][-3:] and (r["status"] == "ok" or r["error"].startswith("degrade: "))
+
+
 def test_stage_folders_match_the_stage_commands(photos, tmp_path, tiny):
     """OUT/grade is what `fundus grade` writes for the same inputs and weights (same rows, same columns)."""
     out, alone = tmp_path / "out", tmp_path / "alone"
