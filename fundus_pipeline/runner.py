@@ -968,9 +968,14 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     rows = resumable_rows(dst, cfg_hash, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
-    for w in work if resume else ():
-        if w.key in rows and rows[w.key].get("input") != str(w.path):
-            rows.discard(w.key)  # the key now names another file (another listed path; in `fundus run`, the enhanced image instead of the input): computed again
+    if resume:  # kept: rows of this run's inputs that still name the same file
+        planned = {w.key: str(w.path) for w in work}
+        for key in list(rows):
+            if rows[key].get("input") != planned.get(key):
+                # an input no longer listed is not part of this run's table (its outputs stay in place); a key that
+                # now names another file (another listed path; in `fundus run`, the enhanced image instead of the
+                # input) is computed again
+                rows.discard(key)
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)

@@ -192,6 +192,19 @@ def test_resume_computes_again_a_key_that_now_names_another_file(tmp_path):
     assert [r["input"] for r in journal] == [str(tmp_path / "b" / "p.png")]
 
 
+def test_resume_lists_only_the_inputs_still_listed(tmp_path):
+    d = _folder(tmp_path, ["a", "b", "c"])
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.png\nb.png\nc.png\n".replace("a.png", str(d / "a.png")).replace("b.png", str(d / "b.png")).replace("c.png", str(d / "c.png")))
+    out = tmp_path / "out"
+    run_stage(CopyStage(), lst, out, progress=False)
+    lst.write_text(f"{d / 'a.png'}\n{d / 'b.png'}\n")  # c is still on disk, but no longer an input
+    again = run_stage(CopyStage(), lst, out, resume=True, progress=False)
+    assert again.counts["skipped"] == 2 and set(again.store) == {"a", "b"}
+    assert [line.split(",")[0] for line in (out / "results.csv").read_text().splitlines()[1:]] == ["a", "b"]
+    assert (out / "c.png").is_file()  # its output is left in place, only no longer listed
+
+
 def test_an_unreadable_image_still_records_the_hash_of_its_bytes(tmp_path):
     import hashlib
 
