@@ -82,9 +82,10 @@ DEFINITIONS = {
     "mean_flag_auc": "mean of the flag AUCs defined in the set (n_flags_auc of them); in a bootstrap resample "
     "the mean over the same flags, the resample skipped when one of them lacks positives or negatives there.",
     "probabilities": "p = (p_good, p_usable, p_reject) as written (temperature-calibrated, p = softmax(z / T)), "
-    "floored at 1e-12 and divided by their sum. The uncalibrated probabilities are recovered exactly as q = "
-    "softmax(T ln p) (= softmax(z)), with T the row's temperature; without a temperature column the "
-    "'before' metrics are n/a.",
+    "floored at 1e-12 and divided by their sum. The uncalibrated probabilities are recovered as q = "
+    "softmax(T ln p) (= softmax(z), exact up to the 6 decimals `fundus grade` writes), with T the row's "
+    "temperature; without a temperature column the 'before' metrics are n/a. A probability below 5e-7 is "
+    "written as 0 and floored here, so that image's NLL term reads 27.6 where it would be at least 14.5.",
     "ece": "expected calibration error on the confidence c = max_k of the probabilities: 15 bins of width "
     "1/15, (lower, upper] (edges numpy.linspace(0, 1, 16); c = 0 goes to the first); ECE = sum over bins of "
     "(n_b / n) |acc_b - conf_b|, acc_b the fraction of the bin's images whose most probable class (the "
@@ -104,8 +105,8 @@ DEFINITIONS = {
 
 # --------------------------------------------------------------------------------------------- metrics
 def uncalibrated_probabilities(p: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
-    """``softmax(T ln p)`` row-wise: the probabilities before temperature scaling, exactly (for p =
-    softmax(z / T), T ln p = z - T logsumexp(z / T), a constant shift of z)."""
+    """``softmax(T ln p)`` row-wise: the probabilities before temperature scaling, exactly for unrounded p (for
+    p = softmax(z / T), T ln p = z - T logsumexp(z / T), a constant shift of z)."""
     p = np.asarray(p, np.float64)
     t = np.broadcast_to(np.asarray(temperature, np.float64), p.shape[:-1])[..., None]
     return np.exp(special.log_softmax(t * np.log(p), axis=-1))

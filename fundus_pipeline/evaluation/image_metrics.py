@@ -7,7 +7,9 @@ Conventions shared by every function:
   the resolution they are given in.
 * Pixels outside the mask never influence a score: before any window is applied, both images are set to 0
   outside the mask, so a window straddling the FOV border sees 0 (in both images) beyond it; window-based
-  maps are then averaged over the mask pixels only.
+  maps are then averaged over the mask pixels only. At MS-SSIM's coarser scales the 2x2 average pooling
+  mixes only those zeroed images (a pooled pixel with one of its four sources in the FOV holds a quarter
+  of its value), and the pooled mask keeps the pixels with at least half of their sources inside.
 * Arithmetic is in the inputs' floating precision (float32 for images read from files: the fast path),
   sums and means are accumulated in float64.
 * An empty mask gives NaN.

@@ -16,7 +16,8 @@ Conventions (all metrics are computed inside the field-of-view mask ``fov``):
   per-class histograms, and integrated exactly: AUC-ROC is the Mann-Whitney statistic with ties
   counted 1/2 (= trapezoidal ROC area, as sklearn's ``roc_auc_score``); AUC-PR is the step-wise
   average precision sum_k (R_k - R_{k-1}) P_k over the distinct score levels (as sklearn's
-  ``average_precision_score``). AUCs are NaN when the FOV holds only one class.
+  ``average_precision_score``). AUC-ROC is NaN when the FOV holds only one class; AUC-PR is NaN without
+  positives and 1.0 with positives only (as sklearn).
 * clDice (Shit et al., CVPR 2021): skeletons of prediction and ground truth (both restricted to the
   FOV) by ``skimage.morphology.skeletonize``; Tprec = |S(P) & G| / |S(P)|, Tsens = |S(G) & P| / |S(G)|,
   clDice = 2 Tprec Tsens / (Tprec + Tsens); 1.0 when both skeletons are empty, 0.0 when only one is.
