@@ -41,12 +41,14 @@ def real_sets(root: Path) -> dict[str, list[tuple[Path, int]]]:
     hrf_dir = root / "HRF" / "images"
     hrf = [next(p for p in hrf_dir.iterdir() if p.stem == i) for i in HRF_TEST]
     cofe = sorted((root / "CofeNet" / "img" / "image").glob("*.png"))
+    split = eyepacs256_split(root)
+    seen = {r["patient"] for r in split if r["split"] != "test"}  # patients the graders trained or were chosen on
     eyeq = []
     with open(root / "EyeQ" / "included_images_quality.csv", newline="") as f:
         for r in csv.DictReader(f):
-            if r["quality"] != "":
+            if r["quality"] != "" and Path(r["path"]).stem.split("_")[0] not in seen:  # e.g. patient 13: EyePACS-256 train
                 eyeq.append((root / "EyeQ" / r["path"], int(r["quality"])))
-    eyepacs = [(root / "EyePACS-256" / "images" / r["image"], r["quality"]) for r in eyepacs256_split(root) if r["split"] == "test"]
+    eyepacs = [(root / "EyePACS-256" / "images" / r["image"], r["quality"]) for r in split if r["split"] == "test"]
     return {
         "clean_test": [(p, 0) for p in drive + hrf],
         "cofenet_real": [(p, 1) for p in cofe],
