@@ -7,7 +7,7 @@
   process (ru_maxrss). Goal: at most 2 GB.
 * Images per second on CUDA (batch of one, as the stage runs) when a GPU is present.
 
-Usage: python benchmarks/grade.py [--weights hemf] [--reps 10] [--hrf 20]
+Usage: python benchmarks/grade.py [--weights NAME (default: fundus grade's)] [--reps 10] [--hrf 20]
 """
 
 from __future__ import annotations

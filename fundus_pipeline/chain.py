@@ -289,14 +289,31 @@ def _shown(path: str, out: Path) -> str:
         return str(p)
 
 
+def simulate_codes(cfg: RunConfig) -> list[str]:
+    """The type codes of a simulated run that gives an item per code (``KEY_<code>``); [] when one item a photograph."""
+    sim = cfg.simulate or ""
+    return sim.split(",") if simulate_kind(sim) == "types" and "," in sim else []
+
+
 def unreached_rows(cfg: RunConfig, plan: list[ChainItem], inputs: Iterable[ImageItem]) -> Iterator[dict]:
-    """Pending rows of the photographs an interrupted simulated run had not degraded yet (not in its plan);
-    the run's table and report and `fundus report` end with them."""
+    """Pending rows of the photographs an interrupted simulated run had not degraded yet (not in its plan), one
+    per item each would give (keys never collide); the run's table, manifest and report end with them."""
     seen = {it.clean_key or it.key for it in plan}
     blank = dict.fromkeys(columns(cfg), "")
+    codes = simulate_codes(cfg)
     for it in inputs:
         if it.key not in seen:
-            yield {**blank, "key": it.key, "input": str(it.path), "status": "pending"}
+            for code in codes or [""]:
+                yield {**blank, "key": f"{it.key}_{code}" if code else it.key, "input": str(it.path), "clean_key": it.key,
+                       "clean_input": str(it.path), "degradation": code or cfg.simulate, "status": "pending"}  # fmt: skip
+
+
+def unreached_in_manifest(m: dict, plan: list[ChainItem]) -> Iterator[dict]:
+    """Those rows again, from a finished manifest's items (`fundus report` needs no input folder)."""
+    seen = {it.clean_key or it.key for it in plan}
+    for r in m.get("items") or []:
+        if isinstance(r, dict) and r.get("status") == "pending" and (r.get("clean_key") or r.get("key")) not in seen:
+            yield r
 
 
 def count(rows: Iterable[dict]) -> dict:
@@ -521,7 +538,7 @@ class Chain:
         if not items or self.interrupted:
             return stage_rows(folder)
         res = run_stage(
-            stage, self.in_path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
+            stage, self.inputs.path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
             engine=self.engine, inputs_checked=name == self._first_folder(),  # _prepare_folder checked its inputs
@@ -533,8 +550,7 @@ class Chain:
     def _simulate(self) -> list[ChainItem]:
         folder = self.out / "degrade"
         rows = self._stage("degrade", self.degrade_stage, self.inputs.items)
-        sim = self.cfg.simulate or ""
-        codes = sim.split(",") if simulate_kind(sim) == "types" and "," in sim else []  # several types: an item per type
+        codes = simulate_codes(self.cfg)  # several types: an item per type
         plan = []
         for it in self.inputs.items:
             r = rows.get(it.key)
@@ -542,7 +558,8 @@ class Chain:
                 continue  # interrupted before this photograph
             if r["status"] != "ok":  # one error row per item the photograph would have given (keys never collide)
                 for code in codes or [""]:
-                    plan.append(ChainItem(f"{it.key}_{code}" if code else it.key, str(it.path), it.key, str(it.path), code, r["error"] or "failed"))
+                    plan.append(ChainItem(f"{it.key}_{code}" if code else it.key, str(it.path), it.key, str(it.path), code or self.cfg.simulate,
+                                          r["error"] or "failed"))  # fmt: skip
                 continue
             for variant, name in zip(r["variants"], r["outputs"]):
                 label = self.cfg.simulate if variant == "default" else variant

@@ -568,7 +568,14 @@ def _guard(row: dict, fn, *args):
 
 
 def _new_row(work: WorkItem) -> dict[str, Any]:
-    return {"key": work.key, "input": str(work.path), "outputs": [], "status": "ok", "error": ""}
+    row: dict[str, Any] = {"key": work.key, "input": str(work.path), "outputs": [], "status": "ok", "error": ""}
+    if work.extra:  # the files of the other roles too: a resume recomputes a row whose reference or annotation changed
+        row["inputs"] = _extra_paths(work)
+    return row
+
+
+def _extra_paths(work: WorkItem) -> dict[str, str | None]:
+    return {role: None if p is None else str(p) for role, p in sorted(work.extra.items())}
 
 
 def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
@@ -897,7 +904,8 @@ def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Ext
     if missing:
         raise UsageError(f"the {stage.name} stage needs the {', '.join(missing)} input(s)")
     found = {
-        role: dict(extra_dirs[role]) if isinstance(extra_dirs[role], dict) else {it.key: it.path for it in discover_images(extra_dirs[role])}
+        role: dict(extra_dirs[role]) if isinstance(extra_dirs[role], dict)
+        else {it.key: it.path for it in discover_images(Path(os.path.abspath(extra_dirs[role])))}  # absolute, as the inputs
         for role in roles
     }
     empty = next((r for r in roles if not isinstance(extra_dirs[r], dict) and not found[r]), None)
@@ -907,7 +915,7 @@ def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Ext
 
 
 def _extra_record(value: ExtraInput) -> str:
-    return f"{len(value)} planned files" if isinstance(value, dict) else str(value)
+    return f"{len(value)} planned files" if isinstance(value, dict) else os.path.abspath(value)
 
 
 def run_stage(
@@ -968,13 +976,14 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     rows = resumable_rows(dst, cfg_hash, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
-    if resume:  # kept: rows of this run's inputs that still name the same file
-        planned = {w.key: str(w.path) for w in work}
+    if resume:  # kept: rows of this run's inputs that still name the same files
+        planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
         for key in list(rows):
-            if rows[key].get("input") != planned.get(key):
+            r = rows[key]
+            if (r.get("input"), r.get("inputs")) != planned.get(key):
                 # an input no longer listed is not part of this run's table (its outputs stay in place); a key that
                 # now names another file (another listed path; in `fundus run`, the enhanced image instead of the
-                # input) is computed again
+                # input, or as the image a simulated run's comparison delivers) is computed again
                 rows.discard(key)
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced

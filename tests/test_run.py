@@ -274,8 +274,11 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
 
     monkeypatch.setattr(DegradeStage, "compute", interrupt_degrade)
     sim = tmp_path / "sim"
-    assert run("run", photos, sim, *args, "--simulate", "001", "--workers", "1") == 130
-    assert sum(r["status"] == "pending" and not r["degradation"] for r in rows_of(sim / "results.csv").values()) == 2
+    assert run("run", photos, sim, *args, "--simulate", "001,010", "--workers", "1") == 130
+    with open(sim / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len({r["key"] for r in table}) == len(table) == 6 and all(r["status"] == "pending" for r in table)
+    assert sorted(r["key"] for r in table if r["clean_key"] != "p0") == ["p1_001", "p1_010", "p2_001", "p2_010"]
     own = (sim / "report.html").read_bytes()
     (sim / "report.html").unlink()
     assert run("report", sim) == 0 and (sim / "report.html").read_bytes() == own

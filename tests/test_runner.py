@@ -11,7 +11,7 @@ from PIL import Image
 
 from fundus_pipeline.cli import main
 from fundus_pipeline.runner import JOURNAL, run_stage
-from fundus_pipeline.stages.base import ItemOutput, Stage
+from fundus_pipeline.stages.base import InputSpec, ItemOutput, Stage
 from tests.conftest import synthetic_fundus
 
 
@@ -190,6 +190,39 @@ def test_resume_computes_again_a_key_that_now_names_another_file(tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "p.png")), np.asarray(Image.open(tmp_path / "b" / "p.png")))
     journal = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
     assert [r["input"] for r in journal] == [str(tmp_path / "b" / "p.png")]
+
+
+class PairStage(Stage):
+    """The image with its `other` input pasted on the left half: the output depends on both files."""
+
+    name = "pair"
+    fov_policy = "none"
+    inputs = (InputSpec("image"), InputSpec("other", "--other"))
+
+    def config_record(self) -> dict:
+        return {"pair": 1}
+
+    def compute(self, item):
+        out = item.image.array.copy()
+        other = item.images["other"].array
+        out[:, : out.shape[1] // 2] = other[: out.shape[0], : out.shape[1] // 2]
+        return ItemOutput({"": out})
+
+
+def test_resume_computes_again_a_row_whose_other_input_now_names_another_file(tmp_path):
+    """In `fundus run --simulate`, the comparison's delivered image becomes the enhanced one once an
+    enhancement that had failed succeeds on resume: its row must not be kept."""
+    d = _folder(tmp_path, ["p"])
+    for sub, seed in (("x", 5), ("y", 6)):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(synthetic_fundus(48, 48, seed=seed)).save(tmp_path / sub / "p.png")
+    out = tmp_path / "out"
+    run_stage(PairStage(), d, out, extra_dirs={"other": tmp_path / "x"}, progress=False)
+    again = run_stage(PairStage(), d, out, extra_dirs={"other": tmp_path / "y"}, resume=True, progress=False)
+    assert again.counts["skipped"] == 0 and again.store["p"]["inputs"] == {"other": str(tmp_path / "y" / "p.png")}
+    left = np.asarray(Image.open(out / "p.png"))[:, :24]
+    assert np.array_equal(left, np.asarray(Image.open(tmp_path / "y" / "p.png"))[:, :24])
+    assert run_stage(PairStage(), d, out, extra_dirs={"other": tmp_path / "y"}, resume=True, progress=False).counts["skipped"] == 1
 
 
 def test_resume_lists_only_the_inputs_still_listed(tmp_path):

@@ -175,7 +175,7 @@ def report_cmd(
 
     Example: fundus report out/
     """
-    from fundus_pipeline.chain import RowsFile, join, read_run, unreached_rows
+    from fundus_pipeline.chain import RowsFile, join, read_run, unreached_in_manifest
     from fundus_pipeline.errors import UsageError
     from fundus_pipeline.report import write_report
     from fundus_pipeline.runner import OutputLock
@@ -191,12 +191,7 @@ def report_cmd(
             for row in join(out, cfg, plan):
                 rows.add(row)
             if m.get("status") == "interrupted" and cfg.simulate:  # the photographs the simulator had not reached
-                from fundus_pipeline.runner import resolve_inputs
-
-                src = (m.get("input") or {}).get("path") if isinstance(m.get("input"), dict) else None
-                if not isinstance(src, str):
-                    raise UsageError(f"{out_dir / 'manifest.json'}: invalid run manifest (input.path)")
-                for row in unreached_rows(cfg, plan, resolve_inputs(Path(src)).items):
+                for row in unreached_in_manifest(m, plan):
                     rows.add(row)
             path = write_report(out, cfg, rows)
         finally:
