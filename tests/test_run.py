@@ -205,6 +205,19 @@ def test_replay_reproduces_the_run_byte_for_byte_and_report_rebuilds(photos, tmp
     assert run("run", "--replay", out / "manifest.json", tmp_path / "y", "--min-gain", "0.1") == 2
 
 
+def ctrl_c_at_second_item(monkeypatch, stage_cls) -> None:
+    """``stage_cls.compute`` raises KeyboardInterrupt on its second call (monkeypatch.undo restores it)."""
+    real, calls = stage_cls.compute, {"n": 0}
+
+    def interrupt_second(self, item):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, item)
+
+    monkeypatch.setattr(stage_cls, "compute", interrupt_second)
+
+
 def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos, tmp_path, tiny, monkeypatch):
     ref = tmp_path / "ref"
     args = tiny_args(tiny, "--enhance-if", "good,usable,reject")
@@ -214,21 +227,12 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
     # Ctrl-C in the middle of the segment step (the runner records the interruption, the chain stops)
     from fundus_pipeline.stages.segment import SegmentStage
 
-    real = SegmentStage.compute
-    calls = {"n": 0}
-
-    def interrupt_second(self, item):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, item)
-
-    monkeypatch.setattr(SegmentStage, "compute", interrupt_second)
+    ctrl_c_at_second_item(monkeypatch, SegmentStage)
     out = tmp_path / "out"
     assert run("run", photos, out, *args) == 130
     assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
     assert rows_of(out / "results.csv")["p2"]["status"] == "pending"
-    monkeypatch.setattr(SegmentStage, "compute", real)
+    monkeypatch.undo()
     assert run("run", photos, out, *args) == 2  # not empty: needs --resume
     assert run("run", photos, out, *args, "--resume") == 0
     assert output_bytes(out) == expected
@@ -236,16 +240,7 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
     # Ctrl-C in the enhance step: the photographs not reached yet are pending, not failed, and undecided
     from fundus_pipeline.stages.enhance import EnhanceStage
 
-    real_enhance = EnhanceStage.compute
-    calls["n"] = 0
-
-    def interrupt_enhance(self, item):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_enhance(self, item)
-
-    monkeypatch.setattr(EnhanceStage, "compute", interrupt_enhance)
+    ctrl_c_at_second_item(monkeypatch, EnhanceStage)
     stopped = tmp_path / "stopped"
     assert run("run", photos, stopped, *args) == 130
     pending = [r for r in rows_of(stopped / "results.csv").values() if r["status"] == "pending"]
@@ -255,7 +250,7 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
             assert r["enhance_reason"].endswith("(not run yet: the run stopped before)") and r["segmented"] == "", r
             assert r["segment_reason"].startswith("not decided: the run stopped before"), r
     assert "failed</div>" not in (stopped / "report.html").read_text()
-    monkeypatch.setattr(EnhanceStage, "compute", real_enhance)
+    monkeypatch.undo()
     assert run("run", photos, stopped, *args, "--resume") == 0
     assert output_bytes(stopped) == expected
 
@@ -263,16 +258,7 @@ def test_resume_after_an_interruption_and_after_a_crash_is_byte_identical(photos
     # run's own report and in the one `fundus report` rebuilds
     from fundus_pipeline.stages.degrade import DegradeStage
 
-    real_degrade = DegradeStage.compute
-    calls["n"] = 0
-
-    def interrupt_degrade(self, item):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_degrade(self, item)
-
-    monkeypatch.setattr(DegradeStage, "compute", interrupt_degrade)
+    ctrl_c_at_second_item(monkeypatch, DegradeStage)
     sim = tmp_path / "sim"
     assert run("run", photos, sim, *args, "--simulate", "001,010", "--workers", "1") == 130
     with open(sim / "results.csv", newline="") as f:
