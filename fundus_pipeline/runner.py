@@ -405,15 +405,20 @@ def _untag(row: dict, text: str) -> str:
     return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
 
 
-def resumable_rows(dst: Path, cfg_hash: str, check_inputs: bool = True) -> "RowStore":
-    """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, their
-    outputs present and their input unchanged (``input_changed``; ``check_inputs=False``: the caller has
-    checked every row's input already). A UsageError when the folder holds rows of other configurations only.
-    One pass over the journal, a stat or two a row."""
+def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True) -> "RowStore":
+    """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
+    key of ``work`` that still names the same files (every role's), their outputs present and their input
+    unchanged (``input_changed``; ``check_inputs=False``: the caller has checked every row's input already).
+    An input no longer listed is not part of this run's table (its outputs stay in place); a key that now
+    names another file (another listed path; in `fundus run`, the enhanced image instead of the input, or as
+    the image a simulated run's comparison delivers) is computed again. A UsageError when the folder holds
+    rows of other configurations only. One pass over the journal, a stat or two a row."""
+    planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
-        if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and all(os.path.exists(os.path.join(dst, o)) for o in r.get("outputs", []))
+        if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(r["key"])
+                and all(os.path.exists(os.path.join(dst, o)) for o in r.get("outputs", []))
                 and not (check_inputs and input_changed(r))):  # an input replaced since is processed again
             rows.add_text(r["key"], _untag(r, text))
         else:
@@ -975,16 +980,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
                 inputs_checked: bool = False) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
-    rows = resumable_rows(dst, cfg_hash, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
-    if resume:  # kept: rows of this run's inputs that still name the same files
-        planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
-        for key in list(rows):
-            r = rows[key]
-            if (r.get("input"), r.get("inputs")) != planned.get(key):
-                # an input no longer listed is not part of this run's table (its outputs stay in place); a key that
-                # now names another file (another listed path; in `fundus run`, the enhanced image instead of the
-                # input, or as the image a simulated run's comparison delivers) is computed again
-                rows.discard(key)
+    rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)
