@@ -37,11 +37,14 @@ class FovGeometry:
         no full-size float array; each pixel's arithmetic is the same as in one piece)."""
         out = np.empty((self.height, self.width), bool)
         dx2 = (np.arange(self.width)[None, :] - self.cx) ** 2
-        step = max(1, (1 << 21) // max(1, self.width))
+        step = max(1, CIRCLE_BAND_PIXELS // max(1, self.width))
         for y0 in range(0, self.height, step):
             yy = np.arange(y0, min(self.height, y0 + step))[:, None]
             out[y0 : y0 + step] = dx2 + (yy - self.cy) ** 2 <= self.radius**2
         return out
+
+
+CIRCLE_BAND_PIXELS = 1 << 21  # pixels per band of rows in FovGeometry.circle_mask (read when called)
 
 
 # ------------------------------------------------------------------------------------------- estimation

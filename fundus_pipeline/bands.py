@@ -33,8 +33,10 @@ def is_large(height: int, width: int) -> bool:
     return height * width > LARGE_PIXELS
 
 
-def row_bands(height: int, width: int, pixels: int = BAND_PIXELS) -> Iterator[slice]:
-    step = max(1, pixels // max(1, width))
+def row_bands(height: int, width: int, pixels: int | None = None) -> Iterator[slice]:
+    """Consecutive row slices covering ``height`` rows, each about ``pixels`` (default: ``BAND_PIXELS``, read
+    when called) destination pixels at ``width`` columns."""
+    step = max(1, (BAND_PIXELS if pixels is None else pixels) // max(1, width))
     for y in range(0, height, step):
         yield slice(y, min(height, y + step))
 

@@ -33,7 +33,19 @@ def test_band_upsampler_is_opencvs_bilinear_resize(shape, size):
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-6
 
 
-def test_area_downscale_is_opencvs_area_resize_with_box_and_mask():
+@pytest.fixture()
+def small_bands(monkeypatch):
+    """Bands of about 2,000 destination pixels (a few rows), so that small test images span many bands."""
+    monkeypatch.setattr(bands, "BAND_PIXELS", 2000)
+
+
+def test_row_bands_reads_the_band_size_when_called(small_bands):
+    assert [(s.start, s.stop) for s in bands.row_bands(45, 100)] == [(0, 20), (20, 40), (40, 45)]
+    assert len(list(bands.row_bands(45, 100, pixels=10**6))) == 1
+
+
+def test_area_downscale_is_opencvs_area_resize_with_box_and_mask(small_bands):
+    assert len(list(bands.row_bands(300, 400))) > 1  # source rows in bands
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
     ref = cv2.resize(a.astype(np.float32) / 255, (97, 71), interpolation=cv2.INTER_AREA)
@@ -49,7 +61,10 @@ def test_area_downscale_is_opencvs_area_resize_with_box_and_mask():
     assert np.abs(bands.area_downscale_float(g16, 30, 40, 65535.0) - ref).max() < 1e-6
 
 
-def test_circle_mask_in_bands_is_the_formula():
+def test_circle_mask_in_bands_is_the_formula(monkeypatch):
+    import degradation.fov as fovmod
+
+    monkeypatch.setattr(fovmod, "CIRCLE_BAND_PIXELS", 640 * 7)  # bands of 7 rows, one ending partway
     g = FovGeometry(cx=300.7, cy=211.2, radius=250.3, height=2480, width=640)
     yy, xx = np.ogrid[: g.height, : g.width]
     assert np.array_equal(g.circle_mask(), (xx - g.cx) ** 2 + (yy - g.cy) ** 2 <= g.radius**2)
@@ -71,12 +86,13 @@ def _image(arr: np.ndarray, tmp_path, name: str = "p.png") -> Image:
 
 
 @pytest.mark.parametrize("kind", ["rgb8", "rgb16", "gray"])
-def test_fov_segment_and_enhance_banded_paths_match_the_exact_ones(kind, tmp_path, monkeypatch):
+def test_fov_segment_and_enhance_banded_paths_match_the_exact_ones(kind, tmp_path, monkeypatch, small_bands):
     from fundus_pipeline.config import EnhanceConfig, SegmentConfig
     from fundus_pipeline.stages.enhance import EnhanceStage
     from fundus_pipeline.stages.segment import SegmentStage
 
     rgb = synthetic_fundus(180, 220, 5)
+    assert len(list(bands.row_bands(180, 220))) > 1  # the banded loops run over several bands
     arr = {"rgb8": rgb, "rgb16": rgb.astype(np.uint16) * 257, "gray": rgb[..., 1]}[kind]
     img = _image(arr, tmp_path)
     torch.manual_seed(0)
@@ -185,7 +201,7 @@ def test_degrade_banded_path_holds_no_full_size_float_copy(tmp_path, monkeypatch
     assert peaks[False] > 2 * float_copy, peaks
 
 
-def test_grade_frame_banded_matches_the_exact_one(tmp_path, monkeypatch):
+def test_grade_frame_banded_matches_the_exact_one(tmp_path, monkeypatch, small_bands):
     from fundus_pipeline.stages.grade import grade_frame, grade_frame_large
 
     for arr in (synthetic_fundus(300, 360, 9), np.random.default_rng(0).integers(0, 256, (200, 260, 3), dtype=np.uint8)):
@@ -195,7 +211,7 @@ def test_grade_frame_banded_matches_the_exact_one(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["rgb8", "rgb16"])
-def test_score_frames_banded_match_the_exact_ones(kind, tmp_path, monkeypatch):
+def test_score_frames_banded_match_the_exact_ones(kind, tmp_path, monkeypatch, small_bands):
     """``fundus score``'s two frames of a very large pair come from the integer arrays in row bands, no float copy."""
     from fundus_pipeline.stages.score import score_frames
 
