@@ -89,15 +89,31 @@ def test_degrade_is_reproducible_across_reruns_workers_subsets_and_replay(photos
     assert pngs(f) != ref
 
 
-@pytest.mark.parametrize("recipe", ["mild", "moderate", "severe"])
-def test_recipes_and_training_preset(photos, tmp_path, recipe):
-    assert run("degrade", photos, tmp_path / recipe, "--recipe", recipe) == 0
-    assert len(pngs(tmp_path / recipe)) == 4
+def test_recipes(photos, tmp_path):
+    """Each recipe is the one used (manifest and per-image parameters name it) and gives other images."""
+    outs = {}
+    for recipe in ("mild", "moderate", "severe"):
+        assert run("degrade", photos, tmp_path / recipe, "--recipe", recipe) == 0
+        outs[recipe] = pngs(tmp_path / recipe)
+        assert len(outs[recipe]) == 4
+        m = json.loads((tmp_path / recipe / "manifest.json").read_text())
+        assert m["config"]["recipe"] == recipe and m["config"]["degraders"]["default"]["name"] == recipe
+        with open(tmp_path / recipe / "results.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                assert json.loads(row["params"])["default"]["config"]["name"] == recipe
+    assert run("degrade", photos, tmp_path / "default") == 0
+    digests = [set(outs[r].values()) for r in outs] + [set(pngs(tmp_path / "default").values())]
+    assert all(a.isdisjoint(b) for i, a in enumerate(digests) for b in digests[i + 1 :])
 
 
 def test_training_preset(photos, tmp_path):
     assert run("degrade", photos, tmp_path / "t", "--preset", "training", "--types", "all") == 0
     assert len(pngs(tmp_path / "t")) == 28
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["config"]["preset"] == "training"
+    assert run("degrade", photos, tmp_path / "r", "--types", "all") == 0  # the released preset: other images
+    # (blur alone, type 100, is a no-op in both at this size: its kernel of at most 7 px at 512 scales to 1 px)
+    t, r = ({k: v for k, v in pngs(tmp_path / d).items() if "_100" not in k} for d in ("t", "r"))
+    assert len(t) == 24 and set(t.values()).isdisjoint(r.values())
 
 
 def test_bad_inputs_are_recorded_and_the_run_goes_on(tmp_path, capsys):

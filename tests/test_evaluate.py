@@ -399,10 +399,22 @@ def test_missing_folders_are_one_line_errors(tmp_path, capsys):
 
 
 def test_bootstrap_deterministic(tmp_path):
-    pred, gt, fov = _drive_tree(tmp_path, keys=("01", "02", "03"))
-    a = json.loads(_run(pred, gt, "--fov", fov, "--format", "json", "--bootstrap", "30", "--seed", "5", "--out", tmp_path / "a").stdout)
-    b = json.loads(_run(pred, gt, "--fov", fov, "--format", "json", "--bootstrap", "30", "--seed", "5", "--out", tmp_path / "b").stdout)
-    assert a["ci95"] == b["ci95"] and a["bootstrap"]["seed"] == 5
+    """The same seed gives the same CIs, another seed other CIs (the images differ, so resamples do)."""
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01", "02", "03", "04"))
+    p = _case()[0]
+    for i, k in enumerate(("01", "02", "03", "04")):  # a different prediction per image
+        _png16(pred / f"{k}_test_prob.png", np.clip(p * (0.55 + 0.3 * i), 0, 1))
+        (pred / f"{k}_test_vessels.png").unlink()
+
+    def ci(seed: int, out: str) -> dict:
+        r = json.loads(_run(pred, gt, "--fov", fov, "--format", "json", "--bootstrap", "30", "--seed", str(seed), "--out", tmp_path / out).stdout)
+        assert r["bootstrap"]["seed"] == seed
+        return r["ci95"]
+
+    a, b, c = ci(5, "a"), ci(5, "b"), ci(6, "c")
+    assert a == b
+    assert a["mean"]["f1"][0] < a["mean"]["f1"][1] and a["pooled"]["f1"][0] < a["pooled"]["f1"][1], a  # not degenerate
+    assert a != c
 
 
 def _data_root() -> Path:

@@ -186,5 +186,8 @@ def test_training_resumes_bit_exactly_and_the_stage_grades(grade_set, fake_data,
     # fundus evaluate grade reads the stage's results against the set's labels
     labels = tmp_path / "labels.csv"
     labels.write_text("key,quality\neye,0\nchart,2\n")
-    assert cli_main(["evaluate", "grade", str(out / "results.csv"), str(labels), "--out", str(tmp_path / "ev"), "--bootstrap", "0"]) in (0, 3)
-    assert any((tmp_path / "ev").iterdir())
+    code = cli_main(["evaluate", "grade", str(out / "results.csv"), str(labels), "--out", str(tmp_path / "ev"), "--bootstrap", "0"])
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    # eye and chart joined with their labels; the error row "broken" has no label: reported, exit 3
+    assert code == 3 and summary["n_images"] == 2 and sum(map(sum, summary["overall"]["confusion"])) == 2
+    assert [p["key"] for p in summary["problems"]] == ["broken"]

@@ -73,6 +73,9 @@ def test_png_round_trip_through_our_writer(tmp_path, name, shape, dtype, mode):
     if arr.ndim == 2 or arr.shape[2] != 2:
         ref = cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_UNCHANGED)
         assert ref.dtype == dtype
+        if ref.ndim == 3:  # OpenCV reads BGR(A): the file holds the channels in RGB(A) order
+            ref = cv2.cvtColor(ref, cv2.COLOR_BGR2RGB if ref.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+        np.testing.assert_array_equal(ref, arr)
     if dtype == np.uint8 and mode == "graya":
         np.testing.assert_array_equal(np.asarray(Image.open(p)), arr)
 

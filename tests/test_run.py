@@ -173,13 +173,22 @@ def test_inputs_given_relative_to_the_working_folder_keep_their_thumbnails(photo
     assert output_bytes(tmp_path / "again") == output_bytes(out)
 
 
-def test_only_the_grades_named_are_enhanced(photos, tmp_path, tiny):
+def test_only_the_grades_named_are_enhanced(photos, tmp_path, tiny, monkeypatch):
+    """The tiny grader grades every photograph alike, so the grades are pinned per photograph (p0 reject, p1
+    usable, p2 good): both sides of the rule are exercised."""
+    from fundus_pipeline.stages.grade import GradeStage
+
+    pinned = {"p0": [0.1, 0.2, 0.7], "p1": [0.2, 0.7, 0.1], "p2": [0.8, 0.1, 0.1]}  # good, usable, reject
+    fields = GradeStage.fields
+    monkeypatch.setattr(GradeStage, "fields", lambda self, item, pg, pf: fields(self, item, np.array(pinned[item.key]), pf))
     out = tmp_path / "out"
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,enhance", "--enhance-if", "reject")) == 0
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,enhance", "--enhance-if", "usable,reject")) == 0
     rows = rows_of(out / "results.csv")
-    enhanced = rows_of(out / "enhance" / "results.csv") if (out / "enhance").exists() else {}
+    assert {k: r["grade"] for k, r in rows.items()} == {"p0": "reject", "p1": "usable", "p2": "good"}
+    enhanced = rows_of(out / "enhance" / "results.csv")
+    assert sorted(enhanced) == ["p0", "p1"]
     for key, r in rows.items():
-        assert (r["enhanced"] == "yes") == (r["grade"] == "reject") == (key in enhanced)
+        assert (r["enhanced"] == "yes") == (r["grade"] in ("usable", "reject")) == (key in enhanced)
         assert r["segmented"] == "none" and r["vessels_image"] == ""
     assert not (out / "segment").exists() and not (out / "score").exists()
 
