@@ -334,3 +334,26 @@ def test_unknown_weights_name_suggests_shipped_names():
         resolve_weights("zzz")
     with pytest.raises(WeightsError, match="folder"):
         resolve_weights(Path(__file__).parent)
+
+
+def test_enhancer_output_rules():
+    """Both output rules start as the identity. The additive rule (cofe_add) clips to [0, 1] only in eval mode,
+    and passes the full L1 gradient to a near-black pixel, where the logit rule passes about s(1 - s) of it
+    (the reason for cofe_add: a deep Cofe-Net hole was barely lifted through the logit)."""
+    from fundus_pipeline.models.cofe import CofeNet, additive_output, residual_output
+
+    x = torch.tensor([0.005, 0.5, 0.995])
+    for rule in (lambda r: residual_output(r, x), lambda r: additive_output(r, x, False)):
+        torch.testing.assert_close(rule(torch.zeros(3)), x, rtol=0, atol=1e-6)
+    r = torch.tensor([0.3, 0.0, 0.3])
+    assert additive_output(r, x, True)[2] > 1 and additive_output(r, x, False)[2] == 1
+    grads = {}
+    for name, rule in (("logit", residual_output), ("add", lambda r, x: additive_output(r, x, True))):
+        r = torch.zeros(3, requires_grad=True)
+        rule(r, x).sum().backward()
+        grads[name] = r.grad
+    torch.testing.assert_close(grads["add"], torch.ones(3))
+    assert grads["logit"][0] < 0.01 and grads["logit"][1] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="output must be one of"):
+        CofeNet(2, rsa_width=2, output="sigmoid")
+    assert build_model("cofe_add").output == "add" and build_model("cofe").output == "logit"
