@@ -236,9 +236,16 @@ def fed(stage, path: Path, n: int, decoders: int, tmp: Path) -> dict:
     out = tmp / f"fed_out_{path.stem}"
     shutil.rmtree(out, ignore_errors=True)
     sampler = Utilisation(getattr(stage, "device", torch.device("cpu")))
+    import cv2
+
+    threads = (torch.get_num_threads(), cv2.getNumThreads())  # run_fed sets this process's threads: restored after
     t = time.perf_counter()
-    with sampler:
-        res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True)
+    try:
+        with sampler:
+            res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True, threads=threads[0])
+    finally:
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
     wall = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     return {"photographs": n, "decoders": decoders, "batch": stage.batch_size, "ok": res.counts.get("ok", 0), "images_per_s": round(n / wall, 3),

@@ -110,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     root = default_data_root()
     imgs = images(root)
-    model, spec = load_model(args.weights)
+    model, spec = load_model(args.weights, shared=True)  # as every stage loads it (channels-last where it helps)
     res = {
         "weights": {"name": spec.name, "model": spec.model, "sha256": spec.sha256[:16]},
         "machine": {**environment(), "torch_threads": torch.get_num_threads()},
@@ -124,7 +124,7 @@ def main() -> None:
     res["peak_rss_mb"]["note"] = "a fresh process: imports, model, one image read, FOV, inference, outputs"
     if torch.cuda.is_available():
         dev = torch.device("cuda")
-        gm, _ = load_model(args.weights, device=dev)
+        gm, _ = load_model(args.weights, device=dev, shared=True)
         res["cuda"] = {"device": torch.cuda.get_device_name(0)}
         for name, reps in (("drive", 20), ("hrf", 3)):
             torch.cuda.reset_peak_memory_stats()

@@ -129,8 +129,8 @@ def environment() -> dict:
         env["torch"] = torch.__version__
         env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         env["cuda_available"] = torch.cuda.is_available()
-        if torch.cuda.is_available():
-            env["cuda_device"] = torch.cuda.get_device_name(0)
+        if torch.cuda.is_available():  # every visible GPU (the stage's own device is in its config record)
+            env["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return env
 
 

@@ -268,3 +268,26 @@ def test_catalogue_parameter_counts(name):
     model = build_model(name)
     n = sum(p.numel() for p in model.parameters())
     assert n == CATALOG[name].params, f"update models/catalog.py: {name} has {n:_} parameters"
+
+
+def test_deform_conv_samples_at_float32_positions_under_autocast(monkeypatch):
+    """Under bf16 autocast the sampling grid stays float32 (in bf16, pixel 40 + 0.1 would round to 40.0)."""
+    import fundus_pipeline.models.sdmp as sdmp
+
+    seen = []
+    real = F.grid_sample
+
+    def spy(x, grid, *a, **kw):
+        seen.append((x.dtype, grid.dtype))
+        return real(x, grid, *a, **kw)
+
+    monkeypatch.setattr(sdmp.F, "grid_sample", spy)
+    torch.manual_seed(0)
+    conv = DeformConv2d(4, 4)
+    x = torch.rand(1, 4, 56, 56)
+    off = torch.full((1, 18, 56, 56), 0.1)
+    ref = conv(x, off)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = conv(x.bfloat16(), off.bfloat16())
+    assert seen == [(torch.float32, torch.float32)] * 2
+    assert (low.float() - ref).abs().max() < 0.1

@@ -63,8 +63,9 @@ Precision = Annotated[
     ),
 ]
 COMPILE_HELP = (
-    "torch.compile the network(s): compiled at the first photograph of each size in each worker (0.5-1.5 minutes per model "
-    "on 2 CPU cores; later runs reuse the compile cache), then faster forward passes (2 CPU cores: IMFF-Net 1.06x, Cofe-Net 1.26x); "
+    "torch.compile the network(s): compiled at the first batch in each worker, and again when a batch or image shape first "
+    "differs (a smaller last batch, another photograph size: torch.compile then makes the shape dynamic; 0.5-1.5 minutes per "
+    "compile and model on 2 CPU cores; later runs reuse the compile cache), then faster forward passes (2 CPU cores: IMFF-Net 1.06x, Cofe-Net 1.26x); "
     "outputs agree with the uncompiled ones to float rounding, so it is recorded in the manifest."
 )
 Compile = Annotated[bool, flag("--compile", help=COMPILE_HELP)]

@@ -68,15 +68,16 @@ class DeformConv2d(nn.Module):
         kk = self.k * self.k
         if offset.shape != (n, 2 * kk, h, w):
             raise ValueError(f"offset must be {(n, 2 * kk, h, w)}, got {tuple(offset.shape)}")
+        # sampling positions in float32 whatever the autocast dtype (bf16 would round pixel 32-55 to 0.25 px)
         ky, kx = torch.meshgrid(torch.arange(self.k), torch.arange(self.k), indexing="ij")
-        kernel = torch.stack([ky.flatten(), kx.flatten()], dim=1).to(x) - self.padding  # kk x 2 (dy, dx)
-        base = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=0).to(x)  # 2 x H x W
-        pos = base[None, None] + kernel[None, :, :, None, None] + offset.reshape(n, kk, 2, h, w)  # N x kk x 2 x H x W
+        kernel = torch.stack([ky.flatten(), kx.flatten()], dim=1).to(x.device, torch.float32) - self.padding  # kk x 2 (dy, dx)
+        base = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=0).to(x.device, torch.float32)  # 2 x H x W
+        pos = base[None, None] + kernel[None, :, :, None, None] + offset.float().reshape(n, kk, 2, h, w)  # N x kk x 2 x H x W
         # pixel centres -> [-1, 1] with align_corners=False: (2p + 1) / size - 1
         gy = (2 * pos[:, :, 0] + 1) / h - 1
         gx = (2 * pos[:, :, 1] + 1) / w - 1
         grid = torch.stack([gx, gy], dim=-1).view(n, kk * h, w, 2)
-        cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # N x C x kk*H x W
+        cols = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).to(x.dtype)  # N x C x kk*H x W
         cols = cols.view(n, c * kk, h * w)  # channel-major, kernel position minor: weight.view(cout, cin*kk)
         out = torch.matmul(self.weight.reshape(self.weight.shape[0], -1), cols) + self.bias[:, None]
         return out.view(n, -1, h, w)

@@ -52,11 +52,12 @@ class VesselMapper:
         from fundus_pipeline.models.weights import load_model
 
         self.model, self.loaded = load_model(weights, task="segmentation", device=device)
+        self.device = device
         self.threshold = float(self.loaded.threshold)
 
     def __call__(self, rgb: np.ndarray, fov) -> np.ndarray:
         """``fov``: a ``stages.base.Fov`` (mask and geometry) of the image."""
         from fundus_pipeline.models.inference import predict_native, working_scale
 
-        prob = predict_native(self.model, rgb, fov.mask, working_scale(fov.geometry.diameter, self.loaded.max_fov_diameter))
+        prob = predict_native(self.model, rgb, fov.mask, working_scale(fov.geometry.diameter, self.loaded.max_fov_diameter), device=self.device)
         return (prob >= self.threshold) & fov.mask

@@ -247,7 +247,7 @@ def calibrate(task: GradeTask, out: Path, device: str = "cpu") -> dict:
     """Fit the temperature of OUT/best.pt on the validation images; writes and returns OUT/calibration.json."""
     model = build_model(task.cfg.arch)
     model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True))
-    model.eval()
+    model.to(device).eval()
     n = len(GRADES)
     with torch.no_grad():
         parts = task.val_logits(model, torch.device(device))
@@ -267,7 +267,9 @@ def calibrate(task: GradeTask, out: Path, device: str = "cpu") -> dict:
 def train_grade(cfg: GradeConfig) -> dict:
     task = GradeTask(cfg)
     summary = fit(task, cfg)
-    rec = calibrate(task, cfg.out)
+    from fundus_pipeline.device import resolve_device
+
+    rec = calibrate(task, cfg.out, device=str(resolve_device(cfg.device)))  # on the training device
     print(f"temperature {rec['temperature']} (validation NLL {rec['nll_before']} -> {rec['nll_after']})")
     return summary
 
