@@ -331,11 +331,16 @@ def main() -> None:
                 images = {"image": image, "reference": image} if name == "score" else {"image": image}
                 item = prepare_item(stage, "x", images)
                 if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
+                    resident = torch.cuda.memory_allocated(device)  # weights of this and earlier stages' models
                 dec = timed(lambda: decode(path), reps, torch.device("cpu"))
                 prep = timed(lambda: prepare_item(stage, "x", images), reps, torch.device("cpu"))
                 comp = timed(lambda: stage.compute(item), reps, device)
                 ceil = ceiling(name, stage, item, device, reps)
+                if device.type == "cuda":  # one photograph through the stage (and its ceiling), above what was resident
+                    stage_peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+                    torch.cuda.reset_peak_memory_stats(device)
                 whole = dec + prep + comp
                 res[size] = {
                     "shape": [image.meta.height, image.meta.width],
@@ -347,10 +352,15 @@ def main() -> None:
                     "network_share_of_compute": round(min(1.0, ceil / comp), 3),
                 }
                 res[size]["batched_images_per_s"] = batched(name, stage, item, device, reps, batch, precisions)
+                if device.type == "cuda":
+                    res[size]["peak_device_memory_mb"] = {
+                        "one_photograph": round(stage_peak, 1),
+                        f"batched_{batch}": round((torch.cuda.max_memory_allocated(device) - resident) / 2**20, 1),
+                        "resident_weights_before": round(resident / 2**20, 1),
+                        "note": "peaks above the memory already allocated when the size's measurement began (the models of this and earlier stages)",
+                    }
                 if args.compile and size == args.sizes.split(",")[0]:
                     res[size]["compiled"] = compiled(name, make, stage, images, item, device, reps)
-                if device.type == "cuda":
-                    res[size]["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             res["agreement"] = agreement(name, stage, device, precisions, agree_n)
             if name != "score":  # the scorer pairs two folders: its fed figure is the chain's (benchmarks/run.py)
                 stage.batch_size = batch
