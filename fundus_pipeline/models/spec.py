@@ -87,7 +87,7 @@ class ImageOutputSpec(_Strict):
     correction ``output - input`` to the native photograph), chosen by the measurement in ``transfer_selection``."""
 
     kind: Literal["image"]
-    activation: Literal["sigmoid"]
+    activation: Literal["sigmoid", "clip(input + correction, 0, 1)"]  # the logit rule (cofe) or the additive rule (cofe_add)
     transfer: Literal["upsample", "residual"]
     transfer_selection: dict[str, Any]
 
