@@ -1,7 +1,7 @@
-"""The shipped Cofe-Net weights on four DRIVE *test* images degraded as in the frozen benchmark (released
-type 111, seed 2026): the enhancement raises PSNR inside the FOV by at least 1 dB and costs at most 0.02
-of the shipped segmenter's vessel F1, guarding the figures measured for the README (+1.66 dB, F1 -0.009
-over all 20 images); runs when ../shared/data is present."""
+"""The shipped Cofe-Net weights (``cofe`` and ``cofe_add``) on four DRIVE *test* images degraded as in the
+frozen benchmark (released type 111, seed 2026): the enhancement raises PSNR inside the FOV and costs at
+most a bounded part of the shipped segmenter's vessel F1, guarding the figures measured for the README
+(``GUARDS``); runs when ../shared/data is present."""
 
 from __future__ import annotations
 
@@ -22,11 +22,18 @@ pytestmark = pytest.mark.data
 IDS = ("01", "02", "03", "04")
 
 
-def test_shipped_cofe_on_degraded_drive_test_images(data_root):
-    if not (weights_dir() / "cofe.pt").is_file():
-        pytest.skip("weights/cofe.pt not present")
+# name: (least mean PSNR gain in dB, largest mean vessel-F1 loss) over the four images, below what all 20 measured:
+# cofe +1.66 dB, F1 0.7663 -> 0.7569; cofe_add +2.52 dB, F1 0.7663 -> 0.7422 (the issue asks for no F1 loss:
+# both miss it, cofe_add by more: its better pixels cost vessels)
+GUARDS = {"cofe": (1.0, 0.02), "cofe_add": (1.5, 0.04)}
+
+
+@pytest.mark.parametrize("name", sorted(GUARDS))
+def test_shipped_cofe_on_degraded_drive_test_images(data_root, name):
+    if not (weights_dir() / f"{name}.pt").is_file():
+        pytest.skip(f"weights/{name}.pt not present")
     stage = DegradeStage(DegradeConfig(types=["111"], preset="released", seed=2026))
-    method, seg = Method("cofe"), Segmenter()
+    method, seg = Method(name), Segmenter()
     gains, f1_deg, f1_enh = [], [], []
     for i in IDS:
         p = drive_paths(data_root, i)
@@ -39,6 +46,6 @@ def test_shipped_cofe_on_degraded_drive_test_images(data_root):
         gains.append(psnr(enhanced, clean, fov) - psnr(degraded, clean, fov))
         f1_deg.append(vessel_scores(seg(degraded), gt, fov, seg.spec.threshold)["f1"])
         f1_enh.append(vessel_scores(seg(enhanced), gt, fov, seg.spec.threshold)["f1"])
-    assert np.mean(gains) >= 1.0, gains  # measured on all 20 benchmark images: +1.66 dB (14.58 -> 16.24)
-    # measured on all 20: F1 0.7663 -> 0.7569; the issue asks for no loss at all, which these weights miss
-    assert np.mean(f1_enh) >= np.mean(f1_deg) - 0.02, (f1_deg, f1_enh)
+    min_gain, max_f1_loss = GUARDS[name]
+    assert np.mean(gains) >= min_gain, gains
+    assert np.mean(f1_enh) >= np.mean(f1_deg) - max_f1_loss, (f1_deg, f1_enh)

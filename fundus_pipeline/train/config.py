@@ -188,7 +188,7 @@ class SourcesConfig(TrainConfig):
 class EnhanceConfig(SourcesConfig):
     """``fundus train enhance``: the loop's options plus the enhancement data pipeline's and the loss weights."""
 
-    arch: str = Field("cofe", description="Registered enhancement model (cofe, cofe_rsa_lqa, cofe_rsa, cofe_g, unet_enh; see `fundus models`).")
+    arch: str = Field("cofe", description="Registered enhancement model (cofe, cofe_add, cofe_rsa_lqa, cofe_rsa, cofe_g, unet_enh; see `fundus models`).")
     size: int = Field(512, ge=64, description="Canonical frame side: the FOV's bounding square is resized to SIZE x SIZE (Cofe-Net: 512).")
     crop: int = Field(256, ge=32, description="Training crop side inside the canonical frame (a multiple of the model's size divisor).")
     clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
