@@ -18,8 +18,8 @@ For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x5
   (tolerance 0.05 dB). The precision to ship is the fastest one within both.
 * ``fed``: the runner end to end (``run_stage(feed=True)``: ``--decoders`` decoding processes feed one model,
   batches of ``--batch``, outputs written by threads) over ``--fed-n`` copies of the DRIVE photograph, images/s
-  with decoding and writing included, against ``stage_images_per_s``: the share the input/output costs;
-  and the GPU's utilisation meanwhile (NVML, sampled every 0.2 s; needs ``nvidia-ml-py``).
+  with decoding and writing included (and without the start-up: ``steady_images_per_s``), against
+  ``stage_images_per_s``: the share the input/output costs; and the GPU's utilisation meanwhile (NVML, sampled every 0.2 s; needs ``nvidia-ml-py``).
 
 Run where a GPU is lent: ``python benchmarks/gpu.py --device cuda --compile > benchmarks/results/gpu.json``.
 On a CPU it runs too (``--device cpu``, fewer reps), which checks the script and shows the same split.
@@ -221,35 +221,44 @@ def agreement(name: str, stage, device: torch.device, precisions: list[str], n: 
 
 
 def fed(stage, path: Path, n: int, decoders: int, tmp: Path) -> dict:
-    """The runner end to end over ``n`` copies of ``path``, one model fed by ``decoders`` processes."""
+    """The runner end to end over ``n`` copies of ``path``, one model fed by ``decoders`` processes; and over two
+    copies (the fewest that take the fed path), whose wall time is mostly the start-up (spawning the decoders,
+    their imports): ``steady_images_per_s`` = (n - 2) / (wall(n) - wall(2)) leaves it out."""
     import os
     import shutil
 
-    from fundus_pipeline.runner import run_stage
-
-    src = tmp / f"fed_in_{path.stem}"
-    src.mkdir(exist_ok=True)
-    for i in range(n):
-        dst = src / f"p{i:04d}{path.suffix}"
-        if not dst.exists():
-            os.link(path, dst)
-    out = tmp / f"fed_out_{path.stem}"
-    shutil.rmtree(out, ignore_errors=True)
-    sampler = Utilisation(getattr(stage, "device", torch.device("cpu")))
     import cv2
 
-    threads = (torch.get_num_threads(), cv2.getNumThreads())  # run_fed sets this process's threads: restored after
-    t = time.perf_counter()
-    try:
-        with sampler:
-            res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True, threads=threads[0])
-    finally:
-        torch.set_num_threads(threads[0])
-        cv2.setNumThreads(threads[1])
-    wall = time.perf_counter() - t
-    shutil.rmtree(out, ignore_errors=True)
-    return {"photographs": n, "decoders": decoders, "batch": stage.batch_size, "ok": res.counts.get("ok", 0), "images_per_s": round(n / wall, 3),
-            "gpu_utilisation": sampler.result()}
+    from fundus_pipeline.runner import run_stage
+
+    def one_run(k: int, sample: bool) -> tuple[float, dict, dict | None]:
+        src = tmp / f"fed_in_{path.stem}_{k}"
+        src.mkdir(exist_ok=True)
+        for i in range(k):
+            dst = src / f"p{i:04d}{path.suffix}"
+            if not dst.exists():
+                os.link(path, dst)
+        out = tmp / f"fed_out_{path.stem}"
+        shutil.rmtree(out, ignore_errors=True)
+        sampler = Utilisation(getattr(stage, "device", torch.device("cpu")))
+        threads = (torch.get_num_threads(), cv2.getNumThreads())  # run_fed sets this process's threads: restored after
+        t = time.perf_counter()
+        try:
+            with sampler:
+                res = run_stage(stage, src, out, workers=decoders, progress=False, feed=True, threads=threads[0])
+        finally:
+            torch.set_num_threads(threads[0])
+            cv2.setNumThreads(threads[1])
+        wall = time.perf_counter() - t
+        shutil.rmtree(out, ignore_errors=True)
+        return wall, res.counts, sampler.result() if sample else None
+
+    wall2, _, _ = one_run(2, False)
+    wall, counts, util = one_run(n, True)
+    steady = round((n - 2) / (wall - wall2), 3) if n > 2 and wall > wall2 else None
+    return {"photographs": n, "decoders": decoders, "batch": stage.batch_size, "ok": counts.get("ok", 0), "images_per_s": round(n / wall, 3),
+            "two_photographs_s": round(wall2, 2), "steady_images_per_s": steady, "gpu_utilisation": util,
+            "note": "images_per_s includes the start-up; steady_images_per_s = (n - 2) / (wall(n) - wall(2)) does not (GPU utilisation is sampled over the whole n-photograph run)"}
 
 
 class Utilisation:
