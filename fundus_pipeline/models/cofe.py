@@ -52,7 +52,14 @@ def additive_output(r: torch.Tensor, x: torch.Tensor, training: bool) -> torch.T
     return y if training else y.clamp(0.0, 1.0)
 
 
-OUTPUT_RULES = ("logit", "add")
+# output rule -> the manifest's name of the output activation (``ImageOutputSpec.activation``)
+OUTPUT_RULES = {"logit": "sigmoid", "add": "clip(input + correction, 0, 1)"}
+
+
+def _checked_rule(output: str) -> str:
+    if output not in OUTPUT_RULES:
+        raise ValueError(f"output must be one of {tuple(OUTPUT_RULES)}, got {output!r}")
+    return output
 
 
 def _output(rule: str, r: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
@@ -150,9 +157,7 @@ class CofeNet(nn.Module):
     def __init__(self, w: int = 32, *, rsa: bool = True, lqa: bool = True, two_scale: bool = True, rsa_width: int = 16, residual: bool = True,
                  output: str = "logit"):
         super().__init__()
-        if output not in OUTPUT_RULES:
-            raise ValueError(f"output must be one of {OUTPUT_RULES}, got {output!r}")
-        self.w, self.has_rsa, self.has_lqa, self.two_scale, self.residual, self.output = w, rsa, lqa, two_scale, residual, output
+        self.w, self.has_rsa, self.has_lqa, self.two_scale, self.residual, self.output = w, rsa, lqa, two_scale, residual, _checked_rule(output)
         # two-scale: 1/2-scale pass, G needs /8 there and IMFF /16 at full scale -> /16 (x2 for the coarse pass)
         self.size_divisor = 32 if two_scale else 16
         self.rsa = IMFFNet(base=rsa_width) if rsa else None
@@ -222,9 +227,7 @@ class EnhanceUNet(nn.Module):
 
     def __init__(self, w: int = 16, output: str = "logit"):
         super().__init__()
-        if output not in OUTPUT_RULES:
-            raise ValueError(f"output must be one of {OUTPUT_RULES}, got {output!r}")
-        self.output = output
+        self.output = _checked_rule(output)
         chs = [w, 2 * w, 4 * w, 8 * w, 16 * w]
 
         def block(cin, cout):

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from fundus_pipeline.canonical import CanonicalFrame, canonical_fov_geometry
 from fundus_pipeline.datasets import DRIVE_TRAIN, DRIVE_VAL, HRF_TRAIN, HRF_VAL, drive_paths, hrf_paths
 from fundus_pipeline.disc import disc_box_mask, locate_disc
+from fundus_pipeline.models.cofe import OUTPUT_RULES
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.train.config import EnhanceConfig
 from fundus_pipeline.train.loop import Batch, Task, fit
@@ -393,7 +394,7 @@ def export_description(transfer_selection: dict, size: int = 512) -> Callable[[n
                     "rule": "the FOV's bounding square (side = FOV diameter, centred on the FOV, black where it leaves the photograph) resized to size x size, area averaging when shrinking",
                 },
             },
-            "output": {"kind": "image", "activation": "clip(input + correction, 0, 1)" if getattr(model, "output", "logit") == "add" else "sigmoid", "transfer": transfer_selection["choice"], "transfer_selection": transfer_selection},
+            "output": {"kind": "image", "activation": OUTPUT_RULES[getattr(model, "output", "logit")], "transfer": transfer_selection["choice"], "transfer_selection": transfer_selection},
             "training": {
                 "data": "clean sources degraded on the fly: DRIVE training 21-36, HRF training 01-04 of each class, HEI-MED (152 of 169 photographs); released and training-time Cofe-Net types 001-111 and the mild/moderate/severe recipes; 10% left clean",
                 "validation": "DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph (17), each degraded with released 111 and moderate (seed 0) and left clean; best checkpoint by mean PSNR inside the FOV",
