@@ -75,7 +75,7 @@ def main() -> None:
     if task == "enhancement":
         if args.transfer_selection is None:
             raise SystemExit("error: enhancement runs need --transfer-selection (the JSON of scripts/choose_transfer.py)")
-        describe = enhance_task.export_description(json.loads(args.transfer_selection.read_text()), config["size"])
+        describe = enhance_task.export_description(json.loads(args.transfer_selection.read_text()), config)
     elif task == "pretext":
         describe = score_task.pretext_description(config)
     elif task == "quality":

@@ -37,6 +37,7 @@ def test_train_enhance_writes_a_run_and_resumes_bit_exactly(fake_data, tmp_path,
     assert summary["arch"] == "cofe_tiny" and summary["argv"][:3] == ["fundus", "train", "enhance"]
     best = summary["best"]
     assert best["step"] in (2, 4) and np.isfinite(best["psnr"]) and {"psnr_released111", "psnr_moderate", "psnr_clean"} <= set(best)
+    assert {"vessel_f1", "f1_released111", "f1_input_released111", "f1_clean"} <= set(best) and 0 <= best["vessel_f1"] <= 1
     log = (straight / "train.log").read_text()
     # DRIVE 16 + 4, HRF 12 + 3, HEI-MED 10 + 2 (every 10th); discs located on DRIVE and HRF (marked on HEI-MED)
     assert "train 38 sources, val 9" in log and "discs located on 35" in log
@@ -68,6 +69,8 @@ def test_train_enhance_writes_a_run_and_resumes_bit_exactly(fake_data, tmp_path,
         (["--crop", "48"], "multiples of 32"),
         (["--clean-p", "2"], "--clean-p"),
         (["--rsa-init", "missing.pt"], "weights not found"),
+        (["--select", "ssim"], "--select must be psnr or vessel_f1"),
+        (["--seg-weight", "-1"], "--seg-weight"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(fake_data, tmp_path, capsys, extra, message):
@@ -90,6 +93,21 @@ def test_sampler_is_a_pure_function_of_seed_and_step(fake_data, tmp_path):
     deg, clean, fov, disc, ves = s1.batch(3)
     assert deg.shape == clean.shape == (3, 3, 32, 32) and fov.shape == disc.shape == ves.shape == (3, 1, 32, 32)
     assert float(deg.min()) >= 0 and float(deg.max()) <= 1
+
+
+def test_validation_pairs_do_not_depend_on_the_training_seed(fake_data, tmp_path):
+    from fundus_pipeline.train.config import EnhanceConfig
+
+    pairs = []
+    for seed in (0, 1):
+        task = trainer.EnhanceTask(EnhanceConfig(out=tmp_path / f"r{seed}", data=fake_data, size=64, crop=32, seed=seed, rsa_init=None, cache=tmp_path / "c.npz"))
+        task.setup(lambda m: None)
+        pairs.append(task.pairs)
+    assert [k for k, _, _ in pairs[0]] == [k for k, _, _ in pairs[1]] and {"released111", "moderate", "clean"} == {k for k, _, _ in pairs[0]}
+    for (_, a, _), (_, b, _) in zip(*pairs):
+        np.testing.assert_array_equal(a, b)
+    _, deg, s = pairs[0][0]
+    assert not np.array_equal(deg, s.rgb)  # a degraded pair (the assertion above is not about clean copies only)
 
 
 def test_orientation_moves_the_disc_with_the_image():
@@ -123,3 +141,63 @@ def test_loss_is_zero_for_a_perfect_output_and_weights_the_disc():
     l1 = float(enhance_loss({"out": off}, batch, 0.0, 0.0))
     l10 = float(enhance_loss({"out": off}, batch, 10.0, 0.0))
     assert l10 == pytest.approx(11 * l1, rel=1e-5)
+
+
+def test_select_vessel_f1_keeps_the_checkpoint_with_the_best_vessel_f1(fake_data, tmp_path):
+    out = tmp_path / "seg"
+    assert _train(*_args(fake_data, out, "--seg-weight", "0.5", "--select", "vessel_f1")) == 0
+    vals = [json.loads(line.split(": ", 1)[1]) for line in (out / "train.log").read_text().splitlines() if " val step " in line]
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert len(vals) == 2 and best["vessel_f1"] == max(v["vessel_f1"] for v in vals)
+    assert best == {"step": best["step"], **vals[[2, 4].index(best["step"])]}
+
+
+class _Seg(torch.nn.Module):
+    """A stand-in segmenter: a fixed 3x3 convolution of the green channel (two output channels, as IMFF-Net's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+        torch.nn.init.normal_(self.conv.weight, std=2.0, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_segmenter_term_pulls_the_output_towards_the_clean_reading_inside_the_fov():
+    from fundus_pipeline.train.enhance import segmenter_term
+
+    seg = _Seg().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(2, 3, 16, 16, generator=g)
+    fov = torch.zeros(2, 1, 16, 16)
+    fov[..., 2:14, 2:14] = 1
+    at_clean = clean.clone().requires_grad_(True)
+    base = segmenter_term(seg, at_clean, clean, fov)
+    base.backward()
+    assert float(at_clean.grad.abs().max()) < 1e-6  # the soft target is the minimum: no pull at the clean image
+    off = (clean + 0.3 * torch.rand(2, 3, 16, 16, generator=g)).requires_grad_(True)
+    moved = segmenter_term(seg, off, clean, fov)
+    assert moved.item() > base.item() + 1e-3
+    moved.backward()
+    assert float(off.grad.abs().max()) > 1e-6 and all(p.grad is None for p in seg.parameters())
+    outside = off.detach().clone()
+    outside[..., :1, :] = 5.0  # far outside the FOV (and the 3x3 reach of its border): the term does not see it
+    assert float(segmenter_term(seg, outside, clean, fov)) == pytest.approx(moved.item(), rel=1e-6)
+    batch = (clean, clean, fov, torch.zeros_like(fov), torch.zeros_like(fov))
+    plain = float(enhance_loss({"out": off.detach()}, batch, 0.0, 0.0))
+    assert float(enhance_loss({"out": off.detach()}, batch, 0.0, 0.0, seg, 2.0)) == pytest.approx(plain + 2 * moved.item(), rel=1e-5)
+
+
+def test_export_description_states_the_runs_loss_and_checkpoint_rule():
+    from fundus_pipeline.models.registry import build_model
+    from fundus_pipeline.train.enhance import export_description
+
+    selection = {"choice": "residual"}
+    plain = export_description(selection)(build_model("cofe_tiny"))
+    assert "by mean PSNR" in plain["training"]["validation"] and "segmenter's vessel maps" not in plain["training"]["loss"]
+    assert plain["input"]["scale_policy"]["size"] == 512 and plain["output"]["transfer"] == "residual"
+    run = {"size": 256, "select": "vessel_f1", "seg_weight": 0.1, "init": "weights/cofe_add.pt"}
+    seg = export_description(selection, run)(build_model("cofe_tiny"))
+    assert "by mean vessel F1" in seg["training"]["validation"] and seg["input"]["scale_policy"]["size"] == 256
+    assert "0.1 x BCE between the frozen imff segmenter's vessel maps" in seg["training"]["loss"] and seg["training"]["loss"].endswith("initialised from cofe_add.pt")

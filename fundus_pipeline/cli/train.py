@@ -91,6 +91,8 @@ def train_enhance(
     disc_weight: Annotated[float, _e("disc_weight")] = _E["disc_weight"].default,
     vessel_weight: Annotated[float, _e("vessel_weight")] = _E["vessel_weight"].default,
     rsa_init: Annotated[str, _e("rsa_init")] = _E["rsa_init"].default,
+    seg_weight: Annotated[float, _e("seg_weight")] = _E["seg_weight"].default,
+    select: Annotated[str, _e("select")] = _E["select"].default,
     cache: Annotated[Optional[Path], _e("cache", show_default=False)] = None,
     init: Annotated[Optional[Path], _e("init", show_default=False)] = None,
     resume: Annotated[bool, _flag("resume")] = False,
@@ -98,13 +100,14 @@ def train_enhance(
     """Train a fundus enhancer (Cofe-Net, its ablations, the U-Net baseline) on clean training photographs
     (DRIVE 21-40, HRF 01-05, HEI-MED) degraded on the fly by the degradation library.
 
-    Writes OUT/last.pt (resumable), OUT/best.pt (best validation PSNR), OUT/train.log and OUT/summary.json.
+    Writes OUT/last.pt (resumable), OUT/best.pt (best validation PSNR, or vessel F1 with --select vessel_f1), OUT/train.log and OUT/summary.json.
     Example: fundus train enhance --arch cofe --out runs/cofe --steps 3000 --threads 2
     """
     cfg = EnhanceConfig.from_options(
         out=out, arch=arch, data=data, steps=steps, batch_size=batch_size, size=size, crop=crop, lr=lr, seed=seed,
         val_every=val_every, ckpt_every=ckpt_every, threads=threads, device=device, amp=amp, clean_p=clean_p,
-        disc_weight=disc_weight, vessel_weight=vessel_weight, rsa_init=rsa_init, cache=cache, init=init, resume=resume,
+        disc_weight=disc_weight, vessel_weight=vessel_weight, rsa_init=rsa_init, seg_weight=seg_weight,
+        select=select, cache=cache, init=init, resume=resume,
     )  # fmt: skip
     from fundus_pipeline.train.enhance import train
 

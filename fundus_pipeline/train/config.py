@@ -195,11 +195,20 @@ class EnhanceConfig(SourcesConfig):
     disc_weight: float = Field(10.0, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
+    seg_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Weight of the segmenter term: BCE, inside the FOV, between the frozen shipped segmenter's vessel map of the output and its map of the clean image (0: off, Cofe-Net's loss).")
+    select: str = Field("psnr", description="Validation figure that chooses best.pt: psnr (mean PSNR over the degraded pairs) or vessel_f1 (mean vessel F1 of the frozen segmenter on the outputs, against each source's vessel target).")
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v, "enhancement")
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: str) -> str:
+        if v not in ("psnr", "vessel_f1"):
+            raise ValueError(f"--select must be psnr or vessel_f1, not {v!r}")
+        return v
 
     @field_validator("rsa_init")
     @classmethod

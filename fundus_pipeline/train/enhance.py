@@ -7,8 +7,8 @@ at ``--size``; ``fundus_pipeline.canonical``) with its FOV mask, a vessel target
 for DRIVE and HRF; the shipped ``imff`` segmenter's probability on the clean photograph for HEI-MED) and
 an optic-disc centre (hand-marked for HEI-MED; ``fundus_pipeline.disc.locate_disc`` elsewhere). The
 prepared sources are cached (``--cache``). Validation (checkpoint choice): DRIVE 37-40, HRF 05_h/g/dr and
-every 10th HEI-MED photograph, each degraded twice with fixed seeds (released type 111 and the
-``moderate`` recipe) and once left clean.
+every 10th HEI-MED photograph, each degraded twice (released type 111 and the ``moderate`` recipe, from
+``VAL_SEED`` whatever ``--seed`` is) and once left clean.
 
 Each training step draws ``--batch-size`` samples as a pure function of (seed, step): a dataset
 (uniformly), a source, a rotation by a multiple of 90 degrees and a flip, then a degradation of the
@@ -20,7 +20,13 @@ square at a random place.
 Loss (Cofe-Net's, seeds.md 1.7; L1 means the mean over all elements, as nn.L1Loss):
 ``L1(B.R, O.R) + w_d L1(B.D, O.D)`` at full scale, the same at 1/2 scale for two-scale models, and
 ``w_v BCE(V.R)`` on the structure branch's vessel map for models with one; B clean, O output, R FOV,
-D disc box, V vessel target.
+D disc box, V vessel target. Optionally (``--seg-weight`` w_s > 0, not Cofe-Net's) a segmenter term
+``w_s BCE(S(O.R), sigmoid(S(B.R))).R``: the frozen shipped segmenter S must read on the output the vessel
+map it reads on the clean image.
+
+Validation reports, per kind of pair, the mean PSNR inside the FOV and the mean vessel F1 of the frozen
+shipped segmenter (at its threshold) against each source's vessel target, for the outputs and the inputs;
+``--select`` says which of the two mean figures over the degraded pairs chooses best.pt.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from fundus_pipeline.train.config import EnhanceConfig
 from fundus_pipeline.train.loop import Batch, Task, fit
 
 HEIMED_VAL_EVERY = 10  # every 10th HEI-MED photograph (sorted by name) is a validation source
+VAL_SEED = 0  # the validation pairs' degradations: fixed, so runs with different --seed are compared on the same pairs
 CODES = ("001", "010", "011", "100", "101", "110", "111")
 RECIPES = ("mild", "moderate", "severe")
 SEGMENTER = "imff"  # the shipped segmenter that makes the vessel targets of photographs without annotations
@@ -283,8 +290,20 @@ class EnhanceSampler:
 
 
 # ------------------------------------------------------------------------------------------------ loss
-def enhance_loss(out: dict, batch: Batch, disc_weight: float, vessel_weight: float) -> torch.Tensor:
-    """Cofe-Net's loss (see the module docstring) on ``forward_train``'s outputs."""
+def segmenter_term(seg: nn.Module, out: torch.Tensor, clean: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+    """BCE, inside the FOV (mean over all pixels, as the vessel term), between the frozen segmenter's vessel
+    logits on ``out`` and its vessel probability on ``clean``; gradients reach ``out`` only."""
+    with torch.no_grad():
+        target = torch.sigmoid(seg(clean * fov)[:, :1])
+    bce = F.binary_cross_entropy_with_logits(seg(out * fov)[:, :1], target, reduction="none")
+    return (bce * fov).mean()
+
+
+def enhance_loss(
+    out: dict, batch: Batch, disc_weight: float, vessel_weight: float, seg: nn.Module | None = None, seg_weight: float = 0.0
+) -> torch.Tensor:
+    """Cofe-Net's loss (see the module docstring) on ``forward_train``'s outputs, plus ``seg_weight`` times
+    the segmenter term when ``seg`` (the frozen segmenter) is given."""
     _, clean, fov, disc, ves = batch
 
     def pixel(o, b, r, d):
@@ -296,6 +315,8 @@ def enhance_loss(out: dict, batch: Batch, disc_weight: float, vessel_weight: flo
     if "vessel_logits" in out and vessel_weight > 0:
         bce = F.binary_cross_entropy_with_logits(out["vessel_logits"], ves, reduction="none")
         loss = loss + vessel_weight * (bce * fov).mean()
+    if seg is not None and seg_weight > 0:
+        loss = loss + seg_weight * segmenter_term(seg, out["out"], clean, fov)
     return loss
 
 
@@ -324,26 +345,73 @@ def enhance_canonical(model: nn.Module, rgb: np.ndarray, device) -> np.ndarray:
     return model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
 
 
-def validate(model: nn.Module, pairs, device) -> dict:
+def vessel_f1(seg: nn.Module, threshold: float, rgb: np.ndarray, s: Source, device) -> float:
+    """F1 inside the FOV of the frozen segmenter's map of ``rgb`` (canonical, at ``threshold``) against the
+    source's vessel target (>= 0.5)."""
+    x = torch.from_numpy(np.ascontiguousarray((rgb * s.fov[..., None]).transpose(2, 0, 1)))[None].to(device)
+    pred = (torch.sigmoid(seg(x)[0, 0].float()).cpu().numpy() >= threshold) & s.fov
+    gt = (s.vessels >= 0.5) & s.fov
+    tp = int((pred & gt).sum())
+    den = int(pred.sum()) + int(gt.sum())
+    return 2 * tp / den if den else 1.0
+
+
+def _means(per: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    return {f"{prefix}_{k}": round(float(np.mean(v)), 4) for k, v in per.items()}
+
+
+def validate(model: nn.Module, pairs, device, seg: tuple[nn.Module, float] | None = None, input_f1: dict | None = None) -> dict:
+    """Mean PSNR per kind of pair (and of the inputs); with ``seg`` (the frozen segmenter and its threshold),
+    the mean vessel F1 too (``input_f1``: the inputs' figures, computed once by ``input_vessel_f1``)."""
     per: dict[str, list[float]] = {}
     base: dict[str, list[float]] = {}
+    f1: dict[str, list[float]] = {}
     for kind, deg, s in pairs:
         out = enhance_canonical(model, deg, device) * s.fov[..., None]
         per.setdefault(kind, []).append(psnr_in(out, s.rgb, s.fov))
         if kind != "clean":
             base.setdefault(kind, []).append(psnr_in(deg, s.rgb, s.fov))
+        if seg is not None:
+            f1.setdefault(kind, []).append(vessel_f1(*seg, out, s, device))
     res = {f"psnr_{k}": round(float(np.mean(v)), 3) for k, v in per.items()}
     res.update({f"psnr_input_{k}": round(float(np.mean(v)), 3) for k, v in base.items()})
     res["psnr"] = round(float(np.mean([np.mean(v) for k, v in per.items() if k != "clean"])), 3)
+    if seg is not None:
+        res.update(_means(f1, "f1"))
+        res.update(input_f1 or {})
+        res["vessel_f1"] = round(float(np.mean([np.mean(v) for k, v in f1.items() if k != "clean"])), 4)
     return res
+
+
+@torch.no_grad()
+def input_vessel_f1(pairs, device, seg: tuple[nn.Module, float]) -> dict[str, float]:
+    """The segmenter's mean vessel F1 on the validation inputs, per kind of pair (``f1_input_KIND``)."""
+    f1: dict[str, list[float]] = {}
+    for kind, deg, s in pairs:
+        f1.setdefault(kind, []).append(vessel_f1(*seg, deg, s, device))
+    return _means(f1, "f1_input")
+
+
+def frozen_segmenter(device) -> tuple[nn.Module, float]:
+    """The shipped segmenter (``SEGMENTER``) in eval mode with no gradients of its own, and its threshold."""
+    from fundus_pipeline.models.weights import load_model
+
+    model, spec = load_model(resolve_segmenter())
+    model.eval().requires_grad_(False).to(device)
+    return model, float(spec.threshold)
 
 
 class EnhanceTask(Task):
     """Fundus enhancement; best.pt is chosen on the mean validation PSNR inside the FOV over the degraded pairs."""
 
     name = "enhance"
-    score_key = "psnr"
+    score_key = "psnr"  # or "vessel_f1" (--select), set per run in __init__
     cfg: EnhanceConfig
+
+    def __init__(self, cfg: EnhanceConfig):
+        super().__init__(cfg)
+        self.score_key = cfg.select
+        self.seg: tuple[nn.Module, float] | None = None
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.arch)
@@ -360,14 +428,24 @@ class EnhanceTask(Task):
         train, val = split_sources(sources)
         located = [s for s in sources if s.disc_kind == "located"]
         log(f"train {len(train)} sources, val {len(val)} ({', '.join(s.name for s in val[:7])}, ...); discs located on {len(located)}")
-        self.pairs = validation_pairs(val, cfg.seed)
+        self.pairs = validation_pairs(val, VAL_SEED)
         self.sampler = EnhanceSampler(train, cfg)
+        self.input_f1: dict | None = None
+
+    def _segmenter(self, device) -> tuple[nn.Module, float]:
+        if self.seg is None:
+            self.seg = frozen_segmenter(device)
+        return self.seg
 
     def loss(self, out: dict, batch: Batch) -> torch.Tensor:
-        return enhance_loss(out, batch, self.cfg.disc_weight, self.cfg.vessel_weight)
+        seg = self._segmenter(batch[0].device)[0] if self.cfg.seg_weight > 0 else None
+        return enhance_loss(out, batch, self.cfg.disc_weight, self.cfg.vessel_weight, seg, self.cfg.seg_weight)
 
     def validate(self, model: nn.Module, device: torch.device) -> dict:
-        return validate(model, self.pairs, device)
+        seg = self._segmenter(device)
+        if self.input_f1 is None:
+            self.input_f1 = input_vessel_f1(self.pairs, device, seg)
+        return validate(model, self.pairs, device, seg, self.input_f1)
 
 
 def train(cfg: EnhanceConfig) -> dict:
@@ -375,10 +453,19 @@ def train(cfg: EnhanceConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------- weights export
-def export_description(transfer_selection: dict, size: int = 512) -> Callable[[nn.Module], dict]:
+def export_description(transfer_selection: dict, config: dict | None = None) -> Callable[[nn.Module], dict]:
     """The enhancement-specific parts of a weights manifest entry (``export_weights``'s ``describe``):
     the canonical-frame input contract, the image output with the transfer rule chosen by
-    ``scripts/choose_transfer.py`` (its JSON is ``transfer_selection``), and the data split."""
+    ``scripts/choose_transfer.py`` (its JSON is ``transfer_selection``), the data split, the loss and the
+    checkpoint rule, from the run's ``config`` (summary.json's; defaults where it is not given)."""
+    config = {**{k: f.default for k, f in EnhanceConfig.model_fields.items() if not f.is_required()}, **(config or {})}
+    size = int(config["size"])
+    selection = {"psnr": "best checkpoint by mean PSNR inside the FOV over the degraded pairs", "vessel_f1": "best checkpoint by mean vessel F1 of the frozen imff segmenter over the degraded pairs"}[config["select"]]
+    loss = f"FOV-masked L1 at both scales + {config['disc_weight']:g} x L1 in the optic-disc box + {config['vessel_weight']:g} x BCE of the structure branch's vessel map"
+    if config["seg_weight"] > 0:
+        loss += f" + {config['seg_weight']:g} x BCE between the frozen imff segmenter's vessel maps of the output and of the clean image"
+    if config.get("init"):
+        loss += f"; initialised from {Path(config['init']).name}"
 
     def describe(model: nn.Module) -> dict:
         return {
@@ -397,7 +484,8 @@ def export_description(transfer_selection: dict, size: int = 512) -> Callable[[n
             "output": {"kind": "image", "activation": OUTPUT_RULES[getattr(model, "output", "logit")], "transfer": transfer_selection["choice"], "transfer_selection": transfer_selection},
             "training": {
                 "data": "clean sources degraded on the fly: DRIVE training 21-36, HRF training 01-04 of each class, HEI-MED (152 of 169 photographs); released and training-time Cofe-Net types 001-111 and the mild/moderate/severe recipes; 10% left clean",
-                "validation": "DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph (17), each degraded with released 111 and moderate (seed 0) and left clean; best checkpoint by mean PSNR inside the FOV",
+                "validation": f"DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph (17), each degraded with released 111 and moderate (seed 0) and left clean; {selection}",
+                "loss": loss,
                 "test_never_used": "DRIVE 01-20, HRF 06-15",
             },
         }
