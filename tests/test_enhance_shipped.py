@@ -1,4 +1,4 @@
-"""The shipped Cofe-Net weights (``cofe`` and ``cofe_add``) on four DRIVE *test* images degraded as in the
+"""The shipped Cofe-Net weights (``cofe``, ``cofe_add`` and ``cofe_add_seg``) on four DRIVE *test* images degraded as in the
 frozen benchmark (released type 111, seed 2026): the enhancement raises PSNR inside the FOV and costs at
 most a bounded part of the shipped segmenter's vessel F1, guarding the figures measured for the README
 (``GUARDS``); runs when ../shared/data is present."""
@@ -23,9 +23,11 @@ IDS = ("01", "02", "03", "04")
 
 
 # name: (least mean PSNR gain in dB, largest mean vessel-F1 loss) over the four images, below what all 20 measured:
-# cofe +1.66 dB, F1 0.7663 -> 0.7569; cofe_add +2.52 dB, F1 0.7663 -> 0.7422 (the issue asks for no F1 loss:
-# both miss it, cofe_add by more: its better pixels cost vessels)
-GUARDS = {"cofe": (1.0, 0.02), "cofe_add": (1.5, 0.04)}
+# cofe +1.66 dB, F1 0.7663 -> 0.7569; cofe_add +2.52 dB, F1 0.7663 -> 0.7422; cofe_add_seg +2.23 dB, F1 0.7663 ->
+# 0.7521 (the issue asks for no F1 loss: all miss it, cofe_add by most: its better pixels cost vessels)
+# On these four images: cofe_add +2.43 dB and an F1 loss of 0.0213, cofe_add_seg +1.98 dB and 0.0123, so
+# cofe_add_seg's bound (0.018) fails if its weights fall back to cofe_add's vessel cost.
+GUARDS = {"cofe": (1.0, 0.02), "cofe_add": (1.5, 0.04), "cofe_add_seg": (1.5, 0.018)}
 
 
 @pytest.mark.parametrize("name", sorted(GUARDS))
