@@ -131,6 +131,7 @@ class EnhanceConfig(NetworkStageConfig):
     weights: str = "cofe"
     arch: str | None = None
     transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
+    correction_sigma: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # None: the weights' manifest choice
     keep_outside: bool = False
     vessel_stats: bool = True
     segmenter: str = "imff"

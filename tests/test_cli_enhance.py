@@ -134,3 +134,48 @@ def test_batches_write_what_one_at_a_time_writes(photos, tmp_path, tiny_cofe):
         a = cv2.imread(str(tmp_path / "one" / n), cv2.IMREAD_UNCHANGED).astype(np.int64)
         b = cv2.imread(str(tmp_path / "three" / n), cv2.IMREAD_UNCHANGED).astype(np.int64)
         assert np.abs(a - b).max() <= 1, n
+
+
+class _Shift(torch.nn.Module):
+    """A network whose correction is a constant lift plus a fine checkerboard (what the low-pass removes)."""
+
+    def forward(self, x):
+        yy, xx = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
+        return x + 0.1 + 0.05 * (((yy // 2 + xx // 2) % 2) * 2 - 1).to(x.dtype)  # 2x2-pixel squares
+
+
+def test_smooth_correction_keeps_a_smooth_lift_and_removes_fine_detail():
+    from fundus_pipeline.stages.enhance import canonical_input, smooth_correction
+
+    rgb = synthetic_fundus(120, 150, 5).astype(np.float32) / 255 * 0.8
+    fov = Fov.estimate(rgb)
+    _, _, c_in, c_fov = canonical_input(rgb, fov.mask, fov.geometry, 64)
+    c_out = _Shift()(torch.from_numpy(c_in.transpose(2, 0, 1))[None])[0].numpy().transpose(1, 2, 0)
+    assert smooth_correction(c_in, c_out, c_fov, 0.0) is c_out
+    smooth = smooth_correction(c_in, c_out, c_fov, 4.0) - c_in
+    # the lift survives everywhere in the FOV, rim included (the blur is normalised inside the FOV), the
+    # +-0.05 checkerboard does not
+    np.testing.assert_allclose(smooth[c_fov], 0.1, atol=0.01)
+    raw = enhance_native(_Shift(), rgb, fov.mask, fov.geometry, 64, "residual", "cpu")
+    low = enhance_native(_Shift(), rgb, fov.mask, fov.geometry, 64, "residual", "cpu", 4.0)
+    inner = fov.mask & (cv2.erode(fov.mask.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0)
+    assert np.abs(raw - rgb - 0.1)[inner].mean() > 0.02  # the checkerboard, resampled to native size
+    np.testing.assert_allclose((low - rgb)[inner], 0.1, atol=0.01)
+
+
+def test_correction_sigma_option_is_recorded_and_used(photos, tmp_path, tiny_cofe):
+    torch.manual_seed(1)
+    model = build_model("cofe_tiny")
+    with torch.no_grad():
+        for t in model.parameters():
+            t.add_(0.3 * torch.randn_like(t))  # away from the identity it starts as: a correction to smooth
+    busy = tmp_path / "busy.pt"
+    torch.save(model.state_dict(), busy)
+    assert run("enhance", photos, tmp_path / "raw", *_args(busy, "--no-vessel-stats")) == 0
+    assert run("enhance", photos, tmp_path / "low", *_args(busy, "--no-vessel-stats", "--correction-sigma", "8")) == 0
+    raw, low = (json.loads((tmp_path / d / "manifest.json").read_text())["config"] for d in ("raw", "low"))
+    assert raw["correction_sigma"] == 0.0 and low["correction_sigma"] == 8.0  # the tiny weights have no manifest choice
+    a = cv2.imread(str(tmp_path / "raw" / "a.png")).astype(int)
+    b = cv2.imread(str(tmp_path / "low" / "a.png")).astype(int)
+    assert np.abs(a - b).max() > 0
+    assert run("enhance", photos, tmp_path / "bad", *_args(tiny_cofe, "--correction-sigma", "-1")) == 2

@@ -21,6 +21,7 @@ def enhance(
     precision: Precision = default(EnhanceConfig, "precision"),
     compile: Compile = default(EnhanceConfig, "compile"),
     transfer: Annotated[str, typer.Option("--transfer", help="How the result returns to native resolution: auto (the weights' choice), upsample (resize the output) or residual (add the resized correction to the photograph).")] = default(EnhanceConfig, "transfer"),
+    correction_sigma: Annotated[Optional[float], typer.Option("--correction-sigma", help="Low-pass the correction (output - input) with a Gaussian of this standard deviation in the network's 512-px frame before it returns to native resolution (0: not) [default: the weights' choice].", show_default=False)] = None,
     keep_outside: Annotated[bool, flag("--keep-outside", help="Pass the pixels outside the field of view through (default: 0 there).")] = default(EnhanceConfig, "keep_outside"),
     vessel_stats: Annotated[bool, typer.Option("--vessel-stats/--no-vessel-stats", help="Segment before and after for the vessel-fraction columns (two segmenter passes per image).")] = default(EnhanceConfig, "vessel_stats"),
     segmenter: Annotated[str, typer.Option("--segmenter", help="Segmentation weights behind the vessel-fraction columns.")] = default(EnhanceConfig, "segmenter"),
@@ -41,7 +42,7 @@ def enhance(
     """
     from fundus_pipeline.stages.enhance import EnhanceStage
 
-    cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, transfer=transfer, keep_outside=keep_outside,
-                              vessel_stats=vessel_stats, segmenter=segmenter, batch_size=batch_size)
+    cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, transfer=transfer, correction_sigma=correction_sigma,
+                              keep_outside=keep_outside, vessel_stats=vessel_stats, segmenter=segmenter, batch_size=batch_size)
     run_stage_command(lambda: EnhanceStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
                       engine=engine, address=address)

@@ -49,21 +49,24 @@ def degraded_path(bench: Path, ds: str, cond: str, key: str, image: Path) -> Pat
 
 
 class Method:
-    """An enhancer by name: ``identity``, ``clahe``, a weights name, or ``NAME=FILE`` (see the script's help).
-    ``transfer`` overrides the weights' rule for returning to native resolution."""
+    """An enhancer by name: ``identity``, ``clahe``, a weights name, or ``NAME=FILE`` (see the script's help);
+    a name ending in ``~sSIGMA`` (``cofe~s32``) low-passes the correction with that sigma instead of the
+    weights' ``correction_sigma``. ``transfer`` overrides the weights' rule for returning to native resolution."""
 
     def __init__(self, spec: str, transfer: str | None = None):
         from fundus_pipeline.models.weights import load_model
 
         self.name, _, path = spec.partition("=")
+        base, _, sigma = self.name.partition("~s")
         self.fn = CLASSICAL.get(self.name)
         self.model = None
         if self.fn is None:
-            arch = self.name.split("@")[0] if path else None
-            self.model, self.loaded = load_model(path or self.name, arch=arch, task="enhancement")
+            arch = base.split("@")[0] if path else None
+            self.model, self.loaded = load_model(path or base, arch=arch, task="enhancement")
             spec_ = self.loaded.spec
             self.size = int(getattr(spec_.input.scale_policy, "size", 512)) if spec_ else 512
             self.transfer = transfer or (getattr(spec_.output, "transfer", "residual") if spec_ else "residual")
+            self.sigma = float(sigma) if sigma else float(getattr(spec_.output, "correction_sigma", 0.0) if spec_ else 0.0)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         from fundus_pipeline.stages.enhance import enhance_native
@@ -71,7 +74,7 @@ class Method:
         fov = Fov.estimate(rgb)
         if self.fn is not None:
             return self.fn(rgb, fov.mask)
-        return enhance_native(self.model, rgb, fov.mask, fov.geometry, self.size, self.transfer, "cpu")
+        return enhance_native(self.model, rgb, fov.mask, fov.geometry, self.size, self.transfer, "cpu", self.sigma)
 
 
 class Segmenter:

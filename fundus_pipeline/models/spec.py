@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer, field_validator, model_serializer, model_validator
 
 DEFAULT_THRESHOLD = 0.5  # decision threshold for weights without a manifest entry (``--arch``)
 
@@ -90,6 +90,19 @@ class ImageOutputSpec(_Strict):
     activation: Literal["sigmoid", "clip(input + correction, 0, 1)"]  # the logit rule (cofe) or the additive rule (cofe_add)
     transfer: Literal["upsample", "residual"]
     transfer_selection: dict[str, Any]
+    # the correction (output - input) is low-passed in the canonical frame before it returns to native
+    # resolution: a Gaussian of this standard deviation (canonical pixels), normalised inside the FOV; 0: not
+    correction_sigma: float = Field(0.0, ge=0.0)
+    correction_selection: dict[str, Any] | None = None  # the validation measurement that chose correction_sigma
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_smoothing(self, handler) -> dict[str, Any]:
+        """Entries without a low-pass keep the manifest's earlier form (no ``correction_*`` keys)."""
+        d = handler(self)
+        if self.correction_sigma == 0 and self.correction_selection is None:
+            d.pop("correction_sigma", None)
+            d.pop("correction_selection", None)
+        return d
 
 
 class ScoreOutputSpec(_Strict):

@@ -55,6 +55,21 @@ def run_network(model, frames: list[np.ndarray], device) -> list[np.ndarray]:
     return list(y)
 
 
+def smooth_correction(c_in: np.ndarray, c_out: np.ndarray, c_fov: np.ndarray, sigma: float) -> np.ndarray:
+    """``c_in`` plus the correction ``c_out - c_in`` low-passed inside the canonical FOV (a Gaussian of
+    standard deviation ``sigma`` pixels, normalised by the blurred FOV so the rim is not darkened); ``c_out``
+    itself when ``sigma`` is 0. Measured on validation: the network's fine-detail correction costs vessels
+    and PSNR (README, "Enhancement results")."""
+    if sigma <= 0:
+        return c_out
+    import cv2
+
+    m = c_fov.astype(np.float32)
+    corr = cv2.GaussianBlur((c_out - c_in) * m[..., None], (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    weight = cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    return c_in + corr / np.maximum(weight, 1e-3)[..., None]
+
+
 def to_native(frame, masked: np.ndarray, c_in: np.ndarray, c_out: np.ndarray, c_fov: np.ndarray, fov_mask: np.ndarray, transfer: str) -> np.ndarray:
     """The network output back at native resolution by the ``transfer`` rule (0 outside ``fov_mask``)."""
     c_out = c_out * c_fov[..., None]
@@ -68,14 +83,14 @@ def to_native(frame, masked: np.ndarray, c_in: np.ndarray, c_out: np.ndarray, c_
     return out
 
 
-def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int, transfer: str, device) -> np.ndarray:
+def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int, transfer: str, device, sigma: float = 0.0) -> np.ndarray:
     """The enhanced photograph (float32 HxWx3 in [0, 1], native resolution; 0 outside ``fov_mask``)."""
     frame, masked, c_in, c_fov = canonical_input(rgb, fov_mask, geometry, size)
     (c_out,) = run_network(model, [c_in], device)
-    return to_native(frame, masked, c_in, c_out, c_fov, fov_mask, transfer)
+    return to_native(frame, masked, c_in, smooth_correction(c_in, c_out, c_fov, sigma), c_fov, fov_mask, transfer)
 
 
-def enhance_native_large(model, image, fov, size: int, transfer: str, device, keep_outside: bool):
+def enhance_native_large(model, image, fov, size: int, transfer: str, device, keep_outside: bool, sigma: float = 0.0):
     """:func:`enhance_native` for a very large photograph (``fundus_pipeline.bands``), from its decoded integer
     array and in row bands: returns (the enhanced photograph in the input's dtype and layout, luminance
     statistics before (mean, std), after (mean, std)). The canonical input is area-averaged from the
@@ -105,7 +120,7 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
     with torch.inference_mode():
         x = to_device(torch.from_numpy(np.ascontiguousarray(c_in.transpose(2, 0, 1)))[None], device)
         c_out = model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
-    c_out *= c_fov[..., None]
+    c_out = smooth_correction(c_in, c_out, c_fov, sigma) * c_fov[..., None]
     corr = c_out if transfer == "upsample" else c_out - c_in
     up = BandUpsampler(corr, frame.side, frame.side)
     ax0, ax1, ay0, ay1 = frame._overlap()
@@ -157,6 +172,7 @@ class EnhanceStage(Stage):
         self.size = int(getattr(policy, "size", 512))
         out = self.spec.spec.output if self.spec.spec else None
         self.transfer = config.transfer if config.transfer != "auto" else getattr(out, "transfer", "residual")
+        self.sigma = float(config.correction_sigma if config.correction_sigma is not None else getattr(out, "correction_sigma", 0.0))
 
     def _load(self) -> None:
         from fundus_pipeline.models.weights import load_model
@@ -178,6 +194,7 @@ class EnhanceStage(Stage):
             "weights": {"name": self.spec.name, "model": self.spec.model, "sha256": self.spec.sha256},
             "size": self.size,
             "transfer": self.transfer,
+            "correction_sigma": self.sigma,
             "keep_outside": self.cfg.keep_outside,
             "device": str(self.device),
             **self.precision_record(),
@@ -218,7 +235,7 @@ class EnhanceStage(Stage):
         image = item.image
         if image.large:
             return self.compute_large(item, fov)
-        out = enhance_native(self._models[0], image.rgb, fov.mask, fov.geometry, self.size, self.transfer, self.device)
+        out = enhance_native(self._models[0], image.rgb, fov.mask, fov.geometry, self.size, self.transfer, self.device, self.sigma)
         return self.finish(item, fov, out)
 
     def compute_batch(self, items: list[ItemInput]) -> list[ItemOutput]:
@@ -231,7 +248,7 @@ class EnhanceStage(Stage):
         prepared = [canonical_input(it.image.rgb, fov.mask, fov.geometry, self.size) for it, fov in zip(items, fovs)]
         outs = run_network(self._models[0], [p[2] for p in prepared], self.device)
         return [
-            self.finish(it, fov, to_native(frame, masked, c_in, c_out, c_fov, fov.mask, self.transfer))
+            self.finish(it, fov, to_native(frame, masked, c_in, smooth_correction(c_in, c_out, c_fov, self.sigma), c_fov, fov.mask, self.transfer))
             for it, fov, (frame, masked, c_in, c_fov), c_out in zip(items, fovs, prepared, outs)
         ]
 
@@ -252,7 +269,7 @@ class EnhanceStage(Stage):
     def compute_large(self, item: ItemInput, fov) -> ItemOutput:
         """A very large photograph: the same output and columns, computed in row bands (``enhance_native_large``)."""
         image = item.image
-        out, (lb, cb), (la, ca) = enhance_native_large(self._models[0], image, fov, self.size, self.transfer, self.device, self.cfg.keep_outside)
+        out, (lb, cb), (la, ca) = enhance_native_large(self._models[0], image, fov, self.size, self.transfer, self.device, self.cfg.keep_outside, self.sigma)
         fields = self.fields(lb, cb, la, ca, fov)
         if self.cfg.vessel_stats:
             from fundus_pipeline.stages.base import Image
