@@ -23,11 +23,11 @@ IDS = ("01", "02", "03", "04")
 
 
 # name: (least mean PSNR gain in dB, largest mean vessel-F1 loss) over the four images, below what all 20 measured:
-# cofe +1.66 dB, F1 0.7663 -> 0.7569; cofe_add +2.52 dB, F1 0.7663 -> 0.7422; cofe_add_seg +2.23 dB, F1 0.7663 ->
-# 0.7521 (the issue asks for no F1 loss: all miss it, cofe_add by most: its better pixels cost vessels)
-# On these four images: cofe_add +2.43 dB and an F1 loss of 0.0213, cofe_add_seg +1.98 dB and 0.0123, so
-# cofe_add_seg's bound (0.018) fails if its weights fall back to cofe_add's vessel cost.
-GUARDS = {"cofe": (1.0, 0.02), "cofe_add": (1.5, 0.04), "cofe_add_seg": (1.5, 0.018)}
+# cofe +1.66 dB, F1 0.7663 -> 0.7569; cofe_add +2.52 dB, F1 0.7663 -> 0.7422; cofe_add_seg (its correction
+# low-passed, sigma 32) +2.32 dB, F1 0.7663 -> 0.7612 (the issue asks for no F1 loss: all miss it).
+# On these four images: cofe_add +2.43 dB and an F1 loss of 0.0213; cofe_add_seg +2.02 dB and 0.0062, and
+# 0.0123 without the low-pass, so its bound (0.01) fails if the manifest's correction_sigma is lost.
+GUARDS = {"cofe": (1.0, 0.02), "cofe_add": (1.5, 0.04), "cofe_add_seg": (1.5, 0.01)}
 
 
 @pytest.mark.parametrize("name", sorted(GUARDS))
