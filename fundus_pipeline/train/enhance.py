@@ -402,7 +402,8 @@ def frozen_segmenter(device) -> tuple[nn.Module, float]:
 
 
 class EnhanceTask(Task):
-    """Fundus enhancement; best.pt is chosen on the mean validation PSNR inside the FOV over the degraded pairs."""
+    """Fundus enhancement; best.pt is chosen on the mean validation PSNR inside the FOV over the degraded pairs,
+    or with ``--select vessel_f1`` on the frozen segmenter's mean vessel F1 over them."""
 
     name = "enhance"
     score_key = "psnr"  # or "vessel_f1" (--select), set per run in __init__
