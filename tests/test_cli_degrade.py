@@ -202,7 +202,10 @@ def test_ctrl_c_writes_partial_manifest_and_resume_finishes(tmp_path):
         Image.fromarray(synthetic_fundus(256, 256, seed=i)).save(d / f"im{i:02d}.png")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "fundus_pipeline", "degrade", str(d), str(out), "--types", "all"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT back to its default in the child: a pytest started in the background by a non-interactive shell
+    # ignores SIGINT, the child would inherit that, and Python then leaves Ctrl-C ignored
+    p = subprocess.Popen([sys.executable, "-m", "fundus_pipeline", "degrade", str(d), str(out), "--types", "all"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("*.png"))) < 10:
         time.sleep(0.05)
