@@ -622,7 +622,7 @@ class Chain:
             todo = [it for it in items if enhance_decision(cfg, grades.get(it.key))[0]]
             grades = {}  # each stage's rows are dropped once decided on (a 100,000-photograph run holds one stage's at a time)
             stage = EnhanceStage(EnhanceConfig.build(weights=cfg.enhance_weights, arch=cfg.enhance_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, transfer=cfg.transfer,
-                                                     keep_outside=cfg.keep_outside, vessel_stats=False, batch_size=cfg.enhance_batch_size)) if todo else None
+                                                     correction_sigma=cfg.correction_sigma, keep_outside=cfg.keep_outside, vessel_stats=False, batch_size=cfg.enhance_batch_size)) if todo else None
             enhanced = self._stage("enhance", stage, todo)
             made = [ImageItem(it.key, p) for it in todo if (p := _output(self.out / "enhance", enhanced.get(it.key)))]
             scores = {}

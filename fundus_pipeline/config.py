@@ -194,6 +194,7 @@ class RunConfig(StageConfig):
     enhance_arch: str | None = None
     enhance_batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass of the enhancer")
     transfer: Literal["auto", "upsample", "residual"] = "auto"
+    correction_sigma: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # None: the enhancement weights' manifest choice
     keep_outside: bool = False
     score_weights: str = "sdmp"
     score_arch: str | None = None

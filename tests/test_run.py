@@ -347,6 +347,16 @@ def test_config_file_and_command_line_override(photos, tmp_path, tiny, capsys):
     assert "invalid --min-gain" in capsys.readouterr().err
 
 
+def test_correction_sigma_reaches_the_enhance_stage_from_the_file_and_the_command_line(photos, tmp_path, tiny):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('steps = ["grade", "enhance"]\nenhance_if = "good,usable,reject"\ncorrection_sigma = 4.0\n')
+    for extra, want in (((), 4.0), (("--correction-sigma", "2"), 2.0)):
+        out = tmp_path / f"out{want:g}"
+        assert run("run", photos, out, "--config", cfg, *tiny_args(tiny, *extra)) == 0
+        assert json.loads((out / "manifest.json").read_text())["config"]["correction_sigma"] == want
+        assert json.loads((out / "enhance" / "manifest.json").read_text())["config"]["correction_sigma"] == want
+
+
 def test_bad_invocations_exit_2_or_1_with_one_line(photos, tmp_path, tiny, capsys):
     t = tiny_args(tiny)
     assert run("run", tmp_path / "missing", tmp_path / "o", *t) == 2

@@ -87,6 +87,7 @@ def run_cmd(
     enhance_arch: Annotated[Optional[str], typer.Option("--enhance-arch", help="Architecture of enhancement weights not in the manifest.", show_default=False)] = None,
     enhance_batch_size: Annotated[Optional[int], _opt("--enhance-batch-size", help="Photographs per forward pass of the enhancer.", field="enhance_batch_size")] = None,
     transfer: Annotated[Optional[str], _opt("--transfer", help="How the enhancement returns to native resolution: auto, upsample or residual.", field="transfer")] = None,
+    correction_sigma: Annotated[Optional[float], _opt("--correction-sigma", help="Low-pass of the enhancement's correction in its 512-px frame (0: none) [default: the weights' choice].", field="correction_sigma")] = None,
     keep_outside: Annotated[Optional[bool], typer.Option("--keep-outside/--zero-outside", help="Enhanced images keep the input's pixels outside the field of view [default: zero outside].", show_default=False)] = None,
     score_weights: Annotated[Optional[str], _opt("--score-weights", help="Quality-scoring weights.", field="score_weights")] = None,
     score_arch: Annotated[Optional[str], typer.Option("--score-arch", help="Architecture of scoring weights not in the manifest.", show_default=False)] = None,
@@ -124,7 +125,7 @@ def run_cmd(
         "steps": steps, "enhance_if": enhance_if, "min_gain": min_gain, "min_score": min_score, "simulate": simulate, "seed": seed,
         "ground_truth": ground_truth, "device": device, "precision": precision, "compile": compile, "grade_weights": grade_weights, "grade_arch": grade_arch,
         "flag_threshold": flag_threshold, "grade_batch_size": grade_batch_size, "enhance_weights": enhance_weights, "enhance_arch": enhance_arch, "enhance_batch_size": enhance_batch_size, "transfer": transfer,
-        "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "score_batch_size": score_batch_size, "segment_weights": segment_weights,
+        "correction_sigma": correction_sigma, "keep_outside": keep_outside, "score_weights": score_weights, "score_arch": score_arch, "score_batch_size": score_batch_size, "segment_weights": segment_weights,
         "segment_arch": segment_arch, "threshold": threshold, "report": report, "thumbnail": thumbnail, "workers": workers,
         "threads": threads, "engine": engine.value if engine is not None else None, "address": address, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip
