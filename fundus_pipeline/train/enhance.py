@@ -348,12 +348,11 @@ def enhance_canonical(model: nn.Module, rgb: np.ndarray, device) -> np.ndarray:
 def vessel_f1(seg: nn.Module, threshold: float, rgb: np.ndarray, s: Source, device) -> float:
     """F1 inside the FOV of the frozen segmenter's map of ``rgb`` (canonical, at ``threshold``) against the
     source's vessel target (>= 0.5)."""
+    from fundus_pipeline.evaluation.metrics import binary_metrics, confusion
+
     x = torch.from_numpy(np.ascontiguousarray((rgb * s.fov[..., None]).transpose(2, 0, 1)))[None].to(device)
-    pred = (torch.sigmoid(seg(x)[0, 0].float()).cpu().numpy() >= threshold) & s.fov
-    gt = (s.vessels >= 0.5) & s.fov
-    tp = int((pred & gt).sum())
-    den = int(pred.sum()) + int(gt.sum())
-    return 2 * tp / den if den else 1.0
+    prob = torch.sigmoid(seg(x)[0, 0].float()).cpu().numpy()
+    return binary_metrics(*confusion(prob, s.vessels >= 0.5, s.fov, threshold))["f1"]
 
 
 def _means(per: dict[str, list[float]], prefix: str) -> dict[str, float]:
