@@ -20,11 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from degradation import cofe_degrader, load_recipe, soft_fov_mask
-from degradation.fov import fov_geometry
+from degradation import cofe_degrader, load_recipe
 from fundus_pipeline.datasets import DRIVE_VAL, HRF_VAL, default_data_root, drive_paths, hrf_paths
-from fundus_pipeline.evaluation.enhance_bench import Method, Segmenter, read_rgb, vessel_scores
-from fundus_pipeline.evaluation.image_metrics import score_pair
+from fundus_pipeline.evaluation.enhance_bench import Method, Segmenter, degrade_as_written, read_rgb, scores
 from fundus_pipeline.evaluation.segment import read_binary
 
 
@@ -45,15 +43,11 @@ def main() -> None:
     rows = []
     for name, p in images:
         clean, fov, gt = read_rgb(p["image"]), read_binary(p["fov"]), read_binary(p["vessels"])
-        geom = fov_geometry(fov)
         for dname, d in degraders.items():
-            params = d.sample(seed=a.seed, key=name, fov=geom)
-            deg = np.floor(d.apply(clean, params, soft_fov_mask(fov, geom), levels=255) * 255) / 255  # as `fundus degrade` writes it
-            base = {"image": name, "degradation": dname, "sigma": None, **score_pair(deg, clean, fov), **vessel_scores(seg(deg), gt, fov, seg.spec.threshold)}
-            rows.append(base)
+            deg = degrade_as_written(d, clean, fov, a.seed, name)
+            rows.append({"image": name, "degradation": dname, "sigma": None, **scores(deg, clean, fov, gt, seg)})
             for s, m in methods.items():
-                out = m(deg)
-                rows.append({"image": name, "degradation": dname, "sigma": s, **score_pair(out, clean, fov), **vessel_scores(seg(out), gt, fov, seg.spec.threshold)})
+                rows.append({"image": name, "degradation": dname, "sigma": s, **scores(m(deg), clean, fov, gt, seg)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     def mean(sel) -> dict:

@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from degradation import cofe_degrader, load_recipe, soft_fov_mask
-from degradation.fov import fov_geometry
+from degradation import cofe_degrader, load_recipe
 from fundus_pipeline.datasets import HRF_VAL, default_data_root, hrf_paths
-from fundus_pipeline.evaluation.image_metrics import score_pair
-from fundus_pipeline.evaluation.enhance_bench import Method, Segmenter, read_rgb, vessel_scores
+from fundus_pipeline.evaluation.enhance_bench import Method, Segmenter, degrade_as_written, read_rgb, scores
 from fundus_pipeline.evaluation.segment import read_binary
 
 
@@ -44,14 +42,10 @@ def main() -> None:
     for ident in HRF_VAL:
         p = hrf_paths(root, ident)
         clean, fov, gt = read_rgb(p["image"]), read_binary(p["fov"]), read_binary(p["vessels"])
-        geom = fov_geometry(fov)
         for dname, d in degraders.items():
-            params = d.sample(seed=a.seed, key=ident, fov=geom)
-            deg = d.apply(clean, params, soft_fov_mask(fov, geom), levels=255)
-            deg = np.floor(deg * 255) / 255  # as `fundus degrade` writes it (8-bit)
+            deg = degrade_as_written(d, clean, fov, a.seed, ident)
             for t, m in methods.items():
-                out = m(deg)
-                rows.append({"image": ident, "degradation": dname, "transfer": t, **score_pair(out, clean, fov), **vessel_scores(seg(out), gt, fov, seg.spec.threshold)})
+                rows.append({"image": ident, "degradation": dname, "transfer": t, **scores(m(deg), clean, fov, gt, seg)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     means = {t: {k: round(float(np.mean([r[k] for r in rows if r["transfer"] == t])), 4) for k in ("psnr", "ssim", "ms_ssim", "ciede2000", "f1")} for t in methods}
     choice = max(means, key=lambda t: means[t]["ssim"])

@@ -94,6 +94,24 @@ def vessel_scores(prob: np.ndarray, gt: np.ndarray, fov: np.ndarray, threshold: 
     return {"f1": m["f1"], "auc_roc": auc_roc(prob, gt, fov), "cldice": cldice(pred, gt, fov)}
 
 
+def scores(out: np.ndarray, clean: np.ndarray, fov: np.ndarray, gt: np.ndarray, seg: Segmenter) -> dict:
+    """``out`` against ``clean`` inside ``fov`` (``score_pair``) and the segmenter's map of it against ``gt``."""
+    from fundus_pipeline.evaluation.image_metrics import score_pair
+
+    return {**score_pair(out, clean, fov), **vessel_scores(seg(out), gt, fov, seg.spec.threshold)}
+
+
+def degrade_as_written(degrader, clean: np.ndarray, fov: np.ndarray, seed: int, key: str) -> np.ndarray:
+    """``clean`` degraded with parameters drawn from (seed, key) for its FOV mask ``fov``, quantised to 8 bits as
+    `fundus degrade` writes it (the validation measurements of scripts/choose_*.py)."""
+    from degradation import soft_fov_mask
+    from degradation.fov import fov_geometry
+
+    geom = fov_geometry(fov)
+    params = degrader.sample(seed=seed, key=key, fov=geom)
+    return np.floor(degrader.apply(clean, params, soft_fov_mask(fov, geom), levels=255) * 255) / 255
+
+
 def run_method(method: Method, seg: Segmenter, bench: Path, root: Path, ds: str, rows_path: Path, conditions) -> list[dict]:
     from fundus_pipeline.evaluation.image_metrics import score_pair
 
@@ -153,13 +171,11 @@ def authors_pairs(root: Path) -> list[tuple[str, Path, Path]]:
 def run_authors_pairs(method: Method, seg: Segmenter, root: Path) -> list[dict]:
     """Each pair scored like the benchmark; the vessel reference is the segmenter's map of the clean twin
     (no manual annotation exists), inside the FOV estimated on the clean twin."""
-    from fundus_pipeline.evaluation.image_metrics import score_pair
-
     rows = []
     for ident, fuse, clean_path in authors_pairs(root):
         clean = read_rgb(clean_path)
         fov = Fov.estimate(clean).mask
         ref = seg(clean) >= seg.spec.threshold
         out = method(read_rgb(fuse))
-        rows.append({"key": ident, "condition": "authors_pairs", **score_pair(out, clean, fov), **vessel_scores(seg(out), ref, fov, seg.spec.threshold)})
+        rows.append({"key": ident, "condition": "authors_pairs", **scores(out, clean, fov, ref, seg)})
     return rows
