@@ -7,7 +7,11 @@ against the clean original inside the dataset's FOV (PSNR, SSIM) and by the ship
 against the manual annotation. The choice: the highest mean PSNR among the sigmas whose mean vessel F1 is
 within 0.002 of the best.
 
-    python scripts/choose_correction_sigma.py WEIGHTS [--sigmas 0,8,32] > docs/correction_WEIGHTS.json   (rows on stderr)
+    python scripts/choose_correction_sigma.py WEIGHTS [--sigmas 0,8,32] [--record docs/correction_WEIGHTS.json]   (rows on stderr)
+
+With ``--record FILE`` the JSON goes to FILE and the choice into the weights' manifest entry
+(``output.correction_sigma`` and ``correction_selection``; ``fundus_pipeline.train.export.record_correction_selection``);
+without it, to stdout only.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--sigmas", default="0,8,32")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--record", type=Path, help="write the JSON here and the choice into the weights' manifest entry")
     a = ap.parse_args()
     torch.set_num_threads(2)
     root = a.data or default_data_root()
@@ -60,7 +65,14 @@ def main() -> None:
     choice = max((k for k, m in means.items() if m["f1"] >= best_f1 - 0.002), key=lambda k: means[k]["psnr"])
     rule = "highest mean PSNR among the sigmas whose mean vessel F1 is within 0.002 of the best; DRIVE 37-40 and HRF 05_h/05_g/05_dr at native resolution, released 111 and moderate, seed 0"
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
-    print(json.dumps({"weights": a.weights, "choice": float(choice), "rule": rule, "means": means, "per_part": per, "inputs": inputs, "rows": rounded}, indent=1))
+    record = {"weights": a.weights, "choice": float(choice), "rule": rule, "means": means, "per_part": per, "inputs": inputs, "rows": rounded}
+    text = json.dumps(record, indent=1)
+    print(text)
+    if a.record:
+        from fundus_pipeline.train.export import record_correction_selection
+
+        a.record.write_text(text + "\n")
+        record_correction_selection(a.weights, record, str(a.record))
 
 
 if __name__ == "__main__":

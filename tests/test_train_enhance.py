@@ -201,3 +201,20 @@ def test_export_description_states_the_runs_loss_and_checkpoint_rule():
     seg = export_description(selection, run)(build_model("cofe_tiny"))
     assert "by mean vessel F1" in seg["training"]["validation"] and seg["input"]["scale_policy"]["size"] == 256
     assert "0.1 x BCE between the frozen imff segmenter's vessel maps" in seg["training"]["loss"] and seg["training"]["loss"].endswith("initialised from cofe_add.pt")
+
+
+def test_record_correction_selection_sets_the_entrys_low_pass_and_refuses_an_unknown_entry(tmp_path):
+    import shutil
+
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models.weights import load_manifest, weights_dir
+    from fundus_pipeline.train.export import record_correction_selection
+
+    shutil.copy(weights_dir() / "manifest.json", tmp_path / "manifest.json")
+    sel = {"choice": 16.0, "rule": "r", "means": {"0": {"f1": 0.7}, "16": {"f1": 0.71}}, "inputs": {}, "rows": [1, 2]}
+    spec = record_correction_selection("cofe_add", sel, "docs/x.json", tmp_path)
+    assert spec.output.correction_sigma == 16.0 and spec.output.correction_selection == {"choice": 16.0, "rule": "r", "means": sel["means"], "inputs": {}, "file": "docs/x.json"}
+    assert load_manifest(tmp_path).get("cofe_add").output.correction_sigma == 16.0
+    assert load_manifest(tmp_path).get("cofe").sha256 == load_manifest().get("cofe").sha256  # the other entries as they were
+    with pytest.raises(WeightsError, match="no manifest entry 'nope'"):
+        record_correction_selection("nope", sel, "docs/x.json", tmp_path)

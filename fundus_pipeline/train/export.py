@@ -46,6 +46,22 @@ def _write_manifest(directory: Path, spec: WeightsSpec) -> None:
     os.replace(tmp, directory / "manifest.json")
 
 
+def record_correction_selection(name: str, selection: dict[str, Any], file: str, directory: Path | None = None) -> WeightsSpec:
+    """Write the low-pass chosen by ``scripts/choose_correction_sigma.py`` (its JSON ``selection``, saved at
+    ``file``) into the output of the manifest entry ``name``: ``correction_sigma`` and ``correction_selection``
+    (choice, rule, means, inputs, file). The entry is validated before anything is written."""
+    directory = directory or weights_dir()
+    entry = load_manifest(directory).get(name)
+    if entry is None:
+        raise WeightsError(f"no manifest entry {name!r} in {directory / 'manifest.json'}")
+    d = entry.to_json_dict()
+    d["output"]["correction_sigma"] = selection["choice"]
+    d["output"]["correction_selection"] = {k: selection[k] for k in ("choice", "rule", "means", "inputs")} | {"file": file}
+    spec = _validated(d)
+    _write_manifest(directory, spec)
+    return spec
+
+
 def export_weights(
     run: Path,
     *,
