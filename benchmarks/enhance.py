@@ -7,7 +7,7 @@
 - peak resident memory of a fresh process enhancing one photograph of each size, vessel fractions
   included (goal: an HRF photograph within 4 GB).
 
-Usage: python benchmarks/enhance.py [--weights cofe] [--arch ARCH]
+Usage: python benchmarks/enhance.py [--weights NAME (default: the default of fundus enhance)] [--arch ARCH]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def measure(stage: EnhanceStage, device: torch.device, reps: dict) -> dict:
 
         def enhance_only(img=img):
             fov = Fov.estimate(img.rgb)
-            enhance_native(model, img.rgb, fov.mask, fov.geometry, stage.size, stage.transfer, device)
+            enhance_native(model, img.rgb, fov.mask, fov.geometry, stage.size, stage.transfer, device, stage.sigma)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
@@ -89,7 +89,7 @@ def measure(stage: EnhanceStage, device: torch.device, reps: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", default="cofe")
+    ap.add_argument("--weights", default=EnhanceConfig.model_fields["weights"].default, help="default: the default of fundus enhance")
     ap.add_argument("--arch", default=None)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -97,6 +97,7 @@ def main() -> None:
     res = {
         "weights": {"name": stage.spec.name, "model": stage.spec.model, "sha256": stage.spec.sha256[:16]},
         "transfer": stage.transfer,
+        "correction_sigma": stage.sigma,
         "canonical_size": stage.size,
         "machine": {**environment(), "torch_threads": torch.get_num_threads()},
         "data": "real (DRIVE 01_test, HRF 06_h)" if (default_data_root() / "DRIVE").is_dir() else "synthetic",

@@ -128,7 +128,7 @@ class EnhanceConfig(NetworkStageConfig):
     """``fundus enhance``: enhancement weights, device, how the result returns to native resolution, the
     surround, and the segmenter behind the vessel-fraction columns."""
 
-    weights: str = "cofe"
+    weights: str = "cofe_add_seg"
     arch: str | None = None
     transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
     correction_sigma: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # None: the weights' manifest choice
@@ -190,7 +190,7 @@ class RunConfig(StageConfig):
     grade_arch: str | None = None
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     grade_batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass of the grader")
-    enhance_weights: str = "cofe"
+    enhance_weights: str = "cofe_add_seg"
     enhance_arch: str | None = None
     enhance_batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass of the enhancer")
     transfer: Literal["auto", "upsample", "residual"] = "auto"

@@ -236,6 +236,31 @@ def test_shipped_weights_agree_with_the_catalogue_and_load(spec: WeightsSpec):
     assert loaded.max_fov_diameter == spec.input.scale_policy.max_fov_diameter
 
 
+def test_every_default_weights_name_is_a_shipped_entry_of_its_task():
+    """The stages' and the chain's default weights (and the enhancer's segmenter) name manifest entries of the
+    task that uses them, so a changed default cannot point at a missing or wrong-task file."""
+    from fundus_pipeline import config as C
+
+    def field(model, name):
+        return model.model_fields[name].default
+
+    defaults = [
+        (field(C.SegmentConfig, "weights"), "segmentation"), (field(C.EnhanceConfig, "weights"), "enhancement"),
+        (field(C.EnhanceConfig, "segmenter"), "segmentation"), (field(C.ScoreConfig, "weights"), "quality"),
+        (field(C.GradeConfig, "weights"), "grading"), (field(C.RunConfig, "grade_weights"), "grading"),
+        (field(C.RunConfig, "enhance_weights"), "enhancement"), (field(C.RunConfig, "score_weights"), "quality"),
+        (field(C.RunConfig, "segment_weights"), "segmentation"),
+    ]  # fmt: skip
+    manifest = load_manifest()
+    for name, task in defaults:
+        spec = manifest.get(name)
+        assert spec is not None, name
+        assert CATALOG[spec.model].task == task, (name, task)
+    # the chain and the single stage agree
+    assert field(C.RunConfig, "enhance_weights") == field(C.EnhanceConfig, "weights")
+    assert field(C.RunConfig, "grade_weights") == field(C.GradeConfig, "weights")
+
+
 def test_user_weights_with_arch(tmp_path):
     p = tmp_path / "mine.pt"
     torch.save(build_model("imff_tiny").state_dict(), p)

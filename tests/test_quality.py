@@ -44,6 +44,26 @@ def test_label_known_answers():
     assert f == pytest.approx(2 * half.sum() / (half.sum() + ves.sum()))
 
 
+def test_model_enhancers_of_the_set_apply_the_weights_correction_low_pass():
+    """A model enhancer of the quality set runs as `fundus enhance` runs it in the canonical frame: the
+    shipped cofe_add_seg with its manifest's correction low-pass (sigma 32), cofe without one."""
+    from fundus_pipeline.quality.build import SetEnhancer
+    from fundus_pipeline.stages.base import Fov
+    from fundus_pipeline.stages.enhance import smooth_correction
+
+    rgb = synthetic_fundus(128, 128, 3).astype(np.float32) / 255
+    fov = Fov.estimate(rgb).mask
+    rgb *= fov[..., None]
+    enh = SetEnhancer("cofe_add_seg")
+    assert enh.sigma == 32.0 and enh.record()["correction_sigma"] == 32.0
+    assert SetEnhancer("cofe").sigma == 0.0 and "correction_sigma" not in SetEnhancer("cofe").record()
+    with torch.inference_mode():
+        raw = enh.model(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None])[0].numpy().transpose(1, 2, 0)
+    out = enh(rgb, fov)
+    np.testing.assert_allclose(out, np.clip(smooth_correction(rgb, raw, fov, 32.0), 0, 1) * fov[..., None], atol=1e-6)
+    assert np.abs(out - np.clip(raw, 0, 1) * fov[..., None]).max() > 1e-3  # the low-pass changed something
+
+
 def test_classical_enhancers_stay_in_range_and_inside_the_fov():
     rgb = synthetic_fundus(96, 96, 3).astype(np.float32) / 255
     fov = _disc(96)

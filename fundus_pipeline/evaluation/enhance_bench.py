@@ -63,10 +63,9 @@ class Method:
         if self.fn is None:
             arch = base.split("@")[0] if path else None
             self.model, self.loaded = load_model(path or base, arch=arch, task="enhancement")
-            spec_ = self.loaded.spec
-            self.size = int(getattr(spec_.input.scale_policy, "size", 512)) if spec_ else 512
-            self.transfer = transfer or (getattr(spec_.output, "transfer", "residual") if spec_ else "residual")
-            self.sigma = float(sigma) if sigma else float(getattr(spec_.output, "correction_sigma", 0.0) if spec_ else 0.0)
+            from fundus_pipeline.stages.enhance import output_rules
+
+            self.size, self.transfer, self.sigma = output_rules(self.loaded.spec, transfer, float(sigma) if sigma else None)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         from fundus_pipeline.stages.enhance import enhance_native

@@ -47,9 +47,10 @@ from fundus_pipeline.errors import UsageError
 
 PARTS = ("train", "test")
 CLASSICAL_ENHANCERS = ("identity", "clahe", "gamma", "unsharp", "denoise", "oversharpen", "blur", "colour_cast")
-#: The shipped enhancement weights of the default set (the Cofe-Net, its G-only ablation, the U-Net baseline and
-#: the step-250 checkpoints of the last two); each must be listed in weights/manifest.json.
-MODEL_ENHANCERS = ("cofe", "cofe_g", "cofe_g_step250", "unet_enh", "unet_enh_step250")
+#: The shipped enhancement weights of the default set (the Cofe-Net, the default enhancer cofe_add_seg, the G-only
+#: ablation, the U-Net baseline and the step-250 checkpoints of the last two); each must be listed in
+#: weights/manifest.json.
+MODEL_ENHANCERS = ("cofe", "cofe_add_seg", "cofe_g", "cofe_g_step250", "unet_enh", "unet_enh_step250")
 DEFAULT_ENHANCERS = CLASSICAL_ENHANCERS + MODEL_ENHANCERS
 FAMILIES = ("cofe-released", "cofe-training", "recipe")
 CODES = ("001", "010", "011", "100", "101", "110", "111")
@@ -139,6 +140,7 @@ class SetEnhancer:
         self.name = name
         self.fn: Callable | None = CLASSICAL.get(name)
         self.sha256: str | None = None
+        self.sigma = 0.0
         if self.fn is not None:
             self.kind = "harmful" if name in HARMFUL else "classical"
             return
@@ -149,8 +151,11 @@ class SetEnhancer:
                 f"unknown enhancer {name!r}: use {', '.join(CLASSICAL_ENHANCERS)} or a shipped enhancement weights name "
                 "(see `fundus models`)"
             )
+        from fundus_pipeline.stages.enhance import output_rules
+
         self.model, loaded = load_model(name, task="enhancement", device=device)
         self.sha256 = loaded.sha256
+        self.sigma = output_rules(loaded.spec)[2]  # the weights' correction low-pass, as `fundus enhance` applies it
         self.kind = "model"
         self.device = device
 
@@ -162,10 +167,14 @@ class SetEnhancer:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(self.device)
             out = self.model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+        if self.sigma > 0:
+            from fundus_pipeline.stages.enhance import smooth_correction
+
+            out = smooth_correction(rgb, out, fov > 0, self.sigma)
         return np.clip(out, 0, 1) * fov[..., None]
 
     def record(self) -> dict:
-        return {"name": self.name, "kind": self.kind, **({"sha256": self.sha256} if self.sha256 else {})}
+        return {"name": self.name, "kind": self.kind, **({"sha256": self.sha256} if self.sha256 else {}), **({"correction_sigma": self.sigma} if self.sigma else {})}
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -55,6 +55,18 @@ def run_network(model, frames: list[np.ndarray], device) -> list[np.ndarray]:
     return list(y)
 
 
+def output_rules(spec, transfer: str | None = None, sigma: float | None = None) -> tuple[int, str, float]:
+    """(canonical frame side, transfer rule, correction sigma) of enhancement weights whose manifest entry is
+    ``spec`` (``None``: a bare checkpoint), each taken from the entry unless overridden (``transfer`` None or
+    ``"auto"``, ``sigma`` None: the entry's; defaults 512, ``residual``, 0). The one place that reads them, for
+    ``fundus enhance``, the benchmark and the quality set."""
+    policy = spec.input.scale_policy if spec else None
+    out = spec.output if spec else None
+    size = int(getattr(policy, "size", 512))
+    rule = transfer if transfer not in (None, "auto") else getattr(out, "transfer", "residual")
+    return size, rule, float(sigma if sigma is not None else getattr(out, "correction_sigma", 0.0))
+
+
 def smooth_correction(c_in: np.ndarray, c_out: np.ndarray, c_fov: np.ndarray, sigma: float) -> np.ndarray:
     """``c_in`` plus the correction ``c_out - c_in`` low-passed inside the canonical FOV (a Gaussian of
     standard deviation ``sigma`` pixels, normalised by the blurred FOV so the rim is not darkened); ``c_out``
@@ -168,11 +180,7 @@ class EnhanceStage(Stage):
         self.batch_size = config.batch_size
         self._models = None
         self._load()
-        policy = self.spec.spec.input.scale_policy if self.spec.spec else None
-        self.size = int(getattr(policy, "size", 512))
-        out = self.spec.spec.output if self.spec.spec else None
-        self.transfer = config.transfer if config.transfer != "auto" else getattr(out, "transfer", "residual")
-        self.sigma = float(config.correction_sigma if config.correction_sigma is not None else getattr(out, "correction_sigma", 0.0))
+        self.size, self.transfer, self.sigma = output_rules(self.spec.spec, config.transfer, config.correction_sigma)
 
     def _load(self) -> None:
         from fundus_pipeline.models.weights import load_model
