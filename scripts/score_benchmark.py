@@ -13,8 +13,9 @@ the reference (the degraded photograph), at the set's resolution:
   entropy (``fundus_pipeline.evaluation.score``).
 Every column is taken as "higher = better", as it is computed.
 
-Ranking check: for each test degraded image (one per source and draw), does the scorer rank the shipped
-Cofe-Net's enhancement above identity, and above every harmful enhancer? Reported as the fraction of
+Ranking check: for each test degraded image (one per source and draw), does the scorer rank a shipped
+Cofe-Net's enhancement (``--enhancers``, default ``cofe`` and the default enhancer ``cofe_add_seg``, each
+where the set has it) above identity, and above every harmful enhancer? Reported as the fraction of
 degraded images where it does, for each scorer and for the label itself.
 """
 
@@ -73,19 +74,19 @@ def baselines(set_dir: Path, rows: list[dict], cache: Path) -> Path:
     return cache
 
 
-def ranking(scores: dict[str, float], rows: list[dict]) -> dict[str, float]:
-    """Fractions of degraded images where the Cofe-Net enhancement scores above identity / every harmful one."""
+def ranking(scores: dict[str, float], rows: list[dict], enhancer: str = "cofe") -> dict[str, float]:
+    """Fractions of degraded images where ``enhancer``'s enhancement scores above identity / every harmful one."""
     by: dict[str, dict[str, float]] = {}
     for r in rows:
         if r["key"] in scores:
             by.setdefault(r["degraded_key"], {})[r["enhancer"]] = scores[r["key"]]
-    full = [e for e in by.values() if all(o in e for o in ("cofe", "identity", *HARMFUL))]
+    full = [e for e in by.values() if all(o in e for o in (enhancer, "identity", *HARMFUL))]
     n = max(len(full), 1)  # ties count as "not above"
     return {
         "n_degraded": len(full),
-        "cofe_above_identity": sum(e["cofe"] > e["identity"] for e in full) / n,
-        "cofe_above_every_harmful": sum(all(e["cofe"] > e[h] for h in HARMFUL) for e in full) / n,
-        "cofe_above_identity_and_every_harmful": sum(all(e["cofe"] > e[o] for o in ("identity", *HARMFUL)) for e in full) / n,
+        "above_identity": sum(e[enhancer] > e["identity"] for e in full) / n,
+        "above_every_harmful": sum(all(e[enhancer] > e[h] for h in HARMFUL) for e in full) / n,
+        "above_identity_and_every_harmful": sum(all(e[enhancer] > e[o] for o in ("identity", *HARMFUL)) for e in full) / n,
     }
 
 
@@ -95,40 +96,48 @@ def main() -> None:
     ap.add_argument("--scores", action="append", default=[], help="NAME=results.csv of `fundus score` on SET/test")
     ap.add_argument("--part", default="test")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--enhancers", default="cofe,cofe_add_seg", help="the Cofe-Nets of the ranking check (those the set has)")
     ap.add_argument("--out", type=Path, default=Path("docs/score_benchmark"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = pairs(args.set, args.part)
+    present = {r["enhancer"] for r in rows}
+    cofes = [e for e in args.enhancers.split(",") if e in present]
     base = baselines(args.set, rows, args.out / "baselines.csv")
     labels = args.set / "pairs.csv"
     table: dict[str, dict] = {}
-    ranks: dict[str, dict] = {"label": ranking({r["key"]: float(r["label"]) for r in rows}, rows)}
+    def ranks_of(got: dict[str, float]) -> dict[str, dict]:
+        return {e: ranking(got, rows, e) for e in cofes}
+
+    ranks: dict[str, dict] = {"label": ranks_of({r["key"]: float(r["label"]) for r in rows})}
     for spec in args.scores:
         name, _, path = spec.partition("=")
         res = evaluate_scores(Path(path), labels, column="score", by=("enhancer_kind", "family"), part=args.part, n_boot=args.bootstrap)
         table[name] = res.summary
         got = {r["key"]: float(r["score"]) for r in csv.DictReader(open(path, newline="")) if r.get("status", "ok") == "ok" and r["score"]}
-        ranks[name] = ranking(got, rows)
+        ranks[name] = ranks_of(got)
     for col in BASELINES:
         res = evaluate_scores(base, labels, column=col, by=("enhancer_kind", "family"), part=args.part, n_boot=args.bootstrap)
         table[col] = res.summary
         got = {r["key"]: float(r[col]) for r in csv.DictReader(open(base, newline=""))}
-        ranks[col] = ranking(got, rows)
+        ranks[col] = ranks_of(got)
 
     def fmt(s: dict, k: str) -> str:
         o = s["overall"]
         ci = (o.get("ci95") or {}).get(k)
         return f"{o[k]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
-    lines = ["| predictor | SROCC [95% CI] | PLCC [95% CI] | KROCC | RMSE | Cofe-Net > identity | Cofe-Net > every harmful |", "|---|---|---|---|---|---|---|"]
+    def cells(r: dict) -> str:
+        return " | ".join(f"{100 * r[e]['above_identity']:.0f}% | {100 * r[e]['above_every_harmful']:.0f}%" for e in cofes)
+
+    head = "".join(f" `{e}` > identity | `{e}` > every harmful |" for e in cofes)
+    lines = [f"| predictor | SROCC [95% CI] | PLCC [95% CI] | KROCC | RMSE |{head}", "|---|---|---|---|---|" + "---|" * (2 * len(cofes))]
     for name, s in table.items():
-        r = ranks[name]
-        lines.append(f"| {name} | {fmt(s, 'srocc')} | {fmt(s, 'plcc')} | {s['overall']['krocc']:.3f} | {s['overall']['rmse']:.3f} | "
-                     f"{100 * r['cofe_above_identity']:.0f}% | {100 * r['cofe_above_every_harmful']:.0f}% |")  # fmt: skip
-    r = ranks["label"]
-    lines.append(f"| (the label itself) | 1 | 1 | 1 | 0 | {100 * r['cofe_above_identity']:.0f}% | {100 * r['cofe_above_every_harmful']:.0f}% |")
+        lines.append(f"| {name} | {fmt(s, 'srocc')} | {fmt(s, 'plcc')} | {s['overall']['krocc']:.3f} | {s['overall']['rmse']:.3f} | {cells(ranks[name])} |")
+    lines.append(f"| (the label itself) | 1 | 1 | 1 | 0 | {cells(ranks['label'])} |")
     n = next(iter(table.values()))["overall"]["n"] if table else 0
-    md = f"Test part of the quality set: {n} pairs, {ranks['label']['n_degraded']} degraded images.\n\n" + "\n".join(lines) + "\n"
+    n_deg = ranks["label"][cofes[0]]["n_degraded"] if cofes else 0
+    md = f"Test part of the quality set: {n} pairs, {n_deg} degraded images.\n\n" + "\n".join(lines) + "\n"
     (args.out / "summary.md").write_text(md)
     (args.out / "summary.json").write_text(json.dumps({"metrics": {k: v["overall"] for k, v in table.items()}, "ranking": ranks}, indent=1, default=str) + "\n")
     print(md)

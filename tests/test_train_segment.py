@@ -52,6 +52,12 @@ def test_train_writes_checkpoints_and_summary(fake_data, tmp_path):
     assert isinstance(best, dict) and all(isinstance(v, torch.Tensor) for v in best.values())
     # --init accepts a plain state dict and a training checkpoint ("model" key)
     assert _train(*_args(fake_data, tmp_path / "ft", "--init", str(out / "last.pt"), "--steps", "1")) == 0
+    # a fine-tune validates its --init weights first, for the record (they do not compete for best.pt)
+    ft_log = (tmp_path / "ft" / "train.log").read_text()
+    assert "val step 0 (the --init weights)" in ft_log and "val step 1" in ft_log
+    ft = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert ft["init_validation"] == json.loads(ft_log.split("val step 0 (the --init weights): ")[1].splitlines()[0])
+    assert ft["best"]["step"] == 1 and set(ft["init_validation"]) == set(ft["best"]) - {"step"}
 
     # export: the entry is validated as a WeightsSpec before anything is written
     wdir = tmp_path / "weights"

@@ -11,7 +11,8 @@ CUDA; float32 on CPU, with a log line when ``--amp`` was asked for); ``--init`` 
 checked loader (no pickles, strict key check); Adam with cosine decay to 2 % of ``--lr``; checkpoints
 (``last.pt`` every ``ckpt_every`` steps and at the end, written atomically, holding model, optimiser,
 scheduler, grad scaler, step, best and the torch RNG states, so ``--resume`` continues bit-exactly;
-``best.pt``, a plain state dict, on every validation improvement); logging (``train.log`` and stderr, the
+``best.pt``, a plain state dict, on every validation improvement; with ``--init``, the initial weights are
+validated first, for the record: ``init_validation`` in the summary); logging (``train.log`` and stderr, the
 mean loss every 50 steps); and ``summary.json``. Exporting a run to ``weights/`` is
 ``fundus_pipeline.train.export.export_weights``.
 """
@@ -208,6 +209,19 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         }
         save_atomic(state, cfg.out / "last.pt")
 
+    init_val = None
+    if cfg.init is not None and step == 0:
+        # A fine-tune's starting weights are validated first, on this run's validation set, so that the run
+        # says whether it improved on them (summary.json "init_validation"). They do not compete for best.pt:
+        # the documented commands of the shipped weights choose among the run's own steps. The RNG state is
+        # put back, so the training steps are those of a run without this pass.
+        rng = _rng_state(device)
+        model.eval()
+        with torch.no_grad():
+            init_val = task.validate(model, device)
+        _set_rng_state(rng, device)
+        log(f"val step 0 (the --init weights): {json.dumps(init_val)}")
+
     autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if amp else contextlib.nullcontext
     model.train()
     t0, run_loss = time.time(), 0.0
@@ -247,6 +261,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         "steps": cfg.steps,
         "seed": cfg.seed,
         "best": best,
+        **({"init_validation": init_val} if init_val is not None else {}),
         "config": cfg.model_dump(mode="json"),
         "torch": torch.__version__,
         "platform": platform.platform(),
