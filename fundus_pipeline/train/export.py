@@ -135,6 +135,7 @@ def export_weights(
                 "seed": summary.get("seed"),
                 "steps": summary.get("steps"),
                 "best_checkpoint": summary.get("best"),
+                **({"init_validation": summary["init_validation"]} if summary.get("init_validation") else {}),  # the --init weights, same validation
                 "torch": torch.__version__,
             },
             "metrics": dict(test_metrics or {}),
