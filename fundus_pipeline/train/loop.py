@@ -176,7 +176,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     steps = cfg.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.98 + 0.02)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    step, best = 0, None
+    step, best, init_val = 0, None, None
     if cfg.resume:
         ck = torch.load(cfg.out / "last.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
@@ -187,6 +187,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         if "rng" in ck:
             _set_rng_state(ck["rng"], device)
         step, best = ck["step"], json.loads(ck["best"])
+        init_val = json.loads(ck.get("init_validation", "null"))  # a resumed fine-tune keeps its start's figures
         if not isinstance(best, dict) or "step" not in best:
             best = None  # no validation yet (older checkpoints stored {"f1": -1.0})
         log(f"resumed at step {step}, best {json.dumps(best)}")
@@ -204,21 +205,26 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             "scaler": scaler.state_dict(),
             "step": step,
             "best": json.dumps(best),
+            "init_validation": json.dumps(init_val),
             "rng": _rng_state(device),
             "config": cfg.model_dump_json(),
         }
         save_atomic(state, cfg.out / "last.pt")
 
-    init_val = None
+    def validation() -> dict:
+        model.eval()
+        with torch.no_grad():
+            v = task.validate(model, device)
+        model.train()
+        return v
+
     if cfg.init is not None and step == 0:
         # A fine-tune's starting weights are validated first, on this run's validation set, so that the run
         # says whether it improved on them (summary.json "init_validation"). They do not compete for best.pt:
         # the documented commands of the shipped weights choose among the run's own steps. The RNG state is
         # put back, so the training steps are those of a run without this pass.
         rng = _rng_state(device)
-        model.eval()
-        with torch.no_grad():
-            init_val = task.validate(model, device)
+        init_val = validation()
         _set_rng_state(rng, device)
         log(f"val step 0 (the --init weights): {json.dumps(init_val)}")
 
@@ -241,10 +247,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             log(f"step {step} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / LOG_EVERY:.2f}s/step")
             run_loss, t0 = 0.0, time.time()
         if step % cfg.val_every == 0 or step == cfg.steps:
-            model.eval()
-            with torch.no_grad():
-                v = task.validate(model, device)
-            model.train()
+            v = validation()
             log(f"val step {step}: {json.dumps(v)}")
             score = float(v[task.score_key])
             if best is None or score > best[task.score_key]:
