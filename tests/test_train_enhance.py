@@ -71,6 +71,10 @@ def test_train_enhance_writes_a_run_and_resumes_bit_exactly(fake_data, tmp_path,
         (["--rsa-init", "missing.pt"], "weights not found"),
         (["--select", "ssim"], "--select must be psnr or vessel_f1"),
         (["--seg-weight", "-1"], "--seg-weight"),
+        (["--family-weights", "1,1"], "--family-weights must be three non-negative numbers"),
+        (["--family-weights", "0,0,0"], "--family-weights must be three non-negative numbers"),
+        (["--family-weights", "1,-1,1"], "--family-weights must be three non-negative numbers"),
+        (["--family-weights", "1,x,1"], "--family-weights must be three comma-separated numbers"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(fake_data, tmp_path, capsys, extra, message):
@@ -93,6 +97,39 @@ def test_sampler_is_a_pure_function_of_seed_and_step(fake_data, tmp_path):
     deg, clean, fov, disc, ves = s1.batch(3)
     assert deg.shape == clean.shape == (3, 3, 32, 32) and fov.shape == disc.shape == ves.shape == (3, 1, 32, 32)
     assert float(deg.min()) >= 0 and float(deg.max()) <= 1
+
+
+def test_family_weights_choose_the_degradation_family_and_equal_weights_keep_the_original_draw():
+    equal, released_only = trainer.DegradationPool(), trainer.DegradationPool((1, 0, 0))
+    released = {id(d) for d in released_only.families[0]}
+    # equal weights: one integer for the family, one for the member (the draw earlier runs were trained with)
+    rng, ref = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(50):
+        fam = equal.families[int(ref.integers(3))]
+        assert equal.draw(rng) is fam[int(ref.integers(len(fam)))]
+    rng = np.random.default_rng(4)
+    assert all(id(released_only.draw(rng)) in released for _ in range(200))
+    recipes = trainer.DegradationPool((0, 1, 3))
+    rng = np.random.default_rng(5)
+    kinds = [next(i for i, f in enumerate(recipes.families) if any(d is m for m in f)) for d in (recipes.draw(rng) for _ in range(2000))]
+    counts = np.bincount(kinds, minlength=3)
+    assert counts[0] == 0 and 0.70 < counts[2] / 2000 < 0.80, counts
+
+
+def test_family_weights_are_recorded_as_an_option_and_in_the_export(tmp_path):
+    from fundus_pipeline.models.registry import build_model
+    from fundus_pipeline.train.config import EnhanceConfig
+
+    cfg = EnhanceConfig(out=tmp_path / "r", family_weights="2,1,1", rsa_init=None)
+    assert cfg.family_weights == (2.0, 1.0, 1.0)
+    argv = cfg.to_argv()
+    assert argv[argv.index("--family-weights") + 1] == "2,1,1"  # a command line that parses back
+    assert EnhanceConfig(out=tmp_path / "r", family_weights=argv[argv.index("--family-weights") + 1], rsa_init=None) == cfg
+    model = build_model("cofe_tiny")
+    data = trainer.export_description({"choice": "residual"}, cfg.model_dump(mode="json"))(model)["training"]["data"]
+    assert "in the ratio 2:1:1" in data and "10% left clean" in data
+    plain = trainer.export_description({"choice": "residual"}, {})(model)["training"]["data"]
+    assert "ratio" not in plain and "10% left clean" in plain
 
 
 def test_validation_pairs_do_not_depend_on_the_training_seed(fake_data, tmp_path):

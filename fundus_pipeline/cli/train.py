@@ -88,6 +88,7 @@ def train_enhance(
     device: Annotated[str, _e("device")] = _E["device"].default,
     amp: Annotated[bool, _flag("amp")] = False,
     clean_p: Annotated[float, _e("clean_p")] = _E["clean_p"].default,
+    family_weights: Annotated[str, _e("family_weights")] = "1,1,1",
     disc_weight: Annotated[float, _e("disc_weight")] = _E["disc_weight"].default,
     vessel_weight: Annotated[float, _e("vessel_weight")] = _E["vessel_weight"].default,
     rsa_init: Annotated[str, _e("rsa_init")] = _E["rsa_init"].default,
@@ -106,7 +107,7 @@ def train_enhance(
     cfg = EnhanceConfig.from_options(
         out=out, arch=arch, data=data, steps=steps, batch_size=batch_size, size=size, crop=crop, lr=lr, seed=seed,
         val_every=val_every, ckpt_every=ckpt_every, threads=threads, device=device, amp=amp, clean_p=clean_p,
-        disc_weight=disc_weight, vessel_weight=vessel_weight, rsa_init=rsa_init, seg_weight=seg_weight,
+        family_weights=family_weights, disc_weight=disc_weight, vessel_weight=vessel_weight, rsa_init=rsa_init, seg_weight=seg_weight,
         select=select, cache=cache, init=init, resume=resume,
     )  # fmt: skip
     from fundus_pipeline.train.enhance import train

@@ -8,6 +8,7 @@ time, so building the CLI stays fast.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,6 +96,8 @@ class TrainConfig(BaseModel):
             if field.is_required() or value != field.default:
                 if isinstance(value, bool):
                     argv += [option_name(name)] if value else []
+                elif isinstance(value, tuple):
+                    argv += [option_name(name), ",".join(f"{x:g}" for x in value)]
                 elif value is not None:
                     argv += [option_name(name), str(value)]
         return argv
@@ -192,6 +195,7 @@ class EnhanceConfig(SourcesConfig):
     size: int = Field(512, ge=64, description="Canonical frame side: the FOV's bounding square is resized to SIZE x SIZE (Cofe-Net: 512).")
     crop: int = Field(256, ge=32, description="Training crop side inside the canonical frame (a multiple of the model's size divisor).")
     clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
+    family_weights: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="Relative weights of the three degradation families a degraded sample is drawn from: released Cofe-Net types, training-time Cofe-Net types, clinical recipes (e.g. 2,1,1).")
     disc_weight: float = Field(10.0, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
@@ -202,6 +206,17 @@ class EnhanceConfig(SourcesConfig):
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v, "enhancement")
+
+    @field_validator("family_weights", mode="before")
+    @classmethod
+    def _family_weights(cls, v):
+        try:
+            v = tuple(float(x) for x in (v.split(",") if isinstance(v, str) else v))
+        except (TypeError, ValueError):
+            raise ValueError(f"--family-weights must be three comma-separated numbers, not {v!r}") from None
+        if len(v) != 3 or not all(math.isfinite(x) and x >= 0 for x in v) or sum(v) <= 0:
+            raise ValueError(f"--family-weights must be three non-negative numbers with a positive sum, not {','.join(map(str, v))}")
+        return v
 
     @field_validator("select")
     @classmethod

@@ -14,8 +14,8 @@ Each training step draws ``--batch-size`` samples as a pure function of (seed, s
 (uniformly), a source, a rotation by a multiple of 90 degrees and a flip, then a degradation of the
 whole canonical frame by the ``degradation`` library: with probability ``--clean-p`` none, else one of
 the released Cofe-Net types 001..111, the training-time Cofe-Net types 001..111, or the clinical
-recipes mild / moderate / severe (each of the three families equally likely); finally a ``--crop``
-square at a random place.
+recipes mild / moderate / severe (the three families equally likely, or in the ratio
+``--family-weights``; a member uniformly within its family); finally a ``--crop`` square at a random place.
 
 Loss (Cofe-Net's, seeds.md 1.7; L1 means the mean over all elements, as nn.L1Loss):
 ``L1(B.R, O.R) + w_d L1(B.D, O.D)`` at full scale, the same at 1/2 scale for two-scale models, and
@@ -204,9 +204,10 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------- degrading
 class DegradationPool:
     """The degradations the enhancer meets in training: released and training-time Cofe-Net types
-    001..111 and the clinical recipes, three equally likely families."""
+    001..111 and the clinical recipes, the three families equally likely unless ``weights``
+    (relative, one per family) say otherwise; a member is drawn uniformly within its family."""
 
-    def __init__(self):
+    def __init__(self, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)):
         from degradation import cofe_degrader, load_recipe
 
         self.families = [
@@ -214,9 +215,15 @@ class DegradationPool:
             [cofe_degrader("training", c) for c in CODES],
             [load_recipe(r) for r in RECIPES],
         ]
+        w = np.asarray(weights, dtype=np.float64)
+        self.cumulative = None if np.all(w == w[0]) else np.cumsum(w / w.sum())
 
     def draw(self, rng: np.random.Generator):
-        fam = self.families[int(rng.integers(len(self.families)))]
+        if self.cumulative is None:  # equal weights: the original draw, so earlier runs replay bit for bit
+            fam = self.families[int(rng.integers(len(self.families)))]
+        else:
+            i = int(np.searchsorted(self.cumulative, rng.random(), side="right"))
+            fam = self.families[min(i, len(self.families) - 1)]
         return fam[int(rng.integers(len(fam)))]
 
 
@@ -253,7 +260,7 @@ class EnhanceSampler:
     def __init__(self, sources: list[Source], cfg: EnhanceConfig):
         self.sources = sources
         self.cfg = cfg
-        self.pool = DegradationPool()
+        self.pool = DegradationPool(cfg.family_weights)
         self.by_dataset: dict[str, list[int]] = {}
         for i, s in enumerate(sources):
             self.by_dataset.setdefault(s.name.split("/")[0], []).append(i)
@@ -466,6 +473,10 @@ def export_description(transfer_selection: dict, config: dict | None = None) -> 
         loss += f" + {config['seg_weight']:g} x BCE between the frozen imff segmenter's vessel maps of the output and of the clean image"
     if config.get("init"):
         loss += f"; initialised from {Path(config['init']).name}"
+    weights = [float(w) for w in config["family_weights"]]
+    families = "released and training-time Cofe-Net types 001-111 and the mild/moderate/severe recipes"
+    if len(set(weights)) > 1:
+        families += " (the three families drawn in the ratio " + ":".join(f"{w:g}" for w in weights) + ")"
 
     def describe(model: nn.Module) -> dict:
         return {
@@ -483,7 +494,7 @@ def export_description(transfer_selection: dict, config: dict | None = None) -> 
             },
             "output": {"kind": "image", "activation": OUTPUT_RULES[getattr(model, "output", "logit")], "transfer": transfer_selection["choice"], "transfer_selection": transfer_selection},
             "training": {
-                "data": "clean sources degraded on the fly: DRIVE training 21-36, HRF training 01-04 of each class, HEI-MED (152 of 169 photographs); released and training-time Cofe-Net types 001-111 and the mild/moderate/severe recipes; 10% left clean",
+                "data": "clean sources degraded on the fly: DRIVE training 21-36, HRF training 01-04 of each class, HEI-MED (152 of 169 photographs); " + families + f"; {100 * float(config['clean_p']):g}% left clean",
                 "validation": f"DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph (17), each degraded with released 111 and moderate (seed 0) and left clean; {selection}",
                 "loss": loss,
                 "test_never_used": "DRIVE 01-20, HRF 06-15",
