@@ -162,14 +162,10 @@ class SetEnhancer:
     def __call__(self, rgb: np.ndarray, fov: np.ndarray) -> np.ndarray:
         if self.fn is not None:
             return self.fn(rgb, fov)
-        import torch
+        from fundus_pipeline.stages.enhance import run_network, smooth_correction
 
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(self.device)
-            out = self.model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+        out = run_network(self.model, [rgb], self.device)[0]
         if self.sigma > 0:
-            from fundus_pipeline.stages.enhance import smooth_correction
-
             out = smooth_correction(rgb, out, fov > 0, self.sigma)
         return np.clip(out, 0, 1) * fov[..., None]
 

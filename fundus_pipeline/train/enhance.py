@@ -348,8 +348,10 @@ def validation_pairs(val: list[Source], seed: int) -> list[tuple[str, np.ndarray
 
 @torch.no_grad()
 def enhance_canonical(model: nn.Module, rgb: np.ndarray, device) -> np.ndarray:
-    x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(device)
-    return model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+    """The network's output for one canonical frame (``fundus enhance``'s forward, ``stages.enhance.run_network``)."""
+    from fundus_pipeline.stages.enhance import run_network
+
+    return run_network(model, [rgb], device)[0]
 
 
 def vessel_f1(seg: nn.Module, threshold: float, rgb: np.ndarray, s: Source, device) -> float:
