@@ -117,6 +117,56 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert fit_temperature(z * 0.5, labels) == pytest.approx(1.0, rel=0.1)
 
 
+def test_decision_offsets_are_chosen_on_the_given_parts_and_zero_when_nothing_beats_them():
+    from fundus_pipeline.train.grade import choose_decision_bias, log_probabilities
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 300)
+    logits = np.eye(3)[truth] * 2.0 + rng.normal(0, 0.3, (300, 3))
+    logits[truth == 1, 0] += 2.3  # usable photographs look good to this grader: about 0.3 too little for usable
+    lp = log_probabilities(logits, 1.0)
+    sel = choose_decision_bias({"a": (lp, truth)}, step=0.1, span=2.0)
+    assert sel["choice"][0] == 0.0 and sel["choice"][1] > 0.2
+    assert sel["means"]["after"]["a_macro_f1"] > sel["means"]["before"]["a_macro_f1"] + 0.1
+    perfect = log_probabilities(np.eye(3)[truth] * 5.0, 1.0)
+    assert choose_decision_bias({"a": (perfect, truth)})["choice"] == [0.0, 0.0, 0.0]
+
+
+def test_decision_offsets_in_the_manifest_are_validated_and_recorded(tmp_path):
+    import shutil
+
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models.spec import GradeOutputSpec
+    from fundus_pipeline.models.weights import load_manifest
+    from fundus_pipeline.stages.grade import decide
+    from fundus_pipeline.train.export import record_decision_selection
+
+    pg = np.array([0.5, 0.3, 0.2])
+    assert decide(pg, None) == 0 and decide(pg, np.array([0.0, 0.6, 0.0])) == 1 and decide(pg, np.array([0.0, 0.0, 0.0])) == 0
+    base = {"kind": "grade", "grades": ["good", "usable", "reject"], "flags": list(FLAGS), "temperature": 1.0, "grade_rule": "q"}
+    assert "decision_bias" not in GradeOutputSpec.model_validate(base).model_dump()
+    sel = {"choice": [0.0, 0.5, -0.2], "rule": "r"}
+    assert GradeOutputSpec.model_validate({**base, "decision_bias": [0.0, 0.5, -0.2], "decision_selection": sel}).decision_bias == [0.0, 0.5, -0.2]
+    for bad in ({"decision_bias": [0.0, 0.5], "decision_selection": {"choice": [0.0, 0.5]}}, {"decision_bias": [0.0, 0.5, -0.2]},
+                {"decision_bias": [0.0, float("nan"), 0.0], "decision_selection": {"choice": [0.0, float("nan"), 0.0]}}):
+        with pytest.raises(ValueError):
+            GradeOutputSpec.model_validate({**base, **bad})
+
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "weights" / "manifest.json", wdir / "manifest.json")
+    name = next(e.name for e in load_manifest(wdir).weights if getattr(e.output, "kind", None) == "grade")
+    selection = {"choice": [0.0, 0.3, -0.4], "rule": "r", "means": {"before": {}, "after": {}}, "inputs": {"weights": name}}
+    spec = record_decision_selection(name, selection, "docs/x.json", directory=wdir)
+    assert spec.output.decision_bias == [0.0, 0.3, -0.4] and spec.output.decision_selection["file"] == "docs/x.json"
+    assert load_manifest(wdir).get(name).output.decision_bias == [0.0, 0.3, -0.4]
+    record_decision_selection(name, {**selection, "choice": [0.0, 0.0, 0.0]}, "docs/x.json", directory=wdir)
+    assert load_manifest(wdir).get(name).output.decision_bias is None
+    assert "decision_bias" not in (wdir / "manifest.json").read_text()
+    with pytest.raises(WeightsError, match="not a grader"):
+        record_decision_selection("imff", selection, "docs/x.json", directory=wdir)
+
+
 def _train(gs: Path, data: Path, out: Path, *extra: str) -> int:
     return cli_main(["train", "grade", "--arch", "hemf_tiny", "--grade-set", str(gs), "--data", str(data), "--out", str(out),
                      "--steps", "4", "--batch-size", "3", "--val-every", "2", "--ckpt-every", "1", "--threads", "1", *extra])  # fmt: skip
@@ -191,3 +241,15 @@ def test_training_resumes_bit_exactly_and_the_stage_grades(grade_set, fake_data,
     # eye and chart joined with their labels; the error row "broken" has no label: reported, exit 3
     assert code == 3 and summary["n_images"] == 2 and sum(map(sum, summary["overall"]["confusion"])) == 2
     assert [p["key"] for p in summary["problems"]] == ["broken"]
+
+    # decision offsets recorded in the entry move the grade, not the probabilities
+    from fundus_pipeline.train.export import record_decision_selection
+
+    choice = [0.0, 0.0, 50.0]
+    record_decision_selection("hemf_t", {"choice": choice, "rule": "test", "means": {}, "inputs": {}}, "x.json", directory=wdir)
+    biased = tmp_path / "biased"
+    assert cli_main(["grade", str(src), str(biased), "--weights", "hemf_t", "--threads", "1", "--quiet"]) == 3
+    again = {r["key"]: r for r in csv.DictReader(open(biased / "results.csv"))}
+    for key in ("eye", "chart"):
+        assert again[key]["grade"] == "reject" and all(again[key][f"p_{g}"] == rows[key][f"p_{g}"] for g in ("good", "usable", "reject"))
+    assert json.loads((biased / "manifest.json").read_text())["config"]["decision_bias"] == choice

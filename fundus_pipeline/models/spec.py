@@ -18,6 +18,7 @@ Writers (``scripts/export_weights.py``): build a dict, ``WeightsSpec.model_valid
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -136,6 +137,28 @@ class GradeOutputSpec(_Strict):
     flags: list[str]
     temperature: float = Field(gt=0)
     grade_rule: str  # how the training grades were made
+    # the grade written is the argmax of the temperature-scaled log-probabilities plus these offsets (one per
+    # grade), chosen on validation images (``decision_selection``); None: the plain argmax
+    decision_bias: list[float] | None = None
+    decision_selection: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_offset_per_grade(self) -> GradeOutputSpec:
+        if self.decision_bias is not None:
+            if len(self.decision_bias) != len(self.grades) or not all(math.isfinite(b) for b in self.decision_bias):
+                raise ValueError(f"decision_bias needs one finite offset per grade ({len(self.grades)}), not {self.decision_bias}")
+            if self.decision_selection is None or self.decision_selection.get("choice") != self.decision_bias:
+                raise ValueError("decision_bias differs from decision_selection.choice (the validation measurement that chose it)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_offsets(self, handler) -> dict[str, Any]:
+        """Entries without offsets keep the manifest's earlier form (no ``decision_*`` keys)."""
+        d = handler(self)
+        if self.decision_bias is None:
+            d.pop("decision_bias", None)
+            d.pop("decision_selection", None)
+        return d
 
 
 _KINDS = ("image", "score", "pretext", "grade")

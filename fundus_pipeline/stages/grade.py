@@ -5,8 +5,9 @@ The network sees the photograph in its canonical frame: the field of view's boun
 FOV) resized to the weights' input size with area averaging. An image without a circular field of view is
 not refused (it may be a photograph cropped to the retina, or not a fundus photograph at all, which is what
 the ``not_fundus`` flag is for): the whole image is squashed to the input size instead. Grade probabilities
-are the softmax of the grade logits divided by the weights' temperature (fitted on validation images);
-flag probabilities are the sigmoid of the flag logits. No images are written (``--sort-into`` copies the
+are the softmax of the grade logits divided by the weights' temperature (fitted on validation images); the
+grade is the most probable one or, where the weights carry decision offsets (chosen on validation images by
+``scripts/choose_grade_bias.py``), the argmax of the log-probabilities plus the offsets; flag probabilities are the sigmoid of the flag logits. No images are written (``--sort-into`` copies the
 inputs afterwards, see the command).
 """
 
@@ -55,6 +56,14 @@ def grade_probabilities(logits: np.ndarray, temperature: float) -> tuple[np.ndar
     return p, 1.0 / (1.0 + np.exp(-np.clip(logits[:, n:], -60, 60)))
 
 
+def decide(pg: np.ndarray, bias: np.ndarray | None) -> int:
+    """The grade index of one photograph: the argmax of its probabilities, or, with the weights' decision
+    offsets, of its log-probabilities plus the offsets."""
+    if bias is None:
+        return int(pg.argmax())
+    return int((np.log(np.maximum(pg, 1e-300)) + bias).argmax())
+
+
 class GradeStage(NetworkStage):
     name = "grade"
     task = "grading"
@@ -69,12 +78,15 @@ class GradeStage(NetworkStage):
         spec = self.spec.spec
         self.size = int(getattr(spec.input.scale_policy, "size", 0) or self._model.input_size) if spec else int(self._model.input_size)
         self.temperature = float(getattr(spec.output, "temperature", 1.0)) if spec else 1.0
+        bias = getattr(spec.output, "decision_bias", None) if spec else None
+        self.decision_bias = np.asarray(bias, np.float64) if bias is not None else None
 
     def config_record(self) -> dict:
         return {
             "weights": self.weights_record(),
             "size": self.size,
             "temperature": self.temperature,
+            **({"decision_bias": self.decision_bias.tolist()} if self.decision_bias is not None else {}),
             "flag_threshold": self.cfg.flag_threshold,
             "device": str(self.device),
             **self.precision_record(),
@@ -107,7 +119,7 @@ class GradeStage(NetworkStage):
             raise InputError("the grader's output is not a finite number (NaN or infinity); the weights or the photograph are broken")
         fov = item.fov
         found = bool(fov is not None and fov.found)
-        fields = {"grade": GRADES[int(pg.argmax())], **{f"p_{g}": round(float(p), 6) for g, p in zip(GRADES, pg)}, "temperature": self.temperature}
+        fields = {"grade": GRADES[decide(pg, self.decision_bias)], **{f"p_{g}": round(float(p), 6) for g, p in zip(GRADES, pg)}, "temperature": self.temperature}
         fields.update({f"p_{f}": round(float(p), 6) for f, p in zip(FLAGS, pf)})
         fields["flags"] = " ".join(f for f, p in zip(FLAGS, pf) if p >= self.cfg.flag_threshold)
         fields["fov_found"] = found

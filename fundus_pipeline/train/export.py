@@ -62,6 +62,28 @@ def record_correction_selection(name: str, selection: dict[str, Any], file: str,
     return spec
 
 
+def record_decision_selection(name: str, selection: dict[str, Any], file: str, directory: Path | None = None) -> WeightsSpec:
+    """Write the grade offsets chosen by ``scripts/choose_grade_bias.py`` (its JSON ``selection``, saved at
+    ``file``) into the output of the grading entry ``name``: ``decision_bias`` and ``decision_selection``
+    (choice, rule, means, inputs, file); offsets of all zeros remove both (the plain argmax). The entry is
+    validated before anything is written."""
+    directory = directory or weights_dir()
+    entry = load_manifest(directory).get(name)
+    if entry is None:
+        raise WeightsError(f"no manifest entry {name!r} in {directory / 'manifest.json'}")
+    d = entry.to_json_dict()
+    if d["output"].get("kind") != "grade":
+        raise WeightsError(f"{name!r} is not a grader's entry; decision offsets belong to graders")
+    d["output"].pop("decision_bias", None)
+    d["output"].pop("decision_selection", None)
+    if any(selection["choice"]):
+        d["output"]["decision_bias"] = selection["choice"]
+        d["output"]["decision_selection"] = {k: selection[k] for k in ("choice", "rule", "means", "inputs")} | {"file": file}
+    spec = _validated(d)
+    _write_manifest(directory, spec)
+    return spec
+
+
 def export_weights(
     run: Path,
     *,

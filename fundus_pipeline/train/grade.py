@@ -174,6 +174,41 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.exp((a + b) / 2))
 
 
+def log_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise log-softmax of ``logits / temperature``."""
+    z = logits / temperature
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def choose_decision_bias(parts: dict[str, tuple[np.ndarray, np.ndarray]], step: float = 0.1, span: float = 2.0) -> dict:
+    """The grade offsets (good's 0; usable's and reject's on a grid of ``step`` in [-span, span]) that maximise
+    the mean macro F1 over ``parts`` (name -> (log-probabilities N x 3, true grades N)), the smallest (L1)
+    among equals; zeros when nothing beats them. Returns the choice, the rule and the figures before and after
+    (``scripts/choose_grade_bias.py`` adds the inputs)."""
+    grid = np.round(np.arange(-span, span + step / 2, step), 6)
+
+    def figures(bias: np.ndarray) -> dict[str, float]:
+        f1 = {k: macro_f1(t, (lp + bias).argmax(1)) for k, (lp, t) in parts.items()}
+        acc = {k: float(((lp + bias).argmax(1) == t).mean()) for k, (lp, t) in parts.items()}
+        return {"mean_macro_f1": float(np.mean(list(f1.values()))), **{f"{k}_macro_f1": v for k, v in f1.items()}, **{f"{k}_accuracy": v for k, v in acc.items()}}
+
+    zero = np.zeros(len(GRADES))
+    best, best_key = zero, (figures(zero)["mean_macro_f1"], 0.0)
+    for bu in grid:
+        for br in grid:
+            bias = np.array([0.0, bu, br])
+            key = (figures(bias)["mean_macro_f1"], -float(np.abs(bias).sum()))
+            if key > best_key:
+                best, best_key = bias, key
+    r4 = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
+    return {
+        "choice": [float(x) + 0.0 for x in best],  # + 0.0: no -0.0 in the record
+        "rule": f"argmax over a grid (step {step:g}, offsets in [-{span:g}, {span:g}], good's 0) of the mean validation macro F1 of the grade set's val split and the EyePACS-256 val part; the smallest offsets among equals",
+        "means": {"before": r4(figures(zero)), "after": r4(figures(best))},
+    }
+
+
 class GradeTask(Task):
     """HEMF (or an ablation, or the CNN baseline) on the grade set and EyePACS-256; best.pt by validation macro F1."""
 
@@ -311,4 +346,4 @@ def grade_description(config: dict, calibration: dict | None = None) -> Callable
     return describe
 
 
-__all__ = ["GradeTask", "calibrate", "fit_temperature", "grade_description", "train_grade"]
+__all__ = ["GradeTask", "calibrate", "choose_decision_bias", "fit_temperature", "log_probabilities", "grade_description", "train_grade"]
