@@ -116,15 +116,15 @@ def test_family_weights_choose_the_degradation_family_and_equal_weights_keep_the
     assert counts[0] == 0 and 0.70 < counts[2] / 2000 < 0.80, counts
 
 
-def test_family_weights_are_recorded_as_an_option_and_in_the_export(tmp_path):
+def test_family_weights_are_recorded_as_an_option_and_in_the_export(fake_data, tmp_path):
     from fundus_pipeline.models.registry import build_model
     from fundus_pipeline.train.config import EnhanceConfig
 
-    cfg = EnhanceConfig(out=tmp_path / "r", family_weights="2,1,1", rsa_init=None)
+    cfg = EnhanceConfig(out=tmp_path / "r", data=fake_data, family_weights="2,1,1", rsa_init=None)
     assert cfg.family_weights == (2.0, 1.0, 1.0)
     argv = cfg.to_argv()
     assert argv[argv.index("--family-weights") + 1] == "2,1,1"  # a command line that parses back
-    assert EnhanceConfig(out=tmp_path / "r", family_weights=argv[argv.index("--family-weights") + 1], rsa_init=None) == cfg
+    assert EnhanceConfig(out=tmp_path / "r", data=fake_data, family_weights=argv[argv.index("--family-weights") + 1], rsa_init=None) == cfg
     model = build_model("cofe_tiny")
     data = trainer.export_description({"choice": "residual"}, cfg.model_dump(mode="json"))(model)["training"]["data"]
     assert "in the ratio 2:1:1" in data and "10% left clean" in data
