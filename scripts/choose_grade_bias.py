@@ -49,7 +49,11 @@ def main() -> None:
             logits = predict_logits(model, [resize_square(i.image, size) for i in v], torch.device("cpu"))[:, : len(GRADES)].numpy()
             parts[k] = (log_probabilities(logits.astype(np.float64), temperature), np.array([i.grade for i in v]))
     selection = choose_decision_bias(parts, a.step, a.span)
-    selection["inputs"] = {"weights": a.weights, "sha256": loaded.sha256, "temperature": temperature, "images": {k: len(v) for k, v in items.items()}}
+    selection["inputs"] = {
+        "weights": a.weights, "sha256": loaded.sha256, "temperature": temperature,
+        "parts": {"set": f"the grade set's val split ({a.grade_set})", "real": "the EyePACS-256 val part"},
+        "images": {k: len(v) for k, v in items.items()},
+    }  # fmt: skip
     text = json.dumps(selection, indent=1)
     if a.record:
         from fundus_pipeline.train.export import record_decision_selection

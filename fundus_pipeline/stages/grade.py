@@ -7,7 +7,8 @@ not refused (it may be a photograph cropped to the retina, or not a fundus photo
 the ``not_fundus`` flag is for): the whole image is squashed to the input size instead. Grade probabilities
 are the softmax of the grade logits divided by the weights' temperature (fitted on validation images); the
 grade is the most probable one or, where the weights carry decision offsets (chosen on validation images by
-``scripts/choose_grade_bias.py``), the argmax of the log-probabilities plus the offsets; flag probabilities are the sigmoid of the flag logits. No images are written (``--sort-into`` copies the
+``scripts/choose_grade_bias.py``), the argmax of the log-probabilities plus the offsets. Flag
+probabilities are the sigmoid of the flag logits. No images are written (``--sort-into`` copies the
 inputs afterwards, see the command).
 """
 
@@ -61,7 +62,7 @@ def decide(pg: np.ndarray, bias: np.ndarray | None) -> int:
     offsets, of its log-probabilities plus the offsets."""
     if bias is None:
         return int(pg.argmax())
-    return int((np.log(np.maximum(pg, 1e-300)) + bias).argmax())
+    return int((np.log(np.maximum(np.asarray(pg, np.float64), 1e-300)) + bias).argmax())
 
 
 class GradeStage(NetworkStage):

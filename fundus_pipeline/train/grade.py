@@ -204,7 +204,7 @@ def choose_decision_bias(parts: dict[str, tuple[np.ndarray, np.ndarray]], step: 
     r4 = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
     return {
         "choice": [float(x) + 0.0 for x in best],  # + 0.0: no -0.0 in the record
-        "rule": f"argmax over a grid (step {step:g}, offsets in [-{span:g}, {span:g}], good's 0) of the mean validation macro F1 of the grade set's val split and the EyePACS-256 val part; the smallest offsets among equals",
+        "rule": f"argmax over a grid (step {step:g}, offsets in [-{span:g}, {span:g}], good's 0) of the mean macro F1 over the validation parts ({', '.join(parts)}); the smallest offsets among equals",
         "means": {"before": r4(figures(zero)), "after": r4(figures(best))},
     }
 
