@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fundus_pipeline.stages.enhance import smooth_correction
 from fundus_pipeline.train import enhance as E
 from fundus_pipeline.train.config import EnhanceConfig
 
@@ -40,12 +41,6 @@ def affine_fix(img: np.ndarray, clean: np.ndarray, fov: np.ndarray) -> np.ndarra
         gain, offset = np.linalg.lstsq(a, y, rcond=None)[0]
         out[..., c] = img[..., c] * gain + offset
     return out
-
-
-def smooth_fix(img: np.ndarray, clean: np.ndarray, fov: np.ndarray, sigma: float) -> np.ndarray:
-    from fundus_pipeline.stages.enhance import smooth_correction
-
-    return smooth_correction(img, clean, fov, sigma)
 
 
 def channel_stats(img: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,8 +66,8 @@ def budget(img: np.ndarray, clean: np.ndarray, fov: np.ndarray, prior: tuple[np.
         "psnr": E.psnr_in(img, clean, fov),
         "site_prior": E.psnr_in(prior_fix(img, fov, prior), clean, fov),
         "affine": E.psnr_in(affine_fix(img, clean, fov), clean, fov),
-        "smooth8": E.psnr_in(smooth_fix(img, clean, fov, 8), clean, fov),
-        "smooth32": E.psnr_in(smooth_fix(img, clean, fov, 32), clean, fov),
+        "smooth8": E.psnr_in(smooth_correction(img, clean, fov, 8), clean, fov),
+        "smooth32": E.psnr_in(smooth_correction(img, clean, fov, 32), clean, fov),
     }
 
 

@@ -46,20 +46,34 @@ def _write_manifest(directory: Path, spec: WeightsSpec) -> None:
     os.replace(tmp, directory / "manifest.json")
 
 
-def record_correction_selection(name: str, selection: dict[str, Any], file: str, directory: Path | None = None) -> WeightsSpec:
-    """Write the low-pass chosen by ``scripts/choose_correction_sigma.py`` (its JSON ``selection``, saved at
-    ``file``) into the output of the manifest entry ``name``: ``correction_sigma`` and ``correction_selection``
-    (choice, rule, means, inputs, file). The entry is validated before anything is written."""
+def _record_in_output(name: str, directory: Path | None, edit: Callable[[dict[str, Any]], None]) -> WeightsSpec:
+    """Apply ``edit`` to the output of the manifest entry ``name`` (a JSON dict), validate the entry, then
+    write the manifest; nothing is written when the entry is missing or the edited one is invalid."""
     directory = directory or weights_dir()
     entry = load_manifest(directory).get(name)
     if entry is None:
         raise WeightsError(f"no manifest entry {name!r} in {directory / 'manifest.json'}")
     d = entry.to_json_dict()
-    d["output"]["correction_sigma"] = selection["choice"]
-    d["output"]["correction_selection"] = {k: selection[k] for k in ("choice", "rule", "means", "inputs")} | {"file": file}
+    edit(d["output"])
     spec = _validated(d)
     _write_manifest(directory, spec)
     return spec
+
+
+def _selection_record(selection: dict[str, Any], file: str) -> dict[str, Any]:
+    return {k: selection[k] for k in ("choice", "rule", "means", "inputs")} | {"file": file}
+
+
+def record_correction_selection(name: str, selection: dict[str, Any], file: str, directory: Path | None = None) -> WeightsSpec:
+    """Write the low-pass chosen by ``scripts/choose_correction_sigma.py`` (its JSON ``selection``, saved at
+    ``file``) into the output of the manifest entry ``name``: ``correction_sigma`` and ``correction_selection``
+    (choice, rule, means, inputs, file). The entry is validated before anything is written."""
+
+    def edit(out: dict[str, Any]) -> None:
+        out["correction_sigma"] = selection["choice"]
+        out["correction_selection"] = _selection_record(selection, file)
+
+    return _record_in_output(name, directory, edit)
 
 
 def record_decision_selection(name: str, selection: dict[str, Any], file: str, directory: Path | None = None) -> WeightsSpec:
@@ -67,21 +81,17 @@ def record_decision_selection(name: str, selection: dict[str, Any], file: str, d
     ``file``) into the output of the grading entry ``name``: ``decision_bias`` and ``decision_selection``
     (choice, rule, means, inputs, file); offsets of all zeros remove both (the plain argmax). The entry is
     validated before anything is written."""
-    directory = directory or weights_dir()
-    entry = load_manifest(directory).get(name)
-    if entry is None:
-        raise WeightsError(f"no manifest entry {name!r} in {directory / 'manifest.json'}")
-    d = entry.to_json_dict()
-    if d["output"].get("kind") != "grade":
-        raise WeightsError(f"{name!r} is not a grader's entry; decision offsets belong to graders")
-    d["output"].pop("decision_bias", None)
-    d["output"].pop("decision_selection", None)
-    if any(selection["choice"]):
-        d["output"]["decision_bias"] = selection["choice"]
-        d["output"]["decision_selection"] = {k: selection[k] for k in ("choice", "rule", "means", "inputs")} | {"file": file}
-    spec = _validated(d)
-    _write_manifest(directory, spec)
-    return spec
+
+    def edit(out: dict[str, Any]) -> None:
+        if out.get("kind") != "grade":
+            raise WeightsError(f"{name!r} is not a grader's entry; decision offsets belong to graders")
+        out.pop("decision_bias", None)
+        out.pop("decision_selection", None)
+        if any(selection["choice"]):
+            out["decision_bias"] = selection["choice"]
+            out["decision_selection"] = _selection_record(selection, file)
+
+    return _record_in_output(name, directory, edit)
 
 
 def export_weights(

@@ -189,8 +189,9 @@ def choose_decision_bias(parts: dict[str, tuple[np.ndarray, np.ndarray]], step: 
     grid = np.round(np.arange(-span, span + step / 2, step), 6)
 
     def figures(bias: np.ndarray) -> dict[str, float]:
-        f1 = {k: macro_f1(t, (lp + bias).argmax(1)) for k, (lp, t) in parts.items()}
-        acc = {k: float(((lp + bias).argmax(1) == t).mean()) for k, (lp, t) in parts.items()}
+        pred = {k: (lp + bias).argmax(1) for k, (lp, _) in parts.items()}
+        f1 = {k: macro_f1(t, pred[k]) for k, (_, t) in parts.items()}
+        acc = {k: float((pred[k] == t).mean()) for k, (_, t) in parts.items()}
         return {"mean_macro_f1": float(np.mean(list(f1.values()))), **{f"{k}_macro_f1": v for k, v in f1.items()}, **{f"{k}_accuracy": v for k, v in acc.items()}}
 
     zero = np.zeros(len(GRADES))
