@@ -724,8 +724,15 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
     try:
         while queue or pending or ready:
             while queue and len(pending) + len(ready) < depth:
-                w = queue.pop()
-                pending.append((w, decoders.submit(_decode_in_worker, w)))
+                try:
+                    pending.append((queue[-1], decoders.submit(_decode_in_worker, queue[-1])))
+                except BrokenProcessPool:  # a decoder died since the last submit: the item it held is in
+                    if not pending:  # pending and is recovered below; a pool that died with nothing in flight is replaced
+                        decoders.shutdown(wait=False, cancel_futures=True)
+                        decoders = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+                        continue
+                    break
+                queue.pop()
             stats["max_waiting"] = max(stats["max_waiting"], len(pending) + len(ready))
             if pending:
                 w, f = pending.popleft()
@@ -1077,7 +1084,11 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         while queue or in_flight:
             while queue and len(in_flight) < 2 * workers:
                 chunk = [queue.pop() for _ in range(min(size, len(queue)))]
-                in_flight[submit(chunk)] = chunk
+                try:
+                    in_flight[submit(chunk)] = chunk
+                except BrokenProcessPool:  # a worker died since the last submit: this chunk never started
+                    queue.extend(reversed(chunk))
+                    raise
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for f in finished:
                 rows = f.result()  # raises BrokenProcessPool if a worker died
