@@ -255,3 +255,35 @@ def test_record_correction_selection_sets_the_entrys_low_pass_and_refuses_an_unk
     assert load_manifest(tmp_path).get("cofe").sha256 == load_manifest().get("cofe").sha256  # the other entries as they were
     with pytest.raises(WeightsError, match="no manifest entry 'nope'"):
         record_correction_selection("nope", sel, "docs/x.json", tmp_path)
+
+
+def test_the_context_variant_starts_as_the_network_it_grows_from_and_sees_the_whole_frame(tmp_path):
+    """``context=True`` (``cofe_add_ctx``): weights of the same network without the context initialise it
+    exactly (the loader lets only the declared new tensors be missing), and once trained, G's output at one
+    place depends on image content anywhere in the frame (G alone: a theoretical radius of about 420 px)."""
+    from fundus_pipeline.models.cofe import CofeNet
+    from fundus_pipeline.models.weights import WeightsError, load_weights_checked
+
+    torch.manual_seed(0)
+    kw = dict(rsa=False, lqa=False, two_scale=False, output="add")
+    base = CofeNet(2, **kw).eval()
+    torch.nn.init.normal_(base.g.outc[-1].weight, std=0.1)  # as if trained (it starts at zero: the identity)
+    path = tmp_path / "base.pt"
+    torch.save(base.state_dict(), path)
+    grown = CofeNet(2, context=True, **kw).eval()
+    assert grown.new_parameters == ("g.context.",)
+    with pytest.raises(WeightsError, match="4 missing"):
+        load_weights_checked(grown, path)  # strict by default
+    load_weights_checked(grown, path, new=grown.new_parameters)
+    x = torch.rand(1, 3, 512, 512) * 0.8
+    y = x.clone()
+    y[..., 480:, 480:] = 0.0  # a change beyond that radius from the top-left corner
+    with torch.no_grad():
+        assert torch.equal(grown(x), base(x))
+        assert torch.equal(base(x)[..., :16, :16], base(y)[..., :16, :16])  # beyond the plain G's reach
+        torch.nn.init.normal_(grown.g.context.mlp[2].weight, std=0.5)  # as if trained
+        assert not torch.equal(grown(x)[..., :16, :16], grown(y)[..., :16, :16])
+    partial = {k: v for k, v in base.state_dict().items() if not k.startswith("g.outc")}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(WeightsError, match="missing"):
+        load_weights_checked(grown, tmp_path / "partial.pt", new=grown.new_parameters)  # only the context may be missing

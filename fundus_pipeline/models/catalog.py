@@ -27,6 +27,7 @@ class CatalogEntry:
 _ENTRIES = (
     CatalogEntry("cofe", "fundus_pipeline.models.cofe:cofe", "enhancement", "cofe", 8, 3_040_945, "Cofe-Net enhancement: two-scale G + RSA (IMFF w16) + LQA, compact width 8 (shipped)"),
     CatalogEntry("cofe_add", "fundus_pipeline.models.cofe:cofe_add", "enhancement", "cofe", 8, 3_040_945, "Cofe-Net enhancement: as cofe, with the additive output rule clip(I + G)"),
+    CatalogEntry("cofe_add_ctx", "fundus_pipeline.models.cofe:cofe_add_ctx", "enhancement", "cofe", 8, 3_049_265, "Cofe-Net enhancement: as cofe_add, with an image-level context (FiLM from global pooling) at G's bottleneck"),
     CatalogEntry("cofe_g", "fundus_pipeline.models.cofe:cofe_g", "enhancement", "cofe", 8, 557_379, "Cofe-Net enhancement ablation: G alone (one pass), width 8"),
     CatalogEntry("cofe_paper", "fundus_pipeline.models.cofe:cofe_paper", "enhancement", "cofe", 32, 14_335_657, "Cofe-Net enhancement at the paper's G width 32 (RSA IMFF w16)"),
     CatalogEntry("cofe_rsa", "fundus_pipeline.models.cofe:cofe_rsa", "enhancement", "cofe", 8, 2_870_453, "Cofe-Net enhancement ablation: single-scale G + RSA, width 8"),

@@ -23,6 +23,13 @@ Differences from the paper, all forced or stated:
   output mean blue 0.06 against the clean 0.20). A U-Net trained on released 111 alone (batch 8, lr 1e-3)
   with either rule: validation PSNR on 111 at step 100 18.05 dB (logit) against 18.39 dB (additive).
 - Init: He-normal with each ResBlock's second conv scaled by 1/4 (see ``reset_parameters``).
+- ``cofe_add_ctx`` (an extension, not in the paper): ``cofe_add`` with an image-level context at G's
+  bottleneck (:class:`GlobalContext`). Measured reason: the error the shipped enhancer leaves is smooth
+  colour and illumination over the whole photograph (README, "Where the remaining PSNR gap lies"), while
+  G sees the frame only through its convolutions (a theoretical radius of about 420 px through the
+  bottleneck, an effective one far smaller) and the structure branch's squeeze-excitation gates, trained
+  for vessels. It starts as the identity, so ``cofe_add`` weights initialise it exactly
+  (``new_parameters``).
 
 The forward pass returns the enhanced image in [0, 1]; ``forward_train`` returns every output the loss
 needs: ``out`` (full scale), ``out_half`` (the coarse pass, two-scale models only), ``vessel_logits``
@@ -110,12 +117,35 @@ class LQA(nn.Module):
         return self.head(self.up(self.down(x)))
 
 
+class GlobalContext(nn.Module):
+    """Image-level context (FiLM): the mean and maximum of each bottleneck channel over the whole frame, an
+    MLP, and a per-channel scale and shift of the bottleneck, ``y * (1 + g) + b``. The MLP's last layer
+    starts at zero, so the module starts as the identity. The frame is the FOV's bounding square, seen whole
+    by ``fundus enhance`` (one pass per photograph), so train it on whole frames (``--crop`` = the frame)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * c, 2 * c), nn.ReLU(inplace=True), nn.Linear(2 * c, 2 * c))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.mlp[0].weight, nonlinearity="relu")
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, y):
+        g, b = self.mlp(torch.cat([y.mean((2, 3)), y.amax((2, 3))], dim=1)).chunk(2, dim=1)
+        return y * (1 + g[..., None, None]) + b[..., None, None]
+
+
 class EnhanceG(nn.Module):
     """The enhancement encoder-decoder G (24 ResBlocks, three strided levels, ConvT decoder with additive
     skips; returns the pre-activation of the sigmoid output). ``rsa_ch``: channels of the structure features concatenated at 1/2, 1/4 and
-    1/8 scale (None: no concatenation, the fuse convs are c->c)."""
+    1/8 scale (None: no concatenation, the fuse convs are c->c); ``context``: a :class:`GlobalContext` on the
+    bottleneck."""
 
-    def __init__(self, in_ch: int, w: int, rsa_ch: tuple[int, int, int] | None):
+    def __init__(self, in_ch: int, w: int, rsa_ch: tuple[int, int, int] | None, context: bool = False):
         super().__init__()
         c1, c2, c3 = w, 2 * w, 4 * w
         r1, r2, r3 = rsa_ch or (0, 0, 0)
@@ -130,6 +160,7 @@ class EnhanceG(nn.Module):
         self.up2 = nn.Sequential(_res(c2), nn.ConvTranspose2d(c2, c2, 4, 2, 1))
         self.up1 = nn.Sequential(_res(c2), nn.ConvTranspose2d(c2, c1, 4, 2, 1))
         self.outc = nn.Sequential(_res(c1), _conv(c1, 3))
+        self.context = GlobalContext(c3) if context else None
 
     def forward(self, x, feats=None, attention=None):
         def cat(t, i):
@@ -142,6 +173,8 @@ class EnhanceG(nn.Module):
         x2 = self.fuse1(cat(t, 0))
         x3 = self.fuse2(cat(self.down2(x2), 1))
         y = self.fuse3(cat(self.down3(x3), 2))
+        if self.context is not None:
+            y = self.context(y)
         y = self.up3(y) + x3
         y = self.up2(y) + x2
         y = self.up1(y) + x1
@@ -155,7 +188,7 @@ class CofeNet(nn.Module):
     in_channels = 3
 
     def __init__(self, w: int = 32, *, rsa: bool = True, lqa: bool = True, two_scale: bool = True, rsa_width: int = 16, residual: bool = True,
-                 output: str = "logit"):
+                 output: str = "logit", context: bool = False):
         super().__init__()
         self.w, self.has_rsa, self.has_lqa, self.two_scale, self.residual, self.output = w, rsa, lqa, two_scale, residual, _checked_rule(output)
         # two-scale: 1/2-scale pass, G needs /8 there and IMFF /16 at full scale -> /16 (x2 for the coarse pass)
@@ -163,7 +196,10 @@ class CofeNet(nn.Module):
         self.rsa = IMFFNet(base=rsa_width) if rsa else None
         rsa_ch = (2 * rsa_width, 4 * rsa_width, 8 * rsa_width) if rsa else None
         self.lqa = LQA(w) if lqa else None
-        self.g = EnhanceG(6 if two_scale else 3, w, rsa_ch)
+        self.g = EnhanceG(6 if two_scale else 3, w, rsa_ch, context)
+        # tensors the model has beyond the same network without the context, which start as the identity:
+        # weights of that network initialise this one exactly (``--init``; the rest is checked strictly)
+        self.new_parameters = ("g.context.",) if context else ()
         self.upsample = nn.ConvTranspose2d(3, 3, 4, 2, 1) if two_scale else None
         self.reset_parameters()
 
@@ -189,6 +225,8 @@ class CofeNet(nn.Module):
                     m.conv_b.weight.mul_(0.25)
         if self.residual:  # the network starts as the identity
             nn.init.zeros_(self.g.outc[-1].weight)
+        if self.g.context is not None:
+            self.g.context.reset_parameters()
 
     def forward_train(self, x: torch.Tensor) -> dict:
         out: dict = {}
@@ -266,6 +304,12 @@ def cofe(**kw) -> CofeNet:
 @register_model("cofe_add", task="enhancement", arch="cofe", width=8, description=f"{_DESC}: as cofe, with the additive output rule clip(I + G)")
 def cofe_add(**kw) -> CofeNet:
     return CofeNet(8, output="add", **kw)
+
+
+@register_model("cofe_add_ctx", task="enhancement", arch="cofe", width=8,
+                description=f"{_DESC}: as cofe_add, with an image-level context (FiLM from global pooling) at G's bottleneck")
+def cofe_add_ctx(**kw) -> CofeNet:
+    return CofeNet(8, output="add", context=True, **kw)
 
 
 @register_model("cofe_paper", task="enhancement", arch="cofe", width=32, description=f"{_DESC} at the paper's G width 32 (RSA IMFF w16)")

@@ -181,15 +181,19 @@ def load_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> None:
+def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "", *, new: tuple[str, ...] = ()) -> None:
     """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
     pickled modules, after a strict check of its tensor names and shapes against ``model`` and of its
-    values (NaN or infinite values are refused: such weights give no decision, only NaN)."""
+    values (NaN or infinite values are refused: such weights give no decision, only NaN). ``new``: name
+    prefixes of tensors the model may have that the file lacks (a module added to a trained network that
+    starts as the identity, ``--init``); they keep their initial values, and every other name is checked."""
     import torch
 
     sd = load_state_dict(path)
     what = what or type(model).__name__
     want, got = set(model.state_dict()), set(sd)
+    if new:
+        want = {k for k in want if not k.startswith(new) or k in got}
     if want != got:
         missing, unexpected = sorted(want - got), sorted(got - want)
         raise WeightsError(
@@ -198,12 +202,12 @@ def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "") -> 
             + (f" (e.g. unexpected {unexpected[0]})" if unexpected else "")
         )
     for k, v in model.state_dict().items():
-        if v.shape != sd[k].shape:
+        if k in sd and v.shape != sd[k].shape:
             raise WeightsError(f"{path} does not fit architecture {what!r}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
     bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:  # every output would be NaN, and a NaN probability compares as no decision at all
         raise WeightsError(f"{path} is corrupt: tensor {bad} holds NaN or infinite values")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=not new)
 
 
 def load_model(

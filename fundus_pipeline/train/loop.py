@@ -164,7 +164,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     if cfg.init is not None:
         from fundus_pipeline.models.weights import load_weights_checked
 
-        load_weights_checked(model, cfg.init, task.model_name())
+        load_weights_checked(model, cfg.init, task.model_name(), new=getattr(model, "new_parameters", ()))
         log(f"initialised from {cfg.init}")
     model.to(device)
     task.setup(log)
