@@ -719,7 +719,13 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
     pending: deque = deque()  # (work, future of its decoding), in order
     ready: list[tuple[dict, ItemInput]] = []
     writes: deque = deque()
-    decoders = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+
+    def fresh_decoders(old: ProcessPoolExecutor | None = None) -> ProcessPoolExecutor:
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+
+    decoders = fresh_decoders()
     writers = ThreadPoolExecutor(max_workers=2)  # PNG encoding releases the GIL
     try:
         while queue or pending or ready:
@@ -728,8 +734,7 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
                     pending.append((queue[-1], decoders.submit(_decode_in_worker, queue[-1])))
                 except BrokenProcessPool:  # a decoder died since the last submit: the item it held is in
                     if not pending:  # pending and is recovered below; a pool that died with nothing in flight is replaced
-                        decoders.shutdown(wait=False, cancel_futures=True)
-                        decoders = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+                        decoders = fresh_decoders(decoders)
                         continue
                     break
                 queue.pop()
@@ -739,10 +744,9 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
                 try:
                     row, item = f.result()
                 except BrokenProcessPool:  # a decoder died: the items in flight are decoded again one at a time
-                    decoders.shutdown(wait=False, cancel_futures=True)
                     redo = [w] + [x for x, _ in pending]
                     pending.clear()
-                    decoders = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+                    decoders = fresh_decoders(decoders)
                     row, item = _decode_alone(stage, redo[0], ctx)
                     queue.extend(reversed(redo[1:]))
                 if item is None:

@@ -5,6 +5,9 @@ and the autocast context (bf16 on the CPU) within the stated tolerance."""
 from __future__ import annotations
 
 import os
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,40 +95,37 @@ def test_a_dying_decoder_loses_and_duplicates_no_row(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"{n}.png" for n in names]
 
 
-class KillingPool:
-    """A decoding pool (``runner.ProcessPoolExecutor`` replaced) whose ``at``-th submit first kills one of its
-    processes and waits until the pool knows it is broken: the break is seen at submit, not at a result."""
+class KillingPool(ProcessPoolExecutor):
+    """A pool (put in place of ``runner.ProcessPoolExecutor``) whose ``at``-th submit, counted over all its
+    instances, first kills one of its processes and waits until the pool knows it is broken: the break is
+    seen at submit, not at a result."""
 
     count = 0
+    at = 3
 
-    def __new__(cls, *args, at: int = 3, **kwargs):
-        import signal
-        import time
-        from concurrent.futures import ProcessPoolExecutor
+    def submit(self, fn, /, *args, **kwargs):
+        KillingPool.count += 1
+        if KillingPool.count == KillingPool.at and self._processes:
+            os.kill(next(iter(self._processes)), signal.SIGKILL)
+            t0 = time.monotonic()
+            while not self._broken and time.monotonic() - t0 < 30:
+                time.sleep(0.01)
+        return super().submit(fn, *args, **kwargs)
 
-        class Pool(ProcessPoolExecutor):
-            def submit(self, fn, /, *a, **kw):
-                KillingPool.count += 1
-                if KillingPool.count == at and self._processes:
-                    os.kill(next(iter(self._processes)), signal.SIGKILL)
-                    t0 = time.monotonic()
-                    while not self._broken and time.monotonic() - t0 < 30:
-                        time.sleep(0.01)
-                return super().submit(fn, *a, **kw)
 
-        return Pool(*args, **kwargs)
+def _kill_at(monkeypatch, at: int) -> None:
+    import fundus_pipeline.runner as runner
+
+    monkeypatch.setattr(KillingPool, "count", 0)
+    monkeypatch.setattr(KillingPool, "at", at)
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", KillingPool)
 
 
 @pytest.mark.parametrize("at", [3, 9])
 def test_a_pool_found_broken_at_submit_loses_and_duplicates_no_row(tmp_path, monkeypatch, at):
-    import functools
-
-    import fundus_pipeline.runner as runner
-
     names = [f"p{i:02d}" for i in range(12)]
     d = _folder(tmp_path, names, size=32)
-    KillingPool.count = 0
-    monkeypatch.setattr(runner, "ProcessPoolExecutor", functools.partial(KillingPool, at=at))
+    _kill_at(monkeypatch, at)
     rows: list[dict] = []
     out = tmp_path / "out"
     out.mkdir()
@@ -138,14 +138,11 @@ def test_a_pool_found_broken_at_submit_loses_and_duplicates_no_row(tmp_path, mon
 def test_a_worker_pool_found_broken_at_submit_loses_and_duplicates_no_row(tmp_path, monkeypatch, persistent):
     """The same for the workers of an ordinary ``--workers`` run (one pool per stage, or the persistent pool
     of a chained run): the chunk whose submit met the broken pool is processed, once."""
-    import functools
-
     import fundus_pipeline.runner as runner
 
     names = [f"p{i:02d}" for i in range(12)]
     d = _folder(tmp_path, names, size=32)
-    KillingPool.count = 0
-    monkeypatch.setattr(runner, "ProcessPoolExecutor", functools.partial(KillingPool, at=3))
+    _kill_at(monkeypatch, 3)
     if persistent:
         with runner.WorkerPool(2, 1) as pool:
             res = run_stage(SlowStage(), d, tmp_path / "out", workers=2, progress=False, pool=pool)
