@@ -238,6 +238,9 @@ def test_export_description_states_the_runs_loss_and_checkpoint_rule():
     seg = export_description(selection, run)(build_model("cofe_tiny"))
     assert "by mean vessel F1" in seg["training"]["validation"] and seg["input"]["scale_policy"]["size"] == 256
     assert "0.1 x BCE between the frozen imff segmenter's vessel maps" in seg["training"]["loss"] and seg["training"]["loss"].endswith("initialised from cofe_add.pt")
+    assert "low-passed" not in seg["training"]["loss"]
+    deployed = export_description(selection, {**run, "deploy_sigma": 32.0})(build_model("cofe_tiny"))["training"]
+    assert "correction low-passed at sigma 32 px" in deployed["loss"] and deployed["validation"].endswith("of that low-passed output")
 
 
 def test_record_correction_selection_sets_the_entrys_low_pass_and_refuses_an_unknown_entry(tmp_path):
@@ -287,3 +290,35 @@ def test_the_context_variant_starts_as_the_network_it_grows_from_and_sees_the_wh
     torch.save(partial, tmp_path / "partial.pt")
     with pytest.raises(WeightsError, match="missing"):
         load_weights_checked(grown, tmp_path / "partial.pt", new=grown.new_parameters)  # only the context may be missing
+
+
+def test_deploy_sigma_trains_what_fundus_enhance_writes():
+    """The differentiable low-pass equals the one `fundus enhance` applies (OpenCV), and with --deploy-sigma the
+    full-scale terms judge that low-passed image: a correction made only of fine detail costs nothing there."""
+    from fundus_pipeline.stages.enhance import smooth_correction
+    from fundus_pipeline.train.enhance import smooth_correction_torch
+
+    rng = np.random.default_rng(3)
+    inp, out = rng.random((2, 96, 96, 3), dtype=np.float32)
+    yy, xx = np.mgrid[:96, :96]
+    fov = (yy - 47.5) ** 2 + (xx - 47.5) ** 2 <= 44**2
+    for sigma in (4.0, 8.0):
+        ref = smooth_correction(inp, out, fov, sigma)
+
+        def t(a):
+            return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
+
+        got = smooth_correction_torch(t(out), t(inp), torch.from_numpy(fov.astype(np.float32))[None, None], sigma)[0].numpy().transpose(1, 2, 0)
+        np.testing.assert_allclose(got[fov], ref[fov], atol=2e-5)
+    clean = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(1, 1, 64, 64)
+    batch = (clean, clean, ones, torch.zeros_like(ones), torch.zeros_like(ones))
+    detail = clean + 0.2 * torch.sign(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))  # white noise
+    raw = float(enhance_loss({"out": detail}, batch, 0.0, 0.0))
+    deployed = float(enhance_loss({"out": detail}, batch, 0.0, 0.0, deploy_sigma=8.0))
+    assert raw == pytest.approx(0.2, rel=1e-5) and deployed < 0.05 * raw
+    shifted = clean + 0.1  # a smooth correction survives the low-pass
+    assert float(enhance_loss({"out": shifted}, batch, 0.0, 0.0, deploy_sigma=8.0)) == pytest.approx(0.1, rel=1e-3)
+    grad = detail.clone().requires_grad_(True)
+    enhance_loss({"out": grad}, batch, 0.0, 0.0, deploy_sigma=8.0).backward()
+    assert float(grad.grad.abs().sum()) > 0

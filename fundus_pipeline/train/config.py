@@ -200,6 +200,7 @@ class EnhanceConfig(SourcesConfig):
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
     seg_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Weight of the segmenter term: BCE, inside the FOV, between the frozen shipped segmenter's vessel map of the output and its map of the clean image (0: off, Cofe-Net's loss).")
+    deploy_sigma: float = Field(0.0, ge=0.0, le=128.0, allow_inf_nan=False, description="Train what `fundus enhance` deploys: with S > 0 the full-scale L1 terms and the segmenter term judge the input plus the correction low-passed at sigma S px (the manifest's correction_sigma), and validation scores that image (0: the raw output, Cofe-Net's loss).")
     select: str = Field("psnr", description="Validation figure that chooses best.pt: psnr (mean PSNR over the degraded pairs) or vessel_f1 (mean vessel F1 of the frozen segmenter on the outputs, against each source's vessel target).")
 
     @field_validator("arch")

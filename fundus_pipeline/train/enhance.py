@@ -306,24 +306,55 @@ def segmenter_term(seg: nn.Module, out: torch.Tensor, clean: torch.Tensor, fov: 
     return (bce * fov).mean()
 
 
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """The 1-D Gaussian OpenCV's ``GaussianBlur`` uses for float images (``ksize = round(8 sigma + 1) | 1``)."""
+    k = int(round(sigma * 8 + 1)) | 1
+    x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def smooth_correction_torch(out: torch.Tensor, inp: torch.Tensor, fov: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``stages.enhance.smooth_correction`` on N x C x H x W tensors, differentiable: ``inp`` plus the
+    correction ``out - inp`` Gaussian-low-passed inside ``fov`` (zero padding, normalised by the blurred FOV)."""
+    g = gaussian_kernel(sigma).to(out.device, out.dtype)
+    k = g.numel()
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        x = F.conv2d(x, g.view(1, 1, 1, k).expand(c, 1, 1, k), padding=(0, k // 2), groups=c)
+        return F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), padding=(k // 2, 0), groups=c)
+
+    return inp + blur((out - inp) * fov) / blur(fov).clamp_min(1e-3)
+
+
 def enhance_loss(
-    out: dict, batch: Batch, disc_weight: float, vessel_weight: float, seg: nn.Module | None = None, seg_weight: float = 0.0
+    out: dict,
+    batch: Batch,
+    disc_weight: float,
+    vessel_weight: float,
+    seg: nn.Module | None = None,
+    seg_weight: float = 0.0,
+    deploy_sigma: float = 0.0,
 ) -> torch.Tensor:
     """Cofe-Net's loss (see the module docstring) on ``forward_train``'s outputs, plus ``seg_weight`` times
-    the segmenter term when ``seg`` (the frozen segmenter) is given."""
-    _, clean, fov, disc, ves = batch
+    the segmenter term when ``seg`` (the frozen segmenter) is given. With ``deploy_sigma`` > 0 the
+    full-scale L1 terms and the segmenter term judge what ``fundus enhance`` writes with that correction
+    low-pass (``smooth_correction_torch``) instead of the raw output; the half-scale term stays on the raw one."""
+    deg, clean, fov, disc, ves = batch
 
     def pixel(o, b, r, d):
         return F.l1_loss(o * r, b * r) + disc_weight * F.l1_loss(o * d, b * d)
 
-    loss = pixel(out["out"], clean, fov, disc)
+    full = out["out"] if deploy_sigma <= 0 else smooth_correction_torch(out["out"], deg, fov, deploy_sigma)
+    loss = pixel(full, clean, fov, disc)
     if "out_half" in out:
         loss = loss + pixel(out["out_half"], F.avg_pool2d(clean, 2), F.avg_pool2d(fov, 2), F.avg_pool2d(disc, 2))
     if "vessel_logits" in out and vessel_weight > 0:
         bce = F.binary_cross_entropy_with_logits(out["vessel_logits"], ves, reduction="none")
         loss = loss + vessel_weight * (bce * fov).mean()
     if seg is not None and seg_weight > 0:
-        loss = loss + seg_weight * segmenter_term(seg, out["out"], clean, fov)
+        loss = loss + seg_weight * segmenter_term(seg, full, clean, fov)
     return loss
 
 
@@ -368,14 +399,19 @@ def _means(per: dict[str, list[float]], prefix: str) -> dict[str, float]:
     return {f"{prefix}_{k}": round(float(np.mean(v)), 4) for k, v in per.items()}
 
 
-def validate(model: nn.Module, pairs, device, seg: tuple[nn.Module, float] | None = None, input_f1: dict | None = None) -> dict:
+def validate(
+    model: nn.Module, pairs, device, seg: tuple[nn.Module, float] | None = None, input_f1: dict | None = None, sigma: float = 0.0
+) -> dict:
     """Mean PSNR per kind of pair (and of the inputs); with ``seg`` (the frozen segmenter and its threshold),
-    the mean vessel F1 too (``input_f1``: the inputs' figures, computed once by ``input_vessel_f1``)."""
+    the mean vessel F1 too (``input_f1``: the inputs' figures, computed once by ``input_vessel_f1``). With
+    ``sigma`` > 0 the outputs are what ``fundus enhance`` writes with that correction low-pass."""
+    from fundus_pipeline.stages.enhance import smooth_correction
+
     per: dict[str, list[float]] = {}
     base: dict[str, list[float]] = {}
     f1: dict[str, list[float]] = {}
     for kind, deg, s in pairs:
-        out = enhance_canonical(model, deg, device) * s.fov[..., None]
+        out = np.clip(smooth_correction(deg, enhance_canonical(model, deg, device), s.fov, sigma), 0, 1) * s.fov[..., None]
         per.setdefault(kind, []).append(psnr_in(out, s.rgb, s.fov))
         if kind != "clean":
             base.setdefault(kind, []).append(psnr_in(deg, s.rgb, s.fov))
@@ -448,13 +484,14 @@ class EnhanceTask(Task):
 
     def loss(self, out: dict, batch: Batch) -> torch.Tensor:
         seg = self._segmenter(batch[0].device)[0] if self.cfg.seg_weight > 0 else None
-        return enhance_loss(out, batch, self.cfg.disc_weight, self.cfg.vessel_weight, seg, self.cfg.seg_weight)
+        cfg = self.cfg
+        return enhance_loss(out, batch, cfg.disc_weight, cfg.vessel_weight, seg, cfg.seg_weight, cfg.deploy_sigma)
 
     def validate(self, model: nn.Module, device: torch.device) -> dict:
         seg = self._segmenter(device)
         if self.input_f1 is None:
             self.input_f1 = input_vessel_f1(self.pairs, device, seg)
-        return validate(model, self.pairs, device, seg, self.input_f1)
+        return validate(model, self.pairs, device, seg, self.input_f1, self.cfg.deploy_sigma)
 
 
 def train(cfg: EnhanceConfig) -> dict:
@@ -473,6 +510,9 @@ def export_description(transfer_selection: dict, config: dict | None = None) -> 
     loss = f"FOV-masked L1 at both scales + {config['disc_weight']:g} x L1 in the optic-disc box + {config['vessel_weight']:g} x BCE of the structure branch's vessel map"
     if config["seg_weight"] > 0:
         loss += f" + {config['seg_weight']:g} x BCE between the frozen imff segmenter's vessel maps of the output and of the clean image"
+    if float(config.get("deploy_sigma") or 0) > 0:
+        loss += f"; the full-scale terms judge the input plus the correction low-passed at sigma {float(config['deploy_sigma']):g} px (what fundus enhance writes)"
+        selection += " of that low-passed output"
     if config.get("init"):
         loss += f"; initialised from {Path(config['init']).name}"
     weights = [float(w) for w in config["family_weights"]]
