@@ -75,6 +75,9 @@ def test_train_enhance_writes_a_run_and_resumes_bit_exactly(fake_data, tmp_path,
         (["--family-weights", "0,0,0"], "--family-weights must be three non-negative numbers"),
         (["--family-weights", "1,-1,1"], "--family-weights must be three non-negative numbers"),
         (["--family-weights", "1,x,1"], "--family-weights must be three comma-separated numbers"),
+        (["--datasets", "drive,messidor"], "--datasets must name one or more of drive, hrf, heimed"),
+        (["--datasets", ","], "--datasets must name one or more of drive, hrf, heimed"),
+        (["--deploy-sigma", "-1"], "--deploy-sigma"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(fake_data, tmp_path, capsys, extra, message):
@@ -322,3 +325,22 @@ def test_deploy_sigma_trains_what_fundus_enhance_writes():
     grad = detail.clone().requires_grad_(True)
     enhance_loss({"out": grad}, batch, 0.0, 0.0, deploy_sigma=8.0).backward()
     assert float(grad.grad.abs().sum()) > 0
+
+
+def test_datasets_restricts_training_and_validation_to_one_camera(fake_data, tmp_path):
+    """--datasets drive trains and validates on DRIVE alone (the cache still holds every source, so a later
+    run with all three reuses it); the export says which parts were used."""
+    from fundus_pipeline.models.registry import build_model
+    from fundus_pipeline.train.enhance import export_description
+
+    shared = tmp_path / "sources.npz"
+    assert _train(*_args(fake_data, tmp_path / "all", "--cache", str(shared))) == 0
+    one = tmp_path / "drive"
+    assert _train(*_args(fake_data, one, "--datasets", "Drive", "--cache", str(shared))) == 0
+    log = (one / "train.log").read_text()
+    assert "train 16 sources, val 4 (drive/37, drive/38, drive/39, drive/40" in log and "preparing" not in log
+    config = json.loads((one / "summary.json").read_text())["config"]
+    assert config["datasets"] == ["drive"]
+    training = export_description({"choice": "residual"}, config)(build_model("cofe_tiny"))["training"]
+    assert training["data"].startswith("clean sources degraded on the fly: DRIVE training 21-36; released")
+    assert training["validation"].startswith("DRIVE 37-40, each degraded")

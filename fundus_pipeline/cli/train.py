@@ -93,6 +93,7 @@ def train_enhance(
     vessel_weight: Annotated[float, _e("vessel_weight")] = _E["vessel_weight"].default,
     rsa_init: Annotated[str, _e("rsa_init")] = _E["rsa_init"].default,
     seg_weight: Annotated[float, _e("seg_weight")] = _E["seg_weight"].default,
+    datasets: Annotated[str, _e("datasets")] = "drive,hrf,heimed",
     deploy_sigma: Annotated[float, _e("deploy_sigma")] = _E["deploy_sigma"].default,
     select: Annotated[str, _e("select")] = _E["select"].default,
     cache: Annotated[Optional[Path], _e("cache", show_default=False)] = None,
@@ -109,7 +110,7 @@ def train_enhance(
         out=out, arch=arch, data=data, steps=steps, batch_size=batch_size, size=size, crop=crop, lr=lr, seed=seed,
         val_every=val_every, ckpt_every=ckpt_every, threads=threads, device=device, amp=amp, clean_p=clean_p,
         family_weights=family_weights, disc_weight=disc_weight, vessel_weight=vessel_weight, rsa_init=rsa_init, seg_weight=seg_weight,
-        deploy_sigma=deploy_sigma, select=select, cache=cache, init=init, resume=resume,
+        datasets=datasets, deploy_sigma=deploy_sigma, select=select, cache=cache, init=init, resume=resume,
     )  # fmt: skip
     from fundus_pipeline.train.enhance import train
 

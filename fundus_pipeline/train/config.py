@@ -97,7 +97,7 @@ class TrainConfig(BaseModel):
                 if isinstance(value, bool):
                     argv += [option_name(name)] if value else []
                 elif isinstance(value, tuple):
-                    argv += [option_name(name), ",".join(f"{x:g}" for x in value)]
+                    argv += [option_name(name), ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)]
                 elif value is not None:
                     argv += [option_name(name), str(value)]
         return argv
@@ -200,6 +200,7 @@ class EnhanceConfig(SourcesConfig):
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
     seg_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Weight of the segmenter term: BCE, inside the FOV, between the frozen shipped segmenter's vessel map of the output and its map of the clean image (0: off, Cofe-Net's loss).")
+    datasets: tuple[str, ...] = Field(("drive", "hrf", "heimed"), description="Source datasets that train and validate (comma-separated: drive, hrf, heimed; e.g. drive alone adapts the enhancer to one camera).")
     deploy_sigma: float = Field(0.0, ge=0.0, le=128.0, allow_inf_nan=False, description="Train what `fundus enhance` deploys: with S > 0 the full-scale L1 terms and the segmenter term judge the input plus the correction low-passed at sigma S px (the manifest's correction_sigma), and validation scores that image (0: the raw output, Cofe-Net's loss).")
     select: str = Field("psnr", description="Validation figure that chooses best.pt: psnr (mean PSNR over the degraded pairs) or vessel_f1 (mean vessel F1 of the frozen segmenter on the outputs, against each source's vessel target).")
 
@@ -218,6 +219,14 @@ class EnhanceConfig(SourcesConfig):
         if len(v) != 3 or not all(math.isfinite(x) and x >= 0 for x in v) or sum(v) <= 0:
             raise ValueError(f"--family-weights must be three non-negative numbers with a positive sum, not {','.join(map(str, v))}")
         return v
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets(cls, v):
+        names = tuple(x.strip().lower() for x in (v.split(",") if isinstance(v, str) else v) if x.strip())
+        if not names or any(n not in ("drive", "hrf", "heimed") for n in names):
+            raise ValueError(f"--datasets must name one or more of drive, hrf, heimed, not {v if isinstance(v, str) else ','.join(v)!r}")
+        return tuple(sorted(set(names), key=("drive", "hrf", "heimed").index))
 
     @field_validator("select")
     @classmethod

@@ -470,6 +470,7 @@ class EnhanceTask(Task):
     def setup(self, log: Callable[[str], None]) -> None:
         cfg = self.cfg
         sources = prepare_sources(cfg.data_root, cfg.size, resolve_segmenter(), cfg.cache_path, log)
+        sources = [s for s in sources if s.name.split("/")[0] in cfg.datasets]  # the cache always holds all three
         train, val = split_sources(sources)
         located = [s for s in sources if s.disc_kind == "located"]
         log(f"train {len(train)} sources, val {len(val)} ({', '.join(s.name for s in val[:7])}, ...); discs located on {len(located)}")
@@ -499,6 +500,10 @@ def train(cfg: EnhanceConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------- weights export
+TRAIN_PARTS = {"drive": "DRIVE training 21-36", "hrf": "HRF training 01-04 of each class", "heimed": "HEI-MED (152 of 169 photographs)"}
+VAL_PARTS = {"drive": "DRIVE 37-40", "hrf": "HRF 05_h/05_g/05_dr", "heimed": "every 10th HEI-MED photograph (17)"}
+
+
 def export_description(transfer_selection: dict, config: dict | None = None) -> Callable[[nn.Module], dict]:
     """The enhancement-specific parts of a weights manifest entry (``export_weights``'s ``describe``):
     the canonical-frame input contract, the image output with the transfer rule chosen by
@@ -515,6 +520,7 @@ def export_description(transfer_selection: dict, config: dict | None = None) -> 
         selection += " of that low-passed output"
     if config.get("init"):
         loss += f"; initialised from {Path(config['init']).name}"
+    datasets = [d for d in TRAIN_PARTS if d in config["datasets"]]
     weights = [float(w) for w in config["family_weights"]]
     families = "released and training-time Cofe-Net types 001-111 and the mild/moderate/severe recipes"
     if len(set(weights)) > 1:
@@ -536,8 +542,8 @@ def export_description(transfer_selection: dict, config: dict | None = None) -> 
             },
             "output": {"kind": "image", "activation": OUTPUT_RULES[getattr(model, "output", "logit")], "transfer": transfer_selection["choice"], "transfer_selection": transfer_selection},
             "training": {
-                "data": "clean sources degraded on the fly: DRIVE training 21-36, HRF training 01-04 of each class, HEI-MED (152 of 169 photographs); " + families + f"; {100 * float(config['clean_p']):g}% left clean",
-                "validation": f"DRIVE 37-40, HRF 05_h/05_g/05_dr, every 10th HEI-MED photograph (17), each degraded with released 111 and moderate (seed 0) and left clean; {selection}",
+                "data": "clean sources degraded on the fly: " + ", ".join(TRAIN_PARTS[d] for d in datasets) + "; " + families + f"; {100 * float(config['clean_p']):g}% left clean",
+                "validation": ", ".join(VAL_PARTS[d] for d in datasets) + f", each degraded with released 111 and moderate (seed 0) and left clean; {selection}",
                 "loss": loss,
                 "test_never_used": "DRIVE 01-20, HRF 06-15",
             },
