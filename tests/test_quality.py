@@ -243,3 +243,17 @@ def test_pretext_and_score_training_resume_bit_exactly_and_score_runs(quality_se
                      "--bootstrap", "20", "--out", str(tmp_path / "ev"), "--format", "json"]) == 0  # fmt: skip
     ev = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert ev["overall"]["n"] == 6
+
+
+def test_pretext_validation_crops_do_not_depend_on_the_training_seed(fake_data, tmp_path):
+    """Runs with different --seed (a continuation uses a new one) are validated on the same crops."""
+    from fundus_pipeline.train.config import PretextConfig
+    from fundus_pipeline.train.score import PretextTask
+
+    tasks = []
+    for seed in (0, 3):
+        task = PretextTask(PretextConfig(out=tmp_path / f"r{seed}", data=fake_data, arch="vit_fundus_tiny", seed=seed, pool_draws=1, cache=tmp_path / "c.npz"))
+        task.setup(lambda m: None)
+        tasks.append(task)
+    assert torch.equal(tasks[0].val_x, tasks[1].val_x) and torch.equal(tasks[0].val_t, tasks[1].val_t)
+    assert float(tasks[0].val_t[:, :-3].sum()) > 0  # some operations were applied: not clean crops only
