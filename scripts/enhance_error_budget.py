@@ -8,7 +8,12 @@ what a correction of that kind can buy, they are not methods):
 - ``smooth``: the image plus its error low-passed (Gaussian, sigma 8 / 32 px, normalised inside the FOV),
   the best smooth correction, of the kind ``fundus enhance``'s correction low-pass keeps.
 
-and one correction that needs no clean image, a site colour prior: ``site_prior``, the image's per-channel
+For each enhancer it also measures whether the deployed correction (the output's correction low-passed at
+sigma 32, as ``fundus enhance`` writes it) is merely too timid: ``projection`` is the least-squares slope of
+that correction on the ideal smooth correction (the clean image's, same low-pass; 1 = right amount in the
+right direction), and ``scaled_K`` the PSNR of the input plus K times the correction (K = 0.5, 1, 1.5, 2).
+
+And one correction that needs no clean image, a site colour prior: ``site_prior``, the image's per-channel
 mean and standard deviation inside the FOV moved to the mean of those of the clean *training* sources of
 the same dataset. Its row for the clean photographs themselves (``clean``) bounds what any colour prior of
 that kind can reach: the photograph-to-photograph colour variation within one dataset.
@@ -71,6 +76,18 @@ def budget(img: np.ndarray, clean: np.ndarray, fov: np.ndarray, prior: tuple[np.
     }
 
 
+SCALES = (0.5, 1.0, 1.5, 2.0)
+
+
+def correction_scale(out: np.ndarray, deg: np.ndarray, clean: np.ndarray, fov: np.ndarray, sigma: float = 32.0) -> dict[str, float]:
+    corr = smooth_correction(deg, out, fov, sigma) - deg
+    ideal = (smooth_correction(deg, clean, fov, sigma) - deg)[fov]
+    res = {"projection": float((corr[fov] * ideal).sum() / max(float((ideal * ideal).sum()), 1e-12))}
+    for k in SCALES:
+        res[f"scaled_{k:g}"] = E.psnr_in(np.clip(deg + k * corr, 0, 1) * fov[..., None], clean, fov)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default="cofe_add_seg,cofe")
@@ -97,7 +114,7 @@ def main() -> None:
             rows.setdefault("clean", {}).setdefault("input", []).append({"dataset": dataset, "site_prior": E.psnr_in(prior_fix(s.rgb, fov, prior), s.rgb, fov)})
         for w, m in models.items():
             out = np.clip(E.enhance_canonical(m, deg, "cpu"), 0, 1) * fov[..., None]
-            rows[kind].setdefault(w, []).append({"dataset": dataset, **budget(out, s.rgb, fov, prior)})
+            rows[kind].setdefault(w, []).append({"dataset": dataset, **budget(out, s.rgb, fov, prior), **correction_scale(out, deg, s.rgb, fov)})
 
     def means(rs: list[dict]) -> dict:
         return {m: round(float(np.mean([r[m] for r in rs])), 3) for m in rs[0] if m != "dataset"}
