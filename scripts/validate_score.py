@@ -7,8 +7,8 @@ Each weights argument is a shipped name, a weights file or a training checkpoint
 architecture from ``--arch``, default ``sdmp``). The crops are the test-time protocol of ``fundus score`` and
 of the trainer's validation. ``--average`` also scores the mean prediction of all the given weights.
 ``--stride 3`` reproduces the trainer's validation pairs. One JSON line per weights (and the average) on
-stdout, with a bootstrap 95% CI over the validation sources; ``--predictions FILE`` writes the per-pair
-predictions as CSV.
+stdout, with a bootstrap 95% CI over the validation sources and the SROCC per dataset (camera: the split
+mixes them in other shares than the test part); ``--predictions FILE`` writes the per-pair predictions as CSV.
 """
 
 from __future__ import annotations
@@ -60,14 +60,22 @@ def main() -> None:
     frames = [reader(r) for r in rows]
     lab = np.array([float(r["label"]) for r in rows])
     groups = [r["source"] for r in rows]
+    datasets = [r["dataset"] for r in rows]
     boxes = crop_boxes(SCORE_SIZE, CROP)
     preds: dict[str, np.ndarray] = {}
 
     def report(name: str, pred: np.ndarray) -> None:
+        from scipy.stats import spearmanr
+
         m = iqa_metrics(pred, lab)
         out = {"weights": name, "pairs": len(rows), "sources": len(set(groups))}
         out.update({k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")})
         out["srocc_ci95"] = srocc_ci(pred, lab, groups)
+        out["srocc_by_dataset"] = {
+            d: round(float(spearmanr(pred[m], lab[m]).statistic), 4) if m.sum() >= 3 else None
+            for d in sorted(set(datasets))
+            for m in [np.array(datasets) == d]
+        }
         print(json.dumps(out), flush=True)
 
     for w in a.weights:
