@@ -93,7 +93,7 @@ def train_enhance(
     vessel_weight: Annotated[float, _e("vessel_weight")] = _E["vessel_weight"].default,
     rsa_init: Annotated[str, _e("rsa_init")] = _E["rsa_init"].default,
     seg_weight: Annotated[float, _e("seg_weight")] = _E["seg_weight"].default,
-    datasets: Annotated[str, _e("datasets")] = "drive,hrf,heimed",
+    datasets: Annotated[str, _e("datasets")] = ",".join(_E["datasets"].default),
     deploy_sigma: Annotated[float, _e("deploy_sigma")] = _E["deploy_sigma"].default,
     select: Annotated[str, _e("select")] = _E["select"].default,
     cache: Annotated[Optional[Path], _e("cache", show_default=False)] = None,

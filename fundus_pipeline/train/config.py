@@ -167,6 +167,9 @@ def _data_root(data: Path | None) -> Path:
     return data or default_data_root()
 
 
+SOURCE_DATASETS = ("drive", "hrf", "heimed")  # the datasets of the clean training sources (``--datasets`` picks among them)
+
+
 class SourcesConfig(TrainConfig):
     """Options of the tasks that read the clean canonical training sources (``train.enhance.prepare_sources``):
     the dataset root and the cache of the prepared sources."""
@@ -200,7 +203,7 @@ class EnhanceConfig(SourcesConfig):
     vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
     seg_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Weight of the segmenter term: BCE, inside the FOV, between the frozen shipped segmenter's vessel map of the output and its map of the clean image (0: off, Cofe-Net's loss).")
-    datasets: tuple[str, ...] = Field(("drive", "hrf", "heimed"), description="Source datasets that train and validate (comma-separated: drive, hrf, heimed; e.g. drive alone adapts the enhancer to one camera).")
+    datasets: tuple[str, ...] = Field(SOURCE_DATASETS, description="Source datasets that train and validate (comma-separated: drive, hrf, heimed; e.g. drive alone adapts the enhancer to one camera).")
     deploy_sigma: float = Field(0.0, ge=0.0, le=128.0, allow_inf_nan=False, description="Train what `fundus enhance` deploys: with S > 0 the full-scale L1 terms and the segmenter term judge the input plus the correction low-passed at sigma S px (the manifest's correction_sigma), and validation scores that image (0: the raw output, Cofe-Net's loss).")
     select: str = Field("psnr", description="Validation figure that chooses best.pt: psnr (mean PSNR over the degraded pairs) or vessel_f1 (mean vessel F1 of the frozen segmenter on the outputs, against each source's vessel target).")
 
@@ -224,9 +227,9 @@ class EnhanceConfig(SourcesConfig):
     @classmethod
     def _datasets(cls, v):
         names = tuple(x.strip().lower() for x in (v.split(",") if isinstance(v, str) else v) if x.strip())
-        if not names or any(n not in ("drive", "hrf", "heimed") for n in names):
-            raise ValueError(f"--datasets must name one or more of drive, hrf, heimed, not {v if isinstance(v, str) else ','.join(v)!r}")
-        return tuple(sorted(set(names), key=("drive", "hrf", "heimed").index))
+        if not names or any(n not in SOURCE_DATASETS for n in names):
+            raise ValueError(f"--datasets must name one or more of {', '.join(SOURCE_DATASETS)}, not {v if isinstance(v, str) else ','.join(v)!r}")
+        return tuple(sorted(set(names), key=SOURCE_DATASETS.index))
 
     @field_validator("select")
     @classmethod
