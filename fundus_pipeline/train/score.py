@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -276,14 +276,16 @@ class ScoreTask(Task):
     def validate(self, model: nn.Module, device: torch.device) -> dict:
         from fundus_pipeline.evaluation.score import iqa_metrics
 
-        boxes = crop_boxes(self.cfg.size, CROP)
-        pred, lab = [], []
-        for row in self.val:
-            e, r = self.reader(row)
-            pred.append(predict_pair(model, e.astype(np.float32) / 255, r.astype(np.float32) / 255, device, boxes)[0])
-            lab.append(float(row["label"]))
-        m = iqa_metrics(np.array(pred), np.array(lab))
+        pred = predict_frames(model, (self.reader(row) for row in self.val), device, self.cfg.size)
+        m = iqa_metrics(pred, np.array([float(row["label"]) for row in self.val]))
         return {k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")}
+
+
+def predict_frames(model: nn.Module, frames: Iterable[tuple[np.ndarray, np.ndarray]], device, size: int = SCORE_SIZE) -> np.ndarray:
+    """The test-time score of each (enhanced, reference) pair of uint8 scoring frames (``PairReader``'s),
+    one pair a forward pass: the trainer's validation protocol (``scripts/validate_score.py`` uses it too)."""
+    boxes = crop_boxes(size, CROP)
+    return np.array([predict_pair(model, e.astype(np.float32) / 255, r.astype(np.float32) / 255, device, boxes)[0] for e, r in frames])
 
 
 def train_score(cfg: ScoreConfig) -> dict:
