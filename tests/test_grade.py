@@ -107,6 +107,19 @@ def test_grade_set_layout_and_resume(grade_set, fake_data):
     assert _build(fake_data, grade_set, "--parts", "train", "--seed", "9") == 2  # other options: refused
 
 
+def test_trainer_reads_set_images_at_their_stored_side(grade_set):
+    """Training crops come from the finest copy the set holds (``--store-size``), enlarged only below the
+    model's input: a 448-input grader trained on a 512 set must not see 256-pixel images blown up."""
+    from fundus_pipeline.train.grade import read_u8, set_items
+
+    side = next(iter((grade_set / "train" / "images").glob("*.png")))
+    stored = int(read_u8(side).shape[0])
+    small = set_items(grade_set, "train", stored // 2)
+    big = set_items(grade_set, "train", stored * 2)
+    assert {i.image.shape for i in small} == {(stored, stored, 3)}
+    assert {i.image.shape for i in big} == {(stored * 2, stored * 2, 3)}
+
+
 def test_fit_temperature_recovers_a_known_temperature():
     from fundus_pipeline.train.grade import fit_temperature
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fundus_pipeline.models.hemf import (
     EGF,
@@ -17,6 +18,7 @@ from fundus_pipeline.models.hemf import (
     MHEA,
     RetentionRelPos2d,
     VisionRetentionChunk,
+    expand_patch_stems,
     rotate_every_two,
     theta_shift,
 )
@@ -221,3 +223,33 @@ def test_constructor_checks():
     conv = m.local_stages[0][0].conv.weight
     assert 0.015 < conv.std() < 0.025 and m.local_stages[0][0].conv.bias.abs().sum() == 0
     assert m.grade_head.bias.abs().sum() == 0
+
+
+def test_patch_stems_and_their_expansion():
+    """A stem patch of 8 (hemf_448): the same token grids at twice the input side; the expanded weights of a
+    patch-4 model give on a 2S image what the original gives on its 2x2 average, and only the stems change."""
+    kw = {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "egf_layers": 1, "heads": 2}
+    torch.manual_seed(0)
+    small, big = HEMF(**kw, input_size=64).eval(), HEMF(**kw, input_size=128, patch=8).eval()
+    assert big.size_divisor == 64 and small.size_divisor == 32
+    with pytest.raises(ValueError, match="divisible by 64"):
+        big(torch.rand(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="divisible by 64"):
+        HEMF(**kw, input_size=96, patch=8)
+    sd = small.state_dict()
+    grown = expand_patch_stems(sd, 2)
+    assert grown["local_down.0.0.weight"].shape == (8, 3, 8, 8) and grown["global_down.0.0.weight"].shape == (8, 3, 8, 8)
+    assert all(torch.equal(grown[k], v) for k, v in sd.items() if not k.endswith("down.0.0.weight"))
+    torch.testing.assert_close(grown["local_down.0.0.weight"].sum(dim=(-2, -1)), sd["local_down.0.0.weight"].sum(dim=(-2, -1)))
+    big.load_state_dict(grown)
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y_big, y_small = big(x), small(F.avg_pool2d(x, 2))
+    torch.testing.assert_close(y_big, y_small, rtol=1e-4, atol=1e-4)
+    # and fine detail the average hides now reaches the output: a checkerboard with a zero 2x2 mean
+    board = ((torch.arange(128)[:, None] + torch.arange(128)[None, :]) % 2).float().sub(0.5).mul(0.2)
+    with torch.no_grad():
+        assert (small(F.avg_pool2d(x + board, 2)) - y_small).abs().max() < 1e-5
+        big.local_down[0][0].weight.add_(torch.randn_like(big.local_down[0][0].weight) * 0.05)  # a trained stem
+        assert (big(x + board) - big(x)).abs().max() > 1e-3
+    assert build_model("hemf_448").input_size == 448 and build_model("hemf_448").patch == 8

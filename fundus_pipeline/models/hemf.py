@@ -32,6 +32,11 @@ Departures from the paper's code, all forced or stated:
 - Output: two linear heads (grade logits, flag logits) instead of one ``Linear(768, num_classes)``.
 - Input: RGB in [0, 1], normalised inside the model to ``(x - 0.5) / 0.5`` (the paper's transform).
   Inputs must be square (MHEA asserts H == W in the paper's code) with a side divisible by 32.
+- ``patch`` (default 4, the paper's): the stems' kernel and stride. ``hemf_448`` uses 8 at a 448 input, so
+  the stages run on the same token grids as the 224 model (56, 28, 14, 7) while the stems see the
+  photograph at twice the resolution (noise, JPEG blocks and slight blur are averaged away at 224).
+  :func:`expand_patch_stems` turns 224-input weights into 448-input ones that give the same output on a
+  448 image as the original weights on its 2x2 average (the starting point of ``hemf_448``'s training).
 - Conv init: trunc-normal std 0.02; the code's ``std=0.2`` is taken for a typo of 0.02. As in the code,
   the init (Linear trunc-normal 0.02 with zero bias, LayerNorm 1/0, Conv 0.02 with zero bias) covers the
   branches and the head only, and is applied before the HEF blocks are created, so HEF keeps PyTorch's
@@ -365,8 +370,26 @@ class HEF(nn.Module):
 # --- the grader --------------------------------------------------------------------------------------
 
 
-def _stem(dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), LayerNorm2d(dim))
+def _stem(dim: int, patch: int = 4) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, dim, patch, stride=patch), LayerNorm2d(dim))
+
+
+STEM_WEIGHTS = ("local_down.0.0.weight", "global_down.0.0.weight")
+
+
+def expand_patch_stems(state: dict[str, torch.Tensor], factor: int = 2) -> dict[str, torch.Tensor]:
+    """HEMF weights with their stems' patch grown ``factor`` times: each kernel tap repeated over a
+    ``factor`` x ``factor`` block and divided by ``factor``^2. A stem with the new kernel on an image
+    ``factor`` times larger gives exactly what the old stem gives on that image's ``factor`` x ``factor``
+    block average (the area-resized image), so the whole network starts where the old one was."""
+    if factor < 1:
+        raise ValueError(f"factor must be at least 1, got {factor}")
+    out = dict(state)
+    for k in STEM_WEIGHTS:
+        if k in out:
+            w = out[k]
+            out[k] = w.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2) / float(factor * factor)
+    return out
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
@@ -392,6 +415,7 @@ class HEMF(nn.Module):
         n_flags: int = len(FLAGS),
         drop_path: float = 0.0,
         memory_units: int = 64,
+        patch: int = 4,
     ):
         super().__init__()
         dims, depths = tuple(dims), tuple(depths)
@@ -403,6 +427,10 @@ class HEMF(nn.Module):
         for d in dims:
             if d % heads or (d // heads) % 2:
                 raise ValueError(f"HEMF: width {d} must be divisible by {heads} heads into an even head width")
+        if patch < 1:
+            raise ValueError(f"patch must be at least 1, got {patch}")
+        self.patch = int(patch)
+        self.size_divisor = 8 * self.patch  # the stem, then three 2x downsamplings
         if input_size % self.size_divisor:
             raise ValueError(f"input_size must be divisible by {self.size_divisor}, got {input_size}")
         self.dims, self.depths, self.egf_layers, self.heads = dims, depths, layers, heads
@@ -411,14 +439,14 @@ class HEMF(nn.Module):
         self.active = ("local", "global") if branches == "both" else (branches,)
 
         if "local" in self.active:
-            self.local_down = nn.ModuleList([_stem(dims[0])] + [_down(dims[i - 1], dims[i]) for i in range(1, 4)])
+            self.local_down = nn.ModuleList([_stem(dims[0], self.patch)] + [_down(dims[i - 1], dims[i]) for i in range(1, 4)])
             rates = torch.linspace(0, drop_path, sum(depths)).tolist()
             starts = [sum(depths[:i]) for i in range(4)]
             self.local_stages = nn.ModuleList(
                 [nn.Sequential(*[ELF(dims[i], rates[starts[i] + j]) for j in range(depths[i])]) for i in range(4)]
             )
         if "global" in self.active:
-            self.global_down = nn.ModuleList([_stem(dims[0])] + [_down(dims[i - 1], dims[i]) for i in range(1, 4)])
+            self.global_down = nn.ModuleList([_stem(dims[0], self.patch)] + [_down(dims[i - 1], dims[i]) for i in range(1, 4)])
             self.global_stages = nn.ModuleList([EGF(dims[i], heads, layers[i]) for i in range(4)])
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.grade_head = nn.Linear(dims[-1], self.n_grades)
@@ -533,6 +561,11 @@ _CNN = "Plain CNN grader baseline (3 grades + 9 flags)"
 @register_model("hemf", task="grading", arch="hemf", width=24, description=f"{_HEMF}: ELF + EGF branches, HEF fusion with MHEA, {_C} (shipped)")
 def hemf(**kw) -> HEMF:
     return HEMF(**{**_COMPACT, **kw})
+
+
+@register_model("hemf_448", task="grading", arch="hemf", width=24, description=f"{_HEMF}: ELF + EGF branches, HEF fusion with MHEA, compact dims 24/48/96/192, depths 2, EGF 3 layers, 2 heads, 448 input with 8x8 stem patches (the 224 model's token grids)")
+def hemf_448(**kw) -> HEMF:
+    return HEMF(**{**_COMPACT, "input_size": 448, "patch": 8, **kw})
 
 
 @register_model("hemf_local", task="grading", arch="hemf", width=24, description=f"{_HEMF} ablation: local (ELF) branch only, HEF fusion with MHEA, {_C}")

@@ -63,13 +63,16 @@ class GradeItem:
         self.image, self.grade, self.flags, self.known, self.kind = image, grade, flags, known, kind
 
 
-def set_items(grade_set: Path, split: str, store: int) -> list[GradeItem]:
-    """The images of one split of a grade set (any part)."""
+def set_items(grade_set: Path, split: str, size: int) -> list[GradeItem]:
+    """The images of one split of a grade set (any part), kept at the set's stored side (``fundus build
+    grade-set --store-size``), or enlarged to ``size`` where that is smaller, so crops are taken at the
+    finest resolution the set has."""
     with open(grade_set / "labels.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == split]
     items = []
     for r in rows:
-        img = resize_square(read_u8(grade_set / r["part"] / "images" / f"{r['key']}.png"), store)
+        img = read_u8(grade_set / r["part"] / "images" / f"{r['key']}.png")
+        img = resize_square(img, max(size, img.shape[0]))
         flags = np.array([float(r[f"flag_{f}"]) for f in FLAGS], np.float32)
         items.append(GradeItem(img, int(r["quality"]), flags, np.ones(len(FLAGS), np.float32), r["kind"]))
     return items
@@ -225,8 +228,8 @@ class GradeTask(Task):
     def setup(self, log: Callable[[str], None]) -> None:
         cfg = self.cfg
         size = self.size  # set by build_model, which the loop calls first
-        store = max(size, 256)
-        synth = set_items(cfg.grade_set, "train", store)
+        store = max(size, 256)  # EyePACS-256's photographs, at least the model's input
+        synth = set_items(cfg.grade_set, "train", size)
         groups = {
             "set": [i for i in synth if i.kind != "natural"],
             "natural": [i for i in synth if i.kind == "natural"],
@@ -245,7 +248,7 @@ class GradeTask(Task):
             f"grade: {len(groups['set'])} set photographs, {len(groups['natural'])} not-fundus pictures, {len(groups['real'])} "
             f"EyePACS-256 photographs; mixture grades {np.round(freq, 3).tolist()}, class weights {np.round(w / w.mean(), 3).tolist()}"
         )
-        val_set = set_items(cfg.grade_set, "val", store)
+        val_set = set_items(cfg.grade_set, "val", size)
         val_real = eyepacs_items(cfg.data_root, "val", store) if cfg.real_p > 0 else []
         self.val = {"set": val_set, "real": val_real}
         self.val_images = {k: [resize_square(i.image, size) for i in v] for k, v in self.val.items()}
@@ -323,7 +326,7 @@ def grade_description(config: dict, calibration: dict | None = None) -> Callable
                 "color": "rgb",
                 "value_range": [0, 1],
                 "normalisation": "none outside the network (RGB divided by the bit depth's maximum)",
-                "size_divisor": 32,
+                "size_divisor": int(model.size_divisor),
                 "scale_policy": {
                     "type": "canonical_frame",
                     "size": size,
