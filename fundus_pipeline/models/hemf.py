@@ -31,7 +31,8 @@ Layout (all four stages, output stride 32):
 Departures from the paper's code, all forced or stated:
 - Output: two linear heads (grade logits, flag logits) instead of one ``Linear(768, num_classes)``.
 - Input: RGB in [0, 1], normalised inside the model to ``(x - 0.5) / 0.5`` (the paper's transform).
-  Inputs must be square (MHEA asserts H == W in the paper's code) with a side divisible by 32.
+  Inputs must be square (MHEA asserts H == W in the paper's code) with a side divisible by 32 (8 times
+  the stem patch: 64 for ``hemf_448``).
 - ``patch`` (default 4, the paper's): the stems' kernel and stride. ``hemf_448`` uses 8 at a 448 input, so
   the stages run on the same token grids as the 224 model (56, 28, 14, 7) while the stems see the
   photograph at twice the resolution (noise, JPEG blocks and slight blur are averaged away at 224).
