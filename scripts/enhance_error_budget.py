@@ -79,9 +79,13 @@ def budget(img: np.ndarray, clean: np.ndarray, fov: np.ndarray, prior: tuple[np.
 SCALES = (0.5, 1.0, 1.5, 2.0)
 
 
-def correction_scale(out: np.ndarray, deg: np.ndarray, clean: np.ndarray, fov: np.ndarray, sigma: float = 32.0) -> dict[str, float]:
+def ideal_correction(deg: np.ndarray, clean: np.ndarray, fov: np.ndarray, sigma: float = 32.0) -> np.ndarray:
+    """The clean image's smooth correction of ``deg`` inside the FOV (the same for every enhancer)."""
+    return (smooth_correction(deg, clean, fov, sigma) - deg)[fov]
+
+
+def correction_scale(out: np.ndarray, deg: np.ndarray, clean: np.ndarray, fov: np.ndarray, ideal: np.ndarray, sigma: float = 32.0) -> dict[str, float]:
     corr = smooth_correction(deg, out, fov, sigma) - deg
-    ideal = (smooth_correction(deg, clean, fov, sigma) - deg)[fov]
     res = {"projection": float((corr[fov] * ideal).sum() / max(float((ideal * ideal).sum()), 1e-12))}
     for k in SCALES:
         res[f"scaled_{k:g}"] = E.psnr_in(np.clip(deg + k * corr, 0, 1) * fov[..., None], clean, fov)
@@ -112,9 +116,10 @@ def main() -> None:
         rows.setdefault(kind, {}).setdefault("input", []).append({"dataset": dataset, **budget(deg, s.rgb, fov, prior)})
         if kind == "released111":  # once per source
             rows.setdefault("clean", {}).setdefault("input", []).append({"dataset": dataset, "site_prior": E.psnr_in(prior_fix(s.rgb, fov, prior), s.rgb, fov)})
+        ideal = ideal_correction(deg, s.rgb, fov)  # once per pair, for all the enhancers
         for w, m in models.items():
             out = np.clip(E.enhance_canonical(m, deg, "cpu"), 0, 1) * fov[..., None]
-            rows[kind].setdefault(w, []).append({"dataset": dataset, **budget(out, s.rgb, fov, prior), **correction_scale(out, deg, s.rgb, fov)})
+            rows[kind].setdefault(w, []).append({"dataset": dataset, **budget(out, s.rgb, fov, prior), **correction_scale(out, deg, s.rgb, fov, ideal)})
 
     def means(rs: list[dict]) -> dict:
         return {m: round(float(np.mean([r[m] for r in rs])), 3) for m in rs[0] if m != "dataset"}
