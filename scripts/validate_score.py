@@ -74,6 +74,8 @@ def main() -> None:
             out.update({k: _r4(o[k]) for k in ("srocc", "plcc", "krocc", "rmse")})
             out["srocc_ci95"] = [_r4(v) for v in o["ci95"]["srocc"]]
             out["srocc_by_dataset"] = {d: _r4(g["srocc"]) for d, g in s["groups"]["dataset"].items()}
+            cams = [g["srocc"] for g in s["groups"]["dataset"].values() if g["srocc"] is not None and np.isfinite(g["srocc"])]
+            out["srocc_camera_mean"] = _r4(float(np.mean(cams))) if cams else None  # the trainer's --select srocc_camera_mean
             print(json.dumps(out), flush=True)
 
 

@@ -257,3 +257,33 @@ def test_pretext_validation_crops_do_not_depend_on_the_training_seed(fake_data, 
         tasks.append(task)
     assert torch.equal(tasks[0].val_x, tasks[1].val_x) and torch.equal(tasks[0].val_t, tasks[1].val_t)
     assert float(tasks[0].val_t[:, :-3].sum()) > 0  # some operations were applied: not clean crops only
+
+
+def test_score_validation_per_camera_and_the_camera_mean_selection(tmp_path, monkeypatch):
+    """Validation reports each camera's SROCC and their mean; --select srocc_camera_mean makes that mean choose
+    best.pt (a camera with most of the pairs no longer dominates), and a camera with too few pairs is refused."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.train import score as trainer
+    from fundus_pipeline.train.config import ScoreConfig
+
+    qs = tmp_path / "qs"
+    qs.mkdir()
+    (qs / "pairs.csv").write_text("key\n")
+    with pytest.raises(ValueError, match="srocc or srocc_camera_mean"):
+        ScoreConfig(out=tmp_path / "o", quality_set=qs, select="plcc")
+    # 10 HEI-MED pairs ranked right, 4 DRIVE pairs and 4 HRF pairs ranked backwards, 2 "other" pairs
+    cams = ["heimed"] * 10 + ["drive"] * 4 + ["hrf"] * 4 + ["other"] * 2
+    label = np.array([*range(10), *range(4), *range(4), 0, 1], float)
+    pred = np.array([*range(10), *range(4)[::-1], *range(4)[::-1], 0, 1], float)
+    rows = [{"dataset": c, "label": str(v)} for c, v in zip(cams, label)]
+    monkeypatch.setattr(trainer, "predict_frames", lambda model, frames, device, size: (list(frames), pred)[1])
+    task = trainer.ScoreTask(ScoreConfig(out=tmp_path / "o", quality_set=qs, select="srocc_camera_mean"))
+    assert task.score_key == "srocc_camera_mean" and trainer.ScoreTask(ScoreConfig(out=tmp_path / "o", quality_set=qs)).score_key == "srocc"
+    task.val, task.reader = rows, lambda row: None
+    v = task.validate(None, torch.device("cpu"))
+    assert v["srocc_heimed"] == 1.0 and v["srocc_drive"] == v["srocc_hrf"] == -1.0 and v["srocc_other"] is None
+    assert v["srocc_camera_mean"] == pytest.approx(-1 / 3, abs=1e-4) and v["srocc"] > 0.3  # pooled: HEI-MED dominates
+    monkeypatch.setattr(trainer, "read_pairs", lambda qs, split: rows)
+    monkeypatch.setattr(trainer, "ScoreSampler", lambda *a: None)
+    with pytest.raises(UsageError, match="at least 3 validation pairs of each camera"):
+        task.setup(lambda m: None)

@@ -284,11 +284,19 @@ class ScoreConfig(TrainConfig):
     cnn_init: str | None = Field("imff", description="Segmenter weights whose encoder is the frozen CNN stream: a shipped name or a .pt file ('none': random).")
     vit_init: str | None = Field("vit_fundus", description="Pretext weights of the frozen ViT stream: a shipped name or a .pt file ('none': random).")
     val_stride: int = Field(1, ge=1, description="Validate on every N-th validation pair (validation costs five crops a pair).")
+    select: str = Field("srocc", description="Validation figure that chooses best.pt: srocc (over all the validation pairs) or srocc_camera_mean (the mean of the SROCCs of each camera's pairs, DRIVE, HRF and HEI-MED counting equally; the validation split is mostly HEI-MED pairs).")
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v, "quality")
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: str) -> str:
+        if v not in ("srocc", "srocc_camera_mean"):
+            raise ValueError(f"--select must be srocc or srocc_camera_mean, not {v!r}")
+        return v
 
     @field_validator("cnn_init", "vit_init")
     @classmethod

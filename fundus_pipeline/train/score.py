@@ -241,12 +241,20 @@ def load_streams(model: nn.Module, cnn_init: str | None, vit_init: str | None) -
     model.load_streams(cnn, vit)
 
 
+MIN_CAMERA_PAIRS = 3  # fewer pairs of a camera give no per-camera validation SROCC
+
+
 class ScoreTask(Task):
-    """SDMP-Net on a quality set; best.pt by the validation SROCC."""
+    """SDMP-Net on a quality set; best.pt by the validation SROCC, or with ``--select srocc_camera_mean`` by
+    the mean of the per-camera validation SROCCs."""
 
     name = "score"
-    score_key = "srocc"
+    score_key = "srocc"  # or "srocc_camera_mean" (--select), set per run in __init__
     cfg: ScoreConfig
+
+    def __init__(self, cfg: ScoreConfig):
+        super().__init__(cfg)
+        self.score_key = cfg.select
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.arch)
@@ -265,6 +273,12 @@ class ScoreTask(Task):
         self.sampler = ScoreSampler(train, reader, cfg)
         self.val = val[:: cfg.val_stride]
         self.reader = reader
+        if cfg.select == "srocc_camera_mean":
+            counts = {c: sum(r["dataset"] == c for r in self.val) for c in sorted({r["dataset"] for r in self.val})}
+            if min(counts.values()) < MIN_CAMERA_PAIRS:
+                from fundus_pipeline.errors import UsageError
+
+                raise UsageError(f"--select srocc_camera_mean needs at least {MIN_CAMERA_PAIRS} validation pairs of each camera, got {counts} (lower --val-stride)")
         log(f"score: {len(train)} training pairs, {len(self.val)} validation pairs (one in {cfg.val_stride} of {len(val)})")
 
     def forward(self, model: nn.Module, batch: Batch):
@@ -277,8 +291,18 @@ class ScoreTask(Task):
         from fundus_pipeline.evaluation.score import iqa_metrics
 
         pred = predict_frames(model, (self.reader(row) for row in self.val), device, self.cfg.size)
-        m = iqa_metrics(pred, np.array([float(row["label"]) for row in self.val]))
-        return {k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")}
+        label = np.array([float(row["label"]) for row in self.val])
+        m = iqa_metrics(pred, label)
+        out = {k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")}
+        cameras = np.array([row["dataset"] for row in self.val])
+        per = []
+        for cam in sorted(set(cameras)):
+            sel = cameras == cam
+            v = float(iqa_metrics(pred[sel], label[sel])["srocc"]) if sel.sum() >= MIN_CAMERA_PAIRS else None
+            out[f"srocc_{cam}"] = None if v is None else round(v, 4)  # None: too few pairs for a rank correlation
+            per += [] if v is None else [v]
+        out["srocc_camera_mean"] = round(float(np.mean(per)), 4) if per else None
+        return out
 
 
 def predict_frames(model: nn.Module, frames: Iterable[tuple[np.ndarray, np.ndarray]], device, size: int = SCORE_SIZE) -> np.ndarray:
