@@ -1,7 +1,9 @@
-"""Record what the default grader (``fundus grade`` without ``--weights``) says about ten real photographs;
-tests/test_grade_shipped.py checks it against the file named after the weights:
+"""Record what the default grader (``fundus grade`` without ``--weights``), or the shipped grading weights
+named as the argument, says about ten real photographs; tests/test_grade_shipped.py checks it against the
+file named after the weights:
 
     python scripts/grade_check.py > docs/grade_benchmark/hemf_4k_check.csv
+    python scripts/grade_check.py hemf_4750 > docs/grade_benchmark/hemf_4750_check.csv
 
 The photographs: DRIVE test 01-03, the first three real low-quality CofeNet photographs, the first three
 EyePACS-256 test photographs (patient split) and scikit-image's astronaut.
@@ -51,10 +53,12 @@ def main() -> None:
     from fundus_pipeline.cli import main as cli_main
     from fundus_pipeline.datasets import default_data_root
 
+    weights = sys.argv[1] if len(sys.argv) > 1 else default_weights()
+
     with tempfile.TemporaryDirectory() as tmp:
         check_inputs(default_data_root(), Path(tmp) / "in")
         with contextlib.redirect_stdout(sys.stderr):  # the command's summary line is not part of the CSV
-            code = cli_main(["grade", str(Path(tmp) / "in"), str(Path(tmp) / "out"), "--threads", "2", "--quiet"])
+            code = cli_main(["grade", str(Path(tmp) / "in"), str(Path(tmp) / "out"), "--weights", weights, "--threads", "2", "--quiet"])
         if code != 0:
             raise SystemExit("fundus grade failed")
         rows = list(csv.DictReader(open(Path(tmp) / "out" / "results.csv")))

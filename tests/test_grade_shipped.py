@@ -1,4 +1,4 @@
-"""The default shipped grader on a few real photographs (DRIVE test 01-03, three real low-quality CofeNet
+"""The default shipped grader (and hemf_4750, shipped but not the default) on a few real photographs (DRIVE test 01-03, three real low-quality CofeNet
 photographs, three EyePACS-256 test photographs) and scikit-image's astronaut: `fundus grade` reproduces
 the probabilities recorded in docs/grade_benchmark/<weights>_check.csv when the weights were exported
 (within 1e-3: thread counts may differ) and writes a consistent grade; runs when ../shared/data is present."""
@@ -23,15 +23,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from grade_check import check_inputs, default_weights, recorded_check  # noqa: E402
 
 
-def test_default_grader_on_real_photographs(data_root, tmp_path):
-    name = default_weights()
+@pytest.mark.parametrize("weights", ["default", "hemf_4750"])
+def test_shipped_grader_on_real_photographs(weights, data_root, tmp_path):
+    name = default_weights() if weights == "default" else weights
     recorded_csv = recorded_check(name)
     if not (weights_dir() / f"{name}.pt").is_file():
         pytest.skip(f"weights/{name}.pt not present")
     assert recorded_csv.is_file(), f"record it: python scripts/grade_check.py > {recorded_csv.relative_to(ROOT)}"
     check_inputs(data_root, tmp_path / "in")
     out = tmp_path / "out"
-    assert cli_main(["grade", str(tmp_path / "in"), str(out), "--threads", "2", "--quiet"]) == 0
+    args = [] if weights == "default" else ["--weights", name]
+    assert cli_main(["grade", str(tmp_path / "in"), str(out), *args, "--threads", "2", "--quiet"]) == 0
     got = {r["key"]: r for r in csv.DictReader(open(out / "results.csv"))}
     recorded = {r["key"]: r for r in csv.DictReader(open(recorded_csv))}
     assert got.keys() == recorded.keys() and len(got) == 10
