@@ -24,7 +24,7 @@ import torch
 
 from fundus_pipeline.datasets import default_data_root
 from fundus_pipeline.quality.grading import GRADES
-from fundus_pipeline.train.grade import choose_decision_bias, eyepacs_items, log_probabilities, predict_logits, resize_square, set_items
+from fundus_pipeline.train.grade import choose_decision_bias, log_probabilities, predict_logits, resize_square, validation_items
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     model, loaded = load_model(a.weights, task="grading")
     temperature = float(loaded.spec.output.temperature)
     size = int(model.input_size)
-    items = {"set": set_items(a.grade_set, "val", 256), "real": eyepacs_items(a.data or default_data_root(), "val", 256)}
+    items = validation_items(a.grade_set, a.data or default_data_root(), 256)
     parts = {}
     with torch.no_grad():
         for k, v in items.items():

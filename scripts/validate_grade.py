@@ -22,26 +22,20 @@ import torch
 
 from fundus_pipeline.datasets import default_data_root
 from fundus_pipeline.evaluation.grade import auc_mann_whitney
-from fundus_pipeline.models.registry import build_model
-from fundus_pipeline.models.weights import load_weights_checked
+from fundus_pipeline.models.weights import load_model
 from fundus_pipeline.quality.grading import FLAGS, GRADES
-from fundus_pipeline.train.grade import eyepacs_items, macro_f1, predict_logits, resize_square, set_items
+from fundus_pipeline.train.grade import macro_f1, predict_logits, resize_square, validation_items
 
 
 def _model(spec: str) -> tuple[torch.nn.Module, str]:
-    if ":" in spec:
-        path, arch = spec.rsplit(":", 1)
-        model = build_model(arch)
-        load_weights_checked(model, Path(path), arch)
-        return model.eval(), arch
-    from fundus_pipeline.models.weights import load_model
-
-    model, loaded = load_model(spec, task="grading")
-    return model, loaded.spec.arch
+    """The model in eval mode and its architecture, through the stages' checked loader."""
+    path, arch = spec.rsplit(":", 1) if ":" in spec else (spec, None)
+    model, loaded = load_model(path, arch=arch, task="grading")
+    return model, arch or loaded.spec.arch
 
 
 def _clusters(grade_set: Path, root: Path) -> dict[str, np.ndarray]:
-    """Per validation image, in ``set_items`` / ``eyepacs_items`` order, the unit a bootstrap resamples."""
+    """Per validation image, in ``validation_items`` order, the unit a bootstrap resamples."""
     import csv
 
     from fundus_pipeline.datasets import eyepacs256_split
@@ -88,10 +82,11 @@ def main() -> None:
     root = a.data or default_data_root()
     all_preds: list[dict[str, np.ndarray]] = []
     truth: dict[str, np.ndarray] = {}
+    read: dict[int, dict] = {}  # the validation images, read once per input size
     for spec in a.weights:
         model, arch = _model(spec)
         size = int(model.input_size)
-        parts = {"set": set_items(a.grade_set, "val", size), "real": eyepacs_items(root, "val", max(size, 256))}
+        parts = read.get(size) or read.setdefault(size, validation_items(a.grade_set, root, size))
         out: dict = {"weights": spec, "arch": arch, "input": size}
         f1s, preds = [], {}
         for k, items in parts.items():

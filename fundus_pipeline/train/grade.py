@@ -91,6 +91,16 @@ def eyepacs_items(root: Path, split: str, store: int) -> list[GradeItem]:
     ]
 
 
+def validation_items(grade_set: Path, data_root: Path | None, size: int) -> dict[str, list[GradeItem]]:
+    """The trainer's validation images for a model of input ``size``: the set's ``val`` split and, unless
+    ``data_root`` is None, the EyePACS-256 ``val`` part (``scripts/validate_grade.py`` and
+    ``scripts/choose_grade_bias.py`` read the same)."""
+    return {
+        "set": set_items(grade_set, "val", size),
+        "real": eyepacs_items(data_root, "val", max(size, 256)) if data_root is not None else [],
+    }
+
+
 def augment(item: GradeItem, rng: np.random.Generator, size: int) -> np.ndarray:
     """A random square crop, flip and 90-degree rotation of ``item`` at ``size`` (float32 HxWx3 in [0, 1])."""
     a = item.image
@@ -248,11 +258,9 @@ class GradeTask(Task):
             f"grade: {len(groups['set'])} set photographs, {len(groups['natural'])} not-fundus pictures, {len(groups['real'])} "
             f"EyePACS-256 photographs; mixture grades {np.round(freq, 3).tolist()}, class weights {np.round(w / w.mean(), 3).tolist()}"
         )
-        val_set = set_items(cfg.grade_set, "val", size)
-        val_real = eyepacs_items(cfg.data_root, "val", store) if cfg.real_p > 0 else []
-        self.val = {"set": val_set, "real": val_real}
+        self.val = validation_items(cfg.grade_set, cfg.data_root if cfg.real_p > 0 else None, size)
         self.val_images = {k: [resize_square(i.image, size) for i in v] for k, v in self.val.items()}
-        log(f"grade validation: {len(val_set)} set images, {len(val_real)} EyePACS-256 photographs")
+        log(f"grade validation: {len(self.val['set'])} set images, {len(self.val['real'])} EyePACS-256 photographs")
 
     def forward(self, model: nn.Module, batch: Batch):
         return model(batch[0])
