@@ -150,7 +150,7 @@ class ScoreConfig(NetworkStageConfig):
 class GradeConfig(NetworkStageConfig):
     """``fundus grade``: grading weights, device, and the probability at which a flag is listed."""
 
-    weights: str = "hemf_4k"
+    weights: str = "hemf_4750"
     arch: str | None = None
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass")
@@ -186,7 +186,7 @@ class RunConfig(StageConfig):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
-    grade_weights: str = "hemf_4k"
+    grade_weights: str = "hemf_4750"
     grade_arch: str | None = None
     flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     grade_batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass of the grader")

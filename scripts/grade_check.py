@@ -2,8 +2,8 @@
 named as the argument, says about ten real photographs; tests/test_grade_shipped.py checks it against the
 file named after the weights:
 
-    python scripts/grade_check.py > docs/grade_benchmark/hemf_4k_check.csv
-    python scripts/grade_check.py hemf_4750 > docs/grade_benchmark/hemf_4750_check.csv
+    python scripts/grade_check.py > docs/grade_benchmark/hemf_4750_check.csv      # the default
+    python scripts/grade_check.py hemf_4k > docs/grade_benchmark/hemf_4k_check.csv
 
 The photographs: DRIVE test 01-03, the first three real low-quality CofeNet photographs, the first three
 EyePACS-256 test photographs (patient split) and scikit-image's astronaut.
