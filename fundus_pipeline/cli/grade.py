@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -13,12 +14,16 @@ import typer
 from fundus_pipeline.cli.app import app, run_stage_command
 from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import GradeConfig, default
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.quality.grading import GRADES
 
 
 def sort_into(out_dir: Path) -> dict[str, int]:
     """Copy (never move) each input graded in ``OUT/results.csv`` into ``OUT/<grade>/KEY<suffix>``, with its
-    original bytes; each copy is written to a temporary name and renamed, so a rerun replaces it whole."""
+    original bytes; each copy is written to a temporary name and renamed, so a rerun replaces it whole. A copy
+    of the same input left in another grade's folder by an earlier sort (a regraded item) is removed only when
+    its bytes are the input's: a file of that name that the sort did not write is left alone."""
+    check_sort_folders(out_dir)
     counts = {g: 0 for g in GRADES}
     with open(out_dir / "results.csv", newline="") as f:
         for row in csv.DictReader(f):
@@ -27,15 +32,23 @@ def sort_into(out_dir: Path) -> dict[str, int]:
             src = Path(row["input"])
             dst = out_dir / row["grade"] / f"{row['key']}{src.suffix}"
             dst.parent.mkdir(parents=True, exist_ok=True)
-            for g in GRADES:  # a regraded item (a run with other weights, --overwrite) leaves no stale copy behind
-                stale = out_dir / g / dst.relative_to(out_dir / row["grade"])
-                if g != row["grade"] and stale.is_file():
+            for g in GRADES:
+                stale = out_dir / g / dst.name
+                if g != row["grade"] and stale.is_file() and filecmp.cmp(stale, src, shallow=False):
                     stale.unlink()
             tmp = dst.with_name(f".{dst.name}.tmp")
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
             counts[row["grade"]] += 1
     return counts
+
+
+def check_sort_folders(out_dir: Path) -> None:
+    """``--sort-into`` copies into OUT/good, OUT/usable and OUT/reject: each must be a folder or absent."""
+    for g in GRADES:
+        p = out_dir / g
+        if (p.exists() or p.is_symlink()) and not p.is_dir():
+            raise UsageError(f"{p} exists and is not a folder: --sort-into copies the photographs into OUT/{g}/", hint="move it away or choose another OUT")
 
 
 @app.command()
@@ -69,6 +82,8 @@ def grade(
     from fundus_pipeline.stages.grade import GradeStage
 
     cfg = GradeConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, flag_threshold=flag_threshold, batch_size=batch_size)
+    if sort:
+        check_sort_folders(out_dir)  # before grading, not after it
     after = (lambda: sort_into(out_dir)) if sort else None
     run_stage_command(lambda: GradeStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
                       quiet=quiet, fmt=fmt, after=after, engine=engine, address=address)
