@@ -32,3 +32,17 @@ class InputError(FundusError):
 
 class WeightsError(FundusError):
     """Missing, corrupt, unknown or mismatching model weights (exit code 1)."""
+
+
+def run_script(main) -> None:
+    """Run a ``scripts/`` entry point as the commands run: a ``FundusError`` (unknown weights, a missing set, a
+    refused output) becomes its one-line message, its hint and its exit code instead of a traceback."""
+    import sys
+
+    try:
+        main()
+    except FundusError as e:
+        print(f"Error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"Hint: {e.hint}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None

@@ -53,6 +53,9 @@ def main() -> None:
     from fundus_pipeline.cli import main as cli_main
     from fundus_pipeline.datasets import default_data_root
 
+    if len(sys.argv) > 2 or sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        raise SystemExit(0 if len(sys.argv) == 2 else 2)
     weights = sys.argv[1] if len(sys.argv) > 1 else default_weights()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -206,3 +206,14 @@ def test_a_refused_overwrite_leaves_the_folder_as_it_was(photos, tmp_path, tiny,
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--no-report")) == 0
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--no-report", "--overwrite")) == 0
     assert len(output_bytes(out)) == 1 and (out / "grade" / "results.csv").exists()
+
+
+# ------------------------------------------------------------------------------------- third campaign (2026-12-03)
+def test_unknown_architecture_and_empty_weights_are_usage_errors(photos, tmp_path, capsys):  # noqa: F811
+    # an unknown --arch is exit 2 whatever the weights (it was 1 with shipped weights: "holds weights for ...")
+    assert run("grade", photos, tmp_path / "a", "--arch", "bogus", "--quiet") == 2
+    assert "unknown model 'bogus'" in _err(capsys) and not (tmp_path / "a").exists()
+    assert run("run", photos, tmp_path / "b", "--steps", "grade", "--grade-arch", "bogus", "--quiet") == 2
+    assert "unknown model 'bogus'" in _err(capsys) and not (tmp_path / "b").exists()
+    assert run("grade", photos, tmp_path / "c", "--weights", "", "--quiet") == 2
+    assert "empty weights name" in _err(capsys) and not (tmp_path / "c").exists()

@@ -122,7 +122,6 @@ def test_resume_reproduces_an_uninterrupted_run(fake_data, tmp_path, monkeypatch
         (["--threads", "-2"], "--threads"),
         (["--degrade-p", "1.5"], "--degrade-p"),
         (["--patch", "8"], "--patch"),
-        (["--init", "missing.pt"], "--init"),
         (["--resume"], "does not exist"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "bogus"], "device"),
     ],
@@ -147,11 +146,17 @@ def test_refuses_to_overwrite_a_run_and_a_missing_dataset(fake_data, tmp_path, c
 
 
 def test_init_refuses_pickles_and_foreign_architectures(fake_data, tmp_path, capsys):
+    # weights missing, unreadable or of another architecture: exit 1, as for every command (README, Exit codes)
+    assert _train(*_args(fake_data, tmp_path / "m", "--init", str(tmp_path / "missing.pt"))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: --init:") and "no such weights file" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
     pickled = tmp_path / "module.pt"
     torch.save(build_model("imff_tiny"), pickled)  # a whole pickled module, not a state dict
-    assert _train(*_args(fake_data, tmp_path / "a", "--init", str(pickled))) == 2
+    assert _train(*_args(fake_data, tmp_path / "a", "--init", str(pickled))) == 1
     err = capsys.readouterr().err.strip()
-    assert "--init" in err and "pickled" in err and len(err.splitlines()) == 1, err
+    lines = err.splitlines()  # the error, and the hint that comes with it
+    assert lines[0].startswith("Error: --init:") and "pickled" in lines[0] and len(lines) <= 2 and all(x.startswith("Hint:") for x in lines[1:]), err
     assert not (tmp_path / "a").exists()
 
     foreign = tmp_path / "msrf.pt"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from fundus_pipeline.errors import WeightsError
+from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.models.spec import LoadedWeights, WeightsManifest, WeightsSpec
 
 if TYPE_CHECKING:
@@ -119,6 +119,8 @@ def _looks_like_path(value: str) -> bool:
 
 def resolve_weights(value: str | Path) -> Path:
     """A shipped weights name (``imff``) or a path to a state-dict file."""
+    if not str(value).strip():
+        raise UsageError("empty weights name", "give a name from `fundus models` or a .pt state-dict file")
     p = Path(value)
     if p.is_dir():
         raise WeightsError(f"weights path is a folder, not a file: {value}")
@@ -225,6 +227,8 @@ def load_model(
     """
     from fundus_pipeline.models.registry import build_model, get_entry
 
+    if arch:
+        get_entry(arch)  # an unknown architecture is a usage error (exit 2), whatever the weights
     path = resolve_weights(weights)
     spec, digest = lookup_spec(path)
     if spec is None:

@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fundus_pipeline.errors import FundusError, UsageError
+from fundus_pipeline.errors import FundusError, UsageError, WeightsError
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -57,14 +57,15 @@ class TrainConfig(BaseModel):
     def _init(cls, v: Path | None) -> Path | None:
         if v is None:
             return v
+        # missing or unreadable weights are exit 1, as for every command (README, Exit codes), not a usage error
         if not v.is_file():
-            raise ValueError(f"{v}: no such weights file")
+            raise WeightsError(f"--init: {v}: no such weights file")
         from fundus_pipeline.models.weights import load_state_dict
 
         try:
             load_state_dict(v)  # refuses pickled modules; the key check against the architecture is the loop's
         except FundusError as e:
-            raise ValueError(e.message) from None
+            raise WeightsError(f"--init: {e.message}", e.hint) from None
         return v
 
     @model_validator(mode="after")
@@ -300,15 +301,15 @@ class ScoreConfig(TrainConfig):
 
     @field_validator("cnn_init", "vit_init")
     @classmethod
-    def _weights(cls, v: str | None) -> str | None:
+    def _weights(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None or v.lower() == "none":
             return None
         from fundus_pipeline.models.weights import resolve_weights
 
         try:
             resolve_weights(v)
-        except FundusError as e:
-            raise ValueError(e.message) from None
+        except FundusError as e:  # exit 1, as missing weights are for every command
+            raise WeightsError(f"{option_name(info.field_name)}: {e.message}", e.hint) from None
         return v
 
     @field_validator("quality_set")

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.quality.grading import FLAGS, GRADES
 from fundus_pipeline.train.config import GradeConfig
@@ -95,6 +96,8 @@ def validation_items(grade_set: Path, data_root: Path | None, size: int) -> dict
     """The trainer's validation images for a model of input ``size``: the set's ``val`` split and, unless
     ``data_root`` is None, the EyePACS-256 ``val`` part (``scripts/validate_grade.py`` and
     ``scripts/choose_grade_bias.py`` read the same)."""
+    if not (Path(grade_set) / "labels.csv").is_file():
+        raise UsageError(f"{grade_set} is not a grade set (no labels.csv)", "build one with `fundus build grade-set`")
     return {
         "set": set_items(grade_set, "val", size),
         "real": eyepacs_items(data_root, "val", max(size, 256)) if data_root is not None else [],
