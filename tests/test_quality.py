@@ -269,14 +269,14 @@ def test_score_validation_per_camera_and_the_camera_mean_selection(tmp_path, mon
     qs = tmp_path / "qs"
     qs.mkdir()
     (qs / "pairs.csv").write_text("key\n")
-    with pytest.raises(ValueError, match="srocc or srocc_camera_mean"):
+    with pytest.raises(ValueError, match="srocc, srocc_camera_mean or gate"):
         ScoreConfig(out=tmp_path / "o", quality_set=qs, select="plcc")
     # 10 HEI-MED pairs ranked right, 4 DRIVE pairs and 4 HRF pairs ranked backwards, 2 "other" pairs
     cams = ["heimed"] * 10 + ["drive"] * 4 + ["hrf"] * 4 + ["other"] * 2
     label = np.array([*range(10), *range(4), *range(4), 0, 1], float)
     pred = np.array([*range(10), *range(4)[::-1], *range(4)[::-1], 0, 1], float)
-    rows = [{"dataset": c, "label": str(v)} for c, v in zip(cams, label)]
-    monkeypatch.setattr(trainer, "predict_frames", lambda model, frames, device, size: (list(frames), pred)[1])
+    rows = [{"dataset": c, "label": str(v), "deg_label": "0", "enhancer": "x"} for c, v in zip(cams, label)]
+    monkeypatch.setattr(trainer, "predict_frames", lambda model, frames, device, size, identity: (list(frames), (pred, 0 * pred))[1])
     task = trainer.ScoreTask(ScoreConfig(out=tmp_path / "o", quality_set=qs, select="srocc_camera_mean"))
     assert task.score_key == "srocc_camera_mean" and trainer.ScoreTask(ScoreConfig(out=tmp_path / "o", quality_set=qs)).score_key == "srocc"
     task.val, task.reader = rows, lambda row: None
@@ -287,3 +287,29 @@ def test_score_validation_per_camera_and_the_camera_mean_selection(tmp_path, mon
     monkeypatch.setattr(trainer, "ScoreSampler", lambda *a: None)
     with pytest.raises(UsageError, match="at least 3 validation pairs of each camera"):
         task.setup(lambda m: None)
+
+
+def test_gate_figures_and_the_gain_term(quality_set, tmp_path):
+    """The trust gate's figures on known labels, and a scorer trained with --gain-weight and --select gate."""
+    from fundus_pipeline.train.score import gate_figures
+
+    gain = np.array([0.02, -0.01, 0.005, -0.03])
+    label, deg = np.array([0.9, 0.8, 0.7, 0.95]), np.array([0.85, 0.82, 0.75, 0.9])
+    # trusted: pairs 0 and 2 (gain >= 0) deliver 0.9 and 0.7; the others their inputs' 0.82 and 0.9
+    g = gate_figures(gain, label, deg)
+    assert g["gate"] == pytest.approx((0.9 + 0.82 + 0.7 + 0.9) / 4) and g["gate_trusted"] == 0.5
+    assert g["gate_right"] == 0.5  # right on 0 (better, trusted) and 1 (worse, kept); wrong on 2 and 3
+    assert gate_figures(gain, label, deg, np.array([True, False, False, False]))["gate"] == pytest.approx(0.9)
+    assert gate_figures(gain, label, deg, t=1.0)["gate"] == pytest.approx(deg.mean())
+
+    out = tmp_path / "gain"
+    vit_args = ("--vit-init", "none")
+    code = cli_main([
+        "train", "score", "--arch", "sdmp_tiny", "--quality-set", str(quality_set), "--out", str(out), "--steps", "2",
+        "--batch-size", "2", "--size", "224", "--val-every", "2", "--ckpt-every", "1", "--threads", "1",
+        "--cnn-init", "none", *vit_args, "--gain-weight", "2", "--select", "gate",
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"gate", "gate_trusted", "gate_right", "gain_srocc", "srocc"} <= set(summary["best"])
+    assert 0 <= summary["best"]["gate"] <= 1 and summary["config"]["gain_weight"] == 2 and summary["config"]["select"] == "gate"

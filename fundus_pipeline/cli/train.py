@@ -175,6 +175,7 @@ def train_score(
     val_every: Annotated[int, _s("val_every")] = _S["val_every"].default,
     val_stride: Annotated[int, _s("val_stride")] = _S["val_stride"].default,
     select: Annotated[str, _s("select")] = _S["select"].default,
+    gain_weight: Annotated[float, _s("gain_weight")] = _S["gain_weight"].default,
     ckpt_every: Annotated[int, _s("ckpt_every")] = _S["ckpt_every"].default,
     threads: Annotated[int, _s("threads")] = _S["threads"].default,
     device: Annotated[str, _s("device")] = _S["device"].default,
@@ -187,14 +188,15 @@ def train_score(
     """Train the full-reference quality scorer (SDMP-Net or an ablation) on a quality set's train split.
 
     The frozen streams come from the shipped segmenter (--cnn-init) and the pretext ViT (--vit-init).
-    Writes OUT/last.pt (resumable), OUT/best.pt (best validation SROCC, or the mean of the per-camera SROCCs
-    with --select srocc_camera_mean), OUT/train.log and OUT/summary.json.
+    Writes OUT/last.pt (resumable), OUT/best.pt (best validation SROCC; the mean of the per-camera SROCCs
+    with --select srocc_camera_mean; the label the trust gate delivers with --select gate), OUT/train.log and
+    OUT/summary.json. --gain-weight W adds W x the MSE of the predicted gain over the input.
     Example: fundus train score --quality-set sets/quality --out runs/sdmp --steps 1500 --threads 2
     """
     cfg = ScoreConfig.from_options(
         out=out, quality_set=quality_set, arch=arch, steps=steps, batch_size=batch_size, size=size, lr=lr, seed=seed,
-        val_every=val_every, val_stride=val_stride, select=select, ckpt_every=ckpt_every, threads=threads, device=device,
-        amp=amp, cnn_init=cnn_init, vit_init=vit_init, init=init, resume=resume,
+        val_every=val_every, val_stride=val_stride, select=select, gain_weight=gain_weight, ckpt_every=ckpt_every, threads=threads,
+        device=device, amp=amp, cnn_init=cnn_init, vit_init=vit_init, init=init, resume=resume,
     )  # fmt: skip
     from fundus_pipeline.train.score import train_score as run
 

@@ -285,7 +285,8 @@ class ScoreConfig(TrainConfig):
     cnn_init: str | None = Field("imff", description="Segmenter weights whose encoder is the frozen CNN stream: a shipped name or a .pt file ('none': random).")
     vit_init: str | None = Field("vit_fundus", description="Pretext weights of the frozen ViT stream: a shipped name or a .pt file ('none': random).")
     val_stride: int = Field(1, ge=1, description="Validate on every N-th validation pair (validation costs five crops a pair).")
-    select: str = Field("srocc", description="Validation figure that chooses best.pt: srocc (over all the validation pairs) or srocc_camera_mean (the mean of the SROCCs of each camera's pairs, DRIVE, HRF and HEI-MED counting equally; the validation split is mostly HEI-MED pairs).")
+    select: str = Field("srocc", description="Validation figure that chooses best.pt: srocc (over all the validation pairs), srocc_camera_mean (the mean of the SROCCs of each camera's pairs, DRIVE, HRF and HEI-MED counting equally; the validation split is mostly HEI-MED pairs) or gate (the mean label that `fundus run`'s trust gate at --min-gain 0 delivers over the validation pairs: the enhanced image where score - score_input >= 0, else the input).")
+    gain_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Weight of a second loss term on the score gain over the input: MSE of (score - score_input) against (label - the input's label), the input scored against itself in the same pass; 0: off (the loss of earlier runs).")
 
     @field_validator("arch")
     @classmethod
@@ -295,8 +296,8 @@ class ScoreConfig(TrainConfig):
     @field_validator("select")
     @classmethod
     def _select(cls, v: str) -> str:
-        if v not in ("srocc", "srocc_camera_mean"):
-            raise ValueError(f"--select must be srocc or srocc_camera_mean, not {v!r}")
+        if v not in ("srocc", "srocc_camera_mean", "gate"):
+            raise ValueError(f"--select must be srocc, srocc_camera_mean or gate, not {v!r}")
         return v
 
     @field_validator("cnn_init", "vit_init")

@@ -213,7 +213,7 @@ class ScoreSampler:
     def batch(self, step: int) -> Batch:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
-        es, rs, ls = [], [], []
+        es, rs, ls, ds = [], [], [], []
         for _ in range(cfg.batch_size):
             row = self.rows[int(rng.integers(len(self.rows)))]
             e, r = self.reader(row)
@@ -224,11 +224,12 @@ class ScoreSampler:
             es.append(_orient(e, k, flip)[sl])
             rs.append(_orient(r, k, flip)[sl])
             ls.append(float(row["label"]))
+            ds.append(float(row["deg_label"]))
 
         def t(a: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.stack(a).transpose(0, 3, 1, 2).astype(np.float32) / 255)
 
-        return t(es), t(rs), torch.tensor(ls, dtype=torch.float32)
+        return t(es), t(rs), torch.tensor(ls, dtype=torch.float32), torch.tensor(ds, dtype=torch.float32)
 
 
 def load_streams(model: nn.Module, cnn_init: str | None, vit_init: str | None) -> None:
@@ -282,18 +283,25 @@ class ScoreTask(Task):
         log(f"score: {len(train)} training pairs, {len(self.val)} validation pairs (one in {cfg.val_stride} of {len(val)})")
 
     def forward(self, model: nn.Module, batch: Batch):
+        if self.cfg.gain_weight > 0:  # the reference scored against itself too, its features computed once
+            return model.forward_with_identity(batch[0], batch[1])
         return model.forward_train(batch[0], batch[1])
 
-    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def loss(self, out, batch: Batch) -> torch.Tensor:
+        if self.cfg.gain_weight > 0:
+            s, s_in = out
+            return F.mse_loss(s, batch[2]) + self.cfg.gain_weight * F.mse_loss(s - s_in, batch[2] - batch[3])
         return F.mse_loss(out, batch[2])
 
     def validate(self, model: nn.Module, device: torch.device) -> dict:
         from fundus_pipeline.evaluation.score import iqa_metrics
 
-        pred = predict_frames(model, (self.reader(row) for row in self.val), device, self.cfg.size)
+        pred, own = predict_frames(model, (self.reader(row) for row in self.val), device, self.cfg.size, identity=True)
         label = np.array([float(row["label"]) for row in self.val])
         m = iqa_metrics(pred, label)
         out = {k: round(float(m[k]), 4) for k in ("srocc", "plcc", "krocc", "rmse")}
+        out.update(gate_figures(pred - own, label, np.array([float(row["deg_label"]) for row in self.val]),
+                                np.array([row["enhancer"] != "identity" for row in self.val])))
         cameras = np.array([row["dataset"] for row in self.val])
         per = []
         for cam in sorted(set(cameras)):
@@ -305,11 +313,37 @@ class ScoreTask(Task):
         return out
 
 
-def predict_frames(model: nn.Module, frames: Iterable[tuple[np.ndarray, np.ndarray]], device, size: int = SCORE_SIZE) -> np.ndarray:
+def predict_frames(model: nn.Module, frames: Iterable[tuple[np.ndarray, np.ndarray]], device, size: int = SCORE_SIZE, *, identity: bool = False):
     """The test-time score of each (enhanced, reference) pair of uint8 scoring frames (``PairReader``'s),
-    one pair a forward pass: the trainer's validation protocol (``scripts/validate_score.py`` uses it too)."""
+    one pair a forward pass: the trainer's validation protocol (``scripts/validate_score.py`` uses it too).
+    With ``identity``: (scores, the references scored against themselves), from the same passes (the
+    ``fundus run`` protocol: ``score_input``)."""
     boxes = crop_boxes(size, CROP)
-    return np.array([predict_pair(model, e.astype(np.float32) / 255, r.astype(np.float32) / 255, device, boxes)[0] for e, r in frames])
+    preds = [predict_pair(model, e.astype(np.float32) / 255, r.astype(np.float32) / 255, device, boxes, identity=identity) for e, r in frames]
+    if identity:
+        return np.array([p[0][0] for p in preds]), np.array([p[1][0] for p in preds])
+    return np.array([p[0] for p in preds])
+
+
+def gate_figures(gain: np.ndarray, label: np.ndarray, deg_label: np.ndarray, keep: np.ndarray | None = None, t: float = 0.0) -> dict:
+    """What ``fundus run``'s trust gate at ``--min-gain t`` delivers over pairs whose labels are known: the
+    mean label of the enhanced image where ``gain >= t`` and of the input elsewhere (``gate``), the share
+    trusted, the share of decisions the labels agree with, and the rank correlation of the predicted with the
+    true gain (``gain_srocc``). ``keep``: the pairs to count (the trainer drops the identity pairs)."""
+    from scipy.stats import spearmanr
+
+    if keep is not None:
+        gain, label, deg_label = gain[keep], label[keep], deg_label[keep]
+    if len(gain) == 0:
+        return {"gate": None, "gate_trusted": None, "gate_right": None, "gain_srocc": None}
+    trust = gain >= t
+    rho = spearmanr(gain, label - deg_label).statistic if len(gain) >= 3 else float("nan")
+    return {
+        "gate": round(float(np.where(trust, label, deg_label).mean()), 5),
+        "gate_trusted": round(float(trust.mean()), 4),
+        "gate_right": round(float((trust == (label > deg_label)).mean()), 4),
+        "gain_srocc": round(float(rho), 4) if np.isfinite(rho) else None,
+    }
 
 
 def train_score(cfg: ScoreConfig) -> dict:
