@@ -26,19 +26,15 @@ import torch
 
 from fundus_pipeline.quality.scoring import SCORE_SIZE, predict_pair
 from fundus_pipeline.train.score import PairReader, read_pairs
+from fundus_pipeline.train.score import gate_figures as score_gate_figures
 
 
 def gate_figures(gain: np.ndarray, label: np.ndarray, deg: np.ndarray, t: float) -> dict:
-    """What a gate at threshold ``t`` delivers over the pairs: the mean label, the share trusted, and how
-    often it decides as the labels would (trust exactly when ``q(E) > q(D)``)."""
-    trust = gain >= t
-    delivered = np.where(trust, label, deg)
-    return {
-        "threshold": round(float(t), 6),
-        "mean_delivered_label": round(float(delivered.mean()), 5),
-        "trusted": round(float(trust.mean()), 4),
-        "decision_accuracy": round(float((trust == (label > deg)).mean()), 4),
-    }
+    """What a gate at threshold ``t`` delivers over the pairs (``train.score.gate_figures``, the trainer's
+    validation figures): the mean label, the share trusted, and how often it decides as the labels would
+    (trust exactly when ``q(E) > q(D)``)."""
+    g = score_gate_figures(gain, label, deg, t=t)
+    return {"threshold": round(float(t), 6), "mean_delivered_label": g["gate"], "trusted": g["gate_trusted"], "decision_accuracy": g["gate_right"]}
 
 
 def choose_threshold(gain: np.ndarray, label: np.ndarray, deg: np.ndarray, step: float, span: float) -> float:
