@@ -1,5 +1,6 @@
-"""Measure, and choose on *validation* pairs, the gain threshold of ``fundus run``'s trust gate: an enhanced
-image is segmented instead of its input when ``score - score_input >= --min-gain`` (``score``: the scorer on
+"""Measure fundus run's trust gate on a quality set, and choose its gain threshold on validation pairs.
+
+An enhanced image is segmented instead of its input when ``score - score_input >= --min-gain`` (``score``: the scorer on
 (enhanced, input); ``score_input``: on (input, input)). The quality set knows what the gate should decide:
 each pair's label ``q(E)`` and its input's ``q(D)`` (``label`` and ``deg_label`` in pairs.csv). The figure of
 merit is the mean label of what the gate delivers, ``q(E)`` where trusted and ``q(D)`` elsewhere; the
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.quality.scoring import SCORE_SIZE, predict_pair
 from fundus_pipeline.train.score import PairReader, read_pairs
 from fundus_pipeline.train.score import gate_figures as score_gate_figures
@@ -57,14 +59,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     if a.split == "test" and a.threshold is None:
-        raise SystemExit("--split test reports a threshold chosen on val: give it with --threshold")
+        raise UsageError("--split test reports a threshold chosen on val: give it with --threshold")
+    if a.threads < 1 or a.step <= 0 or a.span < 0:
+        raise UsageError("--threads must be at least 1, --step above 0 and --range at least 0")
+    if not (a.quality_set / "pairs.csv").is_file():
+        raise UsageError(f"{a.quality_set} is not a quality set (no pairs.csv)", "build one with `fundus build quality-set`")
     torch.set_num_threads(a.threads)
     from fundus_pipeline.models.weights import load_model
 
     model, loaded = load_model(a.weights, task="quality")
     rows = [r for r in read_pairs(a.quality_set, a.split) if r["enhancer"] != "identity" and (a.enhancers == "all" or r["enhancer_kind"] == "model")]
     if not rows:
-        raise SystemExit(f"{a.quality_set}/pairs.csv has no {a.split} pairs of {a.enhancers} enhancers")
+        raise UsageError(f"{a.quality_set}/pairs.csv has no {a.split} pairs of {a.enhancers} enhancers")
     reader = PairReader(a.quality_set, SCORE_SIZE)
     gain = []
     for r in rows:
@@ -103,4 +109,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

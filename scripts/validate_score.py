@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.evaluation.score import evaluate_scores
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.models.weights import load_state_dict, resolve_weights
@@ -44,10 +45,14 @@ def main() -> None:
     ap.add_argument("--predictions", type=Path, default=None, help="write key, source, label and each prediction as CSV")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    if a.threads < 1 or a.stride < 1:
+        raise UsageError("--threads and --stride must be at least 1")
+    if not (a.quality_set / "pairs.csv").is_file():
+        raise UsageError(f"{a.quality_set} is not a quality set (no pairs.csv)", "build one with `fundus build quality-set`")
     torch.set_num_threads(a.threads)
     rows = read_pairs(a.quality_set, "val")[:: a.stride]
     if not rows:
-        raise SystemExit(f"{a.quality_set}/pairs.csv has no val pairs")
+        raise UsageError(f"{a.quality_set}/pairs.csv has no val pairs")
     reader = PairReader(a.quality_set, SCORE_SIZE)
     frames = [reader(r) for r in rows]  # read once for all the weights
     preds: dict[str, np.ndarray] = {}
@@ -80,4 +85,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

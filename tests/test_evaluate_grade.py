@@ -247,6 +247,21 @@ def test_cli_end_to_end_and_rerun(tmp_path, capsys):
     assert len(rows) == 1 and "accuracy_ci_lo" not in rows[0]
     assert "ci95" not in json.loads((out / "summary.json").read_text())["overall"]
 
+    # an --out whose report names are the inputs, or files no evaluation wrote: refused, nothing replaced
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "metrics.csv").write_bytes(lab.read_bytes())
+    (clash / "summary.md").write_bytes(res.read_bytes())
+    before = {p.name: p.read_bytes() for p in clash.iterdir()}
+    assert _run(clash / "summary.md", clash / "metrics.csv", "--bootstrap", "0", "--out", clash) == 2
+    assert "would replace an input" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "notes"}')
+    assert _run(res, lab, "--bootstrap", "0", "--out", mine) == 2
+    assert "that no evaluation wrote" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in clash.iterdir()} == before and (mine / "summary.json").read_text() == '{"my": "notes"}'
+
 
 def test_cli_eyeq_labels_and_an_all_good_hand_made_set(tmp_path, capsys):
     rng = np.random.default_rng(1)

@@ -217,3 +217,39 @@ def test_unknown_architecture_and_empty_weights_are_usage_errors(photos, tmp_pat
     assert "unknown model 'bogus'" in _err(capsys) and not (tmp_path / "b").exists()
     assert run("grade", photos, tmp_path / "c", "--weights", "", "--quiet") == 2
     assert "empty weights name" in _err(capsys) and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("what", ["grade-set", "quality-set"])
+def test_build_refuses_bad_parts_missing_data_and_a_file_as_out(what, tmp_path, capsys):
+    from fundus_pipeline.cli import main as cli_main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "file").write_text("mine")
+    cases = [
+        ([str(tmp_path / "a"), "--data", str(empty), "--parts", "test,test"], "more than once"),
+        ([str(tmp_path / "b"), "--data", str(empty), "--parts", ","], "names no part"),
+        ([str(tmp_path / "c"), "--data", str(empty)], "lacks"),  # was an internal error (exit 1) leaving OUT/rows behind
+        ([str(tmp_path / "file"), "--data", str(empty)], "is not a folder"),
+    ]
+    for args, message in cases:
+        assert cli_main(["build", what, *args, "--limit", "1", "--threads", "1"]) == 2
+        err = _err(capsys)
+        assert message in err and len(err.strip().splitlines()) <= 2, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"] and (tmp_path / "file").read_text() == "mine"
+
+
+def test_report_warns_about_images_and_stage_results_gone_since_the_run(photos, tmp_path, tiny, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment")) == 0
+    capsys.readouterr()
+    assert run("report", out) == 0
+    assert "warning" not in capsys.readouterr().err  # nothing missing: no warning
+    vessels = sorted((out / "segment").glob("*_vessels.png"))
+    vessels[0].unlink()
+    assert run("report", out) == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) that the run's rows name are missing or unreadable" in err and vessels[0].name in err
+    shutil.rmtree(out / "segment")
+    assert run("report", out) == 0
+    assert "3 photograph(s) have no result in a stage folder" in capsys.readouterr().err

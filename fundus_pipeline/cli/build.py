@@ -23,6 +23,30 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | None) -> None:
+    """Refuse, before anything is written, an OUT that is a file, an empty or repeated --parts, and a --data
+    root that lacks a file the chosen parts read (``UsageError``: exit 2)."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.quality.build import _limit, part_sources
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT exists and is not a folder: {out}")
+    if not parts:
+        raise UsageError("--parts names no part: give train, test or train,test")
+    twice = sorted({p for p in parts if parts.count(p) > 1})
+    if twice:
+        raise UsageError(f"--parts lists {', '.join(twice)} more than once")
+    hint = "the datasets and their layout: ../shared/data/README.md"
+    for part in parts:
+        try:
+            listing = _limit(part_sources(root, part), limit)
+        except OSError as e:
+            raise UsageError(f"--data {root} lacks what the {part} part reads: {e.filename or e}", hint) from None
+        missing = [path for _, info in listing for path in info["paths"].values() if not Path(path).is_file()]
+        if missing:
+            raise UsageError(f"--data {root} lacks {len(missing)} file(s) the {part} part reads, e.g. {missing[0]}", hint)
+
+
 @build_app.command("quality-set")
 def quality_set(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False)],
@@ -64,6 +88,7 @@ def quality_set(
         cfg = QualitySetConfig(size=size, draws=draws, seed=seed, enhancers=_names(enhancers), parts=_names(parts), limit=limit)
     except ValidationError as e:
         raise usage_error(e) from None
+    _check_build(root, out, cfg.parts, cfg.limit)
     manifest = build_quality_set(root, out, cfg, overwrite=overwrite, threads=threads, log=lambda m: typer.echo(m, err=True))
     if fmt is Format.json:
         typer.echo(json.dumps(manifest, indent=2))
@@ -114,6 +139,7 @@ def grade_set(
         cfg = GradeSetConfig(size=size, store_size=store_size, draws=draws, seed=seed, parts=_names(parts), limit=limit)
     except ValidationError as e:
         raise usage_error(e) from None
+    _check_build(root, out, cfg.parts, cfg.limit)
     manifest = build_grade_set(root, out, cfg, overwrite=overwrite, threads=threads, log=lambda m: typer.echo(m, err=True))
     if fmt is Format.json:
         typer.echo(json.dumps(manifest, indent=2))

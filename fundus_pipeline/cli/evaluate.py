@@ -240,7 +240,7 @@ def score(
         if not p.is_file():
             raise UsageError(f"{what} is not a file: {p}")
     out_dir = out if out is not None else scores_csv.parent / "eval_score"
-    check_out_dir(out_dir)  # refuse an unusable --out before the bootstrap
+    check_out_dir(out_dir, (scores_csv, labels_csv))  # refuse an unusable --out before the bootstrap
 
     groups = [c.strip() for c in by.split(",") if c.strip()]
     result = evaluate_scores(
@@ -304,7 +304,7 @@ def grade(
         if not p.is_file():
             raise UsageError(f"{what} is not a file: {p}")
     out_dir = out if out is not None else results_csv.parent / "eval_grade"
-    check_out_dir(out_dir)  # refuse an unusable --out before the bootstrap
+    check_out_dir(out_dir, (results_csv, labels_csv))  # refuse an unusable --out before the bootstrap
 
     groups = [c.strip() for v in by or [] for c in v.split(",") if c.strip()]
     result = evaluate_grades(results_csv, labels_csv, by=groups, n_boot=bootstrap, seed=seed)

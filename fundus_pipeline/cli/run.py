@@ -194,10 +194,19 @@ def report_cmd(
             if m.get("status") == "interrupted" and cfg.simulate:  # the photographs the simulator had not reached
                 for row in unreached_in_manifest(m, plan):
                     rows.add(row)
-            path = write_report(out, cfg, rows)
+            missing: list = []
+            path = write_report(out, cfg, rows, missing)
+            pending = sum(1 for r in rows if r.get("status") == "pending")
         finally:
             rows.close()
     from fundus_pipeline.report import PAGE_ROWS
 
     pages = max(1, -(-len(rows) // PAGE_ROWS))
+    if missing:  # the folders changed since the run: say so rather than show empty cells silently
+        key, p = sorted(missing)[0]
+        typer.echo(f"warning: {len(missing)} image(s) that the run's rows name are missing or unreadable (e.g. {key}: {p}); "
+                   "their cells in the report are empty", err=True)
+    if pending:
+        typer.echo(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "
+                   "`fundus run ... --resume` redoes what is missing", err=True)
     typer.echo(f"wrote {path} ({len(rows)} photographs{f', {pages} pages: report.html, report-2.html, ...' if pages > 1 else ''})")

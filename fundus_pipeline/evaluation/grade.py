@@ -396,6 +396,8 @@ def evaluate_grades(
     by = list(dict.fromkeys(by))
     labels, fmt, label_columns = read_labels(labels_csv, by)
     results = _read_csv(results_csv, "results file", ["key", "grade", *PROB_COLUMNS])
+    if not results:
+        raise UsageError(f"the results file {results_csv} has no rows")
     if not any(r["key"] in labels for r in results):
         raise UsageError(f"no key of the results file {results_csv} is in the labels file {labels_csv}")
     result_columns = list(results[0])

@@ -142,7 +142,7 @@ def fit_logistic4(
             warnings.simplefilter("ignore")  # OptimizeWarning (no covariance), overflow in degenerate steps
             params, _ = optimize.curve_fit(logistic4, x, y, p0=list(p0), jac=_logistic4_jac, maxfev=maxfev)
     except (RuntimeError, ValueError, TypeError, np.linalg.LinAlgError) as exc:
-        return _fit_linear(x, y, f"logistic fit failed: {str(exc).splitlines()[0]}")
+        return _fit_linear(x, y, f"logistic fit failed: {' '.join(str(exc).split())}")  # the whole message, on one line
     if not (np.all(np.isfinite(params)) and params[3] != 0 and np.all(np.isfinite(logistic4(x, *params)))):
         return _fit_linear(x, y, "logistic fit failed: non-finite parameters")
     return Mapping("logistic4", tuple(float(p) for p in params))
@@ -306,6 +306,8 @@ def evaluate_scores(
     needed = ["key", "source", "label"] + (["part"] if part is not None else []) + by
     labels = {r["key"]: r for r in _read_csv(labels_csv, "labels file", list(dict.fromkeys(needed)))}
     scores = _read_csv(scores_csv, "scores file", ["key", column])
+    if not scores:
+        raise UsageError(f"the scores file {scores_csv} has no rows")
     in_part = {k: r for k, r in labels.items() if part is None or r["part"] == part}
     if not in_part:
         parts = ", ".join(sorted({r["part"] for r in labels.values()})) or "none"

@@ -450,9 +450,11 @@ def markdown_table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
-def check_out_dir(out_dir: Path) -> list[Path]:
+def check_out_dir(out_dir: Path, inputs: tuple[Path | None, ...] = ()) -> list[Path]:
     """Refuse an output path that cannot take the reports (``UsageError``); return the reports of an earlier
-    run found there (they will be replaced). Other files in the folder are never touched."""
+    run found there (they will be replaced). Other files in the folder are never touched, and files of the
+    reports' names are replaced only when they are an earlier evaluation's (its summary.json is there and
+    names its task): never one of ``inputs``, never a file of that name that an evaluation did not write."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out_dir}")
@@ -462,8 +464,21 @@ def check_out_dir(out_dir: Path) -> list[Path]:
         if p.is_dir() or (p.exists() and not p.is_file()):
             raise UsageError(f"cannot write the report {p}: a folder or special file has that name; choose --out")
         if p.is_file():
+            if any(i is not None and Path(i).exists() and p.resolve() == Path(i).resolve() for i in inputs):
+                raise UsageError(f"the report {p} would replace an input of this evaluation; choose another --out")
             found.append(p)
+    if found and not _earlier_report(out_dir / "summary.json"):
+        raise UsageError(f"{out_dir} holds {', '.join(p.name for p in found)} that no evaluation wrote; choose another --out", "the reports are metrics.csv, summary.json and summary.md")
     return found
+
+
+def _earlier_report(summary: Path) -> bool:
+    """Whether ``summary`` is the summary.json of an earlier ``fundus evaluate`` (a JSON object naming its task)."""
+    try:
+        d = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("task"), str)
 
 
 def write_reports(out_dir: Path, csv_bytes: bytes, summary: dict[str, Any], markdown: str) -> list[Path]:

@@ -76,10 +76,13 @@ def overlay_thumb(image: np.ndarray, vessels_path: Path) -> np.ndarray:
     return np.round(image * (1 - a) + GREEN * a).astype(np.uint8)
 
 
-def thumbnails(out: Path, row: dict, side: int) -> dict[str, str]:
-    """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable)."""
+def thumbnails(out: Path, row: dict, side: int, missing: list | None = None) -> dict[str, str]:
+    """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable). For a
+    row whose status is ok, each image it names that cannot be read is appended to ``missing`` as (key, path)
+    (an unreadable input of a failed row is already reported in its error)."""
     t: dict[str, str] = {"input": "", "enhanced": "", "vessels": ""}
     base: dict[str, np.ndarray] = {}
+    lost = missing if missing is not None and row.get("status") == "ok" else []
     for name, rel in (("input", row.get("input")), ("enhanced", row.get("enhanced_image"))):
         if not rel:
             continue
@@ -88,15 +91,15 @@ def thumbnails(out: Path, row: dict, side: int) -> dict[str, str]:
         try:
             base[name] = thumb_array(p, side)
             t[name] = data_uri(base[name])
-        except Exception:  # an unreadable input is already reported in the row's error
-            pass
+        except Exception:
+            lost.append((row.get("key"), str(p)))
     if row.get("vessels_image"):
         seg = base.get("enhanced" if row.get("segmented") == "enhanced" else "input")
         if seg is not None:
             try:
                 t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"]))
             except Exception:
-                pass
+                lost.append((row.get("key"), str(out / row["vessels_image"])))
     return t
 
 
@@ -261,7 +264,7 @@ def page_name(page: int) -> str:
 
 
 def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None = None, summary_: dict | None = None,
-                  page: int = 1, pages: int = 1, first: int = 1, last: int = 0) -> Iterator[str]:
+                  page: int = 1, pages: int = 1, first: int = 1, last: int = 0, missing: list | None = None) -> Iterator[str]:
     """One page as a stream of text chunks (thumbnails made a bounded window ahead of the rows). ``rows``:
     the page's rows; ``summary_``: the figures of the whole run (default: computed from ``rows``, which is
     then read twice: a list, or a re-iterable such as ``chain.RowsFile``); ``page`` of ``pages``, whose first
@@ -271,7 +274,7 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
     workers = workers or max(1, min(4, os.cpu_count() or 1))
 
     def with_thumbs(row: dict) -> dict:
-        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail), "flag_list": str(row.get("flags") or "").split()}
+        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail, missing), "flag_list": str(row.get("flags") or "").split()}
 
     template = _environment().get_template("report.html.j2")
     return template.generate(
@@ -292,10 +295,11 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
     )
 
 
-def write_report(out: Path, cfg, rows: Iterable[dict]) -> Path:
+def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = None) -> Path:
     """Write ``out/report.html`` (and, past ``PAGE_ROWS`` photographs, ``report-2.html``, ... each with the
     whole run's summary and links to the others), each page streamed to a temporary file and renamed.
-    ``rows`` is read twice (a list or ``chain.RowsFile``); pages of an earlier, longer report are removed."""
+    ``rows`` is read twice (a list or ``chain.RowsFile``); pages of an earlier, longer report are removed.
+    ``missing`` collects (key, path) of the images that ok rows name and that could not be read."""
     import itertools
     import re
 
@@ -309,7 +313,7 @@ def write_report(out: Path, cfg, rows: Iterable[dict]) -> Path:
     for page in range(1, pages + 1):
         with open_atomic(out / page_name(page)) as f:
             for chunk in render_chunks(out, cfg, itertools.islice(it, PAGE_ROWS), summary_=figures, page=page, pages=pages,
-                                       first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"])):
+                                       first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"]), missing=missing):
                 f.write(chunk)
     for stale in out.glob("report-*.html"):
         m = re.fullmatch(r"report-(\d+)\.html", stale.name)
