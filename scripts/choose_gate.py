@@ -49,7 +49,8 @@ def choose_threshold(gain: np.ndarray, label: np.ndarray, deg: np.ndarray, step:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("quality_set", type=Path)
-    ap.add_argument("--weights", default="sdmp")
+    ap.add_argument("--weights", default="sdmp", help="a shipped name, a weights file or a training checkpoint (with --arch)")
+    ap.add_argument("--arch", default=None, help="the architecture of --weights when they are not in weights/manifest.json")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--enhancers", default="model", choices=("model", "all"))
     ap.add_argument("--threshold", type=float, default=None, help="with --split test: the threshold chosen on val")
@@ -67,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from fundus_pipeline.models.weights import load_model
 
-    model, loaded = load_model(a.weights, task="quality")
+    model, loaded = load_model(a.weights, arch=a.arch, task="quality")
     rows = [r for r in read_pairs(a.quality_set, a.split) if r["enhancer"] != "identity" and (a.enhancers == "all" or r["enhancer_kind"] == "model")]
     if not rows:
         raise UsageError(f"{a.quality_set}/pairs.csv has no {a.split} pairs of {a.enhancers} enhancers")
