@@ -80,8 +80,16 @@ def test_report_renders_sorts_filters_and_is_not_blank(driver, tmp_path):
     assert driver.execute_script("return document.readyState") == "complete"
     errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
     assert errors == []
-    # every thumbnail decoded (inline data: no network, no missing file)
-    sizes = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
+    # every thumbnail decoded (inline data: no network, no missing file); lazy images decode asynchronously
+    # after the load event, so wait (up to 15 s) for them rather than read them at once
+    import time
+
+    script = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);"
+    deadline = time.monotonic() + 15
+    sizes = driver.execute_script(script)
+    while not all(ok and w > 0 for ok, w in sizes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        sizes = driver.execute_script(script)
     assert len(sizes) == 7 + 4 + 6 and all(ok and w > 0 for ok, w in sizes)
     assert visible_keys(driver) == [f"p{i}" for i in range(7)]
     assert "showing 7 of 7" in driver.find_element(By.ID, "shown").text
