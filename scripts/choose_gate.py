@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from fundus_pipeline.errors import UsageError
-from fundus_pipeline.quality.scoring import SCORE_SIZE, predict_pair
-from fundus_pipeline.train.score import PairReader, read_pairs
+from fundus_pipeline.quality.scoring import SCORE_SIZE
+from fundus_pipeline.train.score import PairReader, predict_frames, read_pairs
 from fundus_pipeline.train.score import gate_figures as score_gate_figures
 
 
@@ -63,22 +63,16 @@ def main() -> None:
         raise UsageError("--split test reports a threshold chosen on val: give it with --threshold")
     if a.threads < 1 or a.step <= 0 or a.span < 0:
         raise UsageError("--threads must be at least 1, --step above 0 and --range at least 0")
-    if not (a.quality_set / "pairs.csv").is_file():
-        raise UsageError(f"{a.quality_set} is not a quality set (no pairs.csv)", "build one with `fundus build quality-set`")
     torch.set_num_threads(a.threads)
     from fundus_pipeline.models.weights import load_model
 
-    model, loaded = load_model(a.weights, arch=a.arch, task="quality")
     rows = [r for r in read_pairs(a.quality_set, a.split) if r["enhancer"] != "identity" and (a.enhancers == "all" or r["enhancer_kind"] == "model")]
     if not rows:
         raise UsageError(f"{a.quality_set}/pairs.csv has no {a.split} pairs of {a.enhancers} enhancers")
+    model, loaded = load_model(a.weights, arch=a.arch, task="quality")
     reader = PairReader(a.quality_set, SCORE_SIZE)
-    gain = []
-    for r in rows:
-        e, d = reader(r)
-        (s, _), (si, _) = predict_pair(model, e.astype(np.float32) / 255, d.astype(np.float32) / 255, "cpu", identity=True)
-        gain.append(s - si)
-    gain = np.array(gain)
+    score, own = predict_frames(model, (reader(r) for r in rows), "cpu", SCORE_SIZE, identity=True)  # the chain's protocol
+    gain = score - own
     label = np.array([float(r["label"]) for r in rows])
     deg = np.array([float(r["deg_label"]) for r in rows])
     out = {

@@ -47,8 +47,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads < 1 or a.stride < 1:
         raise UsageError("--threads and --stride must be at least 1")
-    if not (a.quality_set / "pairs.csv").is_file():
-        raise UsageError(f"{a.quality_set} is not a quality set (no pairs.csv)", "build one with `fundus build quality-set`")
     torch.set_num_threads(a.threads)
     rows = read_pairs(a.quality_set, "val")[:: a.stride]
     if not rows:

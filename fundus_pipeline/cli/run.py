@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -188,15 +189,14 @@ def report_cmd(
     out = Path(out_dir).resolve()
     with OutputLock(out, out_dir):
         rows = RowsFile()
+        pending = 0  # counted as the rows are gathered, not in another pass over them
         try:
-            for row in join(out, cfg, plan):
+            unreached = unreached_in_manifest(m, plan) if m.get("status") == "interrupted" and cfg.simulate else ()  # not reached by the simulator
+            for row in itertools.chain(join(out, cfg, plan), unreached):
                 rows.add(row)
-            if m.get("status") == "interrupted" and cfg.simulate:  # the photographs the simulator had not reached
-                for row in unreached_in_manifest(m, plan):
-                    rows.add(row)
+                pending += row.get("status") == "pending"
             missing: list = []
             path = write_report(out, cfg, rows, missing)
-            pending = sum(1 for r in rows if r.get("status") == "pending")
         finally:
             rows.close()
     from fundus_pipeline.report import PAGE_ROWS

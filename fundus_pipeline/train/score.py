@@ -181,8 +181,13 @@ def train_pretext(cfg: PretextConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------- score
 def read_pairs(set_dir: Path, split: str) -> list[dict]:
-    """The pairs of one split (``train``, ``val`` or ``test``) of a quality set's pairs.csv."""
-    with open(set_dir / "pairs.csv", newline="") as f:
+    """The pairs of one split (``train``, ``val`` or ``test``) of a quality set's pairs.csv (``UsageError``
+    for a folder without one)."""
+    if not (Path(set_dir) / "pairs.csv").is_file():
+        from fundus_pipeline.errors import UsageError
+
+        raise UsageError(f"{set_dir} is not a quality set (no pairs.csv)", "build one with `fundus build quality-set`")
+    with open(Path(set_dir) / "pairs.csv", newline="") as f:
         return [r for r in csv.DictReader(f) if r["split"] == split]
 
 
