@@ -164,7 +164,12 @@ def test_init_refuses_pickles_and_foreign_architectures(fake_data, tmp_path, cap
     assert _train(*_args(fake_data, tmp_path / "b", "--init", str(foreign))) == 1  # strict key check
     err = capsys.readouterr().err.strip()
     assert "does not fit architecture 'imff_tiny'" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "b" / "last.pt").exists()
+    assert not (tmp_path / "b").exists()  # refused after OUT was made: nothing left behind, not even train.log
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert _train(*_args(fake_data, kept, "--init", str(foreign))) == 1
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a folder it did not make is kept, as it was
 
 
 def test_help_lists_every_option_with_help_and_default(capsys):

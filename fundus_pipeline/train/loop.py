@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 import torch.nn as nn
 
+from fundus_pipeline.errors import FundusError
 from fundus_pipeline.train.config import TrainConfig
 
 __all__ = ["BatchSampler", "Task", "TrainConfig", "fit", "save_atomic"]
@@ -151,10 +152,24 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    new_out = not cfg.out.exists()
+    new_log = not (cfg.out / "train.log").exists()
     cfg.out.mkdir(parents=True, exist_ok=True)
     log = _RunLog(cfg.out / "train.log")
     try:
         return _fit(task, cfg, device, amp, log)
+    except FundusError:
+        # Refused before training (weights that do not fit, data that is not there): leave nothing behind
+        # that this run made, unless it got as far as a checkpoint.
+        log.close()
+        if new_log and not (cfg.out / "last.pt").exists():
+            (cfg.out / "train.log").unlink(missing_ok=True)
+            if new_out:
+                try:
+                    cfg.out.rmdir()  # only if empty
+                except OSError:
+                    pass
+        raise
     finally:
         log.close()
 
