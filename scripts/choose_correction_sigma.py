@@ -9,6 +9,9 @@ within 0.002 of the best.
 
     python scripts/choose_correction_sigma.py WEIGHTS [--sigmas 0,8,32] [--record docs/correction_WEIGHTS.json]   (rows on stderr)
 
+WEIGHTS is a name from the manifest or, without ``--record``, ``NAME=FILE`` for a training run's checkpoint
+(``cofe_add@ctl=runs/ctl/best.pt``: architecture before the ``@``, as in ``scripts/enhance_benchmark.py``).
+
 With ``--record FILE`` the JSON goes to FILE and the choice into the weights' manifest entry
 (``output.correction_sigma`` and ``correction_selection``; ``fundus_pipeline.train.export.record_correction_selection``);
 without it, to stdout only.
@@ -41,7 +44,10 @@ def main() -> None:
     torch.set_num_threads(2)
     root = a.data or default_data_root()
     sigmas = [float(s) for s in a.sigmas.split(",")]
-    methods = {s: Method(f"{a.weights}~s{s:g}") for s in sigmas}
+    name, eq, path = a.weights.partition("=")  # NAME=FILE (a training run's weights) as in enhance_benchmark.py
+    if a.record and eq:
+        raise SystemExit("choose_correction_sigma.py: --record needs weights from the manifest, not NAME=FILE")
+    methods = {s: Method(f"{name}~s{s:g}{eq}{path}") for s in sigmas}
     seg = Segmenter()
     degraders = {"released111": cofe_degrader("released", "111"), "moderate": load_recipe("moderate")}
     images = [(f"drive/{i}", drive_paths(root, i)) for i in DRIVE_VAL] + [(f"hrf/{i}", hrf_paths(root, i)) for i in HRF_VAL]
