@@ -204,8 +204,8 @@ class RunConfig(StageConfig):
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
     report: bool = True
     thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
-    workers: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1)
+    workers: int = Field(1, ge=1, le=512)  # runner.MAX_WORKERS
+    threads: int | None = Field(None, ge=1, le=1024)  # runner.MAX_THREADS
     engine: Literal["local", "ray"] = "local"
     address: str | None = None
     format: Literal["human", "json"] = "human"
@@ -291,7 +291,7 @@ def load_toml_config(path: Path) -> dict:
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # a leading byte-order mark is allowed
     except OSError as e:
         raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -299,4 +299,11 @@ def load_toml_config(path: Path) -> dict:
     unknown = sorted(set(data) - set(RunConfig.model_fields))
     if unknown:
         raise UsageError(f"invalid --config {path}: unknown key {unknown[0]!r} (keys: {', '.join(RunConfig.model_fields)})")
+    # TOML has types, so the file's values must have the key's type: `workers = true` or `keep_outside = "yes"`
+    # is an error, not 1 or True (the command line's strings are converted by its options, as usual)
+    typed = {k: Path(v) if k == "ground_truth" and isinstance(v, str) else v for k, v in data.items()}
+    try:
+        RunConfig.model_validate(typed, strict=True)
+    except ValidationError as e:
+        raise UsageError(f"invalid --config {path}: {error_line(e, prefix='')}") from None
     return data

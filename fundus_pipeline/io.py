@@ -79,10 +79,11 @@ def _is_hidden(name: str) -> bool:
 def discover_images(root: Path) -> list[ImageItem]:
     """All supported images under ``root`` (recursive), sorted by key.
 
-    Extensions match case-insensitively; hidden files and folders (name starting with ``.``) and entries
-    that are not regular files (sockets, FIFOs, dangling links) are skipped. Symlinked folders are
-    followed once (loops are ignored). Two files with the same key (``a.png`` and ``a.JPG``) are a
-    ``UsageError`` naming both, since their outputs would collide.
+    Extensions match case-insensitively; hidden files and folders (name starting with ``.``) are skipped.
+    An entry with an image's name that is not a readable regular file (a dangling or looping symbolic link,
+    a FIFO, a socket) is kept: it fails as an item with its reason, never skipped in silence. Symlinked
+    folders are followed once (loops are ignored). Two files with the same key (``a.png`` and ``a.JPG``)
+    are a ``UsageError`` naming both, since their outputs would collide.
     """
     root = Path(root)
     if not root.exists():
@@ -112,10 +113,8 @@ def discover_images(root: Path) -> list[ImageItem]:
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(entry.path)
                     continue
-                if not entry.is_file(follow_symlinks=True):
-                    continue
             except OSError:
-                continue
+                pass  # a symbolic link loop: an item below if it has an image's name (read_image says why it fails)
             stem, ext = os.path.splitext(entry.path)  # strings: pathlib costs more than the scan itself on 100,000 files
             if ext.lower() not in SUPPORTED_EXTENSIONS:
                 continue
@@ -451,9 +450,11 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
     path = Path(path)
     try:
         if not path.exists():
+            if path.is_symlink():
+                raise InputError(f"{path}: symbolic link to a missing file (or a loop of links)")
             raise InputError(f"{path}: file not found")
         if not path.is_file():
-            raise InputError(f"{path}: not a regular file")
+            raise InputError(f"{path}: not a regular file (a folder, FIFO, socket or device); not read")
         st = path.stat()
         data = path.read_bytes()
     except OSError as exc:

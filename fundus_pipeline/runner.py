@@ -155,13 +155,14 @@ class Inputs:
 
 
 def _read_list(path: Path) -> list[ImageItem]:
-    """Items of a list file: one image path a line (blank lines and lines starting with # skipped),
-    relative paths taken from the list's folder. Keys are the paths relative to the deepest folder that
+    """Items of a list file: one image path a line (blank lines and lines starting with # skipped; a
+    leading UTF-8 byte-order mark too), relative paths taken from the list's folder; a path listed twice is
+    one item. Keys are the paths relative to the deepest folder that
     holds them all, without extension. A listed file that is missing is kept: it fails as an item."""
     try:
         if path.stat().st_size > MAX_LIST_BYTES:
             raise UsageError(f"input list {path} is larger than {MAX_LIST_BYTES >> 20} MiB")
-        text = path.read_bytes().decode("utf-8", "surrogateescape")
+        text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # a byte-order mark is no path
     except OSError as e:
         raise UsageError(f"cannot read input list {path}: {e.strerror or e}") from None
     base = os.path.dirname(os.path.realpath(path))
@@ -225,17 +226,21 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
         raise UsageError(f"output folder {out_dir} is the input folder or inside it; choose a folder outside {in_path}")
     if src.is_file() and (src == dst or _is_relative_to(src, dst)):
         raise UsageError(f"the input {in_path} lies inside the output folder {out_dir}; choose another output folder")
-    if inputs is not None and inputs.kind == "list":
+    if inputs is not None and inputs.kind in ("list", "folder"):
+        # a folder's items too: a symbolic link in it may lead into OUT, whose outputs would be read back as inputs
         inside = _first_inside((it.path for it in inputs.items), dst)
         if inside is not None:
-            raise UsageError(f"listed input {inside} lies inside the output folder {out_dir}; choose another output folder")
+            if inputs.kind == "list":
+                raise UsageError(f"listed input {inside} lies inside the output folder {out_dir}; choose another output folder")
+            raise UsageError(f"input {inside} lies inside the output folder {out_dir} through a symbolic link; remove the link or choose another output folder")
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out_dir}")
     non_empty = dst.exists() and not _is_empty(dst)
     if non_empty and not (overwrite or resume):
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")
-    if non_empty and resume and not ((dst / "manifest.json").exists() or (dst / JOURNAL).exists()):
-        raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json); choose an empty folder or pass --overwrite")
+    if non_empty and resume and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
+        # a manifest.json that fundus did not write is no run to continue: its files would be replaced
+        raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json written by fundus); choose an empty folder or pass --overwrite")
     if non_empty and overwrite and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
         # --overwrite replaces a run's outputs; the tables a run writes are removed first, so they must be a run's
         mine = next((n for n in ("results.csv", "manifest.json", "report.html") if (dst / n).exists()), None)
@@ -468,6 +473,19 @@ class WorkItem:
     key: str
     path: Path
     extra: dict[str, Path | None] = field(default_factory=dict)
+
+
+MAX_WORKERS = 512
+MAX_THREADS = 1024
+
+
+def check_parallelism(workers: int, threads: int | None) -> None:
+    """``--workers`` and ``--threads`` in range (a UsageError before anything is created: a value past a C
+    int would otherwise fail inside the thread pools, after OUT was made)."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}, got {workers}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
 
 
 def available_cpus() -> int:
@@ -962,10 +980,7 @@ def run_stage(
     stage runs on a GPU (``stage.feeds_device``). ``inputs_checked``: the caller has checked that no earlier
     row's input changed (a chained run, for its first stage), so resuming does not stat them again."""
     started = time.time()
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+    check_parallelism(workers, threads)
     extra_dirs = dict(extra_dirs or {})
     check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume)
     inputs = resolve_inputs(in_path) if items is None else Inputs("planned", Path(in_path), list(items))

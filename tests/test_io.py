@@ -351,11 +351,18 @@ def test_discover_recursive_sorted_case_insensitive(tmp_path):
     for rel in ["b.PNG", "a.jpg", "sub/02.TIF", "sub/01.jpeg", "sub/deeper/z.bmp", "c.Gif", "d.ppm", "e.tiff",
                 "notes.txt", ".hidden.png", ".cache/x.png", "sub/.git/y.png", "x.tar.png"]:
         _touch_png(tmp_path / rel)
-    os.mkfifo(tmp_path / "fifo.png") if hasattr(os, "mkfifo") else None
+    os.mkfifo(tmp_path / "fifo.png")
     (tmp_path / "dangling.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "loop1.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop1.png")
+    os.mkfifo(tmp_path / "pipe.txt")  # not an image's name: not an input
     items = discover_images(tmp_path)
     keys = [i.key for i in items]
-    assert keys == ["a", "b", "c", "d", "e", "sub/01", "sub/02", "sub/deeper/z", "x.tar"]
+    # entries with an image's name that are no readable file are items (they fail with a reason), never skipped
+    assert keys == ["a", "b", "c", "d", "dangling", "e", "fifo", "loop1", "loop2", "sub/01", "sub/02", "sub/deeper/z", "x.tar"]
+    for name, why in (("dangling.png", "symbolic link to a missing file"), ("loop1.png", "loop"), ("fifo.png", "not a regular file")):
+        with pytest.raises(fio.InputError, match=why):
+            fio.read_image(tmp_path / name)  # the FIFO is not opened (that would block)
     assert items[0].path == tmp_path / "a.jpg"
     assert all(isinstance(i.path, Path) for i in items)
 

@@ -344,7 +344,17 @@ def test_config_file_and_command_line_override(photos, tmp_path, tiny, capsys):
     assert run("run", photos, tmp_path / "o3", "--config", cfg) == 2
     cfg.write_text("min_gain = 7\n")
     assert run("run", photos, tmp_path / "o4", "--config", cfg) == 2
-    assert "invalid --min-gain" in capsys.readouterr().err
+    assert f"invalid --config {cfg}: min_gain 7:" in capsys.readouterr().err  # the file and its key are named
+    # TOML values have types: a value of another type is refused, not converted (were: 1 worker, 1.0, True)
+    for text, key in (("workers = true", "workers"), ("min_gain = true", "min_gain"), ('keep_outside = "yes"', "keep_outside"),
+                      ('seed = "3"', "seed"), ("ground_truth = 5", "ground_truth")):
+        cfg.write_text(text + "\n")
+        assert run("run", photos, tmp_path / "o5", "--config", cfg) == 2, text
+        err = capsys.readouterr().err.strip()
+        assert f"invalid --config {cfg}: {key}" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o5").exists()
+    cfg.write_bytes(b'\xef\xbb\xbfsteps = ["grade", "enhance"]\nenhance_if = "good,usable,reject"\nmin_gain = 0.05\nseed = 0\n')
+    assert run("run", photos, tmp_path / "o6", "--config", cfg, *tiny_args(tiny)) == 0  # a byte-order mark is allowed
 
 
 def test_correction_sigma_reaches_the_enhance_stage_from_the_file_and_the_command_line(photos, tmp_path, tiny):

@@ -75,8 +75,9 @@ def run_stage_command(
     loaded), build the stage (``make_stage()``), run it over IN into OUT (``extra_dirs``: the folders of its
     further input roles, e.g. ``{"reference": ...}``) on the engine of ``--engine``, call ``after()`` unless
     the run was interrupted, and report."""
-    from fundus_pipeline.runner import check_run_paths, run_stage
+    from fundus_pipeline.runner import check_parallelism, check_run_paths, run_stage
 
+    check_parallelism(workers, threads)
     check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
     eng = open_engine(engine, address, workers, threads)
     try:

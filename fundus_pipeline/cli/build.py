@@ -63,7 +63,7 @@ def quality_set(
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
     ] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for the networks (bytes are reproducible for a fixed value).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, max=1024, help="CPU threads for the networks (bytes are reproducible for a fixed value).")] = 2,
     overwrite: Overwrite = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
@@ -114,7 +114,7 @@ def grade_set(
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
     ] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for the segmenter (bytes are reproducible for a fixed value).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, max=1024, help="CPU threads for the segmenter (bytes are reproducible for a fixed value).")] = 2,
     overwrite: Overwrite = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
