@@ -469,7 +469,10 @@ class Chain:
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()):
                 raise UsageError(f"{self.shown} was written by a run with another configuration or other weights; rerun with the same options, or use --overwrite")
-            changed = next((r["key"] for r in stage_lines(out / self._first_folder()) if r.get("status") == "ok" and input_changed(r)), None)
+            # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
+            planned = {it.key: str(it.path) for it in self.inputs.items}
+            changed = next((r["key"] for r in stage_lines(out / self._first_folder())
+                            if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input") and input_changed(r)), None)
             if changed is not None:
                 raise UsageError(f"--resume: input {changed!r} changed since the run started; its results would mix two versions; use --overwrite")
         elif self.resume and any(p.name not in (LOCK,) for p in out.iterdir()):

@@ -123,7 +123,7 @@ def discover_images(root: Path) -> list[ImageItem]:
             if key in found:
                 a, b = sorted([found[key], path])
                 raise UsageError(
-                    f"two input files have the same key '{key}': {a} and {b}; rename or remove one"
+                    f"two files in {root} have the same key '{key}': {a} and {b}; rename or remove one"
                 )
             found[key] = path
     return [ImageItem(key, found[key]) for key in sorted(found)]

@@ -107,3 +107,13 @@ def test_parallelism_past_a_c_int_is_a_usage_error_before_out_is_made(tmp_path, 
         assert main(["degrade", str(d), str(out), "--quiet", opt, "99999999999999999999"]) == 2  # was 1 (OverflowError)
         assert f"{opt} must be between 1 and" in capsys.readouterr().err
         assert not out.exists()  # was: a lock file and a 'running' manifest, refusing the corrected command
+
+
+def test_an_empty_path_argument_is_refused(tmp_path, capsys, monkeypatch):
+    d = _photos(tmp_path)
+    monkeypatch.chdir(d)  # an empty OUT was the working folder: here the input folder itself
+    for args in (["degrade", "", str(tmp_path / "o")], ["degrade", str(d), ""], ["run", "", str(tmp_path / "o")], ["run", str(d), ""]):
+        assert main([*args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "empty; give a folder or file name" in err and ("'IN'" in err or "'OUT'" in err), err
+    assert not (tmp_path / "o").exists()

@@ -324,6 +324,11 @@ def test_resume_refuses_another_configuration(photos, tmp_path, tiny):
     # an input changed since the run started: resuming would mix two versions
     Image.fromarray(synthetic_fundus(80, 80, 7)).save(photos / "p1.png")
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
+    # ... unless it is no longer an input: it drops out of the table (was refused as 'changed')
+    (photos / "p1.png").rename(tmp_path / "p1.png")
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
+    assert set(rows_of(out / "results.csv")) == {"p0", "p2"}
+    (tmp_path / "p1.png").rename(photos / "p1.png")
     # --overwrite replaces the run's own folders
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment"), "--overwrite") == 0
     assert (out / "segment").is_dir() and set(rows_of(out / "results.csv")) == {"p0", "p1", "p2"}

@@ -23,6 +23,14 @@ class Format(str, Enum):
     json = "json"
 
 
+def path_arg(text: str) -> Path:
+    """A path argument; an empty one is refused (``Path("")`` would be the working folder: ``fundus degrade
+    "$IN" out`` with an unset ``$IN`` must not read or write ``.``)."""
+    if not text:
+        raise typer.BadParameter("empty; give a folder or file name")
+    return Path(text)
+
+
 def flag(*names: str, help: str) -> typer.models.OptionInfo:
     """A boolean on/off flag (``--overlay``); shown without a value in ``--help``."""
     return typer.Option(*names, help=help, metavar="")
@@ -32,11 +40,12 @@ InPath = Annotated[
     Path,
     typer.Argument(
         metavar="IN",
+        parser=path_arg,
         help="Input: a folder of fundus images (searched recursively), one image file, or a text file listing image paths (one a line, relative to the list's folder).",
         show_default=False,
     ),
 ]
-OutDir = Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; must not be inside the input folder).", show_default=False)]
+OutDir = Annotated[Path, typer.Argument(metavar="OUT", parser=path_arg, help="Output folder (created; must not be inside the input folder).", show_default=False)]
 Workers = Annotated[
     int,
     typer.Option(

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, open_engine
-from fundus_pipeline.cli.options import EngineName, Format, flag
+from fundus_pipeline.cli.options import EngineName, Format, flag, path_arg
 from fundus_pipeline.config import RunConfig
 
 #: The options ``--replay`` accepts: they change where and how fast a run goes, never an output byte.
@@ -66,8 +66,8 @@ def _summary_line(s: dict) -> str:
 
 @app.command("run")
 def run_cmd(
-    in_dir: Annotated[Optional[Path], typer.Argument(metavar="IN", help="Input: a folder of fundus photographs (searched recursively), one image, or a text file listing image paths. With --replay: omit it.", show_default=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Argument(metavar="OUT", help="Output folder: one sub-folder per stage, results.csv, manifest.json, report.html.", show_default=False)] = None,
+    in_dir: Annotated[Optional[Path], typer.Argument(metavar="IN", parser=path_arg, help="Input: a folder of fundus photographs (searched recursively), one image, or a text file listing image paths. With --replay: omit it.", show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Argument(metavar="OUT", parser=path_arg, help="Output folder: one sub-folder per stage, results.csv, manifest.json, report.html.", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file whose keys are these options' names with underscores (min_gain = 0.02); the command line overrides it.", show_default=False)] = None,
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Reproduce the run recorded in OLD_OUT/manifest.json into OUT, byte for byte (same inputs, weights and options).", show_default=False)] = None,
     steps: Annotated[Optional[str], _opt("--steps", help="Steps to run, comma-separated; they always run in the chain's order grade,enhance,score,segment.", field="steps")] = None,
