@@ -41,7 +41,7 @@ import uuid
 import warnings
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -70,6 +70,9 @@ class ImageItem:
 
     key: str
     path: Path
+    # reached through a symbolic link (the file, or a folder above it below the scanned root): only such an
+    # item can lie inside OUT, which may not be inside the root (runner.check_run_paths)
+    linked: bool = field(default=False, compare=False)
 
 
 def _is_hidden(name: str) -> bool:
@@ -95,9 +98,10 @@ def discover_images(root: Path) -> list[ImageItem]:
     root_s = str(root)
     prefix = root_s if root_s.endswith(os.sep) else root_s + os.sep
     seen_dirs: set[str] = set()
-    stack = [root_s]  # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./")
+    stack = [(root_s, False)]  # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./")
+    linked: dict[str, bool] = {}
     while stack:
-        folder = stack.pop()
+        folder, via_link = stack.pop()
         real = os.path.realpath(folder)
         if real in seen_dirs:
             continue
@@ -111,7 +115,7 @@ def discover_images(root: Path) -> list[ImageItem]:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(entry.path)
+                    stack.append((entry.path, via_link or entry.is_symlink()))
                     continue
             except OSError:
                 pass  # a symbolic link loop: an item below if it has an image's name (read_image says why it fails)
@@ -126,7 +130,8 @@ def discover_images(root: Path) -> list[ImageItem]:
                     f"two files in {root} have the same key '{key}': {a} and {b}; rename or remove one"
                 )
             found[key] = path
-    return [ImageItem(key, found[key]) for key in sorted(found)]
+            linked[key] = via_link or entry.is_symlink()
+    return [ImageItem(key, found[key], linked[key]) for key in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -228,7 +228,7 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
         raise UsageError(f"the input {in_path} lies inside the output folder {out_dir}; choose another output folder")
     if inputs is not None and inputs.kind in ("list", "folder"):
         # a folder's items too: a symbolic link in it may lead into OUT, whose outputs would be read back as inputs
-        inside = _first_inside((it.path for it in inputs.items), dst)
+        inside = _first_inside((it.path for it in inputs.items if inputs.kind == "list" or it.linked), dst)
         if inside is not None:
             if inputs.kind == "list":
                 raise UsageError(f"listed input {inside} lies inside the output folder {out_dir}; choose another output folder")
