@@ -423,8 +423,11 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
         else:
             lut = (lut >> 8).astype(np.uint8) if lut.dtype == np.uint16 else lut.astype(np.uint8)
         return np.ascontiguousarray(lut[np.clip(arr, 0, len(lut) - 1)]), True, orientation
-    if arr.ndim == 3 and arr.shape[2] > 4:
-        arr = arr[..., :4] if extrasamples else arr[..., :3]
+    if arr.ndim == 3 and (arr.shape[2] > 4 or (photometric in (0, 1) and arr.shape[2] > 2)):
+        # multispectral or extra channels: no channel is dropped or taken for alpha in silence
+        kind = "grey" if photometric in (0, 1) else "colour"
+        raise InputError(f"{path}: TIFF with {arr.shape[2]} channels ({kind}, {len(extrasamples)} extra samples) is not supported; "
+                         "export it as grey, grey+alpha, RGB or RGBA")
     return np.ascontiguousarray(arr), False, orientation
 
 

@@ -102,6 +102,22 @@ def test_tiff_round_trip(tmp_path, name, shape, dtype):
     assert meta.format == "tiff" and meta.dtype == np.dtype(dtype).name
 
 
+def test_tiff_extra_channels_are_refused_not_dropped(tmp_path):
+    # gray + alpha and RGBA are kept as they are
+    ga = rand((H, W, 2), np.uint8)
+    tifffile.imwrite(tmp_path / "ga.tif", ga, photometric="minisblack", extrasamples=["unassalpha"])
+    np.testing.assert_array_equal(read_image(tmp_path / "ga.tif")[0], ga)
+    rgba = rand((H, W, 4), np.uint16)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif")[0], rgba)
+    # a 5-channel grey stack was written as RGBA (channel 4 taken for alpha, 5 dropped); RGB + 2 extras lost one
+    tifffile.imwrite(tmp_path / "ms.tif", rand((H, W, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(tmp_path / "rgb2x.tif", rand((H, W, 5), np.uint8), photometric="rgb", extrasamples=["unassalpha", "unspecified"])
+    for name in ("ms.tif", "rgb2x.tif"):
+        with pytest.raises(InputError, match="TIFF with 5 channels .* not supported"):
+            read_image(tmp_path / name)
+
+
 def test_tiff_planar_and_float(tmp_path):
     arr = rand((3, H, W), np.uint16)
     p = tmp_path / "planar.tif"
