@@ -241,12 +241,34 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
     if non_empty and resume and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
         # a manifest.json that fundus did not write is no run to continue: its files would be replaced
         raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json written by fundus); choose an empty folder or pass --overwrite")
-    if non_empty and overwrite and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
-        # --overwrite replaces a run's outputs; the tables a run writes are removed first, so they must be a run's
-        mine = next((n for n in ("results.csv", "manifest.json", "report.html") if (dst / n).exists()), None)
-        if mine is not None:
-            raise UsageError(f"--overwrite: {out_dir} holds {mine} but no manifest.json of a fundus run, so it is not replaced; move it away or choose another folder")
+    if non_empty and (resume or overwrite):
+        # the run rewrites its tables: each one there must be fundus's, whatever else the folder holds
+        foreign = foreign_table(dst)
+        if foreign is not None:
+            flag = "--resume" if resume else "--overwrite"
+            raise UsageError(f"{flag}: {out_dir} holds {foreign} that no fundus run wrote, so it is not replaced; move it away or choose another folder")
     return src, dst
+
+
+def foreign_table(folder: Path, tables: tuple[str, ...] = ("manifest.json", "results.csv")) -> str | None:
+    """The first of ``tables`` in ``folder`` that fundus did not write (a ``manifest.json`` without fundus's
+    head, a ``results.csv`` whose header does not start with ``key,input,``), or None. A run replaces these."""
+    for name in tables:
+        p = folder / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if name == "manifest.json":
+            if manifest_stage(p) is None:
+                return name
+            continue
+        try:
+            with open(p, "rb") as f:
+                head = f.read(64)
+        except OSError:
+            return name
+        if not head.startswith(b"key,input,"):
+            return name
+    return None
 
 
 _MANIFEST_STAGE = re.compile(rb'"stage": "([a-z_]+)"')
@@ -516,9 +538,27 @@ def _set_threads(stage: Stage | None, threads: int, forked: bool = False) -> Non
 _WORKER_STAGE: Any = None
 
 
+def _exit_with_parent(every: float = 1.0) -> None:
+    """End this worker process when the run's process is gone (killed by kill -9, say): a forked worker holds
+    the output folder's lock and journal, so an orphan would keep writing and keep ``--resume`` refused. A
+    daemon thread compares the parent's pid once a second."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fundus-parent-watch", daemon=True).start()
+
+
 def _worker_init(stage: Stage, threads: int) -> None:
     global _WORKER_STAGE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _exit_with_parent()
     _WORKER_STAGE = stage
     _set_threads(stage, threads, forked=multiprocessing.get_start_method(allow_none=True) == "fork" or stage.start_method == "fork")
     stage.setup()
@@ -530,14 +570,22 @@ def decode(path: Path, info: dict | None = None) -> Image:
 
 
 def input_changed(row: dict) -> bool:
-    """Whether the input file of a finished row is no longer the one it was computed from: its size or
-    modification time differ from those recorded (``input_stat``) and so does its sha256 (read only then).
-    A row without the record (an older run) counts as unchanged."""
-    stat, digest = row.get("input_stat"), row.get("input_sha256")
-    if not (isinstance(stat, list) and len(stat) == 2 and digest):
+    """Whether an input file of a finished row is no longer the one it was computed from: its size or
+    modification time differ from those recorded (``input_stat``; the other roles' files, such as score's
+    reference, in ``inputs_stat``) and so does its sha256 (read only then). A file without the record (an
+    older run) counts as unchanged."""
+    files = [(row.get("input"), row.get("input_stat"), row.get("input_sha256"))]
+    stats, digests, paths = row.get("inputs_stat"), row.get("inputs_sha256"), row.get("inputs")
+    if isinstance(stats, dict) and isinstance(digests, dict) and isinstance(paths, dict):
+        files += [(paths.get(role), stats.get(role), digests.get(role)) for role in sorted(stats)]
+    return any(_file_changed(*f) for f in files)
+
+
+def _file_changed(path, stat, digest) -> bool:
+    if not (isinstance(stat, list) and len(stat) == 2 and digest and isinstance(path, str)):
         return False
     try:
-        st = os.stat(row["input"])
+        st = os.stat(path)
     except OSError:
         return True
     if [st.st_size, st.st_mtime_ns] == stat:
@@ -545,7 +593,7 @@ def input_changed(row: dict) -> bool:
     from fundus_pipeline.models.weights import sha256_file
 
     try:
-        return sha256_file(Path(row["input"])) != digest
+        return sha256_file(Path(path)) != digest
     except OSError:
         return True
 
@@ -608,10 +656,16 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
     finally:  # provenance, hashed from the bytes read (also when they do not decode)
         if info:
             row["input_sha256"], row["input_stat"] = info["sha256"], [info["size"], info["mtime_ns"]]
-    for role, path in work.extra.items():
+    for role, path in sorted(work.extra.items()):
         if path is None:
             raise InputError(f"no {role} image with the key {work.key!r}")
-        images[role] = decode(path)
+        info = {}
+        try:
+            images[role] = decode(path, info)
+        finally:  # the other roles' provenance too: a resume recomputes a row whose reference changed
+            if info:
+                row.setdefault("inputs_sha256", {})[role] = info["sha256"]
+                row.setdefault("inputs_stat", {})[role] = [info["size"], info["mtime_ns"]]
     return prepare_item(stage, work.key, images)
 
 
@@ -684,6 +738,7 @@ def _decoder_init(stage: Stage) -> None:
     import cv2
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _exit_with_parent()
     cv2.setNumThreads(1)
     _DECODE_STAGE = stage
 
@@ -1147,6 +1202,7 @@ _POOL_STAGES: dict[str, Stage] = {}
 
 def _pool_worker_init(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _exit_with_parent()
     _set_threads(None, threads)  # spawned, not forked; the stages it will serve may use torch
 
 

@@ -1,0 +1,108 @@
+"""Defects found by the sixth bad-input campaign (2026-12-03: crashes, resumes, tampered folders): a resume
+notices a changed --reference, files fundus did not write are never replaced, an interrupt at the very end
+keeps the tables, workers do not outlive a killed run, evaluate refuses ambiguous predictions, a full disk is
+named, and a tampered stage journal is one line in the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import synthetic_fundus
+from tests.test_run import photos, rows_of, run, tiny  # noqa: F401  (fixtures)
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return err
+
+
+def test_score_resume_recomputes_a_row_whose_reference_changed(photos, tmp_path, tiny):  # noqa: F811
+    ref = tmp_path / "ref"
+    shutil.copytree(photos, ref)
+    args = ("--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu", "--quiet", "--input-score")
+    out = tmp_path / "s"
+    assert run("score", photos, out, "--reference", ref, *args) == 0
+    before = rows_of(out / "results.csv")
+    Image.fromarray(synthetic_fundus(80, 80, 11)).save(ref / "p1.png")  # same path and size, other bytes
+    assert run("score", photos, out, "--reference", ref, *args, "--resume") == 0
+    after = rows_of(out / "results.csv")
+    fresh = tmp_path / "fresh"
+    assert run("score", photos, fresh, "--reference", ref, *args) == 0
+    again = rows_of(fresh / "results.csv")
+    assert after["p1"]["score"] == again["p1"]["score"] != before["p1"]["score"]  # was: the stale score kept
+    assert after["p0"]["score"] == before["p0"]["score"]
+    m = json.loads((out / "manifest.json").read_text())
+    row = next(r for r in m["items"] if r["key"] == "p1")
+    assert set(row["inputs_sha256"]) == set(row["inputs_stat"]) == {"reference"}
+
+
+def test_tables_fundus_did_not_write_are_never_replaced(photos, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "d"
+    assert run("degrade", photos, out, "--quiet") == 0
+    own_manifest = (out / "manifest.json").read_bytes()
+    theirs = b"patient,diagnosis\nP1,glaucoma\n"
+    # a foreign manifest beside fundus's journal, and a foreign results.csv beside fundus's manifest (were replaced, exit 0)
+    for manifest, flag in ((b'{"hello": 1}', "--resume"), (own_manifest, "--resume"), (own_manifest, "--overwrite"), (b'{"hello": 1}', "--overwrite")):
+        (out / "manifest.json").write_bytes(manifest)
+        (out / "results.csv").write_bytes(theirs)
+        assert run("degrade", photos, out, "--quiet", flag) == 2, (manifest, flag)
+        assert "that no fundus run wrote" in _err(capsys)
+        assert (out / "results.csv").read_bytes() == theirs and (out / "manifest.json").read_bytes() == manifest
+    (out / "results.csv").unlink()
+    (out / "manifest.json").write_bytes(own_manifest)
+    assert run("degrade", photos, out, "--quiet", "--resume") == 0  # fundus's own tables are resumed as before
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_workers_end_when_the_run_is_killed_and_resume_is_not_refused(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(24):
+        Image.fromarray(synthetic_fundus(192, 192, i)).save(src / f"p{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fundus_pipeline", "degrade", str(src), str(out), "--types", "all", "-j", "2", "--threads", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (len(_children(proc.pid)) >= 2 and list(out.glob("*.png"))):
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2 and proc.poll() is None, "the run ended before its workers could be seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    def running(w: int) -> bool:  # an exited orphan may stay a zombie where PID 1 does not reap it
+        try:
+            return (Path(f"/proc/{w}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.time() + 20
+    while time.time() < deadline and any(running(w) for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if running(w)]
+    for w in alive:  # never leave them behind, whatever the assertion says
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "worker processes outlived the killed run (they hold OUT's lock)"
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # was: 'another fundus run is writing to OUT' (exit 2)
