@@ -46,7 +46,7 @@ from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, manifest_stage, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
+    input_changed, interrupts_deferred, manifest_stage, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -598,7 +598,8 @@ class Chain:
             finally:
                 if self.pool is not None:
                     self.pool.close()
-            return self._finish()
+            with interrupts_deferred():  # the joined table, the manifest and the report are finished first
+                return self._finish()
 
     def _run_steps(self) -> None:
         cfg = self.cfg

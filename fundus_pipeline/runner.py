@@ -1114,8 +1114,35 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     finally:
         bar.close()
         journal.close()
-        counts, failed = reports(interrupted=interrupted)
+        with interrupts_deferred():
+            counts, failed = reports(interrupted=interrupted)
     return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """While a run writes its final tables: a Ctrl-C waits until results.csv and manifest.json are complete
+    (they then record what was done, and the run ends as it would have), a second one stops at once (the
+    tables of the last snapshot stay, since every write is atomic). Only in the main thread, where Python
+    delivers signals; elsewhere a no-op."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = []
+
+    def hold(signum, frame) -> None:
+        seen.append(signum)
+        if len(seen) > 1:
+            raise KeyboardInterrupt
+        print("Ctrl-C: finishing results.csv and manifest.json first (press it again to stop now)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, pool: "WorkerPool | None" = None) -> None:

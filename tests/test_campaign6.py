@@ -106,3 +106,42 @@ def test_workers_end_when_the_run_is_killed_and_resume_is_not_refused(tmp_path):
     assert not alive, "worker processes outlived the killed run (they hold OUT's lock)"
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr  # was: 'another fundus run is writing to OUT' (exit 2)
+
+
+def test_ctrl_c_while_the_tables_are_written_waits_for_them(photos, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import os
+    import signal
+
+    import fundus_pipeline.runner as runner
+
+    real, sent = runner.write_reports, []
+
+    def interrupted_at_the_end(*a, **k):
+        if not k.get("running") and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the final tables start
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "write_reports", interrupted_at_the_end)
+    out = tmp_path / "d"
+    assert run("degrade", photos, out, "--quiet") == 0  # was 130, with neither results.csv nor manifest.json
+    assert sent and "finishing results.csv and manifest.json first" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    assert set(rows_of(out / "results.csv")) == {"p0", "p1", "p2"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_ctrl_c_while_sorting_into_grade_folders_is_an_interrupted_run(photos, tmp_path, tiny, monkeypatch, capsys):  # noqa: F811
+    import fundus_pipeline.cli.grade as grade_cli
+
+    def interrupted(out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grade_cli, "sort_into", interrupted)
+    out = tmp_path / "g"
+    code = run("grade", photos, out, "--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--sort-into", "--format", "json")
+    captured = capsys.readouterr()
+    assert code == 130  # was 130 with nothing on stdout
+    summary = json.loads(captured.out)
+    assert summary["interrupted"] is True and summary["exit_code"] == 130
+    assert "rerun with --resume to finish the copies" in captured.err

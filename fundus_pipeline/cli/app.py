@@ -89,7 +89,11 @@ def run_stage_command(
         if eng is not None:
             eng.close()
     if after is not None and not result.interrupted:
-        after()
+        try:
+            after()
+        except KeyboardInterrupt:  # e.g. grade --sort-into while copying: the summary says so, exit 130
+            _err("interrupted after the run, before its last step finished (grade --sort-into: rerun with --resume to finish the copies)")
+            result.interrupted = True
     report(result, fmt)
 
 
