@@ -1069,14 +1069,17 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         _remove_stale_temporaries(dst)
     # The journal keeps only rows of the current configuration (the others are not resumable).
     tag = f', "config_sha256": "{cfg_hash}"}}'
-    with open_atomic(journal_path) as f:
-        for key in rows:
-            f.write(rows.text(key)[:-1] + tag + "\n")
+    try:
+        with open_atomic(journal_path) as f:
+            for key in rows:
+                f.write(rows.text(key)[:-1] + tag + "\n")
+        journal = open(journal_path, "a", buffering=1, encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}") from None
     todo = [w for w in work if w.key not in rows]
     resumed = len(rows)
     interrupted = False
     bar = Progress(stage.name, len(work), resumed, progress)
-    journal = open(journal_path, "a", buffering=1, encoding="utf-8", errors="surrogateescape")
 
     def reports(**kw) -> tuple[dict, list[dict]]:
         return write_reports(stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv, started=started,
@@ -1088,7 +1091,10 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         nonlocal next_snapshot
         text = _dumps(row)
         rows.add_text(row["key"], text)
-        journal.write(text[:-1] + tag + "\n")
+        try:
+            journal.write(text[:-1] + tag + "\n")
+        except OSError as e:  # a full disk: the run stops here; what the journal holds is resumable
+            raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}", hint="free space, then rerun with --resume") from None
         bar.update(row)
         if time.monotonic() >= next_snapshot:  # results.csv and manifest.json kept current in a long run
             t0 = time.monotonic()
@@ -1113,9 +1119,14 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         interrupted = True
     finally:
         bar.close()
-        journal.close()
+        with contextlib.suppress(OSError):  # a full disk was reported where the write failed
+            journal.close()
         with interrupts_deferred():
-            counts, failed = reports(interrupted=interrupted)
+            try:
+                counts, failed = reports(interrupted=interrupted)
+            except OSError as e:
+                raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
+                                  hint="free space, then rerun with --resume") from None
     return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows)
 
 

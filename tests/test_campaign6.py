@@ -145,3 +145,68 @@ def test_ctrl_c_while_sorting_into_grade_folders_is_an_interrupted_run(photos, t
     summary = json.loads(captured.out)
     assert summary["interrupted"] is True and summary["exit_code"] == 130
     assert "rerun with --resume to finish the copies" in captured.err
+
+
+def test_evaluate_segment_says_which_images_beside_segment_outputs_it_leaves_out(tmp_path, capsys):
+    import numpy as np
+
+    from fundus_pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    truth = (rng.random((64, 64)) > 0.8).astype(np.uint8) * 255
+    Image.fromarray(truth).save(gt / "01_manual1.png")
+    Image.fromarray(truth).save(pred / "01_vessels.png")
+    Image.fromarray(255 - truth).save(pred / "01.png")  # not a prediction in a segment output folder
+    assert main(["evaluate", "segment", str(pred), str(gt), "--bootstrap", "0", "--no-cldice"]) == 0
+    err = capsys.readouterr().err
+    assert "1 other image(s) in" in err and "only *_prob and *_vessels files are predictions" in err, err  # was silent
+
+
+def test_a_full_disk_while_journalling_is_named_not_an_internal_error(photos, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import errno
+
+    import fundus_pipeline.runner as runner
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.f.close()
+
+    def full_open(path, mode="r", *a, **k):
+        f = open(path, mode, *a, **k)
+        return Full(f) if mode == "a" else f
+
+    monkeypatch.setattr(runner, "open", full_open, raising=False)
+    out = tmp_path / "d"
+    assert run("degrade", photos, out, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "cannot write to output folder" in err and "No space left on device" in err, err
+    assert "rerun with --resume" in err  # was: 'internal error: OSError ... report it'
+    monkeypatch.undo()
+    assert run("degrade", photos, out, "--quiet", "--resume") == 0
+    assert set(rows_of(out / "results.csv")) == {"p0", "p1", "p2"}
+
+
+def test_report_on_a_hand_edited_stage_journal_is_one_line(photos, tmp_path, tiny, capsys):  # noqa: F811
+    from tests.test_run import tiny_args
+
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    journal = out / "grade" / ".fundus-journal.jsonl"
+    lines = [json.loads(x) for x in journal.read_text().splitlines()]
+    for edit in (lambda r: r.pop("grade"),):
+        rows = [dict(r) for r in lines]
+        edit(rows[0])
+        journal.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        capsys.readouterr()
+        assert run("report", out) == 2  # was 1, 'internal error: KeyError ... report it'
+        err = _err(capsys).strip()
+        assert "do not read as fundus wrote them" in err and len(err.splitlines()) == 1, err

@@ -197,6 +197,9 @@ def report_cmd(
                 pending += row.get("status") == "pending"
             missing: list = []
             path = write_report(out, cfg, rows, missing)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:  # rows edited by hand: one line, not a crash
+            raise UsageError(f"{out_dir}: its stage results do not read as fundus wrote them ({type(e).__name__}: {str(e)[:120]}); "
+                             "were they edited? `fundus run ... --resume` (or --overwrite) writes them again") from None
         finally:
             rows.close()
     from fundus_pipeline.report import PAGE_ROWS

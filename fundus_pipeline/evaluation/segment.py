@@ -114,8 +114,9 @@ class PredEntry:
         return self.prob or self.mask or self.plain  # type: ignore[return-value]
 
 
-def collect_predictions(pred_dir: Path, exclude: list[Path] | None = None) -> tuple[dict[str, PredEntry], str]:
-    """Predictions by pairing key and the folder mode (``"segment"`` or ``"plain"``)."""
+def collect_predictions(pred_dir: Path, exclude: list[Path] | None = None) -> tuple[dict[str, PredEntry], str, int]:
+    """Predictions by pairing key, the folder mode (``"segment"`` or ``"plain"``) and how many other images
+    the folder holds that are left out (in ``"segment"`` mode, those that are not ``*_prob``/``*_vessels``)."""
     files = _discover(pred_dir)
     if exclude:
         ex = [p.resolve() for p in exclude]
@@ -132,10 +133,10 @@ def collect_predictions(pred_dir: Path, exclude: list[Path] | None = None) -> tu
                 a, b = sorted([getattr(e, slot), path])
                 raise UsageError(f"two prediction files pair under the same key '{k}': {a} and {b}")
             setattr(e, slot, path)
-        return out, "segment"
+        return out, "segment", len(tagged) - len(seg)
     for k, p in _index(files, "prediction").items():
         out[k] = PredEntry(k, plain=p)
-    return out, "plain"
+    return out, "plain", 0
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -255,7 +256,7 @@ def evaluate_segmentation(
         thr, thr_source = (m, "manifest") if m is not None else (0.5, "default")
 
     exclude = [p for p in (gt_dir, fov_dir, out_dir) if p is not None and p.resolve() != pred_dir.resolve()]
-    preds, mode = collect_predictions(pred_dir, exclude)
+    preds, mode, ignored = collect_predictions(pred_dir, exclude)
     gts = _index(_discover(gt_dir), "ground-truth")
     fovs = _index(_discover(fov_dir), "FOV mask") if fov_dir is not None else None
 
@@ -344,6 +345,8 @@ def evaluate_segmentation(
         del summary["ci95"]  # no resamples, no CIs (documented: the key is absent, bootstrap.n is 0)
     msgs = [f"{r['key']}: {r['status']}" for r in problems]
     notes = [gt_only_note(len(gt_only))] if gt_only else []
+    if ignored:  # said, not silent: an image beside fundus segment's outputs is not a prediction here
+        notes.append(f"{ignored} other image(s) in {pred_dir} ignored: it holds fundus segment outputs, so only *_prob and *_vessels files are predictions")
     return EvalResult(rows=rows, summary=json_safe(summary), n_problems=len(problems), messages=msgs, notes=notes)
 
 
