@@ -184,7 +184,7 @@ def test_a_refused_overwrite_leaves_the_folder_as_it_was(photos, tmp_path, tiny,
     (user / "results.csv").write_text("mine")
     before = _listing(user)
     assert run("run", photos, user, *tiny_args(tiny, "--overwrite")) == 2
-    assert "no manifest.json of a fundus run" in _err(capsys) and _listing(user) == before
+    assert "holds results.csv that no fundus run wrote" in _err(capsys) and _listing(user) == before
     (user / "results.csv").unlink()
     before = _listing(user)
     assert run("run", photos, user, *tiny_args(tiny, "--overwrite")) == 2
@@ -194,7 +194,7 @@ def test_a_refused_overwrite_leaves_the_folder_as_it_was(photos, tmp_path, tiny,
     mine.mkdir()
     (mine / "results.csv").write_text("mine")
     assert run("degrade", photos, mine, "--overwrite", "--quiet") == 2
-    assert "no manifest.json of a fundus run" in _err(capsys) and (mine / "results.csv").read_text() == "mine"
+    assert "holds results.csv that no fundus run wrote" in _err(capsys) and (mine / "results.csv").read_text() == "mine"
     # the folder of a stage command is not a run's: `fundus run --overwrite` leaves it alone
     stage_out = tmp_path / "degraded"
     assert run("degrade", photos, stage_out, "--quiet") == 0
