@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fundus_pipeline.errors import UsageError
 
 COFE_CODES = ("001", "010", "011", "100", "101", "110", "111")
+MAX_WORKERS = 512  # --workers of every command (a value past a C int would fail inside the pools, after OUT was made)
+MAX_THREADS = 1024  # --threads of every command, fundus train and fundus build
 
 
 def error_line(e: ValidationError, prefix: str = "--") -> str:
@@ -204,8 +206,8 @@ class RunConfig(StageConfig):
     threshold: float | None = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
     report: bool = True
     thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
-    workers: int = Field(1, ge=1, le=512)  # runner.MAX_WORKERS
-    threads: int | None = Field(None, ge=1, le=1024)  # runner.MAX_THREADS
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     engine: Literal["local", "ray"] = "local"
     address: str | None = None
     format: Literal["human", "json"] = "human"

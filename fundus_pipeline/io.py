@@ -94,12 +94,11 @@ def discover_images(root: Path) -> list[ImageItem]:
     if not root.is_dir():
         raise UsageError(f"input is not a folder: {root}")
 
-    found: dict[str, Path] = {}
+    found: dict[str, ImageItem] = {}
     root_s = str(root)
     prefix = root_s if root_s.endswith(os.sep) else root_s + os.sep
     seen_dirs: set[str] = set()
     stack = [(root_s, False)]  # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./")
-    linked: dict[str, bool] = {}
     while stack:
         folder, via_link = stack.pop()
         real = os.path.realpath(folder)
@@ -125,13 +124,12 @@ def discover_images(root: Path) -> list[ImageItem]:
             path = Path(entry.path)
             key = stem[len(prefix):].replace(os.sep, "/")  # entry paths are root_s + sep + ...
             if key in found:
-                a, b = sorted([found[key], path])
+                a, b = sorted([found[key].path, path])
                 raise UsageError(
                     f"two files in {root} have the same key '{key}': {a} and {b}; rename or remove one"
                 )
-            found[key] = path
-            linked[key] = via_link or entry.is_symlink()
-    return [ImageItem(key, found[key], linked[key]) for key in sorted(found)]
+            found[key] = ImageItem(key, path, via_link or entry.is_symlink())
+    return [found[key] for key in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------- reading

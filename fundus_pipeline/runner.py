@@ -35,6 +35,7 @@ from typing import Any, Callable, Protocol
 from tqdm import tqdm
 
 from fundus_pipeline import __version__
+from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
 from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
@@ -495,10 +496,6 @@ class WorkItem:
     key: str
     path: Path
     extra: dict[str, Path | None] = field(default_factory=dict)
-
-
-MAX_WORKERS = 512
-MAX_THREADS = 1024
 
 
 def check_parallelism(workers: int, threads: int | None) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fundus_pipeline.config import MAX_THREADS
 from fundus_pipeline.cli.app import app
 from fundus_pipeline.cli.options import Format, FormatOpt, Overwrite
 from fundus_pipeline.quality.build import DEFAULT_ENHANCERS, PARTS, QualitySetConfig
@@ -63,7 +64,7 @@ def quality_set(
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
     ] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, max=1024, help="CPU threads for the networks (bytes are reproducible for a fixed value).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for the networks (bytes are reproducible for a fixed value).")] = 2,
     overwrite: Overwrite = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
@@ -114,7 +115,7 @@ def grade_set(
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
     ] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, max=1024, help="CPU threads for the segmenter (bytes are reproducible for a fixed value).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for the segmenter (bytes are reproducible for a fixed value).")] = 2,
     overwrite: Overwrite = False,
     fmt: FormatOpt = Format.human,
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fundus_pipeline.config import MAX_THREADS
 from fundus_pipeline.errors import FundusError, UsageError, WeightsError
 
 C = TypeVar("C", bound="TrainConfig")
@@ -35,7 +36,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed of the model initialisation and of every step's samples.")
     val_every: int = Field(250, ge=1, description="Validate every N steps (and at the last); the best score is kept as best.pt.")
     ckpt_every: int = Field(100, ge=1, description="Write the resumable checkpoint last.pt every N steps (and at the last).")
-    threads: int = Field(0, ge=0, le=1024, description="Torch CPU threads (0 = torch's default).")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="Torch CPU threads (0 = torch's default).")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
     amp: bool = Field(False, description="Mixed precision (float16 autocast + gradient scaling) on CUDA; CPU trains in float32.")
     init: Path | None = Field(None, description="Start from these weights (a state dict or a training checkpoint) instead of a random initialisation.")

@@ -156,22 +156,21 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     new_log = not (cfg.out / "train.log").exists()
     cfg.out.mkdir(parents=True, exist_ok=True)
     log = _RunLog(cfg.out / "train.log")
+    refused = False
     try:
         return _fit(task, cfg, device, amp, log)
     except FundusError:
-        # Refused before training (weights that do not fit, data that is not there): leave nothing behind
-        # that this run made, unless it got as far as a checkpoint.
-        log.close()
-        if new_log and not (cfg.out / "last.pt").exists():
-            (cfg.out / "train.log").unlink(missing_ok=True)
-            if new_out:
-                try:
-                    cfg.out.rmdir()  # only if empty
-                except OSError:
-                    pass
+        refused = True
         raise
     finally:
         log.close()
+        if refused and new_log and not (cfg.out / "last.pt").exists():
+            # Refused before training (weights that do not fit, data that is not there): leave nothing behind
+            # that this run made, unless it got as far as a checkpoint.
+            (cfg.out / "train.log").unlink(missing_ok=True)
+            if new_out:
+                with contextlib.suppress(OSError):
+                    cfg.out.rmdir()  # only if empty
 
 
 def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _RunLog) -> dict:
