@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from degradation import cofe_degrader, load_recipe
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.datasets import DRIVE_VAL, HRF_VAL, default_data_root, drive_paths, hrf_paths
 from fundus_pipeline.evaluation.enhance_bench import Method, Segmenter, degrade_as_written, read_rgb, scores
 from fundus_pipeline.evaluation.segment import read_binary
@@ -46,7 +47,7 @@ def main() -> None:
     sigmas = [float(s) for s in a.sigmas.split(",")]
     name, eq, path = a.weights.partition("=")  # NAME=FILE (a training run's weights) as in enhance_benchmark.py
     if a.record and eq:
-        raise SystemExit("choose_correction_sigma.py: --record needs weights from the manifest, not NAME=FILE")
+        raise UsageError("--record needs weights from the manifest, not NAME=FILE")
     methods = {s: Method(f"{name}~s{s:g}{eq}{path}") for s in sigmas}
     seg = Segmenter()
     degraders = {"released111": cofe_degrader("released", "111"), "moderate": load_recipe("moderate")}
@@ -82,4 +83,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

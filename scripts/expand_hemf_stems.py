@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from fundus_pipeline.models.hemf import expand_patch_stems
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.errors import UsageError
 from fundus_pipeline.models.weights import load_weights_checked, resolve_weights, weights_dir
+from fundus_pipeline.train.loop import save_atomic
 
 
 def main() -> None:
@@ -56,9 +56,7 @@ def main() -> None:
     if gap > 1e-4:
         raise SystemExit(f"error: the expanded weights differ from the original by {gap:.2e} (expected float rounding only)")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_name(f".{a.out.name}.tmp")
-    torch.save(new.state_dict(), tmp)
-    os.replace(tmp, a.out)
+    save_atomic(new.state_dict(), a.out)
     print(json.dumps({"weights": str(src), "out": str(a.out), "from": a.src, "to": a.dst, "factor": factor, "max_logit_gap": gap}))
 
 
