@@ -12,13 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from tests.conftest import synthetic_fundus
+from tests.test_refusals import _err
 from tests.test_run import photos, rows_of, run, tiny  # noqa: F401  (fixtures)
-
-
-def _err(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "internal error" not in err, err
-    return err
 
 
 def test_score_resume_recomputes_a_row_whose_reference_changed(photos, tmp_path, tiny):  # noqa: F811
