@@ -700,9 +700,12 @@ def encode_png(arr: np.ndarray, *, compression: int = PNG_COMPRESSION) -> bytes:
     return buf.tobytes()
 
 
-def write_image_atomic(path: Path, arr: np.ndarray) -> None:
-    """Write ``arr`` as a PNG (the only output format: lossless, 8/16-bit) atomically; see write_bytes_atomic."""
+def write_image_atomic(path: Path, arr: np.ndarray) -> tuple[int, str]:
+    """Write ``arr`` as a PNG (the only output format: lossless, 8/16-bit) atomically; see write_bytes_atomic.
+    Returns the file's size in bytes and the sha256 of the bytes written (the row's output record)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UsageError(f"cannot write {path}: only .png output is supported")
-    write_bytes_atomic(path, encode_png(arr))
+    data = encode_png(arr)
+    write_bytes_atomic(path, data)
+    return len(data), hashlib.sha256(data).hexdigest()

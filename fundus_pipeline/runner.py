@@ -435,7 +435,8 @@ def _untag(row: dict, text: str) -> str:
 
 def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
-    key of ``work`` that still names the same files (every role's), their outputs present and their input
+    key of ``work`` that still names the same files (every role's), their outputs present with the size they
+    were written with (``outputs_intact``) and their input
     unchanged (``input_changed``; ``check_inputs=False``: the caller has checked every row's input already).
     An input no longer listed is not part of this run's table (its outputs stay in place); a key that now
     names another file (another listed path; in `fundus run`, the enhanced image instead of the input, or as
@@ -446,7 +447,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
         if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(r["key"])
-                and all(os.path.exists(os.path.join(dst, o)) for o in r.get("outputs", []))
+                and outputs_intact(dst, r)
                 and not (check_inputs and input_changed(r))):  # an input replaced since is processed again
             rows.add_text(r["key"], _untag(r, text))
         else:
@@ -607,19 +608,34 @@ def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
     return ItemInput(key, images, fov)
 
 
-def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> list[str]:
-    """Write each output image atomically; on a failure remove the ones already written (no half item)."""
-    written: list[str] = []
+def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> dict[str, tuple[int, str]]:
+    """Write each output image atomically; on a failure remove the ones already written (no half item).
+    Returns {file name: (size in bytes, sha256)}, in the order written."""
+    written: dict[str, tuple[int, str]] = {}
     try:
         for suffix, arr in result.images.items():
             name = stage.output_name(key, suffix)
-            write_image_atomic(out_dir / name, arr() if callable(arr) else arr)  # deferred outputs: one at a time
-            written.append(name)
+            written[name] = write_image_atomic(out_dir / name, arr() if callable(arr) else arr)  # deferred outputs: one at a time
     except BaseException:
         for name in written:
             (out_dir / name).unlink(missing_ok=True)
         raise
     return written
+
+
+def outputs_intact(dst: Path, row: dict) -> bool:
+    """Whether every output file of a finished row is still in ``dst`` with the size it was written with
+    (``outputs_size``; a row of an older run without the record: present is enough). One stat a file: a
+    truncated or replaced output makes ``--resume`` compute the row again."""
+    sizes = row.get("outputs_size") if isinstance(row.get("outputs_size"), dict) else {}
+    for name in row.get("outputs", []):
+        try:
+            st = os.stat(os.path.join(dst, name))
+        except (OSError, TypeError, ValueError):
+            return False
+        if name in sizes and sizes[name] != st.st_size:
+            return False
+    return True
 
 
 def _guard(row: dict, fn, *args):
@@ -667,7 +683,11 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
 
 
 def _finish(stage: Stage, row: dict, result: ItemOutput, out_dir: Path) -> None:
-    row["outputs"] = write_outputs(stage, row["key"], result, out_dir)
+    written = write_outputs(stage, row["key"], result, out_dir)
+    row["outputs"] = list(written)
+    if written:  # each output's size and the sha256 of its bytes (the manifest's record; resume checks the size)
+        row["outputs_size"] = {name: size for name, (size, _) in written.items()}
+        row["outputs_sha256"] = {name: digest for name, (_, digest) in written.items()}
     row.update(result.fields)
 
 

@@ -176,6 +176,30 @@ def test_rows_record_the_sha256_of_the_bytes_read_and_a_replaced_input_is_redone
     assert np.array_equal(np.asarray(Image.open(out / "b.png")), np.asarray(Image.open(d / "b.png")))
 
 
+def test_rows_record_their_outputs_and_a_truncated_or_removed_output_is_redone_on_resume(tmp_path):
+    import hashlib
+
+    d = _folder(tmp_path, ["a", "b", "c", "d"])
+    out = tmp_path / "out"
+    first = run_stage(CopyStage(), d, out, progress=False)
+    rows = {r["key"]: r for r in first.rows}
+    for k in "abcd":
+        data = (out / f"{k}.png").read_bytes()
+        assert rows[k]["outputs_sha256"] == {f"{k}.png": hashlib.sha256(data).hexdigest()}
+        assert rows[k]["outputs_size"] == {f"{k}.png": len(data)}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["items"][1]["outputs_sha256"] == rows["b"]["outputs_sha256"]
+    good = {k: (out / f"{k}.png").read_bytes() for k in "abcd"}
+    (out / "b.png").write_bytes(good["b"][: len(good["b"]) // 2])  # truncated (a copy cut short, a full disk elsewhere)
+    (out / "c.png").write_bytes(good["c"] + b"\0")  # replaced by a file of another size
+    (out / "d.png").unlink()
+    os.utime(out / "a.png", ns=(1, 1))  # only touched: the same bytes, kept
+    again = run_stage(CopyStage(), d, out, resume=True, progress=False)
+    assert again.counts["skipped"] == 1 and again.counts["ok"] == 4
+    assert {k: (out / f"{k}.png").read_bytes() for k in "abcd"} == good
+    assert again.store["b"]["outputs_sha256"] == rows["b"]["outputs_sha256"]
+
+
 def test_resume_computes_again_a_key_that_now_names_another_file(tmp_path):
     """The same key from another file (a list now naming b/p.png where it named a/p.png; in `fundus run`,
     the enhanced image where the input was segmented before) is not taken from the earlier row."""
