@@ -76,6 +76,16 @@ def overlay_thumb(image: np.ndarray, vessels_path: Path) -> np.ndarray:
     return np.round(image * (1 - a) + GREEN * a).astype(np.uint8)
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What reading or shrinking an image raises when the file is missing, unreadable or not an image (a
+    thumbnail left empty and named in the report); anything else is a bug in this code and propagates."""
+    import cv2
+
+    from fundus_pipeline.errors import FundusError
+
+    return (FundusError, OSError, ValueError, MemoryError, cv2.error)
+
+
 def thumbnails(out: Path, row: dict, side: int, missing: list | None = None) -> dict[str, str]:
     """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable). For a
     row whose status is ok, each image it names that cannot be read is appended to ``missing`` as (key, path)
@@ -83,6 +93,7 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None) -> 
     t: dict[str, str] = {"input": "", "enhanced": "", "vessels": ""}
     base: dict[str, np.ndarray] = {}
     lost = missing if missing is not None and row.get("status") == "ok" else []
+    unreadable = _unreadable()
     for name, rel in (("input", row.get("input")), ("enhanced", row.get("enhanced_image"))):
         if not rel:
             continue
@@ -91,14 +102,14 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None) -> 
         try:
             base[name] = thumb_array(p, side)
             t[name] = data_uri(base[name])
-        except Exception:
+        except unreadable:
             lost.append((row.get("key"), str(p)))
     if row.get("vessels_image"):
         seg = base.get("enhanced" if row.get("segmented") == "enhanced" else "input")
         if seg is not None:
             try:
                 t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"]))
-            except Exception:
+            except unreadable:
                 lost.append((row.get("key"), str(out / row["vessels_image"])))
     return t
 
