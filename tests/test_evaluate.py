@@ -136,6 +136,31 @@ def test_threshold_from_manifest_and_option(tmp_path):
     assert (s["pooled"]["tp"], s["pooled"]["fn"], s["pooled"]["fp"]) == (60, 40, 0)
 
 
+def test_threshold_of_a_run_folder_is_its_segment_manifests(tmp_path):
+    """A `fundus run` folder's manifest records no threshold; its segment/ folder's records the one its masks
+    were written with, and that is the one to score at (was: 0.5)."""
+    pred, gt, fov = _drive_tree(tmp_path, keys=("01", "02"))
+    run = tmp_path / "run"
+    (run / "segment").mkdir(parents=True)
+    for f in pred.iterdir():
+        f.rename(run / "segment" / f.name)
+    (run / "manifest.json").write_text(json.dumps({"config": {"threshold": None}}))
+    (run / "segment" / "manifest.json").write_text(json.dumps({"config": {"threshold": 0.25}}))
+    r = _run(run, gt, "--fov", fov, "--format", "json", "--bootstrap", "0")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["threshold"] == 0.25 and s["threshold_source"] == "manifest segment/manifest.json"
+    assert (s["pooled"]["tp"], s["pooled"]["fn"], s["pooled"]["fp"]) == (200, 0, 24)
+    # two folders written with different thresholds: no single one to use
+    (run / "other").mkdir()
+    (run / "segment" / "02_test_prob.png").rename(run / "other" / "02_test_prob.png")
+    (run / "segment" / "02_test_vessels.png").rename(run / "other" / "02_test_vessels.png")
+    (run / "other" / "manifest.json").write_text(json.dumps({"config": {"threshold": 0.8}}))
+    r = _run(run, gt, "--fov", fov, "--overwrite", "--bootstrap", "0")
+    assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2
+    assert "give --threshold" in r.exception.message and "other: 0.8, segment: 0.25" in r.exception.message
+
+
 def test_vessels_only_gives_null_auc(tmp_path):
     pred, gt, fov = _drive_tree(tmp_path, keys=("01",), prob=False)
     r = _run(pred, gt, "--fov", fov, "--format", "json", "--bootstrap", "20")

@@ -215,6 +215,40 @@ def _threshold_from_manifest(pred_dir: Path) -> float | None:
         return None
 
 
+def _threshold_of_predictions(pred_dir: Path, paths: list[Path]) -> tuple[float, str]:
+    """(threshold, its source) when ``--threshold`` is not given: the one recorded in ``PRED_DIR/manifest.json``;
+    else the one in the manifest nearest above the predictions (a `fundus run` folder's ``segment/manifest.json``,
+    which records the threshold its masks were written with, where the run's own manifest records none) when
+    every prediction has the same; else 0.5. Predictions written with different thresholds, or only some of
+    them with a recorded one, are a usage error (give --threshold)."""
+    top = _threshold_from_manifest(pred_dir)
+    if top is not None:
+        return top, "manifest"
+    root = pred_dir.resolve()
+    cache: dict[Path, float | None] = {}
+
+    def nearest(d: Path) -> tuple[Path, float] | None:
+        while d != root and root in d.parents:
+            if d not in cache:
+                cache[d] = _threshold_from_manifest(d)
+            if cache[d] is not None:
+                return d, cache[d]
+            d = d.parent
+        return None
+
+    found = {nearest(p.parent.resolve()) for p in paths}
+    if found == {None}:
+        return 0.5, "default"
+    if None in found or len({t for _, t in found}) > 1:
+        where = ", ".join(f"{d.relative_to(root)}: {t:g}" for d, t in sorted(f for f in found if f is not None))
+        raise UsageError(
+            f"the predictions in {pred_dir} were not all written with one recorded threshold ({where}"
+            f"{'; others record none' if None in found else ''}); give --threshold"
+        )
+    names = sorted((d.relative_to(root) / "manifest.json").as_posix() for d, _ in found)
+    return next(iter(found))[1], "manifest " + ", ".join(names)
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalResult:
@@ -251,12 +285,11 @@ def evaluate_segmentation(
         if not (0.0 <= threshold <= 1.0):
             raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
         thr, thr_source = float(threshold), "option"
-    else:
-        m = _threshold_from_manifest(pred_dir)
-        thr, thr_source = (m, "manifest") if m is not None else (0.5, "default")
 
     exclude = [p for p in (gt_dir, fov_dir, out_dir) if p is not None and p.resolve() != pred_dir.resolve()]
     preds, mode, ignored = collect_predictions(pred_dir, exclude)
+    if threshold is None:
+        thr, thr_source = _threshold_of_predictions(pred_dir, [pe.path for pe in preds.values()])
     gts = _index(_discover(gt_dir), "ground-truth")
     fovs = _index(_discover(fov_dir), "FOV mask") if fov_dir is not None else None
 
