@@ -510,12 +510,49 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
             raise InputError(f"{path}: truncated or corrupt PPM")
         if arr.ndim == 3:
             arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+        arr = _ppm_full_scale(arr, _ppm_maxval(data))
         is_palette = False
     else:
         raise InputError(
             f"{path}: unsupported image format {fmt or 'unknown'} (supported: {', '.join(SUPPORTED_EXTENSIONS)})"
         )
     return _finish(path, "jpeg" if fmt == "MPO" else fmt.lower(), arr, is_palette, orientation)
+
+
+def _ppm_maxval(data: bytes) -> int | None:
+    """The maxval of a P2/P3/P5/P6 header (the sample value that means full scale), None for other kinds."""
+    if data[:2] not in (b"P2", b"P3", b"P5", b"P6"):
+        return None
+    tokens: list[bytes] = []
+    i, n = 2, len(data)
+    while len(tokens) < 3 and i < n:
+        c = data[i : i + 1]
+        if c == b"#":  # a comment runs to the end of its line
+            while i < n and data[i : i + 1] not in (b"\n", b"\r"):
+                i += 1
+        elif c.isspace():
+            i += 1
+        else:
+            j = i
+            while j < n and not data[j : j + 1].isspace() and data[j : j + 1] != b"#":
+                j += 1
+            tokens.append(data[i:j])
+            i = j
+    try:
+        return int(tokens[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _ppm_full_scale(arr: np.ndarray, maxval: int | None) -> np.ndarray:
+    """Samples of a PPM whose maxval is not its type's full scale (12-bit data under maxval 4095, or a maxval
+    below 255) stretched to the full range of the 8- or 16-bit type, as every viewer shows them; OpenCV
+    returns the raw values. The bit depth stays the file's (8 bits up to maxval 255, 16 above)."""
+    top = int(np.iinfo(arr.dtype).max)
+    if not maxval or maxval >= top or maxval <= 0:
+        return arr
+    scaled = (np.minimum(arr.astype(np.uint64), maxval) * top * 2 + maxval) // (2 * maxval)  # rounded to nearest
+    return scaled.astype(arr.dtype)
 
 
 def _finish(path: Path, fmt: str, arr: np.ndarray, is_palette: bool, orientation: int | None) -> tuple[np.ndarray, ImageMeta]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -27,3 +28,22 @@ def test_report_thumbnails_name_unreadable_images_but_let_a_bug_propagate(tmp_pa
     monkeypatch.setattr(report, "thumb_array", broken)
     with pytest.raises(TypeError):
         report.thumbnails(tmp_path, row, 32, [])
+
+
+def test_a_ppm_whose_maxval_is_not_full_scale_is_read_at_full_scale(tmp_path):
+    """12-bit data under maxval 4095 was read as 16-bit values 0..4095 (16 times too dark), maxval 100 as 8-bit
+    0..100: graded reject, 'brightened', written on the wrong scale. Read as every viewer shows them."""
+    from fundus_pipeline.io import read_image
+
+    rgb = synthetic_fundus(40, 48).astype(np.int64)
+    h, w = rgb.shape[:2]
+    (tmp_path / "p8.ppm").write_bytes(b"P6\n%d %d\n255\n" % (w, h) + rgb.astype(np.uint8).tobytes())
+    (tmp_path / "p12.ppm").write_bytes(b"P6\n# a comment\n%d %d\n4095\n" % (w, h) + (rgb * 4095 // 255).astype(">u2").tobytes())
+    (tmp_path / "p100.ppm").write_bytes(b"P6 %d %d 100\n" % (w, h) + (rgb * 100 // 255).astype(np.uint8).tobytes())
+    (tmp_path / "g12.ppm").write_bytes(b"P5\n%d %d\n4095\n" % (w, h) + (rgb[..., 1] * 4095 // 255).astype(">u2").tobytes())
+    ref = rgb / 255
+    for name, depth, tol in (("p8", 8, 0), ("p12", 16, 1 / 4095), ("p100", 8, 1 / 100 + 1 / 255), ("g12", 16, 1 / 4095)):
+        arr, meta = read_image(tmp_path / f"{name}.ppm")
+        assert meta.bit_depth == depth
+        want = ref[..., 1] if name == "g12" else ref
+        assert np.abs(arr / np.iinfo(arr.dtype).max - want).max() <= tol + 1e-9, name
