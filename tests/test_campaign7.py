@@ -47,3 +47,22 @@ def test_a_ppm_whose_maxval_is_not_full_scale_is_read_at_full_scale(tmp_path):
         assert meta.bit_depth == depth
         want = ref[..., 1] if name == "g12" else ref
         assert np.abs(arr / np.iinfo(arr.dtype).max - want).max() <= tol + 1e-9, name
+
+
+def test_enhance_after_columns_describe_the_samples_written(tmp_path):
+    """A correction under half a code value leaves the 8-bit file equal to the input; the "after" columns said
+    it changed (they were computed on the float result before rounding)."""
+    from fundus_pipeline.config import EnhanceConfig
+    from fundus_pipeline.runner import decode, prepare_item
+    from fundus_pipeline.stages.enhance import EnhanceStage
+
+    for name, arr in (("rgb.png", synthetic_fundus(80, 96, 2)), ("grey.png", synthetic_fundus(80, 96, 3)[..., 1])):
+        Image.fromarray(arr).save(tmp_path / name)
+        stage = EnhanceStage(EnhanceConfig(vessel_stats=False))
+        item = prepare_item(stage, "x", {"image": decode(tmp_path / name)})
+        rgb = item.image.rgb
+        out = stage.finish(item, item.fov, np.clip(rgb + 0.3 / 255, 0, 1) * item.fov.mask[..., None])
+        written = out.images[""]
+        assert np.array_equal(written[item.fov.mask], arr[item.fov.mask]), name
+        f = out.fields
+        assert (f["luminance_after"], f["contrast_after"]) == (f["luminance_before"], f["contrast_before"]), name

@@ -19,7 +19,7 @@ import numpy as np
 
 from fundus_pipeline.canonical import CanonicalFrame
 from fundus_pipeline.config import EnhanceConfig
-from fundus_pipeline.io import from_float_rgb
+from fundus_pipeline.io import from_float_rgb, to_float_rgb
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -149,12 +149,12 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
         res = native if transfer == "upsample" else rgb * m[..., None] + native
         np.clip(res, 0, 1, out=res)
         res *= m[..., None]
-        for k, img in enumerate((rgb, res)):
-            y = (img @ _LUMA)[m].astype(np.float64)
-            stats[k] += (y.size, y.sum(), (y * y).sum())
         if keep_outside:
             res = np.where(m[..., None], res, rgb)
         out[rows] = from_float_rgb(res, image.meta, alpha)
+        for k, img in enumerate((rgb, to_float_rgb(out[rows], image.meta)[0])):  # "after": the samples written
+            y = (img @ _LUMA)[m].astype(np.float64)
+            stats[k] += (y.size, y.sum(), (y * y).sum())
 
     def mean_std(n: float, s1: float, s2: float) -> tuple[float, float]:
         return (0.0, 0.0) if n == 0 else (float(s1 / n), float(np.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))))
@@ -266,13 +266,15 @@ class EnhanceStage(Stage):
         rgb = image.rgb
         if self.cfg.keep_outside:
             out = np.where(fov.mask[..., None], out, rgb)
+        written = from_float_rgb(out, image.meta, image.alpha)
+        out = to_float_rgb(written, image.meta)[0]  # the "after" columns describe the samples written, not the float result
         lb, cb = luminance_stats(rgb, fov.mask)
         la, ca = luminance_stats(out, fov.mask)
         fields = self.fields(lb, cb, la, ca, fov)
         if self.cfg.vessel_stats:
             fields["vessel_fraction_before"] = round(self.vessel_fraction(rgb, fov), 6)
             fields["vessel_fraction_after"] = round(self.vessel_fraction(out, fov), 6)
-        return ItemOutput({"": from_float_rgb(out, image.meta, image.alpha)}, fields)
+        return ItemOutput({"": written}, fields)
 
     def compute_large(self, item: ItemInput, fov) -> ItemOutput:
         """A very large photograph: the same output and columns, computed in row bands (``enhance_native_large``)."""
