@@ -124,6 +124,10 @@ def test_bad_images(tmp_path, tiny_weights):
     (tmp_path / "nf").mkdir()
     (tmp_path / "nf" / "x.png").write_bytes((d / "not_fundus.png").read_bytes())
     assert run("segment", tmp_path / "nf", full, "--weights", tiny_weights, "--arch", "imff_tiny", "--fov", "full") == 0
+    with open(full / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert (row["fov_found"], row["fov_fraction"]) == ("False", "1.0")  # no FOV was looked for (was: True)
+    assert rows["ok"]["fov_found"] == "True"
 
 
 def test_cuda_request_without_gpu(photos, tmp_path, tiny_weights):

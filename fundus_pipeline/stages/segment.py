@@ -85,7 +85,7 @@ class SegmentStage(NetworkStage):
         return {
             "vessel_fraction": round(vf, 6),
             "fov_fraction": round(nf / (h * w), 6),
-            "fov_found": fov.found,
+            "fov_found": fov.found and self.cfg.fov == "estimate",  # --fov full searches for none: the frame is taken as it is
             "scale": scale,
             "threshold": self.threshold,
             "warning": plausibility_warning(vf, fov.surround_level(image) if self.cfg.fov == "estimate" else 0.0),
