@@ -240,6 +240,8 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         g = take("grade", index.get("grade", it.key), "grade" in steps)
         if _ok(g):
             row.update(grade=g["grade"], flags=g.get("flags", ""), **{f"p_{n}": g.get(f"p_{n}", "") for n in GRADE_NAMES})
+            if g.get("warning"):
+                row["warning"] = g["warning"]
         enh, why = enhance_decision(cfg, g)
         row["enhanced"], row["enhance_reason"] = ("yes" if enh else "no"), why
         e = take("enhance", index.get("enhance", it.key), enh) if enh else None
@@ -258,7 +260,8 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
             seg = take("segment", index.get("segment", it.key))
             row["segmented"], row["segment_reason"] = source, why + (" (failed)" if seg is not None and not _ok(seg) else "")
             if _ok(seg):
-                row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"], warning=seg.get("warning", ""))
+                row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"])
+                row["warning"] = "; ".join(w for w in (row.get("warning", ""), seg.get("warning", "")) if w)  # the grader's, then the segmenter's
                 p = _output(out / "segment", seg, "_vessels")
                 row["vessels_image"] = p.relative_to(out).as_posix() if p else ""
         else:

@@ -66,3 +66,25 @@ def test_enhance_after_columns_describe_the_samples_written(tmp_path):
         assert np.array_equal(written[item.fov.mask], arr[item.fov.mask]), name
         f = out.fields
         assert (f["luminance_after"], f["contrast_after"]) == (f["luminance_before"], f["contrast_before"]), name
+
+
+def test_grade_warns_on_a_grey_photograph(tmp_path):
+    """The grader learned from colour photographs: clean grey (red-free) ones are graded reject at p 0.96-0.996
+    (validation photographs). The row says so instead of passing the grade off as calibrated; `fundus run`
+    carries the warning into its table."""
+    import csv
+
+    from fundus_pipeline.cli import main
+    from fundus_pipeline.stages.grade import GREY_WARNING
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rgb = synthetic_fundus(96, 96, 5)
+    Image.fromarray(rgb).save(d / "colour.png")
+    Image.fromarray(rgb[..., 1]).save(d / "green.png")
+    Image.fromarray(np.repeat(rgb[..., 1:2], 3, axis=2)).save(d / "grey_as_rgb.png")
+    assert main(["run", str(d), str(tmp_path / "out"), "--steps", "grade", "--quiet", "--no-report"]) == 0
+    for table in ("out/grade/results.csv", "out/results.csv"):
+        with open(tmp_path / table) as f:
+            warn = {r["key"]: r["warning"] for r in csv.DictReader(f)}
+        assert warn == {"colour": "", "green": GREY_WARNING, "grey_as_rgb": GREY_WARNING}, table

@@ -65,12 +65,24 @@ def decide(pg: np.ndarray, bias: np.ndarray | None) -> int:
     return int((np.log(np.maximum(np.asarray(pg, np.float64), 1e-300)) + bias).argmax())
 
 
+#: The ``warning`` of a grey photograph (a grey file, or colour channels all equal). Measured 2026-12-03 on the
+#: validation photographs (DRIVE 37-40, HRF 05_*): graded good in colour, reject (p 0.96-0.996) as luminance or
+#: green channel alone; on the EyePACS-256 validation part, whose photographs are contrast-stretched, grey
+#: costs little (green channel: accuracy 0.812, as in colour). README, "Quality grading results".
+GREY_WARNING = "grey photograph: the grader learned from colour photographs and grades clean grey (red-free) photographs reject; check this grade by eye"
+
+
+def is_grey(frame: np.ndarray) -> bool:
+    """Whether the grader's input frame (H x W x 3) has its three channels equal: a grey photograph."""
+    return bool(np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+
+
 class GradeStage(NetworkStage):
     name = "grade"
     task = "grading"
     columns = (
         "grade", *(f"p_{g}" for g in GRADES), "temperature", *(f"p_{f}" for f in FLAGS), "flags", "fov_found", "fov_fraction",
-        "fov_diameter",
+        "fov_diameter", "warning",
     )  # fmt: skip
 
     def __init__(self, config: GradeConfig):
@@ -108,11 +120,12 @@ class GradeStage(NetworkStage):
         from fundus_pipeline.device import to_device
 
         self.setup()
-        x = np.stack([self.frame(item) for item in items]).transpose(0, 3, 1, 2)
+        frames = [self.frame(item) for item in items]
+        x = np.stack(frames).transpose(0, 3, 1, 2)
         with torch.inference_mode():
             logits = self._model(to_device(torch.from_numpy(np.ascontiguousarray(x)), self.device)).float().cpu().numpy()
         pg, pf = grade_probabilities(logits, self.temperature)
-        return [ItemOutput({}, self.fields(item, g, f)) for item, g, f in zip(items, pg, pf)]
+        return [ItemOutput({}, {**self.fields(item, g, f), "warning": GREY_WARNING if is_grey(fr) else ""}) for item, g, f, fr in zip(items, pg, pf, frames)]
 
     def fields(self, item: ItemInput, pg: np.ndarray, pf: np.ndarray) -> dict:
         """The results.csv columns of one photograph from its grade and flag probabilities."""
