@@ -88,3 +88,18 @@ def test_grade_warns_on_a_grey_photograph(tmp_path):
         with open(tmp_path / table) as f:
             warn = {r["key"]: r["warning"] for r in csv.DictReader(f)}
         assert warn == {"colour": "", "green": GREY_WARNING, "grey_as_rgb": GREY_WARNING}, table
+
+
+def test_grade_training_can_show_fundus_photographs_grey():
+    """--grey-p: a fundus sample made red-free (luminance or green channel in all three channels), labels kept;
+    a not-fundus picture never; off by default."""
+    from fundus_pipeline.train.grade import GradeItem, augment
+
+    rgb = synthetic_fundus(64, 64, 1)
+    flags = np.zeros(9, np.float32)
+    fundus, natural = GradeItem(rgb, 1, flags, flags, "set"), GradeItem(rgb, 2, flags, flags, "natural")
+    greys = [augment(fundus, np.random.default_rng(i), 32, grey_p=1.0) for i in range(8)]
+    assert all(np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2]) for g in greys)
+    assert len({round(float(g.mean()), 6) for g in greys}) > 1
+    for make in (lambda i: augment(natural, np.random.default_rng(i), 32, grey_p=1.0), lambda i: augment(fundus, np.random.default_rng(i), 32)):
+        assert not any(np.array_equal(a[..., 0], a[..., 1]) for a in map(make, range(8)))

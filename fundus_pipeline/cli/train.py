@@ -217,6 +217,7 @@ def train_grade(
     batch_size: Annotated[int, _g("batch_size")] = _G["batch_size"].default,
     real_p: Annotated[float, _g("real_p")] = _G["real_p"].default,
     natural_p: Annotated[float, _g("natural_p")] = _G["natural_p"].default,
+    grey_p: Annotated[float, _g("grey_p")] = _G["grey_p"].default,
     lr: Annotated[float, _g("lr")] = _G["lr"].default,
     seed: Annotated[int, _g("seed")] = _G["seed"].default,
     val_every: Annotated[int, _g("val_every")] = _G["val_every"].default,
@@ -235,8 +236,8 @@ def train_grade(
     """
     cfg = GradeConfig.from_options(
         out=out, grade_set=grade_set, arch=arch, data=data, steps=steps, batch_size=batch_size, real_p=real_p,
-        natural_p=natural_p, lr=lr, seed=seed, val_every=val_every, ckpt_every=ckpt_every, threads=threads, device=device,
-        amp=amp, init=init, resume=resume,
+        natural_p=natural_p, grey_p=grey_p, lr=lr, seed=seed, val_every=val_every, ckpt_every=ckpt_every, threads=threads,
+        device=device, amp=amp, init=init, resume=resume,
     )  # fmt: skip
     from fundus_pipeline.train.grade import train_grade as run
 

@@ -330,6 +330,10 @@ class GradeConfig(TrainConfig):
     data: Path | None = Field(None, validate_default=True, description="Dataset root holding EyePACS-256/ [default: $FUNDUS_DATA, else ../shared/data].")
     real_p: float = Field(0.3, ge=0.0, lt=1.0, description="Probability that a sample is a real EyePACS-256 training photograph (0: none are read).")
     natural_p: float = Field(0.1, ge=0.0, lt=1.0, description="Probability that a sample is a not-fundus picture.")
+    grey_p: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Probability that a fundus photograph sample is shown grey, as a red-free photograph: its luminance or its green channel (half each) in all three channels, labels unchanged (0: never; draws no random numbers, so earlier runs replay).",
+    )  # fmt: skip
 
     @field_validator("arch")
     @classmethod

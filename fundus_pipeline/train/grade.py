@@ -7,7 +7,8 @@ photographs of the training sources with their grade and flags, and the not-fund
 not-fundus pictures with ``--natural-p``, else from the set's photographs; then a random square crop
 (side 80-100% of the image; 30-100% for not-fundus pictures, which are also squashed to square at random),
 a flip and a rotation by a multiple of 90 degrees, resized to the model's input (area averaging). No colour
-augmentation: colour and illumination are what the grader judges.
+augmentation (colour and illumination are what the grader judges), except ``--grey-p``: a fundus photograph
+shown grey, as a red-free photograph (its luminance or green channel), with its labels.
 
 Loss: class-weighted cross-entropy on the grade (weights 1/sqrt(frequency) of the grades in the training
 mixture, normalised to mean 1) plus the binary cross-entropy of the flags, averaged over the flags each
@@ -104,8 +105,9 @@ def validation_items(grade_set: Path, data_root: Path | None, size: int) -> dict
     }
 
 
-def augment(item: GradeItem, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random square crop, flip and 90-degree rotation of ``item`` at ``size`` (float32 HxWx3 in [0, 1])."""
+def augment(item: GradeItem, rng: np.random.Generator, size: int, grey_p: float = 0.0) -> np.ndarray:
+    """A random square crop, flip and 90-degree rotation of ``item`` at ``size`` (float32 HxWx3 in [0, 1]);
+    with probability ``grey_p`` a fundus photograph is then made grey (``to_grey``)."""
     a = item.image
     h, w = a.shape[:2]
     natural = item.kind == "natural"
@@ -119,7 +121,16 @@ def augment(item: GradeItem, rng: np.random.Generator, size: int) -> np.ndarray:
     crop = np.rot90(crop, int(rng.integers(4)))
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
+    if grey_p > 0 and not natural and rng.random() < grey_p:  # no draw at all when off: earlier runs replay
+        crop = to_grey(crop, green=bool(rng.random() < 0.5))
     return np.ascontiguousarray(crop).astype(np.float32) / 255.0
+
+
+def to_grey(rgb: np.ndarray, green: bool) -> np.ndarray:
+    """A uint8 RGB photograph as a red-free one: its green channel (``green``) or its BT.601 luminance, rounded,
+    in all three channels (how a grey file reaches the grader)."""
+    plane = rgb[..., 1] if green else np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).clip(0, 255).astype(np.uint8)
+    return np.repeat(plane[..., None], 3, axis=2)
 
 
 class GradeSampler:
@@ -135,7 +146,7 @@ class GradeSampler:
         for _ in range(self.cfg.batch_size):
             group = self.groups[self.names[int(rng.choice(len(self.names), p=self.p))]]
             item = group[int(rng.integers(len(group)))]
-            xs.append(augment(item, rng, self.size))
+            xs.append(augment(item, rng, self.size, self.cfg.grey_p))
             gs.append(item.grade)
             fs.append(item.flags)
             ks.append(item.known)
