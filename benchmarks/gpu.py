@@ -7,6 +7,10 @@ For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x5
   224x224 crop pairs; grade: one 224x224 frame), timed over ``--reps`` passes after a warm-up: images/s.
 * ``stage``: the stage's whole per-item work on a decoded photograph (FOV estimate, frames, host-device
   copies, the network, the results back at native resolution), images/s, and its share of the ceiling.
+* ``ceiling_gflop``: the forward pass's GFLOP (``torch.utils.flop_counter``: 2 per multiply-add of the
+  convolutions, matrix products and attention); ``ceiling_gflop_per_s`` the rate it runs at, and its share of
+  ``matmul_gflop_per_s``, the device's float32 rate on a 2048x2048 matrix product (how close the network
+  already is to what the hardware does at best).
 * ``decode_s``: decoding the photograph from disk (what worker processes overlap with the device).
 * peak device memory (CUDA) or the process's peak resident memory (CPU).
 
@@ -110,15 +114,26 @@ def _network(stage_name: str, stage):
     return stage._models[0] if stage_name == "enhance" else stage._model
 
 
-def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> float:
-    """Seconds per forward pass of the stage's network on a synthetic tensor of the shape it is fed."""
+def ceiling(stage_name: str, stage, item, device: torch.device, reps: int) -> tuple[float, float]:
+    """(seconds per forward pass of the stage's network on a synthetic tensor of the shape it is fed, the
+    pass's GFLOP as ``torch.utils.flop_counter`` counts them: 2 per multiply-add of the convolutions, matrix
+    products and attention; element-wise work, normalisation and grid sampling are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     shape, args = _shape(stage_name, stage, item)
     model = _network(stage_name, stage)
     xs = [torch.rand(*shape, device=device) for _ in range(args)]
     with torch.inference_mode():
-        if stage_name == "score" and stage.cfg.input_score:
-            return timed(lambda: model.forward_with_identity(*xs), reps, device)
-        return timed(lambda: model(*xs), reps, device)
+        fn = (lambda: model.forward_with_identity(*xs)) if stage_name == "score" and stage.cfg.input_score else (lambda: model(*xs))
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return timed(fn, reps, device), counter.get_total_flops() / 1e9
+
+
+def matmul_gflop_per_s(device: torch.device, reps: int, n: int = 2048) -> float:
+    """The device's float32 rate on a large square matrix product (the practical peak a network could reach)."""
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    return round(2 * n**3 / timed(lambda: a @ b, max(reps, 3), device) / 1e9, 1)
 
 
 def compiled(name: str, make, stage, images: dict, item, device: torch.device, reps: int) -> dict:
@@ -310,7 +325,9 @@ def main() -> None:
     ap.add_argument("--decoders", type=int, default=4)
     ap.add_argument("--only", default="segment,enhance,score,grade")
     ap.add_argument("--compile", action="store_true", help="also measure each network under torch.compile (at the first size)")
+    ap.add_argument("--parts", default="batched,agreement,fed", help="the optional parts to measure (the stage and its ceiling always are)")
     args = ap.parse_args()
+    parts = set(args.parts.split(",")) - {""}
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     reps = args.reps or (20 if gpu else 3)
@@ -319,7 +336,8 @@ def main() -> None:
     agree_n, fed_n = args.agree or (20 if gpu else 2), args.fed_n or (64 if gpu else 4)
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "machine": environment(), "reps": reps, "date": time.strftime("%Y-%m-%d"), "stages": {},
+        "machine": environment(), "reps": reps, "date": time.strftime("%Y-%m-%d"),
+        "matmul_gflop_per_s": matmul_gflop_per_s(device, reps), "stages": {},
     }  # fmt: skip
     dev = str(device)
     stages = {
@@ -346,7 +364,7 @@ def main() -> None:
                 dec = timed(lambda: decode(path), reps, torch.device("cpu"))
                 prep = timed(lambda: prepare_item(stage, "x", images), reps, torch.device("cpu"))
                 comp = timed(lambda: stage.compute(item), reps, device)
-                ceil = ceiling(name, stage, item, device, reps)
+                ceil, gflop = ceiling(name, stage, item, device, reps)
                 if device.type == "cuda":  # one photograph through the stage (and its ceiling), above what was resident
                     stage_peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
                     torch.cuda.reset_peak_memory_stats(device)
@@ -356,11 +374,15 @@ def main() -> None:
                     "stage_images_per_s": round(1 / comp, 3),
                     "with_decode_images_per_s": round(1 / whole, 3),
                     "ceiling_images_per_s": round(1 / ceil, 3),
+                    "ceiling_gflop": round(gflop, 2),
+                    "ceiling_gflop_per_s": round(gflop / ceil, 1),
+                    "ceiling_share_of_matmul_rate": round(gflop / ceil / out["matmul_gflop_per_s"], 3),
                     "stage_share_of_ceiling": round(ceil / comp, 3),
                     "time_share": {"decode": round(dec / whole, 3), "fov_and_inputs": round(prep / whole, 3), "compute": round(comp / whole, 3)},
                     "network_share_of_compute": round(min(1.0, ceil / comp), 3),
                 }
-                res[size]["batched_images_per_s"] = batched(name, stage, item, device, reps, batch, precisions)
+                if "batched" in parts:
+                    res[size]["batched_images_per_s"] = batched(name, stage, item, device, reps, batch, precisions)
                 if device.type == "cuda":
                     res[size]["peak_device_memory_mb"] = {
                         "one_photograph": round(stage_peak, 1),
@@ -370,8 +392,9 @@ def main() -> None:
                     }
                 if args.compile and size == args.sizes.split(",")[0]:
                     res[size]["compiled"] = compiled(name, make, stage, images, item, device, reps)
-            res["agreement"] = agreement(name, stage, device, precisions, agree_n)
-            if name != "score":  # the scorer pairs two folders: its fed figure is the chain's (benchmarks/run.py)
+            if "agreement" in parts:
+                res["agreement"] = agreement(name, stage, device, precisions, agree_n)
+            if name != "score" and "fed" in parts:  # the scorer pairs two folders: its fed figure is the chain's (benchmarks/run.py)
                 stage.batch_size = batch
                 res["fed"] = fed(stage, photos[args.sizes.split(",")[0]], fed_n, args.decoders, Path(tmp))
             out["stages"][name] = res
