@@ -9,6 +9,9 @@ Never the test parts.
     python scripts/validate_grade.py sets/grade512 weights/hemf_4k.pt:hemf runs/hemf448/best.pt:hemf_448
 
 WEIGHTS: a shipped name (its architecture from the manifest) or FILE:ARCH. One JSON line each on stdout.
+``--grey luma`` or ``--grey green``: every validation fundus photograph shown grey first, as a red-free
+photograph (``train.grade.to_grey``; labels kept, not-fundus pictures as they are): how a grader treats grey
+photographs, on the same labelled images.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fundus_pipeline.datasets import default_data_root
 from fundus_pipeline.evaluation.grade import auc_mann_whitney
 from fundus_pipeline.models.weights import load_model
 from fundus_pipeline.quality.grading import FLAGS, GRADES
-from fundus_pipeline.train.grade import macro_f1, predict_logits, resize_square, validation_items
+from fundus_pipeline.train.grade import macro_f1, predict_logits, resize_square, to_grey, validation_items
 
 
 def _model(spec: str) -> tuple[torch.nn.Module, str]:
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("weights", nargs="+", help="a shipped name, or FILE:ARCH")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grey", choices=("none", "luma", "green"), default="none", help="show the fundus photographs grey (red-free)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     n = len(GRADES)
@@ -87,7 +91,12 @@ def main() -> None:
         model, arch = _model(spec)
         size = int(model.input_size)
         parts = read.get(size) or read.setdefault(size, validation_items(a.grade_set, root, size))
-        out: dict = {"weights": spec, "arch": arch, "input": size}
+        if a.grey != "none":
+            for items in parts.values():
+                for i in items:
+                    if i.kind != "natural":
+                        i.image = to_grey(i.image, green=a.grey == "green")
+        out: dict = {"weights": spec, "arch": arch, "input": size, "grey": a.grey}
         f1s, preds = [], {}
         for k, items in parts.items():
             with torch.no_grad():
