@@ -103,3 +103,21 @@ def test_grade_training_can_show_fundus_photographs_grey():
     assert len({round(float(g.mean()), 6) for g in greys}) > 1
     for make in (lambda i: augment(natural, np.random.default_rng(i), 32, grey_p=1.0), lambda i: augment(fundus, np.random.default_rng(i), 32)):
         assert not any(np.array_equal(a[..., 0], a[..., 1]) for a in map(make, range(8)))
+
+
+def test_building_a_test_part_needs_no_vessel_annotation(tmp_path):
+    """The builders read a source's photograph and FOV mask, never its vessel annotation; the pre-check demanded
+    it, so `fundus build grade-set --parts test` was refused on the real data (HRF 11_h, 12_h, 13_h have none)."""
+    from fundus_pipeline.cli.build import _check_build
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.quality.build import part_sources
+
+    for _, info in part_sources(tmp_path, "test"):
+        for role, path in info["paths"].items():
+            if role != "vessels":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_bytes(b"")
+    _check_build(tmp_path, tmp_path / "out", ("test",), None)  # refused before
+    next(p for p in (tmp_path / "HRF" / "mask").iterdir()).unlink()
+    with pytest.raises(UsageError, match="lacks 1 file"):
+        _check_build(tmp_path, tmp_path / "out", ("test",), None)
