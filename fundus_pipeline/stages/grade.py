@@ -65,11 +65,10 @@ def decide(pg: np.ndarray, bias: np.ndarray | None) -> int:
     return int((np.log(np.maximum(np.asarray(pg, np.float64), 1e-300)) + bias).argmax())
 
 
-#: The ``warning`` of a grey photograph (a grey file, or colour channels all equal). Measured 2026-12-03 on the
-#: validation photographs (DRIVE 37-40, HRF 05_*): graded good in colour, reject (p 0.96-0.996) as luminance or
-#: green channel alone; on the EyePACS-256 validation part, whose photographs are contrast-stretched, grey
-#: costs little (green channel: accuracy 0.812, as in colour). README, "Quality grading results".
-GREY_WARNING = "grey photograph: the grader learned from colour photographs and grades clean grey (red-free) photographs reject; check this grade by eye"
+#: The ``warning`` of a grey photograph (a grey file, or colour channels all equal). Measured 2026-12-03 on the 50
+#: clean DRIVE and HRF test photographs made grey: `hemf_4750` grades all 50 reject (luminance or green channel),
+#: `hemf_grey` (trained with grey samples) 8 and 23 of 50 good. README, `fundus grade`.
+GREY_WARNING = "grey photograph: the graders learned mostly from colour photographs and grade many clean grey (red-free) photographs usable or reject; check this grade by eye"
 
 
 def is_grey(frame: np.ndarray) -> bool:
