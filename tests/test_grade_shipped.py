@@ -1,4 +1,4 @@
-"""The default shipped grader (and hemf_4k, the default before hemf_4750) on a few real photographs (DRIVE test 01-03, three real low-quality CofeNet
+"""The default shipped grader (and hemf_4k, the default before hemf_4750, and hemf_grey) on a few real photographs (DRIVE test 01-03, three real low-quality CofeNet
 photographs, three EyePACS-256 test photographs) and scikit-image's astronaut: `fundus grade` reproduces
 the probabilities recorded in docs/grade_benchmark/<weights>_check.csv when the weights were exported
 (within 1e-3: thread counts may differ) and writes a consistent grade; runs when ../shared/data is present."""
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from grade_check import check_inputs, default_weights, recorded_check  # noqa: E402
 
 
-@pytest.mark.parametrize("weights", ["default", "hemf_4k"])
+@pytest.mark.parametrize("weights", ["default", "hemf_4k", "hemf_grey"])
 def test_shipped_grader_on_real_photographs(weights, data_root, tmp_path):
     name = default_weights() if weights == "default" else weights
     recorded_csv = recorded_check(name)
