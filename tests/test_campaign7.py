@@ -88,6 +88,23 @@ def test_grade_warns_on_a_grey_photograph(tmp_path):
         with open(tmp_path / table) as f:
             warn = {r["key"]: r["warning"] for r in csv.DictReader(f)}
         assert warn == {"colour": "", "green": GREY_WARNING, "grey_as_rgb": GREY_WARNING}, table
+    assert main(["report", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count(GREY_WARNING) == 2 and "2 grey (red-free)" in page and "implausible" not in page
+
+
+def test_report_tells_the_grey_warning_from_the_segmenters():
+    """The joined table's warning holds the grader's, then the segmenter's; the report counted both as
+    'implausible' vessel results and showed them only beside the vessel fraction."""
+    from fundus_pipeline.report import split_warning, summary
+    from fundus_pipeline.stages.grade import GREY_WARNING
+
+    seg = "no dark surround around the FOV and an implausible vessel fraction 0.394"
+    assert split_warning(f"{GREY_WARNING}; {seg}") == (GREY_WARNING, seg)
+    assert split_warning(GREY_WARNING) == (GREY_WARNING, "") and split_warning(seg) == ("", seg) and split_warning(None) == ("", "")
+    rows = [{"status": "ok", "warning": w} for w in (f"{GREY_WARNING}; {seg}", GREY_WARNING, seg, "")]
+    s = summary(rows, simulate=False, truth=False)
+    assert (s["grey"], s["warnings"]) == (2, 2)
 
 
 def test_grade_training_can_show_fundus_photographs_grey():

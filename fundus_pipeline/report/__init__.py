@@ -177,13 +177,25 @@ def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, 
     return "".join(parts)
 
 
+def split_warning(text: Any) -> tuple[str, str]:
+    """A run table's ``warning`` cell as (the grader's warning, the segmenter's): the grader's comes first and
+    is the grey-photograph warning (``stages.grade.GREY_WARNING``), the rest is the segmenter's plausibility
+    warning."""
+    from fundus_pipeline.stages.grade import GREY_WARNING
+
+    text = str(text or "")
+    if text.startswith(GREY_WARNING):
+        return GREY_WARNING, text[len(GREY_WARNING) :].removeprefix("; ")
+    return "", text
+
+
 def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
     """Counts and figures for the top of the page (no thumbnails), in one pass over the rows."""
     grades: Counter = Counter()
     flags: Counter = Counter()
     status: Counter = Counter()
     scores, gains, vf = [], [], []
-    n = enhanced = enhance_failed = used = segmented = warnings = 0
+    n = enhanced = enhance_failed = used = segmented = warnings = grey = 0
     metrics = ["psnr", "ssim", "f1"] + (["f1_gt"] if truth else [])
     groups: dict[str, dict[str, Any]] = {}  # per degradation: counts and each metric's values
     for r in rows:
@@ -199,7 +211,9 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         enhance_failed += r.get("enhanced") == "yes" and not r.get("enhanced_image") and "enhance: " in str(r.get("error") or "")
         used += r.get("segmented") == "enhanced" and bool(r.get("vessels_image"))
         segmented += bool(r.get("vessels_image"))
-        warnings += bool(r.get("warning"))
+        grade_warning, segment_warning = split_warning(r.get("warning"))
+        warnings += bool(segment_warning)
+        grey += bool(grade_warning)
         if simulate and r["status"] == "ok":
             g = groups.setdefault(r.get("degradation") or "?", {"n": 0, "enhanced": 0, "used": 0, "values": {}})
             g["n"] += 1
@@ -219,6 +233,7 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         "used": used,
         "segmented": segmented,
         "warnings": warnings,
+        "grey": grey,
         "score_mean": _mean(scores),
         "gain_mean": _mean(gains),
         "vf_mean": _mean(vf),
@@ -285,7 +300,9 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
     workers = workers or max(1, min(4, os.cpu_count() or 1))
 
     def with_thumbs(row: dict) -> dict:
-        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail, missing), "flag_list": str(row.get("flags") or "").split()}
+        grade_warning, segment_warning = split_warning(row.get("warning"))
+        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail, missing), "flag_list": str(row.get("flags") or "").split(),
+                "grade_warning": grade_warning, "segment_warning": segment_warning}
 
     template = _environment().get_template("report.html.j2")
     return template.generate(
