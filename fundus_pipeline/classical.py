@@ -14,6 +14,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from fundus_pipeline.io import LUMA
+
 
 def identity(rgb: np.ndarray, fov: np.ndarray) -> np.ndarray:
     """The degraded input itself, masked to the FOV."""
@@ -31,9 +33,6 @@ def clahe(rgb: np.ndarray, fov: np.ndarray, clip_limit: float = 2.0, tiles: int 
     return np.clip(out, 0, 1) * fov[..., None]
 
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-
-
 def _finish(out: np.ndarray, fov: np.ndarray) -> np.ndarray:
     return (np.clip(out, 0, 1) * fov[..., None]).astype(np.float32)
 
@@ -45,7 +44,7 @@ def _gauss(rgb: np.ndarray, sigma: float) -> np.ndarray:
 def gamma(rgb: np.ndarray, fov: np.ndarray, target: float = 0.45) -> np.ndarray:
     """Exposure correction: ``rgb ** g`` with ``g = log(target) / log(mean luminance in the FOV)`` (BT.601 Y),
     so the mean luminance moves to about ``target``; g is clipped to [0.4, 2.5]."""
-    y = (rgb @ _LUMA)[fov]
+    y = (rgb @ LUMA)[fov]
     mean = float(np.clip(y.mean(), 1e-3, 0.999)) if y.size else target
     g = float(np.clip(np.log(target) / np.log(mean), 0.4, 2.5))
     return _finish(np.power(np.clip(rgb, 0, 1), g), fov)

@@ -579,7 +579,7 @@ def _finish(path: Path, fmt: str, arr: np.ndarray, is_palette: bool, orientation
 
 
 # --------------------------------------------------------------------------------------------- float
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of R, G, B: every luminance in fundus
 
 
 def _maxval(dtype: str | np.dtype) -> int:
@@ -623,7 +623,7 @@ def from_float_rgb(
     dtype = np.dtype(meta.dtype)
     maxval = _maxval(dtype)
     if meta.mode in ("gray", "graya"):
-        plane = rgb if rgb.ndim == 2 else rgb @ _LUMA
+        plane = rgb if rgb.ndim == 2 else rgb @ LUMA
     else:
         plane = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
     if consume and plane.flags.writeable:

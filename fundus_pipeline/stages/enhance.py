@@ -19,15 +19,13 @@ import numpy as np
 
 from fundus_pipeline.canonical import CanonicalFrame
 from fundus_pipeline.config import EnhanceConfig
-from fundus_pipeline.io import from_float_rgb, to_float_rgb
+from fundus_pipeline.io import LUMA, from_float_rgb, to_float_rgb
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
-
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def luminance_stats(rgb: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     """(mean, standard deviation) of BT.601 luminance over ``mask``."""
-    y = (rgb @ _LUMA)[mask]
+    y = (rgb @ LUMA)[mask]
     if y.size == 0:
         return 0.0, 0.0
     return float(y.mean()), float(y.std())
@@ -113,7 +111,6 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
     from fundus_pipeline.device import to_device
 
     from fundus_pipeline.bands import BandUpsampler, rgb_downscale, row_bands
-    from fundus_pipeline.io import from_float_rgb, to_float_rgb
 
     frame = CanonicalFrame.from_fov(fov.geometry, size)
     c_fov = frame.to_canonical(fov.mask.view(np.uint8), interpolation=0) > 0
@@ -153,7 +150,7 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
             res = np.where(m[..., None], res, rgb)
         out[rows] = from_float_rgb(res, image.meta, alpha)
         for k, img in enumerate((rgb, to_float_rgb(out[rows], image.meta)[0])):  # "after": the samples written
-            y = (img @ _LUMA)[m].astype(np.float64)
+            y = (img @ LUMA)[m].astype(np.float64)
             stats[k] += (y.size, y.sum(), (y * y).sum())
 
     def mean_std(n: float, s1: float, s2: float) -> tuple[float, float]:

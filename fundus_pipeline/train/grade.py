@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fundus_pipeline.errors import UsageError
+from fundus_pipeline.io import LUMA
 from fundus_pipeline.models.registry import build_model
 from fundus_pipeline.quality.grading import FLAGS, GRADES
 from fundus_pipeline.train.config import GradeConfig
@@ -129,7 +130,7 @@ def augment(item: GradeItem, rng: np.random.Generator, size: int, grey_p: float 
 def to_grey(rgb: np.ndarray, green: bool) -> np.ndarray:
     """A uint8 RGB photograph as a red-free one: its green channel (``green``) or its BT.601 luminance, rounded,
     in all three channels (how a grey file reaches the grader)."""
-    plane = rgb[..., 1] if green else np.rint(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).clip(0, 255).astype(np.uint8)
+    plane = rgb[..., 1] if green else np.rint(rgb.astype(np.float32) @ LUMA).clip(0, 255).astype(np.uint8)
     return np.repeat(plane[..., None], 3, axis=2)
 
 
