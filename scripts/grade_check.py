@@ -1,9 +1,11 @@
-"""Record what the default grader (``fundus grade`` without ``--weights``), or the shipped grading weights
-named as the argument, says about ten real photographs; tests/test_grade_shipped.py checks it against the
-file named after the weights:
+"""Record what the shipped grading weights named as the argument say about ten real photographs;
+tests/test_grade_shipped.py checks it against the file named after the weights:
 
-    python scripts/grade_check.py > docs/grade_benchmark/hemf_4750_check.csv      # the default
+    python scripts/grade_check.py hemf_4750 > docs/grade_benchmark/hemf_4750_check.csv   # the default grader
     python scripts/grade_check.py hemf_4k > docs/grade_benchmark/hemf_4k_check.csv
+
+The name is required: without it the check file of one grader could be rewritten with another's output
+when the default changes.
 
 The photographs: DRIVE test 01-03, the first three real low-quality CofeNet photographs, the first three
 EyePACS-256 test photographs (patient split) and scikit-image's astronaut.
@@ -53,10 +55,10 @@ def main() -> None:
     from fundus_pipeline.cli import main as cli_main
     from fundus_pipeline.datasets import default_data_root
 
-    if len(sys.argv) > 2 or sys.argv[1:2] in (["-h"], ["--help"]):
-        print(__doc__.strip())
-        raise SystemExit(0 if len(sys.argv) == 2 else 2)
-    weights = sys.argv[1] if len(sys.argv) > 1 else default_weights()
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stdout if sys.argv[1:] in (["-h"], ["--help"]) else sys.stderr)
+        raise SystemExit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    weights = sys.argv[1]
 
     with tempfile.TemporaryDirectory() as tmp:
         check_inputs(default_data_root(), Path(tmp) / "in")

@@ -29,7 +29,7 @@ def test_shipped_grader_on_real_photographs(weights, data_root, tmp_path):
     recorded_csv = recorded_check(name)
     if not (weights_dir() / f"{name}.pt").is_file():
         pytest.skip(f"weights/{name}.pt not present")
-    assert recorded_csv.is_file(), f"record it: python scripts/grade_check.py > {recorded_csv.relative_to(ROOT)}"
+    assert recorded_csv.is_file(), f"record it: python scripts/grade_check.py {name} > {recorded_csv.relative_to(ROOT)}"
     check_inputs(data_root, tmp_path / "in")
     out = tmp_path / "out"
     args = [] if weights == "default" else ["--weights", name]
