@@ -21,7 +21,7 @@ from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, Fun
 
 app = typer.Typer(
     name="fundus",
-    help="End-to-end pipeline for retinal fundus photographs: degrade, segment, evaluate, train.",
+    help="End-to-end pipeline for retinal fundus photographs: grade, enhance, score, segment and run the whole chain; degrade, build sets, train, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -49,7 +49,7 @@ def segment(
             max=1.0,
             metavar="T",
             help="Decision threshold: a pixel is vessel when its probability >= T "
-            "[default: config.threshold of PRED_DIR/manifest.json, else 0.5].",
+            "[default: config.threshold of PRED_DIR/manifest.json, or of the nearest manifest above it (a `fundus run` folder's segment/manifest.json; predictions written with different thresholds: exit 2), else 0.5].",
             show_default=False,
         ),
     ] = None,

@@ -67,7 +67,7 @@ Precision = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="Forward passes in fp32, or under autocast in bf16 or fp16 (CUDA only): faster on a GPU, results within the tolerance "
+        help="Forward passes in fp32, or under autocast in bf16 or fp16 (fp16 needs CUDA; bf16 also runs on a CPU): faster on a GPU, results within the tolerance "
         "benchmarks/gpu.py measures (vessel F1 0.002, PSNR 0.05 dB); slower on most CPUs.",
     ),
 ]

@@ -78,7 +78,7 @@ def run_cmd(
     seed: Annotated[Optional[int], _opt("--seed", help="Seed of the simulator.", field="seed")] = None,
     ground_truth: Annotated[Optional[Path], typer.Option("--ground-truth", help="With --simulate: manual vessel annotations of the clean originals (paired by name, as `fundus evaluate segment` pairs).", show_default=False)] = None,
     device: Annotated[Optional[str], _opt("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", field="device")] = None,
-    precision: Annotated[Optional[str], _opt("--precision", help="fp32, or bf16/fp16 (CUDA) under autocast for every network step.", field="precision")] = None,
+    precision: Annotated[Optional[str], _opt("--precision", help="fp32, or bf16 or fp16 (fp16 needs CUDA) under autocast for every network step.", field="precision")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every network step (see `fundus segment --help`) [default: --no-compile].", show_default=False)] = None,
     grade_weights: Annotated[Optional[str], _opt("--grade-weights", help="Grading weights (a name from `fundus models` or a .pt file).", field="grade_weights")] = None,
     grade_arch: Annotated[Optional[str], typer.Option("--grade-arch", help="Architecture of grading weights not in weights/manifest.json.", show_default=False)] = None,
