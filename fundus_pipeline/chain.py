@@ -490,6 +490,12 @@ class Chain:
             for d in dirs:
                 if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
                     raise UsageError(f"--overwrite: {d} was not written by fundus (no manifest.json); move it away first")
+                # a stage writes files only: a folder inside one is somebody else's (the default output of
+                # `fundus evaluate enhance|grade|segment` on that stage folder), which rmtree would take with it
+                sub = next((p for p in sorted(d.iterdir()) if p.is_dir()), None)
+                if sub is not None:
+                    raise UsageError(f"--overwrite: {sub} was not written by fundus run (an evaluation report of the earlier outputs?); "
+                                     "move it away or delete it first: --overwrite removes the run's stage folders")
             for d in dirs:
                 shutil.rmtree(d)
             for name in TOP_FILES:

@@ -131,7 +131,7 @@ def resolve_weights(value: str | Path) -> Path:
     if spec is not None:
         return weights_dir() / spec.file
     shipped = manifest.names()
-    shipped_text = ", ".join(shipped) if shipped else "none"
+    shipped_text = ", ".join(shipped) if shipped else f"none in {weights_dir()}" + (" (the folder FUNDUS_WEIGHTS names)" if os.environ.get("FUNDUS_WEIGHTS") else "")
     from fundus_pipeline.models.catalog import CATALOG
 
     if str(value) in CATALOG:
