@@ -56,3 +56,41 @@ def test_an_empty_weights_folder_is_named_in_the_error(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     # was "shipped weights: none", which names neither the folder searched nor the variable that chose it
     assert f"none in {tmp_path / 'w'} (the folder FUNDUS_WEIGHTS names)" in err and "Traceback" not in err
+
+
+def _table(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    path.mkdir(parents=True)
+    with open(path / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_run_figures_script_computes_the_readme_figures_from_the_joined_tables(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_figures
+
+    def row(key, enhanced, segmented, gain, pb, pa, **kw):
+        base = dict(key=key, status="ok", grade="usable" if enhanced == "yes" else "good", p_good="0.2", flags="blur", enhanced=enhanced,
+                    score_gain=str(gain), segmented=segmented, warning="", psnr_before=str(pb), psnr_after=str(pa), ssim_before="0.7",
+                    ssim_after="0.8", f1_before="0.9", f1_after="0.8", f1_gt_before="0.8", f1_gt_after="0.7")  # fmt: skip
+        return {**base, **kw}
+
+    default = [row("a", "yes", "enhanced", 0.01, 14, 18), row("b", "yes", "input", -0.02, 12, 12), row("c", "no", "input", "", 20, 20)]
+    forced = [row("a", "yes", "enhanced", 0.01, 14, 18), row("b", "yes", "enhanced", -0.02, 12, 16), row("c", "no", "input", "", 20, 20)]
+    _table(tmp_path / "d", default)
+    _table(tmp_path / "f", forced)
+    fig = run_figures.simulate_figures(run_figures.read_rows(tmp_path / "d"), run_figures.read_rows(tmp_path / "f"))
+    assert fig["enhanced"] == 2 and fig["trusted"] == ["a"] and list(fig["not_enhanced"]) == ["c"]
+    assert fig["means_over_enhanced_default_gate"]["psnr_after"] == 15.0  # (18 + 12) / 2: the untrusted one delivers its input
+    assert fig["means_over_enhanced_every_enhancement_trusted"]["psnr_after"] == 17.0
+    assert fig["psnr_gain_per_photograph"] == {"a": 4.0, "b": 4.0}
+    assert fig["score_gain_of_enhanced"] == {"min": -0.02, "median": -0.005, "max": 0.01}
+    real = run_figures.real_figures(default)
+    assert real["grades"] == {"usable": 2, "good": 1} and real["flags"] == {"blur": 3} and real["trusted"] == 1
+    # a run that did not finish is refused, not summarised
+    _table(tmp_path / "cut", [row("a", "yes", "enhanced", 0.01, 14, 18, status="pending")])
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_figures.py"), "--cofenet", str(tmp_path / "cut")], capture_output=True, text=True)
+    assert r.returncode == 2 and "did not finish" in r.stderr and "Traceback" not in r.stderr
