@@ -222,11 +222,16 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
     in_path = Path(in_path)
     if not in_path.exists():
         raise UsageError(f"input does not exist: {in_path}")
-    src, dst = in_path.resolve(), Path(out_dir).resolve()
+    try:
+        src, dst = in_path.resolve(), Path(out_dir).resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise UsageError(f"cannot resolve {out_dir} or {in_path}: {getattr(e, 'strerror', None) or e}") from None
     if src.is_dir() and (dst == src or _is_relative_to(dst, src)):
         raise UsageError(f"output folder {out_dir} is the input folder or inside it; choose a folder outside {in_path}")
-    if src.is_file() and (src == dst or _is_relative_to(src, dst)):
-        raise UsageError(f"the input {in_path} lies inside the output folder {out_dir}; choose another output folder")
+    if src == dst or _is_relative_to(src, dst):
+        # a folder too: the run would write over its files, and --overwrite remove them with the run's folders
+        what = "input folder" if src.is_dir() else "input"
+        raise UsageError(f"the {what} {in_path} lies inside the output folder {out_dir}; choose another output folder")
     if inputs is not None and inputs.kind in ("list", "folder"):
         # a folder's items too: a symbolic link in it may lead into OUT, whose outputs would be read back as inputs
         inside = _first_inside((it.path for it in inputs.items if inputs.kind == "list" or it.linked), dst)
@@ -330,14 +335,24 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         import fcntl
+        import stat
 
+        # the lock file is truncated and written: never through a symbolic link (it could point at an input),
+        # and never a FIFO or device (opening or writing one blocks or fails)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(self.path).st_mode):
+                raise UsageError(f"{self.shown / LOCK} is not a regular file (a symbolic link, folder or special file); "
+                                 "fundus keeps its lock there: remove it, or choose another output folder")
+        nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
             try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
                 self.created = True
             except FileExistsError:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | nofollow, 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:  # replaced by a link since the check above
+                raise UsageError(f"{self.shown / LOCK} is a symbolic link; remove it, or choose another output folder") from None
             raise FundusError(f"cannot write to output folder {self.shown}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -480,9 +495,15 @@ def stage_rows(folder: Path) -> RowStore:
     return rows
 
 
+_TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{12}\.tmp", re.DOTALL)
+
+
 def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporary files left by a killed run (``.<name>.<hex>.tmp``, see fundus_pipeline.io)."""
+    """Temporary files left by a killed run (``.<name>.<12 hex>.tmp``, see fundus_pipeline.io); a hidden
+    ``.tmp`` file of another name is not fundus's and is left alone."""
     for p in out_dir.rglob(".*.tmp"):
+        if not _TEMP_NAME.fullmatch(p.name):
+            continue
         try:
             p.unlink()
         except OSError:

@@ -94,3 +94,62 @@ def test_run_figures_script_computes_the_readme_figures_from_the_joined_tables(t
     _table(tmp_path / "cut", [row("a", "yes", "enhanced", 0.01, 14, 18, status="pending")])
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_figures.py"), "--cofenet", str(tmp_path / "cut")], capture_output=True, text=True)
     assert r.returncode == 2 and "did not finish" in r.stderr and "Traceback" not in r.stderr
+
+
+def _photos(folder: Path, n: int = 2) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(synthetic_fundus(72, 80, i)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_an_input_folder_inside_the_output_folder_is_refused_before_anything_is_removed(tmp_path, tiny, capsys):  # noqa: F811
+    study = tmp_path / "study"
+    photos = _photos(study / "degrade")  # a fundus output folder used as the next input, the natural chaining
+    (study / "degrade" / "manifest.json").write_text('{"stage": "degrade"}')
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    # was: --overwrite removed study/degrade (the input) with the run's stage folders
+    assert run("run", photos, study, *tiny_args(tiny, "--steps", "segment"), "--overwrite") == 2
+    assert "lies inside the output folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    # a stage command too: it wrote over an input of the same key (was: exit 0, input replaced)
+    out = tmp_path / "out"
+    _photos(out / "in")
+    (out / "in" / ".notes.tmp").write_text("mine")
+    assert run("degrade", out / "in", out, "--overwrite", "--quiet") == 2
+    assert (out / "in" / ".notes.tmp").read_text() == "mine"
+
+
+def test_stale_temporaries_are_only_fundus_own(tmp_path):
+    from fundus_pipeline.io import _temp_name
+    from fundus_pipeline.runner import _remove_stale_temporaries
+
+    (tmp_path / "sub").mkdir()
+    ours = tmp_path / "sub" / _temp_name("a.png", "0123456789ab")
+    theirs = tmp_path / ".notes.tmp"
+    ours.write_bytes(b"x")
+    theirs.write_text("mine")
+    _remove_stale_temporaries(tmp_path)
+    assert not ours.exists() and theirs.read_text() == "mine"
+
+
+def test_the_lock_file_is_never_written_through_a_link_or_into_a_fifo(tmp_path, capsys):
+    import os
+
+    photos = _photos(tmp_path / "photos", 1)
+    precious = tmp_path / "precious.png"
+    precious.write_bytes((photos / "p0.png").read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".fundus-lock").symlink_to(precious)
+    assert run("degrade", photos, out, "--quiet") == 2  # was: exit 0 and precious.png truncated to the pid
+    assert precious.read_bytes() == (photos / "p0.png").read_bytes()
+    assert ".fundus-lock is not a regular file" in capsys.readouterr().err
+    fifo = tmp_path / "out2"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".fundus-lock")
+    assert run("degrade", photos, fifo, "--quiet") == 2  # was: "internal error: OSError ... Invalid argument", exit 1
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert run("degrade", photos, loop, "--quiet") == 2  # was: "internal error: RuntimeError: Symlink loop", exit 1
+    assert "Traceback" not in capsys.readouterr().err

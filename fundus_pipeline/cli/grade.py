@@ -6,6 +6,7 @@ import csv
 import filecmp
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +16,7 @@ from fundus_pipeline.cli.app import app, run_stage_command
 from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
 from fundus_pipeline.config import GradeConfig, default
 from fundus_pipeline.errors import UsageError
+from fundus_pipeline.io import _temp_name
 from fundus_pipeline.quality.grading import GRADES
 
 
@@ -36,7 +38,7 @@ def sort_into(out_dir: Path) -> dict[str, int]:
                 stale = out_dir / g / dst.name
                 if g != row["grade"] and stale.is_file() and filecmp.cmp(stale, src, shallow=False):
                     stale.unlink()
-            tmp = dst.with_name(f".{dst.name}.tmp")
+            tmp = dst.with_name(_temp_name(dst.name, uuid.uuid4().hex[:12]))  # the name a later run's clean-up knows
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
             counts[row["grade"]] += 1
