@@ -915,10 +915,12 @@ def write_reports(
     interrupted: bool,
     resumed: int = 0,
     running: bool = False,
+    stopped: bool = False,
 ) -> tuple[dict, list[dict]]:
     """``results.csv`` and ``manifest.json`` of the rows, in key order, each streamed to its file a row at a
     time (never a whole table in memory) and renamed into place. ``running``: a snapshot taken while the
-    run goes on (``status`` "running", no ``finished_at``). Returns (counts, failed items)."""
+    run goes on (``status`` "running", no ``finished_at``). ``stopped``: the run ended on an error before
+    every item was done (``status`` "stopped"; ``--resume`` continues). Returns (counts, failed items)."""
     counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
     failed = []
     cols = BASE_COLUMNS + list(stage.columns)
@@ -931,7 +933,7 @@ def write_reports(
             if r["status"] == "error":
                 failed.append({"key": key, "error": r["error"]})
             w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
-    if interrupted or running:
+    if interrupted or running or stopped:
         counts["not_processed"] = len(inputs.items) - len(rows)
     cfg = stage.config_record()
     manifest = {
@@ -945,7 +947,7 @@ def write_reports(
         "output": {"dir": str(out_dir)},
         "environment": environment(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "status": "running" if running else "interrupted" if interrupted else "finished",
+        "status": "running" if running else "interrupted" if interrupted else "stopped" if stopped else "finished",
         "finished_at": None if running else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": round(time.time() - started, 3),
         "interrupted": interrupted,
@@ -981,6 +983,7 @@ class Progress:
     def __init__(self, name: str, total: int, done: int, enabled: bool):
         self.name, self.total, self.done, self.enabled = name, total, done, enabled
         self.failed = 0
+        self.broken = False  # stderr could not be written: nothing more is printed
         self.start = self.last = time.monotonic()
         self.start_done = done
         self.next_mark = self._mark_after(done)
@@ -998,11 +1001,11 @@ class Progress:
             self.failed += 1
             msg = f"error: {row['key']}: {row['error']}"
             if self.bar is not None:
-                self.bar.write(msg, file=sys.stderr)
+                self._say(lambda: self.bar.write(msg, file=sys.stderr))
             else:
-                print(msg, file=sys.stderr, flush=True)
+                self._say(lambda: print(msg, file=sys.stderr, flush=True))
         if self.bar is not None:
-            self.bar.update(1)
+            self._say(lambda: self.bar.update(1))
             return
         now = time.monotonic()
         if self.enabled and (self.done >= self.next_mark or now - self.last >= 30 or self.done == self.total):
@@ -1011,15 +1014,23 @@ class Progress:
             rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta_s = f", ETA {eta:.0f} s" if math.isfinite(eta) and self.done < self.total else ""
-            print(
-                f"{self.name}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), {self.failed} failed, {rate:.2f} img/s{eta_s}",
-                file=sys.stderr,
-                flush=True,
-            )
+            line = f"{self.name}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), {self.failed} failed, {rate:.2f} img/s{eta_s}"
+            self._say(lambda: print(line, file=sys.stderr, flush=True))
+
+    def _say(self, write) -> None:
+        """Progress is for the eye only: a stderr that cannot be written (closed, or a pipe whose reader has
+        gone) silences it instead of ending the run (the failures are in results.csv either way)."""
+        if self.broken:
+            return
+        try:
+            write()
+        except (OSError, ValueError):  # ValueError: a closed file
+            self.broken, self.enabled, self.bar = True, False, None
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            with contextlib.suppress(OSError, ValueError):
+                self.bar.close()
 
 
 ExtraInput = Path | dict[str, Path]  # a folder (its images matched by key) or a planned {key: file} mapping
@@ -1116,7 +1127,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}") from None
     todo = [w for w in work if w.key not in rows]
     resumed = len(rows)
-    interrupted = False
+    interrupted = stopped = False
     bar = Progress(stage.name, len(work), resumed, progress)
 
     def reports(**kw) -> tuple[dict, list[dict]]:
@@ -1155,13 +1166,16 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             _run_pool(stage, todo, dst, workers, threads, record, pool)
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException:
+        stopped = True  # the error propagates; the tables say the run did not finish (was: "finished")
+        raise
     finally:
         bar.close()
         with contextlib.suppress(OSError):  # a full disk was reported where the write failed
             journal.close()
         with interrupts_deferred():
             try:
-                counts, failed = reports(interrupted=interrupted)
+                counts, failed = reports(interrupted=interrupted, stopped=stopped)
             except OSError as e:
                 raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
                                   hint="free space, then rerun with --resume") from None

@@ -153,3 +153,53 @@ def test_the_lock_file_is_never_written_through_a_link_or_into_a_fifo(tmp_path, 
     loop.symlink_to(loop)
     assert run("degrade", photos, loop, "--quiet") == 2  # was: "internal error: RuntimeError: Symlink loop", exit 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+class _GoneReader:
+    """A stderr whose reader has gone: every write fails, as a pipe to a finished `head` does."""
+
+    def write(self, s):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def isatty(self):
+        return False
+
+
+def test_a_stderr_that_cannot_be_written_silences_the_progress_not_the_run(tmp_path, monkeypatch):
+    import json
+
+    photos = _photos(tmp_path / "in", 4)
+    monkeypatch.setattr(sys, "stderr", _GoneReader())
+    # progress on (no --quiet): the first progress line used to end the run with exit 1 and a 'finished' manifest of 1 row
+    code = run("degrade", photos, tmp_path / "out", "--types", "001,010")
+    monkeypatch.undo()
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert code == 0 and m["status"] == "finished" and m["counts"]["ok"] == 4
+
+
+def test_a_run_that_stops_on_an_error_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    import json
+
+    from fundus_pipeline import runner
+
+    photos = _photos(tmp_path / "in", 3)
+    real = runner.Progress.update
+    seen = []
+
+    def failing(self, row):
+        seen.append(row["key"])
+        if len(seen) == 2:
+            raise RuntimeError("simulated failure after one item")
+        real(self, row)
+
+    monkeypatch.setattr(runner.Progress, "update", failing)
+    assert run("degrade", photos, tmp_path / "out", "--quiet") == 1
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # was: status "finished", interrupted false, counts of the rows done and nothing said of the rest
+    assert m["status"] == "stopped" and m["counts"]["not_processed"] >= 1
+    monkeypatch.undo()
+    assert run("degrade", photos, tmp_path / "out", "--quiet", "--resume") == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "finished"
