@@ -577,6 +577,7 @@ def _exit_with_parent(every: float = 1.0) -> None:
 def _worker_init(stage: Stage, threads: int) -> None:
     global _WORKER_STAGE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _default_stop_signals()  # SIGTERM/SIGHUP end a worker quietly; the parent records the run
     _exit_with_parent()
     _WORKER_STAGE = stage
     _set_threads(stage, threads, forked=multiprocessing.get_start_method(allow_none=True) == "fork" or stage.start_method == "fork")
@@ -776,6 +777,7 @@ def _decoder_init(stage: Stage) -> None:
     import cv2
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _default_stop_signals()  # SIGTERM/SIGHUP end a worker quietly; the parent records the run
     _exit_with_parent()
     cv2.setNumThreads(1)
     _DECODE_STAGE = stage
@@ -1182,6 +1184,38 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _default_stop_signals() -> None:
+    """In a worker process: SIGTERM and SIGHUP back to their default action (a forked worker inherits the
+    parent's handler, which would raise KeyboardInterrupt there and print its traceback)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stop_signals_as_interrupt():
+    """In the main thread of the command: SIGTERM and SIGHUP (kill, timeout, a scheduler or container
+    stopping the job, a closed terminal) end the run as Ctrl-C does: the tables record what was done,
+    exit 130, and ``--resume`` continues. Elsewhere a no-op."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
     """While a run writes its final tables: a Ctrl-C waits until results.csv and manifest.json are complete
@@ -1201,11 +1235,13 @@ def interrupts_deferred():
             raise KeyboardInterrupt
         print("Ctrl-C: finishing results.csv and manifest.json first (press it again to stop now)", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, hold)
+    held = (signal.SIGINT, *(s for s in STOP_SIGNALS if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)))
+    previous = {s: signal.signal(s, hold) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, pool: "WorkerPool | None" = None) -> None:
@@ -1292,6 +1328,7 @@ _POOL_STAGES: dict[str, Stage] = {}
 
 def _pool_worker_init(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _default_stop_signals()  # SIGTERM/SIGHUP end a worker quietly; the parent records the run
     _exit_with_parent()
     _set_threads(None, threads)  # spawned, not forked; the stages it will serve may use torch
 

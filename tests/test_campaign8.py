@@ -203,3 +203,28 @@ def test_a_run_that_stops_on_an_error_is_not_recorded_as_finished(tmp_path, monk
     monkeypatch.undo()
     assert run("degrade", photos, tmp_path / "out", "--quiet", "--resume") == 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    import json
+
+    photos = _photos(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    # the process sends itself SIGTERM (as kill, timeout, systemd or a scheduler would) after its first item
+    code = f"""
+import os, signal, sys
+from fundus_pipeline import runner
+real = runner.Progress.update
+def update(self, row):
+    real(self, row)
+    os.kill(os.getpid(), signal.SIGTERM)
+runner.Progress.update = update
+from fundus_pipeline.cli import main
+sys.exit(main(["degrade", {str(photos)!r}, {str(out)!r}, "--quiet"]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # was: killed by the signal (exit -15 / 143), no message, no manifest.json nor results.csv
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "interrupted" and m["counts"]["ok"] == 1 and m["counts"]["not_processed"] == 2
+    assert run("degrade", photos, out, "--quiet", "--resume") == 0

@@ -135,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: never shows a traceback unless FUNDUS_DEBUG=1."""
     import fundus_pipeline.cli  # noqa: F401  (registers every command)
 
+    from fundus_pipeline.runner import stop_signals_as_interrupt
+
     args = sys.argv[1:] if argv is None else argv
     try:
         cmd = typer.main.get_command(app)
-        rv = cmd.main(args=args, prog_name="fundus", standalone_mode=False)
+        with stop_signals_as_interrupt():  # SIGTERM / SIGHUP end a run as Ctrl-C does (exit 130, tables written)
+            rv = cmd.main(args=args, prog_name="fundus", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except _CLICK_ERROR as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # a group called without a command: its help
