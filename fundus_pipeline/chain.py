@@ -180,6 +180,10 @@ def columns(cfg: RunConfig) -> tuple[str, ...]:
     return cols
 
 
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
 class FolderRows:
     """The rows of the stage folders under ``out``, looked up by (folder, key), kept in a temporary SQLite
     file instead of memory: joining 100,000 photographs across five folders holds a few megabytes."""
@@ -189,14 +193,16 @@ class FolderRows:
     def __init__(self, out: Path):
         self._tmp = tempfile.TemporaryDirectory(prefix="fundus-join-")
         self.db = sqlite3.connect(os.path.join(self._tmp.name, "rows.sqlite"))
-        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE rows (folder TEXT, key TEXT, row TEXT, PRIMARY KEY (folder, key));")
+        # keys and rows as bytes: a file name that is not UTF-8 reaches Python as lone surrogates, which SQLite's
+        # TEXT refuses; surrogateescape gives those exact bytes back
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE rows (folder TEXT, key BLOB, row BLOB, PRIMARY KEY (folder, key));")
         for name in self.FOLDERS:
-            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", ((name, key, text) for key, text in stage_texts(out / name)))
+            self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", ((name, _b(key), _b(text)) for key, text in stage_texts(out / name)))
         self.db.commit()
 
     def get(self, folder: str, key: str) -> dict | None:
-        hit = self.db.execute("SELECT row FROM rows WHERE folder = ? AND key = ?", (folder, key)).fetchone()
-        return json.loads(hit[0]) if hit else None
+        hit = self.db.execute("SELECT row FROM rows WHERE folder = ? AND key = ?", (folder, _b(key))).fetchone()
+        return json.loads(hit[0].decode("utf-8", "surrogateescape")) if hit else None
 
     def close(self) -> None:
         self.db.close()

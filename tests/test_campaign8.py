@@ -228,3 +228,18 @@ sys.exit(main(["degrade", {str(photos)!r}, {str(out)!r}, "--quiet"]))
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "interrupted" and m["counts"]["ok"] == 1 and m["counts"]["not_processed"] == 2
     assert run("degrade", photos, out, "--quiet", "--resume") == 0
+
+
+def test_run_joins_a_file_name_that_is_not_utf8(tmp_path, tiny):  # noqa: F811
+    import os
+
+    photos = _photos(tmp_path / "in", 1)
+    (photos / "p0.png").rename(photos / os.fsdecode(b"bad\xff.png"))
+    out = tmp_path / "out"
+    # was: "internal error: UnicodeEncodeError ... surrogates not allowed" at the join, every time, --resume too
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    with open(out / "results.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        import csv
+
+        keys = [r["key"] for r in csv.DictReader(f)]
+    assert [os.fsencode(k) for k in keys] == [b"bad\xff"]
