@@ -42,7 +42,7 @@ from typing import Any
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind
-from fundus_pipeline.errors import UsageError, WeightsError
+from fundus_pipeline.errors import EXIT_ITEMS_FAILED, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
@@ -86,6 +86,10 @@ class ChainResult:
 
     @property
     def exit_code(self) -> int:
+        if not self.interrupted and self.counts.get("pending"):
+            # a run that was not interrupted left photographs without their results (a stage folder changed under
+            # it, e.g. by another command): not "every item succeeded"
+            return EXIT_ITEMS_FAILED
         return exit_code_of(self.interrupted, self.counts)
 
     def summary(self) -> dict:

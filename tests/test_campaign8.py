@@ -243,3 +243,12 @@ def test_run_joins_a_file_name_that_is_not_utf8(tmp_path, tiny):  # noqa: F811
 
         keys = [r["key"] for r in csv.DictReader(f)]
     assert [os.fsencode(k) for k in keys] == [b"bad\xff"]
+
+
+def test_a_run_that_leaves_photographs_pending_without_an_interruption_is_not_exit_0(tmp_path):
+    from fundus_pipeline.chain import ChainResult
+
+    # campaign 8: another command rewrote a running chain's grade folder; every row came out `pending` with exit 0
+    assert ChainResult(tmp_path, [], {"total": 2, "ok": 0, "error": 0, "pending": 2}, False, 1.0).exit_code == 3
+    assert ChainResult(tmp_path, [], {"total": 2, "ok": 0, "error": 0, "pending": 2}, True, 1.0).exit_code == 130
+    assert ChainResult(tmp_path, [], {"total": 2, "ok": 2, "error": 0, "pending": 0}, False, 1.0).exit_code == 0
