@@ -366,6 +366,15 @@ class OutputLock:
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
 
+    def intact(self) -> bool:
+        """Whether the lock file is still the one this run holds: False when the output folder was removed or
+        replaced under the run (writing on would re-create it, unlocked, and report outputs that are gone)."""
+        try:
+            a, b = os.fstat(self.fd), os.stat(self.path)
+        except (OSError, TypeError):
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
     def __exit__(self, exc_type, *exc) -> None:
         if self.fd is not None:
             if self.created and exc_type is not None and issubclass(exc_type, UsageError):
@@ -1098,18 +1107,18 @@ def run_stage(
             raise UsageError(f"output folder {out_dir} is the --{role} folder or inside it; choose a folder outside {folder}")
     work = _pair_inputs(stage, inputs.items, extra_dirs)
     _create_output(dst, out_dir)
-    with OutputLock(dst, out_dir):
+    with OutputLock(dst, out_dir) as lock:
         # Checked again under the lock: a run that started meanwhile has made the folder non-empty.
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                            threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                           engine=engine, feed=feed, inputs_checked=inputs_checked)
+                           engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock)
 
 
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
                 pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None,
-                inputs_checked: bool = False) -> RunResult:
+                inputs_checked: bool = False, lock: OutputLock | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
@@ -1140,6 +1149,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
 
     def record(row: dict) -> None:
         nonlocal next_snapshot
+        if lock is not None and not lock.intact():
+            raise FundusError(f"the output folder {dst} was removed or replaced while this run was writing to it; nothing more is written there",
+                              hint="rerun into a folder that nothing else removes")
         text = _dumps(row)
         rows.add_text(row["key"], text)
         try:
@@ -1176,6 +1188,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         with contextlib.suppress(OSError):  # a full disk was reported where the write failed
             journal.close()
         with interrupts_deferred():
+            if lock is not None and not lock.intact():  # tables in a re-created folder would list outputs that are gone
+                raise FundusError(f"the output folder {dst} was removed or replaced during the run; no results.csv or manifest.json was written",
+                                  hint="rerun into a folder that nothing else removes")
             try:
                 counts, failed = reports(interrupted=interrupted, stopped=stopped)
             except OSError as e:

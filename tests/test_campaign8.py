@@ -252,3 +252,26 @@ def test_a_run_that_leaves_photographs_pending_without_an_interruption_is_not_ex
     assert ChainResult(tmp_path, [], {"total": 2, "ok": 0, "error": 0, "pending": 2}, False, 1.0).exit_code == 3
     assert ChainResult(tmp_path, [], {"total": 2, "ok": 0, "error": 0, "pending": 2}, True, 1.0).exit_code == 130
     assert ChainResult(tmp_path, [], {"total": 2, "ok": 2, "error": 0, "pending": 0}, False, 1.0).exit_code == 0
+
+
+def test_an_output_folder_removed_during_the_run_is_reported_not_recreated_as_a_success(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from fundus_pipeline import runner
+
+    photos = _photos(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    real, seen = runner.Progress.update, []
+
+    def update(self, row):
+        real(self, row)
+        seen.append(row["key"])
+        if len(seen) == 1:
+            shutil.rmtree(out)  # someone removes OUT while the run writes to it
+
+    monkeypatch.setattr(runner.Progress, "update", update)
+    # was: exit 0, a manifest 'finished' listing outputs that no longer exist, in a re-created folder without lock or journal
+    assert run("degrade", photos, out, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "was removed or replaced" in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists() and not (out / "results.csv").exists()
