@@ -42,7 +42,7 @@ from typing import Any
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind
-from fundus_pipeline.errors import EXIT_ITEMS_FAILED, UsageError, WeightsError
+from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
@@ -182,6 +182,11 @@ def columns(cfg: RunConfig) -> tuple[str, ...]:
         if cfg.ground_truth is not None:
             cols += GT_COLUMNS
     return cols
+
+
+def _temp_error(e: Exception) -> FundusError:
+    return FundusError(f"cannot write the join's temporary files in {tempfile.gettempdir()}: {getattr(e, 'strerror', None) or e}",
+                       hint="free space there, or point TMPDIR at a folder with room, then rerun with --resume")
 
 
 def _b(text: str) -> bytes:
@@ -496,6 +501,9 @@ class Chain:
             if tops and manifest_stage(out / "manifest.json") != "run":
                 raise UsageError(f"--overwrite: {self.shown} holds {tops[0].name} but no manifest.json of a `fundus run`; "
                                  "it was not written by fundus run, so nothing is replaced: move it away or choose another folder")
+            linked = next((out / name for name in STAGE_DIRS if (out / name).is_symlink()), None)
+            if linked is not None:
+                raise UsageError(f"--overwrite: {linked} is a symbolic link; fundus removes nothing through a link: remove the link first")
             dirs = [out / name for name in STAGE_DIRS if (out / name).is_dir()]
             for d in dirs:
                 if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
@@ -725,6 +733,12 @@ class Chain:
 
                 report = write_report(self.out, self.cfg, rows)
             self._write_manifest(rows, "interrupted" if self.interrupted else "finished", counts)
+        except sqlite3.Error as e:  # the join's index lives in TMPDIR, not in OUT
+            raise _temp_error(e) from None
+        except OSError as e:
+            if e.filename and str(e.filename).startswith(tempfile.gettempdir()):
+                raise _temp_error(e) from None
+            raise
         finally:
             rows.close()
         return ChainResult(self.out, failed, counts, self.interrupted, time.time() - self.started, report, self.stages)

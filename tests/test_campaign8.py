@@ -275,3 +275,28 @@ def test_an_output_folder_removed_during_the_run_is_reported_not_recreated_as_a_
     err = capsys.readouterr().err
     assert "was removed or replaced" in err and "Traceback" not in err
     assert not (out / "manifest.json").exists() and not (out / "results.csv").exists()
+
+
+def test_a_full_tmpdir_at_the_join_is_named_and_a_linked_stage_folder_is_not_removed_through(tmp_path, tiny, monkeypatch, capsys):  # noqa: F811
+    import sqlite3
+
+    from fundus_pipeline import chain
+
+    photos = _photos(tmp_path / "in", 2)
+    out = tmp_path / "out"
+
+    def full(self, out):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(chain.FolderRows, "__init__", full)
+        assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 1
+    err = capsys.readouterr().err
+    # was: "internal error: OperationalError: database or disk is full ... report it"
+    assert "temporary files in" in err and "TMPDIR" in err and "internal error" not in err
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
+    # a stage folder that is a symbolic link: refused before anything is removed (was an internal error from rmtree)
+    (out / "grade").rename(tmp_path / "grade_kept")
+    (out / "grade").symlink_to(tmp_path / "grade_kept")
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--overwrite") == 2
+    assert "is a symbolic link" in capsys.readouterr().err and (tmp_path / "grade_kept" / "results.csv").is_file()
