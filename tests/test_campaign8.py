@@ -300,3 +300,25 @@ def test_a_full_tmpdir_at_the_join_is_named_and_a_linked_stage_folder_is_not_rem
     (out / "grade").symlink_to(tmp_path / "grade_kept")
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--overwrite") == 2
     assert "is a symbolic link" in capsys.readouterr().err and (tmp_path / "grade_kept" / "results.csv").is_file()
+
+
+class _FullDisk:
+    def write(self, s):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def test_a_stdout_that_cannot_be_written_is_one_line_not_an_internal_error(tmp_path, monkeypatch, capsys):
+    photos = _photos(tmp_path / "in", 1)
+    monkeypatch.setattr(sys, "stdout", _FullDisk())
+    code = run("degrade", photos, tmp_path / "out", "--quiet", "--format", "json")
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    # was: "internal error: OSError ... report it" although the run itself completed
+    assert code == 1 and "cannot write the command's output: No space left on device" in err and "internal error" not in err
+    assert (tmp_path / "out" / "manifest.json").is_file()

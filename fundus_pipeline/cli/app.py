@@ -7,6 +7,7 @@ package and is registered explicitly in ``fundus_pipeline/cli/__init__.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -131,6 +132,29 @@ def _err(msg: str, hint: str | None = None) -> None:
         typer.echo(f"Hint: {hint}", err=True)
 
 
+def _stream_error(e: OSError) -> bool:
+    """An error of a write to stdout or stderr: no file name, and an errno such a write gives."""
+    import errno
+
+    return e.filename is None and e.errno in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.EIO, getattr(errno, "EDQUOT", -1))
+
+
+def _internal_error(e: Exception) -> int:
+    if os.environ.get("FUNDUS_DEBUG"):
+        traceback.print_exc()
+    _err(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "set FUNDUS_DEBUG=1 for the traceback and report it")
+    return EXIT_FATAL
+
+
+def _quiet_streams() -> None:
+    """After a failed write to stdout or stderr: point both at /dev/null, so that the interpreter's final flush
+    does not print "Exception ignored ... BrokenPipeError" on its way out."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(null, stream.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: never shows a traceback unless FUNDUS_DEBUG=1."""
     import fundus_pipeline.cli  # noqa: F401  (registers every command)
@@ -158,11 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     except FundusError as e:
         _err(e.message, e.hint)
         code = e.exit_code
+    except OSError as e:
+        if _stream_error(e):
+            # a write to the terminal streams, e.g. stdout redirected to a full disk, or a pipe whose reader has
+            # gone (then nothing more can be shown); the output folders' errors are FundusErrors
+            if os.environ.get("FUNDUS_DEBUG"):
+                traceback.print_exc()
+            with contextlib.suppress(OSError, ValueError):
+                _err(f"cannot write the command's output: {e.strerror or e}")
+            if argv is None:  # the console command (not a caller's streams)
+                _quiet_streams()
+            code = EXIT_FATAL
+        else:
+            code = _internal_error(e)
     except Exception as e:
-        if os.environ.get("FUNDUS_DEBUG"):
-            traceback.print_exc()
-        _err(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "set FUNDUS_DEBUG=1 for the traceback and report it")
-        code = EXIT_FATAL
+        code = _internal_error(e)
     if argv is None:
         sys.exit(code)
     return code
