@@ -1210,20 +1210,15 @@ def _default_stop_signals() -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_as_interrupt():
-    """In the main thread of the command: SIGTERM and SIGHUP (kill, timeout, a scheduler or container
-    stopping the job, a closed terminal) end the run as Ctrl-C does: the tables record what was done,
-    exit 130, and ``--resume`` continues. Elsewhere a no-op."""
+def _signal_handlers(signals: Iterable[int], handler):
+    """``handler`` for ``signals`` while the block runs, the previous handlers after it. Only in the main
+    thread, where Python delivers signals; elsewhere a no-op."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
@@ -1231,17 +1226,22 @@ def stop_signals_as_interrupt():
             signal.signal(s, h)
 
 
-@contextlib.contextmanager
-def interrupts_deferred():
-    """While a run writes its final tables: a Ctrl-C waits until results.csv and manifest.json are complete
-    (they then record what was done, and the run ends as it would have), a second one stops at once (the
-    tables of the last snapshot stay, since every write is atomic). Only in the main thread, where Python
-    delivers signals; elsewhere a no-op."""
-    import threading
+def stop_signals_as_interrupt():
+    """In the command's main thread: SIGTERM and SIGHUP (kill, timeout, a scheduler or container stopping the
+    job, a closed terminal) end the run as Ctrl-C does: the tables record what was done, exit 130, and
+    ``--resume`` continues."""
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    return _signal_handlers(STOP_SIGNALS, stop)
+
+
+def interrupts_deferred():
+    """While a run writes its final tables: a Ctrl-C (or SIGTERM / SIGHUP where the command turned them into
+    one) waits until results.csv and manifest.json are complete (they then record what was done, and the run
+    ends as it would have), a second one stops at once (the tables of the last snapshot stay, since every write
+    is atomic). Only in the main thread; elsewhere a no-op."""
     seen = []
 
     def hold(signum, frame) -> None:
@@ -1251,12 +1251,7 @@ def interrupts_deferred():
         print("Ctrl-C: finishing results.csv and manifest.json first (press it again to stop now)", file=sys.stderr, flush=True)
 
     held = (signal.SIGINT, *(s for s in STOP_SIGNALS if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)))
-    previous = {s: signal.signal(s, hold) for s in held}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return _signal_handlers(held, hold)
 
 
 def _run_pool(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, pool: "WorkerPool | None" = None) -> None:
