@@ -385,7 +385,7 @@ def test_help_shows_defaults(capsys):
     assert code == 0
     flat = " ".join(out.split())
     assert "[default: PRED_DIR/eval]" in flat
-    assert "[default: config.threshold of PRED_DIR/manifest.json, else 0.5]" in flat
+    assert "[default: config.threshold of PRED_DIR/manifest.json, or of the nearest manifest above it" in flat and "else 0.5]" in flat
     assert "--threshold T" in flat and "0.0<=x<=1.0" in flat
     assert "--format <human|json>" in flat
     assert "<bool>" not in out  # --overwrite / --no-cldice are plain flags
