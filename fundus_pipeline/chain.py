@@ -281,6 +281,13 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
                 row["vessels_image"] = p.relative_to(out).as_posix() if p else ""
         else:
             row["segmented"], row["segment_reason"] = "none", "no segment step"
+        # every step that read the photograph itself must have read the same bytes: one replaced between the
+        # steps would join the grade of one version with the vessels of another
+        read = {step: r.get("input_sha256") for step, r in (("grade", g), ("enhance", e), ("segment", seg if source == "input" and "segment" in steps else None))
+                if _ok(r) and r.get("input_sha256")}  # fmt: skip
+        if len(set(read.values())) > 1:
+            errors.append(f"input: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in read.items())}); "
+                          "its results mix two versions: rerun it")
         if cfg.simulate:
             c = take("compare", index.get("compare", it.key), not errors)
             if _ok(c):

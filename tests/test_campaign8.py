@@ -322,3 +322,24 @@ def test_a_stdout_that_cannot_be_written_is_one_line_not_an_internal_error(tmp_p
     # was: "internal error: OSError ... report it" although the run itself completed
     assert code == 1 and "cannot write the command's output: No space left on device" in err and "internal error" not in err
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_run_does_not_join_two_versions_of_a_photograph_replaced_between_its_steps(tmp_path, tiny, monkeypatch):  # noqa: F811
+    from fundus_pipeline import chain
+
+    photos = _photos(tmp_path / "in", 2)
+    real = chain.Chain._stage
+
+    def stage(self, name, *args, **kw):
+        got = real(self, name, *args, **kw)
+        if name == "grade":  # the photograph is replaced after it was graded and before it is segmented
+            Image.fromarray(synthetic_fundus(72, 80, 9)).save(photos / "p1.png")
+        return got
+
+    monkeypatch.setattr(chain.Chain, "_stage", stage)
+    out = tmp_path / "out"
+    # was: exit 0, the grade of the old bytes joined with the vessels of the new ones, the manifest recording the old
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment")) == 3
+    rows = rows_of(out / "results.csv")
+    assert rows["p0"]["status"] == "ok" and rows["p1"]["status"] == "error"
+    assert "changed during the run" in rows["p1"]["error"] and "grade read" in rows["p1"]["error"]
