@@ -1,3 +1,3 @@
-from fundus_pipeline.cli import main
+from fundus_pipeline.console import main
 
 main()

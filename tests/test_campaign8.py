@@ -343,3 +343,27 @@ def test_run_does_not_join_two_versions_of_a_photograph_replaced_between_its_ste
     rows = rows_of(out / "results.csv")
     assert rows["p0"]["status"] == "ok" and rows["p1"]["status"] == "error"
     assert "changed during the run" in rows["p1"]["error"] and "grade read" in rows["p1"]["error"]
+
+
+def test_ctrl_c_while_the_command_line_is_imported_is_one_line_and_exit_130():
+    # a Ctrl-C during the second the CLI takes to import (simulated: importing it raises KeyboardInterrupt)
+    code = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fundus_pipeline.cli":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from fundus_pipeline.console import main
+main()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    # was: the interpreter's KeyboardInterrupt traceback of whatever module was being imported
+    assert r.returncode == 130 and r.stderr == "Error: interrupted\n"
+
+
+def test_the_console_script_is_the_guarded_entry_point():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'fundus = "fundus_pipeline.console:main"' in text
+    r = subprocess.run([sys.executable, "-m", "fundus_pipeline", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("fundus ")
