@@ -585,8 +585,7 @@ def _exit_with_parent(every: float = 1.0) -> None:
 
 def _worker_init(stage: Stage, threads: int) -> None:
     global _WORKER_STAGE
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _default_stop_signals()  # SIGTERM/SIGHUP end a worker quietly; the parent records the run
+    _worker_signals()
     _exit_with_parent()
     _WORKER_STAGE = stage
     _set_threads(stage, threads, forked=multiprocessing.get_start_method(allow_none=True) == "fork" or stage.start_method == "fork")
@@ -785,8 +784,7 @@ def _decoder_init(stage: Stage) -> None:
     global _DECODE_STAGE
     import cv2
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _default_stop_signals()  # SIGTERM/SIGHUP end a worker quietly; the parent records the run
+    _worker_signals()
     _exit_with_parent()
     cv2.setNumThreads(1)
     _DECODE_STAGE = stage
@@ -1147,11 +1145,15 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
 
     next_snapshot = time.monotonic() + SNAPSHOT_S
 
+    def check_folder(consequence: str) -> None:
+        """Stop when OUT was removed or replaced under the run (writing on would re-create it, unlocked)."""
+        if lock is not None and not lock.intact():
+            raise FundusError(f"the output folder {dst} was removed or replaced during the run; {consequence}",
+                              hint="rerun into a folder that nothing else removes")
+
     def record(row: dict) -> None:
         nonlocal next_snapshot
-        if lock is not None and not lock.intact():
-            raise FundusError(f"the output folder {dst} was removed or replaced while this run was writing to it; nothing more is written there",
-                              hint="rerun into a folder that nothing else removes")
+        check_folder("nothing more is written there")
         text = _dumps(row)
         rows.add_text(row["key"], text)
         try:
@@ -1188,9 +1190,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         with contextlib.suppress(OSError):  # a full disk was reported where the write failed
             journal.close()
         with interrupts_deferred():
-            if lock is not None and not lock.intact():  # tables in a re-created folder would list outputs that are gone
-                raise FundusError(f"the output folder {dst} was removed or replaced during the run; no results.csv or manifest.json was written",
-                                  hint="rerun into a folder that nothing else removes")
+            check_folder("no results.csv or manifest.json was written")  # they would list outputs that are gone
             try:
                 counts, failed = reports(interrupted=interrupted, stopped=stopped)
             except OSError as e:
@@ -1202,9 +1202,11 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-def _default_stop_signals() -> None:
-    """In a worker process: SIGTERM and SIGHUP back to their default action (a forked worker inherits the
-    parent's handler, which would raise KeyboardInterrupt there and print its traceback)."""
+def _worker_signals() -> None:
+    """In a worker process: Ctrl-C ignored (the parent handles it and ends the pool), SIGTERM and SIGHUP back to
+    their default action (a forked worker inherits the parent's handler, which would raise KeyboardInterrupt
+    there and print its traceback; the parent records the run)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
 
@@ -1337,8 +1339,7 @@ _POOL_STAGES: dict[str, Stage] = {}
 
 
 def _pool_worker_init(threads: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _default_stop_signals()  # SIGTERM/SIGHUP end a worker quietly; the parent records the run
+    _worker_signals()
     _exit_with_parent()
     _set_threads(None, threads)  # spawned, not forked; the stages it will serve may use torch
 

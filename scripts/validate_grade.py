@@ -86,16 +86,23 @@ def main() -> None:
     root = a.data or default_data_root()
     all_preds: list[dict[str, np.ndarray]] = []
     truth: dict[str, np.ndarray] = {}
-    read: dict[int, dict] = {}  # the validation images, read once per input size
+    read: dict[int, dict] = {}  # the validation images, read (and made grey) once per input size
+
+    def items_at(size: int) -> dict:
+        if size not in read:
+            parts = validation_items(a.grade_set, root, size)
+            if a.grey != "none":
+                for items in parts.values():
+                    for i in items:
+                        if i.kind != "natural":
+                            i.image = to_grey(i.image, green=a.grey == "green")
+            read[size] = parts
+        return read[size]
+
     for spec in a.weights:
         model, arch = _model(spec)
         size = int(model.input_size)
-        parts = read.get(size) or read.setdefault(size, validation_items(a.grade_set, root, size))
-        if a.grey != "none":
-            for items in parts.values():
-                for i in items:
-                    if i.kind != "natural":
-                        i.image = to_grey(i.image, green=a.grey == "green")
+        parts = items_at(size)
         out: dict = {"weights": spec, "arch": arch, "input": size, "grey": a.grey}
         f1s, preds = [], {}
         for k, items in parts.items():
