@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import sys
 
+from fundus_pipeline.errors import EXIT_INTERRUPTED  # a light module: constants and exception classes
+
 
 def main() -> None:
     try:
         from fundus_pipeline.cli import main as cli_main
     except KeyboardInterrupt:
-        sys.stderr.write("Error: interrupted\n")
-        raise SystemExit(130) from None
+        sys.stderr.write("Error: interrupted\n")  # what the command line's own handler writes
+        raise SystemExit(EXIT_INTERRUPTED) from None
     cli_main()
