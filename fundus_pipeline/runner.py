@@ -325,6 +325,9 @@ def _create_output(out_dir: Path, shown: Path) -> None:
         raise FundusError(f"cannot write to output folder {shown}: {e.strerror or e}") from None
 
 
+_HELD_LOCKS: set[tuple[int, int]] = set()  # (device, inode) of the output locks this process holds
+
+
 class OutputLock:
     """An exclusive advisory lock on ``OUT/.fundus-lock`` held for the whole run, so that a second run
     into the same folder is refused at once (exit 2) instead of interleaving with the first."""
@@ -332,6 +335,7 @@ class OutputLock:
     def __init__(self, out_dir: Path, shown: Path):
         self.path, self.shown, self.fd = out_dir / LOCK, shown, None
         self.created = False  # this run made the lock file (a run refused before any work removes it again)
+        self.id: tuple[int, int] | None = None
 
     def __enter__(self) -> "OutputLock":
         import fcntl
@@ -362,9 +366,40 @@ class OutputLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UsageError(f"another fundus run is writing to {self.shown}; wait for it to finish or choose another output folder") from None
             raise FundusError(f"cannot lock output folder {self.shown}: {e.strerror or e}") from None
+        st = os.fstat(self.fd)
+        self.id = (st.st_dev, st.st_ino)
+        _HELD_LOCKS.add(self.id)
+        try:
+            self._check_parent()
+        except BaseException:
+            self.__exit__(UsageError)
+            raise
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
+
+    def _check_parent(self) -> None:
+        """Refuse a stage folder of a ``fundus run`` that another process is running (its OUT's lock is held,
+        not by this process): a stage command writing there replaced the chain's results under it."""
+        import fcntl
+
+        parent = self.path.parent.parent / LOCK
+        try:
+            fd = os.open(parent, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return  # none (or not a lock fundus could have taken)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in _HELD_LOCKS:
+                return  # this process's own run: fundus run's stages
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise UsageError(f"a fundus run is writing to {self.shown.parent}, of which {self.shown} is a stage folder; "
+                                     "wait for it to finish or choose another output folder") from None
+        finally:
+            os.close(fd)  # releases the shared lock at once
 
     def intact(self) -> bool:
         """Whether the lock file is still the one this run holds: False when the output folder was removed or
@@ -384,6 +419,7 @@ class OutputLock:
                     self.path.unlink()
             os.close(self.fd)  # releases the lock; otherwise the file stays (removing it would race a waiting run)
             self.fd = None
+            _HELD_LOCKS.discard(self.id)
 
 
 class RowStore(Mapping):
@@ -810,7 +846,7 @@ def _decode_alone(stage: Stage, work: WorkItem, ctx) -> tuple[dict, ItemInput | 
     kills that process too."""
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=_decoder_init, initargs=(stage,)) as ex:
         try:
-            return ex.submit(_decode_in_worker, work).result()
+            return submit(ex, _decode_in_worker, work).result()
         except BrokenProcessPool:
             row = _new_row(work)
             row.update(status="error", seconds=0.0, error="the decoding process died while reading this image (out of memory or a crash in a decoder)")
@@ -851,7 +887,7 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
         while queue or pending or ready:
             while queue and len(pending) + len(ready) < depth:
                 try:
-                    pending.append((queue[-1], decoders.submit(_decode_in_worker, queue[-1])))
+                    pending.append((queue[-1], submit(decoders, _decode_in_worker, queue[-1])))
                 except BrokenProcessPool:  # a decoder died since the last submit: the item it held is in
                     if not pending:  # pending and is recovered below; a pool that died with nothing in flight is replaced
                         decoders = fresh_decoders(decoders)
@@ -1209,6 +1245,40 @@ def _worker_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *STOP_SIGNALS})  # blocked since its start: submit()
+
+
+def submit(ex: ProcessPoolExecutor, fn, *args):
+    """``ex.submit(fn, *args)``, which may start worker processes, with Ctrl-C, SIGTERM and SIGHUP held until it
+    returns. A Ctrl-C raised inside it was lost (raised in an at-fork hook, which prints and drops it: the run
+    went on to exit 0) or hung the run for good (raised after a worker was forked but before the executor's
+    manager thread started: nothing could end that worker). Held here, it is raised when ``submit`` returns,
+    where the caller's ``except KeyboardInterrupt`` can shut the pool down. The new processes start with the
+    signals blocked (the mask is inherited through fork and exec) until :func:`_worker_signals` ignores
+    Ctrl-C in them: a spawned worker interrupted while it imports torch printed a traceback."""
+    import threading
+
+    signals = {signal.SIGINT, *STOP_SIGNALS}
+    main = threading.current_thread() is threading.main_thread()
+    pid, held, previous = os.getpid(), [], {}
+
+    def hold(signum, frame) -> None:
+        if os.getpid() == pid:  # not in a forked child before its initializer
+            held.append(signum)
+
+    if main:
+        previous = {s: h for s in signals if callable(h := signal.getsignal(s))}
+        for s in previous:
+            signal.signal(s, hold)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        return ex.submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is held now
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if held:
+            previous[held[0]](held[0], None)  # raises KeyboardInterrupt: Python's handler, or stop_signals_as_interrupt's
 
 
 @contextlib.contextmanager
@@ -1284,20 +1354,20 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         ex = pool.executor()
         token = pool.register(stage)
 
-        def submit(chunk: list[WorkItem]):
-            return ex.submit(_in_pool_worker, token, stage, chunk, dst)
+        def submit_chunk(chunk: list[WorkItem]):
+            return submit(ex, _in_pool_worker, token, stage, chunk, dst)
     else:
         ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, threads))
 
-        def submit(chunk: list[WorkItem]):
-            return ex.submit(_in_worker, chunk, dst)
+        def submit_chunk(chunk: list[WorkItem]):
+            return submit(ex, _in_worker, chunk, dst)
     size = max(1, stage.batch_size)
     try:
         while queue or in_flight:
             while queue and len(in_flight) < 2 * workers:
                 chunk = [queue.pop() for _ in range(min(size, len(queue)))]
                 try:
-                    in_flight[submit(chunk)] = chunk
+                    in_flight[submit_chunk(chunk)] = chunk
                 except BrokenProcessPool:  # a worker died since the last submit: this chunk never started
                     queue.extend(reversed(chunk))
                     raise

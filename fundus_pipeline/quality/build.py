@@ -263,22 +263,29 @@ def csv_text(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     return buf.getvalue()
 
 
-def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str) -> None:
-    """Claim ``out`` for a set built with ``digest``: resume one built with the same options, refuse (or with
-    ``overwrite`` clear) one built with others, refuse a non-empty folder that holds no set."""
+def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str, threads: int | None = None) -> None:
+    """Claim ``out`` for a set built with ``digest`` on ``threads`` CPU threads: resume one built with the same
+    options, refuse (or with ``overwrite`` clear) one built with others, refuse a non-empty folder that holds no
+    set. A set is rebuilt bit for bit only on the thread count it was built with, so a rerun that would finish
+    it on another is refused too (its manifest would record one count for sources built on two)."""
     state = out / "rows" / "config.json"
     if state.is_file():
-        before = json.loads(state.read_text()).get("digest")
+        recorded = json.loads(state.read_text())
+        before = recorded.get("digest")
         if before != digest and not overwrite:
             raise UsageError(f"{out} holds a {what} built with other options or weights; pass --overwrite to rebuild it")
-        if before != digest:
+        was = recorded.get("threads")
+        if before == digest and was is not None and threads is not None and was != threads and not overwrite:
+            raise UsageError(f"{out} holds a {what} being built with --threads {was}; finish it with --threads {was} "
+                             "(the thread count changes the bytes of some images), or pass --overwrite to rebuild it")
+        if before != digest or (overwrite and was is not None and was != threads):
             import shutil
 
             for sub in ("rows", *PARTS):
                 shutil.rmtree(out / sub, ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} is not empty and holds no {what}; choose an empty folder or pass --overwrite")
-    write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json")})
+    write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json"), "threads": threads})
 
 
 def build_parts(
@@ -333,7 +340,7 @@ def build_quality_set(
     enhancers = [SetEnhancer(n) for n in cfg.enhancers]
     mapper = VesselMapper(cfg.segmenter)
     digest = config_digest(cfg, enhancers, mapper.loaded.sha256)
-    open_set(out, digest, cfg, overwrite, "quality set")
+    open_set(out, digest, cfg, overwrite, "quality set", threads)
 
     def one(name: str, info: dict, part: str, split: str) -> tuple[list[dict], list[dict]]:
         return build_source(name, info, part, split, cfg, enhancers, mapper, out)

@@ -179,7 +179,7 @@ def build_grade_set(
     torch.set_num_threads(threads)
     mapper = VesselMapper(cfg.segmenter)
     digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), mapper.loaded.sha256, "grade"], sort_keys=True).encode()).hexdigest()[:16]
-    open_set(out, digest, cfg, overwrite, "grade set")
+    open_set(out, digest, cfg, overwrite, "grade set", threads)
 
     def one(name: str, info: dict, part: str, split: str) -> tuple[list[dict], list[dict]]:
         return build_grade_source(name, info, part, split, cfg, mapper, out)

@@ -165,7 +165,7 @@ def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
 def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path | None, log: Callable[[str], None] = print) -> list[Source]:
     """Every clean training source in the canonical frame (cached in ``cache`` when given)."""
     listing = source_list(root)
-    digest = hashlib.sha256(json.dumps([size, [n for n, _ in listing], _sha256(segmenter_weights)]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([size, _sources_fingerprint(listing), _sha256(segmenter_weights)]).encode()).hexdigest()[:16]
     if cache is not None and cache.is_file():
         z = np.load(cache, allow_pickle=False)
         if str(z["digest"]) == digest:
@@ -189,6 +189,19 @@ def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path 
         )  # fmt: skip
         tmp.replace(cache)
     return sources
+
+
+def _sources_fingerprint(listing: list[tuple[str, dict]]) -> str:
+    """What the prepared sources are made of: each source's name, table row (HEI-MED's disc position) and the
+    bytes of every file it reads (photograph, masks). A cache made from another data folder, or from files
+    changed since, is prepared again (it was keyed on the names alone and loaded silently)."""
+    h = hashlib.sha256()
+    for name, info in listing:
+        h.update(json.dumps([name, info.get("row")], sort_keys=True, default=str).encode())
+        for role, path in sorted(info["paths"].items()):
+            if path is not None and Path(path).is_file():
+                h.update(f"{role}:{_sha256(path)}".encode())
+    return h.hexdigest()
 
 
 def resolve_segmenter() -> Path:
