@@ -83,9 +83,12 @@ class ChainResult:
     duration_s: float
     report: Path | None = None
     stages: dict[str, dict] = field(default_factory=dict)
+    replay: dict | None = None  # --replay: verify_replay's comparison with the recorded run
 
     @property
     def exit_code(self) -> int:
+        if self.replay is not None and self.replay["differs"]:
+            return EXIT_ITEMS_FAILED  # the replay did not reproduce the recorded run
         if not self.interrupted and self.counts.get("pending"):
             # a run that was not interrupted left photographs without their results (a stage folder changed under
             # it, e.g. by another command): not "every item succeeded"
@@ -104,6 +107,7 @@ class ChainResult:
             "report": str(self.report) if self.report else None,
             "duration_s": round(self.duration_s, 3),
             "interrupted": self.interrupted,
+            **({"replay": {k: v for k, v in self.replay.items() if k != "line"}} if self.replay is not None else {}),
             "exit_code": self.exit_code,
         }
 
@@ -432,8 +436,10 @@ class Chain:
 
     def __init__(self, cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool, overwrite: bool, command: list[str] | None,
                  degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None, engine: "Engine | None" = None,
-                 expect_weights: dict[str, str] | None = None):
+                 expect_weights: dict[str, str] | None = None, expect_truth: dict[str, str] | None = None):
         self.cfg, self.in_path, self.shown = cfg, Path(in_path), Path(out_dir)
+        self.expect_truth = expect_truth  # --replay: {key: sha256} of the --ground-truth files the run compared with
+        self.truth_hashes: dict[str, str] = {}
         self.resume, self.overwrite = resume, overwrite
         self.command = command or sys.argv
         self.degrade_replay = degrade_replay
@@ -554,6 +560,8 @@ class Chain:
             "seed": self.cfg.seed,
             "input": {"dir": str(self.inputs.path), **self.inputs.record()},
             "inputs_sha256": self._input_hashes() if status != "running" else {},
+            **({"ground_truth_sha256": self.truth_hashes} if self.cfg.ground_truth is not None else {}),
+            "threads_used": self.cfg.threads or default_threads(self.cfg.workers),
             "output": {"dir": str(self.out)},
             "stages": self.stages,
             "environment": environment(),
@@ -618,6 +626,15 @@ class Chain:
             if changed or extra:
                 what = f"input {changed[0]!r} is missing or has changed since the run" if changed else f"input {extra[0]!r} was not part of the run"
                 raise UsageError(f"--replay: {what} (its manifest records every input's sha256); replay needs the same inputs")
+        if self.cfg.ground_truth is not None:
+            from fundus_pipeline.io import discover_images
+
+            self.truth_hashes = input_hashes(discover_images(Path(self.cfg.ground_truth)))
+            if self.expect_truth is not None:  # --replay: the annotations the recorded figures were measured against
+                changed = sorted(k for k in set(self.expect_truth) | set(self.truth_hashes) if self.expect_truth.get(k) != self.truth_hashes.get(k))
+                if changed:
+                    raise UsageError(f"--replay: ground-truth image {changed[0]!r} is missing, new or has changed since the run "
+                                     "(its manifest records every one's sha256); replay needs the same annotations")
         _create_output(self.out, self.shown)
         with OutputLock(self.out, self.shown):
             check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
@@ -758,14 +775,14 @@ class Chain:
 
 def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
               command: list[str] | None = None, degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None,
-              expect_weights: dict[str, str] | None = None,
+              expect_weights: dict[str, str] | None = None, expect_truth: dict[str, str] | None = None,
               engine: "Engine | None" = None) -> ChainResult:
     """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring). ``engine``: where
     the stages' items are processed (default: this machine, ``cfg.workers`` processes)."""
     if overwrite and resume:
         raise UsageError("--overwrite and --resume cannot be used together")
     return Chain(cfg, in_path, out_dir, resume=resume, overwrite=overwrite, command=command, degrade_replay=degrade_replay,
-                 expect_inputs=expect_inputs, expect_weights=expect_weights, engine=engine).run()
+                 expect_inputs=expect_inputs, expect_weights=expect_weights, expect_truth=expect_truth, engine=engine).run()
 
 
 # ------------------------------------------------------------------------------------------- reading back
@@ -810,6 +827,17 @@ class Replay:
     old_out: Path
     inputs_sha256: dict[str, str]
     weights_sha256: dict[str, str]  # {step: sha256}
+    threads: int | None = None  # the thread count the run used (older manifests: only what --threads said)
+    truth_sha256: dict[str, str] | None = None  # {key: sha256} of the --ground-truth files (older manifests: none)
+    identity: tuple = ()  # (run_sha256, started_at, finished_at): which run this is
+
+    def old_out_is_the_run(self) -> bool:
+        """Whether OLD_OUT (the folder the manifest names) still holds this run, not one written there since."""
+        try:
+            m = json.loads((self.old_out / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(m, dict) and (m.get("run_sha256"), m.get("started_at"), m.get("finished_at")) == self.identity
 
 
 def read_replay(path: Path) -> Replay:
@@ -854,7 +882,56 @@ def read_replay(path: Path) -> Replay:
     missing = [step for step in cfg.steps if step not in m.weights]
     if missing:
         raise UsageError(f"--replay: {file}: invalid run manifest (no weights recorded for the {missing[0]} step)")
-    return Replay(file, cfg, Path(m.input.path), Path(m.output.dir), dict(m.inputs_sha256), {k: w.sha256 for k, w in m.weights.items()})
+    threads = raw.get("threads_used", cfg.threads)
+    truth = raw.get("ground_truth_sha256")
+    return Replay(file, cfg, Path(m.input.path), Path(m.output.dir), dict(m.inputs_sha256), {k: w.sha256 for k, w in m.weights.items()},
+                  threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None,
+                  dict(truth) if isinstance(truth, dict) else None, (raw.get("run_sha256"), raw.get("started_at"), raw.get("finished_at")))
+
+
+REPLAYED_FILES = (".png", "results.csv", "report.html")  # what a replay reproduces byte for byte (manifests hold times)
+
+
+def verify_replay(rp: Replay, out: Path) -> dict:
+    """Compare a replay in ``out`` with the run it reproduces: every joined row against the replayed manifest's
+    rows, and, where OLD_OUT still holds that run, every image, ``results.csv`` and ``report.html`` byte for
+    byte. {"rows", "rows_differing", "files", "files_differing", "differs", "line"} (``line``: what to say)."""
+
+    def items(path: Path) -> dict[str, dict]:
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {r["key"]: r for r in m.get("items", []) if isinstance(r, dict) and "key" in r}
+
+    old, new = items(rp.manifest), items(out / "manifest.json")
+    rows_diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    first = ""
+    if rows_diff:
+        k = rows_diff[0]
+        a, b = old.get(k, {}), new.get(k, {})
+        col = next((c for c in sorted(set(a) | set(b)) if a.get(c) != b.get(c)), "the row")
+        first = f"; first: {k} {col} {a.get(col, '(none)')!r} -> {b.get(col, '(none)')!r}"
+    files = files_diff = 0
+    file_first = ""
+    if rp.old_out_is_the_run() and rp.old_out.resolve() != out.resolve():
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out).as_posix()
+            if not (p.is_file() and (p.suffix == ".png" or rel in REPLAYED_FILES)):
+                continue
+            files += 1
+            q = rp.old_out / rel
+            if not q.is_file() or sha256_file(q) != sha256_file(p):
+                files_diff += 1
+                file_first = file_first or rel
+    differs = bool(rows_diff or files_diff)
+    checked = f"{len(new)} rows" + (f" and {files} files of {rp.old_out}" if files else " (the recorded run's folder is gone or holds another run: rows only)")
+    if differs:
+        line = (f"--replay: the results differ from the recorded run: {len(rows_diff)} of {len(set(old) | set(new))} rows{first}"
+                + (f"; {files_diff} of {files} files (first: {file_first})" if files_diff else "") + " (exit 3)")
+    else:
+        line = f"--replay: identical to the recorded run ({checked})"
+    return {"rows": len(new), "rows_differing": len(rows_diff), "files": files, "files_differing": files_diff, "differs": differs, "line": line}
 
 
 def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:

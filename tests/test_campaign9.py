@@ -147,3 +147,58 @@ def test_enhance_source_cache_is_prepared_again_for_other_data(fake_data, tmp_pa
     assert np.array_equal(b[0].rgb, c[0].rgb)
 
 
+def _simulated(tmp_path: Path) -> tuple[Path, Path]:
+    clean, truth = tmp_path / "clean", tmp_path / "truth"
+    clean.mkdir()
+    truth.mkdir()
+    for i in range(2):
+        img = synthetic_fundus(80, 80, i)
+        Image.fromarray(img).save(clean / f"{i:02d}_test.png")
+        Image.fromarray(((img[..., 1] < 90) & (img.max(2) > 20)).astype(np.uint8) * 255).save(truth / f"{i:02d}_manual1.png")
+    return clean, truth
+
+
+def test_replay_checks_its_results_against_the_recorded_run(tmp_path, tiny, capsys):  # noqa: F811
+    clean, truth = _simulated(tmp_path)
+    x = tmp_path / "x"
+    args = tiny_args(tiny, "--steps", "grade,segment", "--simulate", "001", "--seed", "0", "--ground-truth", truth)
+    assert run("run", clean, x, *args) == 0
+    m = json.loads((x / "manifest.json").read_text())
+    assert m["threads_used"] >= 1 and set(m["ground_truth_sha256"]) == {"00_manual1", "01_manual1"}
+    first = output_bytes(x)
+    copy = tmp_path / "m0.json"
+    shutil.copy(x / "manifest.json", copy)
+    capsys.readouterr()
+    # nothing changed: identical, and said so (rows and files compared)
+    assert run("run", "--replay", x, tmp_path / "r1") == 0
+    err = capsys.readouterr().err
+    assert "--replay: identical to the recorded run (2 rows and" in err and "files of" in err
+    assert json.loads((tmp_path / "r1" / "manifest.json").read_text())["config"]["threads"] == m["threads_used"]  # not the default of this replay
+    # OLD_OUT rewritten by another run (seed 1): a copy of the seed-0 manifest replays seed 0, not what OLD_OUT now holds
+    assert run("run", clean, x, *tiny_args(tiny, "--steps", "grade,segment", "--simulate", "001", "--seed", "1", "--ground-truth", truth, "--overwrite")) == 0
+    assert output_bytes(x) != first
+    assert run("run", "--replay", copy, tmp_path / "r2", "--quiet") == 0
+    assert output_bytes(tmp_path / "r2") == first
+    # a recorded result that the replay does not reproduce: said, exit 3
+    doctored = json.loads(copy.read_text())
+    doctored["items"][0]["grade"] = "good" if doctored["items"][0]["grade"] != "good" else "reject"
+    (tmp_path / "m1.json").write_text(json.dumps(doctored))
+    capsys.readouterr()
+    assert run("run", "--replay", tmp_path / "m1.json", tmp_path / "r3", "--quiet") == 3
+    err = _err(capsys)
+    assert "the results differ from the recorded run: 1 of 2 rows; first: 00_test grade" in err
+    # the ground truth changed since the run: refused before any work (was: other f1_gt figures, exit 0)
+    mask = truth / "00_manual1.png"
+    Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)
+    assert run("run", "--replay", copy, tmp_path / "r4", "--quiet") == 2
+    assert "ground-truth image '00_manual1'" in _err(capsys) and not (tmp_path / "r4").exists()
+
+
+def test_run_records_weights_given_as_a_relative_file_by_absolute_path(photos, tmp_path, tiny, monkeypatch):  # noqa: F811
+    shutil.copy(tiny["imff_tiny"], tmp_path / "mine.pt")
+    monkeypatch.chdir(tmp_path)
+    assert run("run", photos, tmp_path / "o", "--steps", "segment", "--segment-weights", "mine.pt", "--segment-arch", "imff_tiny",
+               "--device", "cpu", "--quiet", "--thumbnail", "64") == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["segment_weights"] == str(tmp_path / "mine.pt")
+    monkeypatch.chdir(photos)  # replay from another working folder (was: 'weights not found: mine.pt', exit 1)
+    assert run("run", "--replay", tmp_path / "o", tmp_path / "again", "--quiet") == 0

@@ -13,7 +13,9 @@ from fundus_pipeline.cli.app import app, open_engine
 from fundus_pipeline.cli.options import EngineName, Format, flag, path_arg
 from fundus_pipeline.config import RunConfig
 
-#: The options ``--replay`` accepts: they change where and how fast a run goes, never an output byte.
+#: The options ``--replay`` accepts: they change where and how fast a run goes. ``--threads`` (and ``--workers``,
+#: whose default thread count follows it) may move a probability by one level: the replay keeps the run's thread
+#: count unless ``--threads`` is given, and its check against the recorded run says whether anything moved.
 REPLAY_OVERRIDES = ("workers", "threads", "engine", "address", "quiet", "format", "resume", "overwrite")
 
 
@@ -45,7 +47,14 @@ def build_config(file: Path | None, options: dict) -> RunConfig:
 
     values = load_toml_config(file) if file is not None else {}
     values.update({k: v for k, v in options.items() if v is not None})
-    return RunConfig.build(**values)
+    cfg = RunConfig.build(**values)
+    # weights given as a file are recorded by absolute path, as the inputs are: --resume and --replay find them
+    # from any working folder (a relative path failed there, 'weights not found')
+    files = {k: str(Path(v).resolve()) for k in WEIGHT_FIELDS if (v := getattr(cfg, k)) and Path(v).is_file()}
+    return cfg.model_copy(update=files) if files else cfg
+
+
+WEIGHT_FIELDS = ("grade_weights", "enhance_weights", "score_weights", "segment_weights")
 
 
 def _summary_line(s: dict) -> str:
@@ -141,10 +150,11 @@ def run_cmd(
             raise UsageError(f"--replay reruns the recorded options; do not combine it with {_option_name(fixed[0], cli[fixed[0]]) if fixed else '--config'}")
         rp = read_replay(Path(replay))
         # the engine is where this replay runs, not what it reproduces: local unless --engine is given
-        cfg = rp.cfg.model_copy(update={"resume": False, "overwrite": False, "engine": "local", "address": None, **{k: v for k, v in cli.items() if v is not None}})
+        cfg = rp.cfg.model_copy(update={"resume": False, "overwrite": False, "engine": "local", "address": None, "threads": rp.threads,
+                                        **{k: v for k, v in cli.items() if v is not None}})
         in_dir, expect, expect_weights = rp.input, rp.inputs_sha256, rp.weights_sha256
-        if cfg.simulate and (rp.old_out / "degrade" / "manifest.json").is_file():
-            degrade_replay = rp.old_out / "degrade" / "manifest.json"
+        if cfg.simulate and rp.old_out_is_the_run() and (rp.old_out / "degrade" / "manifest.json").is_file():
+            degrade_replay = rp.old_out / "degrade" / "manifest.json"  # else degraded again from the recorded seed
     else:
         if in_dir is None or out_dir is None:
             raise UsageError("give IN and OUT (or --replay OLD_OUT/manifest.json OUT)")
@@ -154,10 +164,16 @@ def run_cmd(
     eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
     try:
         result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
-                           expect_weights=expect_weights, engine=eng)
+                           expect_weights=expect_weights, expect_truth=rp.truth_sha256 if replay is not None else None, engine=eng)
     finally:
         if eng is not None:
             eng.close()
+    if replay is not None and not result.interrupted:
+        from fundus_pipeline.chain import verify_replay
+
+        result.replay = verify_replay(rp, result.out_dir)
+        if cfg.format == "human" or result.replay["differs"]:  # the replay's outcome: one line, --quiet or not
+            typer.echo(result.replay["line"], err=True)
     s = result.summary()
     if cfg.format == "json":
         typer.echo(json.dumps(s, indent=2))
