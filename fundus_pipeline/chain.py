@@ -27,9 +27,11 @@ can check it), the weights' sha256, the inputs' sha256 and the joined rows; ``--
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -45,8 +47,8 @@ from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, Ru
 from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
-    JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, interrupts_deferred, manifest_stage, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
+    JOURNAL, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
+    input_changed, interrupts_deferred, is_empty, manifest_stage, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -197,6 +199,49 @@ def _b(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+_SCRATCH = re.compile(r"fundus-(?:rows|join)-(\d+)-[^/]+")
+#: A scratch folder of a dead process is removed once nothing in it changed for this long.
+SCRATCH_STALE_S = 600.0
+
+
+def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A scratch folder in TMPDIR named with this process's pid (``fundus-KIND-PID-...``): one that a killed
+    run left is recognised and removed by a later run (:func:`sweep_scratch`)."""
+    return tempfile.TemporaryDirectory(prefix=f"fundus-{kind}-{os.getpid()}-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) -> list[Path]:
+    """Remove the scratch folders (:func:`scratch_dir`) that killed runs of this user left in TMPDIR: those
+    whose process is gone and in which nothing changed for ``stale_s`` seconds (a pid can be seen from another
+    container sharing TMPDIR; the age keeps a live run's folder safe). Returns the folders removed."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    removed = []
+    for d in root.glob("fundus-*-*-*"):
+        m = _SCRATCH.fullmatch(d.name)
+        try:
+            if not m or d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+            if int(m[1]) == os.getpid() or _pid_alive(int(m[1])):
+                continue
+            newest = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
+        except (OSError, ValueError):
+            continue
+        if time.time() - newest >= stale_s:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class FolderRows:
     """The rows of the stage folders under ``out``, looked up by (folder, key), kept in a temporary SQLite
     file instead of memory: joining 100,000 photographs across five folders holds a few megabytes."""
@@ -204,7 +249,7 @@ class FolderRows:
     FOLDERS = ("grade", "enhance", "score", "segment", "compare")  # the ones the table reads
 
     def __init__(self, out: Path):
-        self._tmp = tempfile.TemporaryDirectory(prefix="fundus-join-")
+        self._tmp = scratch_dir("join")
         self.db = sqlite3.connect(os.path.join(self._tmp.name, "rows.sqlite"))
         # keys and rows as bytes: a file name that is not UTF-8 reaches Python as lone surrogates, which SQLite's
         # TEXT refuses; surrogateescape gives those exact bytes back
@@ -367,7 +412,7 @@ class RowsFile:
     report reads them twice) without holding them in memory."""
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="fundus-rows-")  # not in OUT: a killed run leaves nothing there
+        self._tmp = scratch_dir("rows")  # not in OUT: a killed run leaves nothing there (sweep_scratch)
         self.path = Path(self._tmp.name) / "rows.jsonl"
         self._f = open(self.path, "w", encoding="utf-8", errors="surrogateescape")
         self.n = 0
@@ -506,7 +551,7 @@ class Chain:
                             if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input") and input_changed(r)), None)
             if changed is not None:
                 raise UsageError(f"--resume: input {changed!r} changed since the run started; its results would mix two versions; use --overwrite")
-        elif self.resume and any(p.name not in (LOCK,) for p in out.iterdir()):
+        elif self.resume and not is_empty(out):
             raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
         if self.overwrite:
             # Everything is checked before anything is removed: a refusal leaves the folder as it was.
@@ -639,6 +684,8 @@ class Chain:
         with OutputLock(self.out, self.shown):
             check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
             self._prepare_folder()
+            remove_stale_temporaries(self.out, recursive=False)  # a killed run's tables (the stages sweep their folders)
+            sweep_scratch()
             self._write_manifest(None, "running")
             if self.cfg.workers > 1 and self.engine is None:
                 self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers))
@@ -646,6 +693,10 @@ class Chain:
                 self._run_steps()
             except KeyboardInterrupt:
                 self.interrupted = True
+            except (FundusError, OSError):  # a full disk, say: the manifest says the run stopped (not "running")
+                with contextlib.suppress(Exception):
+                    self._write_manifest(None, "stopped")
+                raise
             finally:
                 if self.pool is not None:
                     self.pool.close()

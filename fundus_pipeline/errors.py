@@ -34,6 +34,31 @@ class WeightsError(FundusError):
     """Missing, corrupt, unknown or mismatching model weights (exit code 1)."""
 
 
+#: What the allocators say when memory runs out: OpenCV (-4), C++ (std::bad_alloc), torch's CPU and CUDA
+#: allocators, the C library (ENOMEM).
+_OUT_OF_MEMORY = ("Insufficient memory", "bad_alloc", "can't allocate memory", "out of memory", "Cannot allocate memory")
+
+
+def address_space_limit() -> int | None:
+    """The process's address-space limit in bytes (``ulimit -v``), None when unlimited."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def out_of_memory(e: BaseException, *, starting: bool = False) -> bool:
+    """``e`` says that memory ran out (MemoryError, or an allocator's message). With ``starting`` (an error
+    that ended a command, not an item) also any SystemError or ImportError under an address-space limit:
+    importing torch under a low ``ulimit -v`` fails with "error return without exception set"."""
+    if isinstance(e, MemoryError) or any(m in str(e) for m in _OUT_OF_MEMORY):
+        return True
+    return starting and isinstance(e, (SystemError, ImportError)) and address_space_limit() is not None
+
+
 def run_script(main) -> None:
     """Run a ``scripts/`` entry point as the commands run: a ``FundusError`` (unknown weights, a missing set, a
     refused output) becomes its one-line message, its hint and its exit code instead of a traceback."""

@@ -31,6 +31,7 @@ the temp name fits ``NAME_MAX`` = 255 bytes) and is moved into place with ``os.r
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -255,7 +256,7 @@ def _png_header(data: bytes) -> tuple[int, int]:
 
 def _read_png(data: bytes, path: Path, im: Image.Image, raw_palette: bool) -> tuple[np.ndarray, bool]:
     try:
-        verifier = Image.open(io.BytesIO(data))
+        verifier = _pil_open(data)
         verifier.verify()  # walks every chunk, checks CRCs, fails on a truncated stream
     except Exception as exc:
         raise InputError(f"{path}: truncated or corrupt PNG ({_short(exc)})") from exc
@@ -278,6 +279,14 @@ def _read_png(data: bytes, path: Path, im: Image.Image, raw_palette: bool) -> tu
     return arr, False
 
 
+def _pil_open(data: bytes) -> Image.Image:
+    """``Image.open`` without Pillow's DecompressionBombWarning (89-179 MP): MAX_PIXELS is this module's
+    limit, checked from the header; the warning went to stderr once per process for a legal photograph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -294,9 +303,7 @@ def _read_large_jpeg(data: bytes, path: Path, im: Image.Image) -> np.ndarray:
     its own 4-byte-per-pixel copy and a bytes copy besides: three times the memory). Pillow first decodes
     it at 1/8 scale (``draft``), which reads the whole entropy-coded stream, so a truncated or corrupt
     file is refused as on the normal path."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        probe = Image.open(io.BytesIO(data))
+    probe = _pil_open(data)
     probe.draft(probe.mode, (max(1, probe.size[0] // 8), max(1, probe.size[1] // 8)))
     _pil_load(probe, path, "JPEG")
     probe.close()
@@ -432,7 +439,7 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
 def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        im = Image.open(io.BytesIO(data))
+        im = _pil_open(data)
     except Image.DecompressionBombError as exc:
         raise InputError(f"{path}: image is too large to decode safely ({_short(exc)})") from exc
     except Exception as exc:
@@ -477,9 +484,7 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        im = _pil_open(data)
     except UnidentifiedImageError as exc:
         raise InputError(
             f"{path}: not a readable image (unknown or corrupt format; supported: {', '.join(SUPPORTED_EXTENSIONS)})"
@@ -677,7 +682,8 @@ def open_atomic(path: Path, *, binary: bool = False):
             _unlink_quietly(tmp)
             raise
     except OSError as exc:
-        raise FundusError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise FundusError(f"cannot write {path}: {exc.strerror or exc}", hint="free space, then rerun (a stage or `fundus run` continues with --resume)" if full else None) from exc
 
 
 def _temp_name(name: str, tag: str) -> str:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError, out_of_memory
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -208,8 +208,15 @@ def resolve_inputs(path: Path) -> Inputs:
     )
 
 
-def _is_empty(d: Path) -> bool:
-    return not any(p.name != LOCK for p in d.iterdir())
+def own_file(name: str) -> bool:
+    """A file fundus leaves behind in an output folder without it holding a run: the lock, or the temporary
+    file of a write that a kill -9 cut short (``.<name>.<12 hex>.tmp``)."""
+    return name == LOCK or _TEMP_NAME.fullmatch(name) is not None
+
+
+def is_empty(d: Path) -> bool:
+    """``d`` holds nothing but :func:`own_file` files (a run killed before its first table is a fresh start)."""
+    return all(own_file(p.name) for p in d.iterdir())
 
 
 def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bool, inputs: Inputs | None = None) -> tuple[Path, Path]:
@@ -241,7 +248,7 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
             raise UsageError(f"input {inside} lies inside the output folder {out_dir} through a symbolic link; remove the link or choose another output folder")
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out_dir}")
-    non_empty = dst.exists() and not _is_empty(dst)
+    non_empty = dst.exists() and not is_empty(dst)
     if non_empty and not (overwrite or resume):
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")
     if non_empty and resume and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
@@ -543,10 +550,11 @@ def stage_rows(folder: Path) -> RowStore:
 _TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{12}\.tmp", re.DOTALL)
 
 
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporary files left by a killed run (``.<name>.<12 hex>.tmp``, see fundus_pipeline.io); a hidden
-    ``.tmp`` file of another name is not fundus's and is left alone."""
-    for p in out_dir.rglob(".*.tmp"):
+def remove_stale_temporaries(out_dir: Path, recursive: bool = True) -> None:
+    """Temporary files left by a killed run (``.<name>.<12 hex>.tmp``, see fundus_pipeline.io), in ``out_dir``
+    and, with ``recursive``, its subfolders; a hidden ``.tmp`` file of another name is not fundus's and is left
+    alone. Only under the folder's lock (no other fundus process writes there)."""
+    for p in (out_dir.rglob if recursive else out_dir.glob)(".*.tmp"):
         if not _TEMP_NAME.fullmatch(p.name):
             continue
         try:
@@ -602,13 +610,16 @@ def _set_threads(stage: Stage | None, threads: int, forked: bool = False) -> Non
 _WORKER_STAGE: Any = None
 
 
-def _exit_with_parent(every: float = 1.0) -> None:
-    """End this worker process when the run's process is gone (killed by kill -9, say): a forked worker holds
-    the output folder's lock and journal, so an orphan would keep writing and keep ``--resume`` refused. A
-    daemon thread compares the parent's pid once a second."""
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this worker process when the run's process ``parent`` is gone (killed by kill -9, say): a forked
+    worker holds the output folder's lock and journal, so an orphan would keep writing and keep ``--resume``
+    refused, and a spawned one would hold its memory for good. A daemon thread compares the parent's pid once
+    a second. ``parent`` comes from the parent (``initargs``): read here, in a worker still importing torch
+    when the parent was killed, it was already init's, and the worker never ended."""
     import threading
 
-    parent = os.getppid()
+    if os.getppid() != parent:
+        os._exit(1)
 
     def watch() -> None:
         while True:
@@ -619,10 +630,10 @@ def _exit_with_parent(every: float = 1.0) -> None:
     threading.Thread(target=watch, name="fundus-parent-watch", daemon=True).start()
 
 
-def _worker_init(stage: Stage, threads: int) -> None:
+def _worker_init(stage: Stage, threads: int, parent: int) -> None:
     global _WORKER_STAGE
     _worker_signals()
-    _exit_with_parent()
+    _exit_with_parent(parent)
     _WORKER_STAGE = stage
     _set_threads(stage, threads, forked=multiprocessing.get_start_method(allow_none=True) == "fork" or stage.start_method == "fork")
     stage.setup()
@@ -710,10 +721,8 @@ def _guard(row: dict, fn, *args):
         return fn(*args)
     except FundusError as e:  # InputError, WeightsError, ... are FundusErrors
         row["status"], row["error"] = "error", e.message
-    except MemoryError:
-        row["status"], row["error"] = "error", "out of memory while processing this image"
     except Exception as e:  # an unexpected failure on one item must not stop the run
-        row["status"], row["error"] = "error", f"{type(e).__name__}: {e}".splitlines()[0]
+        row["status"], row["error"] = "error", "out of memory while processing this image" if out_of_memory(e) else f"{type(e).__name__}: {e}".splitlines()[0]
     return None
 
 
@@ -816,12 +825,12 @@ class Engine(Protocol):
 _DECODE_STAGE: Any = None
 
 
-def _decoder_init(stage: Stage) -> None:
+def _decoder_init(stage: Stage, parent: int) -> None:
     global _DECODE_STAGE
     import cv2
 
     _worker_signals()
-    _exit_with_parent()
+    _exit_with_parent(parent)
     cv2.setNumThreads(1)
     _DECODE_STAGE = stage
 
@@ -844,13 +853,19 @@ def _write_fed(stage: Stage, row: dict, result: ItemOutput, dst: Path) -> dict:
 def _decode_alone(stage: Stage, work: WorkItem, ctx) -> tuple[dict, ItemInput | None]:
     """Decode one item in a fresh process (after a decoding process died): its row, with an error if it
     kills that process too."""
-    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_decoder_init, initargs=(stage,)) as ex:
-        try:
-            return submit(ex, _decode_in_worker, work).result()
-        except BrokenProcessPool:
-            row = _new_row(work)
-            row.update(status="error", seconds=0.0, error="the decoding process died while reading this image (out of memory or a crash in a decoder)")
-            return row, None
+    ex = new_pool(1, ctx, _decoder_init, (stage, os.getpid()))
+    try:
+        result = submit(ex, _decode_in_worker, work).result()
+    except BrokenProcessPool:
+        discard_pool(ex)
+        row = _new_row(work)
+        row.update(status="error", seconds=0.0, error="the decoding process died while reading this image (out of memory or a crash in a decoder)")
+        return row, None
+    except BaseException:
+        discard_pool(ex)
+        raise
+    ex.shutdown(wait=True)
+    return result
 
 
 def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads: int, record, depth: int | None = None) -> dict:
@@ -878,8 +893,8 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
 
     def fresh_decoders(old: ProcessPoolExecutor | None = None) -> ProcessPoolExecutor:
         if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_decoder_init, initargs=(stage,))
+            discard_pool(old)
+        return new_pool(workers, ctx, _decoder_init, (stage, os.getpid()))
 
     decoders = fresh_decoders()
     writers = ThreadPoolExecutor(max_workers=2)  # PNG encoding releases the GIL
@@ -927,8 +942,12 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
                 record(writes.popleft().result())
         while writes:
             record(writes.popleft().result())
-    finally:
+    except BaseException:
+        discard_pool(decoders)  # decoders write nothing
+        raise
+    else:
         decoders.shutdown(wait=False, cancel_futures=True)
+    finally:
         writers.shutdown(wait=True)  # a write in flight completes (atomic either way)
     return stats
 
@@ -1159,8 +1178,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)
-    if resume or overwrite:
-        _remove_stale_temporaries(dst)
+    remove_stale_temporaries(dst)  # of a killed run (the lock is held: no other fundus process writes here)
     # The journal keeps only rows of the current configuration (the others are not resumable).
     tag = f', "config_sha256": "{cfg_hash}"}}'
     try:
@@ -1221,6 +1239,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     except BaseException:
         stopped = True  # the error propagates; the tables say the run did not finish (was: "finished")
         raise
+    else:
+        remove_stale_temporaries(dst)  # a worker killed while writing left one (its item was written again)
     finally:
         bar.close()
         with contextlib.suppress(OSError):  # a full disk was reported where the write failed
@@ -1273,12 +1293,43 @@ def submit(ex: ProcessPoolExecutor, fn, *args):
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         return ex.submit(fn, *args)
+    except OSError as e:
+        raise _cannot_start(e) from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is held now
         for s, h in previous.items():
             signal.signal(s, h)
         if held:
             previous[held[0]](held[0], None)  # raises KeyboardInterrupt: Python's handler, or stop_signals_as_interrupt's
+
+
+def _cannot_start(e: OSError) -> FundusError:
+    # multiprocessing's resource tracker killed, say: as a BrokenPipeError it reached the command line's EPIPE
+    # handling (meant for a closed stdout), which ended the run with exit 1 and not a word
+    return FundusError(f"cannot start a worker process: {type(e).__name__}: {e.strerror or e}",
+                       hint="rerun with --resume; the items already done are kept")
+
+
+def new_pool(workers: int, ctx, initializer, initargs: tuple) -> ProcessPoolExecutor:
+    """A ProcessPoolExecutor; an OSError while making its queues (their semaphores are registered with
+    multiprocessing's resource tracker) is a FundusError, as in :func:`submit`."""
+    try:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+    except OSError as e:
+        raise _cannot_start(e) from None
+
+
+def discard_pool(ex: ProcessPoolExecutor) -> None:
+    """Give up a pool whose worker died (``BrokenProcessPool``), or that a fatal error ends, without waiting
+    for it: every worker process still alive is killed first. The executor's own clean-up terminates the workers it knows when it finds
+    the pool broken, but one that a ``submit`` was starting at that moment escaped it, waited for work for
+    good, and the executor's manager thread joined it at exit: the run printed its summary and never ended
+    (7 of 8 trials with the first worker killed while it started)."""
+    for p in list((getattr(ex, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            if p.is_alive():
+                p.kill()
+    ex.shutdown(wait=False, cancel_futures=True)
 
 
 @contextlib.contextmanager
@@ -1357,7 +1408,7 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         def submit_chunk(chunk: list[WorkItem]):
             return submit(ex, _in_pool_worker, token, stage, chunk, dst)
     else:
-        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, threads))
+        ex = new_pool(workers, ctx, _worker_init, (stage, threads, os.getpid()))
 
         def submit_chunk(chunk: list[WorkItem]):
             return submit(ex, _in_worker, chunk, dst)
@@ -1388,7 +1439,7 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         if pool is not None:
             pool.reset()
         else:
-            ex.shutdown(wait=False, cancel_futures=True)
+            discard_pool(ex)
         return suspects
     except KeyboardInterrupt:
         ex.shutdown(wait=True, cancel_futures=True)
@@ -1399,6 +1450,12 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         if pool is not None:
             pool.reset()
         raise
+    except BaseException:  # a fatal error (a full disk, a worker that could not start): the run stops now
+        if pool is not None:
+            pool.reset()
+        else:
+            discard_pool(ex)  # (waiting would hang at exit on work that no worker will take)
+        raise
     if pool is None:
         ex.shutdown(wait=True)
     return []
@@ -1408,9 +1465,9 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
 _POOL_STAGES: dict[str, Stage] = {}
 
 
-def _pool_worker_init(threads: int) -> None:
+def _pool_worker_init(threads: int, parent: int) -> None:
     _worker_signals()
-    _exit_with_parent()
+    _exit_with_parent(parent)
     _set_threads(None, threads)  # spawned, not forked; the stages it will serve may use torch
 
 
@@ -1438,7 +1495,7 @@ class WorkerPool:
     def executor(self) -> ProcessPoolExecutor:
         if self._ex is None:
             ctx = multiprocessing.get_context("spawn")
-            self._ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_pool_worker_init, initargs=(self.threads,))
+            self._ex = new_pool(self.workers, ctx, _pool_worker_init, (self.threads, os.getpid()))
         return self._ex
 
     def register(self, stage: Stage) -> str:
@@ -1447,8 +1504,9 @@ class WorkerPool:
         return f"{os.getpid()}-{self._n}-{stage.name}"
 
     def reset(self) -> None:
+        """Give the processes up (after one died, or after an interrupt): the next pass starts fresh ones."""
         if self._ex is not None:
-            self._ex.shutdown(wait=False, cancel_futures=True)
+            discard_pool(self._ex)
             self._ex = None
 
     def close(self) -> None:

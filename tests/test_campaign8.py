@@ -122,14 +122,14 @@ def test_an_input_folder_inside_the_output_folder_is_refused_before_anything_is_
 
 def test_stale_temporaries_are_only_fundus_own(tmp_path):
     from fundus_pipeline.io import _temp_name
-    from fundus_pipeline.runner import _remove_stale_temporaries
+    from fundus_pipeline.runner import remove_stale_temporaries
 
     (tmp_path / "sub").mkdir()
     ours = tmp_path / "sub" / _temp_name("a.png", "0123456789ab")
     theirs = tmp_path / ".notes.tmp"
     ours.write_bytes(b"x")
     theirs.write_text("mine")
-    _remove_stale_temporaries(tmp_path)
+    remove_stale_temporaries(tmp_path)
     assert not ours.exists() and theirs.read_text() == "mine"
 
 

@@ -18,7 +18,7 @@ import typer
 
 from fundus_pipeline import __version__
 from fundus_pipeline.cli.options import EngineName, Format
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, address_space_limit, out_of_memory
 
 app = typer.Typer(
     name="fundus",
@@ -142,6 +142,12 @@ def _stream_error(e: OSError) -> bool:
 def _internal_error(e: Exception) -> int:
     if os.environ.get("FUNDUS_DEBUG"):
         traceback.print_exc()
+    if out_of_memory(e, starting=True):  # not a bug: say what to change
+        limit = address_space_limit()
+        where = f" (the address space is limited to {limit // 2**20} MiB: ulimit -v)" if limit is not None else ""
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _err(f"out of memory{where}: {detail}", "free memory, lower --workers or --batch-size, or raise the limit")
+        return EXIT_FATAL
     _err(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "set FUNDUS_DEBUG=1 for the traceback and report it")
     return EXIT_FATAL
 
@@ -155,6 +161,57 @@ def _quiet_streams() -> None:
             os.dup2(null, stream.fileno())
 
 
+class _PipeError(Exception):
+    """An EPIPE from inside a command, carried past Typer, which takes any EPIPE for a closed stdout and exits 1
+    without a word (a dead multiprocessing helper gave exactly that)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _carry_pipe_errors(cmd) -> None:
+    import errno
+
+    invoke = cmd.invoke
+
+    def guarded(ctx):
+        try:
+            return invoke(ctx)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise _PipeError(e) from e
+            raise
+
+    cmd.invoke = guarded
+
+
+def _from_multiprocessing(e: BaseException) -> bool:
+    tb, names = e.__traceback__, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_filename.replace(os.sep, "/"))
+        tb = tb.tb_next
+    return any("/multiprocessing/" in n or "/concurrent/futures/" in n for n in names)
+
+
+def _os_error(e: OSError, argv: list[str] | None) -> int:
+    if _from_multiprocessing(e):  # a helper process of multiprocessing is gone (its resource tracker, killed)
+        _err(f"a helper process of the run's worker pool is gone: {type(e).__name__}: {e.strerror or e}",
+             "rerun with --resume; the items already done are kept")
+        return EXIT_FATAL
+    if _stream_error(e):
+        # a write to the terminal streams, e.g. stdout redirected to a full disk, or a pipe whose reader has
+        # gone (then nothing more can be shown); the output folders' errors are FundusErrors
+        if os.environ.get("FUNDUS_DEBUG"):
+            traceback.print_exc()
+        with contextlib.suppress(OSError, ValueError):
+            _err(f"cannot write the command's output: {e.strerror or e}")
+        if argv is None:  # the console command (not a caller's streams)
+            _quiet_streams()
+        return EXIT_FATAL
+    return _internal_error(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: never shows a traceback unless FUNDUS_DEBUG=1."""
     import fundus_pipeline.cli  # noqa: F401  (registers every command)
@@ -164,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         cmd = typer.main.get_command(app)
+        _carry_pipe_errors(cmd)
         with stop_signals_as_interrupt():  # SIGTERM / SIGHUP end a run as Ctrl-C does (exit 130, tables written)
             rv = cmd.main(args=args, prog_name="fundus", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -183,18 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         _err(e.message, e.hint)
         code = e.exit_code
     except OSError as e:
-        if _stream_error(e):
-            # a write to the terminal streams, e.g. stdout redirected to a full disk, or a pipe whose reader has
-            # gone (then nothing more can be shown); the output folders' errors are FundusErrors
-            if os.environ.get("FUNDUS_DEBUG"):
-                traceback.print_exc()
-            with contextlib.suppress(OSError, ValueError):
-                _err(f"cannot write the command's output: {e.strerror or e}")
-            if argv is None:  # the console command (not a caller's streams)
-                _quiet_streams()
-            code = EXIT_FATAL
-        else:
-            code = _internal_error(e)
+        code = _os_error(e, argv)
+    except _PipeError as e:
+        code = _os_error(e.error, argv)
     except Exception as e:
         code = _internal_error(e)
     if argv is None:

@@ -193,17 +193,20 @@ def report_cmd(
 
     Example: fundus report out/
     """
-    from fundus_pipeline.chain import RowsFile, join, read_run, unreached_in_manifest
+    from fundus_pipeline.chain import RowsFile, join, read_run, sweep_scratch, unreached_in_manifest
     from fundus_pipeline.errors import UsageError
     from fundus_pipeline.report import write_report
-    from fundus_pipeline.runner import OutputLock
+    from fundus_pipeline.runner import OutputLock, remove_stale_temporaries
 
     m, cfg, plan = read_run(out_dir)
-    if m.get("status") == "running":  # its plan is written at the end: a report now would be empty
-        raise UsageError(f"{out_dir} holds a run that is still going or was killed (manifest status 'running'); "
+    if m.get("status") in ("running", "stopped"):  # its plan is written at the end: a report now would be empty
+        why = "is still going or was killed" if m["status"] == "running" else "was stopped by an error"
+        raise UsageError(f"{out_dir} holds a run that {why} (manifest status {m['status']!r}); "
                          "finish it with `fundus run ... --resume`, which writes the report")
     out = Path(out_dir).resolve()
     with OutputLock(out, out_dir):
+        remove_stale_temporaries(out, recursive=False)  # a killed run's or report's pages
+        sweep_scratch()
         rows = RowsFile()
         pending = 0  # counted as the rows are gathered, not in another pass over them
         try:
