@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import hashlib
 import json
 import os
 import re
@@ -47,7 +49,7 @@ from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, Ru
 from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
-    JOURNAL, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
+    JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
     input_changed, interrupts_deferred, is_empty, manifest_stage, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
@@ -204,10 +206,31 @@ _SCRATCH = re.compile(r"fundus-(?:rows|join)-(\d+)-[^/]+")
 SCRATCH_STALE_S = 600.0
 
 
+class _Scratch(tempfile.TemporaryDirectory):
+    """A scratch folder holding ``.alive``, a file this process keeps locked (flock) until the folder is
+    removed: a sweep in another process, also one in another container on this host, sees it is in use."""
+
+    def __init__(self, prefix: str):
+        import fcntl
+
+        super().__init__(prefix=prefix)
+        self._alive: int | None = os.open(os.path.join(self.name, ALIVE), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._alive, fcntl.LOCK_EX)
+
+    def cleanup(self) -> None:
+        if self._alive is not None:
+            os.close(self._alive)
+            self._alive = None
+        super().cleanup()
+
+
+ALIVE = ".alive"
+
+
 def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """A scratch folder in TMPDIR named with this process's pid (``fundus-KIND-PID-...``): one that a killed
-    run left is recognised and removed by a later run (:func:`sweep_scratch`)."""
-    return tempfile.TemporaryDirectory(prefix=f"fundus-{kind}-{os.getpid()}-")
+    """A scratch folder in TMPDIR named with this process's pid (``fundus-KIND-PID-...``) and kept locked while
+    in use: one that a killed run left is recognised and removed by a later run (:func:`sweep_scratch`)."""
+    return _Scratch(f"fundus-{kind}-{os.getpid()}-")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -220,10 +243,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _in_use(d: Path) -> bool:
+    """Whether a process holds ``d``'s ``.alive`` lock (a folder without one, from an older version: unknown, False)."""
+    import fcntl
+
+    try:
+        fd = os.open(d / ALIVE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) -> list[Path]:
     """Remove the scratch folders (:func:`scratch_dir`) that killed runs of this user left in TMPDIR: those
-    whose process is gone and in which nothing changed for ``stale_s`` seconds (a pid can be seen from another
-    container sharing TMPDIR; the age keeps a live run's folder safe). Returns the folders removed."""
+    whose lock no process holds, whose process is gone, and in which nothing changed for ``stale_s`` seconds
+    (the lock covers other containers on this host, where the pid means another process; the age, a folder
+    of an older version without the lock). Returns the folders removed."""
     root = Path(tempfile.gettempdir()) if root is None else root
     removed = []
     for d in root.glob("fundus-*-*-*"):
@@ -231,7 +272,7 @@ def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) ->
         try:
             if not m or d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
                 continue
-            if int(m[1]) == os.getpid() or _pid_alive(int(m[1])):
+            if int(m[1]) == os.getpid() or _pid_alive(int(m[1])) or _in_use(d):
                 continue
             newest = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
         except (OSError, ValueError):
@@ -240,6 +281,32 @@ def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) ->
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
+
+
+@contextlib.contextmanager
+def stage_locks(dirs: list[Path], shown: Path):
+    """Hold each stage folder's lock (``.fundus-lock``) while the block removes them: one that another process
+    holds (a stage command writing there) is refused, exit 2, before anything is removed."""
+    import fcntl
+
+    held = []
+    try:
+        for d in dirs:
+            try:
+                fd = os.open(d / LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            except OSError:
+                continue  # no lock file: no fundus process has written there
+            held.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise UsageError(f"--overwrite: another fundus command is writing to {shown / d.name}; nothing was removed: "
+                                     "wait for it to finish or choose another output folder") from None
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 class FolderRows:
@@ -533,6 +600,21 @@ class Chain:
         return {"config": self.cfg.chain_record(), "weights": self.weights}
 
     # -- folder handling ---------------------------------------------------------------------------------
+    def _same_run_other_spelling(self, old: dict) -> bool:
+        """Whether the run in OUT differs from this one only in how its weights files were written (a relative
+        path, as versions before the absolute recording kept it): the same weights by sha256 (they are part of
+        the record), so ``--resume`` continues it."""
+        cfg = old.get("config")
+        if not isinstance(cfg, dict):
+            return False
+        fields = ("grade_weights", "enhance_weights", "score_weights", "segment_weights")
+        spelled = {k: cfg[k] for k in fields if isinstance(cfg.get(k), str) and cfg[k] != getattr(self.cfg, k)}
+        if not spelled:
+            return False
+        rec = self.record()
+        rec["config"] = {**rec["config"], **spelled}
+        return old.get("run_sha256") == config_sha256(rec)
+
     def _prepare_folder(self) -> None:
         out = self.out
         manifest = out / "manifest.json"
@@ -543,7 +625,7 @@ class Chain:
                 old = {}
             if old.get("stage") != "run":
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
-            if old.get("run_sha256") != config_sha256(self.record()):
+            if old.get("run_sha256") != config_sha256(self.record()) and not self._same_run_other_spelling(old):
                 raise UsageError(f"{self.shown} was written by a run with another configuration or other weights; rerun with the same options, or use --overwrite")
             # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
             planned = {it.key: str(it.path) for it in self.inputs.items}
@@ -572,8 +654,9 @@ class Chain:
                 if sub is not None:
                     raise UsageError(f"--overwrite: {sub} was not written by fundus run (an evaluation report of the earlier outputs?); "
                                      "move it away or delete it first: --overwrite removes the run's stage folders")
-            for d in dirs:
-                shutil.rmtree(d)
+            with stage_locks(dirs, self.shown):  # none is another process's live output folder
+                for d in dirs:
+                    shutil.rmtree(d)
             for name in TOP_FILES:
                 (out / name).unlink(missing_ok=True)
             for page in out.glob("report-*.html"):  # the further pages of a long report
@@ -881,6 +964,8 @@ class Replay:
     threads: int | None = None  # the thread count the run used (older manifests: only what --threads said)
     truth_sha256: dict[str, str] | None = None  # {key: sha256} of the --ground-truth files (older manifests: none)
     identity: tuple = ()  # (run_sha256, started_at, finished_at): which run this is
+    rows: dict[str, str] = field(default_factory=dict)  # {key: digest of the recorded joined row}, read with the manifest
+    manifest_sha256: str = ""  # of the manifest file as read (its rows are shown again only while it is unchanged)
 
     def old_out_is_the_run(self) -> bool:
         """Whether OLD_OUT (the folder the manifest names) still holds this run, not one written there since."""
@@ -935,9 +1020,58 @@ def read_replay(path: Path) -> Replay:
         raise UsageError(f"--replay: {file}: invalid run manifest (no weights recorded for the {missing[0]} step)")
     threads = raw.get("threads_used", cfg.threads)
     truth = raw.get("ground_truth_sha256")
+    items = raw.get("items")
+    rows = {r["key"]: _row_digest(r) for r in items if isinstance(r, dict) and isinstance(r.get("key"), str)} if isinstance(items, list) else {}
     return Replay(file, cfg, Path(m.input.path), Path(m.output.dir), dict(m.inputs_sha256), {k: w.sha256 for k, w in m.weights.items()},
                   threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None,
-                  dict(truth) if isinstance(truth, dict) else None, (raw.get("run_sha256"), raw.get("started_at"), raw.get("finished_at")))
+                  dict(truth) if isinstance(truth, dict) else None, (raw.get("run_sha256"), raw.get("started_at"), raw.get("finished_at")),
+                  rows, sha256_file(file))
+
+
+def _row_digest(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def manifest_items(path: Path) -> Iterator[dict]:
+    """The ``items`` of a run manifest, one at a time: ``write_json_streamed`` writes one a line, so a manifest
+    of 100,000 rows is not loaded whole (a manifest laid out otherwise is read whole)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        inside, yielded = False, 0
+        for line in f:
+            if not inside:
+                inside = line.rstrip() == '  "items": ['
+                continue
+            text = line.strip()
+            if text == "]":
+                return
+            try:
+                row = json.loads(text.rstrip(","))
+            except ValueError:
+                if yielded:
+                    raise
+                break
+            if isinstance(row, dict):
+                yielded += 1
+                yield row
+        else:
+            if inside:
+                return
+    m = json.loads(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))  # not laid out one item a line
+    yield from (r for r in m.get("items", []) if isinstance(r, dict))
+
+
+def sha256_file_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _row_of(path: Path, key: str) -> dict | None:
+    try:
+        return next((r for r in manifest_items(path) if r.get("key") == key), None)
+    except (OSError, ValueError):
+        return None
 
 
 REPLAYED_FILES = (".png", "results.csv", "report.html")  # what a replay reproduces byte for byte (manifests hold times)
@@ -948,24 +1082,29 @@ def verify_replay(rp: Replay, out: Path) -> dict:
     rows, and, where OLD_OUT still holds that run, every image, ``results.csv`` and ``report.html`` byte for
     byte. {"rows", "rows_differing", "files", "files_differing", "differs", "line"} (``line``: what to say)."""
 
-    def items(path: Path) -> dict[str, dict]:
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {r["key"]: r for r in m.get("items", []) if isinstance(r, dict) and "key" in r}
-
-    old, new = items(rp.manifest), items(out / "manifest.json")
+    old = rp.rows  # read with the manifest, before the replay ran
+    new: dict[str, str] = {}
+    try:
+        for r in manifest_items(out / "manifest.json"):
+            if isinstance(r.get("key"), str):
+                new[r["key"]] = _row_digest(r)
+    except (OSError, ValueError):
+        pass
     rows_diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     first = ""
     if rows_diff:
         k = rows_diff[0]
-        a, b = old.get(k, {}), new.get(k, {})
-        col = next((c for c in sorted(set(a) | set(b)) if a.get(c) != b.get(c)), "the row")
-        first = f"; first: {k} {col} {a.get(col, '(none)')!r} -> {b.get(col, '(none)')!r}"
+        first = f"; first: {k}"
+        a = _row_of(rp.manifest, k) if sha256_file_or_none(rp.manifest) == rp.manifest_sha256 else None
+        b = _row_of(out / "manifest.json", k)
+        if a is not None and b is not None:
+            col = next((c for c in sorted(set(a) | set(b)) if a.get(c) != b.get(c)), "the row")
+            first += f" {col} {a.get(col, '(none)')!r} -> {b.get(col, '(none)')!r}"
+        elif k not in new or k not in old:
+            first += " (missing from the " + ("replay" if k not in new else "recorded run") + ")"
     files = files_diff = 0
     file_first = ""
-    if rp.old_out_is_the_run() and rp.old_out.resolve() != out.resolve():
+    if rp.old_out_is_the_run():
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
             if not (p.is_file() and (p.suffix == ".png" or rel in REPLAYED_FILES)):

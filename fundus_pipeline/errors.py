@@ -51,12 +51,21 @@ def address_space_limit() -> int | None:
 
 
 def out_of_memory(e: BaseException, *, starting: bool = False) -> bool:
-    """``e`` says that memory ran out (MemoryError, or an allocator's message). With ``starting`` (an error
-    that ended a command, not an item) also any SystemError or ImportError under an address-space limit:
-    importing torch under a low ``ulimit -v`` fails with "error return without exception set"."""
-    if isinstance(e, MemoryError) or any(m in str(e) for m in _OUT_OF_MEMORY):
+    """``e`` says that memory ran out: a MemoryError (also as the cause of ``e``), or an allocator's message.
+    With ``starting`` (an error that ended a command, not an item) also the SystemError "error return without
+    exception set" under an address-space limit: what importing torch under a low ``ulimit -v`` raises. A
+    missing module or another import error stays an internal error, limit or not."""
+    seen: BaseException | None = e
+    for _ in range(8):  # the chain of causes
+        if seen is None:
+            break
+        if isinstance(seen, MemoryError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if any(m in str(e) for m in _OUT_OF_MEMORY):
         return True
-    return starting and isinstance(e, (SystemError, ImportError)) and address_space_limit() is not None
+    return (starting and isinstance(e, SystemError) and "error return without exception set" in str(e)
+            and address_space_limit() is not None)
 
 
 def run_script(main) -> None:

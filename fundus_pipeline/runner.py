@@ -366,7 +366,14 @@ class OutputLock:
                 raise UsageError(f"{self.shown / LOCK} is a symbolic link; remove it, or choose another output folder") from None
             raise FundusError(f"cannot write to output folder {self.shown}: {e.strerror or e}") from None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for attempt in range(4):  # a moment's shared lock (another command's _check_parent probe) is waited out
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 3:
+                        raise
+                    time.sleep(0.02)
         except OSError as e:
             os.close(self.fd)
             self.fd = None
@@ -403,8 +410,8 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise UsageError(f"a fundus run is writing to {self.shown.parent}, of which {self.shown} is a stage folder; "
-                                     "wait for it to finish or choose another output folder") from None
+                    raise UsageError(f"another fundus command is writing to {self.shown.parent}, which holds {self.shown} "
+                                     "(a stage folder of a running `fundus run`, say); wait for it to finish or choose another output folder") from None
         finally:
             os.close(fd)  # releases the shared lock at once
 
@@ -722,7 +729,11 @@ def _guard(row: dict, fn, *args):
     except FundusError as e:  # InputError, WeightsError, ... are FundusErrors
         row["status"], row["error"] = "error", e.message
     except Exception as e:  # an unexpected failure on one item must not stop the run
-        row["status"], row["error"] = "error", "out of memory while processing this image" if out_of_memory(e) else f"{type(e).__name__}: {e}".splitlines()[0]
+        line = (str(e).strip().splitlines() or [""])[0]
+        if out_of_memory(e):  # what was asked for stays visible (a size bug asks for absurd amounts)
+            row["status"], row["error"] = "error", "out of memory while processing this image" + (f" ({line[:200]})" if line else "")
+        else:
+            row["status"], row["error"] = "error", f"{type(e).__name__}: {e}".splitlines()[0]
     return None
 
 
@@ -862,7 +873,7 @@ def _decode_alone(stage: Stage, work: WorkItem, ctx) -> tuple[dict, ItemInput | 
         row.update(status="error", seconds=0.0, error="the decoding process died while reading this image (out of memory or a crash in a decoder)")
         return row, None
     except BaseException:
-        discard_pool(ex)
+        discard_pool(ex, grace=FATAL_GRACE_S)
         raise
     ex.shutdown(wait=True)
     return result
@@ -943,7 +954,7 @@ def run_fed(stage: Stage, todo: list[WorkItem], dst: Path, workers: int, threads
         while writes:
             record(writes.popleft().result())
     except BaseException:
-        discard_pool(decoders)  # decoders write nothing
+        discard_pool(decoders, grace=FATAL_GRACE_S)  # decoders write nothing; a decoded image they are sending is let through
         raise
     else:
         decoders.shutdown(wait=False, cancel_futures=True)
@@ -1137,6 +1148,7 @@ def run_stage(
     engine: Engine | None = None,
     feed: bool | None = None,
     inputs_checked: bool = False,
+    after: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
@@ -1146,7 +1158,9 @@ def run_stage(
     ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused.
     ``feed``: one model in this process fed by ``workers`` decoding processes (``run_fed``); default: when the
     stage runs on a GPU (``stage.feeds_device``). ``inputs_checked``: the caller has checked that no earlier
-    row's input changed (a chained run, for its first stage), so resuming does not stat them again."""
+    row's input changed (a chained run, for its first stage), so resuming does not stat them again.
+    ``after(result)``: a last step still under the output folder's lock, unless the run was interrupted
+    (``grade --sort-into``'s copies: another run into OUT would sweep their temporary files)."""
     started = time.time()
     check_parallelism(workers, threads)
     extra_dirs = dict(extra_dirs or {})
@@ -1163,9 +1177,12 @@ def run_stage(
     with OutputLock(dst, out_dir) as lock:
         # Checked again under the lock: a run that started meanwhile has made the folder non-empty.
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
-        return _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
-                           threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                           engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock)
+        result = _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
+                             threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
+                             engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock)
+        if after is not None and not result.interrupted:
+            after(result)
+        return result
 
 
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
@@ -1190,6 +1207,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}") from None
     todo = [w for w in work if w.key not in rows]
     resumed = len(rows)
+    deaths = WORKER_DEATHS[0]
     interrupted = stopped = False
     bar = Progress(stage.name, len(work), resumed, progress)
 
@@ -1240,7 +1258,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         stopped = True  # the error propagates; the tables say the run did not finish (was: "finished")
         raise
     else:
-        remove_stale_temporaries(dst)  # a worker killed while writing left one (its item was written again)
+        if WORKER_DEATHS[0] != deaths:
+            remove_stale_temporaries(dst)  # a worker killed while writing left one (its item was written again)
     finally:
         bar.close()
         with contextlib.suppress(OSError):  # a full disk was reported where the write failed
@@ -1319,13 +1338,31 @@ def new_pool(workers: int, ctx, initializer, initargs: tuple) -> ProcessPoolExec
         raise _cannot_start(e) from None
 
 
-def discard_pool(ex: ProcessPoolExecutor) -> None:
-    """Give up a pool whose worker died (``BrokenProcessPool``), or that a fatal error ends, without waiting
-    for it: every worker process still alive is killed first. The executor's own clean-up terminates the workers it knows when it finds
-    the pool broken, but one that a ``submit`` was starting at that moment escaped it, waited for work for
-    good, and the executor's manager thread joined it at exit: the run printed its summary and never ended
-    (7 of 8 trials with the first worker killed while it started)."""
-    for p in list((getattr(ex, "_processes", None) or {}).values()):
+#: Worker processes found dead in this process's pools so far (a run sweeps its folder's temporaries again when
+#: one died during it: a worker killed while writing leaves one).
+WORKER_DEATHS = [0]
+
+#: After a fatal error, how long a healthy pool's workers may take to finish the items they hold before they are killed.
+FATAL_GRACE_S = 10.0
+
+
+def discard_pool(ex: ProcessPoolExecutor, grace: float = 0.0) -> None:
+    """Give up a pool whose worker died (``BrokenProcessPool``), or that a fatal error ends (then its workers
+    get ``grace`` seconds to finish what they hold), without waiting for good: every worker process still alive
+    is killed. The executor's own clean-up terminates the workers it knows when it finds the pool broken, but
+    one that a ``submit`` was starting at that moment escaped it, waited for work for good, and the executor's
+    manager thread joined it at exit: the run printed its summary and never ended (7 of 8 trials with the first
+    worker killed while it started)."""
+    processes = list((getattr(ex, "_processes", None) or {}).values())
+    if grace and not getattr(ex, "_broken", False):
+        # a healthy pool (a fatal error ends the run): no new work, and the items in flight a moment to finish,
+        # since a worker killed while it sends a large result leaves a partial message the executor waits on
+        ex.shutdown(wait=False, cancel_futures=True)
+        end = time.monotonic() + grace
+        for p in processes:
+            with contextlib.suppress(Exception):
+                p.join(max(0.0, end - time.monotonic()))
+    for p in processes:
         with contextlib.suppress(Exception):
             if p.is_alive():
                 p.kill()
@@ -1429,20 +1466,26 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
                 for row in rows:
                     record(row)
     except BrokenProcessPool:
+        WORKER_DEATHS[0] += 1
         suspects = []
-        for f, chunk in in_flight.items():
-            if f.done() and not f.cancelled() and f.exception() is None:
-                for row in f.result():
-                    record(row)
+        try:
+            for f, chunk in in_flight.items():
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    for row in f.result():
+                        record(row)  # may raise (a full disk): the pool is given up all the same
+                else:
+                    suspects.extend(chunk)
+        finally:
+            if pool is not None:
+                pool.reset()
             else:
-                suspects.extend(chunk)
-        if pool is not None:
-            pool.reset()
-        else:
-            discard_pool(ex)
+                discard_pool(ex)
         return suspects
     except KeyboardInterrupt:
-        ex.shutdown(wait=True, cancel_futures=True)
+        if getattr(ex, "_broken", False):  # a worker died as well: waiting could hang on one that escaped (discard_pool)
+            discard_pool(ex)
+        else:
+            ex.shutdown(wait=True, cancel_futures=True)
         for f in in_flight:  # items that finished while shutting down
             if f.done() and not f.cancelled() and f.exception() is None:
                 for row in f.result():
@@ -1452,9 +1495,9 @@ def _pool_pass(stage: Stage, queue: list[WorkItem], dst: Path, workers: int, thr
         raise
     except BaseException:  # a fatal error (a full disk, a worker that could not start): the run stops now
         if pool is not None:
-            pool.reset()
+            pool.reset(grace=FATAL_GRACE_S)
         else:
-            discard_pool(ex)  # (waiting would hang at exit on work that no worker will take)
+            discard_pool(ex, grace=FATAL_GRACE_S)  # (waiting for good would hang at exit on work no worker will take)
         raise
     if pool is None:
         ex.shutdown(wait=True)
@@ -1503,10 +1546,10 @@ class WorkerPool:
         self._n += 1
         return f"{os.getpid()}-{self._n}-{stage.name}"
 
-    def reset(self) -> None:
+    def reset(self, grace: float = 0.0) -> None:
         """Give the processes up (after one died, or after an interrupt): the next pass starts fresh ones."""
         if self._ex is not None:
-            discard_pool(self._ex)
+            discard_pool(self._ex, grace)
             self._ex = None
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ def test_a_stage_command_refuses_the_stage_folder_of_a_chain_another_process_run
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert run("degrade", two, chain / "grade", "--overwrite", "--quiet") == 2
         err = _err(capsys)
-        assert "a fundus run is writing to" in err and "stage folder" in err and len(err.strip().splitlines()) == 1
+        assert "another fundus command is writing to" in err and "stage folder" in err and len(err.strip().splitlines()) == 1
         assert sorted(p.name for p in (chain / "grade").iterdir()) == ["kept.txt"]  # nothing written, lock file left out too
     finally:
         os.close(held)

@@ -89,17 +89,26 @@ def test_a_run_removes_its_killed_predecessors_top_level_temporaries(photos, tmp
     assert sorted(p.name for p in out.glob(".*.tmp")) == [".keep.tmp"]
 
 
-def test_a_temporary_a_worker_left_is_removed_when_the_run_ends(two, tmp_path, monkeypatch):
-    out = tmp_path / "o"
-    real = runner._process_batch
+def test_a_worker_killed_while_writing_is_retried_its_pool_discarded_and_its_temporary_removed(two, tmp_path, monkeypatch):
+    out, marker = tmp_path / "o", tmp_path / "killed-once"
+    real, discarded = runner._process_batch, []
+    real_discard = runner.discard_pool
 
-    def killed_writer(stage, works, dst):  # a worker killed mid-write left this; its item was written again
-        (dst / ".p0.png.0123456789ab.tmp").write_bytes(b"\x89PNG")
+    def killed_writer(stage, works, dst):  # in a forked degrade worker: the first p0 dies half-way through its write
+        if works[0].key == "p0" and not marker.exists():
+            marker.write_text("")
+            (dst / ".p0.png.0123456789ab.tmp").write_bytes(b"\x89PNG")
+            os._exit(1)
         return real(stage, works, dst)
 
     monkeypatch.setattr(runner, "_process_batch", killed_writer)
-    assert run("degrade", two, out, "--quiet", "--workers", "1") == 0
-    assert not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(runner, "discard_pool", lambda ex, grace=0.0: (discarded.append(getattr(ex, "_broken", False)), real_discard(ex, grace)))
+    deaths = runner.WORKER_DEATHS[0]
+    assert run("degrade", two, out, "--quiet", "--workers", "2", "--threads", "1") == 0
+    assert marker.exists() and runner.WORKER_DEATHS[0] == deaths + 1
+    assert discarded and discarded[0]  # the broken pool was given up through discard_pool (its escaped workers killed)
+    assert not list(out.glob(".*.tmp"))  # was: left behind after an exit 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 2
 
 
 def test_scratch_folders_of_dead_runs_are_swept(tmp_path):
@@ -213,7 +222,7 @@ def test_out_of_memory_is_said_not_reported_as_a_bug(two, tmp_path, monkeypatch,
     assert err.startswith("Error: out of memory: MemoryError: std::bad_alloc") and "lower --workers" in err
     row = {}
     runner._guard(row, lambda: (_ for _ in ()).throw(RuntimeError("OpenCV(5.1.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate")))
-    assert row == {"status": "error", "error": "out of memory while processing this image"}  # was: OpenCV's message
+    assert row["status"] == "error" and row["error"].startswith("out of memory while processing this image (OpenCV(5.1.0) alloc.cpp:73")  # was: only OpenCV's message
 
 
 def test_a_failed_import_under_an_address_space_limit_is_out_of_memory():

@@ -81,20 +81,22 @@ def run_stage_command(
     check_parallelism(workers, threads)
     check_run_paths(in_dir, out_dir, overwrite=overwrite, resume=resume)
     eng = open_engine(engine, address, workers, threads)
-    try:
-        result = run_stage(
-            make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
-            progress=not quiet and fmt == Format.human, extra_dirs=extra_dirs, engine=eng,
-        )  # fmt: skip
-    finally:
-        if eng is not None:
-            eng.close()
-    if after is not None and not result.interrupted:
+
+    def last_step(result) -> None:  # still under OUT's lock (run_stage): no other run sweeps its temporary files
         try:
             after()
         except KeyboardInterrupt:  # e.g. grade --sort-into while copying: the summary says so, exit 130
             _err("interrupted after the run, before its last step finished (grade --sort-into: rerun with --resume to finish the copies)")
             result.interrupted = True
+
+    try:
+        result = run_stage(
+            make_stage(), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads,
+            progress=not quiet and fmt == Format.human, extra_dirs=extra_dirs, engine=eng, after=last_step if after is not None else None,
+        )  # fmt: skip
+    finally:
+        if eng is not None:
+            eng.close()
     report(result, fmt)
 
 
@@ -161,11 +163,16 @@ def _quiet_streams() -> None:
             os.dup2(null, stream.fileno())
 
 
-class _PipeError(Exception):
-    """An EPIPE from inside a command, carried past Typer, which takes any EPIPE for a closed stdout and exits 1
-    without a word (a dead multiprocessing helper gave exactly that)."""
+class _Interrupted(Exception):
+    """A Ctrl-C (or SIGTERM / SIGHUP) that ended a command, carried past Typer to the one-line report."""
 
-    def __init__(self, error: OSError):
+
+class _PipeError(Exception):
+    """An error carried past Typer's own handling: an EPIPE from inside multiprocessing (Typer takes any EPIPE
+    for a closed stdout and exits 1 without a word: right for `fundus models | head -1`, wrong for a dead
+    multiprocessing helper), or an EOFError (Typer reports it as an interrupt)."""
+
+    def __init__(self, error: Exception):
         super().__init__(str(error))
         self.error = error
 
@@ -178,8 +185,12 @@ def _carry_pipe_errors(cmd) -> None:
     def guarded(ctx):
         try:
             return invoke(ctx)
+        except KeyboardInterrupt as e:  # Typer makes it a silent Exit(130): `fundus train` ended without a word
+            raise _Interrupted() from e
+        except EOFError as e:  # Typer makes it an Abort, reported as an interrupt (a zero-byte file read to its end)
+            raise _PipeError(e) from e
         except OSError as e:
-            if e.errno == errno.EPIPE:
+            if e.errno == errno.EPIPE and _from_multiprocessing(e):
                 raise _PipeError(e) from e
             raise
 
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             code = e.exit_code
     except typer.Exit as e:
         code = e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt, _Interrupted):
         _err("interrupted")
         code = EXIT_INTERRUPTED
     except FundusError as e:
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         code = _os_error(e, argv)
     except _PipeError as e:
-        code = _os_error(e.error, argv)
+        code = _os_error(e.error, argv) if isinstance(e.error, OSError) else _internal_error(e.error)
     except Exception as e:
         code = _internal_error(e)
     if argv is None:

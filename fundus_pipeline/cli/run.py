@@ -161,6 +161,11 @@ def run_cmd(
         cfg = build_config(config, cli)
     if out_dir is None:
         raise UsageError("give OUT")
+    if replay is not None:
+        target = Path(out_dir).resolve()
+        if target == rp.old_out.resolve() or (target / "manifest.json").resolve() == rp.manifest.resolve():
+            # it would replace the run it is checked against (with --overwrite or --resume: compared with itself)
+            raise UsageError(f"--replay: OUT {out_dir} is the folder of the recorded run; replay into another folder")
     eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
     try:
         result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
