@@ -30,7 +30,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(description="Run folder: last.pt, best.pt, train.log and summary.json are written there.")
-    steps: int = Field(5000, ge=1, description="Optimiser steps (the cosine learning-rate decay ends there).")
+    steps: int = Field(5000, ge=1, le=100_000_000, description="Optimiser steps (the cosine learning-rate decay ends there).")
     batch_size: int = Field(8, ge=1, description="Training samples per step.")
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate at step 0 (cosine decay to 2%).")
     seed: int = Field(0, ge=0, description="Seed of the model initialisation and of every step's samples.")
@@ -80,6 +80,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"--resume: {last} does not exist (start without --resume)")
         if not self.resume and any((self.out / f).exists() for f in ("last.pt", "best.pt")):
             raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out")
+        root = getattr(self, "data_root", None)  # the datasets are read, never written
+        if root is not None:
+            data = Path(root).resolve()
+            for name, path in (("--out", self.out), ("--cache", getattr(self, "cache", None))):
+                if path is not None and (Path(path).resolve() == data or data in Path(path).resolve().parents):
+                    raise ValueError(f"{name} {path} lies inside the dataset root {root}; choose a folder outside it")
         return self
 
     @classmethod

@@ -175,7 +175,8 @@ def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path 
         log(f"{cache} was prepared from other data or options; preparing again")
     from fundus_pipeline.models.weights import load_model
 
-    model, spec = load_model(segmenter_weights)
+    with torch.random.fork_rng(devices=[]):  # (as frozen_segmenter: a run's RNG state must not depend on whether the cache existed)
+        model, spec = load_model(segmenter_weights)
     log(f"preparing {len(listing)} clean sources at {size}x{size} (vessel targets of HEI-MED from {spec.name})")
     sources = [_prepare_one(n, info, size, (model, spec.threshold)) for n, info in listing]
     if cache is not None:
@@ -453,7 +454,8 @@ def frozen_segmenter(device) -> tuple[nn.Module, float]:
     """The shipped segmenter (``SEGMENTER``) in eval mode with no gradients of its own, and its threshold."""
     from fundus_pipeline.models.weights import load_model
 
-    model, spec = load_model(resolve_segmenter())
+    with torch.random.fork_rng(devices=[]):  # building it draws from torch's RNG: the run's stream stays as seeded
+        model, spec = load_model(resolve_segmenter())
     model.eval().requires_grad_(False).to(device)
     return model, float(spec.threshold)
 

@@ -70,15 +70,32 @@ def set_items(grade_set: Path, split: str, size: int) -> list[GradeItem]:
     """The images of one split of a grade set (any part), kept at the set's stored side (``fundus build
     grade-set --store-size``), or enlarged to ``size`` where that is smaller, so crops are taken at the
     finest resolution the set has."""
-    with open(grade_set / "labels.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split]
     items = []
-    for r in rows:
+    for line, r in set_rows(grade_set, split):
+        try:
+            grade = int(r["quality"])
+            flags = np.array([float(r[f"flag_{f}"]) for f in FLAGS], np.float32)
+            if not 0 <= grade < len(GRADES) or not np.isin(flags, (0.0, 1.0)).all() or r["part"] in ("", ".", "..") or "/" in r["part"]:
+                raise ValueError("out of range")
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{grade_set / 'labels.csv'} line {line}: not a grade set's row (quality 0-{len(GRADES) - 1}, flags 0 or 1; "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", "rebuild it with `fundus build grade-set`") from None
         img = read_u8(grade_set / r["part"] / "images" / f"{r['key']}.png")
         img = resize_square(img, max(size, img.shape[0]))
-        flags = np.array([float(r[f"flag_{f}"]) for f in FLAGS], np.float32)
-        items.append(GradeItem(img, int(r["quality"]), flags, np.ones(len(FLAGS), np.float32), r["kind"]))
+        items.append(GradeItem(img, grade, flags, np.ones(len(FLAGS), np.float32), r["kind"]))
     return items
+
+
+def set_rows(grade_set: Path, split: str) -> list[tuple[int, dict]]:
+    """(line number, row) of one split of a grade set's labels.csv (a file without the columns: UsageError)."""
+    path = grade_set / "labels.csv"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"key", "part", "split", "kind", "quality", *(f"flag_{f}" for f in FLAGS)}
+        missing = sorted(need - set(reader.fieldnames or ()))
+        if missing:
+            raise UsageError(f"{path}: not a grade set's labels (no column {missing[0]!r})", "build one with `fundus build grade-set`")
+        return [(n, r) for n, r in enumerate(reader, start=2) if r["split"] == split]
 
 
 def eyepacs_items(root: Path, split: str, store: int) -> list[GradeItem]:
@@ -255,6 +272,9 @@ class GradeTask(Task):
         size = self.size  # set by build_model, which the loop calls first
         store = max(size, 256)  # EyePACS-256's photographs, at least the model's input
         synth = set_items(cfg.grade_set, "train", size)
+        if not synth:  # (its test part, say): the grader would learn from EyePACS-256 alone, or not at all
+            raise UsageError(f"{cfg.grade_set}/labels.csv has no train rows; build the set with its train part "
+                             "(`fundus build grade-set --parts train,...`)")
         groups = {
             "set": [i for i in synth if i.kind != "natural"],
             "natural": [i for i in synth if i.kind == "natural"],
@@ -322,7 +342,9 @@ def calibrate(task: GradeTask, out: Path, device: str = "cpu") -> dict:
         "nll_before": round(float(F.cross_entropy(logits, labels)), 5),
         "nll_after": round(float(F.cross_entropy(logits / t, labels)), 5),
     }
-    (out / "calibration.json").write_text(json.dumps(rec, indent=2) + "\n")
+    from fundus_pipeline.io import write_bytes_atomic
+
+    write_bytes_atomic(out / "calibration.json", (json.dumps(rec, indent=2) + "\n").encode())
     return rec
 
 

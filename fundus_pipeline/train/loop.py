@@ -99,9 +99,76 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         torch.save(obj, tmpdir / path.name)
+        fd = os.open(tmpdir / path.name, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before it takes the name: a power cut leaves the old file or the new one
+        finally:
+            os.close(fd)
         os.replace(tmpdir / path.name, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _remove_stale_saves(out: Path) -> None:
+    """The temporary folders (``.last.pt.XXXXXXXX``, ``.best.pt....``) of saves that a kill -9 cut short."""
+    for d in out.glob(".*.pt.*"):
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+#: Options a resumed run may change: where it runs and how often it checkpoints; everything else (seed, steps,
+#: learning rate, data, architecture, ...) decides the weights, and a resume with another value is refused.
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "init", "threads", "device", "ckpt_every", "cache"})
+
+
+def _identity(cfg: TrainConfig) -> dict:
+    """What a resume must keep: the configuration without RESUME_MAY_CHANGE, with the dataset root resolved
+    (``--data`` unset means $FUNDUS_DATA or ../shared/data: another root is another run)."""
+    rec = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE}
+    root = getattr(cfg, "data_root", None)
+    if root is not None:
+        rec["data"] = str(Path(root).resolve())
+    return rec
+
+
+def _load_checkpoint(cfg: TrainConfig) -> dict:
+    """OUT/last.pt, checked: unreadable (empty, truncated) or non-finite weights are a one-line WeightsError
+    (exit 1); a checkpoint written with other options is a UsageError (exit 2) naming the first one."""
+    from fundus_pipeline.errors import UsageError, WeightsError
+
+    path = cfg.out / "last.pt"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError for an empty file, RuntimeError for a truncated archive, ...
+        raise WeightsError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})",
+                           hint="it cannot be continued: start again in a new --out (best.pt, if there, is a plain state dict)") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "step" not in ck:
+        raise WeightsError(f"--resume: {path} is not a training checkpoint of `fundus train`")
+    bad = next((k for k, v in ck["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise WeightsError(f"--resume: {path} holds NaN or infinite values ({bad}); the run diverged before it was saved",
+                           hint="start again in a new --out (a lower --lr)")
+    if "config" in ck:
+        try:
+            before = json.loads(ck["config"])
+        except (TypeError, ValueError):
+            before = None
+        if isinstance(before, dict):
+            was = dict(before.get("identity") or {k: v for k, v in before.items() if k not in RESUME_MAY_CHANGE})
+            now = _identity(cfg)
+            if "data" not in (before.get("identity") or {}):
+                was.pop("data", None)  # older checkpoints recorded --data as given, not the root it meant
+                now.pop("data", None)
+            changed = [k for k in sorted(was) if k in now and was[k] != now[k]]  # an option added since: its default
+            if changed:
+                from fundus_pipeline.train.config import option_name
+
+                k = changed[0]
+                raise UsageError(f"--resume: {path} was written with {option_name(k)} {was.get(k)!r}, not {now.get(k)!r}"
+                                 + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+                                 + "; a resumed run keeps its options (only --threads, --device, --ckpt-every and --out may change)",
+                                 hint="resume with the same options, or start a new run (--init OUT/last.pt continues from its weights)")
+    return ck
 
 
 def _float32(out: Any) -> Any:
@@ -152,29 +219,58 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    from fundus_pipeline.runner import LOCK, OutputLock
+
     new_out = not cfg.out.exists()
     new_log = not (cfg.out / "train.log").exists()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    log = _RunLog(cfg.out / "train.log")
-    refused = False
     try:
-        return _fit(task, cfg, device, amp, log)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FundusError(f"cannot create --out {cfg.out}: {e.strerror or e}") from None
+    refused = False
+    lock = OutputLock(cfg.out, cfg.out)
+    try:
+        with lock:  # a second training into OUT is refused (exit 2), not interleaved
+            log = _RunLog(cfg.out / "train.log")
+            try:
+                return _fit(task, cfg, device, amp, log)
+            except FundusError:
+                refused = True
+                raise
+            except KeyboardInterrupt:
+                last = cfg.out / "last.pt"
+                log("interrupted; " + ("`--resume` continues from last.pt" if last.exists() else "no last.pt was written yet: start again"))
+                raise
+            finally:
+                log.close()
+                if refused and new_log and not (cfg.out / "last.pt").exists():
+                    # Refused before training (weights that do not fit, data that is not there): leave nothing
+                    # behind that this run made, unless it got as far as a checkpoint.
+                    (cfg.out / "train.log").unlink(missing_ok=True)
     except FundusError:
         refused = True
         raise
     finally:
-        log.close()
-        if refused and new_log and not (cfg.out / "last.pt").exists():
-            # Refused before training (weights that do not fit, data that is not there): leave nothing behind
-            # that this run made, unless it got as far as a checkpoint.
-            (cfg.out / "train.log").unlink(missing_ok=True)
+        if refused and not (cfg.out / "last.pt").exists():
+            if lock.created:  # (the lock removes its file itself after a usage error)
+                (cfg.out / LOCK).unlink(missing_ok=True)
             if new_out:
                 with contextlib.suppress(OSError):
                     cfg.out.rmdir()  # only if empty
 
 
 def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _RunLog) -> dict:
+    from fundus_pipeline.errors import UsageError
+
+    _remove_stale_saves(cfg.out)
     model = task.build_model()
+    ck = _load_checkpoint(cfg) if cfg.resume else None  # checked before the data is loaded
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:  # an older checkpoint (no options recorded) of another architecture
+            raise UsageError(f"--resume: {cfg.out / 'last.pt'} does not fit {task.model_name() or 'this model'} "
+                             f"({str(e).splitlines()[0]}); resume with the --arch it was written with") from None
     if cfg.init is not None:
         from fundus_pipeline.models.weights import load_weights_checked
 
@@ -191,9 +287,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.98 + 0.02)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     step, best, init_val = 0, None, None
-    if cfg.resume:
-        ck = torch.load(cfg.out / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
+    if ck is not None:
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         if ck.get("scaler"):
@@ -205,11 +299,10 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         if not isinstance(best, dict) or "step" not in best:
             best = None  # no validation yet (older checkpoints stored {"f1": -1.0})
         log(f"resumed at step {step}, best {json.dumps(best)}")
-        if "config" in ck:
-            before, now = json.loads(ck["config"]), cfg.model_dump(mode="json")
-            changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in ("resume", "init") and before.get(k) != v]
-            if changed:
-                log(f"note: options changed since the checkpoint (the run is no longer one uninterrupted run): {', '.join(changed)}")
+        with contextlib.suppress(TypeError, ValueError):
+            was_on = json.loads(ck.get("config", "{}")).get("device_used")
+            if was_on and was_on != str(device):
+                log(f"note: the run was on {was_on} and continues on {device}: not bit for bit the uninterrupted run")
 
     def checkpoint() -> None:
         state = {
@@ -221,7 +314,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             "best": json.dumps(best),
             "init_validation": json.dumps(init_val),
             "rng": _rng_state(device),
-            "config": cfg.model_dump_json(),
+            "config": json.dumps({**cfg.model_dump(mode="json"), "identity": _identity(cfg), "device_used": str(device)}),
         }
         save_atomic(state, cfg.out / "last.pt")
 
@@ -244,7 +337,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if amp else contextlib.nullcontext
     model.train()
-    t0, run_loss = time.time(), 0.0
+    t0, run_loss, bad_steps = time.time(), 0.0, 0
     while step < cfg.steps:
         batch = task.augment(tuple(t.to(device) for t in task.sampler.batch(step)), step)
         with autocast():
@@ -256,7 +349,13 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         scaler.update()
         sched.step()
         step += 1
-        run_loss += loss.item()
+        value = loss.item()
+        bad_steps = bad_steps + 1 if not math.isfinite(value) else 0
+        if bad_steps > (50 if amp else 0):  # (with --amp the scaler skips a step of overflowing float16 gradients)
+            raise FundusError(f"the training loss is {value} at step {step}: the run diverged; nothing of this step was saved"
+                              + (f" (last.pt holds step {step - step % cfg.ckpt_every})" if step > cfg.ckpt_every else ""),
+                              hint="start again in a new --out with a lower --lr")
+        run_loss += value
         if step % LOG_EVERY == 0:
             log(f"step {step} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / LOG_EVERY:.2f}s/step")
             run_loss, t0 = 0.0, time.time()
@@ -268,6 +367,8 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
                 best = {"step": step, **v}
                 save_atomic(model.state_dict(), cfg.out / "best.pt")
                 log(f"new best {json.dumps(best)}")
+                if not (cfg.out / "last.pt").exists() and step % cfg.ckpt_every and step != cfg.steps:
+                    checkpoint()  # a run with a best.pt is always resumable (one killed now could be neither resumed nor restarted)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             checkpoint()
 
@@ -283,8 +384,8 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
-    tmp = cfg.out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(cfg.out / "summary.json")
+    from fundus_pipeline.io import write_bytes_atomic
+
+    write_bytes_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2).encode())
     log(f"done: {json.dumps(best)}")
     return summary

@@ -24,6 +24,7 @@ best.pt by SROCC.
 from __future__ import annotations
 
 import csv
+import math
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable
@@ -187,8 +188,22 @@ def read_pairs(set_dir: Path, split: str) -> list[dict]:
         from fundus_pipeline.errors import UsageError
 
         raise UsageError(f"{set_dir} is not a quality set (no pairs.csv)", "build one with `fundus build quality-set`")
-    with open(Path(set_dir) / "pairs.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r["split"] == split]
+    from fundus_pipeline.errors import UsageError
+
+    path = Path(set_dir) / "pairs.csv"
+    rows = []
+    with open(path, newline="") as f:
+        for n, r in enumerate(csv.DictReader(f), start=2):
+            if r.get("split") != split:
+                continue
+            try:
+                if not all(math.isfinite(float(r[c])) for c in ("label", "deg_label")):
+                    raise ValueError("not finite")
+            except (KeyError, TypeError, ValueError) as e:
+                raise UsageError(f"{path} line {n}: not a quality set's row (label and deg_label must be numbers; {type(e).__name__}: {e})",
+                                 "rebuild it with `fundus build quality-set`") from None
+            rows.append(r)
+    return rows
 
 
 class PairReader:
@@ -242,9 +257,17 @@ def load_streams(model: nn.Module, cnn_init: str | None, vit_init: str | None) -
     the ViT stream from pretext weights (each a shipped name or a file; None: left random)."""
     from fundus_pipeline.models.weights import load_state_dict, resolve_weights
 
+    from fundus_pipeline.errors import WeightsError
+
     cnn = load_state_dict(resolve_weights(cnn_init)) if cnn_init and getattr(model, "cnn", None) is not None else None
     vit = load_state_dict(resolve_weights(vit_init)) if vit_init and getattr(model, "vit", None) is not None else None
-    model.load_streams(cnn, vit)
+    try:
+        model.load_streams(cnn, vit)
+    except RuntimeError as e:  # weights of another width: one line naming the option (was an internal error)
+        which = "--cnn-init" if "cnn" in str(e).lower() or "IMFF" in str(e) else "--cnn-init or --vit-init"
+        raise WeightsError(f"{which} ({cnn_init if which == '--cnn-init' else f'{cnn_init}, {vit_init}'}): the weights do not fit this "
+                           f"architecture's frozen stream ({str(e).splitlines()[0]})",
+                           "pass weights of the matching width (see `fundus models`), or --cnn-init none / --vit-init none") from None
 
 
 MIN_CAMERA_PAIRS = 3  # fewer pairs of a camera give no per-camera validation SROCC
