@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import hashlib
 import json
 import os
@@ -50,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, interrupts_deferred, is_empty, manifest_stage, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
+    input_changed, interrupts_deferred, is_empty, manifest_stage, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -245,19 +244,10 @@ def _pid_alive(pid: int) -> bool:
 
 def _in_use(d: Path) -> bool:
     """Whether a process holds ``d``'s ``.alive`` lock (a folder without one, from an older version: unknown, False)."""
-    import fcntl
-
-    try:
-        fd = os.open(d / ALIVE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
+    fd, busy = probe_lock(d / ALIVE, exclusive=True)
+    if fd is not None:
         os.close(fd)
-    return False
+    return busy
 
 
 def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) -> list[Path]:
@@ -287,22 +277,15 @@ def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) ->
 def stage_locks(dirs: list[Path], shown: Path):
     """Hold each stage folder's lock (``.fundus-lock``) while the block removes them: one that another process
     holds (a stage command writing there) is refused, exit 2, before anything is removed."""
-    import fcntl
-
     held = []
     try:
         for d in dirs:
-            try:
-                fd = os.open(d / LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-            except OSError:
-                continue  # no lock file: no fundus process has written there
-            held.append(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise UsageError(f"--overwrite: another fundus command is writing to {shown / d.name}; nothing was removed: "
-                                     "wait for it to finish or choose another output folder") from None
+            fd, busy = probe_lock(d / LOCK, exclusive=True)  # no lock file: no fundus process has written there
+            if fd is not None:
+                held.append(fd)
+            if busy:
+                raise UsageError(f"--overwrite: another fundus command is writing to {shown / d.name}; nothing was removed: "
+                                 "wait for it to finish or choose another output folder")
         yield
     finally:
         for fd in held:

@@ -335,6 +335,23 @@ def _create_output(out_dir: Path, shown: Path) -> None:
 _HELD_LOCKS: set[tuple[int, int]] = set()  # (device, inode) of the output locks this process holds
 
 
+def probe_lock(path: Path, exclusive: bool = False) -> tuple[int | None, bool]:
+    """Open the lock file ``path`` (never through a link) and try to flock it without waiting: (its fd, or None
+    when there is no such file; whether another holder has it). The lock taken stays until the caller closes
+    the fd."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None, False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as e:
+        return fd, e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    return fd, False
+
+
 class OutputLock:
     """An exclusive advisory lock on ``OUT/.fundus-lock`` held for the whole run, so that a second run
     into the same folder is refused at once (exit 2) instead of interleaving with the first."""
@@ -395,25 +412,17 @@ class OutputLock:
     def _check_parent(self) -> None:
         """Refuse a stage folder of a ``fundus run`` that another process is running (its OUT's lock is held,
         not by this process): a stage command writing there replaced the chain's results under it."""
-        import fcntl
-
         parent = self.path.parent.parent / LOCK
-        try:
-            fd = os.open(parent, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
-            return  # none (or not a lock fundus could have taken)
-        try:
-            st = os.fstat(fd)
+        with contextlib.suppress(OSError):
+            st = os.stat(parent, follow_symlinks=False)
             if (st.st_dev, st.st_ino) in _HELD_LOCKS:
                 return  # this process's own run: fundus run's stages
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise UsageError(f"another fundus command is writing to {self.shown.parent}, which holds {self.shown} "
-                                     "(a stage folder of a running `fundus run`, say); wait for it to finish or choose another output folder") from None
-        finally:
+        fd, held = probe_lock(parent)
+        if fd is not None:
             os.close(fd)  # releases the shared lock at once
+        if held:
+            raise UsageError(f"another fundus command is writing to {self.shown.parent}, which holds {self.shown} "
+                             "(a stage folder of a running `fundus run`, say); wait for it to finish or choose another output folder")
 
     def intact(self) -> bool:
         """Whether the lock file is still the one this run holds: False when the output folder was removed or

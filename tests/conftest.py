@@ -101,3 +101,15 @@ def fake_data(tmp_path_factory) -> Path:
         rows.append(f"{name},{k % 3},0")
     (ep / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+@pytest.fixture()
+def two(tmp_path) -> Path:
+    """Two small synthetic photographs in tmp_path/in (p0.png, p1.png)."""
+    from PIL import Image
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(synthetic_fundus(48, 48, seed=i)).save(d / f"p{i}.png")
+    return d

@@ -20,10 +20,8 @@ from tests.test_refusals import _err
 from tests.test_train_segment import _args, _train
 
 
-@pytest.fixture()
-def stopped(fake_data, tmp_path, monkeypatch) -> Path:
-    """A segment run interrupted at step 2 (last.pt at step 2, of 4)."""
-    out = tmp_path / "run"
+def _interrupted_at_step_2(monkeypatch, *args: str) -> None:
+    """``fundus train segment ARGS`` interrupted (Ctrl-C) as it starts step 2."""
     real = trainer.PatchSampler.batch
 
     def interrupt_at_step_2(self, step):
@@ -32,8 +30,15 @@ def stopped(fake_data, tmp_path, monkeypatch) -> Path:
         return real(self, step)
 
     monkeypatch.setattr(trainer.PatchSampler, "batch", interrupt_at_step_2)
-    assert _train(*_args(fake_data, out)) == 130
+    assert _train(*args) == 130
     monkeypatch.setattr(trainer.PatchSampler, "batch", real)
+
+
+@pytest.fixture()
+def stopped(fake_data, tmp_path, monkeypatch) -> Path:
+    """A segment run interrupted at step 2 (last.pt at step 2, of 4)."""
+    out = tmp_path / "run"
+    _interrupted_at_step_2(monkeypatch, *_args(fake_data, out))
     return out
 
 
@@ -76,18 +81,9 @@ def test_an_interrupted_training_says_so(fake_data, tmp_path, capsys, monkeypatc
 # D4: a run killed after its first best.pt and before its first last.pt could be neither resumed nor restarted
 def test_a_run_with_a_best_pt_is_always_resumable(fake_data, tmp_path, monkeypatch):
     out = tmp_path / "r"
-    real = trainer.PatchSampler.batch
-
-    def interrupt_at_step_2(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(trainer.PatchSampler, "batch", interrupt_at_step_2)
     args = _args(fake_data, out, "--val-every", "1", "--ckpt-every", "3")
-    assert _train(*args) == 130
+    _interrupted_at_step_2(monkeypatch, *args)
     assert (out / "best.pt").exists() and (out / "last.pt").exists()  # was: best.pt alone
-    monkeypatch.setattr(trainer.PatchSampler, "batch", real)
     assert _train(*args, "--resume") == 0
 
 

@@ -27,15 +27,6 @@ def run(*args) -> int:
     return main([str(a) for a in args])
 
 
-@pytest.fixture()
-def two(tmp_path) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(2):
-        Image.fromarray(synthetic_fundus(48, 48, seed=i)).save(d / f"p{i}.png")
-    return d
-
-
 def test_a_stage_command_refuses_the_stage_folder_of_a_chain_another_process_runs(two, tmp_path, capsys):
     chain = tmp_path / "out"
     (chain / "grade").mkdir(parents=True)

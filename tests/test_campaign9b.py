@@ -20,26 +20,13 @@ import pytest
 from PIL import Image
 
 from fundus_pipeline import chain, runner
-from fundus_pipeline.cli import main
 from fundus_pipeline.errors import FundusError
 from tests.conftest import synthetic_fundus
+from tests.test_campaign9 import run
 from tests.test_refusals import _err
 from tests.test_run import photos, tiny, tiny_args  # noqa: F401  (photos and tiny are fixtures)
 
 TEMP = ".manifest.json.0123456789ab.tmp"  # a write that a kill -9 cut short (io.open_atomic's name)
-
-
-def run(*args) -> int:
-    return main([str(a) for a in args])
-
-
-@pytest.fixture()
-def two(tmp_path) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    for i in range(2):
-        Image.fromarray(synthetic_fundus(48, 48, seed=i)).save(d / f"p{i}.png")
-    return d
 
 
 def _killed_at_start(out: Path, temp: str = TEMP) -> None:
