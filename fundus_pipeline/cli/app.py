@@ -206,7 +206,9 @@ def _from_multiprocessing(e: BaseException) -> bool:
 
 
 def _os_error(e: OSError, argv: list[str] | None) -> int:
-    if _from_multiprocessing(e):  # a helper process of multiprocessing is gone (its resource tracker, killed)
+    import errno
+
+    if e.errno == errno.EPIPE and _from_multiprocessing(e):  # a helper process of multiprocessing is gone (its resource tracker, killed)
         _err(f"a helper process of the run's worker pool is gone: {type(e).__name__}: {e.strerror or e}",
              "rerun with --resume; the items already done are kept")
         return EXIT_FATAL

@@ -352,9 +352,8 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         value = loss.item()
         bad_steps = bad_steps + 1 if not math.isfinite(value) else 0
         if bad_steps > (50 if amp else 0):  # (with --amp the scaler skips a step of overflowing float16 gradients)
-            raise FundusError(f"the training loss is {value} at step {step}: the run diverged; nothing of this step was saved"
-                              + (f" (last.pt holds step {step - step % cfg.ckpt_every})" if step > cfg.ckpt_every else ""),
-                              hint="start again in a new --out with a lower --lr")
+            raise FundusError(f"the training loss is {value} at step {step}: the run diverged; nothing of this step was saved "
+                              "(last.pt, if written, holds the last finite checkpoint)", hint="start again in a new --out with a lower --lr")
         run_loss += value
         if step % LOG_EVERY == 0:
             log(f"step {step} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / LOG_EVERY:.2f}s/step")
