@@ -61,7 +61,7 @@ def test_a_resume_on_other_data_is_refused_and_where_it_runs_may_change(stopped,
     assert _train(*_args(other, stopped, "--resume")) == 2  # was: trained on the other images, exit 0
     assert "was written with --data" in _err(capsys)
     moved = tmp_path / "moved"
-    shutil.move(stopped, moved)  # the folder moved, another thread count and checkpoint interval: the same run
+    shutil.move(stopped, moved)  # the folder moved, another thread count and checkpoint interval: accepted
     assert _train(*_args(fake_data, moved, "--resume", "--threads", "2", "--ckpt-every", "3")) == 0
     assert torch.load(moved / "last.pt", map_location="cpu", weights_only=True)["step"] == 4
 
@@ -212,3 +212,67 @@ def test_building_the_frozen_segmenter_leaves_the_rng_alone():
     before = torch.get_rng_state()
     frozen_segmenter(torch.device("cpu"))
     assert torch.equal(before, torch.get_rng_state())
+
+
+# Review 10c of these mends
+def test_a_resume_on_another_thread_count_says_it_is_not_bit_for_bit(stopped, fake_data):
+    assert _train(*_args(fake_data, stopped, "--resume", "--threads", "2")) == 0
+    assert "continues on 2: not bit for bit the uninterrupted run" in (stopped / "train.log").read_text()
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_with_the_resume_hint(fake_data, tmp_path, capsys, monkeypatch):
+    from fundus_pipeline.train import loop
+
+    real = loop.torch.save
+
+    def full(obj, path, *a, **k):
+        if Path(path).name == "last.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(loop.torch, "save", full)
+    capsys.readouterr()
+    assert _train(*_args(fake_data, tmp_path / "r")) == 1  # was: an internal error
+    err = _err(capsys)
+    assert "cannot write" in err and "last.pt" in err and "Hint: free space, then rerun with --resume" in err
+    assert (tmp_path / "r" / "train.log").exists()  # a run that trained keeps its log
+
+
+def test_a_grade_set_given_by_another_spelling_resumes_and_a_rebuilt_one_is_refused(grade_set, fake_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from fundus_pipeline.train import grade as trainer_g
+
+    gs = tmp_path / "gs"
+    shutil.copytree(grade_set, gs)
+    real = trainer_g.GradeSampler.batch
+
+    def interrupted(out: Path) -> None:
+        def interrupt(self, step):
+            if step == 2:
+                raise KeyboardInterrupt
+            return real(self, step)
+
+        monkeypatch.setattr(trainer_g.GradeSampler, "batch", interrupt)
+        assert _train_grade(gs, fake_data, out) == 130
+        monkeypatch.setattr(trainer_g.GradeSampler, "batch", real)
+
+    interrupted(tmp_path / "o")
+    monkeypatch.chdir(tmp_path)
+    assert _train_grade(Path("gs"), fake_data, tmp_path / "o", "--resume") == 0  # relative now, absolute then (was: exit 2)
+    interrupted(tmp_path / "o2")
+    with open(gs / "labels.csv", "a") as f:
+        f.write("\n")  # the set rebuilt or edited in place
+    capsys.readouterr()
+    assert _train_grade(gs, fake_data, tmp_path / "o2", "--resume") == 2  # was: trained on with the other set
+    assert "was written with --grade-set whose labels.csv has changed since" in _err(capsys)
+
+
+def test_a_run_killed_before_its_first_last_pt_can_start_again(fake_data, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "train.log").write_text("12:00:00 new best {}\n")  # killed while its first last.pt was written
+    torch.save({}, out / "best.pt")
+    assert _train(*_args(fake_data, out)) == 0  # was: refused ('pass --resume'), and --resume refused too
+    alone = tmp_path / "a"
+    alone.mkdir()
+    torch.save({}, alone / "best.pt")  # a best.pt without a run's log: not fundus's to replace
+    assert _train(*_args(fake_data, alone)) == 2

@@ -78,7 +78,9 @@ class TrainConfig(BaseModel):
             raise ValueError("--resume continues OUT/last.pt; it cannot be combined with --init")
         if self.resume and not last.is_file():
             raise ValueError(f"--resume: {last} does not exist (start without --resume)")
-        if not self.resume and any((self.out / f).exists() for f in ("last.pt", "best.pt")):
+        # a run: last.pt, or a best.pt that no interrupted run of fundus left (one killed before its first last.pt
+        # has train.log beside it, cannot be resumed, and starts again)
+        if not self.resume and ((self.out / "last.pt").exists() or ((self.out / "best.pt").exists() and not (self.out / "train.log").exists())):
             raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out")
         root = getattr(self, "data_root", None)  # the datasets are read, never written
         if root is not None:

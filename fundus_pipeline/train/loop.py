@@ -96,17 +96,21 @@ class Task(ABC):
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary folder beside ``path``, then rename: readers never see a partial file,
     and the bytes are those of a direct ``torch.save(obj, path)`` (torch names the archive after the file)."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        torch.save(obj, tmpdir / path.name)
-        fd = os.open(tmpdir / path.name, os.O_RDONLY)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            os.fsync(fd)  # on disk before it takes the name: a power cut leaves the old file or the new one
+            torch.save(obj, tmpdir / path.name)
+            fd = os.open(tmpdir / path.name, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before it takes the name: a power cut leaves the old file or the new one
+            finally:
+                os.close(fd)
+            os.replace(tmpdir / path.name, path)
         finally:
-            os.close(fd)
-        os.replace(tmpdir / path.name, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError ("enforce fail ...")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FundusError(f"cannot write {path}: {why}", hint="free space, then rerun with --resume (the previous checkpoint is intact)") from None
 
 
 def _remove_stale_saves(out: Path) -> None:
@@ -121,25 +125,43 @@ def _remove_stale_saves(out: Path) -> None:
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "init", "threads", "device", "ckpt_every", "cache"})
 
 
+#: Options naming folders: compared as the folder they resolve to (and a set by its table's sha256).
+_SET_TABLES = {"grade_set": "labels.csv", "quality_set": "pairs.csv"}
+_PATH_KEYS = ("data", *_SET_TABLES, *(f"{k}_table_sha256" for k in _SET_TABLES))
+
+
 def _identity(cfg: TrainConfig) -> dict:
     """What a resume must keep: the configuration without RESUME_MAY_CHANGE, with the dataset root resolved
-    (``--data`` unset means $FUNDUS_DATA or ../shared/data: another root is another run)."""
+    (``--data`` unset means $FUNDUS_DATA or ../shared/data: another root is another run) and a grade or
+    quality set compared as the folder it is and by its table's sha256 (a set rebuilt in place is another)."""
+    from fundus_pipeline.models.weights import sha256_file
+
     rec = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE}
     root = getattr(cfg, "data_root", None)
     if root is not None:
         rec["data"] = str(Path(root).resolve())
+    for key, table in _SET_TABLES.items():
+        folder = getattr(cfg, key, None)
+        if folder is not None:
+            rec[key] = str(Path(folder).resolve())
+            with contextlib.suppress(OSError):
+                rec[f"{key}_table_sha256"] = sha256_file(Path(folder) / table)
     return rec
 
 
-def _load_checkpoint(cfg: TrainConfig) -> dict:
+def _load_checkpoint(cfg: TrainConfig, note: list[str]) -> dict:
     """OUT/last.pt, checked: unreadable (empty, truncated) or non-finite weights are a one-line WeightsError
     (exit 1); a checkpoint written with other options is a UsageError (exit 2) naming the first one."""
     from fundus_pipeline.errors import UsageError, WeightsError
 
+    import pickle
+
     path = cfg.out / "last.pt"
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # EOFError for an empty file, RuntimeError for a truncated archive, ...
+    except OSError as e:  # not damaged: unreadable now (permissions, an I/O error)
+        raise FundusError(f"--resume: cannot read {path}: {e.strerror or e}") from None
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # an empty file, a truncated archive, ...
         raise WeightsError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})",
                            hint="it cannot be continued: start again in a new --out (best.pt, if there, is a plain state dict)") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "step" not in ck:
@@ -156,15 +178,25 @@ def _load_checkpoint(cfg: TrainConfig) -> dict:
         if isinstance(before, dict):
             was = dict(before.get("identity") or {k: v for k, v in before.items() if k not in RESUME_MAY_CHANGE})
             now = _identity(cfg)
-            if "data" not in (before.get("identity") or {}):
-                was.pop("data", None)  # older checkpoints recorded --data as given, not the root it meant
-                now.pop("data", None)
+            if "identity" not in before:
+                for k in _PATH_KEYS:  # older checkpoints recorded folders as typed, not the folder they meant
+                    was.pop(k, None)
+                    now.pop(k, None)
+            threads_was = before.get("threads_used")
+            if threads_was and threads_was != torch.get_num_threads():
+                note.append(f"note: the run used {threads_was} CPU threads and continues on {torch.get_num_threads()}: "
+                            "not bit for bit the uninterrupted run (give --threads to keep it)")
             changed = [k for k in sorted(was) if k in now and was[k] != now[k]]  # an option added since: its default
             if changed:
                 from fundus_pipeline.train.config import option_name
 
                 k = changed[0]
-                raise UsageError(f"--resume: {path} was written with {option_name(k)} {was.get(k)!r}, not {now.get(k)!r}"
+                if k.endswith("_table_sha256"):
+                    key = k.removesuffix("_table_sha256")
+                    what = f"{option_name(key)} whose {_SET_TABLES[key]} has changed since (the set was rebuilt or edited)"
+                else:
+                    what = f"{option_name(k)} {was.get(k)!r}, not {now.get(k)!r}"
+                raise UsageError(f"--resume: {path} was written with {what}"
                                  + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
                                  + "; a resumed run keeps its options (only --threads, --device, --ckpt-every and --out may change)",
                                  hint="resume with the same options, or start a new run (--init OUT/last.pt continues from its weights)")
@@ -228,14 +260,15 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     except OSError as e:
         raise FundusError(f"cannot create --out {cfg.out}: {e.strerror or e}") from None
     refused = False
+    progress = {"training": False}  # set once the first step starts: a later error is no refusal
     lock = OutputLock(cfg.out, cfg.out)
     try:
         with lock:  # a second training into OUT is refused (exit 2), not interleaved
             log = _RunLog(cfg.out / "train.log")
             try:
-                return _fit(task, cfg, device, amp, log)
+                return _fit(task, cfg, device, amp, log, progress)
             except FundusError:
-                refused = True
+                refused = not progress["training"]
                 raise
             except KeyboardInterrupt:
                 last = cfg.out / "last.pt"
@@ -243,28 +276,30 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
                 raise
             finally:
                 log.close()
-                if refused and new_log and not (cfg.out / "last.pt").exists():
+                if refused and not (cfg.out / "last.pt").exists():
                     # Refused before training (weights that do not fit, data that is not there): leave nothing
-                    # behind that this run made, unless it got as far as a checkpoint.
-                    (cfg.out / "train.log").unlink(missing_ok=True)
+                    # behind that this run made, unless it got as far as a checkpoint; the lock file is removed
+                    # while still held (a run that opened it meanwhile is refused, never let in by a late unlink).
+                    if new_log:
+                        (cfg.out / "train.log").unlink(missing_ok=True)
+                    if lock.created:
+                        (cfg.out / LOCK).unlink(missing_ok=True)
     except FundusError:
-        refused = True
+        refused = refused or not progress["training"]
         raise
     finally:
-        if refused and not (cfg.out / "last.pt").exists():
-            if lock.created:  # (the lock removes its file itself after a usage error)
-                (cfg.out / LOCK).unlink(missing_ok=True)
-            if new_out:
-                with contextlib.suppress(OSError):
-                    cfg.out.rmdir()  # only if empty
+        if refused and new_out and not (cfg.out / "last.pt").exists():
+            with contextlib.suppress(OSError):
+                cfg.out.rmdir()  # only if empty
 
 
-def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _RunLog) -> dict:
+def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _RunLog, progress: dict) -> dict:
     from fundus_pipeline.errors import UsageError
 
     _remove_stale_saves(cfg.out)
     model = task.build_model()
-    ck = _load_checkpoint(cfg) if cfg.resume else None  # checked before the data is loaded
+    notes: list[str] = []
+    ck = _load_checkpoint(cfg, notes) if cfg.resume else None  # checked before the data is loaded
     if ck is not None:
         try:
             model.load_state_dict(ck["model"])
@@ -299,10 +334,14 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         if not isinstance(best, dict) or "step" not in best:
             best = None  # no validation yet (older checkpoints stored {"f1": -1.0})
         log(f"resumed at step {step}, best {json.dumps(best)}")
+        for line in notes:
+            log(line)
         with contextlib.suppress(TypeError, ValueError):
             was_on = json.loads(ck.get("config", "{}")).get("device_used")
             if was_on and was_on != str(device):
                 log(f"note: the run was on {was_on} and continues on {device}: not bit for bit the uninterrupted run")
+
+    identity = _identity(cfg)  # (the set tables hashed once)
 
     def checkpoint() -> None:
         state = {
@@ -314,7 +353,8 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             "best": json.dumps(best),
             "init_validation": json.dumps(init_val),
             "rng": _rng_state(device),
-            "config": json.dumps({**cfg.model_dump(mode="json"), "identity": _identity(cfg), "device_used": str(device)}),
+            "config": json.dumps({**cfg.model_dump(mode="json"), "identity": identity, "device_used": str(device),
+                                  "threads_used": torch.get_num_threads()}),
         }
         save_atomic(state, cfg.out / "last.pt")
 
@@ -338,6 +378,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     autocast = (lambda: torch.autocast(device.type, dtype=torch.float16)) if amp else contextlib.nullcontext
     model.train()
     t0, run_loss, bad_steps = time.time(), 0.0, 0
+    progress["training"] = True
     while step < cfg.steps:
         batch = task.augment(tuple(t.to(device) for t in task.sampler.batch(step)), step)
         with autocast():
