@@ -276,3 +276,31 @@ def test_a_run_killed_before_its_first_last_pt_can_start_again(fake_data, tmp_pa
     alone.mkdir()
     torch.save({}, alone / "best.pt")  # a best.pt without a run's log: not fundus's to replace
     assert _train(*_args(fake_data, alone)) == 2
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(fake_data, tmp_path, capsys, monkeypatch):
+    real, calls = torch.optim.Adam.step, [0]
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    capsys.readouterr()
+    assert _train(*_args(fake_data, tmp_path / "r")) == 1
+    assert "the weights hold NaN or infinite values at step 2" in _err(capsys)
+    assert torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)["step"] == 1
+
+
+def test_an_unreadable_sources_cache_is_prepared_again(fake_data, tmp_path):
+    from fundus_pipeline.train.enhance import prepare_sources, resolve_segmenter
+
+    cache = tmp_path / "src.npz"
+    cache.write_bytes(b"")  # a kill while it was written, say
+    lines = []
+    sources = prepare_sources(fake_data, 64, resolve_segmenter(), cache, lines.append)  # was: EOFError, an internal error
+    assert sources and any("cannot be read (EOFError); preparing again" in m for m in lines)

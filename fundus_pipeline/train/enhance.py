@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -167,12 +168,16 @@ def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path 
     listing = source_list(root)
     digest = hashlib.sha256(json.dumps([size, _sources_fingerprint(listing), _sha256(segmenter_weights)]).encode()).hexdigest()[:16]
     if cache is not None and cache.is_file():
-        z = np.load(cache, allow_pickle=False)
-        if str(z["digest"]) == digest:
-            meta = json.loads(str(z["meta"]))
-            rgb, fov, ves = z["rgb"], z["fov"], z["vessels"]  # each access of z[...] reads the whole array
-            return [Source(m["name"], rgb[i], fov[i], ves[i], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"]) for i, m in enumerate(meta)]
-        log(f"{cache} was prepared from other data or options; preparing again")
+        try:
+            z = np.load(cache, allow_pickle=False)
+            same = str(z["digest"]) == digest
+            if same:
+                meta = json.loads(str(z["meta"]))
+                rgb, fov, ves = z["rgb"], z["fov"], z["vessels"]  # each access of z[...] reads the whole array
+                return [Source(m["name"], rgb[i], fov[i], ves[i], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"]) for i, m in enumerate(meta)]
+            log(f"{cache} was prepared from other data or options; preparing again")
+        except (EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as e:  # empty, cut short by a kill, not a cache
+            log(f"{cache} cannot be read ({type(e).__name__}); preparing again")
     from fundus_pipeline.models.weights import load_model
 
     with torch.random.fork_rng(devices=[]):  # (as frozen_segmenter: a run's RNG state must not depend on whether the cache existed)

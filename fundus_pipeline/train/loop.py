@@ -343,6 +343,12 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
 
     identity = _identity(cfg)  # (the set tables hashed once)
 
+    def check_finite() -> None:
+        """A finite loss can still leave non-finite weights after the step: never validated or saved."""
+        if any(p.is_floating_point() and not torch.isfinite(p).all() for p in model.state_dict().values()):
+            raise FundusError(f"the weights hold NaN or infinite values at step {step}: the run diverged; last.pt was not replaced",
+                              hint="start again in a new --out with a lower --lr")
+
     def checkpoint() -> None:
         state = {
             "model": model.state_dict(),
@@ -399,6 +405,8 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         if step % LOG_EVERY == 0:
             log(f"step {step} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / LOG_EVERY:.2f}s/step")
             run_loss, t0 = 0.0, time.time()
+        if step % cfg.val_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
+            check_finite()
         if step % cfg.val_every == 0 or step == cfg.steps:
             v = validation()
             log(f"val step {step}: {json.dumps(v)}")
