@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import shutil
 from pathlib import Path
 
@@ -304,3 +305,13 @@ def test_an_unreadable_sources_cache_is_prepared_again(fake_data, tmp_path):
     lines = []
     sources = prepare_sources(fake_data, 64, resolve_segmenter(), cache, lines.append)  # was: EOFError, an internal error
     assert sources and any("cannot be read (EOFError); preparing again" in m for m in lines)
+
+
+def test_a_resumed_fine_tune_is_recorded_with_its_init_and_amp_off_cuda_is_no_option(fake_data, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    assert _train(*_args(fake_data, base, "--steps", "1")) == 0
+    out = tmp_path / "ft"
+    _interrupted_at_step_2(monkeypatch, *_args(fake_data, out, "--init", str(base / "last.pt"), "--amp"))
+    assert _train(*_args(fake_data, out, "--resume")) == 0  # without --amp: it had no effect on the CPU (was: exit 2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["init"] == str(base / "last.pt") and "--init" in summary["argv"]  # was: lost on resume

@@ -130,13 +130,15 @@ _SET_TABLES = {"grade_set": "labels.csv", "quality_set": "pairs.csv"}
 _PATH_KEYS = ("data", *_SET_TABLES, *(f"{k}_table_sha256" for k in _SET_TABLES))
 
 
-def _identity(cfg: TrainConfig) -> dict:
+def _identity(cfg: TrainConfig, device: torch.device | None = None) -> dict:
     """What a resume must keep: the configuration without RESUME_MAY_CHANGE, with the dataset root resolved
     (``--data`` unset means $FUNDUS_DATA or ../shared/data: another root is another run) and a grade or
     quality set compared as the folder it is and by its table's sha256 (a set rebuilt in place is another)."""
     from fundus_pipeline.models.weights import sha256_file
 
     rec = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE}
+    if device is not None and device.type != "cuda":
+        rec.pop("amp", None)  # no effect off CUDA: a CPU run resumed without --amp is the same run
     root = getattr(cfg, "data_root", None)
     if root is not None:
         rec["data"] = str(Path(root).resolve())
@@ -149,7 +151,7 @@ def _identity(cfg: TrainConfig) -> dict:
     return rec
 
 
-def _load_checkpoint(cfg: TrainConfig, note: list[str]) -> dict:
+def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | None = None) -> dict:
     """OUT/last.pt, checked: unreadable (empty, truncated) or non-finite weights are a one-line WeightsError
     (exit 1); a checkpoint written with other options is a UsageError (exit 2) naming the first one."""
     from fundus_pipeline.errors import UsageError, WeightsError
@@ -177,7 +179,7 @@ def _load_checkpoint(cfg: TrainConfig, note: list[str]) -> dict:
             before = None
         if isinstance(before, dict):
             was = dict(before.get("identity") or {k: v for k, v in before.items() if k not in RESUME_MAY_CHANGE})
-            now = _identity(cfg)
+            now = _identity(cfg, device)
             if "identity" not in before:
                 for k in _PATH_KEYS:  # older checkpoints recorded folders as typed, not the folder they meant
                     was.pop(k, None)
@@ -299,7 +301,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     _remove_stale_saves(cfg.out)
     model = task.build_model()
     notes: list[str] = []
-    ck = _load_checkpoint(cfg, notes) if cfg.resume else None  # checked before the data is loaded
+    ck = _load_checkpoint(cfg, notes, device) if cfg.resume else None  # checked before the data is loaded
     if ck is not None:
         try:
             model.load_state_dict(ck["model"])
@@ -341,7 +343,12 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             if was_on and was_on != str(device):
                 log(f"note: the run was on {was_on} and continues on {device}: not bit for bit the uninterrupted run")
 
-    identity = _identity(cfg)  # (the set tables hashed once)
+    identity = _identity(cfg, device)  # (the set tables hashed once)
+    # a resumed fine-tune is recorded (checkpoints, summary) with the --init it started from: --resume cannot repeat it
+    started_from = None
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        started_from = json.loads(ck["config"]).get("init") if ck is not None else None
+    recorded = cfg.model_copy(update={"init": Path(started_from)}) if started_from and cfg.init is None else cfg
 
     def check_finite() -> None:
         """A finite loss can still leave non-finite weights after the step: never validated or saved."""
@@ -359,7 +366,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             "best": json.dumps(best),
             "init_validation": json.dumps(init_val),
             "rng": _rng_state(device),
-            "config": json.dumps({**cfg.model_dump(mode="json"), "identity": identity, "device_used": str(device),
+            "config": json.dumps({**recorded.model_dump(mode="json"), "identity": identity, "device_used": str(device),
                                   "threads_used": torch.get_num_threads()}),
         }
         save_atomic(state, cfg.out / "last.pt")
@@ -423,12 +430,12 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     summary = {
         "task": task.name,
         **task.summary(),
-        "argv": ["fundus", "train", task.name, *cfg.to_argv()],
+        "argv": ["fundus", "train", task.name, *recorded.to_argv()],
         "steps": cfg.steps,
         "seed": cfg.seed,
         "best": best,
         **({"init_validation": init_val} if init_val is not None else {}),
-        "config": cfg.model_dump(mode="json"),
+        "config": recorded.model_dump(mode="json"),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
