@@ -185,7 +185,7 @@ class SourcesConfig(TrainConfig):
     the dataset root and the cache of the prepared sources."""
 
     data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/, HRF/ and HEI-MED/ [default: $FUNDUS_DATA, else ../shared/data].")
-    cache: Path | None = Field(None, description="File caching the prepared canonical training sources (shared by `fundus train enhance` and `pretext`; prepared again when the data files, the size or the segmenter differ) [default: OUT/sources.npz].")
+    cache: Path | None = Field(None, description="File caching the prepared canonical training sources (shared by `fundus train enhance` and `pretext`; prepared again when the data files, the size or the segmenter differ; each source is kept as soon as it is prepared, in .NAME.parts next to it, until every source is there) [default: OUT/sources.npz].")
 
     @field_validator("data")
     @classmethod

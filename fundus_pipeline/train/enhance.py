@@ -34,6 +34,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,10 +165,22 @@ def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
     return Source(name, c_rgb.astype(np.float32), c_fov, c_ves.astype(np.float32), disc, kind, disc_kind)
 
 
-def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path | None, log: Callable[[str], None] = print) -> list[Source]:
-    """Every clean training source in the canonical frame (cached in ``cache`` when given)."""
+def prepare_sources(
+    root: Path, size: int, segmenter_weights: Path, cache: Path | None, log: Callable[[str], None] = print,
+    datasets: tuple[str, ...] | None = None,
+) -> list[Source]:
+    """The clean training sources of ``datasets`` (default: all three) in the canonical frame.
+
+    With a ``cache`` file: it is loaded when it holds every source of the data as it is now (its digest
+    covers the size, the bytes of every source file and the segmenter). Otherwise each source is prepared
+    and saved at once in the folder ``.CACHE.parts`` next to it, keyed by that source's own digest, so an
+    interrupted preparation loses at most one source and a run on some of the datasets prepares only
+    theirs; once every source is there, the cache file is written and the parts folder removed."""
     listing = source_list(root)
-    digest = hashlib.sha256(json.dumps([size, _sources_fingerprint(listing), _sha256(segmenter_weights)]).encode()).hexdigest()[:16]
+    seg_sha = _sha256(segmenter_weights)
+    file_sha = _memo(_sha256)
+    digest = hashlib.sha256(json.dumps([size, _sources_fingerprint(listing, file_sha), seg_sha]).encode()).hexdigest()[:16]
+    wanted = [(n, info) for n, info in listing if datasets is None or n.split("/")[0] in datasets]
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
@@ -174,39 +188,114 @@ def prepare_sources(root: Path, size: int, segmenter_weights: Path, cache: Path 
             if same:
                 meta = json.loads(str(z["meta"]))
                 rgb, fov, ves = z["rgb"], z["fov"], z["vessels"]  # each access of z[...] reads the whole array
-                return [Source(m["name"], rgb[i], fov[i], ves[i], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"]) for i, m in enumerate(meta)]
+                names = {n for n, _ in wanted}
+                return [Source(m["name"], rgb[i], fov[i], ves[i], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"]) for i, m in enumerate(meta) if m["name"] in names]
             log(f"{cache} was prepared from other data or options; preparing again")
         except (EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as e:  # empty, cut short by a kill, not a cache
             log(f"{cache} cannot be read ({type(e).__name__}); preparing again")
-    from fundus_pipeline.models.weights import load_model
+    parts = None if cache is None else _SourceParts(cache.parent / f".{cache.name}.parts")
+    keys = {n: hashlib.sha256(json.dumps([size, _sources_fingerprint([(n, info)], file_sha), seg_sha]).encode()).hexdigest()[:16] for n, info in wanted}
+    sources: dict[str, Source] = {}
+    if parts is not None:
+        for n, _ in wanted:
+            s = parts.load(n, keys[n])
+            if s is not None:
+                sources[n] = s
+    todo = [(n, info) for n, info in wanted if n not in sources]
+    if todo:
+        from fundus_pipeline.models.weights import load_model
 
-    with torch.random.fork_rng(devices=[]):  # (as frozen_segmenter: a run's RNG state must not depend on whether the cache existed)
-        model, spec = load_model(segmenter_weights)
-    log(f"preparing {len(listing)} clean sources at {size}x{size} (vessel targets of HEI-MED from {spec.name})")
-    sources = [_prepare_one(n, info, size, (model, spec.threshold)) for n, info in listing]
-    if cache is not None:
-        meta = [{"name": s.name, "disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind} for s in sources]
+        with torch.random.fork_rng(devices=[]):  # (as frozen_segmenter: a run's RNG state must not depend on whether the cache existed)
+            model, spec = load_model(segmenter_weights)
+        done = f" ({len(sources)} prepared before and kept in {parts.folder})" if sources else ""
+        log(f"preparing {len(todo)} clean sources at {size}x{size}{done} (vessel targets of HEI-MED from {spec.name})")
+        for n, info in todo:
+            sources[n] = _prepare_one(n, info, size, (model, spec.threshold))
+            if parts is not None:
+                parts.save(sources[n], keys[n])
+    out = [sources[n] for n, _ in wanted]
+    if cache is not None and len(wanted) == len(listing):  # every source: one file, read in one go next time
+        meta = [{"name": s.name, "disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind} for s in out]
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        for old in cache.parent.glob(f".{cache.name}.*.tmp.npz"):  # a killed run's (about 4 MB a source at 512)
+            if not _pid_alive(old.name.split(".")[-3]):
+                old.unlink(missing_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
         np.savez(
             tmp, digest=np.array(digest), meta=np.array(json.dumps(meta)),
-            rgb=np.stack([s.rgb for s in sources]), fov=np.stack([s.fov for s in sources]),
-            vessels=np.stack([s.vessels for s in sources]),
+            rgb=np.stack([s.rgb for s in out]), fov=np.stack([s.fov for s in out]),
+            vessels=np.stack([s.vessels for s in out]),
         )  # fmt: skip
         tmp.replace(cache)
-    return sources
+        parts.remove()
+    return out
 
 
-def _sources_fingerprint(listing: list[tuple[str, dict]]) -> str:
+class _SourceParts:
+    """One prepared source a file (``NAME.KEY.npz``, written atomically) in a folder next to the cache."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, name: str, key: str) -> Path:
+        return self.folder / f"{name.replace('/', '__')}.{key}.npz"
+
+    def load(self, name: str, key: str) -> Source | None:
+        try:
+            with np.load(self._path(name, key), allow_pickle=False) as z:
+                m = json.loads(str(z["meta"]))
+                return Source(name, z["rgb"], z["fov"], z["vessels"], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"])
+        except (EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile):  # absent, or cut short: prepared again
+            return None
+
+    def save(self, s: Source, key: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = s.name.replace("/", "__")
+        for old in self.folder.glob(f"{stem}.*"):  # another key of this source (the data or options changed), or a dead run's temporary file
+            if old.name.endswith(".npz") and (not old.name.endswith(".tmp.npz") or not _pid_alive(old.name.split(".")[-3])):
+                old.unlink(missing_ok=True)
+        tmp = self.folder / f"{stem}.{os.getpid()}.tmp.npz"
+        meta = {"disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind}
+        np.savez(tmp, meta=np.array(json.dumps(meta)), rgb=s.rgb, fov=s.fov, vessels=s.vessels)
+        tmp.replace(self._path(s.name, key))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _memo(fn: Callable[[Path], str]) -> Callable[[Path], str]:
+    seen: dict[str, str] = {}
+
+    def wrapped(path: Path) -> str:
+        key = str(path)
+        if key not in seen:
+            seen[key] = fn(path)
+        return seen[key]
+
+    return wrapped
+
+
+def _sources_fingerprint(listing: list[tuple[str, dict]], file_sha: Callable[[Path], str] | None = None) -> str:
     """What the prepared sources are made of: each source's name, table row (HEI-MED's disc position) and the
     bytes of every file it reads (photograph, masks). A cache made from another data folder, or from files
     changed since, is prepared again (it was keyed on the names alone and loaded silently)."""
+    file_sha = file_sha or _sha256
     h = hashlib.sha256()
     for name, info in listing:
         h.update(json.dumps([name, info.get("row")], sort_keys=True, default=str).encode())
         for role, path in sorted(info["paths"].items()):
             if path is not None and Path(path).is_file():
-                h.update(f"{role}:{_sha256(path)}".encode())
+                h.update(f"{role}:{file_sha(path)}".encode())
     return h.hexdigest()
 
 
@@ -489,8 +578,7 @@ class EnhanceTask(Task):
 
     def setup(self, log: Callable[[str], None]) -> None:
         cfg = self.cfg
-        sources = prepare_sources(cfg.data_root, cfg.size, resolve_segmenter(), cfg.cache_path, log)
-        sources = [s for s in sources if s.name.split("/")[0] in cfg.datasets]  # the cache always holds all three
+        sources = prepare_sources(cfg.data_root, cfg.size, resolve_segmenter(), cfg.cache_path, log, cfg.datasets)
         train, val = split_sources(sources)
         located = [s for s in sources if s.disc_kind == "located"]
         log(f"train {len(train)} sources, val {len(val)} ({', '.join(s.name for s in val[:7])}, ...); discs located on {len(located)}")
