@@ -232,7 +232,7 @@ def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
     return _Scratch(f"fundus-{kind}-{os.getpid()}-")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -262,7 +262,7 @@ def sweep_scratch(root: Path | None = None, stale_s: float = SCRATCH_STALE_S) ->
         try:
             if not m or d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
                 continue
-            if int(m[1]) == os.getpid() or _pid_alive(int(m[1])) or _in_use(d):
+            if int(m[1]) == os.getpid() or pid_alive(int(m[1])) or _in_use(d):
                 continue
             newest = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.iterdir()])
         except (OSError, ValueError):

@@ -32,6 +32,7 @@ shipped segmenter (at its threshold) against each source's vessel target, for th
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -176,10 +177,12 @@ def prepare_sources(
     and saved at once in the folder ``.CACHE.parts`` next to it, keyed by that source's own digest, so an
     interrupted preparation loses at most one source and a run on some of the datasets prepares only
     theirs; once every source is there, the cache file is written and the parts folder removed."""
+    from fundus_pipeline.models.weights import sha256_file
+
     listing = source_list(root)
-    seg_sha = _sha256(segmenter_weights)
-    file_sha = _memo(_sha256)
-    digest = hashlib.sha256(json.dumps([size, _sources_fingerprint(listing, file_sha), seg_sha]).encode()).hexdigest()[:16]
+    seg_sha = sha256_file(segmenter_weights)
+    file_sha = functools.cache(sha256_file)  # a source's files are hashed once, for the whole cache's digest and its own
+    digest = _cache_digest(size, listing, file_sha, seg_sha)
     wanted = [(n, info) for n, info in listing if datasets is None or n.split("/")[0] in datasets]
     if cache is not None and cache.is_file():
         try:
@@ -194,7 +197,7 @@ def prepare_sources(
         except (EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as e:  # empty, cut short by a kill, not a cache
             log(f"{cache} cannot be read ({type(e).__name__}); preparing again")
     parts = None if cache is None else _SourceParts(cache.parent / f".{cache.name}.parts")
-    keys = {n: hashlib.sha256(json.dumps([size, _sources_fingerprint([(n, info)], file_sha), seg_sha]).encode()).hexdigest()[:16] for n, info in wanted}
+    keys = {n: _cache_digest(size, [(n, info)], file_sha, seg_sha) for n, info in wanted}
     sources: dict[str, Source] = {}
     if parts is not None:
         for n, _ in wanted:
@@ -217,9 +220,7 @@ def prepare_sources(
     if cache is not None and len(wanted) == len(listing):  # every source: one file, read in one go next time
         meta = [{"name": s.name, "disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind} for s in out]
         cache.parent.mkdir(parents=True, exist_ok=True)
-        for old in cache.parent.glob(f".{cache.name}.*.tmp.npz"):  # a killed run's (about 4 MB a source at 512)
-            if not _pid_alive(old.name.split(".")[-3]):
-                old.unlink(missing_ok=True)
+        _remove_dead_temporaries(cache.parent, f".{cache.name}.*.tmp.npz")  # a killed run's (about 4 MB a source at 512)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
         np.savez(
             tmp, digest=np.array(digest), meta=np.array(json.dumps(meta)),
@@ -251,9 +252,10 @@ class _SourceParts:
     def save(self, s: Source, key: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         stem = s.name.replace("/", "__")
-        for old in self.folder.glob(f"{stem}.*"):  # another key of this source (the data or options changed), or a dead run's temporary file
-            if old.name.endswith(".npz") and (not old.name.endswith(".tmp.npz") or not _pid_alive(old.name.split(".")[-3])):
+        for old in self.folder.glob(f"{stem}.*.npz"):  # another key of this source (the data or options changed)
+            if not old.name.endswith(".tmp.npz"):
                 old.unlink(missing_ok=True)
+        _remove_dead_temporaries(self.folder, f"{stem}.*.tmp.npz")
         tmp = self.folder / f"{stem}.{os.getpid()}.tmp.npz"
         meta = {"disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind}
         np.savez(tmp, meta=np.array(json.dumps(meta)), rgb=s.rgb, fov=s.fov, vessels=s.vessels)
@@ -263,33 +265,25 @@ class _SourceParts:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def _remove_dead_temporaries(folder: Path, pattern: str) -> None:
+    """The ``NAME.PID.tmp.npz`` files matching ``pattern`` whose writer is gone (killed while it wrote); a
+    live process's (another run sharing the cache) are left alone."""
+    from fundus_pipeline.chain import pid_alive
+
+    for old in folder.glob(pattern):
+        pid = old.name.split(".")[-3]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            old.unlink(missing_ok=True)
 
 
-def _memo(fn: Callable[[Path], str]) -> Callable[[Path], str]:
-    seen: dict[str, str] = {}
-
-    def wrapped(path: Path) -> str:
-        key = str(path)
-        if key not in seen:
-            seen[key] = fn(path)
-        return seen[key]
-
-    return wrapped
+def _cache_digest(size: int, listing: list[tuple[str, dict]], file_sha: Callable[[Path], str], seg_sha: str) -> str:
+    return hashlib.sha256(json.dumps([size, _sources_fingerprint(listing, file_sha), seg_sha]).encode()).hexdigest()[:16]
 
 
-def _sources_fingerprint(listing: list[tuple[str, dict]], file_sha: Callable[[Path], str] | None = None) -> str:
+def _sources_fingerprint(listing: list[tuple[str, dict]], file_sha: Callable[[Path], str]) -> str:
     """What the prepared sources are made of: each source's name, table row (HEI-MED's disc position) and the
     bytes of every file it reads (photograph, masks). A cache made from another data folder, or from files
     changed since, is prepared again (it was keyed on the names alone and loaded silently)."""
-    file_sha = file_sha or _sha256
     h = hashlib.sha256()
     for name, info in listing:
         h.update(json.dumps([name, info.get("row")], sort_keys=True, default=str).encode())
@@ -303,10 +297,6 @@ def resolve_segmenter() -> Path:
     from fundus_pipeline.models.weights import resolve_weights
 
     return resolve_weights(SEGMENTER)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- degrading
