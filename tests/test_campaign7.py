@@ -134,7 +134,7 @@ def test_building_a_test_part_needs_no_vessel_annotation(tmp_path):
             if role != "vessels":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 Path(path).write_bytes(b"")
-    _check_build(tmp_path, tmp_path / "out", ("test",), None)  # refused before
+    _check_build(tmp_path, tmp_path.parent / "out", ("test",), None)  # refused before
     next(p for p in (tmp_path / "HRF" / "mask").iterdir()).unlink()
     with pytest.raises(UsageError, match="lacks 1 file"):
-        _check_build(tmp_path, tmp_path / "out", ("test",), None)
+        _check_build(tmp_path, tmp_path.parent / "out", ("test",), None)

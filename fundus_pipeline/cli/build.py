@@ -25,13 +25,19 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | None) -> None:
-    """Refuse, before anything is written, an OUT that is a file, an empty or repeated --parts, and a --data
-    root that lacks a file the chosen parts read (``UsageError``: exit 2)."""
+    """Refuse, before anything is written, an OUT that is a file or that is, lies inside or holds the --data root
+    (the datasets are read, never written: a rebuild there removed dataset folders), an empty or repeated
+    --parts, and a --data root that lacks a file the chosen parts read (``UsageError``: exit 2)."""
     from fundus_pipeline.errors import UsageError
     from fundus_pipeline.quality.build import _limit, part_sources
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT exists and is not a folder: {out}")
+    o, r = out.resolve(), root.resolve()
+    if o == r or r in o.parents:
+        raise UsageError(f"OUT {out} lies inside the dataset root {root}; choose a folder outside it (the datasets are only read)")
+    if o in r.parents:
+        raise UsageError(f"OUT {out} holds the dataset root {root}; choose a folder outside it (the datasets are only read)")
     if not parts:
         raise UsageError("--parts names no part: give train, test or train,test")
     twice = sorted({p for p in parts if parts.count(p) > 1})

@@ -22,7 +22,10 @@ Layout of OUT:
     PART/clean/SRC.png, PART/degraded/DKEY.png, PART/enhanced/KEY.png, PART/reference/KEY.png
                           (a hard link to the degraded image, so ``fundus score PART/enhanced OUT
                           --reference PART/reference`` pairs by key)
-    rows/PART/SRC.json    per-source results; a rerun skips finished sources (resume)
+    rows/PART/SRC.json    per-source results, the sha256 of the data files the source was read from and the
+                          size of every file written for it; a rerun skips finished sources (resume), builds
+                          again one whose written files are missing or changed, and refuses one whose data
+                          files changed (``--overwrite`` rebuilds the set)
 
 Keys: source ``drive-21``, degraded ``drive-21__d0``, pair ``drive-21__d0__clahe``. The same options and
 seed give the same bytes on the same platform and thread count (model enhancers and the segmenter run in
@@ -179,14 +182,18 @@ def quantise(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def write_png(path: Path, u8: np.ndarray) -> None:
+def write_png(path: Path, u8: np.ndarray, written: list[Path] | None = None) -> None:
+    """Write ``u8`` to ``path`` atomically; ``written`` (a source's list) records the path, so a rebuild removes
+    exactly what the set wrote."""
     from fundus_pipeline.io import write_image_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_image_atomic(path, u8)
+    if written is not None:
+        written.append(path)
 
 
-def _link(target: Path, link: Path) -> None:
+def _link(target: Path, link: Path, written: list[Path] | None = None) -> None:
     """``link`` as a hard link to ``target`` (a copy where hard links are not possible), replacing atomically."""
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f".{link.name}.tmp")
@@ -196,6 +203,8 @@ def _link(target: Path, link: Path) -> None:
     except OSError:
         tmp.write_bytes(target.read_bytes())
     os.replace(tmp, link)
+    if written is not None:
+        written.append(link)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -212,9 +221,11 @@ def config_digest(cfg: QualitySetConfig, enhancers: list[SetEnhancer], segmenter
 
 
 def build_source(
-    name: str, info: dict, part: str, split: str, cfg: QualitySetConfig, enhancers: list[SetEnhancer], mapper, out: Path
+    name: str, info: dict, part: str, split: str, cfg: QualitySetConfig, enhancers: list[SetEnhancer], mapper, out: Path,
+    written: list[Path] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Build every pair of one source; returns (pair rows, degradation records)."""
+    """Build every pair of one source; returns (pair rows, degradation records). Each file written is appended
+    to ``written``."""
     from fundus_pipeline.quality.label import quality_label
     from fundus_pipeline.stages.base import Fov
     from fundus_pipeline.train.enhance import canonical_source, degrade_with_params
@@ -223,7 +234,7 @@ def build_source(
     cs = canonical_source(info["paths"], cfg.size)
     clean_u8 = quantise(cs.c_rgb)
     clean = clean_u8.astype(np.float32) / 255.0
-    write_png(out / part / "clean" / f"{src}.png", clean_u8)
+    write_png(out / part / "clean" / f"{src}.png", clean_u8, written)
     fov = Fov.estimate(clean)  # the label's FOV: the clean image's, by the project's FOV code
     ves_clean = mapper(clean, fov)
     rows, records = [], []
@@ -234,15 +245,15 @@ def build_source(
         deg_u8 = quantise(deg)
         deg = deg_u8.astype(np.float32) / 255.0
         dpath = out / part / "degraded" / f"{dkey}.png"
-        write_png(dpath, deg_u8)
+        write_png(dpath, deg_u8, written)
         records.append({"degraded_key": dkey, "part": part, "source": name, "degradation": degradation, "params": params})
         deg_q = quality_label(deg, clean, fov.mask, mapper(deg, fov), ves_clean)
         for enh in enhancers:
             key = f"{dkey}__{enh.name}"
             e_u8 = quantise(enh(deg, cs.c_fov))
             e = e_u8.astype(np.float32) / 255.0
-            write_png(out / part / "enhanced" / f"{key}.png", e_u8)
-            _link(dpath, out / part / "reference" / f"{key}.png")
+            write_png(out / part / "enhanced" / f"{key}.png", e_u8, written)
+            _link(dpath, out / part / "reference" / f"{key}.png", written)
             q = quality_label(e, clean, fov.mask, mapper(e, fov), ves_clean)
             rows.append({
                 "key": key, "part": part, "split": split, "source": name, "dataset": name.split("/")[0], "degraded_key": dkey,
@@ -263,67 +274,188 @@ def csv_text(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     return buf.getvalue()
 
 
+#: What a set writes besides its images: the tables and the manifest. Removed before anything is built, so a
+#: build cut short is never taken for a finished set (its manifest is written last).
+SET_FILES = ("manifest.json", "pairs.csv", "labels.csv", "degradations.jsonl")
+
+
+def _unfinish(out: Path) -> None:
+    for name in SET_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _source_files(res: dict, done: Path) -> dict[str, int]:
+    """The files a finished source wrote (path relative to the set: size); a record from before they were kept
+    is refused, since a rebuild could not tell the set's files from others."""
+    files = res.get("files")
+    if not isinstance(files, dict):
+        raise UsageError(
+            f"{done} was written by an earlier version of fundus, which did not record the files of each source",
+            "delete the set's folder and build it again (or build into a new folder)",
+        )
+    return files
+
+
+def _remove_files(out: Path, rel_paths) -> None:
+    """Remove these files of the set (never anything else), then the folders they leave empty."""
+    dirs = set()
+    for rel in rel_paths:
+        path = out / rel
+        path.unlink(missing_ok=True)
+        dirs.update(p for p in path.parents if out in p.parents)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (files that are not the set's) or gone
+            pass
+
+
+def clear_set(out: Path) -> None:
+    """Remove what the set in ``out`` wrote, and only that: the files each ``rows/PART/SRC.json`` lists, the
+    tables, the manifest and ``rows/``. Other files in ``out`` (and its part folders) are left alone."""
+    import shutil
+
+    listed = []
+    for done in sorted((out / "rows").glob("*/*.json")):  # all checked before anything is removed
+        try:
+            res = json.loads(done.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue  # cut short outside fundus: its files are written again by the rebuild
+        listed.append((done, _source_files(res, done)))
+    _unfinish(out)
+    for _, files in listed:
+        _remove_files(out, files)
+    shutil.rmtree(out / "rows", ignore_errors=True)
+
+
 def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str, threads: int | None = None) -> None:
     """Claim ``out`` for a set built with ``digest`` on ``threads`` CPU threads: resume one built with the same
-    options, refuse (or with ``overwrite`` clear) one built with others, refuse a non-empty folder that holds no
-    set. A set is rebuilt bit for bit only on the thread count it was built with, so a rerun that would finish
-    it on another is refused too (its manifest would record one count for sources built on two)."""
+    options, refuse one built with others, refuse a non-empty folder that holds no set. With ``overwrite``, an
+    earlier set is cleared (``clear_set``: only the files it wrote) and built again from nothing. A set is
+    rebuilt bit for bit only on the thread count it was built with, so a rerun that would finish it on another
+    is refused too (its manifest would record one count for sources built on two)."""
     state = out / "rows" / "config.json"
     if state.is_file():
-        recorded = json.loads(state.read_text())
-        before = recorded.get("digest")
-        if before != digest and not overwrite:
+        try:
+            recorded = json.loads(state.read_text())
+        except (ValueError, UnicodeDecodeError):
+            recorded = {}
+        before, was = recorded.get("digest"), recorded.get("threads")
+        if overwrite:
+            clear_set(out)
+        elif before != digest:
             raise UsageError(f"{out} holds a {what} built with other options or weights; pass --overwrite to rebuild it")
-        was = recorded.get("threads")
-        if before == digest and was is not None and threads is not None and was != threads and not overwrite:
+        elif was is not None and threads is not None and was != threads:
             raise UsageError(f"{out} holds a {what} being built with --threads {was}; finish it with --threads {was} "
                              "(the thread count changes the bytes of some images), or pass --overwrite to rebuild it")
-        if before != digest or (overwrite and was is not None and was != threads):
-            import shutil
-
-            for sub in ("rows", *PARTS):
-                shutil.rmtree(out / sub, ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} is not empty and holds no {what}; choose an empty folder or pass --overwrite")
     write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json"), "threads": threads})
 
 
+def source_inputs(root: Path, name: str, info: dict) -> dict[str, str]:
+    """What a source is read from: each data file's path (relative to the data root) and sha256, plus its table
+    row (HEI-MED). Recorded with the source, so a rerun on other data, or on files changed since, is noticed."""
+    from fundus_pipeline.models.weights import sha256_file
+
+    found = {}
+    for role, path in sorted(info["paths"].items()):
+        if path is not None and Path(path).is_file():
+            path = Path(path)
+            rel = path.relative_to(root) if root in path.parents else path
+            found[role] = f"{rel.as_posix()}:{sha256_file(path)}"
+    if info.get("row") is not None:
+        found["row"] = json.dumps(info["row"], sort_keys=True, default=str)
+    return found
+
+
+def _missing_or_changed(out: Path, files: dict[str, int]) -> str | None:
+    for rel, size in files.items():
+        path = out / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has changed"
+    return None
+
+
 def build_parts(
-    root: Path, out: Path, cfg, build_one: Callable[[str, dict, str, str], tuple[list[dict], list[dict]]], unit: str,
+    root: Path, out: Path, cfg, build_one: Callable[..., tuple[list[dict], list[dict]]], unit: str,
     log: Callable[[str], None],
 ) -> tuple[list[dict], list[dict], dict]:
-    """Run ``build_one(name, info, part, split) -> (rows, records)`` over every source of ``cfg.parts`` (at most
-    ``cfg.limit`` per dataset), skipping sources finished by an earlier run (``rows/PART/SRC.json``).
-    Returns every row, every record and the counts per part (``unit``: what a row is, e.g. "pairs")."""
+    """Run ``build_one(name, info, part, split, written) -> (rows, records)`` over every source of ``cfg.parts``
+    (at most ``cfg.limit`` per dataset; ``written``: the list the builder appends each file it writes to).
+
+    A source finished by an earlier run (``rows/PART/SRC.json``) is kept when its data files are the ones it was
+    built from and every file it wrote is there with its size; one whose written files are missing or changed is
+    built again; one whose data files changed (another ``--data``, a photograph replaced) is refused before
+    anything is built (``--overwrite`` rebuilds the set). Returns every row, every record and the counts per
+    part (``unit``: what a row is, e.g. "pairs")."""
     from fundus_pipeline.train.enhance import validation_names
 
-    all_rows: list[dict] = []
-    all_records: list[dict] = []
-    counts: dict[str, dict[str, int]] = {}
+    plan = []
     for part in cfg.parts:
         every = part_sources(root, part)
         listing = _limit(every, cfg.limit)
         val = validation_names([n for n, _ in every]) if part == "train" else set()
         for i, (name, info) in enumerate(listing):
             done = out / "rows" / part / f"{source_key(name)}.json"
+            inputs = source_inputs(root, name, info)
+            res = None
             if done.is_file():
-                res = json.loads(done.read_text())
-            else:
-                split = "test" if part == "test" else ("val" if name in val else "train")
-                rows, records = build_one(name, info, part, split)
-                res = {"rows": rows, "records": records}
-                write_json_atomic(done, res)
-                log(f"{part} {i + 1}/{len(listing)} {name}: {len(rows)} {unit}")
-            all_rows += res["rows"]
-            all_records += res["records"]
+                try:
+                    res = json.loads(done.read_text())
+                except (ValueError, UnicodeDecodeError):
+                    res = None  # cut short outside fundus: built again
+            if res is not None:
+                files = _source_files(res, done)
+                if res.get("inputs") != inputs:
+                    changed = sorted(k for k in set(inputs) | set(res.get("inputs") or {}) if inputs.get(k) != (res.get("inputs") or {}).get(k))
+                    raise UsageError(
+                        f"{out} holds {name} built from other data than --data {root} holds now (changed: "
+                        f"{', '.join(changed)}); pass --overwrite to rebuild the set"
+                    )
+                why = _missing_or_changed(out, files)
+                if why is not None:
+                    log(f"{part} {name}: {why}; building it again")
+                    res = None
+            split = "test" if part == "test" else ("val" if name in val else "train")
+            plan.append((part, i, len(listing), name, info, split, done, inputs, res))
+    if any(res is None for *_, res in plan):
+        _unfinish(out)  # the set changes: its tables and manifest are written again at the end
+    all_rows: list[dict] = []
+    all_records: list[dict] = []
+    for part, i, n, name, info, split, done, inputs, res in plan:
+        if res is None:
+            written: list[Path] = []
+            rows, records = build_one(name, info, part, split, written)
+            files = {p.relative_to(out).as_posix(): p.stat().st_size for p in written}
+            res = {"rows": rows, "records": records, "inputs": inputs, "files": files}
+            write_json_atomic(done, res)
+            log(f"{part} {i + 1}/{n} {name}: {len(rows)} {unit}")
+        all_rows += res["rows"]
+        all_records += res["records"]
+    counts: dict[str, dict[str, int]] = {}
+    for part in cfg.parts:
         c = counts.setdefault(part, {})
-        c["sources"] = len(listing)
+        c["sources"] = sum(p[0] == part for p in plan)
         c[unit] = sum(r["part"] == part for r in all_rows)
         for s in ("train", "val", "test"):
-            n = sum(r["part"] == part and r["split"] == s for r in all_rows)
-            if n:
-                c[f"{unit}_{s}"] = n
+            k = sum(r["part"] == part and r["split"] == s for r in all_rows)
+            if k:
+                c[f"{unit}_{s}"] = k
     return all_rows, all_records, counts
+
+
+def data_record(root: Path, out: Path, cfg) -> dict:
+    """The data a set was built from, for its manifest: the root and one sha256 over every source's files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in cfg.parts:
+        for done in sorted((out / "rows" / part).glob("*.json")):
+            h.update(json.dumps([part, done.stem, json.loads(done.read_text()).get("inputs")], sort_keys=True).encode())
+    return {"root": str(root.resolve()), "sha256": h.hexdigest()}
 
 
 def build_quality_set(
@@ -342,8 +474,8 @@ def build_quality_set(
     digest = config_digest(cfg, enhancers, mapper.loaded.sha256)
     open_set(out, digest, cfg, overwrite, "quality set", threads)
 
-    def one(name: str, info: dict, part: str, split: str) -> tuple[list[dict], list[dict]]:
-        return build_source(name, info, part, split, cfg, enhancers, mapper, out)
+    def one(name: str, info: dict, part: str, split: str, written: list[Path]) -> tuple[list[dict], list[dict]]:
+        return build_source(name, info, part, split, cfg, enhancers, mapper, out, written)
 
     all_rows, all_records, counts = build_parts(root, out, cfg, one, "pairs", log)
 
@@ -355,6 +487,7 @@ def build_quality_set(
         "fundus_version": __version__,
         "config": cfg.model_dump(mode="json"),
         "digest": digest,
+        "data": data_record(root, out, cfg),
         "label": LABEL_DEFINITION,
         "resolution": f"the canonical frame: FOV bounding square resized to {cfg.size}x{cfg.size}, 8-bit RGB",
         "enhancers": [e.record() for e in enhancers],

@@ -28,7 +28,8 @@ Layout of OUT:
                           0/1 column flag_<name> per flag
     degradations.jsonl    the parameter record of every degraded image
     PART/images/KEY.png   the photographs
-    rows/PART/SRC.json    per-source results; a rerun skips finished sources (resume)
+    rows/PART/SRC.json    per-source results, as in the quality set (resume; what the source was read from and
+                          wrote); rows/natural/PART.json lists the not-fundus pictures written
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fundus_pipeline.quality.build import PARTS, build_parts, csv_text, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png
+from fundus_pipeline.quality.build import (
+    PARTS, build_parts, csv_text, data_record, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png,
+)
 from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, GRADES, grade_of_q
 
 COLUMNS = (
@@ -121,8 +124,11 @@ def _row(key: str, part: str, split: str, source: str, kind: str, seed: int, **k
     return row
 
 
-def build_grade_source(name: str, info: dict, part: str, split: str, cfg: GradeSetConfig, mapper, out: Path) -> tuple[list[dict], list[dict]]:
-    """The clean photograph and its ``draws`` degraded versions for one source: (label rows, degradation records)."""
+def build_grade_source(
+    name: str, info: dict, part: str, split: str, cfg: GradeSetConfig, mapper, out: Path, written: list[Path] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """The clean photograph and its ``draws`` degraded versions for one source: (label rows, degradation records).
+    Each file written is appended to ``written``."""
     from fundus_pipeline.quality.grading import degradation_flags
     from fundus_pipeline.quality.label import quality_label
     from fundus_pipeline.stages.base import Fov
@@ -132,7 +138,7 @@ def build_grade_source(name: str, info: dict, part: str, split: str, cfg: GradeS
     images = out / part / "images"
     cs = canonical_source(info["paths"], cfg.size)
     clean = quantise(cs.c_rgb).astype(np.float32) / 255.0
-    write_png(images / f"{src}.png", _store(clean, cfg.store_size))
+    write_png(images / f"{src}.png", _store(clean, cfg.store_size), written)
     fov = Fov.estimate(clean)
     ves_clean = mapper(clean, fov)
     rows = [_row(src, part, split, name, "clean", cfg.seed, q=1.0, ssim=1.0, f1=1.0, quality=0)]
@@ -142,7 +148,7 @@ def build_grade_source(name: str, info: dict, part: str, split: str, cfg: GradeS
         key = f"{src}__d{d}"
         deg, params = degrade_with_params(degrader, clean, cs.c_fov, cfg.seed, key)
         deg = quantise(deg).astype(np.float32) / 255.0
-        write_png(images / f"{key}.png", _store(deg, cfg.store_size))
+        write_png(images / f"{key}.png", _store(deg, cfg.store_size), written)
         q = quality_label(deg, clean, fov.mask, mapper(deg, fov), ves_clean)
         flags = degradation_flags(params)
         rows.append(_row(key, part, split, name, "degraded", cfg.seed, degradation=degradation, family=family, q=q["label"],
@@ -152,15 +158,18 @@ def build_grade_source(name: str, info: dict, part: str, split: str, cfg: GradeS
 
 
 def natural_rows(part: str, cfg: GradeSetConfig, out: Path) -> list[dict]:
-    """Write the not-fundus pictures of a part (train: its train and val pictures) and return their rows."""
+    """Write the not-fundus pictures of a part (train: its train and val pictures) and return their rows; the
+    files are listed in ``rows/natural/PART.json`` (so ``--overwrite`` removes them with the set's other files)."""
     splits = ("train", "val") if part == "train" else ("test",)
-    rows = []
+    rows: list[dict] = []
+    written: list[Path] = []
     for split in splits:
         for name in NATURAL[split]:
             for view, img in natural_views(natural_image(name), cfg.store_size).items():
                 key = f"natural-{name}__{view}"
-                write_png(out / part / "images" / f"{key}.png", img)
+                write_png(out / part / "images" / f"{key}.png", img, written)
                 rows.append(_row(key, part, split, f"natural/{name}", "natural", cfg.seed, quality=2, flag_not_fundus=1))
+    write_json_atomic(out / "rows" / "natural" / f"{part}.json", {"files": {p.relative_to(out).as_posix(): p.stat().st_size for p in written}})
     return rows
 
 
@@ -181,8 +190,8 @@ def build_grade_set(
     digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), mapper.loaded.sha256, "grade"], sort_keys=True).encode()).hexdigest()[:16]
     open_set(out, digest, cfg, overwrite, "grade set", threads)
 
-    def one(name: str, info: dict, part: str, split: str) -> tuple[list[dict], list[dict]]:
-        return build_grade_source(name, info, part, split, cfg, mapper, out)
+    def one(name: str, info: dict, part: str, split: str, written: list[Path]) -> tuple[list[dict], list[dict]]:
+        return build_grade_source(name, info, part, split, cfg, mapper, out, written)
 
     rows, records, counts = build_parts(root, out, cfg, one, "images", log)
     for part in cfg.parts:
@@ -200,6 +209,7 @@ def build_grade_set(
         "fundus_version": __version__,
         "config": cfg.model_dump(mode="json"),
         "digest": digest,
+        "data": data_record(root, out, cfg),
         "q": LABEL_DEFINITION + " (here E is the degraded photograph D itself)",
         "grades": GRADE_RULE,
         "flags": list(FLAGS),
