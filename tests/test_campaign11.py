@@ -217,3 +217,92 @@ def test_a_grade_set_rebuild_removes_its_own_pictures_only(fake_data, tmp_path):
     assert got.pop("train/images/mine.png") == b"mine"
     want = _files(fresh)
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in got if k != "manifest.json")
+
+
+def _png(path, a) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def _seg_case(tmp_path):
+    rng = np.random.default_rng(0)
+    gt = (rng.random((16, 16)) > 0.6).astype(np.uint8) * 255
+    prob = np.clip(gt.astype(np.int16) + rng.integers(-150, 150, gt.shape), 0, 255).astype(np.uint8)
+    for k in ("a", "b"):
+        _png(tmp_path / "p" / f"{k}.png", prob)
+        _png(tmp_path / "g" / f"{k}.png", gt)
+    return gt
+
+
+def test_evaluate_segment_refuses_an_empty_fov_and_an_empty_prediction_folder(tmp_path):
+    """11a D4: an all-black FOV mask scored its image 1.0 on every metric (0/0) and raised the means; D7: a
+    PRED_DIR without an image ended as an internal StopIteration (exit 1), not the documented exit 2."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.evaluation.segment import evaluate_segmentation
+
+    gt = _seg_case(tmp_path)
+    _png(tmp_path / "f" / "a.png", np.full(gt.shape, 255, np.uint8))
+    _png(tmp_path / "f" / "b.png", np.zeros(gt.shape, np.uint8))
+    res = evaluate_segmentation(tmp_path / "p", tmp_path / "g", tmp_path / "f", threshold=0.5, n_boot=0)
+    assert res.n_problems == 1 and "empty FOV" in res.summary["problems"][0]["status"] and res.summary["n_images"] == 1
+    (tmp_path / "p" / "b.png").unlink()
+    alone = evaluate_segmentation(tmp_path / "p", tmp_path / "g", tmp_path / "f", threshold=0.5, n_boot=0)
+    assert res.summary["mean"]["f1"] == alone.summary["mean"]["f1"] < 1  # was: the mean of a and a perfect b
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no prediction"):
+        evaluate_segmentation(tmp_path / "empty", tmp_path / "g")
+
+
+def test_a_non_utf8_file_name_is_reported_not_an_internal_error(tmp_path):
+    """11a D9: a file name that is not UTF-8 (Linux allows it) crashed every evaluator while writing its reports
+    (UnicodeEncodeError, exit 1), score and grade after metrics.csv and summary.json: half a report set."""
+    import json
+    import os
+
+    from fundus_pipeline.cli import main as cli_main
+
+    _seg_case(tmp_path)
+    for sub in ("p", "g"):
+        os.rename(tmp_path / sub / "a.png", os.fsdecode(os.fsencode(str(tmp_path / sub)) + b"/caf\xe9.png"))
+    out = tmp_path / "out"
+    assert cli_main(["evaluate", "segment", str(tmp_path / "p"), str(tmp_path / "g"), "--bootstrap", "0", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "summary.json", "summary.md"]
+    assert "caf\\udce9" in (out / "metrics.csv").read_text(encoding="utf-8")
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 2
+    odd = tmp_path / os.fsdecode(b"dir\xe9")
+    odd.mkdir()
+    (odd / "scores.csv").write_text("key,score\nk0,1\nk1,2\nk2,3\n")
+    (odd / "labels.csv").write_text("key,part,source,label\nk0,test,a,0.1\nk1,test,b,0.5\nk2,test,c,0.3\n")
+    assert cli_main(["evaluate", "score", str(odd / "scores.csv"), str(odd / "labels.csv"), "--by", "", "--bootstrap", "0"]) == 0
+    assert sorted(p.name for p in (odd / "eval_score").iterdir()) == ["metrics.csv", "summary.json", "summary.md"]
+
+
+def test_a_bootstrap_over_one_cluster_gives_no_interval(tmp_path):
+    """11a D10: with one source photograph (or one image) every resample is the same, and the zero-width
+    "95% CI" was reported as such, without a note."""
+    import json
+
+    from fundus_pipeline.evaluation.metrics import segmentation_report
+    from fundus_pipeline.evaluation.score import evaluate_scores
+
+    rep = segmentation_report([{"key": "a", "tp": 5, "fp": 1, "tn": 9, "fn": 2}], n_boot=50)
+    assert all(np.isnan(v).all() for v in rep["ci95"]["mean"].values()) and np.isnan(rep["ci95"]["pooled"]["f1"]).all()
+    (tmp_path / "s.csv").write_text("key,score\n" + "".join(f"k{i},{x}\n" for i, x in enumerate((1, 2, 3, 4, 5))))
+    for sources, single in (("sssss", True), ("sstuu", False)):
+        (tmp_path / "l.csv").write_text("key,part,source,label\n" + "".join(f"k{i},test,{s},{y}\n" for i, (s, y) in enumerate(zip(sources, (0.1, 0.4, 0.2, 0.9, 0.5)))))
+        res = evaluate_scores(tmp_path / "s.csv", tmp_path / "l.csv", by=(), n_boot=50)
+        ci = json.loads(json.dumps(res.summary))["overall"]["ci95"]
+        assert (ci["srocc"] == [None, None]) is single and any("single source photograph" in n for n in res.notes) is single
+
+
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    """11a D12: `key,score,score` was read with the last `score` column, silently."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.evaluation.score import evaluate_scores
+
+    (tmp_path / "s.csv").write_text("key,score,score\nk0,9,1\nk1,9,2\nk2,9,3\n")
+    (tmp_path / "l.csv").write_text("key,part,source,label\nk0,test,a,0.1\nk1,test,b,0.5\nk2,test,c,0.3\n")
+    with pytest.raises(UsageError, match="'score' more than once"):
+        evaluate_scores(tmp_path / "s.csv", tmp_path / "l.csv", by=(), n_boot=0)

@@ -36,7 +36,7 @@ import numpy as np
 
 from fundus_pipeline.errors import InputError, UsageError
 from fundus_pipeline.evaluation.image_metrics import DEFINITIONS, METRIC_KEYS, score_pair
-from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe
+from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe, one_cluster_note
 from fundus_pipeline.evaluation.segment import (
     SUFFIXES,
     EvalResult,
@@ -201,14 +201,19 @@ def evaluate_enhancement(
         "problems": [{"key": r["key"], "status": r["status"]} for r in problems],
         "definitions": definitions(fov_dir),
     }
+    notes = [ref_only_note(len(ref_only))] if ref_only else []
     if n_boot > 0 and ok:
-        summary["ci95"] = {"mean": _bootstrap_ci(values, n_boot, seed)}
+        if len(ok) > 1:
+            summary["ci95"] = {"mean": _bootstrap_ci(values, n_boot, seed)}
+        else:  # one image: every resample is that image (a zero-width "interval")
+            summary["ci95"] = {"mean": {k: [None, None] for k in METRIC_KEYS}}
+            notes.append(one_cluster_note("image"))
     return EvalResult(
         rows=rows,
         summary=json_safe(summary),
         n_problems=len(problems),
         messages=[f"{r['key']}: {r['status']}" for r in problems],
-        notes=[ref_only_note(len(ref_only))] if ref_only else [],
+        notes=notes,
     )
 
 

@@ -40,8 +40,8 @@ import numpy as np
 from scipy import sparse, special
 
 from fundus_pipeline.errors import UsageError
-from fundus_pipeline.evaluation.metrics import _percentile_ci, auc_roc_from_hist, json_safe
-from fundus_pipeline.evaluation.score import _float, _read_csv, source_bootstrap
+from fundus_pipeline.evaluation.metrics import _percentile_ci, auc_roc_from_hist, json_safe, one_cluster_note
+from fundus_pipeline.evaluation.score import _float, _read_csv, refuse_repeated_columns, source_bootstrap
 from fundus_pipeline.evaluation.segment import EvalResult, _num, markdown_table, metrics_csv, text_table, write_reports
 from fundus_pipeline.quality.grading import FLAGS, GRADES
 
@@ -331,6 +331,7 @@ def read_labels(path: Path, by: Sequence[str] = ()) -> tuple[dict[str, dict[str,
             columns = list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"cannot read the {what} {path}: {exc}") from None
+    refuse_repeated_columns(columns, what, path)
     fmt = "keyed" if "key" in columns else "eyeq" if "image" in columns else None
     missing = ([] if fmt else ["key"]) + [c for c in ["quality", *by] if c not in columns]
     if missing:
@@ -455,6 +456,10 @@ def evaluate_grades(
         auc_sets = [(idx, [f for f, a in e["auc"].items() if math.isfinite(a)]) for (_, _, idx), e in zip(sets, entries)]
         for e, ci in zip(entries, bootstrap_cis(design, codes, auc_sets, n_boot, seed)):
             e["ci95"] = ci
+    single = [(col, g) for (col, g, _), e in zip(sets, entries) if n_boot > 0 and e["n_clusters"] == 1]
+    for (col, g, _), e in zip(sets, entries):
+        if n_boot > 0 and e["n_clusters"] == 1:  # every resample is that cluster: a zero-width "interval" (n/a instead)
+            e["ci95"] = {k: [math.nan, math.nan] for k in CI_KEYS}
 
     groups: dict[str, dict[str, Any]] = {col: {} for col in by}
     for (col, g, _), e in zip(sets[1:], entries[1:]):
@@ -483,6 +488,8 @@ def evaluate_grades(
         s = "s have" if n_labels_not_graded != 1 else " has"
         notes.append(f"{n_labels_not_graded} label row{s} no row in the results file (not graded)")
     notes += [f"flag {f}: no p_{f} column in the results file (no AUC)" for f in labelled_flags if f not in flags]
+    if single:
+        notes.append(one_cluster_note(unit.split(" (")[0], [f"{col}={g}" for col, g in single]))
     notes += [f"flag {f}: the graded images are all {'positive' if 1 in y else 'negative'} (no AUC)"
               for f, (_, y) in flag_data.items() if len(keys) and len(set(y.tolist())) < 2]  # fmt: skip
     if not with_temperature:

@@ -221,6 +221,13 @@ def image_metrics(item: dict[str, Any]) -> dict[str, float]:
     return m
 
 
+def one_cluster_note(unit: str, where: list[str] | None = None) -> str:
+    """The note said when a set has one bootstrap cluster: every resample is that cluster, so the "interval" would
+    have zero width; it is reported as n/a instead."""
+    at = f" ({', '.join(where)})" if where else ""
+    return f"95% CIs are n/a where a set holds a single {unit}{at}: a bootstrap needs two or more"
+
+
 def _percentile_ci(samples: np.ndarray) -> list[float | None]:
     s = samples[np.isfinite(samples)]
     if s.size == 0:
@@ -283,7 +290,7 @@ def segmentation_report(items: list[dict[str, Any]], n_boot: int = 1000, seed: i
             out["mean"][k] = float(col.mean()) if col.size else nan
             out["mean"][k + "_std"] = float(col.std(ddof=1)) if col.size > 1 else nan
 
-    if n_boot <= 0:
+    if n_boot <= 0 or n < 2:  # one image: every resample is that image, a zero-width "interval" (n/a instead)
         out["ci95"]["mean"] = {k: [nan, nan] for k in ALL_KEYS}
         out["ci95"]["pooled"] = {k: [nan, nan] for k in POOLED_CI_KEYS}
         return out

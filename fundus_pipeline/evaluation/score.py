@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage, optimize, special, stats
 
 from fundus_pipeline.errors import UsageError
-from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe
+from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe, one_cluster_note
 from fundus_pipeline.evaluation.segment import (
     EvalResult,
     _num,
@@ -244,6 +244,13 @@ def bootstrap_cis(
 
 
 # --------------------------------------------------------------------------------------------- reading
+def refuse_repeated_columns(columns: Sequence[str], what: str, path: Path) -> None:
+    """A header naming a column twice is refused (``UsageError``): csv.DictReader would keep the last silently."""
+    twice = sorted({c for c in columns if c and list(columns).count(c) > 1})
+    if twice:
+        raise UsageError(f"the {what} {path} names the column {', '.join(map(repr, twice))} more than once")
+
+
 def _read_csv(path: Path, what: str, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV with a header holding ``required``; ``UsageError`` otherwise or on duplicate keys."""
     try:
@@ -253,6 +260,7 @@ def _read_csv(path: Path, what: str, required: Sequence[str]) -> list[dict[str, 
             columns = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"cannot read the {what} {path}: {exc}") from None
+    refuse_repeated_columns(columns, what, path)
     missing = [c for c in required if c not in columns]
     if missing:
         have = ", ".join(columns) if columns else "none"
@@ -362,6 +370,10 @@ def evaluate_scores(
                 e["ci95"], e["boot_linear_fallbacks"] = next(cis)
             else:
                 e["ci95"] = {k: [math.nan, math.nan] for k in METRIC_KEYS}
+    single = [(col, g) for (col, g, _), e, m in zip(sets, entries, mappings) if n_boot > 0 and m is not None and e["n_sources"] == 1]
+    for (col, g, _), e in zip(sets, entries):
+        if n_boot > 0 and e["n_sources"] == 1:  # every resample is that source: a zero-width "interval" (n/a instead)
+            e["ci95"] = {k: [math.nan, math.nan] for k in METRIC_KEYS}
 
     groups: dict[str, dict[str, Any]] = {col: {} for col in by}
     for (col, g, _), e in zip(sets[1:], entries[1:]):
@@ -392,6 +404,8 @@ def evaluate_scores(
     notes += [
         f"{col}={g}: linear map ({m.note})" for (col, g, _), m in zip(sets, mappings) if m is not None and m.kind == "linear"
     ]
+    if single:
+        notes.append(one_cluster_note("source photograph", [f"{col}={g}" for col, g in single]))
     return EvalResult(
         rows=rows,
         summary=json_safe(summary),

@@ -50,6 +50,7 @@ from fundus_pipeline.evaluation.metrics import (
     cldice,
     confusion,
     json_safe,
+    one_cluster_note,
     predicted_mask,
     score_histograms,
     segmentation_report,
@@ -288,6 +289,8 @@ def evaluate_segmentation(
 
     exclude = [p for p in (gt_dir, fov_dir, out_dir) if p is not None and p.resolve() != pred_dir.resolve()]
     preds, mode, ignored = collect_predictions(pred_dir, exclude)
+    if not preds:
+        raise UsageError(f"{pred_dir} holds no prediction (no image outside the ground-truth, FOV and --out folders)")
     if threshold is None:
         thr, thr_source = _threshold_of_predictions(pred_dir, [pe.path for pe in preds.values()])
     gts = _index(_discover(gt_dir), "ground-truth")
@@ -328,6 +331,8 @@ def evaluate_segmentation(
                         f"size mismatch: prediction {pred.shape[1]}x{pred.shape[0]}, ground truth "
                         f"{gt.shape[1]}x{gt.shape[0]}, FOV {fov.shape[1]}x{fov.shape[0]}"
                     )
+                if not fov.any():  # 0/0 would score the image perfect and raise the means
+                    raise InputError("empty FOV mask: no pixel to score")
                 tp, fp, tn, fn = confusion(pred, gt, fov, thr)
                 item: dict[str, Any] = {"key": k, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
                 if source == "prob":
@@ -378,6 +383,8 @@ def evaluate_segmentation(
         del summary["ci95"]  # no resamples, no CIs (documented: the key is absent, bootstrap.n is 0)
     msgs = [f"{r['key']}: {r['status']}" for r in problems]
     notes = [gt_only_note(len(gt_only))] if gt_only else []
+    if n_boot > 0 and rep["n_images"] == 1:
+        notes.append(one_cluster_note("image"))
     if ignored:  # said, not silent: an image beside fundus segment's outputs is not a prediction here
         notes.append(f"{ignored} other image(s) in {pred_dir} ignored: it holds fundus segment outputs, so only *_prob and *_vessels files are predictions")
     return EvalResult(rows=rows, summary=json_safe(summary), n_problems=len(problems), messages=msgs, notes=notes)
@@ -396,7 +403,7 @@ def metrics_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUM
     w.writerow(columns)
     for r in sorted(rows, key=lambda r: r["key"]):
         w.writerow([_fmt(r.get(c)) for c in columns])
-    return buf.getvalue().encode("utf-8")
+    return utf8(buf.getvalue())
 
 
 _MD_METRICS = ("sensitivity", "specificity", "accuracy", "precision", "f1", "iou", "auc_roc", "auc_pr", "cldice")
@@ -517,6 +524,12 @@ def _earlier_report(summary: Path) -> bool:
     return isinstance(d, dict) and isinstance(d.get("task"), str)
 
 
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a file name that is not UTF-8 (Linux allows any bytes, Python keeps them as lone
+    surrogates) is written with its odd bytes as ``\\udcXX`` escapes, as summary.json's JSON escapes them."""
+    return text.encode("utf-8", errors="backslashreplace")
+
+
 def write_reports(out_dir: Path, csv_bytes: bytes, summary: dict[str, Any], markdown: str) -> list[Path]:
     """Write metrics.csv, summary.json and summary.md atomically into ``out_dir`` (created), replacing
     earlier reports of the same name; nothing else in the folder is touched (every evaluator's writer)."""
@@ -525,9 +538,9 @@ def write_reports(out_dir: Path, csv_bytes: bytes, summary: dict[str, Any], mark
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     paths = [out_dir / name for name in REPORT_NAMES]
-    write_bytes_atomic(paths[0], csv_bytes)
-    write_bytes_atomic(paths[1], (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-    write_bytes_atomic(paths[2], markdown.encode("utf-8"))
+    texts = [csv_bytes, utf8(json.dumps(summary, indent=2, allow_nan=False) + "\n"), utf8(markdown)]  # all made before any is written
+    for path, data in zip(paths, texts):
+        write_bytes_atomic(path, data)
     return paths
 
 
