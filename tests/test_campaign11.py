@@ -306,3 +306,51 @@ def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
     (tmp_path / "l.csv").write_text("key,part,source,label\nk0,test,a,0.1\nk1,test,b,0.5\nk2,test,c,0.3\n")
     with pytest.raises(UsageError, match="'score' more than once"):
         evaluate_scores(tmp_path / "s.csv", tmp_path / "l.csv", by=(), n_boot=0)
+
+
+def test_heimed_table_is_checked_not_trusted(fake_data, tmp_path):
+    """11a D5 and D8: a repeated heimed.csv row gave the set duplicate keys, a row naming ../../DRIVE/test/...
+    made a test photograph a training source, and a missing column, a byte-order mark (as spreadsheets save the
+    file) or a Latin-1 byte ended as internal errors."""
+    import shutil
+
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.train.enhance import heimed_table, source_list
+
+    data = tmp_path / "data"
+    shutil.copytree(fake_data / "HEI-MED", data / "HEI-MED")
+    table = data / "HEI-MED" / "heimed.csv"
+    text = table.read_text()
+    want = heimed_table(data)
+    table.write_text("\ufeff" + text.replace("\n", "\r\n"), newline="")
+    assert heimed_table(data) == want  # was: KeyError 'image'
+    lines = text.splitlines(keepends=True)
+    first = lines[1].split(",")[0]
+    cases = {
+        "listed twice": text + lines[1],
+        "not a file name": text.replace(first, "../../DRIVE/test/images/01_test.tif", 1),
+        "no column 'image'": text.replace("image", "img", 1),
+        "cannot read": text + "caf\xe9.jpg,1,1,1,1,1\n",
+        "is not a number": text.replace(f"{first},192,160,40,", f"{first},192,160,abc,", 1),
+    }
+    for what, body in cases.items():
+        table.write_bytes(body.encode("latin-1"))
+        with pytest.raises(UsageError, match=what):
+            source_list(data)
+
+
+def test_a_source_with_an_empty_or_mismatched_fov_mask_is_refused(fake_data, tmp_path):
+    """11a D6 and D8: an all-black DRIVE mask made an all-black source, labelled q = 1 and graded Good; a mask of
+    another size ended as an internal broadcasting error."""
+    from PIL import Image
+
+    from fundus_pipeline.datasets import drive_paths
+    from fundus_pipeline.errors import InputError
+    from fundus_pipeline.train.enhance import canonical_source
+
+    paths = drive_paths(fake_data, "21")
+    canonical_source(paths, 64)
+    for name, mask in (("empty", np.zeros((64, 64), np.uint8)), ("small", np.full((50, 50), 255, np.uint8))):
+        Image.fromarray(mask).save(tmp_path / f"{name}.png")
+        with pytest.raises(InputError, match="covers 0%" if name == "empty" else "FOV mask of 50x50"):
+            canonical_source({**paths, "fov": tmp_path / f"{name}.png"}, 64)

@@ -74,8 +74,40 @@ class Source:
 
 
 def heimed_table(root: Path) -> list[dict]:
-    with open(root / "HEI-MED" / "heimed.csv", newline="") as f:
-        return sorted(csv.DictReader(f), key=lambda r: r["image"])
+    """HEI-MED's rows (image, on_row, on_col: the hand-marked optic-nerve centre), by image name. The file is
+    checked, not trusted (``UsageError``, exit 2): UTF-8 (a byte-order mark and CRLF, as spreadsheets save it,
+    are fine), the three columns, each image a plain file name in ``HEI-MED/images`` (a path leaving it could
+    name a DRIVE test photograph), named once, and finite disc coordinates. A missing file is an ``OSError``."""
+    from fundus_pipeline.errors import UsageError
+
+    path = root / "HEI-MED" / "heimed.csv"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"cannot read {path}: {e}", "the datasets and their layout: ../shared/data/README.md") from None
+    missing = [c for c in ("image", "on_row", "on_col") if c not in columns]
+    if missing:
+        raise UsageError(f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns) or 'none'})")
+    seen: set[str] = set()
+    for i, r in enumerate(rows, start=1):
+        image = (r.get("image") or "").strip()
+        if not image or image in (".", "..") or "/" in image or "\\" in image:
+            raise UsageError(f"{path} row {i}: image {r.get('image')!r} is not a file name in HEI-MED/images")
+        if image in seen:
+            raise UsageError(f"{path} row {i}: image {image} is listed twice")
+        seen.add(image)
+        for c in ("on_row", "on_col"):
+            try:
+                ok = np.isfinite(float(r[c]))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise UsageError(f"{path} row {i}: {c} {r[c]!r} is not a number")
+        r["image"] = image
+    return sorted(rows, key=lambda r: r["image"])
 
 
 def source_list(root: Path) -> list[tuple[str, dict]]:
@@ -123,19 +155,32 @@ class CanonicalSource:
     c_fov: np.ndarray  # canonical bool FOV (nearest-neighbour)
 
 
+#: The smallest field of view (fraction of the frame) a source may have: a fundus photograph's covers half or more.
+MIN_FOV_FRACTION = 0.05
+
+
 def canonical_source(paths: dict[str, Path], size: int) -> CanonicalSource:
-    """Read ``paths["image"]`` (and ``paths["fov"]`` when given) and map it into the canonical frame."""
+    """Read ``paths["image"]`` (and ``paths["fov"]`` when given) and map it into the canonical frame. A FOV
+    mask of another size than the photograph, or a field of view under ``MIN_FOV_FRACTION`` of the frame,
+    is an ``InputError`` naming the file."""
     from degradation.fov import estimate_fov_geometry, fov_geometry
 
     from fundus_pipeline.datasets import _read_rgb
     from fundus_pipeline.evaluation.segment import read_binary
 
+    from fundus_pipeline.errors import InputError
+
     rgb = _read_rgb(paths["image"])
     if "fov" in paths:
         fov = read_binary(paths["fov"])
-        geom = fov_geometry(fov)
+        if fov.shape != rgb.shape[:2]:
+            raise InputError(f"{paths['fov']}: FOV mask of {fov.shape[1]}x{fov.shape[0]} for the {rgb.shape[1]}x{rgb.shape[0]} photograph {paths['image']}")
+        geom = fov_geometry(fov) if fov.any() else None
     else:
         fov, geom = estimate_fov_geometry(rgb)
+    if fov.mean() < MIN_FOV_FRACTION:  # an all-black mask made an all-black source, labelled perfect and graded Good
+        where = paths["fov"] if "fov" in paths else paths["image"]
+        raise InputError(f"{where}: the field of view covers {100 * fov.mean():.2g}% of the frame; an empty or wrong FOV mask?")
     frame = CanonicalFrame.from_fov(geom, size)
     rgb = rgb * fov[..., None]
     c_rgb = np.clip(frame.to_canonical(rgb.astype(np.float32)), 0, 1)
