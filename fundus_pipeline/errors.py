@@ -30,6 +30,11 @@ class InputError(FundusError):
     """A single input item cannot be read or processed (recorded per item, never fatal to a run)."""
 
 
+class DiskFullError(FundusError):
+    """An output that cannot be written for want of space (ENOSPC, EDQUOT): fatal even while one item is
+    written, since every following item would fail the same way (exit code 1, the run ``stopped``)."""
+
+
 class WeightsError(FundusError):
     """Missing, corrupt, unknown or mismatching model weights (exit code 1)."""
 

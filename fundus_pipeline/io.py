@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fundus_pipeline.errors import FundusError, InputError, UsageError
+from fundus_pipeline.errors import DiskFullError, FundusError, InputError, UsageError
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".gif")
 MIN_SIDE = 16
@@ -682,8 +682,9 @@ def open_atomic(path: Path, *, binary: bool = False):
             _unlink_quietly(tmp)
             raise
     except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        raise FundusError(f"cannot write {path}: {exc.strerror or exc}", hint="free space, then rerun (a stage or `fundus run` continues with --resume)" if full else None) from exc
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskFullError(f"cannot write {path}: {exc.strerror or exc}", hint="free space, then rerun (a stage or `fundus run` continues with --resume)") from exc
+        raise FundusError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _temp_name(name: str, tag: str) -> str:

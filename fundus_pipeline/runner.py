@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, FundusError, InputError, UsageError, out_of_memory
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -731,12 +731,18 @@ def outputs_intact(dst: Path, row: dict) -> bool:
     return True
 
 
+#: Key of a row whose item met a full disk (its value: the hint); taken off before the row is recorded.
+_STOP = "_stop_run"
+
+
 def _guard(row: dict, fn, *args):
     """``fn(*args)``; a failure becomes the row's error (one line) instead of ending the run. Returns None then."""
     try:
         return fn(*args)
     except FundusError as e:  # InputError, WeightsError, ... are FundusErrors
         row["status"], row["error"] = "error", e.message
+        if isinstance(e, DiskFullError):  # the row is recorded (a resume redoes it), then the run stops
+            row[_STOP] = e.hint
     except Exception as e:  # an unexpected failure on one item must not stop the run
         line = (str(e).strip().splitlines() or [""])[0]
         if out_of_memory(e):  # what was asked for stays visible (a size bug asks for absurd amounts)
@@ -1235,6 +1241,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     def record(row: dict) -> None:
         nonlocal next_snapshot
         check_folder("nothing more is written there")
+        stop = row.pop(_STOP, None)
         text = _dumps(row)
         rows.add_text(row["key"], text)
         try:
@@ -1242,6 +1249,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         except OSError as e:  # a full disk: the run stops here; what the journal holds is resumable
             raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}", hint="free space, then rerun with --resume") from None
         bar.update(row)
+        if stop is not None:  # an output image met a full disk: every later item would too (was: one error row each, exit 3)
+            raise FundusError(f"{row['key']}: {row['error']}", hint=stop)
         if time.monotonic() >= next_snapshot:  # results.csv and manifest.json kept current in a long run
             t0 = time.monotonic()
             reports(interrupted=False, running=True)

@@ -354,3 +354,47 @@ def test_a_source_with_an_empty_or_mismatched_fov_mask_is_refused(fake_data, tmp
         Image.fromarray(mask).save(tmp_path / f"{name}.png")
         with pytest.raises(InputError, match="covers 0%" if name == "empty" else "FOV mask of 50x50"):
             canonical_source({**paths, "fov": tmp_path / f"{name}.png"}, 64)
+
+
+# ------------------------------------------------------------------------------------------------ audit 11b
+def test_a_full_disk_while_an_image_is_written_stops_the_stage(tmp_path, monkeypatch, capsys):
+    """11b F1: ENOSPC while an output image was written made that photograph an error row, and every later one
+    too: exit 3, manifest `finished`, no hint (the README promised exit 1, `stopped` and the --resume hint)."""
+    import errno
+    import json
+
+    from PIL import Image
+
+    from fundus_pipeline import io as fio
+    from fundus_pipeline import runner
+    from fundus_pipeline.cli import main as cli_main
+    from tests.conftest import synthetic_fundus
+
+    (tmp_path / "in").mkdir()
+    for k in range(4):
+        Image.fromarray(synthetic_fundus(64, 64, k)).save(tmp_path / "in" / f"p{k}.png")
+    real, calls = runner.write_image_atomic, []
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def second_is_full(path, arr):
+        calls.append(path)
+        if len(calls) < 2:
+            return real(path, arr)
+        with monkeypatch.context() as m:
+            m.setattr(fio.os, "fsync", full)
+            return real(path, arr)
+
+    monkeypatch.setattr(runner, "write_image_atomic", second_is_full)
+    out = tmp_path / "out"
+    args = ["degrade", str(tmp_path / "in"), str(out), "--recipe", "mild", "--workers", "1"]
+    capsys.readouterr()
+    assert cli_main(args) == 1  # was: 3
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Hint: free space" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "stopped" and len(calls) == 2  # was: finished, every later photograph tried
+    monkeypatch.setattr(runner, "write_image_atomic", real)
+    assert cli_main([*args, "--resume"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 4
