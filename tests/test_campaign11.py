@@ -398,3 +398,84 @@ def test_a_full_disk_while_an_image_is_written_stops_the_stage(tmp_path, monkeyp
     monkeypatch.setattr(runner, "write_image_atomic", real)
     assert cli_main([*args, "--resume"]) == 0
     assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_hints_resume_only_when_there_is_one(fake_data, tmp_path, monkeypatch, capsys):
+    """11b F3: the first last.pt failing to save (a full disk: torch raises RuntimeError "unexpected pos ...")
+    hinted "rerun with --resume (the previous checkpoint is intact)": there was none, and that rerun is refused."""
+    import torch
+
+    from tests.test_train_segment import _args, _train
+
+    real, saves = torch.save, []
+
+    def fail_from(n):
+        def save(obj, f, *a, **k):
+            saves.append(f)
+            if len(saves) >= n:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 427264 vs 427216")
+            return real(obj, f, *a, **k)
+        return save
+
+    for n, hint in ((1, "start the run again"), (3, "rerun with --resume")):
+        saves.clear()
+        monkeypatch.setattr(torch, "save", fail_from(n))
+        capsys.readouterr()
+        assert _train(*_args(fake_data, tmp_path / f"r{n}")) == 1
+        err = capsys.readouterr().err
+        assert "MiB free on that disk" in err and hint in err and ("--resume" in err) is (n == 3), err
+    monkeypatch.setattr(torch, "save", real)
+
+
+def test_a_resumed_runs_recorded_command_can_be_run(fake_data, tmp_path, monkeypatch, capsys):
+    """11b F4 and F5: a resumed run recorded its last resume's command (`--resume`, with `--init` for a
+    fine-tune), which fundus refuses; the refusal of a changed option did not list --cache and --amp."""
+    import json
+
+    from tests.test_campaign10a import _interrupted_at_step_2
+    from tests.test_train_segment import _args, _train
+
+    base = tmp_path / "base"
+    assert _train(*_args(fake_data, base, "--steps", "1")) == 0
+    out = tmp_path / "ft"
+    _interrupted_at_step_2(monkeypatch, *_args(fake_data, out, "--init", str(base / "last.pt")))
+    capsys.readouterr()
+    assert _train(*_args(fake_data, out, "--resume", "--seed", "4")) == 2
+    assert "--cache" in capsys.readouterr().err
+    assert _train(*_args(fake_data, out, "--resume")) == 0
+    argv = json.loads((out / "summary.json").read_text())["argv"]
+    assert "--resume" not in argv and "--init" in argv  # was: both, refused together
+    again = tmp_path / "again"
+    argv[argv.index("--out") + 1] = str(again)
+    assert _train(*argv[3:]) == 0  # the recorded command reproduces the run
+    a = torch_load(out / "last.pt")
+    b = torch_load(again / "last.pt")
+    assert all((a["model"][k] == b["model"][k]).all() for k in a["model"])
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_checkpoint_torch_reads_as_invalid_argument_is_damaged_not_an_io_error(fake_data, tmp_path, monkeypatch, capsys):
+    """11b F7: a last.pt cut at some lengths made torch raise OSError(EINVAL), reported as "cannot read ...:
+    Invalid argument" (an I/O error) without the hint that it cannot be continued."""
+    import errno
+
+    import torch
+
+    from tests.test_train_segment import _args, _train
+
+    out = tmp_path / "r"
+    assert _train(*_args(fake_data, out, "--steps", "1")) == 0
+
+    def einval(*a, **k):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(torch, "load", einval)
+    capsys.readouterr()
+    assert _train(*_args(fake_data, out, "--steps", "1", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "is not a readable checkpoint" in err and "start again in a new --out" in err

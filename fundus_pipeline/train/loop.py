@@ -20,6 +20,7 @@ mean loss every 50 steps); and ``summary.json``. Exporting a run to ``weights/``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -110,7 +111,12 @@ def save_atomic(obj: Any, path: Path) -> None:
             shutil.rmtree(tmpdir, ignore_errors=True)
     except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError ("enforce fail ...")
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FundusError(f"cannot write {path}: {why}", hint="free space, then rerun with --resume (the previous checkpoint is intact)") from None
+        if not isinstance(e, OSError):  # torch's message does not say why: the free space does
+            with contextlib.suppress(OSError):
+                why += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on that disk)"
+        hint = ("free space, then rerun with --resume (the previous checkpoint, last.pt, is intact)" if (path.parent / "last.pt").is_file()
+                else "free space, then start the run again (it has written no checkpoint to resume from)")
+        raise FundusError(f"cannot write {path}: {why}", hint=hint) from None
 
 
 def _remove_stale_saves(out: Path) -> None:
@@ -159,13 +165,19 @@ def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | N
     import pickle
 
     path = cfg.out / "last.pt"
+    damaged: BaseException | None = None
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:  # not damaged: unreadable now (permissions, an I/O error)
-        raise FundusError(f"--resume: cannot read {path}: {e.strerror or e}") from None
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # not damaged: unreadable now (permissions, an I/O error)
+            raise FundusError(f"--resume: cannot read {path}: {e.strerror or e}") from None
+        damaged = e  # torch's reader says EINVAL on some truncated archives
     except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # an empty file, a truncated archive, ...
-        raise WeightsError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})",
-                           hint="it cannot be continued: start again in a new --out (best.pt, if there, is a plain state dict)") from None
+        damaged = e
+    if damaged is not None:
+        why = str(damaged).splitlines()[0] if str(damaged) else "empty"
+        raise WeightsError(f"--resume: {path} is not a readable checkpoint ({type(damaged).__name__}: {why})",
+                           hint="it cannot be continued: start again in a new --out (best.pt, if there, is a plain state dict)")
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "step" not in ck:
         raise WeightsError(f"--resume: {path} is not a training checkpoint of `fundus train`")
     bad = next((k for k, v in ck["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -200,7 +212,7 @@ def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | N
                     what = f"{option_name(k)} {was.get(k)!r}, not {now.get(k)!r}"
                 raise UsageError(f"--resume: {path} was written with {what}"
                                  + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
-                                 + "; a resumed run keeps its options (only --threads, --device, --ckpt-every and --out may change)",
+                                 + "; a resumed run keeps its options (only --threads, --device, --ckpt-every, --cache, --out and, off CUDA, --amp may change)",
                                  hint="resume with the same options, or start a new run (--init OUT/last.pt continues from its weights)")
     return ck
 
@@ -430,7 +442,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     summary = {
         "task": task.name,
         **task.summary(),
-        "argv": ["fundus", "train", task.name, *recorded.to_argv()],
+        "argv": ["fundus", "train", task.name, *recorded.model_copy(update={"resume": False}).to_argv()],  # the run's command, not its last resume's
         "steps": cfg.steps,
         "seed": cfg.seed,
         "best": best,
