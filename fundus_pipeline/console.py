@@ -1,12 +1,13 @@
 """The ``fundus`` console script. The command line (Typer, and through the commands torch) takes a second or
 so to import; a Ctrl-C in that time ends the command as one at any later moment does, with one line and
-exit 130, instead of the interpreter's traceback of whatever module was being imported."""
+exit 130, instead of the interpreter's traceback of whatever module was being imported; an import that fails
+(a library that cannot be mapped under a low ``ulimit -v``) is one line, exit 1, as any later error."""
 
 from __future__ import annotations
 
 import sys
 
-from fundus_pipeline.errors import EXIT_INTERRUPTED  # a light module: constants and exception classes
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, internal_error  # a light module: constants, exceptions
 
 
 def main() -> None:
@@ -15,4 +16,16 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted\n")  # what the command line's own handler writes
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # e.g. OpenCV's library that cannot be mapped under a low `ulimit -v`: one line, not a traceback
+        import os
+        import traceback
+
+        if os.environ.get("FUNDUS_DEBUG"):
+            traceback.print_exc()
+        message, hint = internal_error(e)
+        try:
+            sys.stderr.write(f"Error: {message}\nHint: {hint}\n")
+        except (OSError, ValueError):
+            pass
+        raise SystemExit(EXIT_FATAL) from None
     cli_main()

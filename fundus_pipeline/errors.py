@@ -44,13 +44,19 @@ class WeightsError(FundusError):
 _OUT_OF_MEMORY = ("Insufficient memory", "bad_alloc", "can't allocate memory", "out of memory", "Cannot allocate memory")
 
 
+try:  # imported now: after a failed import of torch under a low limit, importing it can fail too
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
+
 def address_space_limit() -> int | None:
     """The process's address-space limit in bytes (``ulimit -v``), None when unlimited."""
+    if resource is None:
+        return None
     try:
-        import resource
-
         soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    except (ImportError, OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return None
     return None if soft == resource.RLIM_INFINITY else soft
 
@@ -58,7 +64,8 @@ def address_space_limit() -> int | None:
 def out_of_memory(e: BaseException, *, starting: bool = False) -> bool:
     """``e`` says that memory ran out: a MemoryError (also as the cause of ``e``), or an allocator's message.
     With ``starting`` (an error that ended a command, not an item) also the SystemError "error return without
-    exception set" under an address-space limit: what importing torch under a low ``ulimit -v`` raises. A
+    exception set" and an ImportError or OSError "failed to map segment from shared object" under an
+    address-space limit: what importing torch, OpenCV or numpy's libraries under a low ``ulimit -v`` raises. A
     missing module or another import error stays an internal error, limit or not."""
     seen: BaseException | None = e
     for _ in range(8):  # the chain of causes
@@ -69,8 +76,21 @@ def out_of_memory(e: BaseException, *, starting: bool = False) -> bool:
         seen = seen.__cause__ or seen.__context__
     if any(m in str(e) for m in _OUT_OF_MEMORY):
         return True
-    return (starting and isinstance(e, SystemError) and "error return without exception set" in str(e)
-            and address_space_limit() is not None)
+    if not starting or address_space_limit() is None:
+        return False
+    return ((isinstance(e, SystemError) and "error return without exception set" in str(e))
+            or (isinstance(e, (ImportError, OSError)) and "failed to map segment" in str(e)))  # a library that could not be mapped
+
+
+def internal_error(e: BaseException) -> tuple[str, str]:
+    """(message, hint) of an unexpected error that ended a command: "out of memory" with the address-space
+    limit when memory ran out (``out_of_memory(starting=True)``), else "internal error" and where to report it."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if out_of_memory(e, starting=True):  # not a bug: say what to change
+        limit = address_space_limit()
+        where = f" (the address space is limited to {limit // 2**20} MiB: ulimit -v)" if limit is not None else ""
+        return f"out of memory{where}: {type(e).__name__}: {first}", "free memory, lower --workers or --batch-size, or raise the limit"
+    return f"internal error: {type(e).__name__}: {first}", "set FUNDUS_DEBUG=1 for the traceback and report it"
 
 
 def run_script(main) -> None:

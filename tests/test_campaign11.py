@@ -479,3 +479,30 @@ def test_a_checkpoint_torch_reads_as_invalid_argument_is_damaged_not_an_io_error
     assert _train(*_args(fake_data, out, "--steps", "1", "--resume")) == 1
     err = capsys.readouterr().err
     assert "is not a readable checkpoint" in err and "start again in a new --out" in err
+
+
+def test_a_library_that_cannot_be_mapped_at_start_up_is_out_of_memory_in_one_line(monkeypatch, capsys):
+    """11b F2: under `ulimit -v` of 200-600 MB the import of OpenCV or torch fails with an ImportError "failed to
+    map segment from shared object": a raw traceback from the console script's import (200-300 MB) or an
+    "internal error" (400-600 MB), where the README promises "out of memory" (exit 1)."""
+    import sys
+    import types
+
+    from fundus_pipeline import console, errors
+
+    class Unmappable(types.ModuleType):
+        def __getattr__(self, name):
+            raise ImportError("libtorch_cpu.so: failed to map segment from shared object")
+
+    monkeypatch.setattr(errors, "address_space_limit", lambda: 400 * 2**20)
+    monkeypatch.setitem(sys.modules, "fundus_pipeline.cli", Unmappable("fundus_pipeline.cli"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        console.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("Error: out of memory (the address space is limited to 400 MiB")
+    assert "Traceback" not in err and len(err.splitlines()) == 2  # the line and its hint
+    monkeypatch.setattr(errors, "address_space_limit", lambda: None)  # no limit: a broken install, said as such
+    with pytest.raises(SystemExit):
+        console.main()
+    assert capsys.readouterr().err.startswith("Error: internal error: ImportError")

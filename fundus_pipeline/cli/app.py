@@ -18,7 +18,7 @@ import typer
 
 from fundus_pipeline import __version__
 from fundus_pipeline.cli.options import EngineName, Format
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, address_space_limit, out_of_memory
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error
 
 app = typer.Typer(
     name="fundus",
@@ -144,13 +144,7 @@ def _stream_error(e: OSError) -> bool:
 def _internal_error(e: Exception) -> int:
     if os.environ.get("FUNDUS_DEBUG"):
         traceback.print_exc()
-    if out_of_memory(e, starting=True):  # not a bug: say what to change
-        limit = address_space_limit()
-        where = f" (the address space is limited to {limit // 2**20} MiB: ulimit -v)" if limit is not None else ""
-        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _err(f"out of memory{where}: {detail}", "free memory, lower --workers or --batch-size, or raise the limit")
-        return EXIT_FATAL
-    _err(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "set FUNDUS_DEBUG=1 for the traceback and report it")
+    _err(*internal_error(e))
     return EXIT_FATAL
 
 
