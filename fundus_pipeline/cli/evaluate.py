@@ -244,7 +244,8 @@ def score(
 
     groups = [c.strip() for c in by.split(",") if c.strip()]
     result = evaluate_scores(
-        scores_csv, labels_csv, column=column, by=groups, part=None if part == "all" else part, n_boot=bootstrap, seed=seed
+        scores_csv, labels_csv, column=column, by=groups, part=None if part == "all" else part, n_boot=bootstrap, seed=seed,
+        log=lambda m: typer.echo(m, err=True),
     )
     _finish(result, out_dir, fmt, write_outputs, summary_human)
 

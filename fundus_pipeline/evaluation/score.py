@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,9 @@ def _resample_values(x: np.ndarray, y: np.ndarray, start: Mapping) -> tuple[np.n
     return np.array([vals[k] for k in METRIC_KEYS]), mapping.kind != start.kind
 
 
+PROGRESS_EVERY_S = 30.0
+
+
 def bootstrap_cis(
     pred: np.ndarray,
     label: np.ndarray,
@@ -225,14 +229,20 @@ def bootstrap_cis(
     sets: Sequence[tuple[np.ndarray, Mapping]],
     n_boot: int,
     seed: int,
+    log: Callable[[str], None] | None = None,
 ) -> list[tuple[dict[str, list[float | None]], int]]:
     """Source-bootstrap 95% CIs for each ``(pair indices, fitted map)`` of ``sets`` from the same
     resamples (``codes``: source index of each pair, 0..S-1); per set the CIs by metric and the number of
-    resamples whose logistic refit fell back to linear."""
+    resamples whose logistic refit fell back to linear. ``log`` gets a progress line every 30 s (a large set
+    takes minutes: 100,000 pairs in 18 groups, 1,000 resamples, 212 s on 2 cores)."""
     counts = source_bootstrap(int(codes.max()) + 1, n_boot, seed)
     boot = np.full((len(sets), n_boot, len(METRIC_KEYS)), np.nan)
     fallbacks = np.zeros(len(sets), np.int64)
+    t0 = last = time.monotonic()
     for b in range(n_boot):
+        if log is not None and b and time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            log(f"bootstrap: {b}/{n_boot} resamples, about {(last - t0) / b * (n_boot - b):.0f} s to go")
         for j, (subset, start) in enumerate(sets):
             idx = resample_indices(counts[b], codes, subset)
             boot[j, b], fell_back = _resample_values(pred[idx], label[idx], start)
@@ -305,8 +315,10 @@ def evaluate_scores(
     part: str | None = "test",
     n_boot: int = 1000,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Join, score and summarise (rules in the module docstring); ``part=None`` keeps every label row.
+    """Join, score and summarise (rules in the module docstring); ``part=None`` keeps every label row;
+    ``log`` gets the bootstrap's progress lines.
     ``rows`` of the result are the metrics.csv rows: the whole set (group_by ``all``), then each group of
     each ``by`` column."""
     scores_csv, labels_csv = Path(scores_csv), Path(labels_csv)
@@ -364,7 +376,7 @@ def evaluate_scores(
 
     if n_boot > 0:
         fitted = [(idx, m) for (_, _, idx), m in zip(sets, mappings) if m is not None]
-        cis = iter(bootstrap_cis(pred, label, codes, fitted, n_boot, seed) if fitted else [])
+        cis = iter(bootstrap_cis(pred, label, codes, fitted, n_boot, seed, log) if fitted else [])
         for e, m in zip(entries, mappings):
             if m is not None:
                 e["ci95"], e["boot_linear_fallbacks"] = next(cis)
