@@ -262,7 +262,7 @@ class RayEngine:
             for out in it:
                 for blob in out["rows"]:
                     take(pickle.loads(blob))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, FundusError):  # FundusError: raised by ``take`` itself (a full disk stops the run)
             raise
         except Exception as e:  # the actors could not start (stage.setup() failed on a node), the cluster went away
             raise FundusError(f"--engine ray: the {stage.name} stage failed on the Ray cluster: {_first_line(e)}",

@@ -519,3 +519,80 @@ def test_a_long_score_bootstrap_says_how_far_it_is(tmp_path, monkeypatch):
     quiet = sc.evaluate_scores(tmp_path / "s.csv", tmp_path / "l.csv", by=(), n_boot=20)
     loud = sc.evaluate_scores(tmp_path / "s.csv", tmp_path / "l.csv", by=(), n_boot=20, log=said.append)
     assert said and said[-1].startswith("bootstrap: 19/20 resamples") and loud.summary == quiet.summary
+
+
+# ------------------------------------------------------------------------------------------------ review 12
+def test_a_set_notices_a_changed_source_list_and_trusts_no_record(fake_data, built, tmp_path):
+    """Review 12: M1, a heimed.csv row removed (or added) was not noticed: finished sources kept their old
+    train/val split and a removed source stayed in the set; L2, a record's `files` naming ../x deleted outside
+    OUT; L3, `--overwrite` without rows/config.json kept the old images as finished; L4, a record that is JSON
+    but not a record was an internal error."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fake_data, data)
+    out = tmp_path / "set"
+    assert _qbuild(data, out, "--limit", "2") == 0
+    table = data / "HEI-MED" / "heimed.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    table.write_text("".join(lines[:1] + lines[2:]))  # the first photograph (a val source) is gone
+    assert _qbuild(data, out, "--limit", "2") == 2  # was: 0, heimed-00000001 kept as train
+    assert _qbuild(data, out, "--limit", "2", "--overwrite") == 0
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    record = next((out / "rows" / "train").glob("drive-*.json"))
+    res = json.loads(record.read_text())
+    res["files"]["../precious.txt"] = 4
+    record.write_text(json.dumps(res))
+    (out / "rows" / "train" / "odd.json").write_text("[]")
+    assert _qbuild(data, out, "--limit", "2", "--seed", "5", "--overwrite") == 0  # was: internal error on odd.json
+    assert outside.read_text() == "keep"  # was: deleted
+    (out / "rows" / "config.json").unlink()
+    assert _qbuild(data, out, "--limit", "2", "--seed", "6", "--overwrite") == 0
+    fresh = tmp_path / "fresh"
+    assert _qbuild(data, fresh, "--limit", "2", "--seed", "6") == 0
+    got, want = _files(out), _files(fresh)
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in got if k != "manifest.json")  # was: seed-5 images kept
+
+
+def test_a_dataset_folder_reached_through_a_link_is_not_an_out(fake_data, tmp_path):
+    """Review 12, M2: with DRIVE a symbolic link to a folder outside the data root, `build ... OUT=that folder`
+    passed the inside-the-root check and wrote among the DRIVE photographs."""
+    import shutil
+
+    big = tmp_path / "big"
+    shutil.copytree(fake_data / "DRIVE", big / "DRIVE")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("HRF", "HEI-MED"):
+        (data / name).symlink_to(fake_data / name)
+    (data / "DRIVE").symlink_to(big / "DRIVE")
+    for out in (big / "DRIVE", big / "DRIVE" / "training" / "images" / "sets", big):
+        assert _qbuild(data, out, "--overwrite") == 2, out
+    assert sorted(p.name for p in (big / "DRIVE" / "training" / "images").iterdir()) == sorted(
+        p.name for p in (fake_data / "DRIVE" / "training" / "images").iterdir()
+    )
+
+
+def test_heimed_rows_with_a_trailing_comma_still_build(fake_data, tmp_path):
+    """Review 12, M4: a heimed.csv row with an extra empty field (a trailing comma) built before the table was
+    checked and became an internal TypeError after; a non-empty extra field or a repeated column is refused."""
+    import shutil
+
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.quality.build import source_inputs
+    from fundus_pipeline.train.enhance import heimed_table, source_list
+
+    data = tmp_path / "data"
+    shutil.copytree(fake_data / "HEI-MED", data / "HEI-MED")
+    table = data / "HEI-MED" / "heimed.csv"
+    text = table.read_text()
+    want = heimed_table(data)
+    table.write_text(text.replace("0.5\n", "0.5,\n"))
+    assert heimed_table(data) == want
+    assert all(source_inputs(data, n, info) for n, info in source_list(data) if n.startswith("heimed/"))
+    for body, what in ((text.replace("0.5\n", "0.5,x\n", 1), "more fields"), (text.replace("on_col", "on_row", 1), "more than once")):
+        table.write_text(body)
+        with pytest.raises(UsageError, match=what):
+            heimed_table(data)

@@ -199,3 +199,19 @@ def test_a_killed_actor_is_retried_and_no_row_is_lost_or_duplicated(ray_engine, 
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"{k}.png" for k in sorted(keys) if k != "e_poison"]
     for k in ("b_once", "d", "f"):
         assert Image.open(tmp_path / "out" / f"{k}.png").tobytes() == Image.open(d / f"{k}.png").tobytes()
+
+
+def test_an_error_of_the_driver_while_it_records_a_row_is_not_blamed_on_the_cluster(ray_engine, photos, tmp_path, monkeypatch, capsys):
+    """Review 12, M3: a full disk met while an image is written stops the run with the free-space hint; on Ray
+    the driver's own FundusError was rewrapped as "failed on the Ray cluster ... the Ray logs hold the traceback"."""
+    from fundus_pipeline import runner
+    from fundus_pipeline.errors import FundusError
+
+    def full(self, row):
+        raise FundusError(f"{row['key']}: cannot write it: No space left on device", hint="free space, then rerun with --resume")
+
+    monkeypatch.setattr(runner.Progress, "update", full)
+    capsys.readouterr()
+    assert run("degrade", photos, tmp_path / "ray", "--workers", "2", "--engine", "ray") == 1
+    err = capsys.readouterr().err
+    assert "Hint: free space, then rerun with --resume" in err and "Ray cluster" not in err

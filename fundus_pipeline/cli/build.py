@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,10 +32,12 @@ def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | Non
     from fundus_pipeline.errors import UsageError
     from fundus_pipeline.quality.build import _limit, part_sources
 
+    from fundus_pipeline.runner import _first_inside
+
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT exists and is not a folder: {out}")
     o, r = out.resolve(), root.resolve()
-    if o == r or r in o.parents:
+    if _first_inside([out], r) is not None:
         raise UsageError(f"OUT {out} lies inside the dataset root {root}; choose a folder outside it (the datasets are only read)")
     if o in r.parents:
         raise UsageError(f"OUT {out} holds the dataset root {root}; choose a folder outside it (the datasets are only read)")
@@ -51,9 +54,17 @@ def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | Non
             raise UsageError(f"--data {root} lacks what the {part} part reads: {e.filename or e}", hint) from None
         # only what the builders read: the photograph and its FOV mask (a source's vessel annotation is not read:
         # HRF 11_h, 12_h and 13_h have none, and the test part was refused for it)
-        missing = [path for _, info in listing for role, path in info["paths"].items() if role in ("image", "fov") and not Path(path).is_file()]
+        read = [Path(path) for _, info in listing for role, path in info["paths"].items() if role in ("image", "fov")]
+        missing = [path for path in read if not path.is_file()]
         if missing:
             raise UsageError(f"--data {root} lacks {len(missing)} file(s) the {part} part reads, e.g. {missing[0]}", hint)
+        # a dataset folder reached through a symbolic link lies outside the resolved root: compare with its files
+        held = _first_inside(read, o)
+        if held is not None:
+            raise UsageError(f"OUT {out} holds {held}, which the {part} part reads; choose a folder outside the datasets")
+        for folder in sorted({os.path.realpath(path.parent) for path in read}):
+            if _first_inside([out], Path(folder)) is not None:
+                raise UsageError(f"OUT {out} lies inside {folder}, a dataset folder the {part} part reads; choose a folder outside it")
 
 
 @build_app.command("quality-set")

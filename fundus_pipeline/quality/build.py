@@ -290,17 +290,43 @@ def _source_files(res: dict, done: Path) -> dict[str, int]:
     files = res.get("files")
     if not isinstance(files, dict):
         raise UsageError(
-            f"{done} was written by an earlier version of fundus, which did not record the files of each source",
-            "delete the set's folder and build it again (or build into a new folder)",
+            f"{done} was written by an earlier version of fundus (before 2026-12-04), which did not record the files "
+            "of each source", "delete the set's folder and build it again (or build into a new folder)",
         )
     return files
 
 
+def _read_record(done: Path, rows: bool = True) -> dict | None:
+    """A source's record (``rows/PART/SRC.json``; with ``rows=False`` also the grade set's list of not-fundus
+    pictures, ``rows/natural/PART.json``), or None when it is not one: cut short outside fundus, or not a record
+    at all (such a source is built again; its files are rewritten)."""
+    try:
+        res = json.loads(done.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(res, dict):
+        return None
+    ok = isinstance(res.get("rows"), list) and isinstance(res.get("records", []), list) if rows else "rows" in res or "files" in res
+    return res if ok else None
+
+
+def _inside(out: Path, rel: str) -> Path | None:
+    """``out / rel`` when ``rel`` is a plain relative path (a record naming ``../x`` or ``/x`` is not trusted)."""
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(str(rel))
+    if p.is_absolute() or not p.parts or ".." in p.parts:
+        return None
+    return out / p
+
+
 def _remove_files(out: Path, rel_paths) -> None:
-    """Remove these files of the set (never anything else), then the folders they leave empty."""
+    """Remove these files of the set (never anything outside ``out``), then the folders they leave empty."""
     dirs = set()
     for rel in rel_paths:
-        path = out / rel
+        path = _inside(out, rel)
+        if path is None:
+            continue
         path.unlink(missing_ok=True)
         dirs.update(p for p in path.parents if out in p.parents)
     for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
@@ -311,44 +337,42 @@ def _remove_files(out: Path, rel_paths) -> None:
 
 
 def clear_set(out: Path) -> None:
-    """Remove what the set in ``out`` wrote, and only that: the files each ``rows/PART/SRC.json`` lists, the
-    tables, the manifest and ``rows/``. Other files in ``out`` (and its part folders) are left alone."""
-    import shutil
-
+    """Remove what a set in ``out`` wrote, and only that: the files each ``rows/PART/SRC.json`` lists, those
+    records, ``rows/config.json``, the tables and the manifest. Other files in ``out`` are left alone."""
     listed = []
     for done in sorted((out / "rows").glob("*/*.json")):  # all checked before anything is removed
-        try:
-            res = json.loads(done.read_text())
-        except (ValueError, UnicodeDecodeError):
-            continue  # cut short outside fundus: its files are written again by the rebuild
-        listed.append((done, _source_files(res, done)))
+        res = _read_record(done, rows=False)
+        if res is not None:
+            listed.append((done, _source_files(res, done)))
     _unfinish(out)
-    for _, files in listed:
+    for done, files in listed:
         _remove_files(out, files)
-    shutil.rmtree(out / "rows", ignore_errors=True)
+    _remove_files(out, [done.relative_to(out).as_posix() for done, _ in listed] + ["rows/config.json"])
 
 
 def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str, threads: int | None = None) -> None:
     """Claim ``out`` for a set built with ``digest`` on ``threads`` CPU threads: resume one built with the same
-    options, refuse one built with others, refuse a non-empty folder that holds no set. With ``overwrite``, an
-    earlier set is cleared (``clear_set``: only the files it wrote) and built again from nothing. A set is
-    rebuilt bit for bit only on the thread count it was built with, so a rerun that would finish it on another
-    is refused too (its manifest would record one count for sources built on two)."""
+    options, refuse one built with others, refuse a non-empty folder that holds no set. With ``overwrite``, what
+    an earlier set wrote there is cleared (``clear_set``: only its files) and the set is built again from nothing.
+    A set is rebuilt bit for bit only on the thread count it was built with, so a rerun that would finish it on
+    another is refused too (its manifest would record one count for sources built on two)."""
     state = out / "rows" / "config.json"
-    if state.is_file():
+    if overwrite:
+        if out.is_dir():
+            clear_set(out)  # also without rows/config.json: its source records would otherwise be kept as finished
+    elif state.is_file():
         try:
             recorded = json.loads(state.read_text())
         except (ValueError, UnicodeDecodeError):
             recorded = {}
+        recorded = recorded if isinstance(recorded, dict) else {}
         before, was = recorded.get("digest"), recorded.get("threads")
-        if overwrite:
-            clear_set(out)
-        elif before != digest:
+        if before != digest:
             raise UsageError(f"{out} holds a {what} built with other options or weights; pass --overwrite to rebuild it")
-        elif was is not None and threads is not None and was != threads:
+        if was is not None and threads is not None and was != threads:
             raise UsageError(f"{out} holds a {what} being built with --threads {was}; finish it with --threads {was} "
                              "(the thread count changes the bytes of some images), or pass --overwrite to rebuild it")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty and holds no {what}; choose an empty folder or pass --overwrite")
     write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json"), "threads": threads})
 
@@ -369,16 +393,6 @@ def source_inputs(root: Path, name: str, info: dict) -> dict[str, str]:
     return found
 
 
-def _missing_or_changed(out: Path, files: dict[str, int]) -> str | None:
-    for rel, size in files.items():
-        path = out / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if path.stat().st_size != size:
-            return f"{rel} has changed"
-    return None
-
-
 def build_parts(
     root: Path, out: Path, cfg, build_one: Callable[..., tuple[list[dict], list[dict]]], unit: str,
     log: Callable[[str], None],
@@ -387,39 +401,42 @@ def build_parts(
     (at most ``cfg.limit`` per dataset; ``written``: the list the builder appends each file it writes to).
 
     A source finished by an earlier run (``rows/PART/SRC.json``) is kept when its data files are the ones it was
-    built from and every file it wrote is there with its size; one whose written files are missing or changed is
-    built again; one whose data files changed (another ``--data``, a photograph replaced) is refused before
-    anything is built (``--overwrite`` rebuilds the set). Returns every row, every record and the counts per
-    part (``unit``: what a row is, e.g. "pairs")."""
+    built from, its split is the one the data gives it now and every file it wrote is there with its size; one
+    whose written files are missing or changed is built again. Data files that changed (another ``--data``
+    holding other files, a photograph replaced), a source whose split changed, or a finished source the data no
+    longer lists (a heimed.csv row removed) are refused before anything is built (``--overwrite`` rebuilds the
+    set). Returns every row, every record and the counts per part (``unit``: what a row is, e.g. "pairs")."""
+    from fundus_pipeline.runner import outputs_intact
     from fundus_pipeline.train.enhance import validation_names
+
+    def refuse(what: str) -> None:
+        raise UsageError(f"{out} holds {what}; pass --overwrite to rebuild the set")
 
     plan = []
     for part in cfg.parts:
         every = part_sources(root, part)
         listing = _limit(every, cfg.limit)
         val = validation_names([n for n, _ in every]) if part == "train" else set()
+        listed = {source_key(name) for name, _ in listing}
+        gone = sorted(d.stem for d in (out / "rows" / part).glob("*.json") if d.stem not in listed and _read_record(d) is not None)
+        if gone:
+            refuse(f"{len(gone)} {part} source(s) that --data {root} no longer lists, e.g. {gone[0]}")
         for i, (name, info) in enumerate(listing):
             done = out / "rows" / part / f"{source_key(name)}.json"
             inputs = source_inputs(root, name, info)
-            res = None
-            if done.is_file():
-                try:
-                    res = json.loads(done.read_text())
-                except (ValueError, UnicodeDecodeError):
-                    res = None  # cut short outside fundus: built again
+            split = "test" if part == "test" else ("val" if name in val else "train")
+            res = _read_record(done) if done.is_file() else None
             if res is not None:
                 files = _source_files(res, done)
-                if res.get("inputs") != inputs:
-                    changed = sorted(k for k in set(inputs) | set(res.get("inputs") or {}) if inputs.get(k) != (res.get("inputs") or {}).get(k))
-                    raise UsageError(
-                        f"{out} holds {name} built from other data than --data {root} holds now (changed: "
-                        f"{', '.join(changed)}); pass --overwrite to rebuild the set"
-                    )
-                why = _missing_or_changed(out, files)
-                if why is not None:
-                    log(f"{part} {name}: {why}; building it again")
+                before = res.get("inputs") or {}
+                if before != inputs:
+                    changed = sorted(k for k in set(inputs) | set(before) if inputs.get(k) != before.get(k))
+                    refuse(f"{name} built from other data than --data {root} holds now (changed: {', '.join(changed)})")
+                if {r.get("split") for r in res["rows"]} - {split}:
+                    refuse(f"{name} in another split than the data gives it now ({split}: the source list changed)")
+                if not outputs_intact(out, {"outputs": [f for f in files if _inside(out, f)], "outputs_size": files}):
+                    log(f"{part} {name}: some of its images are missing or changed; building it again")
                     res = None
-            split = "test" if part == "test" else ("val" if name in val else "train")
             plan.append((part, i, len(listing), name, info, split, done, inputs, res))
     if any(res is None for *_, res in plan):
         _unfinish(out)  # the set changes: its tables and manifest are written again at the end
@@ -434,7 +451,7 @@ def build_parts(
             write_json_atomic(done, res)
             log(f"{part} {i + 1}/{n} {name}: {len(rows)} {unit}")
         all_rows += res["rows"]
-        all_records += res["records"]
+        all_records += res.get("records", [])
     counts: dict[str, dict[str, int]] = {}
     for part in cfg.parts:
         c = counts.setdefault(part, {})
@@ -454,7 +471,9 @@ def data_record(root: Path, out: Path, cfg) -> dict:
     h = hashlib.sha256()
     for part in cfg.parts:
         for done in sorted((out / "rows" / part).glob("*.json")):
-            h.update(json.dumps([part, done.stem, json.loads(done.read_text()).get("inputs")], sort_keys=True).encode())
+            res = _read_record(done)
+            if res is not None:  # (build_parts refused a record of a source the data no longer lists)
+                h.update(json.dumps([part, done.stem, res.get("inputs")], sort_keys=True).encode())
     return {"root": str(root.resolve()), "sha256": h.hexdigest()}
 
 

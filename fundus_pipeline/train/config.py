@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
     amp: bool = Field(False, description="Mixed precision (float16 autocast + gradient scaling) on CUDA; CPU trains in float32.")
     init: Path | None = Field(None, description="Start from these weights (a state dict or a training checkpoint) instead of a random initialisation.")
-    resume: bool = Field(False, description="Continue the run in OUT from its last.pt with the same options (only --threads, --device, --ckpt-every and --cache may change); bit-exact on the same thread count and device.")
+    resume: bool = Field(False, description="Continue the run in OUT from its last.pt with the same options (only --threads, --device, --ckpt-every and, where the command has it, --cache may change); bit-exact on the same thread count and device.")
 
     @field_validator("device")
     @classmethod

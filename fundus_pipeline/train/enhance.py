@@ -88,11 +88,17 @@ def heimed_table(root: Path) -> list[dict]:
             columns = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"cannot read {path}: {e}", "the datasets and their layout: ../shared/data/README.md") from None
+    from fundus_pipeline.evaluation.score import refuse_repeated_columns
+
+    refuse_repeated_columns(columns, "HEI-MED table", path)
     missing = [c for c in ("image", "on_row", "on_col") if c not in columns]
     if missing:
         raise UsageError(f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns) or 'none'})")
     seen: set[str] = set()
     for i, r in enumerate(rows, start=1):
+        extra = r.pop(None, None)  # fields past the header's: empty ones (a trailing comma) are dropped
+        if extra and any(str(v).strip() for v in extra):
+            raise UsageError(f"{path} row {i} has more fields than the header names")
         image = (r.get("image") or "").strip()
         if not image or image in (".", "..") or "/" in image or "\\" in image:
             raise UsageError(f"{path} row {i}: image {r.get('image')!r} is not a file name in HEI-MED/images")
