@@ -33,3 +33,76 @@ def test_a_photograph_cropped_inside_its_fov_keeps_the_whole_frame(data_root):
         for crop in _inner_crops(a):
             mask, geom = estimate_fov_geometry(crop)
             assert mask.all() and geom.radius == min(crop.shape[:2]) / 2  # the documented fallback
+
+
+def test_a_shipped_file_replaced_by_other_weights_is_refused_and_a_name_is_a_name(tmp_path, monkeypatch):
+    """12b F1: msrf_w8.pt copied over imff.pt ran silently as MSRF-Net (the file was matched by its bytes to
+    another entry before its own name was checked); F5: a folder `imff` in the working folder made
+    `--weights imff` fail (the name was read as a path first)."""
+    import shutil
+
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models.weights import load_model, resolve_weights, weights_dir
+
+    shipped = weights_dir()
+    w = tmp_path / "weights"
+    w.mkdir()
+    for name in ("manifest.json", "imff.pt", "msrf_w8.pt"):
+        shutil.copy(shipped / name, w / name)
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(w))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imff").mkdir()
+    assert resolve_weights("imff") == w / "imff.pt"  # was: "weights path is a folder"
+    assert load_model("imff")[1].spec.name == "imff"
+    shutil.copy(w / "msrf_w8.pt", w / "imff.pt")
+    with pytest.raises(WeightsError, match="does not match its sha256"):
+        load_model("imff")  # was: MSRF-Net at its own threshold, exit 0
+    other = tmp_path / "elsewhere.pt"
+    shutil.copy(w / "msrf_w8.pt", other)
+    assert load_model(other)[1].spec.name == "msrf_w8"  # a copy outside the folder is still known by its bytes
+
+
+def test_export_refuses_an_existing_name_a_wrong_arch_and_bad_runs_in_one_line(fake_data, tmp_path):
+    """12b F2: an export replaced an existing entry (a shipped one too) and its test figures without a word;
+    F3: a missing run, a bad summary.json, a bad --name or a plain state dict as --checkpoint ended in a
+    traceback; F8: a run exported under another architecture with the same tensors got the wrong rules."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_train_segment import _args, _train
+
+    run = tmp_path / "run"
+    assert _train(*_args(fake_data, run, "--steps", "1")) == 0
+    wdir = tmp_path / "weights"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_weights.py"
+
+    def export(*args):
+        env = {**__import__("os").environ, "FUNDUS_WEIGHTS": str(wdir), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env)
+
+    assert export(run, "--name", "tiny", "--arch", "imff_tiny").returncode == 0
+    first = (wdir / "tiny.pt").read_bytes()
+    p = export(run, "--name", "tiny", "--arch", "imff_tiny")
+    assert p.returncode == 2 and "--replace" in p.stderr  # was: replaced without a word
+    assert export(run, "--name", "tiny", "--arch", "imff_tiny", "--replace").returncode == 0
+    assert (wdir / "tiny.pt").read_bytes() == first
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{")
+    torch_sd = tmp_path / "sd.pt"
+    import torch
+
+    torch.save(torch.load(run / "best.pt", weights_only=True), torch_sd)
+    for args in (
+        (tmp_path / "nothing", "--name", "x", "--arch", "imff_tiny"),
+        (tmp_path / "broken", "--name", "x", "--arch", "imff_tiny"),
+        (run, "--name", "../x", "--arch", "imff_tiny"),
+        (run, "--name", "x", "--arch", "imff_tiny", "--checkpoint", torch_sd),
+        (run, "--name", "x", "--arch", "imff_tiny", "--test-metrics", f"drive={tmp_path / 'none.json'}"),
+        (run, "--name", "x", "--arch", "msrf_tiny"),
+    ):
+        p = export(*args)
+        assert p.returncode in (1, 2) and "Traceback" not in p.stderr and p.stderr.startswith("Error: "), (args, p.stderr)
+    assert "trained 'imff_tiny'" in p.stderr  # the wrong architecture is named
+    assert [w["name"] for w in json.loads((wdir / "manifest.json").read_text())["weights"]] == ["tiny"]  # nothing else written

@@ -331,11 +331,13 @@ def test_spec_helpers_for_writers():
     data = _shipped_dict()
     manifest = WeightsManifest.model_validate(data)
     spec = manifest.weights[0]
-    renamed = WeightsSpec.model_validate({**spec.to_json_dict(), "name": "copy", "file": "copy.pt"})
+    renamed = WeightsSpec.model_validate({**spec.to_json_dict(), "name": "copy", "file": "copy.pt", "sha256": "0" * 64})
     grown = manifest.with_entry(renamed)
     assert grown.names() == sorted([*manifest.names(), "copy"]) and grown.get("copy") == renamed
     assert manifest.with_entry(spec) == manifest
-    assert grown.by_sha256(spec.sha256) in (spec, renamed)
+    assert grown.by_sha256(spec.sha256) == spec and grown.by_sha256("0" * 64) == renamed
+    with pytest.raises(ValueError, match="have the same sha256"):  # a file would be read as whichever comes first
+        manifest.with_entry(WeightsSpec.model_validate({**spec.to_json_dict(), "name": "copy", "file": "copy.pt"}))
     assert json.loads(grown.dumps())["weights"][grown.names().index("copy")]["file"] == "copy.pt"
 
 

@@ -118,18 +118,20 @@ def _looks_like_path(value: str) -> bool:
 
 
 def resolve_weights(value: str | Path) -> Path:
-    """A shipped weights name (``imff``) or a path to a state-dict file."""
+    """A shipped weights name (``imff``) or a path to a state-dict file; a bare name (no folder, no ``.pt``)
+    that the manifest lists is the shipped weights, even when the working folder holds a file or folder of
+    that name (``./imff`` reaches that one)."""
     if not str(value).strip():
         raise UsageError("empty weights name", "give a name from `fundus models` or a .pt state-dict file")
+    manifest = load_manifest()
+    spec = None if _looks_like_path(str(value)) else manifest.get(str(value))
+    if spec is not None:  # a bare shipped name is that name, whatever the working folder holds (an output folder `hemf_4750`)
+        return weights_dir() / spec.file
     p = Path(value)
     if p.is_dir():
         raise WeightsError(f"weights path is a folder, not a file: {value}")
     if p.exists():
         return p
-    manifest = load_manifest()
-    spec = manifest.get(str(value))
-    if spec is not None:
-        return weights_dir() / spec.file
     shipped = manifest.names()
     shipped_text = ", ".join(shipped) if shipped else f"none in {weights_dir()}" + (" (the folder FUNDUS_WEIGHTS names)" if os.environ.get("FUNDUS_WEIGHTS") else "")
     from fundus_pipeline.models.catalog import CATALOG
@@ -153,13 +155,15 @@ def lookup_spec(path: Path) -> tuple[WeightsSpec | None, str]:
     except OSError as e:
         raise WeightsError(f"cannot read weights {path}: {e.strerror or e}") from None
     manifest = load_manifest()
-    spec = manifest.by_sha256(digest)
-    if spec is not None:
-        return spec, digest
-    for spec in manifest.weights:
-        if spec.file == path.name and path.resolve().parent == weights_dir().resolve():
-            raise WeightsError(f"{path} does not match its sha256 in weights/manifest.json (corrupt or modified file)")
-    return None, digest
+    # a file of the weights folder is the entry that names it, or nothing: matched by its bytes first, a shipped
+    # file overwritten by another (msrf_w8.pt copied over imff.pt) ran silently as the other weights
+    if path.resolve().parent == weights_dir().resolve():
+        for spec in manifest.weights:
+            if spec.file == path.name:
+                if spec.sha256 != digest:
+                    raise WeightsError(f"{path} does not match its sha256 in {weights_dir() / 'manifest.json'} (corrupt, modified or replaced file)")
+                return spec, digest
+    return manifest.by_sha256(digest), digest
 
 
 def load_state_dict(path: Path) -> dict:
@@ -234,7 +238,7 @@ def load_model(
     if spec is None:
         if not arch:
             raise WeightsError(
-                f"{path} (sha256 {digest[:12]}...) is not listed in weights/manifest.json",
+                f"{path} (sha256 {digest[:12]}...) is not listed in {weights_dir() / 'manifest.json'}",
                 "for weights you trained yourself, name the architecture with --arch (e.g. --arch imff)",
             )
         model_name = arch

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
-from fundus_pipeline.errors import WeightsError
+from fundus_pipeline.errors import UsageError, WeightsError
 from fundus_pipeline.models.registry import build_model, get_entry
 from fundus_pipeline.models.spec import WeightsSpec
 from fundus_pipeline.models.weights import load_manifest, load_state_dict, sha256_file, weights_dir
@@ -104,6 +104,7 @@ def export_weights(
     test_metrics: dict[str, dict] | None = None,
     directory: Path | None = None,
     checkpoint: Path | None = None,
+    replace: bool = False,
 ) -> WeightsSpec:
     """Export RUN/best.pt (or the training ``checkpoint``, e.g. an early snapshot of RUN/last.pt) as
     ``NAME.pt`` plus its manifest entry; returns the entry.
@@ -113,9 +114,26 @@ def export_weights(
     are taken from RUN/summary.json). ``test_metrics`` (label -> figures) are recorded in ``metrics``;
     when NAME is already exported they are *added* to its entry and the weights, threshold and
     description stay as exported (RUN/best.pt must still be those weights). A fresh export starts with
-    no test metrics other than those given: figures measured on other weights never carry over.
+    no test metrics other than those given: figures measured on other weights never carry over. A fresh export
+    over an existing entry is refused unless ``replace`` (it replaced shipped weights and their test figures
+    without a word). NAME must be a plain name (letters, digits, ``_ . -``); RUN/summary.json, when there,
+    must record the architecture ``model_name`` (a ``cofe_add`` run exported as ``cofe`` got the wrong
+    output rule: the tensors are the same).
     """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or name.endswith(".pt"):
+        raise UsageError(f"--name {name!r}: give a plain weights name (letters, digits, _ . -; no .pt)")
     entry = get_entry(model_name)
+    summary_path = Path(run) / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {summary_path}: {e}") from None
+    if not isinstance(summary, dict):
+        raise UsageError(f"{summary_path} is not a training summary of `fundus train`")
+    if summary.get("arch") not in (None, model_name):
+        raise UsageError(f"{run} trained {summary['arch']!r}, not --arch {model_name!r}")
     model = build_model(model_name)
     best = Path(checkpoint) if checkpoint is not None else Path(run) / "best.pt"
     load_weights_checked(model, best, model_name)
@@ -124,6 +142,9 @@ def export_weights(
     wdir.mkdir(parents=True, exist_ok=True)
     target = wdir / f"{name}.pt"
     old = load_manifest(wdir).get(name)
+    if old is not None and not test_metrics and not replace:
+        raise UsageError(f"{name!r} is already in {wdir / 'manifest.json'}; pass --replace to export over it "
+                         "(its file and test figures are replaced), or choose another --name")
 
     if test_metrics and old is not None:
         if not target.is_file() or sha256_file(target) != old.sha256:
@@ -140,10 +161,11 @@ def export_weights(
         return spec
 
     desc = describe(model)
-    summary_path = Path(run) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if checkpoint is not None:  # an early snapshot: its own step, not the run's validation-best
-        step = int(torch.load(best, map_location="cpu", weights_only=True)["step"])
+        ck = torch.load(best, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or "step" not in ck:
+            raise UsageError(f"--checkpoint {best} is a plain state dict, not a training checkpoint (last.pt) with its step")
+        step = int(ck["step"])
         summary = {**summary, "steps": step, "best": {"step": step, "note": f"training checkpoint at step {step} of the run (not its validation-best)"}}
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=wdir))
     try:
