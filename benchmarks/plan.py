@@ -86,8 +86,9 @@ def resume_plan(folder: Path, listing: Path, tmp: Path) -> dict:
                 row = {"key": it.key, "input": str(it.path), "outputs": [name], "status": "ok", "error": "", "input_sha256": "0" * 64,
                        "input_stat": [st.st_size, st.st_mtime_ns], "seconds": 0.1, "config_sha256": "x"}
                 f.write(json.dumps(row) + "\n")
+    work = _pair_inputs(DegradeStage(DegradeConfig.build(types="111", seed=0)), items, {})
     t = time.perf_counter()
-    done = resumable_rows(out, "x")
+    done = resumable_rows(out, "x", work)
     return {"rows": len(done), "seconds": round(time.perf_counter() - t, 3)}
 
 

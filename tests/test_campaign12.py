@@ -106,3 +106,18 @@ def test_export_refuses_an_existing_name_a_wrong_arch_and_bad_runs_in_one_line(f
         assert p.returncode in (1, 2) and "Traceback" not in p.stderr and p.stderr.startswith("Error: "), (args, p.stderr)
     assert "trained 'imff_tiny'" in p.stderr  # the wrong architecture is named
     assert [w["name"] for w in json.loads((wdir / "manifest.json").read_text())["weights"]] == ["tiny"]  # nothing else written
+
+
+def test_the_planning_benchmark_runs(tmp_path):
+    """12b F4: benchmarks/plan.py called resumable_rows with its old signature and always ended in a TypeError,
+    so the README's planning figures could not be reproduced."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "plan.py"
+    p = subprocess.run([sys.executable, str(script), "--n", "300", "--keep", str(tmp_path / "k")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["resume"]["rows"] == 300 and d["folder"]["items"] == d["list"]["items"] == 300
