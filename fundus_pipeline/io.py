@@ -629,6 +629,9 @@ def from_float_rgb(
     maxval = _maxval(dtype)
     if meta.mode in ("gray", "graya"):
         plane = rgb if rgb.ndim == 2 else rgb @ LUMA
+        if rgb.ndim == 3:  # a grey pixel keeps its value: in float32 the weights sum to just under 1, and a floor
+            grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])  # lost a level on 11 of 256 values
+            np.copyto(plane, rgb[..., 0], where=grey)
     else:
         plane = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
     if consume and plane.flags.writeable:

@@ -121,3 +121,20 @@ def test_the_planning_benchmark_runs(tmp_path):
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["resume"]["rows"] == 300 and d["folder"]["items"] == d["list"]["items"] == 300
+
+
+def test_a_grey_pixel_that_nothing_changed_keeps_its_value(tmp_path):
+    """12a D2: a grey photograph written back floored its luminance in float32, where 0.299 + 0.587 + 0.114 is
+    just under 1: 11 of the 256 8-bit levels (247 -> 246) and 3,842 of the 16-bit ones lost one."""
+    import imageio.v3 as iio
+
+    from fundus_pipeline.io import from_float_rgb, read_image, to_float_rgb
+
+    for dtype, n in ((np.uint8, 256), (np.uint16, 65536)):
+        v = np.tile(np.arange(n, dtype=dtype).reshape(-1, 256), (16, 1))  # at least 16 rows
+        iio.imwrite(tmp_path / "g.png", v)
+        arr, meta = read_image(tmp_path / "g.png")
+        assert meta.mode == "gray" and np.array_equal(arr, v)
+        rgb, alpha = to_float_rgb(arr, meta)
+        for truncate in (True, False):
+            assert np.array_equal(from_float_rgb(rgb, meta, alpha, truncate=truncate), v), (dtype, truncate)
