@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import synthetic_fundus
+from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
 
 
 def _inner_crops(a: np.ndarray):
@@ -138,3 +139,24 @@ def test_a_grey_pixel_that_nothing_changed_keeps_its_value(tmp_path):
         rgb, alpha = to_float_rgb(arr, meta)
         for truncate in (True, False):
             assert np.array_equal(from_float_rgb(rgb, meta, alpha, truncate=truncate), v), (dtype, truncate)
+
+
+def test_the_report_leaves_out_an_input_replaced_since_the_run(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """12a D3: `fundus report` showed a photograph put in place of an input after the run beside the old
+    grade, score and vessel overlay, without a word (only missing files were named)."""
+    from PIL import Image
+
+    from tests.test_campaign9 import run
+    from tests.test_run import tiny_args
+
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment")) == 0
+    capsys.readouterr()
+    assert run("report", out) == 0
+    assert "warning" not in capsys.readouterr().err
+    before = (out / "report.html").read_text()
+    Image.fromarray(synthetic_fundus(96, 112, 9)).save(photos / "p0.png")  # same size, another photograph
+    assert run("report", out) == 0
+    err = capsys.readouterr().err
+    assert "changed since the run" in err and "p0" in err
+    assert (out / "report.html").read_text().count("data:image/jpeg") < before.count("data:image/jpeg")

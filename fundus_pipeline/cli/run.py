@@ -220,7 +220,8 @@ def report_cmd(
                 rows.add(row)
                 pending += row.get("status") == "pending"
             missing: list = []
-            path = write_report(out, cfg, rows, missing)
+            recorded = m.get("inputs_sha256") if isinstance(m.get("inputs_sha256"), dict) else None
+            path = write_report(out, cfg, rows, missing, recorded)  # an input replaced since the run is left out and named
         except (KeyError, ValueError, TypeError, AttributeError) as e:  # rows edited by hand: one line, not a crash
             raise UsageError(f"{out_dir}: its stage results do not read as fundus wrote them ({type(e).__name__}: {str(e)[:120]}); "
                              "were they edited? `fundus run ... --resume` (or --overwrite) writes them again") from None
@@ -231,7 +232,7 @@ def report_cmd(
     pages = max(1, -(-len(rows) // PAGE_ROWS))
     if missing:  # the folders changed since the run: say so rather than show empty cells silently
         key, p = sorted(missing)[0]
-        typer.echo(f"warning: {len(missing)} image(s) that the run's rows name are missing or unreadable (e.g. {key}: {p}); "
+        typer.echo(f"warning: {len(missing)} image(s) that the run's rows name are missing, unreadable or changed since the run (e.g. {key}: {p}); "
                    "their cells in the report are empty", err=True)
     if pending:
         typer.echo(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "

@@ -86,10 +86,14 @@ def _unreadable() -> tuple[type[BaseException], ...]:
     return (FundusError, OSError, ValueError, MemoryError, cv2.error)
 
 
-def thumbnails(out: Path, row: dict, side: int, missing: list | None = None) -> dict[str, str]:
+def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inputs_sha256: dict | None = None) -> dict[str, str]:
     """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable). For a
     row whose status is ok, each image it names that cannot be read is appended to ``missing`` as (key, path)
-    (an unreadable input of a failed row is already reported in its error)."""
+    (an unreadable input of a failed row is already reported in its error). ``inputs_sha256`` (key: the sha256
+    the run recorded): an input whose bytes differ now is left out and named too, since its picture would sit
+    beside another photograph's grade, score and vessels."""
+    from fundus_pipeline.models.weights import sha256_file
+
     t: dict[str, str] = {"input": "", "enhanced": "", "vessels": ""}
     base: dict[str, np.ndarray] = {}
     lost = missing if missing is not None and row.get("status") == "ok" else []
@@ -100,6 +104,10 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None) -> 
         p = Path(rel)
         p = p if p.is_absolute() else out / p
         try:
+            recorded = (inputs_sha256 or {}).get(row.get("key")) if name == "input" else None
+            if recorded is not None and sha256_file(p) != recorded:
+                lost.append((row.get("key"), f"{p} (changed since the run)"))
+                continue
             base[name] = thumb_array(p, side)
             t[name] = data_uri(base[name])
         except unreadable:
@@ -290,7 +298,8 @@ def page_name(page: int) -> str:
 
 
 def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None = None, summary_: dict | None = None,
-                  page: int = 1, pages: int = 1, first: int = 1, last: int = 0, missing: list | None = None) -> Iterator[str]:
+                  page: int = 1, pages: int = 1, first: int = 1, last: int = 0, missing: list | None = None,
+                  inputs_sha256: dict | None = None) -> Iterator[str]:
     """One page as a stream of text chunks (thumbnails made a bounded window ahead of the rows). ``rows``:
     the page's rows; ``summary_``: the figures of the whole run (default: computed from ``rows``, which is
     then read twice: a list, or a re-iterable such as ``chain.RowsFile``); ``page`` of ``pages``, whose first
@@ -301,7 +310,7 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
 
     def with_thumbs(row: dict) -> dict:
         grade_warning, segment_warning = split_warning(row.get("warning"))
-        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail, missing), "flag_list": str(row.get("flags") or "").split(),
+        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail, missing, inputs_sha256), "flag_list": str(row.get("flags") or "").split(),
                 "grade_warning": grade_warning, "segment_warning": segment_warning}
 
     template = _environment().get_template("report.html.j2")
@@ -323,11 +332,12 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
     )
 
 
-def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = None) -> Path:
+def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = None, inputs_sha256: dict | None = None) -> Path:
     """Write ``out/report.html`` (and, past ``PAGE_ROWS`` photographs, ``report-2.html``, ... each with the
     whole run's summary and links to the others), each page streamed to a temporary file and renamed.
     ``rows`` is read twice (a list or ``chain.RowsFile``); pages of an earlier, longer report are removed.
-    ``missing`` collects (key, path) of the images that ok rows name and that could not be read."""
+    ``missing`` collects (key, path) of the images that ok rows name and that could not be read (or, given the
+    run's ``inputs_sha256``, whose bytes changed since)."""
     import itertools
     import re
 
@@ -341,7 +351,8 @@ def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = No
     for page in range(1, pages + 1):
         with open_atomic(out / page_name(page)) as f:
             for chunk in render_chunks(out, cfg, itertools.islice(it, PAGE_ROWS), summary_=figures, page=page, pages=pages,
-                                       first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"]), missing=missing):
+                                       first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"]), missing=missing,
+                                       inputs_sha256=inputs_sha256):
                 f.write(chunk)
     for stale in out.glob("report-*.html"):
         m = re.fullmatch(r"report-(\d+)\.html", stale.name)
