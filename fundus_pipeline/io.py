@@ -664,18 +664,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def open_atomic(path: Path, *, binary: bool = False):
+def open_atomic(path: Path, *, binary: bool = False, errors: str = "surrogateescape"):
     """A file object that becomes ``path`` when the ``with`` block ends without an error (a hidden temp
     file in the same folder, fsynced, then ``os.replace``): what ``write_bytes_atomic`` does, for files
     written piece by piece (a large manifest or table streamed row by row, never held whole in memory).
-    Text mode: UTF-8 with surrogate escapes, ``\n`` line ends. ``OSError`` becomes ``FundusError``."""
+    Text mode: UTF-8 with surrogate escapes (``errors``), ``\n`` line ends. ``OSError`` becomes ``FundusError``."""
     path = Path(path)
     tmp = path.with_name(_temp_name(path.name, uuid.uuid4().hex[:12]))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            fh = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n")
+            fh = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="\n")
             with fh:
                 yield fh
                 fh.flush()

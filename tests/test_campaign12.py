@@ -160,3 +160,23 @@ def test_the_report_leaves_out_an_input_replaced_since_the_run(photos, tmp_path,
     err = capsys.readouterr().err
     assert "changed since the run" in err and "p0" in err
     assert (out / "report.html").read_text().count("data:image/jpeg") < before.count("data:image/jpeg")
+
+
+def test_the_report_is_valid_utf8_with_an_odd_file_name_and_says_n_a_for_no_mean(tmp_path, tiny, capsys):  # noqa: F811
+    """12a D7: a file name that is not UTF-8 went into report.html as raw bytes under <meta charset="utf-8">
+    (shown as bad��name); a card with no value read "(mean )"."""
+    import os
+
+    from PIL import Image
+
+    from tests.test_campaign9 import run
+    from tests.test_run import tiny_args
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(synthetic_fundus(96, 96, 0)).save(os.fsdecode(os.fsencode(str(src)) + b"/bad\xff.png"))
+    (src / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "r"
+    assert run("run", src, out, *tiny_args(tiny, "--steps", "grade,segment")) == 3
+    page = (out / "report.html").read_bytes().decode("utf-8")  # was: UnicodeDecodeError
+    assert "bad\\udcff" in page and "(mean )" not in page

@@ -349,7 +349,7 @@ def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = No
     pages = max(1, -(-figures["total"] // PAGE_ROWS))
     it = iter(rows)
     for page in range(1, pages + 1):
-        with open_atomic(out / page_name(page)) as f:
+        with open_atomic(out / page_name(page), errors="backslashreplace") as f:  # a page is valid UTF-8: an odd byte of a name shows as \udcXX
             for chunk in render_chunks(out, cfg, itertools.islice(it, PAGE_ROWS), summary_=figures, page=page, pages=pages,
                                        first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"]), missing=missing,
                                        inputs_sha256=inputs_sha256):
