@@ -95,13 +95,31 @@ def internal_error(e: BaseException) -> tuple[str, str]:
 
 def run_script(main) -> None:
     """Run a ``scripts/`` entry point as the commands run: a ``FundusError`` (unknown weights, a missing set, a
-    refused output) becomes its one-line message, its hint and its exit code instead of a traceback."""
+    refused output) becomes its one-line message, its hint and its exit code instead of a traceback; so do a
+    missing or unreadable file (exit 1), a failed check of typed options (pydantic, exit 2) and Ctrl-C (130)."""
     import sys
+
+    def fail(message: str, hint: str | None, code: int) -> SystemExit:
+        print(f"Error: {message}", file=sys.stderr)
+        if hint:
+            print(f"Hint: {hint}", file=sys.stderr)
+        return SystemExit(code)
 
     try:
         main()
     except FundusError as e:
-        print(f"Error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"Hint: {e.hint}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
+        raise fail(e.message, e.hint, e.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", None, EXIT_INTERRUPTED) from None
+    except OSError as e:  # a file or folder a script reads or writes: named in one line
+        if e.filename is None:
+            raise
+        raise fail(f"{e.filename}: {e.strerror or e}", "is ../shared/data there (or FUNDUS_DATA set)?" if "data" in str(e.filename) else None,
+                   EXIT_FATAL) from None
+    except Exception as e:
+        if type(e).__name__ != "ValidationError":
+            raise
+        from fundus_pipeline.train.config import config_error  # a script's typed options or config (a data root without DRIVE/)
+
+        u = config_error(e)
+        raise fail(u.message, u.hint, u.exit_code) from None

@@ -35,7 +35,16 @@ def build(out: Path, root: Path, seed: int, datasets: list[str], types: str = "a
     from fundus_pipeline.runner import run_stage
     from fundus_pipeline.stages.degrade import DegradeStage
 
+    from fundus_pipeline.errors import FundusError, UsageError
+
     record: dict = {"seed": seed, "data_root": str(root), "datasets": {}}
+    for ds in datasets:
+        if ds not in ("drive", "hrf"):
+            raise UsageError(f"--datasets: unknown dataset {ds!r} (drive, hrf)")
+        absent = [p for p in test_images(root, ds) if not p.is_file()]
+        if absent:  # before anything is written: a benchmark of no image was frozen as built
+            raise UsageError(f"--data {root} lacks {len(absent)} {ds} test photograph(s), e.g. {absent[0]}",
+                             "the datasets and their layout: ../shared/data/README.md")
     for ds in datasets:
         d = out / ds
         d.mkdir(parents=True, exist_ok=True)
@@ -45,9 +54,15 @@ def build(out: Path, root: Path, seed: int, datasets: list[str], types: str = "a
         configs.update({r: DegradeConfig(recipe=r, seed=seed) for r in RECIPES})
         for name, cfg in configs.items():
             target = d / name
-            if (target / "manifest.json").is_file():
-                continue  # built already (same seed: same bytes)
-            run_stage(DegradeStage(cfg), listing, target, resume=target.exists(), progress=False)
+            manifest = target / "manifest.json"
+            if manifest.is_file():
+                m = json.loads(manifest.read_text())
+                if m.get("status") == "finished" and not (m.get("counts") or {}).get("error"):
+                    continue  # built already (same seed: same bytes)
+            res = run_stage(DegradeStage(cfg), listing, target, resume=target.exists(), progress=False)
+            if res.failed or res.interrupted:  # never frozen with images missing: a rerun redoes them
+                raise FundusError(f"{target}: {len(res.failed)} of the {ds} test photographs failed; see its results.csv",
+                                  "rerun the same command once the cause is fixed (finished images are kept)")
         hashes = {
             str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(d.rglob("*.png"))
@@ -72,4 +87,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

@@ -52,6 +52,12 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.data)
     ids = sorted(p.stem for p in (root / "img").glob("*.png") if not p.stem.endswith("_fuse"))
+    examples = sorted((root / "examples" / "parameters").glob("*_111.png"))[:4]
+    if len(ids) < 4 or len(examples) < 4:
+        from fundus_pipeline.errors import UsageError
+
+        raise UsageError(f"--data {root} holds {len(ids)} clean pictures in img/ and {len(examples)} examples in "
+                         "examples/parameters/ (at least 4 of each: the Cofe-Net repository's folder)")
     rows, cleans = [], []
     for i, ident in enumerate(ids):
         clean = read_rgb(root / "img" / f"{ident}.png")
@@ -68,7 +74,6 @@ def main() -> None:
                 ]
             )
         )
-    examples = sorted((root / "examples" / "parameters").glob("*_111.png"))[:4]
     rows.append(np.hstack([tile(read_rgb(p), "authors example" if j == 0 else None) for j, p in enumerate(examples)]))
     rows.append(
         np.hstack(
@@ -82,4 +87,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

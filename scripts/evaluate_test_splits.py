@@ -129,4 +129,6 @@ def example(seg: Path, drive: Path, target: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

@@ -15,11 +15,14 @@ from fundus_pipeline.datasets import default_data_root, eyepacs256_split
 
 
 def main() -> None:
+    rows = eyepacs256_split(default_data_root())  # before the header: a missing dataset prints nothing on stdout
     w = csv.writer(sys.stdout, lineterminator="\n")
     w.writerow(["image", "patient", "quality", "split"])
-    for r in eyepacs256_split(default_data_root()):
+    for r in rows:
         w.writerow([r["image"], r["patient"], r["quality"], r["split"]])
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

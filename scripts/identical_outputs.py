@@ -36,6 +36,13 @@ def main() -> None:
     ap.add_argument("--code-root", type=Path, default=Path(__file__).resolve().parents[1])
     ap.add_argument("--only", action="append", default=[])
     args = ap.parse_args()
+    from fundus_pipeline.errors import FundusError, UsageError
+
+    unknown = sorted(set(args.only) - set(COMMANDS))
+    if unknown:
+        raise UsageError(f"--only {unknown[0]!r}: not one of {', '.join(COMMANDS)}")
+    if not args.in_dir.is_dir():
+        raise UsageError(f"IN_DIR {args.in_dir} is not a folder")
     env = {**os.environ, "PYTHONPATH": str(args.code_root.resolve()), "FUNDUS_WEIGHTS": str(args.code_root.resolve() / "weights")}
     result = {}
     for name, argv in COMMANDS.items():
@@ -49,7 +56,12 @@ def main() -> None:
         result[name] = {"exit_code": p.returncode, "outputs": hashes}
         print(f"{name}: exit {p.returncode}, {len(hashes)} images", file=sys.stderr)
     print(json.dumps(result, indent=1, sort_keys=True))
+    bad = [n for n, r in result.items() if r["exit_code"] != 0 or not r["outputs"]]
+    if bad:  # two runs that both failed would compare equal: the check must not pass on nothing
+        raise FundusError(f"{len(bad)} command(s) failed or wrote no image, e.g. {bad[0]} (exit {result[bad[0]]['exit_code']})")
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

@@ -91,6 +91,10 @@ def main() -> None:
     ap.add_argument("--cofenet", type=Path, help="fundus run of the 100 real CofeNet photographs")
     ap.add_argument("--out", type=Path, help="folder for the copied tables and summary.json")
     a = ap.parse_args()
+    if not (a.drive or a.cofenet):
+        from fundus_pipeline.errors import UsageError
+
+        raise UsageError("give the runs to summarise: --drive RUN [--drive-forced RUN] and/or --cofenet RUN (see the docstring)")
     summary: dict = {}
     if a.drive:
         summary["drive_simulate_111"] = simulate_figures(read_rows(a.drive), read_rows(a.drive_forced) if a.drive_forced else None)

@@ -180,3 +180,28 @@ def test_the_report_is_valid_utf8_with_an_odd_file_name_and_says_n_a_for_no_mean
     assert run("run", src, out, *tiny_args(tiny, "--steps", "grade,segment")) == 3
     page = (out / "report.html").read_bytes().decode("utf-8")  # was: UnicodeDecodeError
     assert "bad\\udcff" in page and "(mean )" not in page
+
+
+@pytest.mark.parametrize("argv", [
+    ["check_disc_locator.py", "--data", "/nonexistent", "--cache", "{tmp}/none.npz"],
+    ["contact_sheet.py", "--data", "/nonexistent/CofeNet", "--out", "{tmp}/cs.png"],
+    ["eyepacs256_split.py"],
+    ["val_fov_margin.py"],
+    ["build_enhance_benchmark.py", "{tmp}/bench"],
+    ["identical_outputs.py", "/nonexistent", "{tmp}/w"],
+    ["run_figures.py"],
+])
+def test_scripts_without_their_data_end_in_one_line(argv, tmp_path):
+    """12b F6, F7, F9: without ../shared/data most scripts ended in a traceback; build_enhance_benchmark.py froze
+    an empty benchmark as built (exit 0); identical_outputs.py and run_figures.py passed on nothing (exit 0)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    env = {**os.environ, "FUNDUS_DATA": "/nonexistent", "OMP_NUM_THREADS": "1"}
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    p = subprocess.run([sys.executable, str(scripts / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode in (1, 2) and "Traceback" not in p.stderr and p.stderr.startswith("Error: "), p.stderr
+    assert p.stdout == "" and not (tmp_path / "bench" / "benchmark.json").exists()
