@@ -25,11 +25,11 @@ def test_a_photograph_cropped_inside_its_fov_keeps_the_whole_frame(data_root):
 
     from degradation.fov import estimate_fov_geometry
 
-    photos = [synthetic_fundus(400, 400, 1)]
+    pictures = [synthetic_fundus(400, 400, 1)]
     drive = data_root / "DRIVE" / "test" / "images"
     if drive.is_dir():
-        photos += [np.array(Image.open(drive / f"{i:02d}_test.tif").convert("RGB")) for i in (1, 4, 7)]
-    for a in photos:
+        pictures += [np.array(Image.open(drive / f"{i:02d}_test.tif").convert("RGB")) for i in (1, 4, 7)]
+    for a in pictures:
         assert estimate_fov_geometry(a)[0].mean() < 0.9  # the whole photograph has its surround
         for crop in _inner_crops(a):
             mask, geom = estimate_fov_geometry(crop)
