@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import clinical
 from .cofe import CODES, apply_cofe, sample_cofe, validate_code
@@ -80,6 +80,17 @@ class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, max_length=MAX_STEP_NAME_LENGTH, pattern=r"^[A-Za-z0-9_.\-]+$")
     p: Prob = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans(cls, data: Any) -> Any:
+        """``true`` / ``false`` where a number belongs is refused (pydantic would read ``"p": true`` as 1)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(v, bool) for v in values):
+                    raise ValueError(f"{key}: a number is needed, not true or false")
+        return data
 
 
 class _CofeStep(_Step):
@@ -226,12 +237,28 @@ def check_json_shape(data: Any, source: str = "recipe", max_depth: int = MAX_NES
             stack.extend((child, depth + 1) for child in children)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object naming a key twice is refused (``json`` keeps the last value silently)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
 def parse_json_text(text: str | bytes, source: str = "recipe", max_bytes: int = MAX_RECIPE_BYTES) -> Any:
     """``json.loads`` with the size and nesting limits; every failure is a one-line ``RecipeError``."""
     if len(text) > max_bytes:
         raise RecipeError(f"{source} is too large ({len(text)} bytes; at most {max_bytes})")
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_repeated_keys)
+    except _RepeatedKey as err:
+        raise RecipeError(f"invalid {source}: {err}") from None
     except json.JSONDecodeError as err:
         raise RecipeError(f"{source} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
     except RecursionError:

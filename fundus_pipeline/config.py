@@ -89,6 +89,8 @@ class DegradeConfig(StageConfig):
     def from_options(cls, *, types: str | None, preset: str | None, recipe: str | None, seed: int | None, replay: Path | None) -> "DegradeConfig":
         if replay and any(v is not None for v in (types, preset, recipe, seed)):
             raise UsageError("--replay takes the types, preset, recipe and seed from the replay manifest; do not combine it with them")
+        if recipe is not None and not recipe.strip():  # `--recipe ""` ran Cofe 111 without a word
+            raise UsageError("--recipe is empty: give mild, moderate, severe or a recipe JSON file, or leave the option out")
         if recipe and (types is not None or preset is not None):
             raise UsageError("--recipe cannot be combined with --types or --preset")
         return cls.build(types=types, preset=preset, recipe=recipe, seed=seed, replay=replay)

@@ -205,3 +205,46 @@ def test_scripts_without_their_data_end_in_one_line(argv, tmp_path):
     p = subprocess.run([sys.executable, str(scripts / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode in (1, 2) and "Traceback" not in p.stderr and p.stderr.startswith("Error: "), p.stderr
     assert p.stdout == "" and not (tmp_path / "bench" / "benchmark.json").exists()
+
+
+def test_recipes_refuse_booleans_repeated_keys_and_an_empty_name(tmp_path):
+    """12a D5: `"p": true` was read as 1, `"quality_range": [true, true]` as quality 1, a key named twice kept
+    its last value, and `--recipe ""` ran Cofe-Net 111 without a word."""
+    import json
+
+    from degradation import RecipeError, load_recipe
+    from fundus_pipeline.config import DegradeConfig
+    from fundus_pipeline.errors import UsageError
+
+    good = {"schema_version": 1, "name": "r", "steps": [{"name": "j", "type": "jpeg", "quality_range": [40, 60]}]}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    load_recipe(str(tmp_path / "good.json"))
+    for body in (
+        json.dumps({**good, "steps": [{"name": "j", "type": "jpeg", "p": True}]}),
+        json.dumps({**good, "steps": [{"name": "j", "type": "jpeg", "quality_range": [True, True]}]}),
+        '{"schema_version": 1, "name": "x", "name": "y", "steps": [{"name": "j", "type": "jpeg"}]}',
+    ):
+        (tmp_path / "bad.json").write_text(body)
+        with pytest.raises(RecipeError):
+            load_recipe(str(tmp_path / "bad.json"))
+    with pytest.raises(UsageError, match="--recipe is empty"):
+        DegradeConfig.from_options(types=None, preset=None, recipe="", seed=None, replay=None)
+
+
+def test_a_replay_on_a_photograph_of_another_size_names_it(tmp_path, capsys):
+    """12a D4: replaying onto an input of another size under the recorded key failed with the internal
+    `ValueError: mask shape (300, 300) does not match the FOV geometry (256, 256)`."""
+    import csv
+
+    from PIL import Image
+
+    from tests.test_campaign9 import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(synthetic_fundus(96, 96, 0)).save(src / "a.png")
+    assert run("degrade", src, tmp_path / "o1", "--seed", "3", "--quiet") == 0
+    Image.fromarray(synthetic_fundus(120, 120, 0)).save(src / "a.png")
+    assert run("degrade", src, tmp_path / "o2", "--replay", tmp_path / "o1" / "manifest.json", "--quiet") == 3
+    row = next(csv.DictReader(open(tmp_path / "o2" / "results.csv")))
+    assert row["error"].startswith("the input is 120x120; the replay manifest recorded 96x96")

@@ -88,6 +88,9 @@ class DegradeStage(Stage):
                 degrader = Degrader.from_params(rec)
                 params = rec
                 g = FovGeometry.from_dict(rec["fov"]) if "fov" in rec else fov.geometry
+                if (g.height, g.width) != fov.mask.shape:  # another photograph under the recorded key
+                    raise InputError(f"the input is {fov.mask.shape[1]}x{fov.mask.shape[0]}; the replay manifest recorded "
+                                     f"{g.width}x{g.height} for {item.key!r}: not the photograph it was run on")
             else:
                 params = degrader.sample(seed=self.seed, key=item.key, fov=fov.geometry)
                 g = fov.geometry
