@@ -248,3 +248,27 @@ def test_a_replay_on_a_photograph_of_another_size_names_it(tmp_path, capsys):
     assert run("degrade", src, tmp_path / "o2", "--replay", tmp_path / "o1" / "manifest.json", "--quiet") == 3
     row = next(csv.DictReader(open(tmp_path / "o2" / "results.csv")))
     assert row["error"].startswith("the input is 120x120; the replay manifest recorded 96x96")
+
+
+def test_models_finds_weights_names_marks_defaults_and_missing_files(tmp_path, monkeypatch, capsys):
+    """12b F12: `fundus models hemf_4750` (a name --weights takes) printed nothing, an unmatched pattern was
+    silent, the defaults (hemf_4750, cofe_add_seg) were not marked and a missing weights file was listed as
+    shipped."""
+    import json
+    import shutil
+
+    from fundus_pipeline.models.weights import weights_dir
+    from tests.test_campaign9 import run
+
+    capsys.readouterr()
+    assert run("models", "hemf_4750", "--format", "json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["hemf"] and rows[0]["default_for"] == {"hemf_4750": "grade"}
+    assert run("models", "zzz") == 0 and "no architecture or weights name matches 'zzz'" in capsys.readouterr().err
+    w = tmp_path / "w"
+    w.mkdir()
+    shutil.copy(weights_dir() / "manifest.json", w / "manifest.json")
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(w))
+    assert run("models", "imff") == 0
+    out = capsys.readouterr().out
+    assert "weights/imff.pt*" in out and "[missing: imff.pt]" in out and "fundus segment (imff)" in out

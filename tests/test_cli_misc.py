@@ -27,8 +27,8 @@ def run(*args) -> int:
 def test_models_human(capsys):
     assert run("models") == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines()}
-    assert set(lines) == set(CATALOG)
+    lines = {line.split()[0]: line for line in out.splitlines() if not line.startswith("* ")}  # the defaults' footnote
+    assert set(lines) == set(CATALOG) and out.splitlines()[-1].startswith("* the default weights of")
     for spec in read_manifest():  # the weights named after the model by file, its other weights by name
         assert (f"weights/{spec.file}" if spec.name == spec.model else spec.name) in lines[spec.model]
     assert "34.68 M" in lines["imff_paper"] and "weights/" not in lines["imff_paper"]
@@ -42,7 +42,8 @@ def test_models_json_and_pattern(capsys):
     everything = json.loads(capsys.readouterr().out)
     assert [r for r in everything if r["name"].startswith("msrf")] == rows
     for r in everything:
-        assert set(r) == {"name", "task", "arch", "width", "params", "weights", "weights_name", "threshold", "other_weights", "description"}
+        assert set(r) == {"name", "task", "arch", "width", "params", "weights", "weights_name", "threshold", "other_weights", "description",
+                          "default_for", "missing_files"}
         row = CATALOG[r["name"]]
         assert (r["task"], r["arch"], r["width"], r["params"], r["description"]) == (row.task, row.arch, row.width, row.params, row.description)
         # every shipped weights file of the architecture is listed: the one named after it first, the others after

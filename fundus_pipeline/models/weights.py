@@ -153,7 +153,9 @@ def lookup_spec(path: Path) -> tuple[WeightsSpec | None, str]:
     try:
         digest = sha256_file(path)
     except OSError as e:
-        raise WeightsError(f"cannot read weights {path}: {e.strerror or e}") from None
+        listed = isinstance(e, FileNotFoundError) and path.parent.resolve() == weights_dir().resolve()
+        raise WeightsError(f"cannot read weights {path}: {e.strerror or e}",
+                           "the manifest lists it: restore the file from the checkout (git checkout -- weights/)" if listed else None) from None
     manifest = load_manifest()
     # a file of the weights folder is the entry that names it, or nothing: matched by its bytes first, a shipped
     # file overwritten by another (msrf_w8.pt copied over imff.pt) ran silently as the other weights
@@ -248,7 +250,8 @@ def load_model(
         model_name = spec.model
     entry = get_entry(model_name)  # a clear error for an unknown architecture
     if task is not None and entry.task != task:
-        raise WeightsError(f"{weights} is a {entry.task} model ({model_name}); this command needs a {task} model")
+        an = lambda w: ("an " if w[0] in "aeiou" else "a ") + w  # noqa: E731
+        raise WeightsError(f"{weights} is {an(entry.task)} model ({model_name}); this command needs {an(task)} model")
     import torch
 
     key = (digest, model_name, str(torch.device(device)), compile)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -185,7 +186,7 @@ def export_weights(
             "output": desc["output"],
             "training": {
                 **desc.get("training", {}),
-                "command": command or " ".join(summary.get("argv", [])),
+                "command": command or shlex.join(summary.get("argv", [])),  # quoted: a path with a space reruns
                 "seed": summary.get("seed"),
                 "steps": summary.get("steps"),
                 "best_checkpoint": summary.get("best"),
