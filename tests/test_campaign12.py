@@ -272,3 +272,40 @@ def test_models_finds_weights_names_marks_defaults_and_missing_files(tmp_path, m
     assert run("models", "imff") == 0
     out = capsys.readouterr().out
     assert "weights/imff.pt*" in out and "[missing: imff.pt]" in out and "fundus segment (imff)" in out
+
+
+def test_two_exports_at_once_keep_both_entries(fake_data, tmp_path, monkeypatch):
+    """12b F11: two exports into one weights folder read the same manifest and the second rename won: one
+    .pt file was left without its entry."""
+    import threading
+    import time
+
+    from fundus_pipeline.models.weights import load_manifest
+    from fundus_pipeline.train import export as ex
+    from tests.test_train_segment import _args, _description, _train
+
+    run = tmp_path / "run"
+    assert _train(*_args(fake_data, run, "--steps", "1")) == 0
+    wdir = tmp_path / "w"
+    real = ex.load_manifest
+
+    def slow(directory=None):
+        m = real(directory)
+        time.sleep(0.3)  # the read-modify-write window, widened
+        return m
+
+    monkeypatch.setattr(ex, "load_manifest", slow)
+    errors: list = []
+
+    def one(name):
+        try:
+            ex.export_weights(run, name=name, model_name="imff_tiny", describe=lambda m: _description(m, 0.5), directory=wdir)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("ra", "rb")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(load_manifest(wdir).names()) == ["ra", "rb"]  # was: only one of them

@@ -10,6 +10,7 @@ architecture, parameter count, provenance from RUN/summary.json, license).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -41,23 +42,40 @@ def _validated(entry: dict[str, Any]) -> WeightsSpec:
 
 
 def _write_manifest(directory: Path, spec: WeightsSpec) -> None:
-    text = load_manifest(directory).with_entry(spec).dumps()
-    tmp = directory / ".manifest.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, directory / "manifest.json")
+    """Add or replace ``spec`` in the manifest (called under ``_manifest_lock``): a unique temporary file,
+    fsynced, then renamed."""
+    from fundus_pipeline.io import write_bytes_atomic
+
+    write_bytes_atomic(directory / "manifest.json", load_manifest(directory).with_entry(spec).dumps().encode())
+
+
+@contextlib.contextmanager
+def _manifest_lock(directory: Path):
+    """An exclusive lock on ``directory/.manifest.lock`` for a read-modify-write of the manifest: two exports
+    at once each keep their entry (one was lost: both read the old manifest, the second rename won). Waits."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".manifest.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _record_in_output(name: str, directory: Path | None, edit: Callable[[dict[str, Any]], None]) -> WeightsSpec:
     """Apply ``edit`` to the output of the manifest entry ``name`` (a JSON dict), validate the entry, then
     write the manifest; nothing is written when the entry is missing or the edited one is invalid."""
     directory = directory or weights_dir()
-    entry = load_manifest(directory).get(name)
-    if entry is None:
-        raise WeightsError(f"no manifest entry {name!r} in {directory / 'manifest.json'}")
-    d = entry.to_json_dict()
-    edit(d["output"])
-    spec = _validated(d)
-    _write_manifest(directory, spec)
+    with _manifest_lock(directory):
+        entry = load_manifest(directory).get(name)
+        if entry is None:
+            raise WeightsError(f"no manifest entry {name!r} in {directory / 'manifest.json'}")
+        d = entry.to_json_dict()
+        edit(d["output"])
+        spec = _validated(d)
+        _write_manifest(directory, spec)
     return spec
 
 
@@ -95,7 +113,13 @@ def record_decision_selection(name: str, selection: dict[str, Any], file: str, d
     return _record_in_output(name, directory, edit)
 
 
-def export_weights(
+def export_weights(run: Path, **kw: Any) -> WeightsSpec:
+    """``_export_weights`` under the weights folder's manifest lock (see there for the arguments)."""
+    with _manifest_lock(Path(kw.get("directory") or weights_dir())):
+        return _export_weights(run, **kw)
+
+
+def _export_weights(
     run: Path,
     *,
     name: str,
