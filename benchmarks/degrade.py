@@ -6,7 +6,7 @@
 - peak resident memory of a run over 50 and over 200 images (must stay flat).
 
 Uses the real DRIVE/HRF images when ../shared/data is present, else synthetic fundus-like images of
-the same sizes. Usage: python benchmarks/degrade.py [--drive N] [--hrf N] [--quick]
+the same sizes. Usage: python benchmarks/degrade.py [--drive N] [--hrf N] [--memory-images N (more than 50)]
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import count  # noqa: E402
 
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
 from fundus_pipeline.io import discover_images, read_image, write_image_atomic  # noqa: E402
@@ -96,9 +99,9 @@ def peak_rss_mb(in_dir: Path, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--drive", type=int, default=20)
-    ap.add_argument("--hrf", type=int, default=4)
-    ap.add_argument("--memory-images", type=int, default=200)
+    ap.add_argument("--drive", type=count(1), default=20)
+    ap.add_argument("--hrf", type=count(1), default=4)
+    ap.add_argument("--memory-images", type=count(51), default=200, help="compared with a run over 50 images: more than 50")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -124,4 +127,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

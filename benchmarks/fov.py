@@ -23,6 +23,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import count  # noqa: E402
 
 from degradation.fov import FovGeometry, estimate_fov_geometry, fov_geometry  # noqa: E402
 from fundus_pipeline.io import read_image  # noqa: E402
@@ -116,7 +119,7 @@ def eyeq(data: Path) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=default_data())
-    ap.add_argument("--limit", type=int, default=0, help="at most N images per dataset (0: all)")
+    ap.add_argument("--limit", type=count(0), default=0, help="at most N images per dataset (0: all)")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(json.dumps({"error": f"datasets not found at {args.data}"}))

@@ -52,6 +52,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import count, names  # noqa: E402
 
 from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig  # noqa: E402
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
@@ -316,18 +319,18 @@ class Utilisation:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--reps", type=int, default=0, help="timed passes (default: 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--reps", type=count(0), default=0, help="timed passes (default: 20 on CUDA, 3 on CPU)")
     ap.add_argument("--sizes", default="drive,1024")
-    ap.add_argument("--batch", type=int, default=0, help="photographs per batch (default: 8 on CUDA, 2 on CPU)")
+    ap.add_argument("--batch", type=count(0), default=0, help="photographs per batch (default: 8 on CUDA, 2 on CPU)")
     ap.add_argument("--precisions", default="", help="default: fp32,bf16,fp16 on CUDA, fp32,bf16 on CPU")
-    ap.add_argument("--agree", type=int, default=0, help="DRIVE test photographs for the agreement figures (default: 20 on CUDA, 2 on CPU)")
-    ap.add_argument("--fed-n", type=int, default=0, help="photographs of the fed run (default: 64 on CUDA, 4 on CPU)")
-    ap.add_argument("--decoders", type=int, default=4)
-    ap.add_argument("--only", default="segment,enhance,score,grade")
+    ap.add_argument("--agree", type=count(0), default=0, help="DRIVE test photographs for the agreement figures (default: 20 on CUDA, 2 on CPU)")
+    ap.add_argument("--fed-n", type=count(0), default=0, help="photographs of the fed run (default: 64 on CUDA, 4 on CPU)")
+    ap.add_argument("--decoders", type=count(1), default=4)
+    ap.add_argument("--only", type=names(("segment", "enhance", "score", "grade")), default="segment,enhance,score,grade")
     ap.add_argument("--compile", action="store_true", help="also measure each network under torch.compile (at the first size)")
-    ap.add_argument("--parts", default="batched,agreement,fed", help="the optional parts to measure (the stage and its ceiling always are)")
+    ap.add_argument("--parts", type=names(("batched", "agreement", "fed"), empty=True), default="batched,agreement,fed", help="the optional parts to measure (the stage and its ceiling always are)")
     args = ap.parse_args()
-    parts = set(args.parts.split(",")) - {""}
+    parts = set(args.parts)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     reps = args.reps or (20 if gpu else 3)
@@ -349,7 +352,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photos = {s: photograph(s, Path(tmp)) for s in args.sizes.split(",")}
         for name, make in stages.items():
-            if name not in args.only.split(","):
+            if name not in args.only:
                 continue
             stage = make()
             res = {}
@@ -408,4 +411,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

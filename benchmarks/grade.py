@@ -25,6 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import count  # noqa: E402
 
 from fundus_pipeline.config import GradeConfig  # noqa: E402
 from fundus_pipeline.datasets import HRF_TEST, default_data_root  # noqa: E402
@@ -66,8 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=GradeConfig.model_fields["weights"].default)
     ap.add_argument("--arch")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--hrf", type=int, default=20)
+    ap.add_argument("--reps", type=count(1), default=10)
+    ap.add_argument("--hrf", type=count(0), default=20)
     args = ap.parse_args()
     path = drive_path()
     result = {"weights": args.weights, "machine": environment(), "cpu_threads": torch.get_num_threads()}
@@ -93,4 +96,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import names, size  # noqa: E402
 
 from fundus_pipeline.runner import environment  # noqa: E402
 
@@ -61,10 +64,10 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="12000x9000", help="WIDTHxHEIGHT")
-    ap.add_argument("--only", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
+    ap.add_argument("--size", type=size, default=(12000, 9000), help="WIDTHxHEIGHT")
+    ap.add_argument("--only", type=names(COMMANDS), default=list(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
     args = ap.parse_args()
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = args.size
     fundus = [sys.executable, "-m", "fundus_pipeline"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +75,7 @@ def main() -> None:
         inp.mkdir()
         made = subprocess.run([sys.executable, "-c", _MAKE, str(w), str(h), str(inp / "large.jpg")], capture_output=True, text=True, check=True)
         source = made.stdout.strip().splitlines()[-1]
-        for name in args.only.split(","):
+        for name in args.only:
             out = Path(tmp) / f"out_{name}"
             cmd = fundus + [a.format(inp=inp, out=out) for a in COMMANDS[name]] + ["--workers", "1", "--quiet"]
             wall, rss, rc = run(cmd)
@@ -86,4 +89,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

@@ -39,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import count, counts, names  # noqa: E402
 
 from fundus_pipeline.config import RunConfig  # noqa: E402
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
@@ -246,15 +249,17 @@ def report(tmp: Path, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="quickstart,throughput,scale,report")
-    ap.add_argument("--scale", default="200,2000")
+    ap.add_argument("--only", type=names(("quickstart", "throughput", "scale", "report")), default=["quickstart", "throughput", "scale", "report"])
+    ap.add_argument("--scale", type=counts, default=[200, 2000], help="two or more photograph counts: the time per photograph is compared between them")
     ap.add_argument("--scale-steps", default="grade,enhance,score,segment", help="the chain's steps in the scale part (grade,segment: 10,000 photographs in about 20 minutes on 2 cores)")
-    ap.add_argument("--report-n", type=int, default=1000)
+    ap.add_argument("--report-n", type=count(1), default=1000)
     ap.add_argument("--keep", type=Path, help="keep the generated folders here instead of a temporary folder")
     args = ap.parse_args()
+    if "scale" in args.only and len(set(args.scale)) < 2:  # one size compared with itself met the goal by construction
+        ap.error("--scale: give two or more different counts (e.g. 200,2000)")
     import torch  # noqa: F401  (loaded so that environment() records torch, its CPU capability and CUDA)
 
-    parts = args.only.split(",")
+    parts = args.only
     result: dict = {"machine": environment(), "date": time.strftime("%Y-%m-%d")}
     tmp_ctx = tempfile.TemporaryDirectory() if args.keep is None else None
     tmp = Path(tmp_ctx.name) if tmp_ctx else args.keep
@@ -265,7 +270,7 @@ def main() -> None:
         if "throughput" in parts:
             result["throughput"] = throughput(tmp)
         if "scale" in parts:
-            result["scale"] = scale(tmp, [int(x) for x in args.scale.split(",")], args.scale_steps)
+            result["scale"] = scale(tmp, args.scale, args.scale_steps)
         if "report" in parts:
             result["report"] = report(tmp, args.report_n)
     finally:
@@ -275,4 +280,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

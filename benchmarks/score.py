@@ -21,6 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+
+from _args import count  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from enhance import load  # noqa: E402
@@ -46,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="sdmp")
     ap.add_argument("--arch")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=count(1), default=5)
     args = ap.parse_args()
     enh = load("drive")
     ref = degraded_twin(enh)
@@ -73,4 +76,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fundus_pipeline.errors import run_script
+
+    run_script(main)

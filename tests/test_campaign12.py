@@ -309,3 +309,21 @@ def test_two_exports_at_once_keep_both_entries(fake_data, tmp_path, monkeypatch)
     for t in threads:
         t.join()
     assert not errors and sorted(load_manifest(wdir).names()) == ["ra", "rb"]  # was: only one of them
+
+
+@pytest.mark.parametrize("argv", [
+    ["large.py", "--size", "foo"], ["run.py", "--only", "scale", "--scale", "200"], ["grade.py", "--reps", "0"],
+    ["gpu.py", "--only", "bogus"], ["degrade.py", "--memory-images", "3"], ["segment.py", "--weights", "nosuch", "--skip-accuracy"],
+])
+def test_benchmarks_refuse_bad_options_before_measuring(argv):
+    """12b F10: bad options ended in tracebacks (ZeroDivisionError for --reps 0, ValueError for --size foo, a
+    WeightsError traceback), or ran and printed JSON that measured nothing (--only bogus, one --scale size
+    compared with itself, a 3-image memory peak labelled 50_images)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    p = subprocess.run([sys.executable, str(bench / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 if argv[0] != "segment.py" else p.returncode == 1
+    assert "Traceback" not in p.stderr and p.stdout == "" and p.stderr.strip().splitlines()[-1].split(":")[0] in (argv[0], "Error", "Hint")
