@@ -249,7 +249,7 @@ def test_report_warns_about_images_and_stage_results_gone_since_the_run(photos, 
     vessels[0].unlink()
     assert run("report", out) == 0
     err = capsys.readouterr().err
-    assert "1 image(s) that the run's rows name are missing or unreadable" in err and vessels[0].name in err
+    assert "1 image(s) that the run's rows name are missing, unreadable or changed since the run" in err and vessels[0].name in err
     shutil.rmtree(out / "segment")
     assert run("report", out) == 0
     assert "3 photograph(s) have no result in a stage folder" in capsys.readouterr().err
