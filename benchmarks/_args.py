@@ -48,6 +48,17 @@ def size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def sides(text: str) -> list[str]:
+    """``drive`` or square sides of at least 64 px, comma-separated (benchmarks/gpu.py --sizes)."""
+    got = [v.strip() for v in text.split(",") if v.strip()]
+    for v in got:
+        if v != "drive" and not (v.isdigit() and int(v) >= 64):
+            raise argparse.ArgumentTypeError(f"{v!r}: give drive or a side of at least 64 px")
+    if not got:
+        raise argparse.ArgumentTypeError("names no size")
+    return got
+
+
 def counts(text: str) -> list[int]:
     """A comma-separated list of positive integers."""
     return [count(1)(v.strip()) for v in text.split(",") if v.strip()] or count(1)("")

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
 
-from _args import count, names  # noqa: E402
+from _args import count, names, sides  # noqa: E402
 
 from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig  # noqa: E402
 from fundus_pipeline.datasets import default_data_root  # noqa: E402
@@ -320,7 +320,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
     ap.add_argument("--reps", type=count(0), default=0, help="timed passes (default: 20 on CUDA, 3 on CPU)")
-    ap.add_argument("--sizes", default="drive,1024")
+    ap.add_argument("--sizes", type=sides, default="drive,1024")
     ap.add_argument("--batch", type=count(0), default=0, help="photographs per batch (default: 8 on CUDA, 2 on CPU)")
     ap.add_argument("--precisions", default="", help="default: fp32,bf16,fp16 on CUDA, fp32,bf16 on CPU")
     ap.add_argument("--agree", type=count(0), default=0, help="DRIVE test photographs for the agreement figures (default: 20 on CUDA, 2 on CPU)")
@@ -350,7 +350,7 @@ def main() -> None:
         "grade": lambda **kw: __import__("fundus_pipeline.stages.grade", fromlist=["x"]).GradeStage(GradeConfig(device=dev, **kw)),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        photos = {s: photograph(s, Path(tmp)) for s in args.sizes.split(",")}
+        photos = {s: photograph(s, Path(tmp)) for s in args.sizes}
         for name, make in stages.items():
             if name not in args.only:
                 continue
@@ -393,13 +393,13 @@ def main() -> None:
                         "resident_weights_before": round(resident / 2**20, 1),
                         "note": "peaks above the memory already allocated when the size's measurement began (the models of this and earlier stages)",
                     }
-                if args.compile and size == args.sizes.split(",")[0]:
+                if args.compile and size == args.sizes[0]:
                     res[size]["compiled"] = compiled(name, make, stage, images, item, device, reps)
             if "agreement" in parts:
                 res["agreement"] = agreement(name, stage, device, precisions, agree_n)
             if name != "score" and "fed" in parts:  # the scorer pairs two folders: its fed figure is the chain's (benchmarks/run.py)
                 stage.batch_size = batch
-                res["fed"] = fed(stage, photos[args.sizes.split(",")[0]], fed_n, args.decoders, Path(tmp))
+                res["fed"] = fed(stage, photos[args.sizes[0]], fed_n, args.decoders, Path(tmp))
             out["stages"][name] = res
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["targets"] = {

@@ -251,7 +251,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", type=names(("quickstart", "throughput", "scale", "report")), default=["quickstart", "throughput", "scale", "report"])
     ap.add_argument("--scale", type=counts, default=[200, 2000], help="two or more photograph counts: the time per photograph is compared between them")
-    ap.add_argument("--scale-steps", default="grade,enhance,score,segment", help="the chain's steps in the scale part (grade,segment: 10,000 photographs in about 20 minutes on 2 cores)")
+    ap.add_argument("--scale-steps", type=names(("grade", "enhance", "score", "segment")), default="grade,enhance,score,segment", help="the chain's steps in the scale part (grade,segment: 10,000 photographs in about 20 minutes on 2 cores)")
     ap.add_argument("--report-n", type=count(1), default=1000)
     ap.add_argument("--keep", type=Path, help="keep the generated folders here instead of a temporary folder")
     args = ap.parse_args()
@@ -270,7 +270,7 @@ def main() -> None:
         if "throughput" in parts:
             result["throughput"] = throughput(tmp)
         if "scale" in parts:
-            result["scale"] = scale(tmp, args.scale, args.scale_steps)
+            result["scale"] = scale(tmp, args.scale, ",".join(args.scale_steps))
         if "report" in parts:
             result["report"] = report(tmp, args.report_n)
     finally:

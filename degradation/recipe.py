@@ -87,6 +87,8 @@ class _Step(BaseModel):
         """``true`` / ``false`` where a number belongs is refused (pydantic would read ``"p": true`` as 1)."""
         if isinstance(data, dict):
             for key, value in data.items():
+                if key in ("name", "type", "types"):  # text fields: their own checks say what they need
+                    continue
                 values = value if isinstance(value, (list, tuple)) else [value]
                 if any(isinstance(v, bool) for v in values):
                     raise ValueError(f"{key}: a number is needed, not true or false")
@@ -201,6 +203,13 @@ class Recipe(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     description: str = Field(default="", max_length=MAX_DESCRIPTION_LENGTH)
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, v):
+        if isinstance(v, bool):  # Literal[1] takes true
+            raise ValueError("a number is needed, not true or false")
+        return v
 
     @field_validator("steps")
     @classmethod

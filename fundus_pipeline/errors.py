@@ -113,9 +113,11 @@ def run_script(main) -> None:
         raise fail("interrupted", None, EXIT_INTERRUPTED) from None
     except OSError as e:  # a file or folder a script reads or writes: named in one line
         if e.filename is None:
-            raise
-        raise fail(f"{e.filename}: {e.strerror or e}", "is ../shared/data there (or FUNDUS_DATA set)?" if "data" in str(e.filename) else None,
-                   EXIT_FATAL) from None
+            raise fail(e.strerror or str(e) or type(e).__name__, None, EXIT_FATAL) from None
+        from fundus_pipeline.datasets import default_data_root
+
+        in_data = str(e.filename).startswith(str(default_data_root()))
+        raise fail(f"{e.filename}: {e.strerror or e}", "is ../shared/data there (or FUNDUS_DATA set)?" if in_data else None, EXIT_FATAL) from None
     except Exception as e:
         if type(e).__name__ != "ValidationError":
             raise

@@ -327,3 +327,122 @@ def test_benchmarks_refuse_bad_options_before_measuring(argv):
     p = subprocess.run([sys.executable, str(bench / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 if argv[0] != "segment.py" else p.returncode == 1
     assert "Traceback" not in p.stderr and p.stdout == "" and p.stderr.strip().splitlines()[-1].split(":")[0] in (argv[0], "Error", "Hint")
+
+
+# ------------------------------------------------------------------------------------------------ review 13
+def test_a_linked_or_aliased_weights_file_is_not_taken_for_another(tmp_path, monkeypatch):
+    """Review 13, M1: imff.pt as a symbolic link to msrf_w8.pt ran as msrf_w8 (the folder check followed the
+    link); L2: two entries for one file made the whole manifest invalid, every command failing."""
+    import json
+    import shutil
+
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models.weights import load_model, lookup_spec, weights_dir
+
+    w = tmp_path / "w"
+    w.mkdir()
+    shutil.copy(weights_dir() / "manifest.json", w / "manifest.json")
+    shutil.copy(weights_dir() / "msrf_w8.pt", w / "msrf_w8.pt")
+    (w / "imff.pt").symlink_to(w / "msrf_w8.pt")
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(w))
+    with pytest.raises(WeightsError, match="does not match its sha256"):
+        load_model("imff")
+    m = json.loads((w / "manifest.json").read_text())
+    alias = {**next(e for e in m["weights"] if e["name"] == "msrf_w8"), "name": "alias"}
+    (w / "manifest.json").write_text(json.dumps({**m, "weights": m["weights"] + [alias]}))
+    assert lookup_spec(w / "msrf_w8.pt")[0].name == "msrf_w8"  # the folder's own file: its entry by name
+    elsewhere = tmp_path / "copy.pt"
+    shutil.copy(w / "msrf_w8.pt", elsewhere)
+    with pytest.raises(WeightsError, match="several manifest entries"):
+        lookup_spec(elsewhere)
+
+
+def test_export_replace_with_figures_and_no_trace_of_a_failed_export(fake_data, tmp_path):
+    """Review 13, M2: `--replace --test-metrics` blamed the run ("is not the run ... exported from"); L3: a
+    failed export (a bad name) created the weights folder and its lock file."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.models.weights import load_manifest
+    from fundus_pipeline.train.export import export_weights
+    from tests.test_train_segment import _args, _description, _train
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for i, run in enumerate(runs):
+        assert _train(*_args(fake_data, run, "--steps", "1", "--seed", str(3 + i))) == 0
+    w = tmp_path / "w"
+
+    def export(run, **kw):
+        return export_weights(run, name="tiny", model_name="imff_tiny", describe=lambda m: _description(m, 0.5), directory=w, **kw)
+
+    with pytest.raises(UsageError):
+        export_weights(runs[0], name="../x", model_name="imff_tiny", describe=lambda m: {}, directory=w)
+    assert not w.exists()  # was: the folder and .manifest.lock
+    export(runs[0])
+    figures = {"drive": {"threshold": 0.5, "n_images": 20, "pooled": {"f1": 0.5}, "mean": {"f1": 0.5}}}
+    spec = export(runs[1], replace=True, test_metrics=figures)  # was: WeightsError blaming the run
+    assert load_manifest(w).get("tiny") == spec and set(spec.metrics) == {"drive"}
+
+
+def test_a_script_names_the_data_only_for_the_data_and_an_os_error_without_a_file_is_one_line(tmp_path):
+    """Review 13, L4: run_script hinted at ../shared/data whenever a file name held "data", and an OSError
+    without a file name (a full disk, a broken pipe) still ended in a traceback."""
+    import errno
+    import subprocess
+    import sys
+
+    code = ("from fundus_pipeline.errors import run_script\n"
+            "def main():\n"
+            f"    open({str(tmp_path / 'nope' / 'metadata.json')!r}, 'w')\n"
+            "run_script(main)\n")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and "Hint" not in p.stderr and p.stderr.startswith("Error: ")
+    code = ("import errno\nfrom fundus_pipeline.errors import run_script\n"
+            f"def main():\n    raise OSError({errno.ENOSPC}, 'No space left on device')\nrun_script(main)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr == "Error: No space left on device\n"
+
+
+def test_recipe_and_benchmark_checks_left_by_the_first_mend(tmp_path):
+    """Review 13, L5 and L6: `gpu.py --sizes foo` still ended in a traceback; `"schema_version": true` was still
+    taken as 1, and a boolean text field was told it needed a number."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from degradation import RecipeError, load_recipe
+
+    base = {"schema_version": 1, "name": "r", "steps": [{"name": "j", "type": "jpeg"}]}
+    for body, what in (({**base, "schema_version": True}, "schema_version"), ({**base, "steps": [{"name": True, "type": "jpeg"}]}, "name")):
+        (tmp_path / "r.json").write_text(json.dumps(body))
+        with pytest.raises(RecipeError, match=what) as e:
+            load_recipe(str(tmp_path / "r.json"))
+        assert what != "name" or "a number is needed" not in str(e.value)
+    gpu = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    p = subprocess.run([sys.executable, str(gpu), "--sizes", "foo"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--sizes" in p.stderr
+
+
+def test_an_export_whose_manifest_cannot_follow_puts_the_file_back(fake_data, tmp_path, monkeypatch):
+    """Review 13, L1: the new NAME.pt replaced the old one before the manifest was written; a manifest write that
+    failed (a full disk) left a shipped name whose file no longer matched its entry."""
+    from fundus_pipeline.errors import FundusError
+    from fundus_pipeline.models.weights import load_model, weights_dir
+    from fundus_pipeline.train import export as ex
+    from tests.test_train_segment import _args, _description, _train
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for i, run in enumerate(runs):
+        assert _train(*_args(fake_data, run, "--steps", "1", "--seed", str(3 + i))) == 0
+    w = tmp_path / "w"
+    ex.export_weights(runs[0], name="tiny", model_name="imff_tiny", describe=lambda m: _description(m, 0.5), directory=w)
+    before = (w / "tiny.pt").read_bytes()
+
+    def full(directory, spec):
+        raise FundusError("cannot write manifest.json: No space left on device")
+
+    monkeypatch.setattr(ex, "_write_manifest", full)
+    with pytest.raises(FundusError):
+        ex.export_weights(runs[1], name="tiny", model_name="imff_tiny", describe=lambda m: _description(m, 0.5), directory=w, replace=True)
+    assert (w / "tiny.pt").read_bytes() == before
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(w))
+    assert weights_dir() == w and load_model("tiny")[1].spec.name == "tiny"  # still loads: file and entry agree

@@ -249,14 +249,10 @@ class WeightsManifest(_Strict):
     @classmethod
     def _unique_names(cls, v: list[WeightsSpec]) -> list[WeightsSpec]:
         seen: set[str] = set()
-        digests: dict[str, str] = {}
         for s in v:
             if s.name in seen:
                 raise ValueError(f"weights name {s.name!r} listed twice")
             seen.add(s.name)
-            if s.sha256 in digests:  # a file would be read as whichever entry comes first
-                raise ValueError(f"weights {s.name!r} and {digests[s.sha256]!r} have the same sha256")
-            digests[s.sha256] = s.name
         return v
 
     def get(self, name: str) -> WeightsSpec | None:

@@ -159,13 +159,16 @@ def lookup_spec(path: Path) -> tuple[WeightsSpec | None, str]:
     manifest = load_manifest()
     # a file of the weights folder is the entry that names it, or nothing: matched by its bytes first, a shipped
     # file overwritten by another (msrf_w8.pt copied over imff.pt) ran silently as the other weights
-    if path.resolve().parent == weights_dir().resolve():
+    if Path(path).absolute().parent.resolve() == weights_dir().resolve():  # the folder, not a link's target: imff.pt -> msrf_w8.pt
         for spec in manifest.weights:
             if spec.file == path.name:
                 if spec.sha256 != digest:
                     raise WeightsError(f"{path} does not match its sha256 in {weights_dir() / 'manifest.json'} (corrupt, modified or replaced file)")
                 return spec, digest
-    return manifest.by_sha256(digest), digest
+    same = [s for s in manifest.weights if s.sha256 == digest]
+    if len(same) > 1:  # a hand-made alias: the entries may differ in their rules
+        raise WeightsError(f"{path} is the file of several manifest entries ({', '.join(s.name for s in same)}); give one by name")
+    return (same[0] if same else None), digest
 
 
 def load_state_dict(path: Path) -> dict:

@@ -115,8 +115,32 @@ def record_decision_selection(name: str, selection: dict[str, Any], file: str, d
 
 def export_weights(run: Path, **kw: Any) -> WeightsSpec:
     """``_export_weights`` under the weights folder's manifest lock (see there for the arguments)."""
+    _check_export(run, kw["name"], kw["model_name"], kw.get("checkpoint"))  # before the lock creates anything
     with _manifest_lock(Path(kw.get("directory") or weights_dir())):
         return _export_weights(run, **kw)
+
+
+def _check_export(run: Path, name: str, model_name: str, checkpoint: Path | None) -> dict:
+    """The checks of an export that need no weights folder: NAME a plain name, a known architecture, the run's
+    summary.json (when there) readable and recording ``model_name``, the checkpoint present. Returns the summary."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or name.endswith(".pt"):
+        raise UsageError(f"--name {name!r}: give a plain weights name (letters, digits, _ . -; no .pt)")
+    get_entry(model_name)
+    summary_path = Path(run) / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {summary_path}: {e}") from None
+    if not isinstance(summary, dict):
+        raise UsageError(f"{summary_path} is not a training summary of `fundus train`")
+    if summary.get("arch") not in (None, model_name):
+        raise UsageError(f"{run} trained {summary['arch']!r}, not --arch {model_name!r}")
+    best = Path(checkpoint) if checkpoint is not None else Path(run) / "best.pt"
+    if not best.is_file():
+        raise WeightsError(f"weights file not found: {best}")
+    return summary
 
 
 def _export_weights(
@@ -143,22 +167,11 @@ def _export_weights(
     over an existing entry is refused unless ``replace`` (it replaced shipped weights and their test figures
     without a word). NAME must be a plain name (letters, digits, ``_ . -``); RUN/summary.json, when there,
     must record the architecture ``model_name`` (a ``cofe_add`` run exported as ``cofe`` got the wrong
-    output rule: the tensors are the same).
+    output rule: the tensors are the same). With ``replace`` and ``test_metrics`` the export is fresh and
+    records those figures.
     """
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or name.endswith(".pt"):
-        raise UsageError(f"--name {name!r}: give a plain weights name (letters, digits, _ . -; no .pt)")
+    summary = _check_export(run, name, model_name, checkpoint)
     entry = get_entry(model_name)
-    summary_path = Path(run) / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {summary_path}: {e}") from None
-    if not isinstance(summary, dict):
-        raise UsageError(f"{summary_path} is not a training summary of `fundus train`")
-    if summary.get("arch") not in (None, model_name):
-        raise UsageError(f"{run} trained {summary['arch']!r}, not --arch {model_name!r}")
     model = build_model(model_name)
     best = Path(checkpoint) if checkpoint is not None else Path(run) / "best.pt"
     load_weights_checked(model, best, model_name)
@@ -171,7 +184,7 @@ def _export_weights(
         raise UsageError(f"{name!r} is already in {wdir / 'manifest.json'}; pass --replace to export over it "
                          "(its file and test figures are replaced), or choose another --name")
 
-    if test_metrics and old is not None:
+    if test_metrics and old is not None and not replace:  # figures added to the entry as exported
         if not target.is_file() or sha256_file(target) != old.sha256:
             raise WeightsError(f"{target} changed since it was exported; export it again before adding test metrics")
         shipped = load_state_dict(target)
@@ -221,8 +234,18 @@ def _export_weights(
             "license": LICENSE,
         }
         spec = _validated(d)  # before anything is written
+        backup = tmpdir / "previous.pt"
+        if target.is_file():
+            os.link(target, backup)
         os.replace(tmp, target)
+        try:
+            _write_manifest(wdir, spec)
+        except BaseException:  # the manifest could not follow (a full disk): the file goes back to what it lists
+            if backup.exists():
+                os.replace(backup, target)
+            else:
+                target.unlink(missing_ok=True)
+            raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    _write_manifest(wdir, spec)
     return spec
