@@ -80,7 +80,7 @@ def test_export_refuses_an_existing_name_a_wrong_arch_and_bad_runs_in_one_line(f
     script = Path(__file__).resolve().parents[1] / "scripts" / "export_weights.py"
 
     def export(*args):
-        env = {**__import__("os").environ, "FUNDUS_WEIGHTS": str(wdir), "OMP_NUM_THREADS": "1"}
+        env = {**__import__("os").environ, "FUNDUS_WEIGHTS": str(wdir), "OMP_NUM_THREADS": "1", "FUNDUS_DATA": str(fake_data)}  # the threshold's validation images
         return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env)
 
     assert export(run, "--name", "tiny", "--arch", "imff_tiny").returncode == 0
