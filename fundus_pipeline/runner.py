@@ -657,7 +657,7 @@ def _worker_init(stage: Stage, threads: int, parent: int) -> None:
 
 def decode(path: Path, info: dict | None = None) -> Image:
     arr, meta = read_image(path, info=info)
-    return Image(arr, meta)
+    return Image(arr, meta, (info or {}).get("sha256"))
 
 
 def input_changed(row: dict) -> bool:

@@ -233,7 +233,8 @@ def test_recipes_refuse_booleans_repeated_keys_and_an_empty_name(tmp_path):
 
 def test_a_replay_on_a_photograph_of_another_size_names_it(tmp_path, capsys):
     """12a D4: replaying onto an input of another size under the recorded key failed with the internal
-    `ValueError: mask shape (300, 300) does not match the FOV geometry (256, 256)`."""
+    `ValueError: mask shape (300, 300) does not match the FOV geometry (256, 256)`; one of the same size but
+    other content was replayed without a word."""
     import csv
 
     from PIL import Image
@@ -248,6 +249,13 @@ def test_a_replay_on_a_photograph_of_another_size_names_it(tmp_path, capsys):
     assert run("degrade", src, tmp_path / "o2", "--replay", tmp_path / "o1" / "manifest.json", "--quiet") == 3
     row = next(csv.DictReader(open(tmp_path / "o2" / "results.csv")))
     assert row["error"].startswith("the input is 120x120; the replay manifest recorded 96x96")
+    Image.fromarray(synthetic_fundus(96, 96, 5)).save(src / "a.png")  # same size, another photograph
+    assert run("degrade", src, tmp_path / "o3", "--replay", tmp_path / "o1" / "manifest.json", "--quiet") == 3  # was: 0, silently
+    row = next(csv.DictReader(open(tmp_path / "o3" / "results.csv")))
+    assert "sha256 differs" in row["error"]
+    Image.fromarray(synthetic_fundus(96, 96, 0)).save(src / "a.png")  # the photograph of the run: replayed, same bytes
+    assert run("degrade", src, tmp_path / "o4", "--replay", tmp_path / "o1" / "manifest.json", "--quiet") == 0
+    assert (tmp_path / "o4" / "a.png").read_bytes() == (tmp_path / "o1" / "a.png").read_bytes()
 
 
 def test_models_finds_weights_names_marks_defaults_and_missing_files(tmp_path, monkeypatch, capsys):

@@ -56,6 +56,7 @@ class Image:
 
     array: np.ndarray
     meta: ImageMeta
+    sha256: str | None = None  # of the file's bytes, when the runner read it (a replay checks it is the recorded input)
 
     @cached_property
     def _float(self) -> tuple[np.ndarray, np.ndarray | None]:

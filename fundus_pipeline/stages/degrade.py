@@ -91,6 +91,10 @@ class DegradeStage(Stage):
                 if (g.height, g.width) != fov.mask.shape:  # another photograph under the recorded key
                     raise InputError(f"the input is {fov.mask.shape[1]}x{fov.mask.shape[0]}; the replay manifest recorded "
                                      f"{g.width}x{g.height} for {item.key!r}: not the photograph it was run on")
+                recorded = self.replay.input_sha256.get(item.key)
+                if recorded and image.sha256 and image.sha256 != recorded:  # same size, other bytes: no replay of the run
+                    raise InputError(f"the input's bytes are not those the replay manifest recorded for {item.key!r} "
+                                     "(sha256 differs): a replay reproduces a run on its own photographs")
             else:
                 params = degrader.sample(seed=self.seed, key=item.key, fov=fov.geometry)
                 g = fov.geometry

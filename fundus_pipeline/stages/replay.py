@@ -46,7 +46,7 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -119,6 +119,7 @@ class Replay:
     recipe: str | None
     degraders: dict[str, Any]  # variant ("" or code) -> degradation.Degrader
     params: dict[str, dict[str, dict]]  # key -> label ("default" or code) -> params record
+    input_sha256: dict[str, str] = field(default_factory=dict)  # key -> the sha256 of the input it was run on
 
     @staticmethod
     def label(variant: str) -> str:
@@ -318,6 +319,8 @@ def load_replay(path: Path) -> Replay:
         recipe=cfg.recipe,
         degraders=degraders,
         params=params,
+        input_sha256={r["key"]: r["input_sha256"] for r in raw["items"]
+                      if isinstance(r, dict) and r.get("key") in params and isinstance(r.get("input_sha256"), str)},
     )
 
 
