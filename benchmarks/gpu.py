@@ -384,6 +384,8 @@ def main() -> None:
                     "time_share": {"decode": round(dec / whole, 3), "fov_and_inputs": round(prep / whole, 3), "compute": round(comp / whole, 3)},
                     "network_share_of_compute": round(min(1.0, ceil / comp), 3),
                 }
+                if ceil > comp:  # a stage faster than its own network: timing noise, said rather than published as a share above 1
+                    res[size]["note"] = f"the stage ran faster than its ceiling ({comp:.3f} s < {ceil:.3f} s): timing noise at {reps} repetitions; raise --reps"
                 if "batched" in parts:
                     res[size]["batched_images_per_s"] = batched(name, stage, item, device, reps, batch, precisions)
                 if device.type == "cuda":
