@@ -32,14 +32,15 @@ GREEN = np.array([0, 255, 64], np.float32)
 
 
 # ------------------------------------------------------------------------------------------- thumbnails
-def thumb_array(path: Path, side: int) -> np.ndarray:
+def thumb_array(path: Path, side: int, info: dict | None = None) -> np.ndarray:
     """An 8-bit RGB thumbnail (longer side ``side``) of an image file, from its integer array (no float
-    copy of a large photograph): 16-bit scaled to 8, gray replicated, alpha dropped, area-averaged."""
+    copy of a large photograph): 16-bit scaled to 8, gray replicated, alpha dropped, area-averaged. ``info``
+    receives the file's sha256 (``read_image``'s, from the bytes it read)."""
     import cv2
 
     from fundus_pipeline.io import read_image
 
-    arr, _ = read_image(path)
+    arr, _ = read_image(path, info=info)
     if arr.dtype == np.uint16:
         arr = (arr >> 8).astype(np.uint8)
     if arr.ndim == 2:
@@ -92,8 +93,6 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
     (an unreadable input of a failed row is already reported in its error). ``inputs_sha256`` (key: the sha256
     the run recorded): an input whose bytes differ now is left out and named too, since its picture would sit
     beside another photograph's grade, score and vessels."""
-    from fundus_pipeline.models.weights import sha256_file
-
     t: dict[str, str] = {"input": "", "enhanced": "", "vessels": ""}
     base: dict[str, np.ndarray] = {}
     lost = missing if missing is not None and row.get("status") == "ok" else []
@@ -105,10 +104,12 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
         p = p if p.is_absolute() else out / p
         try:
             recorded = (inputs_sha256 or {}).get(row.get("key")) if name == "input" else None
-            if recorded is not None and sha256_file(p) != recorded:
+            info: dict = {}
+            thumb = thumb_array(p, side, info)  # the file read once: its sha256 comes with the decoding
+            if recorded is not None and info.get("sha256") != recorded:
                 lost.append((row.get("key"), f"{p} (changed since the run)"))
                 continue
-            base[name] = thumb_array(p, side)
+            base[name] = thumb
             t[name] = data_uri(base[name])
         except unreadable:
             lost.append((row.get("key"), str(p)))

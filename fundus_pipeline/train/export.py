@@ -115,9 +115,9 @@ def record_decision_selection(name: str, selection: dict[str, Any], file: str, d
 
 def export_weights(run: Path, **kw: Any) -> WeightsSpec:
     """``_export_weights`` under the weights folder's manifest lock (see there for the arguments)."""
-    _check_export(run, kw["name"], kw["model_name"], kw.get("checkpoint"))  # before the lock creates anything
+    summary = _check_export(run, kw["name"], kw["model_name"], kw.get("checkpoint"))  # before the lock creates anything
     with _manifest_lock(Path(kw.get("directory") or weights_dir())):
-        return _export_weights(run, **kw)
+        return _export_weights(run, summary=summary, **kw)
 
 
 def _check_export(run: Path, name: str, model_name: str, checkpoint: Path | None) -> dict:
@@ -154,6 +154,7 @@ def _export_weights(
     directory: Path | None = None,
     checkpoint: Path | None = None,
     replace: bool = False,
+    summary: dict,
 ) -> WeightsSpec:
     """Export RUN/best.pt (or the training ``checkpoint``, e.g. an early snapshot of RUN/last.pt) as
     ``NAME.pt`` plus its manifest entry; returns the entry.
@@ -168,9 +169,8 @@ def _export_weights(
     without a word). NAME must be a plain name (letters, digits, ``_ . -``); RUN/summary.json, when there,
     must record the architecture ``model_name`` (a ``cofe_add`` run exported as ``cofe`` got the wrong
     output rule: the tensors are the same). With ``replace`` and ``test_metrics`` the export is fresh and
-    records those figures.
+    records those figures. ``summary``: RUN/summary.json as ``_check_export`` read it.
     """
-    summary = _check_export(run, name, model_name, checkpoint)
     entry = get_entry(model_name)
     model = build_model(model_name)
     best = Path(checkpoint) if checkpoint is not None else Path(run) / "best.pt"
