@@ -39,6 +39,13 @@ class WeightsError(FundusError):
     """Missing, corrupt, unknown or mismatching model weights (exit code 1)."""
 
 
+def refuse_repeated_columns(columns, what: str, path) -> None:
+    """A header naming a column twice is refused (``UsageError``): csv.DictReader would keep the last silently."""
+    twice = sorted({c for c in columns if c and list(columns).count(c) > 1})
+    if twice:
+        raise UsageError(f"the {what} {path} names the column {', '.join(map(repr, twice))} more than once")
+
+
 #: What the allocators say when memory runs out: OpenCV (-4), C++ (std::bad_alloc), torch's CPU and CUDA
 #: allocators, the C library (ENOMEM).
 _OUT_OF_MEMORY = ("Insufficient memory", "bad_alloc", "can't allocate memory", "out of memory", "Cannot allocate memory")

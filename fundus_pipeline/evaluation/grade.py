@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 from scipy import sparse, special
 
-from fundus_pipeline.errors import UsageError
+from fundus_pipeline.errors import UsageError, refuse_repeated_columns
 from fundus_pipeline.evaluation.metrics import _percentile_ci, auc_roc_from_hist, json_safe, one_cluster_note
-from fundus_pipeline.evaluation.score import _float, _read_csv, refuse_repeated_columns, source_bootstrap
+from fundus_pipeline.evaluation.score import _float, _read_csv, source_bootstrap
 from fundus_pipeline.evaluation.segment import EvalResult, _num, markdown_table, metrics_csv, text_table, write_reports
 from fundus_pipeline.quality.grading import FLAGS, GRADES
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, optimize, special, stats
 
-from fundus_pipeline.errors import UsageError
+from fundus_pipeline.errors import UsageError, refuse_repeated_columns
 from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe, one_cluster_note
 from fundus_pipeline.evaluation.segment import (
     EvalResult,
@@ -254,13 +254,6 @@ def bootstrap_cis(
 
 
 # --------------------------------------------------------------------------------------------- reading
-def refuse_repeated_columns(columns: Sequence[str], what: str, path: Path) -> None:
-    """A header naming a column twice is refused (``UsageError``): csv.DictReader would keep the last silently."""
-    twice = sorted({c for c in columns if c and list(columns).count(c) > 1})
-    if twice:
-        raise UsageError(f"the {what} {path} names the column {', '.join(map(repr, twice))} more than once")
-
-
 def _read_csv(path: Path, what: str, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV with a header holding ``required``; ``UsageError`` otherwise or on duplicate keys."""
     try:

@@ -78,7 +78,7 @@ def heimed_table(root: Path) -> list[dict]:
     checked, not trusted (``UsageError``, exit 2): UTF-8 (a byte-order mark and CRLF, as spreadsheets save it,
     are fine), the three columns, each image a plain file name in ``HEI-MED/images`` (a path leaving it could
     name a DRIVE test photograph), named once, and finite disc coordinates. A missing file is an ``OSError``."""
-    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.errors import UsageError, refuse_repeated_columns
 
     path = root / "HEI-MED" / "heimed.csv"
     try:
@@ -88,8 +88,6 @@ def heimed_table(root: Path) -> list[dict]:
             columns = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"cannot read {path}: {e}", "the datasets and their layout: ../shared/data/README.md") from None
-    from fundus_pipeline.evaluation.score import refuse_repeated_columns
-
     refuse_repeated_columns(columns, "HEI-MED table", path)
     missing = [c for c in ("image", "on_row", "on_col") if c not in columns]
     if missing:
