@@ -40,7 +40,13 @@ import numpy as np
 from scipy import sparse, special
 
 from fundus_pipeline.errors import UsageError, refuse_repeated_columns
-from fundus_pipeline.evaluation.metrics import _percentile_ci, auc_roc_from_hist, json_safe, one_cluster_note
+from fundus_pipeline.evaluation.metrics import (
+    _percentile_ci,
+    auc_roc_from_hist,
+    blank_single_cluster_cis,
+    json_safe,
+    one_cluster_note,
+)
 from fundus_pipeline.evaluation.score import _float, _read_csv, source_bootstrap
 from fundus_pipeline.evaluation.segment import EvalResult, _num, markdown_table, metrics_csv, text_table, write_reports
 from fundus_pipeline.quality.grading import FLAGS, GRADES
@@ -456,10 +462,7 @@ def evaluate_grades(
         auc_sets = [(idx, [f for f, a in e["auc"].items() if math.isfinite(a)]) for (_, _, idx), e in zip(sets, entries)]
         for e, ci in zip(entries, bootstrap_cis(design, codes, auc_sets, n_boot, seed)):
             e["ci95"] = ci
-    single = [(col, g) for (col, g, _), e in zip(sets, entries) if n_boot > 0 and e["n_clusters"] == 1]
-    for (col, g, _), e in zip(sets, entries):
-        if n_boot > 0 and e["n_clusters"] == 1:  # every resample is that cluster: a zero-width "interval" (n/a instead)
-            e["ci95"] = {k: [math.nan, math.nan] for k in CI_KEYS}
+    single = blank_single_cluster_cis(sets, entries, "n_clusters", CI_KEYS) if n_boot > 0 else []
 
     groups: dict[str, dict[str, Any]] = {col: {} for col in by}
     for (col, g, _), e in zip(sets[1:], entries[1:]):

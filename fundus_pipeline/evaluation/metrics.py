@@ -228,6 +228,20 @@ def one_cluster_note(unit: str, where: list[str] | None = None) -> str:
     return f"95% CIs are n/a where a set holds a single {unit}{at}: a bootstrap needs two or more"
 
 
+def blank_single_cluster_cis(sets, entries, count_key: str, ci_keys, noted=None) -> list[tuple[str, str]]:
+    """Make n/a the 95% CIs of each set (``(column, group, index)``) whose entry holds one bootstrap cluster
+    (``entry[count_key] == 1``): every resample is that cluster, a zero-width "interval". Returns the
+    ``(column, group)`` of those sets that ``noted`` (one bool a set; all by default) keeps, for
+    :func:`one_cluster_note`. Call it only when CIs were asked for."""
+    single = []
+    for i, ((col, g, _), e) in enumerate(zip(sets, entries)):
+        if e[count_key] == 1:
+            e["ci95"] = {k: [math.nan, math.nan] for k in ci_keys}
+            if noted is None or noted[i]:
+                single.append((col, g))
+    return single
+
+
 def _percentile_ci(samples: np.ndarray) -> list[float | None]:
     s = samples[np.isfinite(samples)]
     if s.size == 0:

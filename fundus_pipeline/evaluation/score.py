@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage, optimize, special, stats
 
 from fundus_pipeline.errors import UsageError, refuse_repeated_columns
-from fundus_pipeline.evaluation.metrics import _percentile_ci, json_safe, one_cluster_note
+from fundus_pipeline.evaluation.metrics import _percentile_ci, blank_single_cluster_cis, json_safe, one_cluster_note
 from fundus_pipeline.evaluation.segment import (
     EvalResult,
     _num,
@@ -375,10 +375,7 @@ def evaluate_scores(
                 e["ci95"], e["boot_linear_fallbacks"] = next(cis)
             else:
                 e["ci95"] = {k: [math.nan, math.nan] for k in METRIC_KEYS}
-    single = [(col, g) for (col, g, _), e, m in zip(sets, entries, mappings) if n_boot > 0 and m is not None and e["n_sources"] == 1]
-    for (col, g, _), e in zip(sets, entries):
-        if n_boot > 0 and e["n_sources"] == 1:  # every resample is that source: a zero-width "interval" (n/a instead)
-            e["ci95"] = {k: [math.nan, math.nan] for k in METRIC_KEYS}
+    single = blank_single_cluster_cis(sets, entries, "n_sources", METRIC_KEYS, [m is not None for m in mappings]) if n_boot > 0 else []
 
     groups: dict[str, dict[str, Any]] = {col: {} for col in by}
     for (col, g, _), e in zip(sets[1:], entries[1:]):
