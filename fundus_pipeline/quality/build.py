@@ -396,7 +396,7 @@ def source_inputs(root: Path, name: str, info: dict) -> dict[str, str]:
 def build_parts(
     root: Path, out: Path, cfg, build_one: Callable[..., tuple[list[dict], list[dict]]], unit: str,
     log: Callable[[str], None],
-) -> tuple[list[dict], list[dict], dict]:
+) -> tuple[list[dict], list[dict], dict, dict]:
     """Run ``build_one(name, info, part, split, written) -> (rows, records)`` over every source of ``cfg.parts``
     (at most ``cfg.limit`` per dataset; ``written``: the list the builder appends each file it writes to).
 
@@ -405,7 +405,8 @@ def build_parts(
     whose written files are missing or changed is built again. Data files that changed (another ``--data``
     holding other files, a photograph replaced), a source whose split changed, or a finished source the data no
     longer lists (a heimed.csv row removed) are refused before anything is built (``--overwrite`` rebuilds the
-    set). Returns every row, every record and the counts per part (``unit``: what a row is, e.g. "pairs")."""
+    set). Returns every row, every record, the counts per part (``unit``: what a row is, e.g. "pairs") and the
+    manifest's record of the data (``data_record``)."""
     from fundus_pipeline.runner import outputs_intact
     from fundus_pipeline.train.enhance import validation_names
 
@@ -461,19 +462,19 @@ def build_parts(
             k = sum(r["part"] == part and r["split"] == s for r in all_rows)
             if k:
                 c[f"{unit}_{s}"] = k
-    return all_rows, all_records, counts
+    data = data_record(root, cfg, {(part, done.name): inputs for part, _, _, _, _, _, done, inputs, _ in plan})
+    return all_rows, all_records, counts, data
 
 
-def data_record(root: Path, out: Path, cfg) -> dict:
-    """The data a set was built from, for its manifest: the root and one sha256 over every source's files."""
+def data_record(root: Path, cfg, inputs: dict[tuple[str, str], dict]) -> dict:
+    """The data a set was built from, for its manifest: the root and one sha256 over every source's files
+    (``inputs``: each source's recorded inputs by part and record name, ``rows/PART/NAME``)."""
     import hashlib
 
     h = hashlib.sha256()
     for part in cfg.parts:
-        for done in sorted((out / "rows" / part).glob("*.json")):
-            res = _read_record(done)
-            if res is not None:  # (build_parts refused a record of a source the data no longer lists)
-                h.update(json.dumps([part, done.stem, res.get("inputs")], sort_keys=True).encode())
+        for name in sorted(n for p, n in inputs if p == part):
+            h.update(json.dumps([part, Path(name).stem, inputs[part, name]], sort_keys=True).encode())
     return {"root": str(root.resolve()), "sha256": h.hexdigest()}
 
 
@@ -496,7 +497,7 @@ def build_quality_set(
     def one(name: str, info: dict, part: str, split: str, written: list[Path]) -> tuple[list[dict], list[dict]]:
         return build_source(name, info, part, split, cfg, enhancers, mapper, out, written)
 
-    all_rows, all_records, counts = build_parts(root, out, cfg, one, "pairs", log)
+    all_rows, all_records, counts, data = build_parts(root, out, cfg, one, "pairs", log)
 
     write_bytes_atomic(out / "pairs.csv", csv_text(all_rows).encode())
     write_bytes_atomic(out / "degradations.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_records).encode())
@@ -506,7 +507,7 @@ def build_quality_set(
         "fundus_version": __version__,
         "config": cfg.model_dump(mode="json"),
         "digest": digest,
-        "data": data_record(root, out, cfg),
+        "data": data,
         "label": LABEL_DEFINITION,
         "resolution": f"the canonical frame: FOV bounding square resized to {cfg.size}x{cfg.size}, 8-bit RGB",
         "enhancers": [e.record() for e in enhancers],

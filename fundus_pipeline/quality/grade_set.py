@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fundus_pipeline.quality.build import (
-    PARTS, build_parts, csv_text, data_record, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png,
+    PARTS, build_parts, csv_text, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png,
 )
 from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, GRADES, grade_of_q
 
@@ -193,7 +193,7 @@ def build_grade_set(
     def one(name: str, info: dict, part: str, split: str, written: list[Path]) -> tuple[list[dict], list[dict]]:
         return build_grade_source(name, info, part, split, cfg, mapper, out, written)
 
-    rows, records, counts = build_parts(root, out, cfg, one, "images", log)
+    rows, records, counts, data = build_parts(root, out, cfg, one, "images", log)
     for part in cfg.parts:
         nat = natural_rows(part, cfg, out)
         rows += nat
@@ -209,7 +209,7 @@ def build_grade_set(
         "fundus_version": __version__,
         "config": cfg.model_dump(mode="json"),
         "digest": digest,
-        "data": data_record(root, out, cfg),
+        "data": data,
         "q": LABEL_DEFINITION + " (here E is the degraded photograph D itself)",
         "grades": GRADE_RULE,
         "flags": list(FLAGS),
