@@ -6,7 +6,7 @@ on a 448 image gives what the old one gives on its 2x2 average (checked here bef
 
 The output is a plain state dict for ``fundus train grade --arch hemf_448 --init``, written to a temporary
 name and renamed; an existing OUT is refused unless ``--overwrite`` (never the input itself, nor a file in
-``weights/``). WEIGHTS: a file or a shipped name.
+``weights/`` or in ``$FUNDUS_WEIGHTS``). WEIGHTS: a file or a shipped name.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def main() -> None:
     ap.add_argument("--to", dest="dst", default="hemf_448", help="the registered architecture to initialise")
     a = ap.parse_args()
     src = resolve_weights(a.weights)
-    if a.out.resolve() == src.resolve() or a.out.resolve().parent == weights_dir().resolve():
-        raise UsageError(f"refusing to write {a.out}: it is the input or a file in weights/", "write the expanded weights elsewhere, e.g. runs/")
+    shipped = {weights_dir().resolve(), (Path(__file__).resolve().parents[1] / "weights").resolve()}  # $FUNDUS_WEIGHTS and the repo's
+    if a.out.resolve() == src.resolve() or a.out.resolve().parent in shipped:
+        raise UsageError(f"refusing to write {a.out}: it is the input or a file in a weights folder ({', '.join(sorted(map(str, shipped)))})",
+                         "write the expanded weights elsewhere, e.g. runs/")
     if a.out.exists() and not a.overwrite:
         raise UsageError(f"{a.out} exists", "pass --overwrite to replace it")
     old, new = build_model(a.src).eval(), build_model(a.dst).eval()

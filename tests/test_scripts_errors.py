@@ -15,8 +15,8 @@ from fundus_pipeline.models.weights import weights_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout's package
+def _script(name: str, *args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra_env}  # this checkout's package
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -40,6 +40,12 @@ def test_expand_hemf_stems_never_replaces_unasked(tmp_path):
     _one_error(_script("expand_hemf_stems.py", str(src), str(src), cwd=tmp_path), 2, "refusing to write")
     _one_error(_script("expand_hemf_stems.py", str(src), str(weights_dir() / "hemf_x.pt"), cwd=tmp_path), 2, "refusing to write")
     assert src.read_bytes() == before and not (weights_dir() / "hemf_x.pt").exists()
+    # with FUNDUS_WEIGHTS set elsewhere, both that folder and the checkout's weights/ are refused
+    other = tmp_path / "other_weights"
+    other.mkdir()
+    for target in (other / "hemf_x.pt", ROOT / "weights" / "hemf_x.pt"):
+        _one_error(_script("expand_hemf_stems.py", str(src), str(target), cwd=tmp_path, FUNDUS_WEIGHTS=str(other)), 2, "refusing to write")
+        assert not target.exists()
     out = tmp_path / "hemf448.pt"
     out.write_bytes(b"mine")
     _one_error(_script("expand_hemf_stems.py", str(src), str(out), cwd=tmp_path), 2, "exists")
