@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fundus_pipeline import __version__
@@ -1013,6 +1013,16 @@ def read_replay(path: Path) -> Replay:
 
 def _row_digest(row: dict) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def degraded_sha256(folder: Path) -> dict[str, str]:
+    """{key of a degraded image: the sha256 its bytes had when the degrade stage in ``folder`` wrote it}: what
+    a simulated run's rows take as their input (the key is the image's path in the folder, without suffix)."""
+    found = {}
+    for r in stage_lines(folder):
+        for name, digest in (r.get("outputs_sha256") or {}).items():
+            found[PurePosixPath(name).with_suffix("").as_posix()] = digest
+    return found
 
 
 def manifest_items(path: Path) -> Iterator[dict]:

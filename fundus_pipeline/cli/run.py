@@ -198,7 +198,7 @@ def report_cmd(
 
     Example: fundus report out/
     """
-    from fundus_pipeline.chain import RowsFile, join, read_run, sweep_scratch, unreached_in_manifest
+    from fundus_pipeline.chain import RowsFile, degraded_sha256, join, read_run, sweep_scratch, unreached_in_manifest
     from fundus_pipeline.errors import UsageError
     from fundus_pipeline.report import write_report
     from fundus_pipeline.runner import OutputLock, remove_stale_temporaries
@@ -221,6 +221,8 @@ def report_cmd(
                 pending += row.get("status") == "pending"
             missing: list = []
             recorded = m.get("inputs_sha256") if isinstance(m.get("inputs_sha256"), dict) else None
+            if cfg.simulate:  # the rows' inputs are the degraded images, which the run's degrade stage recorded
+                recorded = degraded_sha256(out / "degrade")
             path = write_report(out, cfg, rows, missing, recorded)  # an input replaced since the run is left out and named
         except (KeyError, ValueError, TypeError, AttributeError) as e:  # rows edited by hand: one line, not a crash
             raise UsageError(f"{out_dir}: its stage results do not read as fundus wrote them ({type(e).__name__}: {str(e)[:120]}); "
