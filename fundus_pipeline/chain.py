@@ -372,7 +372,8 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         source, why = segment_decision(cfg, enh, e, s)
         if "segment" in steps:
             seg = take("segment", index.get("segment", it.key))
-            row["segmented"], row["segment_reason"] = source, why + (" (failed)" if seg is not None and not _ok(seg) else "")
+            after = " (failed)" if seg is not None and not _ok(seg) else " (not run yet: the run stopped before)" if seg is None and source else ""
+            row["segmented"], row["segment_reason"] = source, why + after
             if _ok(seg):
                 row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"])
                 row["warning"] = "; ".join(w for w in (row.get("warning", ""), seg.get("warning", "")) if w)  # the grader's, then the segmenter's

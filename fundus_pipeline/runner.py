@@ -1003,6 +1003,7 @@ def write_reports(
     command: list[str],
     started: float,
     interrupted: bool,
+    threads: int | None = None,
     resumed: int = 0,
     running: bool = False,
     stopped: bool = False,
@@ -1036,6 +1037,7 @@ def write_reports(
         "input": {"dir": str(inputs.path), **inputs.record(), **{role: _extra_record(p) for role, p in extra_dirs.items()}},
         "output": {"dir": str(out_dir)},
         "environment": environment(),
+        **({"threads_used": threads} if threads is not None else {}),  # CPU threads a worker: part of what fixes the bytes
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "status": "running" if running else "interrupted" if interrupted else "stopped" if stopped else "finished",
         "finished_at": None if running else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1228,7 +1230,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
 
     def reports(**kw) -> tuple[dict, list[dict]]:
         return write_reports(stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv, started=started,
-                             resumed=resumed, **kw)
+                             threads=threads, resumed=resumed, **kw)
 
     next_snapshot = time.monotonic() + SNAPSHOT_S
 

@@ -31,3 +31,38 @@ def test_the_report_of_a_simulated_run_rebuilds_its_thumbnails(photos, tmp_path,
     assert run("report", out) == 0
     err = capsys.readouterr().err
     assert "changed since the run" in err and degraded.stem in err
+
+
+def test_a_stage_manifest_records_the_threads_that_fix_its_bytes(photos, tmp_path, tiny):  # noqa: F811
+    """13b D4: a stage folder did not say which --threads would reproduce its bytes (the default follows
+    --workers, and the thread count can move a 16-bit probability by one level); `fundus run` recorded it."""
+    import json
+
+    from fundus_pipeline.runner import default_threads
+    from tests.test_campaign9 import run
+
+    for i, (extra, want) in enumerate(((("--threads", "1"), 1), (("--workers", "2"), default_threads(2)))):
+        out = tmp_path / f"seg{i}"
+        assert run("segment", photos, out, "--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu", "-q", *extra) == 0
+        assert json.loads((out / "manifest.json").read_text())["threads_used"] == want
+    out = tmp_path / "deg"
+    assert run("degrade", photos, out, "--threads", "1", "-q") == 0
+    assert json.loads((out / "manifest.json").read_text())["threads_used"] == 1
+
+
+def test_an_interrupted_run_does_not_say_a_photograph_was_segmented(photos, tmp_path, tiny, monkeypatch):  # noqa: F811
+    """13b D9: rows an interrupted run had not segmented read "not enhanced: the input is segmented", as if
+    done; they now say that step has not run yet (the decision stands: it is what a --resume will do)."""
+    from fundus_pipeline.stages.segment import SegmentStage
+    from tests.test_campaign9 import run
+    from tests.test_run import ctrl_c_at_second_item, rows_of, tiny_args
+
+    ctrl_c_at_second_item(monkeypatch, SegmentStage)
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment", "--workers", "1")) == 130
+    rows = rows_of(out / "results.csv").values()
+    done = [r for r in rows if r["vessels_image"]]
+    waiting = [r for r in rows if r["status"] == "pending"]
+    assert done and waiting and all(r["segmented"] == "input" for r in rows)
+    assert all(r["segment_reason"].endswith("(not run yet: the run stopped before)") for r in waiting)
+    assert not any("not run yet" in r["segment_reason"] for r in done)

@@ -51,7 +51,8 @@ Workers = Annotated[
     typer.Option(
         "--workers",
         "-j",
-        help="Parallel worker processes; each gets cores/workers CPU threads unless --threads is given. Results do not depend on it.",
+        help="Parallel worker processes; each gets cores/workers CPU threads unless --threads is given. Results do not depend on it at a "
+        "given --threads (the thread count can move a 16-bit probability by one level; the manifest records threads_used).",
     ),
 ]
 Threads = Annotated[

@@ -107,7 +107,7 @@ def run_cmd(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Vessel decision threshold [default: the weights' own].", show_default=False)] = None,
     report: Annotated[Optional[bool], typer.Option("--report/--no-report", help="Write OUT/report.html [default: --report].", show_default=False)] = None,
     thumbnail: Annotated[Optional[int], _opt("--thumbnail", help="Thumbnail side in the report, pixels.", field="thumbnail")] = None,
-    workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage (results do not depend on it).", field="workers")] = None,
+    workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage (results do not depend on it at a given --threads; the default --threads follows it).", field="workers")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [default: available cores / workers; with --replay, the recorded run's].", show_default=False)] = None,
     engine: Annotated[Optional[EngineName], _opt("--engine", help="local: this machine's worker processes; ray: the actors of a Ray cluster, every stage (--workers actors, --threads CPUs each; pip install 'fundus-pipeline[ray]'). Results do not depend on it.", field="engine")] = None,
     address: Annotated[Optional[str], typer.Option("--address", help="With --engine ray: the Ray cluster to use (the address `ray start --head` prints, or auto) [default: start a local Ray instance].", show_default=False)] = None,
