@@ -66,3 +66,25 @@ def test_an_interrupted_run_does_not_say_a_photograph_was_segmented(photos, tmp_
     assert done and waiting and all(r["segmented"] == "input" for r in rows)
     assert all(r["segment_reason"].endswith("(not run yet: the run stopped before)") for r in waiting)
     assert not any("not run yet" in r["segment_reason"] for r in done)
+
+
+def test_degrade_variants_that_pair_with_nothing_get_a_hint(tmp_path, capsys):
+    """13b D5: predictions of `fundus degrade --types 001,111` outputs (KEY_<code>) pair with no ground truth;
+    the evaluators said only that nothing paired, with no way on."""
+    from PIL import Image
+
+    from tests.test_campaign9 import run
+
+    pred, gt, enh, ref = tmp_path / "pred", tmp_path / "gt", tmp_path / "enh", tmp_path / "ref"
+    for d in (pred, gt, enh, ref):
+        d.mkdir()
+    img = synthetic_fundus(64, 64, 1)
+    for code in ("001", "111"):
+        Image.fromarray(img[..., 1]).save(pred / f"01_test_{code}_prob.png")
+        Image.fromarray(img).save(enh / f"01_test_{code}.png")
+    Image.fromarray((img[..., 1] > 100).astype("uint8") * 255).save(gt / "01_manual1.png")
+    Image.fromarray(img).save(ref / "01_test.png")
+    for args in (("evaluate", "segment", pred, gt), ("evaluate", "enhance", enh, ref)):
+        assert run(*args) == 2
+        err = capsys.readouterr().err
+        assert "Hint: these look like `fundus degrade` variants" in err and "--simulate" in err, err

@@ -46,6 +46,7 @@ from fundus_pipeline.evaluation.segment import (
     markdown_table,
     read_binary,
     text_table,
+    variants_hint,
     write_reports,
 )
 from fundus_pipeline.evaluation.segment import metrics_csv as segment_metrics_csv
@@ -155,7 +156,8 @@ def evaluate_enhancement(
     if not set(enhanced) & set(refs):
         raise UsageError(
             f"no enhanced image in {enh_dir} pairs with a reference in {ref_dir} "
-            f"({len(enhanced)} enhanced, {len(refs)} references; keys are file names without {', '.join(SUFFIXES)})"
+            f"({len(enhanced)} enhanced, {len(refs)} references; keys are file names without {', '.join(SUFFIXES)})",
+            variants_hint(enhanced),
         )
 
     rows: list[dict[str, Any]] = []
