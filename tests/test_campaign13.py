@@ -88,3 +88,22 @@ def test_degrade_variants_that_pair_with_nothing_get_a_hint(tmp_path, capsys):
         assert run(*args) == 2
         err = capsys.readouterr().err
         assert "Hint: these look like `fundus degrade` variants" in err and "--simulate" in err, err
+
+
+def test_a_replay_shows_itself_its_own_way_and_always_says_its_outcome(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """13b D10: a replay took the recorded run's --format json and --quiet (a JSON document under -q, no
+    progress), and with --format json its one line on stderr was not printed."""
+    import json
+
+    from tests.test_campaign9 import run
+    from tests.test_run import tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment", "--format", "json")) == 0
+    capsys.readouterr()
+    assert run("run", "--replay", out / "manifest.json", tmp_path / "again") == 0
+    got = capsys.readouterr()
+    assert not got.out.lstrip().startswith("{") and "--replay: identical to the recorded run" in got.err  # human, the default
+    assert run("run", "--replay", out / "manifest.json", tmp_path / "again2", "--format", "json") == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["replay"]["differs"] == 0 and "--replay: identical to the recorded run" in got.err

@@ -150,8 +150,10 @@ def run_cmd(
             raise UsageError(f"--replay reruns the recorded options; do not combine it with {_option_name(fixed[0], cli[fixed[0]]) if fixed else '--config'}")
         rp = read_replay(Path(replay))
         # the engine is where this replay runs, not what it reproduces: local unless --engine is given
+        # how the recorded run was shown (--format, --quiet) is not replayed either: this command's own, or the defaults
+        shown = {k: RunConfig.model_fields[k].default for k in ("format", "quiet")}
         cfg = rp.cfg.model_copy(update={"resume": False, "overwrite": False, "engine": "local", "address": None, "threads": rp.threads,
-                                        **{k: v for k, v in cli.items() if v is not None}})
+                                        **shown, **{k: v for k, v in cli.items() if v is not None}})
         in_dir, expect, expect_weights = rp.input, rp.inputs_sha256, rp.weights_sha256
         if cfg.simulate and rp.old_out_is_the_run() and (rp.old_out / "degrade" / "manifest.json").is_file():
             degrade_replay = rp.old_out / "degrade" / "manifest.json"  # else degraded again from the recorded seed
@@ -177,8 +179,7 @@ def run_cmd(
         from fundus_pipeline.chain import verify_replay
 
         result.replay = verify_replay(rp, result.out_dir)
-        if cfg.format == "human" or result.replay["differs"]:  # the replay's outcome: one line, --quiet or not
-            typer.echo(result.replay["line"], err=True)
+        typer.echo(result.replay["line"], err=True)  # the replay's outcome: one line on stderr, whatever --quiet and --format
     s = result.summary()
     if cfg.format == "json":
         typer.echo(json.dumps(s, indent=2))
