@@ -6,7 +6,7 @@ chosen at evenly spaced ranks of input luminance, and writes the mean reference-
 (``--json``, and on stdout after the sub-commands' summary lines).
 
     python scripts/enhance_real.py WORK [--weights cofe] [--arch ARCH] [--rows 6] [--sheet docs/enhance_real_contact_sheet.jpg]
-        [--json docs/enhance_real.json]
+        [--json docs/enhance_real.json] [--threads N]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=6)
     ap.add_argument("--sheet", type=Path, default=Path("docs/enhance_real_contact_sheet.jpg"))
     ap.add_argument("--json", type=Path, default=Path("docs/enhance_real.json"))
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of the enhance and segment commands [default: theirs, the available cores]")
     a = ap.parse_args()
     src = default_data_root() / "CofeNet" / "img" / "image"
     enh, v0, v1 = a.work / "enhanced", a.work / "vessels_before", a.work / "vessels_after"
@@ -47,7 +48,8 @@ def main() -> None:
     for cmd, inp, out in (("enhance", src, enh), ("segment", src, v0), ("segment", enh, v1)):
         if not (out / "manifest.json").is_file():
             extra = ["--weights", a.weights, *arch] if cmd == "enhance" else []
-            _run(cmd, inp, out, *extra, "--quiet", *(["--resume"] if out.exists() else []))
+            threads = ["--threads", str(a.threads)] if a.threads is not None else []
+            _run(cmd, inp, out, *extra, *threads, "--quiet", *(["--resume"] if out.exists() else []))
     with open(enh / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
     summary = {"n": len(rows), "weights": a.weights, **{c: round(float(np.mean([float(r[c]) for r in rows])), 5) for c in COLUMNS}}
