@@ -107,3 +107,23 @@ def test_a_replay_shows_itself_its_own_way_and_always_says_its_outcome(photos, t
     assert run("run", "--replay", out / "manifest.json", tmp_path / "again2", "--format", "json") == 0
     got = capsys.readouterr()
     assert json.loads(got.out)["replay"]["differs"] == 0 and "--replay: identical to the recorded run" in got.err
+
+
+def test_a_ctrl_c_after_the_command_has_ended_does_not_change_its_exit_status(tmp_path):
+    """13b D12: a SIGINT that arrived while the interpreter shut down (after the summary was printed and the
+    manifest said finished) made the exit status 130."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+        "from fundus_pipeline.cli import main\n"
+        "sys.argv = ['fundus', 'models']\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])

@@ -254,5 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         code = _internal_error(e)
     if argv is None:
+        import signal
+
+        # the command has ended and said how: a Ctrl-C while the interpreter shuts down (worker pools, Ray)
+        # would make the exit status 130 although the summary and the manifest say otherwise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(code)
     return code
