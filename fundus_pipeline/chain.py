@@ -49,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, interrupts_deferred, is_empty, manifest_stage, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, write_json_streamed,
+    input_changed, interrupts_deferred, is_empty, manifest_stage, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -657,6 +657,15 @@ class Chain:
             return self.input_hashes
         return {r["key"]: r["input_sha256"] for r in stage_lines(self.out / self._first_folder()) if r.get("input_sha256")}
 
+    def _threads_used(self) -> int | list[int]:
+        """The CPU threads a worker used in every stage: one count, or the counts when a ``--resume`` ran on
+        another ``--threads`` (a replay then cannot take one count and says so when its bytes differ)."""
+        used: set[int] = set()
+        for st in self.stages.values():
+            t = st.get("threads_used")
+            used.update(t if isinstance(t, list) else [t] if isinstance(t, int) else [])
+        return threads_record(used, self.cfg.threads or default_threads(self.cfg.workers))
+
     def _write_manifest(self, rows: RowsFile | None, status: str, counts: dict | None = None) -> None:
         """OUT/manifest.json, its plan and items streamed a line each (``write_json_streamed``)."""
         rec = self.record()
@@ -673,7 +682,7 @@ class Chain:
             "input": {"dir": str(self.inputs.path), **self.inputs.record()},
             "inputs_sha256": self._input_hashes() if status != "running" else {},
             **({"ground_truth_sha256": self.truth_hashes} if self.cfg.ground_truth is not None else {}),
-            "threads_used": self.cfg.threads or default_threads(self.cfg.workers),
+            "threads_used": self._threads_used(),
             "output": {"dir": str(self.out)},
             "stages": self.stages,
             "environment": environment(),
@@ -700,7 +709,7 @@ class Chain:
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
             engine=self.engine, inputs_checked=name == self._first_folder(),  # _prepare_folder checked its inputs
         )  # fmt: skip
-        self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3)}
+        self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3), "threads_used": res.threads_used}
         self.interrupted |= res.interrupted
         return res.store  # the rows just written (and the resumed ones), without reading them back
 

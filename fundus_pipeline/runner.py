@@ -60,6 +60,7 @@ class RunResult:
     duration_s: float
     interrupted: bool
     store: "RowStore" = field(default_factory=lambda: RowStore())
+    threads_used: "int | list[int] | None" = None  # the CPU threads a worker used (a list: a resume ran on another count)
 
     @property
     def rows(self) -> list[dict]:
@@ -1011,9 +1012,11 @@ def write_reports(
     """``results.csv`` and ``manifest.json`` of the rows, in key order, each streamed to its file a row at a
     time (never a whole table in memory) and renamed into place. ``running``: a snapshot taken while the
     run goes on (``status`` "running", no ``finished_at``). ``stopped``: the run ended on an error before
-    every item was done (``status`` "stopped"; ``--resume`` continues). Returns (counts, failed items)."""
+    every item was done (``status`` "stopped"; ``--resume`` continues). Returns (counts, failed items, the
+    threads the rows were made with: ``threads_used``)."""
     counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
     failed = []
+    used: set[int] = set()
     cols = BASE_COLUMNS + list(stage.columns)
     with open_atomic(out_dir / "results.csv") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -1021,11 +1024,14 @@ def write_reports(
         for key in rows:
             r = rows[key]
             counts[r["status"]] = counts.get(r["status"], 0) + 1
+            if isinstance(r.get("threads"), int):
+                used.add(r["threads"])
             if r["status"] == "error":
                 failed.append({"key": key, "error": r["error"]})
             w.writerow({c: _csv_cell(r.get(c, "")) for c in cols})
     if interrupted or running or stopped:
         counts["not_processed"] = len(inputs.items) - len(rows)
+    threads_used = threads_record(used, threads)
     cfg = stage.config_record()
     manifest = {
         "schema_version": 1,
@@ -1037,7 +1043,7 @@ def write_reports(
         "input": {"dir": str(inputs.path), **inputs.record(), **{role: _extra_record(p) for role, p in extra_dirs.items()}},
         "output": {"dir": str(out_dir)},
         "environment": environment(),
-        **({"threads_used": threads} if threads is not None else {}),  # CPU threads a worker: part of what fixes the bytes
+        **({"threads_used": threads_used} if threads_used is not None else {}),  # part of what fixes the bytes
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "status": "running" if running else "interrupted" if interrupted else "stopped" if stopped else "finished",
         "finished_at": None if running else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1047,7 +1053,15 @@ def write_reports(
         **stage.info(),
     }
     write_json_streamed(out_dir / "manifest.json", manifest, {"items": (rows.text(k) for k in rows)})
-    return counts, failed
+    return counts, failed, threads_used
+
+
+def threads_record(used: "set[int] | Iterable[int]", default: int | None = None) -> "int | list[int] | None":
+    """What a manifest records as ``threads_used``: the CPU threads a worker used, one count when every row was
+    made with it, else the sorted counts (a ``--resume`` on another ``--threads``, which can move a probability
+    by one level: no single count reproduces such a folder). ``default`` when no row says."""
+    counts = sorted(set(used))
+    return default if not counts else counts[0] if len(counts) == 1 else counts
 
 
 def write_json_streamed(path: Path, head: dict, lists: dict[str, Iterable[str]]) -> None:
@@ -1228,7 +1242,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     interrupted = stopped = False
     bar = Progress(stage.name, len(work), resumed, progress)
 
-    def reports(**kw) -> tuple[dict, list[dict]]:
+    def reports(**kw) -> tuple[dict, list[dict], "int | list[int] | None"]:
         return write_reports(stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv, started=started,
                              threads=threads, resumed=resumed, **kw)
 
@@ -1244,6 +1258,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         nonlocal next_snapshot
         check_folder("nothing more is written there")
         stop = row.pop(_STOP, None)
+        row["threads"] = threads  # each row says what made its bytes: a resume may run on another count
         text = _dumps(row)
         rows.add_text(row["key"], text)
         try:
@@ -1287,11 +1302,11 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         with interrupts_deferred():
             check_folder("no results.csv or manifest.json was written")  # they would list outputs that are gone
             try:
-                counts, failed = reports(interrupted=interrupted, stopped=stopped)
+                counts, failed, threads_used = reports(interrupted=interrupted, stopped=stopped)
             except OSError as e:
                 raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
                                   hint="free space, then rerun with --resume") from None
-    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows)
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used)
 
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))

@@ -127,3 +127,32 @@ def test_a_ctrl_c_after_the_command_has_ended_does_not_change_its_exit_status(tm
     )
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_a_resume_on_another_thread_count_is_recorded(photos, tmp_path, tiny, monkeypatch):  # noqa: F811
+    """Review 14 R1: after a --resume on another --threads the manifests recorded only the last count, though
+    rows made with the first are in the folder (a count can move a probability by one level)."""
+    import json
+
+    from fundus_pipeline.stages.segment import SegmentStage
+    from tests.test_campaign9 import run
+    from tests.test_run import ctrl_c_at_second_item, tiny_args
+
+    seg = ("--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu", "-q", "--workers", "1")
+    ctrl_c_at_second_item(monkeypatch, SegmentStage)
+    assert run("segment", photos, tmp_path / "s", *seg, "--threads", "2") == 130
+    monkeypatch.undo()
+    assert run("segment", photos, tmp_path / "s", *seg, "--threads", "1", "--resume") == 0
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["threads_used"] == [1, 2] and sorted(r["threads"] for r in m["items"]) == [1, 1, 2]
+
+    args = tiny_args(tiny, "--steps", "grade,segment", "--workers", "1")
+    ctrl_c_at_second_item(monkeypatch, SegmentStage)
+    assert run("run", photos, tmp_path / "r", *args, "--threads", "2") == 130
+    monkeypatch.undo()
+    assert run("run", photos, tmp_path / "r", *args, "--threads", "1", "--resume") == 0
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert m["threads_used"] == [1, 2] and m["stages"]["segment"]["threads_used"] == [1, 2]
+    assert m["stages"]["grade"]["threads_used"] == 2  # graded before the interruption, all on 2
+    assert run("run", photos, tmp_path / "u", *args, "--threads", "1") == 0  # one count: a number
+    assert json.loads((tmp_path / "u" / "manifest.json").read_text())["threads_used"] == 1
