@@ -8,7 +8,8 @@ segment` against DRIVE's 1st observer and HRF's manual1 inside the datasets' FOV
 a-priori threshold. Also evaluates DRIVE's 2nd observer. Writes OUT/<name>_<dataset>/summary.{json,md},
 OUT/results.md (the comparison table) and a figure of the first weights' prediction beside the ground truth:
 docs/segmentation_example.png with the default OUT (the committed results), else OUT/segmentation_example.png
-(a check that leaves the checkout alone). The published figures were made with the default threads (2 cores);
+(a check that leaves the checkout alone). The published figures were made with fundus segment's default
+threads, the available cores (2 on this project's machine);
 at another --threads a few 4th decimals can move (a probability by one level of 65,535).
 Test images are only ever evaluated here, never used for training, thresholds or checkpoint choice.
 """
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of fundus segment [default: its own, the available cores]")
     ap.add_argument("--degraded", action="append", default=[], help="also evaluate on DRIVE test images degraded with this `fundus degrade` setting, e.g. 'released-111' or 'recipe-moderate' (seed 0)")
     args = ap.parse_args()
+    args.out = args.out.resolve()  # the fundus commands below run from the repository root
     data = default_data_root()
     committed = args.out.resolve() == (ROOT / "docs" / "results").resolve()
     figure = ROOT / "docs" / "segmentation_example.png" if committed else args.out / "segmentation_example.png"

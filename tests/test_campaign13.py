@@ -88,6 +88,12 @@ def test_degrade_variants_that_pair_with_nothing_get_a_hint(tmp_path, capsys):
         assert run(*args) == 2
         err = capsys.readouterr().err
         assert "Hint: these look like `fundus degrade` variants" in err and "--simulate" in err, err
+    # review 14 R4: files merely numbered _001 .. that would not pair without the number get no such hint
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray((img[..., 1] > 100).astype("uint8") * 255).save(other / "case_001_manual1.png")
+    assert run("evaluate", "segment", pred, other) == 2
+    assert "fundus degrade" not in capsys.readouterr().err
 
 
 def test_a_replay_shows_itself_its_own_way_and_always_says_its_outcome(photos, tmp_path, tiny, capsys):  # noqa: F811
@@ -104,6 +110,7 @@ def test_a_replay_shows_itself_its_own_way_and_always_says_its_outcome(photos, t
     assert run("run", "--replay", out / "manifest.json", tmp_path / "again") == 0
     got = capsys.readouterr()
     assert not got.out.lstrip().startswith("{") and "--replay: identical to the recorded run" in got.err  # human, the default
+    assert "grade: 3/3" in got.err  # progress: the recorded --quiet is not replayed either (review 14 R10)
     assert run("run", "--replay", out / "manifest.json", tmp_path / "again2", "--format", "json") == 0
     got = capsys.readouterr()
     assert json.loads(got.out)["replay"]["differs"] == 0 and "--replay: identical to the recorded run" in got.err
@@ -156,3 +163,4 @@ def test_a_resume_on_another_thread_count_is_recorded(photos, tmp_path, tiny, mo
     assert m["stages"]["grade"]["threads_used"] == 2  # graded before the interruption, all on 2
     assert run("run", photos, tmp_path / "u", *args, "--threads", "1") == 0  # one count: a number
     assert json.loads((tmp_path / "u" / "manifest.json").read_text())["threads_used"] == 1
+

@@ -44,8 +44,11 @@ def test_expand_hemf_stems_never_replaces_unasked(tmp_path):
     other = tmp_path / "other_weights"
     other.mkdir()
     for target in (other / "hemf_x.pt", ROOT / "weights" / "hemf_x.pt"):
-        _one_error(_script("expand_hemf_stems.py", str(src), str(target), cwd=tmp_path, FUNDUS_WEIGHTS=str(other)), 2, "refusing to write")
-        assert not target.exists()
+        try:
+            _one_error(_script("expand_hemf_stems.py", str(src), str(target), cwd=tmp_path, FUNDUS_WEIGHTS=str(other)), 2, "refusing to write")
+            assert not target.exists()
+        finally:
+            target.unlink(missing_ok=True)  # never leave a file in the checkout, even when the check fails
     out = tmp_path / "hemf448.pt"
     out.write_bytes(b"mine")
     _one_error(_script("expand_hemf_stems.py", str(src), str(out), cwd=tmp_path), 2, "exists")

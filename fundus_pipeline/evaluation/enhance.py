@@ -157,7 +157,7 @@ def evaluate_enhancement(
         raise UsageError(
             f"no enhanced image in {enh_dir} pairs with a reference in {ref_dir} "
             f"({len(enhanced)} enhanced, {len(refs)} references; keys are file names without {', '.join(SUFFIXES)})",
-            variants_hint(enhanced),
+            variants_hint(enhanced, refs),
         )
 
     rows: list[dict[str, Any]] = []

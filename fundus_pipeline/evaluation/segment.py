@@ -86,12 +86,13 @@ def pairing_key(name: str) -> str:
     return k
 
 
-def variants_hint(keys) -> str | None:
+def variants_hint(keys, others) -> str | None:
     """The hint for keys that end in a Cofe-Net type code (``KEY_111``: ``fundus degrade`` with several
-    ``--types``), which pair with nothing: the code is part of the key, not a suffix this rule strips."""
+    ``--types``) and would pair with one of ``others`` without it: the code is part of the key, not a suffix
+    this rule strips."""
     import re
 
-    if any(re.search(r"_[01]{3}$", k) for k in keys):
+    if any(pairing_key(re.sub(r"_[01]{3}$", "", k)) in others for k in keys if re.search(r"_[01]{3}$", k)):
         return ("these look like `fundus degrade` variants (KEY_<type code>), which pair with nothing here: degrade one "
                 "type code at a time (--types 111), or use `fundus run --simulate CODES --ground-truth DIR`, which scores each variant")
     return None
@@ -312,7 +313,7 @@ def evaluate_segmentation(
         raise UsageError(
             f"no prediction in {pred_dir} pairs with a ground truth in {gt_dir} "
             f"({len(preds)} predictions, {len(gts)} ground truths; keys are file names without {', '.join(SUFFIXES)})",
-            variants_hint(preds),
+            variants_hint(preds, gts),
         )
 
     gt_only = sorted(set(gts) - set(preds))  # not scored, not a problem: a subset of the GT was predicted
