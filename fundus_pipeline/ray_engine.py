@@ -199,7 +199,9 @@ class RayEngine:
             else:
                 _check_reachable(self.address)
             try:
-                ray.init(address=self.address, **kwargs)
+                # "local": a new instance of this run's own, also where a cluster runs on this machine or RAY_ADDRESS
+                # names one (ray.init() would connect to it, and refuses num_cpus there)
+                ray.init(address=self.address if self.address is not None else "local", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise FundusError(f"cannot connect to {where}: {_first_line(e)}",

@@ -164,3 +164,28 @@ def test_a_resume_on_another_thread_count_is_recorded(photos, tmp_path, tiny, mo
     assert run("run", photos, tmp_path / "u", *args, "--threads", "1") == 0  # one count: a number
     assert json.loads((tmp_path / "u" / "manifest.json").read_text())["threads_used"] == 1
 
+
+
+def test_without_address_the_ray_engine_starts_its_own_local_instance():
+    """Found while campaign 14b ran a cluster on this machine: without --address, ray.init() connected to the
+    cluster that `ray start --head` had started here (or RAY_ADDRESS names) and refused the CPU count, so
+    every --engine ray run failed ("When connecting to an existing cluster, num_cpus ... must not be provided");
+    the README promises a local instance of the run's own."""
+    import pytest
+
+    pytest.importorskip("ray")
+    from fundus_pipeline.ray_engine import RayEngine
+
+    calls = []
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            calls.append(kwargs)
+
+    engine = RayEngine(workers=1)
+    engine.ray = FakeRay()
+    engine.start()
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 1
