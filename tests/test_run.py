@@ -473,8 +473,26 @@ def test_example_config_is_valid_and_the_clinic_script_processes_and_resumes(tmp
     assert r.returncode == 0, r.stdout + r.stderr
     assert "clinic_a: ok" in r.stdout and "clinic_b: ok" in r.stdout
     assert len(rows_of(tmp_path / "res" / "clinic_a" / "results.csv")) == 2 and (tmp_path / "res" / "clinic_b" / "report.html").is_file()
+    before = output_bytes(tmp_path / "res" / "clinic_a")
     r = subprocess.run(["bash", str(script), str(week), str(tmp_path / "res"), str(site)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.count("already finished, skipped") == 2
+    assert r.returncode == 0 and r.stdout.count(": ok") == 2, r.stdout + r.stderr  # resumed: nothing to do, same bytes
+    assert output_bytes(tmp_path / "res" / "clinic_a") == before
+
+    # campaign 14a E1, E2, E8: a photograph that arrives later is processed on the next run (it was skipped
+    # with the clinic, "already finished"); a clinic without photographs is said and skipped; the exit status
+    # is the most serious clinic's (a clinic that ended on an error, then one with failed photographs)
+    Image.fromarray(synthetic_fundus(80, 80, 5)).save(week / "clinic_a" / "late.png")
+    (week / "clinic_empty").mkdir()
+    (week / "clinic_c").mkdir()
+    (week / "clinic_c" / "broken.png").write_bytes(b"not an image")
+    Image.fromarray(synthetic_fundus(80, 80, 6)).save(week / "clinic_c" / "ok.png")
+    (week / "clinic_d").mkdir()
+    (week / "clinic_d" / "notes.txt").write_text("no photograph here")  # fundus run: no image found, exit 2
+    r = subprocess.run(["bash", str(script), str(week), str(tmp_path / "res"), str(site)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "late" in rows_of(tmp_path / "res" / "clinic_a" / "results.csv")
+    assert "clinic_empty: no photographs" in r.stdout and "clinic_c: finished, some photographs failed" in r.stdout
+    assert "clinic_d: fundus run exited 2" in r.stdout and len(r.stdout.strip().splitlines()) == 5  # one line per clinic
 
 
 def test_workers_do_not_change_the_outputs(photos, tmp_path, tiny):
