@@ -556,6 +556,9 @@ class Chain:
                 raise UsageError("--ground-truth gives the vessel annotations of clean originals: it needs --simulate")
             if not Path(cfg.ground_truth).is_dir():
                 raise UsageError(f"--ground-truth is not a folder: {cfg.ground_truth}")
+            from fundus_pipeline.evaluation.segment import _discover, _index
+
+            _index(_discover(Path(cfg.ground_truth)), "--ground-truth")  # two files of one key (DRIVE/test: 1st_manual, mask): refused
             if "segment" not in cfg.steps:
                 raise UsageError("--ground-truth compares vessel segmentations: it needs the segment step")
         self.inputs = resolve_inputs(self.in_path)
@@ -854,10 +857,9 @@ class Chain:
             extra["vessels_before"] = {it.key: vessel_file("segment_input" if it.key in enhanced_path else "segment", it.key) for it in live}
             extra["vessels_after"] = {it.key: vessel_file("segment", it.key) for it in live}
         if truth:
-            from fundus_pipeline.evaluation.segment import pairing_key
-            from fundus_pipeline.io import discover_images
+            from fundus_pipeline.evaluation.segment import _discover, _index, pairing_key
 
-            gt = {pairing_key(g.key): g.path for g in discover_images(Path(cfg.ground_truth))}
+            gt = _index(_discover(Path(cfg.ground_truth)), "--ground-truth")  # paired as `fundus evaluate segment` pairs
             extra["truth"] = {it.key: gt.get(pairing_key(it.clean_key)) for it in live}
         self._stage("compare", stage, [ImageItem(it.key, _at(self.out, it.input)) for it in live], extra)
 

@@ -239,6 +239,13 @@ class RunConfig(StageConfig):
             raise ValueError("name at least one of good, usable, reject (to enhance nothing, leave enhance out of --steps)")
         return [g for g in ("good", "usable", "reject") if g in v]
 
+    @field_validator("ground_truth", mode="before")
+    @classmethod
+    def _truth_given(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():  # "" would be the working folder
+            raise ValueError("empty: give the folder of the clean originals' vessel annotations, or leave it out")
+        return v
+
     @field_validator("ground_truth")
     @classmethod
     def _truth_absolute(cls, v: Path | None) -> Path | None:

@@ -189,3 +189,36 @@ def test_without_address_the_ray_engine_starts_its_own_local_instance():
     engine.ray = FakeRay()
     engine.start()
     assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 1
+
+
+def test_ground_truth_files_of_one_key_are_refused_and_an_empty_one_is_not_the_working_folder(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """Campaign 14a E3: --ground-truth (or the config's ground_truth) pointed at a folder holding two files of
+    one key (DRIVE/test: the 1st observer and the FOV mask) paired with the last one silently (f1_gt 0.24
+    instead of 0.82, exit 0), where `fundus evaluate segment` refuses; ground_truth = "" was the working folder."""
+    import numpy as np
+    from PIL import Image
+
+    from fundus_pipeline.config import RunConfig
+    from tests.test_campaign9 import run
+    from tests.test_run import tiny_args
+
+    gt = tmp_path / "test"
+    for sub in ("1st_manual", "mask"):
+        (gt / sub).mkdir(parents=True)
+    for i, shape in enumerate(((96, 112), (80, 80), (88, 96))):  # the photos fixture's sizes
+        Image.fromarray(np.zeros(shape, np.uint8)).save(gt / "1st_manual" / f"p{i}_manual1.png")
+        Image.fromarray(np.full(shape, 255, np.uint8)).save(gt / "mask" / f"p{i}_mask.png")
+    args = tiny_args(tiny, "--steps", "grade,segment", "--simulate", "111")
+    assert run("run", photos, tmp_path / "o", *args, "--ground-truth", gt) == 2
+    err = capsys.readouterr().err
+    assert "two --ground-truth files pair under the same key" in err and not (tmp_path / "o").exists()
+    assert run("run", photos, tmp_path / "o2", *args, "--ground-truth", gt / "1st_manual") == 0
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('ground_truth = ""\n')
+    assert run("run", photos, tmp_path / "o3", *args, "--config", cfg) == 2
+    assert "--ground-truth '': empty" in capsys.readouterr().err
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="empty"):
+        RunConfig.build(ground_truth="", simulate="111")
