@@ -218,7 +218,8 @@ def test_ground_truth_files_of_one_key_are_refused_and_an_empty_one_is_not_the_w
     assert run("run", photos, tmp_path / "o3", *args, "--config", cfg) == 2
     assert "--ground-truth '': empty" in capsys.readouterr().err
     import pytest
-    from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="empty"):
+    from fundus_pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match="empty"):
         RunConfig.build(ground_truth="", simulate="111")
