@@ -295,8 +295,10 @@ def simulate_kind(text: str) -> Literal["types", "recipe"]:
     return "recipe"
 
 
-def load_toml_config(path: Path) -> dict:
-    """The keys of a ``--config`` TOML file (a UsageError naming the file on a syntax error or an unknown key)."""
+def load_toml_config(path: Path, given: "set[str] | frozenset[str]" = frozenset()) -> dict:
+    """The keys of a ``--config`` TOML file (a UsageError naming the file on a syntax error or an unknown key).
+    ``given``: the keys the command line sets: they replace the file's, whose values are then not checked
+    (the merged configuration is; a file value the command line overrides cannot abort the run)."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -312,7 +314,7 @@ def load_toml_config(path: Path) -> dict:
         raise UsageError(f"invalid --config {path}: unknown key {unknown[0]!r} (keys: {', '.join(RunConfig.model_fields)})")
     # TOML has types, so the file's values must have the key's type: `workers = true` or `keep_outside = "yes"`
     # is an error, not 1 or True (the command line's strings are converted by its options, as usual)
-    typed = {k: Path(v) if k == "ground_truth" and isinstance(v, str) else v for k, v in data.items()}
+    typed = {k: Path(v) if k == "ground_truth" and isinstance(v, str) else v for k, v in data.items() if k not in given}
     try:
         RunConfig.model_validate(typed, strict=True)
     except ValidationError as e:

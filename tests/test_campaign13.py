@@ -223,3 +223,16 @@ def test_ground_truth_files_of_one_key_are_refused_and_an_empty_one_is_not_the_w
 
     with pytest.raises(UsageError, match="empty"):
         RunConfig.build(ground_truth="", simulate="111")
+
+
+def test_the_command_line_overrides_a_config_value_that_would_fail_alone(photos, tmp_path, tiny):  # noqa: F811
+    """Campaign 14a E4: the file was validated alone before the command line was applied, so steps = ["grade",
+    "score"] (score needs enhance) aborted a run whose --steps replaced it."""
+    from tests.test_campaign9 import run
+    from tests.test_run import tiny_args
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('steps = ["grade", "score"]\nmin_gain = 7.0\n')
+    args = tiny_args(tiny, "--config", cfg)
+    assert run("run", photos, tmp_path / "o", *args) == 2  # the file alone is still checked
+    assert run("run", photos, tmp_path / "o", *args, "--steps", "grade,segment", "--min-gain", "0.1") == 0

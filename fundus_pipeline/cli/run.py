@@ -45,8 +45,9 @@ def build_config(file: Path | None, options: dict) -> RunConfig:
     """The run's configuration: the TOML file's keys, overridden by the options given on the command line."""
     from fundus_pipeline.config import load_toml_config
 
-    values = load_toml_config(file) if file is not None else {}
-    values.update({k: v for k, v in options.items() if v is not None})
+    given = {k: v for k, v in options.items() if v is not None}
+    values = load_toml_config(file, set(given)) if file is not None else {}
+    values.update(given)
     cfg = RunConfig.build(**values)
     # weights given as a file are recorded by absolute path, as the inputs are: --resume and --replay find them
     # from any working folder (a relative path failed there, 'weights not found')
