@@ -15,9 +15,11 @@ per batch. Choices, and why:
   there are more than ``MAX_BLOCKS`` (Ray Data makes blocks slowly: 20,000 one-row blocks took 50 s here,
   1,000 blocks of 100,000 rows 3 s). Rows come back pickled in a binary column (exact types, no Arrow
   conversion) and are streamed to ``record`` as each task finishes (``iter_batches``, any order).
-* A killed actor (out of memory, a crash in a native decoder) is restarted (``max_restarts=-1``) and its
-  task retried once (``max_task_retries=1``), never forever: an image that kills every process that
-  reads it would otherwise loop. An actor is given one task at a time (``max_tasks_in_flight_per_actor
+* A killed actor (out of memory, a crash in a native decoder) is restarted and its task retried once
+  (``max_task_retries=1``), never forever: an image that kills every process that reads it would otherwise
+  loop. Restarts are bounded too (``restarts_allowed``: what the pass's tasks can use up, plus
+  ``SETUP_RESTARTS``): an actor whose process dies while the stage is set up (out of memory loading the
+  models) was restarted without end, and the run hung without a word; it now fails the stage (exit 1). An actor is given one task at a time (``max_tasks_in_flight_per_actor
   =1``), so a death fails only the task it was computing, never an innocent one queued behind it. Blocks
   whose task still fails are dropped (``DataContext.max_errored_blocks = -1``) and their items go through
   a second pass one item a task, as the local engine isolates a culprit; an item that still kills its
@@ -55,6 +57,16 @@ from fundus_pipeline.stages.base import Stage
 INSTALL_HINT = "pip install 'fundus-pipeline[ray]'"
 #: Retries of a batch whose actor died, before its items are isolated (one per task) and, failing again, recorded as errors.
 TASK_RETRIES = 1
+SETUP_RESTARTS = 2  # restarts of an actor beyond those its tasks' deaths can use up
+
+
+def restarts_allowed(blocks: int) -> int:
+    """An actor's restarts in a pass of ``blocks`` tasks: each task can kill its actor at most 1 +
+    ``TASK_RETRIES`` times, so no pass that ends needs more; ``SETUP_RESTARTS`` more for the pool to start.
+    Finite, so that an actor dying while the stage is set up fails the stage instead of looping forever."""
+    return (1 + TASK_RETRIES) * blocks + SETUP_RESTARTS
+
+
 DIED = "the worker process died while processing this image (out of memory or a crash in a decoder)"
 #: Blocks (Ray tasks) per pass at most: Ray Data creates about 400 blocks a second, so a listing of 100,000
 #: photographs is cut into 2,000 tasks of 50, not 100,000 tasks of one.
@@ -257,7 +269,7 @@ class RayEngine:
             ds = ds.map_batches(
                 _StageActor, fn_constructor_args=(stage, threads, str(dst), os.getcwd()), batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-                max_restarts=-1, max_task_retries=TASK_RETRIES, **res,
+                max_restarts=restarts_allowed(blocks), max_task_retries=TASK_RETRIES, **res,
             )  # fmt: skip
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:

@@ -215,3 +215,34 @@ def test_an_error_of_the_driver_while_it_records_a_row_is_not_blamed_on_the_clus
     assert run("degrade", photos, tmp_path / "ray", "--workers", "2", "--engine", "ray") == 1
     err = capsys.readouterr().err
     assert "Hint: free space, then rerun with --resume" in err and "Ray cluster" not in err
+
+
+class DyingSetupStage(Stage):
+    """Its process dies while the stage is set up (a stand-in for running out of memory loading the models)."""
+
+    name = "dying_setup"
+    fov_policy = "none"
+
+    def config_record(self) -> dict:
+        return {"dying_setup": 1}
+
+    def setup(self) -> None:
+        os._exit(1)
+
+    def compute(self, item):
+        return ItemOutput({"": item.image.array})
+
+
+def test_an_actor_dying_while_the_stage_is_set_up_fails_the_stage_instead_of_looping(ray_engine, photos, tmp_path, monkeypatch):
+    """Campaign 14b G2: with unbounded restarts (max_restarts=-1) such an actor was restarted without end and
+    the run hung without a word; the restarts are now bounded and the stage fails (exit 1)."""
+    import time
+
+    import fundus_pipeline.ray_engine as ray_engine_module
+    from fundus_pipeline.errors import FundusError
+
+    monkeypatch.setattr(ray_engine_module, "MAX_BLOCKS", 1)  # one task: restarts_allowed(1) restarts per actor
+    t0 = time.monotonic()
+    with pytest.raises(FundusError, match="failed on the Ray cluster"):
+        run_stage(DyingSetupStage(), photos, tmp_path / "out", workers=1, threads=1, progress=False, engine=ray_engine)
+    assert time.monotonic() - t0 < 240
