@@ -54,7 +54,7 @@ from fundus_pipeline.errors import FundusError, UsageError
 from fundus_pipeline.runner import WorkItem, _chunks, _set_threads, available_cpus, process_items
 from fundus_pipeline.stages.base import Stage
 
-INSTALL_HINT = "pip install 'fundus-pipeline[ray]'"
+INSTALL_HINT = "pip install 'fundus-pipeline[ray]' (in a checkout of the project: pip install -e '.[ray]')"
 #: Retries of a batch whose actor died, before its items are isolated (one per task) and, failing again, recorded as errors.
 TASK_RETRIES = 1
 SETUP_RESTARTS = 2  # restarts of an actor beyond those its tasks' deaths can use up
@@ -217,7 +217,9 @@ class RayEngine:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise FundusError(f"cannot connect to {where}: {_first_line(e)}",
-                                  "start one with `ray start --head` and pass the address it prints" if self.address else None) from None
+                                  "is a cluster running there (`ray start --head` prints its address)? If `ray start` said token "
+                                  "authentication is enabled, set RAY_AUTH_MODE=token (or use --address auto on the head)"
+                                  if self.address else None) from None
             self._owned = True
         _quiet(ray)
         if self.threads is not None:
