@@ -17,8 +17,8 @@ per batch. Choices, and why:
   conversion) and are streamed to ``record`` as each task finishes (``iter_batches``, any order).
 * A killed actor (out of memory, a crash in a native decoder) is restarted and its task retried once
   (``max_task_retries=1``), never forever: an image that kills every process that reads it would otherwise
-  loop. Restarts are bounded too (``restarts_allowed``: what the pass's tasks can use up, plus
-  ``SETUP_RESTARTS``): an actor whose process dies while the stage is set up (out of memory loading the
+  loop. Restarts are bounded too (``restarts_allowed``: what the pass's tasks can use up, at most
+  ``RESTART_CAP``, plus ``SETUP_RESTARTS``): an actor whose process dies while the stage is set up (out of memory loading the
   models) was restarted without end, and the run hung without a word; it now fails the stage (exit 1). An actor is given one task at a time (``max_tasks_in_flight_per_actor
   =1``), so a death fails only the task it was computing, never an innocent one queued behind it. Blocks
   whose task still fails are dropped (``DataContext.max_errored_blocks = -1``) and their items go through
@@ -58,13 +58,17 @@ INSTALL_HINT = "pip install 'fundus-pipeline[ray]' (in a checkout of the project
 #: Retries of a batch whose actor died, before its items are isolated (one per task) and, failing again, recorded as errors.
 TASK_RETRIES = 1
 SETUP_RESTARTS = 2  # restarts of an actor beyond those its tasks' deaths can use up
+RESTART_CAP = 16  # restarts of an actor for its tasks' deaths at most (8 tasks that kill it twice each)
 
 
 def restarts_allowed(blocks: int) -> int:
     """An actor's restarts in a pass of ``blocks`` tasks: each task can kill its actor at most 1 +
-    ``TASK_RETRIES`` times, so no pass that ends needs more; ``SETUP_RESTARTS`` more for the pool to start.
-    Finite, so that an actor dying while the stage is set up fails the stage instead of looping forever."""
-    return (1 + TASK_RETRIES) * blocks + SETUP_RESTARTS
+    ``TASK_RETRIES`` times, up to ``RESTART_CAP``, and ``SETUP_RESTARTS`` more for the pool to start. Finite
+    and small, so that an actor dying while the stage is set up (out of memory loading the models) fails the
+    stage after a few restarts (a restart took about 11 s on a loaded node) instead of looping; a pass whose
+    tasks kill one actor more often than that fails the stage too (exit 1), where the local engine would
+    record each culprit as an error row."""
+    return min((1 + TASK_RETRIES) * blocks, RESTART_CAP) + SETUP_RESTARTS
 
 
 DIED = "the worker process died while processing this image (out of memory or a crash in a decoder)"
