@@ -263,8 +263,6 @@ class RunConfig(StageConfig):
         v = v.strip()
         if simulate_kind(v) == "types":
             return ",".join(parse_codes(v))
-        if v.endswith(".json") or "/" in v or "\\" in v:  # a recipe file (as load_recipe reads it): recorded absolute,
-            return os.path.abspath(v)  # so a --resume or --replay from another working folder finds it
         return v
 
     def simulate_options(self) -> dict:

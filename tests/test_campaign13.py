@@ -237,12 +237,3 @@ def test_the_command_line_overrides_a_config_value_that_would_fail_alone(photos,
     assert run("run", photos, tmp_path / "o", *args) == 2  # the file alone is still checked
     assert run("run", photos, tmp_path / "o", *args, "--steps", "grade,segment", "--min-gain", "0.1") == 0
 
-
-def test_a_recipe_file_given_relative_is_recorded_absolute(tmp_path, monkeypatch):
-    """Campaign 14a E6, E7: a `simulate` recipe file given relative (in a config or on the command line) was
-    recorded as typed, so a --replay or --resume from another working folder could not read it."""
-    from fundus_pipeline.config import RunConfig
-
-    monkeypatch.chdir(tmp_path)
-    assert RunConfig.build(simulate="site/rec.json").simulate == str(tmp_path / "site" / "rec.json")
-    assert RunConfig.build(simulate="moderate").simulate == "moderate" and RunConfig.build(simulate="001,111").simulate == "001,111"
