@@ -487,12 +487,21 @@ def test_example_config_is_valid_and_the_clinic_script_processes_and_resumes(tmp
     (week / "clinic_c" / "broken.png").write_bytes(b"not an image")
     Image.fromarray(synthetic_fundus(80, 80, 6)).save(week / "clinic_c" / "ok.png")
     (week / "clinic_d").mkdir()
-    (week / "clinic_d" / "notes.txt").write_text("no photograph here")  # fundus run: no image found, exit 2
+    (week / "clinic_d" / "notes.txt").write_text("no photograph here")  # review 15: not a photograph, so said and skipped
+    (week / "clinic_d" / ".DS_Store").write_bytes(b"\0")
+    (week / "clinic_e").mkdir()
+    (week / "clinic_e" / "bad.png").write_bytes(b"")  # a photograph fundus cannot read: exit 3
+    (week / "clinic_l").mkdir()
+    (week / "clinic_l" / "0.png").symlink_to(week / "clinic_b" / "0.png")  # review 15: a link is a photograph
     r = subprocess.run(["bash", str(script), str(week), str(tmp_path / "res"), str(site)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.returncode == 3, r.stdout + r.stderr
     assert "late" in rows_of(tmp_path / "res" / "clinic_a" / "results.csv")
     assert "clinic_empty: no photographs" in r.stdout and "clinic_c: finished, some photographs failed" in r.stdout
-    assert "clinic_d: fundus run exited 2" in r.stdout and len(r.stdout.strip().splitlines()) == 5  # one line per clinic
+    assert "clinic_d: no photographs" in r.stdout and "clinic_l: ok" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 7  # one line per clinic
+    site.write_text(site.read_text() + 'steps = ["grade", "score"]\n')  # a site configuration fundus refuses: exit 2
+    r = subprocess.run(["bash", str(script), str(week), str(tmp_path / "res2"), str(site)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "clinic_a: fundus run exited 2" in r.stdout, r.stdout + r.stderr  # the most serious status wins
 
 
 def test_workers_do_not_change_the_outputs(photos, tmp_path, tiny):
