@@ -217,6 +217,8 @@ def test_ground_truth_files_of_one_key_are_refused_and_an_empty_one_is_not_the_w
     cfg.write_text('ground_truth = ""\n')
     assert run("run", photos, tmp_path / "o3", *args, "--config", cfg) == 2
     assert "--ground-truth '': empty" in capsys.readouterr().err
+    assert run("run", photos, tmp_path / "o4", *args, "--ground-truth", "") == 2  # review 15: on the command line too
+    assert "empty" in capsys.readouterr().err and not (tmp_path / "o4").exists()
     import pytest
 
     from fundus_pipeline.errors import UsageError

@@ -86,7 +86,7 @@ def run_cmd(
     min_score: Annotated[Optional[float], _opt("--min-score", help="... and its score is at least this.", field="min_score")] = None,
     simulate: Annotated[Optional[str], typer.Option("--simulate", help="Degrade the (clean) inputs first: Cofe-Net types (111, '001,010', all) or a recipe (mild, moderate, severe, a JSON file); adds PSNR/SSIM and vessel F1 against the clean originals.", show_default=False)] = None,
     seed: Annotated[Optional[int], _opt("--seed", help="Seed of the simulator.", field="seed")] = None,
-    ground_truth: Annotated[Optional[Path], typer.Option("--ground-truth", help="With --simulate: manual vessel annotations of the clean originals (paired by name, as `fundus evaluate segment` pairs).", show_default=False)] = None,
+    ground_truth: Annotated[Optional[Path], typer.Option("--ground-truth", parser=path_arg, help="With --simulate: manual vessel annotations of the clean originals (paired by name, as `fundus evaluate segment` pairs).", show_default=False)] = None,
     device: Annotated[Optional[str], _opt("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", field="device")] = None,
     precision: Annotated[Optional[str], _opt("--precision", help="fp32, or bf16 or fp16 (fp16 needs CUDA) under autocast for every network step.", field="precision")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every network step (see `fundus segment --help`) [default: --no-compile].", show_default=False)] = None,
