@@ -18,10 +18,11 @@ per batch. Choices, and why:
 * A killed actor (out of memory, a crash in a native decoder) is restarted and its task retried once
   (``max_task_retries=1``), never forever: an image that kills every process that reads it would otherwise
   loop. Restarts are bounded too (``restarts_allowed``: what the pass's tasks can use up, at most
-  ``RESTART_CAP``, plus ``SETUP_RESTARTS``): an actor whose process dies while the stage is set up (out of memory loading the
-  models) was restarted without end, and the run hung without a word; it now fails the stage (exit 1). An actor is given one task at a time (``max_tasks_in_flight_per_actor
-  =1``), so a death fails only the task it was computing, never an innocent one queued behind it. Blocks
-  whose task still fails are dropped (``DataContext.max_errored_blocks = -1``) and their items go through
+  ``RESTART_CAP``, plus ``SETUP_RESTARTS``): an actor whose process dies while the stage is set up (out
+  of memory loading the models) was restarted without end, and the run hung without a word; it now fails
+  the stage (exit 1). An actor is given one task at a time (``max_tasks_in_flight_per_actor=1``), so a
+  death fails only the task it was computing, never an innocent one queued behind it. Blocks whose task
+  still fails are dropped (``DataContext.max_errored_blocks = -1``) and their items go through
   a second pass one item a task, as the local engine isolates a culprit; an item that still kills its
   actor is recorded as an error. A row is recorded once per key: a task retried after its rows already
   came back (a death between returning and finishing) rewrites identical bytes (atomic, deterministic
