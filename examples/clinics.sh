@@ -11,7 +11,8 @@
 # or a power cut, and again when photographs arrive later in the week or a failed one is replaced: those
 # are processed, the rest is kept byte for byte. A clinic folder without photographs (files or links to
 # files of the kinds fundus reads) is reported and skipped. A clinic already run with another configuration
-# or other weights is refused on a rerun (exit 2: resume never mixes two): move its folder away to redo it. Photographs lying directly in IN_ROOT belong to no clinic and are not processed (said once).
+# or other weights is refused on a rerun (exit 2: resume never mixes two): move its folder away to redo it.
+# Photographs lying directly in IN_ROOT belong to no clinic and are not processed (said once).
 # Exit codes of `fundus run`: 0 all ok, 3 some photographs failed (listed in results.csv), 2 bad options or
 # folders, 1 fatal (e.g. weights), 130 interrupted. The script exits with the most serious of its clinics':
 # 130 (it stops there), then 1 for any clinic that ended on an error (1 or 2), then 3, then 0.
