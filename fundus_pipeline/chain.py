@@ -536,6 +536,8 @@ class Chain:
         self.cfg, self.in_path, self.shown = cfg, Path(in_path), Path(out_dir)
         self.expect_truth = expect_truth  # --replay: {key: sha256} of the --ground-truth files the run compared with
         self.truth_hashes: dict[str, str] = {}
+        self.truth_items: list[ImageItem] = []  # the --ground-truth files, found once (check) for their sha256 and pairing
+        self.truth_index: dict[str, Path] = {}  # pairing key -> file, as `fundus evaluate segment` pairs
         self.resume, self.overwrite = resume, overwrite
         self.command = command or sys.argv
         self.degrade_replay = degrade_replay
@@ -556,9 +558,12 @@ class Chain:
                 raise UsageError("--ground-truth gives the vessel annotations of clean originals: it needs --simulate")
             if not Path(cfg.ground_truth).is_dir():
                 raise UsageError(f"--ground-truth is not a folder: {cfg.ground_truth}")
-            from fundus_pipeline.evaluation.segment import _discover, _index
+            from fundus_pipeline.evaluation.segment import _index
+            from fundus_pipeline.io import discover_images
 
-            _index(_discover(Path(cfg.ground_truth)), "--ground-truth")  # two files of one key (DRIVE/test: 1st_manual, mask): refused
+            self.truth_items = discover_images(Path(cfg.ground_truth))
+            # two files of one key (DRIVE/test: 1st_manual, mask) are refused
+            self.truth_index = _index([(g.key, g.path) for g in self.truth_items], "--ground-truth")
             if "segment" not in cfg.steps:
                 raise UsageError("--ground-truth compares vessel segmentations: it needs the segment step")
         self.inputs = resolve_inputs(self.in_path)
@@ -751,9 +756,7 @@ class Chain:
                 what = f"input {changed[0]!r} is missing or has changed since the run" if changed else f"input {extra[0]!r} was not part of the run"
                 raise UsageError(f"--replay: {what} (its manifest records every input's sha256); replay needs the same inputs")
         if self.cfg.ground_truth is not None:
-            from fundus_pipeline.io import discover_images
-
-            self.truth_hashes = input_hashes(discover_images(Path(self.cfg.ground_truth)))
+            self.truth_hashes = input_hashes(self.truth_items)
             if self.expect_truth is not None:  # --replay: the annotations the recorded figures were measured against
                 changed = sorted(k for k in set(self.expect_truth) | set(self.truth_hashes) if self.expect_truth.get(k) != self.truth_hashes.get(k))
                 if changed:
@@ -857,10 +860,9 @@ class Chain:
             extra["vessels_before"] = {it.key: vessel_file("segment_input" if it.key in enhanced_path else "segment", it.key) for it in live}
             extra["vessels_after"] = {it.key: vessel_file("segment", it.key) for it in live}
         if truth:
-            from fundus_pipeline.evaluation.segment import _discover, _index, pairing_key
+            from fundus_pipeline.evaluation.segment import pairing_key
 
-            gt = _index(_discover(Path(cfg.ground_truth)), "--ground-truth")  # paired as `fundus evaluate segment` pairs
-            extra["truth"] = {it.key: gt.get(pairing_key(it.clean_key)) for it in live}
+            extra["truth"] = {it.key: self.truth_index.get(pairing_key(it.clean_key)) for it in live}
         self._stage("compare", stage, [ImageItem(it.key, _at(self.out, it.input)) for it in live], extra)
 
     def _finish(self) -> ChainResult:
