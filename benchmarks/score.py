@@ -21,11 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _args, beside this script
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _args and enhance, beside this script
 
 from _args import count  # noqa: E402
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
 from enhance import load  # noqa: E402
 
 from fundus_pipeline.config import ScoreConfig  # noqa: E402
