@@ -8,6 +8,7 @@ default exists in one place only.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,6 +296,21 @@ def simulate_kind(text: str) -> Literal["types", "recipe"]:
     return "recipe"
 
 
+def _toml_error(msg: str, text: str) -> str:
+    """tomllib's message, with the key named when it is set twice ("Cannot overwrite a value (at line 2,
+    column 6)" names neither the key nor what was overwritten)."""
+    if not msg.startswith("Cannot overwrite a value"):
+        return msg
+    lines = text.splitlines()
+    m = re.search(r"at line (\d+)", msg)
+    n = int(m.group(1)) if m else len(lines)  # "at end of document": the last line
+    n = next((i for i in range(min(n, len(lines)), 0, -1) if "=" in lines[i - 1]), 0)
+    if not n:
+        return msg
+    key = lines[n - 1].split("=", 1)[0].strip().strip("'\"")
+    return f"key {key!r} is set twice (line {n})"
+
+
 def load_toml_config(path: Path, given: "set[str] | frozenset[str]" = frozenset()) -> dict:
     """The keys of a ``--config`` TOML file (a UsageError naming the file on a syntax error or an unknown key).
     ``given``: the keys the command line sets: they replace the file's, whose values are then not checked
@@ -304,11 +320,14 @@ def load_toml_config(path: Path, given: "set[str] | frozenset[str]" = frozenset(
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # a leading byte-order mark is allowed
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte-order mark is allowed
+        data = tomllib.loads(text)
     except OSError as e:
         raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise UsageError(f"invalid --config {path}: {str(e).splitlines()[0]}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"invalid --config {path}: {_toml_error(str(e).splitlines()[0], text)}") from None
     unknown = sorted(set(data) - set(RunConfig.model_fields))
     if unknown:
         raise UsageError(f"invalid --config {path}: unknown key {unknown[0]!r} (keys: {', '.join(RunConfig.model_fields)})")

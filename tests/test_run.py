@@ -455,7 +455,7 @@ def test_stage_folders_match_the_stage_commands(photos, tmp_path, tiny):
 def test_example_config_is_valid_and_the_clinic_script_processes_and_resumes(tmp_path, tiny):
     from fundus_pipeline.cli.run import build_config
 
-    cfg = build_config(ROOT / "examples" / "run.toml", {})
+    cfg, _ = build_config(ROOT / "examples" / "run.toml", {})
     assert cfg.steps == ["grade", "enhance", "score", "segment"] and cfg.workers == 2
     site = tmp_path / "site.toml"
     site.write_text(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,21 +43,38 @@ def _option_name(field: str, value: object) -> str:
     return "--" + field.replace("_", "-")
 
 
-def build_config(file: Path | None, options: dict) -> RunConfig:
-    """The run's configuration: the TOML file's keys, overridden by the options given on the command line."""
+def build_config(file: Path | None, options: dict) -> "tuple[RunConfig, set[str]]":
+    """The run's configuration: the TOML file's keys, overridden by the options given on the command line;
+    and the keys only the file set (a usage error about one of their values names the file: ``from_file``)."""
     from fundus_pipeline.config import load_toml_config
 
     given = {k: v for k, v in options.items() if v is not None}
     values = load_toml_config(file, set(given)) if file is not None else {}
-    values.update(given)
-    cfg = RunConfig.build(**values)
+    file_keys = set(values) - set(given)
+    with from_file(file, file_keys):
+        cfg = RunConfig.build(**(values | given))
     # weights given as a file are recorded by absolute path, as the inputs are: --resume and --replay find them
     # from any working folder (a relative path failed there, 'weights not found')
     files = {k: str(Path(v).resolve()) for k in WEIGHT_FIELDS if (v := getattr(cfg, k)) and Path(v).is_file()}
-    return cfg.model_copy(update=files) if files else cfg
+    return (cfg.model_copy(update=files) if files else cfg), file_keys
 
 
 WEIGHT_FIELDS = ("grade_weights", "enhance_weights", "score_weights", "segment_weights")
+
+
+@contextlib.contextmanager
+def from_file(file: Path | None, keys: "set[str]"):
+    """A usage error raised inside that names the option of a key only the ``--config`` file set says so:
+    ``invalid --device 'tpu': ... (device is set by --config run.toml)``; the user never typed ``--device``."""
+    from fundus_pipeline.errors import UsageError
+
+    try:
+        yield
+    except UsageError as e:
+        named = [k for k in sorted(keys) if re.search(re.escape(_option_name(k, None)) + r"(?![\w-])", e.message)]
+        if file is None or not named:
+            raise
+        raise UsageError(f"{e.message} ({', '.join(named)} {'is' if len(named) == 1 else 'are'} set by --config {file})", e.hint) from None
 
 
 def _summary_line(s: dict) -> str:
@@ -141,6 +160,7 @@ def run_cmd(
         "threads": threads, "engine": engine.value if engine is not None else None, "address": address, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip
     degrade_replay = expect = expect_weights = None
+    file_keys: set[str] = set()
     if replay is not None:
         if out_dir is None and in_dir is not None:
             in_dir, out_dir = None, in_dir
@@ -161,7 +181,7 @@ def run_cmd(
     else:
         if in_dir is None or out_dir is None:
             raise UsageError("give IN and OUT (or --replay OLD_OUT/manifest.json OUT)")
-        cfg = build_config(config, cli)
+        cfg, file_keys = build_config(config, cli)
     if out_dir is None:
         raise UsageError("give OUT")
     if replay is not None:
@@ -169,13 +189,14 @@ def run_cmd(
         if target == rp.old_out.resolve() or (target / "manifest.json").resolve() == rp.manifest.resolve():
             # it would replace the run it is checked against (with --overwrite or --resume: compared with itself)
             raise UsageError(f"--replay: OUT {out_dir} is the folder of the recorded run; replay into another folder")
-    eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
-    try:
-        result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
-                           expect_weights=expect_weights, expect_truth=rp.truth_sha256 if replay is not None else None, engine=eng)
-    finally:
-        if eng is not None:
-            eng.close()
+    with from_file(config, file_keys):  # the checks made with the merged configuration
+        eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
+        try:
+            result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,
+                               expect_weights=expect_weights, expect_truth=rp.truth_sha256 if replay is not None else None, engine=eng)
+        finally:
+            if eng is not None:
+                eng.close()
     if replay is not None and not result.interrupted:
         from fundus_pipeline.chain import verify_replay
 
