@@ -121,12 +121,13 @@ class _StageActor:
         return {"rows": np.array(out, dtype=object)}
 
 
-class _DroppedBlocks(logging.Filter):
-    """Hides Ray Data's traceback for a batch whose actor died on every retry (the log file keeps it): the
-    engine does not ignore that batch, it processes its items again one at a time."""
+class _Hidden(logging.Filter):
+    """Hides, on the console (Ray's log files keep them), Ray Data's traceback for a batch whose actor died on
+    every retry (the engine does not ignore that batch, it processes its items again one at a time), and the
+    traceback of a failed execution (the engine reports it in one line, ``failed on the Ray cluster: ...``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage()
+        return record.name != "ray.data.exceptions" and "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage()
 
 
 def _quiet(ray: Any) -> None:
@@ -147,28 +148,51 @@ def _quiet(ray: Any) -> None:
         pass
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not any(
-            isinstance(f, _DroppedBlocks) for f in handler.filters
+            isinstance(f, _Hidden) for f in handler.filters
         ):
             handler.setLevel(logging.WARNING)
-            handler.addFilter(_DroppedBlocks())
+            handler.addFilter(_Hidden())
     worker = sys.modules.get("ray._private.worker")
     show = getattr(worker, "print_to_stdstream", None)
     if show is not None and not getattr(show, "_fundus_stderr", False):
         def to_stderr(data: dict, *args, **kwargs):
+            if data.get("pid") == "raylet":  # Ray's own messages (a task retried, a worker died): one line each
+                for text in data.get("lines", []):
+                    if line := _ray_message(text):
+                        print(f"ray: {line}", file=sys.stderr, flush=True)
+                return None
             return show({**data, "is_err": True}, *args, **kwargs)
 
         to_stderr._fundus_stderr = True  # type: ignore[attr-defined]
         worker.print_to_stdstream = to_stderr
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _exception_line(text: str) -> str | None:
+    """The last line of ``text`` that names an exception (``ModuleNotFoundError: No module named 'x'``)."""
+    for ln in reversed(text.splitlines()):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*: ", ln := _ANSI.sub("", ln).strip()):
+            return ln
+    return None
+
+
 def _first_line(e: BaseException) -> str:
     """One line for a Ray failure: Ray's messages wrap the cause's traceback, so the last line that names an
-    exception (``ModuleNotFoundError: No module named 'x'``) when there is one, else the first line."""
+    exception when there is one, else the first line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*: ", ln):
-            return ln
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return _exception_line(str(e)) or (f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__)
+
+
+def _ray_message(text: str) -> str:
+    """One line, without colour codes, for a message Ray sends the driver: its first line, where the traceback
+    it may go on with is replaced by the exception that ends it (the Ray logs keep the whole message)."""
+    lines = [ln for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    head, sep, _ = lines[0].strip().partition("Traceback (most recent call last):")
+    return f"{head}{_exception_line(text) or ''}".strip() if sep else head
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

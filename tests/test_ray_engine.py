@@ -5,6 +5,7 @@ local Ray instance of 2 CPUs (started once for the module) and are skipped when 
 from __future__ import annotations
 
 import csv
+import faulthandler
 import hashlib
 import json
 import os
@@ -243,6 +244,36 @@ def test_an_actor_dying_while_the_stage_is_set_up_fails_the_stage_instead_of_loo
 
     monkeypatch.setattr(ray_engine_module, "MAX_BLOCKS", 1)  # one task: restarts_allowed(1) restarts per actor
     t0 = time.monotonic()
-    with pytest.raises(FundusError, match="failed on the Ray cluster"):
-        run_stage(DyingSetupStage(), photos, tmp_path / "out", workers=1, threads=1, progress=False, engine=ray_engine)
+    faulthandler.dump_traceback_later(480, exit=True)  # a regression loops for ever: end the session, do not hang CI
+    try:
+        with pytest.raises(FundusError, match="failed on the Ray cluster"):
+            run_stage(DyingSetupStage(), photos, tmp_path / "out", workers=1, threads=1, progress=False, engine=ray_engine)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     assert time.monotonic() - t0 < 240
+
+
+class RaisingSetupStage(DyingSetupStage):
+    """Its setup raises (a stand-in for weights that differ on a node, or a model that does not load there)."""
+
+    name = "raising_setup"
+
+    def setup(self) -> None:
+        raise RuntimeError("WeightsError: simulated setup failure on this node")
+
+
+def test_a_stage_that_cannot_be_set_up_on_the_cluster_is_one_line_not_rays_tracebacks(ray_engine, photos, tmp_path, capfd):
+    """Campaign 14b G7 (and G5): the one-line error came after some 160 lines of Ray's messages (a traceback
+    for each failed try, coloured with ANSI codes on a file); Ray's messages on the driver are now one line
+    each, without colour codes, and Ray Data's traceback of the failed execution stays in its log file."""
+    import time
+
+    from fundus_pipeline.errors import FundusError
+
+    with pytest.raises(FundusError, match="failed on the Ray cluster: RuntimeError: WeightsError: simulated"):
+        run_stage(RaisingSetupStage(), photos, tmp_path / "out", workers=1, threads=1, progress=False, engine=ray_engine)
+    time.sleep(2)  # Ray's messages reach the driver on a thread of their own
+    err = capfd.readouterr().err  # the file descriptor: Ray's loggers hold the stderr of before the test
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "\x1b[" not in err and not any(ln.lstrip().startswith(("Traceback", "File ")) for ln in lines), err
+    assert len(lines) <= 6, err
