@@ -317,18 +317,19 @@ class FolderRows:
         self._tmp.cleanup()
 
 
-def join(out: Path, cfg: RunConfig, items: Iterable[ChainItem]) -> Iterator[dict]:
+def join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], finished: bool = False) -> Iterator[dict]:
     """One row per chain item (yielded in the items' order) from the stage folders under ``out``: the
     stages' figures, each decision and its reason, paths relative to ``out``, and every failure as
-    ``step: message`` in ``error``."""
+    ``step: message`` in ``error``. ``finished``: the run was not interrupted, so a result missing from a
+    stage folder was not "not run yet" but removed since."""
     index = FolderRows(out)
     try:
-        yield from _join(out, cfg, items, index)
+        yield from _join(out, cfg, items, index, " (no result in its stage folder)" if finished else " (not run yet: the run stopped before)")
     finally:
         index.close()
 
 
-def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRows) -> Iterator[dict]:
+def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRows, missing: str) -> Iterator[dict]:
     steps = set(cfg.steps)
     for it in items:
         row: dict[str, Any] = {c: "" for c in columns(cfg)}
@@ -368,11 +369,11 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
             p = _output(out / "enhance", e)
             row["enhanced_image"] = p.relative_to(out).as_posix() if p else ""
         if enh and not _ok(e):
-            row["enhance_reason"] += " (failed)" if e is not None else " (not run yet: the run stopped before)"
+            row["enhance_reason"] += " (failed)" if e is not None else missing
         source, why = segment_decision(cfg, enh, e, s)
         if "segment" in steps:
             seg = take("segment", index.get("segment", it.key))
-            after = " (failed)" if seg is not None and not _ok(seg) else " (not run yet: the run stopped before)" if seg is None and source else ""
+            after = " (failed)" if seg is not None and not _ok(seg) else missing if seg is None and source else ""
             row["segmented"], row["segment_reason"] = source, why + after
             if _ok(seg):
                 row.update(vessel_fraction=seg["vessel_fraction"], fov_fraction=seg["fov_fraction"])
@@ -899,7 +900,7 @@ class Chain:
         return ChainResult(self.out, failed, counts, self.interrupted, time.time() - self.started, report, self.stages)
 
     def _rows(self) -> Iterator[dict]:
-        yield from join(self.out, self.cfg, self.plan)
+        yield from join(self.out, self.cfg, self.plan, finished=not self.interrupted)
         if self.interrupted:
             yield from unreached_rows(self.cfg, self.plan, self.inputs.items)
 

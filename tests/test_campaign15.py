@@ -44,3 +44,20 @@ def test_a_key_set_twice_in_the_config_is_named(photos, tmp_path, capsys):  # no
     cfg.write_text("[a]\n[a]\n")  # other syntax errors keep tomllib's words
     assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
     assert "Cannot declare ('a',) twice" in capsys.readouterr().err
+
+
+def test_the_report_of_a_finished_run_does_not_say_a_lost_result_was_not_run_yet(photos, tmp_path, tiny):  # noqa: F811
+    """Review 14 R5: `fundus report` of a finished run whose segment folder was deleted said "(not run yet: the
+    run stopped before)" on every row, which only an interrupted run may say."""
+    import shutil
+
+    from tests.test_campaign9 import run
+    from tests.test_run import rows_of, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade,segment", "--workers", "1")) == 0
+    assert not any("(" in r["segment_reason"] for r in rows_of(out / "results.csv").values())
+    shutil.rmtree(out / "segment")
+    run("report", out)
+    page = (out / "report.html").read_text()
+    assert "not run yet" not in page and "(no result in its stage folder)" in page

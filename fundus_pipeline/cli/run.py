@@ -239,7 +239,7 @@ def report_cmd(
         pending = 0  # counted as the rows are gathered, not in another pass over them
         try:
             unreached = unreached_in_manifest(m, plan) if m.get("status") == "interrupted" and cfg.simulate else ()  # not reached by the simulator
-            for row in itertools.chain(join(out, cfg, plan), unreached):
+            for row in itertools.chain(join(out, cfg, plan, finished=m.get("status") == "finished"), unreached):
                 rows.add(row)
                 pending += row.get("status") == "pending"
             missing: list = []
