@@ -14,6 +14,11 @@ Sampling (:func:`sample_cofe`) draws every parameter in the canonical 512×512 f
 released ranges (inclusive integer draws, kernels made odd by +1 after σ is computed, disk radius
 ``int(d/2)``). Each op uses its own random stream. :func:`apply_cofe` is pure: it maps the canonical
 parameters to native pixels through a :class:`~degradation.functional.Frame`.
+
+Two departures from the released generator (``degradation/README.md``, "Known differences from the
+authors' code"): the hole's image mean ``a`` is the mean inside the FOV (:meth:`_Ctx.region_mean`),
+where the digest's formula divides the whole frame's sum by the FOV area; and the released driver's
+final JPEG save (quality 95) is not part of the ``released`` preset.
 """
 
 from __future__ import annotations

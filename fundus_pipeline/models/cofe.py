@@ -7,7 +7,9 @@ Differences from the paper, all forced or stated:
 - RSA: the paper's CE-Net weights were never published; the RSA here is this project's IMFF-Net
   segmenter (``imff``), whose decoder gives features at exactly the scales G needs (1/2, 1/4, 1/8:
   its d3, d2, d1), initialised from the shipped ``weights/imff.pt`` by the trainer and fine-tuned
-  jointly. Its input is RGB in [0, 1] (IMFF's convention) instead of CE-Net's ``I*3.2-1.6``.
+  jointly. Its input is RGB in [0, 1] (IMFF's convention) instead of CE-Net's ``I*3.2-1.6``. It keeps
+  ``imff.py``'s APF wiring (the pooling branch takes the raw skip, not the SE output as in IMFF-Net's
+  source), and its ``d3`` is the APF level, so every shipped model with this branch was trained that way.
 - The 1/2-scale input is a 2x2 average (area) downsample of the full-scale input (paper: bicubic).
 - ``cofe_g`` is G alone, one pass (the paper's G-only wrapper applies G twice).
 - Output rule: ``sigmoid(logit(I) + G(.))``, a learned correction of the input that starts as the

@@ -3,6 +3,18 @@ UDFF side path fused with fixed 0.3/0.7 weights. Built from the digest in seeds.
 width parameter (the paper's width is 64 base channels, 34.7 M parameters).
 
 The network returns vessel *logits*; the paper's final sigmoid is applied by the caller.
+
+Deviation from the source, not forced (audit campaign 15a, F1): in the APF block the upsample -> Conv3x3
+-> max/avg-pool branch takes the raw skip, ``F.interpolate(skip, ...)``; the authors' ``APF.forward``
+(and the digest's chain, seeds.md section 2.1) applies the SE scaling first and feeds the SE output to
+that branch. Only the concatenated first half, ``s``, is SE-scaled here. The parameter count is the same
+either way (``imff_paper`` has the digest's 34,684,354), but the function differs: on a random
+1x32x32x32 skip through the shipped APF the two wirings differ by up to 0.448 (mean |output| 0.384).
+``weights/imff.pt`` was trained with this wiring. So was the structure branch of every shipped Cofe-Net
+model that has one (``cofe.pt`` and its variants): it is this class, started from ``imff.pt``, and
+Cofe-Net's G takes its ``d3``, the APF level. SDMP-Net's frozen CNN stream uses only e1-e3, before the
+APF, and is not affected. The source's wiring is left for the next retrain of ``imff.pt``; changing it
+now would make the shipped weights compute another function.
 """
 
 from __future__ import annotations
@@ -55,7 +67,8 @@ class SqueezeExcite(nn.Module):
 
 
 class APF(nn.Module):
-    """Attention Pooling Feature block on a skip connection (channels preserved)."""
+    """Attention Pooling Feature block on a skip connection (channels preserved). The upsample/conv/pool
+    branch takes the raw skip, where the source feeds it the SE output (module docstring, F1)."""
 
     def __init__(self, c: int):
         super().__init__()

@@ -21,6 +21,13 @@ Interface (shared by all segmentation models of the pipeline):
 
 The Canny edge map of the input (grey, thresholds 10/100, /255) is computed inside ``forward`` with
 OpenCV on a detached uint8 CPU copy, so the model works on any device and callers pass RGB only.
+The thresholds 10/100 are those of HEAD ``model.py``'s (broken) Canny line and of the unofficial PyTorch
+port; the source's data loader (``utils.py`` ``get_image``, used by ``train.py``; seeds.md section 4.2)
+uses 10/1000, for the input edge map and for the edge target alike. The trainer's edge target (``train/segment.py``, ``edge_target``) also
+uses 10/100. The difference matters for the input: on the grey DRIVE ``21_training.tif`` the edge fraction
+is 0.0766 at 10/100 and 0.0000 at 10/1000 at native size; resized to 256, 0.0953 and 0.0535 (area
+interpolation) or 0.1211 and 0.0133 (PIL Lanczos, the source's ANTIALIAS) (audit campaign 15a and its
+check). For a binary mask target both give nearly the same edges. ``msrf_w8.pt`` was trained with 10/100.
 
 Width: ``base`` (paper 32) sets the level widths base x {1, 2, 4, 8}; the dense growth rates of the
 three DSDF scale pairs are base x {1/2, 1, 2} (paper 16/32/64); the shape stream uses
