@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import as_array
+
 
 @dataclass(frozen=True)
 class FovGeometry:
@@ -30,6 +32,9 @@ class FovGeometry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FovGeometry":
+        missing = [k for k in ("cx", "cy", "radius", "height", "width") if k not in d]
+        if missing:
+            raise ValueError(f"a FOV geometry needs cx, cy, radius, height and width; missing: {', '.join(missing)}")
         return cls(float(d["cx"]), float(d["cy"]), float(d["radius"]), int(d["height"]), int(d["width"]))
 
     def circle_mask(self) -> np.ndarray:
@@ -81,27 +86,30 @@ def _to_float_work(rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Downscale (INTER_AREA) to the working size and return max-channel in [0,1] plus the scale factors."""
     import cv2
 
-    a = np.asarray(rgb)
-    if a.ndim not in (2, 3):
-        raise ValueError(f"expected an HxW or HxWxC image, got shape {a.shape}")
+    a = as_array(rgb)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and not 1 <= a.shape[2] <= 4):
+        hint = " (channels first? use x.transpose(1, 2, 0))" if a.ndim == 3 and a.shape[0] <= 4 else ""
+        raise ValueError(f"expected an HxW or HxWxC image (C at most 4), got shape {a.shape}{hint}")
+    if a.size == 0:
+        raise ValueError(f"the image is empty (shape {a.shape})")
     h, w = a.shape[:2]
     ws, hs = fov_work_size(h, w)
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
-    if a.ndim == 3 and a.shape[2] > 3:
-        a = a[..., :3]  # drop alpha
+    if a.ndim == 3 and a.shape[2] in (2, 4):
+        a = a[..., : a.shape[2] - 1]  # drop alpha
     if a.dtype.kind == "f":
         scale = 1.0
-    elif a.dtype.kind in "ui":
+    elif a.dtype in (np.uint8, np.uint16):
         scale = 1.0 / float(np.iinfo(a.dtype).max)
-        if a.dtype not in (np.uint8, np.uint16):
-            a = a.astype(np.float32)
-    else:
-        raise ValueError(f"unsupported dtype {a.dtype}")
+    else:  # an int64 image divided by 2**63 - 1 would be all dark: a full-frame "FOV" without a word
+        raise TypeError(f"unsupported dtype {a.dtype}: give uint8, uint16 or float in [0, 1]")
     if (ws, hs) != (w, h):
         a = cv2.resize(np.ascontiguousarray(a), (ws, hs), interpolation=cv2.INTER_AREA)
     v = a.max(axis=2) if a.ndim == 3 else a
     v = v.astype(np.float32) * np.float32(scale)
+    if not np.isfinite(v).all():  # NaN survives the reduction: checked on the small working image
+        raise ValueError("the image holds NaN or infinite values")
     return v, ws / w, hs / h
 
 
@@ -275,7 +283,8 @@ def _clip_to_box(mask: np.ndarray, box) -> np.ndarray:
 def estimate_fov_geometry(rgb: np.ndarray) -> tuple[np.ndarray, FovGeometry]:
     """(bool HxW FOV mask at native resolution, fitted FOV circle) for a fundus photograph.
 
-    ``rgb``: HxWx3 (or HxW, or HxWx4: alpha ignored) float in [0,1], uint8 or uint16, any size. The
+    ``rgb``: HxWx3 (or HxW, or HxWx2 and HxWx4: alpha ignored) float in [0,1], uint8 or uint16, any size
+    (another dtype, a channels-first array or NaN: a ``TypeError`` or ``ValueError``). The
     mask is the fitted circle clipped to the frame. If no FOV can be found (no dark surround: a cropped
     or non-fundus image), the mask is the full frame and the geometry the inscribed circle.
     """

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import clinical
+from .checks import unit_image, unit_mask
 from .cofe import CODES, apply_cofe, sample_cofe, validate_code
 from .fov import FovGeometry
 from .functional import CANONICAL, Frame
@@ -464,19 +465,13 @@ class Degrader:
         image is the canonical 512 frame). ``details``, if a dict, receives image-dependent values
         (halo mean, hole strength, ...), keyed by step name.
         """
-        img = np.asarray(img)
-        if not np.issubdtype(img.dtype, np.floating):
-            raise TypeError(f"img must be a float array in [0, 1] (got dtype {img.dtype}); divide by the level count first")
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"img must be H×W×3, got shape {img.shape}")
+        img = unit_image(img, "img")  # float H×W×3 in [0, 1]: a [0, 255] float image is refused, not clipped to white
         fov = _fov(params["fov"])
         if img.shape[:2] != (fov.height, fov.width):
             raise ValueError(f"img shape {img.shape[:2]} does not match the recorded FOV frame {(fov.height, fov.width)}")
-        fov_soft = np.asarray(fov_soft, dtype=np.float32)
-        if fov_soft.shape != img.shape[:2]:
-            raise ValueError(f"fov_soft shape {fov_soft.shape} does not match img {img.shape[:2]}")
-        if int(levels) < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+        fov_soft = unit_mask(fov_soft, img.shape[:2], "fov_soft")  # a 0/255 mask would scale the result
+        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+            raise ValueError(f"levels must be an integer >= 1 (255 or 65535), got {levels!r}")
         region = fov_soft > 0
         if consume and img.dtype == np.float32 and img.flags.c_contiguous and img.flags.writeable:
             x = np.clip(img, 0.0, 1.0, out=img)

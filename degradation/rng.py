@@ -14,8 +14,12 @@ def _u32_words(text: str) -> list[int]:
 
 def seed_words(seed: int, key: str, step: str) -> list[int]:
     """The entropy words for one stream (recorded in manifests so a stream can be re-derived)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 1.5 would be truncated to another stream
+        raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if not isinstance(key, str) or not isinstance(step, str):
+        raise TypeError(f"the item key and step name must be strings, got {type(key).__name__} and {type(step).__name__}")
     return [int(seed) & 0xFFFFFFFF, int(seed) >> 32, *_u32_words(key), *_u32_words(step)]
 
 

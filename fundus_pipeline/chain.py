@@ -905,12 +905,17 @@ class Chain:
             yield from unreached_rows(self.cfg, self.plan, self.inputs.items)
 
 
-def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
+def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool | None = None, overwrite: bool | None = None,
               command: list[str] | None = None, degrade_replay: Path | None = None, expect_inputs: dict[str, str] | None = None,
               expect_weights: dict[str, str] | None = None, expect_truth: dict[str, str] | None = None,
               engine: "Engine | None" = None) -> ChainResult:
-    """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring). ``engine``: where
-    the stages' items are processed (default: this machine, ``cfg.workers`` processes)."""
+    """Run the chain of ``cfg`` over ``in_path`` into ``out_dir`` (see the module docstring). ``resume``,
+    ``overwrite``: default ``cfg.resume``, ``cfg.overwrite``. ``engine``: where the stages' items are processed
+    (default: this machine, ``cfg.workers`` processes)."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg must be a RunConfig (RunConfig(**options) or RunConfig.build(...)), got {type(cfg).__name__}")
+    resume = cfg.resume if resume is None else resume
+    overwrite = cfg.overwrite if overwrite is None else overwrite
     if overwrite and resume:
         raise UsageError("--overwrite and --resume cannot be used together")
     return Chain(cfg, in_path, out_dir, resume=resume, overwrite=overwrite, command=command, degrade_replay=degrade_replay,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fundus_pipeline.errors import UsageError
 
@@ -97,10 +97,20 @@ class DegradeConfig(StageConfig):
         return cls.build(types=types, preset=preset, recipe=recipe, seed=seed, replay=replay)
 
 
+def _device_name(v: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v.lower()):
+        raise ValueError("use auto, cpu, cuda or cuda:N")
+    return v
+
+
+#: ``--device``: checked when the configuration is built (whether CUDA is there, when the device is opened).
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
 class NetworkStageConfig(StageConfig):
     """The options every network stage shares: device, the forward passes' precision, ``torch.compile``."""
 
-    device: str = "auto"
+    device: DeviceName = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
 
@@ -188,7 +198,7 @@ class RunConfig(StageConfig):
     simulate: str | None = None
     seed: int = Field(0, ge=0)
     ground_truth: Path | None = None
-    device: str = "auto"
+    device: DeviceName = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     grade_weights: str = "hemf_4750"

@@ -591,9 +591,16 @@ def _maxval(dtype: str | np.dtype) -> int:
     return int(np.iinfo(np.dtype(dtype)).max)
 
 
-def to_float_rgb(arr: np.ndarray, meta: ImageMeta) -> tuple[np.ndarray, np.ndarray | None]:
-    """(float32 HxWx3 RGB in [0,1], alpha plane in the native dtype or None). Gray is replicated."""
+def to_float_rgb(arr: np.ndarray, meta: ImageMeta | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(float32 HxWx3 RGB in [0,1], alpha plane in the native dtype or None) of a uint8 or uint16 image as
+    :func:`read_image` gives it (HxW grey, HxWx2 grey+alpha, HxWx3, HxWx4), each value divided by the
+    dtype's maximum. Grey is replicated. ``meta`` is not needed (kept for the callers that pass it)."""
     arr = np.asarray(arr)
+    if arr.dtype not in (np.uint8, np.uint16):  # int64 divided by 2**63 - 1 would be an all-black image
+        raise TypeError(f"to_float_rgb takes a uint8 or uint16 image (read_image's), got dtype {arr.dtype}"
+                        + ("; a float image in [0, 1] needs no conversion" if arr.dtype.kind == "f" else ""))
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ValueError(f"unsupported image shape {arr.shape}")
     maxval = float(_maxval(arr.dtype))
     alpha = None
     if arr.ndim == 2:
@@ -737,6 +744,8 @@ def encode_png(arr: np.ndarray, *, compression: int = PNG_COMPRESSION) -> bytes:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)):
         raise ValueError(f"PNG output must be HxW, HxWx2, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"PNG output must not be empty, got shape {arr.shape}")
     if arr.ndim == 3 and arr.shape[2] == 2:
         return _encode_png_gray_alpha(arr, compression)
     if arr.ndim == 3:
@@ -749,10 +758,14 @@ def encode_png(arr: np.ndarray, *, compression: int = PNG_COMPRESSION) -> bytes:
 
 def write_image_atomic(path: Path, arr: np.ndarray) -> tuple[int, str]:
     """Write ``arr`` as a PNG (the only output format: lossless, 8/16-bit) atomically; see write_bytes_atomic.
-    Returns the file's size in bytes and the sha256 of the bytes written (the row's output record)."""
+    Returns the file's size in bytes and the sha256 of the bytes written (the row's output record). An image
+    smaller than ``MIN_SIDE`` on a side is refused (``ValueError``), as :func:`read_image` would refuse it."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UsageError(f"cannot write {path}: only .png output is supported")
+    shape = np.shape(arr)
+    if len(shape) >= 2 and min(shape[:2]) < MIN_SIDE:
+        raise ValueError(f"cannot write {path}: the image is {shape[1]}x{shape[0]}; read_image needs at least {MIN_SIDE}x{MIN_SIDE}")
     data = encode_png(arr)
     write_bytes_atomic(path, data)
     return len(data), hashlib.sha256(data).hexdigest()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -1162,6 +1163,29 @@ def _extra_record(value: ExtraInput) -> str:
     return f"{len(value)} planned files" if isinstance(value, dict) else os.path.abspath(value)
 
 
+def _keeps_threads(fn):
+    """``fn`` leaves the caller's OpenCV and torch CPU thread counts as they were: a stage run in this process
+    sets them to its ``threads`` (a library caller's own settings must not change under it)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import cv2
+
+        cv_n = cv2.getNumThreads()
+        torch = sys.modules.get("torch")  # not imported yet: no setting of the caller's to keep
+        torch_n = torch.get_num_threads() if torch is not None else None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if cv2.getNumThreads() != cv_n:
+                cv2.setNumThreads(cv_n)
+            if torch_n is not None and torch.get_num_threads() != torch_n:
+                torch.set_num_threads(torch_n)
+
+    return wrapper
+
+
+@_keeps_threads
 def run_stage(
     stage: Stage,
     in_path: Path,

@@ -288,14 +288,20 @@ def test_text_file_named_png(tmp_path):
 
 
 def test_too_small(tmp_path):
+    from fundus_pipeline.io import encode_png
+
     p = tmp_path / "dot.png"
-    write_image_atomic(p, np.zeros((1, 1, 3), np.uint8))
+    p.write_bytes(encode_png(np.zeros((1, 1, 3), np.uint8)))
     with pytest.raises(InputError, match=r"image is too small \(1x1\); at least 16x16 is needed"):
         read_image(p)
     q = tmp_path / "thin.png"
-    write_image_atomic(q, np.zeros((200, 15), np.uint8))
+    q.write_bytes(encode_png(np.zeros((200, 15), np.uint8)))
     with pytest.raises(InputError, match=r"too small \(15x200\)"):
         read_image(q)
+    # campaign 15b F18: our own writer refuses what read_image would refuse
+    with pytest.raises(ValueError, match=r"the image is 15x200; read_image needs at least 16x16"):
+        write_image_atomic(tmp_path / "w.png", np.zeros((200, 15), np.uint8))
+    assert not (tmp_path / "w.png").exists()
 
 
 def test_empty_and_missing(tmp_path):

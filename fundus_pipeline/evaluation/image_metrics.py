@@ -25,6 +25,8 @@ from typing import Literal, overload
 import cv2
 import numpy as np
 
+from degradation.checks import binary_mask, unit_image
+
 PSNR_CAP_DB = 100.0
 #: Gaussian window of SSIM: sigma 1.5 px, truncated at 3.5 sigma (radius 5, 11 taps), as skimage's
 #: ``structural_similarity(gaussian_weights=True)``.
@@ -67,14 +69,14 @@ DEFINITIONS: dict[str, str] = {
 
 # --------------------------------------------------------------------------------------------- helpers
 def _prepare(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pred, ref) as floats (float32 at least) set to 0 outside the mask, and the mask as bool."""
-    pred, ref, m = np.asarray(pred), np.asarray(ref), np.asarray(mask)
-    if pred.ndim != 3 or pred.shape[2] != 3:
-        raise ValueError(f"expected HxWx3 RGB images, got {pred.shape}")
-    if pred.shape != ref.shape or m.shape != pred.shape[:2]:
-        raise ValueError(f"shapes differ: pred {pred.shape}, ref {ref.shape}, mask {m.shape}")
+    """(pred, ref) as floats (float32 at least) set to 0 outside the mask, and the mask as bool. The images
+    must be float HxWx3 in [0, 1] (the metrics' data range is 1): an integer or [0, 255] image, or a NaN, is
+    a ``TypeError`` or ``ValueError``, not a wrong figure."""
+    pred, ref = unit_image(pred, "pred"), unit_image(ref, "ref")
+    if pred.shape != ref.shape:
+        raise ValueError(f"shapes differ: pred {pred.shape}, ref {ref.shape}")
+    m = np.ascontiguousarray(binary_mask(mask, pred.shape[:2], "mask"))
     dtype = np.result_type(pred.dtype, ref.dtype, np.float32)
-    m = np.ascontiguousarray(m if m.dtype == bool else m != 0)
     keep = m[..., None]
     zero = dtype.type(0)
     return np.where(keep, pred.astype(dtype, copy=False), zero), np.where(keep, ref.astype(dtype, copy=False), zero), m
@@ -144,6 +146,8 @@ def _psnr(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> float:
     if n == 0:
         return float("nan")
     mse = cv2.norm(x, y, cv2.NORM_L2SQR) / n  # float64 sum; both images are 0 outside the mask
+    if not np.isfinite(mse):  # min(cap, nan) would be the cap: a perfect score
+        return float("nan")
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10.0 * float(np.log10(1.0 / mse)))
 
 

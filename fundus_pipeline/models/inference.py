@@ -4,12 +4,14 @@ and the vessel-specific finishing (sigmoid, FOV margin, native resolution)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import cv2
 import numpy as np
 import torch
 
+from degradation.checks import binary_mask, unit_image
 from fundus_pipeline.device import to_device
 import torch.nn.functional as F
 
@@ -89,33 +91,64 @@ def _tile_weight(box: tuple[int, int, int, int], overlap: int, H: int, W: int) -
     return wy[:, None] * wx[None, :]
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model`` in eval mode inside (BatchNorm and dropout as at inference, BatchNorm's running statistics
+    left alone), each submodule's own mode restored after: a caller's training loop is not disturbed."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of ``model``'s first parameter (CPU float32 without parameters)."""
+    p = next(model.parameters(), None)
+    if p is None or not p.is_floating_point():
+        return torch.device("cpu"), torch.float32
+    return p.device, p.dtype
+
+
 @torch.inference_mode()
 def predict_tiled(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     tile: int | None = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     batch_size: int = 1,
 ) -> np.ndarray:
-    """The model's output (float32 HxWxC, all C output channels) for a float32 HxWxC_in image.
+    """The model's output (float32 HxWxC, all C output channels) for a float HxWxC_in image.
 
     The model maps N x C_in x h x w to N x C x h x w for h, w divisible by its ``size_divisor``; the
     image is padded (reflect) to that and the output cropped back. With ``tile`` set and the image
     larger than a tile, overlapping tiles are blended with linear ramps, which bounds memory for any
-    image size; ``batch_size`` tiles go through the model together. ``tile=None``: one pass.
+    image size; ``batch_size`` tiles go through the model together. ``tile=None``: one pass. The model
+    runs in eval mode (its own mode restored after), on ``device`` (default: its parameters' device), with
+    the input in its parameters' dtype when that is not float32 (a ``.half()`` model).
     """
-    device = torch.device(device)
+    own_device, own_dtype = model_device_dtype(model)
+    device = torch.device(device) if device is not None else own_device
     divisor = int(getattr(model, "size_divisor", 16))
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
     H, W = image.shape[:2]
 
     def run(t: torch.Tensor) -> np.ndarray:  # N x h x w x C
         t, h, w = _pad_to(t, divisor)
-        y = model(to_device(t, device))
+        t = to_device(t, device)
+        y = model(t if own_dtype == torch.float32 else t.to(own_dtype))
         return y.float()[:, :, :h, :w].cpu().numpy().transpose(0, 2, 3, 1)
 
+    with evaluating(model):
+        return _tiled(run, x, H, W, tile, overlap, divisor, batch_size)
+
+
+def _tiled(run, x: torch.Tensor, H: int, W: int, tile: int | None, overlap: int, divisor: int, batch_size: int) -> np.ndarray:
+    """:func:`predict_tiled`'s passes: ``run`` on the whole image, or on overlapping tiles blended."""
     if tile is None or (H <= tile and W <= tile):
         return np.ascontiguousarray(run(x)[0])
     tile = max(tile, 2 * overlap + divisor)
@@ -166,8 +199,21 @@ def predict_native(
 ) -> np.ndarray:
     """Vessel probability (float32 HxW in [0,1]) at the image's native resolution.
 
-    0 further than ``margin_px`` outside ``fov_mask`` (see :func:`fov_keep_mask`).
+    ``rgb``: float HxWx3 in [0, 1] (``fundus_pipeline.io.to_float_rgb`` of what ``read_image`` gives; an
+    integer or [0, 255] image is a ``TypeError`` or ``ValueError``, not a worse map). ``fov_mask``: HxW, any
+    non-zero value inside. ``scale``: the working scale, ``working_scale(geometry.diameter)``, so that the
+    FOV has the diameter the weights were trained at. 0 further than ``margin_px`` outside ``fov_mask``
+    (see :func:`fov_keep_mask`). ``kw``: :func:`predict_tiled`'s ``device`` (default: the model's),
+    ``tile``, ``overlap`` and ``batch_size``. The model runs in eval mode.
     """
+    rgb = unit_image(rgb, "rgb")
+    fov_mask = binary_mask(fov_mask, rgb.shape[:2], "fov_mask")
+    try:
+        ok = math.isfinite(float(scale)) and float(scale) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"scale must be a positive number (working_scale(geometry.diameter)), got {scale!r}")
     H, W = rgb.shape[:2]
     if scale != 1.0:
         small = cv2.resize(rgb, (max(1, round(W * scale)), max(1, round(H * scale))), interpolation=cv2.INTER_AREA)

@@ -260,7 +260,8 @@ def load_model(
     key = (digest, model_name, str(torch.device(device)), compile)
     model = _LOADED.get(key) if shared else None
     if model is None:
-        model = build_model(model_name)
+        with torch.random.fork_rng(devices=[]):  # the initialisation the weights replace leaves the caller's RNG alone
+            model = build_model(model_name)
         load_weights_checked(model, path, model_name)
         model.to(device).eval()
         if shared:

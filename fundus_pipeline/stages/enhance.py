@@ -13,7 +13,7 @@ segmenter finds before and after.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -21,6 +21,11 @@ from fundus_pipeline.canonical import CanonicalFrame
 from fundus_pipeline.config import EnhanceConfig
 from fundus_pipeline.io import LUMA, from_float_rgb, to_float_rgb
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
+
+if TYPE_CHECKING:
+    import torch
+
+    from degradation.fov import FovGeometry
 
 
 def luminance_stats(rgb: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
@@ -42,14 +47,21 @@ def canonical_input(rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int):
 
 
 def run_network(model, frames: list[np.ndarray], device) -> list[np.ndarray]:
-    """The network's outputs (size x size x 3 each) for canonical inputs, in one forward pass."""
+    """The network's outputs (size x size x 3 each) for canonical inputs, in one forward pass (the model in
+    eval mode and in its parameters' dtype, as :func:`~fundus_pipeline.models.inference.predict_tiled`)."""
     import torch
 
     from fundus_pipeline.device import to_device
+    from fundus_pipeline.models.inference import evaluating, model_device_dtype
 
-    with torch.inference_mode():
+    dtype = model_device_dtype(model)[1]
+    with torch.inference_mode(), evaluating(model):
         x = to_device(torch.from_numpy(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))), device)
-        y = model(x).float().cpu().numpy().transpose(0, 2, 3, 1)
+        y = model(x if dtype == torch.float32 else x.to(dtype))
+        if y.ndim != 4 or y.shape[1] != 3:  # a segmenter's one channel would broadcast into a black "photograph"
+            raise ValueError(f"the model gives {tuple(y.shape)} for {tuple(x.shape)}: an enhancement network maps an image to an "
+                             "image of 3 channels")
+        y = y.float().cpu().numpy().transpose(0, 2, 3, 1)
     return list(y)
 
 
@@ -93,8 +105,29 @@ def to_native(frame, masked: np.ndarray, c_in: np.ndarray, c_out: np.ndarray, c_
     return out
 
 
-def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int, transfer: str, device, sigma: float = 0.0) -> np.ndarray:
-    """The enhanced photograph (float32 HxWx3 in [0, 1], native resolution; 0 outside ``fov_mask``)."""
+def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry: "FovGeometry | dict", size: int, transfer: str,
+                   device: "str | torch.device | None" = None, sigma: float = 0.0) -> np.ndarray:
+    """The enhanced photograph (float32 HxWx3 in [0, 1], native resolution; 0 outside ``fov_mask``).
+
+    ``model``: enhancement weights' network (``load_model("cofe_add_seg")[0]``; run in eval mode). ``rgb``:
+    float HxWx3 in [0, 1] (``fundus_pipeline.io.to_float_rgb``); ``fov_mask``: HxW, any non-zero value
+    inside; ``geometry``: its FOV circle (``estimate_fov_geometry``; a ``FovGeometry`` or its dict).
+    ``size``, ``transfer`` (``"upsample"`` or ``"residual"``) and ``sigma`` (the correction's low-pass, 0:
+    none) are the weights' own: ``output_rules(weights.spec)``. ``device``: default the model's. A wrong
+    argument is a ``TypeError`` or ``ValueError``, not a wrong photograph."""
+    from degradation.checks import binary_mask, unit_image
+    from degradation.fov import FovGeometry
+
+    rgb = unit_image(rgb, "rgb")
+    fov_mask = binary_mask(fov_mask, rgb.shape[:2], "fov_mask")  # a 0/255 mask would scale the output
+    if isinstance(geometry, dict):
+        geometry = FovGeometry.from_dict(geometry)
+    if transfer not in ("upsample", "residual"):
+        raise ValueError(f"transfer must be 'upsample' or 'residual' (output_rules(spec) gives the weights' own), got {transfer!r}")
+    if device is None:
+        from fundus_pipeline.models.inference import model_device_dtype
+
+        device = model_device_dtype(model)[0]
     frame, masked, c_in, c_fov = canonical_input(rgb, fov_mask, geometry, size)
     (c_out,) = run_network(model, [c_in], device)
     return to_native(frame, masked, c_in, smooth_correction(c_in, c_out, c_fov, sigma), c_fov, fov_mask, transfer)
