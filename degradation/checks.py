@@ -2,8 +2,9 @@
 what is wrong, never a silently wrong result (a float image in [0, 255] clipped to white, a 0/255 mask that
 scales the output, a channels-first array read as a 3-pixel-high image, a NaN scored as a perfect match).
 
-The functions of ``degradation`` and ``fundus_pipeline`` that take images from a caller use these; numpy
-only, as the rest of the package."""
+Used by ``Degrader.apply`` and ``estimate_fov_geometry`` here, and by ``fundus_pipeline``'s ``predict_native``,
+``enhance_native`` and ``score_pair``; the lower-level helpers behind them (``predict_tiled``,
+``apply_banded``) check less. Numpy only, as the rest of the package."""
 
 from __future__ import annotations
 

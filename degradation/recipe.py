@@ -365,6 +365,12 @@ def _fov(fov: FovGeometry | dict) -> FovGeometry:
     raise TypeError(f"fov must be a FovGeometry or its dict, got {type(fov).__name__}")
 
 
+
+def _check_levels(levels: Any) -> None:
+    """``levels``, the output's maximum code value, is an integer >= 1 (255 or 65535)."""
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise ValueError(f"levels must be an integer >= 1 (255 or 65535), got {levels!r}")
+
 class Degrader:
     """Samples JSON-able parameter records and applies them with a pure function.
 
@@ -470,8 +476,7 @@ class Degrader:
         if img.shape[:2] != (fov.height, fov.width):
             raise ValueError(f"img shape {img.shape[:2]} does not match the recorded FOV frame {(fov.height, fov.width)}")
         fov_soft = unit_mask(fov_soft, img.shape[:2], "fov_soft")  # a 0/255 mask would scale the result
-        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
-            raise ValueError(f"levels must be an integer >= 1 (255 or 65535), got {levels!r}")
+        _check_levels(levels)
         region = fov_soft > 0
         if consume and img.dtype == np.float32 and img.flags.c_contiguous and img.flags.writeable:
             x = np.clip(img, 0.0, 1.0, out=img)
@@ -513,8 +518,7 @@ class Degrader:
         after a later JPEG step)."""
         from .banded import apply_banded
 
-        if int(levels) < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+        _check_levels(levels)
         apply_banded(params, read_rows, binary, write_rows, levels, exact=exact, details=details, band_rows=band_rows)
 
 

@@ -308,17 +308,23 @@ def simulate_kind(text: str) -> Literal["types", "recipe"]:
 
 def _toml_error(msg: str, text: str) -> str:
     """tomllib's message, with the key named when it is set twice ("Cannot overwrite a value (at line 2,
-    column 6)" names neither the key nor what was overwritten)."""
+    column 6)" names neither the key nor what was overwritten): the key of the line tomllib points at, a
+    ``key = ...`` line or a ``[key]`` / ``[[key]]`` header; tomllib's own words where it is neither."""
     if not msg.startswith("Cannot overwrite a value"):
         return msg
     lines = text.splitlines()
     m = re.search(r"at line (\d+)", msg)
-    n = int(m.group(1)) if m else len(lines)  # "at end of document": the last line
-    n = next((i for i in range(min(n, len(lines)), 0, -1) if "=" in lines[i - 1]), 0)
-    if not n:
+    if m:
+        n = int(m.group(1))
+    elif "end of document" in msg:  # the last line, without a line end
+        n = max((i + 1 for i, ln in enumerate(lines) if ln.strip()), default=0)
+    else:
         return msg
-    key = lines[n - 1].split("=", 1)[0].strip().strip("'\"")
-    return f"key {key!r} is set twice (line {n})"
+    line = lines[n - 1].strip() if 0 < n <= len(lines) else ""
+    header = re.fullmatch(r"\[\[?\s*([^\[\]]+?)\s*\]\]?(\s*#.*)?", line)
+    bare = re.match(r"\s*([A-Za-z0-9_.-]+|\"[^\"]*\"|'[^']*')\s*=", line)
+    key = header.group(1) if header else bare.group(1) if bare else None
+    return f"key {key.strip(chr(34) + chr(39))!r} is set twice (line {n})" if key else msg
 
 
 def load_toml_config(path: Path, given: "set[str] | frozenset[str]" = frozenset()) -> dict:
@@ -340,7 +346,13 @@ def load_toml_config(path: Path, given: "set[str] | frozenset[str]" = frozenset(
         raise UsageError(f"invalid --config {path}: {_toml_error(str(e).splitlines()[0], text)}") from None
     unknown = sorted(set(data) - set(RunConfig.model_fields))
     if unknown:
-        raise UsageError(f"invalid --config {path}: unknown key {unknown[0]!r} (keys: {', '.join(RunConfig.model_fields)})")
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], list(RunConfig.model_fields), n=1)
+        raise UsageError(f"invalid --config {path}: unknown key {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+                         "the keys are the options of `fundus run --help` with underscores for dashes (examples/run.toml shows each)")
+    if "ground_truth" in data and "ground_truth" not in given and not isinstance(data["ground_truth"], str):
+        raise UsageError(f"invalid --config {path}: ground_truth must be a string (a folder of annotations), got {type(data['ground_truth']).__name__}")
     # TOML has types, so the file's values must have the key's type: `workers = true` or `keep_outside = "yes"`
     # is an error, not 1 or True (the command line's strings are converted by its options, as usual)
     typed = {k: Path(v) if k == "ground_truth" and isinstance(v, str) else v for k, v in data.items() if k not in given}

@@ -28,6 +28,13 @@ def test_a_refused_config_value_names_the_file_and_its_key(photos, tmp_path, cap
     err = capsys.readouterr().err
     assert "invalid --device 'tpu'" in err and "set by --config" not in err
     assert not (tmp_path / "o").exists()
+    # review 16 R3: a file value equal to the default is not what an error is about, even where it names the option
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x.txt").write_text("kept")
+    cfg.write_text("resume = false\noverwrite = false\n")
+    assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "set by --config" not in err
 
 
 def test_a_key_set_twice_in_the_config_is_named(photos, tmp_path, capsys):  # noqa: F811
@@ -41,9 +48,24 @@ def test_a_key_set_twice_in_the_config_is_named(photos, tmp_path, capsys):  # no
         assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
         err = capsys.readouterr().err
         assert "key 'workers' is set twice (line 3)" in err, err
+    # review 16 R2: the key of the line tomllib names, a header too (the nearest `=` line above named another key)
+    for text, line in (('workers = 1\nsteps = ["grade"]\n[[workers]]\n', "key 'workers' is set twice (line 3)"),
+                       ('"a=b" = 1\n"a=b" = 2\n', "key 'a=b' is set twice (line 2)")):
+        cfg.write_text(text)
+        assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
+        assert line in capsys.readouterr().err
     cfg.write_text("[a]\n[a]\n")  # other syntax errors keep tomllib's words
     assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
     assert "Cannot declare ('a',) twice" in capsys.readouterr().err
+    # review 16 R8: an unknown key suggests the near one instead of listing 36; a list for a path says so
+    cfg.write_text("wrokers = 1\n")
+    assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'wrokers' (did you mean 'workers'?)" in err and "grade_weights" not in err
+    cfg.write_text('ground_truth = ["a"]\n')
+    assert run("run", photos, tmp_path / "o", "--config", cfg) == 2
+    assert "ground_truth must be a string (a folder of annotations), got list" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_report_of_a_finished_run_does_not_say_a_lost_result_was_not_run_yet(photos, tmp_path, tiny):  # noqa: F811
@@ -65,13 +87,16 @@ def test_the_report_of_a_finished_run_does_not_say_a_lost_result_was_not_run_yet
 
 # ------------------------------------------------------------------------ campaign 15b: fundus as a library
 def _photo(h: int = 96, w: int = 104, seed: int = 0):
+    """(uint8 photograph, the same as float in [0, 1], its FOV mask and geometry), made as the code before
+    15b could make them (its ``to_float_rgb`` needed ``meta``), so that the tests below fail there on what
+    they check."""
+    import numpy as np
+
+    from degradation.fov import estimate_fov_geometry
     from tests.conftest import synthetic_fundus
 
-    from fundus_pipeline.io import to_float_rgb
-
     arr = synthetic_fundus(h, w, seed)
-    rgb, _ = to_float_rgb(arr)
-    from degradation.fov import estimate_fov_geometry
+    rgb = arr.astype(np.float32) / 255
 
     fov, geometry = estimate_fov_geometry(rgb)
     return arr, rgb, fov, geometry
@@ -195,13 +220,30 @@ def test_inference_leaves_the_callers_model_and_state_as_they_were(tmp_path):
     Image.fromarray(arr).save(d / "a.png")
     threads = torch.get_num_threads(), cv2.getNumThreads()
     try:
-        torch.set_num_threads(2)
-        cv2.setNumThreads(2)
-        run_stage(DegradeStage(DegradeConfig()), d, tmp_path / "out", threads=1, progress=False)
-        assert (torch.get_num_threads(), cv2.getNumThreads()) == (2, 2)
+        for k, stage in enumerate((DegradeStage(DegradeConfig()), _TorchStage())):  # OpenCV only; OpenCV and torch
+            torch.set_num_threads(2)
+            cv2.setNumThreads(2)
+            run_stage(stage, d, tmp_path / f"out{k}", threads=1, progress=False)
+            assert (torch.get_num_threads(), cv2.getNumThreads()) == (2, 2), stage.name
     finally:
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
+
+
+class _TorchStage(__import__("fundus_pipeline.stages.base", fromlist=["Stage"]).Stage):
+    """A stage whose workers set torch's thread count (``uses_torch``): the image passes through unchanged."""
+
+    name = "torch_passthrough"
+    fov_policy = "none"
+    uses_torch = True
+
+    def config_record(self) -> dict:
+        return {}
+
+    def compute(self, item):
+        from fundus_pipeline.stages.base import ItemOutput
+
+        return ItemOutput({"": item.image.array})
 
 
 def test_run_chain_takes_resume_and_overwrite_from_its_configuration(photos, tmp_path, tiny):  # noqa: F811

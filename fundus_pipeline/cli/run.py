@@ -43,35 +43,38 @@ def _option_name(field: str, value: object) -> str:
     return "--" + field.replace("_", "-")
 
 
-def build_config(file: Path | None, options: dict) -> "tuple[RunConfig, set[str]]":
+def build_config(file: Path | None, options: dict) -> "tuple[RunConfig, dict]":
     """The run's configuration: the TOML file's keys, overridden by the options given on the command line;
-    and the keys only the file set (a usage error about one of their values names the file: ``from_file``)."""
+    and the values only the file set (a usage error about one of them names the file: ``from_file``)."""
     from fundus_pipeline.config import load_toml_config
 
     given = {k: v for k, v in options.items() if v is not None}
     values = load_toml_config(file, set(given)) if file is not None else {}
-    file_keys = set(values) - set(given)
-    with from_file(file, file_keys):
+    file_values = {k: v for k, v in values.items() if k not in given}
+    with from_file(file, file_values):
         cfg = RunConfig.build(**(values | given))
     # weights given as a file are recorded by absolute path, as the inputs are: --resume and --replay find them
     # from any working folder (a relative path failed there, 'weights not found')
     files = {k: str(Path(v).resolve()) for k in WEIGHT_FIELDS if (v := getattr(cfg, k)) and Path(v).is_file()}
-    return (cfg.model_copy(update=files) if files else cfg), file_keys
+    return (cfg.model_copy(update=files) if files else cfg), file_values
 
 
 WEIGHT_FIELDS = ("grade_weights", "enhance_weights", "score_weights", "segment_weights")
 
 
 @contextlib.contextmanager
-def from_file(file: Path | None, keys: "set[str]"):
-    """A usage error raised inside that names the option of a key only the ``--config`` file set says so:
-    ``invalid --device 'tpu': ... (device is set by --config run.toml)``; the user never typed ``--device``."""
+def from_file(file: Path | None, values: dict):
+    """A usage error raised inside that names the option of a value only the ``--config`` file set says so:
+    ``--ground-truth ...: it needs --simulate (ground_truth is set by --config run.toml)``; the user never
+    typed ``--ground-truth``. A file value equal to the default (``resume = false``) is not named: it cannot
+    be what the error is about."""
     from fundus_pipeline.errors import UsageError
 
     try:
         yield
     except UsageError as e:
-        named = [k for k in sorted(keys) if re.search(re.escape(_option_name(k, None)) + r"(?![\w-])", e.message)]
+        named = [k for k, v in sorted(values.items()) if v != RunConfig.model_fields[k].default
+                 and re.search(re.escape(_option_name(k, v)) + r"(?![\w-])", e.message)]
         if file is None or not named:
             raise
         raise UsageError(f"{e.message} ({', '.join(named)} {'is' if len(named) == 1 else 'are'} set by --config {file})", e.hint) from None
@@ -160,7 +163,7 @@ def run_cmd(
         "threads": threads, "engine": engine.value if engine is not None else None, "address": address, "quiet": quiet, "format": fmt.value if fmt is not None else None, "resume": resume, "overwrite": overwrite,
     }  # fmt: skip
     degrade_replay = expect = expect_weights = None
-    file_keys: set[str] = set()
+    file_values: dict = {}
     if replay is not None:
         if out_dir is None and in_dir is not None:
             in_dir, out_dir = None, in_dir
@@ -181,7 +184,7 @@ def run_cmd(
     else:
         if in_dir is None or out_dir is None:
             raise UsageError("give IN and OUT (or --replay OLD_OUT/manifest.json OUT)")
-        cfg, file_keys = build_config(config, cli)
+        cfg, file_values = build_config(config, cli)
     if out_dir is None:
         raise UsageError("give OUT")
     if replay is not None:
@@ -189,7 +192,7 @@ def run_cmd(
         if target == rp.old_out.resolve() or (target / "manifest.json").resolve() == rp.manifest.resolve():
             # it would replace the run it is checked against (with --overwrite or --resume: compared with itself)
             raise UsageError(f"--replay: OUT {out_dir} is the folder of the recorded run; replay into another folder")
-    with from_file(config, file_keys):  # the checks made with the merged configuration
+    with from_file(config, file_values):  # the checks made with the merged configuration
         eng = open_engine(cfg.engine, cfg.address, cfg.workers, cfg.threads)
         try:
             result = run_chain(cfg, in_dir, out_dir, resume=cfg.resume, overwrite=cfg.overwrite, degrade_replay=degrade_replay, expect_inputs=expect,

@@ -105,11 +105,9 @@ def evaluating(model: torch.nn.Module):
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of ``model``'s first parameter (CPU float32 without parameters)."""
-    p = next(model.parameters(), None)
-    if p is None or not p.is_floating_point():
-        return torch.device("cpu"), torch.float32
-    return p.device, p.dtype
+    """The device and dtype of ``model``'s first floating-point parameter (CPU float32 without one)."""
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
 @torch.inference_mode()
@@ -131,6 +129,8 @@ def predict_tiled(
     runs in eval mode (its own mode restored after), on ``device`` (default: its parameters' device), with
     the input in its parameters' dtype when that is not float32 (a ``.half()`` model).
     """
+    if np.asarray(image).dtype.kind != "f":  # a uint8 image would be taken as values up to 255
+        raise TypeError(f"image must be a float array, got dtype {np.asarray(image).dtype}")
     own_device, own_dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else own_device
     divisor = int(getattr(model, "size_divisor", 16))
