@@ -105,7 +105,7 @@ def test_bootstrap_is_by_source_duplicated_pairs_change_nothing():
     fit = fit_logistic4(pred, label)
     (ci, fallbacks), = bootstrap_cis(pred, label, codes, [(np.arange(codes.size), fit)], 300, seed=0)
     assert bootstrap_cis(pred, label, codes, [(np.arange(codes.size), fit)], 300, seed=0)[0][0] == ci  # deterministic
-    assert 0 <= fallbacks <= 15  # refits from the full-data parameters rarely hit maxfev 200 (then: linear)
+    assert 0 <= fallbacks <= 15  # refits from the full-data parameters rarely run out of max_nfev 2000 (then: linear)
     point = iqa_metrics(pred, label)
     for k in ("srocc", "plcc", "krocc", "rmse"):
         lo, hi = ci[k]
