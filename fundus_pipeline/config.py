@@ -306,6 +306,9 @@ def simulate_kind(text: str) -> Literal["types", "recipe"]:
     return "recipe"
 
 
+_QUOTES = "\"'"  # around a quoted TOML key
+
+
 def _toml_error(msg: str, text: str) -> str:
     """tomllib's message, with the key named when it is set twice ("Cannot overwrite a value (at line 2,
     column 6)" names neither the key nor what was overwritten): the key of the line tomllib points at, a
@@ -324,7 +327,7 @@ def _toml_error(msg: str, text: str) -> str:
     header = re.fullmatch(r"\[\[?\s*([^\[\]]+?)\s*\]\]?(\s*#.*)?", line)
     bare = re.match(r"\s*([A-Za-z0-9_.-]+|\"[^\"]*\"|'[^']*')\s*=", line)
     key = header.group(1) if header else bare.group(1) if bare else None
-    return f"key {key.strip(chr(34) + chr(39))!r} is set twice (line {n})" if key else msg
+    return f"key {key.strip(_QUOTES)!r} is set twice (line {n})" if key else msg
 
 
 def load_toml_config(path: Path, given: "set[str] | frozenset[str]" = frozenset()) -> dict:

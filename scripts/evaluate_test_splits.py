@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out.resolve()  # the fundus commands below run from the repository root
     data = default_data_root()
-    committed = args.out.resolve() == (ROOT / "docs" / "results").resolve()
+    committed = args.out == (ROOT / "docs" / "results").resolve()
     figure = ROOT / "docs" / "segmentation_example.png" if committed else args.out / "segmentation_example.png"
     threads = ["--threads", args.threads] if args.threads is not None else []
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ mend."""
 
 from __future__ import annotations
 
+from fundus_pipeline.stages.base import ItemOutput, Stage
 from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
 
 
@@ -230,7 +231,7 @@ def test_inference_leaves_the_callers_model_and_state_as_they_were(tmp_path):
         cv2.setNumThreads(threads[1])
 
 
-class _TorchStage(__import__("fundus_pipeline.stages.base", fromlist=["Stage"]).Stage):
+class _TorchStage(Stage):
     """A stage whose workers set torch's thread count (``uses_torch``): the image passes through unchanged."""
 
     name = "torch_passthrough"
@@ -241,8 +242,6 @@ class _TorchStage(__import__("fundus_pipeline.stages.base", fromlist=["Stage"]).
         return {}
 
     def compute(self, item):
-        from fundus_pipeline.stages.base import ItemOutput
-
         return ItemOutput({"": item.image.array})
 
 

@@ -123,9 +123,9 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, note: str) -> Mapping:
 
 def _increasing_fit(x: np.ndarray, y: np.ndarray, start: Sequence[float], maxfev: int) -> tuple[float, np.ndarray] | None:
     """(sum of squared residuals, (b2, d, b3, b4)) of the least-squares logistic ``d * expit((x - b3) / b4)
-    + b2`` from ``start``, with ``d >= 0`` and ``b4 > 0`` (an increasing map) and its asymptotes b2 and
-    b2 + d within one label range R of the labels (b2 >= min - R, d <= 3 R: a nearly straight relation is
-    not chased into ever wider asymptotes, which only approach the linear map); None when it fails."""
+    + b2`` from ``start``, with ``d >= 0`` and ``b4 > 0`` (an increasing map) and bounded asymptotes, R the
+    label range: min(label) - R <= b2 <= max(label) and d <= 3 R (a nearly straight relation is not chased
+    into ever wider asymptotes, which only approach the linear map); None when it fails."""
     lo_b4 = 1e-9 * (float(np.std(x)) or 1.0)
     r = float(np.ptp(y)) or 1.0
 
@@ -180,7 +180,7 @@ def fit_logistic4(
     if not fits:
         return _fit_linear(x, y, "logistic fit failed")
     _, (b2, d, b3, b4) = min(fits, key=lambda f: f[0])
-    mapped = d * special.expit((x - b3) / b4) + b2
+    mapped = logistic4(x, b2 + d, b2, b3, b4)
     if not np.all(np.isfinite(mapped)):
         return _fit_linear(x, y, "logistic fit failed: non-finite values")
     if d <= 1e-9 * (float(np.ptp(y)) or 1.0) or float(np.std(mapped)) <= 1e-12:

@@ -110,6 +110,13 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
+def to_model(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 input batch on ``device`` (:func:`~fundus_pipeline.device.to_device`), in the model's
+    parameter ``dtype`` when that is not float32 (a ``.half()`` model)."""
+    t = to_device(t, device)
+    return t if dtype == torch.float32 else t.to(dtype)
+
+
 @torch.inference_mode()
 def predict_tiled(
     model: torch.nn.Module,
@@ -129,8 +136,8 @@ def predict_tiled(
     runs in eval mode (its own mode restored after), on ``device`` (default: its parameters' device), with
     the input in its parameters' dtype when that is not float32 (a ``.half()`` model).
     """
-    if np.asarray(image).dtype.kind != "f":  # a uint8 image would be taken as values up to 255
-        raise TypeError(f"image must be a float array, got dtype {np.asarray(image).dtype}")
+    if image.dtype.kind != "f":  # a uint8 image would be taken as values up to 255
+        raise TypeError(f"image must be a float array, got dtype {image.dtype}")
     own_device, own_dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else own_device
     divisor = int(getattr(model, "size_divisor", 16))
@@ -139,8 +146,7 @@ def predict_tiled(
 
     def run(t: torch.Tensor) -> np.ndarray:  # N x h x w x C
         t, h, w = _pad_to(t, divisor)
-        t = to_device(t, device)
-        y = model(t if own_dtype == torch.float32 else t.to(own_dtype))
+        y = model(to_model(t, device, own_dtype))
         return y.float()[:, :, :h, :w].cpu().numpy().transpose(0, 2, 3, 1)
 
     with evaluating(model):

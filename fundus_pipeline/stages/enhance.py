@@ -46,18 +46,18 @@ def canonical_input(rgb: np.ndarray, fov_mask: np.ndarray, geometry, size: int):
     return frame, masked, c_in, c_fov
 
 
-def run_network(model, frames: list[np.ndarray], device) -> list[np.ndarray]:
+def run_network(model, frames: list[np.ndarray], device=None) -> list[np.ndarray]:
     """The network's outputs (size x size x 3 each) for canonical inputs, in one forward pass (the model in
-    eval mode and in its parameters' dtype, as :func:`~fundus_pipeline.models.inference.predict_tiled`)."""
+    eval mode, on ``device``, default its own, and in its parameters' dtype, as
+    :func:`~fundus_pipeline.models.inference.predict_tiled`)."""
     import torch
 
-    from fundus_pipeline.device import to_device
-    from fundus_pipeline.models.inference import evaluating, model_device_dtype
+    from fundus_pipeline.models.inference import evaluating, model_device_dtype, to_model
 
-    dtype = model_device_dtype(model)[1]
+    own_device, dtype = model_device_dtype(model)
     with torch.inference_mode(), evaluating(model):
-        x = to_device(torch.from_numpy(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))), device)
-        y = model(x if dtype == torch.float32 else x.to(dtype))
+        x = to_model(torch.from_numpy(np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))), own_device if device is None else device, dtype)
+        y = model(x)
         if y.ndim != 4 or y.shape[1] != 3:  # a segmenter's one channel would broadcast into a black "photograph"
             raise ValueError(f"the model gives {tuple(y.shape)} for {tuple(x.shape)}: an enhancement network maps an image to an "
                              "image of 3 channels")
@@ -124,10 +124,6 @@ def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry: "FovG
         geometry = FovGeometry.from_dict(geometry)
     if transfer not in ("upsample", "residual"):
         raise ValueError(f"transfer must be 'upsample' or 'residual' (output_rules(spec) gives the weights' own), got {transfer!r}")
-    if device is None:
-        from fundus_pipeline.models.inference import model_device_dtype
-
-        device = model_device_dtype(model)[0]
     frame, masked, c_in, c_fov = canonical_input(rgb, fov_mask, geometry, size)
     (c_out,) = run_network(model, [c_in], device)
     return to_native(frame, masked, c_in, smooth_correction(c_in, c_out, c_fov, sigma), c_fov, fov_mask, transfer)
@@ -139,10 +135,6 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
     statistics before (mean, std), after (mean, std)). The canonical input is area-averaged from the
     integer square and masked by the canonical FOV afterwards; the correction returns to native size by
     banded bilinear interpolation."""
-    import torch
-
-    from fundus_pipeline.device import to_device
-
     from fundus_pipeline.bands import BandUpsampler, rgb_downscale, row_bands
 
     frame = CanonicalFrame.from_fov(fov.geometry, size)
@@ -159,9 +151,7 @@ def enhance_native_large(model, image, fov, size: int, transfer: str, device, ke
         c_in = sq if frame.side == size else cv2.resize(sq, (size, size), interpolation=cv2.INTER_LINEAR)
     np.clip(c_in, 0, 1, out=c_in)
     c_in *= c_fov[..., None]
-    with torch.inference_mode():
-        x = to_device(torch.from_numpy(np.ascontiguousarray(c_in.transpose(2, 0, 1)))[None], device)
-        c_out = model(x)[0].float().cpu().numpy().transpose(1, 2, 0)
+    (c_out,) = run_network(model, [c_in], device)
     c_out = smooth_correction(c_in, c_out, c_fov, sigma) * c_fov[..., None]
     corr = c_out if transfer == "upsample" else c_out - c_in
     up = BandUpsampler(corr, frame.side, frame.side)
