@@ -320,12 +320,14 @@ def test_the_score_map_is_increasing_fitted_from_several_starts_and_refitted_wit
 
     sharp = metrics("nr_sharpness")
     raw = stats.pearsonr([float(r["nr_sharpness"]) for r in base], y)[0]
-    assert sharp["mapping"]["kind"] == "linear" and sharp["plcc"] == pytest.approx(raw, abs=1e-9) and sharp["plcc"] < -0.4
+    # the map is increasing: not the reversed curve's 0.536 (review 17: its best increasing map, a near-step,
+    # has PLCC 0.209; tests/test_campaign17.py)
+    assert raw < -0.4 and sharp["mapping"]["kind"] == "logistic4" and sharp["plcc"] < 0.25
     for col, at_least in (("nr_contrast", 0.430), ("nr_entropy", 0.294)):
         m = metrics(col)
         assert m["mapping"]["kind"] == "logistic4" and m["plcc"] > at_least, (col, m["plcc"])
         b1, b2 = m["mapping"]["params"][:2]
         assert b1 >= b2  # increasing
     res = evaluate_scores(docs / "sdmp_test_scores.csv", docs / "test_pairs.csv", column="score", by=(), part="test", n_boot=100)
-    assert res.summary["overall"]["boot_linear_fallbacks"] == 0
+    assert res.summary["overall"]["boot_refit_fallbacks"] == 0
     assert res.summary["overall"]["plcc"] == pytest.approx(0.9335, abs=1e-4)  # the headline fit is unchanged

@@ -50,8 +50,9 @@ METRIC_KEYS = ("srocc", "plcc", "krocc", "rmse")
 MIN_PAIRS = 3  # fewer scored pairs in a set (group or resample): no metrics
 MIN_LOGISTIC = 5  # fewer pairs: linear map (4 parameters need more points than that)
 MAXFEV = 10_000  # logistic fit on the evaluated data
-MAXFEV_BOOT = 2_000  # logistic refit on a bootstrap resample, started from the full-data parameters (200 ran out:
-# 385 of 1,000 resamples fell back to a linear map, none of 400 at 20,000; campaign 16a F3)
+MAXFEV_BOOT = 500  # logistic refit on a bootstrap resample (200 ran out on 385 of 1,000 resamples of sdmp's
+# set, none of 400 at 20,000; campaign 16a F3)
+BOOT_TOL = 1e-6  # ftol, xtol and gtol of a bootstrap refit (1e-8, the default, for the set's own fit)
 OVERALL = "all"
 
 DEFINITIONS = {
@@ -64,24 +65,32 @@ DEFINITIONS = {
     "mapping": "label ~ logistic4(score) = (b1 - b2) / (1 + exp(-(score - b3) / |b4|)) + b2 with b1 >= b2 "
     "(increasing: a higher score must mean a better label) and its asymptotes within one label range R of the "
     "labels (b2 >= min(label) - R, b1 - b2 <= 3 R; a nearly straight relation is not chased into ever wider "
-    "asymptotes), least squares (scipy.optimize.least_squares, trust "
-    "region with bounds, max_nfev 10000) from nine starts (b2 = min(label), b1 = max(label), b3 at the 25th, "
-    "50th and 75th percentiles of the score, b4 at 0.3, 1 and 3 times its std), the lowest squared error kept; "
-    "fitted separately for the whole set and for each group. When every start fails, when the best increasing "
-    "map is flat (the score does not rise with the label) or when a set has fewer than 5 pairs: linear least "
-    "squares label ~ a * score + c, whose PLCC is the raw Pearson correlation (negative for a score that "
-    "falls as quality rises); 'mapping' says which was used.",
+    "asymptotes), least squares (scipy.optimize.least_squares, trust region with bounds, max_nfev 10000) from "
+    "the 8 best points of a grid (b3 at 67 percentiles of the score, 0.5th to 99.5th; b4 at 21 log-spaced "
+    "multiples of its std, 1e-4 to 10; b2 and b1 - b2 by linear least squares within the bounds at each point) "
+    "and from the best increasing step (the logistic's limit as b4 goes to 0: the split of the sorted scores "
+    "whose two label means rise and leave the least squared error), the lowest squared error kept; fitted "
+    "separately for the whole set and for each group. 'flat' (the labels' mean, PLCC 0) when no increasing map "
+    "is found: none exists when no split rises, i.e. the score does not rise with the label. Linear least "
+    "squares label ~ a * score + c when every start fails or a set has fewer than 5 pairs. 'mapping' says which "
+    "was used.",
     "plcc": "Pearson linear correlation of label and mapped score (as scipy.stats.pearsonr); with a linear map, "
-    "of label and score, which keeps its sign (negative for a score that falls as quality rises).",
+    "of label and score, which keeps its sign; 0 with a flat map (a constant explains none of the labels' "
+    "variance, R^2 = 0; an increasing least-squares map's PLCC is the square root of its R^2 when no bound "
+    "holds it).",
     "rmse": "sqrt(mean((label - mapped score)^2)), in label units.",
     "n": "scored pairs; metrics are null for a set of fewer than 3 pairs.",
     "bootstrap": "cluster bootstrap over source photographs: each resample draws the S sources of the "
     "scored pairs uniformly with replacement (numpy default_rng(seed).multinomial(S, 1/S)) and takes every "
     "scored pair of a source as many times as the source was drawn; all four metrics are recomputed on each "
-    "resample, the map refitted (logistic started from the set's own fitted parameters, max_nfev 2000; linear "
-    "on failure or below 5 pairs, counted as boot_linear_fallbacks; linear when the set's own map is linear). A group's "
-    "resample is its pairs in the same resamples; resamples with fewer than 3 of them are skipped. 95% CI: "
-    "2.5th and 97.5th percentiles of the finite resample values (numpy.percentile, linear interpolation).",
+    "resample, the map refitted: from the set's own fitted map, and also from the better of the best point of "
+    "a coarser grid (20 percentiles, 2.5th to 97.5th; 11 scales) and the best step when that point fits the "
+    "resample better (max_nfev 500 and ftol, xtol, gtol 1e-6 each, against 10000 and 1e-8 for the set's own "
+    "fit; a fit that reaches max_nfev keeps its last map, increasing and no worse than its start); flat when no split rises; a flat set's resamples from that point alone; linear below 5 pairs "
+    "or when the set's own map is linear. boot_refit_fallbacks counts the resamples whose map is not of the "
+    "set's kind (e.g. flat, PLCC 0). A group's resample is its pairs in the same resamples; resamples with fewer "
+    "than 3 of them are skipped. 95% CI: 2.5th and 97.5th percentiles of the finite resample values "
+    "(numpy.percentile, linear interpolation).",
 }
 
 
@@ -95,8 +104,8 @@ def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.n
 
 @dataclass(frozen=True)
 class Mapping:
-    """A fitted score-to-label map: ``logistic4`` with (b1, b2, b3, b4), or ``linear`` with (a, c);
-    ``note`` says why the logistic was not used."""
+    """A fitted score-to-label map: ``logistic4`` with (b1, b2, b3, b4), ``flat`` with (the labels' mean,)
+    or ``linear`` with (a, c); ``note`` says why the logistic was not used."""
 
     kind: str
     params: tuple[float, ...]
@@ -106,6 +115,8 @@ class Mapping:
         x = np.asarray(x, np.float64)
         if self.kind == "logistic4":
             return logistic4(x, *self.params)
+        if self.kind == "flat":
+            return np.full(x.shape, self.params[0])
         a, c = self.params
         return a * x + c
 
@@ -121,7 +132,9 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, note: str) -> Mapping:
     return Mapping("linear", (float(a), float(c)), note)
 
 
-def _increasing_fit(x: np.ndarray, y: np.ndarray, start: Sequence[float], maxfev: int) -> tuple[float, np.ndarray] | None:
+def _increasing_fit(
+    x: np.ndarray, y: np.ndarray, start: Sequence[float], maxfev: int, tol: float = 1e-8
+) -> tuple[float, np.ndarray] | None:
     """(sum of squared residuals, (b2, d, b3, b4)) of the least-squares logistic ``d * expit((x - b3) / b4)
     + b2`` from ``start``, with ``d >= 0`` and ``b4 > 0`` (an increasing map) and bounded asymptotes, R the
     label range: min(label) - R <= b2 <= max(label) and d <= 3 R (a nearly straight relation is not chased
@@ -145,12 +158,78 @@ def _increasing_fit(x: np.ndarray, y: np.ndarray, start: Sequence[float], maxfev
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            res = optimize.least_squares(residual, p0, jac=jac, bounds=(lo, hi), method="trf", max_nfev=maxfev)
+            res = optimize.least_squares(residual, p0, jac=jac, bounds=(lo, hi), method="trf", max_nfev=maxfev, ftol=tol, xtol=tol, gtol=tol)
     except (ValueError, np.linalg.LinAlgError):
         return None
-    if res.status <= 0 or not np.all(np.isfinite(res.x)) or not np.isfinite(res.cost):
+    # status 0 (max_nfev reached): the last iterate is still an increasing map within the bounds, and fits no
+    # worse than the start (a trust-region step is only taken when it lowers the cost)
+    if res.status < 0 or not np.all(np.isfinite(res.x)) or not np.isfinite(res.cost):
         return None
     return 2.0 * float(res.cost), res.x
+
+
+#: The starts of the increasing fit come from a grid over the midpoint b3 (percentiles of the score) and the
+#: scale b4 (multiples of its std, log-spaced; the small ones are the near-step maps of weak predictors): for a
+#: fixed (b3, b4) the logistic is linear in (b2, d), solved in closed form within the fit's bounds, and the
+#: ``GRID_KEEP`` best grid points are refined (nine fixed starts left the fits of weak predictors in local
+#: minima, review 17: the sharpness baseline's best increasing map, PLCC 0.209, was reported as none).
+GRID_PERCENTILES = np.linspace(0.5, 99.5, 67)
+GRID_SCALES = np.logspace(-4, 1, 21)
+GRID_KEEP = 8
+
+
+#: The bootstrap's coarser grid (one point of it is refined when it beats the refit from the set's own map).
+BOOT_GRID_PERCENTILES = np.linspace(2.5, 97.5, 20)
+BOOT_GRID_SCALES = np.logspace(-4, 1, 11)
+
+
+def _grid_starts(
+    x: np.ndarray, y: np.ndarray, keep: int = GRID_KEEP, percentiles: np.ndarray = GRID_PERCENTILES,
+    scales: np.ndarray = GRID_SCALES,
+) -> list[tuple[float, tuple[float, float, float, float]]]:
+    """(squared error, (b2, d, b3, b4)) of the ``keep`` grid points (b3 at the ``percentiles`` of ``x``, b4 at
+    ``scales`` times its std) whose closed-form (b2, d), within the fit's bounds, leave the smallest squared
+    error, best first."""
+    r = float(np.ptp(y)) or 1.0
+    b3 = np.percentile(x, percentiles)[:, None, None]
+    b4 = ((float(np.std(x)) or 1.0) * np.asarray(scales))[None, :, None]
+    with np.errstate(all="ignore"):
+        sg = special.expit((x - b3) / b4)
+        sm, ym = sg.mean(-1), float(y.mean())
+        var = sg.var(-1)
+        cov = ((sg - sm[..., None]) * (y - ym)).mean(-1)
+        d = np.clip(np.where(var > 0, cov / np.where(var > 0, var, 1.0), 0.0), 0.0, 3.0 * r)
+        b2 = np.clip(ym - d * sm, float(y.min()) - r, float(y.max()))
+        sse = ((b2[..., None] + d[..., None] * sg - y) ** 2).sum(-1)
+    sse = np.nan_to_num(sse, nan=np.inf)
+    best = np.argsort(sse, axis=None, kind="stable")[:keep]
+    i, j = np.unravel_index(best, sse.shape)
+    return [(float(sse[p, q]), (float(b2[p, q]), float(d[p, q]), float(b3[p, 0, 0]), float(b4[0, q, 0]))) for p, q in zip(i, j)]
+
+
+def _best_step(x: np.ndarray, y: np.ndarray) -> tuple[float, tuple[float, float, float, float]] | None:
+    """(squared error, (b2, d, b3, b4)) of the best increasing step, the logistic's limit as its scale goes to
+    0 (the map of a weak predictor is often nearly one): the two-level fit at the split between consecutive
+    distinct scores whose upper labels' mean is above the lower's, with the largest drop of squared error
+    (n0 n1 / n (m1 - m0)^2); b4 a tenth of the gap at the split. None when no split rises: then no increasing
+    map fits better than the labels' mean (an increasing logistic is a positive mixture of steps, so its
+    covariance with the label is a positive mixture of the steps' covariances, none of which is positive)."""
+    o = np.argsort(x, kind="stable")
+    xs, ys = x[o], y[o]
+    n = xs.size
+    k = np.flatnonzero(np.diff(xs) > 0) + 1  # sizes of the lower part
+    if not k.size:
+        return None
+    cs = np.cumsum(ys)
+    m0 = cs[k - 1] / k
+    m1 = (cs[-1] - cs[k - 1]) / (n - k)
+    gain = np.where(m1 > m0, k * (n - k) / n * (m1 - m0) ** 2, -np.inf)
+    i = int(np.argmax(gain))
+    if not gain[i] > 0:
+        return None
+    lo, hi = float(xs[k[i] - 1]), float(xs[k[i]])
+    sse = float(((ys - ys.mean()) ** 2).sum()) - float(gain[i])
+    return max(sse, 0.0), (float(m0[i]), float(m1[i] - m0[i]), (lo + hi) / 2, (hi - lo) / 10)
 
 
 def fit_logistic4(
@@ -158,34 +237,41 @@ def fit_logistic4(
 ) -> Mapping:
     """Least-squares :func:`logistic4` map of ``pred`` onto ``label``, constrained to be increasing (b1 >= b2:
     a higher score means a better label, ``DEFINITIONS["direction"]``; an unconstrained fit would turn a
-    predictor that ranks the wrong way around and give it a positive PLCC). From ``p0`` (a bootstrap refit) or
-    from nine starts (b2 = min(label), b1 = max(label), b3 at the 25th, 50th and 75th percentiles of ``pred``,
-    b4 at 0.3, 1 and 3 times std(pred)), keeping the lowest squared error (scipy.optimize.least_squares, trust
-    region with bounds, analytic Jacobian). Falls back to a linear least-squares map (``kind == "linear"``,
-    the reason in ``note``) when every start fails, when the best increasing map is flat (the score does not
-    rise with the label: PLCC is then the raw Pearson correlation, negative for a wrong-way predictor), or
-    when there are fewer than 5 pairs."""
+    predictor that ranks the wrong way around) with bounded asymptotes (:func:`_increasing_fit`). From the
+    ``GRID_KEEP`` best points of a grid (:func:`_grid_starts`), from the best step (:func:`_best_step`) and from
+    ``p0`` too when given, keeping the lowest squared error (scipy.optimize.least_squares, trust region with bounds, analytic
+    Jacobian). When the best increasing map is flat (the score does not rise with the label): ``kind ==
+    "flat"``, the labels' mean, whose PLCC is 0. A linear least-squares map (``kind ==
+    "linear"``, the reason in ``note``) when every start fails or there are fewer than 5 pairs."""
     x = np.asarray(pred, np.float64)
     y = np.asarray(label, np.float64)
     if x.size < MIN_LOGISTIC:
         return _fit_linear(x, y, f"fewer than {MIN_LOGISTIC} pairs")
+    if (step := _best_step(x, y)) is None:
+        return _flat(y)
+    starts = [st for _, st in _grid_starts(x, y)] + [step[1]]
     if p0 is not None:
         b1, b2, b3, b4 = (float(v) for v in p0)
-        starts = [(b2, b1 - b2, b3, b4)]
-    else:
-        sd = float(np.std(x)) or 1.0
-        q = np.percentile(x, (25, 50, 75))
-        starts = [(float(y.min()), float(y.max() - y.min()), float(b3), k * sd) for b3 in q for k in (0.3, 1.0, 3.0)]
-    fits = [f for f in (_increasing_fit(x, y, st, maxfev) for st in starts) if f is not None]
+        starts.insert(0, (b2, b1 - b2, b3, b4))
+    return _best_increasing(x, y, [f for f in (_increasing_fit(x, y, st, maxfev) for st in starts) if f is not None])
+
+
+def _best_increasing(x: np.ndarray, y: np.ndarray, fits: list[tuple[float, np.ndarray]]) -> Mapping:
+    """The map of the lowest squared error of ``fits`` (see :func:`fit_logistic4`)."""
     if not fits:
         return _fit_linear(x, y, "logistic fit failed")
     _, (b2, d, b3, b4) = min(fits, key=lambda f: f[0])
-    mapped = logistic4(x, b2 + d, b2, b3, b4)
+    mapping = Mapping("logistic4", (float(b2 + d), float(b2), float(b3), float(b4)))
+    mapped = mapping(x)
     if not np.all(np.isfinite(mapped)):
         return _fit_linear(x, y, "logistic fit failed: non-finite values")
     if d <= 1e-9 * (float(np.ptp(y)) or 1.0) or float(np.std(mapped)) <= 1e-12:
-        return _fit_linear(x, y, "no increasing logistic map: the score does not rise with the label")
-    return Mapping("logistic4", (float(b2 + d), float(b2), float(b3), float(b4)))
+        return _flat(y)
+    return mapping
+
+
+def _flat(y: np.ndarray) -> Mapping:
+    return Mapping("flat", (float(y.mean()),), "no increasing map: the score does not rise with the label")
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -206,7 +292,8 @@ def _metric_values(x: np.ndarray, y: np.ndarray, mapping: Mapping) -> dict[str, 
     mapped = mapping(x)
     return {
         "srocc": _pearson(stats.rankdata(x), stats.rankdata(y)),  # = scipy.stats.spearmanr
-        "plcc": _pearson(y, mapped) if mapping.kind == "logistic4" else _pearson(y, x),  # a linear map keeps the sign
+        # a linear map keeps the score's sign; a flat one (no increasing map) explains none of the label: 0
+        "plcc": _pearson(y, mapped) if mapping.kind == "logistic4" else _pearson(y, x) if mapping.kind == "linear" else 0.0,
         "krocc": _kendall(x, y),
         "rmse": float(np.sqrt(np.mean((y - mapped) ** 2))),
     }
@@ -246,12 +333,38 @@ def resample_indices(counts: np.ndarray, codes: np.ndarray, subset: np.ndarray) 
     return np.repeat(subset, counts[codes[subset]])
 
 
+def refit_logistic4(x: np.ndarray, y: np.ndarray, start: Mapping) -> Mapping:
+    """A bootstrap resample's increasing map, cheaper than :func:`fit_logistic4`'s full search: refined from
+    the set's own fitted map ``start`` (``logistic4``; ``MAXFEV_BOOT``, ``BOOT_TOL``), and also from the better of the best point
+    of a coarser grid (``BOOT_GRID_*``) and the best step (:func:`_best_step`) when its squared error is below
+    the refit's (the refit stopped in another basin, or ended flat though an increasing map exists); a ``flat``
+    start is refined from that point alone. Fewer than 5 pairs: linear."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if x.size < MIN_LOGISTIC:
+        return _fit_linear(x, y, f"fewer than {MIN_LOGISTIC} pairs")
+    if (step := _best_step(x, y)) is None:
+        return _flat(y)
+    fits = []
+    if start.kind == "logistic4":
+        b1, b2, b3, b4 = start.params
+        fit = _increasing_fit(x, y, (b2, b1 - b2, b3, b4), MAXFEV_BOOT, BOOT_TOL)
+        fits += [fit] if fit is not None else []
+    sse, st = min([*_grid_starts(x, y, 1, BOOT_GRID_PERCENTILES, BOOT_GRID_SCALES), step], key=lambda c: c[0])
+    if not fits or sse < fits[0][0]:
+        fit = _increasing_fit(x, y, st, MAXFEV_BOOT, BOOT_TOL)
+        fits += [fit] if fit is not None else []
+    return _best_increasing(x, y, fits)
+
+
 def _resample_values(x: np.ndarray, y: np.ndarray, start: Mapping) -> tuple[np.ndarray, bool]:
-    """The four metrics of one resample (NaN when too small) and whether its logistic fit fell back."""
+    """The four metrics of one resample (NaN when too small) and whether its refit is not of the kind of the
+    set's own map (a logistic set's resample left flat or failed to linear, or a flat set's resample that found
+    an increasing map)."""
     if x.size < MIN_PAIRS:
         return np.full(len(METRIC_KEYS), np.nan), False
-    if start.kind == "logistic4":
-        mapping = fit_logistic4(x, y, p0=start.params, maxfev=MAXFEV_BOOT)
+    if start.kind in ("logistic4", "flat"):
+        mapping = refit_logistic4(x, y, start)
     else:
         mapping = _fit_linear(x, y, start.note)
     vals = _metric_values(x, y, mapping)
@@ -272,7 +385,7 @@ def bootstrap_cis(
 ) -> list[tuple[dict[str, list[float | None]], int]]:
     """Source-bootstrap 95% CIs for each ``(pair indices, fitted map)`` of ``sets`` from the same
     resamples (``codes``: source index of each pair, 0..S-1); per set the CIs by metric and the number of
-    resamples whose logistic refit fell back to linear. ``log`` gets a progress line every 30 s (a large set
+    resamples whose refit is not of the set's map kind (:func:`_resample_values`). ``log`` gets a progress line every 30 s (a large set
     takes minutes: 100,000 pairs in 18 groups, 1,000 resamples, 212 s on 2 cores)."""
     counts = source_bootstrap(int(codes.max()) + 1, n_boot, seed)
     boot = np.full((len(sets), n_boot, len(METRIC_KEYS)), np.nan)
@@ -411,7 +524,7 @@ def evaluate_scores(
         cis = iter(bootstrap_cis(pred, label, codes, fitted, n_boot, seed, log) if fitted else [])
         for e, m in zip(entries, mappings):
             if m is not None:
-                e["ci95"], e["boot_linear_fallbacks"] = next(cis)
+                e["ci95"], e["boot_refit_fallbacks"] = next(cis)
             else:
                 e["ci95"] = {k: [math.nan, math.nan] for k in METRIC_KEYS}
     single = blank_single_cluster_cis(sets, entries, "n_sources", METRIC_KEYS, [m is not None for m in mappings]) if n_boot > 0 else []
@@ -443,7 +556,7 @@ def evaluate_scores(
         s = "s have" if n_labels_not_scored != 1 else " has"
         notes.append(f"{n_labels_not_scored} label row{s} no row in the scores file (not scored)")
     notes += [
-        f"{col}={g}: linear map ({m.note})" for (col, g, _), m in zip(sets, mappings) if m is not None and m.kind == "linear"
+        f"{col}={g}: {m.kind} map ({m.note})" for (col, g, _), m in zip(sets, mappings) if m is not None and m.kind != "logistic4"
     ]
     if single:
         notes.append(one_cluster_note("source photograph", [f"{col}={g}" for col, g in single]))
