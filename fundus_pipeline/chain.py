@@ -568,6 +568,8 @@ class Chain:
             if "segment" not in cfg.steps:
                 raise UsageError("--ground-truth compares vessel segmentations: it needs the segment step")
         self.inputs = resolve_inputs(self.in_path)
+        if not cfg.quiet and cfg.format == "human":
+            self.inputs.say_notes()
         if not self.inputs.items:
             raise UsageError(f"no images found in {self.in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
         _, self.out = check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)

@@ -39,6 +39,16 @@ class WeightsError(FundusError):
     """Missing, corrupt, unknown or mismatching model weights (exit code 1)."""
 
 
+def printable(text: str) -> str:
+    """``text`` for one line of a terminal: each character that is not printable (a newline, a tab, an escape
+    sequence's ESC, the ``\\udcXX`` of a file-name byte that is not UTF-8) written as its Python escape, so a
+    file name cannot break the line or drive the terminal (campaign 17b F7); printable characters, accented
+    and CJK too, stay as they are."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def refuse_repeated_columns(columns, what: str, path) -> None:
     """A header naming a column twice is refused (``UsageError``): csv.DictReader would keep the last silently."""
     twice = sorted({c for c in columns if c and list(columns).count(c) > 1})
@@ -107,9 +117,9 @@ def run_script(main) -> None:
     import sys
 
     def fail(message: str, hint: str | None, code: int) -> SystemExit:
-        print(f"Error: {message}", file=sys.stderr)
+        print(f"Error: {printable(message)}", file=sys.stderr)
         if hint:
-            print(f"Hint: {hint}", file=sys.stderr)
+            print(f"Hint: {printable(hint)}", file=sys.stderr)
         return SystemExit(code)
 
     try:

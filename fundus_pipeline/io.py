@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import threading
+import unicodedata
 import uuid
 import warnings
 import zlib
@@ -80,14 +81,21 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def discover_images(root: Path) -> list[ImageItem]:
+def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageItem]:
     """All supported images under ``root`` (recursive), sorted by key.
 
     Extensions match case-insensitively; hidden files and folders (name starting with ``.``) are skipped.
     An entry with an image's name that is not a readable regular file (a dangling or looping symbolic link,
     a FIFO, a socket) is kept: it fails as an item with its reason, never skipped in silence. Symlinked
-    folders are followed once (loops are ignored). Two files with the same key (``a.png`` and ``a.JPG``)
-    are a ``UsageError`` naming both, since their outputs would collide.
+    folders are followed once (loops are ignored): a folder reached both as itself and through a link is
+    read under its own path, and one reached through several links under the first in name order, whatever
+    order the file system lists them in (the keys, and so the outputs and degrade's seeds, do not depend on
+    it). Two files with the same key (``a.png`` and ``a.JPG``) are a ``UsageError`` naming both, since their
+    outputs would collide.
+
+    ``notes``, when a list, receives one line each for what was passed over: the files with other
+    extensions (counted by extension), the folders read under another path, and keys that differ only in
+    letter case or Unicode normalisation (their outputs collide on a case-insensitive file system).
     """
     root = Path(root)
     if not root.exists():
@@ -98,29 +106,37 @@ def discover_images(root: Path) -> list[ImageItem]:
     found: dict[str, ImageItem] = {}
     root_s = str(root)
     prefix = root_s if root_s.endswith(os.sep) else root_s + os.sep
-    seen_dirs: set[str] = set()
-    stack = [(root_s, False)]  # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./")
-    while stack:
-        folder, via_link = stack.pop()
+    seen_dirs: dict[str, str] = {}  # real path -> the path it was read under
+    other: dict[str, int] = {}  # extension -> files not read
+    again: list[tuple[str, str]] = []  # (folder, the path it was read under)
+    # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./"). The
+    # folders themselves first, in name order; the ones reached through a link after them (campaign 17b F6)
+    stack, linked = [(root_s, False)], []
+    while stack or linked:
+        folder, via_link = stack.pop() if stack else linked.pop(0)
         real = os.path.realpath(folder)
         if real in seen_dirs:
+            if seen_dirs[real] != folder:
+                again.append((folder, seen_dirs[real]))
             continue
-        seen_dirs.add(real)
+        seen_dirs[real] = folder
         try:
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
             raise UsageError(f"cannot list folder {folder}: {exc.strerror or exc}") from exc
+        subfolders = []
         for entry in entries:
             if _is_hidden(entry.name):
                 continue
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append((entry.path, via_link or entry.is_symlink()))
+                    subfolders.append(entry)
                     continue
             except OSError:
                 pass  # a symbolic link loop: an item below if it has an image's name (read_image says why it fails)
             stem, ext = os.path.splitext(entry.path)  # strings: pathlib costs more than the scan itself on 100,000 files
             if ext.lower() not in SUPPORTED_EXTENSIONS:
+                other[ext.lower() or "(none)"] = other.get(ext.lower() or "(none)", 0) + 1
                 continue
             path = Path(entry.path)
             key = stem[len(prefix):].replace(os.sep, "/")  # entry paths are root_s + sep + ...
@@ -130,7 +146,33 @@ def discover_images(root: Path) -> list[ImageItem]:
                     f"two files in {root} have the same key '{key}': {a} and {b}; rename or remove one"
                 )
             found[key] = ImageItem(key, path, via_link or entry.is_symlink())
+        stack += [(e.path, via_link) for e in reversed(subfolders) if not e.is_symlink()]
+        linked += [(e.path, True) for e in subfolders if e.is_symlink()]
+    if notes is not None:
+        _discovery_notes(notes, found, other, again)
     return [found[key] for key in sorted(found)]
+
+
+def _discovery_notes(notes: list[str], found: dict[str, ImageItem], other: dict[str, int], again: list[tuple[str, str]]) -> None:
+    if other:
+        n = sum(other.values())
+        by = sorted(other.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{ext} {c}" for ext, c in by[:8]) + (", ..." if len(by) > 8 else "")
+        notes.append(f"{n} file{'s' if n != 1 else ''} with other extensions not read ({shown}); "
+                     f"read: {', '.join(SUPPORTED_EXTENSIONS)}")
+    for folder, under in sorted(again)[:5]:
+        notes.append(f"folder {folder} not read again: it is {under} (a symbolic link), read under that path")
+    if len(again) > 5:
+        notes.append(f"... and {len(again) - 5} more folders reached twice through symbolic links")
+    folded: dict[str, list[str]] = {}
+    for key in found:
+        folded.setdefault(unicodedata.normalize("NFC", key).casefold(), []).append(key)
+    clashes = sorted(sorted(keys) for keys in folded.values() if len(keys) > 1)
+    for keys in clashes[:5]:
+        notes.append(f"keys {', '.join(repr(k) for k in keys)} differ only in letter case or Unicode normalisation: "
+                     "their outputs would replace each other on a case-insensitive file system (macOS, Windows, exFAT)")
+    if len(clashes) > 5:
+        notes.append(f"... and {len(clashes) - 5} more keys that differ only in letter case or normalisation")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -140,7 +182,8 @@ class ImageMeta:
 
     ``palette`` is True for palette (indexed) images; with ``read_image(..., raw_palette=True)`` the
     array then holds the raw indices and ``mode`` is ``"gray"``. ``exif_orientation`` is the tag found
-    in the file (already applied to the array), or None.
+    in the file (already applied to the array), or None. ``colour_profile`` is the description of the
+    embedded ICC profile whose colours were converted to sRGB (:func:`to_srgb`), or None.
     """
 
     format: str
@@ -151,6 +194,7 @@ class ImageMeta:
     width: int
     exif_orientation: int | None
     palette: bool
+    colour_profile: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -366,6 +410,11 @@ def _check_tiff_extent(path: Path, page, size: int) -> None:
             raise InputError(f"{path}: truncated TIFF (pixel data extends past the end of the file)")
 
 
+#: TIFF photometric interpretations read from tifffile's samples: MINISWHITE, MINISBLACK, RGB, PALETTE.
+_TIFF_PHOTOMETRIC_READ = (0, 1, 2, 3)
+_TIFF_PHOTOMETRIC_NAMES = {4: "mask", 5: "CMYK", 6: "YCbCr", 8: "CIELab", 9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
+
+
 def _read_tiff(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
     with _quiet_tiff_decoders():
         return _read_tiff_quiet(data, path, raw_palette)
@@ -387,6 +436,13 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
             bits, samples = int(page.bitspersample), int(page.samplesperpixel)
             _check_size(path, int(page.imagewidth), int(page.imagelength))
             _check_tiff_extent(path, page, len(data))
+            if photometric not in _TIFF_PHOTOMETRIC_READ:
+                # CMYK, YCbCr, CIELab, ...: tifffile gives the samples as stored (CMYK came back as RGB with K for
+                # alpha); Pillow converts the 8-bit ones to RGB
+                if bits == 8:
+                    return _read_tiff_with_pillow(data, path, raw_palette)
+                space = _TIFF_PHOTOMETRIC_NAMES.get(photometric, f"photometric {photometric}")
+                raise InputError(f"{path}: {bits}-bit TIFF in the {space} colour space is not supported; export it as grey or RGB")
             try:
                 arr = page.asarray()
             except Exception as exc:
@@ -480,7 +536,7 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
     orientation: int | None = None
     if data[:4] in _TIFF_MAGIC:  # tifffile handles what Pillow cannot (16-bit RGB, planar, float: refused clearly)
         arr, is_palette, orientation = _read_tiff(data, path, raw_palette)
-        return _finish(path, "tiff", arr, is_palette, orientation)
+        return _finish(path, "tiff", arr, is_palette, orientation, None if raw_palette else _tiff_icc(data))
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -521,7 +577,8 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
         raise InputError(
             f"{path}: unsupported image format {fmt or 'unknown'} (supported: {', '.join(SUPPORTED_EXTENSIONS)})"
         )
-    return _finish(path, "jpeg" if fmt == "MPO" else fmt.lower(), arr, is_palette, orientation)
+    icc = None if raw_palette else im.info.get("icc_profile")
+    return _finish(path, "jpeg" if fmt == "MPO" else fmt.lower(), arr, is_palette, orientation, icc)
 
 
 def _ppm_maxval(data: bytes) -> int | None:
@@ -560,7 +617,9 @@ def _ppm_full_scale(arr: np.ndarray, maxval: int | None) -> np.ndarray:
     return scaled.astype(arr.dtype)
 
 
-def _finish(path: Path, fmt: str, arr: np.ndarray, is_palette: bool, orientation: int | None) -> tuple[np.ndarray, ImageMeta]:
+def _finish(
+    path: Path, fmt: str, arr: np.ndarray, is_palette: bool, orientation: int | None, icc: bytes | None = None
+) -> tuple[np.ndarray, ImageMeta]:
     if arr.dtype not in (np.uint8, np.uint16):
         raise _refuse_dtype(path, str(arr.dtype))
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -570,6 +629,9 @@ def _finish(path: Path, fmt: str, arr: np.ndarray, is_palette: bool, orientation
         raise _refuse_dtype(path, f"{channels} channels")
     arr = apply_exif_orientation(arr, orientation)
     _check_size(path, arr.shape[1], arr.shape[0])
+    arr, profile = to_srgb(arr, icc)
+    if channels in (2, 4):
+        arr = clear_transparent(arr)
     meta = ImageMeta(
         format=fmt,
         dtype=str(arr.dtype),
@@ -579,8 +641,67 @@ def _finish(path: Path, fmt: str, arr: np.ndarray, is_palette: bool, orientation
         width=int(arr.shape[1]),
         exif_orientation=orientation,
         palette=bool(is_palette),
+        colour_profile=profile,
     )
     return arr, meta
+
+
+def _tiff_icc(data: bytes) -> bytes | None:
+    """The ICC profile of a TIFF (tag 34675), from Pillow's parse of its header; None if it has none or
+    Pillow cannot parse it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            icc = _pil_open(data).info.get("icc_profile")
+    except Exception:
+        return None
+    return icc if isinstance(icc, bytes) and icc else None
+
+
+_SRGB_PROFILE = None
+
+
+def to_srgb(arr: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, str | None]:
+    """(``arr`` in sRGB, the description of the profile converted from, or None). An 8-bit RGB or RGBA image
+    whose embedded ICC profile is an RGB one other than sRGB (Adobe RGB, Display P3, ProPhoto, a camera's) is
+    converted to sRGB, as a colour-managed viewer shows it (Pillow's ImageCms, LittleCMS, perceptual intent;
+    alpha kept): read as it was, an Adobe RGB photograph's red was 13 to 22 levels off, and its output shown
+    that far from its input (campaign 17b F3). Left as they are: images without a profile, or with an sRGB
+    one (its description names sRGB), grey ones, 16-bit ones and very large ones (``LARGE_PIXELS``), and a
+    profile LittleCMS cannot read (as viewers do). Outputs carry no profile: they are sRGB."""
+    global _SRGB_PROFILE
+    if not icc or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4) or _is_large(arr.shape[1], arr.shape[0]):
+        return arr, None
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        desc = " ".join((ImageCms.getProfileDescription(src) or "").split())
+        if "srgb" in desc.lower().replace(" ", "") or src.profile.xcolor_space.strip() != "RGB":
+            return arr, None
+        if _SRGB_PROFILE is None:
+            _SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        rgb = ImageCms.profileToProfile(Image.fromarray(np.ascontiguousarray(arr[..., :3])), src, _SRGB_PROFILE, outputMode="RGB")
+    except Exception:  # ImageCms.PyCMSError, an unreadable or unusable profile: shown as it is, as viewers do
+        return arr, None
+    out = np.array(rgb)
+    if arr.shape[2] == 4:
+        out = np.dstack([out, arr[..., 3]])
+    return out, desc or "unnamed ICC profile"
+
+
+def clear_transparent(arr: np.ndarray) -> np.ndarray:
+    """Grey+alpha or RGBA ``arr`` with its fully transparent pixels (alpha 0) black: what they show on a black
+    background. An exporter may leave any colour under alpha 0 (white, say, around the field of view), which no
+    viewer shows and which is not the photograph's: read as it is, a white surround hid the field of view from
+    the FOV estimate and made the grader reject the photograph (campaign 17b F2). The alpha plane is kept, and
+    partly transparent pixels are left as they are. A copy only when a pixel changes."""
+    clear = arr[..., -1] == 0
+    if not clear.any():
+        return arr
+    arr = arr.copy()
+    arr[clear, :-1] = 0
+    return arr
 
 
 # --------------------------------------------------------------------------------------------- float

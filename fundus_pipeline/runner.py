@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -147,14 +147,23 @@ def _is_relative_to(a: Path, b: Path) -> bool:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The resolved primary input: its kind (folder, file or list), the path given, and the items."""
+    """The resolved primary input: its kind (folder, file or list), the path given, the items, and what the
+    search of a folder passed over (``discover_images``'s notes: printed with the progress, recorded in the
+    manifest)."""
 
     kind: str
     path: Path
     items: list[ImageItem]
+    notes: tuple[str, ...] = ()
 
     def record(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path), "count": len(self.items)}
+        return {"kind": self.kind, "path": str(self.path), "count": len(self.items), **({"notes": list(self.notes)} if self.notes else {})}
+
+    def say_notes(self) -> None:
+        """Each note on stderr, one line (``note: ...``); a stderr that cannot be written is passed over."""
+        for note in self.notes:
+            with contextlib.suppress(OSError, ValueError):
+                print(printable(f"note: {note}"), file=sys.stderr, flush=True)
 
 
 def _read_list(path: Path) -> list[ImageItem]:
@@ -197,7 +206,9 @@ def resolve_inputs(path: Path) -> Inputs:
     # a resume or `fundus report` from another working folder finds the same files
     path = Path(os.path.abspath(path))
     if path.is_dir():
-        return Inputs("folder", path, discover_images(path))
+        notes: list[str] = []
+        items = discover_images(path, notes)
+        return Inputs("folder", path, items, tuple(notes))
     if not path.is_file():
         raise UsageError(f"input is neither a folder nor a regular file: {path}")
     ext = path.suffix.lower()
@@ -772,6 +783,8 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
     finally:  # provenance, hashed from the bytes read (also when they do not decode)
         if info:
             row["input_sha256"], row["input_stat"] = info["sha256"], [info["size"], info["mtime_ns"]]
+    if images["image"].meta.colour_profile:  # converted to sRGB on reading (io.to_srgb): the manifest says from what
+        row["input_colour_profile"] = images["image"].meta.colour_profile
     for role, path in sorted(work.extra.items()):
         if path is None:
             raise InputError(f"no {role} image with the key {work.key!r}")
@@ -1106,7 +1119,7 @@ class Progress:
         self.done += 1
         if row["status"] == "error":
             self.failed += 1
-            msg = f"error: {row['key']}: {row['error']}"
+            msg = printable(f"error: {row['key']}: {row['error']}")
             if self.bar is not None:
                 self._say(lambda: self.bar.write(msg, file=sys.stderr))
             else:
@@ -1221,6 +1234,8 @@ def run_stage(
     extra_dirs = dict(extra_dirs or {})
     check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume)
     inputs = resolve_inputs(in_path) if items is None else Inputs("planned", Path(in_path), list(items))
+    if progress:
+        inputs.say_notes()
     if not inputs.items:
         raise UsageError(f"no images found in {in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
     _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)

@@ -18,7 +18,7 @@ import typer
 
 from fundus_pipeline import __version__
 from fundus_pipeline.cli.options import EngineName, Format
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error, printable
 
 app = typer.Typer(
     name="fundus",
@@ -129,9 +129,9 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 
 def _err(msg: str, hint: str | None = None) -> None:
-    typer.echo(f"Error: {msg}", err=True)
+    typer.echo(f"Error: {printable(str(msg))}", err=True)
     if hint:
-        typer.echo(f"Hint: {hint}", err=True)
+        typer.echo(f"Hint: {printable(str(hint))}", err=True)
 
 
 def _stream_error(e: OSError) -> bool:

@@ -13,7 +13,7 @@ import typer
 
 from fundus_pipeline.cli.app import app
 from fundus_pipeline.cli.options import Format, FormatOpt, flag
-from fundus_pipeline.errors import UsageError
+from fundus_pipeline.errors import UsageError, printable
 
 if TYPE_CHECKING:
     from fundus_pipeline.evaluation.segment import EvalResult
@@ -120,9 +120,9 @@ def _finish(
     write(result, out_dir)
 
     for msg in result.messages:
-        typer.echo(f"warning: {msg}", err=True)
+        typer.echo(printable(f"warning: {msg}"), err=True)
     for note in result.notes:
-        typer.echo(note, err=True)
+        typer.echo(printable(note), err=True)
     if fmt is Format.json:
         typer.echo(json.dumps(result.summary, indent=2, allow_nan=False))
     else:
