@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fundus_pipeline.errors import UsageError
 
@@ -35,12 +35,16 @@ def error_line(e: ValidationError, prefix: str = "--") -> str:
         shown = ""
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    if not parts:  # a check of several options together: its message names them
+        return f"{msg}{more}"
     return f"{name or 'value'}{shown}: {msg}{more}"
 
 
 def usage_error(e: ValidationError) -> UsageError:
-    """One line from a pydantic error: ``invalid --option 'value': message`` (first error, and how many more)."""
-    return UsageError(f"invalid {error_line(e)}")
+    """One line from a pydantic error: ``invalid --option 'value': message`` (first error, and how many more;
+    a check of several options together gives its own message, which names them)."""
+    line = error_line(e)
+    return UsageError(line if not [x for x in e.errors()[0]["loc"] if not isinstance(x, int)] else f"invalid {line}")
 
 
 class StageConfig(BaseModel):
@@ -132,6 +136,15 @@ class SegmentConfig(NetworkStageConfig):
     # (scripts/val_fov_margin.py counts them on the validation images).
     fov_margin: float = Field(0.0, ge=0.0, le=0.5)
     batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _tile_holds_its_overlaps(self) -> "SegmentConfig":
+        # a smaller tile ran at this size while the manifest recorded the one asked for (campaign 17a F2);
+        # 16 is the segmenters' largest size divisor (IMFF-Net; MSRF-Net 8)
+        if self.tile and self.tile < 2 * self.overlap + 16:
+            raise ValueError(f"--tile {self.tile} is smaller than 2 x --overlap + 16 = {2 * self.overlap + 16}: "
+                             "give 0 (the whole image) or a larger tile, or a smaller --overlap")
+        return self
 
 
 def default(model: type[BaseModel], name: str) -> Any:

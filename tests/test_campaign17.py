@@ -187,3 +187,73 @@ def test_a_file_name_cannot_break_the_error_line_or_drive_the_terminal(tmp_path)
     from fundus_pipeline.errors import printable
 
     assert printable("bad\nINJECTED \x1b[2J\udce9 é 中") == "bad\\nINJECTED \\x1b[2J\\udce9 é 中"
+
+
+# --------------------------------------------------------------------------------------------- 17a (options vs docs)
+def _fundus(*args, cwd=None, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "fundus_pipeline", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_missing_rsa_init_weights_are_exit_1_and_an_arch_of_another_task_reads_well(tmp_path):
+    """17a F1: `train enhance --rsa-init nope.pt` was exit 2 without a hint (every other missing weights file is
+    exit 1); F9: "'cofe' is a enhancement model"."""
+    r = _fundus("train", "enhance", "--out", tmp_path / "tr", "--rsa-init", tmp_path / "nope.pt", "--steps", "1",
+                env_extra={"FUNDUS_DATA": str(tmp_path)})
+    assert r.returncode == 1 and "--rsa-init: weights not found" in r.stderr and "Hint:" in r.stderr, r.stderr
+    r = _fundus("train", "segment", "--out", tmp_path / "tr2", "--arch", "cofe", "--steps", "1", env_extra={"FUNDUS_DATA": str(tmp_path)})
+    assert r.returncode == 2 and "'cofe' is an enhancement model, not a segmentation model" in r.stderr, r.stderr
+
+
+def test_a_tile_too_small_for_its_overlaps_is_refused_not_silently_enlarged(tmp_path):
+    """17a F2: `segment --tile 10` ran with 144-px tiles while the manifest recorded 10 (a resume with the tile that
+    ran was then refused); --tile 100 --overlap 200 was accepted."""
+    from fundus_pipeline.config import SegmentConfig
+    from fundus_pipeline.errors import UsageError
+
+    for tile, overlap in ((10, 64), (100, 200), (143, 64)):
+        with pytest.raises(UsageError, match=r"^--tile \d+ is smaller than 2 x --overlap \+ 16"):
+            SegmentConfig.build(tile=tile, overlap=overlap)
+    assert SegmentConfig.build(tile=144, overlap=64).tile == 144 and SegmentConfig.build(tile=0, overlap=500).tile == 0
+    r = _fundus("segment", tmp_path / "missing.png", tmp_path / "out", "--tile", "10")
+    assert r.returncode == 2 and r.stderr.startswith("Error: --tile 10 is smaller than 2 x --overlap + 16 = 144"), r.stderr
+
+
+def test_degrade_replay_takes_the_earlier_runs_folder_as_fundus_run_does(tmp_path):
+    """17a F4: `degrade --replay OLD_OUT` was refused ("is a folder") while `run --replay OLD_OUT` was accepted."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_fundus_like(64, 64)).save(src / "a.png")
+    assert _fundus("degrade", src, tmp_path / "d1", "--threads", "1", "-q", "--seed", "5").returncode == 0
+    r = _fundus("degrade", src, tmp_path / "d2", "--threads", "1", "-q", "--replay", tmp_path / "d1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "d2" / "a.png").read_bytes() == (tmp_path / "d1" / "a.png").read_bytes()
+    (tmp_path / "empty").mkdir()
+    r = _fundus("degrade", src, tmp_path / "d3", "--replay", tmp_path / "empty")
+    assert r.returncode == 2 and "is a folder without a manifest.json" in r.stderr
+
+
+def test_every_evaluator_takes_overwrite_and_the_help_states_the_ranges():
+    """17a F5: only `evaluate segment` took the no-op --overwrite (a script passing it to all four failed on three);
+    F6: ranges enforced but not in --help; F8: help copied where it does not apply; F10: lower-case placeholders."""
+    from typer.testing import CliRunner
+
+    from fundus_pipeline.cli import app
+
+    def help_of(*cmd: str) -> str:
+        r = CliRunner().invoke(app, [*cmd, "--help"], terminal_width=400, env={"COLUMNS": "400"})
+        assert r.exit_code == 0, r.output
+        return " ".join(r.output.split())
+
+    for cmd in ("segment", "enhance", "score", "grade"):
+        assert "--overwrite" in help_of("evaluate", cmd)
+    assert "Usage: fundus evaluate segment [OPTIONS] {PRED_DIR} {GT_DIR}" in help_of("evaluate", "segment")
+    degrade = help_of("degrade")
+    assert "1-512" in degrade and "1-1024" in degrade and "16-bit probability" not in degrade
+    run = help_of("run")
+    assert "(-1 to 1)" in run and "(0 to 1)" in run and "(at least 48)" in run and "(strictly between 0 and 1)" in run
+    assert "Seed of the simulator (>= 0)" in run
+    grade = help_of("grade")
+    assert "segment: vessel F1 0.002" in grade and "segment's IMFF-Net" in grade

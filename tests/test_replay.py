@@ -166,7 +166,9 @@ def test_manifest_must_be_a_regular_file(tmp_path):
     fifo = tmp_path / "manifest.json"
     os.mkfifo(fifo)  # opening it for reading would block until a writer appears
     refused(fifo, "not a regular file")
-    refused(tmp_path, "is a folder")
+    refused(tmp_path, "not a regular file")  # the folder: its manifest.json, here the FIFO (campaign 17a F4)
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", "is a folder without a manifest.json")
     refused(tmp_path / "nope.json", "not found")
     assert time.perf_counter() - t < 10
 

@@ -75,7 +75,7 @@ def quality_set(
     ] = None,
     size: Annotated[int, typer.Option("--size", help="Side of the canonical frame the set lives in (the FOV diameter in pixels).")] = _Q["size"].default,
     draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph.")] = _Q["draws"].default,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw.")] = _Q["seed"].default,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw (>= 0).")] = _Q["seed"].default,
     enhancers: Annotated[
         str, typer.Option("--enhancers", help="Comma-separated enhancers: classical names and shipped enhancement weights names.")
     ] = ",".join(DEFAULT_ENHANCERS),
@@ -129,7 +129,7 @@ def grade_set(
     size: Annotated[int, typer.Option("--size", help="Side of the canonical frame where labels are computed.")] = _G["size"].default,
     store_size: Annotated[int, typer.Option("--store-size", help="Side of the images written.")] = _G["store_size"].default,
     draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph.")] = _G["draws"].default,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw.")] = _G["seed"].default,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw (>= 0).")] = _G["seed"].default,
     parts: Annotated[str, typer.Option("--parts", help="Comma-separated parts to build: train, test.")] = ",".join(PARTS),
     limit: Annotated[
         Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)

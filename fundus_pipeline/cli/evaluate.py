@@ -26,17 +26,21 @@ evaluate_app = typer.Typer(
 app.add_typer(evaluate_app, name="evaluate", help="Evaluate outputs against ground truth.")
 
 
+#: Every evaluator takes it, so one script can pass it to all four (campaign 17a F5).
+OverwriteOpt = Annotated[bool, flag("--overwrite", help="Accepted for compatibility; has no effect (the reports are always replaced).")]
+
+
 @evaluate_app.command("segment")
 def segment(
     pred_dir: Annotated[
         Path,
-        typer.Argument(
+        typer.Argument(metavar="PRED_DIR",
             help="Predictions: a `fundus segment` output folder (K_prob.png / K_vessels.png) or a folder of "
             "binary masks or probability maps (e.g. DRIVE 2nd_manual for the second observer).",
             show_default=False,
         ),
     ],
-    gt_dir: Annotated[Path, typer.Argument(help="Ground-truth vessel masks (e.g. DRIVE 1st_manual, HRF manual1).", show_default=False)],
+    gt_dir: Annotated[Path, typer.Argument(metavar="GT_DIR", help="Ground-truth vessel masks (e.g. DRIVE 1st_manual, HRF manual1).", show_default=False)],
     fov: Annotated[
         Optional[Path],
         typer.Option("--fov", help="FOV masks folder (e.g. DRIVE mask/); without it the FOV is the whole image.", show_default=False),
@@ -62,7 +66,7 @@ def segment(
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[bool, flag("--overwrite", help="Accepted for compatibility; has no effect (the reports are always replaced).")] = False,
+    overwrite: OverwriteOpt = False,
     fmt: FormatOpt = Format.human,
     bootstrap: Annotated[
         int,
@@ -136,9 +140,9 @@ def _finish(
 def enhance(
     enh_dir: Annotated[
         Path,
-        typer.Argument(help="Enhanced photographs: a `fundus enhance` output folder (KEY.png) or any folder of images.", show_default=False),
+        typer.Argument(metavar="ENH_DIR", help="Enhanced photographs: a `fundus enhance` output folder (KEY.png) or any folder of images.", show_default=False),
     ],
-    ref_dir: Annotated[Path, typer.Argument(help="Clean reference photographs (e.g. the originals that were degraded).", show_default=False)],
+    ref_dir: Annotated[Path, typer.Argument(metavar="REF_DIR", help="Clean reference photographs (e.g. the originals that were degraded).", show_default=False)],
     fov: Annotated[
         Optional[Path],
         typer.Option(
@@ -162,6 +166,7 @@ def enhance(
         typer.Option("--bootstrap", min=0, help="Bootstrap resamples over images for the 95% CIs of the means; 0: no CIs."),
     ] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Bootstrap seed (results are identical for the same seed).")] = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Score enhanced photographs against clean references inside the FOV: PSNR, SSIM, MS-SSIM, CIEDE2000.
 
@@ -171,6 +176,7 @@ def enhance(
     one are only counted (one line on stderr). Exit 3 when an enhanced image has no reference (or no FOV
     mask with --fov) or an item is unreadable or mismatched (the others are still scored), 2 when nothing pairs.
     """
+    del overwrite  # accepted for compatibility only: the reports are always replaced
     from fundus_pipeline.evaluation.enhance import evaluate_enhancement, summary_human, write_outputs
     from fundus_pipeline.evaluation.segment import check_out_dir
 
@@ -186,12 +192,12 @@ def enhance(
 def score(
     scores_csv: Annotated[
         Path,
-        typer.Argument(help="Predicted quality scores: a `fundus score` results.csv (key, score, status) or any CSV "
+        typer.Argument(metavar="SCORES_CSV", help="Predicted quality scores: a `fundus score` results.csv (key, score, status) or any CSV "
                        "with a key column and a score column.", show_default=False),
     ],
     labels: Annotated[
         Path,
-        typer.Argument(help="Quality labels: a quality set's pairs.csv (key, part, source, label, grouping columns), "
+        typer.Argument(metavar="LABELS", help="Quality labels: a quality set's pairs.csv (key, part, source, label, grouping columns), "
                        "or the folder holding it.", show_default=False),
     ],
     column: Annotated[
@@ -219,6 +225,7 @@ def score(
     ] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Bootstrap seed (results are identical for the same seed).")] = 0,
     fmt: FormatOpt = Format.human,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Score predicted image quality against quality labels: SROCC, PLCC, KROCC, RMSE.
 
@@ -232,6 +239,7 @@ def score(
     label rows without a score are only counted. Exit 2 for an unreadable file, a missing column or no key in
     common.
     """
+    del overwrite  # accepted for compatibility only: the reports are always replaced
     from fundus_pipeline.evaluation.score import evaluate_scores, summary_human, write_outputs
     from fundus_pipeline.evaluation.segment import check_out_dir
 
@@ -254,12 +262,12 @@ def score(
 def grade(
     results_csv: Annotated[
         Path,
-        typer.Argument(help="Predicted grades: a `fundus grade` results.csv (key, status, grade, p_good, p_usable, "
+        typer.Argument(metavar="RESULTS_CSV", help="Predicted grades: a `fundus grade` results.csv (key, status, grade, p_good, p_usable, "
                        "p_reject, temperature, p_<flag>).", show_default=False),
     ],
     labels: Annotated[
         Path,
-        typer.Argument(help="Quality labels: EyeQ's image,quality[,DR_grade] CSV as published, or a CSV with key, "
+        typer.Argument(metavar="LABELS", help="Quality labels: EyeQ's image,quality[,DR_grade] CSV as published, or a CSV with key, "
                        "quality (0 good, 1 usable, 2 reject) and optionally flag_<name>, source and grouping "
                        "columns; or the folder holding it as labels.csv.", show_default=False),
     ],
@@ -283,6 +291,7 @@ def grade(
     ] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Bootstrap seed (results are identical for the same seed).")] = 0,
     fmt: FormatOpt = Format.human,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Score predicted quality grades against quality labels: accuracy, macro F1, kappa, flag AUC, ECE.
 
@@ -297,6 +306,7 @@ def grade(
     labels are listed and not graded (exit 3; the others are still graded); label rows without a result are
     only counted. Exit 2 for an unreadable file, a missing column, a bad label value or no key in common.
     """
+    del overwrite  # accepted for compatibility only: the reports are always replaced
     from fundus_pipeline.evaluation.grade import evaluate_grades, summary_human, write_outputs
     from fundus_pipeline.evaluation.segment import check_out_dir
 

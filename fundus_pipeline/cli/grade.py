@@ -59,7 +59,7 @@ def grade(
     out_dir: OutDir,
     weights: Annotated[str, typer.Option("--weights", "-w", help="Grading weights: a name from `fundus models` or a .pt state-dict file.")] = default(GradeConfig, "weights"),
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
-    flag_threshold: Annotated[float, typer.Option("--flag-threshold", help="A flag is listed in the 'flags' column from this probability on.")] = default(GradeConfig, "flag_threshold"),
+    flag_threshold: Annotated[float, typer.Option("--flag-threshold", help="A flag is listed in the 'flags' column from this probability on (strictly between 0 and 1).")] = default(GradeConfig, "flag_threshold"),
     sort: Annotated[bool, flag("--sort-into", help="After grading, copy (never move) each input into OUT/good, OUT/usable or OUT/reject.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photographs per forward pass (more is faster on a GPU; probabilities may move in the 6th decimal).")] = default(GradeConfig, "batch_size"),
     device: Device = default(GradeConfig, "device"),

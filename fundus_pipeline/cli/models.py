@@ -18,7 +18,7 @@ from fundus_pipeline.cli.options import Format, FormatOpt
 
 @app.command()
 def models(
-    pattern: Annotated[str, typer.Argument(help="fnmatch pattern over model names.")] = "*",
+    pattern: Annotated[str, typer.Argument(metavar="PATTERN", help="fnmatch pattern over model names.")] = "*",
     fmt: FormatOpt = Format.human,
 ):
     """List the model architectures and the shipped weights (by architecture or weights name). A weights file

@@ -51,13 +51,14 @@ Workers = Annotated[
     typer.Option(
         "--workers",
         "-j",
-        help="Parallel worker processes; each gets cores/workers CPU threads unless --threads is given. Results do not depend on it at a "
-        "given --threads (the thread count can move a 16-bit probability by one level; the manifest records threads_used).",
+        help="Parallel worker processes, 1-512; each gets cores/workers CPU threads unless --threads is given. Results do not depend on "
+        "it at a given --threads (in a network stage the thread count can move a 16-bit output by one level; the manifest records "
+        "threads_used).",
     ),
 ]
 Threads = Annotated[
     int | None,
-    typer.Option("--threads", help="CPU threads per worker [default: available cores / workers].", show_default=False),
+    typer.Option("--threads", help="CPU threads per worker, 1-1024 [default: available cores / workers].", show_default=False),
 ]
 Resume = Annotated[bool, flag("--resume", help="Continue an earlier run in OUT: finished items are skipped.")]
 Overwrite = Annotated[bool, flag("--overwrite", help="Allow a non-empty OUT and replace outputs of the same name.")]
@@ -69,13 +70,14 @@ Precision = Annotated[
     typer.Option(
         "--precision",
         help="Forward passes in fp32, or under autocast in bf16 or fp16 (fp16 needs CUDA; bf16 also runs on a CPU): faster on a GPU, results within the tolerance "
-        "benchmarks/gpu.py measures (vessel F1 0.002, PSNR 0.05 dB); slower on most CPUs.",
+        "benchmarks/gpu.py measures for each stage (segment: vessel F1 0.002; enhance: PSNR 0.05 dB); slower on most CPUs.",
     ),
 ]
 COMPILE_HELP = (
     "torch.compile the network(s): compiled at the first batch in each worker, and again when a batch or image shape first "
     "differs (a smaller last batch, another photograph size: torch.compile then makes the shape dynamic; 0.5-1.5 minutes per "
-    "compile and model on 2 CPU cores; later runs reuse the compile cache), then faster forward passes (2 CPU cores: IMFF-Net 1.06x, Cofe-Net 1.26x); "
+    "compile and model on 2 CPU cores; later runs reuse the compile cache), then faster forward passes (measured on 2 CPU cores for segment's IMFF-Net "
+    "1.06x and enhance's Cofe-Net 1.26x; benchmarks/gpu.py --compile measures a stage); "
     "outputs agree with the uncompiled ones to float rounding, so it is recorded in the manifest."
 )
 Compile = Annotated[bool, flag("--compile", help=COMPILE_HELP)]

@@ -104,17 +104,17 @@ def run_cmd(
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Reproduce the run recorded in OLD_OUT/manifest.json into OUT (not OLD_OUT itself) with its inputs, weights, options and thread count, and check the result byte for byte (a difference: exit 3).", show_default=False)] = None,
     steps: Annotated[Optional[str], _opt("--steps", help="Steps to run, comma-separated; they always run in the chain's order grade,enhance,score,segment.", field="steps")] = None,
     enhance_if: Annotated[Optional[str], _opt("--enhance-if", help="Enhance the photographs graded as these (the others pass through unchanged).", field="enhance_if")] = None,
-    min_gain: Annotated[Optional[float], _opt("--min-gain", help="Trust (segment) an enhanced image when its score minus the input's own score is at least this.", field="min_gain")] = None,
-    min_score: Annotated[Optional[float], _opt("--min-score", help="... and its score is at least this.", field="min_score")] = None,
+    min_gain: Annotated[Optional[float], _opt("--min-gain", help="Trust (segment) an enhanced image when its score minus the input's own score is at least this (-1 to 1).", field="min_gain")] = None,
+    min_score: Annotated[Optional[float], _opt("--min-score", help="... and its score is at least this (0 to 1).", field="min_score")] = None,
     simulate: Annotated[Optional[str], typer.Option("--simulate", help="Degrade the (clean) inputs first: Cofe-Net types (111, '001,010', all) or a recipe (mild, moderate, severe, a JSON file); adds PSNR/SSIM and vessel F1 against the clean originals.", show_default=False)] = None,
-    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the simulator.", field="seed")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the simulator (>= 0).", field="seed")] = None,
     ground_truth: Annotated[Optional[Path], typer.Option("--ground-truth", parser=path_arg, help="With --simulate: manual vessel annotations of the clean originals (paired by name, as `fundus evaluate segment` pairs).", show_default=False)] = None,
     device: Annotated[Optional[str], _opt("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", field="device")] = None,
     precision: Annotated[Optional[str], _opt("--precision", help="fp32, or bf16 or fp16 (fp16 needs CUDA) under autocast for every network step.", field="precision")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every network step (see `fundus segment --help`) [default: --no-compile].", show_default=False)] = None,
     grade_weights: Annotated[Optional[str], _opt("--grade-weights", help="Grading weights (a name from `fundus models` or a .pt file).", field="grade_weights")] = None,
     grade_arch: Annotated[Optional[str], typer.Option("--grade-arch", help="Architecture of grading weights not in weights/manifest.json.", show_default=False)] = None,
-    flag_threshold: Annotated[Optional[float], _opt("--flag-threshold", help="A grading flag is listed from this probability on.", field="flag_threshold")] = None,
+    flag_threshold: Annotated[Optional[float], _opt("--flag-threshold", help="A grading flag is listed from this probability on (strictly between 0 and 1).", field="flag_threshold")] = None,
     grade_batch_size: Annotated[Optional[int], _opt("--grade-batch-size", help="Photographs per forward pass of the grader.", field="grade_batch_size")] = None,
     enhance_weights: Annotated[Optional[str], _opt("--enhance-weights", help="Enhancement weights.", field="enhance_weights")] = None,
     enhance_arch: Annotated[Optional[str], typer.Option("--enhance-arch", help="Architecture of enhancement weights not in the manifest.", show_default=False)] = None,
@@ -129,9 +129,9 @@ def run_cmd(
     segment_arch: Annotated[Optional[str], typer.Option("--segment-arch", help="Architecture of segmentation weights not in the manifest.", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Vessel decision threshold [default: the weights' own].", show_default=False)] = None,
     report: Annotated[Optional[bool], typer.Option("--report/--no-report", help="Write OUT/report.html [default: --report].", show_default=False)] = None,
-    thumbnail: Annotated[Optional[int], _opt("--thumbnail", help="Thumbnail side in the report, pixels.", field="thumbnail")] = None,
-    workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage (results do not depend on it at a given --threads; the default --threads follows it).", field="workers")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [default: available cores / workers; with --replay, the recorded run's].", show_default=False)] = None,
+    thumbnail: Annotated[Optional[int], _opt("--thumbnail", help="Thumbnail side in the report, pixels (at least 48).", field="thumbnail")] = None,
+    workers: Annotated[Optional[int], _opt("--workers", "-j", help="Parallel worker processes per stage, 1-512 (results do not depend on it at a given --threads; the default --threads follows it).", field="workers")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker, 1-1024 [default: available cores / workers; with --replay, the recorded run's].", show_default=False)] = None,
     engine: Annotated[Optional[EngineName], _opt("--engine", help="local: this machine's worker processes; ray: the actors of a Ray cluster, every stage (--workers actors, --threads CPUs each; pip install 'fundus-pipeline[ray]'). Results do not depend on it.", field="engine")] = None,
     address: Annotated[Optional[str], typer.Option("--address", help="With --engine ray: the Ray cluster to use (the address `ray start --head` prints, or auto) [default: start a local Ray instance].", show_default=False)] = None,
     resume: Annotated[Optional[bool], flag("--resume", help="Continue an earlier run in OUT: what is finished is kept, the rest is done.")] = None,
@@ -144,8 +144,8 @@ def run_cmd(
     with one table (OUT/results.csv) and one page (OUT/report.html).
 
     Each stage writes its own folder (OUT/grade, OUT/enhance, OUT/score, OUT/segment; with
-    --simulate also OUT/degrade, OUT/segment_clean, OUT/segment_input, OUT/compare) exactly as its own
-    command would. Every decision and its reason is a column of results.csv. Examples:
+    --simulate also OUT/degrade, OUT/segment_clean, OUT/compare, and OUT/segment_input where an enhanced
+    image was segmented) exactly as its own command would. Every decision and its reason is a column of results.csv. Examples:
 
       fundus run photos/ out/ && xdg-open out/report.html
 

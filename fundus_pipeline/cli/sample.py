@@ -38,7 +38,7 @@ def degraded_versions(path: Path) -> dict[str, "object"]:
 
 @app.command()
 def sample(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the photographs into (created).")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the photographs into (created).")],
     clean_only: Annotated[bool, flag("--clean-only", help="Write only retina.png, without the degraded versions.")] = False,
 ):
     """Write scikit-image's bundled retina photograph (1411x1411 RGB) as OUT_DIR/retina.png, and four degraded

@@ -21,7 +21,7 @@ def segment(
     device: Device = default(SegmentConfig, "device"),
     precision: Precision = default(SegmentConfig, "precision"),
     compile: Compile = default(SegmentConfig, "compile"),
-    tile: Annotated[int, typer.Option("--tile", help="Tile side at the working scale (0 = whole image at once).")] = default(SegmentConfig, "tile"),
+    tile: Annotated[int, typer.Option("--tile", help="Tile side at the working scale (0 = whole image at once; else at least 2 x --overlap + 16).")] = default(SegmentConfig, "tile"),
     overlap: Annotated[int, typer.Option("--overlap", help="Tile overlap in pixels, blended linearly.")] = default(SegmentConfig, "overlap"),
     overlay: Annotated[bool, flag("--overlay", help="Also write KEY_overlay.png.")] = default(SegmentConfig, "overlay"),
     fov: Annotated[str, typer.Option("--fov", help="estimate (find the circular field of view) or full (whole frame).")] = default(SegmentConfig, "fov"),

@@ -161,7 +161,7 @@ def _read_capped(path: Path) -> bytes:
     except OSError as e:
         raise UsageError(f"cannot read replay manifest {path}: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"replay manifest {path} is a folder; give the earlier run's manifest.json (OLD_OUT/manifest.json)")
+        raise UsageError(f"replay manifest {path} is a folder without a manifest.json; give the earlier run's folder or its manifest.json")
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"replay manifest {path} is not a regular file (a FIFO, device or socket); give OLD_OUT/manifest.json")
     if st.st_size > MAX_MANIFEST_BYTES:
@@ -290,8 +290,11 @@ def _check_rows(m: _Manifest, raw_items: list, path: Path) -> dict[str, dict[str
 
 
 def load_replay(path: Path) -> Replay:
-    """Read and validate an earlier ``fundus degrade`` run's manifest; see the module docstring."""
+    """Read and validate an earlier ``fundus degrade`` run's manifest (``OLD_OUT/manifest.json``, a copy of it
+    under any name, or the folder OLD_OUT, as ``fundus run --replay`` takes it); see the module docstring."""
     path = Path(path)
+    if path.is_dir() and (path / "manifest.json").exists():  # the folder: its manifest (campaign 17a F4)
+        path = path / "manifest.json"
     data = _read_capped(path)
     sha = hashlib.sha256(data).hexdigest()
     try:

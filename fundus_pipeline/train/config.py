@@ -33,7 +33,7 @@ class TrainConfig(BaseModel):
     steps: int = Field(5000, ge=1, le=100_000_000, description="Optimiser steps (the cosine learning-rate decay ends there).")
     batch_size: int = Field(8, ge=1, description="Training samples per step.")
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate at step 0 (cosine decay to 2%).")
-    seed: int = Field(0, ge=0, description="Seed of the model initialisation and of every step's samples.")
+    seed: int = Field(0, ge=0, description="Seed of the model initialisation and of every step's samples (>= 0).")
     val_every: int = Field(250, ge=1, description="Validate every N steps (and at the last); the best score is kept as best.pt.")
     ckpt_every: int = Field(100, ge=1, description="Write the resumable checkpoint last.pt every N steps (and at the last).")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="Torch CPU threads (0 = torch's default).")
@@ -157,8 +157,10 @@ def _check_arch(name: str, task: str) -> str:
     except UsageError as e:
         raise ValueError(e.message) from None
     if entry.task != task:
-        article = "an" if task[0] in "aeiou" else "a"
-        raise ValueError(f"{name!r} is a {entry.task} model, not {article} {task} model")
+        def article(noun: str) -> str:
+            return "an" if noun[0] in "aeiou" else "a"
+
+        raise ValueError(f"{name!r} is {article(entry.task)} {entry.task} model, not {article(task)} {task} model")
     return name
 
 
@@ -250,15 +252,15 @@ class EnhanceConfig(SourcesConfig):
 
     @field_validator("rsa_init")
     @classmethod
-    def _rsa_init(cls, v: str | None) -> str | None:
+    def _rsa_init(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None or v.lower() == "none":
             return None
         from fundus_pipeline.models.weights import resolve_weights
 
         try:
             resolve_weights(v)  # refused here when missing; resolved again where it is loaded
-        except FundusError as e:
-            raise ValueError(e.message) from None
+        except FundusError as e:  # exit 1 with its hint, as missing weights are for every command (17a F1)
+            raise WeightsError(f"{option_name(info.field_name)}: {e.message}", e.hint) from None
         return v
 
     @model_validator(mode="after")
