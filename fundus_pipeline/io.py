@@ -88,8 +88,8 @@ def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageIte
     An entry with an image's name that is not a readable regular file (a dangling or looping symbolic link,
     a FIFO, a socket) is kept: it fails as an item with its reason, never skipped in silence. Symlinked
     folders are followed once (loops are ignored): a folder reached both as itself and through a link is
-    read under its own path, and one reached through several links under the first in name order, whatever
-    order the file system lists them in (the keys, and so the outputs and degrade's seeds, do not depend on
+    read under its own path, and one reached through several links under the first found, the shallowest
+    link first and in name order at each depth, whatever order the file system lists them in (the keys, and so the outputs and degrade's seeds, do not depend on
     it). Two files with the same key (``a.png`` and ``a.JPG``) are a ``UsageError`` naming both, since their
     outputs would collide.
 
@@ -161,7 +161,7 @@ def _discovery_notes(notes: list[str], found: dict[str, ImageItem], other: dict[
         notes.append(f"{n} file{'s' if n != 1 else ''} with other extensions not read ({shown}); "
                      f"read: {', '.join(SUPPORTED_EXTENSIONS)}")
     for folder, under in sorted(again)[:5]:
-        notes.append(f"folder {folder} not read again: it is {under} (a symbolic link), read under that path")
+        notes.append(f"folder {folder} (reached through a symbolic link) not read again: it is {under}, read under that path")
     if len(again) > 5:
         notes.append(f"... and {len(again) - 5} more folders reached twice through symbolic links")
     folded: dict[str, list[str]] = {}
@@ -169,7 +169,10 @@ def _discovery_notes(notes: list[str], found: dict[str, ImageItem], other: dict[
         folded.setdefault(unicodedata.normalize("NFC", key).casefold(), []).append(key)
     clashes = sorted(sorted(keys) for keys in folded.values() if len(keys) > 1)
     for keys in clashes[:5]:
-        notes.append(f"keys {', '.join(repr(k) for k in keys)} differ only in letter case or Unicode normalisation: "
+        shown = [repr(k) for k in keys]
+        if len(set(shown)) < len(shown):  # NFC and NFD forms print alike: show their code points
+            shown = [ascii(k) for k in keys]
+        notes.append(f"keys {', '.join(shown)} differ only in letter case or Unicode normalisation: "
                      "their outputs would replace each other on a case-insensitive file system (macOS, Windows, exFAT)")
     if len(clashes) > 5:
         notes.append(f"... and {len(clashes) - 5} more keys that differ only in letter case or normalisation")
@@ -438,11 +441,18 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
             _check_tiff_extent(path, page, len(data))
             if photometric not in _TIFF_PHOTOMETRIC_READ:
                 # CMYK, YCbCr, CIELab, ...: tifffile gives the samples as stored (CMYK came back as RGB with K for
-                # alpha); Pillow converts the 8-bit ones to RGB
-                if bits == 8:
-                    return _read_tiff_with_pillow(data, path, raw_palette)
+                # alpha); Pillow converts the 8-bit ones without extra samples to RGB
                 space = _TIFF_PHOTOMETRIC_NAMES.get(photometric, f"photometric {photometric}")
-                raise InputError(f"{path}: {bits}-bit TIFF in the {space} colour space is not supported; export it as grey or RGB")
+                refused = InputError(f"{path}: {bits}-bit TIFF in the {space} colour space with {samples} samples is not "
+                                     "supported; export it as grey or RGB (8-bit CMYK, YCbCr and CIELab are read)")
+                if bits != 8 or extrasamples:
+                    raise refused
+                try:
+                    return _read_tiff_with_pillow(data, path, raw_palette)
+                except InputError as e:  # Pillow cannot open this kind: say so, not "corrupt" (review 18 R2)
+                    if "cannot identify image file" in str(e.__cause__ or ""):
+                        raise refused from None
+                    raise
             try:
                 arr = page.asarray()
             except Exception as exc:
@@ -499,7 +509,9 @@ def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[
     except Image.DecompressionBombError as exc:
         raise InputError(f"{path}: image is too large to decode safely ({_short(exc)})") from exc
     except Exception as exc:
-        raise InputError(f"{path}: truncated or corrupt TIFF ({_short(exc)})") from exc
+        # UnidentifiedImageError's text names the BytesIO object, a new address on each run: not in a message
+        why = "Pillow cannot decode it" if isinstance(exc, UnidentifiedImageError) else _short(exc)
+        raise InputError(f"{path}: truncated or corrupt TIFF ({why})") from exc
     _check_pixels(path, *im.size)
     _pil_load(im, path, "TIFF")
     arr, is_palette = _pil_to_array(im, path, raw_palette)
@@ -631,7 +643,7 @@ def _finish(
     _check_size(path, arr.shape[1], arr.shape[0])
     arr, profile = to_srgb(arr, icc)
     if channels in (2, 4):
-        arr = clear_transparent(arr)
+        arr = clear_transparent(arr, in_place=arr.flags.writeable and arr.flags.owndata)
     meta = ImageMeta(
         format=fmt,
         dtype=str(arr.dtype),
@@ -667,7 +679,8 @@ def to_srgb(arr: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, str | None]
     converted to sRGB, as a colour-managed viewer shows it (Pillow's ImageCms, LittleCMS, perceptual intent;
     alpha kept): read as it was, an Adobe RGB photograph's red was 13 to 22 levels off, and its output shown
     that far from its input (campaign 17b F3). Left as they are: images without a profile, or with an sRGB
-    one (its description names sRGB), grey ones, 16-bit ones and very large ones (``LARGE_PIXELS``), and a
+    one (told by its description naming sRGB: a linear-light profile named so is taken for sRGB too, and an
+    sRGB profile with another name is converted, which moves a value by about one level), grey ones, 16-bit ones and very large ones (``LARGE_PIXELS``), and a
     profile LittleCMS cannot read (as viewers do). Outputs carry no profile: they are sRGB."""
     global _SRGB_PROFILE
     if not icc or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4) or _is_large(arr.shape[1], arr.shape[0]):
@@ -690,17 +703,19 @@ def to_srgb(arr: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, str | None]
     return out, desc or "unnamed ICC profile"
 
 
-def clear_transparent(arr: np.ndarray) -> np.ndarray:
+def clear_transparent(arr: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Grey+alpha or RGBA ``arr`` with its fully transparent pixels (alpha 0) black: what they show on a black
     background. An exporter may leave any colour under alpha 0 (white, say, around the field of view), which no
     viewer shows and which is not the photograph's: read as it is, a white surround hid the field of view from
     the FOV estimate and made the grader reject the photograph (campaign 17b F2). The alpha plane is kept, and
-    partly transparent pixels are left as they are. A copy only when a pixel changes."""
+    partly transparent pixels are left as they are. A copy only when a pixel changes, unless ``in_place``
+    (the reader's own decoded array: a 12000 x 9000 RGBA photograph is not held twice)."""
     clear = arr[..., -1] == 0
     if not clear.any():
         return arr
-    arr = arr.copy()
-    arr[clear, :-1] = 0
+    if not in_place:
+        arr = arr.copy()
+    np.copyto(arr[..., :-1], 0, where=clear[..., None])  # no index arrays (a boolean index built 0.9 GB of them)
     return arr
 
 

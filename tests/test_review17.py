@@ -84,3 +84,36 @@ def test_the_bootstrap_refit_leaves_no_resample_falsely_flat():
         idx = resample_indices(counts[b], codes, np.arange(y.size))
         m = refit_logistic4(x[idx], y[idx], start)
         assert (m.kind == "flat") == (_best_step(x[idx], y[idx]) is None), b
+
+
+# --------------------------------------------------------------------------------------------- review 18
+def test_the_fit_does_not_depend_on_the_units_and_never_ends_worse_than_the_mean():
+    """Review 18 R1: labels in units of 1e-12 were always 'flat' (an absolute flatness threshold; the optimiser
+    ended at the bound of d, worse than its start); a rising split closer than the map's smallest scale gave a
+    logistic worse than the labels' mean, reported flat while the docs said flat meant no split rises."""
+    from fundus_pipeline.evaluation.score import _best_step, fit_logistic4, iqa_metrics
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    y = np.tanh(x) + rng.normal(0, 0.2, 50)
+    ref = iqa_metrics(x, y)
+    assert ref["mapping"]["kind"] == "logistic4"
+    for sx, sy in ((1, 1e-12), (1e-9, 1), (1e6, 1e6)):
+        m = iqa_metrics(x * sx, y * sy)
+        assert m["mapping"]["kind"] == "logistic4" and m["plcc"] == pytest.approx(ref["plcc"], abs=1e-6), (sx, sy)
+    x = np.array([0.0, 1e-8] + list(np.arange(1, 21.0)))
+    y = np.array([-10.0, 30.0] + list(np.linspace(1, 0, 20)))
+    assert _best_step(x, y) is None and fit_logistic4(x, y).kind == "flat"  # the only rise: a gap below the scale
+    x[1] = 1e-3  # a resolvable gap: the increasing map is found
+    fit = fit_logistic4(x, y)
+    assert fit.kind == "logistic4" and float(((y - fit(x)) ** 2).sum()) < float(((y - y.mean()) ** 2).sum())
+
+
+def test_a_constant_score_or_label_has_no_plcc():
+    """Review 18 R6: a constant score got the flat map's PLCC 0, and such resamples entered the CI as 0."""
+    from fundus_pipeline.evaluation.score import iqa_metrics
+
+    y = np.linspace(0.1, 0.9, 20)
+    for x, lab in ((np.full(20, 3.0), y), (y, np.full(20, 0.5))):
+        m = iqa_metrics(x, lab)
+        assert m["mapping"]["kind"] == "flat" and m["plcc"] != m["plcc"]

@@ -52,6 +52,7 @@ MIN_LOGISTIC = 5  # fewer pairs: linear map (4 parameters need more points than 
 MAXFEV = 10_000  # logistic fit on the evaluated data
 MAXFEV_BOOT = 500  # logistic refit on a bootstrap resample (200 ran out on 385 of 1,000 resamples of sdmp's
 # set, none of 400 at 20,000; campaign 16a F3)
+MIN_SCALE = 1e-9  # the logistic's smallest scale b4, in units of the score's std
 BOOT_TOL = 1e-6  # ftol, xtol and gtol of a bootstrap refit (1e-8, the default, for the set's own fit)
 OVERALL = "all"
 
@@ -67,17 +68,21 @@ DEFINITIONS = {
     "labels (b2 >= min(label) - R, b1 - b2 <= 3 R; a nearly straight relation is not chased into ever wider "
     "asymptotes), least squares (scipy.optimize.least_squares, trust region with bounds, max_nfev 10000) from "
     "the 8 best points of a grid (b3 at 67 percentiles of the score, 0.5th to 99.5th; b4 at 21 log-spaced "
-    "multiples of its std, 1e-4 to 10; b2 and b1 - b2 by linear least squares within the bounds at each point) "
+    "multiples of its std, 1e-4 to 10; b2 and b1 - b2 by linear least squares at each point, clipped to the "
+    "bounds) "
     "and from the best increasing step (the logistic's limit as b4 goes to 0: the split of the sorted scores "
-    "whose two label means rise and leave the least squared error), the lowest squared error kept; fitted "
-    "separately for the whole set and for each group. 'flat' (the labels' mean, PLCC 0) when no increasing map "
-    "is found: none exists when no split rises, i.e. the score does not rise with the label. Linear least "
+    "whose two label means rise and leave the least squared error; splits closer than 2e-8 score std, below the "
+    "map's smallest scale of 1e-9 std, are not counted), the lowest squared error kept, fitted on the "
+    "standardised score and label; separately for the whole set and for each group. 'flat' (the labels' mean, "
+    "PLCC 0) when no increasing map fits better than the mean: none exists when no split rises, i.e. the score "
+    "does not rise with the label. A score that ranks the wrong way overall (SROCC < 0) can still get a "
+    "positive PLCC from a step-like map, when part of its range does rise with the label. Linear least "
     "squares label ~ a * score + c when every start fails or a set has fewer than 5 pairs. 'mapping' says which "
     "was used.",
     "plcc": "Pearson linear correlation of label and mapped score (as scipy.stats.pearsonr); with a linear map, "
     "of label and score, which keeps its sign; 0 with a flat map (a constant explains none of the labels' "
     "variance, R^2 = 0; an increasing least-squares map's PLCC is the square root of its R^2 when no bound "
-    "holds it).",
+    "holds it), null when the score or the label is constant.",
     "rmse": "sqrt(mean((label - mapped score)^2)), in label units.",
     "n": "scored pairs; metrics are null for a set of fewer than 3 pairs.",
     "bootstrap": "cluster bootstrap over source photographs: each resample draws the S sources of the "
@@ -88,7 +93,9 @@ DEFINITIONS = {
     "resample better (max_nfev 500 and ftol, xtol, gtol 1e-6 each, against 10000 and 1e-8 for the set's own "
     "fit; a fit that reaches max_nfev keeps its last map, increasing and no worse than its start); flat when no split rises; a flat set's resamples from that point alone; linear below 5 pairs "
     "or when the set's own map is linear. boot_refit_fallbacks counts the resamples whose map is not of the "
-    "set's kind (e.g. flat, PLCC 0). A group's resample is its pairs in the same resamples; resamples with fewer "
+    "set's kind (e.g. flat, PLCC 0). A refit is a local search: on weak predictors (a near-step map) it can end "
+    "above the full search's optimum, by up to 0.01 PLCC on a resample (review 18 R6), so their CI bounds may "
+    "sit that much low. A group's resample is its pairs in the same resamples; resamples with fewer "
     "than 3 of them are skipped. 95% CI: 2.5th and 97.5th percentiles of the finite resample values "
     "(numpy.percentile, linear interpolation).",
 }
@@ -139,33 +146,40 @@ def _increasing_fit(
     + b2`` from ``start``, with ``d >= 0`` and ``b4 > 0`` (an increasing map) and bounded asymptotes, R the
     label range: min(label) - R <= b2 <= max(label) and d <= 3 R (a nearly straight relation is not chased
     into ever wider asymptotes, which only approach the linear map); None when it fails."""
-    lo_b4 = 1e-9 * (float(np.std(x)) or 1.0)
-    r = float(np.ptp(y)) or 1.0
+    # fitted on the score and label standardised (x - mean) / std, (y - mean) / range, then mapped back: the
+    # optimiser's tolerances and steps then mean the same at any unit (labels in units of 1e-12 had ended at
+    # the bound of d, worse than the start; review 18 R1)
+    cx, sx = float(x.mean()), float(np.std(x)) or 1.0
+    cy, sy = float(y.mean()), float(np.ptp(y)) or 1.0
+    xn, yn = (x - cx) / sx, (y - cy) / sy
 
     def residual(p: np.ndarray) -> np.ndarray:
-        return p[1] * special.expit((x - p[2]) / p[3]) + p[0] - y
+        return p[1] * special.expit((xn - p[2]) / p[3]) + p[0] - yn
 
     def jac(p: np.ndarray) -> np.ndarray:
-        z = (x - p[2]) / p[3]
+        z = (xn - p[2]) / p[3]
         sg = special.expit(z)
         ds = p[1] * sg * (1.0 - sg)
-        return np.stack([np.ones_like(x), sg, -ds / p[3], -ds * z / p[3]], axis=1)
+        return np.stack([np.ones_like(xn), sg, -ds / p[3], -ds * z / p[3]], axis=1)
 
-    lo = np.array([float(y.min()) - r, 0.0, -np.inf, lo_b4])
-    hi = np.array([float(y.max()), 3.0 * r, np.inf, np.inf])
-    p0 = np.clip(np.array([start[0], start[1], start[2], abs(start[3])], np.float64), lo, hi)
-    p0[3] = max(p0[3], 2 * lo_b4)
+    lo = np.array([float(yn.min()) - 1.0, 0.0, -np.inf, MIN_SCALE])  # the bounds above, in these units
+    hi = np.array([float(yn.max()), 3.0, np.inf, np.inf])
+    p0 = np.array([(start[0] - cy) / sy, start[1] / sy, (start[2] - cx) / sx, abs(start[3]) / sx], np.float64)
+    p0 = np.clip(p0, lo, hi)
+    p0[3] = max(p0[3], 2 * MIN_SCALE)
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             res = optimize.least_squares(residual, p0, jac=jac, bounds=(lo, hi), method="trf", max_nfev=maxfev, ftol=tol, xtol=tol, gtol=tol)
+            cost0 = 0.5 * float(np.sum(residual(p0) ** 2))
     except (ValueError, np.linalg.LinAlgError):
         return None
-    # status 0 (max_nfev reached): the last iterate is still an increasing map within the bounds, and fits no
-    # worse than the start (a trust-region step is only taken when it lowers the cost)
+    # status 0 (max_nfev reached): the last iterate is still an increasing map within the bounds; one that fits
+    # worse than its start is replaced by the start (the optimiser first moves a start on a bound inside it)
     if res.status < 0 or not np.all(np.isfinite(res.x)) or not np.isfinite(res.cost):
         return None
-    return 2.0 * float(res.cost), res.x
+    q, cost = (res.x, float(res.cost)) if float(res.cost) <= cost0 or not np.isfinite(cost0) else (p0, cost0)
+    return 2.0 * cost * sy * sy, np.array([cy + sy * q[0], sy * q[1], cx + sx * q[2], sx * q[3]])
 
 
 #: The starts of the increasing fit come from a grid over the midpoint b3 (percentiles of the score) and the
@@ -211,13 +225,15 @@ def _best_step(x: np.ndarray, y: np.ndarray) -> tuple[float, tuple[float, float,
     """(squared error, (b2, d, b3, b4)) of the best increasing step, the logistic's limit as its scale goes to
     0 (the map of a weak predictor is often nearly one): the two-level fit at the split between consecutive
     distinct scores whose upper labels' mean is above the lower's, with the largest drop of squared error
-    (n0 n1 / n (m1 - m0)^2); b4 a tenth of the gap at the split. None when no split rises: then no increasing
-    map fits better than the labels' mean (an increasing logistic is a positive mixture of steps, so its
-    covariance with the label is a positive mixture of the steps' covariances, none of which is positive)."""
+    (n0 n1 / n (m1 - m0)^2); b4 a tenth of the gap at the split. Only splits at a gap of at least 20 times the
+    fit's smallest scale (``MIN_SCALE`` std) count: a closer one cannot be resolved within the fit's bounds
+    (review 18 R1). None when no split rises: then no increasing map fits better than the labels' mean (an
+    increasing logistic is a positive mixture of steps, so its covariance with the label is a positive mixture
+    of the steps' covariances, none of which is positive), or only one whose scale is below the bound."""
     o = np.argsort(x, kind="stable")
     xs, ys = x[o], y[o]
     n = xs.size
-    k = np.flatnonzero(np.diff(xs) > 0) + 1  # sizes of the lower part
+    k = np.flatnonzero(np.diff(xs) >= 20 * MIN_SCALE * (float(np.std(x)) or 1.0)) + 1  # sizes of the lower part
     if not k.size:
         return None
     cs = np.cumsum(ys)
@@ -245,10 +261,9 @@ def fit_logistic4(
     "linear"``, the reason in ``note``) when every start fails or there are fewer than 5 pairs."""
     x = np.asarray(pred, np.float64)
     y = np.asarray(label, np.float64)
-    if x.size < MIN_LOGISTIC:
-        return _fit_linear(x, y, f"fewer than {MIN_LOGISTIC} pairs")
-    if (step := _best_step(x, y)) is None:
-        return _flat(y)
+    done, step = _without_fit(x, y)
+    if done is not None:
+        return done
     starts = [st for _, st in _grid_starts(x, y)] + [step[1]]
     if p0 is not None:
         b1, b2, b3, b4 = (float(v) for v in p0)
@@ -256,16 +271,29 @@ def fit_logistic4(
     return _best_increasing(x, y, [f for f in (_increasing_fit(x, y, st, maxfev) for st in starts) if f is not None])
 
 
+def _without_fit(x: np.ndarray, y: np.ndarray) -> tuple[Mapping | None, tuple | None]:
+    """(the map, None) when no logistic is fitted: linear below ``MIN_LOGISTIC`` pairs, flat when no split
+    rises (:func:`_best_step`); else (None, the best step)."""
+    if x.size < MIN_LOGISTIC:
+        return _fit_linear(x, y, f"fewer than {MIN_LOGISTIC} pairs"), None
+    step = _best_step(x, y)
+    return (_flat(y) if step is None else None), step
+
+
 def _best_increasing(x: np.ndarray, y: np.ndarray, fits: list[tuple[float, np.ndarray]]) -> Mapping:
     """The map of the lowest squared error of ``fits`` (see :func:`fit_logistic4`)."""
     if not fits:
         return _fit_linear(x, y, "logistic fit failed")
-    _, (b2, d, b3, b4) = min(fits, key=lambda f: f[0])
+    sse, (b2, d, b3, b4) = min(fits, key=lambda f: f[0])
     mapping = Mapping("logistic4", (float(b2 + d), float(b2), float(b3), float(b4)))
     mapped = mapping(x)
     if not np.all(np.isfinite(mapped)):
         return _fit_linear(x, y, "logistic fit failed: non-finite values")
-    if d <= 1e-9 * (float(np.ptp(y)) or 1.0) or float(np.std(mapped)) <= 1e-12:
+    r = float(np.ptp(y)) or 1.0
+    # no better than the labels' mean (a fit from a start it could not resolve may end worse), or flat for the
+    # label scale: the flat map (review 18 R1: the test of flatness was absolute, so labels in units of 1e-12
+    # were always flat)
+    if sse >= float(((y - y.mean()) ** 2).sum()) or d <= 1e-9 * r or float(np.std(mapped)) <= 1e-12 * r:
         return _flat(y)
     return mapping
 
@@ -292,8 +320,10 @@ def _metric_values(x: np.ndarray, y: np.ndarray, mapping: Mapping) -> dict[str, 
     mapped = mapping(x)
     return {
         "srocc": _pearson(stats.rankdata(x), stats.rankdata(y)),  # = scipy.stats.spearmanr
-        # a linear map keeps the score's sign; a flat one (no increasing map) explains none of the label: 0
-        "plcc": _pearson(y, mapped) if mapping.kind == "logistic4" else _pearson(y, x) if mapping.kind == "linear" else 0.0,
+        # a linear map keeps the score's sign; a flat one (no increasing map) explains none of the label: 0, or
+        # NaN when the score or the label is constant (no correlation is defined; review 18 R6)
+        "plcc": _pearson(y, mapped) if mapping.kind == "logistic4" else _pearson(y, x) if mapping.kind == "linear"
+        else (0.0 if np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan),
         "krocc": _kendall(x, y),
         "rmse": float(np.sqrt(np.mean((y - mapped) ** 2))),
     }
@@ -341,10 +371,9 @@ def refit_logistic4(x: np.ndarray, y: np.ndarray, start: Mapping) -> Mapping:
     start is refined from that point alone. Fewer than 5 pairs: linear."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
-    if x.size < MIN_LOGISTIC:
-        return _fit_linear(x, y, f"fewer than {MIN_LOGISTIC} pairs")
-    if (step := _best_step(x, y)) is None:
-        return _flat(y)
+    done, step = _without_fit(x, y)
+    if done is not None:
+        return done
     fits = []
     if start.kind == "logistic4":
         b1, b2, b3, b4 = start.params
