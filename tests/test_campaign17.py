@@ -283,3 +283,22 @@ def test_a_transparent_surround_is_cleared_in_the_readers_own_array():
     assert b is not a and (a[0, 0, :3] == 200).all() and (b[:10, :, :3] == 0).all() and (b[10:] == 200).all()
     c = fio.clear_transparent(a, in_place=True)
     assert c is a and (a[:10, :, :3] == 0).all() and (a[:10, :, 3] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------- 18b (install)
+def test_an_install_without_the_weights_folder_says_how_to_get_it(tmp_path, monkeypatch):
+    """18b F1: a non-editable install (a wheel) leaves the repository's weights/ behind; segment and score then
+    called imff and sdmp "an architecture without shipped weights", and `fundus models` showed '-' in silence."""
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models import weights
+
+    monkeypatch.delenv("FUNDUS_WEIGHTS", raising=False)
+    monkeypatch.setattr(weights, "__file__", str(tmp_path / "site-packages" / "fundus_pipeline" / "models" / "weights.py"))
+    assert weights.weights_dir() == tmp_path / "site-packages" / "weights"
+    for name in ("imff", "sdmp", "hemf_4750"):
+        with pytest.raises(WeightsError, match=r"no shipped weights: .*site-packages/weights \(the repository's weights "
+                           r"folder, beside the package\) holds no manifest.json, so '" + name + "' cannot be found") as e:
+            weights.resolve_weights(name)
+        assert "pip install -e ." in e.value.hint
+    r = _fundus("models", env_extra={"FUNDUS_WEIGHTS": str(tmp_path / "nowhere")})
+    assert r.returncode == 0 and r.stderr.startswith("warning: no shipped weights:") and "pip install -e ." in r.stderr

@@ -55,7 +55,8 @@ def test_an_empty_weights_folder_is_named_in_the_error(tmp_path, monkeypatch, ca
     assert run("grade", tmp_path / "a.png", tmp_path / "out", "--quiet") == 1
     err = capsys.readouterr().err
     # was "shipped weights: none", which names neither the folder searched nor the variable that chose it
-    assert f"none in {tmp_path / 'w'} (the folder FUNDUS_WEIGHTS names)" in err and "Traceback" not in err
+    assert f"no shipped weights: {tmp_path / 'w'} (the folder FUNDUS_WEIGHTS names) holds no manifest.json" in err
+    assert "Traceback" not in err and "pip install -e ." in err  # campaign 18b F1: how to get the weights
 
 
 def _table(path: Path, rows: list[dict]) -> None:

@@ -13,7 +13,7 @@ from fundus_pipeline.cli.options import flag
 
 #: The degraded versions: (file name, ``fundus degrade`` options). Each is exactly what ``fundus degrade
 #: retina.png OUT`` writes with these options (same key, same seed streams). Chosen so that the shipped
-#: grader sees the whole range: one it still grades good, two usable, one reject.
+#: grader sees the whole range: one it still grades good, one usable, two reject (the shipped hemf_4750).
 DEMO_VERSIONS = (
     ("retina_cofe111", {"types": "111", "seed": 2}),
     ("retina_moderate", {"recipe": "moderate", "seed": 5}),

@@ -42,8 +42,24 @@ __all__ = [
 
 
 def weights_dir() -> Path:
+    """The shipped weights folder: FUNDUS_WEIGHTS, else the repository's ``weights/`` beside the package (an
+    install from a checkout, ``pip install -e .``; a wheel does not carry the 227 MB of weights)."""
     env = os.environ.get("FUNDUS_WEIGHTS")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "weights"
+
+
+def no_weights_folder() -> str | None:
+    """Why no shipped weights can be found, or None: the folder holds no manifest.json (a non-editable install,
+    which leaves the repository's weights folder behind; campaign 18b F1)."""
+    folder = weights_dir()
+    if (folder / "manifest.json").is_file():
+        return None
+    how = "the folder FUNDUS_WEIGHTS names" if os.environ.get("FUNDUS_WEIGHTS") else "the repository's weights folder, beside the package"
+    return f"no shipped weights: {folder} ({how}) holds no manifest.json"
+
+
+NO_WEIGHTS_HINT = ("install fundus from a checkout of its repository (pip install -e .), which keeps its weights/ folder, "
+                   "or set FUNDUS_WEIGHTS to that folder, or pass a .pt file")
 
 
 def sha256_file(path: Path) -> str:
@@ -123,6 +139,8 @@ def resolve_weights(value: str | Path) -> Path:
     that name (``./imff`` reaches that one)."""
     if not str(value).strip():
         raise UsageError("empty weights name", "give a name from `fundus models` or a .pt state-dict file")
+    if not _looks_like_path(str(value)) and not Path(value).exists() and (why := no_weights_folder()):
+        raise WeightsError(f"{why}, so {value!r} cannot be found", NO_WEIGHTS_HINT)
     manifest = load_manifest()
     spec = None if _looks_like_path(str(value)) else manifest.get(str(value))
     if spec is not None:  # a bare shipped name is that name, whatever the working folder holds (an output folder `hemf_4750`)
