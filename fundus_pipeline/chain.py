@@ -49,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, interrupts_deferred, is_empty, manifest_stage, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    input_changed, interrupts_deferred, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -59,6 +59,24 @@ RUN_NO_FOV_HINT = "; `fundus run` works inside a circular field of view with a d
 STAGE_DIRS = ("degrade", "grade", "enhance", "score", "segment", "segment_clean", "segment_input", "compare")
 TOP_FILES = ("manifest.json", "results.csv", "report.html")
 GRADE_NAMES = ("good", "usable", "reject")
+
+
+def _foreign_file(stage_dir: Path) -> Path | None:
+    """The first file or link in a sub-folder of a stage folder that no row of the stage lists as its output
+    (None: every sub-folder holds the stage's own outputs, the keys' sub-folders of an input with sub-folders)."""
+    subs = [p for p in sorted(stage_dir.iterdir()) if p.is_dir()]  # a link to a folder too
+    if not subs:
+        return None
+    rows = stage_rows(stage_dir)
+    own = {n for key in rows for n in (rows[key].get("outputs") or []) if isinstance(n, str)}
+    for sub in subs:
+        if sub.is_symlink():
+            return sub
+        for path in sorted(sub.rglob("*")):
+            rel = path.relative_to(stage_dir).as_posix()
+            if path.is_symlink() or (not path.is_dir() and rel not in own and not own_file(path.name)):
+                return path
+    return None
 
 
 @dataclass(frozen=True)
@@ -630,24 +648,27 @@ class Chain:
                 raise UsageError(f"--resume: input {changed!r} changed since the run started; its results would mix two versions; use --overwrite")
         elif self.resume and not is_empty(out):
             raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
+        if self.overwrite or self.resume:
+            linked = next((out / name for name in STAGE_DIRS if (out / name).is_symlink()), None)
+            if linked is not None:  # --resume would write into it, --overwrite remove through it (campaign 19a F1)
+                flag = "--overwrite" if self.overwrite else "--resume"
+                raise UsageError(f"{flag}: {linked} is a symbolic link; fundus writes and removes nothing through a link: remove the link first")
         if self.overwrite:
             # Everything is checked before anything is removed: a refusal leaves the folder as it was.
             tops = [out / name for name in TOP_FILES if (out / name).exists()] + sorted(out.glob("report-*.html"))
             if tops and manifest_stage(out / "manifest.json") != "run":
                 raise UsageError(f"--overwrite: {self.shown} holds {tops[0].name} but no manifest.json of a `fundus run`; "
                                  "it was not written by fundus run, so nothing is replaced: move it away or choose another folder")
-            linked = next((out / name for name in STAGE_DIRS if (out / name).is_symlink()), None)
-            if linked is not None:
-                raise UsageError(f"--overwrite: {linked} is a symbolic link; fundus removes nothing through a link: remove the link first")
             dirs = [out / name for name in STAGE_DIRS if (out / name).is_dir()]
             for d in dirs:
                 if not ((d / "manifest.json").exists() or (d / JOURNAL).exists() or not any(d.iterdir())):
                     raise UsageError(f"--overwrite: {d} was not written by fundus (no manifest.json); move it away first")
-                # a stage writes files only: a folder inside one is somebody else's (the default output of
-                # `fundus evaluate enhance|grade|segment` on that stage folder), which rmtree would take with it
-                sub = next((p for p in sorted(d.iterdir()) if p.is_dir()), None)
-                if sub is not None:
-                    raise UsageError(f"--overwrite: {sub} was not written by fundus run (an evaluation report of the earlier outputs?); "
+                # a stage writes its outputs only, in the keys' sub-folders: any other file below it is somebody
+                # else's (the default output of `fundus evaluate enhance|grade|segment` on that stage folder),
+                # which rmtree would take with it (an input with sub-folders was refused too; campaign 19a F7)
+                foreign = _foreign_file(d)
+                if foreign is not None:
+                    raise UsageError(f"--overwrite: {foreign} was not written by fundus run (an evaluation report of the earlier outputs?); "
                                      "move it away or delete it first: --overwrite removes the run's stage folders")
             with stage_locks(dirs, self.shown):  # none is another process's live output folder
                 for d in dirs:

@@ -721,6 +721,7 @@ def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> 
     try:
         for suffix, arr in result.images.items():
             name = stage.output_name(key, suffix)
+            check_inside(out_dir, name)
             written[name] = write_image_atomic(out_dir / name, arr() if callable(arr) else arr)  # deferred outputs: one at a time
     except BaseException:
         for name in written:
@@ -729,12 +730,35 @@ def write_outputs(stage: Stage, key: str, result: ItemOutput, out_dir: Path) -> 
     return written
 
 
+def check_inside(out_dir: Path, name: str) -> None:
+    """Refuse (InputError, an item error) an output whose folder below ``out_dir`` is, or lies through, a
+    symbolic link: writing through it would replace files outside OUT (campaign 19a F1: a key's sub-folder
+    linked elsewhere before ``--resume`` or ``--overwrite``). OUT itself may be a link."""
+    parent = os.path.dirname(name)
+    if not parent:
+        return
+    real_out = os.path.realpath(out_dir)
+    if os.path.realpath(os.path.join(out_dir, parent)) != os.path.normpath(os.path.join(real_out, parent)):
+        raise InputError(f"{os.path.join(out_dir, parent)} is a symbolic link or lies through one: "
+                         "fundus writes nothing through a link below the output folder; remove the link")
+
+
+def plain_name(name: object) -> bool:
+    """An output name a row may record: a relative path of plain parts (no ``..``, not absolute, no NUL)."""
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
 def outputs_intact(dst: Path, row: dict) -> bool:
     """Whether every output file of a finished row is still in ``dst`` with the size it was written with
     (``outputs_size``; a row of an older run without the record: present is enough). One stat a file: a
     truncated or replaced output makes ``--resume`` compute the row again."""
     sizes = row.get("outputs_size") if isinstance(row.get("outputs_size"), dict) else {}
-    for name in row.get("outputs", []):
+    names = row.get("outputs", [])
+    if not isinstance(names, list) or not all(plain_name(n) for n in names):  # a hand-edited row (campaign 19a F4)
+        return False
+    for name in names:
         try:
             st = os.stat(os.path.join(dst, name))
         except (OSError, TypeError, ValueError):

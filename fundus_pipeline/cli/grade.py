@@ -36,7 +36,8 @@ def sort_into(out_dir: Path) -> dict[str, int]:
             dst.parent.mkdir(parents=True, exist_ok=True)
             for g in GRADES:
                 stale = out_dir / g / dst.name
-                if g != row["grade"] and stale.is_file() and filecmp.cmp(stale, src, shallow=False):
+                if (g != row["grade"] and stale.is_file() and not stale.is_symlink() and not _same_file(stale, src)
+                        and filecmp.cmp(stale, src, shallow=False)):
                     stale.unlink()
             tmp = dst.with_name(_temp_name(dst.name, uuid.uuid4().hex[:12]))  # the name a later run's clean-up knows
             shutil.copyfile(src, tmp)
@@ -45,11 +46,23 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     return counts
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_sort_folders(out_dir: Path) -> None:
-    """``--sort-into`` copies into OUT/good, OUT/usable and OUT/reject: each must be a folder or absent."""
+    """``--sort-into`` copies into OUT/good, OUT/usable and OUT/reject: each must be a folder of OUT's own or
+    absent, never a symbolic link (one to the input folder made the clean-up of stale copies delete an input,
+    and copies replace files there; campaign 19a F2)."""
     for g in GRADES:
         p = out_dir / g
-        if (p.exists() or p.is_symlink()) and not p.is_dir():
+        if p.is_symlink():
+            raise UsageError(f"{p} is a symbolic link: --sort-into writes its copies only into OUT's own folders",
+                             hint="remove the link or choose another OUT")
+        if p.exists() and not p.is_dir():
             raise UsageError(f"{p} exists and is not a folder: --sort-into copies the photographs into OUT/{g}/", hint="move it away or choose another OUT")
 
 

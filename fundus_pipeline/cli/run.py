@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fundus_pipeline.errors import printable
 from fundus_pipeline.cli.app import app, open_engine
 from fundus_pipeline.cli.options import EngineName, Format, flag, path_arg
 from fundus_pipeline.config import RunConfig
@@ -204,7 +205,7 @@ def run_cmd(
         from fundus_pipeline.chain import verify_replay
 
         result.replay = verify_replay(rp, result.out_dir)
-        typer.echo(result.replay["line"], err=True)  # the replay's outcome: one line on stderr, whatever --quiet and --format
+        typer.echo(printable(result.replay["line"]), err=True)  # the replay's outcome: one line on stderr, whatever --quiet and --format
     s = result.summary()
     if cfg.format == "json":
         typer.echo(json.dumps(s, indent=2))
@@ -260,8 +261,8 @@ def report_cmd(
     pages = max(1, -(-len(rows) // PAGE_ROWS))
     if missing:  # the folders changed since the run: say so rather than show empty cells silently
         key, p = sorted(missing)[0]
-        typer.echo(f"warning: {len(missing)} image(s) that the run's rows name are missing, unreadable or changed since the run (e.g. {key}: {p}); "
-                   "their cells in the report are empty", err=True)
+        typer.echo(printable(f"warning: {len(missing)} image(s) that the run's rows name are missing, unreadable or changed since the run "
+                             f"(e.g. {key}: {p}); their cells in the report are empty"), err=True)
     if pending:
         typer.echo(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "
                    "`fundus run ... --resume` redoes what is missing", err=True)

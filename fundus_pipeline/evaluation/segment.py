@@ -220,12 +220,15 @@ def _threshold_from_manifest(pred_dir: Path) -> float | None:
     try:
         data = json.loads(mf.read_text(encoding="utf-8"))
         t = data.get("config", {}).get("threshold")
-        if t is None:
-            return None
-        t = float(t)
-        return t if math.isfinite(t) else None
     except (OSError, ValueError, AttributeError, TypeError):
         return None
+    if t is None:
+        return None
+    # a hand-edited value is not used as it is (-5 was, true read as 1) nor replaced by 0.5 in silence
+    # (campaign 19a F6): the option's own range
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and 0 < t < 1):
+        raise UsageError(f"{mf} records threshold {t!r}, not a number in (0, 1); give --threshold")
+    return float(t)
 
 
 def _threshold_of_predictions(pred_dir: Path, paths: list[Path]) -> tuple[float, str]:

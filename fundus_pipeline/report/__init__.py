@@ -102,8 +102,16 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
             continue
         p = Path(rel)
         p = p if p.is_absolute() else out / p
+        if name == "enhanced" and not _inside(out, rel):
+            lost.append((row.get("key"), f"{p} (not a file of the run's folder)"))
+            continue
         try:
             recorded = (inputs_sha256 or {}).get(row.get("key")) if name == "input" else None
+            if name == "input" and inputs_sha256 and recorded is None:
+                # a finished run records every input's sha256: a path without one was not its input (campaign
+                # 19a F3: an edited manifest could show any image file on the page)
+                lost.append((row.get("key"), f"{p} (no sha256 recorded by the run)"))
+                continue
             info: dict = {}
             thumb = thumb_array(p, side, info)  # the file read once: its sha256 comes with the decoding
             if recorded is not None and info.get("sha256") != recorded:
@@ -115,12 +123,25 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
             lost.append((row.get("key"), str(p)))
     if row.get("vessels_image"):
         seg = base.get("enhanced" if row.get("segmented") == "enhanced" else "input")
-        if seg is not None:
+        if not _inside(out, row["vessels_image"]):
+            lost.append((row.get("key"), f"{out / row['vessels_image']} (not a file of the run's folder)"))
+        elif seg is not None:
             try:
                 t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"]))
             except unreadable:
                 lost.append((row.get("key"), str(out / row["vessels_image"])))
     return t
+
+
+def _inside(out: Path, rel: object) -> bool:
+    """``rel`` names a file of the run's folder: relative, of plain parts, and not reached through a symbolic
+    link out of it (a hand-edited row or a link in OUT could show any image file on the page; campaign 19a F3)."""
+    from fundus_pipeline.runner import plain_name
+
+    if not plain_name(str(rel).replace("\\", "/")):
+        return False
+    real_out = os.path.realpath(out)
+    return os.path.realpath(os.path.join(out, str(rel))).startswith(real_out + os.sep)
 
 
 def _bounded_map(fn, items: Iterable, workers: int, window: int) -> Iterator:

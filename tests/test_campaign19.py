@@ -1,0 +1,118 @@
+"""Campaign 19a (2026-12-04): a hostile or damaged output folder must not make fundus write, remove or show
+anything outside the folders it was given. Each test fails on the code before its mend."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import synthetic_fundus
+from tests.test_run import photos, run, tiny, tiny_args  # noqa: F401  (fixtures)
+
+
+def _nested(tmp_path: Path) -> Path:
+    src = tmp_path / "nin"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(synthetic_fundus(80, 88, 1)).save(src / "sub" / "p.png")
+    Image.fromarray(synthetic_fundus(88, 96, 2)).save(src / "q.png")
+    return src
+
+
+def test_a_linked_sub_folder_of_out_is_never_written_through(tmp_path, capsys):
+    """F1: a key's sub-folder of OUT replaced by a link before --resume/--overwrite: the run wrote its outputs
+    into the link's target, over files of the same names outside OUT."""
+    src = _nested(tmp_path)
+    out = tmp_path / "out"
+    assert run("degrade", src, out, "--threads", "1", "--quiet") == 0
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "p.png").write_bytes(b"canary")
+    for flag in ("--overwrite", "--resume"):
+        for p in (out / "sub").iterdir():
+            p.unlink()
+        (out / "sub").rmdir()
+        os.symlink(victim, out / "sub")
+        assert run("degrade", src, out, "--threads", "1", "--quiet", flag) == 3
+        assert (victim / "p.png").read_bytes() == b"canary" and sorted(os.listdir(victim)) == ["p.png"]
+        assert "is a symbolic link or lies through one" in capsys.readouterr().err
+        os.unlink(out / "sub")
+        (out / "sub").mkdir()
+
+
+def test_run_refuses_a_linked_stage_folder_on_resume_and_overwrites_its_own_sub_folders(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """F1: `fundus run --resume` with OUT/segment linked to another run's folder rewrote that run's outputs and
+    tables; F7: `fundus run --overwrite` refused any run of an input with sub-folders (its own outputs)."""
+    src = _nested(tmp_path)
+    out = tmp_path / "rn"
+    args = tiny_args(tiny, "--steps", "segment", "--no-report")
+    assert run("run", src, out, *args) == 0
+    assert (out / "segment" / "sub" / "p_vessels.png").is_file()
+    assert run("run", src, out, *args, "--overwrite") == 0  # F7: was exit 2 ("was not written by fundus run")
+    (out / "segment" / "eval").mkdir()
+    (out / "segment" / "eval" / "summary.json").write_text("{}")
+    assert run("run", src, out, *args, "--overwrite") == 2 and "eval/summary.json was not written by fundus run" in capsys.readouterr().err
+    (out / "segment" / "eval" / "summary.json").unlink()
+    (out / "segment" / "eval").rmdir()
+    other = tmp_path / "other"
+    os.rename(out / "segment", other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    os.symlink(other, out / "segment")
+    assert run("run", src, out, *args, "--resume") == 2
+    assert "is a symbolic link; fundus writes and removes nothing through a link" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
+def test_sort_into_refuses_a_linked_class_folder_and_never_deletes_an_input(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """F2: OUT/usable linked to the input folder: the clean-up of stale copies deleted the input itself."""
+    out = tmp_path / "g"
+    out.mkdir()
+    os.symlink(photos, out / "usable")
+    before = sorted(os.listdir(photos))
+    code = run("grade", photos, out, "--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet",
+               "--sort-into", "--overwrite")
+    assert code == 2 and "is a symbolic link: --sort-into writes its copies only into OUT's own folders" in capsys.readouterr().err
+    assert sorted(os.listdir(photos)) == before
+
+
+def test_the_report_shows_no_image_from_outside_the_run(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """F3: a manifest plan input without its recorded sha256, a link in OUT/enhance or a '../' vessels name put
+    any image file readable by the user into the self-contained report.html."""
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--enhance-if", "good,usable,reject", "--min-gain", "-1")) in (0, 3)
+    secret = tmp_path / "secret.png"
+    Image.fromarray(synthetic_fundus(64, 64, 9)).save(secret)
+    m = json.loads((out / "manifest.json").read_text())
+    key = m["plan"][0]["key"]
+    m["plan"][0]["input"] = str(secret)
+    del m["inputs_sha256"][key]
+    (out / "manifest.json").write_text(json.dumps(m))
+    enhanced = sorted((out / "enhance").glob("*.png"))[0]
+    enhanced.unlink()
+    os.symlink(secret, enhanced)
+    capsys.readouterr()
+    assert run("report", out) in (0, 3)
+    err = capsys.readouterr().err
+    page = (out / "report.html").read_text()
+    from fundus_pipeline.report import data_uri, thumb_array
+
+    assert data_uri(thumb_array(secret, 64)) not in page
+    assert "image(s) that the run's rows name are missing, unreadable or changed" in err
+
+
+def test_a_manifest_threshold_out_of_range_is_refused_not_used(tmp_path, capsys):
+    """F6: `evaluate segment` used a manifest's threshold -5 as it was, true as 1, and replaced "abc" by 0.5."""
+    import numpy as np
+
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(pred / "a_prob.png")
+    Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8)).save(gt / "a.png")
+    for bad in (-5, True, "abc"):
+        (pred / "manifest.json").write_text(json.dumps({"config": {"threshold": bad}}))
+        assert run("evaluate", "segment", pred, gt, "--out", tmp_path / "e", "--bootstrap", "0", "--no-cldice") == 2
+        assert "not a number in (0, 1); give --threshold" in capsys.readouterr().err
