@@ -107,9 +107,10 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
             continue
         try:
             recorded = (inputs_sha256 or {}).get(row.get("key")) if name == "input" else None
-            if name == "input" and inputs_sha256 and recorded is None:
-                # a finished run records every input's sha256: a path without one was not its input (campaign
-                # 19a F3: an edited manifest could show any image file on the page)
+            if name == "input" and inputs_sha256 and recorded is None and row.get("status") == "ok":
+                # a run records the sha256 of every input it finished: a finished row's path without one was
+                # not its input (campaign 19a F3: an edited manifest could show any image file on the page; a
+                # pending row of an interrupted --simulate run has no degraded image recorded yet)
                 lost.append((row.get("key"), f"{p} (no sha256 recorded by the run)"))
                 continue
             info: dict = {}
