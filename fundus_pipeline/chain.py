@@ -668,8 +668,9 @@ class Chain:
                 # which rmtree would take with it (an input with sub-folders was refused too; campaign 19a F7)
                 foreign = _foreign_file(d)
                 if foreign is not None:
-                    raise UsageError(f"--overwrite: {foreign} was not written by fundus run (an evaluation report of the earlier outputs?); "
-                                     "move it away or delete it first: --overwrite removes the run's stage folders")
+                    raise UsageError(f"--overwrite: {foreign} is not an output that a row of {d.name} lists (an evaluation report, a "
+                                     "file of your own, a link, or an output a kill left unrecorded); move it away or delete it first: "
+                                     "--overwrite removes the run's stage folders")
             with stage_locks(dirs, self.shown):  # none is another process's live output folder
                 for d in dirs:
                     shutil.rmtree(d)

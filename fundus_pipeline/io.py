@@ -444,7 +444,7 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
                 # alpha); Pillow converts the 8-bit ones without extra samples to RGB
                 space = _TIFF_PHOTOMETRIC_NAMES.get(photometric, f"photometric {photometric}")
                 refused = InputError(f"{path}: {bits}-bit TIFF in the {space} colour space with {samples} samples is not "
-                                     "supported; export it as grey or RGB (8-bit CMYK, YCbCr and CIELab are read)")
+                                     "supported; export it as grey or RGB (8-bit CMYK, YCbCr and CIELab without extra samples are read)")
                 if bits != 8 or extrasamples:
                     raise refused
                 try:

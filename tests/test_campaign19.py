@@ -53,7 +53,7 @@ def test_run_refuses_a_linked_stage_folder_on_resume_and_overwrites_its_own_sub_
     assert run("run", src, out, *args, "--overwrite") == 0  # F7: was exit 2 ("was not written by fundus run")
     (out / "segment" / "eval").mkdir()
     (out / "segment" / "eval" / "summary.json").write_text("{}")
-    assert run("run", src, out, *args, "--overwrite") == 2 and "eval/summary.json was not written by fundus run" in capsys.readouterr().err
+    assert run("run", src, out, *args, "--overwrite") == 2 and "eval/summary.json is not an output that a row of segment lists" in capsys.readouterr().err
     (out / "segment" / "eval" / "summary.json").unlink()
     (out / "segment" / "eval").rmdir()
     other = tmp_path / "other"
@@ -116,3 +116,43 @@ def test_a_manifest_threshold_out_of_range_is_refused_not_used(tmp_path, capsys)
         (pred / "manifest.json").write_text(json.dumps({"config": {"threshold": bad}}))
         assert run("evaluate", "segment", pred, gt, "--out", tmp_path / "e", "--bootstrap", "0", "--no-cldice") == 2
         assert "not a number in (0, 1); give --threshold" in capsys.readouterr().err
+
+
+def test_sort_into_never_writes_through_a_link_inside_a_class_folder(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """Review 19 R2: only OUT/good|usable|reject themselves were checked; OUT/good/sub linked elsewhere had a
+    file outside OUT (or an input of the same name) replaced by the copy."""
+    src = _nested(tmp_path)
+    out = tmp_path / "g"
+    grade = ("--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet")
+    assert run("grade", src, out, *grade) == 0
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "p.png").write_bytes(b"canary")
+    for g in ("good", "usable", "reject"):
+        (out / g).mkdir()
+        os.symlink(victim, out / g / "sub")
+    assert run("grade", src, out, *grade, "--sort-into", "--overwrite") != 0
+    assert "is a symbolic link or lies through one" in capsys.readouterr().err
+    assert (victim / "p.png").read_bytes() == b"canary"
+
+
+def test_fundus_report_shows_no_input_of_an_ended_run_without_its_recorded_sha256(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """Review 19 R1: deleting the whole inputs_sha256 field (or setting it to {}) let an edited plan input show."""
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) in (0, 3)
+    secret = tmp_path / "secret.png"
+    Image.fromarray(synthetic_fundus(64, 64, 9)).save(secret)
+    from fundus_pipeline.report import data_uri, thumb_array
+
+    for field in ("drop", {}):
+        m = json.loads((out / "manifest.json").read_text())
+        m["plan"][0]["input"] = str(secret)
+        if field == "drop":
+            m.pop("inputs_sha256", None)
+        else:
+            m["inputs_sha256"] = field
+        (out / "manifest.json").write_text(json.dumps(m))
+        capsys.readouterr()
+        assert run("report", out) in (0, 3)
+        assert data_uri(thumb_array(secret, 64)) not in (out / "report.html").read_text()
+        assert "no sha256 recorded by the run" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from fundus_pipeline.config import GradeConfig, default
 from fundus_pipeline.errors import UsageError
 from fundus_pipeline.io import _temp_name
 from fundus_pipeline.quality.grading import GRADES
+from fundus_pipeline.runner import check_inside
 
 
 def sort_into(out_dir: Path) -> dict[str, int]:
@@ -33,6 +34,7 @@ def sort_into(out_dir: Path) -> dict[str, int]:
                 continue
             src = Path(row["input"])
             dst = out_dir / row["grade"] / f"{row['key']}{src.suffix}"
+            check_inside(out_dir, dst.relative_to(out_dir).as_posix())  # a linked sub-folder of a class folder (review 19 R2)
             dst.parent.mkdir(parents=True, exist_ok=True)
             for g in GRADES:
                 stale = out_dir / g / dst.name

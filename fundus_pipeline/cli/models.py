@@ -58,7 +58,7 @@ def models(
             }
         )
     if (why := no_weights_folder()) is not None:  # every row would show "-": say why, once
-        typer.echo(f"warning: {why}; {NO_WEIGHTS_HINT}", err=True)
+        typer.echo(f"warning: {why}; {NO_WEIGHTS_HINT.rsplit(', or pass', 1)[0]}", err=True)
     if not rows:  # said, not silent (JSON still gets its empty list on stdout)
         typer.echo(f"no architecture or weights name matches {pattern!r} (`fundus models` lists them all)", err=True)
     if fmt == Format.json:

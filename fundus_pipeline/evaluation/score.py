@@ -226,8 +226,8 @@ def _best_step(x: np.ndarray, y: np.ndarray) -> tuple[float, tuple[float, float,
     0 (the map of a weak predictor is often nearly one): the two-level fit at the split between consecutive
     distinct scores whose upper labels' mean is above the lower's, with the largest drop of squared error
     (n0 n1 / n (m1 - m0)^2); b4 a tenth of the gap at the split. Only splits at a gap of at least 20 times the
-    fit's smallest scale (``MIN_SCALE`` std) count: a closer one cannot be resolved within the fit's bounds
-    (review 18 R1). None when no split rises: then no increasing map fits better than the labels' mean (an
+    fit's smallest scale (``MIN_SCALE`` std) count: a closer one is not searched, though a map within the bounds
+    may resolve it (review 18 R1, review 19 R5: with 16 times the scale, one does). None when no split rises: then no increasing map fits better than the labels' mean (an
     increasing logistic is a positive mixture of steps, so its covariance with the label is a positive mixture
     of the steps' covariances, none of which is positive), or only one whose scale is below the bound."""
     o = np.argsort(x, kind="stable")

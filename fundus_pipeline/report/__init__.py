@@ -107,7 +107,7 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
             continue
         try:
             recorded = (inputs_sha256 or {}).get(row.get("key")) if name == "input" else None
-            if name == "input" and inputs_sha256 and recorded is None and row.get("status") == "ok":
+            if name == "input" and inputs_sha256 is not None and recorded is None and row.get("status") == "ok":
                 # a run records the sha256 of every input it finished: a finished row's path without one was
                 # not its input (campaign 19a F3: an edited manifest could show any image file on the page; a
                 # pending row of an interrupted --simulate run has no degraded image recorded yet)
