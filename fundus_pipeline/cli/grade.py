@@ -18,7 +18,6 @@ from fundus_pipeline.config import GradeConfig, default
 from fundus_pipeline.errors import UsageError
 from fundus_pipeline.io import _temp_name
 from fundus_pipeline.quality.grading import GRADES
-from fundus_pipeline.runner import check_inside
 
 
 def sort_into(out_dir: Path) -> dict[str, int]:
@@ -26,6 +25,8 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     original bytes; each copy is written to a temporary name and renamed, so a rerun replaces it whole. A copy
     of the same input left in another grade's folder by an earlier sort (a regraded item) is removed only when
     its bytes are the input's: a file of that name that the sort did not write is left alone."""
+    from fundus_pipeline.runner import check_inside
+
     check_sort_folders(out_dir)
     counts = {g: 0 for g in GRADES}
     with open(out_dir / "results.csv", newline="") as f:

@@ -184,7 +184,7 @@ def _increasing_fit(
 
 #: The starts of the increasing fit come from a grid over the midpoint b3 (percentiles of the score) and the
 #: scale b4 (multiples of its std, log-spaced; the small ones are the near-step maps of weak predictors): for a
-#: fixed (b3, b4) the logistic is linear in (b2, d), solved in closed form within the fit's bounds, and the
+#: fixed (b3, b4) the logistic is linear in (b2, d), solved in closed form and clipped to the bounds, and the
 #: ``GRID_KEEP`` best grid points are refined (nine fixed starts left the fits of weak predictors in local
 #: minima, review 17: the sharpness baseline's best increasing map, PLCC 0.209, was reported as none).
 GRID_PERCENTILES = np.linspace(0.5, 99.5, 67)
@@ -202,7 +202,7 @@ def _grid_starts(
     scales: np.ndarray = GRID_SCALES,
 ) -> list[tuple[float, tuple[float, float, float, float]]]:
     """(squared error, (b2, d, b3, b4)) of the ``keep`` grid points (b3 at the ``percentiles`` of ``x``, b4 at
-    ``scales`` times its std) whose closed-form (b2, d), within the fit's bounds, leave the smallest squared
+    ``scales`` times its std) whose closed-form (b2, d), clipped to the fit's bounds, leave the smallest squared
     error, best first."""
     r = float(np.ptp(y)) or 1.0
     b3 = np.percentile(x, percentiles)[:, None, None]
