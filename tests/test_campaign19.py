@@ -112,7 +112,7 @@ def test_a_manifest_threshold_out_of_range_is_refused_not_used(tmp_path, capsys)
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(pred / "a_prob.png")
     Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8)).save(gt / "a.png")
-    for bad in (-5, True, "abc"):
+    for bad in (-5, True, "abc", 10**400):  # review 20 R8: a 400-digit integer was an OverflowError
         (pred / "manifest.json").write_text(json.dumps({"config": {"threshold": bad}}))
         assert run("evaluate", "segment", pred, gt, "--out", tmp_path / "e", "--bootstrap", "0", "--no-cldice") == 2
         assert "not a number in (0, 1); give --threshold" in capsys.readouterr().err
@@ -131,8 +131,11 @@ def test_sort_into_never_writes_through_a_link_inside_a_class_folder(photos, tmp
     for g in ("good", "usable", "reject"):
         (out / g).mkdir()
         os.symlink(victim, out / g / "sub")
-    assert run("grade", src, out, *grade, "--sort-into", "--overwrite") != 0
-    assert "is a symbolic link or lies through one" in capsys.readouterr().err
+    before = (out / "manifest.json").read_bytes()
+    # review 20 R1: refused before grading (exit 2), not after it with exit 1
+    assert run("grade", src, out, *grade, "--sort-into", "--overwrite") == 2
+    assert "sub is a symbolic link: --sort-into writes its copies only into OUT's own folders" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
     assert (victim / "p.png").read_bytes() == b"canary"
 
 

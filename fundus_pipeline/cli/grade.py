@@ -67,6 +67,11 @@ def check_sort_folders(out_dir: Path) -> None:
                              hint="remove the link or choose another OUT")
         if p.exists() and not p.is_dir():
             raise UsageError(f"{p} exists and is not a folder: --sort-into copies the photographs into OUT/{g}/", hint="move it away or choose another OUT")
+        for folder, dirs, files in os.walk(p):  # a link below one too, before grading (review 20 R1)
+            link = next((os.path.join(folder, n) for n in sorted(dirs + files) if os.path.islink(os.path.join(folder, n))), None)
+            if link is not None:
+                raise UsageError(f"{link} is a symbolic link: --sort-into writes its copies only into OUT's own folders",
+                                 hint="remove the link or choose another OUT")
 
 
 @app.command()

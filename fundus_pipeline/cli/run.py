@@ -248,7 +248,7 @@ def report_cmd(
                 pending += row.get("status") == "pending"
             missing: list = []
             recorded = m.get("inputs_sha256") if isinstance(m.get("inputs_sha256"), dict) else None
-            if recorded is None and m.get("status") != "running":  # a run that ended records its inputs' sha256:
+            if recorded is None:  # a run that ended records its inputs' sha256 (a running one is refused above):
                 recorded = {}  # without the record none of its finished rows' inputs is shown (review 19 R1)
             if cfg.simulate:  # the rows' inputs are the degraded images, which the run's degrade stage recorded
                 recorded = degraded_sha256(out / "degrade")

@@ -226,7 +226,7 @@ def _threshold_from_manifest(pred_dir: Path) -> float | None:
         return None
     # a hand-edited value is not used as it is (-5 was, true read as 1) nor replaced by 0.5 in silence
     # (campaign 19a F6): the option's own range
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and 0 < t < 1):
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < 1 and math.isfinite(float(t))):
         raise UsageError(f"{mf} records threshold {json.dumps(t)}, not a number in (0, 1); give --threshold")
     return float(t)
 
