@@ -159,3 +159,13 @@ def test_fundus_report_shows_no_input_of_an_ended_run_without_its_recorded_sha25
         assert run("report", out) in (0, 3)
         assert data_uri(thumb_array(secret, 64)) not in (out / "report.html").read_text()
         assert "no sha256 recorded by the run" in capsys.readouterr().err
+
+
+def test_the_report_page_carries_no_control_characters():
+    """19a F8: a NUL in a hand-edited row's text reached report.html (an HTML parse error); tab and newline stay,
+    and markup the template marks safe is untouched."""
+    from fundus_pipeline.report import _environment
+
+    t = _environment().from_string("<p>{{ v }}</p>{{ m|safe }}")
+    out = t.render(v="a\x00b\x1b[31m<i>\tc\nd", m="<b>\x07</b>")
+    assert out == "<p>a\ufffdb\ufffd[31m&lt;i&gt;\tc\nd</p><b>\x07</b>"

@@ -17,6 +17,7 @@ import base64
 import html
 import math
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -292,6 +293,20 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- page
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _no_controls(value: Any) -> Any:
+    """A text value with its control characters (a NUL, an ESC; not tab or newline) as U+FFFD: HTML has no
+    place for them, and a NUL in a hand-edited row made the page a parse error (campaign 19a F8). Markup the
+    template marked safe is left as it is."""
+    import markupsafe
+
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup) and _CONTROLS.search(value):
+        return _CONTROLS.sub("\ufffd", value)
+    return value
+
+
 def _environment():
     import jinja2
 
@@ -301,6 +316,7 @@ def _environment():
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
+        finalize=_no_controls,
     )
 
     def fmt(v: Any, nd: int = 3) -> str:
