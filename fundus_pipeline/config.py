@@ -21,13 +21,18 @@ MAX_WORKERS = 512  # --workers of every command (a value past a C int would fail
 MAX_THREADS = 1024  # --threads of every command, fundus train and fundus build
 
 
+def _field_parts(e: ValidationError) -> list[str]:
+    """The first error's field path without list positions (empty for a check of several fields together)."""
+    return [str(x) for x in e.errors()[0]["loc"] if not isinstance(x, int)]
+
+
 def error_line(e: ValidationError, prefix: str = "--") -> str:
     """``name 'value': message`` from a pydantic error's first error, and how many more. ``name`` is the
     field as an option (``prefix`` "--": ``--min-gain``) or as a key path (``prefix`` "": ``config.min_gain``);
     list positions are left out of it and the offending value is named instead."""
     errs = e.errors()
     first = errs[0]
-    parts = [str(x) for x in first["loc"] if not isinstance(x, int)]
+    parts = _field_parts(e)
     name = "--" + "-".join(parts).replace("_", "-") if prefix == "--" else prefix + ".".join(parts)
     value = first.get("input")
     shown = f" {value!r}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(repr(value)) <= 80 else ""
@@ -37,14 +42,14 @@ def error_line(e: ValidationError, prefix: str = "--") -> str:
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     if not parts:  # a check of several options together: its message names them
         return f"{msg}{more}"
-    return f"{name or 'value'}{shown}: {msg}{more}"
+    return f"{name}{shown}: {msg}{more}"
 
 
 def usage_error(e: ValidationError) -> UsageError:
     """One line from a pydantic error: ``invalid --option 'value': message`` (first error, and how many more;
     a check of several options together gives its own message, which names them)."""
     line = error_line(e)
-    return UsageError(line if not [x for x in e.errors()[0]["loc"] if not isinstance(x, int)] else f"invalid {line}")
+    return UsageError(f"invalid {line}" if _field_parts(e) else line)
 
 
 class StageConfig(BaseModel):

@@ -136,7 +136,8 @@ def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageIte
                 pass  # a symbolic link loop: an item below if it has an image's name (read_image says why it fails)
             stem, ext = os.path.splitext(entry.path)  # strings: pathlib costs more than the scan itself on 100,000 files
             if ext.lower() not in SUPPORTED_EXTENSIONS:
-                other[ext.lower() or "(none)"] = other.get(ext.lower() or "(none)", 0) + 1
+                kind = ext.lower() or "(none)"
+                other[kind] = other.get(kind, 0) + 1
                 continue
             path = Path(entry.path)
             key = stem[len(prefix):].replace(os.sep, "/")  # entry paths are root_s + sep + ...
@@ -418,12 +419,13 @@ _TIFF_PHOTOMETRIC_READ = (0, 1, 2, 3)
 _TIFF_PHOTOMETRIC_NAMES = {4: "mask", 5: "CMYK", 6: "YCbCr", 8: "CIELab", 9: "ICCLab", 10: "ITULab", 32844: "LogL", 32845: "LogLuv"}
 
 
-def _read_tiff(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
+def _read_tiff(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None, bytes | None]:
     with _quiet_tiff_decoders():
         return _read_tiff_quiet(data, path, raw_palette)
 
 
-def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
+def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None, bytes | None]:
+    """(array, palette, EXIF orientation, ICC profile or None) of a TIFF's first page."""
     import tifffile
 
     try:
@@ -434,6 +436,8 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
             planar = int(page.planarconfig)
             tag = page.tags.get(274)
             orientation = int(tag.value) if tag is not None else None
+            tag = page.tags.get(34675)  # InterColorProfile
+            icc = tag.value if tag is not None and isinstance(tag.value, bytes) and tag.value else None
             colormap = page.colormap if photometric == 3 else None
             extrasamples = tuple(page.extrasamples) if page.extrasamples is not None else ()
             bits, samples = int(page.bitspersample), int(page.samplesperpixel)
@@ -486,23 +490,23 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
         arr = np.iinfo(arr.dtype).max - arr
     if colormap is not None and arr.ndim == 2:
         if raw_palette:
-            return np.ascontiguousarray(arr), True, orientation
+            return np.ascontiguousarray(arr), True, orientation, icc
         cmap = np.asarray(colormap)
         lut = cmap.T  # (N, 3), uint16 per TIFF spec
         if lut.max() <= 255:
             lut = lut.astype(np.uint8)
         else:
             lut = (lut >> 8).astype(np.uint8) if lut.dtype == np.uint16 else lut.astype(np.uint8)
-        return np.ascontiguousarray(lut[np.clip(arr, 0, len(lut) - 1)]), True, orientation
+        return np.ascontiguousarray(lut[np.clip(arr, 0, len(lut) - 1)]), True, orientation, icc
     if arr.ndim == 3 and (arr.shape[2] > 4 or (photometric in (0, 1) and arr.shape[2] > 2)):
         # multispectral or extra channels: no channel is dropped or taken for alpha in silence
         kind = "grey" if photometric in (0, 1) else "colour"
         raise InputError(f"{path}: TIFF with {arr.shape[2]} channels ({kind}, {len(extrasamples)} extra samples) is not supported; "
                          "export it as grey, grey+alpha, RGB or RGBA")
-    return np.ascontiguousarray(arr), False, orientation
+    return np.ascontiguousarray(arr), False, orientation, icc
 
 
-def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None]:
+def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[np.ndarray, bool, int | None, bytes | None]:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         im = _pil_open(data)
@@ -515,7 +519,8 @@ def _read_tiff_with_pillow(data: bytes, path: Path, raw_palette: bool) -> tuple[
     _check_pixels(path, *im.size)
     _pil_load(im, path, "TIFF")
     arr, is_palette = _pil_to_array(im, path, raw_palette)
-    return arr, is_palette, _exif_orientation(im)
+    icc = im.info.get("icc_profile")
+    return arr, is_palette, _exif_orientation(im), icc if isinstance(icc, bytes) and icc else None
 
 
 def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = None) -> tuple[np.ndarray, ImageMeta]:
@@ -547,8 +552,8 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
 
     orientation: int | None = None
     if data[:4] in _TIFF_MAGIC:  # tifffile handles what Pillow cannot (16-bit RGB, planar, float: refused clearly)
-        arr, is_palette, orientation = _read_tiff(data, path, raw_palette)
-        return _finish(path, "tiff", arr, is_palette, orientation, None if raw_palette else _tiff_icc(data))
+        arr, is_palette, orientation, icc = _read_tiff(data, path, raw_palette)
+        return _finish(path, "tiff", arr, is_palette, orientation, None if raw_palette else icc)
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -656,18 +661,6 @@ def _finish(
         colour_profile=profile,
     )
     return arr, meta
-
-
-def _tiff_icc(data: bytes) -> bytes | None:
-    """The ICC profile of a TIFF (tag 34675), from Pillow's parse of its header; None if it has none or
-    Pillow cannot parse it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            icc = _pil_open(data).info.get("icc_profile")
-    except Exception:
-        return None
-    return icc if isinstance(icc, bytes) and icc else None
 
 
 _SRGB_PROFILE = None

@@ -27,7 +27,7 @@ def models(
 
     from fundus_pipeline.config import EnhanceConfig, GradeConfig, ScoreConfig, SegmentConfig
     from fundus_pipeline.models.catalog import catalog_entries
-    from fundus_pipeline.models.weights import NO_WEIGHTS_HINT, no_weights_folder, read_manifest, weights_dir
+    from fundus_pipeline.models.weights import NO_WEIGHTS_HOW, no_weights_folder, read_manifest, weights_dir
 
     defaults = {c.model_fields["weights"].default: name for name, c in
                 (("segment", SegmentConfig), ("enhance", EnhanceConfig), ("score", ScoreConfig), ("grade", GradeConfig))}
@@ -58,7 +58,7 @@ def models(
             }
         )
     if (why := no_weights_folder()) is not None:  # every row would show "-": say why, once
-        typer.echo(f"warning: {why}; {NO_WEIGHTS_HINT.rsplit(', or pass', 1)[0]}", err=True)
+        typer.echo(f"warning: {why}; {NO_WEIGHTS_HOW}", err=True)
     if not rows:  # said, not silent (JSON still gets its empty list on stdout)
         typer.echo(f"no architecture or weights name matches {pattern!r} (`fundus models` lists them all)", err=True)
     if fmt == Format.json:

@@ -248,15 +248,13 @@ def _best_step(x: np.ndarray, y: np.ndarray) -> tuple[float, tuple[float, float,
     return max(sse, 0.0), (float(m0[i]), float(m1[i] - m0[i]), (lo + hi) / 2, (hi - lo) / 10)
 
 
-def fit_logistic4(
-    pred: np.ndarray, label: np.ndarray, *, p0: Sequence[float] | None = None, maxfev: int = MAXFEV
-) -> Mapping:
+def fit_logistic4(pred: np.ndarray, label: np.ndarray) -> Mapping:
     """Least-squares :func:`logistic4` map of ``pred`` onto ``label``, constrained to be increasing (b1 >= b2:
     a higher score means a better label, ``DEFINITIONS["direction"]``; an unconstrained fit would turn a
     predictor that ranks the wrong way around) with bounded asymptotes (:func:`_increasing_fit`). From the
-    ``GRID_KEEP`` best points of a grid (:func:`_grid_starts`), from the best step (:func:`_best_step`) and from
-    ``p0`` too when given, keeping the lowest squared error (scipy.optimize.least_squares, trust region with bounds, analytic
-    Jacobian). When the best increasing map is flat (the score does not rise with the label): ``kind ==
+    ``GRID_KEEP`` best points of a grid (:func:`_grid_starts`) and from the best step (:func:`_best_step`),
+    keeping the lowest squared error (scipy.optimize.least_squares, trust region with bounds, analytic Jacobian,
+    max_nfev ``MAXFEV``); a bootstrap resample is refitted by :func:`refit_logistic4`. When the best increasing map is flat (the score does not rise with the label): ``kind ==
     "flat"``, the labels' mean, whose PLCC is 0. A linear least-squares map (``kind ==
     "linear"``, the reason in ``note``) when every start fails or there are fewer than 5 pairs."""
     x = np.asarray(pred, np.float64)
@@ -265,10 +263,7 @@ def fit_logistic4(
     if done is not None:
         return done
     starts = [st for _, st in _grid_starts(x, y)] + [step[1]]
-    if p0 is not None:
-        b1, b2, b3, b4 = (float(v) for v in p0)
-        starts.insert(0, (b2, b1 - b2, b3, b4))
-    return _best_increasing(x, y, [f for f in (_increasing_fit(x, y, st, maxfev) for st in starts) if f is not None])
+    return _best_increasing(x, y, [f for f in (_increasing_fit(x, y, st, MAXFEV) for st in starts) if f is not None])
 
 
 def _without_fit(x: np.ndarray, y: np.ndarray) -> tuple[Mapping | None, tuple | None]:

@@ -58,8 +58,9 @@ def no_weights_folder() -> str | None:
     return f"no shipped weights: {folder} ({how}) holds no manifest.json"
 
 
-NO_WEIGHTS_HINT = ("install fundus from a checkout of its repository (pip install -e .), which keeps its weights/ folder, "
-                   "or set FUNDUS_WEIGHTS to that folder, or pass a .pt file")
+NO_WEIGHTS_HOW = ("install fundus from a checkout of its repository (pip install -e .), which keeps its weights/ folder, "
+                  "or set FUNDUS_WEIGHTS to that folder")
+NO_WEIGHTS_HINT = NO_WEIGHTS_HOW + ", or pass a .pt file"
 
 
 def sha256_file(path: Path) -> str:
