@@ -169,3 +169,26 @@ def test_the_report_page_carries_no_control_characters():
     t = _environment().from_string("<p>{{ v }}</p>{{ m|safe }}")
     out = t.render(v="a\x00b\x1b[31m<i>\tc\nd", m="<b>\x07</b>")
     assert out == "<p>a\ufffdb\ufffd[31m&lt;i&gt;\tc\nd</p><b>\x07</b>"
+
+
+def test_an_unreadable_manifest_is_refused_not_replaced_by_half(tmp_path, capsys):
+    """Known left of review 20: a manifest that cannot be read (a 5000-digit threshold is beyond json's integer
+    limit; a cut or broken file) was passed over, and the predictions were scored at 0.5 in silence."""
+    import numpy as np
+
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(pred / "a_prob.png")
+    Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8)).save(gt / "a.png")
+    args = ("evaluate", "segment", pred, gt, "--out", tmp_path / "e", "--bootstrap", "0", "--no-cldice")
+    for text in ('{"config": {"threshold": ' + "1" * 5000 + "}}", '{"config": {"threshold": 0.3', ""):
+        (pred / "manifest.json").write_text(text)
+        assert run(*args) == 2
+        err = capsys.readouterr().err
+        assert "manifest.json cannot be read (" in err and "give --threshold" in err and len(err.splitlines()) == 1
+    # another tool's manifest (not an object with a config table) records no threshold: 0.5, as before
+    (pred / "manifest.json").write_text("[1, 2]")
+    assert run(*args, "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out)["threshold_source"] == "default"

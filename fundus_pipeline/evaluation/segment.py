@@ -20,7 +20,8 @@ Ground truth and FOV masks: palette images -> raw index > 0 (DRIVE 2nd_manual is
 shown as grey 3/253), otherwise value > half of the dtype max (127 for uint8; > 0 for masks valued 0/1 only); colour
 images use the maximum over their colour channels. Without ``--fov`` the FOV is the whole image.
 
-Threshold: ``--threshold``, else ``config.threshold`` of PRED_DIR/manifest.json, else 0.5.
+Threshold: ``--threshold``, else ``config.threshold`` of PRED_DIR/manifest.json (or of the nearest manifest above
+the predictions), else 0.5; a manifest there that is not readable JSON is a usage error.
 
 Coverage: every prediction is scored against its ground truth. Ground-truth images without a prediction
 are not an error (evaluating a subset of a test set is normal): they are counted and listed in the summary
@@ -219,8 +220,14 @@ def _threshold_from_manifest(pred_dir: Path) -> float | None:
         return None
     try:
         data = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        # an unreadable manifest may hold the threshold the masks were written with: scoring them at 0.5 in
+        # silence is not a fallback (a 5000-digit value, or a cut or hand-broken file, had been)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{mf} cannot be read ({reason}); give --threshold") from None
+    try:
         t = data.get("config", {}).get("threshold")
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (AttributeError, TypeError):  # another tool's manifest, not one of ours: it records no threshold
         return None
     if t is None:
         return None
