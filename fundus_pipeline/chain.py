@@ -151,6 +151,20 @@ def enhance_decision(cfg: RunConfig, grade_row: dict | None) -> tuple[bool, str]
     return False, f"graded {g} (p={p:.2f}): passed through unchanged"
 
 
+def score_gain(score: float, score_input: float) -> float:
+    """The enhancement's score gain, as the trust decision compares it: to 6 decimals, a rounded -0.0 written
+    0.0 (it is not below a min-gain of 0, and "-0.000" read as a refused gain; campaign 21a F2)."""
+    return round(score - score_input, 6) + 0.0
+
+
+def format_gain(gain: float) -> str:
+    """A gain with its sign and the digits that decide against a min-gain: 3 decimals, or up to 6 where it is
+    below 0.001 (``+0.000432``, not ``+0.000``: at 3 decimals a trusted and a refused gain read the same)."""
+    if gain == 0 or abs(gain) >= 0.001:
+        return f"{gain:+.3f}"
+    return f"{gain:+.6f}".rstrip("0")
+
+
 def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, score_row: dict | None) -> tuple[str, str]:
     """(which image is segmented, "enhanced" or "input"; why). ``score_row`` holds ``score`` and ``score_input``."""
     if not enhanced:
@@ -166,8 +180,8 @@ def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, s
     if score_row.get("status") != "ok":
         return "input", "the enhancement could not be scored: the input is segmented"
     s, si = float(score_row["score"]), float(score_row["score_input"])
-    gain = round(s - si, 6)
-    figures = f"score {s:.3f}, input's own {si:.3f} (gain {gain:+.3f})"
+    gain = score_gain(s, si)
+    figures = f"score {s:.3f}, input's own {si:.3f} (gain {format_gain(gain)})"
     if gain < cfg.min_gain:
         return "input", f"{figures} < min-gain {cfg.min_gain:g}: enhancement not trusted, the input is segmented"
     if s < cfg.min_score:
@@ -382,7 +396,7 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         if enh and _ok(e) and "score" in steps:
             s = take("score", index.get("score", it.key))
             if _ok(s):
-                row.update(score=s["score"], score_input=s["score_input"], score_gain=round(float(s["score"]) - float(s["score_input"]), 6))
+                row.update(score=s["score"], score_input=s["score_input"], score_gain=score_gain(float(s["score"]), float(s["score_input"])))
         if _ok(e):
             p = _output(out / "enhance", e)
             row["enhanced_image"] = p.relative_to(out).as_posix() if p else ""
@@ -911,7 +925,9 @@ class Chain:
             if self.cfg.report and self.plan:
                 from fundus_pipeline.report import write_report
 
-                report = write_report(self.out, self.cfg, rows)
+                report = write_report(self.out, self.cfg, rows, run={
+                    "weights": self.weights, "run_sha256": config_sha256(self.record()), "notes": list(self.inputs.notes),
+                    "status": "interrupted" if self.interrupted else "finished"})
             self._write_manifest(rows, "interrupted" if self.interrupted else "finished", counts)
         except sqlite3.Error as e:  # the join's index lives in TMPDIR, not in OUT
             raise _temp_error(e) from None

@@ -121,3 +121,39 @@ def test_report_renders_sorts_filters_and_is_not_blank(driver, tmp_path):
     driver.save_screenshot(str(shot))
     px = np.asarray(Image.open(shot).convert("RGB")).astype(np.float32)
     assert px.std() > 20 and len(np.unique(px.reshape(-1, 3)[::97], axis=0)) > 50  # text, charts and photographs, not a blank page
+
+
+def test_a_printed_report_keeps_every_column_and_sorts_from_the_keyboard(driver, tmp_path):
+    """Campaign 21a F1: printed (or saved as PDF) the rows table ran off the page, the decisions and their reasons
+    on no page at all; F7: sorting was mouse-only. Print media on a landscape sheet's width (about 980 CSS px
+    for Letter, 1047 for A4, at 10 mm margins): no column is cut."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    out = tmp_path / "run"
+    rows = make_run(out)
+    for r in rows:
+        r.update(degradation="111", psnr_before=16.5, psnr_after=18.25, ssim_before=0.7, ssim_after=0.8, f1_before=0.61, f1_after=0.6,
+                 segment_reason="score 0.873, input's own 0.876 (gain -0.003) < min-gain 0: enhancement not trusted, the input is segmented",
+                 flags="blur illumination spots underexposure")
+    page = write_report(out, RunConfig(simulate="111", thumbnail=160), rows)
+    driver.set_window_size(980, 900)
+    try:
+        driver.get(page.as_uri())
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        width = driver.execute_script("return document.documentElement.clientWidth;")
+        right = driver.execute_script("return Array.from(document.querySelectorAll('#rows thead th')).map(h => h.getBoundingClientRect().right);")
+        assert driver.execute_script("return document.querySelector('#rows thead th:last-child').textContent;") == "decisions"
+        assert max(right) <= width + 1, (max(right), width)
+        assert driver.execute_script("return document.documentElement.scrollWidth;") <= width + 1
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+        head = driver.find_element(By.XPATH, "//table[@id='rows']//th[normalize-space()='vessel fraction']")
+        head.send_keys(Keys.ENTER)
+        assert head.get_attribute("aria-sort") == "ascending"
+        assert visible_keys(driver)[:6] == [f"p{i}" for i in (0, 1, 2, 4, 5, 6)]
+        head.send_keys(Keys.SPACE)
+        assert head.get_attribute("aria-sort") == "descending" and visible_keys(driver)[0] == "p6"
+        assert driver.get_log("browser") == []
+    finally:
+        driver.set_window_size(1400, 1000)

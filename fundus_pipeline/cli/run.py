@@ -252,7 +252,9 @@ def report_cmd(
                 recorded = {}  # without the record none of its finished rows' inputs is shown (review 19 R1)
             if cfg.simulate:  # the rows' inputs are the degraded images, which the run's degrade stage recorded
                 recorded = degraded_sha256(out / "degrade")
-            path = write_report(out, cfg, rows, missing, recorded)  # an input replaced since the run is left out and named
+            given = m.get("input") if isinstance(m.get("input"), dict) else {}
+            run = {"weights": m.get("weights"), "run_sha256": m.get("run_sha256"), "notes": given.get("notes"), "status": m.get("status")}
+            path = write_report(out, cfg, rows, missing, recorded, run)  # an input replaced since the run is left out and named
         except (KeyError, ValueError, TypeError, AttributeError) as e:  # rows edited by hand: one line, not a crash
             raise UsageError(f"{out_dir}: its stage results do not read as fundus wrote them ({type(e).__name__}: {str(e)[:120]}); "
                              "were they edited? `fundus run ... --resume` (or --overwrite) writes them again") from None
@@ -268,4 +270,7 @@ def report_cmd(
     if pending:
         typer.echo(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "
                    "`fundus run ... --resume` redoes what is missing", err=True)
+    if not (out / "results.csv").is_file():  # the page says that results.csv holds every column (campaign 21a F12)
+        typer.echo(printable(f"warning: {out / 'results.csv'} is missing (the report's rows come from the stage folders); "
+                             "`fundus run ... --resume` writes it again"), err=True)
     typer.echo(f"wrote {path} ({len(rows)} photographs{f', {pages} pages: report.html, report-2.html, ...' if pages > 1 else ''})")

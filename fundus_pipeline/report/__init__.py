@@ -30,6 +30,8 @@ from fundus_pipeline.quality.grading import FLAGS, GRADES
 
 THUMB_QUALITY = 80
 GREEN = np.array([0, 255, 64], np.float32)
+#: The grade's colour, as the rows print it (the bars had all been green, reject's too; campaign 21a F15).
+GRADE_COLOURS = {"good": "#2e7d32", "usable": "#995c00", "reject": "#c62828"}
 
 
 # ------------------------------------------------------------------------------------------- thumbnails
@@ -64,8 +66,10 @@ def data_uri(rgb: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
 
-def overlay_thumb(image: np.ndarray, vessels_path: Path) -> np.ndarray:
-    """The thumbnail ``image`` with the vessel mask (area-averaged to its size) blended in green."""
+def overlay_thumb(image: np.ndarray | None, vessels_path: Path, side: int = 0) -> np.ndarray:
+    """The thumbnail ``image`` with the vessel mask (area-averaged to its size) blended in green; without
+    ``image`` (the photograph it was made on is missing or changed since the run) the mask alone on dark grey,
+    ``side`` pixels on its longer side (campaign 21a F4: the intact mask had been left out with it)."""
     import cv2
 
     from fundus_pipeline.io import read_image
@@ -73,6 +77,10 @@ def overlay_thumb(image: np.ndarray, vessels_path: Path) -> np.ndarray:
     mask, _ = read_image(vessels_path)
     if mask.ndim == 3:
         mask = mask.max(axis=2)
+    if image is None:
+        h, w = mask.shape[:2]
+        s = side / max(h, w)
+        image = np.full((max(1, round(h * s)), max(1, round(w * s)), 3), 48, np.uint8)
     frac = cv2.resize((mask > (np.iinfo(mask.dtype).max // 2)).astype(np.float32), image.shape[1::-1], interpolation=cv2.INTER_AREA)
     a = np.clip(frac * 1.6, 0, 0.85)[..., None]
     return np.round(image * (1 - a) + GREEN * a).astype(np.uint8)
@@ -88,51 +96,70 @@ def _unreadable() -> tuple[type[BaseException], ...]:
     return (FundusError, OSError, ValueError, MemoryError, cv2.error)
 
 
-def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inputs_sha256: dict | None = None) -> dict[str, str]:
-    """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable). For a
-    row whose status is ok, each image it names that cannot be read is appended to ``missing`` as (key, path)
-    (an unreadable input of a failed row is already reported in its error). ``inputs_sha256`` (key: the sha256
-    the run recorded): an input whose bytes differ now is left out and named too, since its picture would sit
-    beside another photograph's grade, score and vessels."""
-    t: dict[str, str] = {"input": "", "enhanced": "", "vessels": ""}
+def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inputs_sha256: dict | None = None) -> dict[str, Any]:
+    """The row's thumbnails as data URIs: input, enhanced, vessels (each "" when absent or unreadable), and
+    ``lost``: the names of those the row names but that are not shown. For a row whose status is ok, each
+    image it names that cannot be read is appended to ``missing`` as (key, path) and its cell is in ``lost``
+    (the page marks it; an unreadable input of a failed row is already reported in its error).
+    ``inputs_sha256`` (key: the sha256 the run recorded): an input whose bytes differ now is left out and named
+    too, since its picture would sit beside another photograph's grade, score and vessels. A vessel mask whose
+    photograph is not shown is drawn alone."""
+    t: dict[str, Any] = {"input": "", "enhanced": "", "vessels": ""}
     base: dict[str, np.ndarray] = {}
-    lost = missing if missing is not None and row.get("status") == "ok" else []
+    ok = row.get("status") == "ok"
+    named: list = []
+    lost = _Lost(missing if missing is not None and ok else [], named, ok)
     unreadable = _unreadable()
+    key = row.get("key")
     for name, rel in (("input", row.get("input")), ("enhanced", row.get("enhanced_image"))):
         if not rel:
             continue
         p = Path(rel)
         p = p if p.is_absolute() else out / p
         if name == "enhanced" and not _inside(out, rel):
-            lost.append((row.get("key"), f"{p} (not a file of the run's folder)"))
+            lost.add(name, key, f"{p} (not a file of the run's folder)")
             continue
         try:
-            recorded = (inputs_sha256 or {}).get(row.get("key")) if name == "input" else None
-            if name == "input" and inputs_sha256 is not None and recorded is None and row.get("status") == "ok":
+            recorded = (inputs_sha256 or {}).get(key) if name == "input" else None
+            if name == "input" and inputs_sha256 is not None and recorded is None and ok:
                 # a run records the sha256 of every input it finished: a finished row's path without one was
                 # not its input (campaign 19a F3: an edited manifest could show any image file on the page; a
                 # pending row of an interrupted --simulate run has no degraded image recorded yet)
-                lost.append((row.get("key"), f"{p} (no sha256 recorded by the run)"))
+                lost.add(name, key, f"{p} (no sha256 recorded by the run)")
                 continue
             info: dict = {}
             thumb = thumb_array(p, side, info)  # the file read once: its sha256 comes with the decoding
             if recorded is not None and info.get("sha256") != recorded:
-                lost.append((row.get("key"), f"{p} (changed since the run)"))
+                lost.add(name, key, f"{p} (changed since the run)")
                 continue
             base[name] = thumb
             t[name] = data_uri(base[name])
         except unreadable:
-            lost.append((row.get("key"), str(p)))
+            lost.add(name, key, str(p))
     if row.get("vessels_image"):
         seg = base.get("enhanced" if row.get("segmented") == "enhanced" else "input")
         if not _inside(out, row["vessels_image"]):
-            lost.append((row.get("key"), f"{out / row['vessels_image']} (not a file of the run's folder)"))
-        elif seg is not None:
+            lost.add("vessels", key, f"{out / row['vessels_image']} (not a file of the run's folder)")
+        else:
             try:
-                t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"]))
+                t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"], side))
             except unreadable:
-                lost.append((row.get("key"), str(out / row["vessels_image"])))
+                lost.add("vessels", key, str(out / row["vessels_image"]))
+    t["lost"] = named
     return t
+
+
+class _Lost:
+    """Where ``thumbnails`` puts an image it does not show: the run-wide ``missing`` list (key, path), and the
+    row's own list of cells to mark (ok rows only, as ``missing``)."""
+
+    def __init__(self, missing: list, named: list, ok: bool):
+        self.missing, self.named, self.ok = missing, named, ok
+
+    def add(self, cell: str, key: Any, what: str) -> None:
+        self.missing.append((key, what))
+        if self.ok:
+            self.named.append(cell)
 
 
 def _inside(out: Path, rel: object) -> bool:
@@ -174,38 +201,56 @@ def _mean(vals: list[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def svg_bars(pairs: list[tuple[str, float]], *, width: int = 300, bar: int = 16, fmt: str = "{:g}", color: str = "#3b7dd8") -> str:
-    """A horizontal bar chart (label, value) as inline SVG."""
+def svg_bars(pairs: list[tuple[str, float]], *, width: int = 300, bar: int = 16, fmt: str = "{:g}", color: str | dict = "#3b7dd8",
+             label: str = "") -> str:
+    """A horizontal bar chart (label, value) as inline SVG; ``color`` one for all bars or one per label. Its
+    ``aria-label`` gives the figures in words (``role="img"`` hides the drawn text from a screen reader)."""
     if not pairs:
         return ""
     top = max((v for _, v in pairs), default=0) or 1
     lw = 96
     h = bar * len(pairs) + 4
-    parts = [f'<svg class="chart" width="{width}" height="{h}" viewBox="0 0 {width} {h}" role="img">']
-    for i, (label, v) in enumerate(pairs):
+    words = ", ".join(f"{name} {fmt.format(v)}" for name, v in pairs)
+    parts = [f'<svg class="chart" width="{width}" height="{h}" viewBox="0 0 {width} {h}" role="img" '
+             f'aria-label="{html.escape(f"{label}: {words}" if label else words)}">']
+    for i, (name, v) in enumerate(pairs):
         y = i * bar + 2
         w = (width - lw - 48) * v / top
-        parts.append(f'<text x="0" y="{y + bar - 4}">{html.escape(str(label))}</text>')
-        parts.append(f'<rect x="{lw}" y="{y + 2}" width="{w:.1f}" height="{bar - 4}" fill="{color}"/>')
+        fill = color.get(name, "#3b7dd8") if isinstance(color, dict) else color
+        parts.append(f'<text x="0" y="{y + bar - 4}">{html.escape(str(name))}</text>')
+        parts.append(f'<rect x="{lw}" y="{y + 2}" width="{w:.1f}" height="{bar - 4}" fill="{fill}"/>')
         parts.append(f'<text x="{lw + w + 4:.1f}" y="{y + bar - 4}">{fmt.format(v)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, width: int = 300, height: int = 90, color: str = "#3b7dd8") -> str:
-    """A histogram of ``values`` over [lo, hi] as inline SVG (axis labels at both ends)."""
+def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, width: int = 300, height: int = 90, color: str = "#3b7dd8",
+                  label: str = "") -> str:
+    """A histogram of ``values`` over [lo, hi] as inline SVG (axis labels at both ends). Values outside the
+    range are counted in the end bins, and the chart says how many (campaign 21a F14); its ``aria-label``
+    gives the range, the count and the median in words."""
     if not values or hi <= lo:
         return ""
+    below, above = sum(v < lo for v in values), sum(v > hi for v in values)
     counts = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))[0]
     top = int(counts.max()) or 1
-    ph = height - 16
+    outside = "; ".join(t for t in (f"{below} below {lo:g}" if below else "", f"{above} above {hi:g}" if above else "") if t)
+    if outside:
+        height += 14
+    ph = height - 16 - (14 if outside else 0)
     bw = width / bins
-    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    words = f"{label + ': ' if label else ''}{len(values)} values from {lo:g} to {hi:g}, median {float(np.median(values)):.3f}"
+    words += f" ({outside}, counted in the end bins)" if outside else ""
+    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(words)}">']
     for i, c in enumerate(counts):
         bh = ph * int(c) / top
         parts.append(f'<rect x="{i * bw + 0.5:.1f}" y="{ph - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" fill="{color}"><title>{int(c)}</title></rect>')
-    parts.append(f'<text x="0" y="{height - 2}">{lo:g}</text><text x="{width}" y="{height - 2}" text-anchor="end">{hi:g}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 2}" text-anchor="middle">n={len(values)}, max bin {top}</text></svg>')
+    y = ph + 14
+    parts.append(f'<text x="0" y="{y}">{lo:g}</text><text x="{width}" y="{y}" text-anchor="end">{hi:g}</text>')
+    parts.append(f'<text x="{width / 2}" y="{y}" text-anchor="middle">n={len(values)}, max bin {top}</text>')
+    if outside:
+        parts.append(f'<text x="0" y="{y + 14}">{outside} (in the end bins)</text>')
+    parts.append("</svg>")
     return "".join(parts)
 
 
@@ -270,11 +315,11 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         "gain_mean": _mean(gains),
         "vf_mean": _mean(vf),
         "plots": {
-            "grades": svg_bars([(g, grades.get(g, 0)) for g in GRADES], color="#5a8f29"),
-            "flags": svg_bars([(f, flags[f]) for f in FLAGS if flags.get(f)], color="#c0392b"),
-            "scores": svg_histogram(scores, 0.0, 1.0),
-            "gains": svg_histogram(gains, -0.3, 0.3),
-            "vessels": svg_histogram(vf, 0.0, 0.25),
+            "grades": svg_bars([(g, grades.get(g, 0)) for g in GRADES], color=GRADE_COLOURS, label="photographs per grade"),
+            "flags": svg_bars([(f, flags[f]) for f in FLAGS if flags.get(f)], color="#c0392b", label="photographs per flag"),
+            "scores": svg_histogram(scores, 0.0, 1.0, label="score of the enhanced images"),
+            "gains": svg_histogram(gains, -0.3, 0.3, label="score gain over the input"),
+            "vessels": svg_histogram(vf, 0.0, 0.25, label="vessel fraction in the FOV"),
         },
     }
     if simulate:
@@ -294,16 +339,23 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------- page
 _CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Bidirectional formatting characters: shown live, U+202E in "safe\u202egnp.exe" reads "safeexe.png".
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _no_controls(value: Any) -> Any:
     """A text value with its control characters (a NUL, an ESC; not tab or newline) as U+FFFD: HTML has no
-    place for them, and a NUL in a hand-edited row made the page a parse error (campaign 19a F8). Markup the
-    template marked safe is left as it is."""
+    place for them, and a NUL in a hand-edited row made the page a parse error (campaign 19a F8); and its
+    bidirectional formatting characters written as their escape (``\u202e``), as the console's lines write
+    them, so a name reads as what it is (campaign 21a F5). Markup the template marked safe is left as it is."""
     import markupsafe
 
-    if isinstance(value, str) and not isinstance(value, markupsafe.Markup) and _CONTROLS.search(value):
-        return _CONTROLS.sub("\ufffd", value)
+    if not isinstance(value, str) or isinstance(value, markupsafe.Markup):
+        return value
+    if _CONTROLS.search(value):
+        value = _CONTROLS.sub("\ufffd", value)
+    if _BIDI.search(value):
+        value = _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
     return value
 
 
@@ -323,7 +375,14 @@ def _environment():
         f = _num(v)
         return "" if f is None else f"{f:.{nd}f}"
 
+    def gain(v: Any) -> str:
+        from fundus_pipeline.chain import format_gain
+
+        f = _num(v)
+        return "" if f is None else format_gain(f + 0.0)
+
     env.filters["fmt"] = fmt
+    env.filters["gain"] = gain  # signed, with the digits that decide against min-gain (campaign 21a F2)
     return env
 
 
@@ -336,31 +395,89 @@ def page_name(page: int) -> str:
     return "report.html" if page == 1 else f"report-{page}.html"
 
 
+def _segment_threshold(out: Path) -> float | None:
+    """The threshold the run's vessel masks were written with (its segment folder's manifest), if it reads."""
+    import json
+
+    try:
+        t = json.loads((out / "segment" / "manifest.json").read_text(encoding="utf-8"))["config"]["threshold"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
+
+
+def header(cfg, run: dict | None, threshold: float | None) -> dict[str, Any]:
+    """What the page's header states (campaign 21a F3): the settings of the steps that ran and nothing of those
+    that did not, each step's weights with the start of their sha256, and the run's ``run_sha256``. No date,
+    path or command: a replay writes the same page (they are in manifest.json, and the page says so)."""
+    run = run or {}
+    steps = list(cfg.steps)
+    settings: list[str] = []
+    if "grade" in steps:
+        settings.append(f"flag-threshold {cfg.flag_threshold:g}")
+        if "enhance" in steps:
+            settings.append(f"enhance-if {','.join(cfg.enhance_if)}")
+    if "enhance" in steps:
+        settings.append(f"transfer {cfg.transfer}")
+        if cfg.correction_sigma is not None:
+            settings.append(f"correction-sigma {cfg.correction_sigma:g}")
+    if "score" in steps and "enhance" in steps:
+        settings.append(f"min-gain {cfg.min_gain:g}")
+        settings.append(f"min-score {cfg.min_score:g}")
+    if "segment" in steps:
+        t = cfg.threshold if cfg.threshold is not None else threshold
+        settings.append(f"vessel threshold {t:g}" if t is not None else "vessel threshold: the weights' own")
+    recorded = run.get("weights") if isinstance(run.get("weights"), dict) else {}
+    weights = []
+    for step in steps:
+        name = getattr(cfg, f"{step}_weights", None)
+        if name is None:
+            continue
+        rec = recorded.get(step) if isinstance(recorded.get(step), dict) else {}
+        sha = rec.get("sha256")
+        if isinstance(rec.get("name"), str) and rec["name"]:
+            name = rec["name"]  # a weights file given by its path is named as the run recorded it, not by the path
+        weights.append(f"{step} {name}" + (f" (sha256 {sha[:12]})" if isinstance(sha, str) and sha else ""))
+    notes = run.get("notes") if isinstance(run.get("notes"), list) else []
+    sha = run.get("run_sha256") if isinstance(run.get("run_sha256"), str) else ""
+    return {"settings": settings, "weights": weights, "run_sha256": sha, "notes": [str(n) for n in notes],
+            "interrupted": run.get("status") == "interrupted"}
+
+
 def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None = None, summary_: dict | None = None,
                   page: int = 1, pages: int = 1, first: int = 1, last: int = 0, missing: list | None = None,
-                  inputs_sha256: dict | None = None) -> Iterator[str]:
+                  inputs_sha256: dict | None = None, run: dict | None = None) -> Iterator[str]:
     """One page as a stream of text chunks (thumbnails made a bounded window ahead of the rows). ``rows``:
     the page's rows; ``summary_``: the figures of the whole run (default: computed from ``rows``, which is
     then read twice: a list, or a re-iterable such as ``chain.RowsFile``); ``page`` of ``pages``, whose first
-    row is the run's row number ``first`` and last ``last``."""
+    row is the run's row number ``first`` and last ``last``; ``run``: what the run's manifest records beside
+    its configuration (``weights``, ``run_sha256``, the input folder's ``notes``, ``status``), for the header."""
     truth = cfg.ground_truth is not None and "segment" in cfg.steps
     simulate = bool(cfg.simulate)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
+    tally = {"lost": 0}  # images this page's rows name and does not show (read by the template after the rows)
 
     def with_thumbs(row: dict) -> dict:
         grade_warning, segment_warning = split_warning(row.get("warning"))
-        return {**row, "thumbs": thumbnails(out, row, cfg.thumbnail, missing, inputs_sha256), "flag_list": str(row.get("flags") or "").split(),
+        thumbs = thumbnails(out, row, cfg.thumbnail, missing, inputs_sha256)
+        tally["lost"] += len(thumbs["lost"])
+        return {**row, "thumbs": thumbs, "flag_list": str(row.get("flags") or "").split(),
                 "grade_warning": grade_warning, "segment_warning": segment_warning}
 
+    figures = summary_ if summary_ is not None else summary(rows, simulate, truth)
+    head = header(cfg, run, _segment_threshold(out) if "segment" in cfg.steps else None)
+    name = "fundus run report" + (f" {head['run_sha256'][:8]}" if head["run_sha256"] else "")
     template = _environment().get_template("report.html.j2")
     return template.generate(
         version=__version__,
-        title="fundus run report" + (f" (page {page} of {pages})" if pages > 1 else ""),
+        title=f"{name} ({figures['total']} photographs" + (f", page {page} of {pages})" if pages > 1 else ")"),
+        head=head,
+        tally=tally,
         cfg=cfg,
         steps=cfg.steps,
         simulate=simulate,
         truth=truth,
-        summary=summary_ if summary_ is not None else summary(rows, simulate, truth),
+        summary=figures,
         grades=GRADES,
         flags=FLAGS,
         rows=_bounded_map(with_thumbs, rows, workers, 4 * workers),
@@ -371,12 +488,13 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
     )
 
 
-def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = None, inputs_sha256: dict | None = None) -> Path:
+def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = None, inputs_sha256: dict | None = None,
+                 run: dict | None = None) -> Path:
     """Write ``out/report.html`` (and, past ``PAGE_ROWS`` photographs, ``report-2.html``, ... each with the
     whole run's summary and links to the others), each page streamed to a temporary file and renamed.
     ``rows`` is read twice (a list or ``chain.RowsFile``); pages of an earlier, longer report are removed.
     ``missing`` collects (key, path) of the images that ok rows name and that could not be read (or, given the
-    run's ``inputs_sha256``, whose bytes changed since)."""
+    run's ``inputs_sha256``, whose bytes changed since). ``run``: see ``render_chunks``."""
     import itertools
     import re
 
@@ -391,7 +509,7 @@ def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = No
         with open_atomic(out / page_name(page), errors="backslashreplace") as f:  # a page is valid UTF-8: an odd byte of a name shows as \udcXX
             for chunk in render_chunks(out, cfg, itertools.islice(it, PAGE_ROWS), summary_=figures, page=page, pages=pages,
                                        first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"]), missing=missing,
-                                       inputs_sha256=inputs_sha256):
+                                       inputs_sha256=inputs_sha256, run=run):
                 f.write(chunk)
     for stale in out.glob("report-*.html"):
         m = re.fullmatch(r"report-(\d+)\.html", stale.name)

@@ -1,0 +1,228 @@
+"""Campaign 21a (the HTML report as its reader sees it) and 21b (the training commands), and their reviews."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fundus_pipeline.config import RunConfig
+from tests.conftest import synthetic_fundus
+from tests.test_run import photos, run, tiny, tiny_args  # noqa: F401  (fixtures)
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "fundus_pipeline" / "report" / "report.html.j2"
+
+
+def _row(key: str, **extra) -> dict:
+    row = {"key": key, "input": f"in/{key}.png", "status": "ok", "error": "", "grade": "usable", "p_good": 0.2, "p_usable": 0.7,
+           "p_reject": 0.1, "flags": "blur", "enhanced": "no", "enhance_reason": "graded usable", "score": "", "score_input": "",
+           "score_gain": "", "segmented": "input", "segment_reason": "not enhanced: the input is segmented", "vessel_fraction": 0.1,
+           "fov_fraction": 0.7, "warning": "", "enhanced_image": "", "vessels_image": f"segment/{key}_vessels.png"}
+    row.update(extra)
+    return row
+
+
+def _run_folder(out: Path, keys=("a", "b")) -> list[dict]:
+    (out / "in").mkdir(parents=True)
+    (out / "segment").mkdir()
+    rows = []
+    for i, key in enumerate(keys):
+        img = synthetic_fundus(64, 72, i)
+        Image.fromarray(img).save(out / "in" / f"{key}.png")
+        Image.fromarray(((img[..., 1] < 60) & (img.max(2) > 20)).astype(np.uint8) * 255).save(out / "segment" / f"{key}_vessels.png")
+        rows.append(_row(key))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ 21a F2
+def test_a_gain_is_shown_with_the_digits_that_decide_and_never_as_minus_zero():
+    """F2: at 3 decimals a trusted gain of +0.000432 and a refused one of -0.00032 both read 0.000, and a gain in
+    (-5e-7, 0) rounded to -0.0 was trusted but shown "-0.000"."""
+    from fundus_pipeline.chain import format_gain, score_gain, segment_decision
+
+    assert score_gain(0.5, 0.5000004) == 0.0 and str(score_gain(0.5, 0.5000004)) == "0.0"
+    assert format_gain(score_gain(0.5, 0.5000004)) == "+0.000"
+    assert format_gain(0.000432) == "+0.000432" and format_gain(-0.00032) == "-0.00032" and format_gain(0.0123) == "+0.012"
+    cfg = RunConfig()
+    ok = {"status": "ok"}
+    used, why = segment_decision(cfg, True, ok, {"status": "ok", "score": 0.752432, "score_input": 0.752})
+    assert used == "enhanced" and "(gain +0.000432) >= min-gain 0" in why
+    used, why = segment_decision(cfg, True, ok, {"status": "ok", "score": 0.75168, "score_input": 0.752})
+    assert used == "input" and "(gain -0.00032) < min-gain 0" in why
+    used, why = segment_decision(cfg, True, ok, {"status": "ok", "score": 0.7519996, "score_input": 0.752})
+    assert used == "enhanced" and "(gain +0.000)" in why and "-0.000" not in why
+
+    from fundus_pipeline.report import _environment
+
+    g = _environment().from_string("{{ v|gain }}|{{ w|gain }}|{{ n|gain }}")
+    assert g.render(v="0.000432", w="-0.0", n="") == "+0.000432|+0.000|"
+
+
+# ------------------------------------------------------------------------------------------------ 21a F3, F10, F11
+def test_the_header_states_the_settings_and_weights_of_the_steps_that_ran(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """F3: the header named the grader, the scorer, enhance-if and min-gain of a run without those steps, and did
+    not state min-score, flag-threshold, the vessel threshold or the weights' sha256."""
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "enhance,segment", "--threshold", "0.3")) in (0, 3)
+    page = (out / "report.html").read_text()
+    head = re.search(r"<header>(.*?)</header>", page, re.S).group(1)
+    m = json.loads((out / "manifest.json").read_text())
+    assert "grade " not in head and "score " not in head and "min-gain" not in head and "enhance-if" not in head
+    assert "vessel threshold 0.3" in head and "transfer auto" in head
+    for step in ("enhance", "segment"):
+        assert f"(sha256 {m['weights'][step]['sha256'][:12]})" in head
+    assert f"run_sha256 {m['run_sha256'][:16]}" in head and "are in manifest.json" in head
+    assert f"<title>fundus run report {m['run_sha256'][:8]} (3 photographs)</title>" in page
+
+    out2 = tmp_path / "r2"
+    assert run("run", photos, out2, *tiny_args(tiny, "--min-score", "0.9", "--flag-threshold", "0.7")) in (0, 3)
+    head = re.search(r"<header>(.*?)</header>", (out2 / "report.html").read_text(), re.S).group(1)
+    assert "min-score 0.9" in head and "flag-threshold 0.7" in head and "min-gain 0" in head and "grade hemf_tiny (sha256 " in head
+    # fundus report writes the same page from the folders
+    before = (out2 / "report.html").read_bytes()
+    assert run("report", out2) == 0
+    assert (out2 / "report.html").read_bytes() == before
+
+
+def test_the_page_shows_the_input_folders_notes_and_an_unfinished_run(tmp_path):
+    """F10, F11: what the run passed over in the input folder (manifest input.notes) was not on the page, nor that
+    the run was interrupted."""
+    from fundus_pipeline.report import write_report
+
+    out = tmp_path / "run"
+    rows = _run_folder(out)
+    rows[1].update(status="pending", vessels_image="", segment_reason="")
+    note = "2 file(s) with other extensions not read: x.webp, y.dcm"
+    page = write_report(out, RunConfig(steps=["grade", "segment"]), rows, run={"notes": [note], "status": "interrupted"}).read_text()
+    assert note in page and 'id="interrupted"' in page and "1 photograph(s) not processed (the run was interrupted)" in page
+    page = write_report(out, RunConfig(steps=["grade", "segment"]), rows[:1]).read_text()
+    assert 'id="interrupted"' not in page and 'id="notes"' not in page
+
+
+# ------------------------------------------------------------------------------------------------ 21a F4
+def test_an_image_missing_since_the_run_is_marked_in_its_cell_and_its_mask_still_shown(tmp_path):
+    """F4: a deleted or changed image left an empty cell that read as "not made", and a vessel mask whose
+    photograph was gone was left out though intact."""
+    from fundus_pipeline.report import thumbnails, write_report
+
+    out = tmp_path / "run"
+    rows = _run_folder(out)
+    (out / "in" / "a.png").unlink()
+    missing: list = []
+    t = thumbnails(out, rows[0], 48, missing)
+    assert t["input"] == "" and t["lost"] == ["input"] and t["vessels"].startswith("data:image/jpeg;base64,")
+    assert [k for k, _ in missing] == ["a"]
+    (out / "segment" / "b_vessels.png").unlink()
+    page = write_report(out, RunConfig(steps=["grade", "segment"]), rows).read_text()
+    assert page.count('<span class="lost">image missing or changed since the run</span>') == 2
+    assert "2 image(s) on this page that the run wrote or read are missing or changed since the run" in page
+    # a failed row's unreadable input is in its error, not marked twice
+    failed = {**rows[0], "status": "error", "error": "grade: cannot read"}
+    assert thumbnails(out, failed, 48, [])["lost"] == []
+
+
+# ------------------------------------------------------------------------------------------------ 21a F5
+def test_a_bidirectional_override_in_a_name_is_shown_as_its_escape(tmp_path):
+    """F5: "safe\\u202egnp.exe" was rendered live and read "safeexe.png"."""
+    from fundus_pipeline.report import _environment, write_report
+
+    out = tmp_path / "run"
+    rows = _run_folder(out, keys=("a",))
+    rows[0]["key"] = "safe\u202egnp.exe"
+    page = write_report(out, RunConfig(steps=["grade", "segment"]), rows).read_text()
+    assert "\u202e" not in page and page.count("safe\\u202egnp.exe") >= 3  # the cell, data-key and the alt texts
+    assert _environment().from_string("{{ v }}").render(v="a\u2066b\u200fc") == "a\\u2066b\\u200fc"
+
+
+# ------------------------------------------------------------------------------------------------ 21a F7, F14, F15
+def test_the_charts_say_their_figures_in_words_and_name_what_falls_outside():
+    """F7: role="img" charts without a label hid the grade and flag counts from a screen reader. F14: values
+    outside a histogram's range were counted in its end bins without a word. F15: reject's bar was green."""
+    from fundus_pipeline.report import GRADE_COLOURS, summary
+
+    rows = [_row("a", grade="good", vessel_fraction=0.31), _row("b", grade="reject", vessel_fraction=0.1),
+            _row("c", grade="reject", vessel_fraction=0.12, flags="")]
+    plots = summary(rows, False, False)["plots"]
+    assert 'aria-label="photographs per grade: good 1, usable 0, reject 2"' in plots["grades"]
+    assert 'aria-label="photographs per flag: blur 2"' in plots["flags"]
+    assert f'fill="{GRADE_COLOURS["reject"]}"' in plots["grades"] and f'fill="{GRADE_COLOURS["good"]}"' in plots["grades"]
+    assert "1 above 0.25 (in the end bins)" in plots["vessels"]
+    assert 'aria-label="vessel fraction in the FOV: 3 values from 0 to 0.25, median 0.120 (1 above 0.25, counted in the end bins)"' in plots["vessels"]
+    assert "above" not in summary(rows[1:], False, False)["plots"]["vessels"]
+
+
+# ------------------------------------------------------------------------------------------------ 21a F8
+def _luminance(hex_colour: str) -> float:
+    c = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    c = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def test_every_text_colour_of_the_page_meets_wcag_aa_on_its_backgrounds():
+    """F8: usable's text (#b26a00, 4.24:1) and the muted text (#7a8592, 3.75:1 and 3.50:1) were below 4.5:1."""
+    css = re.search(r"<style>(.*?)</style>", TEMPLATE.read_text(), re.S).group(1)
+    screen = css.split("@media print")[0]
+    colours = {sel.strip(): col for sel, col in re.findall(r"([.#\w\- ,]+)\{[^}]*?(?<![-\w])color:(#[0-9a-fA-F]{6})", screen)}
+    for sel in (".muted", ".why", ".probs", ".err", ".card h2"):
+        assert sel in colours, sel
+    for sel in ("g-good", "g-usable", "g-reject"):
+        colour = re.search(rf"\.{sel}\{{color:(#[0-9a-fA-F]{{6}})", screen).group(1)
+        assert _contrast(colour, "#ffffff") >= 4.5, (sel, colour)
+    for sel, colour in colours.items():
+        if sel.startswith(("header", ".flag")):
+            continue  # on the dark header; the flag on its own pale red (below)
+        for background in ("#ffffff", "#f6f7f9", "#eef1f5"):
+            assert _contrast(colour, background) >= 4.5, (sel, colour, background)
+    assert _contrast("#a12a1f", "#fdecea") >= 4.5 and _contrast("#c9d1dc", "#1d2430") >= 4.5
+
+
+# ------------------------------------------------------------------------------------------------ 21a F6, F13, F16
+def test_the_rows_table_has_a_caption_column_scopes_and_row_headers(tmp_path):
+    """F16: no caption, no scope, the key a plain cell; F6/F13: a long key widened its column off the screen
+    and runs of spaces collapsed (the key's cell now wraps anywhere and keeps its spaces)."""
+    from fundus_pipeline.report import write_report
+
+    out = tmp_path / "run"
+    rows = _run_folder(out, keys=("a",))
+    page = write_report(out, RunConfig(steps=["grade", "segment"]), rows).read_text()
+    table = page[page.index('<table id="rows">') :]
+    assert "<caption>One row per photograph</caption>" in table
+    heads = re.findall(r"<th ([^>]*)>", table[: table.index("</thead>")])
+    assert heads and all('scope="col"' in h for h in heads)
+    assert all("tabindex" in h and 'aria-sort="none"' in h for h in heads if 'data-type="none"' not in h)
+    assert '<th scope="row" class="key">a</th>' in table
+    assert re.search(r"#rows th\.key\{[^}]*max-width[^}]*overflow-wrap:anywhere[^}]*white-space:pre-wrap", page)
+    assert 'alt="vessels of a over its input"' in table and "<noscript>" in page
+
+
+# ------------------------------------------------------------------------------------------------ 21a F9
+def test_the_page_says_what_its_figures_mean(tmp_path):
+    from fundus_pipeline.report import write_report
+
+    out = tmp_path / "run"
+    rows = _run_folder(out, keys=("a",))
+    page = write_report(out, RunConfig(), rows).read_text()
+    legend = page[page.index('<details id="legend">') : page.index("</details>")]
+    for term in ("<dt>score</dt>", "<dt>gain</dt>", "<dt>vessel fraction</dt>", "field of view (FOV", "calibrated probabilities"):
+        assert term in legend
+
+
+def test_fundus_report_says_when_results_csv_is_missing(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """F12: with results.csv deleted `fundus report` said nothing (exit 0), and the page says it holds every column."""
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) in (0, 3)
+    capsys.readouterr()
+    assert run("report", out) == 0
+    assert "results.csv" not in capsys.readouterr().err
+    (out / "results.csv").unlink()
+    assert run("report", out) == 0
+    err = capsys.readouterr().err
+    assert "results.csv is missing" in err and "--resume` writes it again" in err
