@@ -226,3 +226,160 @@ def test_fundus_report_says_when_results_csv_is_missing(photos, tmp_path, tiny, 
     assert run("report", out) == 0
     err = capsys.readouterr().err
     assert "results.csv is missing" in err and "--resume` writes it again" in err
+
+
+# ------------------------------------------------------------------------------------------------ 21b H1
+def test_a_cache_path_that_holds_another_file_is_refused_not_replaced(fake_data, tmp_path, capsys):
+    """H1: `--cache weights/imff.pt` (any file that is not a source cache) was replaced by 169 MB of prepared
+    sources, with a log line; an empty file, or a cache of other data, is still prepared again."""
+    import torch
+
+    from fundus_pipeline.cli import main as cli_main
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.train.enhance import prepare_sources
+
+    victim = tmp_path / "victim.pt"
+    torch.save({"w": torch.zeros(3)}, victim)  # a zip archive, as every torch checkpoint is
+    before = victim.read_bytes()
+    for cmd in ("enhance", "pretext"):
+        out = tmp_path / f"o_{cmd}"
+        assert cli_main(["train", cmd, "--data", str(fake_data), "--out", str(out), "--steps", "1", "--cache", str(victim)]) == 2
+        err = capsys.readouterr().err
+        assert "exists and is not a source cache of fundus (no digest and meta in it)" in err and len(err.splitlines()) == 1
+        assert victim.read_bytes() == before and not out.exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes")
+    seg = Path(__file__).resolve().parents[1] / "weights" / "imff.pt"
+    try:
+        prepare_sources(fake_data, 64, seg, text, log=lambda m: None)  # a file that came after the options were checked
+    except UsageError as e:
+        assert "(BadZipFile)" in e.message
+    else:
+        raise AssertionError("a file that is not a cache was replaced")
+    assert text.read_text() == "my notes"
+
+
+# ------------------------------------------------------------------------------------------------ 21b H2
+def test_a_finished_run_whose_last_checkpoint_was_deleted_is_not_overwritten(fake_data, tmp_path, capsys):
+    """H2: with last.pt deleted (to save space) a finished run's folder was accepted, and a new run replaced its
+    best.pt and summary.json and appended to its train.log."""
+    from tests.test_train_segment import _args, _train
+
+    out = tmp_path / "run"
+    assert _train(*_args(fake_data, out)) == 0
+    (out / "last.pt").unlink()
+    kept = {f: (out / f).read_bytes() for f in ("best.pt", "summary.json", "train.log")}
+    capsys.readouterr()
+    assert _train(*_args(fake_data, out, "--seed", "7")) == 2
+    assert "holds a finished training run (summary.json); choose a new --out" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in kept} == kept
+
+
+# ------------------------------------------------------------------------------------------------ 21b M1, L5
+def test_a_summary_records_the_whole_command_the_code_and_the_data_and_its_command_reruns_the_weights(fake_data, tmp_path):
+    """M1: the recorded command dropped every option at its default (--seed 0, --lr, --arch), so it depended on the
+    defaults of the code that reran it; neither the commit nor the dataset root was recorded. L5: a resumed run's
+    summary recorded resume: true."""
+    import shlex
+    import subprocess
+
+    from fundus_pipeline.cli import main as cli_main
+    from tests.test_train_segment import _args, _train
+
+    out = tmp_path / "run"
+    assert _train(*_args(fake_data, out, "--seed", "0")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    argv = summary["argv"]
+    for opt in ("--seed", "--lr", "--arch", "--patch", "--degrade-p", "--val-every", "--steps"):
+        assert opt in argv, opt
+    for opt in ("--device", "--resume", "--init", "--cache"):  # where it runs and how it saves: only as given
+        assert opt not in argv, opt
+    assert summary["data"] == {"data": str(fake_data.resolve())}
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        assert summary["code"]["git_commit"] == head and isinstance(summary["code"]["dirty"], bool)
+    assert summary["code"]["version"]
+    # the recorded command, with another --out, trains the same weights byte for byte
+    words = list(argv[3:])
+    words[words.index("--out") + 1] = str(tmp_path / "again")
+    assert cli_main(["train", "segment", *words]) == 0
+    assert (tmp_path / "again" / "best.pt").read_bytes() == (out / "best.pt").read_bytes()
+    assert shlex.split(shlex.join(argv)) == argv
+    # the export carries them into the weights' manifest entry
+    from fundus_pipeline.train.export import export_weights
+    from tests.test_train_segment import _description
+
+    spec = export_weights(out, name="tiny", model_name="imff_tiny", describe=lambda m: _description(m, 0.4), directory=tmp_path / "w")
+    rec = spec.training.to_json_dict()
+    assert rec["code"] == summary["code"] and rec["data_identity"] == summary["data"] and "--lr" in rec["command"]
+    # a resume records the run's own options, not resume: true
+    (out / "summary.json").unlink()
+    assert _train(*_args(fake_data, out, "--seed", "0", "--resume")) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["resume"] is False
+
+
+# ------------------------------------------------------------------------------------------------ 21b L1, L4
+def test_an_undefined_validation_figure_is_never_the_best_and_summary_json_is_strict(tmp_path, monkeypatch):
+    """L1: a first validation of NaN (too few pairs) stayed the best for good (NaN compares False) and summary.json
+    held a bare NaN, which strict JSON readers refuse. L4: the loss lines gave no total and no time left."""
+    from fundus_pipeline.train import loop
+    from fundus_pipeline.train.config import TrainConfig
+    from tests.test_train_segment import _ToyTask
+
+    monkeypatch.setattr(loop, "LOG_EVERY", 2)
+    figures = iter([float("nan"), -0.5, float("nan"), -0.7])
+
+    class Undefined(_ToyTask):
+        def validate(self, model, device):
+            return {"neg_mse": next(figures), "other": float("inf")}
+
+    cfg = TrainConfig(out=tmp_path / "a", steps=8, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=2)
+    summary = loop.fit(Undefined(cfg), cfg)
+    lines = [ln.split(" ", 1)[1] for ln in (tmp_path / "a" / "train.log").read_text().splitlines()]  # without the time
+    assert summary["best"]["step"] == 4 and summary["best"]["neg_mse"] == -0.5
+    text = (tmp_path / "a" / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["best"] == {"step": 4, "neg_mse": -0.5, "other": None}
+    steps = [ln for ln in lines if re.match(r"step \d+/8 loss ", ln)]
+    assert len(steps) == 4 and all(re.search(r"s/step, about \d+ s of training left$", ln) for ln in steps), steps
+
+
+# ------------------------------------------------------------------------------------------------ 21b L2, L3
+def test_training_messages_name_the_option_and_say_what_is_wrong_in_a_line(fake_data, tmp_path, capsys):
+    """L2: weights of another model given to --init did not name the option; a truncated last.pt gave 418
+    characters of torch's "internal miniz error" text. L3: --threads above the cores was taken without a word."""
+    import os
+
+    import torch
+
+    from fundus_pipeline.models.registry import build_model
+    from tests.test_train_segment import _args, _train
+
+    other = tmp_path / "hemf.pt"
+    torch.save(build_model("hemf_tiny").state_dict(), other)
+    assert _train(*_args(fake_data, tmp_path / "a", "--init", str(other))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --init: ") and "does not fit architecture 'imff_tiny'" in err
+
+    out = tmp_path / "b"
+    threads = str((os.cpu_count() or 1) + 1)
+    assert _train(*_args(fake_data, out)[:-4], "--threads", threads, "--seed", "3") == 0
+    assert f"note: --threads {threads} is more than the {os.cpu_count()} CPU cores here" in (out / "train.log").read_text()
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert _train(*_args(fake_data, out, "--resume")) == 1
+    line = capsys.readouterr().err.splitlines()[0]
+    assert "is not a readable checkpoint" in line and "miniz" not in line and len(line) < 250, line
+
+
+# ------------------------------------------------------------------------------------------------ 21b L6
+def test_segment_says_when_weights_without_an_entry_are_thresholded_at_the_default(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """L6: a run's own best.pt (no manifest entry) was thresholded at 0.5 without a word."""
+    args = ("--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu", "--quiet")
+    assert run("segment", photos, tmp_path / "s", *args) == 0
+    err = capsys.readouterr().err
+    assert "note: imff_tiny.pt has no entry in weights/manifest.json: its vessel masks are thresholded at 0.5" in err
+    assert run("segment", photos, tmp_path / "t", *args, "--threshold", "0.4") == 0
+    assert "no entry in weights/manifest.json" not in capsys.readouterr().err

@@ -44,5 +44,15 @@ def segment(
 
     cfg = SegmentConfig.build(weights=weights, arch=arch, threshold=threshold, device=device, precision=precision, compile=compile, tile=tile, overlap=overlap, overlay=overlay,
                               fov=fov, fov_margin=fov_margin, batch_size=batch_size)
-    run_stage_command(lambda: SegmentStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
+    def make_stage() -> SegmentStage:
+        stage = SegmentStage(cfg)
+        if cfg.threshold is None and stage.spec.threshold_source == "default":  # campaign 21b L6: said nowhere
+            from fundus_pipeline.errors import printable
+
+            typer.echo(printable(f"note: {stage.spec.path.name} has no entry in weights/manifest.json: its vessel masks are thresholded at "
+                                 f"{stage.threshold:g}; give --threshold, or export the run (scripts/export_weights.py records the "
+                                 "threshold its validation chose)"), err=True)
+        return stage
+
+    run_stage_command(make_stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
                       engine=engine, address=address)

@@ -211,12 +211,20 @@ def load_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "", *, new: tuple[str, ...] = ()) -> None:
+def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "", *, new: tuple[str, ...] = (), option: str = "") -> None:
     """Load a state dict (or a training checkpoint's "model") through the checked loader, which refuses
     pickled modules, after a strict check of its tensor names and shapes against ``model`` and of its
     values (NaN or infinite values are refused: such weights give no decision, only NaN). ``new``: name
     prefixes of tensors the model may have that the file lacks (a module added to a trained network that
-    starts as the identity, ``--init``); they keep their initial values, and every other name is checked."""
+    starts as the identity, ``--init``); they keep their initial values, and every other name is checked.
+    ``option``: the command-line option that named ``path``, put before a refusal's message (campaign 21b L2)."""
+    if option:
+        try:
+            return load_weights_checked(model, path, what, new=new)
+        except WeightsError as e:
+            if e.message.startswith(option):
+                raise
+            raise WeightsError(f"{option}: {e.message}", e.hint) from None
     import torch
 
     sd = load_state_dict(path)

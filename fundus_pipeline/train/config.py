@@ -82,6 +82,12 @@ class TrainConfig(BaseModel):
         # has train.log beside it, cannot be resumed, and starts again)
         if not self.resume and ((self.out / "last.pt").exists() or ((self.out / "best.pt").exists() and not (self.out / "train.log").exists())):
             raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose a new --out")
+        if not self.resume and (self.out / "summary.json").exists():  # only a finished run writes it: its last.pt deleted
+            # to save space, a new run had replaced its best.pt and summary.json (campaign 21b H2)
+            raise ValueError(f"{self.out} holds a finished training run (summary.json); choose a new --out")
+        cache = getattr(self, "cache", None)
+        if cache is not None:
+            check_cache_path(Path(cache))
         root = getattr(self, "data_root", None)  # the datasets are read, never written
         if root is not None:
             data = Path(root).resolve()
@@ -98,12 +104,13 @@ class TrainConfig(BaseModel):
         except ValidationError as e:
             raise config_error(e) from None
 
-    def to_argv(self) -> list[str]:
-        """The options that differ from their defaults, as command-line arguments (recorded in summary.json)."""
+    def to_argv(self, always: frozenset[str] = frozenset()) -> list[str]:
+        """The options that differ from their defaults, and those named in ``always`` even at their default, as
+        command-line arguments (recorded in summary.json; a value of None is not an option)."""
         argv: list[str] = []
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
-            if field.is_required() or value != field.default:
+            if field.is_required() or value != field.default or name in always:
                 if isinstance(value, bool):
                     argv += [option_name(name)] if value else []
                 elif isinstance(value, tuple):
@@ -111,6 +118,30 @@ class TrainConfig(BaseModel):
                 elif value is not None:
                     argv += [option_name(name), str(value)]
         return argv
+
+
+def check_cache_path(cache: Path) -> None:
+    """A ``--cache`` that exists is a source cache this project wrote (an .npz holding ``digest`` and ``meta``),
+    or an empty file: anything else would be replaced by the cache (campaign 21b H1: ``--cache weights/imff.pt``
+    had replaced the weights with 169 MB of prepared sources). Raises ValueError."""
+    import zipfile
+
+    if not cache.exists():
+        return
+    if not cache.is_file():
+        raise ValueError(f"--cache {cache} is not a file")
+    if cache.stat().st_size == 0:
+        return
+    try:
+        with zipfile.ZipFile(cache) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        names, why = set(), type(e).__name__
+    else:
+        why = "no digest and meta in it"
+    if not {"digest.npy", "meta.npy"} <= names:
+        raise ValueError(f"--cache {cache} exists and is not a source cache of fundus ({why}); it would be replaced: "
+                         "give another path, or remove the file")
 
 
 def config_error(e: ValidationError) -> UsageError:

@@ -243,7 +243,14 @@ def prepare_sources(
                 names = {n for n, _ in wanted}
                 return [Source(m["name"], rgb[i], fov[i], ves[i], tuple(m["disc"]), m["vessels_kind"], m["disc_kind"]) for i, m in enumerate(meta) if m["name"] in names]
             log(f"{cache} was prepared from other data or options; preparing again")
-        except (EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as e:  # empty, cut short by a kill, not a cache
+        except (EOFError, ValueError, KeyError, OSError, zipfile.BadZipFile) as e:  # empty, or a cache whose arrays do not read
+            from fundus_pipeline.errors import UsageError
+            from fundus_pipeline.train.config import check_cache_path
+
+            try:
+                check_cache_path(cache)  # another file at that path is not replaced (the options were checked; it may have come since)
+            except ValueError as refused:
+                raise UsageError(str(refused)) from None
             log(f"{cache} cannot be read ({type(e).__name__}); preparing again")
     parts = None if cache is None else _SourceParts(cache.parent / f".{cache.name}.parts")
     keys = {n: _cache_digest(size, [(n, info)], file_sha, seg_sha) for n, info in wanted}
@@ -612,7 +619,7 @@ class EnhanceTask(Task):
         if rsa is not None and self.cfg.rsa_init is not None and self.cfg.init is None and not self.cfg.resume:
             from fundus_pipeline.models.weights import load_weights_checked, resolve_weights
 
-            load_weights_checked(rsa, resolve_weights(self.cfg.rsa_init), "imff")
+            load_weights_checked(rsa, resolve_weights(self.cfg.rsa_init), "imff", option="--rsa-init")
         return model
 
     def setup(self, log: Callable[[str], None]) -> None:

@@ -228,6 +228,10 @@ def _export_weights(
                 "steps": summary.get("steps"),
                 "best_checkpoint": summary.get("best"),
                 **({"init_validation": summary["init_validation"]} if summary.get("init_validation") else {}),  # the --init weights, same validation
+                # the code (version, git commit, whether tracked files differed) and the data root / set tables the run
+                # used, as its summary recorded them (runs before 2026-12-05 recorded neither; campaign 21b M1)
+                **({"code": summary["code"]} if isinstance(summary.get("code"), dict) else {}),
+                **({"data_identity": summary["data"]} if isinstance(summary.get("data"), dict) and summary["data"] else {}),
                 "torch": torch.__version__,
             },
             "metrics": dict(test_metrics or {}),

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -131,6 +133,45 @@ def _remove_stale_saves(out: Path) -> None:
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "init", "threads", "device", "ckpt_every", "cache"})
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with each NaN or infinite float (at any depth of dicts and lists) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def _deciding(cfg: TrainConfig) -> frozenset[str]:
+    """The options of ``cfg``'s command that decide the weights: all but RESUME_MAY_CHANGE."""
+    return frozenset(type(cfg).model_fields) - RESUME_MAY_CHANGE
+
+
+def code_provenance() -> dict:
+    """The package version and, when it runs from a git checkout, the commit and whether tracked files differ
+    from it (``dirty``): what a summary and an exported weight record so that a run can be rerun with the
+    same code (campaign 21b M1). Without git, or outside a checkout, the version alone."""
+    import subprocess
+
+    from fundus_pipeline import __version__
+
+    rec: dict = {"version": __version__}
+    root = Path(__file__).resolve().parents[2]
+    if not ((root / ".git").exists() and (root / "pyproject.toml").is_file()):  # an installed package: not our checkout
+        return rec
+    try:
+        run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=20, check=True)
+        commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = bool(run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return rec
+    if re.fullmatch(r"[0-9a-f]{40,64}", commit):
+        rec.update(git_commit=commit, dirty=dirty)
+    return rec
+
+
 #: Options naming folders: compared as the folder they resolve to (and a set by its table's sha256).
 _SET_TABLES = {"grade_set": "labels.csv", "quality_set": "pairs.csv"}
 _PATH_KEYS = ("data", *_SET_TABLES, *(f"{k}_table_sha256" for k in _SET_TABLES))
@@ -176,6 +217,9 @@ def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | N
         damaged = e
     if damaged is not None:
         why = str(damaged).splitlines()[0] if str(damaged) else "empty"
+        # torch's reader adds a paragraph on "an internal miniz error" to a file that is simply cut short: its first
+        # sentence says what is wrong (campaign 21b L2: a 418-character line, cut mid-sentence)
+        why = why.split(". ")[0].removeprefix("PytorchStreamReader ")
         raise WeightsError(f"--resume: {path} is not a readable checkpoint ({type(damaged).__name__}: {why})",
                            hint="it cannot be continued: start again in a new --out (best.pt, if there, is a plain state dict)")
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "step" not in ck:
@@ -323,11 +367,14 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     if cfg.init is not None:
         from fundus_pipeline.models.weights import load_weights_checked
 
-        load_weights_checked(model, cfg.init, task.model_name(), new=getattr(model, "new_parameters", ()))
+        load_weights_checked(model, cfg.init, task.model_name(), new=getattr(model, "new_parameters", ()), option="--init")
         log(f"initialised from {cfg.init}")
     model.to(device)
     task.setup(log)
     log(f"device {device}, " + ("mixed precision (float16 autocast)" if amp else "float32"))
+    cores = os.cpu_count() or 1
+    if cfg.threads and cfg.threads > cores and device.type == "cpu":  # campaign 21b L3: 1,000 threads made a step 160 times slower
+        log(f"note: --threads {cfg.threads} is more than the {cores} CPU cores here: each step runs slower, not faster")
     if cfg.amp and not amp:
         log("--amp has an effect on CUDA only; training in float32")
 
@@ -421,8 +468,11 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             raise FundusError(f"the training loss is {value} at step {step}: the run diverged; nothing of this step was saved "
                               "(last.pt, if written, holds the last finite checkpoint)", hint="start again in a new --out with a lower --lr")
         run_loss += value
-        if step % LOG_EVERY == 0:
-            log(f"step {step} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {(time.time() - t0) / LOG_EVERY:.2f}s/step")
+        if step % LOG_EVERY == 0:  # of N steps, and the time left at this pace (validation not counted; campaign 21b L4)
+            pace = (time.time() - t0) / LOG_EVERY
+            left = (cfg.steps - step) * pace
+            eta = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+            log(f"step {step}/{cfg.steps} loss {run_loss / LOG_EVERY:.4f} lr {sched.get_last_lr()[0]:.2e} {pace:.2f}s/step, about {eta} of training left")
             run_loss, t0 = 0.0, time.time()
         if step % cfg.val_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
             check_finite()
@@ -430,7 +480,9 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             v = validation()
             log(f"val step {step}: {json.dumps(v)}")
             score = float(v[task.score_key])
-            if best is None or score > best[task.score_key]:
+            # an undefined figure (NaN: too few validation pairs, constant predictions) is never a best, and a later
+            # defined one replaces it (campaign 21b L1: a first NaN had kept best.pt at that step for good)
+            if best is None or (not math.isnan(score) and (math.isnan(best[task.score_key]) or score > best[task.score_key])):
                 best = {"step": step, **v}
                 save_atomic(model.state_dict(), cfg.out / "best.pt")
                 log(f"new best {json.dumps(best)}")
@@ -439,20 +491,26 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             checkpoint()
 
+    run_config = recorded.model_copy(update={"resume": False})  # the run's command and options, not its last resume's
     summary = {
         "task": task.name,
         **task.summary(),
-        "argv": ["fundus", "train", task.name, *recorded.model_copy(update={"resume": False}).to_argv()],  # the run's command, not its last resume's
+        # every option that decides the weights, at its default too: the command does not depend on the defaults of
+        # the code that reruns it (campaign 21b M1); where it runs and how often it saves only when given
+        "argv": ["fundus", "train", task.name, *run_config.to_argv(always=_deciding(run_config))],
         "steps": cfg.steps,
         "seed": cfg.seed,
         "best": best,
         **({"init_validation": init_val} if init_val is not None else {}),
-        "config": recorded.model_dump(mode="json"),
+        "config": run_config.model_dump(mode="json"),
+        "data": {k: v for k, v in identity.items() if k in _PATH_KEYS},  # the dataset root resolved, a set's table sha256
+        "code": code_provenance(),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
     from fundus_pipeline.io import write_bytes_atomic
 
-    write_bytes_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2).encode())
+    # strict JSON: an undefined figure (NaN) is null, which jq and JavaScript read (campaign 21b L1)
+    write_bytes_atomic(cfg.out / "summary.json", json.dumps(_finite_or_null(summary), indent=2, allow_nan=False).encode())
     log(f"done: {json.dumps(best)}")
     return summary
