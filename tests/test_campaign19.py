@@ -102,8 +102,8 @@ def test_the_report_shows_no_image_from_outside_the_run(photos, tmp_path, tiny, 
     assert "image(s) that the run's rows name are missing, unreadable or changed" in err
 
 
-def test_a_manifest_threshold_out_of_range_is_refused_not_used(tmp_path, capsys):
-    """F6: `evaluate segment` used a manifest's threshold -5 as it was, true as 1, and replaced "abc" by 0.5."""
+def _one_prediction(tmp_path: Path) -> tuple[Path, Path]:
+    """PRED/a_prob.png and GT/a.png, random."""
     import numpy as np
 
     pred, gt = tmp_path / "pred", tmp_path / "gt"
@@ -112,6 +112,12 @@ def test_a_manifest_threshold_out_of_range_is_refused_not_used(tmp_path, capsys)
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(pred / "a_prob.png")
     Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8)).save(gt / "a.png")
+    return pred, gt
+
+
+def test_a_manifest_threshold_out_of_range_is_refused_not_used(tmp_path, capsys):
+    """F6: `evaluate segment` used a manifest's threshold -5 as it was, true as 1, and replaced "abc" by 0.5."""
+    pred, gt = _one_prediction(tmp_path)
     for bad in (-5, True, "abc", 10**400):  # review 20 R8: a 400-digit integer was an OverflowError
         (pred / "manifest.json").write_text(json.dumps({"config": {"threshold": bad}}))
         assert run("evaluate", "segment", pred, gt, "--out", tmp_path / "e", "--bootstrap", "0", "--no-cldice") == 2
@@ -174,14 +180,7 @@ def test_the_report_page_carries_no_control_characters():
 def test_an_unreadable_manifest_is_refused_not_replaced_by_half(tmp_path, capsys):
     """Known left of review 20: a manifest that cannot be read (a 5000-digit threshold is beyond json's integer
     limit; a cut or broken file) was passed over, and the predictions were scored at 0.5 in silence."""
-    import numpy as np
-
-    pred, gt = tmp_path / "pred", tmp_path / "gt"
-    pred.mkdir()
-    gt.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(pred / "a_prob.png")
-    Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8)).save(gt / "a.png")
+    pred, gt = _one_prediction(tmp_path)
     args = ("evaluate", "segment", pred, gt, "--out", tmp_path / "e", "--bootstrap", "0", "--no-cldice")
     for text in ('{"config": {"threshold": ' + "1" * 5000 + "}}", '{"config": {"threshold": 0.3', ""):
         (pred / "manifest.json").write_text(text)
