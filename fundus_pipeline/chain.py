@@ -157,12 +157,21 @@ def score_gain(score: float, score_input: float) -> float:
     return round(score - score_input, 6) + 0.0
 
 
-def format_gain(gain: float) -> str:
-    """A gain with its sign and the digits that decide against a min-gain: 3 decimals, or up to 6 where it is
-    below 0.001 (``+0.000432``, not ``+0.000``: at 3 decimals a trusted and a refused gain read the same)."""
-    if gain == 0 or abs(gain) >= 0.001:
-        return f"{gain:+.3f}"
-    return f"{gain:+.6f}".rstrip("0")
+def decisive(value: float, against: float, sign: bool = False) -> str:
+    """``value`` to 3 decimals, or to up to 6 where at 3 it would read as ``against``, the threshold it is
+    compared with, without being equal to it: ``+0.000432`` against 0, ``0.0098`` against 0.01 (at 3 decimals a
+    trusted and a refused figure read the same; campaign 21a F2, review 21 M2)."""
+    fmt = "+" if sign else ""
+    value += 0.0  # -0.0 is 0
+    text = f"{value:{fmt}.3f}"
+    if value != against and float(text) == round(against, 3):
+        text = f"{value:{fmt}.6f}".rstrip("0")
+    return text
+
+
+def format_gain(gain: float, min_gain: float = 0.0) -> str:
+    """A gain with its sign and the digits that decide against ``min_gain`` (see ``decisive``)."""
+    return decisive(gain, min_gain, sign=True)
 
 
 def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, score_row: dict | None) -> tuple[str, str]:
@@ -181,7 +190,7 @@ def segment_decision(cfg: RunConfig, enhanced: bool, enhance_row: dict | None, s
         return "input", "the enhancement could not be scored: the input is segmented"
     s, si = float(score_row["score"]), float(score_row["score_input"])
     gain = score_gain(s, si)
-    figures = f"score {s:.3f}, input's own {si:.3f} (gain {format_gain(gain)})"
+    figures = f"score {decisive(s, cfg.min_score)}, input's own {si:.3f} (gain {format_gain(gain, cfg.min_gain)})"
     if gain < cfg.min_gain:
         return "input", f"{figures} < min-gain {cfg.min_gain:g}: enhancement not trusted, the input is segmented"
     if s < cfg.min_score:
@@ -869,6 +878,11 @@ class Chain:
 
             seg_cfg = SegmentConfig.build(weights=cfg.segment_weights, arch=cfg.segment_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, threshold=cfg.threshold)
             segmenter = SegmentStage(seg_cfg)
+            if (note := segmenter.threshold_note()) and not cfg.quiet and cfg.format == "human":
+                from fundus_pipeline.errors import printable
+
+                with contextlib.suppress(OSError, ValueError):  # (as the input folder's notes)
+                    print(printable(f"note: {note}"), file=sys.stderr, flush=True)
             segmenter.no_fov_hint = RUN_NO_FOV_HINT  # `fundus run` has no --fov: the whole chain works inside the field of view
             self._stage("segment", segmenter, [ImageItem(k, enhanced_path.get(k, p)) for k, p in path_of.items()])
             if cfg.simulate:

@@ -55,10 +55,17 @@ def test_a_gain_is_shown_with_the_digits_that_decide_and_never_as_minus_zero():
     used, why = segment_decision(cfg, True, ok, {"status": "ok", "score": 0.7519996, "score_input": 0.752})
     assert used == "enhanced" and "(gain +0.000)" in why and "-0.000" not in why
 
+    # review 21 M2: against a min-gain or min-score other than 0 the figures read the same at 3 decimals
+    for min_gain, score, word in ((0.01, 0.7596, "+0.0096) < min-gain 0.01"), (0.01, 0.7604, "+0.0104) >= min-gain 0.01"),
+                                  (0.0012, 0.7514, "+0.0014) >= min-gain 0.0012"), (-0.001, 0.7486, "-0.0014) < min-gain -0.001")):
+        assert word in segment_decision(RunConfig(min_gain=min_gain), True, ok, {"status": "ok", "score": score, "score_input": 0.75})[1]
+    why = segment_decision(RunConfig(min_score=0.76), True, ok, {"status": "ok", "score": 0.7598, "score_input": 0.75})[1]
+    assert why.startswith("score 0.7598, input's own 0.750") and "score < min-score 0.76" in why
+
     from fundus_pipeline.report import _environment
 
-    g = _environment().from_string("{{ v|gain }}|{{ w|gain }}|{{ n|gain }}")
-    assert g.render(v="0.000432", w="-0.0", n="") == "+0.000432|+0.000|"
+    g = _environment().from_string("{{ v|gain }}|{{ w|gain }}|{{ n|gain }}|{{ v2|gain(0.01) }}")
+    assert g.render(v="0.000432", w="-0.0", n="", v2="0.0096") == "+0.000432|+0.000||+0.0096"
 
 
 # ------------------------------------------------------------------------------------------------ 21a F3, F10, F11
@@ -119,6 +126,7 @@ def test_an_image_missing_since_the_run_is_marked_in_its_cell_and_its_mask_still
     page = write_report(out, RunConfig(steps=["grade", "segment"]), rows).read_text()
     assert page.count('<span class="lost">image missing or changed since the run</span>') == 2
     assert "2 image(s) on this page that the run wrote or read are missing or changed since the run" in page
+    assert 'alt="vessels of a (its photograph is missing or changed since the run)"' in page  # review 21 L4
     # a failed row's unreadable input is in its error, not marked twice
     failed = {**rows[0], "status": "error", "error": "grade: cannot read"}
     assert thumbnails(out, failed, 48, [])["lost"] == []
@@ -135,6 +143,8 @@ def test_a_bidirectional_override_in_a_name_is_shown_as_its_escape(tmp_path):
     page = write_report(out, RunConfig(steps=["grade", "segment"]), rows).read_text()
     assert "\u202e" not in page and page.count("safe\\u202egnp.exe") >= 3  # the cell, data-key and the alt texts
     assert _environment().from_string("{{ v }}").render(v="a\u2066b\u200fc") == "a\\u2066b\\u200fc"
+    # review 21 M3: invisible characters too (a zero-width space, U+FEFF, a soft hyphen, a line separator)
+    assert _environment().from_string("{{ v }}").render(v="a\u200bb\ufeff\xad\u2028\t\né") == "a\\u200bb\\ufeff\\xad\\u2028\t\né"
 
 
 # ------------------------------------------------------------------------------------------------ 21a F7, F14, F15
@@ -210,7 +220,7 @@ def test_the_page_says_what_its_figures_mean(tmp_path):
     out = tmp_path / "run"
     rows = _run_folder(out, keys=("a",))
     page = write_report(out, RunConfig(), rows).read_text()
-    legend = page[page.index('<details id="legend">') : page.index("</details>")]
+    legend = page[page.index('<details id="legend" open>') : page.index("</details>")]  # open: printed too (review 21 L2)
     for term in ("<dt>score</dt>", "<dt>gain</dt>", "<dt>vessel fraction</dt>", "field of view (FOV", "calibrated probabilities"):
         assert term in legend
 
@@ -247,6 +257,23 @@ def test_a_cache_path_that_holds_another_file_is_refused_not_replaced(fake_data,
         err = capsys.readouterr().err
         assert "exists and is not a source cache of fundus (no digest and meta in it)" in err and len(err.splitlines()) == 1
         assert victim.read_bytes() == before and not out.exists()
+    # review 21 L5: a cache of ours cut short (its zip directory gone) is prepared again, not refused
+    import zipfile
+
+    import numpy as np
+
+    from fundus_pipeline.train.config import check_cache_path
+
+    ours = tmp_path / "cut.npz"
+    np.savez(ours, digest=np.array("x"), meta=np.array("[]"), rgb=np.zeros((2, 8, 8, 3), np.float32))
+    ours.write_bytes(ours.read_bytes()[:300])
+    try:
+        zipfile.ZipFile(ours)
+    except zipfile.BadZipFile:
+        pass
+    else:
+        raise AssertionError("the cut cache still reads")
+    check_cache_path(ours)  # accepted
     text = tmp_path / "notes.txt"
     text.write_text("my notes")
     seg = Path(__file__).resolve().parents[1] / "weights" / "imff.pt"
@@ -273,6 +300,9 @@ def test_a_finished_run_whose_last_checkpoint_was_deleted_is_not_overwritten(fak
     assert _train(*_args(fake_data, out, "--seed", "7")) == 2
     assert "holds a finished training run (summary.json); choose a new --out" in capsys.readouterr().err
     assert {f: (out / f).read_bytes() for f in kept} == kept
+    # review 21 L6: --resume says why it cannot continue (it had said "start without --resume", then refused)
+    assert _train(*_args(fake_data, out, "--resume")) == 2
+    assert "holds a finished run whose last.pt is gone; it cannot be continued" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ 21b M1, L5
@@ -313,10 +343,16 @@ def test_a_summary_records_the_whole_command_the_code_and_the_data_and_its_comma
     spec = export_weights(out, name="tiny", model_name="imff_tiny", describe=lambda m: _description(m, 0.4), directory=tmp_path / "w")
     rec = spec.training.to_json_dict()
     assert rec["code"] == summary["code"] and rec["data_identity"] == summary["data"] and "--lr" in rec["command"]
-    # a resume records the run's own options, not resume: true
-    (out / "summary.json").unlink()
+    # a resume records the run's own options, not resume: true; and the code that started the run where it differs
+    # from the code that resumed it (review 21 L7)
+    import torch
+
+    ck = torch.load(out / "last.pt", weights_only=True)
+    ck["config"] = json.dumps({**json.loads(ck["config"]), "code": {"version": "0.0.9", "git_commit": "0" * 40, "dirty": False}})
+    torch.save(ck, out / "last.pt")
     assert _train(*_args(fake_data, out, "--seed", "0", "--resume")) == 0
-    assert json.loads((out / "summary.json").read_text())["config"]["resume"] is False
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["config"]["resume"] is False and resumed["code_started"]["version"] == "0.0.9" and resumed["code"] == summary["code"]
 
 
 # ------------------------------------------------------------------------------------------------ 21b L1, L4
@@ -363,9 +399,10 @@ def test_training_messages_name_the_option_and_say_what_is_wrong_in_a_line(fake_
     assert err.startswith("Error: --init: ") and "does not fit architecture 'imff_tiny'" in err
 
     out = tmp_path / "b"
-    threads = str((os.cpu_count() or 1) + 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # review 21 L10
+    threads = str(cores + 1)
     assert _train(*_args(fake_data, out)[:-4], "--threads", threads, "--seed", "3") == 0
-    assert f"note: --threads {threads} is more than the {os.cpu_count()} CPU cores here" in (out / "train.log").read_text()
+    assert f"note: --threads {threads} is more than the {cores} CPU cores here" in (out / "train.log").read_text()
     data = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(data[: len(data) // 2])
     capsys.readouterr()
@@ -376,10 +413,16 @@ def test_training_messages_name_the_option_and_say_what_is_wrong_in_a_line(fake_
 
 # ------------------------------------------------------------------------------------------------ 21b L6
 def test_segment_says_when_weights_without_an_entry_are_thresholded_at_the_default(photos, tmp_path, tiny, capsys):  # noqa: F811
-    """L6: a run's own best.pt (no manifest entry) was thresholded at 0.5 without a word."""
-    args = ("--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu", "--quiet")
+    """L6: a run's own best.pt (no manifest entry) was thresholded at 0.5 without a word; review 21 L1: by
+    `fundus run` too. Not with --threshold, nor with listed weights; --quiet keeps it quiet, as other notes."""
+    args = ("--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu")
+    note = "note: imff_tiny.pt has no entry in weights/manifest.json: its vessel masks are thresholded at 0.5"
     assert run("segment", photos, tmp_path / "s", *args) == 0
-    err = capsys.readouterr().err
-    assert "note: imff_tiny.pt has no entry in weights/manifest.json: its vessel masks are thresholded at 0.5" in err
+    assert note in capsys.readouterr().err
     assert run("segment", photos, tmp_path / "t", *args, "--threshold", "0.4") == 0
+    assert run("segment", photos, tmp_path / "q", *args, "--quiet") == 0
+    assert run("segment", photos, tmp_path / "listed", "--device", "cpu") == 0  # the shipped imff
     assert "no entry in weights/manifest.json" not in capsys.readouterr().err
+    chain = [a for a in tiny_args(tiny, "--steps", "segment") if a != "--quiet"]
+    assert run("run", photos, tmp_path / "r", *chain) == 0
+    assert note in capsys.readouterr().err

@@ -266,7 +266,7 @@ def report_cmd(
     if missing:  # the folders changed since the run: say so rather than show empty cells silently
         key, p = sorted(missing)[0]
         typer.echo(printable(f"warning: {len(missing)} image(s) that the run's rows name are missing, unreadable or changed since the run "
-                             f"(e.g. {key}: {p}); their cells in the report are empty"), err=True)
+                             f"(e.g. {key}: {p}); their cells in the report say so"), err=True)
     if pending:
         typer.echo(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "
                    "`fundus run ... --resume` redoes what is missing", err=True)

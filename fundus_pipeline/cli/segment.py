@@ -46,12 +46,10 @@ def segment(
                               fov=fov, fov_margin=fov_margin, batch_size=batch_size)
     def make_stage() -> SegmentStage:
         stage = SegmentStage(cfg)
-        if cfg.threshold is None and stage.spec.threshold_source == "default":  # campaign 21b L6: said nowhere
+        if (note := stage.threshold_note()) and not quiet and fmt == Format.human:  # as the input folder's notes
             from fundus_pipeline.errors import printable
 
-            typer.echo(printable(f"note: {stage.spec.path.name} has no entry in weights/manifest.json: its vessel masks are thresholded at "
-                                 f"{stage.threshold:g}; give --threshold, or export the run (scripts/export_weights.py records the "
-                                 "threshold its validation chose)"), err=True)
+            typer.echo(printable(f"note: {note}"), err=True)
         return stage
 
     run_stage_command(make_stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,

@@ -104,7 +104,7 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
     ``inputs_sha256`` (key: the sha256 the run recorded): an input whose bytes differ now is left out and named
     too, since its picture would sit beside another photograph's grade, score and vessels. A vessel mask whose
     photograph is not shown is drawn alone."""
-    t: dict[str, Any] = {"input": "", "enhanced": "", "vessels": ""}
+    t: dict[str, Any] = {"input": "", "enhanced": "", "vessels": "", "vessels_alone": False}
     base: dict[str, np.ndarray] = {}
     ok = row.get("status") == "ok"
     named: list = []
@@ -143,6 +143,7 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
         else:
             try:
                 t["vessels"] = data_uri(overlay_thumb(seg, out / row["vessels_image"], side))
+                t["vessels_alone"] = seg is None
             except unreadable:
                 lost.add("vessels", key, str(out / row["vessels_image"]))
     t["lost"] = named
@@ -339,23 +340,24 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------- page
 _CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-#: Bidirectional formatting characters: shown live, U+202E in "safe\u202egnp.exe" reads "safeexe.png".
-_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _no_controls(value: Any) -> Any:
     """A text value with its control characters (a NUL, an ESC; not tab or newline) as U+FFFD: HTML has no
-    place for them, and a NUL in a hand-edited row made the page a parse error (campaign 19a F8); and its
-    bidirectional formatting characters written as their escape (``\u202e``), as the console's lines write
-    them, so a name reads as what it is (campaign 21a F5). Markup the template marked safe is left as it is."""
+    place for them, and a NUL in a hand-edited row made the page a parse error (campaign 19a F8); and every
+    other character that is not printable (a bidirectional override such as U+202E, which made
+    "safe\u202egnp.exe" read "safeexe.png"; a zero-width space, U+FEFF, a soft hyphen, a line separator: Python's
+    ``str.isprintable``) written as its escape (``\u202e``), as the console's lines write them, so a name reads as
+    what it is and two names that look the same are told apart (campaign 21a F5, review 21 M3). Tab, newline and
+    carriage return stay. Markup the template marked safe is left as it is."""
     import markupsafe
 
     if not isinstance(value, str) or isinstance(value, markupsafe.Markup):
         return value
     if _CONTROLS.search(value):
         value = _CONTROLS.sub("\ufffd", value)
-    if _BIDI.search(value):
-        value = _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() or c in "\t\n\r" else repr(c)[1:-1] for c in value)
     return value
 
 
@@ -375,11 +377,11 @@ def _environment():
         f = _num(v)
         return "" if f is None else f"{f:.{nd}f}"
 
-    def gain(v: Any) -> str:
+    def gain(v: Any, min_gain: float = 0.0) -> str:
         from fundus_pipeline.chain import format_gain
 
         f = _num(v)
-        return "" if f is None else format_gain(f + 0.0)
+        return "" if f is None else format_gain(f + 0.0, min_gain)
 
     env.filters["fmt"] = fmt
     env.filters["gain"] = gain  # signed, with the digits that decide against min-gain (campaign 21a F2)

@@ -40,6 +40,14 @@ class SegmentStage(NetworkStage):
         self.threshold = float(config.threshold if config.threshold is not None else self.spec.threshold)
         self.max_fov = float(self.spec.max_fov_diameter or DEFAULT_MAX_FOV_DIAMETER)
 
+    def threshold_note(self, option: str = "--threshold") -> str | None:
+        """A note when the masks are thresholded at the default because the weights have no manifest entry (a
+        run's own best.pt) and ``option`` was not given: said nowhere before (campaign 21b L6, review 21 L1)."""
+        if self.cfg.threshold is not None or self.spec.threshold_source != "default":
+            return None
+        return (f"{self.spec.path.name} has no entry in weights/manifest.json: its vessel masks are thresholded at {self.threshold:g}; "
+                f"give {option}, or export the run (scripts/export_weights.py records the threshold its validation chose)")
+
     def config_record(self) -> dict:
         return {
             "weights": self.weights_record(),

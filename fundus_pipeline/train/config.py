@@ -77,6 +77,9 @@ class TrainConfig(BaseModel):
         if self.resume and self.init is not None:
             raise ValueError("--resume continues OUT/last.pt; it cannot be combined with --init")
         if self.resume and not last.is_file():
+            if (self.out / "summary.json").exists():  # review 21 L6: "start without --resume" was then refused too
+                raise ValueError(f"--resume: {self.out} holds a finished run whose last.pt is gone; it cannot be continued: "
+                                 "choose a new --out (--init OUT/best.pt starts from its weights)")
             raise ValueError(f"--resume: {last} does not exist (start without --resume)")
         # a run: last.pt, or a best.pt that no interrupted run of fundus left (one killed before its first last.pt
         # has train.log beside it, cannot be resumed, and starts again)
@@ -137,11 +140,29 @@ def check_cache_path(cache: Path) -> None:
             names = set(z.namelist())
     except (OSError, zipfile.BadZipFile, ValueError) as e:
         names, why = set(), type(e).__name__
+        if _first_member(cache) == "digest.npy":  # a cache of ours cut short (its directory gone): prepared again
+            return
     else:
         why = "no digest and meta in it"
     if not {"digest.npy", "meta.npy"} <= names:
         raise ValueError(f"--cache {cache} exists and is not a source cache of fundus ({why}); it would be replaced: "
                          "give another path, or remove the file")
+
+
+def _first_member(path: Path) -> str | None:
+    """The name in a zip file's first local header (``np.savez`` writes ``digest.npy`` first in a source cache):
+    readable when the archive's directory at its end is cut off."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(30 + 64)
+    except OSError:
+        return None
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        return None
+    n = struct.unpack("<H", head[26:28])[0]
+    return head[30 : 30 + n].decode("utf-8", "replace") if 30 + n <= len(head) else None
 
 
 def config_error(e: ValidationError) -> UsageError:

@@ -231,6 +231,7 @@ def _export_weights(
                 # the code (version, git commit, whether tracked files differed) and the data root / set tables the run
                 # used, as its summary recorded them (runs before 2026-12-05 recorded neither; campaign 21b M1)
                 **({"code": summary["code"]} if isinstance(summary.get("code"), dict) else {}),
+                **({"code_started": summary["code_started"]} if "code_started" in summary else {}),
                 **({"data_identity": summary["data"]} if isinstance(summary.get("data"), dict) and summary["data"] else {}),
                 "torch": torch.__version__,
             },

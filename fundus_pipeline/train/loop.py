@@ -372,7 +372,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     model.to(device)
     task.setup(log)
     log(f"device {device}, " + ("mixed precision (float16 autocast)" if amp else "float32"))
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # the cores this process may use
     if cfg.threads and cfg.threads > cores and device.type == "cpu":  # campaign 21b L3: 1,000 threads made a step 160 times slower
         log(f"note: --threads {cfg.threads} is more than the {cores} CPU cores here: each step runs slower, not faster")
     if cfg.amp and not amp:
@@ -408,6 +408,14 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     with contextlib.suppress(TypeError, ValueError, AttributeError):
         started_from = json.loads(ck["config"]).get("init") if ck is not None else None
     recorded = cfg.model_copy(update={"init": Path(started_from)}) if started_from and cfg.init is None else cfg
+    # the code that started the run, carried by its checkpoints: a resume records both (review 21 L7); None for a
+    # checkpoint written before the code was recorded (2026-12-05)
+    code_now = code_provenance()
+    code_started: dict | None = code_now
+    if ck is not None:
+        code_started = None
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            code_started = json.loads(ck["config"]).get("code")
 
     def check_finite() -> None:
         """A finite loss can still leave non-finite weights after the step: never validated or saved."""
@@ -425,7 +433,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             "best": json.dumps(best),
             "init_validation": json.dumps(init_val),
             "rng": _rng_state(device),
-            "config": json.dumps({**recorded.model_dump(mode="json"), "identity": identity, "device_used": str(device),
+            "config": json.dumps({**recorded.model_dump(mode="json"), "identity": identity, "device_used": str(device), "code": code_started,
                                   "threads_used": torch.get_num_threads()}),
         }
         save_atomic(state, cfg.out / "last.pt")
@@ -504,7 +512,8 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         **({"init_validation": init_val} if init_val is not None else {}),
         "config": run_config.model_dump(mode="json"),
         "data": {k: v for k, v in identity.items() if k in _PATH_KEYS},  # the dataset root resolved, a set's table sha256
-        "code": code_provenance(),
+        "code": code_now,  # the code that finished the run; the one that started it, where a resume came between:
+        **({"code_started": code_started} if ck is not None and code_started != code_now else {}),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
