@@ -427,6 +427,8 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
         # steps would join the grade of one version with the vessels of another
         read = {step: r.get("input_sha256") for step, r in (("grade", g), ("enhance", e), ("segment", seg if source == "input" and "segment" in steps else None))
                 if _ok(r) and r.get("input_sha256")}  # fmt: skip
+        if _ok(s) and isinstance(s.get("inputs_sha256"), dict) and s["inputs_sha256"].get("reference"):
+            read["score"] = s["inputs_sha256"]["reference"]  # the scorer reads the photograph as its reference (campaign 23b HIGH-1)
         if len(set(read.values())) > 1:
             errors.append(f"input: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in read.items())}); "
                           "its results mix two versions: rerun it")

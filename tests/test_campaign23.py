@@ -1,0 +1,26 @@
+"""Campaign 23a (the dataset builders) and 23b (inputs that change under a run), and their reviews."""
+
+from __future__ import annotations
+
+import json
+
+from tests.test_run import photos, run, tiny, tiny_args  # noqa: F401  (fixtures)
+
+
+# ------------------------------------------------------------------------------------------------ 23b HIGH-1
+def test_a_photograph_the_scorer_read_in_another_version_is_not_joined(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """HIGH-1: the scorer reads the photograph as its enhancement's reference, and that read was not compared:
+    a photograph replaced between enhance and score got an ok row whose gain came from two versions (and with the
+    enhancement trusted, segment read the enhanced image, so nothing else caught it)."""
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--min-gain", "-1", "--steps", "enhance,score,segment")) == 0  # every one enhanced
+    journal = out / "score" / ".fundus-journal.jsonl"
+    lines = journal.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = lines[0].replace(first["inputs_sha256"]["reference"], "f" * 64)  # as if the file changed before score read it
+    journal.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    run("report", out)
+    page = (out / "report.html").read_text()
+    assert f"score read {'f' * 12}); its results mix two versions" in page
+    assert page.count("its results mix two versions") == 1
