@@ -529,7 +529,7 @@ def _untag(row: dict, text: str) -> str:
     return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
 
 
-def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True) -> "RowStore":
+def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
@@ -537,11 +537,18 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     An input no longer listed is not part of this run's table (its outputs stay in place); a key that now
     names another file (another listed path; in `fundus run`, the enhanced image instead of the input, or as
     the image a simulated run's comparison delivers) is computed again. A UsageError when the folder holds
-    rows of other configurations only. One pass over the journal, a stat or two a row."""
+    rows of other configurations only. One pass over the journal, a stat or two a row. ``notes`` receives a
+    line when photographs done before are planned now under other keys (campaign 23b M1: a list file's keys
+    are relative to the deepest folder holding every listed file, so one file added in another folder renames
+    them all, and the resume redid everything without a word)."""
     planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
+    key_of = {str(w.path): w.key for w in work}
+    renamed: dict[str, str] = {}
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
+        if r.get("status") == "ok" and r["key"] not in planned and key_of.get(str(r.get("input"))) not in (None, r["key"]):
+            renamed[r["key"]] = key_of[str(r.get("input"))]
         if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(r["key"])
                 and outputs_intact(dst, r)
                 and not (check_inputs and input_changed(r))):  # an input replaced since is processed again
@@ -550,6 +557,11 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             rows.discard(r["key"])
     if hashes and cfg_hash not in hashes:
         raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
+    if renamed and notes is not None:
+        old, new = next(iter(renamed.items()))
+        notes.append(f"{len(renamed)} photograph(s) done before are listed now under another key (e.g. {old!r} is now {new!r}) and are "
+                     f"processed again; their earlier outputs stay in {dst} under the old names (a list file's keys are relative to "
+                     "the deepest folder holding every listed file: a file added in another folder changes them)")
     return rows
 
 
@@ -1285,7 +1297,12 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
                 inputs_checked: bool = False, lock: OutputLock | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
-    rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
+    notes: list[str] = []
+    rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
+    if progress:
+        for note in notes:
+            with contextlib.suppress(OSError, ValueError):
+                print(printable(f"note: {note}"), file=sys.stderr, flush=True)
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)

@@ -24,3 +24,25 @@ def test_a_photograph_the_scorer_read_in_another_version_is_not_joined(photos, t
     page = (out / "report.html").read_text()
     assert f"score read {'f' * 12}); its results mix two versions" in page
     assert page.count("its results mix two versions") == 1
+
+
+# ------------------------------------------------------------------------------------------------ 23b M1
+def test_a_resume_says_when_a_list_files_keys_changed(tmp_path, capsys):
+    """M1: one file added to a list in another folder renames every key (they are relative to the deepest
+    folder holding every listed file); --resume redid everything without a word and left the old outputs."""
+    import numpy as np
+    from PIL import Image
+
+    for rel in ("imgs/a/x.png", "imgs/a/y.png", "imgs/b/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / rel)
+    listing, out = tmp_path / "l.txt", tmp_path / "o"
+    listing.write_text("imgs/a/x.png\nimgs/a/y.png\n")
+    assert run("degrade", listing, out, "--types", "111") == 0
+    assert run("degrade", listing, out, "--types", "111", "--resume") == 0  # nothing renamed: no note
+    assert "listed now under another key" not in capsys.readouterr().err
+    listing.write_text("imgs/a/x.png\nimgs/a/y.png\nimgs/b/z.png\n")
+    assert run("degrade", listing, out, "--types", "111", "--resume") == 0
+    err = capsys.readouterr().err
+    assert "note: 2 photograph(s) done before are listed now under another key (e.g. 'x' is now 'a/x')" in err
+    assert (out / "x.png").is_file() and (out / "a" / "x.png").is_file()
