@@ -62,7 +62,11 @@ def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | Non
         held = _first_inside(read, o)
         if held is not None:
             raise UsageError(f"OUT {out} holds {held}, which the {part} part reads; choose a folder outside the datasets")
-        for folder in sorted({os.path.realpath(path.parent) for path in read}):
+        # each dataset's own folder (root/DRIVE, ...) as it resolves, not only the folders holding the files read:
+        # OUT elsewhere in a linked DRIVE/ had been written into the dataset (campaign 23a M2)
+        tops = {os.path.realpath(root / Path(os.path.relpath(path, root)).parts[0]) for path in read
+                if not os.path.relpath(path, root).startswith(os.pardir)}
+        for folder in sorted(tops | {os.path.realpath(path.parent) for path in read}):
             if _first_inside([out], Path(folder)) is not None:
                 raise UsageError(f"OUT {out} lies inside {folder}, a dataset folder the {part} part reads; choose a folder outside it")
 
