@@ -66,3 +66,46 @@ def test_out_anywhere_in_a_linked_dataset_folder_is_refused(fake_data, tmp_path)
     for out in (big / "DRIVE" / "out2", big / "DRIVE" / "test" / "out"):
         assert _qbuild(data, out) == 2, out
         assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ 23a M1
+def test_overwrite_removes_the_images_of_a_source_a_kill_cut_short(fake_data, tmp_path, monkeypatch):
+    """M1: the images a source had written before a kill were in no record, and `--overwrite` with other options
+    kept them: a stray pair that no table lists sat in PART/enhanced and PART/reference and was scored with the set."""
+    import csv
+
+    from fundus_pipeline import io
+    from tests.test_campaign11 import _qbuild
+
+    out = tmp_path / "q"
+    real, calls = io.write_image_atomic, []
+
+    def killed(path, *a, **k):
+        real(path, *a, **k)
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "write_image_atomic", killed)
+    assert _qbuild(fake_data, out, "--enhancers", "clahe,identity,blur") == 130
+    monkeypatch.setattr(io, "write_image_atomic", real)
+    assert any((out / "train").rglob("*clahe*.png"))  # the cut source's image
+    assert _qbuild(fake_data, out, "--overwrite") == 0  # identity,blur
+    with open(out / "pairs.csv", newline="") as f:
+        keys = {r["key"] for r in csv.DictReader(f)}
+    for sub in ("enhanced", "reference"):
+        assert {p.stem for p in (out / "train" / sub).glob("*.png")} == keys, sub
+    assert not list((out / "rows").glob("*/*.partial"))
+
+
+# ------------------------------------------------------------------------------------------------ 23a L3
+def test_an_out_that_cannot_be_written_is_one_line_not_an_internal_error(fake_data, tmp_path, capsys):
+    """L3: a read-only OUT was "internal error: OSError ... report it" (a file where OUT's parent should be, here:
+    the same OSError path for root, whom permissions do not stop)."""
+    from tests.test_campaign11 import _qbuild
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _qbuild(fake_data, blocker / "set") == 1
+    err = capsys.readouterr().err
+    assert "cannot write the quality set into" in err and "internal error" not in err and len(err.splitlines()) == 1

@@ -187,14 +187,16 @@ def write_png(path: Path, u8: np.ndarray, written: list[Path] | None = None) -> 
     exactly what the set wrote."""
     from fundus_pipeline.io import write_image_atomic
 
+    if written is not None:  # before the write: a kill after it leaves no file that no record names
+        written.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_image_atomic(path, u8)
-    if written is not None:
-        written.append(path)
 
 
 def _link(target: Path, link: Path, written: list[Path] | None = None) -> None:
     """``link`` as a hard link to ``target`` (a copy where hard links are not possible), replacing atomically."""
+    if written is not None:  # (as write_png)
+        written.append(link)
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -203,8 +205,6 @@ def _link(target: Path, link: Path, written: list[Path] | None = None) -> None:
     except OSError:
         tmp.write_bytes(target.read_bytes())
     os.replace(tmp, link)
-    if written is not None:
-        written.append(link)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -336,14 +336,44 @@ def _remove_files(out: Path, rel_paths) -> None:
             pass
 
 
+class _Written(list):
+    """A source's list of the files it writes (``build_one``'s ``written``), each also appended to
+    ``rows/PART/SRC.partial`` before it is written: a source cut short by a kill leaves a record of its files,
+    which ``clear_set`` removes (campaign 23a M1: ``--overwrite`` with other options had kept them, and a stray
+    pair that no table lists was scored with the set)."""
+
+    def __init__(self, out: Path, journal: Path):
+        super().__init__()
+        self.out, self.journal = out, journal
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(journal, "a", encoding="utf-8")
+
+    def append(self, path: Path) -> None:
+        self.file.write(Path(path).relative_to(self.out).as_posix() + "\n")
+        self.file.flush()
+        super().append(path)
+
+    def finish(self) -> None:
+        """The source's record is written: the journal is no longer needed."""
+        self.file.close()
+        self.journal.unlink(missing_ok=True)
+
+
 def clear_set(out: Path) -> None:
     """Remove what a set in ``out`` wrote, and only that: the files each ``rows/PART/SRC.json`` lists, those
-    records, ``rows/config.json``, the tables and the manifest. Other files in ``out`` are left alone."""
+    records, the files a source cut short named in its ``rows/PART/SRC.partial``, ``rows/config.json``, the
+    tables and the manifest. Other files in ``out`` are left alone."""
     listed = []
     for done in sorted((out / "rows").glob("*/*.json")):  # all checked before anything is removed
         res = _read_record(done, rows=False)
         if res is not None:
             listed.append((done, _source_files(res, done)))
+    for partial in sorted((out / "rows").glob("*/*.partial")):
+        try:
+            names = [line for line in partial.read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, UnicodeDecodeError):
+            names = []
+        listed.append((partial, names))
     _unfinish(out)
     for done, files in listed:
         _remove_files(out, files)
@@ -368,13 +398,19 @@ def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str,
         recorded = recorded if isinstance(recorded, dict) else {}
         before, was = recorded.get("digest"), recorded.get("threads")
         if before != digest:
-            raise UsageError(f"{out} holds a {what} built with other options or weights; pass --overwrite to rebuild it")
+            raise UsageError(f"{out} holds a set built with other options or weights, or another kind of set than this {what}; "
+                             "pass --overwrite to rebuild it")
         if was is not None and threads is not None and was != threads:
-            raise UsageError(f"{out} holds a {what} being built with --threads {was}; finish it with --threads {was} "
+            raise UsageError(f"{out} holds a {what} built (or being built) with --threads {was}; finish it with --threads {was} "
                              "(the thread count changes the bytes of some images), or pass --overwrite to rebuild it")
     elif out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty and holds no {what}; choose an empty folder or pass --overwrite")
-    write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json"), "threads": threads})
+    try:
+        write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json"), "threads": threads})
+    except OSError as e:  # a read-only or full OUT: one line, not an internal error to report (campaign 23a L3)
+        from fundus_pipeline.errors import FundusError
+
+        raise FundusError(f"cannot write the {what} into {out}: {e.strerror or e}") from None
 
 
 def source_inputs(root: Path, name: str, info: dict) -> dict[str, str]:
@@ -445,11 +481,12 @@ def build_parts(
     all_records: list[dict] = []
     for part, i, n, name, info, split, done, inputs, res in plan:
         if res is None:
-            written: list[Path] = []
+            written = _Written(out, done.with_suffix(".partial"))
             rows, records = build_one(name, info, part, split, written)
             files = {p.relative_to(out).as_posix(): p.stat().st_size for p in written}
             res = {"rows": rows, "records": records, "inputs": inputs, "files": files}
             write_json_atomic(done, res)
+            written.finish()
             log(f"{part} {i + 1}/{n} {name}: {len(rows)} {unit}")
         all_rows += res["rows"]
         all_records += res.get("records", [])
