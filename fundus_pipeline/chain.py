@@ -431,7 +431,7 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
             read["score"] = s["inputs_sha256"]["reference"]  # the scorer reads the photograph as its reference (campaign 23b HIGH-1)
         if len(set(read.values())) > 1:
             errors.append(f"input: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in read.items())}); "
-                          "its results mix two versions: rerun it")
+                          "its results mix two versions: rerun it (--overwrite, or into a new OUT)")
         if cfg.simulate:
             c = take("compare", index.get("compare", it.key), not errors)
             if _ok(c):
