@@ -164,8 +164,9 @@ def decisive(value: float, against: float, sign: bool = False) -> str:
     fmt = "+" if sign else ""
     value += 0.0  # -0.0 is 0
     text = f"{value:{fmt}.3f}"
-    if value != against and float(text) == round(against, 3):
-        text = f"{value:{fmt}.6f}".rstrip("0")
+    if value != against and (float(text) == round(against, 3) or float(text) == 0 != value):
+        text = f"{value:{fmt}.6f}"
+        text = text[: max(len(text) - 3, len(text.rstrip("0")))]  # trailing zeros dropped, 3 decimals kept (review 22 L1)
     return text
 
 
@@ -337,7 +338,7 @@ class FolderRows:
     """The rows of the stage folders under ``out``, looked up by (folder, key), kept in a temporary SQLite
     file instead of memory: joining 100,000 photographs across five folders holds a few megabytes."""
 
-    FOLDERS = ("grade", "enhance", "score", "segment", "compare")  # the ones the table reads
+    FOLDERS = ("grade", "enhance", "score", "segment", "compare", "degrade", "segment_clean")  # the ones the table reads
 
     def __init__(self, out: Path):
         self._tmp = scratch_dir("join")
@@ -433,7 +434,17 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
             errors.append(f"input: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in read.items())}); "
                           "its results mix two versions: rerun it (--overwrite, or into a new OUT)")
         if cfg.simulate:
-            c = take("compare", index.get("compare", it.key), not errors)
+            # the clean original is read by the simulator, its segmentation and the comparison: one replaced between
+            # them would compare the degraded version of one photograph with another (review 22 M1)
+            c = index.get("compare", it.key)
+            clean = {step: r.get("input_sha256") for step, r in (("degrade", index.get("degrade", it.clean_key)),
+                     ("segment_clean", index.get("segment_clean", it.clean_key) if "segment" in steps else None)) if _ok(r) and r.get("input_sha256")}
+            if _ok(c) and isinstance(c.get("inputs_sha256"), dict) and c["inputs_sha256"].get("clean"):
+                clean["compare"] = c["inputs_sha256"]["clean"]
+            if len(set(clean.values())) > 1:
+                errors.append(f"clean original: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in clean.items())}); "
+                              "its before/after figures would mix two versions: rerun it (--overwrite, or into a new OUT)")
+            c = take("compare", c, not errors)
             if _ok(c):
                 row.update({k: c[k] for k in SIM_COLUMNS[3:] + GT_COLUMNS if k in c and k in row})
         row["status"] = "error" if errors else ("pending" if pending else "ok")

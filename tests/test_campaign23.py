@@ -109,3 +109,48 @@ def test_an_out_that_cannot_be_written_is_one_line_not_an_internal_error(fake_da
     assert _qbuild(fake_data, blocker / "set") == 1
     err = capsys.readouterr().err
     assert "cannot write the quality set into" in err and "internal error" not in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ review 22 M1
+def test_a_clean_original_read_in_two_versions_under_simulate_is_not_joined(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """Review 22 M1: under --simulate the clean original is read by the simulator, by segment_clean and by the
+    comparison, and those reads were not compared: one replaced meanwhile gave an ok row whose before/after
+    figures compared two photographs."""
+    out = tmp_path / "s"
+    assert run("run", photos, out, *tiny_args(tiny, "--simulate", "111", "--steps", "segment")) == 0
+    journal = out / "segment_clean" / ".fundus-journal.jsonl"
+    lines = journal.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = lines[0].replace(first["input_sha256"], "e" * 64)
+    journal.write_text("\n".join(lines) + "\n")
+    run("report", out)
+    page = (out / "report.html").read_text()
+    assert f"segment_clean read {'e' * 12}" in page and page.count("its before/after figures would mix two versions") == 1
+
+
+# ------------------------------------------------------------------------------------------------ review 22 L1, L4, L5
+def test_decisive_keeps_three_decimals_and_a_small_negative_reads_so():
+    """L1: the zeros were stripped to "+0." / "1.", and a small negative gain against a non-zero min-gain read "-0.000"."""
+    from fundus_pipeline.chain import decisive, format_gain
+
+    assert decisive(1.0, 1.0001) == "1.000" and format_gain(-0.0003, 0.01) == "-0.0003" and format_gain(0.0096, 0.01) == "+0.0096"
+
+
+def test_a_damaged_journal_of_a_cut_source_does_not_break_overwrite_or_reach_outside(fake_data, tmp_path):
+    """L4: a .partial line naming a folder made every --overwrite an internal error, and a line through a symbolic
+    link out of OUT removed a file elsewhere. L5: a .partial left beside its source's record stayed for good."""
+    from tests.test_campaign11 import _qbuild
+
+    out = tmp_path / "q"
+    assert _qbuild(fake_data, out) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"precious")
+    (out / "train" / "away").symlink_to(elsewhere)
+    record = next((out / "rows" / "train").glob("*.json"))
+    record.with_suffix(".partial").write_text("train/enhanced\n")  # beside its record: removed by a resume
+    assert _qbuild(fake_data, out) == 0
+    assert not list((out / "rows").glob("*/*.partial"))
+    (out / "rows" / "train" / "gone-source.partial").write_text("train/enhanced\ntrain/away/keep.png\n\udcff\n", errors="surrogateescape")
+    assert _qbuild(fake_data, out, "--overwrite") == 0
+    assert (elsewhere / "keep.png").read_bytes() == b"precious" and not list((out / "rows").glob("*/*.partial"))

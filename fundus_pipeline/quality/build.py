@@ -323,11 +323,17 @@ def _inside(out: Path, rel: str) -> Path | None:
 def _remove_files(out: Path, rel_paths) -> None:
     """Remove these files of the set (never anything outside ``out``), then the folders they leave empty."""
     dirs = set()
+    real_out = os.path.realpath(out)
     for rel in rel_paths:
         path = _inside(out, rel)
-        if path is None:
+        # a plain file of the set's own folders: not a folder a damaged record names, nor a file reached through a
+        # symbolic link out of OUT (review 22 L4: the first was an internal error, the second removed a file elsewhere)
+        if path is None or not os.path.realpath(path.parent).startswith(real_out + os.sep) or (path.is_dir() and not path.is_symlink()):
             continue
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            continue
         dirs.update(p for p in path.parents if out in p.parents)
     for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
         try:
@@ -370,8 +376,8 @@ def clear_set(out: Path) -> None:
             listed.append((done, _source_files(res, done)))
     for partial in sorted((out / "rows").glob("*/*.partial")):
         try:
-            names = [line for line in partial.read_text(encoding="utf-8").splitlines() if line]
-        except (OSError, UnicodeDecodeError):
+            names = [line for line in partial.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if line]
+        except OSError:
             names = []
         listed.append((partial, names))
     _unfinish(out)
@@ -464,6 +470,7 @@ def build_parts(
             split = "test" if part == "test" else ("val" if name in val else "train")
             res = _read_record(done) if done.is_file() else None
             if res is not None:
+                done.with_suffix(".partial").unlink(missing_ok=True)  # a kill between the record and its journal's removal (review 22 L5)
                 files = _source_files(res, done)
                 before = res.get("inputs") or {}
                 if before != inputs:
