@@ -336,7 +336,7 @@ def stage_locks(dirs: list[Path], shown: Path):
 
 class FolderRows:
     """The rows of the stage folders under ``out``, looked up by (folder, key), kept in a temporary SQLite
-    file instead of memory: joining 100,000 photographs across five folders holds a few megabytes."""
+    file instead of memory: joining 100,000 photographs across its folders holds a few megabytes."""
 
     FOLDERS = ("grade", "enhance", "score", "segment", "compare", "degrade", "segment_clean")  # the ones the table reads
 

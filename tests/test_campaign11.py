@@ -568,9 +568,8 @@ def test_a_set_notices_a_changed_source_list_and_trusts_no_record(fake_data, bui
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in got if k != "manifest.json")  # was: seed-5 images kept
 
 
-def test_a_dataset_folder_reached_through_a_link_is_not_an_out(fake_data, tmp_path):
-    """Review 12, M2: with DRIVE a symbolic link to a folder outside the data root, `build ... OUT=that folder`
-    passed the inside-the-root check and wrote among the DRIVE photographs."""
+def linked_drive(fake_data, tmp_path):
+    """(big, data): a data root whose DRIVE/ is a link to a copy in ``big``, outside the root."""
     import shutil
 
     big = tmp_path / "big"
@@ -580,6 +579,13 @@ def test_a_dataset_folder_reached_through_a_link_is_not_an_out(fake_data, tmp_pa
     for name in ("HRF", "HEI-MED"):
         (data / name).symlink_to(fake_data / name)
     (data / "DRIVE").symlink_to(big / "DRIVE")
+    return big, data
+
+
+def test_a_dataset_folder_reached_through_a_link_is_not_an_out(fake_data, tmp_path):
+    """Review 12, M2: with DRIVE a symbolic link to a folder outside the data root, `build ... OUT=that folder`
+    passed the inside-the-root check and wrote among the DRIVE photographs."""
+    big, data = linked_drive(fake_data, tmp_path)
     for out in (big / "DRIVE", big / "DRIVE" / "training" / "images" / "sets", big):
         assert _qbuild(data, out, "--overwrite") == 2, out
     assert sorted(p.name for p in (big / "DRIVE" / "training" / "images").iterdir()) == sorted(

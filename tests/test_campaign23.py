@@ -52,17 +52,9 @@ def test_a_resume_says_when_a_list_files_keys_changed(tmp_path, capsys):
 def test_out_anywhere_in_a_linked_dataset_folder_is_refused(fake_data, tmp_path):
     """M2: with DRIVE/ a link to a folder outside the data root, an OUT elsewhere in that DRIVE folder than
     beside the files read (DRIVE/out2, DRIVE/test/out for the train part) was built into the dataset."""
-    import shutil
+    from tests.test_campaign11 import _qbuild, linked_drive
 
-    from tests.test_campaign11 import _qbuild
-
-    big = tmp_path / "big"
-    shutil.copytree(fake_data / "DRIVE", big / "DRIVE")
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("HRF", "HEI-MED"):
-        (data / name).symlink_to(fake_data / name)
-    (data / "DRIVE").symlink_to(big / "DRIVE")
+    big, data = linked_drive(fake_data, tmp_path)
     for out in (big / "DRIVE" / "out2", big / "DRIVE" / "test" / "out"):
         assert _qbuild(data, out) == 2, out
         assert not out.exists()
