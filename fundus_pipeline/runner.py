@@ -547,7 +547,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
-        if r.get("status") == "ok" and r["key"] not in planned and key_of.get(str(r.get("input"))) not in (None, r["key"]):
+        if r.get("status") == "ok" and key_of.get(str(r.get("input"))) not in (None, r["key"]):  # (its old key may be another file's now)
             renamed[r["key"]] = key_of[str(r.get("input"))]
         if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(r["key"])
                 and outputs_intact(dst, r)
@@ -560,8 +560,9 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     if renamed and notes is not None:
         old, new = next(iter(renamed.items()))
         notes.append(f"{len(renamed)} photograph(s) done before are listed now under another key (e.g. {old!r} is now {new!r}) and are "
-                     f"processed again; their earlier outputs stay in {dst} under the old names (a list file's keys are relative to "
-                     "the deepest folder holding every listed file: a file added in another folder changes them)")
+                     f"processed again; their earlier outputs stay in {dst} under the old names, unless a new key takes a name (a "
+                     "list file's keys are relative to the deepest folder holding every listed file: a file added in another folder "
+                     "changes them)")
     return rows
 
 

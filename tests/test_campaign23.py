@@ -146,3 +146,19 @@ def test_a_damaged_journal_of_a_cut_source_does_not_break_overwrite_or_reach_out
     (out / "rows" / "train" / "gone-source.partial").write_text("train/enhanced\ntrain/away/keep.png\n\udcff\n", errors="surrogateescape")
     assert _qbuild(fake_data, out, "--overwrite") == 0
     assert (elsewhere / "keep.png").read_bytes() == b"precious" and not list((out / "rows").glob("*/*.partial"))
+
+
+def test_the_renamed_keys_note_counts_a_key_that_another_file_took(tmp_path, capsys):
+    """Review 22 L2: an old key that another file takes now was not counted as renamed."""
+    import numpy as np
+    from PIL import Image
+
+    for rel in ("imgs/x.png", "imgs/sub/x.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.default_rng(len(rel)).random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / rel)
+    listing, out = tmp_path / "l.txt", tmp_path / "o"
+    listing.write_text("imgs/sub/x.png\n")  # key 'x'
+    assert run("degrade", listing, out, "--types", "111") == 0
+    listing.write_text("imgs/sub/x.png\nimgs/x.png\n")  # keys 'sub/x' and 'x' (another file now)
+    assert run("degrade", listing, out, "--types", "111", "--resume") == 0
+    assert "note: 1 photograph(s) done before are listed now under another key (e.g. 'x' is now 'sub/x')" in capsys.readouterr().err
