@@ -342,7 +342,7 @@ def _remove_files(out: Path, rel_paths) -> None:
             pass
 
 
-class _Written(list):
+class SourceFiles(list):
     """A source's list of the files it writes (``build_one``'s ``written``), each also appended to
     ``rows/PART/SRC.partial`` before it is written: a source cut short by a kill leaves a record of its files,
     which ``clear_set`` removes (campaign 23a M1: ``--overwrite`` with other options had kept them, and a stray
@@ -488,7 +488,7 @@ def build_parts(
     all_records: list[dict] = []
     for part, i, n, name, info, split, done, inputs, res in plan:
         if res is None:
-            written = _Written(out, done.with_suffix(".partial"))
+            written = SourceFiles(out, done.with_suffix(".partial"))
             rows, records = build_one(name, info, part, split, written)
             files = {p.relative_to(out).as_posix(): p.stat().st_size for p in written}
             res = {"rows": rows, "records": records, "inputs": inputs, "files": files}

@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fundus_pipeline.quality.build import (
-    PARTS, _Written, build_parts, csv_text, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png,
+    PARTS, SourceFiles, build_parts, csv_text, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png,
 )
 from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, GRADES, grade_of_q
 
@@ -162,7 +162,7 @@ def natural_rows(part: str, cfg: GradeSetConfig, out: Path) -> list[dict]:
     files are listed in ``rows/natural/PART.json`` (so ``--overwrite`` removes them with the set's other files)."""
     splits = ("train", "val") if part == "train" else ("test",)
     rows: list[dict] = []
-    written = _Written(out, out / "rows" / "natural" / f"{part}.partial")  # a kill meanwhile leaves their names for --overwrite
+    written = SourceFiles(out, out / "rows" / "natural" / f"{part}.partial")  # a kill meanwhile leaves their names for --overwrite
     for split in splits:
         for name in NATURAL[split]:
             for view, img in natural_views(natural_image(name), cfg.store_size).items():
