@@ -49,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, interrupts_deferred, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    input_changed, interrupts_deferred, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -430,9 +430,9 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
                 if _ok(r) and r.get("input_sha256")}  # fmt: skip
         if _ok(s) and isinstance(s.get("inputs_sha256"), dict) and s["inputs_sha256"].get("reference"):
             read["score"] = s["inputs_sha256"]["reference"]  # the scorer reads the photograph as its reference (campaign 23b HIGH-1)
-        if len(set(read.values())) > 1:
-            errors.append(f"input: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in read.items())}); "
-                          "its results mix two versions: rerun it (--overwrite, or into a new OUT)")
+        if (why := _two_versions(read)) is not None:
+            errors.append(f"input: the photograph changed during the run ({why}); its results mix two versions: "
+                          "rerun it (--overwrite, or into a new OUT)")
         if cfg.simulate:
             # the clean original is read by the simulator, its segmentation and the comparison: one replaced between
             # them would compare the degraded version of one photograph with another (review 22 M1)
@@ -441,15 +441,23 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
                      ("segment_clean", index.get("segment_clean", it.clean_key) if "segment" in steps else None)) if _ok(r) and r.get("input_sha256")}
             if _ok(c) and isinstance(c.get("inputs_sha256"), dict) and c["inputs_sha256"].get("clean"):
                 clean["compare"] = c["inputs_sha256"]["clean"]
-            if len(set(clean.values())) > 1:
-                errors.append(f"clean original: the photograph changed during the run ({', '.join(f'{k} read {v[:12]}' for k, v in clean.items())}); "
-                              "its before/after figures would mix two versions: rerun it (--overwrite, or into a new OUT)")
+            if (why := _two_versions(clean)) is not None:
+                errors.append(f"clean original: the photograph changed during the run ({why}); its before/after figures would mix "
+                              "two versions: rerun it (--overwrite, or into a new OUT)")
             c = take("compare", c, not errors)
             if _ok(c):
                 row.update({k: c[k] for k in SIM_COLUMNS[3:] + GT_COLUMNS if k in c and k in row})
         row["status"] = "error" if errors else ("pending" if pending else "ok")
         row["error"] = "; ".join(errors)
         yield row
+
+
+def _two_versions(read: dict[str, str]) -> str | None:
+    """``step read SHA, ...`` when the steps of ``read`` (step: the sha256 of the bytes it read) read more than
+    one version of a file; else None."""
+    if len(set(read.values())) < 2:
+        return None
+    return ", ".join(f"{step} read {sha[:12]}" for step, sha in read.items())
 
 
 def _at(out: Path, path: str) -> Path:
@@ -891,11 +899,8 @@ class Chain:
 
             seg_cfg = SegmentConfig.build(weights=cfg.segment_weights, arch=cfg.segment_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, threshold=cfg.threshold)
             segmenter = SegmentStage(seg_cfg)
-            if (note := segmenter.threshold_note()) and not cfg.quiet and cfg.format == "human":
-                from fundus_pipeline.errors import printable
-
-                with contextlib.suppress(OSError, ValueError):  # (as the input folder's notes)
-                    print(printable(f"note: {note}"), file=sys.stderr, flush=True)
+            if (note := segmenter.threshold_note()) and not cfg.quiet and cfg.format == "human":  # as the input folder's notes
+                say_note(note)
             segmenter.no_fov_hint = RUN_NO_FOV_HINT  # `fundus run` has no --fov: the whole chain works inside the field of view
             self._stage("segment", segmenter, [ImageItem(k, enhanced_path.get(k, p)) for k, p in path_of.items()])
             if cfg.simulate:

@@ -160,10 +160,14 @@ class Inputs:
         return {"kind": self.kind, "path": str(self.path), "count": len(self.items), **({"notes": list(self.notes)} if self.notes else {})}
 
     def say_notes(self) -> None:
-        """Each note on stderr, one line (``note: ...``); a stderr that cannot be written is passed over."""
         for note in self.notes:
-            with contextlib.suppress(OSError, ValueError):
-                print(printable(f"note: {note}"), file=sys.stderr, flush=True)
+            say_note(note)
+
+
+def say_note(note: str) -> None:
+    """``note`` on stderr, one line (``note: ...``); a stderr that cannot be written is passed over."""
+    with contextlib.suppress(OSError, ValueError):
+        print(printable(f"note: {note}"), file=sys.stderr, flush=True)
 
 
 def _read_list(path: Path) -> list[ImageItem]:
@@ -1302,8 +1306,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
     if progress:
         for note in notes:
-            with contextlib.suppress(OSError, ValueError):
-                print(printable(f"note: {note}"), file=sys.stderr, flush=True)
+            say_note(note)
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)

@@ -47,9 +47,9 @@ def segment(
     def make_stage() -> SegmentStage:
         stage = SegmentStage(cfg)
         if (note := stage.threshold_note()) and not quiet and fmt == Format.human:  # as the input folder's notes
-            from fundus_pipeline.errors import printable
+            from fundus_pipeline.runner import say_note
 
-            typer.echo(printable(f"note: {note}"), err=True)
+            say_note(note)
         return stage
 
     run_stage_command(make_stage, in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,

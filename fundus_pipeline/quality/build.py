@@ -322,17 +322,22 @@ def _inside(out: Path, rel: str) -> Path | None:
 
 def _remove_files(out: Path, rel_paths) -> None:
     """Remove these files of the set (never anything outside ``out``), then the folders they leave empty."""
+    from fundus_pipeline.errors import InputError
+    from fundus_pipeline.runner import check_inside
+
     dirs = set()
-    real_out = os.path.realpath(out)
     for rel in rel_paths:
         path = _inside(out, rel)
-        # a plain file of the set's own folders: not a folder a damaged record names, nor a file reached through a
-        # symbolic link out of OUT (review 22 L4: the first was an internal error, the second removed a file elsewhere)
-        if path is None or not os.path.realpath(path.parent).startswith(real_out + os.sep) or (path.is_dir() and not path.is_symlink()):
+        if path is None:
             continue
+        # a file of the set's own folders: not one reached through a symbolic link below OUT (the check every
+        # output write makes), nor a folder a damaged record names (review 22 L4: the first removed a file
+        # elsewhere, the second was an internal error)
         try:
-            path.unlink(missing_ok=True)
-        except OSError:
+            check_inside(out, rel)
+            if not (path.is_dir() and not path.is_symlink()):
+                path.unlink(missing_ok=True)
+        except (InputError, OSError):
             continue
         dirs.update(p for p in path.parents if out in p.parents)
     for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):

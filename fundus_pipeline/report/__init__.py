@@ -381,7 +381,7 @@ def _environment():
         from fundus_pipeline.chain import format_gain
 
         f = _num(v)
-        return "" if f is None else format_gain(f + 0.0, min_gain)
+        return "" if f is None else format_gain(f, min_gain)
 
     env.filters["fmt"] = fmt
     env.filters["gain"] = gain  # signed, with the digits that decide against min-gain (campaign 21a F2)
@@ -398,14 +398,15 @@ def page_name(page: int) -> str:
 
 
 def _segment_threshold(out: Path) -> float | None:
-    """The threshold the run's vessel masks were written with (its segment folder's manifest), if it reads."""
-    import json
+    """The threshold the run's vessel masks were written with (its segment folder's manifest, read as
+    `fundus evaluate segment` reads it), if it reads."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.evaluation.segment import _threshold_from_manifest
 
     try:
-        t = json.loads((out / "segment" / "manifest.json").read_text(encoding="utf-8"))["config"]["threshold"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return _threshold_from_manifest(out / "segment")
+    except UsageError:
         return None
-    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
 
 
 def header(cfg, run: dict | None, threshold: float | None) -> dict[str, Any]:

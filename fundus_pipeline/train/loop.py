@@ -372,7 +372,9 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     model.to(device)
     task.setup(log)
     log(f"device {device}, " + ("mixed precision (float16 autocast)" if amp else "float32"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # the cores this process may use
+    from fundus_pipeline.runner import available_cpus
+
+    cores = available_cpus()  # the cores this process may use
     if cfg.threads and cfg.threads > cores and device.type == "cpu":  # campaign 21b L3: 1,000 threads made a step 160 times slower
         log(f"note: --threads {cfg.threads} is more than the {cores} CPU cores here: each step runs slower, not faster")
     if cfg.amp and not amp:
