@@ -224,6 +224,9 @@ SIM_COLUMNS = ("clean_key", "clean_input", "degradation", "psnr_before", "psnr_a
 GT_COLUMNS = ("f1_gt_before", "f1_gt_after")
 
 
+_IDENTITY = ("key", "input", "clean_key", "clean_input", "degradation")  # what a row says of its photograph, not of a result
+
+
 def columns(cfg: RunConfig) -> tuple[str, ...]:
     cols = COLUMNS
     if cfg.simulate:
@@ -430,7 +433,9 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
                 if _ok(r) and r.get("input_sha256")}  # fmt: skip
         if _ok(s) and isinstance(s.get("inputs_sha256"), dict) and s["inputs_sha256"].get("reference"):
             read["score"] = s["inputs_sha256"]["reference"]  # the scorer reads the photograph as its reference (campaign 23b HIGH-1)
+        mixed = False
         if (why := _two_versions(read)) is not None:
+            mixed = True
             errors.append(f"input: the photograph changed during the run ({why}); its results mix two versions: "
                           "rerun it (--overwrite, or into a new OUT)")
         if cfg.simulate:
@@ -442,11 +447,16 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
             if _ok(c) and isinstance(c.get("inputs_sha256"), dict) and c["inputs_sha256"].get("clean"):
                 clean["compare"] = c["inputs_sha256"]["clean"]
             if (why := _two_versions(clean)) is not None:
+                mixed = True
                 errors.append(f"clean original: the photograph changed during the run ({why}); its before/after figures would mix "
                               "two versions: rerun it (--overwrite, or into a new OUT)")
             c = take("compare", c, not errors)
             if _ok(c):
                 row.update({k: c[k] for k in SIM_COLUMNS[3:] + GT_COLUMNS if k in c and k in row})
+        if mixed:
+            # no figure, decision or output of a row whose photograph changed under the run is to be read: the table,
+            # the page and the summary counts carry none of them (review 22 L6)
+            row.update({k: "" for k in row if k not in _IDENTITY})
         row["status"] = "error" if errors else ("pending" if pending else "ok")
         row["error"] = "; ".join(errors)
         yield row
