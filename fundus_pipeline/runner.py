@@ -62,6 +62,7 @@ class RunResult:
     interrupted: bool
     store: "RowStore" = field(default_factory=lambda: RowStore())
     threads_used: "int | list[int] | None" = None  # the CPU threads a worker used (a list: a resume ran on another count)
+    notes: list[str] = field(default_factory=list)  # what the resume noted (``resumable_rows``), as the manifest records it
 
     @property
     def rows(self) -> list[dict]:
@@ -83,6 +84,7 @@ class RunResult:
             "results": str(self.out_dir / "results.csv"),
             "duration_s": round(self.duration_s, 3),
             "interrupted": self.interrupted,
+            **({"resume_notes": self.notes} if self.notes else {}),
             "exit_code": self.exit_code,
         }
 
@@ -1063,12 +1065,13 @@ def write_reports(
     resumed: int = 0,
     running: bool = False,
     stopped: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[dict, list[dict]]:
     """``results.csv`` and ``manifest.json`` of the rows, in key order, each streamed to its file a row at a
     time (never a whole table in memory) and renamed into place. ``running``: a snapshot taken while the
     run goes on (``status`` "running", no ``finished_at``). ``stopped``: the run ended on an error before
     every item was done (``status`` "stopped"; ``--resume`` continues). Returns (counts, failed items, the
-    threads the rows were made with: ``threads_used``)."""
+    threads the rows were made with: ``threads_used``). ``notes``: what the resume noted (``resume_notes``)."""
     counts = {"total": len(rows), "ok": 0, "error": 0, "skipped": resumed}
     failed = []
     used: set[int] = set()
@@ -1105,6 +1108,7 @@ def write_reports(
         "duration_s": round(time.time() - started, 3),
         "interrupted": interrupted,
         "counts": counts,
+        **({"resume_notes": list(notes)} if notes else {}),  # recorded under --quiet and --format json too
         **stage.info(),
     }
     write_json_streamed(out_dir / "manifest.json", manifest, {"items": (rows.text(k) for k in rows)})
@@ -1258,6 +1262,7 @@ def run_stage(
     feed: bool | None = None,
     inputs_checked: bool = False,
     after: Callable[[RunResult], None] | None = None,
+    say_resume_notes: bool = True,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
@@ -1269,7 +1274,9 @@ def run_stage(
     stage runs on a GPU (``stage.feeds_device``). ``inputs_checked``: the caller has checked that no earlier
     row's input changed (a chained run, for its first stage), so resuming does not stat them again.
     ``after(result)``: a last step still under the output folder's lock, unless the run was interrupted
-    (``grade --sort-into``'s copies: another run into OUT would sweep their temporary files)."""
+    (``grade --sort-into``'s copies: another run into OUT would sweep their temporary files).
+    ``say_resume_notes``: print what the resume notes (with ``progress``; a chained run says it once for all its
+    stages); the manifest records it either way."""
     started = time.time()
     check_parallelism(workers, threads)
     extra_dirs = dict(extra_dirs or {})
@@ -1290,7 +1297,7 @@ def run_stage(
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         result = _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                              threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                             engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock)
+                             engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock, say_resume_notes=say_resume_notes)
         if after is not None and not result.interrupted:
             after(result)
         return result
@@ -1299,12 +1306,12 @@ def run_stage(
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
                 pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None,
-                inputs_checked: bool = False, lock: OutputLock | None = None) -> RunResult:
+                inputs_checked: bool = False, lock: OutputLock | None = None, say_resume_notes: bool = True) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     notes: list[str] = []
     rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
-    if progress:
+    if progress and say_resume_notes:
         for note in notes:
             say_note(note)
     if overwrite:
@@ -1328,7 +1335,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
 
     def reports(**kw) -> tuple[dict, list[dict], "int | list[int] | None"]:
         return write_reports(stage, rows, inputs=inputs, extra_dirs=extra_dirs, out_dir=dst, command=command or sys.argv, started=started,
-                             threads=threads, resumed=resumed, **kw)
+                             threads=threads, resumed=resumed, notes=notes, **kw)
 
     next_snapshot = time.monotonic() + SNAPSHOT_S
 
@@ -1390,7 +1397,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             except OSError as e:
                 raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
                                   hint="free space, then rerun with --resume") from None
-    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used)
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used, notes)
 
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))

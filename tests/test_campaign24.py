@@ -39,3 +39,43 @@ def test_a_row_whose_photograph_changed_under_the_run_carries_no_figure_and_coun
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["error"] == 1 and counts["enhanced"] == counts["enhanced_used"] == counts["segmented"] == 1
     assert sum(counts[g] for g in ("good", "usable", "reject")) == 1
+
+
+# ------------------------------------------------------------------------------------------------ review 22 L3
+def _renamed_keys(tmp_path):
+    """A list file of two photographs, then a third in another folder (every key renamed: 'x' is now 'a/x')."""
+    for rel in ("imgs/a/x.png", "imgs/a/y.png", "imgs/b/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(synthetic_fundus(72, 80, len(rel))).save(tmp_path / rel)
+    listing = tmp_path / "l.txt"
+    listing.write_text("imgs/a/x.png\nimgs/a/y.png\n")
+    return listing
+
+
+def test_a_resumes_renamed_keys_are_noted_once_in_fundus_run_and_recorded_under_quiet(tmp_path, tiny, capsys):  # noqa: F811
+    """L3: the note was said once per stage of `fundus run` (three times for grade, enhance, segment), and under
+    --quiet or --format json it was said nowhere, not even in a manifest."""
+    listing = _renamed_keys(tmp_path)
+    out = tmp_path / "o"
+    assert run("run", listing, out, *tiny_args(tiny)) == 0
+    listing.write_text("imgs/a/x.png\nimgs/a/y.png\nimgs/b/z.png\n")
+    capsys.readouterr()
+    assert run("run", listing, out, *[a for a in tiny_args(tiny, "--resume") if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("listed now under another key") == 1, err
+    m = json.loads((out / "manifest.json").read_text())
+    noted = {name: st.get("resume_notes") for name, st in m["stages"].items()}
+    assert noted["grade"] and "e.g. 'x' is now 'a/x'" in noted["grade"][0], noted
+    stage_m = json.loads((out / "grade" / "manifest.json").read_text())
+    assert "listed now under another key" in stage_m["resume_notes"][0]
+
+    out2 = tmp_path / "d"
+    listing.write_text("imgs/a/x.png\nimgs/a/y.png\n")
+    assert run("degrade", listing, out2, "--types", "111", "--quiet") == 0
+    listing.write_text("imgs/a/x.png\nimgs/a/y.png\nimgs/b/z.png\n")
+    capsys.readouterr()
+    assert run("degrade", listing, out2, "--types", "111", "--resume", "--format", "json") == 0
+    got = capsys.readouterr()
+    assert "listed now under another key" not in got.err  # not said under --format json, but recorded
+    assert "listed now under another key" in json.loads(got.out)["resume_notes"][0]
+    assert "listed now under another key" in json.loads((out2 / "manifest.json").read_text())["resume_notes"][0]
