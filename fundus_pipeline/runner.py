@@ -535,7 +535,8 @@ def _untag(row: dict, text: str) -> str:
     return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
 
 
-def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None) -> "RowStore":
+def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None,
+                   redone: dict | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
@@ -546,23 +547,57 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     rows of other configurations only. One pass over the journal, a stat or two a row. ``notes`` receives a
     line when photographs done before are planned now under other keys (campaign 23b M1: a list file's keys
     are relative to the deepest folder holding every listed file, so one file added in another folder renames
-    them all, and the resume redid everything without a word)."""
+    them all, and the resume redid everything without a word); and when photographs done before are processed
+    again because their input or an output changed since, or are no longer among the inputs (campaign 23b
+    LOW-3). ``redone`` receives ``{key: the outputs of its last finished row}`` for the planned keys whose
+    finished row is not kept (processed again, or failed since)."""
     planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
     key_of = {str(w.path): w.key for w in work}
     renamed: dict[str, str] = {}
+    again: dict[str, tuple[str, list]] = {}  # key: (why, its earlier outputs) of a finished row processed again
+    dropped: set[str] = set()
+    finished: dict[str, list] = {}  # key: the outputs of its newest ok row of this configuration
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
-        if r.get("status") == "ok" and key_of.get(str(r.get("input"))) not in (None, r["key"]):  # (its old key may be another file's now)
-            renamed[r["key"]] = key_of[str(r.get("input"))]
-        if (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(r["key"])
-                and outputs_intact(dst, r)
-                and not (check_inputs and input_changed(r))):  # an input replaced since is processed again
-            rows.add_text(r["key"], _untag(r, text))
+        key = r["key"]
+        if r.get("status") == "ok" and key_of.get(str(r.get("input"))) not in (None, key):  # (its old key may be another file's now)
+            renamed[key] = key_of[str(r.get("input"))]
+        why = None
+        if not (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(key)):
+            why = "other"
+        elif not outputs_intact(dst, r):
+            why = "outputs"
+        elif check_inputs and input_changed(r):  # an input replaced since is processed again
+            why = "input"
+        if r.get("config_sha256") == cfg_hash and (r.get("status") == "ok" or isinstance(r.get("earlier_outputs"), list)):
+            finished[key] = r.get("outputs" if r.get("status") == "ok" else "earlier_outputs")
+            finished[key] = finished[key] if isinstance(finished[key], list) else []
+        if why is None:
+            rows.add_text(key, _untag(r, text))
+            again.pop(key, None)
         else:
-            rows.discard(r["key"])
+            rows.discard(key)
+            if why == "other":
+                again.pop(key, None)
+            else:
+                again[key] = (why, finished[key])
+        if key not in planned and r.get("status") == "ok" and r.get("config_sha256") == cfg_hash:
+            dropped.add(key)
     if hashes and cfg_hash not in hashes:
         raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
+    if redone is not None:
+        redone.update((k, outs) for k, outs in finished.items() if k in planned and k not in rows)
+    dropped -= set(renamed)
+    if notes is not None:
+        for why, what in (("input", "changed since (its bytes differ from those recorded)"),
+                          ("outputs", "lost or changed an output file since")):
+            if n := sum(1 for w, _ in again.values() if w == why):
+                first = next(k for k, (w, _) in again.items() if w == why)
+                notes.append(f"{n} photograph(s) done before {what} and are processed again (e.g. {first!r})")
+        if dropped:
+            notes.append(f"{len(dropped)} photograph(s) done before are no longer among the inputs (e.g. {min(dropped)!r}): this run's "
+                         f"table leaves them out; their outputs stay in {dst}")
     if renamed and notes is not None:
         old, new = next(iter(renamed.items()))
         notes.append(f"{len(renamed)} photograph(s) done before are listed now under another key (e.g. {old!r} is now {new!r}) and are "
@@ -785,6 +820,14 @@ def outputs_intact(dst: Path, row: dict) -> bool:
         if name in sizes and sizes[name] != st.st_size:
             return False
     return True
+
+
+def _earlier_outputs(dst: Path, earlier: list, now) -> list[str]:
+    """The files an earlier row of a key wrote that are still in ``dst`` and not among its outputs ``now``: an item
+    done before that fails on resume keeps them (they are of the bytes read then, and are left, not removed; its
+    error says so, campaign 23b LOW-1)."""
+    now = set(now) if isinstance(now, list) else set()
+    return [n for n in earlier if isinstance(n, str) and n not in now and plain_name(n) and os.path.isfile(os.path.join(dst, n))]
 
 
 #: Key of a row whose item met a full disk (its value: the hint); taken off before the row is recorded.
@@ -1310,7 +1353,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     notes: list[str] = []
-    rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
+    redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
+    rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
     if progress and say_resume_notes:
         for note in notes:
             say_note(note)
@@ -1349,6 +1393,10 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         nonlocal next_snapshot
         check_folder("nothing more is written there")
         stop = row.pop(_STOP, None)
+        if row.get("status") != "ok" and row["key"] in redone:  # done before, failing now: its earlier outputs are not this row's
+            if stay := _earlier_outputs(dst, redone[row["key"]], row.get("outputs")):
+                row["error"] = f"{row.get('error', '')} (outputs of an earlier run from other bytes stay: {', '.join(stay[:3])}{', ...' if len(stay) > 3 else ''})"
+                row["earlier_outputs"] = stay  # (a later resume that fails again says so too)
         row["threads"] = threads  # each row says what made its bytes: a resume may run on another count
         text = _dumps(row)
         rows.add_text(row["key"], text)

@@ -79,3 +79,34 @@ def test_a_resumes_renamed_keys_are_noted_once_in_fundus_run_and_recorded_under_
     assert "listed now under another key" not in got.err  # not said under --format json, but recorded
     assert "listed now under another key" in json.loads(got.out)["resume_notes"][0]
     assert "listed now under another key" in json.loads((out2 / "manifest.json").read_text())["resume_notes"][0]
+
+
+# ------------------------------------------------------------------------------------------------ 23b LOW-1, LOW-3
+def test_a_resume_says_what_it_redoes_and_drops_and_an_item_failing_now_names_its_earlier_outputs(tmp_path, capsys):
+    """LOW-3: a resume after one photograph was replaced, one cut short and one deleted said only "2 already done,
+    resumed". LOW-1: the one that fails now had an error row while the outputs of its earlier bytes stayed
+    beside it, unmentioned (a glob of the folder picks up an image the table marks as failed)."""
+    photos = _photos(tmp_path / "in", 4)
+    out = tmp_path / "d"
+    assert run("degrade", photos, out, "--types", "111", "--quiet") == 0
+    Image.fromarray(synthetic_fundus(72, 80, 9)).save(photos / "p0.png")  # replaced
+    data = (photos / "p1.png").read_bytes()
+    (photos / "p1.png").write_bytes(data[: len(data) // 2])  # cut short: fails now
+    (photos / "p3.png").unlink()  # deleted
+    capsys.readouterr()
+    assert run("degrade", photos, out, "--types", "111", "--resume") == 3
+    err = capsys.readouterr().err
+    assert "note: 2 photograph(s) done before changed since (its bytes differ from those recorded) and are processed again (e.g. 'p0')" in err
+    assert "note: 1 photograph(s) done before are no longer among the inputs (e.g. 'p3')" in err
+    rows = rows_of(out / "results.csv")
+    assert set(rows) == {"p0", "p1", "p2"} and rows["p0"]["status"] == "ok" and rows["p1"]["status"] == "error"
+    assert rows["p1"]["error"].endswith("(outputs of an earlier run from other bytes stay: p1.png)"), rows["p1"]["error"]
+    assert (out / "p1.png").is_file() and (out / "p3.png").is_file()  # left, not removed
+    notes = json.loads((out / "manifest.json").read_text())["resume_notes"]
+    assert len(notes) == 2 and "no longer among the inputs" in notes[1]
+    (out / "p2.png").unlink()  # an output removed: processed again, and said so
+    assert run("degrade", photos, out, "--types", "111", "--resume") == 3
+    err = capsys.readouterr().err
+    assert "1 photograph(s) done before lost or changed an output file since and are processed again (e.g. 'p2')" in err
+    assert "changed since" not in err  # p1 failed before: retried, not "changed"
+    assert rows_of(out / "results.csv")["p1"]["error"].endswith("stay: p1.png)")  # still said on the next resume
