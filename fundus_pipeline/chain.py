@@ -618,7 +618,7 @@ class Chain:
         self.expect_weights = expect_weights  # --replay: {step: sha256} of the weights the run used
         self.started = time.time()
         self.stages: dict[str, dict] = {}
-        self.resume_noted = False  # a stage of this run has said what its resume noted
+        self.said: set[str] = set()  # the notes the stages' resumes have said
         self.interrupted = False
         self.pool: WorkerPool | None = None
         self.engine = engine  # processes every stage's items instead of this machine's workers (e.g. Ray)
@@ -796,9 +796,8 @@ class Chain:
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
             engine=self.engine, inputs_checked=name == self._first_folder(),  # _prepare_folder checked its inputs
-            say_resume_notes=not self.resume_noted,  # every stage of a resume notes the same renamed keys: said once (review 22 L3)
+            said=self.said,  # every stage of a resume notes the same renamed keys: said once (review 22 L3)
         )  # fmt: skip
-        self.resume_noted |= bool(res.notes)
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3), "threads_used": res.threads_used,
                              **({"resume_notes": res.notes} if res.notes else {})}
         self.interrupted |= res.interrupted

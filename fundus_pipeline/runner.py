@@ -597,11 +597,11 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
                 notes.append(f"{n} photograph(s) done before {what} and are processed again (e.g. {first!r})")
         if dropped:
             notes.append(f"{len(dropped)} photograph(s) done before are no longer among the inputs (e.g. {min(dropped)!r}): this run's "
-                         f"table leaves them out; their outputs stay in {dst}")
+                         "table leaves them out; their outputs stay in place")
     if renamed and notes is not None:
         old, new = next(iter(renamed.items()))
         notes.append(f"{len(renamed)} photograph(s) done before are listed now under another key (e.g. {old!r} is now {new!r}) and are "
-                     f"processed again; their earlier outputs stay in {dst} under the old names, unless a new key takes a name (a "
+                     "processed again; their earlier outputs stay under the old names, unless a new key takes a name (a "
                      "list file's keys are relative to the deepest folder holding every listed file: a file added in another folder "
                      "changes them)")
     return rows
@@ -1305,7 +1305,7 @@ def run_stage(
     feed: bool | None = None,
     inputs_checked: bool = False,
     after: Callable[[RunResult], None] | None = None,
-    say_resume_notes: bool = True,
+    said: set[str] | None = None,
 ) -> RunResult:
     """Run ``stage`` over every image of ``in_path`` (folder, file or list) into ``out_dir``; see the
     module docstring. ``extra_dirs`` gives the folder of each further input role of the stage, or a
@@ -1318,8 +1318,8 @@ def run_stage(
     row's input changed (a chained run, for its first stage), so resuming does not stat them again.
     ``after(result)``: a last step still under the output folder's lock, unless the run was interrupted
     (``grade --sort-into``'s copies: another run into OUT would sweep their temporary files).
-    ``say_resume_notes``: print what the resume notes (with ``progress``; a chained run says it once for all its
-    stages); the manifest records it either way."""
+    ``said``: the notes said already (a chained run's stages resume alike: each note is said once); what this
+    resume notes is added to it, and recorded in the manifest whether said or not."""
     started = time.time()
     check_parallelism(workers, threads)
     extra_dirs = dict(extra_dirs or {})
@@ -1340,7 +1340,7 @@ def run_stage(
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
         result = _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                              threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                             engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock, say_resume_notes=say_resume_notes)
+                             engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock, said=said)
         if after is not None and not result.interrupted:
             after(result)
         return result
@@ -1349,15 +1349,17 @@ def run_stage(
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
                 pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None,
-                inputs_checked: bool = False, lock: OutputLock | None = None, say_resume_notes: bool = True) -> RunResult:
+                inputs_checked: bool = False, lock: OutputLock | None = None, said: set[str] | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     notes: list[str] = []
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
     rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
-    if progress and say_resume_notes:
-        for note in notes:
+    said = set() if said is None else said
+    for note in notes:
+        if progress and note not in said:
             say_note(note)
+        said.add(note)
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)
