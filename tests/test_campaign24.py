@@ -110,3 +110,67 @@ def test_a_resume_says_what_it_redoes_and_drops_and_an_item_failing_now_names_it
     assert "1 photograph(s) done before lost or changed an output file since and are processed again (e.g. 'p2')" in err
     assert "changed since" not in err  # p1 failed before: retried, not "changed"
     assert rows_of(out / "results.csv")["p1"]["error"].endswith("stay: p1.png)")  # still said on the next resume
+
+
+# ------------------------------------------------------------------------------------------------ 24b F1, F4
+def _sorted_results(out, rows):
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "input", "status", "grade"])
+        for key, src, grade in rows:
+            w.writerow([key, str(src), "ok", grade])
+
+
+def test_a_regraded_or_retaken_photograph_in_a_sub_folder_leaves_no_stale_copy(tmp_path):
+    """F1: the stale-copy check looked at OUT/<other>/NAME, not OUT/<other>/sub/NAME: a regraded photograph of a
+    sub-folder sat in two class folders; and a photograph retaken under the same name (other bytes) always did."""
+    from fundus_pipeline.cli.grade import sort_into
+
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    sb, tb = src / "sub" / "sb.png", src / "tb.png"
+    sb.write_bytes(b"photo sb")
+    tb.write_bytes(b"photo tb")
+    out = tmp_path / "out"
+    _sorted_results(out, [("sub/sb", sb, "usable"), ("tb", tb, "usable")])
+    sort_into(out)
+    (out / "good").mkdir()
+    (out / "good" / "sub").mkdir()
+    (out / "good" / "sub" / "mine.png").write_bytes(b"the user's own")
+    _sorted_results(out, [("sub/sb", sb, "reject"), ("tb", tb, "reject")])  # regraded
+    sort_into(out)
+    assert not (out / "usable" / "sub" / "sb.png").exists() and (out / "reject" / "sub" / "sb.png").read_bytes() == b"photo sb"
+    assert not (out / "usable" / "tb.png").exists()
+    sb.write_bytes(b"photo sb, retaken")  # the same name, other bytes: graded good now
+    _sorted_results(out, [("sub/sb", sb, "good"), ("tb", tb, "reject")])
+    (out / "reject" / "tb.png").write_bytes(b"edited by the user since")
+    _sorted_results(out, [("sub/sb", sb, "good"), ("tb", tb, "good")])
+    sort_into(out)
+    assert not (out / "reject" / "sub" / "sb.png").exists() and (out / "good" / "sub" / "sb.png").read_bytes() == b"photo sb, retaken"
+    assert (out / "reject" / "tb.png").read_bytes() == b"edited by the user since"  # changed since the sort wrote it: kept
+    assert (out / "good" / "sub" / "mine.png").read_bytes() == b"the user's own"
+    assert sb.read_bytes() == b"photo sb, retaken" and tb.read_bytes() == b"photo tb"
+    paths = [json.loads(line)["path"] for line in (out / ".fundus-sorted.jsonl").read_text().splitlines()]
+    assert paths == ["good/sub/sb.png", "good/tb.png", "reject/tb.png"]  # the copies in place, once each
+
+
+def test_sort_into_reads_its_table_as_utf8_whatever_the_locale(tmp_path):
+    """F4: results.csv (UTF-8) was read back in the locale's encoding: under LC_ALL=C a name such as Müller.png was
+    an internal error and nothing was sorted."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "Müller.png").write_bytes(b"photo")
+    out = tmp_path / "out"
+    _sorted_results(out, [("Müller", src / "Müller.png", "good")])
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = f"from pathlib import Path; from fundus_pipeline.cli.grade import sort_into; print(sort_into(Path({str(out)!r})))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert (out / "good" / "Müller.png").read_bytes() == b"photo"

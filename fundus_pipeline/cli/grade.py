@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import filecmp
 import os
-import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,33 +20,101 @@ from fundus_pipeline.io import _temp_name
 from fundus_pipeline.quality.grading import GRADES
 
 
+#: The sort's own record of the copies it wrote (``{"key", "path", "sha256"}`` a line, the newest last): a copy is
+#: removed from another class folder only when it is one of them, unchanged since (or, for copies of an older
+#: sort, when its bytes are the input's).
+SORTED = ".fundus-sorted.jsonl"
+
+
 def sort_into(out_dir: Path) -> dict[str, int]:
     """Copy (never move) each input graded in ``OUT/results.csv`` into ``OUT/<grade>/KEY<suffix>``, with its
     original bytes; each copy is written to a temporary name and renamed, so a rerun replaces it whole. A copy
-    of the same input left in another grade's folder by an earlier sort (a regraded item) is removed only when
-    its bytes are the input's: a file of that name that the sort did not write is left alone."""
-    from fundus_pipeline.runner import check_inside
+    of the same key left in another grade's folder by an earlier sort (a regraded item, or one whose photograph
+    was retaken under the same name) is removed when the sort's record (``SORTED``) says it wrote those bytes
+    there, or when its bytes are the input's: a file the sort did not write, or one changed since, is left alone."""
+    import hashlib
+    import json
+
+    from fundus_pipeline.io import open_atomic
+    from fundus_pipeline.runner import check_inside, plain_name
 
     check_sort_folders(out_dir)
     counts = {g: 0 for g in GRADES}
-    with open(out_dir / "results.csv", newline="") as f:
+    written: dict[str, dict] = {}  # path: its record, the newest
+    try:
+        with open(out_dir / SORTED, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if isinstance(r, dict) and isinstance(r.get("key"), str) and plain_name(r.get("path")) and isinstance(r.get("sha256"), str):
+                    written[r["path"]] = r
+    except FileNotFoundError:
+        pass
+    by_key: dict[str, list[str]] = {}
+    for path, r in written.items():
+        by_key.setdefault(r["key"], []).append(path)
+    # the table holds each path's bytes as the file system gave them (written UTF-8 with surrogate escapes): read
+    # back in the file system's encoding they name the same files under any locale (campaign 24b F4)
+    with open(out_dir / "results.csv", newline="", encoding=sys.getfilesystemencoding(), errors="surrogateescape") as f, \
+            open(out_dir / SORTED, "a", encoding="utf-8", errors="surrogateescape") as record:
         for row in csv.DictReader(f):
             if row.get("status") != "ok" or row.get("grade") not in counts:
                 continue
             src = Path(row["input"])
-            dst = out_dir / row["grade"] / f"{row['key']}{src.suffix}"
+            rel = f"{row['key']}{src.suffix}"  # below the class folder
+            dst = out_dir / row["grade"] / rel
             check_inside(out_dir, dst.relative_to(out_dir).as_posix())  # a linked sub-folder of a class folder (review 19 R2)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            for g in GRADES:
-                stale = out_dir / g / dst.name
-                if (g != row["grade"] and stale.is_file() and not stale.is_symlink() and not _same_file(stale, src)
-                        and filecmp.cmp(stale, src, shallow=False)):
+            for g in GRADES:  # a copy of an older sort, which kept no record: removed when its bytes are the input's
+                stale = out_dir / g / rel
+                if g != row["grade"] and _removable(out_dir, stale, src) and filecmp.cmp(stale, src, shallow=False):
+                    stale.unlink()
+            for path in by_key.get(row["key"], ()):  # one this sort wrote, unchanged since (campaign 24b F1)
+                stale = out_dir / path
+                if path != dst.relative_to(out_dir).as_posix() and _removable(out_dir, stale, src) and _sha256(stale) == written[path]["sha256"]:
                     stale.unlink()
             tmp = dst.with_name(_temp_name(dst.name, uuid.uuid4().hex[:12]))  # the name a later run's clean-up knows
-            shutil.copyfile(src, tmp)
+            h = hashlib.sha256()
+            with open(src, "rb") as a, open(tmp, "wb") as b:
+                for chunk in iter(lambda: a.read(1 << 20), b""):
+                    h.update(chunk)
+                    b.write(chunk)
             os.replace(tmp, dst)
+            entry = {"key": row["key"], "path": dst.relative_to(out_dir).as_posix(), "sha256": h.hexdigest()}
+            record.write(json.dumps(entry) + "\n")
+            record.flush()
+            written[entry["path"]] = entry
             counts[row["grade"]] += 1
+    with open_atomic(out_dir / SORTED) as f:  # the record of the copies still in place, once each
+        for path, r in sorted(written.items()):
+            if (out_dir / path).is_file():
+                f.write(json.dumps(r) + "\n")
     return counts
+
+
+def _removable(out_dir: Path, stale: Path, src: Path) -> bool:
+    """A file of a class folder that a sort may remove: a plain file (no link, not through one) that is not the input itself."""
+    from fundus_pipeline.errors import InputError
+    from fundus_pipeline.runner import check_inside
+
+    if not stale.is_file() or stale.is_symlink() or _same_file(stale, src):
+        return False
+    try:
+        check_inside(out_dir, stale.relative_to(out_dir).as_posix())
+    except (InputError, ValueError):
+        return False
+    return stale.relative_to(out_dir).parts[0] in GRADES
+
+
+def _sha256(path: Path) -> str | None:
+    from fundus_pipeline.models.weights import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
