@@ -174,3 +174,37 @@ def test_sort_into_reads_its_table_as_utf8_whatever_the_locale(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     assert r.returncode == 0, r.stderr.decode(errors="replace")
     assert (out / "good" / "Müller.png").read_bytes() == b"photo"
+
+
+# ------------------------------------------------------------------------------------------------ 24b F2
+def test_a_two_level_mask_is_its_brighter_level_and_an_empty_ground_truth_is_an_error(tmp_path):
+    """F2: masks were cut at half the dtype maximum: a 16-bit 0/255 ground truth (as ImageJ or OpenCV write it)
+    was empty (sensitivity 1, F1 0, exit 0), such a prediction against it a perfect 1.0, a 0/100 prediction empty."""
+    import csv
+
+    import numpy as np
+
+    from fundus_pipeline.cli import main as cli_main
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((40, 48)) < 0.15
+    pred = truth.copy()
+    pred[:5] = ~pred[:5]  # some errors: F1 strictly between 0 and 1
+    tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    for name, g16, p_arr in (("a", truth.astype(np.uint16) * 255, pred.astype(np.uint16) * 255),  # 16-bit 0/255 both
+                             ("b", truth.astype(np.uint8) * 255, pred.astype(np.uint8) * 100)):  # 8-bit 0/100 prediction
+        (tmp_path / name / "g").mkdir(parents=True)
+        (tmp_path / name / "p").mkdir()
+        Image.fromarray(g16).save(tmp_path / name / "g" / "x.png")
+        Image.fromarray(p_arr).save(tmp_path / name / "p" / "x.png")
+        out = tmp_path / name / "out"
+        assert cli_main(["evaluate", "segment", str(tmp_path / name / "p"), str(tmp_path / name / "g"), "--bootstrap", "0", "--out", str(out)]) == 0
+        row = next(csv.DictReader(open(out / "metrics.csv")))
+        assert abs(float(row["f1"]) - f1) < 1e-4, (name, row["f1"], f1)
+    empty = tmp_path / "a" / "g" / "x.png"
+    Image.fromarray(np.zeros((40, 48), np.uint16)).save(empty)  # no vessel at all: an error row, exit 3
+    out = tmp_path / "a" / "out2"
+    assert cli_main(["evaluate", "segment", str(tmp_path / "a" / "p"), str(tmp_path / "a" / "g"), "--bootstrap", "0", "--out", str(out)]) == 3
+    row = next(csv.DictReader(open(out / "metrics.csv")))
+    assert "no vessel pixel inside the FOV" in row["status"]

@@ -12,13 +12,15 @@ two files of one folder with the same key are a usage error.
 Predictions: if PRED_DIR holds ``*_prob.*`` / ``*_vessels.*`` files (a ``fundus segment`` output), those
 are used (other images there, e.g. overlays, are ignored): ``_prob`` is a probability map (uint16 v/65535,
 uint8 v/255) giving AUCs and, thresholded with ``prob >= T``, the binary metrics; a key with only
-``_vessels`` uses that mask (> half of the dtype max) and has no AUC. Otherwise every image in PRED_DIR is
+``_vessels`` uses that mask (its brighter level) and has no AUC. Otherwise every image in PRED_DIR is
 a prediction: palette images are binarised on their raw indices (> 0), images with at most two grey levels
-are binary masks (> half of the dtype max), other images are probability maps (v / dtype max).
+are binary masks (the brighter level), other images are probability maps (v / dtype max).
 
 Ground truth and FOV masks: palette images -> raw index > 0 (DRIVE 2nd_manual is a {0,1} palette GIF
-shown as grey 3/253), otherwise value > half of the dtype max (127 for uint8; > 0 for masks valued 0/1 only); colour
-images use the maximum over their colour channels. Without ``--fov`` the FOV is the whole image.
+shown as grey 3/253), otherwise the brighter of two grey levels (0/255 in 8 or 16 bits, 0/1), and for a mask of
+more levels value > half of the dtype max (127 for uint8); colour images use the maximum over their colour
+channels. Without ``--fov`` the FOV is the whole image. A ground truth without a vessel pixel inside the FOV is
+an error row (it would score sensitivity 1 and F1 0, or a perfect 1).
 
 Threshold: ``--threshold``, else ``config.threshold`` of PRED_DIR/manifest.json (or of the nearest manifest above
 the predictions), else 0.5; a manifest there that is not readable JSON is a usage error.
@@ -168,9 +170,15 @@ def _grey(arr: np.ndarray) -> np.ndarray:
 
 
 def _binarise(g: np.ndarray) -> np.ndarray:
-    # 0/1-valued masks (max <= 1) are > 0; anything else is > half of the dtype max (127 for uint8)
-    if int(g.max(initial=0)) <= 1:
+    """A mask of two grey levels is its brighter level whatever the levels are (0/1, 0/255 in 16 bits as some
+    tools write it, 0/100: each was read as empty by the half-the-dtype-maximum rule and scored F1 0, or a
+    perfect 1 against another such mask; campaign 24b F2); one of more levels (an anti-aliased or compressed
+    mask) is > half of the dtype max (127 for uint8), and so is one of a single level."""
+    lo, hi = int(g.min(initial=0)), int(g.max(initial=0))
+    if hi <= 1:
         return g > 0
+    if lo != hi and not np.any((g != lo) & (g != hi)):
+        return g > lo
     return g > np.iinfo(g.dtype).max // 2
 
 
@@ -188,8 +196,8 @@ def _palette_binary(path: Path, idx: np.ndarray) -> np.ndarray:
 
 
 def read_binary(path: Path) -> np.ndarray:
-    """Binary mask: palette -> raw index > 0, else value > half of the dtype max (max over colours;
-    a mask whose values are all 0/1 is > 0)."""
+    """Binary mask: palette -> raw index > 0, else ``_binarise`` of the maximum over colours (a mask of two grey
+    levels is its brighter one)."""
     arr, meta = _read(path)
     if meta.palette:
         return _palette_binary(path, _grey(arr))
@@ -356,6 +364,8 @@ def evaluate_segmentation(
                     )
                 if not fov.any():  # 0/0 would score the image perfect and raise the means
                     raise InputError("empty FOV mask: no pixel to score")
+                if not (gt & fov).any():  # sensitivity 0/0 := 1, F1 0 or a perfect 1: no vessel map is empty (24b F2)
+                    raise InputError("the ground truth has no vessel pixel inside the FOV: not a vessel map, or one read as empty")
                 tp, fp, tn, fn = confusion(pred, gt, fov, thr)
                 item: dict[str, Any] = {"key": k, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
                 if source == "prob":
