@@ -208,3 +208,44 @@ def test_a_two_level_mask_is_its_brighter_level_and_an_empty_ground_truth_is_an_
     assert cli_main(["evaluate", "segment", str(tmp_path / "a" / "p"), str(tmp_path / "a" / "g"), "--bootstrap", "0", "--out", str(out)]) == 3
     row = next(csv.DictReader(open(out / "metrics.csv")))
     assert "no vessel pixel inside the FOV" in row["status"]
+
+
+# ------------------------------------------------------------------------------------------------ 24b F3, F5, F6, F7
+def test_evaluate_refuses_ragged_rows_a_near_miss_part_and_reads_an_empty_source_as_its_own(tmp_path, capsys):
+    """F3: a short row (no key cell) was an internal error in evaluate grade and score, a long one's cells dropped in
+    silence. F5: label rows of part 'TEST' or 'test ' were left out as "other parts". F6: every empty source was one
+    source "" in evaluate score (its own in evaluate grade). F7: a header-only labels file and an empty quality."""
+    from fundus_pipeline.cli import main as cli_main
+
+    def ev(*args):
+        capsys.readouterr()
+        code = cli_main(["evaluate", *map(str, args), "--bootstrap", "0", "--out", str(tmp_path / "o")])
+        return code, capsys.readouterr().err
+
+    res, lab = tmp_path / "res.csv", tmp_path / "lab.csv"
+    lab.write_text("key,quality\na,0\n")
+    for body, cells in (("good,a,0.8,0.1,0.1\ngood\n", "1 cell(s) on line 3, its header 5"), ("good,a,0.8,0.1,0.1,9\n", "6 cell(s) on line 2, its header 5")):
+        res.write_text("grade,key,p_good,p_usable,p_reject\n" + body)
+        code, err = ev("grade", res, lab)
+        assert code == 2 and cells in err and "internal error" not in err, err
+    res.write_text("grade,key,p_good,p_usable,p_reject\ngood,a,0.8,0.1,0.1\n")
+    lab.write_text("key,quality\n")
+    code, err = ev("grade", res, lab)
+    assert code == 2 and "the labels file" in err and "has no rows" in err
+    lab.write_text("key,quality\na,\n")
+    code, err = ev("grade", res, lab)
+    assert code == 2 and "has an empty quality for key 'a'" in err
+
+    scores, pairs = tmp_path / "s.csv", tmp_path / "p.csv"
+    scores.write_text("status,key,score\nok,k0,0.1\nok,k1,0.5\nok,k2,0.3\nok\n")
+    pairs.write_text("key,part,source,label\nk0,test,s0,0.1\nk1,test,s1,0.5\nk2,test,s2,0.3\n")
+    code, err = ev("score", scores, pairs, "--by", "")
+    assert code == 2 and "1 cell(s) on line 5, its header 3" in err and "internal error" not in err
+    scores.write_text("key,score\n" + "".join(f"k{i},{i}\n" for i in range(6)))
+    pairs.write_text("key,part,source,label\n" + "".join(f"k{i},{'TEST' if i == 5 else 'test'},,{i % 4}\n" for i in range(6)))
+    code, err = ev("score", scores, pairs, "--by", "")
+    assert code == 2 and "has part 'TEST' where 'test' is meant" in err
+    pairs.write_text("key,part,source,label\n" + "".join(f"k{i},test,{'' if i < 4 else 'shared'},{i % 4}\n" for i in range(6)))
+    assert ev("score", scores, pairs, "--by", "")[0] == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["n_sources"] == 5  # four pairs with no source, each its own, and one source of two

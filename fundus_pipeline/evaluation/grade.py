@@ -28,7 +28,6 @@ from a cluster bootstrap (source photograph, else patient for EyeQ keys, else im
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse, special
 
-from fundus_pipeline.errors import UsageError, refuse_repeated_columns
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.evaluation.metrics import (
     _percentile_ci,
     auc_roc_from_hist,
@@ -47,7 +46,7 @@ from fundus_pipeline.evaluation.metrics import (
     json_safe,
     one_cluster_note,
 )
-from fundus_pipeline.evaluation.score import _float, _read_csv, source_bootstrap
+from fundus_pipeline.evaluation.score import _float, _read_csv, read_csv_rows, source_bootstrap
 from fundus_pipeline.evaluation.segment import EvalResult, _num, markdown_table, metrics_csv, text_table, write_reports
 from fundus_pipeline.quality.grading import FLAGS, GRADES
 
@@ -333,14 +332,7 @@ def read_labels(path: Path, by: Sequence[str] = ()) -> tuple[dict[str, dict[str,
     """Label rows by key, the format (``keyed`` or ``eyeq``) and the columns; ``UsageError`` for an
     unreadable file, a missing column (``key`` or EyeQ's ``image``, ``quality``, ``by``) or a repeated key."""
     what = "labels file"
-    try:
-        with Path(path).open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"cannot read the {what} {path}: {exc}") from None
-    refuse_repeated_columns(columns, what, path)
+    rows, columns = read_csv_rows(path, what)
     fmt = "keyed" if "key" in columns else "eyeq" if "image" in columns else None
     missing = ([] if fmt else ["key"]) + [c for c in ["quality", *by] if c not in columns]
     if missing:
@@ -408,6 +400,8 @@ def evaluate_grades(
     results = _read_csv(results_csv, "results file", ["key", "grade", *PROB_COLUMNS])
     if not results:
         raise UsageError(f"the results file {results_csv} has no rows")
+    if not labels:
+        raise UsageError(f"the labels file {labels_csv} has no rows")
     if not any(r["key"] in labels for r in results):
         raise UsageError(f"no key of the results file {results_csv} is in the labels file {labels_csv}")
     result_columns = list(results[0])
@@ -419,7 +413,8 @@ def evaluate_grades(
     for k, r in labels.items():
         q = _label_code(r["quality"], (0, 1, 2))
         if q is None:
-            raise UsageError(f"the labels file {labels_csv} has quality {r['quality']!r} for key '{k}' (expected 0, 1 or 2)")
+            got = "an empty quality" if not (r["quality"] or "").strip() else f"quality {r['quality']!r}"
+            raise UsageError(f"the labels file {labels_csv} has {got} for key '{k}' (expected 0, 1 or 2)")
         truth_of[k] = q
         for f in flags:
             v = _label_code(r[f"flag_{f}"], (0, 1))

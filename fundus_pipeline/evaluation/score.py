@@ -430,16 +430,30 @@ def bootstrap_cis(
 
 
 # --------------------------------------------------------------------------------------------- reading
-def _read_csv(path: Path, what: str, required: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV with a header holding ``required``; ``UsageError`` otherwise or on duplicate keys."""
+def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str]]:
+    """(rows, columns) of a CSV with a header (UTF-8, a byte-order mark allowed); ``UsageError`` for a file that
+    cannot be read, a repeated column, or a row of more or fewer cells than the header (a short row had no key
+    and was an internal error, the cells of a long one were dropped in silence; campaign 24b F3)."""
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = reader.fieldnames or []
+            rows = []
+            for r in reader:
+                if None in r or None in r.values():
+                    n = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+                    raise UsageError(f"the {what} {path} has {n} cell(s) on line {reader.line_num}, its header {len(reader.fieldnames or [])}",
+                                     hint="every row needs a cell for every column (an empty one is two commas)")
+                rows.append(r)
+            columns = list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"cannot read the {what} {path}: {exc}") from None
     refuse_repeated_columns(columns, what, path)
+    return rows, columns
+
+
+def _read_csv(path: Path, what: str, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV with a header holding ``required``; ``UsageError`` otherwise or on duplicate keys."""
+    rows, columns = read_csv_rows(path, what)
     missing = [c for c in required if c not in columns]
     if missing:
         have = ", ".join(columns) if columns else "none"
@@ -497,6 +511,11 @@ def evaluate_scores(
     scores = _read_csv(scores_csv, "scores file", ["key", column])
     if not scores:
         raise UsageError(f"the scores file {scores_csv} has no rows")
+    if part is not None:  # a part that differs only in case or spaces is a typo, not another part (campaign 24b F5)
+        near = sorted({r["part"] for r in labels.values() if r["part"] != part and r["part"].strip().casefold() == part.strip().casefold()})
+        if near:
+            raise UsageError(f"the labels file {labels_csv} has part {', '.join(map(repr, near))} where {part!r} is meant, it seems; "
+                             "parts are compared exactly", hint="correct the labels file, or give --part as it is written there")
     in_part = {k: r for k, r in labels.items() if part is None or r["part"] == part}
     if not in_part:
         parts = ", ".join(sorted({r["part"] for r in labels.values()})) or "none"
@@ -529,7 +548,8 @@ def evaluate_scores(
 
     pred = np.array([s for s, _ in scored], np.float64)
     label = np.array([label_of[lab["key"]] for _, lab in scored], np.float64)
-    uniq, codes = np.unique(np.array([lab["source"] for _, lab in scored], dtype=str), return_inverse=True)
+    # an empty source is the pair's own source, as in `evaluate grade` (they were one source "" here; 24b F6)
+    uniq, codes = np.unique(np.array([lab["source"] or f"\x00{lab['key']}" for _, lab in scored], dtype=str), return_inverse=True)
 
     sets: list[tuple[str, str, np.ndarray]] = [(OVERALL, OVERALL, np.arange(len(scored)))]
     for col in by:
