@@ -49,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    input_changed, interrupts_deferred, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    config_change, input_changed, interrupts_deferred, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -683,6 +683,16 @@ class Chain:
         rec["config"] = {**rec["config"], **spelled}
         return old.get("run_sha256") == config_sha256(rec)
 
+    def _change(self, old: dict) -> str:
+        """What differs from the recorded run ``old`` (a manifest): options of the chain, then each step's weights."""
+        cfg = old.get("config") if isinstance(old.get("config"), dict) else {}
+        now = self.cfg.model_dump(mode="json")
+        keys = set(self.cfg.chain_record())
+        weights = old.get("weights") if isinstance(old.get("weights"), dict) else {}
+        sha = {f"{step} weights": (w.get("sha256") if isinstance(w, dict) else None) for step, w in weights.items()}
+        sha_now = {f"{step} weights": w["sha256"] for step, w in self.weights.items()}
+        return config_change({**{k: cfg.get(k) for k in keys}, **sha}, {**{k: now.get(k) for k in keys}, **sha_now})
+
     def _prepare_folder(self) -> None:
         out = self.out
         manifest = out / "manifest.json"
@@ -694,7 +704,8 @@ class Chain:
             if old.get("stage") != "run":
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()) and not self._same_run_other_spelling(old):
-                raise UsageError(f"{self.shown} was written by a run with another configuration or other weights; rerun with the same options, or use --overwrite")
+                raise UsageError(f"{self.shown} was written by a run with another configuration or other weights{self._change(old)}; "
+                                 "rerun with the same options, or use --overwrite")
             # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
             planned = {it.key: str(it.path) for it in self.inputs.items}
             changed = next((r["key"] for r in stage_lines(out / self._first_folder())

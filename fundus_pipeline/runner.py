@@ -536,7 +536,7 @@ def _untag(row: dict, text: str) -> str:
 
 
 def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None,
-                   redone: dict | None = None) -> "RowStore":
+                   redone: dict | None = None, config: dict | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
@@ -550,7 +550,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     them all, and the resume redid everything without a word); and when photographs done before are processed
     again because their input or an output changed since, or are no longer among the inputs (campaign 23b
     LOW-3). ``redone`` receives ``{key: the outputs of its last finished row}`` for the planned keys whose
-    finished row is not kept (processed again, or failed since)."""
+    finished row is not kept (processed again, or failed since). ``config``: this run's configuration record, to
+    name what differs from the folder's when it holds rows of other configurations only."""
     planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
     key_of = {str(w.path): w.key for w in work}
     renamed: dict[str, str] = {}
@@ -585,7 +586,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
         if key not in planned and r.get("status") == "ok" and r.get("config_sha256") == cfg_hash:
             dropped.add(key)
     if hashes and cfg_hash not in hashes:
-        raise UsageError(f"{dst} was written with a different configuration; rerun with the same options, or use --overwrite")
+        raise UsageError(f"{dst} was written with a different configuration{_config_change(dst, config)}; rerun with the same options, or use --overwrite")
     if redone is not None:
         redone.update((k, outs) for k, outs in finished.items() if k in planned and k not in rows)
     dropped -= set(renamed)
@@ -605,6 +606,33 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
                      "list file's keys are relative to the deepest folder holding every listed file: a file added in another folder "
                      "changes them)")
     return rows
+
+
+def _config_change(dst: Path, config: dict | None) -> str:
+    """What differs between the configuration ``dst/manifest.json`` records and ``config`` (``config_change``); ""
+    when either is unknown (campaign 24b F7: the refusal did not say which option)."""
+    try:
+        old = json.loads((dst / "manifest.json").read_text(encoding="utf-8", errors="surrogateescape")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return config_change(old, config)
+
+
+def config_change(old: object, now: object) -> str:
+    """`` (flag_threshold: 0.5 there, 0.3 now; degraders differs)``: the keys whose values differ between a recorded
+    configuration ``old`` and this run's ``now`` (plain values first, at most three); "" when either is not a dict
+    or none differs."""
+    if not isinstance(old, dict) or not isinstance(now, dict):
+        return ""
+    now = json.loads(json.dumps(now, default=str))  # as a manifest records it
+    diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+
+    def said(k: str) -> str:
+        a, b = json.dumps(old.get(k), default=str), json.dumps(now.get(k), default=str)
+        return f"{k}: {a} there, {b} now" if max(len(a), len(b)) <= 40 else f"{k} differs"
+
+    parts = sorted((said(k) for k in diff), key=lambda t: t.endswith(" differs"))  # the plain values first
+    return f" ({'; '.join(parts[:3])}{'; ...' if len(parts) > 3 else ''})" if parts else ""
 
 
 def stage_lines(folder: Path) -> Iterator[dict]:
@@ -1354,7 +1382,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     journal_path = dst / JOURNAL
     notes: list[str] = []
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
-    rows = resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone) if resume else RowStore()  # this run's rows: the resumed ones, then each one as recorded
+    rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record())
+            if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
     said = set() if said is None else said
     for note in notes:
         if progress and note not in said:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.conftest import synthetic_fundus
 from tests.test_campaign8 import _photos
-from tests.test_run import rows_of, run, tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+from tests.test_run import photos, rows_of, run, tiny, tiny_args  # noqa: F401  (photos, tiny: fixtures)
 
 
 # ------------------------------------------------------------------------------------------------ review 22 L6
@@ -249,3 +249,19 @@ def test_evaluate_refuses_ragged_rows_a_near_miss_part_and_reads_an_empty_source
     assert ev("score", scores, pairs, "--by", "")[0] == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["n_sources"] == 5  # four pairs with no source, each its own, and one source of two
+
+
+# ------------------------------------------------------------------------------------------------ 24b F7 (resume)
+def test_a_resume_with_other_options_names_what_differs(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """F7: "written with a different configuration" did not say which option differed."""
+    out = tmp_path / "g"
+    grade = ("--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet")
+    assert run("grade", photos, out, *grade) == 0
+    capsys.readouterr()
+    assert run("grade", photos, out, *grade, "--resume", "--flag-threshold", "0.3") == 2
+    assert "different configuration (flag_threshold: 0.5 there, 0.3 now)" in capsys.readouterr().err
+    out = tmp_path / "r"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--resume", "--min-gain", "0.2")) == 2
+    assert "another configuration or other weights (min_gain: 0.0 there, 0.2 now)" in capsys.readouterr().err
