@@ -265,3 +265,13 @@ def test_a_resume_with_other_options_names_what_differs(photos, tmp_path, tiny, 
     capsys.readouterr()
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--resume", "--min-gain", "0.2")) == 2
     assert "another configuration or other weights (min_gain: 0.0 there, 0.2 now)" in capsys.readouterr().err
+
+
+def test_an_unclosed_quote_is_named_not_read_as_the_rest_of_the_file(tmp_path, capsys):
+    """F7: an unbalanced quote swallowed the rest of the file into one cell, reported as a bad grade."""
+    from fundus_pipeline.cli import main as cli_main
+
+    (tmp_path / "res.csv").write_text('grade,key,p_good,p_usable,p_reject\ngood,"a,0.8,0.1,0.1\ngood,b,0.8,0.1,0.1\n')
+    (tmp_path / "lab.csv").write_text("key,quality\na,0\nb,0\n")
+    assert cli_main(["evaluate", "grade", str(tmp_path / "res.csv"), str(tmp_path / "lab.csv"), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "a quote opened and never closed?" in capsys.readouterr().err

@@ -436,7 +436,7 @@ def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str
     and was an internal error, the cells of a long one were dropped in silence; campaign 24b F3)."""
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, strict=True)  # an unclosed quote is an error, not the rest of the file in one cell
             rows = []
             for r in reader:
                 if None in r or None in r.values():
@@ -446,7 +446,8 @@ def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str
                 rows.append(r)
             columns = list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"cannot read the {what} {path}: {exc}") from None
+        where = " (a quote opened and never closed?)" if str(exc) == "unexpected end of data" else ""
+        raise UsageError(f"cannot read the {what} {path}: {exc}{where}") from None
     refuse_repeated_columns(columns, what, path)
     return rows, columns
 
