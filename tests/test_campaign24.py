@@ -275,3 +275,33 @@ def test_an_unclosed_quote_is_named_not_read_as_the_rest_of_the_file(tmp_path, c
     (tmp_path / "lab.csv").write_text("key,quality\na,0\nb,0\n")
     assert cli_main(["evaluate", "grade", str(tmp_path / "res.csv"), str(tmp_path / "lab.csv"), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
     assert "a quote opened and never closed?" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ 23a L2, L6
+def test_a_cut_photograph_is_found_before_any_source_is_built_and_progress_gives_the_time_left(fake_data, tmp_path, capsys):
+    """L2: a truncated photograph was found only at its turn, after every source before it had been built (most of
+    an hour in a default build). L6: the progress lines gave no time left, and a resume did not say what it kept."""
+    import shutil
+
+    from tests.test_campaign11 import _qbuild
+
+    data = tmp_path / "data"
+    shutil.copytree(fake_data, data)
+    cut = data / "HEI-MED" / "images" / "00000000.jpg"
+    raw = cut.read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "set"
+    capsys.readouterr()
+    assert _qbuild(data, out) == 1
+    err = capsys.readouterr().err
+    assert "00000000.jpg: truncated or corrupt JPEG" in err and len(err.strip().splitlines()) == 1, err
+    assert not any(p.is_file() for p in (out / "train").rglob("*")) if (out / "train").exists() else True  # nothing built
+    cut.write_bytes(raw)
+    assert _qbuild(data, out) == 0
+    got = capsys.readouterr()
+    text = got.out + got.err
+    assert "checked the 3 source photograph(s) to build" in text and "so far, about" in text and "left)" in text
+    (out / "rows" / "train" / f"{sorted(p.stem for p in (out / 'rows' / 'train').glob('*.json'))[0]}.json").unlink()
+    assert _qbuild(data, out) == 0
+    got = capsys.readouterr()
+    assert "2 of 3 sources were built by an earlier run and are kept; 1 to build" in got.out + got.err

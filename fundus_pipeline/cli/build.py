@@ -169,4 +169,4 @@ def grade_set(
         typer.echo(json.dumps(manifest, indent=2))
     else:
         c = manifest["counts"]
-        typer.echo("grade set: " + ", ".join(f"{p} {c[p]['sources']} sources / {c[p]['images']} images {c[p]['grades']}" for p in c) + f" -> {out}/labels.csv")
+        typer.echo("grade set: " + ", ".join(f"{p} {c[p]['sources']} sources / {c[p]['images']} images (" + ", ".join(f"{n} {g}" for g, n in c[p]['grades'].items()) + ")" for p in c) + f" -> {out}/labels.csv")

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Literal
@@ -487,10 +488,22 @@ def build_parts(
                     log(f"{part} {name}: some of its images are missing or changed; building it again")
                     res = None
             plan.append((part, i, len(listing), name, info, split, done, inputs, res))
-    if any(res is None for *_, res in plan):
+    todo = [(part, name, info) for part, _, _, name, info, *_, res in plan if res is None]
+    if todo:
+        # every photograph to build is decoded and its FOV checked first: a cut or unreadable one is found now, not
+        # after the parts before it were built (most of an hour; campaign 23a L2)
+        from fundus_pipeline.train.enhance import read_source
+
+        t0 = time.monotonic()
+        for part, name, info in todo:
+            read_source(info["paths"])
+        log(f"checked the {len(todo)} source photograph(s) to build in {time.monotonic() - t0:.0f} s")
         _unfinish(out)  # the set changes: its tables and manifest are written again at the end
+    if todo and len(todo) < len(plan):
+        log(f"{len(plan) - len(todo)} of {len(plan)} sources were built by an earlier run and are kept; {len(todo)} to build")
     all_rows: list[dict] = []
     all_records: list[dict] = []
+    started, built = time.monotonic(), 0
     for part, i, n, name, info, split, done, inputs, res in plan:
         if res is None:
             written = SourceFiles(out, done.with_suffix(".partial"))
@@ -499,7 +512,9 @@ def build_parts(
             res = {"rows": rows, "records": records, "inputs": inputs, "files": files}
             write_json_atomic(done, res)
             written.finish()
-            log(f"{part} {i + 1}/{n} {name}: {len(rows)} {unit}")
+            built += 1
+            took = time.monotonic() - started
+            log(f"{part} {i + 1}/{n} {name}: {len(rows)} {unit} ({_minutes(took)} so far, about {_minutes(took / built * (len(todo) - built))} left)")
         all_rows += res["rows"]
         all_records += res.get("records", [])
     counts: dict[str, dict[str, int]] = {}
@@ -513,6 +528,10 @@ def build_parts(
                 c[f"{unit}_{s}"] = k
     data = data_record(root, cfg, {(part, done.name): inputs for part, _, _, _, _, _, done, inputs, _ in plan})
     return all_rows, all_records, counts, data
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def data_record(root: Path, cfg, inputs: dict[tuple[str, str], dict]) -> dict:

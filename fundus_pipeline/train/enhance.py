@@ -164,9 +164,19 @@ MIN_FOV_FRACTION = 0.05
 
 
 def canonical_source(paths: dict[str, Path], size: int) -> CanonicalSource:
-    """Read ``paths["image"]`` (and ``paths["fov"]`` when given) and map it into the canonical frame. A FOV
-    mask of another size than the photograph, or a field of view under ``MIN_FOV_FRACTION`` of the frame,
-    is an ``InputError`` naming the file."""
+    """Read ``paths["image"]`` (and ``paths["fov"]`` when given, ``read_source``) and map it into the canonical frame."""
+    rgb, fov, geom = read_source(paths)
+    frame = CanonicalFrame.from_fov(geom, size)
+    rgb = rgb * fov[..., None]
+    c_rgb = np.clip(frame.to_canonical(rgb.astype(np.float32)), 0, 1)
+    c_fov = frame.to_canonical(fov.astype(np.uint8), interpolation=0) > 0  # nearest
+    return CanonicalSource(frame, geom, rgb, fov, c_rgb * c_fov[..., None], c_fov)
+
+
+def read_source(paths: dict[str, Path]):
+    """(photograph, FOV mask, FOV geometry) of a source: ``paths["image"]`` decoded, its FOV read from
+    ``paths["fov"]`` or estimated. A file that cannot be decoded, a FOV mask of another size than the
+    photograph, or a field of view under ``MIN_FOV_FRACTION`` of the frame, is an ``InputError`` naming the file."""
     from degradation.fov import estimate_fov_geometry, fov_geometry
 
     from fundus_pipeline.datasets import _read_rgb
@@ -185,11 +195,7 @@ def canonical_source(paths: dict[str, Path], size: int) -> CanonicalSource:
     if fov.mean() < MIN_FOV_FRACTION:  # an all-black mask made an all-black source, labelled perfect and graded Good
         where = paths["fov"] if "fov" in paths else paths["image"]
         raise InputError(f"{where}: the field of view covers {100 * fov.mean():.2g}% of the frame; an empty or wrong FOV mask?")
-    frame = CanonicalFrame.from_fov(geom, size)
-    rgb = rgb * fov[..., None]
-    c_rgb = np.clip(frame.to_canonical(rgb.astype(np.float32)), 0, 1)
-    c_fov = frame.to_canonical(fov.astype(np.uint8), interpolation=0) > 0  # nearest
-    return CanonicalSource(frame, geom, rgb, fov, c_rgb * c_fov[..., None], c_fov)
+    return rgb, fov, geom
 
 
 def _prepare_one(name: str, info: dict, size: int, segmenter) -> Source:
