@@ -10,6 +10,7 @@ from PIL import Image
 from tests.conftest import synthetic_fundus
 from tests.test_campaign8 import _photos
 from tests.test_run import photos, rows_of, run, tiny, tiny_args  # noqa: F401  (photos, tiny: fixtures)
+from tests.test_campaign11 import built  # noqa: F401  (a fixture)
 
 
 # ------------------------------------------------------------------------------------------------ review 22 L6
@@ -305,3 +306,10 @@ def test_a_cut_photograph_is_found_before_any_source_is_built_and_progress_gives
     assert _qbuild(data, out) == 0
     got = capsys.readouterr()
     assert "2 of 3 sources were built by an earlier run and are kept; 1 to build" in got.out + got.err
+
+
+# ------------------------------------------------------------------------------------------------ 23a L5
+def test_a_sets_manifest_names_the_code_the_command_and_the_environment(built):
+    """L5: the set manifest recorded only fundus_version 0.1.0 (every commit), no command line and no versions."""
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["code"]["version"] and m["command"] and {"numpy", "opencv", "python", "cpu"} <= set(m["environment"])

@@ -530,6 +530,18 @@ def build_parts(
     return all_rows, all_records, counts, data
 
 
+def provenance() -> dict:
+    """What a set's manifest records of the run that finished it: the code (version, git commit, dirty), the
+    command line and the environment (versions, CPU); a set resumed across versions records the last (campaign
+    23a L5: 0.1.0 covered every commit, so "bit for bit for the same code" could not be checked)."""
+    import sys
+
+    from fundus_pipeline.runner import environment
+    from fundus_pipeline.train.loop import code_provenance
+
+    return {"code": code_provenance(), "command": list(sys.argv), "environment": environment()}
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
@@ -583,6 +595,7 @@ def build_quality_set(
         "counts": counts,
         "torch": torch.__version__,
         "threads": threads,
+        **provenance(),
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest

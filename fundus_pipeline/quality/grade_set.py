@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fundus_pipeline.quality.build import (
-    PARTS, SourceFiles, build_parts, csv_text, draw_degrader, open_set, quantise, source_key, write_json_atomic, write_png,
+    PARTS, SourceFiles, build_parts, csv_text, draw_degrader, open_set, provenance, quantise, source_key, write_json_atomic, write_png,
 )
 from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, GRADES, grade_of_q
 
@@ -220,6 +220,7 @@ def build_grade_set(
         "counts": counts,
         "torch": torch.__version__,
         "threads": threads,
+        **provenance(),
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
