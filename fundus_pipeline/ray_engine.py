@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import logging
 import os
+import contextlib
 import pickle
 import re
+import signal
 import socket
 import sys
 import warnings
@@ -158,6 +160,8 @@ def _quiet(ray: Any) -> None:
         def to_stderr(data: dict, *args, **kwargs):
             if data.get("pid") == "raylet":  # Ray's own messages (a task retried, a worker died): one line each
                 for text in data.get("lines", []):
+                    if _STOPPING[0] and "will be retried" in text:
+                        continue  # the engine stops its own actors on an interrupt: nothing is retried (campaign 24a C24A-5)
                     if line := _ray_message(text):
                         print(f"ray: {line}", file=sys.stderr, flush=True)
                 return None
@@ -193,6 +197,61 @@ def _ray_message(text: str) -> str:
         return ""
     head, sep, _ = lines[0].strip().partition("Traceback (most recent call last):")
     return f"{head}{_exception_line(text) or ''}".strip() if sep else head
+
+
+#: Set while the engine stops its actors (an interrupt or an error): Ray's "will be retried" lines are not shown.
+_STOPPING = [False]
+
+#: How long connecting to a cluster may take: ``ray.init`` retries a GCS that does not answer for as long as
+#: it is left to (campaign 24a C24A-2: more than 11 minutes at a port where another service listens).
+CONNECT_TIMEOUT_S = 60.0
+
+_ADDRESS = re.compile(r"(auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5})")
+
+
+def check_address(address: str) -> None:
+    """A usage error (exit 2) for an ``--address`` that is not ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``
+    (it was exit 1 with a hint about authentication; campaign 24a C24A-3)."""
+    if not _ADDRESS.fullmatch(address.strip()):
+        raise UsageError(f"--address {address!r} is not an address of a Ray cluster: give auto, HOST:PORT (as `ray start --head` "
+                         "prints it) or ray://HOST:PORT")
+
+
+def _init(ray: Any, address: str | None, kwargs: dict) -> None:
+    """``ray.init``, with the process's signal handlers as they were (Ray sets its own SIGTERM handler, which
+    exits 15: a scheduler's stop was no longer an interruption, exit 130; campaign 24a C24A-1), and, for a
+    cluster, within ``CONNECT_TIMEOUT_S``."""
+    import _thread
+    import threading
+
+    names = [n for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
+    fired = threading.Event()
+
+    def give_up() -> None:
+        fired.set()
+        _thread.interrupt_main()
+
+    timer = threading.Timer(CONNECT_TIMEOUT_S, give_up) if address is not None and main else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        ray.init(address=address if address is not None else "local", **kwargs)
+    except KeyboardInterrupt:
+        if not fired.is_set():
+            raise
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise FundusError(f"cannot connect to the Ray cluster at {address}: no answer as a Ray cluster within {CONNECT_TIMEOUT_S:.0f} s",
+                          "is a Ray cluster's head at that address (`ray start --head` prints it), reachable from here?") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for n, handler in saved.items():
+            if handler is not None:
+                signal.signal(getattr(signal, n), handler)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -238,12 +297,17 @@ class RayEngine:
                 # as many CPUs as the local engine would use: --workers processes of --threads, at least the cores
                 kwargs["num_cpus"] = self.num_cpus or max(available_cpus(), self.workers * (self.threads or 1))
             else:
+                check_address(self.address)
                 _check_reachable(self.address)
             try:
                 # "local": a new instance of this run's own, also where a cluster runs on this machine or RAY_ADDRESS
                 # names one (ray.init() would connect to it, and refuses num_cpus there)
-                ray.init(address=self.address if self.address is not None else "local", **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as e:
+                _init(ray, self.address, kwargs)
+            except ValueError as e:
+                if self.address is None:
+                    raise FundusError(f"cannot start a local Ray instance: {_first_line(e)}") from None
+                raise UsageError(f"--address {self.address}: {_first_line(e)}") from None  # e.g. ray:// without ray[client]
+            except (ConnectionError, RuntimeError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise FundusError(f"cannot connect to {where}: {_first_line(e)}",
                                   "is a cluster running there (`ray start --head` prints its address)? If `ray start` said token "
@@ -303,13 +367,16 @@ class RayEngine:
                 max_restarts=restarts_allowed(blocks), max_task_retries=TASK_RETRIES, **res,
             )  # fmt: skip
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        _STOPPING[0] = False
         try:
             for out in it:
                 for blob in out["rows"]:
                     take(pickle.loads(blob))
         except (KeyboardInterrupt, FundusError):  # FundusError: raised by ``take`` itself (a full disk stops the run)
+            _STOPPING[0] = True  # (Ray's messages of the actors the engine stops arrive after this)
             raise
         except Exception as e:  # the actors could not start (stage.setup() failed on a node), the cluster went away
+            _STOPPING[0] = True
             raise FundusError(f"--engine ray: the {stage.name} stage failed on the Ray cluster: {_first_line(e)}",
                               "the Ray logs (/tmp/ray/session_latest/logs on the node) hold the traceback") from None
         finally:

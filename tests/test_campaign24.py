@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from tests.conftest import synthetic_fundus
@@ -19,18 +20,18 @@ def test_a_row_whose_photograph_changed_under_the_run_carries_no_figure_and_coun
     summary counted it as graded, enhanced and trusted."""
     from fundus_pipeline import chain
 
-    photos = _photos(tmp_path / "in", 2)
+    folder = _photos(tmp_path / "in", 2)
     real = chain.Chain._stage
 
     def stage(self, name, *args, **kw):
         got = real(self, name, *args, **kw)
         if name == "enhance":  # replaced after it was graded and enhanced, before it is scored against its input
-            Image.fromarray(synthetic_fundus(72, 80, 9)).save(photos / "p1.png")
+            Image.fromarray(synthetic_fundus(72, 80, 9)).save(folder / "p1.png")
         return got
 
     monkeypatch.setattr(chain.Chain, "_stage", stage)
     out = tmp_path / "out"
-    assert run("run", photos, out, *tiny_args(tiny, "--min-gain", "-1", "--enhance-if", "good,usable,reject")) == 3
+    assert run("run", folder, out, *tiny_args(tiny, "--min-gain", "-1", "--enhance-if", "good,usable,reject")) == 3
     rows = rows_of(out / "results.csv")
     assert rows["p0"]["status"] == "ok" and rows["p0"]["grade"] and rows["p0"]["segmented"] == "enhanced"
     bad = rows["p1"]
@@ -87,15 +88,15 @@ def test_a_resume_says_what_it_redoes_and_drops_and_an_item_failing_now_names_it
     """LOW-3: a resume after one photograph was replaced, one cut short and one deleted said only "2 already done,
     resumed". LOW-1: the one that fails now had an error row while the outputs of its earlier bytes stayed
     beside it, unmentioned (a glob of the folder picks up an image the table marks as failed)."""
-    photos = _photos(tmp_path / "in", 4)
+    folder = _photos(tmp_path / "in", 4)
     out = tmp_path / "d"
-    assert run("degrade", photos, out, "--types", "111", "--quiet") == 0
-    Image.fromarray(synthetic_fundus(72, 80, 9)).save(photos / "p0.png")  # replaced
-    data = (photos / "p1.png").read_bytes()
-    (photos / "p1.png").write_bytes(data[: len(data) // 2])  # cut short: fails now
-    (photos / "p3.png").unlink()  # deleted
+    assert run("degrade", folder, out, "--types", "111", "--quiet") == 0
+    Image.fromarray(synthetic_fundus(72, 80, 9)).save(folder / "p0.png")  # replaced
+    data = (folder / "p1.png").read_bytes()
+    (folder / "p1.png").write_bytes(data[: len(data) // 2])  # cut short: fails now
+    (folder / "p3.png").unlink()  # deleted
     capsys.readouterr()
-    assert run("degrade", photos, out, "--types", "111", "--resume") == 3
+    assert run("degrade", folder, out, "--types", "111", "--resume") == 3
     err = capsys.readouterr().err
     assert "note: 2 photograph(s) done before changed since (its bytes differ from those recorded) and are processed again (e.g. 'p0')" in err
     assert "note: 1 photograph(s) done before are no longer among the inputs (e.g. 'p3')" in err
@@ -106,7 +107,7 @@ def test_a_resume_says_what_it_redoes_and_drops_and_an_item_failing_now_names_it
     notes = json.loads((out / "manifest.json").read_text())["resume_notes"]
     assert len(notes) == 2 and "no longer among the inputs" in notes[1]
     (out / "p2.png").unlink()  # an output removed: processed again, and said so
-    assert run("degrade", photos, out, "--types", "111", "--resume") == 3
+    assert run("degrade", folder, out, "--types", "111", "--resume") == 3
     err = capsys.readouterr().err
     assert "1 photograph(s) done before lost or changed an output file since and are processed again (e.g. 'p2')" in err
     assert "changed since" not in err  # p1 failed before: retried, not "changed"
@@ -309,7 +310,95 @@ def test_a_cut_photograph_is_found_before_any_source_is_built_and_progress_gives
 
 
 # ------------------------------------------------------------------------------------------------ 23a L5
-def test_a_sets_manifest_names_the_code_the_command_and_the_environment(built):
+def test_a_sets_manifest_names_the_code_the_command_and_the_environment(built):  # noqa: F811
     """L5: the set manifest recorded only fundus_version 0.1.0 (every commit), no command line and no versions."""
     m = json.loads((built / "manifest.json").read_text())
     assert m["code"]["version"] and m["command"] and {"numpy", "opencv", "python", "cpu"} <= set(m["environment"])
+
+
+# ------------------------------------------------------------------------------------------------ 24a (the Ray engine)
+class _FakeRay:
+    """What RayEngine.start calls of Ray: an init that sets Ray's SIGTERM handler (as ray.init does), or hangs."""
+
+    def __init__(self, hang: bool = False):
+        self.hang, self.up = hang, False
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, address=None, **kw):
+        import signal
+        import sys
+        import time
+
+        signal.signal(signal.SIGTERM, lambda s, f: sys.exit(15))
+        while self.hang:  # a GCS that never answers: Ray retries for as long as it is left to
+            time.sleep(0.01)
+        self.up = True
+
+    def shutdown(self):
+        self.up = False
+
+
+def test_ray_init_leaves_the_stop_signals_as_fundus_set_them(monkeypatch):
+    """C24A-1: ray.init replaced the SIGTERM handler: a scheduler's SIGTERM exited 15 with no summary and a manifest
+    "stopped" (or "running"), not 130 and "interrupted"."""
+    import signal
+
+    pytest.importorskip("ray")
+    from fundus_pipeline.ray_engine import RayEngine
+
+    mine = lambda s, f: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        engine = RayEngine()
+        engine.ray = _FakeRay()
+        engine.start()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_cluster_address_that_never_answers_is_given_up_and_a_malformed_one_is_a_usage_error(monkeypatch, photos, tmp_path, capsys):  # noqa: F811
+    """C24A-2: ray.init retried an address where another service listens for more than 11 minutes. C24A-3: a
+    malformed --address was exit 1 with a hint about token authentication."""
+    import time
+
+    pytest.importorskip("ray")
+    from fundus_pipeline import ray_engine
+    from fundus_pipeline.errors import FundusError
+
+    monkeypatch.setattr(ray_engine, "CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(ray_engine, "_check_reachable", lambda address: None)  # (the port answers)
+    engine = ray_engine.RayEngine(address="127.0.0.1:18765")
+    engine.ray = _FakeRay(hang=True)
+    t0 = time.monotonic()
+    with pytest.raises(FundusError, match="no answer as a Ray cluster within 0 s"):
+        engine.start()
+    assert time.monotonic() - t0 < 5
+    for bad in ("garbage", "127.0.0.1", "http://h:1"):
+        capsys.readouterr()
+        assert run("degrade", photos, tmp_path / "o", "--engine", "ray", "--address", bad) == 2
+        err = capsys.readouterr().err
+        assert "is not an address of a Ray cluster" in err and "token" not in err and not (tmp_path / "o").exists()
+
+
+def test_rays_will_be_retried_line_is_not_shown_while_the_engine_stops_its_actors(capsys):
+    """C24A-5: a Ctrl-C printed "There are 1 retries remaining, so the task will be retried" although the run stops."""
+    ray = pytest.importorskip("ray")
+    import sys
+
+    from fundus_pipeline import ray_engine
+
+    ray_engine._quiet(ray)
+    show = sys.modules["ray._private.worker"].print_to_stdstream
+    line = {"pid": "raylet", "lines": ["Task MapWorker.submit failed. There are 1 retries remaining, so the task will be retried. Error: killed"]}
+    try:
+        ray_engine._STOPPING[0] = True
+        show(line)
+        assert "will be retried" not in capsys.readouterr().err
+        ray_engine._STOPPING[0] = False
+        show(line)
+        assert "ray: Task MapWorker.submit failed" in capsys.readouterr().err
+    finally:
+        ray_engine._STOPPING[0] = False
