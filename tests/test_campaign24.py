@@ -402,3 +402,15 @@ def test_rays_will_be_retried_line_is_not_shown_while_the_engine_stops_its_actor
         assert "ray: Task MapWorker.submit failed" in capsys.readouterr().err
     finally:
         ray_engine._STOPPING[0] = False
+
+
+# ------------------------------------------------------------------------------------------------ 23a L8
+def test_the_set_builders_options_state_their_ranges_alike(capsys):
+    """L8: --limit showed [x>=1] with click's error, --draws, --seed and --size no range at all."""
+    from fundus_pipeline.cli import main as cli_main
+
+    for cmd, draws in (("quality-set", "(1-20)"), ("grade-set", "(1-50)")):
+        assert cli_main(["build", cmd, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"Degradations per source photograph {draws}" in text and "Seed of every degradation draw (>= 0)" in text
+        assert "(64-2048)" in text and "part (quick builds; >= 1)" in text and "x>=1" not in text

@@ -19,6 +19,15 @@ build_app = typer.Typer(help="Build derived datasets from ../shared/data (seeded
 app.add_typer(build_app, name="build")
 
 _Q = QualitySetConfig.model_fields
+_G = GradeSetConfig.model_fields
+
+
+def _range(field) -> str:
+    """`` (64-2048)`` / `` (>= 0)``: the bounds the configuration's field checks, for its option's help (each
+    option states its range alike; campaign 23a L8)."""
+    lo = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+    hi = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+    return f" ({lo}-{hi})" if lo is not None and hi is not None else f" (>= {lo})" if lo is not None else ""
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -77,15 +86,15 @@ def quality_set(
     data: Annotated[
         Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False)
     ] = None,
-    size: Annotated[int, typer.Option("--size", help="Side of the canonical frame the set lives in (the FOV diameter in pixels).")] = _Q["size"].default,
-    draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph.")] = _Q["draws"].default,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw (>= 0).")] = _Q["seed"].default,
+    size: Annotated[int, typer.Option("--size", help="Side of the canonical frame the set lives in (the FOV diameter in pixels)" + _range(_Q["size"]) + ".")] = _Q["size"].default,
+    draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph" + _range(_Q["draws"]) + ".")] = _Q["draws"].default,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw" + _range(_Q["seed"]) + ".")] = _Q["seed"].default,
     enhancers: Annotated[
         str, typer.Option("--enhancers", help="Comma-separated enhancers: classical names and shipped enhancement weights names.")
     ] = ",".join(DEFAULT_ENHANCERS),
     parts: Annotated[str, typer.Option("--parts", help="Comma-separated parts to build: train, test.")] = ",".join(PARTS),
     limit: Annotated[
-        Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
+        Optional[int], typer.Option("--limit", help="At most this many sources per dataset and part (quick builds; >= 1).", show_default=False)
     ] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for the networks (bytes are reproducible for a fixed value).")] = 2,
     overwrite: Overwrite = False,
@@ -121,22 +130,19 @@ def quality_set(
         typer.echo("quality set: " + ", ".join(f"{p} {c[p]['sources']} sources / {c[p]['pairs']} pairs" for p in c) + f" -> {out}/pairs.csv")
 
 
-_G = GradeSetConfig.model_fields
-
-
 @build_app.command("grade-set")
 def grade_set(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False)],
     data: Annotated[
         Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False)
     ] = None,
-    size: Annotated[int, typer.Option("--size", help="Side of the canonical frame where labels are computed.")] = _G["size"].default,
-    store_size: Annotated[int, typer.Option("--store-size", help="Side of the images written.")] = _G["store_size"].default,
-    draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph.")] = _G["draws"].default,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw (>= 0).")] = _G["seed"].default,
+    size: Annotated[int, typer.Option("--size", help="Side of the canonical frame where labels are computed" + _range(_G["size"]) + ".")] = _G["size"].default,
+    store_size: Annotated[int, typer.Option("--store-size", help="Side of the images written" + _range(_G["store_size"]) + ".")] = _G["store_size"].default,
+    draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph" + _range(_G["draws"]) + ".")] = _G["draws"].default,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every degradation draw" + _range(_G["seed"]) + ".")] = _G["seed"].default,
     parts: Annotated[str, typer.Option("--parts", help="Comma-separated parts to build: train, test.")] = ",".join(PARTS),
     limit: Annotated[
-        Optional[int], typer.Option("--limit", min=1, help="At most this many sources per dataset and part (quick builds).", show_default=False)
+        Optional[int], typer.Option("--limit", help="At most this many sources per dataset and part (quick builds; >= 1).", show_default=False)
     ] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for the segmenter (bytes are reproducible for a fixed value).")] = 2,
     overwrite: Overwrite = False,
