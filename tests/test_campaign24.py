@@ -414,3 +414,14 @@ def test_the_set_builders_options_state_their_ranges_alike(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert f"Degradations per source photograph {draws}" in text and "Seed of every degradation draw (>= 0)" in text
         assert "(64-2048)" in text and "part (quick builds; >= 1)" in text and "x>=1" not in text
+
+
+# ------------------------------------------------------------------------------------------------ 21a (left): SSIM per row
+def test_a_simulated_runs_page_shows_each_photographs_ssim_before_and_after(photos, tmp_path, tiny):  # noqa: F811
+    """21a left: the per-photograph SSIM against the clean original was in results.csv only; the page showed PSNR."""
+    out = tmp_path / "s"
+    assert run("run", photos, out, *tiny_args(tiny, "--simulate", "111", "--steps", "segment")) == 0
+    page = (out / "report.html").read_text()
+    assert "SSIM before" in page and "SSIM after" in page
+    for r in rows_of(out / "results.csv").values():
+        assert f'<td class="num">{float(r["ssim_before"]):.3f}</td><td class="num">{float(r["ssim_after"]):.3f}</td>' in page
