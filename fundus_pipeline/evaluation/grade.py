@@ -105,9 +105,9 @@ DEFINITIONS = {
     "resample is its images in the same resamples, skipped when it has none. CIs for accuracy, macro_f1, "
     "kappa, mean_flag_auc and ece_after: the 2.5th and 97.5th percentiles of the finite resample values "
     "(numpy.percentile, linear interpolation). ECE, a sum of absolute per-bin gaps, is biased upward under "
-    "resampling: its point estimate lies near the lower end of its interval (measured: at the 10th-15th "
-    "percentile of the resamples, the interval shifted up by about 0.015-0.02), so read ece_after's CI as "
-    "wider above than the uncertainty is.",
+    "resampling: its point estimate lies near the lower end of its interval (in this project's grade "
+    "benchmarks at the 10th-15th percentile of the resamples, the interval shifted up by about 0.015-0.02; "
+    "read from those runs' resamples, not kept), so read ece_after's CI as wider above than the uncertainty is.",
 }
 
 
