@@ -425,3 +425,32 @@ def test_a_simulated_runs_page_shows_each_photographs_ssim_before_and_after(phot
     assert "SSIM before" in page and "SSIM after" in page
     for r in rows_of(out / "results.csv").values():
         assert f'<td class="num">{float(r["ssim_before"]):.3f}</td><td class="num">{float(r["ssim_after"]):.3f}</td>' in page
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-1
+def test_a_simulated_run_reads_a_0_1_or_16_bit_ground_truth_as_evaluate_segment_does(tmp_path, tiny):  # noqa: F811
+    """R23-1: the F2 mend (a mask of two grey levels is its brighter level) reached evaluate segment only: fundus run
+    --simulate --ground-truth read an 8-bit 0/1 or 16-bit 0/255 manual map as empty (f1_gt 1.0 or 0, exit 0)."""
+    import numpy as np
+
+    clean, out = tmp_path / "clean", {}
+    clean.mkdir()
+    img = synthetic_fundus(96, 96, 0)
+    Image.fromarray(img).save(clean / "00_test.png")
+    vessels = (img[..., 1] < 0.6 * img[..., 1][img.max(2) > 20].mean()) & (img.max(2) > 20)
+    for name, arr in (("u8", vessels.astype(np.uint8) * 255), ("u8_01", vessels.astype(np.uint8)), ("u16", vessels.astype(np.uint16) * 255)):
+        truth = tmp_path / name
+        truth.mkdir()
+        Image.fromarray(arr).save(truth / "00_manual1.png")
+        out[name] = tmp_path / f"o_{name}"
+        assert run("run", clean, out[name], *tiny_args(tiny, "--simulate", "001", "--steps", "segment", "--ground-truth", truth)) == 0
+    ref = rows_of(out["u8"] / "results.csv")["00_test"]
+    assert ref["f1_gt_before"] != "" and ref["status"] == "ok"
+    for name in ("u8_01", "u16"):
+        r = rows_of(out[name] / "results.csv")["00_test"]
+        assert (r["f1_gt_before"], r["f1_gt_after"]) == (ref["f1_gt_before"], ref["f1_gt_after"]), name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(empty / "00_manual1.png")
+    assert run("run", clean, tmp_path / "o_empty", *tiny_args(tiny, "--simulate", "001", "--steps", "segment", "--ground-truth", empty)) == 3
+    assert "no vessel pixel inside the FOV" in rows_of(tmp_path / "o_empty" / "results.csv")["00_test"]["error"]

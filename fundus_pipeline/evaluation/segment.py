@@ -169,7 +169,7 @@ def _grey(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _binarise(g: np.ndarray) -> np.ndarray:
+def binarise(g: np.ndarray) -> np.ndarray:
     """A mask of two grey levels is its brighter level whatever the levels are (0/1, 0/255 in 16 bits as some
     tools write it, 0/100: each was read as empty by the half-the-dtype-maximum rule and scored F1 0, or a
     perfect 1 against another such mask; campaign 24b F2); one of more levels (an anti-aliased or compressed
@@ -196,12 +196,12 @@ def _palette_binary(path: Path, idx: np.ndarray) -> np.ndarray:
 
 
 def read_binary(path: Path) -> np.ndarray:
-    """Binary mask: palette -> raw index > 0, else ``_binarise`` of the maximum over colours (a mask of two grey
+    """Binary mask: palette -> raw index > 0, else ``binarise`` of the maximum over colours (a mask of two grey
     levels is its brighter one)."""
     arr, meta = _read(path)
     if meta.palette:
         return _palette_binary(path, _grey(arr))
-    return _binarise(_grey(arr))
+    return binarise(_grey(arr))
 
 
 def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
@@ -218,7 +218,7 @@ def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
     if meta.palette:
         return _palette_binary(entry.plain, g), "mask"  # type: ignore[arg-type]
     if np.count_nonzero(np.bincount(g.ravel())) <= 2:
-        return _binarise(g), "mask"
+        return binarise(g), "mask"
     return g, "prob"
 
 

@@ -26,10 +26,13 @@ VESSEL_ROLES = ("vessels_clean", "vessels_before", "vessels_after")
 
 
 def binary(image) -> np.ndarray:
-    """A mask image (0/255 PNG, a palette GIF converted to RGB, ...) as bool: above half the code range."""
+    """A mask image (0/255 PNG, a palette GIF converted to RGB, ...) as bool, as ``fundus evaluate segment`` reads
+    one (``binarise``: a mask of two grey levels is its brighter level, so a 16-bit 0/255 or an 8-bit 0/1 ground
+    truth is not read as empty; review 23 R23-1), over the maximum of its colours."""
+    from fundus_pipeline.evaluation.segment import binarise
+
     a = image.color
-    g = a.max(axis=2) if a.ndim == 3 else a
-    return g > image.maxval // 2
+    return binarise(a.max(axis=2) if a.ndim == 3 else a)
 
 
 def f1(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
@@ -79,5 +82,7 @@ class CompareStage(Stage):
             fields["f1_before"], fields["f1_after"] = round(f1(vb, vc, m), 5), round(f1(va, vc, m), 5)
             if self.truth:
                 gt = binary(item.images["truth"])
+                if not (gt & m).any():  # F1 1.0 (both empty) or 0 would be scored as a result (as evaluate segment refuses it)
+                    raise InputError("the ground truth has no vessel pixel inside the FOV: not a vessel map, or one read as empty")
                 fields["f1_gt_before"], fields["f1_gt_after"] = round(f1(vb, gt, m), 5), round(f1(va, gt, m), 5)
         return ItemOutput({}, fields)
