@@ -566,7 +566,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             renamed[key] = key_of[str(r.get("input"))]
         why = None
         if not (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(key)):
-            why = "other"
+            # a finished row whose key now names another file (p0.png replaced by p0.jpg): processed again, and said
+            why = "file" if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and key in planned else "other"
         elif not outputs_intact(dst, r):
             why = "outputs"
         elif check_inputs and input_changed(r):  # an input replaced since is processed again
@@ -592,7 +593,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     dropped -= set(renamed)
     if notes is not None:
         for why, what in (("input", "changed since (its bytes differ from those recorded)"),
-                          ("outputs", "lost or changed an output file since")):
+                          ("outputs", "lost or changed an output file since"),
+                          ("file", "are listed now as another file under the same key")):  # (review 23 R23-10)
             if n := sum(1 for w, _ in again.values() if w == why):
                 first = next(k for k, (w, _) in again.items() if w == why)
                 notes.append(f"{n} photograph(s) done before {what} and are processed again (e.g. {first!r})")
@@ -1384,11 +1386,11 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
     rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record())
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
-    said = set() if said is None else said
-    for note in notes:
-        if progress and note not in said:
-            say_note(note)
-        said.add(note)
+    for note in notes:  # in a chained run (``said`` given) each is said once, with the stage it was found in first
+        if progress and (said is None or note not in said):
+            say_note(note if said is None else f"{stage.name}: {note}")
+        if said is not None:
+            said.add(note)
     if overwrite:
         for name in (JOURNAL, "manifest.json", "results.csv"):  # the reports of the run being replaced
             (dst / name).unlink(missing_ok=True)

@@ -454,3 +454,27 @@ def test_a_simulated_run_reads_a_0_1_or_16_bit_ground_truth_as_evaluate_segment_
     Image.fromarray(np.zeros((96, 96), np.uint8)).save(empty / "00_manual1.png")
     assert run("run", clean, tmp_path / "o_empty", *tiny_args(tiny, "--simulate", "001", "--steps", "segment", "--ground-truth", empty)) == 3
     assert "no vessel pixel inside the FOV" in rows_of(tmp_path / "o_empty" / "results.csv")["00_test"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-2, R23-10
+def test_fundus_runs_resume_notes_name_their_stage_and_a_key_naming_another_file_is_noted(tmp_path, tiny, capsys):  # noqa: F811
+    """R23-2: a chained resume printed the same event twice with different counts and no stage ("2 photograph(s) no
+    longer among the inputs", then "1 ..."). R23-10: a key that now names another file (p0.png replaced by p0.jpg)
+    was processed again without a word."""
+    folder = _photos(tmp_path / "in", 3)
+    out = tmp_path / "r"
+    loud = [a for a in tiny_args(tiny, "--resume") if a != "--quiet"]
+    assert run("run", folder, out, *tiny_args(tiny)) == 0
+    (folder / "p2.png").unlink()
+    capsys.readouterr()
+    assert run("run", folder, out, *loud) == 0
+    err = capsys.readouterr().err
+    assert "note: grade: 1 photograph(s) done before are no longer among the inputs (e.g. 'p2')" in err
+    assert err.count("no longer among the inputs") == 1  # each stage found it: said once
+    d = tmp_path / "d"
+    assert run("degrade", folder, d, "--types", "111", "--quiet") == 0
+    Image.open(folder / "p0.png").convert("RGB").save(folder / "p0.jpg", quality=95)
+    (folder / "p0.png").unlink()
+    capsys.readouterr()
+    assert run("degrade", folder, d, "--types", "111", "--resume") == 0
+    assert "note: 1 photograph(s) done before are listed now as another file under the same key and are processed again (e.g. 'p0')" in capsys.readouterr().err
