@@ -478,3 +478,23 @@ def test_fundus_runs_resume_notes_name_their_stage_and_a_key_naming_another_file
     capsys.readouterr()
     assert run("degrade", folder, d, "--types", "111", "--resume") == 0
     assert "note: 1 photograph(s) done before are listed now as another file under the same key and are processed again (e.g. 'p0')" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-3
+def test_sort_into_leaves_a_copy_the_user_put_in_another_class_folder(tmp_path):
+    """R23-3: a copy moved or copied by hand into another class folder (a grader's own regrade) was deleted by the next
+    sort because its bytes are the input's, although the sort's record shows it never wrote it."""
+    import shutil
+
+    from fundus_pipeline.cli.grade import sort_into
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "x.png").write_bytes(b"photo x")
+    out = tmp_path / "out"
+    _sorted_results(out, [("x", src / "x.png", "usable")])
+    sort_into(out)
+    (out / "reject").mkdir()
+    shutil.copyfile(out / "usable" / "x.png", out / "reject" / "x.png")  # the grader's own call
+    sort_into(out)
+    assert (out / "reject" / "x.png").read_bytes() == b"photo x" and (out / "usable" / "x.png").is_file()

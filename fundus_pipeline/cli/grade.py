@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import filecmp
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,6 +40,7 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     check_sort_folders(out_dir)
     counts = {g: 0 for g in GRADES}
     written: dict[str, dict] = {}  # path: its record, the newest
+    recorded = (out_dir / SORTED).is_file()  # a sort of this version ran here: only its record says what it wrote
     try:
         with open(out_dir / SORTED, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
@@ -55,19 +55,19 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     by_key: dict[str, list[str]] = {}
     for path, r in written.items():
         by_key.setdefault(r["key"], []).append(path)
-    # the table holds each path's bytes as the file system gave them (written UTF-8 with surrogate escapes): read
-    # back in the file system's encoding they name the same files under any locale (campaign 24b F4)
-    with open(out_dir / "results.csv", newline="", encoding=sys.getfilesystemencoding(), errors="surrogateescape") as f, \
+    # the table is UTF-8 with surrogate escapes, as it was written (campaign 24b F4: it was read in the locale's
+    # encoding); each name is turned back into the one the file system gave (``_fs_name``)
+    with open(out_dir / "results.csv", newline="", encoding="utf-8", errors="surrogateescape") as f, \
             open(out_dir / SORTED, "a", encoding="utf-8", errors="surrogateescape") as record:
         for row in csv.DictReader(f):
             if row.get("status") != "ok" or row.get("grade") not in counts:
                 continue
-            src = Path(row["input"])
-            rel = f"{row['key']}{src.suffix}"  # below the class folder
+            src = Path(_fs_name(row["input"]))
+            rel = f"{_fs_name(row['key'])}{src.suffix}"  # below the class folder
             dst = out_dir / row["grade"] / rel
             check_inside(out_dir, dst.relative_to(out_dir).as_posix())  # a linked sub-folder of a class folder (review 19 R2)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            for g in GRADES:  # a copy of an older sort, which kept no record: removed when its bytes are the input's
+            for g in GRADES if not recorded else ():  # a copy of an older sort, which kept no record: removed when its bytes are the input's
                 stale = out_dir / g / rel
                 if g != row["grade"] and _removable(out_dir, stale, src) and filecmp.cmp(stale, src, shallow=False):
                     stale.unlink()
@@ -92,6 +92,17 @@ def sort_into(out_dir: Path) -> dict[str, int]:
             if (out_dir / path).is_file():
                 f.write(json.dumps(r) + "\n")
     return counts
+
+
+def _fs_name(text: str) -> str:
+    """A name read back from results.csv as the file system gave it: the table holds it UTF-8 encoded (with surrogate
+    escapes), which reads back as the same name wherever the file system's encoding can write it (UTF-8, Latin-1);
+    under an ASCII locale (``LC_ALL=C`` without UTF-8 mode) a non-ASCII name came as escaped bytes, and is so again."""
+    try:
+        os.fsencode(text)
+        return text
+    except UnicodeEncodeError:
+        return os.fsdecode(text.encode("utf-8", "surrogateescape"))
 
 
 def _removable(out_dir: Path, stale: Path, src: Path) -> bool:
