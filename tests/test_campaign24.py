@@ -498,3 +498,21 @@ def test_sort_into_leaves_a_copy_the_user_put_in_another_class_folder(tmp_path):
     shutil.copyfile(out / "usable" / "x.png", out / "reject" / "x.png")  # the grader's own call
     sort_into(out)
     assert (out / "reject" / "x.png").read_bytes() == b"photo x" and (out / "usable" / "x.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-5
+def test_a_trailing_comma_and_an_empty_row_are_read_and_an_empty_key_is_refused(tmp_path, capsys):
+    """R23-5: the strict reader refused a trailing comma (an empty cell more than the header, nothing lost) that had
+    been read before, while a row with an empty key went through to odd messages."""
+    from fundus_pipeline.cli import main as cli_main
+
+    res, lab = tmp_path / "res.csv", tmp_path / "lab.csv"
+    res.write_text("grade,key,p_good,p_usable,p_reject\ngood,a,0.8,0.1,0.1,\nreject,b,0.1,0.1,0.8\n,,,,\n")
+    lab.write_text("key,quality\na,0,\nb,2\n,\n")
+    assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["n_images"] == 2 and summary["n_problems"] == 0 and summary["n_labels_not_graded"] == 0
+    lab.write_text('key,quality\na,0\n"",2\n')
+    capsys.readouterr()
+    assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "has an empty key on line 3" in capsys.readouterr().err

@@ -439,10 +439,16 @@ def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str
             reader = csv.DictReader(fh, strict=True)  # an unclosed quote is an error, not the rest of the file in one cell
             rows = []
             for r in reader:
-                if None in r or None in r.values():
-                    n = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+                extra = r.pop(None, None) or []
+                if not any((v or "").strip() for v in [*r.values(), *extra]):
+                    continue  # a row of empty cells (",,,," as spreadsheets end a table): no row (review 23 R23-5)
+                if any(v.strip() for v in extra) or None in r.values():  # trailing empty cells (a trailing comma) lose nothing
+                    n = sum(v is not None for v in r.values()) + len(extra)
                     raise UsageError(f"the {what} {path} has {n} cell(s) on line {reader.line_num}, its header {len(reader.fieldnames or [])}",
                                      hint="every row needs a cell for every column (an empty one is two commas)")
+                for col in ("key", "image"):
+                    if col in r and not r[col].strip():
+                        raise UsageError(f"the {what} {path} has an empty {col} on line {reader.line_num}")
                 rows.append(r)
             columns = list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
