@@ -516,3 +516,25 @@ def test_a_trailing_comma_and_an_empty_row_are_read_and_an_empty_key_is_refused(
     capsys.readouterr()
     assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
     assert "has an empty key on line 3" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-6
+def test_an_8_bit_probability_map_saved_in_16_bits_is_an_error_row_not_f1_0(tmp_path):
+    """R23-6: a 16-bit map of three or more levels within 0-255 read as probabilities under 0.004: F1 0, exit 0."""
+    import csv
+
+    import numpy as np
+
+    from fundus_pipeline.cli import main as cli_main
+
+    rng = np.random.default_rng(1)
+    truth = rng.random((40, 48)) < 0.15
+    (tmp_path / "g").mkdir()
+    (tmp_path / "p").mkdir()
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "g" / "x.png")
+    prob8 = np.clip(truth * 200 + rng.integers(0, 50, truth.shape), 0, 255).astype(np.uint16)  # many levels, all < 256
+    Image.fromarray(prob8).save(tmp_path / "p" / "x.png")
+    out = tmp_path / "o"
+    assert cli_main(["evaluate", "segment", str(tmp_path / "p"), str(tmp_path / "g"), "--bootstrap", "0", "--out", str(out)]) == 3
+    row = next(csv.DictReader(open(out / "metrics.csv")))
+    assert "16-bit probability map whose values all stay below 256" in row["status"]

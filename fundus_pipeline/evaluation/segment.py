@@ -204,13 +204,22 @@ def read_binary(path: Path) -> np.ndarray:
     return binarise(_grey(arr))
 
 
+def _probability_map(g: np.ndarray, path: Path) -> np.ndarray:
+    """``g`` as a probability map (v / dtype max); a 16-bit one whose values all stay below 256 is refused: an 8-bit
+    map saved in 16 bits reads as probabilities under 0.004, no vessel at any threshold (review 23 R23-6: F1 0, exit 0)."""
+    if g.dtype == np.uint16 and int(g.max(initial=0)) <= 255:
+        raise InputError(f"{path}: a 16-bit probability map whose values all stay below 256 (an 8-bit map saved in 16 bits?); "
+                         "save it in 8 bits, or scaled to 0-65535")
+    return g
+
+
 def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
     """(array, source): a float/uint probability map (source ``prob``) or a bool mask (``mask``)."""
     if entry.prob is not None:
         arr, meta = _read(entry.prob)
         if meta.palette:
             return _palette_binary(entry.prob, _grey(arr)), "mask"
-        return _grey(arr), "prob"
+        return _probability_map(_grey(arr), entry.prob), "prob"
     if entry.mask is not None:
         return read_binary(entry.mask), "mask"
     arr, meta = _read(entry.plain)  # type: ignore[arg-type]
@@ -219,7 +228,7 @@ def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
         return _palette_binary(entry.plain, g), "mask"  # type: ignore[arg-type]
     if np.count_nonzero(np.bincount(g.ravel())) <= 2:
         return binarise(g), "mask"
-    return g, "prob"
+    return _probability_map(g, entry.plain), "prob"  # type: ignore[arg-type]
 
 
 def _threshold_from_manifest(pred_dir: Path) -> float | None:
