@@ -689,8 +689,11 @@ class Chain:
         now = self.cfg.model_dump(mode="json")
         keys = set(self.cfg.chain_record())
         weights = old.get("weights") if isinstance(old.get("weights"), dict) else {}
-        sha = {f"{step} weights": (w.get("sha256") if isinstance(w, dict) else None) for step, w in weights.items()}
-        sha_now = {f"{step} weights": w["sha256"] for step, w in self.weights.items()}
+        # a step's weights by sha256, where both runs ran it and name the same file (a step not run is said by
+        # `steps`, a file named otherwise by its <step>_weights option; review 23 R23-7)
+        both = [step for step in self.weights if isinstance(weights.get(step), dict) and cfg.get(f"{step}_weights") == now.get(f"{step}_weights")]
+        sha = {f"{step} weights (sha256)": weights[step].get("sha256") for step in both}
+        sha_now = {f"{step} weights (sha256)": self.weights[step]["sha256"] for step in both}
         return config_change({**{k: cfg.get(k) for k in keys}, **sha}, {**{k: now.get(k) for k in keys}, **sha_now})
 
     def _prepare_folder(self) -> None:

@@ -538,3 +538,30 @@ def test_an_8_bit_probability_map_saved_in_16_bits_is_an_error_row_not_f1_0(tmp_
     assert cli_main(["evaluate", "segment", str(tmp_path / "p"), str(tmp_path / "g"), "--bootstrap", "0", "--out", str(out)]) == 3
     row = next(csv.DictReader(open(out / "metrics.csv")))
     assert "16-bit probability map whose values all stay below 256" in row["status"]
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-7
+def test_a_refused_run_resume_names_a_step_or_its_weights_once(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """R23-7: steps no longer run were said as "enhance weights differs", and changed weights twice (the option and
+    the sha256)."""
+    import shutil
+
+    import torch
+
+    w = tmp_path / "hemf.pt"
+    shutil.copyfile(tiny["hemf_tiny"], w)
+    args = [a if a != tiny["hemf_tiny"] else str(w) for a in tiny_args(tiny)]
+    out = tmp_path / "r"
+    assert run("run", photos, out, *args) == 0
+    capsys.readouterr()
+    assert run("run", photos, out, *args, "--steps", "grade,segment", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "steps: " in err and "weights" not in err.split("(", 1)[1], err
+    sd = torch.load(w, weights_only=True)
+    name = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[name] = sd[name] + 0.01
+    torch.save(sd, w)  # other weights under the same name
+    assert run("run", photos, out, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "(grade weights (sha256) differs)" in err or "grade weights (sha256): " in err, err
+    assert err.count("weights") == err.count("grade weights (sha256)") + err.count("other weights"), err
