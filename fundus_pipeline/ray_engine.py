@@ -206,13 +206,14 @@ _STOPPING = [False]
 #: it is left to (campaign 24a C24A-2: more than 11 minutes at a port where another service listens).
 CONNECT_TIMEOUT_S = 60.0
 
-_ADDRESS = re.compile(r"(auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5})")
+_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+(%[\w.-]+)?\]|[A-Za-z0-9._-]+):(\d{1,5})")
 
 
 def check_address(address: str) -> None:
     """A usage error (exit 2) for an ``--address`` that is not ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``
     (it was exit 1 with a hint about authentication; campaign 24a C24A-3)."""
-    if not _ADDRESS.fullmatch(address.strip()):
+    m = _ADDRESS.fullmatch(address)
+    if address != "auto" and not (m and 1 <= int(m.group(4)) <= 65535):
         raise UsageError(f"--address {address!r} is not an address of a Ray cluster: give auto, HOST:PORT (as `ray start --head` "
                          "prints it) or ray://HOST:PORT")
 

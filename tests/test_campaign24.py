@@ -565,3 +565,16 @@ def test_a_refused_run_resume_names_a_step_or_its_weights_once(photos, tmp_path,
     err = capsys.readouterr().err
     assert "(grade weights (sha256) differs)" in err or "grade weights (sha256): " in err, err
     assert err.count("weights") == err.count("grade weights (sha256)") + err.count("other weights"), err
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-8
+def test_check_address_takes_ports_in_range_ipv6_zones_and_no_spaces():
+    """R23-8: port 99999 passed (exit 1 later), an IPv6 address with a zone was refused, a leading space passed."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.ray_engine import check_address
+
+    for ok in ("auto", "127.0.0.1:6379", "head-node.local:6379", "[::1]:6379", "[fe80::1%eth0]:6379", "ray://h:10001", "ray://[::1]:10001"):
+        check_address(ok)
+    for bad in ("h:99999", "h:0", " 127.0.0.1:6379", "127.0.0.1:6379 ", "garbage", "127.0.0.1", "http://h:1"):
+        with pytest.raises(UsageError):
+            check_address(bad)
