@@ -49,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    config_change, input_changed, interrupts_deferred, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    config_change, input_changed, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -68,7 +68,8 @@ def _foreign_file(stage_dir: Path) -> Path | None:
     if not subs:
         return None
     rows = stage_rows(stage_dir)
-    own = {n for key in rows for n in (rows[key].get("outputs") or []) if isinstance(n, str)}
+    own = {n for key in rows for n in [*(rows[key].get("outputs") or []), *(rows[key].get("earlier_outputs") or [])] if isinstance(n, str)}
+    own |= {n for names in left_outputs(stage_dir).values() for n in names}  # rows that dropped out of the journal (review 23 R23-9)
     for sub in subs:
         if sub.is_symlink():
             return sub

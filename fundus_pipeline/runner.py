@@ -43,6 +43,9 @@ from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
 JOURNAL = ".fundus-journal.jsonl"
 LOCK = ".fundus-lock"
+#: The outputs that rows no longer in the journal wrote and that stay in the folder (a photograph no longer among
+#: the inputs, a key renamed): ``{"key", "outputs"}`` a line, so they still count as the folder's own (review 23 R23-9).
+LEFT = ".fundus-left.jsonl"
 BASE_COLUMNS = ["key", "input", "outputs", "status", "error", "seconds"]
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 #: Seconds between snapshots of results.csv and manifest.json during a run (the journal has every row at once).
@@ -536,7 +539,7 @@ def _untag(row: dict, text: str) -> str:
 
 
 def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None,
-                   redone: dict | None = None, config: dict | None = None) -> "RowStore":
+                   redone: dict | None = None, config: dict | None = None, left: dict | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
@@ -551,7 +554,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     again because their input or an output changed since, or are no longer among the inputs (campaign 23b
     LOW-3). ``redone`` receives ``{key: the outputs of its last finished row}`` for the planned keys whose
     finished row is not kept (processed again, or failed since). ``config``: this run's configuration record, to
-    name what differs from the folder's when it holds rows of other configurations only."""
+    name what differs from the folder's when it holds rows of other configurations only. ``left`` receives
+    ``{key: outputs}`` of the finished rows of keys no longer planned (their outputs stay; ``LEFT``)."""
     planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
     key_of = {str(w.path): w.key for w in work}
     renamed: dict[str, str] = {}
@@ -586,6 +590,9 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
                 again[key] = (why, finished[key])
         if key not in planned and r.get("status") == "ok" and r.get("config_sha256") == cfg_hash:
             dropped.add(key)
+        if key not in planned and left is not None:
+            left.setdefault(key, []).extend(n for field in ("outputs", "earlier_outputs") if isinstance(r.get(field), list)
+                                            for n in r[field] if plain_name(n))
     if hashes and cfg_hash not in hashes:
         raise UsageError(f"{dst} was written with a different configuration{_config_change(dst, config)}; rerun with the same options, or use --overwrite")
     if redone is not None:
@@ -850,6 +857,37 @@ def outputs_intact(dst: Path, row: dict) -> bool:
         if name in sizes and sizes[name] != st.st_size:
             return False
     return True
+
+
+def record_left(dst: Path, left: dict[str, list]) -> None:
+    """Add ``left`` (``{key: outputs}`` of rows that drop out of the journal while their files stay) to ``dst/LEFT``,
+    the files still there only; written atomically."""
+    known = left_outputs(dst)
+    for key, names in left.items():
+        known.setdefault(key, set()).update(names)
+    lines = [json.dumps({"key": k, "outputs": sorted(n for n in v if os.path.isfile(os.path.join(dst, n)))}) for k, v in sorted(known.items())]
+    try:
+        with open_atomic(dst / LEFT) as f:
+            f.writelines(line + "\n" for line in lines if not line.endswith("[]}"))
+    except OSError as e:
+        raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}") from None
+
+
+def left_outputs(dst: Path) -> dict[str, set[str]]:
+    """``{key: outputs}`` of ``dst/LEFT``: files the folder's earlier rows wrote that its journal no longer lists."""
+    out: dict[str, set[str]] = {}
+    try:
+        with open(dst / LEFT, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("outputs"), list):
+                    out.setdefault(r["key"], set()).update(n for n in r["outputs"] if plain_name(n))
+    except OSError:
+        pass
+    return out
 
 
 def _earlier_outputs(dst: Path, earlier: list, now) -> list[str]:
@@ -1384,8 +1422,11 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     journal_path = dst / JOURNAL
     notes: list[str] = []
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
-    rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record())
-            if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
+    left: dict[str, list] = {}
+    rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record(), left=left)
+            if resume else RowStore())
+    if left:
+        record_left(dst, left)  # this run's rows: the resumed ones, then each one as recorded
     for note in notes:  # in a chained run (``said`` given) each is said once, with the stage it was found in first
         if progress and (said is None or note not in said):
             say_note(note if said is None else f"{stage.name}: {note}")

@@ -578,3 +578,21 @@ def test_check_address_takes_ports_in_range_ipv6_zones_and_no_spaces():
     for bad in ("h:99999", "h:0", " 127.0.0.1:6379", "127.0.0.1:6379 ", "garbage", "127.0.0.1", "http://h:1"):
         with pytest.raises(UsageError):
             check_address(bad)
+
+
+# ------------------------------------------------------------------------------------------------ review 23 R23-9
+def test_outputs_a_resume_left_in_place_stay_the_folders_own_for_overwrite(tmp_path, tiny):  # noqa: F811
+    """R23-9: after a resume dropped a photograph of an input with sub-folders, its outputs (left in place, as the note
+    says) were no longer listed anywhere, and `fundus run --overwrite` refused them as somebody else's files."""
+    folder = tmp_path / "in"
+    for rel in ("a/x.png", "a/y.png", "b/z.png"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(synthetic_fundus(72, 80, len(rel) + ord(rel[0]))).save(folder / rel)
+    out = tmp_path / "r"
+    args = tiny_args(tiny, "--steps", "grade,segment")
+    assert run("run", folder, out, *args) == 0
+    (folder / "b" / "z.png").unlink()
+    assert run("run", folder, out, *args, "--resume") == 0
+    assert (out / "segment" / "b" / "z_vessels.png").is_file()  # left in place
+    assert run("run", folder, out, *args, "--overwrite") == 0
+    assert not (out / "segment" / "b").exists()
