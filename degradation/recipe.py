@@ -84,8 +84,9 @@ class _Step(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_booleans(cls, data: Any) -> Any:
-        """``true`` / ``false`` where a number belongs is refused (pydantic would read ``"p": true`` as 1)."""
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        """``true`` / ``false`` or text where a number belongs is refused (pydantic would read ``"p": true`` as 1 and
+        ``"p": "0.5"`` as 0.5; campaign 26a C26a-1)."""
         if isinstance(data, dict):
             for key, value in data.items():
                 if key in ("name", "type", "types"):  # text fields: their own checks say what they need
@@ -93,6 +94,8 @@ class _Step(BaseModel):
                 values = value if isinstance(value, (list, tuple)) else [value]
                 if any(isinstance(v, bool) for v in values):
                     raise ValueError(f"{key}: a number is needed, not true or false")
+                if any(isinstance(v, str) for v in values):
+                    raise ValueError(f"{key}: a number is needed, not text (write 0.5, not \"0.5\")")
         return data
 
 
@@ -204,6 +207,18 @@ class Recipe(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     description: str = Field(default="", max_length=MAX_DESCRIPTION_LENGTH)
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+
+    @field_validator("name", "description")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        """No control or format characters (a NUL, a newline, U+202E): the name is copied into every item's record
+        and shown on the console and the report (campaign 26a C26a-9)."""
+        import unicodedata
+
+        bad = next((c for c in v if unicodedata.category(c) in ("Cc", "Cf") and c not in "\t"), None)
+        if bad is not None:
+            raise ValueError(f"holds the control or format character U+{ord(bad):04X}; write it without")
+        return v
 
     @field_validator("schema_version", mode="before")
     @classmethod
@@ -358,12 +373,21 @@ def cofe_degrader(preset: str = "released", code: str = "111") -> "Degrader":
 
 
 def _fov(fov: FovGeometry | dict) -> FovGeometry:
-    if isinstance(fov, FovGeometry):
-        return fov
+    """``fov`` as a FovGeometry, checked: a finite centre within ten frames of the image, a radius above 0 and at
+    most ten times the image's larger side, a size of at least 1x1 (a NaN centre or a radius of 0 had failed in
+    ``apply`` with ZeroDivisionError, a negative radius made the image black; campaign 26a C26a-3)."""
     if isinstance(fov, dict):
-        return FovGeometry.from_dict(fov)
-    raise TypeError(f"fov must be a FovGeometry or its dict, got {type(fov).__name__}")
-
+        fov = FovGeometry.from_dict(fov)
+    elif not isinstance(fov, FovGeometry):
+        raise TypeError(f"fov must be a FovGeometry or its dict, got {type(fov).__name__}")
+    side = max(fov.height, fov.width)
+    if fov.height < 1 or fov.width < 1:
+        raise ValueError(f"a FOV geometry's image is at least 1x1, got {fov.width}x{fov.height}")
+    if not all(math.isfinite(v) for v in (fov.cx, fov.cy, fov.radius)) or not 0 < fov.radius <= 10 * side \
+            or max(abs(fov.cx), abs(fov.cy)) > 10 * side:
+        raise ValueError(f"not a FOV of a {fov.width}x{fov.height} image: centre ({fov.cx}, {fov.cy}), radius {fov.radius} "
+                         f"(a finite centre within ten frames of the image, a radius in (0, {10 * side}])")
+    return fov
 
 
 def _check_levels(levels: Any) -> None:

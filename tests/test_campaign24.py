@@ -596,3 +596,27 @@ def test_outputs_a_resume_left_in_place_stay_the_folders_own_for_overwrite(tmp_p
     assert (out / "segment" / "b" / "z_vessels.png").is_file()  # left in place
     assert run("run", folder, out, *args, "--overwrite") == 0
     assert not (out / "segment" / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 26a C26a-1, -3, -9
+def test_a_recipe_refuses_numbers_as_text_and_control_characters_and_sample_refuses_a_broken_fov():
+    """C26a-1: "p": "0.5" and ["60", "70"] were read as numbers. C26a-9: a recipe name took NUL, newline, U+202E
+    into every record. C26a-3: Degrader.sample took a NaN centre or radius 0 (ZeroDivisionError in apply) or a
+    negative radius (a black image)."""
+    from degradation.recipe import RecipeError, load_recipe, loads_recipe
+
+    def recipe(step: str, name: str = "r") -> str:
+        return json.dumps({"schema_version": 1, "name": name, "steps": [json.loads(step)]})
+
+    for step in ('{"name": "j", "type": "jpeg", "p": "0.5"}', '{"name": "j", "type": "jpeg", "quality_range": ["60", "70"]}'):
+        with pytest.raises(RecipeError, match="a number is needed, not text"):
+            loads_recipe(recipe(step))
+    for name in ("a\x00b", "a\nb", "a\u202eb"):
+        with pytest.raises(RecipeError, match="control or format character"):
+            loads_recipe(recipe('{"name": "j", "type": "jpeg"}', name))
+    d = load_recipe("moderate")
+    good = {"cx": 50.0, "cy": 50.0, "radius": 45.0, "height": 100, "width": 100}
+    assert d.sample(0, "k", good)["fov"] == good
+    for bad in ({"cx": float("nan")}, {"radius": 0.0}, {"radius": -5.0}, {"radius": 1e9}, {"width": 0}):
+        with pytest.raises(ValueError, match="FOV"):
+            d.sample(0, "k", {**good, **bad})
