@@ -952,13 +952,26 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
     return prepare_item(stage, work.key, images)
 
 
+#: A field of an item's result: ``{output name: sha256}`` its outputs must be written with (a replay's recorded
+#: bytes); an output written otherwise makes the row an error (campaign 26a C26a-2). Not kept in the row.
+REPLAYED = "_replayed_sha256"
+
+
 def _finish(stage: Stage, row: dict, result: ItemOutput, out_dir: Path) -> None:
     written = write_outputs(stage, row["key"], result, out_dir)
     row["outputs"] = list(written)
     if written:  # each output's size and the sha256 of its bytes (the manifest's record; resume checks the size)
         row["outputs_size"] = {name: size for name, (size, _) in written.items()}
         row["outputs_sha256"] = {name: digest for name, (_, digest) in written.items()}
-    row.update(result.fields)
+    fields = dict(result.fields)
+    expected = fields.pop(REPLAYED, None)
+    row.update(fields)
+    if isinstance(expected, dict):
+        differ = [n for n, (_, digest) in written.items() if n in expected and expected[n] != digest]
+        if differ:
+            raise InputError(f"--replay: {differ[0]} was written with other bytes than the replayed run's (sha256 "
+                             f"{row['outputs_sha256'][differ[0]][:12]}..., recorded {expected[differ[0]][:12]}...): its parameter "
+                             "record does not reproduce it (edited?)")
 
 
 def _compute_one(stage: Stage, item: ItemInput) -> ItemOutput:

@@ -620,3 +620,26 @@ def test_a_recipe_refuses_numbers_as_text_and_control_characters_and_sample_refu
     for bad in ({"cx": float("nan")}, {"radius": 0.0}, {"radius": -5.0}, {"radius": 1e9}, {"width": 0}):
         with pytest.raises(ValueError, match="FOV"):
             d.sample(0, "k", {**good, **bad})
+
+
+# ------------------------------------------------------------------------------------------------ 26a C26a-2
+def test_a_degrade_replay_whose_record_does_not_reproduce_its_output_fails_the_item(tmp_path, capsys):
+    """C26a-2: --replay never compared what it wrote with the recorded outputs_sha256: a hand-edited parameter record
+    (JPEG quality 30 against a recorded 60) replayed to other bytes with exit 0."""
+    folder = _photos(tmp_path / "in", 2)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"schema_version": 1, "name": "r", "steps": [{"name": "j", "type": "jpeg", "quality_range": 60}]}))
+    out = tmp_path / "d"
+    assert run("degrade", folder, out, "--recipe", recipe, "--quiet") == 0
+    assert run("degrade", folder, tmp_path / "same", "--replay", out, "--quiet") == 0  # an intact record replays
+    m = json.loads((out / "manifest.json").read_text())
+    item = next(r for r in m["items"] if r["key"] == "p1")
+    step = item["params"]["default"]["steps"][0]
+    key = next(k for k, v in step["params"].items() if v == 60)
+    step["params"][key] = 30
+    (out / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert run("degrade", folder, tmp_path / "again", "--replay", out, "--quiet") == 3
+    rows = rows_of(tmp_path / "again" / "results.csv")
+    assert rows["p0"]["status"] == "ok" and rows["p1"]["status"] == "error"
+    assert "--replay: p1.png was written with other bytes than the replayed run's" in rows["p1"]["error"]

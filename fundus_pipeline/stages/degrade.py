@@ -10,6 +10,7 @@ from fundus_pipeline.config import DegradeConfig
 from fundus_pipeline.errors import InputError, UsageError
 from fundus_pipeline.io import from_float_rgb, to_float_rgb
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
+from fundus_pipeline.runner import REPLAYED
 from fundus_pipeline.stages.replay import load_replay
 
 
@@ -108,7 +109,9 @@ class DegradeStage(Stage):
 
             images[f"_{variant}" if variant else ""] = render
             params_out[variant or "default"] = params
+        expected = self.replay.outputs_sha256.get(item.key) if self.replay is not None else None
         return ItemOutput(images, {
+            **({REPLAYED: expected} if expected else {}),  # compared with what is written (runner._finish), then dropped
             "variants": list(params_out),
             "bit_depth": image.meta.bit_depth,
             "mode": image.meta.mode,

@@ -120,6 +120,7 @@ class Replay:
     degraders: dict[str, Any]  # variant ("" or code) -> degradation.Degrader
     params: dict[str, dict[str, dict]]  # key -> label ("default" or code) -> params record
     input_sha256: dict[str, str] = field(default_factory=dict)  # key -> the sha256 of the input it was run on
+    outputs_sha256: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> {output name: the sha256 it was written with}
 
     @staticmethod
     def label(variant: str) -> str:
@@ -324,6 +325,8 @@ def load_replay(path: Path) -> Replay:
         params=params,
         input_sha256={r["key"]: r["input_sha256"] for r in raw["items"]
                       if isinstance(r, dict) and r.get("key") in params and isinstance(r.get("input_sha256"), str)},
+        outputs_sha256={r["key"]: {n: d for n, d in r["outputs_sha256"].items() if isinstance(n, str) and isinstance(d, str)}
+                        for r in raw["items"] if isinstance(r, dict) and r.get("key") in params and isinstance(r.get("outputs_sha256"), dict)},
     )
 
 
