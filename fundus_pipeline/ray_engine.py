@@ -148,6 +148,16 @@ def _quiet(ray: Any) -> None:
         log_once("ray_data_progress_manager_disabled")  # the "progress bars disabled" notice: we asked for it
     except ImportError:
         pass
+    for name in ("ray", "ray.data"):  # a console handler set up while another stderr was current (one since closed,
+        # as a test's capture, or a notebook cell's) would print "--- Logging error ---" and a traceback for every record
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and getattr(handler.stream, "closed", False):
+                handler.acquire()
+                try:
+                    handler.stream = sys.stderr  # (setStream would flush the closed one first)
+                finally:
+                    handler.release()
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not any(
             isinstance(f, _Hidden) for f in handler.filters
