@@ -73,7 +73,7 @@ def test_the_header_states_the_settings_and_weights_of_the_steps_that_ran(photos
     """F3: the header named the grader, the scorer, enhance-if and min-gain of a run without those steps, and did
     not state min-score, flag-threshold, the vessel threshold or the weights' sha256."""
     out = tmp_path / "r"
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "enhance,segment", "--threshold", "0.3")) in (0, 3)
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "enhance,segment", "--threshold", "0.3")) == 0
     page = (out / "report.html").read_text()
     head = re.search(r"<header>(.*?)</header>", page, re.S).group(1)
     m = json.loads((out / "manifest.json").read_text())
@@ -85,7 +85,7 @@ def test_the_header_states_the_settings_and_weights_of_the_steps_that_ran(photos
     assert f"<title>fundus run report {m['run_sha256'][:8]} (3 photographs)</title>" in page
 
     out2 = tmp_path / "r2"
-    assert run("run", photos, out2, *tiny_args(tiny, "--min-score", "0.9", "--flag-threshold", "0.7")) in (0, 3)
+    assert run("run", photos, out2, *tiny_args(tiny, "--min-score", "0.9", "--flag-threshold", "0.7")) == 0
     head = re.search(r"<header>(.*?)</header>", (out2 / "report.html").read_text(), re.S).group(1)
     assert "min-score 0.9" in head and "flag-threshold 0.7" in head and "min-gain 0" in head and "grade hemf_tiny (sha256 " in head
     # fundus report writes the same page from the folders
@@ -228,7 +228,7 @@ def test_the_page_says_what_its_figures_mean(tmp_path):
 def test_fundus_report_says_when_results_csv_is_missing(photos, tmp_path, tiny, capsys):  # noqa: F811
     """F12: with results.csv deleted `fundus report` said nothing (exit 0), and the page says it holds every column."""
     out = tmp_path / "r"
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) in (0, 3)
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
     capsys.readouterr()
     assert run("report", out) == 0
     assert "results.csv" not in capsys.readouterr().err

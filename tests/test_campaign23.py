@@ -20,8 +20,9 @@ def test_a_photograph_the_scorer_read_in_another_version_is_not_joined(photos, t
     lines[0] = lines[0].replace(first["inputs_sha256"]["reference"], "f" * 64)  # as if the file changed before score read it
     journal.write_text("\n".join(lines) + "\n")
     capsys.readouterr()
-    run("report", out)
+    code = run("report", out)
     page = (out / "report.html").read_text()
+    assert code == 0
     assert f"score read {'f' * 12}); its results mix two versions" in page
     assert page.count("its results mix two versions") == 1
 
@@ -115,8 +116,9 @@ def test_a_clean_original_read_in_two_versions_under_simulate_is_not_joined(phot
     first = json.loads(lines[0])
     lines[0] = lines[0].replace(first["input_sha256"], "e" * 64)
     journal.write_text("\n".join(lines) + "\n")
-    run("report", out)
+    code = run("report", out)
     page = (out / "report.html").read_text()
+    assert code == 0
     assert f"segment_clean read {'e' * 12}" in page and page.count("its before/after figures would mix two versions") == 1
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -312,8 +313,18 @@ def test_a_cut_photograph_is_found_before_any_source_is_built_and_progress_gives
 # ------------------------------------------------------------------------------------------------ 23a L5
 def test_a_sets_manifest_names_the_code_the_command_and_the_environment(built):  # noqa: F811
     """L5: the set manifest recorded only fundus_version 0.1.0 (every commit), no command line and no versions."""
+    import platform
+
+    import numpy as np
+
+    from fundus_pipeline import __version__
+
     m = json.loads((built / "manifest.json").read_text())
-    assert m["code"]["version"] and m["command"] and {"numpy", "opencv", "python", "cpu"} <= set(m["environment"])
+    assert m["code"]["version"] == __version__
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # a checkout (CI's clean clone is one) records its commit
+        assert len(m["code"]["git_commit"]) >= 40
+    assert isinstance(m["command"], list) and m["command"]
+    assert m["environment"]["python"] == platform.python_version() and m["environment"]["numpy"] == np.__version__
 
 
 # ------------------------------------------------------------------------------------------------ 24a (the Ray engine)
@@ -643,3 +654,49 @@ def test_a_degrade_replay_whose_record_does_not_reproduce_its_output_fails_the_i
     rows = rows_of(tmp_path / "again" / "results.csv")
     assert rows["p0"]["status"] == "ok" and rows["p1"]["status"] == "error"
     assert "--replay: p1.png was written with other bytes than the replayed run's" in rows["p1"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ 25b C25B-2
+def test_a_seed_gives_the_same_degradation_bytes_in_separate_processes(tmp_path):
+    """C25B-2: every same-seed check ran its two degrade runs in one process: a stream keyed by Python's salted hash()
+    instead of blake2b passed them. Two processes with other PYTHONHASHSEEDs must write the same bytes."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    folder = _photos(tmp_path / "in", 2)
+    digests = []
+    for salt in ("1", "2"):
+        out = tmp_path / f"o{salt}"
+        r = subprocess.run([sys.executable, "-m", "fundus_pipeline", "degrade", str(folder), str(out), "--recipe", "severe", "--seed", "5", "--quiet"],
+                           env={**os.environ, "PYTHONHASHSEED": salt}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.png"))})
+    assert len(digests[0]) == 2 and digests[0] == digests[1]
+
+
+# ------------------------------------------------------------------------------------------------ 25b C25B-9
+def test_a_shipped_file_with_one_tensor_changed_is_refused_by_its_sha256(tmp_path, monkeypatch):
+    """C25B-9: the sha256 check was tested with a file of another architecture only (which the tensor shapes would
+    refuse anyway); the same architecture with one value changed must be refused by its hash."""
+    import shutil
+
+    import torch
+
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models.weights import load_model, weights_dir
+
+    w = tmp_path / "weights"
+    w.mkdir()
+    for name in ("manifest.json", "imff.pt"):
+        shutil.copy(weights_dir() / name, w / name)
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(w))
+    assert load_model("imff")[1].spec.name == "imff"
+    sd = torch.load(w / "imff.pt", weights_only=True)
+    name = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[0] += 1e-3
+    torch.save(sd, w / "imff.pt")
+    with pytest.raises(WeightsError, match="does not match its sha256"):
+        load_model("imff")

@@ -11,7 +11,8 @@ import pytest
 from degradation.fov import FovGeometry, estimate_fov, estimate_fov_geometry, fov_geometry
 
 DATA = Path(os.environ.get("FUNDUS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"datasets not found at {DATA} (set FUNDUS_DATA)")
+# the datasets these tests read, not only the folder (an empty or partial FUNDUS_DATA skips; campaign 25b C25B-4)
+needs_data = pytest.mark.skipif(not ((DATA / "DRIVE").is_dir() and (DATA / "HRF").is_dir()), reason=f"datasets not found at {DATA} (set FUNDUS_DATA)")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

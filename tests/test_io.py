@@ -24,7 +24,8 @@ from fundus_pipeline.io import (
 )
 
 DATA = Path(os.environ.get("FUNDUS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"datasets not found at {DATA} (set FUNDUS_DATA)")
+# the datasets these tests read, not only the folder (an empty or partial FUNDUS_DATA skips; campaign 25b C25B-4)
+needs_data = pytest.mark.skipif(not ((DATA / "DRIVE").is_dir() and (DATA / "HRF").is_dir()), reason=f"datasets not found at {DATA} (set FUNDUS_DATA)")
 
 RNG = np.random.default_rng(1234)
 H, W = 24, 32
@@ -455,6 +456,24 @@ def test_write_unwritable_dir(tmp_path):
             write_image_atomic(d / "x.png", np.zeros((H, W), np.uint8))
     finally:
         d.chmod(0o700)
+
+
+def test_write_into_a_folder_that_refuses_the_write_is_a_fundus_error_also_as_root(tmp_path, monkeypatch):
+    """The permission test above skips as root (campaign 25b C25B-6): the same refusal, raised by the system call."""
+    import errno
+
+    real = os.open
+
+    def refused(path, flags, *a, **k):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(FundusError, match="cannot write"):
+        write_image_atomic(tmp_path / "x.png", np.zeros((H, W), np.uint8))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_rejects_non_png_and_bad_dtype(tmp_path):
