@@ -206,7 +206,9 @@ def test_ground_truth_files_of_one_key_are_refused_and_an_empty_one_is_not_the_w
     for sub in ("1st_manual", "mask"):
         (gt / sub).mkdir(parents=True)
     for i, shape in enumerate(((96, 112), (80, 80), (88, 96))):  # the photos fixture's sizes
-        Image.fromarray(np.zeros(shape, np.uint8)).save(gt / "1st_manual" / f"p{i}_manual1.png")
+        manual = np.zeros(shape, np.uint8)
+        manual[shape[0] // 2, :] = 255  # a vessel: a ground truth without one is an error row since review 23 R23-1
+        Image.fromarray(manual).save(gt / "1st_manual" / f"p{i}_manual1.png")
         Image.fromarray(np.full(shape, 255, np.uint8)).save(gt / "mask" / f"p{i}_mask.png")
     args = tiny_args(tiny, "--steps", "grade,segment", "--simulate", "111")
     assert run("run", photos, tmp_path / "o", *args, "--ground-truth", gt) == 2

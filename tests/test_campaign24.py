@@ -623,8 +623,11 @@ def test_a_recipe_refuses_numbers_as_text_and_control_characters_and_sample_refu
         with pytest.raises(RecipeError, match="a number is needed, not text"):
             loads_recipe(recipe(step))
     for name in ("a\x00b", "a\nb", "a\u202eb"):
-        with pytest.raises(RecipeError, match="control or format character"):
+        with pytest.raises(RecipeError, match="control character"):
             loads_recipe(recipe('{"name": "j", "type": "jpeg"}', name))
+    ok = json.loads(recipe('{"name": "j", "type": "jpeg"}'))
+    ok["description"] = "two\nlines, a \u200c zero-width non-joiner"  # recipes of earlier runs may hold these (review 24)
+    loads_recipe(json.dumps(ok))
     d = load_recipe("moderate")
     good = {"cx": 50.0, "cy": 50.0, "radius": 45.0, "height": 100, "width": 100}
     assert d.sample(0, "k", good)["fov"] == good
