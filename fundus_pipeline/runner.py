@@ -876,18 +876,26 @@ def record_left(dst: Path, left: dict[str, list]) -> None:
 def left_outputs(dst: Path) -> dict[str, set[str]]:
     """``{key: outputs}`` of ``dst/LEFT``: files the folder's earlier rows wrote that its journal no longer lists."""
     out: dict[str, set[str]] = {}
+    for r in json_lines(dst / LEFT):
+        if isinstance(r.get("key"), str) and isinstance(r.get("outputs"), list):
+            out.setdefault(r["key"], set()).update(n for n in r["outputs"] if plain_name(n))
+    return out
+
+
+def json_lines(path: Path) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file fundus keeps beside its outputs, one a line; a torn line (a kill mid
+    write) or another value is passed over, a missing or unreadable file gives none."""
     try:
-        with open(dst / LEFT, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 try:
                     r = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("outputs"), list):
-                    out.setdefault(r["key"], set()).update(n for n in r["outputs"] if plain_name(n))
+                if isinstance(r, dict):
+                    yield r
     except OSError:
-        pass
-    return out
+        return
 
 
 def _earlier_outputs(dst: Path, earlier: list, now) -> list[str]:

@@ -35,23 +35,15 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     import json
 
     from fundus_pipeline.io import open_atomic
-    from fundus_pipeline.runner import check_inside, plain_name
+    from fundus_pipeline.runner import check_inside, json_lines, plain_name
 
     check_sort_folders(out_dir)
     counts = {g: 0 for g in GRADES}
     written: dict[str, dict] = {}  # path: its record, the newest
     recorded = (out_dir / SORTED).is_file()  # a sort of this version ran here: only its record says what it wrote
-    try:
-        with open(out_dir / SORTED, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line
-                if isinstance(r, dict) and isinstance(r.get("key"), str) and plain_name(r.get("path")) and isinstance(r.get("sha256"), str):
-                    written[r["path"]] = r
-    except FileNotFoundError:
-        pass
+    for r in json_lines(out_dir / SORTED):
+        if isinstance(r.get("key"), str) and plain_name(r.get("path")) and isinstance(r.get("sha256"), str):
+            written[r["path"]] = r
     by_key: dict[str, list[str]] = {}
     for path, r in written.items():
         by_key.setdefault(r["key"], []).append(path)
