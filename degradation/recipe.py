@@ -375,20 +375,20 @@ def cofe_degrader(preset: str = "released", code: str = "111") -> "Degrader":
 
 
 def _fov(fov: FovGeometry | dict) -> FovGeometry:
-    """``fov`` as a FovGeometry, checked: a finite centre within two image sizes of the frame, a radius above 0 and at
-    most twice the image's larger side, a size of at least 1x1 (a NaN centre or a radius of 0 had failed in
-    ``apply`` with ZeroDivisionError, a negative radius made the image black; campaign 26a C26a-3)."""
+    """``fov`` as a FovGeometry, checked by the rule a replay checks a recorded one with (``params.FovRecord``: a
+    finite centre within two image sizes of the frame's middle, a radius above 0 and at most twice the larger side,
+    a size of at least 1x1; a NaN centre or a radius of 0 had failed in ``apply`` with ZeroDivisionError, a negative
+    radius made the image black; campaign 26a C26a-3)."""
+    from .params import FovRecord
+
     if isinstance(fov, dict):
         fov = FovGeometry.from_dict(fov)
     elif not isinstance(fov, FovGeometry):
         raise TypeError(f"fov must be a FovGeometry or its dict, got {type(fov).__name__}")
-    side = max(fov.height, fov.width)
-    if fov.height < 1 or fov.width < 1:
-        raise ValueError(f"a FOV geometry's image is at least 1x1, got {fov.width}x{fov.height}")
-    if not all(math.isfinite(v) for v in (fov.cx, fov.cy, fov.radius)) or not 0 < fov.radius <= 2 * side \
-            or not (-2 * fov.width <= fov.cx <= 3 * fov.width and -2 * fov.height <= fov.cy <= 3 * fov.height):
-        raise ValueError(f"not a FOV of a {fov.width}x{fov.height} image: centre ({fov.cx}, {fov.cy}), radius {fov.radius} "
-                         f"(a finite centre within two image sizes of the frame, a radius in (0, {2 * side}])")
+    try:
+        FovRecord.model_validate(FovGeometry.from_dict(fov.to_dict()).to_dict())  # as plain numbers (numpy scalars are fine)
+    except ValidationError as err:
+        raise ValueError(f"not a FOV of a {fov.width}x{fov.height} image: {_format_errors(err)}") from None
     return fov
 
 
