@@ -866,11 +866,8 @@ def record_left(dst: Path, left: dict[str, list]) -> None:
     for key, names in left.items():
         known.setdefault(key, set()).update(names)
     lines = [json.dumps({"key": k, "outputs": sorted(n for n in v if os.path.isfile(os.path.join(dst, n)))}) for k, v in sorted(known.items())]
-    try:
-        with open_atomic(dst / LEFT) as f:
-            f.writelines(line + "\n" for line in lines if not line.endswith("[]}"))
-    except OSError as e:
-        raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}") from None
+    with open_atomic(dst / LEFT) as f:  # (its OSError is a FundusError already)
+        f.writelines(line + "\n" for line in lines if not line.endswith("[]}"))
 
 
 def left_outputs(dst: Path) -> dict[str, set[str]]:
@@ -1445,9 +1442,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
     left: dict[str, list] = {}
     rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record(), left=left)
-            if resume else RowStore())
+            if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
     if left:
-        record_left(dst, left)  # this run's rows: the resumed ones, then each one as recorded
+        record_left(dst, left)
     for note in notes:  # in a chained run (``said`` given) each is said once, with the stage it was found in first
         if progress and (said is None or note not in said):
             say_note(note if said is None else f"{stage.name}: {note}")
