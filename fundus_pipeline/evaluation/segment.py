@@ -204,6 +204,13 @@ def read_binary(path: Path) -> np.ndarray:
     return binarise(_grey(arr))
 
 
+def require_vessels(gt: np.ndarray, fov: np.ndarray) -> None:
+    """An ``InputError`` for a ground truth without a vessel pixel inside the FOV: it would score sensitivity 0/0 := 1
+    and F1 0, or a perfect 1 against an empty prediction (campaign 24b F2); no vessel map is empty."""
+    if not (gt & fov).any():
+        raise InputError("the ground truth has no vessel pixel inside the FOV: not a vessel map, or one read as empty")
+
+
 def _probability_map(g: np.ndarray, path: Path) -> np.ndarray:
     """``g`` as a probability map (v / dtype max); a 16-bit one whose values all stay below 256 is refused: an 8-bit
     map saved in 16 bits reads as probabilities under 0.004, no vessel at any threshold (review 23 R23-6: F1 0, exit 0)."""
@@ -373,8 +380,7 @@ def evaluate_segmentation(
                     )
                 if not fov.any():  # 0/0 would score the image perfect and raise the means
                     raise InputError("empty FOV mask: no pixel to score")
-                if not (gt & fov).any():  # sensitivity 0/0 := 1, F1 0 or a perfect 1: no vessel map is empty (24b F2)
-                    raise InputError("the ground truth has no vessel pixel inside the FOV: not a vessel map, or one read as empty")
+                require_vessels(gt, fov)
                 tp, fp, tn, fn = confusion(pred, gt, fov, thr)
                 item: dict[str, Any] = {"key": k, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
                 if source == "prob":
