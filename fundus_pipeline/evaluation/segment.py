@@ -211,22 +211,27 @@ def require_vessels(gt: np.ndarray, fov: np.ndarray) -> None:
         raise InputError("the ground truth has no vessel pixel inside the FOV: not a vessel map, or one read as empty")
 
 
-def _probability_map(g: np.ndarray, path: Path) -> np.ndarray:
-    """``g`` as a probability map (v / dtype max); a 16-bit one whose values all stay below 256 is refused: an 8-bit
-    map saved in 16 bits reads as probabilities under 0.004, no vessel at any threshold (review 23 R23-6: F1 0, exit 0)."""
-    if g.dtype == np.uint16 and int(g.max(initial=0)) <= 255:
-        raise InputError(f"{path}: a 16-bit probability map whose values all stay below 256 (an 8-bit map saved in 16 bits?); "
-                         "save it in 8 bits, or scaled to 0-65535")
+def _probability_map(g: np.ndarray, path: Path, written_by_segment: bool = False) -> np.ndarray:
+    """``g`` as a probability map (v / dtype max). A 16-bit one whose values all stay below 256 is refused
+    unless ``fundus segment`` wrote it (its stage manifest says so) or it is all zero: an 8-bit map saved in 16
+    bits reads as probabilities under 0.004, no vessel at any threshold (review 23 R23-6: F1 0, exit 0), but a
+    segmenter that finds no vessel writes such a map too (review 24 R24-4), and an all-zero map means the same
+    at either depth."""
+    if g.dtype == np.uint16 and 0 < int(g.max(initial=0)) <= 255 and not written_by_segment:
+        raise InputError(f"{path}: a 16-bit probability map whose values all stay below 256 (under 0.4%): an 8-bit map "
+                         "saved in 16 bits, or one with next to no vessel response; save it in 8 bits, or scaled to 0-65535")
     return g
 
 
-def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
-    """(array, source): a float/uint probability map (source ``prob``) or a bool mask (``mask``)."""
+def read_prediction(entry: PredEntry, written_by_segment: bool = False) -> tuple[np.ndarray, str]:
+    """(array, source): a float/uint probability map (source ``prob``) or a bool mask (``mask``).
+    ``written_by_segment``: ``fundus segment`` wrote the file, so a 16-bit map's scale is its own (see
+    ``_probability_map``)."""
     if entry.prob is not None:
         arr, meta = _read(entry.prob)
         if meta.palette:
             return _palette_binary(entry.prob, _grey(arr)), "mask"
-        return _probability_map(_grey(arr), entry.prob), "prob"
+        return _probability_map(_grey(arr), entry.prob, written_by_segment), "prob"
     if entry.mask is not None:
         return read_binary(entry.mask), "mask"
     arr, meta = _read(entry.plain)  # type: ignore[arg-type]
@@ -235,7 +240,32 @@ def read_prediction(entry: PredEntry) -> tuple[np.ndarray, str]:
         return _palette_binary(entry.plain, g), "mask"  # type: ignore[arg-type]
     if np.count_nonzero(np.bincount(g.ravel())) <= 2:
         return binarise(g), "mask"
-    return _probability_map(g, entry.plain), "prob"  # type: ignore[arg-type]
+    return _probability_map(g, entry.plain, written_by_segment), "prob"  # type: ignore[arg-type]
+
+
+def _segment_wrote(path: Path, root: Path, cache: dict[Path, bool]) -> bool:
+    """Whether the nearest fundus manifest.json at or above ``path``'s folder, up to ``root``, is a
+    ``fundus segment`` stage's."""
+    from fundus_pipeline.runner import manifest_stage
+
+    d, root = path.parent.resolve(), root.resolve()
+    seen: list[Path] = []
+    found = False
+    while True:
+        if d in cache:
+            found = cache[d]
+            break
+        seen.append(d)
+        stage = manifest_stage(d / "manifest.json")
+        if stage is not None:
+            found = stage == "segment"
+            break
+        if d == root or root not in d.parents:
+            break
+        d = d.parent
+    for x in seen:
+        cache[x] = found
+    return found
 
 
 def _threshold_from_manifest(pred_dir: Path) -> float | None:
@@ -354,6 +384,7 @@ def evaluate_segmentation(
     rows: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     sources: set[str] = set()
+    wrote: dict[Path, bool] = {}
     for k in sorted(preds):
         pe, gp = preds[k], gts.get(k)
         fp_ = fovs.get(k) if fovs is not None else None
@@ -370,7 +401,7 @@ def evaluate_segmentation(
             row["status"] = "unpaired: no FOV mask"
         else:
             try:
-                pred, source = read_prediction(pe)
+                pred, source = read_prediction(pe, _segment_wrote(pe.path, pred_dir, wrote))
                 gt = read_binary(gp)
                 fov = read_binary(fp_) if fp_ is not None else np.ones(gt.shape, bool)
                 if pred.shape != gt.shape or fov.shape != gt.shape:
