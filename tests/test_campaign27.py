@@ -52,3 +52,32 @@ def test_a_16_bit_map_without_vessel_response_scores_when_all_zero_or_written_by
     rows = _metrics(out2)
     assert rows["p0"]["status"] == "ok" and float(rows["p0"]["f1"]) == 0.0
     assert "next to no vessel response" in rows["p1"]["status"]
+
+
+# ------------------------------------------------------------------------------------------------ review 24 R24-5
+def test_a_key_the_sorts_record_does_not_name_loses_an_older_sorts_stale_copy(tmp_path):
+    """R24-5: once a record existed, the byte-compare clean-up of copies of an older sort was off for the whole folder:
+    a photograph that failed to grade in the first recorded sort and was graded otherwise later sat in two folders."""
+    from fundus_pipeline.cli.grade import sort_into
+    from tests.test_campaign24 import _sorted_results
+
+    src = tmp_path / "in"
+    src.mkdir()
+    x, y = src / "x.png", src / "y.png"
+    x.write_bytes(b"photo x")
+    y.write_bytes(b"photo y")
+    out = tmp_path / "out"
+    (out / "good").mkdir(parents=True)
+    (out / "good" / "x.png").write_bytes(b"photo x")  # an older sort's copies: no record
+    (out / "good" / "y.png").write_bytes(b"photo y")
+    _sorted_results(out, [("x", x, "good")])  # y failed to grade this time: copied nowhere, not recorded
+    sort_into(out)
+    _sorted_results(out, [("x", x, "good"), ("y", y, "usable")])
+    sort_into(out)
+    assert not (out / "good" / "y.png").exists() and (out / "usable" / "y.png").read_bytes() == b"photo y"
+    assert (out / "good" / "x.png").read_bytes() == b"photo x"
+    # a key the record names keeps a copy the user put in another class folder (R23-3)
+    (out / "reject").mkdir()
+    (out / "reject" / "y.png").write_bytes(b"photo y")
+    sort_into(out)
+    assert (out / "reject" / "y.png").read_bytes() == b"photo y" and (out / "usable" / "y.png").is_file()

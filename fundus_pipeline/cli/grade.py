@@ -30,7 +30,8 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     original bytes; each copy is written to a temporary name and renamed, so a rerun replaces it whole. A copy
     of the same key left in another grade's folder by an earlier sort (a regraded item, or one whose photograph
     was retaken under the same name) is removed when the sort's record (``SORTED``) says it wrote those bytes
-    there, or when its bytes are the input's: a file the sort did not write, or one changed since, is left alone."""
+    there, or, for a key the record does not name, when its bytes are the input's: a file the sort did not write,
+    or one changed since, is left alone."""
     import hashlib
     import json
 
@@ -40,7 +41,6 @@ def sort_into(out_dir: Path) -> dict[str, int]:
     check_sort_folders(out_dir)
     counts = {g: 0 for g in GRADES}
     written: dict[str, dict] = {}  # path: its record, the newest
-    recorded = (out_dir / SORTED).is_file()  # a sort of this version ran here: only its record says what it wrote
     for r in json_lines(out_dir / SORTED):
         if isinstance(r.get("key"), str) and plain_name(r.get("path")) and isinstance(r.get("sha256"), str):
             written[r["path"]] = r
@@ -59,7 +59,11 @@ def sort_into(out_dir: Path) -> dict[str, int]:
             dst = out_dir / row["grade"] / rel
             check_inside(out_dir, dst.relative_to(out_dir).as_posix())  # a linked sub-folder of a class folder (review 19 R2)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            for g in GRADES if not recorded else ():  # a copy of an older sort, which kept no record: removed when its bytes are the input's
+            # a key the record names: only the record says what the sort wrote (a copy the user put elsewhere is
+            # kept, review 23 R23-3); a key it does not name may have a copy of an older sort, which kept no record
+            # (or one of a sort this key failed in): removed when its bytes are the input's (review 24 R24-5: the
+            # rule was per folder, so a key first sorted after the record began kept its older stale copy)
+            for g in GRADES if row["key"] not in by_key else ():
                 stale = out_dir / g / rel
                 if g != row["grade"] and _removable(out_dir, stale, src) and filecmp.cmp(stale, src, shallow=False):
                     stale.unlink()
