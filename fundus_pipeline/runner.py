@@ -976,7 +976,7 @@ def _finish(stage: Stage, row: dict, result: ItemOutput, out_dir: Path) -> None:
         if differ:
             raise InputError(f"--replay: {differ[0]} was written with other bytes than the replayed run's (sha256 "
                              f"{row['outputs_sha256'][differ[0]][:12]}..., recorded {expected[differ[0]][:12]}...): its parameter "
-                             "record does not reproduce it (edited?)")
+                             "record does not reproduce it (edited, or replayed on another platform?)")
 
 
 def _compute_one(stage: Stage, item: ItemInput) -> ItemOutput:
@@ -1413,6 +1413,8 @@ def run_stage(
     inputs = resolve_inputs(in_path) if items is None else Inputs("planned", Path(in_path), list(items))
     if progress:
         inputs.say_notes()
+        for note in stage.notes():
+            say_note(note if said is None else f"{stage.name}: {note}")
     if not inputs.items:
         raise UsageError(f"no images found in {in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
     _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)

@@ -81,3 +81,28 @@ def test_a_key_the_sorts_record_does_not_name_loses_an_older_sorts_stale_copy(tm
     (out / "reject" / "y.png").write_bytes(b"photo y")
     sort_into(out)
     assert (out / "reject" / "y.png").read_bytes() == b"photo y" and (out / "usable" / "y.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ review 24 R24-6
+def test_a_degrade_replay_that_cannot_compare_bytes_says_so(tmp_path, capsys):
+    """R24-6: a replay manifest whose rows record no output sha256 replayed with exit 0 and no word: nothing had been
+    compared. Now a note says so (unless quiet) and the manifest counts the rows not compared."""
+    from tests.test_campaign8 import _photos
+
+    folder = _photos(tmp_path / "in", 2)
+    out = tmp_path / "d"
+    assert run("degrade", folder, out, "--quiet") == 0
+    capsys.readouterr()
+    assert run("degrade", folder, tmp_path / "full", "--replay", out) == 0
+    assert "no output sha256" not in capsys.readouterr().err
+    assert "replay_unverified" not in json.loads((tmp_path / "full" / "manifest.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())
+    for r in m["items"]:
+        if r["key"] == "p1":
+            del r["outputs_sha256"]  # as an older version's manifest
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert run("degrade", folder, tmp_path / "again", "--replay", out) == 0
+    err = capsys.readouterr().err
+    assert "note: the replay manifest records no output sha256 for 1 photograph(s) (e.g. 'p1')" in err
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["replay_unverified"] == 1
+    assert (tmp_path / "again" / "p1.png").read_bytes() == (out / "p1.png").read_bytes()

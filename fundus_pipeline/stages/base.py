@@ -211,6 +211,11 @@ class Stage(ABC):
         """Manifest fields kept out of the configuration hash (e.g. the weights path)."""
         return {}
 
+    def notes(self) -> list[str]:
+        """What the run says before it starts (``note: ...`` on stderr unless quiet): a limit of what it can check,
+        e.g. a replay manifest that records no output sha256 to compare with."""
+        return []
+
     def setup(self) -> None:
         """Per-process setup (load models). Called once in each worker before its first item."""
 

@@ -71,7 +71,21 @@ class DegradeStage(Stage):
         }
 
     def info(self) -> dict:
-        return {"replay": self.replay_path}
+        return {"replay": self.replay_path, **({"replay_unverified": len(self._unverified())} if self._unverified() else {})}
+
+    def _unverified(self) -> list[str]:
+        """The replayed keys whose manifest row records no output sha256 (a manifest of an older version, or edited):
+        their bytes are written, not compared (review 24 R24-6: this had passed in silence)."""
+        if self.replay is None:
+            return []
+        return sorted(k for k in self.replay.params if not self.replay.outputs_sha256.get(k))
+
+    def notes(self) -> list[str]:
+        missing = self._unverified()
+        if not missing:
+            return []
+        return [f"the replay manifest records no output sha256 for {len(missing)} photograph(s) (e.g. {missing[0]!r}): "
+                "their bytes are written again but not compared with the recorded run's"]
 
     def compute(self, item: ItemInput) -> ItemOutput:
         from degradation import Degrader, soft_fov_mask
