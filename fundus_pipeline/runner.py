@@ -865,9 +865,14 @@ def record_left(dst: Path, left: dict[str, list]) -> None:
     known = left_outputs(dst)
     for key, names in left.items():
         known.setdefault(key, set()).update(names)
-    lines = [json.dumps({"key": k, "outputs": sorted(n for n in v if os.path.isfile(os.path.join(dst, n)))}) for k, v in sorted(known.items())]
+    kept = {k: sorted(n for n in v if os.path.isfile(os.path.join(dst, n))) for k, v in sorted(known.items())}
+    lines = [json.dumps({"key": k, "outputs": v}) for k, v in kept.items() if v]
+    if not lines:  # no file left to list: no file at all (review 24 R24-7: an empty one had been written)
+        with contextlib.suppress(FileNotFoundError):
+            (dst / LEFT).unlink()
+        return
     with open_atomic(dst / LEFT) as f:  # (its OSError is a FundusError already)
-        f.writelines(line + "\n" for line in lines if not line.endswith("[]}"))
+        f.writelines(line + "\n" for line in lines)
 
 
 def left_outputs(dst: Path) -> dict[str, set[str]]:

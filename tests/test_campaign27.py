@@ -106,3 +106,24 @@ def test_a_degrade_replay_that_cannot_compare_bytes_says_so(tmp_path, capsys):
     assert "note: the replay manifest records no output sha256 for 1 photograph(s) (e.g. 'p1')" in err
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["replay_unverified"] == 1
     assert (tmp_path / "again" / "p1.png").read_bytes() == (out / "p1.png").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ review 24 R24-7
+def test_a_stage_whose_dropped_photograph_left_no_file_keeps_no_empty_list_of_left_files(tmp_path, tiny):  # noqa: F811
+    """R24-7: a resume that dropped a photograph wrote `.fundus-left.jsonl` in every stage folder, empty in one whose
+    row had no output (grade writes none)."""
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import tiny_args
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(("x", "z")):
+        Image.fromarray(synthetic_fundus(72, 80, i)).save(folder / f"{name}.png")
+    out = tmp_path / "r"
+    args = tiny_args(tiny, "--steps", "grade,segment")
+    assert run("run", folder, out, *args) == 0
+    (folder / "z.png").unlink()
+    assert run("run", folder, out, *args, "--resume") == 0
+    assert not (out / "grade" / ".fundus-left.jsonl").exists()
+    lines = (out / "segment" / ".fundus-left.jsonl").read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["z"]
