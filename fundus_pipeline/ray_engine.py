@@ -216,7 +216,7 @@ _STOPPING = [False]
 #: it is left to (campaign 24a C24A-2: more than 11 minutes at a port where another service listens).
 CONNECT_TIMEOUT_S = 60.0
 
-_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+(%[\w.-]+)?\]|[A-Za-z0-9._-]+):(\d{1,5})")
+_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+(%[\w.-]+)?\]|[A-Za-z0-9._-]+):(\d{1,5})", re.ASCII)  # no full-width digits (review 24 R24-8)
 
 
 def check_address(address: str) -> None:

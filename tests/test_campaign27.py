@@ -127,3 +127,15 @@ def test_a_stage_whose_dropped_photograph_left_no_file_keeps_no_empty_list_of_le
     assert not (out / "grade" / ".fundus-left.jsonl").exists()
     lines = (out / "segment" / ".fundus-left.jsonl").read_text().splitlines()
     assert [json.loads(line)["key"] for line in lines] == ["z"]
+
+
+# ------------------------------------------------------------------------------------------------ review 24 R24-8
+def test_an_address_with_other_scripts_digits_is_a_usage_error():
+    """R24-8: `\\d` took full-width (and other non-ASCII) digits, so `h:１２３` passed the exit-2 check and failed in Ray."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.ray_engine import check_address
+
+    check_address("h:123")
+    for bad in ("h:\uff11\uff12\uff13", "h:\u0661\u0662", "[fe80::1%\u0665]:6379"):
+        with pytest.raises(UsageError):
+            check_address(bad)
