@@ -139,3 +139,27 @@ def test_an_address_with_other_scripts_digits_is_a_usage_error():
     for bad in ("h:\uff11\uff12\uff13", "h:\u0661\u0662", "[fe80::1%\u0665]:6379"):
         with pytest.raises(UsageError):
             check_address(bad)
+
+
+# ------------------------------------------------------------------------------------------------ review 24 R24-9
+def test_a_header_ending_in_a_comma_is_read_as_its_rows_are(tmp_path, capsys):
+    """R24-9: a trailing comma on the header only (as some spreadsheets write it) was refused ("2 cell(s) on line 2,
+    its header 3") although the mirror case, a trailing comma on the rows, is read."""
+    from fundus_pipeline.evaluation.score import read_csv_rows
+
+    lab = tmp_path / "lab.csv"
+    lab.write_text("key,quality,\na,0\nb,2\n")
+    rows, columns = read_csv_rows(lab, "labels file")
+    assert columns == ["key", "quality"] and rows == [{"key": "a", "quality": "0"}, {"key": "b", "quality": "2"}]
+    res = tmp_path / "res.csv"
+    res.write_text("grade,key,p_good,p_usable,p_reject,,\ngood,a,0.8,0.1,0.1\nreject,b,0.1,0.1,0.8,,\n")
+    assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["n_images"] == 2
+    # line numbers still count the header's line; a short row is still refused
+    lab.write_text('key,quality,\na,0\n"",2\n')
+    capsys.readouterr()
+    assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "has an empty key on line 3" in capsys.readouterr().err
+    lab.write_text("key,quality,\na\n")
+    assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "1 cell(s) on line 2, its header 2" in capsys.readouterr().err

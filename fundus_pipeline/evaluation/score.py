@@ -433,10 +433,16 @@ def bootstrap_cis(
 def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str]]:
     """(rows, columns) of a CSV with a header (UTF-8, a byte-order mark allowed); ``UsageError`` for a file that
     cannot be read, a repeated column, or a row of more or fewer cells than the header (a short row had no key
-    and was an internal error, the cells of a long one were dropped in silence; campaign 24b F3)."""
+    and was an internal error, the cells of a long one were dropped in silence; campaign 24b F3). Empty cells
+    ending a row or the header (a trailing comma) are no cells."""
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, strict=True)  # an unclosed quote is an error, not the rest of the file in one cell
+            head = csv.reader(fh, strict=True)  # an unclosed quote is an error, not the rest of the file in one cell
+            names = next(head, [])
+            while names and not names[-1].strip():  # a header ending in commas (review 24 R24-9), as a row may
+                names = names[:-1]
+            offset = head.line_num
+            reader = csv.DictReader(fh, fieldnames=names, strict=True)
             rows = []
             for r in reader:
                 extra = r.pop(None, None) or []
@@ -444,13 +450,13 @@ def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str
                     continue  # a row of empty cells (",,,," as spreadsheets end a table): no row (review 23 R23-5)
                 if any(v.strip() for v in extra) or None in r.values():  # trailing empty cells (a trailing comma) lose nothing
                     n = sum(v is not None for v in r.values()) + len(extra)
-                    raise UsageError(f"the {what} {path} has {n} cell(s) on line {reader.line_num}, its header {len(reader.fieldnames or [])}",
+                    raise UsageError(f"the {what} {path} has {n} cell(s) on line {reader.line_num + offset}, its header {len(names)}",
                                      hint="every row needs a cell for every column (an empty one is two commas)")
                 for col in ("key", "image"):
                     if col in r and not r[col].strip():
-                        raise UsageError(f"the {what} {path} has an empty {col} on line {reader.line_num}")
+                        raise UsageError(f"the {what} {path} has an empty {col} on line {reader.line_num + offset}")
                 rows.append(r)
-            columns = list(reader.fieldnames or [])
+            columns = list(names)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         where = " (a quote opened and never closed?)" if str(exc) == "unexpected end of data" else ""
         raise UsageError(f"cannot read the {what} {path}: {exc}{where}") from None
