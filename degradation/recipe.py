@@ -53,12 +53,17 @@ class RecipeError(ValueError):
 
 
 def _pair(v: Any) -> Any:
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return (v, v)  # a scalar means a fixed value
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+        return (v, v)  # a scalar means a fixed value (a numpy scalar too, as a list of them is taken)
     return v
 
 
 def _range(lo: float, hi: float, integer: bool = False):
+    def whole(v: Any) -> Any:  # pydantic takes 60.0 for an int (review 24 R24-10): a whole number is written as one
+        if isinstance(v, (list, tuple)) and any(isinstance(x, (float, np.floating)) for x in v):
+            raise ValueError("whole numbers are needed (write 60, not 60.0)")
+        return v
+
     def check(v: tuple) -> tuple:
         a, b = v
         if not (math.isfinite(a) and math.isfinite(b)):
@@ -70,6 +75,8 @@ def _range(lo: float, hi: float, integer: bool = False):
         return v
 
     base = tuple[int, int] if integer else tuple[float, float]
+    if integer:  # (validators run from the last BeforeValidator to the first: the pair is made, then checked)
+        return Annotated[base, BeforeValidator(whole), BeforeValidator(_pair), AfterValidator(check)]
     return Annotated[base, BeforeValidator(_pair), AfterValidator(check)]
 
 
@@ -92,9 +99,9 @@ class _Step(BaseModel):
                 if key in ("name", "type", "types"):  # text fields: their own checks say what they need
                     continue
                 values = value if isinstance(value, (list, tuple)) else [value]
-                if any(isinstance(v, bool) for v in values):
+                if any(isinstance(v, (bool, np.bool_)) for v in values):
                     raise ValueError(f"{key}: a number is needed, not true or false")
-                if any(isinstance(v, str) for v in values):
+                if any(isinstance(v, (str, bytes, bytearray)) for v in values):
                     raise ValueError(f"{key}: a number is needed, not text (write 0.5, not \"0.5\")")
         return data
 
@@ -225,8 +232,10 @@ class Recipe(BaseModel):
     @field_validator("schema_version", mode="before")
     @classmethod
     def _version_is_a_number(cls, v):
-        if isinstance(v, bool):  # Literal[1] takes true
+        if isinstance(v, (bool, np.bool_)):  # Literal[1] takes true
             raise ValueError("a number is needed, not true or false")
+        if not isinstance(v, (int, np.integer)):  # it takes 1.0 and 1.5 is refused with a bare "Input should be 1"
+            raise ValueError("the whole number 1 is needed (write 1)")
         return v
 
     @field_validator("steps")

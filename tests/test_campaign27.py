@@ -163,3 +163,31 @@ def test_a_header_ending_in_a_comma_is_read_as_its_rows_are(tmp_path, capsys):
     lab.write_text("key,quality,\na\n")
     assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
     assert "1 cell(s) on line 2, its header 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ review 24 R24-10
+def test_a_recipe_takes_whole_numbers_as_whole_and_refuses_bytes_and_numpy_booleans():
+    """R24-10 (C26a-1, -5 left): `quality_range: [60.0, 70.0]` and `schema_version: 1.0` were taken, so was `p: b"0.5"`
+    and a numpy boolean; a numpy integer alone (not in a list) was refused as "not a valid tuple"."""
+    import copy
+
+    from degradation.recipe import RecipeError, parse_recipe
+
+    base = {"schema_version": 1, "name": "r", "steps": [{"name": "j", "type": "jpeg", "quality_range": [60, 70]}]}
+    for change, message in (
+        ({"quality_range": [60.0, 70.0]}, "whole numbers are needed"),
+        ({"quality_range": 60.0}, "whole numbers are needed"),
+        ({"p": b"0.5"}, "a number is needed, not text"),
+        ({"p": np.bool_(True)}, "a number is needed, not true or false"),
+        ({"quality_range": [np.bool_(True), 70]}, "a number is needed, not true or false"),
+    ):
+        recipe = copy.deepcopy(base)
+        recipe["steps"][0].update(change)
+        with pytest.raises(RecipeError, match=message):
+            parse_recipe(recipe, "r")
+    with pytest.raises(RecipeError, match="the whole number 1 is needed"):
+        parse_recipe({**base, "schema_version": 1.0}, "r")
+    recipe = copy.deepcopy(base)
+    recipe["steps"][0].update(quality_range=np.int64(60), p=np.float32(0.5))
+    step = parse_recipe(recipe, "r").steps[0]
+    assert step.quality_range == (60, 60) and step.p == 0.5
