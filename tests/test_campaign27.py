@@ -191,3 +191,32 @@ def test_a_recipe_takes_whole_numbers_as_whole_and_refuses_bytes_and_numpy_boole
     recipe["steps"][0].update(quality_range=np.int64(60), p=np.float32(0.5))
     step = parse_recipe(recipe, "r").steps[0]
     assert step.quality_range == (60, 60) and step.p == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ known left: dirty
+def test_an_uncommitted_module_makes_the_checkout_dirty_and_untracked_notes_do_not(tmp_path):
+    """`dirty` ignored untracked files: a new module in the package, imported by the run, left the record clean."""
+    import subprocess
+
+    from fundus_pipeline.train.loop import _dirty
+
+    repo = tmp_path / "repo"
+    (repo / "fundus_pipeline").mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    (repo / "fundus_pipeline" / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "a"], check=True)
+
+    def status() -> str:
+        return subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"], capture_output=True, text=True, check=True).stdout
+
+    assert not _dirty(status())
+    (repo / "notes.md").write_text("scratch\n")
+    (repo / "fundus_pipeline" / "out.png").write_bytes(b"")
+    assert not _dirty(status())
+    (repo / "fundus_pipeline" / "new_stage.py").write_text("y = 2\n")
+    assert _dirty(status())
+    (repo / "fundus_pipeline" / "new_stage.py").unlink()
+    (repo / "fundus_pipeline" / "a.py").write_text("x = 2\n")
+    assert _dirty(status())
