@@ -46,7 +46,7 @@ from typing import Any
 from fundus_pipeline import __version__
 from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind
 from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
-from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic
+from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, write_bytes_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
     config_change, input_changed, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
@@ -769,6 +769,13 @@ class Chain:
             used.update(t if isinstance(t, list) else [t] if isinstance(t, int) else [])
         return threads_record(used, self.cfg.threads or default_threads(self.cfg.workers))
 
+    def _previous_manifest(self) -> bytes | None:
+        """The bytes of OUT/manifest.json as a run before this one left it, or None."""
+        try:
+            return (self.out / "manifest.json").read_bytes()
+        except OSError:
+            return None
+
     def _write_manifest(self, rows: RowsFile | None, status: str, counts: dict | None = None) -> None:
         """OUT/manifest.json, its plan and items streamed a line each (``write_json_streamed``)."""
         rec = self.record()
@@ -865,6 +872,10 @@ class Chain:
             self._prepare_folder()
             remove_stale_temporaries(self.out, recursive=False)  # a killed run's tables (the stages sweep their folders)
             sweep_scratch()
+            # the record of the run this one resumes: put back if this one stops with an error (a stage refusing to
+            # resume, weights not found), since the joined table and the report it describes stay as they were
+            # (campaign 27b F1: a refused --resume left an empty "stopped" manifest in place of a finished run's)
+            previous = self._previous_manifest() if self.resume else None
             self._write_manifest(None, "running")
             if self.cfg.workers > 1 and self.engine is None:
                 self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers))
@@ -874,7 +885,10 @@ class Chain:
                 self.interrupted = True
             except (FundusError, OSError):  # a full disk, say: the manifest says the run stopped (not "running")
                 with contextlib.suppress(Exception):
-                    self._write_manifest(None, "stopped")
+                    if previous is not None:
+                        write_bytes_atomic(self.out / "manifest.json", previous)
+                    else:
+                        self._write_manifest(None, "stopped")
                 raise
             finally:
                 if self.pool is not None:

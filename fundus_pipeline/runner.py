@@ -627,6 +627,11 @@ def _config_change(dst: Path, config: dict | None) -> str:
     return config_change(old, config)
 
 
+#: What a long configuration value that differs stands for, where its key does not say (campaign 27b F1: "degraders
+#: differs" did not say that a --recipe or --simulate file's contents had changed).
+_DIFFERS = {"degraders": ": the degradations' settings, a recipe file's contents, a preset's or a type's"}
+
+
 def config_change(old: object, now: object) -> str:
     """`` (flag_threshold: 0.5 there, 0.3 now; degraders differs)``: the keys whose values differ between a recorded
     configuration ``old`` and this run's ``now`` (plain values first, at most three); "" when either is not a dict
@@ -638,7 +643,7 @@ def config_change(old: object, now: object) -> str:
 
     def said(k: str) -> str:
         a, b = json.dumps(old.get(k), default=str), json.dumps(now.get(k), default=str)
-        return f"{k}: {a} there, {b} now" if max(len(a), len(b)) <= 40 else f"{k} differs"
+        return f"{k}: {a} there, {b} now" if max(len(a), len(b)) <= 40 else f"{k} differs{_DIFFERS.get(k, '')}"
 
     parts = sorted((said(k) for k in diff), key=lambda t: t.endswith(" differs"))  # the plain values first
     return f" ({'; '.join(parts[:3])}{'; ...' if len(parts) > 3 else ''})" if parts else ""

@@ -220,3 +220,28 @@ def test_an_uncommitted_module_makes_the_checkout_dirty_and_untracked_notes_do_n
     (repo / "fundus_pipeline" / "new_stage.py").unlink()
     (repo / "fundus_pipeline" / "a.py").write_text("x = 2\n")
     assert _dirty(status())
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27b F1
+def test_a_refused_fundus_run_resume_leaves_the_finished_runs_manifest(tmp_path, tiny, capsys):  # noqa: F811
+    """27b F1: a --resume the degrade stage refused (the --simulate recipe file edited since) rewrote a finished run's
+    manifest.json as an empty "stopped" one: fundus report and --replay then refused the folder."""
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import tiny_args
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic_fundus(72, 80, 0)).save(folder / "x.png")
+    recipe = tmp_path / "my.json"
+    recipe.write_text(json.dumps({"schema_version": 1, "name": "r", "steps": [{"name": "j", "type": "jpeg", "quality_range": 60}]}))
+    out = tmp_path / "r"
+    args = tiny_args(tiny, "--steps", "grade,segment", "--simulate", recipe)
+    assert run("run", folder, out, *args) == 0
+    before = (out / "manifest.json").read_bytes()
+    recipe.write_text(json.dumps({"schema_version": 1, "name": "r", "steps": [{"name": "j", "type": "jpeg", "quality_range": 30}]}))
+    capsys.readouterr()
+    assert run("run", folder, out, *args, "--resume") == 2
+    assert "was written with a different configuration (degraders differs: the degradations' settings, a recipe file's contents" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+    assert json.loads(before)["status"] == "finished"
+    assert run("report", out) == 0
