@@ -361,6 +361,8 @@ def soft_fov_mask(binary: np.ndarray, fov: FovGeometry | dict) -> np.ndarray:
     """
     if isinstance(fov, dict):
         fov = FovGeometry.from_dict(fov)
+    if not isinstance(fov, FovGeometry):
+        raise TypeError(f"fov must be a FovGeometry or its dict (estimate_fov_geometry), got {type(fov).__name__}")
     b = np.asarray(binary).astype(bool)
     if b.shape != (fov.height, fov.width):
         raise ValueError(f"mask shape {b.shape} does not match the FOV geometry {(fov.height, fov.width)}")

@@ -755,10 +755,18 @@ def from_float_rgb(
 
     Gray layouts take the ITU-R BT.601 luminance (0.299 R + 0.587 G + 0.114 B); ``alpha`` is re-attached
     unchanged (if ``alpha`` is None the output has no alpha channel). ``truncate=True`` floors
-    ``x * maxval`` (the Cofe-Net generator's integer cast), otherwise rounds; values are clipped.
+    ``x * maxval`` (the Cofe-Net generator's integer cast), otherwise rounds; values within rounding of [0, 1]
+    (``degradation.checks.RANGE_TOLERANCE``) are clipped.
     ``consume=True``: ``rgb`` (float32) is not needed afterwards and is used as scratch (same result).
+    ``rgb`` is float HxWx3 (or HxW, HxWx1 grey) in [0, 1], finite: an integer, [0, 255], channels-first or NaN
+    array is a ``TypeError`` or ``ValueError`` (it had been clipped to a white or black image; campaign 27b F4).
     """
-    rgb = np.asarray(rgb, dtype=np.float32)
+    from degradation.checks import unit_image
+
+    a = np.asarray(rgb)
+    grey = a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 1)
+    unit_image(a.reshape(*a.shape[:2], 1) if grey else a, "rgb", channels=1 if grey else 3)
+    rgb = np.asarray(a, dtype=np.float32)
     if rgb.ndim == 3 and rgb.shape[2] == 1:
         rgb = rgb[..., 0]
     dtype = np.dtype(meta.dtype)

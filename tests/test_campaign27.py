@@ -245,3 +245,59 @@ def test_a_refused_fundus_run_resume_leaves_the_finished_runs_manifest(tmp_path,
     assert (out / "manifest.json").read_bytes() == before
     assert json.loads(before)["status"] == "finished"
     assert run("report", out) == 0
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27b F2-F5
+def test_the_library_functions_refuse_wrong_arguments_with_a_clear_type_or_value_error(tmp_path):
+    """27b F2-F5: enhance_native let a NaN or negative sigma, a size the network cannot take and a missing geometry
+    through (cv2 / torch / attribute errors, or sigma -1 read as 0); predict_native read an enhancer's first channel
+    as vessels; from_float_rgb clipped a [0, 255], NaN or channels-first image into a white, black or 3-row one;
+    list_models of an unknown task gave [], read_manifest a str failed in pathlib, soft_fov_mask(mask, None) in
+    an attribute."""
+    import torch
+
+    from degradation import soft_fov_mask
+    from degradation.fov import estimate_fov_geometry
+    from fundus_pipeline.io import from_float_rgb, read_image
+    from fundus_pipeline.models import list_models
+    from fundus_pipeline.models.inference import predict_native
+    from fundus_pipeline.models.registry import build_model
+    from fundus_pipeline.models.weights import read_manifest
+    from fundus_pipeline.stages.enhance import enhance_native
+    from tests.conftest import synthetic_fundus
+
+    rgb = synthetic_fundus(96, 96, 0).astype(np.float32) / 255
+    fov, geometry = estimate_fov_geometry(rgb)
+    torch.manual_seed(0)
+    enhancer = build_model("cofe_tiny").eval()
+    assert enhance_native(enhancer, rgb, fov, geometry, 64, "residual", sigma=2.0).shape == rgb.shape
+    for size, sigma, geo, error, text in (
+        (64, float("nan"), geometry, ValueError, "sigma must be a finite number >= 0"),
+        (64, -1.0, geometry, ValueError, "sigma must be a finite number >= 0"),
+        (0, 0.0, geometry, ValueError, "size must be a whole multiple of the network's 32"),
+        (100, 0.0, geometry, ValueError, "size must be a whole multiple of the network's 32"),
+        (64, 0.0, None, TypeError, "geometry must be a FovGeometry"),
+    ):
+        with pytest.raises(error, match=text):
+            enhance_native(enhancer, rgb, fov, geo, size, "residual", sigma=sigma)
+    with pytest.raises(ValueError, match="the model gives 3 channels: a vessel segmenter gives one"):
+        predict_native(enhancer, rgb, fov, 1.0)
+    assert predict_native(build_model("imff_tiny").eval(), rgb, fov, 1.0).shape == rgb.shape[:2]
+
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    meta = read_image(tmp_path / "x.png")[1]
+    assert from_float_rgb(rgb, meta, None).dtype == np.uint8
+    assert from_float_rgb(rgb[..., 0], meta, None).shape == rgb.shape
+    for bad, error, text in (
+        (rgb * 255, ValueError, r"must lie in \[0, 1\]"),
+        (np.full_like(rgb, np.nan), ValueError, "NaN"),
+        (rgb.transpose(2, 0, 1), ValueError, "channels first"),
+        ((rgb * 255).astype(np.uint8), TypeError, "must be a float array"),
+    ):
+        with pytest.raises(error, match=text):
+            from_float_rgb(bad, meta, None)
+    with pytest.raises(ValueError, match="no architecture has the task 'nope'"):
+        list_models(task="nope")
+    assert [e.name for e in read_manifest(str(Path(__file__).resolve().parents[1] / "weights"))] == [e.name for e in read_manifest()]
+    with pytest.raises(TypeError, match="fov must be a FovGeometry"):
+        soft_fov_mask(fov, None)

@@ -349,11 +349,13 @@ def test_float_identity(dtype, channels):
 
 def test_truncate_vs_round_and_clip():
     meta = fio.ImageMeta("png", "uint8", 8, "rgb", 1, 3, None, False)
-    rgb = np.array([[[0.0, 0.9 / 255, 1.6 / 255], [2.5 / 255, 1.2, -0.3], [1.0, 0.5, 254.99 / 255]]], np.float32)
+    rgb = np.array([[[0.0, 0.9 / 255, 1.6 / 255], [2.5 / 255, 1.0005, -0.0005], [1.0, 0.5, 254.99 / 255]]], np.float32)
     r = from_float_rgb(rgb, meta, None)
     t = from_float_rgb(rgb, meta, None, truncate=True)
     assert r.tolist() == [[[0, 1, 2], [2, 255, 0], [255, 128, 255]]] or r.tolist() == [[[0, 1, 2], [3, 255, 0], [255, 128, 255]]]
     assert t.tolist() == [[[0, 0, 1], [2, 255, 0], [255, 127, 254]]]
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):  # beyond rounding: not clipped in silence (campaign 27b F4)
+        from_float_rgb(np.array([[[0.5, 1.2, -0.3]]], np.float32), meta, None)
     meta16 = fio.ImageMeta("png", "uint16", 16, "gray", 1, 2, None, False)
     g = from_float_rgb(np.full((1, 2, 3), 0.5, np.float32), meta16, None)
     assert g.dtype == np.uint16 and g.shape == (1, 2) and g.tolist() == [[32768, 32768]]

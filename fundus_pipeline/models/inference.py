@@ -178,8 +178,13 @@ def _tiled(run, x: torch.Tensor, H: int, W: int, tile: int | None, overlap: int,
 
 
 def predict_logits(model: torch.nn.Module, rgb: np.ndarray, **kw) -> np.ndarray:
-    """Vessel logits (float32 HxW): channel 0 of :func:`predict_tiled` for an RGB image at the model's scale."""
-    return np.ascontiguousarray(predict_tiled(model, rgb, **kw)[..., 0])
+    """Vessel logits (float32 HxW): :func:`predict_tiled`'s one channel for an RGB image at the model's scale; a
+    network of another number of output channels (an enhancer's three) is a ``ValueError`` (its first channel had
+    been read as vessels; campaign 27b F3)."""
+    out = predict_tiled(model, rgb, **kw)
+    if out.shape[-1] != 1:
+        raise ValueError(f"the model gives {out.shape[-1]} channels: a vessel segmenter gives one (weights of another task?)")
+    return np.ascontiguousarray(out[..., 0])
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -78,7 +78,11 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def list_models(pattern: str = "*", task: str | None = None) -> list[ModelEntry]:
+    """The registered architectures whose name matches ``pattern`` (fnmatch), of ``task`` when given (a task no
+    architecture has is a ``ValueError`` naming those there are, not an empty list)."""
     _ensure_loaded()
+    if task is not None and task not in {e.task for e in _REGISTRY.values()}:
+        raise ValueError(f"no architecture has the task {task!r}; the tasks: {', '.join(sorted({e.task for e in _REGISTRY.values()}))}")
     return [e for n, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern) and (task is None or e.task == task)]
 
 

@@ -126,8 +126,9 @@ def load_manifest(directory: Path | None = None) -> WeightsManifest:
 
 
 def read_manifest(directory: Path | None = None) -> list[WeightsSpec]:
-    """The validated entries of the manifest (``[]`` when there is none)."""
-    return load_manifest(directory).weights
+    """The validated entries of the manifest in ``directory`` (a path; default: the shipped weights), ``[]`` when
+    there is none."""
+    return load_manifest(Path(directory) if directory is not None else None).weights
 
 
 def _looks_like_path(value: str) -> bool:

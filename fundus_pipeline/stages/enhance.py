@@ -13,6 +13,8 @@ segmenter finds before and after.
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -122,8 +124,15 @@ def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry: "FovG
     fov_mask = binary_mask(fov_mask, rgb.shape[:2], "fov_mask")  # a 0/255 mask would scale the output
     if isinstance(geometry, dict):
         geometry = FovGeometry.from_dict(geometry)
+    if not isinstance(geometry, FovGeometry):  # (None had been an AttributeError deep in the frame; campaign 27b F2)
+        raise TypeError(f"geometry must be a FovGeometry or its dict (estimate_fov_geometry), got {type(geometry).__name__}")
     if transfer not in ("upsample", "residual"):
         raise ValueError(f"transfer must be 'upsample' or 'residual' (output_rules(spec) gives the weights' own), got {transfer!r}")
+    divisor = int(getattr(model, "size_divisor", 1))
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < divisor or size % divisor:
+        raise ValueError(f"size must be a whole multiple of the network's {divisor} (output_rules(spec) gives the weights' own), got {size!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)) or not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0 (0: no low-pass; output_rules(spec) gives the weights' own), got {sigma!r}")
     frame, masked, c_in, c_fov = canonical_input(rgb, fov_mask, geometry, size)
     (c_out,) = run_network(model, [c_in], device)
     return to_native(frame, masked, c_in, smooth_correction(c_in, c_out, c_fov, sigma), c_fov, fov_mask, transfer)
