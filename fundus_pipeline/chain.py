@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fundus_pipeline import __version__
-from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind
+from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind, usage_error
 from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, write_bytes_atomic
 from fundus_pipeline.runner import (
@@ -1028,6 +1028,12 @@ def run_chain(cfg: RunConfig, in_path: Path, out_dir: Path, *, resume: bool | No
     (default: this machine, ``cfg.workers`` processes)."""
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cfg must be a RunConfig (RunConfig(**options) or RunConfig.build(...)), got {type(cfg).__name__}")
+    from pydantic import ValidationError
+
+    try:  # checked again: pydantic's model_copy(update=...) checks nothing (campaign 27b F7: min_gain 99 ran and was recorded)
+        cfg = RunConfig.model_validate(cfg.model_dump())
+    except ValidationError as e:
+        raise usage_error(e) from None
     resume = cfg.resume if resume is None else resume
     overwrite = cfg.overwrite if overwrite is None else overwrite
     if overwrite and resume:

@@ -301,3 +301,17 @@ def test_the_library_functions_refuse_wrong_arguments_with_a_clear_type_or_value
     assert [e.name for e in read_manifest(str(Path(__file__).resolve().parents[1] / "weights"))] == [e.name for e in read_manifest()]
     with pytest.raises(TypeError, match="fov must be a FovGeometry"):
         soft_fov_mask(fov, None)
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27b F7
+def test_run_chain_checks_a_configuration_changed_with_model_copy(photos, tmp_path, tiny):  # noqa: F811
+    """27b F7: `run_chain(cfg.model_copy(update={"min_gain": 99}), ...)` ran to the end and recorded min_gain 99."""
+    from fundus_pipeline.chain import run_chain
+    from fundus_pipeline.config import RunConfig
+    from fundus_pipeline.errors import UsageError
+
+    cfg = RunConfig(steps=["grade"], grade_weights=str(tiny["hemf_tiny"]), grade_arch="hemf_tiny", device="cpu", quiet=True)
+    with pytest.raises(UsageError, match="--min-gain 99"):
+        run_chain(cfg.model_copy(update={"min_gain": 99}), photos, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert run_chain(cfg, photos, tmp_path / "o2").exit_code == 0
