@@ -315,3 +315,21 @@ def test_run_chain_checks_a_configuration_changed_with_model_copy(photos, tmp_pa
         run_chain(cfg.model_copy(update={"min_gain": 99}), photos, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert run_chain(cfg, photos, tmp_path / "o2").exit_code == 0
+
+
+# ------------------------------------------------------------------------------------------------ campaign 26a C26a-6
+def test_a_recipe_none_of_whose_steps_can_apply_is_noted(tmp_path, capsys):
+    """C26a-6: a recipe whose every step has p = 0 ran without a word (each output its input, masked to the FOV)."""
+    from tests.test_campaign8 import _photos
+
+    folder = _photos(tmp_path / "in", 1)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"schema_version": 1, "name": "x", "steps": [{"name": "a", "type": "defocus", "p": 0},
+                                                                               {"name": "b", "type": "jpeg", "p": 0}]}))
+    capsys.readouterr()
+    assert run("degrade", folder, tmp_path / "o", "--recipe", recipe) == 0
+    assert "note: the recipe 'x' applies none of its steps (every step's p is 0)" in capsys.readouterr().err
+    recipe.write_text(json.dumps({"schema_version": 1, "name": "x", "steps": [{"name": "a", "type": "defocus", "p": 0},
+                                                                               {"name": "b", "type": "jpeg", "p": 0.5}]}))
+    assert run("degrade", folder, tmp_path / "o2", "--recipe", recipe) == 0
+    assert "applies none of its steps" not in capsys.readouterr().err

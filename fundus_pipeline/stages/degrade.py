@@ -81,11 +81,18 @@ class DegradeStage(Stage):
         return sorted(k for k in self.replay.params if not self.replay.outputs_sha256.get(k))
 
     def notes(self) -> list[str]:
+        self.setup()
+        out = []
+        for d in self._degraders.values():  # a recipe none of whose steps can apply: more likely a slip than meant (campaign 26a C26a-6)
+            steps = getattr(getattr(d, "recipe", None), "steps", None)
+            if steps and all(st.p == 0 for st in steps):
+                out.append(f"the recipe {d.name!r} applies none of its steps (every step's p is 0): each output is its input, "
+                           "masked to the FOV")
         missing = self._unverified()
-        if not missing:
-            return []
-        return [f"the replay manifest records no output sha256 for {len(missing)} photograph(s) (e.g. {missing[0]!r}): "
-                "their bytes are written again but not compared with the recorded run's"]
+        if missing:
+            out.append(f"the replay manifest records no output sha256 for {len(missing)} photograph(s) (e.g. {missing[0]!r}): "
+                       "their bytes are written again but not compared with the recorded run's")
+        return out
 
     def compute(self, item: ItemInput) -> ItemOutput:
         from degradation import Degrader, soft_fov_mask
