@@ -627,7 +627,7 @@ class Chain:
     # -- checks before any work -------------------------------------------------------------------------
     def check(self) -> None:
         cfg = self.cfg
-        check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume)
+        check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, stage="run")
         if cfg.ground_truth is not None:
             if not cfg.simulate:
                 raise UsageError("--ground-truth gives the vessel annotations of clean originals: it needs --simulate")
@@ -646,7 +646,7 @@ class Chain:
             self.inputs.say_notes()
         if not self.inputs.items:
             raise UsageError(f"no images found in {self.in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
-        _, self.out = check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
+        _, self.out = check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs, stage="run")
         if cfg.simulate:
             from fundus_pipeline.stages.degrade import DegradeStage
 
@@ -868,7 +868,7 @@ class Chain:
                                      "(its manifest records every one's sha256); replay needs the same annotations")
         _create_output(self.out, self.shown)
         with OutputLock(self.out, self.shown):
-            check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs)
+            check_run_paths(self.in_path, self.shown, overwrite=self.overwrite, resume=self.resume, inputs=self.inputs, stage="run")
             self._prepare_folder()
             remove_stale_temporaries(self.out, recursive=False)  # a killed run's tables (the stages sweep their folders)
             sweep_scratch()

@@ -241,8 +241,11 @@ def is_empty(d: Path) -> bool:
     return all(own_file(p.name) for p in d.iterdir())
 
 
-def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bool, inputs: Inputs | None = None) -> tuple[Path, Path]:
-    """Refuse bad input/output combinations before any work (and before a model is loaded).
+def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bool, inputs: Inputs | None = None,
+                    stage: str | None = None) -> tuple[Path, Path]:
+    """Refuse bad input/output combinations before any work (and before a model is loaded). ``stage``: the
+    name of the stage (``"run"`` for a chain) that would write OUT; a folder another stage's run wrote is not
+    resumed or overwritten by it.
 
     Returns the resolved (input, output) paths. Nothing is created here.
     """
@@ -276,6 +279,15 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
     if non_empty and resume and not (manifest_stage(dst / "manifest.json") or (dst / JOURNAL).exists()):
         # a manifest.json that fundus did not write is no run to continue: its files would be replaced
         raise UsageError(f"--resume: {out_dir} holds no earlier fundus run (no manifest.json written by fundus); choose an empty folder or pass --overwrite")
+    if non_empty and (resume or overwrite) and stage is not None:
+        # another stage's folder: its record and table would be replaced by this stage's, its outputs left without
+        # one (campaign 27a F2: `fundus score --overwrite` into an enhance folder; a --resume then compared the two
+        # stages' settings)
+        other = manifest_stage(dst / "manifest.json")
+        if other is not None and other != stage:
+            flag = "--resume" if resume else "--overwrite"
+            raise UsageError(f"{flag}: {out_dir} holds the outputs of `fundus {other}` (its manifest.json), not of `fundus {stage}`; "
+                             "choose another folder")
     if non_empty and (resume or overwrite):
         # the run rewrites its tables: each one there must be fundus's, whatever else the folder holds
         foreign = foreign_table(dst)
@@ -1419,7 +1431,7 @@ def run_stage(
     started = time.time()
     check_parallelism(workers, threads)
     extra_dirs = dict(extra_dirs or {})
-    check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume)
+    check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, stage=stage.name)
     inputs = resolve_inputs(in_path) if items is None else Inputs("planned", Path(in_path), list(items))
     if progress:
         inputs.say_notes()
@@ -1427,7 +1439,7 @@ def run_stage(
             say_note(note if said is None else f"{stage.name}: {note}")
     if not inputs.items:
         raise UsageError(f"no images found in {in_path} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
-    _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
+    _, dst = check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs, stage=stage.name)
     for role, folder in extra_dirs.items():  # a further input folder is read, never written: OUT stays out of it
         if not isinstance(folder, dict) and (dst == Path(folder).resolve() or _is_relative_to(dst, Path(folder).resolve())):
             raise UsageError(f"output folder {out_dir} is the --{role} folder or inside it; choose a folder outside {folder}")
@@ -1435,7 +1447,7 @@ def run_stage(
     _create_output(dst, out_dir)
     with OutputLock(dst, out_dir) as lock:
         # Checked again under the lock: a run that started meanwhile has made the folder non-empty.
-        check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs)
+        check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs, stage=stage.name)
         result = _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                              threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
                              engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock, said=said)

@@ -333,3 +333,28 @@ def test_a_recipe_none_of_whose_steps_can_apply_is_noted(tmp_path, capsys):
                                                                                {"name": "b", "type": "jpeg", "p": 0.5}]}))
     assert run("degrade", folder, tmp_path / "o2", "--recipe", recipe) == 0
     assert "applies none of its steps" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F2
+def test_a_stage_does_not_resume_or_overwrite_a_folder_another_stage_wrote(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """27a F2: `fundus score --overwrite` into an enhance folder replaced its manifest and table with score's (the
+    enhanced photographs left without a record); a --resume there compared the two stages' settings."""
+    out = tmp_path / "g"
+    grade = ("--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet")
+    assert run("degrade", photos, out, "--quiet") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for flag in ("--overwrite", "--resume"):
+        capsys.readouterr()
+        assert run("grade", photos, out, *grade, flag) == 2
+        assert f"{flag}: {out} holds the outputs of `fundus degrade` (its manifest.json), not of `fundus grade`" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run("degrade", photos, out, "--quiet", "--overwrite") == 0  # its own folder: replaced as before
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args_for_run(tiny), "--overwrite") == 2
+    assert "holds the outputs of `fundus degrade`" in capsys.readouterr().err
+
+
+def tiny_args_for_run(tiny):
+    from tests.test_run import tiny_args
+
+    return tiny_args(tiny, "--steps", "grade")
