@@ -52,6 +52,11 @@ def usage_error(e: ValidationError) -> UsageError:
     return UsageError(f"invalid {line}" if _field_parts(e) else line)
 
 
+#: The largest ``--correction-sigma``: the side of the network's frame (512 px); a wider Gaussian is a mean over the
+#: FOV already, and one of 1e9 px had OpenCV build a kernel of gigabytes (campaign 27a F1: killed for memory).
+MAX_CORRECTION_SIGMA = 512.0
+
+
 class StageConfig(BaseModel):
     # NaN and infinities are refused with "Input should be a finite number" (a NaN passes no bound check)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -164,7 +169,7 @@ class EnhanceConfig(NetworkStageConfig):
     weights: str = "cofe_add_seg"
     arch: str | None = None
     transfer: Literal["auto", "upsample", "residual"] = "auto"  # auto: the weights' manifest choice
-    correction_sigma: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # None: the weights' manifest choice
+    correction_sigma: float | None = Field(None, ge=0.0, le=MAX_CORRECTION_SIGMA, allow_inf_nan=False)  # None: the weights' manifest choice
     keep_outside: bool = False
     vessel_stats: bool = True
     segmenter: str = "imff"
@@ -227,7 +232,7 @@ class RunConfig(StageConfig):
     enhance_arch: str | None = None
     enhance_batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass of the enhancer")
     transfer: Literal["auto", "upsample", "residual"] = "auto"
-    correction_sigma: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # None: the enhancement weights' manifest choice
+    correction_sigma: float | None = Field(None, ge=0.0, le=MAX_CORRECTION_SIGMA, allow_inf_nan=False)  # None: the enhancement weights' manifest choice
     keep_outside: bool = False
     score_weights: str = "sdmp"
     score_arch: str | None = None

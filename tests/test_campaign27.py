@@ -272,8 +272,8 @@ def test_the_library_functions_refuse_wrong_arguments_with_a_clear_type_or_value
     enhancer = build_model("cofe_tiny").eval()
     assert enhance_native(enhancer, rgb, fov, geometry, 64, "residual", sigma=2.0).shape == rgb.shape
     for size, sigma, geo, error, text in (
-        (64, float("nan"), geometry, ValueError, "sigma must be a finite number >= 0"),
-        (64, -1.0, geometry, ValueError, "sigma must be a finite number >= 0"),
+        (64, float("nan"), geometry, ValueError, "sigma must be a number in \\[0, 512\\]"),
+        (64, -1.0, geometry, ValueError, "sigma must be a number in \\[0, 512\\]"),
         (0, 0.0, geometry, ValueError, "size must be a whole multiple of the network's 32"),
         (100, 0.0, geometry, ValueError, "size must be a whole multiple of the network's 32"),
         (64, 0.0, None, TypeError, "geometry must be a FovGeometry"),
@@ -358,3 +358,20 @@ def tiny_args_for_run(tiny):
     from tests.test_run import tiny_args
 
     return tiny_args(tiny, "--steps", "grade")
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F1
+def test_a_correction_sigma_beyond_the_frame_is_a_usage_error(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """27a F1: --correction-sigma had no upper bound: 1e9 had OpenCV build a kernel of gigabytes (killed for memory,
+    no message), 1e5 took minutes for two small photographs."""
+    from fundus_pipeline.stages.enhance import smooth_correction
+
+    for argv in (["enhance", photos, tmp_path / "e", "--weights", tiny["cofe_tiny"], "--arch", "cofe_tiny", "--no-vessel-stats"],
+                 ["run", photos, tmp_path / "r", *tiny_args_for_run(tiny)]):
+        capsys.readouterr()
+        assert run(*argv, "--correction-sigma", "1e9") == 2
+        assert "correction-sigma" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()
+    c = np.zeros((8, 8, 3), np.float32)
+    with pytest.raises(ValueError, match="at most 512"):
+        smooth_correction(c, c, np.ones((8, 8), bool), 1e9)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from fundus_pipeline.canonical import CanonicalFrame
-from fundus_pipeline.config import EnhanceConfig
+from fundus_pipeline.config import MAX_CORRECTION_SIGMA, EnhanceConfig
 from fundus_pipeline.io import LUMA, from_float_rgb, to_float_rgb
 from fundus_pipeline.stages.base import ItemInput, ItemOutput, Stage
 
@@ -86,6 +86,8 @@ def smooth_correction(c_in: np.ndarray, c_out: np.ndarray, c_fov: np.ndarray, si
     and PSNR (README, "Enhancement results")."""
     if sigma <= 0:
         return c_out
+    if not sigma <= MAX_CORRECTION_SIGMA:  # (the option's range; a kernel of a huge sigma takes gigabytes)
+        raise ValueError(f"the correction's sigma must be at most {MAX_CORRECTION_SIGMA:g}, got {sigma!r}")
     import cv2
 
     m = c_fov.astype(np.float32)
@@ -131,8 +133,8 @@ def enhance_native(model, rgb: np.ndarray, fov_mask: np.ndarray, geometry: "FovG
     divisor = int(getattr(model, "size_divisor", 1))
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < divisor or size % divisor:
         raise ValueError(f"size must be a whole multiple of the network's {divisor} (output_rules(spec) gives the weights' own), got {size!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)) or not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0 (0: no low-pass; output_rules(spec) gives the weights' own), got {sigma!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)) or not (math.isfinite(sigma) and 0 <= sigma <= MAX_CORRECTION_SIGMA):
+        raise ValueError(f"sigma must be a number in [0, {MAX_CORRECTION_SIGMA:g}] (0: no low-pass; output_rules(spec) gives the weights' own), got {sigma!r}")
     frame, masked, c_in, c_fov = canonical_input(rgb, fov_mask, geometry, size)
     (c_out,) = run_network(model, [c_in], device)
     return to_native(frame, masked, c_in, smooth_correction(c_in, c_out, c_fov, sigma), c_fov, fov_mask, transfer)
