@@ -375,3 +375,20 @@ def test_a_correction_sigma_beyond_the_frame_is_a_usage_error(photos, tmp_path, 
     c = np.zeros((8, 8, 3), np.float32)
     with pytest.raises(ValueError, match="at most 512"):
         smooth_correction(c, c, np.ones((8, 8), bool), 1e9)
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F3
+def test_a_photograph_too_dark_for_a_field_of_view_is_told_so(tmp_path, tiny, capsys):  # noqa: F811
+    """27a F3: a photograph under-exposed to 5% of its levels (its surround pure black) failed with "no dark surround"."""
+    from tests.conftest import synthetic_fundus
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    a = synthetic_fundus(96, 96, 0).astype(np.float64)
+    Image.fromarray(np.round(a * 0.05).astype(np.uint8)).save(folder / "dim.png")
+    Image.fromarray(np.full((96, 96, 3), 128, np.uint8)).save(folder / "flat.png")
+    out = tmp_path / "e"
+    assert run("enhance", folder, out, "--weights", tiny["cofe_tiny"], "--arch", "cofe_tiny", "--no-vessel-stats", "--quiet") == 3
+    rows = rows_of(out / "results.csv")
+    assert "too dark to tell its field of view from the surround" in rows["dim"]["error"], rows["dim"]["error"]
+    assert "no dark surround" in rows["flat"]["error"]

@@ -279,8 +279,21 @@ class Stage(ABC):
     def require_fov(self, item: ItemInput) -> Fov:
         """The item's FOV, refusing photographs without a circular field of view."""
         if item.fov is None or not item.fov.found:
-            raise InputError(f"no fundus field of view found (no dark surround){self.no_fov_hint}")
+            raise InputError(f"no fundus field of view found ({_no_fov_reason(item.image.array)}){self.no_fov_hint}")
         return item.fov
+
+
+def _no_fov_reason(array: np.ndarray) -> str:
+    """Why no FOV was found, as far as the photograph shows it: too dark to tell the field from its surround (a
+    badly under-exposed photograph had been told it has no dark surround; campaign 27a F3), or no dark surround."""
+    a = array[..., :3] if array.ndim == 3 and array.shape[2] >= 3 else (array[..., 0] if array.ndim == 3 else array)
+    if a.size == 0:
+        return "no dark surround"
+    top = float(np.percentile(a[:: max(1, a.shape[0] // 512), :: max(1, a.shape[1] // 512)], 99)) / (65535 if a.dtype == np.uint16 else 255)
+    if top < 0.1:
+        return (f"the photograph is too dark to tell its field of view from the surround: its brightest 1% lies at "
+                f"{top:.1%} of full scale")
+    return "no dark surround"
 
 
 class NetworkStage(Stage):
