@@ -173,7 +173,14 @@ class EnhanceConfig(NetworkStageConfig):
     keep_outside: bool = False
     vessel_stats: bool = True
     segmenter: str = "imff"
+    segmenter_arch: str | None = None  # for segmenter weights not in the manifest (campaign 27a F4: none could be used)
     batch_size: int = Field(1, ge=1, le=256, description="photographs per forward pass")
+
+    @model_validator(mode="after")
+    def _segmenter_used(self):
+        if not self.vessel_stats and (self.segmenter != "imff" or self.segmenter_arch is not None):  # (27a F13: not checked, unused)
+            raise ValueError("--segmenter and --segmenter-arch choose the vessel-fraction columns' segmenter: drop them with --no-vessel-stats")
+        return self
 
 
 class ScoreConfig(NetworkStageConfig):

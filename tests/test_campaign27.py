@@ -392,3 +392,22 @@ def test_a_photograph_too_dark_for_a_field_of_view_is_told_so(tmp_path, tiny, ca
     rows = rows_of(out / "results.csv")
     assert "too dark to tell its field of view from the surround" in rows["dim"]["error"], rows["dim"]["error"]
     assert "no dark surround" in rows["flat"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F4, F13
+def test_enhance_takes_a_segmenter_of_ones_own_with_its_architecture(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """27a F4: a --segmenter file not in the manifest could not be used: the hint said --arch, which names the
+    enhancer's architecture. F13: --segmenter was not checked, unused, with --no-vessel-stats."""
+    enh = ("--weights", tiny["cofe_tiny"], "--arch", "cofe_tiny", "--device", "cpu", "--quiet")
+    capsys.readouterr()
+    assert run("enhance", photos, tmp_path / "a", *enh, "--segmenter", tiny["imff_tiny"]) == 1
+    assert "name the architecture with --segmenter-arch (e.g. --segmenter-arch imff)" in capsys.readouterr().err
+    assert run("enhance", photos, tmp_path / "b", *enh, "--segmenter", tiny["imff_tiny"], "--segmenter-arch", "imff_tiny") == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["config"]["segmenter"]["sha256"] and all(r["status"] == "ok" for r in rows_of(tmp_path / "b" / "results.csv").values())
+    assert run("enhance", photos, tmp_path / "c", *enh, "--no-vessel-stats", "--segmenter", "sdmp") == 2
+    assert "drop them with --no-vessel-stats" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    capsys.readouterr()
+    assert run("enhance", photos, tmp_path / "d", "--weights", tiny["cofe_tiny"], "--no-vessel-stats") == 1
+    assert "(e.g. --arch cofe_add)" in capsys.readouterr().err  # an enhancer's example, not a segmenter's

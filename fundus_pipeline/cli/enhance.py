@@ -25,6 +25,7 @@ def enhance(
     keep_outside: Annotated[bool, flag("--keep-outside", help="Pass the pixels outside the field of view through (default: 0 there).")] = default(EnhanceConfig, "keep_outside"),
     vessel_stats: Annotated[bool, typer.Option("--vessel-stats/--no-vessel-stats", help="Segment before and after for the vessel-fraction columns (two segmenter passes per image).")] = default(EnhanceConfig, "vessel_stats"),
     segmenter: Annotated[str, typer.Option("--segmenter", help="Segmentation weights behind the vessel-fraction columns.")] = default(EnhanceConfig, "segmenter"),
+    segmenter_arch: Annotated[Optional[str], typer.Option("--segmenter-arch", help="The architecture of --segmenter weights not in weights/manifest.json (e.g. imff).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Photographs per forward pass (more is faster on a GPU; outputs within one code value).")] = default(EnhanceConfig, "batch_size"),
     threads: Threads = None,
     workers: Workers = 1,
@@ -43,6 +44,6 @@ def enhance(
     from fundus_pipeline.stages.enhance import EnhanceStage
 
     cfg = EnhanceConfig.build(weights=weights, arch=arch, device=device, precision=precision, compile=compile, transfer=transfer, correction_sigma=correction_sigma,
-                              keep_outside=keep_outside, vessel_stats=vessel_stats, segmenter=segmenter, batch_size=batch_size)
+                              keep_outside=keep_outside, vessel_stats=vessel_stats, segmenter=segmenter, segmenter_arch=segmenter_arch, batch_size=batch_size)
     run_stage_command(lambda: EnhanceStage(cfg), in_dir, out_dir, overwrite=overwrite, resume=resume, workers=workers, threads=threads, quiet=quiet, fmt=fmt,
                       engine=engine, address=address)

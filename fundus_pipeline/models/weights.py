@@ -249,9 +249,14 @@ def load_weights_checked(model: torch.nn.Module, path: Path, what: str = "", *, 
     model.load_state_dict(sd, strict=not new)
 
 
+#: An architecture of each task, for the hint of weights not in the manifest (campaign 27a F4: an enhancer's hint
+#: named a segmenter's).
+_ARCH_EXAMPLE = {"segmentation": "imff", "enhancement": "cofe_add", "quality": "sdmp", "grading": "hemf"}
+
+
 def load_model(
     weights: str | Path, *, arch: str | None = None, device: str | torch.device = "cpu", task: str | None = None, shared: bool = False,
-    compile: bool = False,
+    compile: bool = False, arch_option: str = "--arch",
 ) -> tuple[torch.nn.Module, LoadedWeights]:
     """Build the architecture, load verified weights; return (model in eval mode, ``LoadedWeights``).
 
@@ -260,7 +265,8 @@ def load_model(
     another task (e.g. enhancement weights given to ``fundus segment``). ``shared``: an inference-only caller
     (a stage) gets the model this process already loaded from the same bytes for the same device, if any,
     instead of a new copy; callers that may modify the model (training, the Python API) get their own.
-    ``compile``: ``torch.compile`` the model's inference entry points (:func:`compile_model`).
+    ``compile``: ``torch.compile`` the model's inference entry points (:func:`compile_model`). ``arch_option``:
+    the command-line option that gives ``arch``, named in the hint for weights not in the manifest.
     """
     from fundus_pipeline.models.registry import build_model, get_entry
 
@@ -272,7 +278,8 @@ def load_model(
         if not arch:
             raise WeightsError(
                 f"{path} (sha256 {digest[:12]}...) is not listed in {weights_dir() / 'manifest.json'}",
-                "for weights you trained yourself, name the architecture with --arch (e.g. --arch imff)",
+                f"for weights you trained yourself, name the architecture with {arch_option} (e.g. {arch_option} "
+                f"{_ARCH_EXAMPLE.get(task or '', 'imff')})",
             )
         model_name = arch
     elif arch and arch != spec.model:

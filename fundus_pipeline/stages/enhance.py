@@ -220,8 +220,8 @@ class EnhanceStage(Stage):
                                       compile=self.cfg.compile)
         seg = None
         if self.cfg.vessel_stats:
-            seg, self.seg_spec = load_model(self.cfg.segmenter, device=self.device, task="segmentation", shared=True,
-                                            compile=self.cfg.compile)
+            seg, self.seg_spec = load_model(self.cfg.segmenter, arch=self.cfg.segmenter_arch, device=self.device, task="segmentation",
+                                            shared=True, compile=self.cfg.compile, arch_option="--segmenter-arch")
         self._models = (model, seg)
 
     def setup(self) -> None:
