@@ -411,3 +411,31 @@ def test_enhance_takes_a_segmenter_of_ones_own_with_its_architecture(photos, tmp
     capsys.readouterr()
     assert run("enhance", photos, tmp_path / "d", "--weights", tiny["cofe_tiny"], "--no-vessel-stats") == 1
     assert "(e.g. --arch cofe_add)" in capsys.readouterr().err  # an enhancer's example, not a segmenter's
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F5
+def test_score_refuses_a_reference_that_cannot_be_the_enhanced_photographs(tmp_path, tiny):  # noqa: F811
+    """27a F5: an all-black reference scored 0.27, a reference shifted by 40 px 0.818 and a grey enhanced photograph
+    against a colour reference 0.739, with status ok: only the sizes were compared."""
+    from tests.conftest import synthetic_fundus
+
+    enh, ref = tmp_path / "e", tmp_path / "r"
+    enh.mkdir()
+    ref.mkdir()
+    photo = synthetic_fundus(128, 128, 3)
+    for name in ("good", "black", "shifted", "grey"):
+        Image.fromarray(photo).save(enh / f"{name}.png")
+    Image.fromarray(photo).save(ref / "good.png")
+    Image.fromarray(np.zeros_like(photo)).save(ref / "black.png")
+    shifted = np.roll(photo, 30, axis=1)
+    shifted[:, :30] = 0
+    Image.fromarray(shifted).save(ref / "shifted.png")
+    Image.fromarray(photo).convert("L").save(enh / "grey.png")
+    Image.fromarray(photo).save(ref / "grey.png")
+    out = tmp_path / "s"
+    assert run("score", enh, out, "--reference", ref, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu", "--quiet") == 3
+    rows = rows_of(out / "results.csv")
+    assert rows["good"]["status"] == "ok"
+    assert "the reference is blank inside the field of view" in rows["black"]["error"]
+    assert "the reference's field of view is not where the enhanced photograph's is (centres 30 px apart" in rows["shifted"]["error"]
+    assert "the enhanced photograph is grey and its reference in colour" in rows["grey"]["error"]

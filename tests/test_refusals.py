@@ -200,7 +200,7 @@ def test_a_refused_overwrite_leaves_the_folder_as_it_was(photos, tmp_path, tiny,
     assert run("degrade", photos, stage_out, "--quiet") == 0
     before = _listing(stage_out)
     assert run("run", photos, stage_out, *tiny_args(tiny, "--overwrite")) == 2
-    assert "no manifest.json of a `fundus run`" in _err(capsys) and _listing(stage_out) == before
+    assert "holds the outputs of `fundus degrade` (its manifest.json), not of `fundus run`" in _err(capsys) and _listing(stage_out) == before
     # a fundus run's own folder is still replaced
     out = tmp_path / "out"
     assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--no-report")) == 0

@@ -56,6 +56,7 @@ class ScoreStage(NetworkStage):
         enh, ref = item.image, item.images["reference"]
         if (ref.meta.height, ref.meta.width) != (enh.meta.height, enh.meta.width):
             raise InputError(f"size mismatch: enhanced {enh.meta.width}x{enh.meta.height}, reference {ref.meta.width}x{ref.meta.height}")
+        check_pair(enh, ref, fov)
         return score_frames(enh, ref, fov, self.size)
 
     def compute(self, item: ItemInput) -> ItemOutput:
@@ -77,6 +78,43 @@ class ScoreStage(NetworkStage):
                 fields.update(score_input=round(own[0], 6), score_input_spread=round(own[1], 6))
             outs.append(ItemOutput({}, fields))
         return outs
+
+
+#: How far the reference's field of view may lie from the enhanced photograph's (centre offset, and radius
+#: difference, as fractions of its radius) before the pair is refused: an enhancement keeps the field where it
+#: was (measured: at most 1.2% between DRIVE/HRF photographs and their Cofe-Net and clinical degradations).
+FOV_TOLERANCE = 0.1
+
+
+def check_pair(enh, ref, fov) -> None:
+    """An ``InputError`` for a reference that cannot be the photograph the enhanced one was made from (campaign
+    27a F5: they were scored, an all-black reference at 0.27): one of another layout (grey against colour), one
+    blank inside the field of view, or one whose own field of view lies elsewhere (a shifted or another
+    photograph). A reference whose field of view is not found (a hazy degradation) is checked for blankness only."""
+    from fundus_pipeline.stages.base import Fov
+
+    if (enh.meta.mode in ("gray", "graya")) != (ref.meta.mode in ("gray", "graya")):
+        raise InputError(f"the enhanced photograph is {_layout(enh)} and its reference {_layout(ref)}: an enhancement keeps "
+                         "the layout, so this is not its pair (or convert one of them)")
+    own = Fov.estimate_image(ref)
+    if own.found:
+        g, h = fov.geometry, own.geometry
+        off, dr = math.hypot(h.cx - g.cx, h.cy - g.cy) / g.radius, abs(h.radius / g.radius - 1)
+        if off > FOV_TOLERANCE or dr > FOV_TOLERANCE:
+            raise InputError(f"the reference's field of view is not where the enhanced photograph's is (centres "
+                             f"{math.hypot(h.cx - g.cx, h.cy - g.cy):.0f} px apart, radii {g.radius:.0f} and {h.radius:.0f} px): "
+                             "not the photograph it was made from?")
+        return
+    step = max(1, max(ref.meta.height, ref.meta.width) // 512)
+    a, m = ref.array[::step, ::step], fov.mask[::step, ::step]
+    inside = a[m] if a.ndim == 2 else a[m][:, : min(3, a.shape[2])]
+    if inside.size and inside.min() == inside.max():
+        raise InputError(f"the reference is blank inside the field of view (every pixel at level {int(inside.min())}): "
+                         "not the photograph the enhanced one was made from")
+
+
+def _layout(image) -> str:
+    return "grey" if image.meta.mode in ("gray", "graya") else "in colour"
 
 
 def score_frames(enh, ref, fov, size: int) -> tuple[np.ndarray, np.ndarray]:
