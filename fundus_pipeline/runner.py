@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -708,6 +709,7 @@ class WorkItem:
     key: str
     path: Path
     extra: dict[str, Path | None] = field(default_factory=dict)
+    near: dict[str, str] = field(default_factory=dict)  # role: a key there differing from this one only in case or Unicode form
 
 
 def check_parallelism(workers: int, threads: int | None) -> None:
@@ -968,7 +970,9 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
         row["input_colour_profile"] = images["image"].meta.colour_profile
     for role, path in sorted(work.extra.items()):
         if path is None:
-            raise InputError(f"no {role} image with the key {work.key!r}")
+            like = work.near.get(role)
+            raise InputError(f"no {role} image with the key {work.key!r}" + (
+                f"; its key {like!r} differs from it only in case or Unicode form (rename one of them)" if like else ""))
         info = {}
         try:
             images[role] = decode(path, info)
@@ -1365,7 +1369,19 @@ def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Ext
     empty = next((r for r in roles if not isinstance(extra_dirs[r], dict) and not found[r]), None)
     if empty is not None:  # every item would fail: a wrong folder, not a per-item problem
         raise UsageError(f"no images found in the --{empty} folder {extra_dirs[empty]} (supported: {', '.join(e.lstrip('.') for e in SUPPORTED_EXTENSIONS)})")
-    return [WorkItem(it.key, it.path, {role: found[role].get(it.key) for role in roles}) for it in items]
+    # a key there that differs only in case or Unicode form (a name copied from macOS, NFD) is named in the item's
+    # error (campaign 27a F6: "no reference image with the key 'café'" beside a file that looks the same)
+    folded = {role: {} for role in roles}
+    for role in roles:
+        for k in found[role]:
+            folded[role].setdefault(_fold(k), k)
+    return [WorkItem(it.key, it.path, {role: found[role].get(it.key) for role in roles},
+                     {role: folded[role][_fold(it.key)] for role in roles if it.key not in found[role] and _fold(it.key) in folded[role]})
+            for it in items]
+
+
+def _fold(key: str) -> str:
+    return unicodedata.normalize("NFC", key).casefold()
 
 
 def _extra_record(value: ExtraInput) -> str:

@@ -439,3 +439,27 @@ def test_score_refuses_a_reference_that_cannot_be_the_enhanced_photographs(tmp_p
     assert "the reference is blank inside the field of view" in rows["black"]["error"]
     assert "the reference's field of view is not where the enhanced photograph's is (centres 30 px apart" in rows["shifted"]["error"]
     assert "the enhanced photograph is grey and its reference in colour" in rows["grey"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F6
+def test_a_partner_whose_name_differs_only_in_case_or_unicode_form_is_named(tmp_path, tiny):  # noqa: F811
+    """27a F6: "no reference image with the key 'café'" beside a reference café.png written in NFD (as macOS names
+    files), or 'Case' beside case.png: the message read as if it named a file that is there."""
+    import unicodedata
+
+    from tests.conftest import synthetic_fundus
+
+    enh, ref = tmp_path / "e", tmp_path / "r"
+    enh.mkdir()
+    ref.mkdir()
+    photo = Image.fromarray(synthetic_fundus(96, 96, 1))
+    photo.save(enh / "caf\u00e9.png")
+    photo.save(ref / (unicodedata.normalize("NFD", "caf\u00e9") + ".png"))
+    photo.save(enh / "Case.png")
+    photo.save(ref / "case.png")
+    out = tmp_path / "s"
+    assert run("score", enh, out, "--reference", ref, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu", "--quiet") == 3
+    rows = rows_of(out / "results.csv")
+    nfd = unicodedata.normalize("NFD", "caf\u00e9")
+    assert rows["caf\u00e9"]["error"] == f"no reference image with the key 'caf\u00e9'; its key {nfd!r} differs from it only in case or Unicode form (rename one of them)"
+    assert rows["Case"]["error"].endswith("its key 'case' differs from it only in case or Unicode form (rename one of them)")
