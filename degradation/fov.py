@@ -220,6 +220,8 @@ def _geometry_from_work_mask(
     r = r + 0.5
     if not np.isfinite(r) or r < 0.2 * min(hs, ws) or r > 1.5 * max(hs, ws):
         return None
+    if not (0 <= cx < ws and 0 <= cy < hs):  # a field whose centre lies outside the picture (a squashed 1024x32 strip:
+        return None  # campaign 27a F7); none of the 1,825 photographs of ../shared/data has one
     if keep.sum() < 20:
         return None
     # spread of kept points around the centre: an arc shorter than ~60 degrees cannot pin the circle
