@@ -112,6 +112,7 @@ def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageIte
     # strings: os.scandir keeps each entry's path as root_s + sep + ... (pathlib would normalise "./"). The
     # folders themselves first, in name order; the ones reached through a link after them (campaign 17b F6)
     stack, linked = [(root_s, False)], []
+    own = _fundus_tables(root)  # a stage's output folder read as input (enhance -> score): its own tables are no news
     while stack or linked:
         folder, via_link = stack.pop() if stack else linked.pop(0)
         real = os.path.realpath(folder)
@@ -136,8 +137,9 @@ def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageIte
                 pass  # a symbolic link loop: an item below if it has an image's name (read_image says why it fails)
             stem, ext = os.path.splitext(entry.path)  # strings: pathlib costs more than the scan itself on 100,000 files
             if ext.lower() not in SUPPORTED_EXTENSIONS:
-                kind = ext.lower() or "(none)"
-                other[kind] = other.get(kind, 0) + 1
+                if not (folder == root_s and entry.name in own):
+                    kind = ext.lower() or "(none)"
+                    other[kind] = other.get(kind, 0) + 1
                 continue
             path = Path(entry.path)
             key = stem[len(prefix):].replace(os.sep, "/")  # entry paths are root_s + sep + ...
@@ -152,6 +154,17 @@ def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageIte
     if notes is not None:
         _discovery_notes(notes, found, other, again)
     return [found[key] for key in sorted(found)]
+
+
+def _fundus_tables(folder: Path) -> tuple[str, ...]:
+    """``manifest.json`` and ``results.csv`` when ``folder`` holds a manifest that fundus wrote (campaign 27a F12:
+    scoring an enhance folder noted them as files not read, every time), else ()."""
+    try:
+        with open(folder / "manifest.json", "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ()
+    return ("manifest.json", "results.csv") if b'"name": "fundus-pipeline"' in head else ()
 
 
 def _discovery_notes(notes: list[str], found: dict[str, ImageItem], other: dict[str, int], again: list[tuple[str, str]]) -> None:

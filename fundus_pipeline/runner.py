@@ -261,6 +261,8 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
         raise UsageError(f"cannot resolve {out_dir} or {in_path}: {getattr(e, 'strerror', None) or e}") from None
     if src.is_dir() and (dst == src or _is_relative_to(dst, src)):
         raise UsageError(f"output folder {out_dir} is the input folder or inside it; choose a folder outside {in_path}")
+    if dst.exists() and not dst.is_dir():  # (before the next check: `enhance x.png x.png` is about this; campaign 27a F10)
+        raise UsageError(f"output path exists and is not a folder: {out_dir}")
     if src == dst or _is_relative_to(src, dst):
         # a folder too: the run would write over its files, and --overwrite remove them with the run's folders
         what = "input folder" if src.is_dir() else "input"
@@ -272,8 +274,6 @@ def check_run_paths(in_path: Path, out_dir: Path, *, overwrite: bool, resume: bo
             if inputs.kind == "list":
                 raise UsageError(f"listed input {inside} lies inside the output folder {out_dir}; choose another output folder")
             raise UsageError(f"input {inside} lies inside the output folder {out_dir} through a symbolic link; remove the link or choose another output folder")
-    if dst.exists() and not dst.is_dir():
-        raise UsageError(f"output path exists and is not a folder: {out_dir}")
     non_empty = dst.exists() and not is_empty(dst)
     if non_empty and not (overwrite or resume):
         raise UsageError(f"output folder {out_dir} is not empty; pass --resume to continue a run or --overwrite to replace its outputs")

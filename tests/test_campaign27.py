@@ -463,3 +463,20 @@ def test_a_partner_whose_name_differs_only_in_case_or_unicode_form_is_named(tmp_
     nfd = unicodedata.normalize("NFD", "caf\u00e9")
     assert rows["caf\u00e9"]["error"] == f"no reference image with the key 'caf\u00e9'; its key {nfd!r} differs from it only in case or Unicode form (rename one of them)"
     assert rows["Case"]["error"].endswith("its key 'case' differs from it only in case or Unicode form (rename one of them)")
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F10, F12
+def test_an_output_that_is_the_input_file_and_a_stage_folders_own_tables_as_input(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """27a F10: `enhance x.png x.png` said the input lies inside the output folder (it is a file, no folder). F12: scoring
+    an enhance folder noted its own manifest.json and results.csv as files not read, every time."""
+    enh = ("--weights", tiny["cofe_tiny"], "--arch", "cofe_tiny", "--device", "cpu", "--no-vessel-stats")
+    capsys.readouterr()
+    assert run("enhance", photos / "p0.png", photos / "p0.png", *enh, "--quiet") == 2
+    assert f"output path exists and is not a folder: {photos / 'p0.png'}" in capsys.readouterr().err
+    out = tmp_path / "e"
+    assert run("enhance", photos, out, *enh, "--quiet") == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert run("score", out, tmp_path / "s", "--reference", photos, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu") == 0
+    err = capsys.readouterr().err
+    assert "note: 1 file with other extensions not read (.txt 1)" in err, err
