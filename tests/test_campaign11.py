@@ -393,6 +393,7 @@ def test_a_full_disk_while_an_image_is_written_stops_the_stage(tmp_path, monkeyp
     assert cli_main(args) == 1  # was: 3
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Hint: free space" in err
+    assert err.count("No space left on device") == 1, err  # said once (campaign 27a F9: the row's error line, then the same again)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "stopped" and len(calls) == 2  # was: finished, every later photograph tried
     monkeypatch.setattr(runner, "write_image_atomic", real)
