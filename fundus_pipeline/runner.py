@@ -654,8 +654,8 @@ def config_change(old: object, now: object) -> str:
     now = json.loads(json.dumps(now, default=str))  # as a manifest records it
     diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
 
-    def said(k: str) -> str:
-        a, b = json.dumps(old.get(k), default=str), json.dumps(now.get(k), default=str)
+    def said(k: str) -> str:  # a key one side does not record is its default there (campaign 27a F11: it read "null")
+        a, b = (json.dumps(c[k], default=str) if k in c else "the default" for c in (old, now))
         return f"{k}: {a} there, {b} now" if max(len(a), len(b)) <= 40 else f"{k} differs{_DIFFERS.get(k, '')}"
 
     parts = sorted((said(k) for k in diff), key=lambda t: t.endswith(" differs"))  # the plain values first

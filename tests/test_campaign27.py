@@ -480,3 +480,15 @@ def test_an_output_that_is_the_input_file_and_a_stage_folders_own_tables_as_inpu
     assert run("score", out, tmp_path / "s", "--reference", photos, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu") == 0
     err = capsys.readouterr().err
     assert "note: 1 file with other extensions not read (.txt 1)" in err, err
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F11
+def test_a_refused_resume_says_the_default_where_one_side_records_none(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """27a F11: a setting recorded only when not at its default read "null there" (input_score: null there, true now)."""
+    args = ("--reference", photos, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny", "--device", "cpu", "--quiet")
+    out = tmp_path / "s"
+    assert run("score", photos, out, *args) == 0
+    capsys.readouterr()
+    assert run("score", photos, out, *args, "--input-score", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "(input_score: the default there, true now)" in err and "null" not in err, err
