@@ -492,3 +492,27 @@ def test_a_refused_resume_says_the_default_where_one_side_records_none(photos, t
     assert run("score", photos, out, *args, "--input-score", "--resume") == 2
     err = capsys.readouterr().err
     assert "(input_score: the default there, true now)" in err and "null" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27a F14
+def test_a_stop_signal_after_the_command_ended_keeps_its_exit_status(tmp_path):
+    """27a F14: a SIGTERM arriving after a finished run had printed its summary (while the interpreter shut down) made
+    the exit status 143. Simulated deterministically: the signal is sent as the command exits."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "t.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "real = sys.exit\n"
+        "def exit_with_a_stop(code):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    real(code)\n"
+        "sys.exit = exit_with_a_stop\n"
+        "sys.argv = ['fundus', '--version']\n"
+        "from fundus_pipeline.cli.app import main\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.strip()  # what it printed is kept

@@ -219,6 +219,14 @@ def _os_error(e: OSError, argv: list[str] | None) -> int:
     return _internal_error(e)
 
 
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` at once, what it printed flushed first (``os._exit`` skips the buffers)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # (a flush interrupted mid-write may refuse: reentrant call)
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: never shows a traceback unless FUNDUS_DEBUG=1."""
     import fundus_pipeline.cli  # noqa: F401  (registers every command)
@@ -256,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         import signal
 
+        from fundus_pipeline.runner import STOP_SIGNALS
+
         # the command has ended and said how: a Ctrl-C while the interpreter shuts down (worker pools, Ray)
-        # would make the exit status 130 although the summary and the manifest say otherwise
+        # would make the exit status 130 although the summary and the manifest say otherwise; a SIGTERM or SIGHUP
+        # then (a scheduler's stop) ends the process at once with the command's own status (it was 143 after a
+        # finished run's summary; campaign 27a F14)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in STOP_SIGNALS:
+            signal.signal(s, lambda signum, frame, code=code: _exit_now(code))
         sys.exit(code)
     return code
