@@ -354,10 +354,10 @@ def test_a_stage_does_not_resume_or_overwrite_a_folder_another_stage_wrote(photo
     assert "holds the outputs of `fundus degrade`" in capsys.readouterr().err
 
 
-def tiny_args_for_run(tiny):
+def tiny_args_for_run(weights):
     from tests.test_run import tiny_args
 
-    return tiny_args(tiny, "--steps", "grade")
+    return tiny_args(weights, "--steps", "grade")
 
 
 # ------------------------------------------------------------------------------------------------ campaign 27a F1
