@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fundus_pipeline.errors import UsageError
@@ -55,6 +56,14 @@ def usage_error(e: ValidationError) -> UsageError:
 #: The largest ``--correction-sigma``: the side of the network's frame (512 px); a wider Gaussian is a mean over the
 #: FOV already, and one of 1e9 px had OpenCV build a kernel of gigabytes (campaign 27a F1: killed for memory).
 MAX_CORRECTION_SIGMA = 512.0
+
+
+def _single_precision(t: float | None) -> float | None:
+    """A vessel threshold the probability maps (single precision) can tell from 0 and 1: 1e-300 rounded to 0 and
+    painted every pixel a vessel, outside the field of view too (campaign 28a F5)."""
+    if t is not None and not (0.0 < float(np.float32(t)) < 1.0):
+        raise ValueError("rounds to 0 or 1 in the probability maps' single precision: give a value between 1e-6 and 0.999999")
+    return t
 
 
 class StageConfig(BaseModel):
@@ -134,7 +143,7 @@ class SegmentConfig(NetworkStageConfig):
 
     weights: str = "imff"
     arch: str | None = None
-    threshold: float | None = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
+    threshold: Annotated[float | None, AfterValidator(_single_precision)] = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
     tile: int = Field(1024, ge=0, description="tile side at the working scale; 0 = the whole image at once")
     overlap: int = Field(64, ge=0)
     overlay: bool = False
@@ -246,7 +255,7 @@ class RunConfig(StageConfig):
     score_batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass of the scorer")
     segment_weights: str = "imff"
     segment_arch: str | None = None
-    threshold: float | None = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
+    threshold: Annotated[float | None, AfterValidator(_single_precision)] = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
     report: bool = True
     thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
     workers: int = Field(1, ge=1, le=MAX_WORKERS)

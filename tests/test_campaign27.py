@@ -516,3 +516,23 @@ def test_a_stop_signal_after_the_command_ended_keeps_its_exit_status(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert r.stdout.strip()  # what it printed is kept
+
+
+# ------------------------------------------------------------------------------------------------ campaign 28a F1, F5
+def test_segment_warns_when_fov_full_meets_a_dark_surround_and_refuses_a_threshold_single_precision_loses(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """28a F1: `--fov full` on an uncropped photograph segmented the black surround (44% of DRIVE 01's "vessel" pixels)
+    with no warning. F5: `--threshold 1e-300` rounded to 0 in the float32 maps and painted every pixel a vessel."""
+    seg = ("--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu", "--quiet")
+    cropped = tmp_path / "cropped"
+    cropped.mkdir()
+    photo = np.asarray(Image.open(photos / "p0.png"))
+    Image.fromarray(photo[28:68, 36:76]).save(cropped / "c.png")  # inside the field only
+    assert run("segment", photos, tmp_path / "full", "--fov", "full", *seg) == 0
+    rows = rows_of(tmp_path / "full" / "results.csv")
+    assert all("a circular field of view in a dark surround was found" in r["warning"] for r in rows.values()), rows
+    assert run("segment", cropped, tmp_path / "cfull", "--fov", "full", *seg) == 0
+    assert "dark surround" not in rows_of(tmp_path / "cfull" / "results.csv")["c"]["warning"]
+    for t in ("1e-300", "0.9999999999"):
+        capsys.readouterr()
+        assert run("segment", photos, tmp_path / f"t{t}", "--threshold", t, *seg) == 2
+        assert "rounds to 0 or 1 in the probability maps' single precision" in capsys.readouterr().err

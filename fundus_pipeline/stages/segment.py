@@ -28,6 +28,19 @@ def plausibility_warning(vessel_fraction: float, surround_level: float) -> str:
     return "; ".join(why)
 
 
+def _uncropped(photo, image: np.ndarray) -> str:
+    """Under ``--fov full``: a warning when the photograph has a circular field of view in a dark surround after all
+    (it is not cropped to the retina, so the surround was segmented too: on DRIVE 01, 44% of the "vessel" pixels;
+    campaign 28a F1), else ""."""
+    from fundus_pipeline.stages.base import Fov
+
+    own = Fov.estimate_image(photo)
+    if not own.found or own.surround_level(image) > MAX_SURROUND_LEVEL:
+        return ""
+    return (f"a circular field of view in a dark surround was found ({own.mask.mean():.0%} of the frame): --fov full "
+            "segments the surround too; without it only the field is")
+
+
 class SegmentStage(NetworkStage):
     name = "segment"
     task = "segmentation"
@@ -83,20 +96,24 @@ class SegmentStage(NetworkStage):
             ov = base.copy()
             ov[vessels] = (0.35 * base[vessels] + 0.65 * np.array([0, 255, 64])).astype(np.uint8)
             images["_overlay"] = ov
-        return ItemOutput(images, self.fields(int((vessels & fov.mask).sum()), fov, scale, rgb))
+        return ItemOutput(images, self.fields(int((vessels & fov.mask).sum()), fov, scale, rgb, item.image))
 
-    def fields(self, n_vessel: int, fov, scale: float, image: np.ndarray) -> dict:
-        """The results.csv columns; ``image``: the float RGB or the integer colour planes (for the surround)."""
+    def fields(self, n_vessel: int, fov, scale: float, image: np.ndarray, photo=None) -> dict:
+        """The results.csv columns; ``image``: the float RGB or the integer colour planes (for the surround);
+        ``photo``: the decoded photograph (under ``--fov full``, its own field of view is looked for, for the warning)."""
         h, w = fov.mask.shape
         nf = int(fov.mask.sum())
         vf = n_vessel / max(nf, 1)
+        warning = plausibility_warning(vf, fov.surround_level(image) if self.cfg.fov == "estimate" else 0.0)
+        if self.cfg.fov == "full" and photo is not None:
+            warning = "; ".join(w for w in (warning, _uncropped(photo, image)) if w)
         return {
             "vessel_fraction": round(vf, 6),
             "fov_fraction": round(nf / (h * w), 6),
             "fov_found": fov.found and self.cfg.fov == "estimate",  # --fov full searches for none: the frame is taken as it is
             "scale": scale,
             "threshold": self.threshold,
-            "warning": plausibility_warning(vf, fov.surround_level(image) if self.cfg.fov == "estimate" else 0.0),
+            "warning": warning,
         }
 
     def compute_large(self, item: ItemInput, fov) -> ItemOutput:
@@ -130,4 +147,4 @@ class SegmentStage(NetworkStage):
         images = {"_vessels": vessels, "_prob": prob16}
         if overlay is not None:
             images["_overlay"] = overlay
-        return ItemOutput(images, self.fields(n_vessel, fov, scale, image.color))
+        return ItemOutput(images, self.fields(n_vessel, fov, scale, image.color, image))
