@@ -536,3 +536,33 @@ def test_segment_warns_when_fov_full_meets_a_dark_surround_and_refuses_a_thresho
         capsys.readouterr()
         assert run("segment", photos, tmp_path / f"t{t}", "--threshold", t, *seg) == 2
         assert "rounds to 0 or 1 in the probability maps' single precision" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ campaign 28a F2
+def test_a_small_or_squashed_photograph_is_graded_with_a_warning_a_run_keeps_apart(tmp_path, tiny):  # noqa: F811
+    """28a F2: a 32x32 thumbnail of DRIVE 01 was graded usable and a 30000x200 strip good (p 0.80), with no warning."""
+    from fundus_pipeline.report import split_warning, summary
+    from fundus_pipeline.stages.grade import GREY_WARNING
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import tiny_args
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic_fundus(96, 112, 0)).save(folder / "normal.png")
+    Image.fromarray(synthetic_fundus(96, 112, 1)).resize((32, 32), Image.BOX).save(folder / "thumb.png")
+    Image.fromarray(synthetic_fundus(96, 112, 2)).resize((900, 60), Image.BOX).save(folder / "strip.png")
+    out = tmp_path / "g"
+    assert run("grade", folder, out, "--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet") == 0
+    rows = rows_of(out / "results.csv")
+    assert rows["normal"]["warning"] == ""
+    assert rows["thumb"]["warning"].startswith("small photograph: 29 px across")  # its field of view
+    assert rows["strip"]["warning"].startswith("squashed frame: 900x60 without a field of view")
+    # in a run's joined table the grader's warnings stay apart from the segmenter's, and are counted apart from grey ones
+    seg = "implausible vessel fraction 0.394 (expected 0.03-0.25)"
+    joined = f"{GREY_WARNING}; {rows['thumb']['warning']}; {seg}"
+    assert split_warning(joined) == (f"{GREY_WARNING}; {rows['thumb']['warning']}", seg)
+    assert split_warning(f"{rows['strip']['warning']}; {seg}") == (rows["strip"]["warning"], seg)
+    page = summary([{"status": "ok", "warning": w} for w in (joined, rows["strip"]["warning"], seg, "")], False, False)
+    assert (page["grey"], page["unsure"], page["warnings"]) == (1, 2, 2)
+    assert run("run", folder, tmp_path / "r", *tiny_args(tiny, "--steps", "grade")) == 0
+    assert "2 small or squashed: grade to check by eye" in (tmp_path / "r" / "report.html").read_text()

@@ -256,24 +256,34 @@ def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, 
 
 
 def split_warning(text: Any) -> tuple[str, str]:
-    """A run table's ``warning`` cell as (the grader's warning, the segmenter's): the grader's comes first and
-    is the grey-photograph warning (``stages.grade.GREY_WARNING``), the rest is the segmenter's plausibility
+    """A run table's ``warning`` cell as (the grader's warnings, the segmenter's): the grader's come first (the
+    grey-photograph warning ``stages.grade.GREY_WARNING``, then a small or squashed photograph's, each beginning
+    as ``SMALL_WARNING`` / ``SQUASHED_WARNING`` does and holding no "; "), the rest is the segmenter's plausibility
     warning."""
-    from fundus_pipeline.stages.grade import GREY_WARNING
+    from fundus_pipeline.stages.grade import GREY_WARNING, SMALL_WARNING, SQUASHED_WARNING
 
-    text = str(text or "")
-    if text.startswith(GREY_WARNING):
-        return GREY_WARNING, text[len(GREY_WARNING) :].removeprefix("; ")
-    return "", text
+    rest, grade = str(text or ""), []
+    while True:
+        if rest.startswith(GREY_WARNING):
+            part = GREY_WARNING
+        elif rest.startswith((SMALL_WARNING, SQUASHED_WARNING)):
+            part = rest.split("; ", 1)[0]
+        else:
+            break
+        grade.append(part)
+        rest = rest[len(part) :].removeprefix("; ")
+    return "; ".join(grade), rest
 
 
 def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
     """Counts and figures for the top of the page (no thumbnails), in one pass over the rows."""
+    from fundus_pipeline.stages.grade import GREY_WARNING
+
     grades: Counter = Counter()
     flags: Counter = Counter()
     status: Counter = Counter()
     scores, gains, vf = [], [], []
-    n = enhanced = enhance_failed = used = segmented = warnings = grey = 0
+    n = enhanced = enhance_failed = used = segmented = warnings = grey = unsure = 0
     metrics = ["psnr", "ssim", "f1"] + (["f1_gt"] if truth else [])
     groups: dict[str, dict[str, Any]] = {}  # per degradation: counts and each metric's values
     for r in rows:
@@ -291,7 +301,8 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         segmented += bool(r.get("vessels_image"))
         grade_warning, segment_warning = split_warning(r.get("warning"))
         warnings += bool(segment_warning)
-        grey += bool(grade_warning)
+        grey += grade_warning.startswith(GREY_WARNING)
+        unsure += grade_warning.removeprefix(GREY_WARNING) != ""  # a small or squashed photograph's, besides or instead
         if simulate and r["status"] == "ok":
             g = groups.setdefault(r.get("degradation") or "?", {"n": 0, "enhanced": 0, "used": 0, "values": {}})
             g["n"] += 1
@@ -312,6 +323,7 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         "segmented": segmented,
         "warnings": warnings,
         "grey": grey,
+        "unsure": unsure,  # graded though small or squashed (stages.grade.frame_warning)
         "score_mean": _mean(scores),
         "gain_mean": _mean(gains),
         "vf_mean": _mean(vf),

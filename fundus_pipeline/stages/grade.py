@@ -76,6 +76,35 @@ def is_grey(frame: np.ndarray) -> bool:
     return bool(np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
 
 
+#: Below this field-of-view diameter (or, without a field of view, shorter side) in pixels a photograph is
+#: warned about: the graders learned from EyePACS-256 (fields about 240 px across) and larger photographs, and
+#: grade a 32-px thumbnail of DRIVE 01 usable (campaign 28a F2).
+MIN_GRADE_DIAMETER = 48
+
+#: Above this aspect ratio a frame without a field of view, squashed into the grader's square, is warned about
+#: (a 30000x200 strip was graded good, p 0.80; campaign 28a F2).
+MAX_GRADE_ASPECT = 2.0
+
+
+def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
+    """The ``warning`` of one graded photograph: grey, too small, or squashed ("" when none)."""
+    why = [GREY_WARNING] if is_grey(frame) else []
+    h, w = item.image.meta.height, item.image.meta.width
+    fov = item.fov
+    across = float(fov.geometry.diameter) if fov is not None and fov.found else float(min(h, w))
+    if across < MIN_GRADE_DIAMETER:
+        why.append(f"{SMALL_WARNING}{across:.0f} px across, far smaller than the photographs the graders learned from (check this grade by eye)")
+    if not (fov is not None and fov.found) and max(h, w) > MAX_GRADE_ASPECT * min(h, w):
+        why.append(f"{SQUASHED_WARNING}{w}x{h} without a field of view, squashed into the grader's square (this may not be a "
+                   "fundus photograph: check this grade by eye)")
+    return "; ".join(why)
+
+
+#: How the grader's other warnings begin (each holds no "; ", the separator of a run table's joined warnings).
+SMALL_WARNING = "small photograph: "
+SQUASHED_WARNING = "squashed frame: "
+
+
 class GradeStage(NetworkStage):
     name = "grade"
     task = "grading"
@@ -124,7 +153,7 @@ class GradeStage(NetworkStage):
         with torch.inference_mode():
             logits = self._model(to_device(torch.from_numpy(np.ascontiguousarray(x)), self.device)).float().cpu().numpy()
         pg, pf = grade_probabilities(logits, self.temperature)
-        return [ItemOutput({}, {**self.fields(item, g, f), "warning": GREY_WARNING if is_grey(fr) else ""}) for item, g, f, fr in zip(items, pg, pf, frames)]
+        return [ItemOutput({}, {**self.fields(item, g, f), "warning": frame_warning(item, fr)}) for item, g, f, fr in zip(items, pg, pf, frames)]
 
     def fields(self, item: ItemInput, pg: np.ndarray, pf: np.ndarray) -> dict:
         """The results.csv columns of one photograph from its grade and flag probabilities."""
