@@ -822,6 +822,7 @@ class Chain:
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3), "threads_used": res.threads_used,
                              **({"resume_notes": res.notes} if res.notes else {})}
+        self.worked |= res.counts.get("total", 0) > res.counts.get("skipped", 0)  # a row made now, not resumed
         self.interrupted |= res.interrupted
         return res.store  # the rows just written (and the resumed ones), without reading them back
 
@@ -872,10 +873,12 @@ class Chain:
             self._prepare_folder()
             remove_stale_temporaries(self.out, recursive=False)  # a killed run's tables (the stages sweep their folders)
             sweep_scratch()
-            # the record of the run this one resumes: put back if this one stops with an error (a stage refusing to
-            # resume, weights not found), since the joined table and the report it describes stay as they were
-            # (campaign 27b F1: a refused --resume left an empty "stopped" manifest in place of a finished run's)
+            # the record of the run this one resumes: put back if this one is refused before any stage made a row (a
+            # stage refusing to resume, weights not found), since the joined table and the report it describes stay
+            # as they were (campaign 27b F1: a refused --resume left an empty "stopped" manifest in place of a finished
+            # run's); once a row was made, "stopped" says what happened (review 27 R27-1)
             previous = self._previous_manifest() if self.resume else None
+            self.worked = False
             self._write_manifest(None, "running")
             if self.cfg.workers > 1 and self.engine is None:
                 self.pool = WorkerPool(self.cfg.workers, self.cfg.threads or default_threads(self.cfg.workers))
@@ -883,9 +886,9 @@ class Chain:
                 self._run_steps()
             except KeyboardInterrupt:
                 self.interrupted = True
-            except (FundusError, OSError):  # a full disk, say: the manifest says the run stopped (not "running")
+            except (FundusError, OSError) as e:  # a full disk, say: the manifest says the run stopped (not "running")
                 with contextlib.suppress(Exception):
-                    if previous is not None:
+                    if previous is not None and not self.worked and isinstance(e, (UsageError, WeightsError)):
                         write_bytes_atomic(self.out / "manifest.json", previous)
                     else:
                         self._write_manifest(None, "stopped")

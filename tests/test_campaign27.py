@@ -566,3 +566,29 @@ def test_a_small_or_squashed_photograph_is_graded_with_a_warning_a_run_keeps_apa
     assert (page["grey"], page["unsure"], page["warnings"]) == (1, 2, 2)
     assert run("run", folder, tmp_path / "r", *tiny_args(tiny, "--steps", "grade")) == 0
     assert "2 small or squashed: grade to check by eye" in (tmp_path / "r" / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ review 27 R27-1
+def test_a_resume_refused_after_a_stage_made_rows_is_recorded_stopped(tmp_path, tiny, monkeypatch):  # noqa: F811
+    """R27-1: the manifest of the resumed run was put back whatever the error, also after the grade step had graded
+    new photographs: the folder then read finished with the old counts, and fundus report made a page of it."""
+    from fundus_pipeline.errors import UsageError
+    from fundus_pipeline.stages import segment
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import tiny_args
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic_fundus(72, 80, 0)).save(folder / "a.png")
+    out = tmp_path / "r"
+    args = tiny_args(tiny, "--steps", "grade,segment")
+    assert run("run", folder, out, *args) == 0
+    Image.fromarray(synthetic_fundus(72, 80, 1)).save(folder / "b.png")
+
+    def refused(self, cfg):
+        raise UsageError("refused for the test")
+
+    monkeypatch.setattr(segment.SegmentStage, "__init__", refused)
+    assert run("run", folder, out, *args, "--resume") == 2
+    assert json.loads((out / "manifest.json").read_text())["status"] == "stopped"  # b was graded: not the old record
+    assert run("report", out) == 2
