@@ -594,7 +594,8 @@ def weights_used(cfg: RunConfig) -> dict[str, dict]:
     for step in cfg.steps:
         weights, arch, task = need[step]
         try:
-            _, spec = load_model(weights, arch=arch, device=device, task=task, shared=True, compile=cfg.compile)  # the stages' model
+            _, spec = load_model(weights, arch=arch, device=device, task=task, shared=True, compile=cfg.compile,  # the stages' model
+                                 arch_option=f"--{step}-arch")  # (review 27 R27-2: fundus run has no --arch)
         except WeightsError as e:
             raise WeightsError(f"{step} step: {e.message}", e.hint) from None
         out[step] = {"name": spec.name, "model": spec.model, "sha256": spec.sha256}

@@ -592,3 +592,12 @@ def test_a_resume_refused_after_a_stage_made_rows_is_recorded_stopped(tmp_path, 
     assert run("run", folder, out, *args, "--resume") == 2
     assert json.loads((out / "manifest.json").read_text())["status"] == "stopped"  # b was graded: not the old record
     assert run("report", out) == 2
+
+
+# ------------------------------------------------------------------------------------------------ review 27 R27-2
+def test_fundus_runs_hint_for_unlisted_weights_names_its_own_option(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """R27-2: fundus run's hint for weights not in the manifest said --arch, an option it does not have."""
+    capsys.readouterr()
+    assert run("run", photos, tmp_path / "r", "--steps", "segment", "--segment-weights", tiny["imff_tiny"], "--device", "cpu", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "name the architecture with --segment-arch (e.g. --segment-arch imff)" in err, err
