@@ -601,3 +601,17 @@ def test_fundus_runs_hint_for_unlisted_weights_names_its_own_option(photos, tmp_
     assert run("run", photos, tmp_path / "r", "--steps", "segment", "--segment-weights", tiny["imff_tiny"], "--device", "cpu", "--quiet") == 1
     err = capsys.readouterr().err
     assert "name the architecture with --segment-arch (e.g. --segment-arch imff)" in err, err
+
+
+# ------------------------------------------------------------------------------------------------ review 27 R27-3
+def test_a_weights_manifests_correction_sigma_keeps_to_the_options_range():
+    """R27-3: a manifest entry's correction_sigma had no upper bound: 1000 loaded, then every photograph was an error row."""
+    from pydantic import ValidationError
+
+    from fundus_pipeline.config import MAX_CORRECTION_SIGMA
+    from fundus_pipeline.models.spec import ImageOutputSpec
+
+    base = {"kind": "image", "activation": "sigmoid", "transfer": "residual", "transfer_selection": {}}
+    assert ImageOutputSpec(**base, correction_sigma=MAX_CORRECTION_SIGMA).correction_sigma == MAX_CORRECTION_SIGMA
+    with pytest.raises(ValidationError):
+        ImageOutputSpec(**base, correction_sigma=1000.0)

@@ -93,7 +93,7 @@ class ImageOutputSpec(_Strict):
     transfer_selection: dict[str, Any]
     # the correction (output - input) is low-passed in the canonical frame before it returns to native
     # resolution: a Gaussian of this standard deviation (canonical pixels), normalised inside the FOV; 0: not
-    correction_sigma: float = Field(0.0, ge=0.0)
+    correction_sigma: float = Field(0.0, ge=0.0, le=512.0)  # config.MAX_CORRECTION_SIGMA: the option's own range (review 27 R27-3)
     correction_selection: dict[str, Any] | None = None  # the validation measurement that chose correction_sigma
 
     @model_serializer(mode="wrap")
