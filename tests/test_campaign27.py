@@ -145,6 +145,7 @@ def test_an_address_with_other_scripts_digits_is_a_usage_error():
 def test_a_header_ending_in_a_comma_is_read_as_its_rows_are(tmp_path, capsys):
     """R24-9: a trailing comma on the header only (as some spreadsheets write it) was refused ("2 cell(s) on line 2,
     its header 3") although the mirror case, a trailing comma on the rows, is read."""
+    from fundus_pipeline.errors import UsageError
     from fundus_pipeline.evaluation.score import read_csv_rows
 
     lab = tmp_path / "lab.csv"
@@ -162,7 +163,14 @@ def test_a_header_ending_in_a_comma_is_read_as_its_rows_are(tmp_path, capsys):
     assert "has an empty key on line 3" in capsys.readouterr().err
     lab.write_text("key,quality,\na\n")
     assert cli_main(["evaluate", "grade", str(res), str(lab), "--bootstrap", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "1 cell(s) on line 2, its header 2" in capsys.readouterr().err
+    assert "1 cell(s) on line 2, its header 3" in capsys.readouterr().err  # the header's cells as the file shows them (R27-4)
+    # cells under the header's unnamed trailing columns are no column's and are passed over, as before R24-9's mend (R27-4)
+    lab.write_text("key,quality,\na,0,note\nb,2\n")
+    rows, columns = read_csv_rows(lab, "labels file")
+    assert columns == ["key", "quality"] and rows == [{"key": "a", "quality": "0"}, {"key": "b", "quality": "2"}]
+    lab.write_text("key,quality,\na,0,note,more\n")
+    with pytest.raises(UsageError, match="4 cell\\(s\\) on line 2, its header 3"):
+        read_csv_rows(lab, "labels file")
 
 
 # ------------------------------------------------------------------------------------------------ review 24 R24-10

@@ -438,19 +438,21 @@ def read_csv_rows(path: Path, what: str) -> tuple[list[dict[str, str]], list[str
     try:
         with Path(path).open(newline="", encoding="utf-8-sig") as fh:
             head = csv.reader(fh, strict=True)  # an unclosed quote is an error, not the rest of the file in one cell
-            names = next(head, [])
+            header = next(head, [])
+            names = list(header)
             while names and not names[-1].strip():  # a header ending in commas (review 24 R24-9), as a row may
                 names = names[:-1]
-            offset = head.line_num
+            unnamed = len(header) - len(names)  # cells under those unnamed columns are no column's: passed over, as they
+            offset = head.line_num  # were before R24-9's mend (review 27 R27-4)
             reader = csv.DictReader(fh, fieldnames=names, strict=True)
             rows = []
             for r in reader:
                 extra = r.pop(None, None) or []
-                if not any((v or "").strip() for v in [*r.values(), *extra]):
+                if not any((v or "").strip() for v in [*r.values(), *extra[:unnamed]]) and not any(v.strip() for v in extra[unnamed:]):
                     continue  # a row of empty cells (",,,," as spreadsheets end a table): no row (review 23 R23-5)
-                if any(v.strip() for v in extra) or None in r.values():  # trailing empty cells (a trailing comma) lose nothing
+                if any(v.strip() for v in extra[unnamed:]) or None in r.values():  # trailing empty cells (a trailing comma) lose nothing
                     n = sum(v is not None for v in r.values()) + len(extra)
-                    raise UsageError(f"the {what} {path} has {n} cell(s) on line {reader.line_num + offset}, its header {len(names)}",
+                    raise UsageError(f"the {what} {path} has {n} cell(s) on line {reader.line_num + offset}, its header {len(header)}",
                                      hint="every row needs a cell for every column (an empty one is two commas)")
                 for col in ("key", "image"):
                     if col in r and not r[col].strip():
