@@ -395,11 +395,13 @@ def test_a_photograph_too_dark_for_a_field_of_view_is_told_so(tmp_path, tiny, ca
     a = synthetic_fundus(96, 96, 0).astype(np.float64)
     Image.fromarray(np.round(a * 0.05).astype(np.uint8)).save(folder / "dim.png")
     Image.fromarray(np.full((96, 96, 3), 128, np.uint8)).save(folder / "flat.png")
+    Image.fromarray(a.astype(np.uint8)).resize((900, 40), Image.BOX).save(folder / "strip.png")  # review 27 R27-5
     out = tmp_path / "e"
     assert run("enhance", folder, out, "--weights", tiny["cofe_tiny"], "--arch", "cofe_tiny", "--no-vessel-stats", "--quiet") == 3
     rows = rows_of(out / "results.csv")
     assert "too dark to tell its field of view from the surround" in rows["dim"]["error"], rows["dim"]["error"]
     assert "no dark surround" in rows["flat"]["error"]
+    assert "its dark surround holds no circular field of view: a squashed, stretched or cut picture?" in rows["strip"]["error"]
 
 
 # ------------------------------------------------------------------------------------------------ campaign 27a F4, F13

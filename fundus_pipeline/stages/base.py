@@ -289,10 +289,16 @@ def _no_fov_reason(array: np.ndarray) -> str:
     a = array[..., :3] if array.ndim == 3 and array.shape[2] >= 3 else (array[..., 0] if array.ndim == 3 else array)
     if a.size == 0:
         return "no dark surround"
-    top = float(np.percentile(a[:: max(1, a.shape[0] // 512), :: max(1, a.shape[1] // 512)], 99)) / (65535 if a.dtype == np.uint16 else 255)
+    small = a[:: max(1, a.shape[0] // 512), :: max(1, a.shape[1] // 512)]
+    full = 65535 if a.dtype == np.uint16 else 255
+    top = float(np.percentile(small, 99)) / full
     if top < 0.1:
         return (f"the photograph is too dark to tell its field of view from the surround: its brightest 1% lies at "
                 f"{top:.1%} of full scale")
+    p = max(1, round(0.04 * min(small.shape[:2])))
+    corners = float(np.median([np.median(c) for c in (small[:p, :p], small[:p, -p:], small[-p:, :p], small[-p:, -p:])])) / full
+    if corners < 0.1 * top:  # a dark surround it has, but no circle in it (a squashed or cut picture; review 27 R27-5)
+        return "its dark surround holds no circular field of view: a squashed, stretched or cut picture?"
     return "no dark surround"
 
 
