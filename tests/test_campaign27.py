@@ -625,3 +625,16 @@ def test_a_weights_manifests_correction_sigma_keeps_to_the_options_range():
     assert ImageOutputSpec(**base, correction_sigma=MAX_CORRECTION_SIGMA).correction_sigma == MAX_CORRECTION_SIGMA
     with pytest.raises(ValidationError):
         ImageOutputSpec(**base, correction_sigma=1000.0)
+
+
+# ------------------------------------------------------------------------------------------------ campaign 27b F5
+def test_image_metrics_refuse_an_empty_mask():
+    """27b F5: score_pair (and psnr, ssim, ...) of an empty mask returned NaN for every figure, with no error."""
+    from fundus_pipeline.evaluation.image_metrics import psnr, score_pair
+
+    a = np.full((32, 32, 3), 0.5, np.float32)
+    empty = np.zeros((32, 32), bool)
+    for fn in (score_pair, psnr):
+        with pytest.raises(ValueError, match="mask is empty"):
+            fn(a, a, empty)
+    assert score_pair(a, a * 0.9, ~empty)["psnr"] > 0

@@ -71,11 +71,13 @@ DEFINITIONS: dict[str, str] = {
 def _prepare(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pred, ref) as floats (float32 at least) set to 0 outside the mask, and the mask as bool. The images
     must be float HxWx3 in [0, 1] (the metrics' data range is 1): an integer or [0, 255] image, or a NaN, is
-    a ``TypeError`` or ``ValueError``, not a wrong figure."""
+    a ``TypeError`` or ``ValueError``, not a wrong figure; so is an empty mask."""
     pred, ref = unit_image(pred, "pred"), unit_image(ref, "ref")
     if pred.shape != ref.shape:
         raise ValueError(f"shapes differ: pred {pred.shape}, ref {ref.shape}")
     m = np.ascontiguousarray(binary_mask(mask, pred.shape[:2], "mask"))
+    if not m.any():  # every figure would be NaN (campaign 27b F5)
+        raise ValueError("mask is empty: no pixel to compare")
     dtype = np.result_type(pred.dtype, ref.dtype, np.float32)
     keep = m[..., None]
     zero = dtype.type(0)
