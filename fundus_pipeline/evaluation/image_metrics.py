@@ -12,7 +12,7 @@ Conventions shared by every function:
   of its value), and the pooled mask keeps the pixels with at least half of their sources inside.
 * Arithmetic is in the inputs' floating precision (float32 for images read from files: the fast path),
   sums and means are accumulated in float64.
-* An empty mask gives NaN.
+* An empty mask is a ``ValueError`` (every figure would be NaN; it had been returned so).
 
 :func:`score_pair` computes all four (sharing the scale-1 SSIM statistics); the exact definitions are in
 each function's docstring and, in words for reports, in :data:`DEFINITIONS`.
