@@ -309,6 +309,10 @@ def test_the_library_functions_refuse_wrong_arguments_with_a_clear_type_or_value
     assert [e.name for e in read_manifest(str(Path(__file__).resolve().parents[1] / "weights"))] == [e.name for e in read_manifest()]
     with pytest.raises(TypeError, match="fov must be a FovGeometry"):
         soft_fov_mask(fov, None)
+    from fundus_pipeline.stages.enhance import output_rules
+
+    with pytest.raises(ValueError, match="output_rules takes an enhancement weights' entry; 'imff' is not one"):
+        output_rules(next(w for w in read_manifest() if w.name == "imff"))
 
 
 # ------------------------------------------------------------------------------------------------ campaign 27b F7

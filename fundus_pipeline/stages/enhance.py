@@ -72,6 +72,8 @@ def output_rules(spec, transfer: str | None = None, sigma: float | None = None) 
     ``spec`` (``None``: a bare checkpoint), each taken from the entry unless overridden (``transfer`` None or
     ``"auto"``, ``sigma`` None: the entry's; defaults 512, ``residual``, 0). The one place that reads them, for
     ``fundus enhance``, the benchmark and the quality set."""
+    if spec is not None and getattr(getattr(spec, "output", None), "kind", None) != "image":  # (campaign 27b F5: a segmenter's
+        raise ValueError(f"output_rules takes an enhancement weights' entry; {getattr(spec, 'name', spec)!r} is not one")  # gave defaults)
     policy = spec.input.scale_policy if spec else None
     out = spec.output if spec else None
     size = int(getattr(policy, "size", 512))
