@@ -62,7 +62,8 @@ def _single_precision(t: float | None) -> float | None:
     """A vessel threshold the probability maps (single precision) can tell from 0 and 1: 1e-300 rounded to 0 and
     painted every pixel a vessel, outside the field of view too (campaign 28a F5)."""
     if t is not None and not (0.0 < float(np.float32(t)) < 1.0):
-        raise ValueError("rounds to 0 or 1 in the probability maps' single precision: give a value between 1e-6 and 0.999999")
+        raise ValueError("rounds to 0 or 1 in the probability maps' single precision (float32), which would make every pixel "
+                         "a vessel or none: give a value float32 holds, such as 1e-6 or 0.999999")
     return t
 
 

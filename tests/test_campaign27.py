@@ -405,7 +405,7 @@ def test_a_photograph_too_dark_for_a_field_of_view_is_told_so(tmp_path, tiny, ca
     rows = rows_of(out / "results.csv")
     assert "too dark to tell its field of view from the surround" in rows["dim"]["error"], rows["dim"]["error"]
     assert "no dark surround" in rows["flat"]["error"]
-    assert "its dark surround holds no circular field of view: a squashed, stretched or cut picture?" in rows["strip"]["error"]
+    assert "no circular field of view could be traced in its dark surround: a squashed, stretched or cut picture" in rows["strip"]["error"]
 
 
 # ------------------------------------------------------------------------------------------------ campaign 27a F4, F13
@@ -642,3 +642,19 @@ def test_image_metrics_refuse_an_empty_mask():
         with pytest.raises(ValueError, match="mask is empty"):
             fn(a, a, empty)
     assert score_pair(a, a * 0.9, ~empty)["psnr"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ review 28 R28-3
+def test_a_weights_manifests_vessel_threshold_is_one_single_precision_holds():
+    """R28-3: the float32 rule of --threshold did not cover the weights manifest: a threshold of 1e-300 there still
+    made every pixel a vessel."""
+    from pydantic import ValidationError
+
+    from fundus_pipeline.models.spec import OutputSpec
+    from fundus_pipeline.models.weights import read_manifest
+
+    shipped = next(w for w in read_manifest() if w.name == "imff").output.model_dump()
+    assert OutputSpec.model_validate(shipped).threshold == shipped["threshold"]
+    for t in (1e-300, 0.9999999999):
+        with pytest.raises(ValidationError, match="single precision"):
+            OutputSpec.model_validate({**shipped, "threshold": t, "threshold_selection": {**shipped["threshold_selection"], "threshold": t}})

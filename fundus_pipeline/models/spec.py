@@ -73,6 +73,15 @@ class ThresholdSelection(_Strict):
 class OutputSpec(_Strict):
     activation: Literal["sigmoid"]
     threshold: float = Field(gt=0, lt=1)  # the a-priori decision threshold on the sigmoid output
+
+    @field_validator("threshold")
+    @classmethod
+    def _single_precision(cls, t: float) -> float:  # as --threshold (config._single_precision; review 28 R28-3)
+        import numpy as np
+
+        if not 0.0 < float(np.float32(t)) < 1.0:
+            raise ValueError("rounds to 0 or 1 in the probability maps' single precision (float32)")
+        return t
     threshold_selection: ThresholdSelection
 
     @model_validator(mode="after")

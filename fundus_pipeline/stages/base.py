@@ -298,7 +298,8 @@ def _no_fov_reason(array: np.ndarray) -> str:
     p = max(1, round(0.04 * min(small.shape[:2])))
     corners = float(np.median([np.median(c) for c in (small[:p, :p], small[:p, -p:], small[-p:, :p], small[-p:, -p:])])) / full
     if corners < 0.1 * top:  # a dark surround it has, but no circle in it (a squashed or cut picture; review 27 R27-5)
-        return "its dark surround holds no circular field of view: a squashed, stretched or cut picture?"
+        return ("no circular field of view could be traced in its dark surround: a squashed, stretched or cut picture, "
+                "or a field too faint or noisy at its edge?")
     return "no dark surround"
 
 
