@@ -1315,9 +1315,16 @@ class Progress:
         step = max(1, math.ceil(self.total / 10))
         return (n // step + 1) * step
 
-    def update(self, row: dict, say: bool = True) -> None:
-        """Count ``row``; an error row is said on stderr unless ``say`` is False (the error that ends the run, which
-        the command says itself: it had been said twice; campaign 27a F9)."""
+    def update(self, row: dict) -> None:
+        """Count ``row``; an error row is said on stderr."""
+        self._update(row, True)
+
+    def update_unsaid(self, row: dict) -> None:
+        """Count ``row`` without saying its error: the error that ends the run, which the command says itself (it
+        had been said twice; campaign 27a F9)."""
+        self._update(row, False)
+
+    def _update(self, row: dict, say: bool) -> None:
         self.done += 1
         if row["status"] == "error":
             self.failed += 1
@@ -1539,7 +1546,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             journal.write(text[:-1] + tag + "\n")
         except OSError as e:  # a full disk: the run stops here; what the journal holds is resumable
             raise FundusError(f"cannot write to output folder {dst}: {e.strerror or e}", hint="free space, then rerun with --resume") from None
-        bar.update(row, say=stop is None)
+        (bar.update if stop is None else bar.update_unsaid)(row)
         if stop is not None:  # an output image met a full disk: every later item would too (was: one error row each, exit 3)
             raise FundusError(f"{row['key']}: {row['error']}", hint=stop)
         if time.monotonic() >= next_snapshot:  # results.csv and manifest.json kept current in a long run
