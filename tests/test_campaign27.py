@@ -579,7 +579,31 @@ def test_a_small_or_squashed_photograph_is_graded_with_a_warning_a_run_keeps_apa
     page = summary([{"status": "ok", "warning": w} for w in (joined, rows["strip"]["warning"], seg, "")], False, False)
     assert (page["grey"], page["unsure"], page["warnings"]) == (1, 2, 2)
     assert run("run", folder, tmp_path / "r", *tiny_args(tiny, "--steps", "grade")) == 0
-    assert "2 small or squashed: grade to check by eye" in (tmp_path / "r" / "report.html").read_text()
+    assert "2 small, squashed or without a field of view: grade to check by eye" in (tmp_path / "r" / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ campaign 28b F1, F3
+def test_a_picture_without_a_field_of_view_is_graded_with_a_warning_and_the_report_names_segmenter_warnings_as_such(tmp_path, tiny):  # noqa: F811
+    """28b F1: a checkerboard picture, no field of view found, was graded good (p 0.72) with no warning. F3: the report's
+    vessel card called every segmenter warning "implausible", a no-dark-surround one too."""
+    from fundus_pipeline.report import split_warning
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import tiny_args
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic_fundus(96, 112, 0)).save(folder / "fundus.png")
+    board = (np.indices((96, 112)).sum(axis=0) // 8 % 2 * 200 + 30).astype(np.uint8)
+    Image.fromarray(np.stack([board, board // 2, board // 3], axis=2)).save(folder / "board.png")
+    out = tmp_path / "g"
+    assert run("grade", folder, out, "--weights", tiny["hemf_tiny"], "--arch", "hemf_tiny", "--device", "cpu", "--quiet") == 0
+    rows = rows_of(out / "results.csv")
+    assert rows["fundus"]["warning"] == ""
+    assert rows["board"]["warning"].startswith("no field of view: no circular field of view in a dark surround was found")
+    assert split_warning(rows["board"]["warning"] + "; implausible vessel fraction 0.3") == (rows["board"]["warning"], "implausible vessel fraction 0.3")
+    assert run("run", folder, tmp_path / "r", *tiny_args(tiny, "--steps", "grade,segment")) == 3  # the board: no field to segment
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "implausible</span>" not in page
 
 
 # ------------------------------------------------------------------------------------------------ review 27 R27-1

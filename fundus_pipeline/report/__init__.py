@@ -257,16 +257,16 @@ def svg_histogram(values: list[float], lo: float, hi: float, *, bins: int = 20, 
 
 def split_warning(text: Any) -> tuple[str, str]:
     """A run table's ``warning`` cell as (the grader's warnings, the segmenter's): the grader's come first (the
-    grey-photograph warning ``stages.grade.GREY_WARNING``, then a small or squashed photograph's, each beginning
-    as ``SMALL_WARNING`` / ``SQUASHED_WARNING`` does and holding no "; "), the rest is the segmenter's plausibility
-    warning."""
-    from fundus_pipeline.stages.grade import GREY_WARNING, SMALL_WARNING, SQUASHED_WARNING
+    grey-photograph warning ``stages.grade.GREY_WARNING``, then a small, squashed or field-less photograph's, each
+    beginning as ``SMALL_WARNING`` / ``SQUASHED_WARNING`` / ``NO_FOV_WARNING`` does and holding no "; "), the rest
+    is the segmenter's plausibility warning."""
+    from fundus_pipeline.stages.grade import GREY_WARNING, NO_FOV_WARNING, SMALL_WARNING, SQUASHED_WARNING
 
     rest, grade = str(text or ""), []
     while True:
         if rest.startswith(GREY_WARNING):
             part = GREY_WARNING
-        elif rest.startswith((SMALL_WARNING, SQUASHED_WARNING)):
+        elif rest.startswith((SMALL_WARNING, SQUASHED_WARNING, NO_FOV_WARNING)):
             part = rest.split("; ", 1)[0]
         else:
             break
@@ -323,7 +323,7 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         "segmented": segmented,
         "warnings": warnings,
         "grey": grey,
-        "unsure": unsure,  # graded though small or squashed (stages.grade.frame_warning)
+        "unsure": unsure,  # graded though small, squashed or without a field of view (stages.grade.frame_warning)
         "score_mean": _mean(scores),
         "gain_mean": _mean(gains),
         "vf_mean": _mean(vf),

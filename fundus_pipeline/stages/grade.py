@@ -97,12 +97,16 @@ def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
     if not (fov is not None and fov.found) and max(h, w) > MAX_GRADE_ASPECT * min(h, w):
         why.append(f"{SQUASHED_WARNING}{w}x{h} without a field of view, squashed into the grader's square (this may not be a "
                    "fundus photograph: check this grade by eye)")
+    elif not (fov is not None and fov.found):  # (campaign 28b F1: a checkerboard picture was graded good, p 0.72, in silence)
+        why.append(f"{NO_FOV_WARNING}no circular field of view in a dark surround was found (a photograph cropped to the "
+                   "retina, or not a fundus photograph: check this grade by eye)")
     return "; ".join(why)
 
 
 #: How the grader's other warnings begin (each holds no "; ", the separator of a run table's joined warnings).
 SMALL_WARNING = "small photograph: "
 SQUASHED_WARNING = "squashed frame: "
+NO_FOV_WARNING = "no field of view: "
 
 
 class GradeStage(NetworkStage):
