@@ -313,6 +313,8 @@ def test_the_library_functions_refuse_wrong_arguments_with_a_clear_type_or_value
 
     with pytest.raises(ValueError, match="output_rules takes an enhancement weights' entry; 'imff' is not one"):
         output_rules(next(w for w in read_manifest() if w.name == "imff"))
+    with pytest.raises(TypeError, match="output_rules takes a weights manifest entry"):  # a name (review 29 R29-6)
+        output_rules("cofe")
 
 
 # ------------------------------------------------------------------------------------------------ campaign 27b F7

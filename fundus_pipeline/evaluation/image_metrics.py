@@ -202,7 +202,7 @@ def psnr(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB inside ``mask``, data range 1.
 
     ``10 * log10(1 / MSE)`` with MSE the mean of ``(pred - ref) ** 2`` over all three RGB values of the mask
-    pixels, capped at 100 dB (so MSE == 0, identical images, gives 100). NaN for an empty mask.
+    pixels, capped at 100 dB (so MSE == 0, identical images, gives 100). An empty mask is a ``ValueError``.
     """
     return _psnr(*_prepare(pred, ref, mask))
 
@@ -220,7 +220,7 @@ def ssim(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, *, full: bool = Fa
     ``C1 = 0.01^2, C2 = 0.03^2`` (data range 1): skimage's ``structural_similarity(..., gaussian_weights=True,
     sigma=1.5, use_sample_covariance=False, data_range=1, full=True)`` map. The map is the mean of the three
     channel maps; the score is its mean over the mask pixels, without skimage's border crop (both images are
-    0 outside the mask, see the module doc). NaN for an empty mask.
+    0 outside the mask, see the module doc). An empty mask is a ``ValueError``.
     """
     x, y, m = _prepare(pred, ref, mask)
     score, smap = _ssim_score(*_ssim_terms(x, y), m)
@@ -247,7 +247,7 @@ def ciede2000(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
 
     RGB values are taken as sRGB-encoded (D65), converted to CIELAB by ``skimage.color.rgb2lab`` (only the
     mask pixels are converted) and compared by ``skimage.color.deltaE_ciede2000`` (kL = kC = kH = 1).
-    NaN for an empty mask.
+    An empty mask is a ``ValueError``.
     """
     return _ciede2000(*_prepare(pred, ref, mask))
 
@@ -258,7 +258,7 @@ def score_pair(pred_rgb: np.ndarray, ref_rgb: np.ndarray, fov_mask: np.ndarray) 
     Returns ``{"psnr", "ssim", "ms_ssim", "ciede2000", "fov_fraction", "width", "height"}``: the four
     metrics as :func:`psnr`, :func:`ssim`, :func:`ms_ssim` and :func:`ciede2000` define them (identical
     values; the scale-1 SSIM statistics are computed once), the fraction of the frame inside the FOV and
-    the image size. Raises ``ValueError`` when the shapes differ.
+    the image size. Raises ``ValueError`` when the shapes differ or the mask is empty.
     """
     x, y, m = _prepare(pred_rgb, ref_rgb, fov_mask)
     lum, cs = _ssim_terms(x, y)

@@ -72,8 +72,12 @@ def output_rules(spec, transfer: str | None = None, sigma: float | None = None) 
     ``spec`` (``None``: a bare checkpoint), each taken from the entry unless overridden (``transfer`` None or
     ``"auto"``, ``sigma`` None: the entry's; defaults 512, ``residual``, 0). The one place that reads them, for
     ``fundus enhance``, the benchmark and the quality set."""
-    if spec is not None and getattr(getattr(spec, "output", None), "kind", None) != "image":  # (campaign 27b F5: a segmenter's
-        raise ValueError(f"output_rules takes an enhancement weights' entry; {getattr(spec, 'name', spec)!r} is not one")  # gave defaults)
+    from fundus_pipeline.models.spec import WeightsSpec
+
+    if spec is not None and not isinstance(spec, WeightsSpec):  # (review 29 R29-6: a name was told it is no enhancer's)
+        raise TypeError(f"output_rules takes a weights manifest entry (load_model(...)[1].spec) or None, got {type(spec).__name__}")
+    if spec is not None and getattr(spec.output, "kind", None) != "image":  # (campaign 27b F5: a segmenter's gave defaults)
+        raise ValueError(f"output_rules takes an enhancement weights' entry; {spec.name!r} is not one")
     policy = spec.input.scale_policy if spec else None
     out = spec.output if spec else None
     size = int(getattr(policy, "size", 512))

@@ -99,7 +99,7 @@ def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
                    "fundus photograph: check this grade by eye)")
     elif not (fov is not None and fov.found):  # (campaign 28b F1: a checkerboard picture was graded good, p 0.72, in silence)
         why.append(f"{NO_FOV_WARNING}no circular field of view in a dark surround was found (a photograph cropped to the "
-                   "retina, or not a fundus photograph: check this grade by eye)")
+                   "retina, a field too faint or noisy at its edge, or not a fundus photograph: check this grade by eye)")
     return "; ".join(why)
 
 
