@@ -302,7 +302,7 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
         grade_warning, segment_warning = split_warning(r.get("warning"))
         warnings += bool(segment_warning)
         grey += grade_warning.startswith(GREY_WARNING)
-        unsure += grade_warning.removeprefix(GREY_WARNING) != ""  # a small or squashed photograph's, besides or instead
+        unsure += grade_warning.removeprefix(GREY_WARNING) != ""  # a small, squashed or field-less photograph's, besides or instead
         if simulate and r["status"] == "ok":
             g = groups.setdefault(r.get("degradation") or "?", {"n": 0, "enhanced": 0, "used": 0, "values": {}})
             g["n"] += 1

@@ -14,7 +14,6 @@ segmenter finds before and after.
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np

@@ -87,7 +87,7 @@ MAX_GRADE_ASPECT = 2.0
 
 
 def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
-    """The ``warning`` of one graded photograph: grey, too small, or squashed ("" when none)."""
+    """The ``warning`` of one graded photograph: grey, too small, squashed or without a field of view ("" when none)."""
     why = [GREY_WARNING] if is_grey(frame) else []
     h, w = item.image.meta.height, item.image.meta.width
     fov = item.fov

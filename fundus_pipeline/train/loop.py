@@ -151,8 +151,9 @@ def _deciding(cfg: TrainConfig) -> frozenset[str]:
 
 def code_provenance() -> dict:
     """The package version and, when it runs from a git checkout, the commit and whether its files differ
-    from it (``dirty``: a tracked file changed, or a module not committed in a code folder, ``_dirty``): what a summary and an exported weight record so that a run can be rerun with the
-    same code (campaign 21b M1). Without git, or outside a checkout, the version alone."""
+    from it (``dirty``: a tracked file changed, or a module not committed in a code folder, ``_dirty``): what a
+    summary and an exported weight record so that a run can be rerun with the same code (campaign 21b M1).
+    Without git, or outside a checkout, the version alone."""
     import subprocess
 
     from fundus_pipeline import __version__
