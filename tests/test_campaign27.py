@@ -684,3 +684,36 @@ def test_a_weights_manifests_vessel_threshold_is_one_single_precision_holds():
     for t in (1e-300, 0.9999999999):
         with pytest.raises(ValidationError, match="single precision"):
             OutputSpec.model_validate({**shipped, "threshold": t, "threshold_selection": {**shipped["threshold_selection"], "threshold": t}})
+
+
+# ------------------------------------------------------------------------------------------------ campaign 29a F1
+def test_a_stderr_that_cannot_be_written_leaves_the_exit_status_and_the_json(tmp_path, tiny):  # noqa: F811
+    """29a F1: with stderr closed or full, the lines said after a run (the failures' table, a replay's outcome) failed
+    to write and the command exited 1: a run with a failed photograph (3), and `fundus run --replay --format json`
+    (0, and no JSON at all on stdout)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import tiny_args
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic_fundus(72, 80, 0)).save(folder / "a.png")
+    (folder / "bad.png").write_text("not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def fundus(args: list, redirect: str) -> subprocess.CompletedProcess:
+        cmd = " ".join(f"'{a}'" for a in [sys.executable, "-m", "fundus_pipeline", *map(str, args)])
+        return subprocess.run(["bash", "-c", f"{cmd} {redirect}"], capture_output=True, text=True, env=env, timeout=600)
+
+    assert fundus(["degrade", folder, tmp_path / "d"], "2>&-").returncode == 3
+    assert fundus(["degrade", folder, tmp_path / "d2"], "2>/dev/full").returncode == 3
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.png").write_bytes((folder / "a.png").read_bytes())
+    assert run("run", good, tmp_path / "r", *tiny_args(tiny, "--steps", "grade")) == 0
+    r = fundus(["run", "--replay", tmp_path / "r", tmp_path / "r2", "--format", "json", "--quiet"], "2>/dev/full")
+    assert r.returncode == 0, r
+    assert json.loads(r.stdout)["exit_code"] == 0

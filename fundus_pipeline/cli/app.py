@@ -117,7 +117,7 @@ def report(result, fmt: Format) -> None:
             msg += ", interrupted"
         typer.echo(f"{msg} -> {s['output']}  (manifest.json, results.csv)")
         if c.get("error"):
-            typer.echo(f"  the failures are listed in {s['results']} (status=error)", err=True)
+            say_err(f"  the failures are listed in {s['results']} (status=error)")
     code = result.exit_code
     if code:
         raise typer.Exit(code)
@@ -126,6 +126,14 @@ def report(result, fmt: Format) -> None:
 # Typer raises click's exception classes: from its own vendored copy in recent versions, from the click
 # package in older ones. Both are reached through public names, never through a private import.
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def say_err(text: str) -> None:
+    """One line on stderr after the work is done (the failures' table, a replay's outcome, a report's warnings); a
+    stderr that cannot be written is passed over, as the progress lines are: the command's own exit status stands
+    (campaign 29a F1: a closed or full stderr turned exit 3, or a replay's 0, into 1)."""
+    with contextlib.suppress(OSError, ValueError):
+        typer.echo(text, err=True)
 
 
 def _err(msg: str, hint: str | None = None) -> None:
@@ -146,6 +154,25 @@ def _internal_error(e: Exception) -> int:
         traceback.print_exc()
     _err(*internal_error(e))
     return EXIT_FATAL
+
+
+def _closed_std_streams() -> None:
+    """A process started with stdin, stdout or stderr closed (``2>&-``, a daemon): each closed descriptor is held
+    by /dev/null, so no file the run opens takes its number (an OpenCV warning would land in an output), and
+    Python's stream that is None then writes there (campaign 29a F1: a closed stderr made the progress crash,
+    exit 1 after nothing)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDWR)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+        if getattr(sys, name) is None:
+            with contextlib.suppress(OSError):
+                setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def _quiet_streams() -> None:
@@ -234,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     from fundus_pipeline.runner import stop_signals_as_interrupt
 
     args = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the console command: the process's own standard streams
+        _closed_std_streams()
     try:
         cmd = typer.main.get_command(app)
         _carry_pipe_errors(cmd)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.errors import printable
-from fundus_pipeline.cli.app import app, open_engine
+from fundus_pipeline.cli.app import app, open_engine, say_err
 from fundus_pipeline.cli.options import EngineName, Format, flag, path_arg
 from fundus_pipeline.config import RunConfig
 
@@ -205,14 +205,14 @@ def run_cmd(
         from fundus_pipeline.chain import verify_replay
 
         result.replay = verify_replay(rp, result.out_dir)
-        typer.echo(printable(result.replay["line"]), err=True)  # the replay's outcome: one line on stderr, whatever --quiet and --format
+        say_err(printable(result.replay["line"]))  # the replay's outcome: one line on stderr, whatever --quiet and --format
     s = result.summary()
     if cfg.format == "json":
         typer.echo(json.dumps(s, indent=2))
     else:
         typer.echo(_summary_line(s))
         if s["counts"].get("error"):
-            typer.echo(f"  the failures are listed in {s['results']} (status=error, error=step: message)", err=True)
+            say_err(f"  the failures are listed in {s['results']} (status=error, error=step: message)")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -265,12 +265,12 @@ def report_cmd(
     pages = max(1, -(-len(rows) // PAGE_ROWS))
     if missing:  # the folders changed since the run: say so rather than show empty cells silently
         key, p = sorted(missing)[0]
-        typer.echo(printable(f"warning: {len(missing)} image(s) that the run's rows name are missing, unreadable or changed since the run "
-                             f"(e.g. {key}: {p}); their cells in the report say so"), err=True)
+        say_err(printable(f"warning: {len(missing)} image(s) that the run's rows name are missing, unreadable or changed since the run "
+                          f"(e.g. {key}: {p}); their cells in the report say so"))
     if pending:
-        typer.echo(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "
-                   "`fundus run ... --resume` redoes what is missing", err=True)
+        say_err(f"warning: {pending} photograph(s) have no result in a stage folder (status pending in the report); "
+                "`fundus run ... --resume` redoes what is missing")
     if not (out / "results.csv").is_file():  # the page says that results.csv holds every column (campaign 21a F12)
-        typer.echo(printable(f"warning: {out / 'results.csv'} is missing (the report's rows come from the stage folders); "
-                             "`fundus run ... --resume` writes it again"), err=True)
+        say_err(printable(f"warning: {out / 'results.csv'} is missing (the report's rows come from the stage folders); "
+                          "`fundus run ... --resume` writes it again"))
     typer.echo(f"wrote {path} ({len(rows)} photographs{f', {pages} pages: report.html, report-2.html, ...' if pages > 1 else ''})")
