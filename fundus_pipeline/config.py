@@ -58,7 +58,7 @@ def usage_error(e: ValidationError) -> UsageError:
 MAX_CORRECTION_SIGMA = 512.0
 
 
-def _single_precision(t: float | None) -> float | None:
+def single_precision_threshold(t: float | None) -> float | None:
     """A vessel threshold the probability maps (single precision) can tell from 0 and 1: 1e-300 rounded to 0 and
     painted every pixel a vessel, outside the field of view too (campaign 28a F5)."""
     if t is not None and not (0.0 < float(np.float32(t)) < 1.0):
@@ -144,7 +144,7 @@ class SegmentConfig(NetworkStageConfig):
 
     weights: str = "imff"
     arch: str | None = None
-    threshold: Annotated[float | None, AfterValidator(_single_precision)] = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
+    threshold: Annotated[float | None, AfterValidator(single_precision_threshold)] = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
     tile: int = Field(1024, ge=0, description="tile side at the working scale; 0 = the whole image at once")
     overlap: int = Field(64, ge=0)
     overlay: bool = False
@@ -256,7 +256,7 @@ class RunConfig(StageConfig):
     score_batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass of the scorer")
     segment_weights: str = "imff"
     segment_arch: str | None = None
-    threshold: Annotated[float | None, AfterValidator(_single_precision)] = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
+    threshold: Annotated[float | None, AfterValidator(single_precision_threshold)] = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
     report: bool = True
     thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
     workers: int = Field(1, ge=1, le=MAX_WORKERS)

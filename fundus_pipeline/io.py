@@ -156,15 +156,27 @@ def discover_images(root: Path, notes: list[str] | None = None) -> list[ImageIte
     return [found[key] for key in sorted(found)]
 
 
+def fundus_manifest_head(manifest: Path) -> bytes | None:
+    """The first 4 KiB of a manifest.json that fundus wrote, or None when the file is missing, unreadable or not
+    fundus's (every manifest of fundus starts with its schema version and ``"tool": {"name": "fundus-pipeline"``;
+    one of a 100,000-photograph run is tens of megabytes, so only its head is read)."""
+    try:
+        with open(manifest, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    return head if head.lstrip().startswith(b"{") and b'"name": "fundus-pipeline"' in head else None
+
+
+def fold_key(key: str) -> str:
+    """``key`` as compared across letter case and Unicode normalisation (a name copied from macOS is NFD)."""
+    return unicodedata.normalize("NFC", key).casefold()
+
+
 def _fundus_tables(folder: Path) -> tuple[str, ...]:
     """``manifest.json`` and ``results.csv`` when ``folder`` holds a manifest that fundus wrote (campaign 27a F12:
     scoring an enhance folder noted them as files not read, every time), else ()."""
-    try:
-        with open(folder / "manifest.json", "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return ()
-    return ("manifest.json", "results.csv") if b'"name": "fundus-pipeline"' in head else ()
+    return ("manifest.json", "results.csv") if fundus_manifest_head(folder / "manifest.json") is not None else ()
 
 
 def _discovery_notes(notes: list[str], found: dict[str, ImageItem], other: dict[str, int], again: list[tuple[str, str]]) -> None:
@@ -180,7 +192,7 @@ def _discovery_notes(notes: list[str], found: dict[str, ImageItem], other: dict[
         notes.append(f"... and {len(again) - 5} more folders reached twice through symbolic links")
     folded: dict[str, list[str]] = {}
     for key in found:
-        folded.setdefault(unicodedata.normalize("NFC", key).casefold(), []).append(key)
+        folded.setdefault(fold_key(key), []).append(key)
     clashes = sorted(sorted(keys) for keys in folded.values() if len(keys) > 1)
     for keys in clashes[:5]:
         shown = [repr(k) for k in keys]

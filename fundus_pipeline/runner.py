@@ -26,7 +26,6 @@ import re
 import signal
 import sys
 import time
-import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -39,7 +38,7 @@ from tqdm import tqdm
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
 from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable
-from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, open_atomic, read_image, write_image_atomic
+from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
 JOURNAL = ".fundus-journal.jsonl"
@@ -326,13 +325,9 @@ def manifest_stage(manifest: Path) -> str | None:
     """The ``stage`` of a manifest.json that fundus wrote ("run", "grade", ...), or None when the file is
     missing or not fundus's. Only its head is read: every manifest starts with its schema version, ``"tool":
     {"name": "fundus-pipeline", ...}`` and ``"stage"``, and the manifest of a 100,000-photograph run is tens
-    of megabytes."""
-    try:
-        with open(manifest, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return None
-    if not head.lstrip().startswith(b"{") or b'"name": "fundus-pipeline"' not in head:
+    of megabytes (``io.fundus_manifest_head``)."""
+    head = fundus_manifest_head(manifest)
+    if head is None:
         return None
     m = _MANIFEST_STAGE.search(head)
     return m.group(1).decode() if m else None
@@ -1384,14 +1379,10 @@ def _pair_inputs(stage: Stage, items: list[ImageItem], extra_dirs: dict[str, Ext
     folded = {role: {} for role in roles}
     for role in roles:
         for k in found[role]:
-            folded[role].setdefault(_fold(k), k)
+            folded[role].setdefault(fold_key(k), k)
     return [WorkItem(it.key, it.path, {role: found[role].get(it.key) for role in roles},
-                     {role: folded[role][_fold(it.key)] for role in roles if it.key not in found[role] and _fold(it.key) in folded[role]})
+                     {role: folded[role][fold_key(it.key)] for role in roles if it.key not in found[role] and fold_key(it.key) in folded[role]})
             for it in items]
-
-
-def _fold(key: str) -> str:
-    return unicodedata.normalize("NFC", key).casefold()
 
 
 def _extra_record(value: ExtraInput) -> str:

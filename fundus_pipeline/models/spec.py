@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer, field_validator, model_serializer, model_validator
 
+from fundus_pipeline.config import MAX_CORRECTION_SIGMA, single_precision_threshold
+
 DEFAULT_THRESHOLD = 0.5  # decision threshold for weights without a manifest entry (``--arch``)
 
 
@@ -76,12 +78,8 @@ class OutputSpec(_Strict):
 
     @field_validator("threshold")
     @classmethod
-    def _single_precision(cls, t: float) -> float:  # as --threshold (config._single_precision; review 28 R28-3)
-        import numpy as np
-
-        if not 0.0 < float(np.float32(t)) < 1.0:
-            raise ValueError("rounds to 0 or 1 in the probability maps' single precision (float32)")
-        return t
+    def _single_precision(cls, t: float) -> float:  # as --threshold (review 28 R28-3)
+        return single_precision_threshold(t)
     threshold_selection: ThresholdSelection
 
     @model_validator(mode="after")
@@ -102,7 +100,7 @@ class ImageOutputSpec(_Strict):
     transfer_selection: dict[str, Any]
     # the correction (output - input) is low-passed in the canonical frame before it returns to native
     # resolution: a Gaussian of this standard deviation (canonical pixels), normalised inside the FOV; 0: not
-    correction_sigma: float = Field(0.0, ge=0.0, le=512.0)  # config.MAX_CORRECTION_SIGMA: the option's own range (review 27 R27-3)
+    correction_sigma: float = Field(0.0, ge=0.0, le=MAX_CORRECTION_SIGMA)  # the option's own range (review 27 R27-3)
     correction_selection: dict[str, Any] | None = None  # the validation measurement that chose correction_sigma
 
     @model_serializer(mode="wrap")

@@ -71,7 +71,8 @@ class DegradeStage(Stage):
         }
 
     def info(self) -> dict:
-        return {"replay": self.replay_path, **({"replay_unverified": len(self._unverified())} if self._unverified() else {})}
+        unverified = self._unverified()
+        return {"replay": self.replay_path, **({"replay_unverified": len(unverified)} if unverified else {})}
 
     def _unverified(self) -> list[str]:
         """The replayed keys whose manifest row records no output sha256 (a manifest of an older version, or edited):

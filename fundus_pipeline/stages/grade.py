@@ -86,27 +86,27 @@ MIN_GRADE_DIAMETER = 48
 MAX_GRADE_ASPECT = 2.0
 
 
-def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
-    """The ``warning`` of one graded photograph: grey, too small, squashed or without a field of view ("" when none)."""
-    why = [GREY_WARNING] if is_grey(frame) else []
-    h, w = item.image.meta.height, item.image.meta.width
-    fov = item.fov
-    across = float(fov.geometry.diameter) if fov is not None and fov.found else float(min(h, w))
-    if across < MIN_GRADE_DIAMETER:
-        why.append(f"{SMALL_WARNING}{across:.0f} px across, far smaller than the photographs the graders learned from (check this grade by eye)")
-    if not (fov is not None and fov.found) and max(h, w) > MAX_GRADE_ASPECT * min(h, w):
-        why.append(f"{SQUASHED_WARNING}{w}x{h} without a field of view, squashed into the grader's square (this may not be a "
-                   "fundus photograph: check this grade by eye)")
-    elif not (fov is not None and fov.found):  # (campaign 28b F1: a checkerboard picture was graded good, p 0.72, in silence)
-        why.append(f"{NO_FOV_WARNING}no circular field of view in a dark surround was found (a photograph cropped to the "
-                   "retina, a field too faint or noisy at its edge, or not a fundus photograph: check this grade by eye)")
-    return "; ".join(why)
-
-
 #: How the grader's other warnings begin (each holds no "; ", the separator of a run table's joined warnings).
 SMALL_WARNING = "small photograph: "
 SQUASHED_WARNING = "squashed frame: "
 NO_FOV_WARNING = "no field of view: "
+
+
+def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
+    """The ``warning`` of one graded photograph: grey, too small, squashed or without a field of view ("" when none)."""
+    why = [GREY_WARNING] if is_grey(frame) else []
+    h, w = item.image.meta.height, item.image.meta.width
+    found = item.fov is not None and item.fov.found
+    across = float(item.fov.geometry.diameter) if found else float(min(h, w))
+    if across < MIN_GRADE_DIAMETER:
+        why.append(f"{SMALL_WARNING}{across:.0f} px across, far smaller than the photographs the graders learned from (check this grade by eye)")
+    if not found and max(h, w) > MAX_GRADE_ASPECT * min(h, w):
+        why.append(f"{SQUASHED_WARNING}{w}x{h} without a field of view, squashed into the grader's square (this may not be a "
+                   "fundus photograph: check this grade by eye)")
+    elif not found:  # (campaign 28b F1: a checkerboard picture was graded good, p 0.72, in silence)
+        why.append(f"{NO_FOV_WARNING}no circular field of view in a dark surround was found (a photograph cropped to the "
+                   "retina, a field too faint or noisy at its edge, or not a fundus photograph: check this grade by eye)")
+    return "; ".join(why)
 
 
 class GradeStage(NetworkStage):

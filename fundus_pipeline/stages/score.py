@@ -99,10 +99,10 @@ def check_pair(enh, ref, fov) -> None:
     own = Fov.estimate_image(ref)
     if own.found:
         g, h = fov.geometry, own.geometry
-        off, dr = math.hypot(h.cx - g.cx, h.cy - g.cy) / g.radius, abs(h.radius / g.radius - 1)
-        if off > FOV_TOLERANCE or dr > FOV_TOLERANCE:
+        apart = math.hypot(h.cx - g.cx, h.cy - g.cy)
+        if apart / g.radius > FOV_TOLERANCE or abs(h.radius / g.radius - 1) > FOV_TOLERANCE:
             raise InputError(f"the reference's field of view is not where the enhanced photograph's is (centres "
-                             f"{math.hypot(h.cx - g.cx, h.cy - g.cy):.0f} px apart, radii {g.radius:.0f} and {h.radius:.0f} px): "
+                             f"{apart:.0f} px apart, radii {g.radius:.0f} and {h.radius:.0f} px): "
                              "not the photograph it was made from?")
         return
     step = max(1, max(ref.meta.height, ref.meta.width) // 512)
