@@ -459,8 +459,22 @@ def _join(out: Path, cfg: RunConfig, items: Iterable[ChainItem], index: FolderRo
             # the page and the summary counts carry none of them (review 22 L6)
             row.update({k: "" for k in row if k not in _IDENTITY})
         row["status"] = "error" if errors else ("pending" if pending else "ok")
-        row["error"] = "; ".join(errors)
+        row["error"] = _joined_errors(errors)
         yield row
+
+
+def _joined_errors(errors: list[str]) -> str:
+    """The ``error`` cell: ``step: message`` entries joined by "; ", the steps that failed with the same message
+    named once together (``grade, segment: cannot read ...``: a file that cannot be read fails every step that
+    reads it; campaign 28b F4)."""
+    steps: dict[str, list[str]] = {}
+    for e in errors:
+        step, sep, message = e.partition(": ")
+        if sep and " " not in step:
+            steps.setdefault(message, []).append(step)
+        else:
+            steps.setdefault(e, [])
+    return "; ".join(f"{', '.join(s)}: {m}" if s else m for m, s in steps.items())
 
 
 def _two_versions(read: dict[str, str]) -> str | None:
