@@ -163,3 +163,20 @@ def test_a_printed_report_keeps_every_column_and_sorts_from_the_keyboard(driver,
         assert driver.get_log("browser") == []
     finally:
         driver.set_window_size(1400, 1000)
+
+
+def test_a_plain_runs_table_fits_a_1400_px_window(driver, tmp_path):
+    """Campaign 30b F4: a plain run's table (not --simulate) was wider than a 1400-px window, its decisions column cut
+    off: the headers did not wrap ("vessel fraction") and an error naming a long path could not wrap either."""
+    out = tmp_path / "run"
+    rows = make_run(out)
+    long = "/" + "/".join(["screening_site_archive_2026"] * 4) + "/photograph_with_a_long_name_0003.png"
+    rows[3].update(error=f"grade, segment: {long}: truncated or corrupt PNG (Truncated File Read)", flags="blur illumination spots",
+                   segment_reason="not enhanced: the input is segmented (failed)")
+    page = write_report(out, RunConfig(), rows)  # the default thumbnails
+    driver.set_window_size(1400, 1000)
+    driver.get(page.as_uri())
+    width = driver.execute_script("return document.documentElement.clientWidth;")
+    assert driver.execute_script("return document.documentElement.scrollWidth;") <= width + 1
+    right = driver.execute_script("return document.querySelector('#rows thead th:last-child').getBoundingClientRect().right;")
+    assert right <= width + 1, (right, width)
