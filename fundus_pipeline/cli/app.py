@@ -46,9 +46,9 @@ def _root(
 
 def open_engine(engine: EngineName | str, address: str | None, workers: int, threads: int | None = None):
     """The engine of ``--engine``/``--address``: None for ``local`` (the runner's own processes), else a
-    connected :class:`~fundus_pipeline.ray_engine.RayEngine`. Usage errors (exit 2): ``--address`` without
-    ``--engine ray``, Ray not installed, no node with ``threads`` CPUs; exit 1: the cluster cannot be
-    reached. Close it after."""
+    :class:`~fundus_pipeline.ray_engine.RayEngine`, connected when ``address`` names a cluster (a local instance
+    starts with the first stage's work). Usage errors (exit 2): ``--address`` without ``--engine ray``, Ray not
+    installed, no node with ``threads`` CPUs; exit 1: the cluster cannot be reached. Close it after."""
     from fundus_pipeline.errors import UsageError
 
     name = EngineName(engine)
@@ -60,6 +60,11 @@ def open_engine(engine: EngineName | str, address: str | None, workers: int, thr
     from fundus_pipeline.runner import default_threads
 
     ray_engine = RayEngine(address=address, workers=workers, threads=threads or default_threads(workers))
+    if address is None:
+        # a local instance starts at the first stage that has work (RayEngine.run), after OUT's checks: a refused
+        # --resume or another stage's folder started one for nothing (8-11 s, a session folder; campaign 30b F2). It
+        # has the CPUs the run asks for (workers x threads at least), so --threads cannot be too large for it.
+        return ray_engine
     try:
         ray_engine.start()  # a cluster that cannot be reached, or too few CPUs, fails now: before OUT is created or a model loaded
     except BaseException:
