@@ -948,6 +948,7 @@ class Chain:
 
                 scorer = ScoreStage(ScoreConfig.build(weights=cfg.score_weights, arch=cfg.score_arch, device=cfg.device, precision=cfg.precision, compile=cfg.compile, input_score=True,
                                                       batch_size=cfg.score_batch_size))
+                scorer.check_pairs = False  # each pair is the enhanced photograph and the one this run made it from
                 scores = self._stage("score", scorer, made, {"reference": {it.key: path_of[it.key] for it in made}})
             for it in todo:
                 chosen[it.key] = segment_decision(cfg, True, enhanced.get(it.key), scores.get(it.key))[0]

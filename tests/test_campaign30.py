@@ -18,3 +18,56 @@ def test_a_file_no_step_can_read_has_its_message_once_in_the_error_cell(photos, 
     grade = rows_of(out / "grade" / "results.csv")["broken"]["error"]
     assert grade and row["error"] == f"grade, segment: {grade}"
     assert row["error"].count(grade) == 1
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30b F2
+def test_a_refusal_that_depends_on_out_starts_no_local_ray_instance(photos, tmp_path, tiny, monkeypatch, capsys):  # noqa: F811
+    """30b F2: with --engine ray, a resume refused for OUT's sake (another stage's folder, another configuration)
+    started a local Ray instance first: 8-11 s and a /tmp/ray session folder for a one-line refusal."""
+    import pytest
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'fundus-pipeline[ray]')")
+    from fundus_pipeline.ray_engine import RayEngine
+
+    started = []
+    monkeypatch.setattr(RayEngine, "start", lambda self: started.append(self))
+    assert run("degrade", photos, tmp_path / "d", "--quiet") == 0
+    seg = ("--weights", tiny["imff_tiny"], "--arch", "imff_tiny", "--device", "cpu", "--quiet")
+    assert run("segment", photos, tmp_path / "d", *seg, "--engine", "ray", "--resume") == 2  # a degrade folder
+    assert "degrade" in capsys.readouterr().err
+    assert run("segment", photos, tmp_path / "s", *seg) == 0
+    assert run("segment", photos, tmp_path / "s", *seg, "--threshold", "0.3", "--engine", "ray", "--resume") == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert run("run", photos, tmp_path / "s", *tiny_args(tiny), "--engine", "ray", "--resume") == 2
+    assert started == []
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30b F1
+def test_a_photograph_squashed_out_of_shape_is_warned_about_and_not_failed_as_a_wrong_pair(tmp_path, tiny):  # noqa: F811
+    """30b F1: a fundus photograph resized out of shape (565x200) had a field of view found, twice the frame's short
+    side across, so no `squashed frame` warning; `fundus run` then enhanced it and failed it at the score step: "the
+    reference's field of view is not where the enhanced photograph's is ... not the photograph it was made from?",
+    a pair the run had made itself."""
+    import numpy as np
+    from PIL import Image
+
+    from fundus_pipeline.stages.base import Fov
+    from tests.conftest import synthetic_fundus
+
+    d = tmp_path / "in"
+    d.mkdir()
+    photo = Image.fromarray(synthetic_fundus(300, 300, 1))
+    photo.resize((300, 100), Image.BILINEAR).save(d / "squashed.png")
+    photo.save(d / "round.png")
+    fov = Fov.estimate(np.asarray(Image.open(d / "squashed.png")))
+    assert fov.found and fov.geometry.diameter > 1.6 * 100  # the case: a circle far wider than the frame is tall
+    out = tmp_path / "out"
+    assert run("run", d, out, *tiny_args(tiny, "--enhance-if", "good,usable,reject")) == 0
+    rows = rows_of(out / "results.csv")
+    assert rows["squashed"]["status"] == "ok" and rows["squashed"]["enhanced"] == "yes" and rows["squashed"]["score"]
+    assert rows["squashed"]["warning"].startswith("squashed frame: 300x100 whose field of view"), rows["squashed"]["warning"]
+    assert not rows["round"]["warning"].startswith("squashed")
+    # `fundus score` alone still checks the pairs it is given
+    assert run("score", out / "enhance", tmp_path / "sc", "--reference", d, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny",
+               "--device", "cpu", "--quiet") == 3
+    assert "not the photograph it was made from" in rows_of(tmp_path / "sc" / "results.csv")["squashed"]["error"]

@@ -84,6 +84,10 @@ MIN_GRADE_DIAMETER = 48
 #: Above this aspect ratio a frame without a field of view, squashed into the grader's square, is warned about
 #: (a 30000x200 strip was graded good, p 0.80; campaign 28a F2).
 MAX_GRADE_ASPECT = 2.0
+#: Above this ratio of a found field of view's diameter to the frame's short side the photograph is taken as squashed
+#: out of shape (an ellipse fitted with a circle far wider than the frame is tall; campaign 30b F1: 565x200 gave 1.94,
+#: 200x565 1.78). The 1,825 photographs of ../shared/data reach 1.40 (HRF's circle cut by the frame's top and bottom).
+MAX_FOV_FRAME_RATIO = 1.6
 
 
 #: How the grader's other warnings begin (each holds no "; ", the separator of a run table's joined warnings).
@@ -103,6 +107,9 @@ def frame_warning(item: ItemInput, frame: np.ndarray) -> str:
     if not found and max(h, w) > MAX_GRADE_ASPECT * min(h, w):
         why.append(f"{SQUASHED_WARNING}{w}x{h} without a field of view, squashed into the grader's square (this may not be a "
                    "fundus photograph: check this grade by eye)")
+    elif found and across > MAX_FOV_FRAME_RATIO * min(h, w):
+        why.append(f"{SQUASHED_WARNING}{w}x{h} whose field of view, {across:.0f} px across, is {across / min(h, w):.1f} times the frame's "
+                   "short side: a photograph resized out of shape? (check this grade by eye, and the photograph's size)")
     elif not found:  # (campaign 28b F1: a checkerboard picture was graded good, p 0.72, in silence)
         why.append(f"{NO_FOV_WARNING}no circular field of view in a dark surround was found (a photograph cropped to the "
                    "retina, a field too faint or noisy at its edge, or not a fundus photograph: check this grade by eye)")
