@@ -1,5 +1,5 @@
 """The ``fundus`` console script. The command line (Typer, and through the commands torch) takes a second or
-so to import; a Ctrl-C in that time ends the command as one at any later moment does, with one line and
+so to import; a Ctrl-C (or SIGTERM, SIGHUP) in that time ends the command as one at any later moment does, with one line and
 exit 130, instead of the interpreter's traceback of whatever module was being imported; an import that fails
 (a library that cannot be mapped under a low ``ulimit -v``) is one line, exit 1, as any later error."""
 
@@ -10,7 +10,17 @@ import sys
 from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, internal_error  # a light module: constants, exceptions
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    # SIGTERM and SIGHUP during the imports end the command as a Ctrl-C there does (exit 130), as they do once the
+    # command line has set its own handlers (they had killed it, exit 143; campaign 29a F4)
+    stops = [s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP")) if s is not None]
+    before = {s: signal.signal(s, _stop) for s in stops}
     try:
         from fundus_pipeline.cli import main as cli_main
     except KeyboardInterrupt:
@@ -28,4 +38,6 @@ def main() -> None:
         except (OSError, ValueError):
             pass
         raise SystemExit(EXIT_FATAL) from None
+    for s, handler in before.items():  # the command line sets its own (runner.stop_signals_as_interrupt)
+        signal.signal(s, handler)
     cli_main()

@@ -71,3 +71,41 @@ def test_a_photograph_squashed_out_of_shape_is_warned_about_and_not_failed_as_a_
     assert run("score", out / "enhance", tmp_path / "sc", "--reference", d, "--weights", tiny["sdmp_tiny"], "--arch", "sdmp_tiny",
                "--device", "cpu", "--quiet") == 3
     assert "not the photograph it was made from" in rows_of(tmp_path / "sc" / "results.csv")["squashed"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ campaign 29a F4
+def test_a_sigterm_while_the_command_line_is_imported_exits_130(tmp_path):
+    """29a F4: a SIGTERM in the first ~0.4 s, while the command line was imported and before it set its handlers,
+    killed the process (exit 143, -15 here) where the exit table promises 130. Sent once numpy is mapped: the
+    imports are under way (fundus_pipeline.console itself maps no numpy)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc (Linux)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.Popen([sys.executable, "-m", "fundus_pipeline", "segment", str(tmp_path / "none"), str(tmp_path / "out")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if "_multiarray_umath" in Path(f"/proc/{p.pid}/maps").read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.002)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.strip().splitlines()[-1] == "Error: interrupted"
