@@ -34,6 +34,7 @@ float32 on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -392,12 +393,48 @@ def clear_set(out: Path) -> None:
     _remove_files(out, [done.relative_to(out).as_posix() for done, _ in listed] + ["rows/config.json"])
 
 
+@contextlib.contextmanager
+def claim_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str, threads: int | None = None):
+    """``open_set`` under a lock on ``OUT/.fundus-lock`` held while the block builds the set: a second build into OUT
+    (an ``--overwrite`` one among them) while one runs is refused (exit 2), where both ran and left a "finished"
+    set naming images the other had removed (campaign 30a H1). OUT is created when missing; a build refused by
+    ``open_set`` leaves nothing behind that it made (the lock file, a folder it created)."""
+    from fundus_pipeline.errors import FundusError
+    from fundus_pipeline.runner import LOCK, OutputLock
+
+    new = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FundusError(f"cannot create the {what} folder {out}: {e.strerror or e}") from None
+    lock, refused = OutputLock(out, out), False
+    try:
+        with lock:
+            try:
+                open_set(out, digest, cfg, overwrite, what, threads)
+            except FundusError:
+                refused = True
+                if lock.created:  # removed while held: a build that opened it meanwhile is refused, never let in
+                    (out / LOCK).unlink(missing_ok=True)
+                raise
+            yield
+    except FundusError:
+        refused = refused or not (out / "rows" / "config.json").exists()
+        raise
+    finally:
+        if refused and new:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+
+
 def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str, threads: int | None = None) -> None:
     """Claim ``out`` for a set built with ``digest`` on ``threads`` CPU threads: resume one built with the same
     options, refuse one built with others, refuse a non-empty folder that holds no set. With ``overwrite``, what
     an earlier set wrote there is cleared (``clear_set``: only its files) and the set is built again from nothing.
     A set is rebuilt bit for bit only on the thread count it was built with, so a rerun that would finish it on
     another is refused too (its manifest would record one count for sources built on two)."""
+    from fundus_pipeline.runner import LOCK
+
     state = out / "rows" / "config.json"
     if overwrite:
         if out.is_dir():
@@ -415,7 +452,7 @@ def open_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str,
         if was is not None and threads is not None and was != threads:
             raise UsageError(f"{out} holds a {what} built (or being built) with --threads {was}; finish it with --threads {was} "
                              "(the thread count changes the bytes of some images), or pass --overwrite to rebuild it")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):  # (the lock claim_set holds)
         raise UsageError(f"{out} is not empty and holds no {what}; choose an empty folder or pass --overwrite")
     try:
         write_json_atomic(state, {"digest": digest, "config": cfg.model_dump(mode="json"), "threads": threads})
@@ -564,15 +601,23 @@ def build_quality_set(
     """Build (or resume) the quality set in ``out``; returns the manifest."""
     import torch
 
-    from fundus_pipeline import __version__
-    from fundus_pipeline.io import write_bytes_atomic
-    from fundus_pipeline.quality.label import LABEL_DEFINITION, VesselMapper
+    from fundus_pipeline.quality.label import VesselMapper
 
     torch.set_num_threads(threads)
     enhancers = [SetEnhancer(n) for n in cfg.enhancers]
     mapper = VesselMapper(cfg.segmenter)
     digest = config_digest(cfg, enhancers, mapper.loaded.sha256)
-    open_set(out, digest, cfg, overwrite, "quality set", threads)
+    with claim_set(out, digest, cfg, overwrite, "quality set", threads):
+        return _build_quality_set(root, out, cfg, threads, enhancers, mapper, digest, log)
+
+
+def _build_quality_set(root: Path, out: Path, cfg: QualitySetConfig, threads: int, enhancers: list, mapper, digest: str,
+                       log: Callable[[str], None]) -> dict:
+    import torch
+
+    from fundus_pipeline import __version__
+    from fundus_pipeline.io import write_bytes_atomic
+    from fundus_pipeline.quality.label import LABEL_DEFINITION
 
     def one(name: str, info: dict, part: str, split: str, written: list[Path]) -> tuple[list[dict], list[dict]]:
         return build_source(name, info, part, split, cfg, enhancers, mapper, out, written)

@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fundus_pipeline.quality.build import (
-    PARTS, SourceFiles, build_parts, csv_text, draw_degrader, open_set, provenance, quantise, source_key, write_json_atomic, write_png,
+    PARTS, SourceFiles, build_parts, csv_text, draw_degrader, claim_set, provenance, quantise, source_key, write_json_atomic, write_png,
 )
 from fundus_pipeline.quality.grading import FLAGS, GRADE_RULE, GRADES, grade_of_q
 
@@ -182,14 +182,21 @@ def build_grade_set(
 
     import torch
 
-    from fundus_pipeline import __version__
-    from fundus_pipeline.io import write_bytes_atomic
-    from fundus_pipeline.quality.label import LABEL_DEFINITION, VesselMapper
+    from fundus_pipeline.quality.label import VesselMapper
 
     torch.set_num_threads(threads)
     mapper = VesselMapper(cfg.segmenter)
     digest = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), mapper.loaded.sha256, "grade"], sort_keys=True).encode()).hexdigest()[:16]
-    open_set(out, digest, cfg, overwrite, "grade set", threads)
+    with claim_set(out, digest, cfg, overwrite, "grade set", threads):
+        return _build_grade_set(root, out, cfg, threads, mapper, digest, log)
+
+
+def _build_grade_set(root: Path, out: Path, cfg: GradeSetConfig, threads: int, mapper, digest: str, log: Callable[[str], None]) -> dict:
+    import torch
+
+    from fundus_pipeline import __version__
+    from fundus_pipeline.io import write_bytes_atomic
+    from fundus_pipeline.quality.label import LABEL_DEFINITION
 
     def one(name: str, info: dict, part: str, split: str, written: list[Path]) -> tuple[list[dict], list[dict]]:
         return build_grade_source(name, info, part, split, cfg, mapper, out, written)
