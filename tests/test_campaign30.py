@@ -3,6 +3,8 @@ Each test fails on the code before its mend."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.test_run import photos, rows_of, run, tiny, tiny_args  # noqa: F401  (photos, tiny: fixtures)
 
 
@@ -109,3 +111,54 @@ def test_a_sigterm_while_the_command_line_is_imported_exits_130(tmp_path):
             p.kill()
     assert p.returncode == 130, (p.returncode, err)
     assert err.strip().splitlines()[-1] == "Error: interrupted"
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a H1
+def test_a_build_is_refused_while_another_writes_its_folder(fake_data, tmp_path, capsys):
+    """30a H1: `fundus build` took no lock on OUT: a second build (an --overwrite one among them) ran alongside the
+    first, both exited 0, and the set left said "finished" while naming images the other build had removed."""
+    from fundus_pipeline.runner import LOCK, OutputLock
+    from tests.test_quality import _build, _tree
+
+    out = tmp_path / "set"
+    assert _build(fake_data, out) == 0
+    before = _tree(out)
+    with OutputLock(out, out):  # a build under way in another process holds it
+        for extra in ((), ("--overwrite",)):
+            assert _build(fake_data, out, *extra) == 2
+            assert "another fundus run is writing to" in capsys.readouterr().err
+            assert _tree(out) == before
+        # a grade set too, and a new folder is left as it was not
+        from fundus_pipeline.cli import main as cli_main
+
+        args = ["build", "grade-set", str(out), "--data", str(fake_data), "--parts", "train", "--limit", "1", "--draws", "1",
+                "--size", "64", "--store-size", "32", "--threads", "1"]
+        assert cli_main(args) == 2
+    assert _build(fake_data, out) == 0 and _tree(out) == before  # resumed: nothing to do
+    assert (out / LOCK).is_file()  # the build's lock stays, as a stage's does
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a M1
+@pytest.mark.parametrize("args", [
+    ["train", "segment", "--arch", "imff_tiny", "--steps", "1", "--out", ""],
+    ["train", "segment", "--arch", "imff_tiny", "--steps", "1", "--out", "{tmp}/o", "--data", ""],
+    ["train", "enhance", "--arch", "unet_enh_tiny", "--steps", "1", "--out", "{tmp}/o", "--cache", ""],
+    ["train", "score", "--arch", "sdmp_tiny", "--steps", "1", "--out", "{tmp}/o", "--quality-set", ""],
+    ["train", "grade", "--arch", "hemf_tiny", "--steps", "1", "--out", "{tmp}/o", "--grade-set", ""],
+    ["build", "quality-set", ""],
+    ["build", "grade-set", "{tmp}/o", "--data", ""],
+    ["sample", ""],
+    ["evaluate", "segment", "{tmp}", ""],
+    ["report", ""],
+])
+def test_an_empty_path_is_refused_not_taken_as_the_working_folder(args, tmp_path, monkeypatch, capsys):
+    """30a M1: an empty --out (train) or OUT (build) was the working folder: a run or a set written there, exit 0
+    (`--out "$RUN"` with $RUN unset); so were `fundus sample ""` and the other commands' empty path arguments."""
+    from fundus_pipeline.cli import main as cli_main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli_main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    assert "empty; give a folder or file name" in capsys.readouterr().err
+    assert not any(work.iterdir()) and not (tmp_path / "o").exists()

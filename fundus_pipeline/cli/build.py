@@ -11,7 +11,7 @@ import typer
 
 from fundus_pipeline.config import MAX_THREADS
 from fundus_pipeline.cli.app import app
-from fundus_pipeline.cli.options import Format, FormatOpt, Overwrite
+from fundus_pipeline.cli.options import Format, FormatOpt, Overwrite, path_arg
 from fundus_pipeline.quality.build import DEFAULT_ENHANCERS, PARTS, QualitySetConfig
 from fundus_pipeline.quality.grade_set import GradeSetConfig
 
@@ -82,9 +82,9 @@ def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | Non
 
 @build_app.command("quality-set")
 def quality_set(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False)],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False, parser=path_arg)],
     data: Annotated[
-        Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False)
+        Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False, parser=path_arg)
     ] = None,
     size: Annotated[int, typer.Option("--size", help="Side of the canonical frame the set lives in (the FOV diameter in pixels)" + _range(_Q["size"]) + ".")] = _Q["size"].default,
     draws: Annotated[int, typer.Option("--draws", help="Degradations per source photograph" + _range(_Q["draws"]) + ".")] = _Q["draws"].default,
@@ -132,9 +132,9 @@ def quality_set(
 
 @build_app.command("grade-set")
 def grade_set(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False)],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (created; an earlier build there is resumed).", show_default=False, parser=path_arg)],
     data: Annotated[
-        Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False)
+        Optional[Path], typer.Option("--data", help="Dataset root [default: $FUNDUS_DATA or ../shared/data].", show_default=False, parser=path_arg)
     ] = None,
     size: Annotated[int, typer.Option("--size", help="Side of the canonical frame where labels are computed" + _range(_G["size"]) + ".")] = _G["size"].default,
     store_size: Annotated[int, typer.Option("--store-size", help="Side of the images written" + _range(_G["store_size"]) + ".")] = _G["store_size"].default,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers
+from fundus_pipeline.cli.options import Address, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, path_arg
 
 
 @app.command()
@@ -19,7 +19,7 @@ def degrade(
     preset: Annotated[Optional[str], typer.Option("--preset", help="Cofe-Net variant: released (degrad_de.py, default) or training (the on-the-fly training degradation).", show_default=False)] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="A recipe instead of Cofe-Net types: mild, moderate, severe or a JSON file.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed (default 0); each image's streams derive from (seed, key, step).", show_default=False)] = None,
-    replay: Annotated[Optional[Path], typer.Option("--replay", help="Re-apply the parameters recorded in OLD_OUT/manifest.json, or given the folder OLD_OUT (its types, preset, recipe and seed).", show_default=False)] = None,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Re-apply the parameters recorded in OLD_OUT/manifest.json, or given the folder OLD_OUT (its types, preset, recipe and seed).", show_default=False, parser=path_arg)] = None,
     threads: Threads = None,
     workers: Workers = 1,
     engine: Engine = EngineName.local,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from fundus_pipeline.cli.app import app
-from fundus_pipeline.cli.options import Format, FormatOpt, flag
+from fundus_pipeline.cli.options import Format, FormatOpt, flag, path_arg
 from fundus_pipeline.errors import UsageError, printable
 
 if TYPE_CHECKING:
@@ -38,12 +38,13 @@ def segment(
             help="Predictions: a `fundus segment` output folder (K_prob.png / K_vessels.png) or a folder of "
             "binary masks or probability maps (e.g. DRIVE 2nd_manual for the second observer).",
             show_default=False,
+            parser=path_arg,
         ),
     ],
-    gt_dir: Annotated[Path, typer.Argument(metavar="GT_DIR", help="Ground-truth vessel masks (e.g. DRIVE 1st_manual, HRF manual1).", show_default=False)],
+    gt_dir: Annotated[Path, typer.Argument(metavar="GT_DIR", help="Ground-truth vessel masks (e.g. DRIVE 1st_manual, HRF manual1).", show_default=False, parser=path_arg)],
     fov: Annotated[
         Optional[Path],
-        typer.Option("--fov", help="FOV masks folder (e.g. DRIVE mask/); without it the FOV is the whole image.", show_default=False),
+        typer.Option("--fov", help="FOV masks folder (e.g. DRIVE mask/); without it the FOV is the whole image.", show_default=False, parser=path_arg),
     ] = None,
     threshold: Annotated[
         Optional[float],
@@ -64,6 +65,7 @@ def segment(
             help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
             "replaced, other files are left alone [default: PRED_DIR/eval].",
             show_default=False,
+            parser=path_arg,
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
@@ -140,15 +142,16 @@ def _finish(
 def enhance(
     enh_dir: Annotated[
         Path,
-        typer.Argument(metavar="ENH_DIR", help="Enhanced photographs: a `fundus enhance` output folder (KEY.png) or any folder of images.", show_default=False),
+        typer.Argument(metavar="ENH_DIR", help="Enhanced photographs: a `fundus enhance` output folder (KEY.png) or any folder of images.", show_default=False, parser=path_arg),
     ],
-    ref_dir: Annotated[Path, typer.Argument(metavar="REF_DIR", help="Clean reference photographs (e.g. the originals that were degraded).", show_default=False)],
+    ref_dir: Annotated[Path, typer.Argument(metavar="REF_DIR", help="Clean reference photographs (e.g. the originals that were degraded).", show_default=False, parser=path_arg)],
     fov: Annotated[
         Optional[Path],
         typer.Option(
             "--fov",
             help="FOV masks folder (e.g. HRF mask/); without it the FOV is estimated on each reference image.",
             show_default=False,
+            parser=path_arg,
         ),
     ] = None,
     out: Annotated[
@@ -158,6 +161,7 @@ def enhance(
             help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
             "replaced, other files are left alone [default: ENH_DIR/eval].",
             show_default=False,
+            parser=path_arg,
         ),
     ] = None,
     fmt: FormatOpt = Format.human,
@@ -193,12 +197,12 @@ def score(
     scores_csv: Annotated[
         Path,
         typer.Argument(metavar="SCORES_CSV", help="Predicted quality scores: a `fundus score` results.csv (key, score, status) or any CSV "
-                       "with a key column and a score column.", show_default=False),
+                       "with a key column and a score column.", show_default=False, parser=path_arg),
     ],
     labels: Annotated[
         Path,
         typer.Argument(metavar="LABELS", help="Quality labels: a quality set's pairs.csv (key, part, source, label, grouping columns), "
-                       "or the folder holding it.", show_default=False),
+                       "or the folder holding it.", show_default=False, parser=path_arg),
     ],
     column: Annotated[
         str, typer.Option("--column", help="The score column of SCORES_CSV (higher = better quality).")
@@ -217,6 +221,7 @@ def score(
             help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
             "replaced, other files are left alone [default: SCORES_CSV's folder/eval_score].",
             show_default=False,
+            parser=path_arg,
         ),
     ] = None,
     bootstrap: Annotated[
@@ -263,13 +268,13 @@ def grade(
     results_csv: Annotated[
         Path,
         typer.Argument(metavar="RESULTS_CSV", help="Predicted grades: a `fundus grade` results.csv (key, status, grade, p_good, p_usable, "
-                       "p_reject, temperature, p_<flag>).", show_default=False),
+                       "p_reject, temperature, p_<flag>).", show_default=False, parser=path_arg),
     ],
     labels: Annotated[
         Path,
         typer.Argument(metavar="LABELS", help="Quality labels: EyeQ's image,quality[,DR_grade] CSV as published, or a CSV with key, "
                        "quality (0 good, 1 usable, 2 reject) and optionally flag_<name>, source and grouping "
-                       "columns; or the folder holding it as labels.csv.", show_default=False),
+                       "columns; or the folder holding it as labels.csv.", show_default=False, parser=path_arg),
     ],
     by: Annotated[
         Optional[list[str]],
@@ -283,6 +288,7 @@ def grade(
             help="Output folder for metrics.csv, summary.json and summary.md; reports of an earlier run there are "
             "replaced, other files are left alone [default: RESULTS_CSV's folder/eval_grade].",
             show_default=False,
+            parser=path_arg,
         ),
     ] = None,
     bootstrap: Annotated[

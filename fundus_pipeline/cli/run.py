@@ -101,8 +101,8 @@ def _summary_line(s: dict) -> str:
 def run_cmd(
     in_dir: Annotated[Optional[Path], typer.Argument(metavar="IN", parser=path_arg, help="Input: a folder of fundus photographs (searched recursively), one image, or a text file listing image paths. With --replay: omit it.", show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Argument(metavar="OUT", parser=path_arg, help="Output folder: one sub-folder per stage, results.csv, manifest.json, report.html.", show_default=False)] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file whose keys are these options' names with underscores (min_gain = 0.02); the command line overrides it.", show_default=False)] = None,
-    replay: Annotated[Optional[Path], typer.Option("--replay", help="Reproduce the run recorded in OLD_OUT/manifest.json into OUT (not OLD_OUT itself) with its inputs, weights, options and thread count, and check the result byte for byte (a difference: exit 3).", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file whose keys are these options' names with underscores (min_gain = 0.02); the command line overrides it.", show_default=False, parser=path_arg)] = None,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Reproduce the run recorded in OLD_OUT/manifest.json into OUT (not OLD_OUT itself) with its inputs, weights, options and thread count, and check the result byte for byte (a difference: exit 3).", show_default=False, parser=path_arg)] = None,
     steps: Annotated[Optional[str], _opt("--steps", help="Steps to run, comma-separated; they always run in the chain's order grade,enhance,score,segment.", field="steps")] = None,
     enhance_if: Annotated[Optional[str], _opt("--enhance-if", help="Enhance the photographs graded as these (the others pass through unchanged).", field="enhance_if")] = None,
     min_gain: Annotated[Optional[float], _opt("--min-gain", help="Trust (segment) an enhanced image when its score minus the input's own score is at least this (-1 to 1).", field="min_gain")] = None,
@@ -219,7 +219,7 @@ def run_cmd(
 
 @app.command("report")
 def report_cmd(
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="The output folder of a `fundus run`.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="The output folder of a `fundus run`.", show_default=False, parser=path_arg)],
 ):
     """Rebuild OUT/report.html of a `fundus run` from its folders alone (the stages' results and images).
 

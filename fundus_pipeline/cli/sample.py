@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fundus_pipeline.cli.app import app
-from fundus_pipeline.cli.options import flag
+from fundus_pipeline.cli.options import flag, path_arg
 
 #: The degraded versions: (file name, ``fundus degrade`` options). Each is exactly what ``fundus degrade
 #: retina.png OUT`` writes with these options (same key, same seed streams). Chosen so that the shipped
@@ -38,7 +38,7 @@ def degraded_versions(path: Path) -> dict[str, "object"]:
 
 @app.command()
 def sample(
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the photographs into (created).")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the photographs into (created).", parser=path_arg)],
     clean_only: Annotated[bool, flag("--clean-only", help="Write only retina.png, without the degraded versions.")] = False,
 ):
     """Write scikit-image's bundled retina photograph (1411x1411 RGB) as OUT_DIR/retina.png, and four degraded

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fundus_pipeline.cli.app import app, run_stage_command
-from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag
+from fundus_pipeline.cli.options import Address, Compile, Device, Precision, Engine, EngineName, Format, FormatOpt, InPath, OutDir, Overwrite, Quiet, Resume, Threads, Workers, flag, path_arg
 from fundus_pipeline.config import ScoreConfig, default
 
 
@@ -18,7 +18,7 @@ def score(
     out_dir: OutDir,
     reference: Annotated[
         Path,
-        typer.Option("--reference", "-r", help="Folder of the degraded photographs the enhanced ones were made from, matched by key (KEY.png ~ KEY.*).", show_default=False),
+        typer.Option("--reference", "-r", help="Folder of the degraded photographs the enhanced ones were made from, matched by key (KEY.png ~ KEY.*).", show_default=False, parser=path_arg),
     ],
     weights: Annotated[str, typer.Option("--weights", "-w", help="Quality weights: a name from `fundus models` or a .pt state-dict file.")] = default(ScoreConfig, "weights"),
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, required for weights not listed in weights/manifest.json.", show_default=False)] = None,
