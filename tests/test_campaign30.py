@@ -162,3 +162,22 @@ def test_an_empty_path_is_refused_not_taken_as_the_working_folder(args, tmp_path
     assert cli_main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     assert "empty; give a folder or file name" in capsys.readouterr().err
     assert not any(work.iterdir()) and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a M2
+def test_a_training_is_not_written_into_the_set_it_reads(tmp_path, capsys):
+    """30a M2: `fundus train score|grade` accepted --out equal to or inside its --quality-set / --grade-set: best.pt,
+    last.pt and train.log among the set's images."""
+    from fundus_pipeline.cli import main as cli_main
+
+    qs, gs = tmp_path / "qs", tmp_path / "gs"
+    for folder, table in ((qs, "pairs.csv"), (gs, "labels.csv")):
+        (folder / "train").mkdir(parents=True)
+        (folder / table).write_text("key\n")
+    cases = [["train", "score", "--arch", "sdmp_tiny", "--quality-set", str(qs), "--cnn-init", "none", "--vit-init", "none", "--out", str(out)]
+             for out in (qs, qs / "train", qs / "new")]
+    cases += [["train", "grade", "--arch", "hemf_tiny", "--grade-set", str(gs), "--real-p", "0", "--out", str(out)] for out in (gs, gs / "train" / "x")]
+    for args in cases:
+        assert cli_main([*args, "--steps", "1"]) == 2
+        assert "choose a folder outside it (the set is only read)" in capsys.readouterr().err
+    assert sorted(p.name for p in qs.rglob("*")) == ["pairs.csv", "train"] and sorted(p.name for p in gs.rglob("*")) == ["labels.csv", "train"]

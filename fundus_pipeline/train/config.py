@@ -97,6 +97,10 @@ class TrainConfig(BaseModel):
             for name, path in (("--out", self.out), ("--cache", getattr(self, "cache", None))):
                 if path is not None and (Path(path).resolve() == data or data in Path(path).resolve().parents):
                     raise ValueError(f"{name} {path} lies inside the dataset root {root}; choose a folder outside it")
+        for field in ("quality_set", "grade_set"):  # the set a run reads is read, never written (campaign 30a M2)
+            folder = getattr(self, field, None)
+            if folder is not None and (self.out.resolve() == Path(folder).resolve() or Path(folder).resolve() in self.out.resolve().parents):
+                raise ValueError(f"--out {self.out} lies inside {option_name(field)} {folder}; choose a folder outside it (the set is only read)")
         return self
 
     @classmethod
