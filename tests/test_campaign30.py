@@ -181,3 +181,15 @@ def test_a_training_is_not_written_into_the_set_it_reads(tmp_path, capsys):
         assert cli_main([*args, "--steps", "1"]) == 2
         assert "choose a folder outside it (the set is only read)" in capsys.readouterr().err
     assert sorted(p.name for p in qs.rglob("*")) == ["pairs.csv", "train"] and sorted(p.name for p in gs.rglob("*")) == ["labels.csv", "train"]
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a M3
+def test_a_training_seed_beyond_what_torch_takes_is_a_usage_error(fake_data, tmp_path, capsys):
+    """30a M3: a --seed above 2^64-1 (torch's seed range) was an internal error to report (exit 1) in every
+    `fundus train`; the largest one it takes trains."""
+    from fundus_pipeline.cli import main as cli_main
+
+    assert cli_main(["train", "segment", "--arch", "imff_tiny", "--steps", "1", "--out", str(tmp_path / "o"), "--seed", str(2**64),
+                    "--data", str(fake_data)]) == 2
+    err = capsys.readouterr().err
+    assert "--seed" in err and "internal error" not in err and not (tmp_path / "o").exists()

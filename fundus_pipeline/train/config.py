@@ -33,7 +33,7 @@ class TrainConfig(BaseModel):
     steps: int = Field(5000, ge=1, le=100_000_000, description="Optimiser steps (the cosine learning-rate decay ends there).")
     batch_size: int = Field(8, ge=1, description="Training samples per step.")
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate at step 0 (cosine decay to 2%).")
-    seed: int = Field(0, ge=0, description="Seed of the model initialisation and of every step's samples (>= 0).")
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="Seed of the model initialisation and of every step's samples (0 to 2^64-1).")
     val_every: int = Field(250, ge=1, description="Validate every N steps (and at the last); the best score is kept as best.pt.")
     ckpt_every: int = Field(100, ge=1, description="Write the resumable checkpoint last.pt every N steps (and at the last).")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="Torch CPU threads (0 = torch's default).")
