@@ -193,3 +193,34 @@ def test_a_training_seed_beyond_what_torch_takes_is_a_usage_error(fake_data, tmp
                     "--data", str(fake_data)]) == 2
     err = capsys.readouterr().err
     assert "--seed" in err and "internal error" not in err and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a M4, L1
+def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_no_run_folder(fake_data, tmp_path, capsys, monkeypatch):
+    """30a M4: a --cache where nothing can be written (/proc/x.npz) was an internal error to report (exit 1), and
+    L1: a run failing before its first step with anything but fundus's own errors (out of memory preparing the data
+    too) left its new --out behind (train.log, the lock)."""
+    from pathlib import Path
+
+    import pytest
+
+    from fundus_pipeline.cli import main as cli_main
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    out = tmp_path / "run"
+    args = ["train", "enhance", "--arch", "unet_enh_tiny", "--data", str(fake_data), "--datasets", "drive", "--size", "64", "--crop", "32",
+            "--steps", "2", "--batch-size", "1", "--val-every", "2", "--threads", "1", "--out", str(out), "--cache", "/proc/fundus_x.npz"]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot write --cache /proc/fundus_x.npz" in err and "internal error" not in err, err
+    assert not out.exists()
+
+    from fundus_pipeline.train import enhance as trainer
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(trainer, "prepare_sources", no_memory)
+    assert cli_main(args[:-2]) == 1
+    assert "out of memory" in capsys.readouterr().err and not out.exists()

@@ -31,6 +31,7 @@ shipped segmenter (at its threshold) against each source's vessel target, for th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -277,21 +278,44 @@ def prepare_sources(
         for n, info in todo:
             sources[n] = _prepare_one(n, info, size, (model, spec.threshold))
             if parts is not None:
-                parts.save(sources[n], keys[n])
+                with _cache_written(cache):
+                    parts.save(sources[n], keys[n])
     out = [sources[n] for n, _ in wanted]
     if cache is not None and len(wanted) == len(listing):  # every source: one file, read in one go next time
-        meta = [{"name": s.name, "disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind} for s in out]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_temporaries(cache.parent, f".{cache.name}.*.tmp.npz")  # a killed run's (about 4 MB a source at 512)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(
-            tmp, digest=np.array(digest), meta=np.array(json.dumps(meta)),
-            rgb=np.stack([s.rgb for s in out]), fov=np.stack([s.fov for s in out]),
-            vessels=np.stack([s.vessels for s in out]),
-        )  # fmt: skip
-        tmp.replace(cache)
+        with _cache_written(cache):
+            _write_cache(cache, out, digest)
         parts.remove()
     return out
+
+
+@contextlib.contextmanager
+def _cache_written(cache: Path):
+    """A --cache (or its parts folder) that cannot be written is one line, exit 1 (it was an internal error to
+    report: a FileNotFoundError under /proc; campaign 30a M4); a full disk stops the run as it does elsewhere."""
+    import errno
+
+    from fundus_pipeline.errors import DiskFullError, FundusError
+
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(cache) else ""
+        cls = DiskFullError if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else FundusError
+        raise cls(f"cannot write --cache {cache}{where}: {e.strerror or e}", "choose a --cache in a folder this run can write") from None
+
+
+def _write_cache(cache: Path, out: list[Source], digest: str) -> None:
+    """Every prepared source in one file, written atomically."""
+    meta = [{"name": s.name, "disc": list(s.disc), "vessels_kind": s.vessels_kind, "disc_kind": s.disc_kind} for s in out]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(cache.parent, f".{cache.name}.*.tmp.npz")  # a killed run's (about 4 MB a source at 512)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+    np.savez(
+        tmp, digest=np.array(digest), meta=np.array(json.dumps(meta)),
+        rgb=np.stack([s.rgb for s in out]), fov=np.stack([s.fov for s in out]),
+        vessels=np.stack([s.vessels for s in out]),
+    )  # fmt: skip
+    tmp.replace(cache)
 
 
 class _SourceParts:

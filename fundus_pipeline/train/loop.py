@@ -345,7 +345,7 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
             log = _RunLog(cfg.out / "train.log")
             try:
                 return _fit(task, cfg, device, amp, log, progress)
-            except FundusError:
+            except Exception:  # not only a FundusError: out of memory preparing the data left the folder (campaign 30a L1)
                 refused = not progress["training"]
                 raise
             except KeyboardInterrupt:
