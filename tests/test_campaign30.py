@@ -224,3 +224,32 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_no_run_folder(fak
     monkeypatch.setattr(trainer, "prepare_sources", no_memory)
     assert cli_main(args[:-2]) == 1
     assert "out of memory" in capsys.readouterr().err and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a L2
+def test_a_grade_training_stopped_while_fitting_its_temperature_says_so_in_its_log(tmp_path, monkeypatch):
+    """30a L2: `fundus train grade` interrupted while fitting the temperature exited 130, but train.log ended with
+    "done:" and calibration.json was missing, with no word of it."""
+    import pytest
+
+    from fundus_pipeline.train import grade as trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    class Cfg:
+        pass
+
+    cfg = Cfg()
+    cfg.out, cfg.device = out, "cpu"
+    monkeypatch.setattr(trainer, "GradeTask", lambda c: None)
+    monkeypatch.setattr(trainer, "fit", lambda task, c: (out / "train.log").write_text("00:00:00 done: {}\n") and {})
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "calibrate", stop)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_grade(cfg)
+    last = (out / "train.log").read_text().splitlines()[-1]
+    assert "interrupted while fitting the temperature" in last and "--resume" in last

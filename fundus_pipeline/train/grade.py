@@ -353,7 +353,15 @@ def train_grade(cfg: GradeConfig) -> dict:
     summary = fit(task, cfg)
     from fundus_pipeline.device import resolve_device
 
-    rec = calibrate(task, cfg.out, device=str(resolve_device(cfg.device)))  # on the training device
+    try:
+        rec = calibrate(task, cfg.out, device=str(resolve_device(cfg.device)))  # on the training device
+    except KeyboardInterrupt:  # train.log had ended with "done:" (campaign 30a L2)
+        from fundus_pipeline.train.loop import _RunLog
+
+        log = _RunLog(cfg.out / "train.log")
+        log("interrupted while fitting the temperature: calibration.json not written; `--resume` fits it again")
+        log.close()
+        raise
     print(f"temperature {rec['temperature']} (validation NLL {rec['nll_before']} -> {rec['nll_after']})")
     return summary
 
