@@ -253,3 +253,23 @@ def test_a_grade_training_stopped_while_fitting_its_temperature_says_so_in_its_l
         trainer.train_grade(cfg)
     last = (out / "train.log").read_text().splitlines()[-1]
     assert "interrupted while fitting the temperature" in last and "--resume" in last
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a L3
+def test_grading_with_a_runs_own_weights_says_they_are_not_calibrated(photos, tmp_path, tiny, capsys):  # noqa: F811
+    """30a L3: `fundus grade --weights RUN/best.pt` graded with temperature 1 in silence, the temperature its run had
+    fitted lying beside it in RUN/calibration.json."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copyfile(tiny["hemf_tiny"], run_dir / "best.pt")
+    opts = ("--weights", run_dir / "best.pt", "--arch", "hemf_tiny", "--device", "cpu")
+    assert run("grade", photos, tmp_path / "g1", *opts) == 0
+    err = capsys.readouterr().err
+    assert "best.pt has no entry in weights/manifest.json: its probabilities are not calibrated (temperature 1)" in err
+    (run_dir / "calibration.json").write_text(json.dumps({"temperature": 0.37317}))
+    assert run("grade", photos, tmp_path / "g2", *opts) == 0
+    assert "calibration.json holds the temperature its run fitted (0.37317)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "g2" / "manifest.json").read_text())["config"]["temperature"] == 1.0  # as said

@@ -14,6 +14,8 @@ inputs afterwards, see the command).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from fundus_pipeline.config import GradeConfig
@@ -132,6 +134,21 @@ class GradeStage(NetworkStage):
         self.temperature = float(getattr(spec.output, "temperature", 1.0)) if spec else 1.0
         bias = getattr(spec.output, "decision_bias", None) if spec else None
         self.decision_bias = np.asarray(bias, np.float64) if bias is not None else None
+
+    def notes(self) -> list[str]:
+        """Weights without a manifest entry (a run's own best.pt) grade uncalibrated, said before the run: the
+        calibration.json its run fitted beside them had been passed over in silence (campaign 30a L3)."""
+        if self.spec.spec is not None:
+            return []
+        path = self.spec.path
+        note = f"{path.name} has no entry in weights/manifest.json: its probabilities are not calibrated (temperature 1)"
+        calibration = path.parent / "calibration.json"
+        try:
+            fitted = json.loads(calibration.read_text())["temperature"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return [note]
+        return [f"{note}; {calibration} holds the temperature its run fitted ({fitted}): export the run "
+                "(scripts/export_weights.py) to grade with it"]
 
     def config_record(self) -> dict:
         return {
