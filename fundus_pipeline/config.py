@@ -144,7 +144,7 @@ class SegmentConfig(NetworkStageConfig):
 
     weights: str = "imff"
     arch: str | None = None
-    threshold: Annotated[float | None, AfterValidator(single_precision_threshold)] = Field(None, gt=0.0, lt=1.0, description="default: the weights' a-priori threshold")
+    threshold: Annotated[float | None, AfterValidator(single_precision_threshold)] = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False, description="default: the weights' a-priori threshold")
     tile: int = Field(1024, ge=0, description="tile side at the working scale; 0 = the whole image at once")
     overlap: int = Field(64, ge=0)
     overlay: bool = False
@@ -154,7 +154,7 @@ class SegmentConfig(NetworkStageConfig):
     # (DRIVE validation AUC-ROC +0.0009 at 1.5%), but the model also fires on the bright-to-black rim,
     # so on photographs with a wide dark border it draws false vessels along the edge
     # (scripts/val_fov_margin.py counts them on the validation images).
-    fov_margin: float = Field(0.0, ge=0.0, le=0.5)
+    fov_margin: float = Field(0.0, allow_inf_nan=False, ge=0.0, le=0.5)
     batch_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -207,7 +207,7 @@ class GradeConfig(NetworkStageConfig):
 
     weights: str = "hemf_4750"
     arch: str | None = None
-    flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    flag_threshold: float = Field(0.5, allow_inf_nan=False, gt=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass")
 
 
@@ -233,8 +233,8 @@ class RunConfig(StageConfig):
 
     steps: list[Literal["grade", "enhance", "score", "segment"]] = list(RUN_STEPS)
     enhance_if: list[Literal["good", "usable", "reject"]] = ["usable", "reject"]
-    min_gain: float = Field(0.0, ge=-1.0, le=1.0, description="use the enhanced image when score - score_input >= this")
-    min_score: float = Field(0.0, ge=0.0, le=1.0, description="... and its score >= this")
+    min_gain: float = Field(0.0, allow_inf_nan=False, ge=-1.0, le=1.0, description="use the enhanced image when score - score_input >= this")
+    min_score: float = Field(0.0, allow_inf_nan=False, ge=0.0, le=1.0, description="... and its score >= this")
     simulate: str | None = None
     seed: int = Field(0, ge=0)
     ground_truth: Path | None = None
@@ -243,7 +243,7 @@ class RunConfig(StageConfig):
     compile: bool = False  # torch.compile the networks (recorded: compiled kernels may round differently)
     grade_weights: str = "hemf_4750"
     grade_arch: str | None = None
-    flag_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    flag_threshold: float = Field(0.5, allow_inf_nan=False, gt=0.0, lt=1.0)
     grade_batch_size: int = Field(1, ge=1, le=1024, description="photographs per forward pass of the grader")
     enhance_weights: str = "cofe_add_seg"
     enhance_arch: str | None = None
@@ -256,7 +256,7 @@ class RunConfig(StageConfig):
     score_batch_size: int = Field(1, ge=1, le=256, description="pairs per forward pass of the scorer")
     segment_weights: str = "imff"
     segment_arch: str | None = None
-    threshold: Annotated[float | None, AfterValidator(single_precision_threshold)] = Field(None, gt=0.0, lt=1.0, description="vessel threshold (default: the weights' own)")
+    threshold: Annotated[float | None, AfterValidator(single_precision_threshold)] = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False, description="vessel threshold (default: the weights' own)")
     report: bool = True
     thumbnail: int = Field(160, ge=48, le=512, description="thumbnail side in the report, pixels")
     workers: int = Field(1, ge=1, le=MAX_WORKERS)

@@ -273,3 +273,29 @@ def test_grading_with_a_runs_own_weights_says_they_are_not_calibrated(photos, tm
     assert run("grade", photos, tmp_path / "g2", *opts) == 0
     assert "calibration.json holds the temperature its run fitted (0.37317)" in capsys.readouterr().err
     assert json.loads((tmp_path / "g2" / "manifest.json").read_text())["config"]["temperature"] == 1.0  # as said
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a L4
+@pytest.mark.parametrize("args", [
+    ["train", "segment", "--arch", "imff_tiny", "--degrade-p", "nan"],
+    ["train", "enhance", "--arch", "unet_enh_tiny", "--disc-weight", "inf"],
+    ["train", "enhance", "--arch", "unet_enh_tiny", "--vessel-weight", "nan"],
+    ["train", "grade", "--arch", "hemf_tiny", "--grade-set", "{gs}", "--real-p", "0", "--grey-p", "nan"],
+    ["segment", "{photos}", "{tmp}/o", "--threshold", "nan"],
+    ["grade", "{photos}", "{tmp}/o", "--flag-threshold", "nan"],
+    ["run", "{photos}", "{tmp}/o", "--min-gain", "nan"],
+])
+def test_nan_and_infinite_option_values_are_refused_as_such(args, photos, fake_data, tmp_path, capsys):  # noqa: F811
+    """30a L4: NaN got misleading messages ("should be less than or equal to 1") and --disc-weight inf was accepted
+    until the run diverged at its first step, with a hint to lower --lr."""
+    from fundus_pipeline.cli import main as cli_main
+
+    gs = tmp_path / "gs"
+    gs.mkdir()
+    (gs / "labels.csv").write_text("key\n")
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{photos}", str(photos)).replace("{gs}", str(gs)) for a in args]
+    if args[0] == "train":
+        args += ["--steps", "1", "--out", str(tmp_path / "run")] + (["--data", str(fake_data)] if args[1] != "grade" else [])
+    assert cli_main(args) == 2
+    assert "finite number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()

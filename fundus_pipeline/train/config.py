@@ -186,7 +186,7 @@ class SegmentConfig(TrainConfig):
     arch: str = Field("imff", description="Registered segmentation model (imff, imff_w8, msrf_w8, ...; see `fundus models`).")
     data: Path | None = Field(None, validate_default=True, description="Dataset root holding DRIVE/ and HRF/ [default: $FUNDUS_DATA, else ../shared/data].")
     patch: int = Field(128, ge=16, description="Training patch side in pixels (random rotation, scale and flip inside the FOV).")
-    degrade_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of drawing a patch from a degraded copy of its image.")
+    degrade_p: float = Field(0.0, allow_inf_nan=False, ge=0.0, le=1.0, description="Probability of drawing a patch from a degraded copy of its image.")
     degrade_copies: int = Field(5, ge=1, description="Degraded copies per training image (Cofe-Net presets and clinical recipes), used with --degrade-p.")
 
     @field_validator("arch")
@@ -265,10 +265,10 @@ class EnhanceConfig(SourcesConfig):
     arch: str = Field("cofe", description="Registered enhancement model (cofe, cofe_add, cofe_rsa_lqa, cofe_rsa, cofe_g, unet_enh; see `fundus models`).")
     size: int = Field(512, ge=64, description="Canonical frame side: the FOV's bounding square is resized to SIZE x SIZE (Cofe-Net: 512).")
     crop: int = Field(256, ge=32, description="Training crop side inside the canonical frame (a multiple of the model's size divisor).")
-    clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
+    clean_p: float = Field(0.1, allow_inf_nan=False, ge=0.0, le=1.0, description="Probability that a sample is left clean (the model must leave good photographs alone).")
     family_weights: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="Relative weights of the three degradation families a degraded sample is drawn from: released Cofe-Net types, training-time Cofe-Net types, clinical recipes (e.g. 2,1,1).")
-    disc_weight: float = Field(10.0, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
-    vessel_weight: float = Field(0.1, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
+    disc_weight: float = Field(10.0, allow_inf_nan=False, ge=0.0, description="Weight of the L1 term inside the optic-disc box (Cofe-Net: 10).")
+    vessel_weight: float = Field(0.1, allow_inf_nan=False, ge=0.0, description="Weight of the structure branch's vessel BCE (Cofe-Net: 0.1).")
     rsa_init: str | None = Field("imff", description="Segmenter weights that initialise the structure branch of models with one: a shipped name or a .pt file ('none': random).")
     seg_weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="Weight of the segmenter term: BCE, inside the FOV, between the frozen shipped segmenter's vessel map of the output and its map of the clean image (0: off, Cofe-Net's loss).")
     datasets: tuple[str, ...] = Field(SOURCE_DATASETS, description="Source datasets that train and validate (comma-separated: drive, hrf, heimed; e.g. drive alone adapts the enhancer to one camera).")
@@ -335,7 +335,7 @@ class PretextConfig(SourcesConfig):
     size: int = Field(448, ge=224, description="Side of the scoring frame the crops are taken from (the FOV's bounding square resized).")
     crop: int = Field(224, ge=224, le=224, description="Crop side (the ViT's input size, 224).")
     pool_draws: int = Field(6, ge=1, description="Degraded copies of each training source (drawn once, from the seed).")
-    clean_p: float = Field(0.1, ge=0.0, le=1.0, description="Probability that a sample is the clean source.")
+    clean_p: float = Field(0.1, allow_inf_nan=False, ge=0.0, le=1.0, description="Probability that a sample is the clean source.")
 
     @field_validator("arch")
     @classmethod
@@ -394,10 +394,10 @@ class GradeConfig(TrainConfig):
     arch: str = Field("hemf", description="Registered grading model (hemf, hemf_local, hemf_global, hemf_nomhea, grade_cnn; see `fundus models`).")
     grade_set: Path = Field(description="A grade set folder (`fundus build grade-set`): its labels.csv train split trains, val split validates.")
     data: Path | None = Field(None, validate_default=True, description="Dataset root holding EyePACS-256/ [default: $FUNDUS_DATA, else ../shared/data].")
-    real_p: float = Field(0.3, ge=0.0, lt=1.0, description="Probability that a sample is a real EyePACS-256 training photograph (0: none are read).")
-    natural_p: float = Field(0.1, ge=0.0, lt=1.0, description="Probability that a sample is a not-fundus picture.")
+    real_p: float = Field(0.3, allow_inf_nan=False, ge=0.0, lt=1.0, description="Probability that a sample is a real EyePACS-256 training photograph (0: none are read).")
+    natural_p: float = Field(0.1, allow_inf_nan=False, ge=0.0, lt=1.0, description="Probability that a sample is a not-fundus picture.")
     grey_p: float = Field(
-        0.0, ge=0.0, le=1.0,
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False,
         description="Probability that a fundus photograph sample is shown grey, as a red-free photograph: its luminance or its green channel (half each) in all three channels, labels unchanged (0: never; draws no random numbers, so earlier runs replay).",
     )  # fmt: skip
 
