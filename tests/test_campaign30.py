@@ -215,6 +215,7 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_no_run_folder(fak
     err = capsys.readouterr().err
     assert "cannot write --cache /proc/fundus_x.npz" in err and "internal error" not in err, err
     assert not out.exists()
+    assert "preparing 20 clean sources" in err and "HEI-MED" not in err  # L6: --datasets drive prepares no HEI-MED source
 
     from fundus_pipeline.train import enhance as trainer
 
@@ -299,3 +300,19 @@ def test_nan_and_infinite_option_values_are_refused_as_such(args, photos, fake_d
     assert cli_main(args) == 2
     assert "finite number" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a L5
+def test_a_frozen_stream_that_does_not_fit_names_its_own_option():
+    """30a L5: --vit-init imff (segmenter weights for the ViT stream) said "--cnn-init or --vit-init (None, imff)"."""
+    from fundus_pipeline.errors import WeightsError
+    from fundus_pipeline.models.registry import build_model
+    from fundus_pipeline.train.score import load_streams
+
+    model = build_model("sdmp_tiny")
+    with pytest.raises(WeightsError) as e:
+        load_streams(model, None, "imff")
+    assert e.value.message.startswith("--vit-init (imff): the weights do not fit") and "--cnn-init" not in e.value.message
+    with pytest.raises(WeightsError) as e:
+        load_streams(model, "vit_fundus", None)
+    assert e.value.message.startswith("--cnn-init (vit_fundus): the weights do not fit")

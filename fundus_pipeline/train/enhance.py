@@ -274,7 +274,8 @@ def prepare_sources(
         with torch.random.fork_rng(devices=[]):  # (as frozen_segmenter: a run's RNG state must not depend on whether the cache existed)
             model, spec = load_model(segmenter_weights)
         done = f" ({len(sources)} prepared before and kept in {parts.folder})" if sources else ""
-        log(f"preparing {len(todo)} clean sources at {size}x{size}{done} (vessel targets of HEI-MED from {spec.name})")
+        heimed = f" (vessel targets of HEI-MED from {spec.name})" if any(n.startswith("heimed/") for n, _ in todo) else ""
+        log(f"preparing {len(todo)} clean sources at {size}x{size}{done}{heimed}")  # (campaign 30a L6: said for DRIVE alone too)
         for n, info in todo:
             sources[n] = _prepare_one(n, info, size, (model, spec.threshold))
             if parts is not None:

@@ -261,13 +261,14 @@ def load_streams(model: nn.Module, cnn_init: str | None, vit_init: str | None) -
 
     cnn = load_state_dict(resolve_weights(cnn_init)) if cnn_init and getattr(model, "cnn", None) is not None else None
     vit = load_state_dict(resolve_weights(vit_init)) if vit_init and getattr(model, "vit", None) is not None else None
-    try:
-        model.load_streams(cnn, vit)
-    except RuntimeError as e:  # weights of another width: one line naming the option (was an internal error)
-        which = "--cnn-init" if "cnn" in str(e).lower() or "IMFF" in str(e) else "--cnn-init or --vit-init"
-        raise WeightsError(f"{which} ({cnn_init if which == '--cnn-init' else f'{cnn_init}, {vit_init}'}): the weights do not fit this "
-                           f"architecture's frozen stream ({str(e).splitlines()[0]})",
-                           "pass weights of the matching width (see `fundus models`), or --cnn-init none / --vit-init none") from None
+    for option, name, states in (("--cnn-init", cnn_init, (cnn, None)), ("--vit-init", vit_init, (None, vit))):
+        if states == (None, None):
+            continue
+        try:  # one stream at a time: the error names the option whose weights do not fit (campaign 30a L5)
+            model.load_streams(*states)
+        except RuntimeError as e:  # weights of another width or kind: one line naming the option (was an internal error)
+            raise WeightsError(f"{option} ({name}): the weights do not fit this architecture's frozen stream ({str(e).splitlines()[0]})",
+                               f"pass weights of the matching width (see `fundus models`), or {option} none") from None
 
 
 MIN_CAMERA_PAIRS = 3  # fewer pairs of a camera give no per-camera validation SROCC
