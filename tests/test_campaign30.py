@@ -316,3 +316,18 @@ def test_a_frozen_stream_that_does_not_fit_names_its_own_option():
     with pytest.raises(WeightsError) as e:
         load_streams(model, "vit_fundus", None)
     assert e.value.message.startswith("--cnn-init (vit_fundus): the weights do not fit")
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a L7
+def test_an_incomplete_fundus_data_is_named_as_such_not_as_data(tmp_path, monkeypatch, capsys):
+    """30a L7: an empty or incomplete $FUNDUS_DATA was reported as "--data ..." although no --data was given."""
+    from fundus_pipeline.cli import main as cli_main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("FUNDUS_DATA", str(empty))
+    assert cli_main(["build", "quality-set", str(tmp_path / "q"), "--parts", "train", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: $FUNDUS_DATA {empty} lacks"), err
+    assert cli_main(["build", "grade-set", str(tmp_path / "g"), "--data", str(empty), "--parts", "train", "--limit", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"Error: --data {empty} lacks")

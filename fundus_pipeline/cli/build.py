@@ -34,7 +34,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | None) -> None:
+def _root_named(data: Path | None) -> str:
+    """How the dataset root was given, for a message about it: ``--data``, ``$FUNDUS_DATA`` or the default (an
+    incomplete $FUNDUS_DATA was reported as --data, given or not; campaign 30a L7)."""
+    return "--data" if data is not None else "$FUNDUS_DATA" if os.environ.get("FUNDUS_DATA") else "the default dataset root"
+
+
+def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | None, named: str = "--data") -> None:
     """Refuse, before anything is written, an OUT that is a file or that is, lies inside or holds the --data root
     (the datasets are read, never written: a rebuild there removed dataset folders), an empty or repeated
     --parts, and a --data root that lacks a file the chosen parts read (``UsageError``: exit 2)."""
@@ -60,13 +66,13 @@ def _check_build(root: Path, out: Path, parts: tuple[str, ...], limit: int | Non
         try:
             listing = _limit(part_sources(root, part), limit)
         except OSError as e:
-            raise UsageError(f"--data {root} lacks what the {part} part reads: {e.filename or e}", hint) from None
+            raise UsageError(f"{named} {root} lacks what the {part} part reads: {e.filename or e}", hint) from None
         # only what the builders read: the photograph and its FOV mask (a source's vessel annotation is not read:
         # HRF 11_h, 12_h and 13_h have none, and the test part was refused for it)
         read = [Path(path) for _, info in listing for role, path in info["paths"].items() if role in ("image", "fov")]
         missing = [path for path in read if not path.is_file()]
         if missing:
-            raise UsageError(f"--data {root} lacks {len(missing)} file(s) the {part} part reads, e.g. {missing[0]}", hint)
+            raise UsageError(f"{named} {root} lacks {len(missing)} file(s) the {part} part reads, e.g. {missing[0]}", hint)
         # a dataset folder reached through a symbolic link lies outside the resolved root: compare with its files
         held = _first_inside(read, o)
         if held is not None:
@@ -121,7 +127,7 @@ def quality_set(
         cfg = QualitySetConfig(size=size, draws=draws, seed=seed, enhancers=_names(enhancers), parts=_names(parts), limit=limit)
     except ValidationError as e:
         raise usage_error(e) from None
-    _check_build(root, out, cfg.parts, cfg.limit)
+    _check_build(root, out, cfg.parts, cfg.limit, _root_named(data))
     manifest = build_quality_set(root, out, cfg, overwrite=overwrite, threads=threads, log=lambda m: typer.echo(m, err=True))
     if fmt is Format.json:
         typer.echo(json.dumps(manifest, indent=2))
@@ -169,7 +175,7 @@ def grade_set(
         cfg = GradeSetConfig(size=size, store_size=store_size, draws=draws, seed=seed, parts=_names(parts), limit=limit)
     except ValidationError as e:
         raise usage_error(e) from None
-    _check_build(root, out, cfg.parts, cfg.limit)
+    _check_build(root, out, cfg.parts, cfg.limit, _root_named(data))
     manifest = build_grade_set(root, out, cfg, overwrite=overwrite, threads=threads, log=lambda m: typer.echo(m, err=True))
     if fmt is Format.json:
         typer.echo(json.dumps(manifest, indent=2))
