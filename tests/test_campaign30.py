@@ -331,3 +331,34 @@ def test_an_incomplete_fundus_data_is_named_as_such_not_as_data(tmp_path, monkey
     assert err.startswith(f"Error: $FUNDUS_DATA {empty} lacks"), err
     assert cli_main(["build", "grade-set", str(tmp_path / "g"), "--data", str(empty), "--parts", "train", "--limit", "1"]) == 2
     assert capsys.readouterr().err.startswith(f"Error: --data {empty} lacks")
+
+
+# ------------------------------------------------------------------------------------------------ campaign 30a L8
+def test_a_resumed_runs_checkpoint_records_the_runs_options_not_its_resume(tmp_path, monkeypatch):
+    """30a L8: a resumed run's last.pt recorded "resume": true in its options, so its bytes were not those of the
+    uninterrupted run (weights, optimiser and random state equal)."""
+    import json
+
+    import torch
+
+    from fundus_pipeline.train.config import TrainConfig
+    from fundus_pipeline.train.loop import fit
+    from tests.test_train_segment import _ToySampler, _ToyTask
+
+    def cfg(**kw):
+        return TrainConfig(out=tmp_path / "run", steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=1, **kw)
+
+    real = _ToySampler.batch
+
+    def interrupt(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_ToyTask(cfg()), cfg())
+    monkeypatch.setattr(_ToySampler, "batch", real)
+    fit(_ToyTask(cfg(resume=True)), cfg(resume=True))
+    recorded = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"])
+    assert recorded["resume"] is False

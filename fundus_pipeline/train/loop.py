@@ -455,7 +455,9 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
             "best": json.dumps(best),
             "init_validation": json.dumps(init_val),
             "rng": _rng_state(device),
-            "config": json.dumps({**recorded.model_dump(mode="json"), "identity": identity, "device_used": str(device), "code": code_started,
+            # the run's options, not how it was last started: a resumed run's last.pt had said "resume": true, so its
+            # bytes were not the uninterrupted run's (campaign 30a L8)
+            "config": json.dumps({**recorded.model_dump(mode="json"), "resume": False, "identity": identity, "device_used": str(device), "code": code_started,
                                   "threads_used": torch.get_num_threads()}),
         }
         save_atomic(state, cfg.out / "last.pt")
