@@ -335,8 +335,8 @@ def test_an_incomplete_fundus_data_is_named_as_such_not_as_data(tmp_path, monkey
 
 # ------------------------------------------------------------------------------------------------ campaign 30a L8
 def test_a_resumed_runs_checkpoint_records_the_runs_options_not_its_resume(tmp_path, monkeypatch):
-    """30a L8: a resumed run's last.pt recorded "resume": true in its options, so its bytes were not those of the
-    uninterrupted run (weights, optimiser and random state equal)."""
+    """30a L8: a resumed run's last.pt recorded "resume": true in its options, and pickled the optimiser's keys apart,
+    so its bytes were not those of the uninterrupted run (weights, optimiser and random state equal)."""
     import json
 
     import torch
@@ -345,9 +345,13 @@ def test_a_resumed_runs_checkpoint_records_the_runs_options_not_its_resume(tmp_p
     from fundus_pipeline.train.loop import fit
     from tests.test_train_segment import _ToySampler, _ToyTask
 
+    import shutil
+
     def cfg(**kw):
         return TrainConfig(out=tmp_path / "run", steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=1, **kw)
 
+    fit(_ToyTask(cfg()), cfg())  # uninterrupted, in the same folder (its path is among the options recorded)
+    shutil.move(tmp_path / "run", tmp_path / "ref")
     real = _ToySampler.batch
 
     def interrupt(self, step):
@@ -362,3 +366,5 @@ def test_a_resumed_runs_checkpoint_records_the_runs_options_not_its_resume(tmp_p
     fit(_ToyTask(cfg(resume=True)), cfg(resume=True))
     recorded = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"])
     assert recorded["resume"] is False
+    # and the bytes: a resumed optimiser holds the keys it read from last.pt, which pickle had written apart
+    assert (tmp_path / "run" / "last.pt").read_bytes() == (tmp_path / "ref" / "last.pt").read_bytes()

@@ -307,6 +307,20 @@ class _RunLog:
         self._f.close()
 
 
+def _interned(obj):
+    """``obj`` (a state dict of plain containers) with its strings interned. Pickle shares a string it has written
+    once by the object's identity, and a resumed run's optimiser holds the keys it read from last.pt (``"step"``,
+    new objects) where an uninterrupted run holds the interned literals: equal checkpoints, other bytes (campaign
+    30a L8)."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) is dict:
+        return {_interned(k): _interned(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_interned(v) for v in obj)
+    return obj
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -448,9 +462,9 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     def checkpoint() -> None:
         state = {
             "model": model.state_dict(),
-            "opt": opt.state_dict(),
-            "sched": sched.state_dict(),
-            "scaler": scaler.state_dict(),
+            "opt": _interned(opt.state_dict()),
+            "sched": _interned(sched.state_dict()),
+            "scaler": _interned(scaler.state_dict()),
             "step": step,
             "best": json.dumps(best),
             "init_validation": json.dumps(init_val),
