@@ -123,7 +123,7 @@ def test_chain_writes_stage_folders_and_a_joined_table_with_its_decisions(photos
     rows = rows_of(out / "results.csv")
     assert set(rows) == {"p0", "p1", "p2", "broken"}
     b = rows.pop("broken")
-    assert b["status"] == "error" and b["error"].startswith("grade: ") and "segment: " in b["error"] and b["enhanced"] == "no"
+    assert b["status"] == "error" and b["error"].startswith("grade, segment: ") and b["enhanced"] == "no"
     seg = rows_of(out / "segment" / "results.csv")
     for key, r in rows.items():
         assert r["status"] == "ok" and r["grade"] in ("good", "usable", "reject") and r["enhanced"] == "yes", r

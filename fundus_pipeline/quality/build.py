@@ -406,7 +406,7 @@ def claim_set(out: Path, digest: str, cfg: BaseModel, overwrite: bool, what: str
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FundusError(f"cannot create the {what} folder {out}: {e.strerror or e}") from None
+        raise FundusError(f"cannot write the {what} into {out}: {e.strerror or e}") from None
     lock, refused = OutputLock(out, out), False
     try:
         with lock:
