@@ -406,3 +406,19 @@ def test_sigterm_is_caught_from_the_first_import_to_the_end_of_the_command(tmp_p
     assert p.returncode == 2  # IN does not exist
     # one caught stretch (the interpreter resets its handlers as it shuts down, so the last state may be uncaught)
     assert states.count(True) == 1, states
+
+
+# ------------------------------------------------------------------------------------------------ review 30 M1
+def test_the_report_counts_an_enhancement_that_failed_with_the_same_message_as_a_later_step(photos, tmp_path, tiny):  # noqa: F811
+    """Review 30 M1: the report counted a failed enhancement by "enhance: " in the error cell, which the joined cell
+    ("enhance, segment: ...", campaign 28b F4) no longer holds: "3 enhanced" where it had said "3 enhanced, 1 failed"."""
+    from fundus_pipeline.report import summary
+
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png")
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "enhance,segment")) == 3
+    rows = rows_of(out / "results.csv")
+    assert rows["broken"]["error"].startswith("enhance, segment: ")
+    s = summary(rows.values(), simulate=False, truth=False)
+    assert s["enhanced"] == 3 and s["enhance_failed"] == 1
+    assert "3 enhanced, 1 failed" in " ".join((out / "report.html").read_text().split()).replace("</div><div>", " ")

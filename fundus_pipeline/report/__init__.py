@@ -296,7 +296,9 @@ def summary(rows: Iterable[dict], simulate: bool, truth: bool) -> dict:
             if (v := _num(r.get(col))) is not None:
                 vals.append(v)
         enhanced += bool(r.get("enhanced_image"))
-        enhance_failed += r.get("enhanced") == "yes" and not r.get("enhanced_image") and "enhance: " in str(r.get("error") or "")
+        # the enhance step failed: its reason says so (the error cell names steps failing alike together, "enhance,
+        # segment: ...", where this had looked for "enhance: "; review 30 M1)
+        enhance_failed += r.get("enhanced") == "yes" and not r.get("enhanced_image") and str(r.get("enhance_reason") or "").endswith("(failed)")
         used += r.get("segmented") == "enhanced" and bool(r.get("vessels_image"))
         segmented += bool(r.get("vessels_image"))
         grade_warning, segment_warning = split_warning(r.get("warning"))
