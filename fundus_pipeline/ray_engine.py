@@ -74,6 +74,8 @@ def restarts_allowed(blocks: int) -> int:
     return min((1 + TASK_RETRIES) * blocks, RESTART_CAP) + SETUP_RESTARTS
 
 
+#: A local instance starts with the first stage that has work, after OUT is created (review 30 L1).
+LOCAL_START_HINT = "OUT keeps what this run did: rerun with --resume once Ray starts here, or with --engine local"
 DIED = "the worker process died while processing this image (out of memory or a crash in a decoder)"
 #: Blocks (Ray tasks) per pass at most: Ray Data creates about 400 blocks a second, so a listing of 100,000
 #: photographs is cut into 2,000 tasks of 50, not 100,000 tasks of one.
@@ -316,14 +318,14 @@ class RayEngine:
                 _init(ray, self.address, kwargs)
             except ValueError as e:
                 if self.address is None:
-                    raise FundusError(f"cannot start a local Ray instance: {_first_line(e)}") from None
+                    raise FundusError(f"cannot start a local Ray instance: {_first_line(e)}", LOCAL_START_HINT) from None
                 raise UsageError(f"--address {self.address}: {_first_line(e)}") from None  # e.g. ray:// without ray[client]
             except (ConnectionError, RuntimeError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise FundusError(f"cannot connect to {where}: {_first_line(e)}",
                                   "is a cluster running there (`ray start --head` prints its address)? If `ray start` said token "
                                   "authentication is enabled, set RAY_AUTH_MODE=token (or use --address auto on the head)"
-                                  if self.address else None) from None
+                                  if self.address else LOCAL_START_HINT) from None
             self._owned = True
         _quiet(ray)
         if self.threads is not None:

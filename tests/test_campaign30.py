@@ -422,3 +422,21 @@ def test_the_report_counts_an_enhancement_that_failed_with_the_same_message_as_a
     s = summary(rows.values(), simulate=False, truth=False)
     assert s["enhanced"] == 3 and s["enhance_failed"] == 1
     assert "3 enhanced, 1 failed" in " ".join((out / "report.html").read_text().split()).replace("</div><div>", " ")
+
+
+# ------------------------------------------------------------------------------------------------ review 30 L1
+def test_a_local_ray_instance_that_cannot_start_says_how_to_go_on(photos, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Review 30 L1: the local Ray instance now starts with the first stage's work, after OUT is created; its failure
+    left OUT "stopped" with no word of --resume, and a plain rerun was refused."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'fundus-pipeline[ray]')")
+    from fundus_pipeline import ray_engine
+
+    def broken(ray, address, kwargs):
+        raise ValueError("no space left for the object store")
+
+    monkeypatch.setattr(ray_engine, "_init", broken)
+    out = tmp_path / "out"
+    assert run("degrade", photos, out, "--engine", "ray", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "cannot start a local Ray instance: ValueError: no space left for the object store" in err and "rerun with --resume" in err
+    assert run("degrade", photos, out, "--resume", "--quiet") == 0  # as the hint says
