@@ -142,3 +142,22 @@ def run_script(main) -> None:
 
         u = config_error(e)
         raise fail(u.message, u.hint, u.exit_code) from None
+
+
+#: The stop signal received and not yet acted on (None: none). A KeyboardInterrupt raised where Python drops it
+#: (an import lock's clean-up callback prints "Exception ignored ...") had let the run go on to exit 0, and one that
+#: pydantic turned into a SchemaError was an internal error to report (campaign 31b H2, M2): the run checks it.
+_STOP_SIGNAL: list[int | None] = [None]
+
+
+def stop_requested(signum: int | None | bool = True) -> int | None:
+    """Record ``signum`` as received (None: forget any), or with no argument say which one was received."""
+    if signum is not True:
+        _STOP_SIGNAL[0] = signum
+    return _STOP_SIGNAL[0]
+
+
+def check_stop() -> None:
+    """A stop signal whose KeyboardInterrupt was lost ends the run here, as it would have where it arrived."""
+    if _STOP_SIGNAL[0] is not None:
+        raise KeyboardInterrupt

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, check_stop, stop_requested
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -1446,6 +1446,7 @@ def run_stage(
     ``said``: the notes said already (a chained run's stages resume alike: each note is said once); what this
     resume notes is added to it, and recorded in the manifest whether said or not."""
     started = time.time()
+    check_stop()  # a stop received while the command set up (its KeyboardInterrupt lost on the way)
     check_parallelism(workers, threads)
     extra_dirs = dict(extra_dirs or {})
     check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, stage=stage.name)
@@ -1524,6 +1525,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
 
     def record(row: dict) -> None:
         nonlocal next_snapshot
+        check_stop()
         check_folder("nothing more is written there")
         stop = row.pop(_STOP, None)
         if row.get("status") != "ok" and row["key"] in redone:  # done before, failing now: its earlier outputs are not this row's
@@ -1561,6 +1563,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             _run_pool(stage, todo, dst, workers, threads, record, pool)
     except KeyboardInterrupt:
         interrupted = True
+        stop_requested(None)  # acted on
     except BaseException:
         stopped = True  # the error propagates; the tables say the run did not finish (was: "finished")
         raise
@@ -1568,10 +1571,10 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         if WORKER_DEATHS[0] != deaths:
             remove_stale_temporaries(dst)  # a worker killed while writing left one (its item was written again)
     finally:
-        bar.close()
-        with contextlib.suppress(OSError):  # a full disk was reported where the write failed
-            journal.close()
-        with interrupts_deferred():
+        with interrupts_deferred():  # (the progress bar's last line too: a stop there had left no tables; campaign 31b L2)
+            bar.close()
+            with contextlib.suppress(OSError):  # a full disk was reported where the write failed
+                journal.close()
             check_folder("no results.csv or manifest.json was written")  # they would list outputs that are gone
             try:
                 counts, failed, threads_used = reports(interrupted=interrupted, stopped=stopped)
@@ -1699,9 +1702,12 @@ def stop_signals_as_interrupt():
     ``--resume`` continues."""
 
     def stop(signum, frame) -> None:
+        stop_requested(signum)
         raise KeyboardInterrupt
 
+    stop_requested(None)  # a new command (the Python API may run several in one process)
     return _signal_handlers(STOP_SIGNALS, stop)
+
 
 
 def interrupts_deferred():
@@ -1715,7 +1721,8 @@ def interrupts_deferred():
         seen.append(signum)
         if len(seen) > 1:
             raise KeyboardInterrupt
-        print("Ctrl-C: finishing results.csv and manifest.json first (press it again to stop now)", file=sys.stderr, flush=True)
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name  # (a SIGTERM had said "Ctrl-C"; campaign 31b L5)
+        print(f"{what}: finishing results.csv and manifest.json first (a second one stops now)", file=sys.stderr, flush=True)
 
     held = (signal.SIGINT, *(s for s in STOP_SIGNALS if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)))
     return _signal_handlers(held, hold)

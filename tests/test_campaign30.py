@@ -440,3 +440,95 @@ def test_a_local_ray_instance_that_cannot_start_says_how_to_go_on(photos, tmp_pa
     err = capsys.readouterr().err
     assert "cannot start a local Ray instance: ValueError: no space left for the object store" in err and "rerun with --resume" in err
     assert run("degrade", photos, out, "--resume", "--quiet") == 0  # as the hint says
+
+
+# ------------------------------------------------------------------------------------------------ campaign 31b
+def _console(tmp_path, script: str, *args: str):
+    """Run ``script`` (Python, which ends by calling the console's main) in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "console_script.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(root)])}
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_finished_command_keeps_its_status_when_a_sigterm_comes_during_the_interpreters_teardown(tmp_path):
+    """31b M1: Python resets the command's handlers to the default before it tears its modules down; a SIGTERM
+    then (here sent from a finaliser that runs during the teardown) killed a finished command: 143."""
+    r = _console(tmp_path, "import os, signal, sys, time\n"
+                           "class Late:\n"
+                           "    def __del__(self, kill=os.kill, pid=os.getpid(), sleep=time.sleep):\n"
+                           "        kill(pid, signal.SIGTERM)\n"
+                           "        sleep(0.05)\n"
+                           "sys.modules['__main__'].late = Late()\n"
+                           "from fundus_pipeline.console import main\n"
+                           "sys.argv = ['fundus', 'models']\n"
+                           "main()\n")
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    assert "imff" in r.stdout
+
+
+def test_a_stop_signal_during_torchs_import_waits_for_the_import_to_finish(tmp_path):
+    """31b H1: a KeyboardInterrupt raised inside torch's C++ initialisation aborted the process (exit 134,
+    "terminate called after throwing an instance of 'pybind11::error_already_set'"). The console holds the stop
+    signals while torch is first imported: here a stand-in torch that signals itself and then finishes."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\n"
+                                      "import sys\nsys.stderr.write('import finished\\n')\n")
+    r = _console(tmp_path, "import sys\n"
+                           "from fundus_pipeline.console import main\n"
+                           "import fundus_pipeline.cli.app as app\n"
+                           "def cmd(argv=None):\n"
+                           "    import torch\n"
+                           "    sys.stderr.write('after the import\\n')\n"
+                           "app.main = cmd\n"
+                           "import fundus_pipeline.cli as cli\n"
+                           "cli.main = cmd\n"
+                           "main()\n")
+    assert r.returncode == 130, (r.returncode, r.stderr[-800:])
+    assert "import finished" in r.stderr and "after the import" not in r.stderr and r.stderr.strip().endswith("Error: interrupted")
+
+
+def test_a_stop_whose_interrupt_a_library_turned_into_its_own_error_is_an_interruption(photos, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """31b M2: a SIGTERM landing while pydantic built a model became a SchemaError: "internal error ... report it",
+    exit 1. H2: one raised where Python drops it (an import lock's clean-up callback) let the run go on to exit 0."""
+    import os
+    import signal
+
+    from fundus_pipeline.cli import main as cli_main
+    from fundus_pipeline.stages import degrade
+
+    real = degrade.DegradeStage.__init__
+
+    def converted(self, *a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the command's own handler raises KeyboardInterrupt here
+            __import__("time").sleep(0.1)
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__") from e
+        real(self, *a, **k)
+
+    monkeypatch.setattr(degrade.DegradeStage, "__init__", converted)
+    assert cli_main(["degrade", str(photos), str(tmp_path / "a"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "internal error" not in err
+
+    def dropped(self, *a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            __import__("time").sleep(0.1)
+        except KeyboardInterrupt:
+            pass  # "Exception ignored in ..."
+        real(self, *a, **k)
+
+    monkeypatch.setattr(degrade.DegradeStage, "__init__", dropped)
+    assert cli_main(["degrade", str(photos), str(tmp_path / "b"), "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(degrade.DegradeStage, "__init__", real)
+    assert cli_main(["degrade", str(photos), str(tmp_path / "c"), "--quiet"]) == 0  # the next command is not stopped by it

@@ -259,6 +259,20 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _interrupt_within(e: BaseException) -> bool:
+    """Whether ``e`` came of a stop: a stop signal was received and not acted on, or a KeyboardInterrupt lies in its
+    chain of causes."""
+    from fundus_pipeline.errors import stop_requested
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return stop_requested() is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: never shows a traceback unless FUNDUS_DEBUG=1."""
     import fundus_pipeline.cli  # noqa: F401  (registers every command)
@@ -294,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except _PipeError as e:
         code = _os_error(e.error, argv) if isinstance(e.error, OSError) else _internal_error(e.error)
     except Exception as e:
-        code = _internal_error(e)
+        if _interrupt_within(e):  # a stop signal's KeyboardInterrupt that a library turned into its own error (pydantic's
+            _err("interrupted")  # SchemaError: it was an internal error to report; campaign 31b M2)
+            code = EXIT_INTERRUPTED
+        else:
+            code = _internal_error(e)
     if argv is None:
         import signal
 
