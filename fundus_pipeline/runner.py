@@ -1709,7 +1709,6 @@ def stop_signals_as_interrupt():
     return _signal_handlers(STOP_SIGNALS, stop)
 
 
-
 def interrupts_deferred():
     """While a run writes its final tables: a Ctrl-C (or SIGTERM / SIGHUP where the command turned them into
     one) waits until results.csv and manifest.json are complete (they then record what was done, and the run

@@ -18,7 +18,7 @@ import typer
 
 from fundus_pipeline import __version__
 from fundus_pipeline.cli.options import EngineName, Format
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error, printable
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error, printable, stop_requested
 
 app = typer.Typer(
     name="fundus",
@@ -262,8 +262,6 @@ def _exit_now(code: int) -> None:
 def _interrupt_within(e: BaseException) -> bool:
     """Whether ``e`` came of a stop: a stop signal was received and not acted on, or a KeyboardInterrupt lies in its
     chain of causes."""
-    from fundus_pipeline.errors import stop_requested
-
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
@@ -313,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_INTERRUPTED
         else:
             code = _internal_error(e)
+    stop_requested(None)  # the command has ended and said how: nothing left for a next one in this process
     if argv is None:
         import signal
 
