@@ -301,8 +301,11 @@ def _cache_written(cache: Path):
         yield
     except OSError as e:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(cache) else ""
-        cls = DiskFullError if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else FundusError
-        raise cls(f"cannot write --cache {cache}{where}: {e.strerror or e}", "choose a --cache in a folder this run can write") from None
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise (DiskFullError if full else FundusError)(
+            f"cannot write --cache {cache}{where}: {e.strerror or e}",
+            "free space, then rerun with --resume (the sources prepared are kept)" if full else "choose a --cache in a folder this run can write",
+        ) from None
 
 
 def _write_cache(cache: Path, out: list[Source], digest: str) -> None:
