@@ -304,7 +304,7 @@ def _cache_written(cache: Path):
         full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
         raise (DiskFullError if full else FundusError)(
             f"cannot write --cache {cache}{where}: {e.strerror or e}",
-            "free space, then rerun with --resume (the sources prepared are kept)" if full else "choose a --cache in a folder this run can write",
+            "free space, then run the command again (the sources prepared so far are kept)" if full else "choose a --cache in a folder this run can write",
         ) from None
 
 
