@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, internal_error, stop_requested  # a light module: constants, exceptions
-
-
-def _stop(signum, frame) -> None:
-    stop_requested(signum)
-    raise KeyboardInterrupt
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, STOP_SIGNALS, internal_error, raise_stop  # a light module: constants, exceptions
 
 
 class _HeldTorchImport:
@@ -56,19 +51,18 @@ class _HeldTorchImport:
         return spec
 
 
-def _ignore_stops(signals) -> None:
+def _ignore_stops() -> None:
     """SIGTERM and SIGHUP ignored from here to the process's end (see the module docstring)."""
     import signal
 
-    for s in signals:
-        if s != signal.SIGINT:
-            signal.signal(s, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _interrupted() -> None:
     import signal
 
-    for s in (signal.SIGINT, *(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))):
+    for s in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(s, signal.SIG_IGN)  # a second signal while this one is reported (campaign 31b M3)
     sys.stderr.write("Error: interrupted\n")  # what the command line's own handler writes
     raise SystemExit(EXIT_INTERRUPTED) from None
@@ -80,12 +74,11 @@ def main() -> None:
 
     # SIGTERM and SIGHUP during the imports end the command as a Ctrl-C there does (exit 130), as they do once the
     # command line has set its own handlers (they had killed it, exit 143; campaign 29a F4)
-    stops = [s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGHUP")) if s is not None]
-    for s in stops:
-        signal.signal(s, _stop)
+    for s in STOP_SIGNALS:
+        signal.signal(s, raise_stop)
     if hasattr(signal, "pthread_sigmask") and "torch" not in sys.modules:
-        sys.meta_path.insert(0, _HeldTorchImport({signal.SIGINT, *stops}))
-    atexit.register(_ignore_stops, stops)  # registered first, so run last: after every other exit function
+        sys.meta_path.insert(0, _HeldTorchImport({signal.SIGINT, *STOP_SIGNALS}))
+    atexit.register(_ignore_stops)  # registered first, so run last: after every other exit function
     try:
         from fundus_pipeline.cli import main as cli_main
     except KeyboardInterrupt:
@@ -103,7 +96,7 @@ def main() -> None:
             pass
         raise SystemExit(EXIT_FATAL) from None
     try:
-        # _stop stays until the command line sets its own handlers (runner.stop_signals_as_interrupt, after more
+        # raise_stop stays until the command line sets its own handlers (runner.stop_signals_as_interrupt, after more
         # imports): restored here, they had left SIGTERM uncaught for another 0.2 s (review 30 M2)
         cli_main()
     except KeyboardInterrupt:  # raised before the command line's own handling begins

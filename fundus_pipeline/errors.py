@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
@@ -155,6 +157,16 @@ def stop_requested(signum: int | None | bool = True) -> int | None:
     if signum is not True:
         _STOP_SIGNAL[0] = signum
     return _STOP_SIGNAL[0]
+
+
+#: The signals a command ends on as on a Ctrl-C (a scheduler's or container's stop, a closed terminal).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def raise_stop(signum, frame) -> None:
+    """The handler of a stop signal while a command runs: recorded (``stop_requested``), then a KeyboardInterrupt."""
+    stop_requested(signum)
+    raise KeyboardInterrupt
 
 
 def check_stop() -> None:

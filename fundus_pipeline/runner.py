@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, check_stop, stop_requested
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, raise_stop, stop_requested
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -1584,9 +1584,6 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used, notes)
 
 
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-
-
 def _worker_signals() -> None:
     """In a worker process: Ctrl-C ignored (the parent handles it and ends the pool), SIGTERM and SIGHUP back to
     their default action (a forked worker inherits the parent's handler, which would raise KeyboardInterrupt
@@ -1701,12 +1698,8 @@ def stop_signals_as_interrupt():
     job, a closed terminal) end the run as Ctrl-C does: the tables record what was done, exit 130, and
     ``--resume`` continues."""
 
-    def stop(signum, frame) -> None:
-        stop_requested(signum)
-        raise KeyboardInterrupt
-
     stop_requested(None)  # a new command (the Python API may run several in one process)
-    return _signal_handlers(STOP_SIGNALS, stop)
+    return _signal_handlers(STOP_SIGNALS, raise_stop)
 
 
 def interrupts_deferred():
