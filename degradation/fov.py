@@ -237,6 +237,13 @@ def _geometry_from_work_mask(
     return geom, nbox
 
 
+def corner_level(v: np.ndarray, least: int = 2) -> float:
+    """The level of a picture's surround as its corners show it: the median of the medians of its four corner
+    squares, each 4% of the shorter side (at least ``least`` pixels). ``v``: HxW or HxWxC."""
+    p = max(least, int(round(0.04 * min(v.shape[:2]))))
+    return float(np.median([np.median(c) for c in (v[:p, :p], v[:p, -p:], v[-p:, :p], v[-p:, -p:])]))
+
+
 def _threshold_work(v: np.ndarray) -> tuple[np.ndarray, float] | None:
     """(foreground mask at working size, background level), or None when there is no dark surround."""
     import cv2
@@ -244,9 +251,7 @@ def _threshold_work(v: np.ndarray) -> tuple[np.ndarray, float] | None:
     hs, ws = v.shape
     sig = max(1.0, max(hs, ws) / 256.0)
     vs = cv2.GaussianBlur(v, (0, 0), sig)
-    p = max(2, int(round(0.04 * min(hs, ws))))
-    corners = [vs[:p, :p], vs[:p, -p:], vs[-p:, :p], vs[-p:, -p:]]
-    bg = float(np.median([np.median(c) for c in corners]))
+    bg = corner_level(vs)
     above = vs[vs > bg + _MIN_CONTRAST]
     if above.size < 0.1 * vs.size:
         return None

@@ -295,8 +295,9 @@ def _no_fov_reason(array: np.ndarray) -> str:
     if top < 0.1:
         return (f"the photograph is too dark to tell its field of view from the surround: its brightest 1% lies at "
                 f"{top:.1%} of full scale")
-    p = max(1, round(0.04 * min(small.shape[:2])))
-    corners = float(np.median([np.median(c) for c in (small[:p, :p], small[:p, -p:], small[-p:, :p], small[-p:, -p:])])) / full
+    from degradation.fov import corner_level
+
+    corners = corner_level(small, least=1) / full
     if corners < 0.1 * top:  # a dark surround it has, but no circle in it (a squashed or cut picture; review 27 R27-5)
         return ("no circular field of view could be traced in its dark surround: a squashed, stretched or cut picture, "
                 "or a field too faint or noisy at its edge?")
