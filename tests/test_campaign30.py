@@ -341,29 +341,18 @@ def test_a_resumed_runs_checkpoint_records_the_runs_options_not_its_resume(tmp_p
 
     import torch
 
+    import shutil
+
     from fundus_pipeline.train.config import TrainConfig
     from fundus_pipeline.train.loop import fit
-    from tests.test_train_segment import _ToySampler, _ToyTask
-
-    import shutil
+    from tests.test_train_segment import _ToyTask, fit_interrupted_then_resumed
 
     def cfg(**kw):
         return TrainConfig(out=tmp_path / "run", steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=1, **kw)
 
     fit(_ToyTask(cfg()), cfg())  # uninterrupted, in the same folder (its path is among the options recorded)
     shutil.move(tmp_path / "run", tmp_path / "ref")
-    real = _ToySampler.batch
-
-    def interrupt(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(_ToySampler, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_ToyTask(cfg()), cfg())
-    monkeypatch.setattr(_ToySampler, "batch", real)
-    fit(_ToyTask(cfg(resume=True)), cfg(resume=True))
+    fit_interrupted_then_resumed(cfg, monkeypatch)
     recorded = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"])
     assert recorded["resume"] is False
     # and the bytes: a resumed optimiser holds the keys it read from last.pt, which pickle had written apart

@@ -241,6 +241,24 @@ class _ToyTask(Task):
         return {"neg_mse": -float(F.mse_loss(model.forward_train(x), y))}
 
 
+def fit_interrupted_then_resumed(cfg, monkeypatch, at: int = 3) -> None:
+    """A toy run (``cfg(**kw)`` its TrainConfig) stopped by a Ctrl-C at step ``at``, then resumed to its end from
+    another RNG state (the resumed run must not depend on the state it starts with)."""
+    real = _ToySampler.batch
+
+    def interrupt(self, step):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_ToyTask(cfg()), cfg())
+    monkeypatch.setattr(_ToySampler, "batch", real)
+    torch.manual_seed(12345)
+    fit(_ToyTask(cfg(resume=True)), cfg(resume=True))
+
+
 def test_loop_resume_is_bit_exact_with_dropout(tmp_path, monkeypatch):
     def cfg(out, **kw):
         return TrainConfig(out=out, steps=7, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=1, **kw)
@@ -248,19 +266,7 @@ def test_loop_resume_is_bit_exact_with_dropout(tmp_path, monkeypatch):
     summary = fit(_ToyTask(cfg(tmp_path / "a")), cfg(tmp_path / "a"))
     assert summary["task"] == "toy" and summary["best"]["step"] in (2, 4, 6, 7)
 
-    real = _ToySampler.batch
-
-    def interrupt(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(_ToySampler, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_ToyTask(cfg(tmp_path / "b")), cfg(tmp_path / "b"))
-    monkeypatch.setattr(_ToySampler, "batch", real)
-    torch.manual_seed(12345)  # the resumed run must not depend on the RNG state it starts with
-    fit(_ToyTask(cfg(tmp_path / "b", resume=True)), cfg(tmp_path / "b", resume=True))
+    fit_interrupted_then_resumed(lambda **kw: cfg(tmp_path / "b", **kw), monkeypatch)
 
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
