@@ -7,7 +7,7 @@ Three guards of the process's signals (campaign 31b), set here and only for the 
 
 * torch's first import runs with SIGINT, SIGTERM and SIGHUP held (``_HeldTorchImport``): a KeyboardInterrupt
   raised inside its C++ initialisation aborted the process ("terminate called after throwing an instance of
-  'pybind11::error_already_set'", exit 134); a signal held is delivered when the import has finished.
+  'pybind11::error_already_set'", exit 134); a signal held is handed to its handler when the import has finished.
 * a second signal while the first one is being reported is ignored (it gave tracebacks or a kill).
 * once the command has ended, SIGTERM and SIGHUP are ignored while the interpreter shuts down: Python resets
   the command's handlers to the default before it tears its modules down (0.2-0.6 s with torch loaded), and a
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, STOP_SIGNALS, internal_error, raise_stop  # a light module: constants, exceptions
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, STOP_SIGNALS, internal_error, raise_stop, signals_held  # a light module: constants, exceptions
 
 
 class _HeldTorchImport:
@@ -31,7 +31,6 @@ class _HeldTorchImport:
         if name != "torch":
             return None
         import importlib.machinery
-        import signal
 
         sys.meta_path[:] = [f for f in sys.meta_path if f is not self]  # once
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -41,11 +40,8 @@ class _HeldTorchImport:
         run = loader.exec_module
 
         def exec_module(module, run=run, signals=self.signals):
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-            try:
+            with signals_held(signals):  # a signal held is handed to its handler when the import is done
                 run(module)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held is delivered now, the import done
 
         loader.exec_module = exec_module  # this loader is torch's own (one per spec): nothing else is wrapped
         return spec
@@ -76,7 +72,7 @@ def main() -> None:
     # command line has set its own handlers (they had killed it, exit 143; campaign 29a F4)
     for s in STOP_SIGNALS:
         signal.signal(s, raise_stop)
-    if hasattr(signal, "pthread_sigmask") and "torch" not in sys.modules:
+    if "torch" not in sys.modules:
         sys.meta_path.insert(0, _HeldTorchImport({signal.SIGINT, *STOP_SIGNALS}))
     atexit.register(_ignore_stops)  # registered first, so run last: after every other exit function
     try:

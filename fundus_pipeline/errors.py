@@ -169,6 +169,47 @@ def raise_stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class signals_held:
+    """While the block runs, the Python handlers of ``signals`` that raise (Python's Ctrl-C handler, :func:`raise_stop`)
+    only record a signal; on leaving, the handlers are back and the first signal recorded is handed to its own handler
+    then (a KeyboardInterrupt raised where the caller can act on it). Only in the main thread, where Python runs
+    signal handlers; elsewhere nothing is changed.
+
+    Handlers, not the thread's signal mask: a process-directed signal blocked in the main thread is delivered to
+    another thread that does not block it (OpenBLAS's, OpenMP's), and Python then runs the handler in the main
+    thread all the same (CI, where OMP_NUM_THREADS is unset, raised the interrupt inside torch's import)."""
+
+    def __init__(self, signals) -> None:
+        import os
+
+        self.signals = tuple(signals)
+        self.held: list[int] = []
+        self.previous: dict = {}
+        self.pid = os.getpid()
+
+    def _hold(self, signum, frame) -> None:
+        import os
+
+        if os.getpid() == self.pid:  # not in a process forked meanwhile, before it set its own handlers
+            self.held.append(signum)
+
+    def __enter__(self) -> "signals_held":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: h for s in self.signals if callable(h := signal.getsignal(s))}
+            for s in self.previous:
+                signal.signal(s, self._hold)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        if self.held:
+            first = self.held[0]
+            self.previous[first](first, None)  # raises: Python's handler, or raise_stop
+
+
 def check_stop() -> None:
     """A stop signal whose KeyboardInterrupt was lost ends the run here, as it would have where it arrived."""
     if _STOP_SIGNAL[0] is not None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, raise_stop, stop_requested
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, raise_stop, signals_held, stop_requested
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -1602,31 +1602,15 @@ def submit(ex: ProcessPoolExecutor, fn, *args):
     where the caller's ``except KeyboardInterrupt`` can shut the pool down. The new processes start with the
     signals blocked (the mask is inherited through fork and exec) until :func:`_worker_signals` ignores
     Ctrl-C in them: a spawned worker interrupted while it imports torch printed a traceback."""
-    import threading
-
     signals = {signal.SIGINT, *STOP_SIGNALS}
-    main = threading.current_thread() is threading.main_thread()
-    pid, held, previous = os.getpid(), [], {}
-
-    def hold(signum, frame) -> None:
-        if os.getpid() == pid:  # not in a forked child before its initializer
-            held.append(signum)
-
-    if main:
-        previous = {s: h for s in signals if callable(h := signal.getsignal(s))}
-        for s in previous:
-            signal.signal(s, hold)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        return ex.submit(fn, *args)
-    except OSError as e:
-        raise _cannot_start(e) from None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is held now
-        for s, h in previous.items():
-            signal.signal(s, h)
-        if held:
-            previous[held[0]](held[0], None)  # raises KeyboardInterrupt: Python's handler, or stop_signals_as_interrupt's
+    with signals_held(signals):  # a signal that came meanwhile is handed to its handler on leaving
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # inherited by the processes started here
+        try:
+            return ex.submit(fn, *args)
+        except OSError as e:
+            raise _cannot_start(e) from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _cannot_start(e: OSError) -> FundusError:

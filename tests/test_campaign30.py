@@ -465,12 +465,15 @@ def test_a_finished_command_keeps_its_status_when_a_sigterm_comes_during_the_int
 def test_a_stop_signal_during_torchs_import_waits_for_the_import_to_finish(tmp_path):
     """31b H1: a KeyboardInterrupt raised inside torch's C++ initialisation aborted the process (exit 134,
     "terminate called after throwing an instance of 'pybind11::error_already_set'"). The console holds the stop
-    signals while torch is first imported: here a stand-in torch that signals itself and then finishes."""
+    signals while torch is first imported: here a stand-in torch that signals itself and then finishes.
+    With another thread running (OpenBLAS's, where OMP_NUM_THREADS is unset, as in CI), a signal blocked in the main
+    thread went to that thread and Python raised the interrupt in the import all the same: the handlers hold it."""
     fake = tmp_path / "fake" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\n"
                                       "import sys\nsys.stderr.write('import finished\\n')\n")
-    r = _console(tmp_path, "import sys\n"
+    r = _console(tmp_path, "import sys, threading, time\n"
+                           "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
                            "from fundus_pipeline.console import main\n"
                            "import fundus_pipeline.cli.app as app\n"
                            "def cmd(argv=None):\n"
