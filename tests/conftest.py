@@ -25,6 +25,15 @@ def data_root() -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that reads the real datasets carries the ``data`` marker (``-m "not data"`` selects the rest):
+    those that take ``data_root`` (also through another fixture) and those skipped when the datasets are absent."""
+    for item in items:
+        reasons = (str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        if "data_root" in getattr(item, "fixturenames", ()) or any(r.startswith("datasets not found") for r in reasons):
+            item.add_marker(pytest.mark.data)
+
+
 def synthetic_fundus(h: int = 96, w: int = 96, seed: int = 0) -> np.ndarray:
     """A fundus-like uint8 RGB image: orange disc on black with a bright optic disc and dark vessels."""
     rng = np.random.default_rng(seed)
