@@ -47,6 +47,25 @@ class Sample:
     scale: float  # working scale relative to the native image
 
 
+def missing_datasets(root: Path, required: tuple[str, ...], how: str = "pass --data or set FUNDUS_DATA") -> str | None:
+    """None when ``root`` holds each of the ``required`` dataset folders, else the sentence that says which it lacks."""
+    missing = [d for d in required if not (Path(root) / d).is_dir()]
+    if missing:
+        return f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} ({how})"
+    return None
+
+
+def require_datasets(root: Path, *required: str, how: str = "pass --data or set FUNDUS_DATA") -> Path:
+    """``root``, refused (``UsageError``, exit 2) when it lacks one of the ``required`` dataset folders: a script
+    says so in one line before it starts, not through the first command of its that fails (campaign 32b F6)."""
+    message = missing_datasets(root, required, how)
+    if message:
+        from fundus_pipeline.errors import UsageError
+
+        raise UsageError(message)
+    return root
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     """Photograph as float32 RGB in [0, 1] (divided by the bit depth's maximum)."""
     arr, meta = read_image(path)

@@ -3,7 +3,9 @@ centres of HEI-MED, in the canonical frame the enhancement trainer uses. Prints 
 fraction of the FOV diameter (median, 90th percentile) and the share of photographs whose located centre
 lies inside the marked disc (error < 0.075 D, half a typical disc diameter) and inside the loss box.
 
-    python scripts/check_disc_locator.py [--cache runs/enh_sources_512.npz] [--data ../shared/data]
+    python scripts/check_disc_locator.py [--cache runs/enh_sources_512.npz] [--data DATA]
+
+(DATA: ``$FUNDUS_DATA``, else ``../shared/data``; the shipped ``imff`` segmenter, wherever the script is run from.)
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from fundus_pipeline.disc import DISC_BOX, locate_disc
-from fundus_pipeline.train.enhance import prepare_sources
+from fundus_pipeline.datasets import default_data_root
+from fundus_pipeline.train.enhance import prepare_sources, resolve_segmenter
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=None, help="the datasets' root (default: $FUNDUS_DATA, else ../shared/data)")
     ap.add_argument("--cache", type=Path, default=Path("runs/enh_sources_512.npz"))
     ap.add_argument("--size", type=int, default=512)
     a = ap.parse_args()
-    sources = [s for s in prepare_sources(a.data, a.size, Path("weights/imff.pt"), a.cache) if s.disc_kind == "marked"]
+    # the data root and the shipped segmenter as the other scripts find them (it had ignored $FUNDUS_DATA and
+    # looked for weights/imff.pt in the working folder; campaign 32b F4)
+    root = a.data or default_data_root()
+    sources = [s for s in prepare_sources(root, a.size, resolve_segmenter(), a.cache) if s.disc_kind == "marked"]
     errs, in_box, errs_lum = [], [], []
     for s in sources:
         x, y = locate_disc(s.rgb, s.fov, s.vessels)

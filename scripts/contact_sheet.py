@@ -6,13 +6,13 @@ Writes ``docs/degradation_contact_sheet.png``:
   * 2 rows: four of the authors' ``examples/parameters/*_111.png`` (earlier generator, exact params),
     then ours (released 111, different draws) on four clean images.
 
-Usage: python scripts/contact_sheet.py [--data ../shared/data/CofeNet] [--out docs/degradation_contact_sheet.png]
+Usage: python scripts/contact_sheet.py [--data DATA/CofeNet] [--out docs/degradation_contact_sheet.png]
+(DATA: ``$FUNDUS_DATA``, else ``../shared/data``; --out a .png file, written atomically)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import cv2
@@ -46,16 +46,22 @@ def tile(u8: np.ndarray, label: str | None = None) -> np.ndarray:
 def main() -> None:
     here = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=os.environ.get("FUNDUS_DATA_COFENET", str(here.parent / "shared" / "data" / "CofeNet")))
+    ap.add_argument("--data", default=None, help="the Cofe-Net repository's folder (default: $FUNDUS_DATA/CofeNet, else ../shared/data/CofeNet)")
     ap.add_argument("--out", default=str(here / "docs" / "degradation_contact_sheet.png"))
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    root = Path(a.data)
+    from fundus_pipeline.datasets import default_data_root
+    from fundus_pipeline.errors import UsageError
+
+    # the data root as every other script finds it (it had read an undocumented $FUNDUS_DATA_COFENET; campaign 32b F2),
+    # and the output checked before the minute of work (a folder or another suffix ended in OpenCV's traceback, F3)
+    root = Path(a.data) if a.data else default_data_root() / "CofeNet"
+    out = Path(a.out)
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out} is a folder" if out.is_dir() else f"--out {out} is not a .png file name")
     ids = sorted(p.stem for p in (root / "img").glob("*.png") if not p.stem.endswith("_fuse"))
     examples = sorted((root / "examples" / "parameters").glob("*_111.png"))[:4]
     if len(ids) < 4 or len(examples) < 4:
-        from fundus_pipeline.errors import UsageError
-
         raise UsageError(f"--data {root} holds {len(ids)} clean pictures in img/ and {len(examples)} examples in "
                          "examples/parameters/ (at least 4 of each: the Cofe-Net repository's folder)")
     rows, cleans = [], []
@@ -81,9 +87,11 @@ def main() -> None:
         )
     )
     sheet = np.vstack(rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(a.out, sheet[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    print(f"wrote {a.out} ({sheet.shape[1]}x{sheet.shape[0]}, {Path(a.out).stat().st_size / 1e6:.2f} MB)")
+    from fundus_pipeline.io import write_image_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size, _ = write_image_atomic(out, sheet)
+    print(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]}, {size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

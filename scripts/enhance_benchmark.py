@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fundus_pipeline.datasets import default_data_root
+from fundus_pipeline.errors import UsageError
 from fundus_pipeline.evaluation.enhance_bench import CONDITIONS, Method, Segmenter, markdown, run_authors_pairs, run_method, summarise
 
 def main() -> None:
@@ -40,6 +41,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     root = a.data or default_data_root()
+    if not a.bench.is_dir():  # (with every row cached it had rewritten the summaries all the same; campaign 32b F1)
+        raise UsageError(f"BENCH {a.bench} is not a folder", hint="build it first: python scripts/build_enhance_benchmark.py BENCH")
     (a.out / "rows").mkdir(parents=True, exist_ok=True)
     seg = Segmenter()
     conditions = [c for c in a.conditions.split(",") if c]

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from fundus_pipeline.cli import main as cli
-from fundus_pipeline.datasets import default_data_root
+from fundus_pipeline.datasets import default_data_root, require_datasets
 
 COLUMNS = ("luminance_before", "luminance_after", "contrast_before", "contrast_after", "vessel_fraction_before", "vessel_fraction_after")
 TILE = 256
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("docs/enhance_real.json"))
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the enhance and segment commands [default: theirs, the available cores]")
     a = ap.parse_args()
-    src = default_data_root() / "CofeNet" / "img" / "image"
+    src = require_datasets(default_data_root(), "CofeNet", how="set FUNDUS_DATA") / "CofeNet" / "img" / "image"
     enh, v0, v1 = a.work / "enhanced", a.work / "vessels_before", a.work / "vessels_after"
     arch = ["--arch", a.arch] if a.arch else []
     for cmd, inp, out in (("enhance", src, enh), ("segment", src, v0), ("segment", enh, v1)):

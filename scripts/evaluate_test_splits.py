@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fundus_pipeline.datasets import HRF_TEST, HRF_UNLABELLED, default_data_root, hrf_paths  # noqa: E402
+from fundus_pipeline.datasets import HRF_TEST, HRF_UNLABELLED, default_data_root, hrf_paths, require_datasets  # noqa: E402
 
 PAPER = {"DRIVE": {"sensitivity": 0.8575, "specificity": 0.9860, "f1": 0.7977, "accuracy": 0.9621}}
 
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--degraded", action="append", default=[], help="also evaluate on DRIVE test images degraded with this `fundus degrade` setting, e.g. 'released-111' or 'recipe-moderate' (seed 0)")
     args = ap.parse_args()
     args.out = args.out.resolve()  # the fundus commands below run from the repository root
-    data = default_data_root()
+    data = require_datasets(default_data_root(), "DRIVE", "HRF", how="set FUNDUS_DATA")
     committed = args.out == (ROOT / "docs" / "results").resolve()
     figure = ROOT / "docs" / "segmentation_example.png" if committed else args.out / "segmentation_example.png"
     threads = ["--threads", args.threads] if args.threads is not None else []

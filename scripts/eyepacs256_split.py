@@ -8,14 +8,19 @@ The split is a pure function of the labels file and a fixed seed; the committed 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
+from pathlib import Path
 
 from fundus_pipeline.datasets import default_data_root, eyepacs256_split
 
 
 def main() -> None:
-    rows = eyepacs256_split(default_data_root())  # before the header: a missing dataset prints nothing on stdout
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])  # --help and a mistyped option (campaign 32b F5)
+    ap.add_argument("--data", type=Path, default=None, help="the datasets' root (default: $FUNDUS_DATA, else ../shared/data)")
+    a = ap.parse_args()
+    rows = eyepacs256_split(a.data or default_data_root())  # before the header: a missing dataset prints nothing on stdout
     w = csv.writer(sys.stdout, lineterminator="\n")
     w.writerow(["image", "patient", "quality", "split"])
     for r in rows:

@@ -8,7 +8,8 @@ two files of one folder with the same key are a usage error. Every image in ENH_
 REF_DIR, the FOV folder and the output folder when they lie inside ENH_DIR).
 
 Reading: ``fundus_pipeline.io.read_image`` + ``to_float_rgb``: RGB divided by the bit depth's maximum (255
-or 65535), grey replicated to RGB, palette images converted to RGB, alpha ignored. Each pair is scored at
+or 65535), grey replicated to RGB, palette images converted to RGB, fully transparent pixels (alpha 0) black and the
+alpha channel then dropped (the input rule of every stage). Each pair is scored at
 the images' native resolution; their sizes must match.
 
 FOV: with a FOV folder, masks paired by key and binarised by ``read_binary`` (as ``evaluate segment``);
@@ -72,7 +73,7 @@ def definitions(fov_dir: Path | None) -> dict[str, str]:
         "outside it never influence a score; maps are averaged over the FOV pixels.",
         "resolution": "native: each pair is scored at the images' own size (no resizing); sizes must match.",
         "input": "read_image + to_float_rgb: RGB divided by the bit depth's maximum (255 or 65535), data range 1; "
-        "grey replicated to RGB, palette converted to RGB, alpha ignored; EXIF orientation applied.",
+        "grey replicated to RGB, palette converted to RGB, fully transparent pixels (alpha 0) black, alpha then dropped; EXIF orientation applied.",
         "pairing": "lower-cased file names without extension and without the suffixes " + ", ".join(SUFFIXES) + ".",
         "aggregation": "mean over images of the per-image values (NaN-skipping), sample std (<metric>_std); "
         "95% CIs of the means: " + BOOTSTRAP_METHOD + ".",
@@ -81,7 +82,7 @@ def definitions(fov_dir: Path | None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------- evaluation
 def read_rgb(path: Path) -> np.ndarray:
-    """Float32 HxWx3 RGB in [0, 1] (``read_image`` + ``to_float_rgb``; alpha dropped)."""
+    """Float32 HxWx3 RGB in [0, 1] (``read_image`` + ``to_float_rgb``: fully transparent pixels black, alpha dropped)."""
     from fundus_pipeline.io import read_image, to_float_rgb
 
     return to_float_rgb(*read_image(path))[0]

@@ -137,8 +137,11 @@ def run_method(method: Method, seg: Segmenter, bench: Path, root: Path, ds: str,
 
 
 def summarise(all_rows: dict) -> dict:
+    """Mean scores by dataset, condition and method, in one order whatever the order of ``all_rows`` (datasets
+    and methods by name, conditions as in ``CONDITIONS``): the summary a command rewrites from the cached rows
+    does not depend on which methods that command scored (campaign 32b F1)."""
     out: dict = {}
-    for (method, ds), rows in all_rows.items():
+    for (method, ds), rows in sorted(all_rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         for cond in CONDITIONS:
             rs = [r for r in rows if r["condition"] == cond]
             if not rs:
@@ -146,7 +149,7 @@ def summarise(all_rows: dict) -> dict:
             agg = {k: round(float(np.nanmean([r[k] for r in rs if k in r])), 4) for k in ("psnr", "ssim", "ms_ssim", "ciede2000", "f1", "auc_roc", "cldice", "seconds") if any(k in r for r in rs)}
             agg["n"] = len(rs)
             out.setdefault(ds, {}).setdefault(cond, {})[method] = agg
-    return out
+    return {ds: {c: conds[c] for c in CONDITIONS if c in conds} for ds, conds in out.items()}
 
 
 def markdown(summary: dict) -> str:

@@ -1,7 +1,7 @@
 """``fundus evaluate segment``: score vessel predictions against ground truth, inside the FOV.
 
 Pairing rule (documented in the report): every file is identified by its *pairing key*, the lower-cased
-file name without extension and without known suffixes, stripped repeatedly from the end:
+file name (in Unicode's composed form, NFC: a name written decomposed, as macOS writes it, pairs) without extension and without known suffixes, stripped repeatedly from the end:
 ``_prob``, ``_vessels`` (``fundus segment`` outputs), ``_mask`` (FOV masks), ``_manual1``/``_manual2``
 (DRIVE observers), ``_test``/``_training`` (DRIVE image names). So DRIVE ``01_test_prob.png``,
 ``1st_manual/01_manual1.gif`` and ``mask/01_test_mask.gif`` all have key ``01``; HRF ``01_h_prob.png``,
@@ -14,13 +14,16 @@ are used (other images there, e.g. overlays, are ignored): ``_prob`` is a probab
 uint8 v/255) giving AUCs and, thresholded with ``prob >= T``, the binary metrics; a key with only
 ``_vessels`` uses that mask (its brighter level) and has no AUC. Otherwise every image in PRED_DIR is
 a prediction: palette images are binarised on their raw indices (> 0), images with at most two grey levels
-are binary masks (the brighter level), other images are probability maps (v / dtype max).
+are binary masks (the brighter level; a ``--threshold`` does not apply to them, and the report says so), other
+images are probability maps (v / dtype max). A PRED_DIR whose manifest says another stage wrote it (degrade,
+enhance, grade, score: photographs, not vessel maps) is a usage error.
 
 Ground truth and FOV masks: palette images -> raw index > 0 (DRIVE 2nd_manual is a {0,1} palette GIF
 shown as grey 3/253), otherwise the brighter of two grey levels (0/255 in 8 or 16 bits, 0/1), and for a mask of
 more levels value > half of the dtype max (127 for uint8); colour images use the maximum over their colour
 channels. Without ``--fov`` the FOV is the whole image. A ground truth without a vessel pixel inside the FOV is
-an error row (it would score sensitivity 1 and F1 0, or a perfect 1).
+an error row (it would score sensitivity 1 and F1 0, or a perfect 1); one that marks more than half of the FOV
+as vessel is scored and noted (an inverted map, vessels dark on light, does that; DRIVE's and HRF's mark 6-17%).
 
 Threshold: ``--threshold``, else ``config.threshold`` of PRED_DIR/manifest.json (or of the nearest manifest above
 the predictions), else 0.5; a manifest there that is not readable JSON is a usage error.
@@ -60,6 +63,10 @@ from fundus_pipeline.evaluation.metrics import (
 )
 
 REPORT_NAMES = ("metrics.csv", "summary.json", "summary.md")
+#: Stages whose folders hold photographs, not vessel maps: refused as PRED_DIR.
+NOT_PREDICTIONS = ("degrade", "enhance", "grade", "score")
+#: A ground truth marking more of the FOV than this as vessel is noted as implausible (DRIVE's and HRF's: 6-17%).
+MAX_PLAUSIBLE_VESSEL_SHARE = 0.5
 SUFFIXES = ("_prob", "_vessels", "_mask", "_manual1", "_manual2", "_test", "_training")
 CSV_COLUMNS = (
     "key", "status", "source", "pred", "gt", "fov", "height", "width", "tp", "fp", "tn", "fn",
@@ -76,7 +83,9 @@ PROTOCOL = (
 
 def pairing_key(name: str) -> str:
     """Lower-cased base name (no folder, no extension) with the known suffixes stripped repeatedly."""
-    base = Path(name).name
+    import unicodedata
+
+    base = unicodedata.normalize("NFC", Path(name).name)  # (composed and decomposed names had not paired; campaign 32b F7)
     stem = base.rsplit(".", 1)[0] if "." in base else base
     k = stem.lower()
     changed = True
@@ -367,6 +376,12 @@ def evaluate_segmentation(
     preds, mode, ignored = collect_predictions(pred_dir, exclude)
     if not preds:
         raise UsageError(f"{pred_dir} holds no prediction (no image outside the ground-truth, FOV and --out folders)")
+    from fundus_pipeline.runner import manifest_stage
+
+    stage = manifest_stage(pred_dir / "manifest.json")
+    if stage in NOT_PREDICTIONS:  # (an enhance folder's photographs had scored as vessel maps, exit 0; campaign 32b F9)
+        raise UsageError(f"{pred_dir} holds the outputs of fundus {stage} (its manifest.json says so), not vessel predictions",
+                         hint="give the folder fundus segment wrote")
     if threshold is None:
         thr, thr_source = _threshold_of_predictions(pred_dir, [pe.path for pe in preds.values()])
     gts = _index(_discover(gt_dir), "ground-truth")
@@ -384,6 +399,8 @@ def evaluate_segmentation(
     rows: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     sources: set[str] = set()
+    masks_from_plain: list[str] = []  # predictions read as binary masks although a --threshold was given
+    mostly_vessel: list[tuple[str, float]] = []  # ground truths that mark more than half of the FOV
     wrote: dict[Path, bool] = {}
     for k in sorted(preds):
         pe, gp = preds[k], gts.get(k)
@@ -412,6 +429,11 @@ def evaluate_segmentation(
                 if not fov.any():  # 0/0 would score the image perfect and raise the means
                     raise InputError("empty FOV mask: no pixel to score")
                 require_vessels(gt, fov)
+                share = float(np.count_nonzero(gt & fov)) / float(np.count_nonzero(fov))
+                if share > MAX_PLAUSIBLE_VESSEL_SHARE:
+                    mostly_vessel.append((k, share))
+                if source == "mask" and thr_source == "option":
+                    masks_from_plain.append(k)
                 tp, fp, tn, fn = confusion(pred, gt, fov, thr)
                 item: dict[str, Any] = {"key": k, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
                 if source == "prob":
@@ -464,6 +486,13 @@ def evaluate_segmentation(
     notes = [gt_only_note(len(gt_only))] if gt_only else []
     if n_boot > 0 and rep["n_images"] == 1:
         notes.append(one_cluster_note("image"))
+    if masks_from_plain:  # said: the header prints the option's threshold (campaign 32b F8)
+        notes.append(f"{len(masks_from_plain)} prediction(s) read as binary masks (at most two grey levels, a palette or a "
+                     f"_vessels file; e.g. {masks_from_plain[0]}): --threshold {thr:g} does not apply to them")
+    if mostly_vessel:  # (an inverted ground truth had been scored without a word; campaign 32b F11)
+        k, share = mostly_vessel[0]
+        notes.append(f"{len(mostly_vessel)} ground truth(s) mark more than half of the FOV as vessel (e.g. {k}: {share:.0%}; "
+                     "DRIVE's and HRF's mark 6-17%): inverted, vessels dark on light?")
     if ignored:  # said, not silent: an image beside fundus segment's outputs is not a prediction here
         notes.append(f"{ignored} other image(s) in {pred_dir} ignored: it holds fundus segment outputs, so only *_prob and *_vessels files are predictions")
     return EvalResult(rows=rows, summary=json_safe(summary), n_problems=len(problems), messages=msgs, notes=notes)

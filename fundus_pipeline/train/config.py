@@ -222,10 +222,11 @@ def _check_arch(name: str, task: str) -> str:
 
 def _check_data(data: Path | None, required: tuple[str, ...]) -> Path | None:
     """The dataset root must hold the ``required`` dataset folders."""
-    root = _data_root(data)
-    missing = [d for d in required if not (root / d).is_dir()]
-    if missing:
-        raise ValueError(f"dataset root {root} lacks {' and '.join(d + '/' for d in missing)} (pass --data or set FUNDUS_DATA)")
+    from fundus_pipeline.datasets import missing_datasets
+
+    message = missing_datasets(_data_root(data), required)
+    if message:
+        raise ValueError(message)
     return data
 
 

@@ -1,0 +1,163 @@
+"""Campaign 32b (``fundus evaluate`` with odd inputs, ``scripts/*.py``) and the CI failure of the last stop:
+each test fails on the code before its mend."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_pipeline.errors import UsageError
+from fundus_pipeline.evaluation.segment import evaluate_segmentation
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+def _script(*argv, cwd: Path | None = None, data: str = "/nonexistent", timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FUNDUS_DATA": data, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(SCRIPTS / argv[0]), *map(str, argv[1:])], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def _maps(folder: Path, name: str, arr: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    path.write_bytes(buf.tobytes())  # (cv2.imwrite would not take a decomposed name on every platform)
+    return path
+
+
+def _truth(h: int = 48, w: int = 48) -> np.ndarray:
+    gt = np.zeros((h, w), np.uint8)
+    gt[10:14, :] = 255
+    gt[:, 30:33] = 255
+    return gt
+
+
+def test_evaluate_pairs_names_written_composed_and_decomposed(tmp_path):
+    """32b F7: a prediction named ``café.png`` composed (NFC) and its ground truth named decomposed (NFD, as macOS
+    writes it) did not pair: "unpaired: no ground truth" with the ground truth's name looking the same."""
+    gt = _truth()
+    _maps(tmp_path / "pred", unicodedata.normalize("NFC", "café.png"), gt)
+    _maps(tmp_path / "gt", unicodedata.normalize("NFD", "café.png"), gt)
+    r = evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)
+    assert r.n_problems == 0 and r.summary["n_images"] == 1, r.summary["problems"]
+    assert r.summary["pooled"]["f1"] == pytest.approx(1.0)
+
+
+def test_a_threshold_given_for_predictions_read_as_masks_is_said_not_to_apply(tmp_path):
+    """32b F8: a map of two levels {0, 100} at ``--threshold 0.9`` was read as a binary mask (every 100 a vessel), F1
+    1.0, and the header said "threshold 0.9 (option)" with no word that it had not been applied."""
+    gt = _truth()
+    _maps(tmp_path / "pred", "a.png", np.where(gt > 0, 100, 0).astype(np.uint8))
+    _maps(tmp_path / "gt", "a.png", gt)
+    r = evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", threshold=0.9, n_boot=0)
+    assert any("read as binary masks" in n and "--threshold 0.9 does not apply" in n for n in r.notes), r.notes
+    r = evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)  # no option given: nothing to say
+    assert not any("binary masks" in n for n in r.notes), r.notes
+
+
+def test_a_folder_another_stage_wrote_is_not_taken_for_vessel_predictions(tmp_path):
+    """32b F9: an enhance folder's photographs scored as vessel probability maps (F1 0.23, exit 0, no warning)."""
+    from fundus_pipeline.config import DegradeConfig
+    from fundus_pipeline.stages.degrade import DegradeStage
+    from fundus_pipeline.runner import run_stage
+    from tests.conftest import synthetic_fundus
+
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), synthetic_fundus(96, 96)[..., ::-1])
+    run_stage(DegradeStage(DegradeConfig(seed=1)), tmp_path / "in", tmp_path / "deg", progress=False)
+    _maps(tmp_path / "gt", "a.png", _truth(96, 96))
+    with pytest.raises(UsageError, match="holds the outputs of fundus degrade"):
+        evaluate_segmentation(tmp_path / "deg", tmp_path / "gt", n_boot=0)
+
+
+def test_an_inverted_ground_truth_is_noted(tmp_path):
+    """32b F11: a ground truth with the vessels black on white (82% of the FOV "vessel") was scored without a word."""
+    gt = _truth()
+    _maps(tmp_path / "pred", "a.png", gt)
+    _maps(tmp_path / "gt", "a.png", 255 - gt)
+    r = evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)
+    assert any("more than half of the FOV as vessel" in n and "a: " in n for n in r.notes), r.notes
+    r = evaluate_segmentation(tmp_path / "pred", tmp_path / "pred", n_boot=0)
+    assert not any("more than half" in n for n in r.notes), r.notes
+
+
+def test_the_enhancement_benchmark_summary_does_not_depend_on_the_order_it_was_scored_in():
+    """32b F1: the summary's datasets came in the order of the command that last rewrote it (hrf, authors, drive after
+    a --datasets hrf run; drive, authors, hrf after a drive run): the committed files changed with equal values."""
+    from fundus_pipeline.evaluation.enhance_bench import markdown, summarise
+
+    rows = {}
+    for p in sorted((ROOT / "docs" / "enhance_benchmark" / "rows").glob("*.json")):
+        m, ds = p.stem.split("__")
+        rows[(m, ds)] = json.loads(p.read_text())
+    backwards = dict(reversed(list(rows.items())))
+    drive_first = dict(sorted(rows.items(), key=lambda kv: kv[0][1] != "drive"))
+    committed = (ROOT / "docs" / "enhance_benchmark" / "summary.json").read_text()
+    for order in (rows, backwards, drive_first):
+        s = summarise(order)
+        assert json.dumps(s, indent=1) + "\n" == committed
+        assert markdown(s) + "\n" == (ROOT / "docs" / "enhance_benchmark" / "summary.md").read_text()
+
+
+def test_the_enhancement_benchmark_refuses_a_missing_bench_before_it_rewrites_the_summaries(tmp_path):
+    """32b F1: with every row cached, a BENCH that does not exist rewrote the committed summaries, exit 0."""
+    rows = tmp_path / "out" / "rows"
+    rows.mkdir(parents=True)
+    src = ROOT / "docs" / "enhance_benchmark" / "rows" / "identity__drive.json"
+    (rows / src.name).write_bytes(src.read_bytes())
+    r = _script("enhance_benchmark.py", tmp_path / "nonexistent", "--methods", "identity", "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.startswith("Error: BENCH ") and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rows"]
+
+
+@pytest.mark.parametrize("name", ["sheet.jpg", "folder.png"])
+def test_the_contact_sheet_refuses_an_output_it_cannot_write_before_the_work(tmp_path, name):
+    """32b F3: --out a folder or another suffix ended in OpenCV's traceback after the figure was computed."""
+    if name == "folder.png":
+        (tmp_path / name).mkdir()
+    r = _script("contact_sheet.py", "--out", tmp_path / name, data="/work/does-not-matter")
+    assert r.returncode == 2 and r.stderr.startswith("Error: --out ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_contact_sheet_reads_the_data_root_every_script_reads(tmp_path):
+    """32b F2: the contact sheet ignored $FUNDUS_DATA (it read an undocumented $FUNDUS_DATA_COFENET) and went on with
+    ../shared/data, rewriting the committed figure."""
+    r = _script("contact_sheet.py", "--out", tmp_path / "sheet.png", data=str(tmp_path / "data"))
+    assert r.returncode == 2 and f"--data {tmp_path / 'data' / 'CofeNet'} holds 0 clean pictures" in r.stderr, r.stderr
+    assert not (tmp_path / "sheet.png").exists()
+
+
+def test_the_disc_locator_check_finds_the_data_root_and_the_shipped_segmenter_from_any_folder(tmp_path):
+    """32b F4: from another working folder it said "weights/imff.pt: No such file or directory"; with $FUNDUS_DATA
+    set it read ../shared/data all the same."""
+    r = _script("check_disc_locator.py", "--cache", tmp_path / "c.npz", cwd=tmp_path)
+    assert r.returncode != 0 and "/nonexistent/" in r.stderr and "imff" not in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
+
+
+def test_the_eyepacs_split_script_takes_help_and_refuses_an_unknown_option(tmp_path):
+    """32b F5: --help and --bogus printed the 1,434-line CSV, exit 0."""
+    r = _script("eyepacs256_split.py", "--bogus")
+    assert r.returncode == 2 and r.stdout == "" and "unrecognized arguments: --bogus" in r.stderr, (r.stdout[:200], r.stderr)
+    r = _script("eyepacs256_split.py", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage:") and "image,patient" not in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["evaluate_test_splits.py", "--weights", "imff", "--out", "{tmp}/results"],
+                                  ["enhance_real.py", "{tmp}/work", "--sheet", "{tmp}/s.jpg", "--json", "{tmp}/s.json"]])
+def test_figure_scripts_say_in_one_line_which_datasets_the_data_root_lacks(tmp_path, argv):
+    """32b F6: they started, and ended in two lines (the failing command's error, then "command failed (2)"), exit 1."""
+    r = _script(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert r.returncode == 2 and r.stderr.startswith("Error: dataset root /nonexistent lacks ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
