@@ -9,6 +9,7 @@ Three guards of the process's signals (campaign 31b), set here and only for the 
   raised inside its C++ initialisation aborted the process ("terminate called after throwing an instance of
   'pybind11::error_already_set'", exit 134); a signal held is handed to its handler when the import has finished.
 * a second signal while the first one is being reported is ignored (it gave tracebacks or a kill).
+* a stop signal the process was started with ignored (``nohup``'s SIGHUP) stays ignored throughout.
 * once the command has ended, SIGTERM and SIGHUP are ignored while the interpreter shuts down: Python resets
   the command's handlers to the default before it tears its modules down (0.2-0.6 s with torch loaded), and a
   scheduler's SIGTERM then killed a finished command (exit 143 for its own status).
@@ -70,8 +71,11 @@ def main() -> None:
 
     # SIGTERM and SIGHUP during the imports end the command as a Ctrl-C there does (exit 130), as they do once the
     # command line has set its own handlers (they had killed it, exit 143; campaign 29a F4)
+    # ... except a signal the process was started with ignored: ``nohup`` (or a supervisor) asked for that, and a
+    # SIGHUP when the terminal closed had ended a `nohup fundus train ... &` all the same (campaign 32a F1)
     for s in STOP_SIGNALS:
-        signal.signal(s, raise_stop)
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, raise_stop)
     if "torch" not in sys.modules:
         sys.meta_path.insert(0, _HeldTorchImport({signal.SIGINT, *STOP_SIGNALS}))
     atexit.register(_ignore_stops)  # registered first, so run last: after every other exit function

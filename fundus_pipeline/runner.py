@@ -1590,7 +1590,8 @@ def _worker_signals() -> None:
     there and print its traceback; the parent records the run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_DFL)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # ignored as the parent ignores it (nohup)
+            signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *STOP_SIGNALS})  # blocked since its start: submit()
 
 
@@ -1683,7 +1684,8 @@ def stop_signals_as_interrupt():
     ``--resume`` continues."""
 
     stop_requested(None)  # a new command (the Python API may run several in one process)
-    return _signal_handlers(STOP_SIGNALS, raise_stop)
+    # a signal ignored stays ignored: the process was started so (nohup), and it had ended the run (campaign 32a F1)
+    return _signal_handlers([s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN], raise_stop)
 
 
 def interrupts_deferred():
@@ -1700,7 +1702,7 @@ def interrupts_deferred():
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name  # (a SIGTERM had said "Ctrl-C"; campaign 31b L5)
         print(f"{what}: finishing results.csv and manifest.json first (a second one stops now)", file=sys.stderr, flush=True)
 
-    held = (signal.SIGINT, *(s for s in STOP_SIGNALS if signal.getsignal(s) not in (signal.SIG_DFL, signal.SIG_IGN, None)))
+    held = tuple(s for s in (signal.SIGINT, *STOP_SIGNALS) if callable(signal.getsignal(s)))  # an ignored SIGINT stays ignored (32a F1)
     return _signal_handlers(held, hold)
 
 

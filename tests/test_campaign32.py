@@ -161,3 +161,58 @@ def test_figure_scripts_say_in_one_line_which_datasets_the_data_root_lacks(tmp_p
     r = _script(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert r.returncode == 2 and r.stderr.startswith("Error: dataset root /nonexistent lacks ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_resume(tmp_path, monkeypatch):
+    """32a F2: a training stopped before its first last.pt exited 130, and its rerun with --resume (what a wrapper
+    does after exit 130) was refused: "--resume: OUT/last.pt does not exist (start without --resume)", exit 2. It
+    now starts again from step 0 and ends with the weights of an uninterrupted run; a folder where no run of fundus
+    started is still refused."""
+    import torch
+    from pydantic import ValidationError
+
+    from fundus_pipeline.train.config import TrainConfig
+    from fundus_pipeline.train.loop import fit
+    from tests.test_train_segment import _ToyTask, fit_interrupted_then_resumed
+
+    def cfg(out, **kw):
+        return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
+
+    fit(_ToyTask(cfg(tmp_path / "a")), cfg(tmp_path / "a"))
+    fit_interrupted_then_resumed(lambda **kw: cfg(tmp_path / "b", **kw), monkeypatch, at=1)  # before step 4's last.pt
+    assert "starting again from step 0" in (tmp_path / "b" / "train.log").read_text()
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValidationError, match="last.pt does not exist"):
+        cfg(tmp_path / "empty", resume=True)
+
+
+def test_a_command_started_with_sighup_ignored_is_not_ended_by_one(tmp_path):
+    """32a F1: `nohup fundus ... &` ended with exit 130 when the terminal hung up: the command set its own SIGHUP
+    handler over the ignored disposition nohup had given it (its worker processes set the default, which kills)."""
+    import signal
+    import time
+
+    from tests.conftest import synthetic_fundus
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(24):
+        cv2.imwrite(str(src / f"p{i:02d}.png"), synthetic_fundus(384, 384, seed=i)[..., ::-1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", "from fundus_pipeline.console import main; main()", "degrade", str(src), str(tmp_path / "out"),
+            "--seed", "1", "--workers", "2", "--quiet"]
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    end = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < end and not any((tmp_path / "out").glob("p*.png")):
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before the signal could be sent"
+    os.killpg(p.pid, signal.SIGHUP)  # the terminal hanging up: the whole group, workers too
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, (p.returncode, err[-600:])
+    assert len(list((tmp_path / "out").glob("p*.png"))) == 24

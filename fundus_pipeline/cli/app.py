@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         # finished run's summary; campaign 27a F14)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for s in STOP_SIGNALS:
-            signal.signal(s, lambda signum, frame, code=code: _exit_now(code))
+            if signal.getsignal(s) is not signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+                signal.signal(s, lambda signum, frame, code=code: _exit_now(code))
         sys.exit(code)
     return code

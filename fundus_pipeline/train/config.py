@@ -80,7 +80,8 @@ class TrainConfig(BaseModel):
             if (self.out / "summary.json").exists():  # review 21 L6: "start without --resume" was then refused too
                 raise ValueError(f"--resume: {self.out} holds a finished run whose last.pt is gone; it cannot be continued: "
                                  "choose a new --out (--init OUT/best.pt starts from its weights)")
-            raise ValueError(f"--resume: {last} does not exist (start without --resume)")
+            if not (self.out / "train.log").is_file():  # (one interrupted before its first last.pt starts again: below)
+                raise ValueError(f"--resume: {last} does not exist (start without --resume)")
         # a run: last.pt, or a best.pt that no interrupted run of fundus left (one killed before its first last.pt
         # has train.log beside it, cannot be resumed, and starts again)
         if not self.resume and ((self.out / "last.pt").exists() or ((self.out / "best.pt").exists() and not (self.out / "train.log").exists())):

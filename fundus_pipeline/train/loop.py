@@ -364,7 +364,7 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
                 raise
             except KeyboardInterrupt:
                 last = cfg.out / "last.pt"
-                log("interrupted; " + ("`--resume` continues from last.pt" if last.exists() else "no last.pt was written yet: start again"))
+                log("interrupted; " + ("`--resume` continues from last.pt" if last.exists() else "no last.pt was written yet: a rerun (with or without --resume) starts again"))
                 raise
             finally:
                 log.close()
@@ -391,7 +391,12 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     _remove_stale_saves(cfg.out)
     model = task.build_model()
     notes: list[str] = []
-    ck = _load_checkpoint(cfg, notes, device) if cfg.resume else None  # checked before the data is loaded
+    # a run interrupted before its first last.pt (its train.log says it started) has nothing to continue: --resume
+    # starts it again, as a rerun without it does (it had been refused, exit 2; campaign 32a F2)
+    fresh = cfg.resume and not (cfg.out / "last.pt").is_file()
+    if fresh:
+        log("--resume: no last.pt was written before the interruption; starting again from step 0")
+    ck = _load_checkpoint(cfg, notes, device) if cfg.resume and not fresh else None  # checked before the data is loaded
     if ck is not None:
         try:
             model.load_state_dict(ck["model"])
