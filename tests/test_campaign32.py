@@ -173,19 +173,45 @@ def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_
 
     from fundus_pipeline.train.config import TrainConfig
     from fundus_pipeline.train.loop import fit
-    from tests.test_train_segment import _ToyTask, fit_interrupted_then_resumed
+    from tests.test_train_segment import _ToySampler, _ToyTask
 
     def cfg(out, **kw):
         return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
 
-    fit(_ToyTask(cfg(tmp_path / "a")), cfg(tmp_path / "a"))
-    fit_interrupted_then_resumed(lambda **kw: cfg(tmp_path / "b", **kw), monkeypatch, at=1)  # before step 4's last.pt
+    class _PretrainedTask(_ToyTask):
+        def build_model(self):  # as the enhance and score trainers start their pretrained parts (--rsa-init, --cnn-init)
+            model = super().build_model()
+            if not self.cfg.resume:
+                with torch.no_grad():
+                    for q in model.parameters():
+                        q.fill_(0.05)
+            return model
+
+    real = _ToySampler.batch
+
+    def interrupt(self, step):
+        if step == 1:  # before step 4's last.pt
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    fit(_PretrainedTask(cfg(tmp_path / "a")), cfg(tmp_path / "a"))
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_PretrainedTask(cfg(tmp_path / "b")), cfg(tmp_path / "b"))
+    monkeypatch.setattr(_ToySampler, "batch", real)
+    assert not (tmp_path / "b" / "last.pt").exists()
+    (tmp_path / "b" / ".summary.json.0123abcd.tmp").write_text("{")  # a kill -9 in an atomic write (33a F2)
+    torch.manual_seed(12345)
+    # 33a F1: the first version of this mend resumed with the task still told "resume": the pretrained parts were
+    # left random, and the run ended with other weights under the same recorded command
+    fit(_PretrainedTask(cfg(tmp_path / "b", resume=True)), cfg(tmp_path / "b", resume=True))
     assert "starting again from step 0" in (tmp_path / "b" / "train.log").read_text()
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 5
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not list((tmp_path / "b").glob(".*.tmp"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValidationError, match="last.pt does not exist"):
         cfg(tmp_path / "empty", resume=True)

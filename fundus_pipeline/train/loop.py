@@ -122,10 +122,14 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def _remove_stale_saves(out: Path) -> None:
-    """The temporary folders (``.last.pt.XXXXXXXX``, ``.best.pt....``) of saves that a kill -9 cut short."""
+    """The temporary folders (``.last.pt.XXXXXXXX``, ``.best.pt....``) of saves that a kill -9 cut short, and the
+    temporary files of its atomic writes (``.summary.json.XXXX.tmp``: one had stayed; campaign 33a F2)."""
     for d in out.glob(".*.pt.*"):
         if d.is_dir() and not d.is_symlink():
             shutil.rmtree(d, ignore_errors=True)
+    for f in out.glob(".*.tmp"):
+        if f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)
 
 
 #: Options a resumed run may change: where it runs and how often it checkpoints; everything else (seed, steps,
@@ -389,14 +393,15 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     from fundus_pipeline.errors import UsageError
 
     _remove_stale_saves(cfg.out)
+    if cfg.resume and not (cfg.out / "last.pt").is_file():
+        # a run interrupted before its first last.pt (its train.log says it started) has nothing to continue: --resume
+        # starts it again (it had been refused, exit 2; campaign 32a F2), as the run without --resume it is, so the
+        # task too builds its model as a new run does, from --rsa-init, --cnn-init, --vit-init (campaign 33a F1)
+        log("--resume: no last.pt was written before the interruption; starting again from step 0")
+        cfg = task.cfg = cfg.model_copy(update={"resume": False})
     model = task.build_model()
     notes: list[str] = []
-    # a run interrupted before its first last.pt (its train.log says it started) has nothing to continue: --resume
-    # starts it again, as a rerun without it does (it had been refused, exit 2; campaign 32a F2)
-    fresh = cfg.resume and not (cfg.out / "last.pt").is_file()
-    if fresh:
-        log("--resume: no last.pt was written before the interruption; starting again from step 0")
-    ck = _load_checkpoint(cfg, notes, device) if cfg.resume and not fresh else None  # checked before the data is loaded
+    ck = _load_checkpoint(cfg, notes, device) if cfg.resume else None  # checked before the data is loaded
     if ck is not None:
         try:
             model.load_state_dict(ck["model"])
