@@ -62,8 +62,20 @@ def test_a_threshold_given_for_predictions_read_as_masks_is_said_not_to_apply(tm
     _maps(tmp_path / "gt", "a.png", gt)
     r = evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", threshold=0.9, n_boot=0)
     assert any("read as binary masks" in n and "--threshold 0.9 does not apply" in n for n in r.notes), r.notes
+    assert r.summary["threshold_not_applied"] == {"n": 1, "keys": ["a"]}  # in the reports too (33b F1)
+    from fundus_pipeline.evaluation.segment import summary_markdown
+
+    assert "not applied to 1 prediction(s) read as binary masks" in summary_markdown(r.summary)
     r = evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)  # no option given: nothing to say
-    assert not any("binary masks" in n for n in r.notes), r.notes
+    assert not any("binary masks" in n for n in r.notes) and "threshold_not_applied" not in r.summary, r.notes
+
+
+def test_a_weights_folder_named_by_fundus_weights_without_a_manifest_says_what_it_must_be(tmp_path, monkeypatch):
+    """33b F2: FUNDUS_WEIGHTS set to the checkout (not its weights/) was told to "set FUNDUS_WEIGHTS to that folder"."""
+    from fundus_pipeline.models.weights import no_weights_folder
+
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(tmp_path))
+    assert "must name a checkout's weights/ folder itself" in no_weights_folder()
 
 
 def test_a_folder_another_stage_wrote_is_not_taken_for_vessel_predictions(tmp_path):

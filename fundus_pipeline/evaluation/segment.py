@@ -480,6 +480,8 @@ def evaluate_segmentation(
         "problems": [{"key": r["key"], "status": r["status"]} for r in problems],
         "protocol": PROTOCOL,
     }
+    if masks_from_plain:  # recorded in the reports, not only said (campaign 33b F1); absent otherwise
+        summary["threshold_not_applied"] = {"n": len(masks_from_plain), "keys": masks_from_plain}
     if n_boot <= 0:
         del summary["ci95"]  # no resamples, no CIs (documented: the key is absent, bootstrap.n is 0)
     msgs = [f"{r['key']}: {r['status']}" for r in problems]
@@ -561,7 +563,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- predictions: `{summary['pred_dir']}` ({summary['prediction_mode']}; {', '.join(summary['prediction_source']) or 'none'})",
         f"- ground truth: `{summary['gt_dir']}`",
         f"- FOV: {summary['fov']}" + (f" `{summary['fov_dir']}`" if summary["fov_dir"] else ""),
-        f"- threshold: {summary['threshold']} ({summary['threshold_source']})",
+        f"- threshold: {summary['threshold']} ({summary['threshold_source']})"
+        + (f"; not applied to {summary['threshold_not_applied']['n']} prediction(s) read as binary masks"
+           if summary.get("threshold_not_applied") else ""),
         f"- images scored: {summary['n_images']}; unpaired: {summary['n_unpaired']}; errors: {summary['n_errors']}",
     ]
     n_gt_only = summary.get("n_gt_without_prediction", 0)

@@ -54,8 +54,10 @@ def no_weights_folder() -> str | None:
     folder = weights_dir()
     if (folder / "manifest.json").is_file():
         return None
-    how = "the folder FUNDUS_WEIGHTS names" if os.environ.get("FUNDUS_WEIGHTS") else "the repository's weights folder, beside the package"
-    return f"no shipped weights: {folder} ({how}) holds no manifest.json"
+    if os.environ.get("FUNDUS_WEIGHTS"):  # (the hint said to set it, which was done: campaign 33b F2)
+        return (f"no shipped weights: {folder} (the folder FUNDUS_WEIGHTS names) holds no manifest.json; FUNDUS_WEIGHTS "
+                "must name a checkout's weights/ folder itself, not the checkout")
+    return f"no shipped weights: {folder} (the repository's weights folder, beside the package) holds no manifest.json"
 
 
 NO_WEIGHTS_HOW = ("install fundus from a checkout of its repository (pip install -e .), which keeps its weights/ folder, "
