@@ -1603,13 +1603,23 @@ def submit(ex: ProcessPoolExecutor, fn, *args):
     where the caller's ``except KeyboardInterrupt`` can shut the pool down. The new processes start with the
     signals blocked (the mask is inherited through fork and exec) until :func:`_worker_signals` ignores
     Ctrl-C in them: a spawned worker interrupted while it imports torch printed a traceback."""
-    signals = {signal.SIGINT, *STOP_SIGNALS}
-    with signals_held(signals):  # a signal that came meanwhile is handed to its handler on leaving
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # inherited by the processes started here
+    with _processes_start_held():
         try:
             return ex.submit(fn, *args)
         except OSError as e:
             raise _cannot_start(e) from None
+
+
+@contextlib.contextmanager
+def _processes_start_held():
+    """Ctrl-C, SIGTERM and SIGHUP held while the block starts processes: a signal that comes meanwhile is handed
+    to its handler on leaving (:class:`errors.signals_held`), and the processes started inherit them blocked (the
+    mask passes through fork and exec) until they set their own handling (:func:`_worker_signals`)."""
+    signals = {signal.SIGINT, *STOP_SIGNALS}
+    with signals_held(signals):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
@@ -1624,8 +1634,15 @@ def _cannot_start(e: OSError) -> FundusError:
 def new_pool(workers: int, ctx, initializer, initargs: tuple) -> ProcessPoolExecutor:
     """A ProcessPoolExecutor; an OSError while making its queues (their semaphores are registered with
     multiprocessing's resource tracker) is a FundusError, as in :func:`submit`."""
+    from multiprocessing import resource_tracker
+
     try:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
+        with _processes_start_held():
+            # multiprocessing's resource tracker, started here if not yet running, keeps SIGHUP blocked for good (it
+            # ignores only SIGINT and SIGTERM): a terminal's hang-up sent to the group had killed it, and the one
+            # relaunched printed KeyError tracebacks for the pool's semaphores (review 32 R32-1)
+            resource_tracker.ensure_running()
+            return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs)
     except OSError as e:
         raise _cannot_start(e) from None
 

@@ -87,11 +87,14 @@ def main() -> None:
         )
     )
     sheet = np.vstack(rows)
-    from fundus_pipeline.io import write_image_atomic
+    from fundus_pipeline.io import write_bytes_atomic
 
+    ok, png = cv2.imencode(".png", sheet[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])  # level 9: the committed figure's bytes
+    if not ok:
+        raise UsageError(f"--out {out}: OpenCV could not encode the sheet as PNG")
     out.parent.mkdir(parents=True, exist_ok=True)
-    size, _ = write_image_atomic(out, sheet)
-    print(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]}, {size / 1e6:.2f} MB)")
+    write_bytes_atomic(out, png.tobytes())
+    print(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]}, {len(png) / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,10 @@ def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValidationError, match="last.pt does not exist"):
         cfg(tmp_path / "empty", resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train.log").write_text("another tool's log\n")  # review 32 R32-3: no training of fundus
+    with pytest.raises(ValidationError, match="last.pt does not exist"):
+        cfg(tmp_path / "other", resume=True)
 
 
 def test_a_command_started_with_sighup_ignored_is_not_ended_by_one(tmp_path):
@@ -254,3 +258,41 @@ def test_a_command_started_with_sighup_ignored_is_not_ended_by_one(tmp_path):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, (p.returncode, err[-600:])
     assert len(list((tmp_path / "out").glob("p*.png"))) == 24
+
+
+def test_a_hang_up_sent_to_the_group_of_a_pooled_run_ends_it_without_tracebacks(tmp_path):
+    """Review 32 R32-1: a SIGHUP to the process group (a terminal closing) killed multiprocessing's resource tracker
+    (it ignores only SIGINT and SIGTERM); the one relaunched printed KeyError tracebacks for the pool's semaphores."""
+    import signal
+    import time
+
+    from tests.conftest import synthetic_fundus
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(src / f"p{i}.png"), synthetic_fundus(256, 256, seed=i)[..., ::-1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", "from fundus_pipeline.console import main; main()", "segment", str(src), str(tmp_path / "out"),
+            "--workers", "2", "--threads", "1", "--quiet"]
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    end = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < end and not any((tmp_path / "out").glob("p*_vessels.png")):
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before the signal could be sent"
+    os.killpg(p.pid, signal.SIGHUP)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, (p.returncode, err[-600:])
+    assert "Traceback" not in err and "KeyError" not in err and "resource_tracker" not in err, err[-1500:]
+
+
+def test_two_names_that_differ_only_in_their_unicode_form_are_told_apart(tmp_path):
+    """Review 32 R32-2: with names paired in their composed form, a folder holding café.png written both ways is
+    refused, and the message had named two paths that print alike."""
+    gt = _truth()
+    _maps(tmp_path / "pred", unicodedata.normalize("NFC", "café.png"), gt)
+    _maps(tmp_path / "pred", unicodedata.normalize("NFD", "café.png"), gt)
+    _maps(tmp_path / "gt", "café.png", gt)
+    with pytest.raises(UsageError, match="differ only in their Unicode form") as e:
+        evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)
+    assert "'caf\\xe9.png'" in str(e.value) and "'cafe\\u0301.png'" in str(e.value), str(e.value)

@@ -116,13 +116,24 @@ def _discover(root: Path) -> list[tuple[str, Path]]:
     return [(item.key, item.path) for item in discover_images(root)]
 
 
+def _same_key(what: str, k: str, a: Path, b: Path, tail: str = "") -> UsageError:
+    """Two files of one folder under one pairing key; names that print alike (composed and decomposed forms of
+    one name) are shown escaped, so the difference can be seen (review 32 R32-2)."""
+    import unicodedata
+
+    a, b = sorted([a, b])
+    shown = f"{a} and {b}"
+    if a.name != b.name and unicodedata.normalize("NFC", a.name) == unicodedata.normalize("NFC", b.name):
+        shown += f" (the names differ only in their Unicode form: {ascii(a.name)} and {ascii(b.name)})"
+    return UsageError(f"two {what} files pair under the same key '{k}': {shown}{tail}")
+
+
 def _index(files: list[tuple[str, Path]], what: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for key, path in files:
         k = pairing_key(key)
         if k in out:
-            a, b = sorted([out[k], path])
-            raise UsageError(f"two {what} files pair under the same key '{k}': {a} and {b}; point to a narrower folder")
+            raise _same_key(what, k, out[k], path, "; point to a narrower folder")
         out[k] = path
     return out
 
@@ -155,8 +166,7 @@ def collect_predictions(pred_dir: Path, exclude: list[Path] | None = None) -> tu
             e = out.setdefault(k, PredEntry(k))
             slot = "prob" if low.endswith("_prob") else "mask"
             if getattr(e, slot) is not None:
-                a, b = sorted([getattr(e, slot), path])
-                raise UsageError(f"two prediction files pair under the same key '{k}': {a} and {b}")
+                raise _same_key("prediction", k, getattr(e, slot), path)
             setattr(e, slot, path)
         return out, "segment", len(tagged) - len(seg)
     for k, p in _index(files, "prediction").items():

@@ -80,7 +80,9 @@ class TrainConfig(BaseModel):
             if (self.out / "summary.json").exists():  # review 21 L6: "start without --resume" was then refused too
                 raise ValueError(f"--resume: {self.out} holds a finished run whose last.pt is gone; it cannot be continued: "
                                  "choose a new --out (--init OUT/best.pt starts from its weights)")
-            if not (self.out / "train.log").is_file():  # (one interrupted before its first last.pt starts again: below)
+            # a training of fundus interrupted before its first last.pt (its lock file and train.log are there) starts
+            # again (train/loop._fit); another tool's train.log is no such run (review 32 R32-3)
+            if not ((self.out / "train.log").is_file() and (self.out / ".fundus-lock").is_file()):
                 raise ValueError(f"--resume: {last} does not exist (start without --resume)")
         # a run: last.pt, or a best.pt that no interrupted run of fundus left (one killed before its first last.pt
         # has train.log beside it, cannot be resumed, and starts again)
