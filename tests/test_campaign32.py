@@ -296,3 +296,59 @@ def test_two_names_that_differ_only_in_their_unicode_form_are_told_apart(tmp_pat
     with pytest.raises(UsageError, match="differ only in their Unicode form") as e:
         evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)
     assert "'caf\\xe9.png'" in str(e.value) and "'cafe\\u0301.png'" in str(e.value), str(e.value)
+
+
+def test_a_fine_tune_interrupted_before_its_first_checkpoint_starts_again_from_its_init(tmp_path, monkeypatch):
+    """34a F1: a fine-tune (--init W) stopped before its first last.pt and rerun with --resume (which cannot take
+    --init) started again from a random start under the same folder. The options the run was started with are
+    recorded before its data is prepared; the restart takes its --init from there and refuses other options."""
+    import torch
+
+    from fundus_pipeline.errors import UsageError as Usage
+    from fundus_pipeline.train.config import TrainConfig
+    from fundus_pipeline.train.loop import fit
+    from tests.test_train_segment import _ToyNet, _ToySampler, _ToyTask
+
+    w = tmp_path / "w.pt"
+    net = _ToyNet()
+    with torch.no_grad():
+        for q in net.parameters():
+            q.fill_(0.03)
+    torch.save(net.state_dict(), w)
+
+    def cfg(out, **kw):
+        return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
+
+    real = _ToySampler.batch
+
+    def interrupt(self, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    fit(_ToyTask(cfg(tmp_path / "a", init=w)), cfg(tmp_path / "a", init=w))
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_ToyTask(cfg(tmp_path / "b", init=w)), cfg(tmp_path / "b", init=w))
+    monkeypatch.setattr(_ToySampler, "batch", real)
+    with pytest.raises(Usage, match="was written with --steps 5, not 6"):  # another deciding option: refused
+        fit(_ToyTask(cfg(tmp_path / "b", resume=True).model_copy(update={"steps": 6})),
+            cfg(tmp_path / "b", resume=True).model_copy(update={"steps": 6}))
+    fit(_ToyTask(cfg(tmp_path / "b", resume=True)), cfg(tmp_path / "b", resume=True))
+    assert f"(from --init {w}, as the run was started)" in (tmp_path / "b" / "train.log").read_text()
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert json.loads(b["config"])["init"] == str(w)
+
+
+def test_a_shipped_weights_name_and_its_file_are_the_same_option_on_resume():
+    """34a F2: --vit-init /path/weights/vit_fundus.pt was refused on resume against the recorded vit_fundus."""
+    from fundus_pipeline.models.weights import resolve_weights
+    from fundus_pipeline.train.loop import _same_option
+
+    path = str(resolve_weights("vit_fundus"))
+    assert _same_option("vit_init", "vit_fundus", path) and _same_option("cnn_init", "imff", str(resolve_weights("imff")))
+    assert not _same_option("vit_init", "vit_fundus", str(resolve_weights("imff")))
+    assert not _same_option("seed", 1, 2)

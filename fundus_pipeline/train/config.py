@@ -24,6 +24,11 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+#: The options a training was started with (OUT/.fundus-train-start.json, written before its data is prepared): a
+#: --resume of a run interrupted before its first last.pt starts it again with them (train/loop._restart_config).
+START_RECORD = ".fundus-train-start.json"
+
+
 class TrainConfig(BaseModel):
     """Options of the shared training loop. Checks that touch the file system run once, at construction."""
 
@@ -40,7 +45,7 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
     amp: bool = Field(False, description="Mixed precision (float16 autocast + gradient scaling) on CUDA; CPU trains in float32.")
     init: Path | None = Field(None, description="Start from these weights (a state dict or a training checkpoint) instead of a random initialisation.")
-    resume: bool = Field(False, description="Continue the run in OUT from its last.pt with the same options (only --threads, --device, --ckpt-every and, where the command has it, --cache may change); bit-exact on the same thread count and device.")
+    resume: bool = Field(False, description="Continue the run in OUT from its last.pt with the same options (only --threads, --device, --ckpt-every, --out, --cache where the command has it and, off CUDA, --amp may change); bit-exact on the same thread count and device. A run interrupted before its first last.pt starts again from step 0 with the options it was started with.")
 
     @field_validator("device")
     @classmethod
@@ -80,9 +85,10 @@ class TrainConfig(BaseModel):
             if (self.out / "summary.json").exists():  # review 21 L6: "start without --resume" was then refused too
                 raise ValueError(f"--resume: {self.out} holds a finished run whose last.pt is gone; it cannot be continued: "
                                  "choose a new --out (--init OUT/best.pt starts from its weights)")
-            # a training of fundus interrupted before its first last.pt (its lock file and train.log are there) starts
-            # again (train/loop._fit); another tool's train.log is no such run (review 32 R32-3)
-            if not ((self.out / "train.log").is_file() and (self.out / ".fundus-lock").is_file()):
+            # a training of fundus interrupted before its first last.pt (its lock file, train.log and start record are
+            # there) starts again (train/loop._fit); another tool's train.log is no such run (review 32 R32-3)
+            if not ((self.out / "train.log").is_file() and (self.out / ".fundus-lock").is_file()
+                    and (self.out / START_RECORD).is_file()):
                 raise ValueError(f"--resume: {last} does not exist (start without --resume)")
         # a run: last.pt, or a best.pt that no interrupted run of fundus left (one killed before its first last.pt
         # has train.log beside it, cannot be resumed, and starts again)

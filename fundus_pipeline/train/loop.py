@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from fundus_pipeline.errors import FundusError
-from fundus_pipeline.train.config import TrainConfig
+from fundus_pipeline.train.config import START_RECORD, TrainConfig
 
 __all__ = ["BatchSampler", "Task", "TrainConfig", "fit", "save_atomic"]
 
@@ -222,10 +222,70 @@ def _identity(cfg: TrainConfig, device: torch.device | None = None) -> dict:
     return rec
 
 
+def _same_option(key: str, was: Any, now: Any) -> bool:
+    """Whether a recorded option and today's are the same: weights options (``--rsa-init``, ``--cnn-init``, ...)
+    compared as the file they name, so a shipped name and its file's path are one (campaign 34a F2)."""
+    if was == now:
+        return True
+    if not key.endswith("_init") or not isinstance(was, str) or not isinstance(now, str):
+        return False
+    from fundus_pipeline.models.weights import resolve_weights
+
+    try:
+        return Path(resolve_weights(was)).resolve() == Path(resolve_weights(now)).resolve()
+    except Exception:  # a name or file that no longer resolves: as typed
+        return False
+
+
+def _refuse_changed(was: dict, now: dict, path: Path) -> None:
+    """A UsageError (exit 2) naming the first option of ``now`` that differs from the run's record ``was``."""
+    from fundus_pipeline.errors import UsageError
+
+    changed = [k for k in sorted(was) if k in now and not _same_option(k, was[k], now[k])]  # one added since: its default
+    if changed:
+        from fundus_pipeline.train.config import option_name
+
+        k = changed[0]
+        if k.endswith("_table_sha256"):
+            key = k.removesuffix("_table_sha256")
+            what = f"{option_name(key)} whose {_SET_TABLES[key]} has changed since (the set was rebuilt or edited)"
+        else:
+            what = f"{option_name(k)} {was.get(k)!r}, not {now.get(k)!r}"
+        raise UsageError(f"--resume: {path} was written with {what}"
+                         + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+                         + "; a resumed run keeps its options (only --threads, --device, --ckpt-every, --cache, --out and, off CUDA, --amp may change)",
+                         hint="resume with the same options, or start a new run (--init OUT/last.pt continues from its weights)")
+
+
+def _write_start_record(cfg: TrainConfig, device: torch.device) -> None:
+    from fundus_pipeline.io import write_bytes_atomic
+
+    record = {"identity": _identity(cfg, device), "init": str(cfg.init) if cfg.init is not None else None}
+    write_bytes_atomic(cfg.out / START_RECORD, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` of a --resume whose run wrote no last.pt: the run started again with the options it was started
+    with (its START_RECORD: a fine-tune's --init included, which the restart had dropped, training from a random
+    start under the same folder; campaign 34a F1), as a new run (``resume`` off: the task builds its model from its
+    *-init options); other deciding options are refused, as a resume refuses them."""
+    from fundus_pipeline.errors import UsageError
+
+    path = cfg.out / START_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        was, init = dict(record["identity"]), record["init"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--resume: {cfg.out / 'last.pt'} does not exist and {path} (the options the run was started with) "
+                         "cannot be read", hint="start again without --resume, with the options the run was started with") from None
+    _refuse_changed(was, _identity(cfg, device), path)
+    return cfg.model_copy(update={"resume": False, "init": Path(init) if init is not None else None})
+
+
 def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | None = None) -> dict:
     """OUT/last.pt, checked: unreadable (empty, truncated) or non-finite weights are a one-line WeightsError
     (exit 1); a checkpoint written with other options is a UsageError (exit 2) naming the first one."""
-    from fundus_pipeline.errors import UsageError, WeightsError
+    from fundus_pipeline.errors import WeightsError
 
     import pickle
 
@@ -268,20 +328,7 @@ def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | N
             if threads_was and threads_was != torch.get_num_threads():
                 note.append(f"note: the run used {threads_was} CPU threads and continues on {torch.get_num_threads()}: "
                             "not bit for bit the uninterrupted run (give --threads to keep it)")
-            changed = [k for k in sorted(was) if k in now and was[k] != now[k]]  # an option added since: its default
-            if changed:
-                from fundus_pipeline.train.config import option_name
-
-                k = changed[0]
-                if k.endswith("_table_sha256"):
-                    key = k.removesuffix("_table_sha256")
-                    what = f"{option_name(key)} whose {_SET_TABLES[key]} has changed since (the set was rebuilt or edited)"
-                else:
-                    what = f"{option_name(k)} {was.get(k)!r}, not {now.get(k)!r}"
-                raise UsageError(f"--resume: {path} was written with {what}"
-                                 + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
-                                 + "; a resumed run keeps its options (only --threads, --device, --ckpt-every, --cache, --out and, off CUDA, --amp may change)",
-                                 hint="resume with the same options, or start a new run (--init OUT/last.pt continues from its weights)")
+            _refuse_changed(was, now, path)
     return ck
 
 
@@ -378,6 +425,7 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
                     # while still held (a run that opened it meanwhile is refused, never let in by a late unlink).
                     if new_log:
                         (cfg.out / "train.log").unlink(missing_ok=True)
+                        (cfg.out / START_RECORD).unlink(missing_ok=True)
                     if lock.created:
                         (cfg.out / LOCK).unlink(missing_ok=True)
     except FundusError:
@@ -395,10 +443,13 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     _remove_stale_saves(cfg.out)
     if cfg.resume and not (cfg.out / "last.pt").is_file():
         # a run interrupted before its first last.pt (its train.log says it started) has nothing to continue: --resume
-        # starts it again (it had been refused, exit 2; campaign 32a F2), as the run without --resume it is, so the
-        # task too builds its model as a new run does, from --rsa-init, --cnn-init, --vit-init (campaign 33a F1)
-        log("--resume: no last.pt was written before the interruption; starting again from step 0")
-        cfg = task.cfg = cfg.model_copy(update={"resume": False})
+        # starts it again (it had been refused, exit 2; campaign 32a F2) with the options it was started with, as a new
+        # run, so the task too builds its model from --rsa-init, --cnn-init, --vit-init (campaign 33a F1)
+        cfg = task.cfg = _restart_config(cfg, device)
+        log("--resume: no last.pt was written before the interruption; starting again from step 0"
+            + (f" (from --init {cfg.init}, as the run was started)" if cfg.init is not None else ""))
+    if not cfg.resume:
+        _write_start_record(cfg, device)
     model = task.build_model()
     notes: list[str] = []
     ck = _load_checkpoint(cfg, notes, device) if cfg.resume else None  # checked before the data is loaded
