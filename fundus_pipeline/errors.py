@@ -33,8 +33,17 @@ class InputError(FundusError):
 
 
 class DiskFullError(FundusError):
-    """An output that cannot be written for want of space (ENOSPC, EDQUOT): fatal even while one item is
-    written, since every following item would fail the same way (exit code 1, the run ``stopped``)."""
+    """An output that cannot be written for want of space (ENOSPC, EDQUOT, or EFBIG: a file-size limit): fatal
+    even while one item is written, since every following item would fail the same way (exit code 1, the run
+    ``stopped``)."""
+
+
+def no_space(errno_: int | None) -> bool:
+    """Whether an OSError's errno means no room for the file: a full disk, a quota, a file-size limit (``ulimit -f``;
+    it had ended a run with no hint, its items error rows one by one; campaign 34b F2)."""
+    import errno
+
+    return errno_ in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 
 
 class WeightsError(FundusError):

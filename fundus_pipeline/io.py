@@ -31,7 +31,6 @@ the temp name fits ``NAME_MAX`` = 255 bytes) and is moved into place with ``os.r
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import logging
@@ -50,7 +49,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fundus_pipeline.errors import DiskFullError, FundusError, InputError, UsageError
+from fundus_pipeline.errors import DiskFullError, FundusError, InputError, UsageError, no_space
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".gif")
 MIN_SIDE = 16
@@ -854,8 +853,9 @@ def open_atomic(path: Path, *, binary: bool = False, errors: str = "surrogateesc
             _unlink_quietly(tmp)
             raise
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise DiskFullError(f"cannot write {path}: {exc.strerror or exc}", hint="free space, then rerun (a stage or `fundus run` continues with --resume)") from exc
+        if no_space(exc.errno):
+            raise DiskFullError(f"cannot write {path}: {exc.strerror or exc}",
+                                hint="free space (or raise the file-size limit, ulimit -f), then rerun (a stage or `fundus run` continues with --resume)") from exc
         raise FundusError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 

@@ -382,6 +382,22 @@ def probe_lock(path: Path, exclusive: bool = False) -> tuple[int | None, bool]:
     return fd, False
 
 
+def refuse_while_written(folder: Path, what: str) -> None:
+    """A UsageError (exit 2) when a fundus process holds ``folder``'s lock, or a run there stopped before its first
+    manifest: what the folder holds is part of a run whose record is not written (evaluated, a run's first
+    photographs were scored at the default threshold, not the run's, exit 0; campaign 34b F1)."""
+    fd, busy = probe_lock(Path(folder) / LOCK)
+    if fd is not None:
+        os.close(fd)
+    if busy:
+        raise UsageError(f"{what} {folder} is being written by another fundus process (its {LOCK} is held)",
+                         hint="evaluate it once that command has ended")
+    if (Path(folder) / JOURNAL).is_file() and not (Path(folder) / "manifest.json").is_file():
+        # a run stopped (killed) before its first manifest: what it used, a segmenter's threshold, is not recorded
+        raise UsageError(f"{what} {folder} holds a fundus run that stopped before writing its manifest.json",
+                         hint="finish it first: rerun its command with --resume")
+
+
 class OutputLock:
     """An exclusive advisory lock on ``OUT/.fundus-lock`` held for the whole run, so that a second run
     into the same folder is refused at once (exit 2) instead of interleaving with the first."""

@@ -352,3 +352,48 @@ def test_a_shipped_weights_name_and_its_file_are_the_same_option_on_resume():
     assert _same_option("vit_init", "vit_fundus", path) and _same_option("cnn_init", "imff", str(resolve_weights("imff")))
     assert not _same_option("vit_init", "vit_fundus", str(resolve_weights("imff")))
     assert not _same_option("seed", 1, 2)
+
+
+def test_a_folder_a_fundus_process_is_still_writing_is_not_evaluated(tmp_path):
+    """34b F1: `fundus evaluate segment OUT/segment` while `fundus run` wrote it scored the photographs done so far at
+    the default threshold 0.5 (the run's manifest, with its 0.689, not yet written), exit 0."""
+    import fcntl
+
+    from fundus_pipeline.evaluation.grade import evaluate_grades
+    from fundus_pipeline.runner import JOURNAL, LOCK
+
+    gt = _truth()
+    _maps(tmp_path / "pred", "a_prob.png", gt)
+    _maps(tmp_path / "gt", "a.png", gt)
+    (tmp_path / "pred" / "results.csv").write_text("key,grade\n")
+    fd = os.open(tmp_path / "pred" / LOCK, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running stage holds it
+        with pytest.raises(UsageError, match="is being written by another fundus process"):
+            evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)
+        with pytest.raises(UsageError, match="is being written by another fundus process"):
+            evaluate_grades(tmp_path / "pred" / "results.csv", tmp_path / "labels.csv")
+    finally:
+        os.close(fd)
+    (tmp_path / "pred" / JOURNAL).write_text("")  # a run killed before its first manifest
+    with pytest.raises(UsageError, match="stopped before writing its manifest.json"):
+        evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0)
+    (tmp_path / "pred" / JOURNAL).unlink()
+    assert evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0).summary["n_images"] == 1  # the lock file alone: a run that ended
+
+
+def test_a_file_size_limit_is_met_as_a_full_disk(tmp_path):
+    """34b F2: under `ulimit -f` an output that could not be written was a plain error (no hint; each photograph an
+    error row in turn, then the manifest): it is a DiskFullError, which stops the run with the hint to rerun."""
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "from fundus_pipeline.errors import DiskFullError\n"
+            "from fundus_pipeline.io import write_bytes_atomic\n"
+            "try:\n"
+            "    write_bytes_atomic(__import__('pathlib').Path(sys.argv[1]), b'x' * 10000)\n"
+            "except DiskFullError as e:\n"
+            "    print(e.message, '|', e.hint)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.bin")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "File too large" in r.stdout and "ulimit -f" in r.stdout, (r.stdout, r.stderr[-500:])
+    assert list(tmp_path.iterdir()) == []  # nothing under the final name, no temporary left

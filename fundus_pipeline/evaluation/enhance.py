@@ -146,8 +146,11 @@ def evaluate_enhancement(
 ) -> EvalResult:
     """Pair, score and summarise (see the module docstring); ``out_dir`` is only left out of the discovery.
     Raises ``UsageError`` when nothing pairs."""
+    from fundus_pipeline.runner import refuse_while_written
+
     enh_dir, ref_dir = Path(enh_dir), Path(ref_dir)
     fov_dir = Path(fov_dir) if fov_dir is not None else None
+    refuse_while_written(enh_dir, "ENH_DIR")
     others = [Path(p).resolve() for p in (ref_dir, fov_dir, out_dir) if p is not None]
     exclude = [p for p in others if p != enh_dir.resolve()]  # other inputs / the reports inside ENH_DIR
     found = [(k, p) for k, p in _discover(enh_dir) if not any(e in p.resolve().parents for e in exclude)]

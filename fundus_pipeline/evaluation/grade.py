@@ -394,7 +394,10 @@ def evaluate_grades(
 ) -> EvalResult:
     """Join, grade and summarise (rules in the module docstring). ``rows`` of the result are the
     metrics.csv rows: the whole set (group_by ``all``), then each group of each ``by`` column."""
+    from fundus_pipeline.runner import refuse_while_written
+
     results_csv, labels_csv = Path(results_csv), Path(labels_csv)
+    refuse_while_written(results_csv.parent, "the folder of the results file")
     by = list(dict.fromkeys(by))
     labels, fmt, label_columns = read_labels(labels_csv, by)
     results = _read_csv(results_csv, "results file", ["key", "grade", *PROB_COLUMNS])

@@ -519,7 +519,10 @@ def evaluate_scores(
     ``log`` gets the bootstrap's progress lines.
     ``rows`` of the result are the metrics.csv rows: the whole set (group_by ``all``), then each group of
     each ``by`` column."""
+    from fundus_pipeline.runner import refuse_while_written
+
     scores_csv, labels_csv = Path(scores_csv), Path(labels_csv)
+    refuse_while_written(scores_csv.parent, "the folder of the scores file")
     by = list(dict.fromkeys(by))
     needed = ["key", "source", "label"] + (["part"] if part is not None else []) + by
     labels = {r["key"]: r for r in _read_csv(labels_csv, "labels file", list(dict.fromkeys(needed)))}

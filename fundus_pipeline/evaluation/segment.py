@@ -382,6 +382,9 @@ def evaluate_segmentation(
             raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
         thr, thr_source = float(threshold), "option"
 
+    from fundus_pipeline.runner import refuse_while_written
+
+    refuse_while_written(pred_dir, "PRED_DIR")
     exclude = [p for p in (gt_dir, fov_dir, out_dir) if p is not None and p.resolve() != pred_dir.resolve()]
     preds, mode, ignored = collect_predictions(pred_dir, exclude)
     if not preds:

@@ -293,15 +293,13 @@ def prepare_sources(
 def _cache_written(cache: Path):
     """A --cache (or its parts folder) that cannot be written is one line, exit 1 (it was an internal error to
     report: a FileNotFoundError under /proc; campaign 30a M4); a full disk stops the run as it does elsewhere."""
-    import errno
-
-    from fundus_pipeline.errors import DiskFullError, FundusError
+    from fundus_pipeline.errors import DiskFullError, FundusError, no_space
 
     try:
         yield
     except OSError as e:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(cache) else ""
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        full = no_space(e.errno)
         raise (DiskFullError if full else FundusError)(
             f"cannot write --cache {cache}{where}: {e.strerror or e}",
             "free space, then run the command again (the sources prepared so far are kept)" if full else "choose a --cache in a folder this run can write",
