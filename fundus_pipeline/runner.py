@@ -383,18 +383,31 @@ def probe_lock(path: Path, exclusive: bool = False) -> tuple[int | None, bool]:
 
 
 def refuse_while_written(folder: Path, what: str) -> None:
-    """A UsageError (exit 2) when a fundus process holds ``folder``'s lock, or a run there stopped before its first
-    manifest: what the folder holds is part of a run whose record is not written (evaluated, a run's first
+    """A UsageError (exit 2) when a fundus process writes ``folder``: the nearest folder at or above it that holds
+    a lock file (the stage folder whose outputs these are: a sub-folder of one too, review 33 R33-3) has it held
+    by another process (this process's own locks do not count, R33-4), or a run there stopped before its first
+    manifest. What the folder holds is then part of a run whose record is not written (evaluated, a run's first
     photographs were scored at the default threshold, not the run's, exit 0; campaign 34b F1)."""
-    fd, busy = probe_lock(Path(folder) / LOCK)
-    if fd is not None:
-        os.close(fd)
-    if busy:
-        raise UsageError(f"{what} {folder} is being written by another fundus process (its {LOCK} is held)",
-                         hint="evaluate it once that command has ended")
-    if (Path(folder) / JOURNAL).is_file() and not (Path(folder) / "manifest.json").is_file():
+    folder = Path(folder)
+    owner = next((d for d in (folder, *folder.absolute().parents) if (d / LOCK).is_file()), None)
+    if owner is None:
+        return
+    lock = owner / LOCK
+    own = False
+    with contextlib.suppress(OSError):
+        st = os.stat(lock, follow_symlinks=False)
+        own = (st.st_dev, st.st_ino) in _HELD_LOCKS
+    if not own:
+        fd, busy = probe_lock(lock)
+        if fd is not None:
+            os.close(fd)
+        if busy:
+            shown = folder if owner == folder else f"{folder} (inside {owner})"
+            raise UsageError(f"{what} {shown} is being written by another fundus process (its {LOCK} is held)",
+                             hint="evaluate it once that command has ended")
+    if (owner / JOURNAL).is_file() and not (owner / "manifest.json").is_file():
         # a run stopped (killed) before its first manifest: what it used, a segmenter's threshold, is not recorded
-        raise UsageError(f"{what} {folder} holds a fundus run that stopped before writing its manifest.json",
+        raise UsageError(f"{what} {folder} holds outputs of a fundus run that stopped before writing its manifest.json",
                          hint="finish it first: rerun its command with --resume")
 
 

@@ -75,7 +75,12 @@ def test_a_weights_folder_named_by_fundus_weights_without_a_manifest_says_what_i
     from fundus_pipeline.models.weights import no_weights_folder
 
     monkeypatch.setenv("FUNDUS_WEIGHTS", str(tmp_path))
-    assert "must name a checkout's weights/ folder itself" in no_weights_folder()
+    assert no_weights_folder().endswith("holds no manifest.json; FUNDUS_WEIGHTS must name the weights/ folder of a checkout of fundus")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "manifest.json").write_text("{}")
+    assert "(the checkout's weights/ folder is inside it)" in no_weights_folder()
+    monkeypatch.setenv("FUNDUS_WEIGHTS", str(tmp_path / "missing"))
+    assert "(the folder FUNDUS_WEIGHTS names) does not exist;" in no_weights_folder()
 
 
 def test_a_folder_another_stage_wrote_is_not_taken_for_vessel_predictions(tmp_path):
@@ -382,6 +387,27 @@ def test_a_folder_a_fundus_process_is_still_writing_is_not_evaluated(tmp_path):
     assert evaluate_segmentation(tmp_path / "pred", tmp_path / "gt", n_boot=0).summary["n_images"] == 1  # the lock file alone: a run that ended
 
 
+def test_a_sub_folder_of_a_folder_being_written_is_refused_and_a_lock_of_ones_own_is_not(tmp_path):
+    """Review 33 R33-3: a sub-folder of a stage folder being written (nested outputs) was evaluated; R33-4: the Python
+    API was refused on a folder whose lock the calling process itself holds ("another fundus process")."""
+    import fcntl
+
+    from fundus_pipeline.runner import LOCK, OutputLock
+
+    gt = _truth()
+    _maps(tmp_path / "seg" / "sub", "a_prob.png", gt)
+    _maps(tmp_path / "gt", "a.png", gt)
+    fd = os.open(tmp_path / "seg" / LOCK, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match=r"sub \(inside .*seg\) is being written by another fundus process"):
+            evaluate_segmentation(tmp_path / "seg" / "sub", tmp_path / "gt", n_boot=0)
+    finally:
+        os.close(fd)
+    with OutputLock(tmp_path / "seg", tmp_path / "seg"):  # this process's own
+        assert evaluate_segmentation(tmp_path / "seg" / "sub", tmp_path / "gt", n_boot=0).summary["n_images"] == 1
+
+
 def test_a_file_size_limit_is_met_as_a_full_disk(tmp_path):
     """34b F2: under `ulimit -f` an output that could not be written was a plain error (no hint; each photograph an
     error row in turn, then the manifest): it is a DiskFullError, which stops the run with the hint to rerun."""
@@ -397,3 +423,80 @@ def test_a_file_size_limit_is_met_as_a_full_disk(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "File too large" in r.stdout and "ulimit -f" in r.stdout, (r.stdout, r.stderr[-500:])
     assert list(tmp_path.iterdir()) == []  # nothing under the final name, no temporary left
+
+
+def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_rerun(tmp_path, monkeypatch):
+    """Review 33 R33-1: a relative --init was recorded as typed: a restart from another working folder read another
+    file of that name (and one changed in place was used in silence). R33-2: a rerun refused before training (an
+    --init that does not fit) left its own options as the record, and the interrupted run could no longer restart."""
+    import torch
+
+    from fundus_pipeline.errors import FundusError as Fatal
+    from fundus_pipeline.errors import UsageError as Usage
+    from fundus_pipeline.train.config import TrainConfig
+    from fundus_pipeline.train.loop import fit
+    from tests.test_train_segment import _ToyNet, _ToySampler, _ToyTask
+
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    for d, value in ((d1, 0.03), (d2, 0.07)):
+        d.mkdir()
+        net = _ToyNet()
+        with torch.no_grad():
+            for q in net.parameters():
+                q.fill_(value)
+        torch.save(net.state_dict(), d / "w.pt")
+    torch.save({"other.weight": torch.zeros(3)}, d1 / "bad.pt")
+
+    def cfg(out, **kw):
+        return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
+
+    real = _ToySampler.batch
+
+    def interrupt(self, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.chdir(d1)
+    fit(_ToyTask(cfg(tmp_path / "a", init=Path("w.pt"))), cfg(tmp_path / "a", init=Path("w.pt")))
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_ToyTask(cfg(tmp_path / "b", init=Path("w.pt"))), cfg(tmp_path / "b", init=Path("w.pt")))
+    monkeypatch.setattr(_ToySampler, "batch", real)
+    record = (tmp_path / "b" / ".fundus-train-start.json").read_bytes()
+    with pytest.raises(Fatal):  # R33-2: another run, refused before its first step
+        other = cfg(tmp_path / "b", init=Path("bad.pt")).model_copy(update={"lr": 2e-3})
+        fit(_ToyTask(other), other)
+    assert (tmp_path / "b" / ".fundus-train-start.json").read_bytes() == record
+    monkeypatch.chdir(d2)  # R33-1: another working folder, another w.pt there
+    fit(_ToyTask(cfg(tmp_path / "b", resume=True)), cfg(tmp_path / "b", resume=True))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # a restart whose --init file changed since is refused
+    (tmp_path / "c").mkdir()
+    monkeypatch.chdir(d1)
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_ToyTask(cfg(tmp_path / "c", init=Path("w.pt"))), cfg(tmp_path / "c", init=Path("w.pt")))
+    monkeypatch.setattr(_ToySampler, "batch", real)
+    (d1 / "w.pt").write_bytes((d2 / "w.pt").read_bytes())
+    with pytest.raises(Usage, match="has changed since the run was started"):
+        fit(_ToyTask(cfg(tmp_path / "c", resume=True)), cfg(tmp_path / "c", resume=True))
+
+
+def test_a_checkpoint_cut_by_a_file_size_limit_says_so(tmp_path):
+    """Review 33 R33-5: a checkpoint that a file-size limit cut was reported as a full disk, "62011.3 MiB free"."""
+    code = ("import resource, sys, torch\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+            "from fundus_pipeline.errors import FundusError\n"
+            "from fundus_pipeline.train.loop import save_atomic\n"
+            "try:\n"
+            "    save_atomic({'w': torch.zeros(100000)}, __import__('pathlib').Path(sys.argv[1]))\n"
+            "except FundusError as e:\n"
+            "    print(e.message, '|', e.hint)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "last.pt")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert "file-size limit" in r.stdout and "raise the file-size limit" in r.stdout, (r.stdout, r.stderr[-500:])
+    assert not (tmp_path / "last.pt").exists()

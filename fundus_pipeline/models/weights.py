@@ -54,9 +54,11 @@ def no_weights_folder() -> str | None:
     folder = weights_dir()
     if (folder / "manifest.json").is_file():
         return None
-    if os.environ.get("FUNDUS_WEIGHTS"):  # (the hint said to set it, which was done: campaign 33b F2)
-        return (f"no shipped weights: {folder} (the folder FUNDUS_WEIGHTS names) holds no manifest.json; FUNDUS_WEIGHTS "
-                "must name a checkout's weights/ folder itself, not the checkout")
+    if os.environ.get("FUNDUS_WEIGHTS"):  # (the hint said to set it, which was done: campaign 33b F2, review 33 R33-6)
+        what = "does not exist" if not folder.exists() else "is not a folder" if not folder.is_dir() else "holds no manifest.json"
+        inside = " (the checkout's weights/ folder is inside it)" if (folder / "weights" / "manifest.json").is_file() else ""
+        return (f"no shipped weights: {folder} (the folder FUNDUS_WEIGHTS names) {what}{inside}; FUNDUS_WEIGHTS must name "
+                "the weights/ folder of a checkout of fundus")
     return f"no shipped weights: {folder} (the repository's weights folder, beside the package) holds no manifest.json"
 
 

@@ -302,7 +302,7 @@ def _cache_written(cache: Path):
         full = no_space(e.errno)
         raise (DiskFullError if full else FundusError)(
             f"cannot write --cache {cache}{where}: {e.strerror or e}",
-            "free space, then run the command again (the sources prepared so far are kept)" if full else "choose a --cache in a folder this run can write",
+            "free space (or raise the file-size limit, ulimit -f), then run the command again (the sources prepared so far are kept)" if full else "choose a --cache in a folder this run can write",
         ) from None
 
 

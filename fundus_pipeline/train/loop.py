@@ -96,6 +96,18 @@ class Task(ABC):
         return {"arch": self.model_name()} if self.model_name() else {}
 
 
+def _file_size_limit() -> int | None:
+    """The process's file-size limit in bytes (``ulimit -f``), None when there is none (review 33 R33-5: a checkpoint
+    cut by one was reported as a full disk with gigabytes free)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary folder beside ``path``, then rename: readers never see a partial file,
     and the bytes are those of a direct ``torch.save(obj, path)`` (torch names the archive after the file)."""
@@ -115,9 +127,12 @@ def save_atomic(obj: Any, path: Path) -> None:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, OSError):  # torch's message does not say why: the free space does
             with contextlib.suppress(OSError):
-                why += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on that disk)"
-        hint = ("free space, then rerun with --resume (the previous checkpoint, last.pt, is intact)" if (path.parent / "last.pt").is_file()
-                else "free space, then start the run again (it has written no checkpoint to resume from)")
+                why += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on that disk"
+                limit = _file_size_limit()
+                why += f"; a file-size limit, ulimit -f, of {limit} bytes)" if limit is not None else ")"
+        space = "free space (or raise the file-size limit)" if _file_size_limit() is not None else "free space"
+        hint = (f"{space}, then rerun with --resume (the previous checkpoint, last.pt, is intact)" if (path.parent / "last.pt").is_file()
+                else f"{space}, then start the run again (it has written no checkpoint to resume from)")
         raise FundusError(f"cannot write {path}: {why}", hint=hint) from None
 
 
@@ -257,11 +272,25 @@ def _refuse_changed(was: dict, now: dict, path: Path) -> None:
                          hint="resume with the same options, or start a new run (--init OUT/last.pt continues from its weights)")
 
 
-def _write_start_record(cfg: TrainConfig, device: torch.device) -> None:
+def _write_start_record(cfg: TrainConfig, device: torch.device) -> bytes | None:
+    """Write OUT/START_RECORD for a run starting now; returns the record it replaces (None: there was none), which
+    a refused run puts back (review 33 R33-2: a refused rerun had left its own options as the interrupted run's).
+    A fine-tune's --init is recorded as the absolute path of the file and its sha256 (R33-1: a restart from another
+    working folder had read another file of that relative name)."""
     from fundus_pipeline.io import write_bytes_atomic
+    from fundus_pipeline.models.weights import sha256_file
 
-    record = {"identity": _identity(cfg, device), "init": str(cfg.init) if cfg.init is not None else None}
-    write_bytes_atomic(cfg.out / START_RECORD, (json.dumps(record, indent=1) + "\n").encode())
+    path = cfg.out / START_RECORD
+    try:
+        previous = path.read_bytes()
+    except OSError:
+        previous = None
+    init = None
+    if cfg.init is not None:
+        init = {"path": str(Path(cfg.init).absolute()), "sha256": sha256_file(Path(cfg.init))}
+    record = {"identity": _identity(cfg, device), "init": init}
+    write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+    return previous
 
 
 def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -279,7 +308,24 @@ def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         raise UsageError(f"--resume: {cfg.out / 'last.pt'} does not exist and {path} (the options the run was started with) "
                          "cannot be read", hint="start again without --resume, with the options the run was started with") from None
     _refuse_changed(was, _identity(cfg, device), path)
-    return cfg.model_copy(update={"resume": False, "init": Path(init) if init is not None else None})
+    if init is not None:
+        from fundus_pipeline.models.weights import sha256_file
+
+        try:
+            init_path, digest = Path(init["path"]), init["sha256"]
+        except (TypeError, KeyError):
+            raise UsageError(f"--resume: {path} (the options the run was started with) cannot be read",
+                             hint="start again without --resume, with the options the run was started with") from None
+        try:
+            same = sha256_file(init_path) == digest
+        except OSError as e:
+            raise UsageError(f"--resume: the run was started with --init {init_path}, which cannot be read now ({e.strerror or e})",
+                             hint="put the file back, or start again without --resume") from None
+        if not same:
+            raise UsageError(f"--resume: --init {init_path} has changed since the run was started (its sha256 differs)",
+                             hint="put the file back, or start again without --resume") from None
+        return cfg.model_copy(update={"resume": False, "init": init_path})
+    return cfg.model_copy(update={"resume": False, "init": None})
 
 
 def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | None = None) -> dict:
@@ -425,7 +471,15 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
                     # while still held (a run that opened it meanwhile is refused, never let in by a late unlink).
                     if new_log:
                         (cfg.out / "train.log").unlink(missing_ok=True)
-                        (cfg.out / START_RECORD).unlink(missing_ok=True)
+                    if "previous_record" in progress:  # the record of an interrupted run before it, as it was
+                        previous = progress["previous_record"]
+                        with contextlib.suppress(OSError, FundusError):
+                            if previous is None:
+                                (cfg.out / START_RECORD).unlink(missing_ok=True)
+                            else:
+                                from fundus_pipeline.io import write_bytes_atomic
+
+                                write_bytes_atomic(cfg.out / START_RECORD, previous)
                     if lock.created:
                         (cfg.out / LOCK).unlink(missing_ok=True)
     except FundusError:
@@ -449,7 +503,7 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
         log("--resume: no last.pt was written before the interruption; starting again from step 0"
             + (f" (from --init {cfg.init}, as the run was started)" if cfg.init is not None else ""))
     if not cfg.resume:
-        _write_start_record(cfg, device)
+        progress["previous_record"] = _write_start_record(cfg, device)
     model = task.build_model()
     notes: list[str] = []
     ck = _load_checkpoint(cfg, notes, device) if cfg.resume else None  # checked before the data is loaded
