@@ -180,6 +180,31 @@ def test_figure_scripts_say_in_one_line_which_datasets_the_data_root_lacks(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def _toy_cfg(out, **kw):
+    """A toy training of 5 steps whose first last.pt comes at step 4."""
+    from fundus_pipeline.train.config import TrainConfig
+
+    return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
+
+
+def _stopped_at_step_1(monkeypatch, task_cls, cfg) -> None:
+    """``task_cls(cfg)`` trained and stopped by a Ctrl-C at step 1, before its first last.pt."""
+    from fundus_pipeline.train.loop import fit
+    from tests.test_train_segment import _ToySampler
+
+    real = _ToySampler.batch
+
+    def interrupt(self, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(_ToySampler, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(task_cls(cfg), cfg)
+    monkeypatch.setattr(_ToySampler, "batch", real)
+
+
 def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_resume(tmp_path, monkeypatch):
     """32a F2: a training stopped before its first last.pt exited 130, and its rerun with --resume (what a wrapper
     does after exit 130) was refused: "--resume: OUT/last.pt does not exist (start without --resume)", exit 2. It
@@ -188,12 +213,10 @@ def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_
     import torch
     from pydantic import ValidationError
 
-    from fundus_pipeline.train.config import TrainConfig
     from fundus_pipeline.train.loop import fit
-    from tests.test_train_segment import _ToySampler, _ToyTask
+    from tests.test_train_segment import _ToyTask
 
-    def cfg(out, **kw):
-        return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
+    cfg = _toy_cfg
 
     class _PretrainedTask(_ToyTask):
         def build_model(self):  # as the enhance and score trainers start their pretrained parts (--rsa-init, --cnn-init)
@@ -204,18 +227,8 @@ def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_
                         q.fill_(0.05)
             return model
 
-    real = _ToySampler.batch
-
-    def interrupt(self, step):
-        if step == 1:  # before step 4's last.pt
-            raise KeyboardInterrupt
-        return real(self, step)
-
     fit(_PretrainedTask(cfg(tmp_path / "a")), cfg(tmp_path / "a"))
-    monkeypatch.setattr(_ToySampler, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_PretrainedTask(cfg(tmp_path / "b")), cfg(tmp_path / "b"))
-    monkeypatch.setattr(_ToySampler, "batch", real)
+    _stopped_at_step_1(monkeypatch, _PretrainedTask, cfg(tmp_path / "b"))
     assert not (tmp_path / "b" / "last.pt").exists()
     (tmp_path / "b" / ".summary.json.0123abcd.tmp").write_text("{")  # a kill -9 in an atomic write (33a F2)
     torch.manual_seed(12345)
@@ -238,55 +251,44 @@ def test_a_training_interrupted_before_its_first_checkpoint_is_started_again_by_
         cfg(tmp_path / "other", resume=True)
 
 
-def test_a_command_started_with_sighup_ignored_is_not_ended_by_one(tmp_path):
-    """32a F1: `nohup fundus ... &` ended with exit 130 when the terminal hung up: the command set its own SIGHUP
-    handler over the ignored disposition nohup had given it (its worker processes set the default, which kills)."""
+def _hang_up_mid_run(tmp_path, photos: int, side: int, command: list[str], first_output: str, ignored: bool):
+    """``fundus COMMAND IN OUT`` over ``photos`` synthetic photographs, in a session of its own (SIGHUP ignored from
+    its start when ``ignored``, as nohup starts it), sent SIGHUP as a group once ``first_output`` appears in OUT (a
+    terminal closing: the workers get it too); returns the process, its stderr and OUT."""
     import signal
     import time
 
     from tests.conftest import synthetic_fundus
 
-    src = tmp_path / "in"
+    src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    for i in range(24):
-        cv2.imwrite(str(src / f"p{i:02d}.png"), synthetic_fundus(384, 384, seed=i)[..., ::-1])
+    for i in range(photos):
+        cv2.imwrite(str(src / f"p{i:02d}.png"), synthetic_fundus(side, side, seed=i)[..., ::-1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", "from fundus_pipeline.console import main; main()", "degrade", str(src), str(tmp_path / "out"),
-            "--seed", "1", "--workers", "2", "--quiet"]
+    argv = [sys.executable, "-c", "from fundus_pipeline.console import main; main()", command[0], str(src), str(out), *command[1:]]
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    end = time.monotonic() + 120
-    while p.poll() is None and time.monotonic() < end and not any((tmp_path / "out").glob("p*.png")):
+                         preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
+    end = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < end and not any(out.glob(first_output)):
         time.sleep(0.02)
     assert p.poll() is None, "the run ended before the signal could be sent"
-    os.killpg(p.pid, signal.SIGHUP)  # the terminal hanging up: the whole group, workers too
-    out, err = p.communicate(timeout=300)
+    os.killpg(p.pid, signal.SIGHUP)
+    _, err = p.communicate(timeout=300)
+    return p, err, out
+
+
+def test_a_command_started_with_sighup_ignored_is_not_ended_by_one(tmp_path):
+    """32a F1: `nohup fundus ... &` ended with exit 130 when the terminal hung up: the command set its own SIGHUP
+    handler over the ignored disposition nohup had given it (its worker processes set the default, which kills)."""
+    p, err, out = _hang_up_mid_run(tmp_path, 24, 384, ["degrade", "--seed", "1", "--workers", "2", "--quiet"], "p*.png", ignored=True)
     assert p.returncode == 0, (p.returncode, err[-600:])
-    assert len(list((tmp_path / "out").glob("p*.png"))) == 24
+    assert len(list(out.glob("p*.png"))) == 24
 
 
 def test_a_hang_up_sent_to_the_group_of_a_pooled_run_ends_it_without_tracebacks(tmp_path):
     """Review 32 R32-1: a SIGHUP to the process group (a terminal closing) killed multiprocessing's resource tracker
     (it ignores only SIGINT and SIGTERM); the one relaunched printed KeyError tracebacks for the pool's semaphores."""
-    import signal
-    import time
-
-    from tests.conftest import synthetic_fundus
-
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(6):
-        cv2.imwrite(str(src / f"p{i}.png"), synthetic_fundus(256, 256, seed=i)[..., ::-1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", "from fundus_pipeline.console import main; main()", "segment", str(src), str(tmp_path / "out"),
-            "--workers", "2", "--threads", "1", "--quiet"]
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    end = time.monotonic() + 240
-    while p.poll() is None and time.monotonic() < end and not any((tmp_path / "out").glob("p*_vessels.png")):
-        time.sleep(0.02)
-    assert p.poll() is None, "the run ended before the signal could be sent"
-    os.killpg(p.pid, signal.SIGHUP)
-    out, err = p.communicate(timeout=300)
+    p, err, _ = _hang_up_mid_run(tmp_path, 6, 256, ["segment", "--workers", "2", "--threads", "1", "--quiet"], "p*_vessels.png", ignored=False)
     assert p.returncode == 130, (p.returncode, err[-600:])
     assert "Traceback" not in err and "KeyError" not in err and "resource_tracker" not in err, err[-1500:]
 
@@ -310,9 +312,8 @@ def test_a_fine_tune_interrupted_before_its_first_checkpoint_starts_again_from_i
     import torch
 
     from fundus_pipeline.errors import UsageError as Usage
-    from fundus_pipeline.train.config import TrainConfig
     from fundus_pipeline.train.loop import fit
-    from tests.test_train_segment import _ToyNet, _ToySampler, _ToyTask
+    from tests.test_train_segment import _ToyNet, _ToyTask
 
     w = tmp_path / "w.pt"
     net = _ToyNet()
@@ -321,21 +322,10 @@ def test_a_fine_tune_interrupted_before_its_first_checkpoint_starts_again_from_i
             q.fill_(0.03)
     torch.save(net.state_dict(), w)
 
-    def cfg(out, **kw):
-        return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
-
-    real = _ToySampler.batch
-
-    def interrupt(self, step):
-        if step == 1:
-            raise KeyboardInterrupt
-        return real(self, step)
+    cfg = _toy_cfg
 
     fit(_ToyTask(cfg(tmp_path / "a", init=w)), cfg(tmp_path / "a", init=w))
-    monkeypatch.setattr(_ToySampler, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_ToyTask(cfg(tmp_path / "b", init=w)), cfg(tmp_path / "b", init=w))
-    monkeypatch.setattr(_ToySampler, "batch", real)
+    _stopped_at_step_1(monkeypatch, _ToyTask, cfg(tmp_path / "b", init=w))
     with pytest.raises(Usage, match="was written with --steps 5, not 6"):  # another deciding option: refused
         fit(_ToyTask(cfg(tmp_path / "b", resume=True).model_copy(update={"steps": 6})),
             cfg(tmp_path / "b", resume=True).model_copy(update={"steps": 6}))
@@ -433,9 +423,8 @@ def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_reru
 
     from fundus_pipeline.errors import FundusError as Fatal
     from fundus_pipeline.errors import UsageError as Usage
-    from fundus_pipeline.train.config import TrainConfig
     from fundus_pipeline.train.loop import fit
-    from tests.test_train_segment import _ToyNet, _ToySampler, _ToyTask
+    from tests.test_train_segment import _ToyNet, _ToyTask
 
     d1, d2 = tmp_path / "d1", tmp_path / "d2"
     for d, value in ((d1, 0.03), (d2, 0.07)):
@@ -447,22 +436,11 @@ def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_reru
         torch.save(net.state_dict(), d / "w.pt")
     torch.save({"other.weight": torch.zeros(3)}, d1 / "bad.pt")
 
-    def cfg(out, **kw):
-        return TrainConfig(out=out, steps=5, batch_size=4, lr=1e-2, seed=5, val_every=2, ckpt_every=4, **kw)
-
-    real = _ToySampler.batch
-
-    def interrupt(self, step):
-        if step == 1:
-            raise KeyboardInterrupt
-        return real(self, step)
+    cfg = _toy_cfg
 
     monkeypatch.chdir(d1)
     fit(_ToyTask(cfg(tmp_path / "a", init=Path("w.pt"))), cfg(tmp_path / "a", init=Path("w.pt")))
-    monkeypatch.setattr(_ToySampler, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_ToyTask(cfg(tmp_path / "b", init=Path("w.pt"))), cfg(tmp_path / "b", init=Path("w.pt")))
-    monkeypatch.setattr(_ToySampler, "batch", real)
+    _stopped_at_step_1(monkeypatch, _ToyTask, cfg(tmp_path / "b", init=Path("w.pt")))
     record = (tmp_path / "b" / ".fundus-train-start.json").read_bytes()
     with pytest.raises(Fatal):  # R33-2: another run, refused before its first step
         other = cfg(tmp_path / "b", init=Path("bad.pt")).model_copy(update={"lr": 2e-3})
@@ -477,10 +455,7 @@ def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_reru
     # a restart whose --init file changed since is refused
     (tmp_path / "c").mkdir()
     monkeypatch.chdir(d1)
-    monkeypatch.setattr(_ToySampler, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(_ToyTask(cfg(tmp_path / "c", init=Path("w.pt"))), cfg(tmp_path / "c", init=Path("w.pt")))
-    monkeypatch.setattr(_ToySampler, "batch", real)
+    _stopped_at_step_1(monkeypatch, _ToyTask, cfg(tmp_path / "c", init=Path("w.pt")))
     (d1 / "w.pt").write_bytes((d2 / "w.pt").read_bytes())
     with pytest.raises(Usage, match="has changed since the run was started"):
         fit(_ToyTask(cfg(tmp_path / "c", resume=True)), cfg(tmp_path / "c", resume=True))
