@@ -1250,7 +1250,8 @@ def verify_replay(rp: Replay, out: Path) -> dict:
         a = _row_of(rp.manifest, k) if sha256_file_or_none(rp.manifest) == rp.manifest_sha256 else None
         b = _row_of(out / "manifest.json", k)
         if a is not None and b is not None:
-            col = next((c for c in sorted(set(a) | set(b)) if a.get(c) != b.get(c)), "the row")
+            # the row's own order (the table's), not the alphabet's: score_gain had been named before score_input (campaign 35a F3)
+            col = next((c for c in [*a, *(c for c in b if c not in a)] if a.get(c) != b.get(c)), "the row")
             first += f" {col} {a.get(col, '(none)')!r} -> {b.get(col, '(none)')!r}"
         elif k not in new or k not in old:
             first += " (missing from the " + ("replay" if k not in new else "recorded run") + ")"

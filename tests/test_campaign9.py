@@ -178,6 +178,14 @@ def test_replay_checks_its_results_against_the_recorded_run(tmp_path, tiny, caps
     assert run("run", "--replay", tmp_path / "m1.json", tmp_path / "r3", "--quiet") == 3
     err = _err(capsys)
     assert "the results differ from the recorded run: 1 of 2 rows; first: 00_test grade" in err
+    # the column named is the table's first that differs, not the alphabet's (campaign 35a F3)
+    row = doctored["items"][0]
+    later = [c for c in list(row)[list(row).index("grade") + 1:] if c < "grade" and isinstance(row[c], (int, float)) and not isinstance(row[c], bool)]
+    assert later, list(row)
+    row[later[0]] = row[later[0]] + 1
+    (tmp_path / "m1.json").write_text(json.dumps(doctored))
+    assert run("run", "--replay", tmp_path / "m1.json", tmp_path / "r3b", "--quiet") == 3
+    assert "first: 00_test grade" in _err(capsys)
     # the ground truth changed since the run: refused before any work (was: other f1_gt figures, exit 0)
     mask = truth / "00_manual1.png"
     Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)
