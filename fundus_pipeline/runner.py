@@ -389,7 +389,8 @@ def refuse_while_written(folder: Path, what: str) -> None:
     manifest. What the folder holds is then part of a run whose record is not written (evaluated, a run's first
     photographs were scored at the default threshold, not the run's, exit 0; campaign 34b F1)."""
     folder = Path(folder)
-    owner = next((d for d in (folder, *folder.absolute().parents) if (d / LOCK).is_file()), None)
+    real = Path(os.path.realpath(folder))  # the folder's own ancestors: `..` and links resolved (review 34 R34-1)
+    owner = next((d for d in (real, *real.parents) if (d / LOCK).is_file()), None)
     if owner is None:
         return
     lock = owner / LOCK
@@ -402,12 +403,13 @@ def refuse_while_written(folder: Path, what: str) -> None:
         if fd is not None:
             os.close(fd)
         if busy:
-            shown = folder if owner == folder else f"{folder} (inside {owner})"
+            shown = folder if owner == real else f"{folder} (inside {owner})"
             raise UsageError(f"{what} {shown} is being written by another fundus process (its {LOCK} is held)",
                              hint="evaluate it once that command has ended")
     if (owner / JOURNAL).is_file() and not (owner / "manifest.json").is_file():
         # a run stopped (killed) before its first manifest: what it used, a segmenter's threshold, is not recorded
-        raise UsageError(f"{what} {folder} holds outputs of a fundus run that stopped before writing its manifest.json",
+        shown = folder if owner == real else f"{folder} (inside {owner})"
+        raise UsageError(f"{what} {shown} holds outputs of a fundus run that stopped before writing its manifest.json",
                          hint="finish it first: rerun its command with --resume")
 
 

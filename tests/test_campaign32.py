@@ -271,7 +271,11 @@ def _hang_up_mid_run(tmp_path, photos: int, side: int, command: list[str], first
     end = time.monotonic() + 240
     while p.poll() is None and time.monotonic() < end and not any(out.glob(first_output)):
         time.sleep(0.02)
-    assert p.poll() is None, "the run ended before the signal could be sent"
+    if p.poll() is not None or not any(out.glob(first_output)):  # (the signal must come while the workers run: R34-6)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=60)
+        pytest.fail("the run ended, or wrote nothing within 240 s, before the signal could be sent")
     os.killpg(p.pid, signal.SIGHUP)
     _, err = p.communicate(timeout=300)
     return p, err, out
@@ -422,7 +426,6 @@ def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_reru
     import torch
 
     from fundus_pipeline.errors import FundusError as Fatal
-    from fundus_pipeline.errors import UsageError as Usage
     from fundus_pipeline.train.loop import fit
     from tests.test_train_segment import _ToyNet, _ToyTask
 
@@ -457,8 +460,26 @@ def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_reru
     monkeypatch.chdir(d1)
     _stopped_at_step_1(monkeypatch, _ToyTask, cfg(tmp_path / "c", init=Path("w.pt")))
     (d1 / "w.pt").write_bytes((d2 / "w.pt").read_bytes())
-    with pytest.raises(Usage, match="has changed since the run was started"):
+    with pytest.raises(Fatal, match="has changed since the run was started") as e:  # weights not the run's: exit 1
         fit(_ToyTask(cfg(tmp_path / "c", resume=True)), cfg(tmp_path / "c", resume=True))
+    assert e.value.exit_code == 1
+
+
+def test_a_folder_given_through_dot_dot_is_checked_against_its_own_parents(tmp_path, monkeypatch):
+    """Review 34 R34-1: `../preds` typed inside a stage folder that stopped before its manifest was refused: the
+    walk up to the nearest lock went through the path as typed (the working folder), not the folder's parents."""
+    from fundus_pipeline.runner import JOURNAL, LOCK, refuse_while_written
+
+    stage, elsewhere = tmp_path / "stage", tmp_path / "elsewhere"
+    stage.mkdir()
+    elsewhere.mkdir()
+    (stage / LOCK).write_text("")
+    (stage / JOURNAL).write_text("")
+    monkeypatch.chdir(stage)
+    refuse_while_written(Path("..") / "elsewhere", "PRED_DIR")  # not inside the stage folder: nothing to refuse
+    (elsewhere / "sub").symlink_to(stage)
+    with pytest.raises(UsageError, match="stopped before writing its manifest.json"):  # a link into it: its own folder
+        refuse_while_written(elsewhere / "sub", "PRED_DIR")
 
 
 def test_a_checkpoint_cut_by_a_file_size_limit_says_so(tmp_path):

@@ -287,7 +287,12 @@ def _write_start_record(cfg: TrainConfig, device: torch.device) -> bytes | None:
         previous = None
     init = None
     if cfg.init is not None:
-        init = {"path": str(Path(cfg.init).absolute()), "sha256": sha256_file(Path(cfg.init))}
+        from fundus_pipeline.errors import WeightsError
+
+        try:
+            init = {"path": str(Path(cfg.init).absolute()), "sha256": sha256_file(Path(cfg.init))}
+        except OSError as e:  # (removed since the options were checked: review 34 R34-4)
+            raise WeightsError(f"--init: cannot read {cfg.init}: {e.strerror or e}") from None
     record = {"identity": _identity(cfg, device), "init": init}
     write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
     return previous
@@ -309,6 +314,7 @@ def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
                          "cannot be read", hint="start again without --resume, with the options the run was started with") from None
     _refuse_changed(was, _identity(cfg, device), path)
     if init is not None:
+        from fundus_pipeline.errors import WeightsError
         from fundus_pipeline.models.weights import sha256_file
 
         try:
@@ -316,14 +322,15 @@ def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         except (TypeError, KeyError):
             raise UsageError(f"--resume: {path} (the options the run was started with) cannot be read",
                              hint="start again without --resume, with the options the run was started with") from None
+        # weights missing or not the ones the run started from: exit 1, as a missing or mismatching --init (R34-3)
         try:
             same = sha256_file(init_path) == digest
         except OSError as e:
-            raise UsageError(f"--resume: the run was started with --init {init_path}, which cannot be read now ({e.strerror or e})",
-                             hint="put the file back, or start again without --resume") from None
+            raise WeightsError(f"--resume: the run was started with --init {init_path}, which cannot be read now ({e.strerror or e})",
+                               hint="put the file back, or start again without --resume") from None
         if not same:
-            raise UsageError(f"--resume: --init {init_path} has changed since the run was started (its sha256 differs)",
-                             hint="put the file back, or start again without --resume") from None
+            raise WeightsError(f"--resume: --init {init_path} has changed since the run was started (its sha256 differs)",
+                               hint="put the file back, or start again without --resume") from None
         return cfg.model_copy(update={"resume": False, "init": init_path})
     return cfg.model_copy(update={"resume": False, "init": None})
 
@@ -473,13 +480,16 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
                         (cfg.out / "train.log").unlink(missing_ok=True)
                     if "previous_record" in progress:  # the record of an interrupted run before it, as it was
                         previous = progress["previous_record"]
-                        with contextlib.suppress(OSError, FundusError):
+                        try:
                             if previous is None:
                                 (cfg.out / START_RECORD).unlink(missing_ok=True)
                             else:
                                 from fundus_pipeline.io import write_bytes_atomic
 
                                 write_bytes_atomic(cfg.out / START_RECORD, previous)
+                        except (OSError, FundusError):  # not this run's options as the interrupted run's: no record,
+                            with contextlib.suppress(OSError):  # and its --resume says so (review 34 R34-2)
+                                (cfg.out / START_RECORD).unlink(missing_ok=True)
                     if lock.created:
                         (cfg.out / LOCK).unlink(missing_ok=True)
     except FundusError:
