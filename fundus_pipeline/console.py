@@ -3,7 +3,7 @@ so to import; a Ctrl-C (or SIGTERM, SIGHUP) in that time ends the command as one
 one line and exit 130, instead of the interpreter's traceback of whatever module was being imported; an import
 that fails (a library that cannot be mapped under a low ``ulimit -v``) is one line, exit 1, as any later error.
 
-Three guards of the process's signals (campaign 31b), set here and only for the console command:
+Four guards of the process's signals (campaigns 31b, 32a), set here and only for the console command:
 
 * torch's first import runs with SIGINT, SIGTERM and SIGHUP held (``_HeldTorchImport``): a KeyboardInterrupt
   raised inside its C++ initialisation aborted the process ("terminate called after throwing an instance of
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, STOP_SIGNALS, internal_error, raise_stop, signals_held  # a light module: constants, exceptions
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, STOP_SIGNALS, internal_error, not_ignored, raise_stop, signals_held  # a light module: constants, exceptions
 
 
 class _HeldTorchImport:
@@ -73,9 +73,8 @@ def main() -> None:
     # command line has set its own handlers (they had killed it, exit 143; campaign 29a F4)
     # ... except a signal the process was started with ignored: ``nohup`` (or a supervisor) asked for that, and a
     # SIGHUP when the terminal closed had ended a `nohup fundus train ... &` all the same (campaign 32a F1)
-    for s in STOP_SIGNALS:
-        if signal.getsignal(s) is not signal.SIG_IGN:
-            signal.signal(s, raise_stop)
+    for s in not_ignored(STOP_SIGNALS):
+        signal.signal(s, raise_stop)
     if "torch" not in sys.modules:
         sys.meta_path.insert(0, _HeldTorchImport({signal.SIGINT, *STOP_SIGNALS}))
     atexit.register(_ignore_stops)  # registered first, so run last: after every other exit function

@@ -172,6 +172,12 @@ def stop_requested(signum: int | None | bool = True) -> int | None:
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
+def not_ignored(signals) -> tuple[int, ...]:
+    """Those of ``signals`` the process does not ignore: one it was started with ignored (``nohup``'s SIGHUP, a
+    background job's Ctrl-C) stays ignored, by the command and its workers (campaign 32a F1)."""
+    return tuple(s for s in signals if signal.getsignal(s) is not signal.SIG_IGN)
+
+
 def raise_stop(signum, frame) -> None:
     """The handler of a stop signal while a command runs: recorded (``stop_requested``), then a KeyboardInterrupt."""
     stop_requested(signum)

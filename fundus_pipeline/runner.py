@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
-from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, raise_stop, signals_held, stop_requested
+from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, not_ignored, raise_stop, signals_held, stop_requested
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
@@ -1620,9 +1620,8 @@ def _worker_signals() -> None:
     their default action (a forked worker inherits the parent's handler, which would raise KeyboardInterrupt
     there and print its traceback; the parent records the run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for s in STOP_SIGNALS:
-        if signal.getsignal(s) is not signal.SIG_IGN:  # ignored as the parent ignores it (nohup)
-            signal.signal(s, signal.SIG_DFL)
+    for s in not_ignored(STOP_SIGNALS):  # one the parent ignores (nohup) stays ignored
+        signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *STOP_SIGNALS})  # blocked since its start: submit()
 
 
@@ -1732,8 +1731,7 @@ def stop_signals_as_interrupt():
     ``--resume`` continues."""
 
     stop_requested(None)  # a new command (the Python API may run several in one process)
-    # a signal ignored stays ignored: the process was started so (nohup), and it had ended the run (campaign 32a F1)
-    return _signal_handlers([s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN], raise_stop)
+    return _signal_handlers(not_ignored(STOP_SIGNALS), raise_stop)
 
 
 def interrupts_deferred():

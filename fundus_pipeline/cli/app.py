@@ -18,7 +18,7 @@ import typer
 
 from fundus_pipeline import __version__
 from fundus_pipeline.cli.options import EngineName, Format
-from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error, printable, stop_requested
+from fundus_pipeline.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, FundusError, internal_error, not_ignored, printable, stop_requested
 
 app = typer.Typer(
     name="fundus",
@@ -322,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         # then (a scheduler's stop) ends the process at once with the command's own status (it was 143 after a
         # finished run's summary; campaign 27a F14)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for s in STOP_SIGNALS:
-            if signal.getsignal(s) is not signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
-                signal.signal(s, lambda signum, frame, code=code: _exit_now(code))
+        for s in not_ignored(STOP_SIGNALS):
+            signal.signal(s, lambda signum, frame, code=code: _exit_now(code))
         sys.exit(code)
     return code

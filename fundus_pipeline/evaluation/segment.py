@@ -382,15 +382,13 @@ def evaluate_segmentation(
             raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
         thr, thr_source = float(threshold), "option"
 
-    from fundus_pipeline.runner import refuse_while_written
+    from fundus_pipeline.runner import manifest_stage, refuse_while_written
 
     refuse_while_written(pred_dir, "PRED_DIR")
     exclude = [p for p in (gt_dir, fov_dir, out_dir) if p is not None and p.resolve() != pred_dir.resolve()]
     preds, mode, ignored = collect_predictions(pred_dir, exclude)
     if not preds:
         raise UsageError(f"{pred_dir} holds no prediction (no image outside the ground-truth, FOV and --out folders)")
-    from fundus_pipeline.runner import manifest_stage
-
     stage = manifest_stage(pred_dir / "manifest.json")
     if stage in NOT_PREDICTIONS:  # (an enhance folder's photographs had scored as vessel maps, exit 0; campaign 32b F9)
         raise UsageError(f"{pred_dir} holds the outputs of fundus {stage} (its manifest.json says so), not vessel predictions",

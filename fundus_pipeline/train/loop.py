@@ -309,19 +309,15 @@ def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         was, init = dict(record["identity"]), record["init"]
+        init_path, digest = (Path(init["path"]), init["sha256"]) if init is not None else (None, None)
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"--resume: {cfg.out / 'last.pt'} does not exist and {path} (the options the run was started with) "
                          "cannot be read", hint="start again without --resume, with the options the run was started with") from None
     _refuse_changed(was, _identity(cfg, device), path)
-    if init is not None:
+    if init_path is not None:
         from fundus_pipeline.errors import WeightsError
         from fundus_pipeline.models.weights import sha256_file
 
-        try:
-            init_path, digest = Path(init["path"]), init["sha256"]
-        except (TypeError, KeyError):
-            raise UsageError(f"--resume: {path} (the options the run was started with) cannot be read",
-                             hint="start again without --resume, with the options the run was started with") from None
         # weights missing or not the ones the run started from: exit 1, as a missing or mismatching --init (R34-3)
         try:
             same = sha256_file(init_path) == digest
@@ -331,8 +327,7 @@ def _restart_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         if not same:
             raise WeightsError(f"--resume: --init {init_path} has changed since the run was started (its sha256 differs)",
                                hint="put the file back, or start again without --resume") from None
-        return cfg.model_copy(update={"resume": False, "init": init_path})
-    return cfg.model_copy(update={"resume": False, "init": None})
+    return cfg.model_copy(update={"resume": False, "init": init_path})
 
 
 def _load_checkpoint(cfg: TrainConfig, note: list[str], device: torch.device | None = None) -> dict:
