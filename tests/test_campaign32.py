@@ -455,6 +455,13 @@ def test_the_start_record_names_the_init_file_itself_and_survives_a_refused_reru
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # R34-5: the run's lasting provenance names the file itself too, interrupted or not (the uninterrupted run's
+    # summary.json and checkpoints had recorded "w.pt" as typed, the restarted run's the absolute path)
+    for run in (tmp_path / "a", tmp_path / "b"):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["config"]["init"] == str(d1 / "w.pt"), run
+        assert summary["argv"][summary["argv"].index("--init") + 1] == str(d1 / "w.pt"), run
+        assert json.loads(torch.load(run / "last.pt", weights_only=True)["config"])["init"] == str(d1 / "w.pt"), run
     # a restart whose --init file changed since is refused
     (tmp_path / "c").mkdir()
     monkeypatch.chdir(d1)

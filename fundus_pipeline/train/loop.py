@@ -563,7 +563,10 @@ def _fit(task: Task, cfg: TrainConfig, device: torch.device, amp: bool, log: _Ru
     started_from = None
     with contextlib.suppress(TypeError, ValueError, AttributeError):
         started_from = json.loads(ck["config"]).get("init") if ck is not None else None
-    recorded = cfg.model_copy(update={"init": Path(started_from)}) if started_from and cfg.init is None else cfg
+    # recorded as the absolute path, as the start record has it: a restarted run's cfg.init is that path already, and a
+    # run started with a relative --init had been recorded as typed (review 34 R34-5)
+    recorded = cfg.model_copy(update={"init": Path(started_from) if started_from and cfg.init is None
+                                      else (Path(cfg.init).absolute() if cfg.init is not None else None)})
     # the code that started the run, carried by its checkpoints: a resume records both (review 21 L7); None for a
     # checkpoint written before the code was recorded (2026-12-05)
     code_now = code_provenance()
