@@ -13,7 +13,10 @@ and clDice on the result against the first observer (threshold from the weights'
 A method is ``identity``, ``clahe``, a weights name from the manifest, or ``NAME=FILE`` for a training
 run's weights (architecture ``NAME``'s registry name before any ``@``: ``cofe_g@early=runs/x/last.pt``).
 Per-image rows are cached in OUT/rows/<method>__<dataset>.json (a rerun only computes what is missing);
-OUT/summary.json and OUT/summary.md hold the means per dataset, degradation and method.
+OUT/summary.json and OUT/summary.md hold the means per dataset, degradation and method. The default OUT holds
+the published rows, so a command into it measures only methods or rows not published yet: to measure every row
+again, score into a fresh --out. Each row records the build of BENCH it was measured on (the sha256 of the
+images' table in BENCH/benchmark.json); rows of another build are refused, not mixed into one mean.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 
 from fundus_pipeline.datasets import default_data_root
 from fundus_pipeline.errors import UsageError
-from fundus_pipeline.evaluation.enhance_bench import CONDITIONS, Method, Segmenter, markdown, run_authors_pairs, run_method, summarise
+from fundus_pipeline.evaluation.enhance_bench import (CONDITIONS, Method, Segmenter, bench_build, cached_rows, markdown, run_authors_pairs,
+                                                      run_method, summarise)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,21 +47,32 @@ def main() -> None:
     root = a.data or default_data_root()
     if not a.bench.is_dir():  # (with every row cached it had rewritten the summaries all the same; campaign 32b F1)
         raise UsageError(f"BENCH {a.bench} is not a folder", hint="build it first: python scripts/build_enhance_benchmark.py BENCH")
+    datasets = [d for d in a.datasets.split(",") if d]
+    builds = {ds: bench_build(a.bench, ds) for ds in datasets}
+    specs = [m for m in a.methods.split(",") if m]
+    for spec in specs:  # rows of another build refused before anything is loaded or measured
+        for ds in datasets:
+            cached_rows(a.out / "rows" / f"{spec.partition('=')[0]}__{ds}.json", builds[ds])
     (a.out / "rows").mkdir(parents=True, exist_ok=True)
     seg = Segmenter()
     conditions = [c for c in a.conditions.split(",") if c]
     all_rows = {}
-    for spec in [m for m in a.methods.split(",") if m]:
+    for spec in specs:
         method = Method(spec)
-        for ds in [d for d in a.datasets.split(",") if d]:
+        for ds in datasets:
             rows_path = a.out / "rows" / f"{method.name}__{ds}.json"
-            all_rows[(method.name, ds)] = run_method(method, seg, a.bench, root, ds, rows_path, conditions)
-            print(f"{method.name} {ds}: {len(all_rows[(method.name, ds)])} rows", flush=True)
+            all_rows[(method.name, ds)], measured = run_method(method, seg, a.bench, root, ds, rows_path, conditions, builds[ds])
+            rows = all_rows[(method.name, ds)]
+            unrecorded = sum("bench" not in r for r in rows)
+            print(f"{method.name} {ds}: {len(rows)} rows, {measured} measured now, {len(rows) - measured} read from {rows_path}"
+                  + (f" ({unrecorded} measured before rows recorded their build)" if unrecorded else ""), flush=True)
         if a.authors_pairs:
             pairs = a.out / "rows" / f"{method.name}__authors.json"
-            if not pairs.is_file():
+            measured = not pairs.is_file()
+            if measured:
                 pairs.write_text(json.dumps(run_authors_pairs(method, seg, root)))
             all_rows[(method.name, "authors")] = json.loads(pairs.read_text())
+            print(f"{method.name} authors' pairs: {'measured now' if measured else f'read from {pairs}'}", flush=True)
     for p in sorted((a.out / "rows").glob("*.json")):  # methods scored in earlier runs too
         m, ds = p.stem.split("__")
         all_rows.setdefault((m, ds), json.loads(p.read_text()))

@@ -4,6 +4,7 @@ scripts/enhance_benchmark.py and scripts/choose_transfer.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -111,10 +112,40 @@ def degrade_as_written(degrader, clean: np.ndarray, fov: np.ndarray, seed: int, 
     return np.floor(degrader.apply(clean, params, soft_fov_mask(fov, geom), levels=255) * 255) / 255
 
 
-def run_method(method: Method, seg: Segmenter, bench: Path, root: Path, ds: str, rows_path: Path, conditions) -> list[dict]:
-    from fundus_pipeline.evaluation.image_metrics import score_pair
+def bench_build(bench: Path, ds: str) -> str:
+    """The build of BENCH's ``ds`` part: the first 16 hex digits of the sha256 of its images' sha256 table in
+    BENCH/benchmark.json. Each row records the build it was measured on."""
+    from fundus_pipeline.errors import UsageError
+
+    try:
+        table = json.loads((bench / "benchmark.json").read_text(encoding="utf-8"))["datasets"][ds]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"BENCH {bench} holds no built {ds} part (its benchmark.json does not list one)",
+                         hint=f"build it: python scripts/build_enhance_benchmark.py {bench} --datasets {ds}") from None
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_rows(rows_path: Path, build: str) -> list[dict]:
+    """The rows an earlier command measured into ``rows_path``; rows of another build of the benchmark are refused
+    (they would be mixed with this build's in one mean). Rows written before 2026-12-05 record no build: kept."""
+    from fundus_pipeline.errors import UsageError
 
     rows = json.loads(rows_path.read_text()) if rows_path.is_file() else []
+    other = {r["bench"] for r in rows if r.get("bench", build) != build}
+    if other:
+        raise UsageError(f"{rows_path} holds rows measured on another build of the benchmark ({', '.join(sorted(other))}; "
+                         f"this one is {build})", hint="score into a fresh --out, or remove that file to measure its rows again")
+    return rows
+
+
+def run_method(method: Method, seg: Segmenter, bench: Path, root: Path, ds: str, rows_path: Path, conditions,
+               build: str) -> tuple[list[dict], int]:
+    """(the rows of ``method`` on ``ds``, how many of them were measured now): the rows cached in ``rows_path``
+    (see ``cached_rows``) are read back, the missing ones measured and appended, each recording ``build``."""
+    from fundus_pipeline.evaluation.image_metrics import score_pair
+
+    rows = cached_rows(rows_path, build)
+    cached = len(rows)
     done = {(r["key"], r["condition"]) for r in rows}
     for item in test_items(root, ds):
         clean = None
@@ -131,9 +162,9 @@ def run_method(method: Method, seg: Segmenter, bench: Path, root: Path, ds: str,
             row = {"key": item["key"], "condition": cond, **score_pair(out, clean, fov), "seconds": round(t_enh, 3)}
             if gt is not None:
                 row.update(vessel_scores(seg(out), gt, fov, seg.spec.threshold))
-            rows.append(row)
+            rows.append({**row, "bench": build})
             rows_path.write_text(json.dumps(rows))
-    return rows
+    return rows, len(rows) - cached
 
 
 def summarise(all_rows: dict) -> dict:

@@ -1,0 +1,64 @@
+"""Campaign 36a (do the published figures reproduce from the documented commands?): mends and their tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.test_campaign32 import ROOT, _script
+
+
+def _bench(folder: Path, table: dict) -> Path:
+    """A BENCH whose drive part lists the images' sha256 ``table`` (what build_enhance_benchmark.py records)."""
+    folder.mkdir(parents=True)
+    (folder / "benchmark.json").write_text(json.dumps({"seed": 2026, "datasets": {"drive": {"inputs": [str(folder)], "sha256": table}}}))
+    return folder
+
+
+def test_the_enhancement_benchmark_refuses_rows_measured_on_another_build(tmp_path):
+    """36a M-1: rows cached under --out were read back whatever BENCH they had been measured on (the documented
+    command, run in a checkout, printed the published table again without measuring anything, and rows of two builds
+    would have been averaged together). Each row now records its build; rows of another build are refused."""
+    from fundus_pipeline.evaluation.enhance_bench import bench_build, cached_rows
+
+    a = _bench(tmp_path / "a", {"drive/moderate/01_test.png": "0" * 64, "drive/mild/01_test.png": "2" * 64})
+    b = _bench(tmp_path / "b", {"drive/moderate/01_test.png": "1" * 64, "drive/mild/01_test.png": "2" * 64})
+    again = _bench(tmp_path / "elsewhere" / "a", dict(reversed(json.loads((a / "benchmark.json").read_text())["datasets"]["drive"]["sha256"].items())))
+    assert len(bench_build(a, "drive")) == 16 and bench_build(a, "drive") != bench_build(b, "drive")
+    assert bench_build(again, "drive") == bench_build(a, "drive")  # the images' bytes decide, not the folder or the order
+    rows_dir = tmp_path / "out" / "rows"
+    rows_dir.mkdir(parents=True)
+    rows = [{"key": "01_test", "condition": "moderate", "psnr": 20.0, "bench": bench_build(a, "drive")},
+            {"key": "02_test", "condition": "moderate", "psnr": 21.0}]  # (a row measured before builds were recorded)
+    (rows_dir / "identity__drive.json").write_text(json.dumps(rows))
+    assert cached_rows(rows_dir / "identity__drive.json", bench_build(a, "drive")) == rows
+    r = _script("enhance_benchmark.py", b, "--methods", "identity", "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.startswith("Error: ") and "another build of the benchmark" in r.stderr, r.stderr
+    assert bench_build(a, "drive") in r.stderr and bench_build(b, "drive") in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rows"]  # no summary rewritten
+    r = _script("enhance_benchmark.py", b, "--methods", "identity", "--datasets", "hrf", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "holds no built hrf part" in r.stderr and "build_enhance_benchmark.py" in r.stderr, r.stderr
+
+
+def test_the_enhancement_benchmark_says_which_rows_it_read_back_and_which_it_measured(tmp_path, data_root):
+    """36a M-1: 'identity drive: 220 rows' did not say that none of them was measured by that command."""
+    published = ROOT / "docs" / "enhance_benchmark" / "rows" / "identity__drive.json"
+    rows_dir = tmp_path / "out" / "rows"
+    rows_dir.mkdir(parents=True)
+    (rows_dir / published.name).write_bytes(published.read_bytes())
+    bench = _bench(tmp_path / "bench", {"drive/moderate/01_test.png": "0" * 64})
+    r = _script("enhance_benchmark.py", bench, "--methods", "identity", "--out", tmp_path / "out", data=str(data_root), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"identity drive: 220 rows, 0 measured now, 220 read from {rows_dir / published.name} "
+            "(220 measured before rows recorded their build)") in r.stdout, r.stdout
+    assert (rows_dir / published.name).read_bytes() == published.read_bytes()
+
+
+def test_the_grade_benchmark_scores_the_real_sets_without_a_grade_set(tmp_path):
+    """36a L-2: GRADE_SET was required with --sets leaving the synthetic part out (a placeholder was passed); it is
+    required only for the synthetic set now."""
+    r = _script("grade_benchmark.py", "--sets", "synthetic", "--out", tmp_path / "out", "--work", tmp_path / "work")
+    assert r.returncode == 2 and "give GRADE_SET, or --sets without synthetic" in r.stderr, r.stderr
+    r = _script("grade_benchmark.py", "--sets", "clean_test", "--out", tmp_path / "out", "--work", tmp_path / "work")
+    assert r.returncode == 1 and r.stderr.startswith("Error: /nonexistent/"), r.stderr  # past the arguments: the data root
+    assert not (tmp_path / "out").exists()
