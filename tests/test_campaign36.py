@@ -62,3 +62,28 @@ def test_the_grade_benchmark_scores_the_real_sets_without_a_grade_set(tmp_path):
     r = _script("grade_benchmark.py", "--sets", "clean_test", "--out", tmp_path / "out", "--work", tmp_path / "work")
     assert r.returncode == 1 and r.stderr.startswith("Error: /nonexistent/"), r.stderr  # past the arguments: the data root
     assert not (tmp_path / "out").exists()
+
+
+def test_cofe_nets_inference_leaves_out_the_structure_branchs_vessel_logits():
+    """36b B2: CofeNet.forward ran the whole IMFF-Net structure branch, its full-resolution decoder block, UDFF side
+    path and head included, for vessel logits that only the training loss reads (11% of an enhancement's time).
+    The enhancement is the same; the training outputs still hold the logits."""
+    import torch
+
+    from fundus_pipeline.models.registry import build_model
+
+    torch.manual_seed(0)
+    for name in ("cofe", "cofe_add", "cofe_rsa"):  # two-scale (both output rules) and single-scale
+        model = build_model(name).eval()
+        for p in model.parameters():  # (the residual output starts as the identity: make the branches count)
+            p.data.add_(torch.randn_like(p) * 0.02)
+        calls = []
+        for part in (model.rsa.d4, model.rsa.head, model.rsa.up4):
+            part.register_forward_hook(lambda *_: calls.append(1))
+        x = torch.rand(1, 3, 64, 64)
+        with torch.inference_mode():
+            y = model(x)
+            assert calls == []  # the logits' modules were not run
+            train = model.forward_train(x)
+        assert len(calls) == 3 and train["vessel_logits"].shape == (1, 1, 64, 64)
+        assert torch.equal(y, train["out"]), name

@@ -230,12 +230,15 @@ class CofeNet(nn.Module):
         if self.g.context is not None:
             self.g.context.reset_parameters()
 
-    def forward_train(self, x: torch.Tensor) -> dict:
+    def forward_train(self, x: torch.Tensor, vessel_logits: bool = True) -> dict:
+        """The outputs the losses read; ``vessel_logits=False`` leaves out the structure branch's vessel logits (a
+        training term only), which ``forward`` does not return."""
         out: dict = {}
         feats = None
         if self.rsa is not None:
-            logits, feats = self.rsa.forward_features(x)
-            out["vessel_logits"] = logits
+            logits, feats = self.rsa.forward_features(x, logits=vessel_logits)
+            if vessel_logits:
+                out["vessel_logits"] = logits
         a = self.lqa(x) if self.lqa is not None else None
         if a is not None:
             out["attention"] = a
@@ -254,7 +257,7 @@ class CofeNet(nn.Module):
         return _output(self.output, r, x, self.training) if self.residual else torch.sigmoid(r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_train(x)["out"]
+        return self.forward_train(x, vessel_logits=False)["out"]
 
 
 class EnhanceUNet(nn.Module):

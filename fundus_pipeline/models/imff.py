@@ -132,9 +132,11 @@ class IMFFNet(nn.Module):
     def forward(self, x):
         return self.forward_features(x)[0]
 
-    def forward_features(self, x):
+    def forward_features(self, x, logits: bool = True):
         """(vessel logits, [d3, d2, d1]): the decoder features at 1/2, 1/4 and 1/8 scale (2, 4 and 8 x base
-        channels), which Cofe-Net's enhancement network takes from its structure branch."""
+        channels), which Cofe-Net's enhancement network takes from its structure branch. ``logits=False``: (None,
+        the features), without the full-resolution decoder block, the UDFF side path and the head, which only the
+        logits need (Cofe-Net's inference: 11% of an enhancement's time; campaign 36b B2)."""
         s1, p1 = self.e1(x)
         s2, p2 = self.e2(p1)
         s3, p3 = self.e3(p2)
@@ -143,6 +145,8 @@ class IMFFNet(nn.Module):
         d1 = self.d1(b, s4)
         d2 = self.d2(d1, s3)
         d3 = self.d3(d2, s2)
+        if not logits:
+            return None, [d3, d2, d1]
         d4 = self.d4(d3, s1)
         y1 = b + self.lift4(p4)
         u1 = self.up1(y1)
