@@ -106,7 +106,7 @@ def _to_float_work(rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
         raise TypeError(f"unsupported dtype {a.dtype}: give uint8, uint16 or float in [0, 1]")
     if (ws, hs) != (w, h):
         a = cv2.resize(np.ascontiguousarray(a), (ws, hs), interpolation=cv2.INTER_AREA)
-    v = a.max(axis=2) if a.ndim == 3 else a
+    v = _channel_max(a) if a.ndim == 3 else a
     v = v.astype(np.float32) * np.float32(scale)
     if not np.isfinite(v).all():  # NaN survives the reduction: checked on the small working image
         raise ValueError("the image holds NaN or infinite values")
@@ -315,8 +315,17 @@ def estimate_fov_geometry_work(work: np.ndarray, height: int, width: int) -> tup
     v = np.asarray(work, np.float32)
     if v.shape[:2] != (hs, ws):
         raise ValueError(f"working image {v.shape[:2]} is not {(hs, ws)}")
-    v = v.max(axis=2) if v.ndim == 3 else v
+    v = _channel_max(v) if v.ndim == 3 else v
     return _estimate_from_work(v, height, width, ws / width, hs / height)
+
+
+def _channel_max(a: np.ndarray) -> np.ndarray:
+    """``a.max(axis=2)``, the same values (NaN included), as elementwise maxima of the channel planes: numpy's
+    reduction over a last axis of 3 took 9 ms on a DRIVE-size working image, this 0.3 ms (campaign 36b B3)."""
+    out = a[..., 0].copy()
+    for k in range(1, a.shape[2]):
+        np.maximum(out, a[..., k], out=out)
+    return out
 
 
 def _estimate_from_work(v: np.ndarray, h: int, w: int, sx: float, sy: float) -> tuple[np.ndarray, FovGeometry]:
