@@ -759,13 +759,43 @@ def default_threads(workers: int) -> int:
     return max(1, available_cpus() // max(1, workers))
 
 
+_MALLOC_KEPT = [False]
+_GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def _keep_freed_memory() -> None:
+    """glibc only, once per process that runs a network: freed blocks under 32 MB stay in the heap and its top is
+    not trimmed, so each forward pass reuses the pages of the last one instead of mapping fresh ones and faulting
+    them in (campaign 36b: 50,000 page faults and 0.1 s of system time per DRIVE-size segmentation; the chain
+    12% faster, segment 16-20%). The results are the same bytes; the process keeps its peak heap between
+    photographs (about 5% more peak memory). Where glibc's own malloc settings are in the environment
+    (MALLOC_*_ or GLIBC_TUNABLES), they are left to decide; elsewhere (macOS, musl) nothing is done."""
+    if _MALLOC_KEPT[0]:
+        return
+    _MALLOC_KEPT[0] = True
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in _GLIBC_MALLOC_ENV):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: a fixed threshold (glibc's dynamic one stops adapting)
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: the heap's top is not given back after each pass
+    except (OSError, AttributeError):
+        return
+
+
 def _set_threads(stage: Stage | None, threads: int, forked: bool = False) -> None:
-    """OpenCV's and (for a torch stage, or any stage when ``stage`` is None) torch's CPU thread counts."""
+    """OpenCV's and (for a torch stage, or any stage when ``stage`` is None) torch's CPU thread counts; a process
+    that runs a network keeps its freed memory (``_keep_freed_memory``)."""
     import cv2
 
     if not forked:  # OpenCV's thread pool must not be reconfigured in a forked child (it can deadlock)
         cv2.setNumThreads(threads)
     if stage is None or stage.uses_torch:
+        _keep_freed_memory()
         import torch
 
         if torch.get_num_threads() != threads:
