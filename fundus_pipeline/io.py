@@ -480,6 +480,12 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
                 except InputError as e:  # Pillow cannot open this kind: say so, not "corrupt" (review 18 R2)
                     if "cannot identify image file" in str(e.__cause__ or ""):
                         raise refused from None
+                    if e.__cause__ is not None:  # the file's extent was checked above: this Pillow cannot decode it
+                        import PIL
+
+                        newer = "; Pillow 13 or later reads it" if photometric == 6 else ""  # (campaign 36c M-2: 10-12 fail)
+                        raise InputError(f"{path}: 8-bit {space} TIFF that Pillow {PIL.__version__} cannot decode "
+                                         f"({_short(e.__cause__)}){newer}; export it as RGB") from None
                     raise
             try:
                 arr = page.asarray()

@@ -53,7 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from fundus_pipeline.errors import FundusError, UsageError
+from fundus_pipeline.errors import FundusError, UsageError, printable
 from fundus_pipeline.runner import WorkItem, _chunks, _set_threads, available_cpus, process_items
 from fundus_pipeline.stages.base import Stage
 
@@ -87,8 +87,14 @@ def import_ray() -> Any:
     try:
         import ray
         import ray.data  # noqa: F401
-    except ImportError:
-        raise UsageError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "ray":
+            raise UsageError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+        # installed, but Ray (or pyarrow under Ray Data) cannot be imported: in its own words (campaign 36c L-2:
+        # pyarrow built for NumPy 2, under NumPy 1.26, had been reported as Ray not installed)
+        why = printable((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
+        raise UsageError(f"--engine ray: Ray is installed but cannot be imported ({why})",
+                         hint=f"install the versions the project was tested with: {INSTALL_HINT}") from None
     return ray
 
 

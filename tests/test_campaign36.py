@@ -157,3 +157,80 @@ def test_a_process_that_runs_a_network_keeps_its_freed_memory_for_the_next_pass(
     assert faults("0") > 10_000  # glibc's defaults: each pass's pages faulted in again (about 30,000 here)
     assert faults("1") < 1_000
     assert faults("1", MALLOC_TRIM_THRESHOLD_="131072") > 10_000  # the user's setting kept
+
+
+def test_a_grey_frame_is_grey_when_its_resampled_channels_differ_by_an_ulp():
+    """36c M-1: with OpenCV before 4.12 (pyproject allows 4.8) the resized frame's channels of a grey photograph
+    differed by 3e-8 (one float32 ulp) and the grader's grey warning was lost; a level of difference is colour."""
+    import numpy as np
+
+    from fundus_pipeline.stages.grade import is_grey
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.random((16, 16, 1), dtype=np.float32), 3, axis=2)
+    assert is_grey(grey)
+    off = grey.copy()
+    off[..., 1] = np.nextafter(off[..., 1], np.float32(1))  # one ulp up, as OpenCV 4.8-4.11 resampled it
+    assert not np.array_equal(off[..., 0], off[..., 1]) and is_grey(off)
+    for level in (1 / 255, 1 / 65535):
+        tinted = grey.copy()
+        tinted[3, 4, 2] += np.float32(level)
+        assert not is_grey(tinted), level
+
+
+def test_a_ycbcr_tiff_that_this_pillow_cannot_decode_is_not_called_corrupt(tmp_path, monkeypatch):
+    """36c M-2: with Pillow 10-12 (pyproject allows 10) an uncompressed YCbCr TIFF was refused as a 'truncated or
+    corrupt TIFF'; its extent is checked first, so it is the Pillow that cannot decode it, and the line says so."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from fundus_pipeline import io as fio
+
+    path = tmp_path / "p.tif"
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)
+    tifffile.imwrite(path, np.asarray(Image.fromarray(rgb).convert("YCbCr")), photometric="ycbcr", subsampling=(1, 1))
+    real = Image.Image.load
+
+    def old_pillow(self):  # what Pillow 10.0-12.3 did with this file
+        if self.mode == "YCbCr":
+            raise OSError("image file is truncated (0 bytes not processed)")
+        return real(self)
+
+    monkeypatch.setattr(Image.Image, "load", old_pillow)
+    with pytest.raises(fio.InputError) as e:
+        fio.read_image(path)
+    assert "corrupt" not in str(e.value) and "8-bit YCbCr TIFF that Pillow" in str(e.value), str(e.value)
+    assert str(e.value).endswith("(image file is truncated (0 bytes not processed)); Pillow 13 or later reads it; export it as RGB")
+
+
+def test_ray_that_is_installed_but_cannot_be_imported_is_not_said_to_be_missing(tmp_path, monkeypatch, capsys):
+    """36c L-2: every ImportError was 'Ray, which is not installed' (pyarrow built for NumPy 2, under NumPy 1.26,
+    stops `import ray.data`); the line now gives the import's own words."""
+    import types
+
+    from fundus_pipeline.cli import main
+
+    class _Broken:  # `import ray.data` fails as pyarrow did under NumPy 1.26
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "ray.data":
+                raise ImportError("pyarrow requires NumPy 2.0 or newer\nsecond line")
+            return None
+
+    fake = types.ModuleType("ray")
+    fake.__path__ = []
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delitem(sys.modules, "ray.data", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Broken, *sys.meta_path])
+    photos = tmp_path / "in"
+    photos.mkdir()
+    from PIL import Image
+
+    from tests.conftest import synthetic_fundus
+
+    Image.fromarray(synthetic_fundus(96, 104, 0)).save(photos / "p.png")
+    assert main(["degrade", str(photos), str(tmp_path / "out"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Error: --engine ray: Ray is installed but cannot be imported (pyarrow requires NumPy 2.0 or newer)", err
+    assert "not installed" not in "\n".join(err) and not (tmp_path / "out").exists()

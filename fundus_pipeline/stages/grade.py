@@ -73,9 +73,17 @@ def decide(pg: np.ndarray, bias: np.ndarray | None) -> int:
 GREY_WARNING = "grey photograph: the graders learned mostly from colour photographs and grade many clean grey (red-free) photographs usable or reject; check this grade by eye"
 
 
+#: The largest difference between channels of a grey photograph's frame (values in [0, 1]): the resampling can
+#: differ by a float32 ulp between them (OpenCV before 4.12 did: 3e-8, and grey photographs lost their warning;
+#: campaign 36c M-1); one 16-bit level is 1.5e-5.
+GREY_TOLERANCE = 1e-6
+
+
 def is_grey(frame: np.ndarray) -> bool:
-    """Whether the grader's input frame (H x W x 3) has its three channels equal: a grey photograph."""
-    return bool(np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+    """Whether the grader's input frame (H x W x 3, values in [0, 1]) has its three channels equal (within
+    ``GREY_TOLERANCE``): a grey photograph."""
+    c = np.asarray(frame, np.float64)
+    return bool(np.abs(c[..., 0] - c[..., 1]).max(initial=0) <= GREY_TOLERANCE and np.abs(c[..., 1] - c[..., 2]).max(initial=0) <= GREY_TOLERANCE)
 
 
 #: Below this field-of-view diameter (or, without a field of view, shorter side) in pixels a photograph is
