@@ -442,7 +442,9 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    from fundus_pipeline.runner import LOCK, OutputLock
+    from fundus_pipeline.runner import LOCK, OutputLock, _keep_freed_memory
+
+    _keep_freed_memory()  # each step's buffers reused, not faulted in again (a step 7-12% faster on this CPU; campaign 36b B1)
 
     new_out = not cfg.out.exists()
     new_log = not (cfg.out / "train.log").exists()
