@@ -724,13 +724,15 @@ class Chain:
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()) and not self._same_run_other_spelling(old):
                 raise UsageError(f"{self.shown} was written by a run with another configuration or other weights{self._change(old)}; "
-                                 "rerun with the same options, or use --overwrite")
+                                 "rerun with the same options, run into a new folder, or use --overwrite")
             # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
             planned = {it.key: str(it.path) for it in self.inputs.items}
-            changed = next((r["key"] for r in stage_lines(out / self._first_folder())
-                            if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input") and input_changed(r)), None)
-            if changed is not None:
-                raise UsageError(f"--resume: input {changed!r} changed since the run started; its results would mix two versions; use --overwrite")
+            changed = sorted({r["key"] for r in stage_lines(out / self._first_folder())
+                              if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input") and input_changed(r)})
+            if changed:  # every one named at once (campaign 36d F2: one a try; "since the run started" of a run finished weeks ago)
+                shown = ", ".join(repr(k) for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                raise UsageError(f"--resume: {len(changed)} input(s) changed since the run computed them ({shown}); their results would "
+                                 "mix two versions: run into a new folder, or use --overwrite (every photograph again)")
         elif self.resume and not is_empty(out):
             raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (no manifest.json); choose an empty folder or pass --overwrite")
         if self.overwrite or self.resume:

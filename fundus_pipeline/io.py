@@ -480,12 +480,13 @@ def _read_tiff_quiet(data: bytes, path: Path, raw_palette: bool) -> tuple[np.nda
                 except InputError as e:  # Pillow cannot open this kind: say so, not "corrupt" (review 18 R2)
                     if "cannot identify image file" in str(e.__cause__ or ""):
                         raise refused from None
-                    if e.__cause__ is not None:  # the file's extent was checked above: this Pillow cannot decode it
-                        import PIL
+                    import PIL
 
-                        newer = "; Pillow 13 or later reads it" if photometric == 6 else ""  # (campaign 36c M-2: 10-12 fail)
-                        raise InputError(f"{path}: 8-bit {space} TIFF that Pillow {PIL.__version__} cannot decode "
-                                         f"({_short(e.__cause__)}){newer}; export it as RGB") from None
+                    if photometric == 6 and e.__cause__ is not None and int(PIL.__version__.split(".")[0]) < 13:
+                        # an uncompressed YCbCr TIFF that Pillow 10-12 cannot decode, not a corrupt one (campaign 36c
+                        # M-2; a corrupt file of another colour space stays "corrupt": review 36 L-1)
+                        raise InputError(f"{path}: 8-bit YCbCr TIFF that Pillow {PIL.__version__} cannot decode "
+                                         f"({_short(e.__cause__)}); Pillow 13 or later reads it; or export it as RGB") from None
                     raise
             try:
                 arr = page.asarray()
@@ -561,7 +562,8 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
     ``raw_palette`` is True, in which case the HxW index array is returned (``meta.palette`` True).
     Raises ``InputError`` with a one-line message for missing, empty, truncated, corrupt, too small
     (< 16 px on a side) or unsupported-dtype files. ``info``, if a dict, receives the file's ``sha256``
-    (of the bytes decoded), ``size`` and ``mtime_ns``: the provenance of a result, at no extra read.
+    (of the bytes decoded), ``size``, ``mtime_ns``, ``ctime_ns`` and ``ino``: the provenance of a result, at no
+    extra read.
     """
     path = Path(path)
     try:
@@ -576,7 +578,8 @@ def read_image(path: Path, *, raw_palette: bool = False, info: dict | None = Non
     except OSError as exc:
         raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
     if info is not None:
-        info.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=st.st_mtime_ns)
+        info.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                    ino=st.st_ino)
     if not data:
         raise InputError(f"{path}: empty file (0 bytes)")
 

@@ -600,6 +600,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     renamed: dict[str, str] = {}
     again: dict[str, tuple[str, list]] = {}  # key: (why, its earlier outputs) of a finished row processed again
     dropped: set[str] = set()
+    away: set[str] = set()  # keys whose finished row is kept though an input of it cannot be found or read now
     finished: dict[str, list] = {}  # key: the outputs of its newest ok row of this configuration
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
@@ -613,8 +614,11 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             why = "file" if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and key in planned else "other"
         elif not outputs_intact(dst, r):
             why = "outputs"
-        elif check_inputs and input_changed(r):  # an input replaced since is processed again
-            why = "input"
+        elif check_inputs and (state := input_state(r)) != "same":
+            if state == "changed":  # an input replaced since is processed again
+                why = "input"
+            else:  # one that cannot be found now (a list on storage that is away) keeps its row (campaign 36d F3)
+                away.add(key)
         if r.get("config_sha256") == cfg_hash and (r.get("status") == "ok" or isinstance(r.get("earlier_outputs"), list)):
             finished[key] = r.get("outputs" if r.get("status") == "ok" else "earlier_outputs")
             finished[key] = finished[key] if isinstance(finished[key], list) else []
@@ -623,6 +627,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             again.pop(key, None)
         else:
             rows.discard(key)
+            away.discard(key)
             if why == "other":
                 again.pop(key, None)
             else:
@@ -633,7 +638,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             left.setdefault(key, []).extend(n for field in ("outputs", "earlier_outputs") if isinstance(r.get(field), list)
                                             for n in r[field] if plain_name(n))
     if hashes and cfg_hash not in hashes:
-        raise UsageError(f"{dst} was written with a different configuration{_config_change(dst, config)}; rerun with the same options, or use --overwrite")
+        raise UsageError(f"{dst} was written with a different configuration{_config_change(dst, config)}; rerun with the same options, "
+                         "write into a new folder, or use --overwrite")
     if redone is not None:
         redone.update((k, outs) for k, outs in finished.items() if k in planned and k not in rows)
     dropped -= set(renamed)
@@ -647,6 +653,10 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
         if dropped:
             notes.append(f"{len(dropped)} photograph(s) done before are no longer among the inputs (e.g. {min(dropped)!r}): this run's "
                          "table leaves them out; their outputs stay in place")
+        if away := {k for k in away if k in rows and k in planned}:
+            notes.append(f"{len(away)} photograph(s) done before are listed but cannot be found or read now (e.g. {min(away)!r}): "
+                         "their rows of the earlier run are kept as they were (rerun with --resume once the files are back, "
+                         "or leave them out of the list)")
     if renamed and notes is not None:
         old, new = next(iter(renamed.items()))
         notes.append(f"{len(renamed)} photograph(s) done before are listed now under another key (e.g. {old!r} is now {new!r}) and are "
@@ -760,20 +770,22 @@ def default_threads(workers: int) -> int:
 
 
 _MALLOC_KEPT = [False]
-_GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+_GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
 def _keep_freed_memory() -> None:
     """glibc only, once per process that runs a network: freed blocks under 32 MB stay in the heap and its top is
     not trimmed, so each forward pass reuses the pages of the last one instead of mapping fresh ones and faulting
     them in (campaign 36b: 50,000 page faults and 0.1 s of system time per DRIVE-size segmentation; the chain
-    12% faster, segment 16-20%). The results are the same bytes; the process keeps its peak heap between
-    photographs (about 5% more peak memory). Where glibc's own malloc settings are in the environment
-    (MALLOC_*_ or GLIBC_TUNABLES), they are left to decide; elsewhere (macOS, musl) nothing is done."""
+    12% faster, segment 16-20%). The results are the same bytes; the process keeps the heap of its largest
+    photograph (about 5% more memory on DRIVE-size ones; after an HRF-size one 0.95 GB where glibc's defaults
+    keep 0.41: README). Where glibc's own malloc settings are in the environment (``_GLIBC_MALLOC_ENV``, or
+    ``glibc.malloc.*`` in GLIBC_TUNABLES), they are left to decide; elsewhere (macOS, musl) nothing is done."""
     if _MALLOC_KEPT[0]:
         return
     _MALLOC_KEPT[0] = True
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in _GLIBC_MALLOC_ENV):
+    if (not sys.platform.startswith("linux") or any(k in os.environ for k in _GLIBC_MALLOC_ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):  # (another tunable leaves malloc to us; review 36 L-3)
         return
     import ctypes
 
@@ -839,33 +851,48 @@ def decode(path: Path, info: dict | None = None) -> Image:
     return Image(arr, meta, (info or {}).get("sha256"))
 
 
+def _stat_record(info: dict) -> list[int]:
+    """An input's ``input_stat``: [size, modification time, status-change time, inode] (ns). ``cp -p``, ``rsync -a``
+    or an archive's extraction give another photograph the size and modification time of the one it replaces (an
+    uncompressed format has one size per camera): they cannot set the status-change time, and a new file has
+    another inode (campaign 36d F1: the replaced photograph kept the old one's results)."""
+    return [info["size"], info["mtime_ns"], info["ctime_ns"], info["ino"]]
+
+
 def input_changed(row: dict) -> bool:
-    """Whether an input file of a finished row is no longer the one it was computed from: its size or
-    modification time differ from those recorded (``input_stat``; the other roles' files, such as score's
-    reference, in ``inputs_stat``) and so does its sha256 (read only then). A file without the record (an
-    older run) counts as unchanged."""
+    """Whether an input file of a finished row is no longer the one it was computed from (``input_state``)."""
+    return input_state(row) == "changed"
+
+
+def input_state(row: dict) -> str:
+    """``"changed"`` when an input file of a finished row is no longer the one it was computed from: its stat differs
+    from that recorded (``input_stat``; the other roles' files, such as score's reference, in ``inputs_stat``) and so
+    does its sha256 (read only then); ``"missing"`` when one cannot be found or read now (a listed file on storage
+    that is away), none having changed; else ``"same"``. A file without the record (an older run) counts as the
+    same; a record of an older run (size and modification time only) is compared as far as it goes."""
     files = [(row.get("input"), row.get("input_stat"), row.get("input_sha256"))]
     stats, digests, paths = row.get("inputs_stat"), row.get("inputs_sha256"), row.get("inputs")
     if isinstance(stats, dict) and isinstance(digests, dict) and isinstance(paths, dict):
         files += [(paths.get(role), stats.get(role), digests.get(role)) for role in sorted(stats)]
-    return any(_file_changed(*f) for f in files)
+    states = {_file_state(*f) for f in files}
+    return "changed" if "changed" in states else "missing" if "missing" in states else "same"
 
 
-def _file_changed(path, stat, digest) -> bool:
-    if not (isinstance(stat, list) and len(stat) == 2 and digest and isinstance(path, str)):
-        return False
+def _file_state(path, stat, digest) -> str:
+    if not (isinstance(stat, list) and len(stat) in (2, 4) and digest and isinstance(path, str)):
+        return "same"
     try:
         st = os.stat(path)
     except OSError:
-        return True
-    if [st.st_size, st.st_mtime_ns] == stat:
-        return False
+        return "missing"
+    if [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino][: len(stat)] == stat:
+        return "same"
     from fundus_pipeline.models.weights import sha256_file
 
     try:
-        return sha256_file(Path(path)) != digest
+        return "same" if sha256_file(Path(path)) == digest else "changed"
     except OSError:
-        return True
+        return "missing"
 
 
 def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
@@ -1021,7 +1048,7 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
         images = {"image": decode(work.path, info)}
     finally:  # provenance, hashed from the bytes read (also when they do not decode)
         if info:
-            row["input_sha256"], row["input_stat"] = info["sha256"], [info["size"], info["mtime_ns"]]
+            row["input_sha256"], row["input_stat"] = info["sha256"], _stat_record(info)
     if images["image"].meta.colour_profile:  # converted to sRGB on reading (io.to_srgb): the manifest says from what
         row["input_colour_profile"] = images["image"].meta.colour_profile
     for role, path in sorted(work.extra.items()):
@@ -1035,7 +1062,7 @@ def _decode_item(stage: Stage, work: WorkItem, row: dict) -> ItemInput:
         finally:  # the other roles' provenance too: a resume recomputes a row whose reference changed
             if info:
                 row.setdefault("inputs_sha256", {})[role] = info["sha256"]
-                row.setdefault("inputs_stat", {})[role] = [info["size"], info["mtime_ns"]]
+                row.setdefault("inputs_stat", {})[role] = _stat_record(info)
     return prepare_item(stage, work.key, images)
 
 

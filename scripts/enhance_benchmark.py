@@ -65,7 +65,8 @@ def main() -> None:
             rows = all_rows[(method.name, ds)]
             unrecorded = sum("bench" not in r for r in rows)
             print(f"{method.name} {ds}: {len(rows)} rows, {measured} measured now, {len(rows) - measured} read from {rows_path}"
-                  + (f" ({unrecorded} measured before rows recorded their build)" if unrecorded else ""), flush=True)
+                  + (f" ({unrecorded} measured before rows recorded their build: not checked against this BENCH)" if unrecorded else ""),
+                  flush=True)
         if a.authors_pairs:
             pairs = a.out / "rows" / f"{method.name}__authors.json"
             measured = not pairs.is_file()
