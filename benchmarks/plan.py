@@ -78,13 +78,13 @@ def resume_plan(folder: Path, listing: Path, tmp: Path) -> dict:
     items = resolve_inputs(listing).items
     if not (out / JOURNAL).exists():
         out.mkdir(exist_ok=True)
-        with open(out / JOURNAL, "w") as f:
+        for i, it in enumerate(items):
+            os.link(it.path, out / f"{i:06d}.png")
+        with open(out / JOURNAL, "w") as f:  # each input's stat once every link is made (a link changes the inode's ctime)
             for i, it in enumerate(items):
-                name = f"{i:06d}.png"
-                os.link(it.path, out / name)
                 st = os.stat(it.path)
-                row = {"key": it.key, "input": str(it.path), "outputs": [name], "status": "ok", "error": "", "input_sha256": "0" * 64,
-                       "input_stat": [st.st_size, st.st_mtime_ns], "seconds": 0.1, "config_sha256": "x"}
+                row = {"key": it.key, "input": str(it.path), "outputs": [f"{i:06d}.png"], "status": "ok", "error": "", "input_sha256": "0" * 64,
+                       "input_stat": [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], "seconds": 0.1, "config_sha256": "x"}
                 f.write(json.dumps(row) + "\n")
     work = _pair_inputs(DegradeStage(DegradeConfig.build(types="111", seed=0)), items, {})
     t = time.perf_counter()

@@ -49,7 +49,7 @@ from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, W
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, write_bytes_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    config_change, input_changed, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -635,6 +635,7 @@ class Chain:
         self.started = time.time()
         self.stages: dict[str, dict] = {}
         self.said: set[str] = set()  # the notes the stages' resumes have said
+        self.checked: dict | None = None  # a resume's findings on the first stage's inputs (_prepare_folder)
         self.interrupted = False
         self.pool: WorkerPool | None = None
         self.engine = engine  # processes every stage's items instead of this machine's workers (e.g. Ray)
@@ -727,8 +728,12 @@ class Chain:
                                  "rerun with the same options, run into a new folder, or use --overwrite")
             # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
             planned = {it.key: str(it.path) for it in self.inputs.items}
-            changed = sorted({r["key"] for r in stage_lines(out / self._first_folder())
-                              if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input") and input_changed(r)})
+            self.checked = {}  # key: (input_state, refreshed stat fields), for the first stage's resume (review 37 M-1, M-2)
+            for r in stage_lines(out / self._first_folder()):
+                if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input"):
+                    fresh: dict = {}
+                    self.checked[r["key"]] = (input_state(r, fresh), fresh)
+            changed = sorted(k for k, (state, _) in self.checked.items() if state == "changed")
             if changed:  # every one named at once (campaign 36d F2: one a try; "since the run started" of a run finished weeks ago)
                 shown = ", ".join(repr(k) for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
                 raise UsageError(f"--resume: {len(changed)} input(s) changed since the run computed them ({shown}); their results would "
@@ -835,6 +840,7 @@ class Chain:
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
             engine=self.engine, inputs_checked=name == self._first_folder(),  # _prepare_folder checked its inputs
+            checked_inputs=self.checked if name == self._first_folder() else None,
             said=self.said,  # every stage of a resume notes the same renamed keys: said once (review 22 L3)
         )  # fmt: skip
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3), "threads_used": res.threads_used,

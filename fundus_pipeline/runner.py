@@ -578,11 +578,13 @@ def _untag(row: dict, text: str) -> str:
 
 
 def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None,
-                   redone: dict | None = None, config: dict | None = None, left: dict | None = None) -> "RowStore":
+                   redone: dict | None = None, config: dict | None = None, left: dict | None = None,
+                   checked: dict | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
-    unchanged (``input_changed``; ``check_inputs=False``: the caller has checked every row's input already).
+    unchanged (``input_state``; ``check_inputs=False``: the caller has checked every row's input already, and
+    ``checked`` gives its findings, ``{key: (state, refreshed stat fields)}``, when it has them).
     An input no longer listed is not part of this run's table (its outputs stay in place); a key that now
     names another file (another listed path; in `fundus run`, the enhanced image instead of the input, or as
     the image a simulated run's comparison delivers) is computed again. A UsageError when the folder holds
@@ -614,11 +616,19 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             why = "file" if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and key in planned else "other"
         elif not outputs_intact(dst, r):
             why = "outputs"
-        elif check_inputs and (state := input_state(r)) != "same":
+        elif check_inputs or checked is not None:
+            fresh: dict = {}
+            if check_inputs:
+                state = input_state(r, fresh)
+            else:  # the caller's findings (a chained run's first stage)
+                state, fresh = checked.get(key, ("same", {}))
             if state == "changed":  # an input replaced since is processed again
                 why = "input"
-            else:  # one that cannot be found now (a list on storage that is away) keeps its row (campaign 36d F3)
+            elif state == "missing":  # one that cannot be found now (a list on storage that is away) keeps its row (campaign 36d F3)
                 away.add(key)
+            if fresh and why is None:  # its bytes read and found the same: recorded with the stat of now (review 37 M-2)
+                r.update(fresh)
+                text = _dumps(r)
         if r.get("config_sha256") == cfg_hash and (r.get("status") == "ok" or isinstance(r.get("earlier_outputs"), list)):
             finished[key] = r.get("outputs" if r.get("status") == "ok" else "earlier_outputs")
             finished[key] = finished[key] if isinstance(finished[key], list) else []
@@ -654,7 +664,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             notes.append(f"{len(dropped)} photograph(s) done before are no longer among the inputs (e.g. {min(dropped)!r}): this run's "
                          "table leaves them out; their outputs stay in place")
         if away := {k for k in away if k in rows and k in planned}:
-            notes.append(f"{len(away)} photograph(s) done before are listed but cannot be found or read now (e.g. {min(away)!r}): "
+            notes.append(f"{len(away)} photograph(s) done before are listed but cannot be found now (e.g. {min(away)!r}): "
                          "their rows of the earlier run are kept as they were (rerun with --resume once the files are back, "
                          "or leave them out of the list)")
     if renamed and notes is not None:
@@ -864,35 +874,47 @@ def input_changed(row: dict) -> bool:
     return input_state(row) == "changed"
 
 
-def input_state(row: dict) -> str:
+def input_state(row: dict, refreshed: dict | None = None) -> str:
     """``"changed"`` when an input file of a finished row is no longer the one it was computed from: its stat differs
     from that recorded (``input_stat``; the other roles' files, such as score's reference, in ``inputs_stat``) and so
-    does its sha256 (read only then); ``"missing"`` when one cannot be found or read now (a listed file on storage
-    that is away), none having changed; else ``"same"``. A file without the record (an older run) counts as the
-    same; a record of an older run (size and modification time only) is compared as far as it goes."""
-    files = [(row.get("input"), row.get("input_stat"), row.get("input_sha256"))]
+    does its sha256 (read only then), or it can no longer be read; ``"missing"`` when one cannot be found now (its
+    stat fails: a listed file on storage that is away), none having changed; else ``"same"``. A file without the
+    record (an older run) counts as the same; one recorded by size and modification time only (before 2026-12-05)
+    is read once. ``refreshed`` receives the row's stat fields with the stat of now for a file whose bytes were read
+    and found the same (a ``chmod``, a rename, a restored backup), so that the next resume does not read it again."""
+    files = [("input_stat", None, row.get("input"), row.get("input_stat"), row.get("input_sha256"))]
     stats, digests, paths = row.get("inputs_stat"), row.get("inputs_sha256"), row.get("inputs")
     if isinstance(stats, dict) and isinstance(digests, dict) and isinstance(paths, dict):
-        files += [(paths.get(role), stats.get(role), digests.get(role)) for role in sorted(stats)]
-    states = {_file_state(*f) for f in files}
+        files += [("inputs_stat", role, paths.get(role), stats.get(role), digests.get(role)) for role in sorted(stats)]
+    states = set()
+    for name, role, *f in files:
+        state, now = _file_state(*f)
+        states.add(state)
+        if now is not None and refreshed is not None:
+            if role is None:
+                refreshed[name] = now
+            else:
+                refreshed.setdefault(name, dict(stats))[role] = now
     return "changed" if "changed" in states else "missing" if "missing" in states else "same"
 
 
-def _file_state(path, stat, digest) -> str:
+def _file_state(path, stat, digest) -> tuple[str, list | None]:
+    """(state, the stat of now when the bytes were read and found the same) of one recorded input file."""
     if not (isinstance(stat, list) and len(stat) in (2, 4) and digest and isinstance(path, str)):
-        return "same"
+        return "same", None
     try:
         st = os.stat(path)
-    except OSError:
-        return "missing"
-    if [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino][: len(stat)] == stat:
-        return "same"
+    except OSError:  # not found now (or its folder not readable): away, not changed (campaign 36d F3)
+        return "missing", None
+    now = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    if now == stat:
+        return "same", None
     from fundus_pipeline.models.weights import sha256_file
 
-    try:
-        return "same" if sha256_file(Path(path)) == digest else "changed"
-    except OSError:
-        return "missing"
+    try:  # (a record of size and time only, of an older run, is read once: review 37 L-1)
+        return ("same", now) if sha256_file(Path(path)) == digest else ("changed", None)
+    except OSError:  # there, but no longer readable: processed again, and its error says why (review 37 M-3)
+        return "changed", None
 
 
 def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
@@ -1517,6 +1539,7 @@ def run_stage(
     engine: Engine | None = None,
     feed: bool | None = None,
     inputs_checked: bool = False,
+    checked_inputs: dict | None = None,
     after: Callable[[RunResult], None] | None = None,
     said: set[str] | None = None,
 ) -> RunResult:
@@ -1528,7 +1551,8 @@ def run_stage(
     ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused.
     ``feed``: one model in this process fed by ``workers`` decoding processes (``run_fed``); default: when the
     stage runs on a GPU (``stage.feeds_device``). ``inputs_checked``: the caller has checked that no earlier
-    row's input changed (a chained run, for its first stage), so resuming does not stat them again.
+    row's input changed (a chained run, for its first stage), so resuming does not stat them again; ``checked_inputs``
+    its findings by key (``resumable_rows``'s ``checked``).
     ``after(result)``: a last step still under the output folder's lock, unless the run was interrupted
     (``grade --sort-into``'s copies: another run into OUT would sweep their temporary files).
     ``said``: the notes said already (a chained run's stages resume alike: each note is said once); what this
@@ -1556,7 +1580,7 @@ def run_stage(
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs, stage=stage.name)
         result = _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                              threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                             engine=engine, feed=feed, inputs_checked=inputs_checked, lock=lock, said=said)
+                             engine=engine, feed=feed, inputs_checked=inputs_checked, checked_inputs=checked_inputs, lock=lock, said=said)
         if after is not None and not result.interrupted:
             after(result)
         return result
@@ -1565,13 +1589,15 @@ def run_stage(
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
                 pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None,
-                inputs_checked: bool = False, lock: OutputLock | None = None, said: set[str] | None = None) -> RunResult:
+                inputs_checked: bool = False, checked_inputs: dict | None = None, lock: OutputLock | None = None,
+                said: set[str] | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     notes: list[str] = []
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
     left: dict[str, list] = {}
-    rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record(), left=left)
+    rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record(), left=left,
+                           checked=checked_inputs if inputs_checked else None)
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
     if left:
         record_left(dst, left)

@@ -312,13 +312,13 @@ def test_resume_refuses_another_configuration(photos, tmp_path, tiny):
 
     checked = []
 
-    def counting(row, real=runner_mod.input_changed):
+    def counting(row, *args, real=runner_mod.input_state):
         checked.append(row["key"])
-        return real(row)
+        return real(row, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner_mod, "input_changed", counting)
-        mp.setattr(chain_mod, "input_changed", counting)
+        mp.setattr(runner_mod, "input_state", counting)
+        mp.setattr(chain_mod, "input_state", counting)
         assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 0
     assert sorted(checked) == ["p0", "p1", "p2"]
     # an input changed since the run started: resuming would mix two versions
