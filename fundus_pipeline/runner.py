@@ -602,7 +602,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     renamed: dict[str, str] = {}
     again: dict[str, tuple[str, list]] = {}  # key: (why, its earlier outputs) of a finished row processed again
     dropped: set[str] = set()
-    away: set[str] = set()  # keys whose finished row is kept though an input of it cannot be found or read now
+    away: set[str] = set()  # keys whose finished row is kept though an input of it cannot be found now
     finished: dict[str, list] = {}  # key: the outputs of its newest ok row of this configuration
     rows, hashes = RowStore(), set()
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
@@ -622,8 +622,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
                 state = input_state(r, fresh)
             else:  # the caller's findings (a chained run's first stage)
                 state, fresh = checked.get(key, ("same", {}))
-            if state == "changed":  # an input replaced since is processed again
-                why = "input"
+            if state in ("changed", "unreadable"):  # an input replaced since (or unreadable now) is processed again
+                why = "input" if state == "changed" else "unreadable"
             elif state == "missing":  # one that cannot be found now (a list on storage that is away) keeps its row (campaign 36d F3)
                 away.add(key)
             if fresh and why is None:  # its bytes read and found the same: recorded with the stat of now (review 37 M-2)
@@ -655,6 +655,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
     dropped -= set(renamed)
     if notes is not None:
         for why, what in (("input", "changed since (its bytes differ from those recorded)"),
+                          ("unreadable", "cannot be read now (its file's status changed since)"),
                           ("outputs", "lost or changed an output file since"),
                           ("file", "are listed now as another file under the same key")):  # (review 23 R23-10)
             if n := sum(1 for w, _ in again.values() if w == why):
@@ -869,16 +870,13 @@ def _stat_record(info: dict) -> list[int]:
     return [info["size"], info["mtime_ns"], info["ctime_ns"], info["ino"]]
 
 
-def input_changed(row: dict) -> bool:
-    """Whether an input file of a finished row is no longer the one it was computed from (``input_state``)."""
-    return input_state(row) == "changed"
-
-
 def input_state(row: dict, refreshed: dict | None = None) -> str:
     """``"changed"`` when an input file of a finished row is no longer the one it was computed from: its stat differs
     from that recorded (``input_stat``; the other roles' files, such as score's reference, in ``inputs_stat``) and so
-    does its sha256 (read only then), or it can no longer be read; ``"missing"`` when one cannot be found now (its
-    stat fails: a listed file on storage that is away), none having changed; else ``"same"``. A file without the
+    does its sha256 (read only then), or it is no longer a regular file; ``"unreadable"`` when its stat changed and
+    it cannot be read (whether its bytes changed is not known: processed again, its error saying why); ``"missing"``
+    when one cannot be found now (its stat fails: a listed file on storage that is away); else ``"same"`` (in that
+    order of precedence over the row's files). A file without the
     record (an older run) counts as the same; one recorded by size and modification time only (before 2026-12-05)
     is read once. ``refreshed`` receives the row's stat fields with the stat of now for a file whose bytes were read
     and found the same (a ``chmod``, a rename, a restored backup), so that the next resume does not read it again."""
@@ -895,26 +893,40 @@ def input_state(row: dict, refreshed: dict | None = None) -> str:
                 refreshed[name] = now
             else:
                 refreshed.setdefault(name, dict(stats))[role] = now
-    return "changed" if "changed" in states else "missing" if "missing" in states else "same"
+    return next((state for state in ("changed", "unreadable", "missing") if state in states), "same")
+
+
+#: The sha256 of the input files a resume has read in this process, by (path, stat): fundus run's stages check the
+#: same photograph one after the other (review 38 M-2: read two to four times after a chmod -R or an upgrade).
+_DIGESTS_READ: dict[tuple[str, tuple], str] = {}
 
 
 def _file_state(path, stat, digest) -> tuple[str, list | None]:
     """(state, the stat of now when the bytes were read and found the same) of one recorded input file."""
+    import stat as stat_mod
+
     if not (isinstance(stat, list) and len(stat) in (2, 4) and digest and isinstance(path, str)):
         return "same", None
     try:
         st = os.stat(path)
-    except OSError:  # not found now (or its folder not readable): away, not changed (campaign 36d F3)
+    except OSError:  # not found now (or its folder cannot be entered): away, not changed (campaign 36d F3)
         return "missing", None
     now = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     if now == stat:
         return "same", None
-    from fundus_pipeline.models.weights import sha256_file
-
-    try:  # (a record of size and time only, of an older run, is read once: review 37 L-1)
-        return ("same", now) if sha256_file(Path(path)) == digest else ("changed", None)
-    except OSError:  # there, but no longer readable: processed again, and its error says why (review 37 M-3)
+    if not stat_mod.S_ISREG(st.st_mode):  # a FIFO in its place would block the read for good (review 38 L-2)
         return "changed", None
+    seen = (path, tuple(now))
+    if seen not in _DIGESTS_READ:
+        from fundus_pipeline.models.weights import sha256_file
+
+        try:  # (a record of size and time only, of an older run, is read once: review 37 L-1)
+            if len(_DIGESTS_READ) >= 200_000:
+                _DIGESTS_READ.clear()
+            _DIGESTS_READ[seen] = sha256_file(Path(path))
+        except OSError:  # there, but not readable now (review 37 M-3, review 38 M-1)
+            return "unreadable", None
+    return ("same", now) if _DIGESTS_READ[seen] == digest else ("changed", None)
 
 
 def prepare_item(stage: Stage, key: str, images: dict[str, Image]) -> ItemInput:
