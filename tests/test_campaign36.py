@@ -370,18 +370,24 @@ def test_a_resume_reads_an_input_whose_status_changed_once_and_records_it(tmp_pa
     assert input_state({**row, "input": str(fifo)}) == "changed"
 
 
+def _share(tmp_path: Path, n: int, listed: int) -> tuple[Path, Path]:
+    """A share of ``n`` photographs p0.bmp ... and a list file naming the first ``listed`` of them."""
+    share = tmp_path / "share"
+    share.mkdir()
+    for k in range(n):
+        _bmp(share / f"p{k}.bmp", k)
+    listing = tmp_path / "week.txt"
+    listing.write_text("".join(f"{share / f'p{k}.bmp'}\n" for k in range(listed)))
+    return share, listing
+
+
 def test_a_listed_photograph_that_is_away_keeps_its_finished_row(tmp_path, capsys):
     """36d F3: with a list file on shared storage that was briefly away (unmounted), every finished row became an
     error row (exit 3) and the remount redid everything. A finished row whose input cannot be found now is kept as it
     was, and the resume says so; a key never done still fails as an item."""
     from fundus_pipeline.cli import main
 
-    share = tmp_path / "share"
-    share.mkdir()
-    for k in range(3):
-        _bmp(share / f"p{k}.bmp", k)
-    listing = tmp_path / "week.txt"
-    listing.write_text("".join(f"{share / f'p{k}.bmp'}\n" for k in range(2)))
+    share, listing = _share(tmp_path, 3, listed=2)
     out = tmp_path / "out"
     assert main(["degrade", str(listing), str(out), "--types", "111", "--quiet"]) == 0
     before = (out / "results.csv").read_bytes(), _rows(out)
@@ -431,12 +437,7 @@ def test_fundus_run_says_which_photographs_done_before_are_away(tmp_path, tiny):
     from fundus_pipeline.cli import main
     from tests.test_run import tiny_args
 
-    share = tmp_path / "share"
-    share.mkdir()
-    for k in range(2):
-        _bmp(share / f"p{k}.bmp", k)
-    listing = tmp_path / "week.txt"
-    listing.write_text("".join(f"{share / f'p{k}.bmp'}\n" for k in range(2)))
+    share, listing = _share(tmp_path, 2, listed=2)
     out = tmp_path / "out"
     args = [str(a) for a in tiny_args(tiny, "--steps", "grade")]
     assert main(["run", str(listing), str(out), *args, "--quiet"]) == 0
