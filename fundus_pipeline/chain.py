@@ -839,7 +839,7 @@ class Chain:
             stage, self.inputs.path, folder, resume=self.resume, workers=self.cfg.workers, threads=self.cfg.threads,
             progress=not self.cfg.quiet and self.cfg.format == "human", command=self.command, extra_dirs=extra, items=items,
             pool=self.pool if stage.uses_torch else None,  # torch-free stages fork their own workers in milliseconds
-            engine=self.engine, inputs_checked=name == self._first_folder(),  # _prepare_folder checked its inputs
+            engine=self.engine,  # _prepare_folder checked the first stage's inputs: its findings
             checked_inputs=self.checked if name == self._first_folder() else None,
             said=self.said,  # every stage of a resume notes the same renamed keys: said once (review 22 L3)
         )  # fmt: skip

@@ -393,7 +393,7 @@ def refuse_while_written(folder: Path, what: str) -> None:
     owner = next((d for d in (real, *real.parents) if (d / LOCK).is_file()), None)
     if owner is None:
         return
-    lock = owner / LOCK
+    lock, shown = owner / LOCK, (folder if owner == real else f"{folder} (inside {owner})")
     own = False
     with contextlib.suppress(OSError):
         st = os.stat(lock, follow_symlinks=False)
@@ -403,12 +403,10 @@ def refuse_while_written(folder: Path, what: str) -> None:
         if fd is not None:
             os.close(fd)
         if busy:
-            shown = folder if owner == real else f"{folder} (inside {owner})"
             raise UsageError(f"{what} {shown} is being written by another fundus process (its {LOCK} is held)",
                              hint="evaluate it once that command has ended")
     if (owner / JOURNAL).is_file() and not (owner / "manifest.json").is_file():
         # a run stopped (killed) before its first manifest: what it used, a segmenter's threshold, is not recorded
-        shown = folder if owner == real else f"{folder} (inside {owner})"
         raise UsageError(f"{what} {shown} holds outputs of a fundus run that stopped before writing its manifest.json",
                          hint="finish it first: rerun its command with --resume")
 
@@ -577,14 +575,13 @@ def _untag(row: dict, text: str) -> str:
     return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
 
 
-def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs: bool = True, notes: list | None = None,
-                   redone: dict | None = None, config: dict | None = None, left: dict | None = None,
-                   checked: dict | None = None) -> "RowStore":
+def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list | None = None, redone: dict | None = None,
+                   config: dict | None = None, left: dict | None = None, checked: dict | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
-    unchanged (``input_state``; ``check_inputs=False``: the caller has checked every row's input already, and
-    ``checked`` gives its findings, ``{key: (state, refreshed stat fields)}``, when it has them).
+    unchanged (``input_state``; ``checked``: the caller has checked every row's input already, and these are its
+    findings, ``{key: (state, refreshed stat fields)}``).
     An input no longer listed is not part of this run's table (its outputs stay in place); a key that now
     names another file (another listed path; in `fundus run`, the enhanced image instead of the input, or as
     the image a simulated run's comparison delivers) is computed again. A UsageError when the folder holds
@@ -616,9 +613,9 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], check_inputs:
             why = "file" if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and key in planned else "other"
         elif not outputs_intact(dst, r):
             why = "outputs"
-        elif check_inputs or checked is not None:
+        else:
             fresh: dict = {}
-            if check_inputs:
+            if checked is None:
                 state = input_state(r, fresh)
             else:  # the caller's findings (a chained run's first stage)
                 state, fresh = checked.get(key, ("same", {}))
@@ -1550,7 +1547,6 @@ def run_stage(
     pool: "WorkerPool | None" = None,
     engine: Engine | None = None,
     feed: bool | None = None,
-    inputs_checked: bool = False,
     checked_inputs: dict | None = None,
     after: Callable[[RunResult], None] | None = None,
     said: set[str] | None = None,
@@ -1562,9 +1558,9 @@ def run_stage(
     ``pool``: worker processes kept across several stages (a chained run), used when ``workers > 1``.
     ``engine``: process the items there instead (:class:`Engine`, e.g. Ray); ``workers`` is then unused.
     ``feed``: one model in this process fed by ``workers`` decoding processes (``run_fed``); default: when the
-    stage runs on a GPU (``stage.feeds_device``). ``inputs_checked``: the caller has checked that no earlier
-    row's input changed (a chained run, for its first stage), so resuming does not stat them again; ``checked_inputs``
-    its findings by key (``resumable_rows``'s ``checked``).
+    stage runs on a GPU (``stage.feeds_device``). ``checked_inputs``: the caller has checked the inputs of the
+    earlier rows (a chained run, for its first stage), so resuming does not stat them again; its findings by key
+    (``resumable_rows``'s ``checked``).
     ``after(result)``: a last step still under the output folder's lock, unless the run was interrupted
     (``grade --sort-into``'s copies: another run into OUT would sweep their temporary files).
     ``said``: the notes said already (a chained run's stages resume alike: each note is said once); what this
@@ -1592,7 +1588,7 @@ def run_stage(
         check_run_paths(in_path, out_dir, overwrite=overwrite, resume=resume, inputs=inputs, stage=stage.name)
         result = _run_locked(stage, work, inputs, extra_dirs, dst, overwrite=overwrite, resume=resume, workers=workers,
                              threads=threads or default_threads(workers), progress=progress, command=command, started=started, pool=pool,
-                             engine=engine, feed=feed, inputs_checked=inputs_checked, checked_inputs=checked_inputs, lock=lock, said=said)
+                             engine=engine, feed=feed, checked_inputs=checked_inputs, lock=lock, said=said)
         if after is not None and not result.interrupted:
             after(result)
         return result
@@ -1601,15 +1597,14 @@ def run_stage(
 def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: dict[str, ExtraInput], dst: Path, *, overwrite: bool,
                 resume: bool, workers: int, threads: int, progress: bool, command: list[str] | None, started: float,
                 pool: "WorkerPool | None" = None, engine: Engine | None = None, feed: bool | None = None,
-                inputs_checked: bool = False, checked_inputs: dict | None = None, lock: OutputLock | None = None,
+                checked_inputs: dict | None = None, lock: OutputLock | None = None,
                 said: set[str] | None = None) -> RunResult:
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     notes: list[str] = []
     redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
     left: dict[str, list] = {}
-    rows = (resumable_rows(dst, cfg_hash, work, check_inputs=not inputs_checked, notes=notes, redone=redone, config=stage.config_record(), left=left,
-                           checked=checked_inputs if inputs_checked else None)
+    rows = (resumable_rows(dst, cfg_hash, work, notes=notes, redone=redone, config=stage.config_record(), left=left, checked=checked_inputs)
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
     if left:
         record_left(dst, left)

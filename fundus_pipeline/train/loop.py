@@ -125,12 +125,12 @@ def save_atomic(obj: Any, path: Path) -> None:
             shutil.rmtree(tmpdir, ignore_errors=True)
     except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError ("enforce fail ...")
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+        limit = _file_size_limit()
         if not isinstance(e, OSError):  # torch's message does not say why: the free space does
             with contextlib.suppress(OSError):
                 why += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on that disk"
-                limit = _file_size_limit()
                 why += f"; a file-size limit, ulimit -f, of {limit} bytes)" if limit is not None else ")"
-        space = "free space (or raise the file-size limit)" if _file_size_limit() is not None else "free space"
+        space = "free space (or raise the file-size limit)" if limit is not None else "free space"
         hint = (f"{space}, then rerun with --resume (the previous checkpoint, last.pt, is intact)" if (path.parent / "last.pt").is_file()
                 else f"{space}, then start the run again (it has written no checkpoint to resume from)")
         raise FundusError(f"cannot write {path}: {why}", hint=hint) from None
