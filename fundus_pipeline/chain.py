@@ -46,7 +46,7 @@ from typing import Any
 from fundus_pipeline import __version__
 from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind, usage_error
 from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
-from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, write_bytes_atomic
+from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, read_manifest_head, write_bytes_atomic
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
     config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
@@ -718,10 +718,10 @@ class Chain:
         manifest = out / "manifest.json"
         if self.resume and manifest.is_file():
             try:
-                old = json.loads(manifest.read_text())
+                old = read_manifest_head(manifest)  # not its rows (a 100,000-photograph run's are tens of MB)
             except (OSError, ValueError):
                 old = {}
-            if old.get("stage") != "run":
+            if not isinstance(old, dict) or old.get("stage") != "run":
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()) and not self._same_run_other_spelling(old):
                 raise UsageError(f"{self.shown} was written by a run with another configuration or other weights{self._change(old)}; "
@@ -1120,7 +1120,7 @@ class Replay:
     def old_out_is_the_run(self) -> bool:
         """Whether OLD_OUT (the folder the manifest names) still holds this run, not one written there since."""
         try:
-            m = json.loads((self.old_out / "manifest.json").read_text())
+            m = read_manifest_head(self.old_out / "manifest.json")
         except (OSError, ValueError):
             return False
         return isinstance(m, dict) and (m.get("run_sha256"), m.get("started_at"), m.get("finished_at")) == self.identity

@@ -167,6 +167,31 @@ def fundus_manifest_head(manifest: Path) -> bytes | None:
     return head if head.lstrip().startswith(b"{") and b'"name": "fundus-pipeline"' in head else None
 
 
+#: The lines that open the lists ``runner.write_json_streamed`` writes after a manifest's head (one element a
+#: line); at an indent of two spaces such a line can only be a key of the top-level object.
+_STREAMED_LISTS = ('  "plan": [', '  "items": [')
+
+
+def read_manifest_head(manifest: Path, *, errors: str = "strict") -> object:
+    """The JSON of ``manifest`` without the lists written after its head (``plan``, ``items``: the rows of a
+    100,000-photograph run, tens of megabytes as Python objects): its lines are read up to the first of those
+    lists and the head closed there. A file laid out otherwise (another tool's, edited by hand, cut before its
+    lists) is read whole, as ``json.loads`` reads it: OSError and ValueError as it raises them."""
+    import json
+
+    head: list[str] = []
+    with open(manifest, encoding="utf-8", errors=errors) as f:
+        for line in f:
+            if line.rstrip("\r\n") in _STREAMED_LISTS and head and head[-1].rstrip().endswith(","):
+                head[-1] = head[-1].rstrip()[:-1] + "\n"
+                try:
+                    return json.loads("".join(head) + "}")
+                except ValueError:
+                    head[-1] = head[-1].rstrip("\n") + ","  # not a head after all: the file is read whole
+            head.append(line)
+    return json.loads("".join(head))
+
+
 def fold_key(key: str) -> str:
     """``key`` as compared across letter case and Unicode normalisation (a name copied from macOS is NFD)."""
     return unicodedata.normalize("NFC", key).casefold()

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
 from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, not_ignored, raise_stop, signals_held, stop_requested
-from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, write_image_atomic
+from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, read_manifest_head, write_image_atomic
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
 JOURNAL = ".fundus-journal.jsonl"
@@ -678,7 +678,7 @@ def _config_change(dst: Path, config: dict | None) -> str:
     """What differs between the configuration ``dst/manifest.json`` records and ``config`` (``config_change``); ""
     when either is unknown (campaign 24b F7: the refusal did not say which option)."""
     try:
-        old = json.loads((dst / "manifest.json").read_text(encoding="utf-8", errors="surrogateescape")).get("config")
+        old = read_manifest_head(dst / "manifest.json", errors="surrogateescape").get("config")
     except (OSError, ValueError, AttributeError):
         return ""
     return config_change(old, config)

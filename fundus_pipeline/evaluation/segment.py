@@ -288,11 +288,13 @@ def _segment_wrote(path: Path, root: Path, cache: dict[Path, bool]) -> bool:
 
 
 def _threshold_from_manifest(pred_dir: Path) -> float | None:
+    from fundus_pipeline.io import read_manifest_head
+
     mf = pred_dir / "manifest.json"
     if not mf.is_file():
         return None
     try:
-        data = json.loads(mf.read_text(encoding="utf-8"))
+        data = read_manifest_head(mf)  # its head: the rows of a 10,000-photograph run are not parsed (issue 13)
     except (OSError, ValueError) as e:
         # an unreadable manifest may hold the threshold the masks were written with: scoring them at 0.5 in
         # silence is not a fallback (a 5000-digit value, or a cut or hand-broken file, had been)

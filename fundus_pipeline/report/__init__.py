@@ -14,6 +14,7 @@ depend only on the run's outputs: no times or absolute paths of OUT, so a replay
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import os
@@ -375,7 +376,8 @@ def _no_controls(value: Any) -> Any:
     return value
 
 
-def _environment():
+@functools.lru_cache(maxsize=1)
+def _environment():  # one a process: each page of a 10,000-row report had compiled the template again
     import jinja2
 
     env = jinja2.Environment(
@@ -463,12 +465,13 @@ def header(cfg, run: dict | None, threshold: float | None) -> dict[str, Any]:
 
 def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None = None, summary_: dict | None = None,
                   page: int = 1, pages: int = 1, first: int = 1, last: int = 0, missing: list | None = None,
-                  inputs_sha256: dict | None = None, run: dict | None = None) -> Iterator[str]:
+                  inputs_sha256: dict | None = None, run: dict | None = None, threshold: float | None = None) -> Iterator[str]:
     """One page as a stream of text chunks (thumbnails made a bounded window ahead of the rows). ``rows``:
     the page's rows; ``summary_``: the figures of the whole run (default: computed from ``rows``, which is
     then read twice: a list, or a re-iterable such as ``chain.RowsFile``); ``page`` of ``pages``, whose first
     row is the run's row number ``first`` and last ``last``; ``run``: what the run's manifest records beside
-    its configuration (``weights``, ``run_sha256``, the input folder's ``notes``, ``status``), for the header."""
+    its configuration (``weights``, ``run_sha256``, the input folder's ``notes``, ``status``), for the header;
+    ``threshold``: the one the vessel masks were written with (default: read from the segment folder's manifest)."""
     truth = cfg.ground_truth is not None and "segment" in cfg.steps
     simulate = bool(cfg.simulate)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -482,7 +485,9 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
                 "grade_warning": grade_warning, "segment_warning": segment_warning}
 
     figures = summary_ if summary_ is not None else summary(rows, simulate, truth)
-    head = header(cfg, run, _segment_threshold(out) if "segment" in cfg.steps else None)
+    if threshold is None and "segment" in cfg.steps:
+        threshold = _segment_threshold(out)
+    head = header(cfg, run, threshold)
     name = "fundus run report" + (f" {head['run_sha256'][:8]}" if head["run_sha256"] else "")
     template = _environment().get_template("report.html.j2")
     return template.generate(
@@ -521,12 +526,13 @@ def write_report(out: Path, cfg, rows: Iterable[dict], missing: list | None = No
     simulate = bool(cfg.simulate)
     figures = summary(rows, simulate, cfg.ground_truth is not None and "segment" in cfg.steps)
     pages = max(1, -(-figures["total"] // PAGE_ROWS))
+    threshold = _segment_threshold(out) if "segment" in cfg.steps else None  # once, not once a page
     it = iter(rows)
     for page in range(1, pages + 1):
         with open_atomic(out / page_name(page), errors="backslashreplace") as f:  # a page is valid UTF-8: an odd byte of a name shows as \udcXX
             for chunk in render_chunks(out, cfg, itertools.islice(it, PAGE_ROWS), summary_=figures, page=page, pages=pages,
                                        first=(page - 1) * PAGE_ROWS + 1, last=min(page * PAGE_ROWS, figures["total"]), missing=missing,
-                                       inputs_sha256=inputs_sha256, run=run):
+                                       inputs_sha256=inputs_sha256, run=run, threshold=threshold):
                 f.write(chunk)
     for stale in out.glob("report-*.html"):
         m = re.fullmatch(r"report-(\d+)\.html", stale.name)
