@@ -590,8 +590,9 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
     are relative to the deepest folder holding every listed file, so one file added in another folder renames
     them all, and the resume redid everything without a word); and when photographs done before are processed
     again because their input or an output changed since, or are no longer among the inputs (campaign 23b
-    LOW-3). ``redone`` receives ``{key: the outputs of its last finished row}`` for the planned keys whose
-    finished row is not kept (processed again, or failed since). ``config``: this run's configuration record, to
+    LOW-3). ``redone`` receives ``{key: (why, the outputs of its last finished row)}`` for the planned keys whose
+    finished row is not kept (processed again, or failed since); ``why``: "input" (its bytes changed), "file"
+    (another file under the key), "unreadable", "outputs", or None (its last row had failed). ``config``: this run's configuration record, to
     name what differs from the folder's when it holds rows of other configurations only. ``left`` receives
     ``{key: outputs}`` of the finished rows of keys no longer planned (their outputs stay; ``LEFT``)."""
     planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
@@ -648,7 +649,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
         raise UsageError(f"{dst} was written with a different configuration{_config_change(dst, config)}; rerun with the same options, "
                          "write into a new folder, or use --overwrite")
     if redone is not None:
-        redone.update((k, outs) for k, outs in finished.items() if k in planned and k not in rows)
+        redone.update((k, (again.get(k, (None,))[0], outs)) for k, outs in finished.items() if k in planned and k not in rows)
     dropped -= set(renamed)
     if notes is not None:
         for why, what in (("input", "changed since (its bytes differ from those recorded)"),
@@ -1602,7 +1603,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     cfg_hash = config_sha256(stage.config_record())
     journal_path = dst / JOURNAL
     notes: list[str] = []
-    redone: dict[str, list] = {}  # key: the outputs of its earlier row, for a row processed again because something changed
+    redone: dict[str, tuple] = {}  # key: (why, the outputs of its earlier row), for a row processed again because something changed
     left: dict[str, list] = {}
     rows = (resumable_rows(dst, cfg_hash, work, notes=notes, redone=redone, config=stage.config_record(), left=left, checked=checked_inputs)
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
@@ -1650,8 +1651,11 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         check_folder("nothing more is written there")
         stop = row.pop(_STOP, None)
         if row.get("status") != "ok" and row["key"] in redone:  # done before, failing now: its earlier outputs are not this row's
-            if stay := _earlier_outputs(dst, redone[row["key"]], row.get("outputs")):
-                row["error"] = f"{row.get('error', '')} (outputs of an earlier run from other bytes stay: {', '.join(stay[:3])}{', ...' if len(stay) > 3 else ''})"
+            why, earlier = redone[row["key"]]
+            if stay := _earlier_outputs(dst, earlier, row.get("outputs")):
+                # "other bytes" only where they are (an input unreadable now, or an output lost, had been said so too)
+                made = "from other bytes" if why in ("input", "file") else "from the bytes it read then"
+                row["error"] = f"{row.get('error', '')} (outputs of an earlier run {made} stay: {', '.join(stay[:3])}{', ...' if len(stay) > 3 else ''})"
                 row["earlier_outputs"] = stay  # (a later resume that fails again says so too)
         row["threads"] = threads  # each row says what made its bytes: a resume may run on another count
         text = _dumps(row)
