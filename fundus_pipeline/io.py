@@ -175,8 +175,9 @@ _STREAMED_LISTS = ('  "plan": [', '  "items": [')
 def read_manifest_head(manifest: Path, *, errors: str = "strict") -> object:
     """The JSON of ``manifest`` without the lists written after its head (``plan``, ``items``: the rows of a
     100,000-photograph run, tens of megabytes as Python objects): its lines are read up to the first of those
-    lists and the head closed there. A file laid out otherwise (another tool's, edited by hand, cut before its
-    lists) is read whole, as ``json.loads`` reads it: OSError and ValueError as it raises them."""
+    lists and the head closed there; keys after them, which fundus never writes, are not read. A file laid out
+    otherwise (another tool's, edited by hand, cut before its lists) is read whole, as ``json.loads`` reads it:
+    OSError and ValueError as it raises them. One whose head is whole and whose rows are cut reads: its head."""
     import json
 
     head: list[str] = []
@@ -186,8 +187,11 @@ def read_manifest_head(manifest: Path, *, errors: str = "strict") -> object:
                 head[-1] = head[-1].rstrip()[:-1] + "\n"
                 try:
                     return json.loads("".join(head) + "}")
-                except ValueError:
-                    head[-1] = head[-1].rstrip("\n") + ","  # not a head after all: the file is read whole
+                except ValueError:  # not a head after all: the file is read whole (one try: a file of many
+                    head[-1] = head[-1].rstrip("\n") + ",\n"  # such lines had been parsed again at each, review 39 F2)
+                    head.append(line)
+                    head.extend(f)
+                    break
             head.append(line)
     return json.loads("".join(head))
 

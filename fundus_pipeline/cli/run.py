@@ -242,7 +242,7 @@ def report_cmd(
         rows = RowsFile()
         pending = 0  # counted as the rows are gathered, not in another pass over them
         try:
-            unreached = unreached_in_manifest(m, plan) if m.get("status") == "interrupted" and cfg.simulate else ()  # not reached by the simulator
+            unreached = unreached_in_manifest(out / "manifest.json", plan) if m.get("status") == "interrupted" and cfg.simulate else ()  # not reached by the simulator
             for row in itertools.chain(join(out, cfg, plan, finished=m.get("status") == "finished"), unreached):
                 rows.add(row)
                 pending += row.get("status") == "pending"

@@ -465,13 +465,14 @@ def header(cfg, run: dict | None, threshold: float | None) -> dict[str, Any]:
 
 def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None = None, summary_: dict | None = None,
                   page: int = 1, pages: int = 1, first: int = 1, last: int = 0, missing: list | None = None,
-                  inputs_sha256: dict | None = None, run: dict | None = None, threshold: float | None = None) -> Iterator[str]:
+                  inputs_sha256: dict | None = None, run: dict | None = None, threshold: Any = "read") -> Iterator[str]:
     """One page as a stream of text chunks (thumbnails made a bounded window ahead of the rows). ``rows``:
     the page's rows; ``summary_``: the figures of the whole run (default: computed from ``rows``, which is
     then read twice: a list, or a re-iterable such as ``chain.RowsFile``); ``page`` of ``pages``, whose first
     row is the run's row number ``first`` and last ``last``; ``run``: what the run's manifest records beside
     its configuration (``weights``, ``run_sha256``, the input folder's ``notes``, ``status``), for the header;
-    ``threshold``: the one the vessel masks were written with (default: read from the segment folder's manifest)."""
+    ``threshold``: the one the vessel masks were written with, None when not known (default: read from the segment
+    folder's manifest)."""
     truth = cfg.ground_truth is not None and "segment" in cfg.steps
     simulate = bool(cfg.simulate)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -485,8 +486,8 @@ def render_chunks(out: Path, cfg, rows: Iterable[dict], *, workers: int | None =
                 "grade_warning": grade_warning, "segment_warning": segment_warning}
 
     figures = summary_ if summary_ is not None else summary(rows, simulate, truth)
-    if threshold is None and "segment" in cfg.steps:
-        threshold = _segment_threshold(out)
+    if threshold == "read":
+        threshold = _segment_threshold(out) if "segment" in cfg.steps else None
     head = header(cfg, run, threshold)
     name = "fundus run report" + (f" {head['run_sha256'][:8]}" if head["run_sha256"] else "")
     template = _environment().get_template("report.html.j2")
