@@ -47,6 +47,7 @@ from fundus_pipeline import __version__
 from fundus_pipeline.config import DegradeConfig, EnhanceConfig, GradeConfig, RunConfig, ScoreConfig, SegmentConfig, simulate_kind, usage_error
 from fundus_pipeline.errors import EXIT_ITEMS_FAILED, FundusError, UsageError, WeightsError
 from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, read_manifest_head, write_bytes_atomic
+from fundus_pipeline.provenance import code_record
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
     config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
@@ -724,7 +725,11 @@ class Chain:
             if not isinstance(old, dict) or old.get("stage") != "run":
                 raise UsageError(f"--resume: {self.shown} holds no earlier `fundus run` (its manifest.json is not a run's)")
             if old.get("run_sha256") != config_sha256(self.record()) and not self._same_run_other_spelling(old):
-                raise UsageError(f"{self.shown} was written by a run with another configuration or other weights{self._change(old)}; "
+                if not (change := self._change(old)):  # no option differs: the record itself does (campaign 39b F2: "rerun
+                    # with the same options" to a user who had, for a run of a version before 2026-12-02)
+                    raise UsageError(f"{self.shown} was written by another version of fundus, whose record of the run differs where no "
+                                     "option does; it cannot be resumed by this one: run into a new folder, or use --overwrite")
+                raise UsageError(f"{self.shown} was written by a run with another configuration or other weights{change}; "
                                  "rerun with the same options, run into a new folder, or use --overwrite")
             # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
             planned = {it.key: str(it.path) for it in self.inputs.items}
@@ -818,7 +823,7 @@ class Chain:
         rec = self.record()
         m = {
             "schema_version": 1,
-            "tool": {"name": "fundus-pipeline", "version": __version__},
+            "tool": {"name": "fundus-pipeline", "version": __version__, **dict(code_record())},  # which code (campaign 39b F9)
             "stage": "run",
             "status": status,
             "command": self.command,
@@ -1286,7 +1291,7 @@ def verify_replay(rp: Replay, out: Path) -> dict:
         elif k not in new or k not in old:
             first += " (missing from the " + ("replay" if k not in new else "recorded run") + ")"
     files = files_diff = 0
-    file_first = ""
+    file_first, page_diff = "", False
     if rp.old_out_is_the_run():
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
@@ -1295,13 +1300,22 @@ def verify_replay(rp: Replay, out: Path) -> dict:
             files += 1
             q = rp.old_out / rel
             if not q.is_file() or sha256_file(q) != sha256_file(p):
+                if rel == "report.html" and q.is_file():
+                    page_diff = True  # decided below: with every row and image the same, only the page's code differs
+                    continue
                 files_diff += 1
                 file_first = file_first or rel
     differs = bool(rows_diff or files_diff)
+    if page_diff and differs:
+        files_diff += 1
+        file_first = file_first or "report.html"
     checked = f"{len(new)} rows" + (f" and {files} files of {rp.old_out}" if files else " (the recorded run's folder is gone or holds another run: rows only)")
     if differs:
         line = (f"--replay: the results differ from the recorded run: {len(rows_diff)} of {len(set(old) | set(new))} rows{first}"
                 + (f"; {files_diff} of {files} files (first: {file_first})" if files_diff else "") + " (exit 3)")
+    elif page_diff:  # campaign 39b F5: a replay after an upgrade said "the results differ" (exit 3) for the page alone
+        line = (f"--replay: identical results ({checked}), but report.html differs: the page is drawn by another version's code from "
+                "the same rows and images")
     else:
         line = f"--replay: identical to the recorded run ({checked})"
     return {"rows": len(new), "rows_differing": len(rows_diff), "files": files, "files_differing": files_diff, "differs": differs, "line": line}

@@ -39,6 +39,7 @@ from fundus_pipeline import __version__
 from fundus_pipeline.config import MAX_THREADS, MAX_WORKERS
 from fundus_pipeline.errors import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, DiskFullError, FundusError, InputError, UsageError, out_of_memory, printable, STOP_SIGNALS, check_stop, not_ignored, raise_stop, signals_held, stop_requested
 from fundus_pipeline.io import SUPPORTED_EXTENSIONS, ImageItem, discover_images, fold_key, fundus_manifest_head, open_atomic, read_image, read_manifest_head, write_image_atomic
+from fundus_pipeline.provenance import code_record
 from fundus_pipeline.stages.base import Fov, Image, ItemInput, ItemOutput, Stage
 
 JOURNAL = ".fundus-journal.jsonl"
@@ -538,6 +539,16 @@ def _dumps(row: dict) -> str:
     return json.dumps(row, default=str)
 
 
+def _revision_words(found: set, now: int | None) -> str:
+    """How a resume's note names the rows made by other code: "were made by an earlier version of fundus (results
+    revision 1; this one computes revision 2)"."""
+    known = sorted(r for r in found if isinstance(r, int) and not isinstance(r, bool))
+    which = f"results revision {', '.join(map(str, known))}" if known else "before results revisions were recorded"
+    if known and None in found:
+        which += ", or before they were recorded"
+    return f"were made by another version of fundus ({which}; this one computes revision {now}), whose results can differ,"
+
+
 def _previous_lines(out_dir: Path) -> Iterator[tuple[dict, str]]:
     """Rows of earlier runs in this folder, oldest first, each with the configuration hash it was written
     with, and its JSON text: the crash-safe journal when there is one (it holds every row of the run that
@@ -560,23 +571,35 @@ def _previous_lines(out_dir: Path) -> Iterator[tuple[dict, str]]:
             items = m.get("items", [])
             for r in items:
                 if isinstance(r, dict) and isinstance(r.get("key"), str):
-                    r = {**r, "config_sha256": m.get("config_sha256")}
+                    r = {**r, "config_sha256": m.get("config_sha256"), "results_revision": m.get("results_revision")}
                     yield r, _dumps(r)
         except (OSError, ValueError, AttributeError, TypeError):
             return
 
 
+#: The fields the journal adds to a row (its tag): the configuration hash and the results revision it was made with.
+_TAG_FIELDS = ("config_sha256", "results_revision")
+
+
+def _tag(cfg_hash: object, revision: object = None) -> str:
+    """The end of a journal line after the row's own fields (``revision`` None: as versions before the results
+    revision wrote it)."""
+    more = "" if revision is None else f', "results_revision": {json.dumps(revision)}'
+    return f', "config_sha256": {json.dumps(cfg_hash)}{more}}}'
+
+
 def _untag(row: dict, text: str) -> str:
-    """The JSON text of a journal row without its configuration tag (cut from the text when it ends with
-    it, as the journal writes it; else the row re-encoded)."""
-    tag = f', "config_sha256": {json.dumps(row.get("config_sha256"))}}}'
+    """The JSON text of a journal row without its tag (cut from the text when it ends with it, as the journal
+    writes it; else the row re-encoded)."""
+    tag = _tag(row.get("config_sha256"), row.get("results_revision"))
     if text.endswith(tag):
         return text[: -len(tag)] + "}"
-    return _dumps({k: v for k, v in row.items() if k != "config_sha256"})
+    return _dumps({k: v for k, v in row.items() if k not in _TAG_FIELDS})
 
 
 def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list | None = None, redone: dict | None = None,
-                   config: dict | None = None, left: dict | None = None, checked: dict | None = None) -> "RowStore":
+                   config: dict | None = None, left: dict | None = None, checked: dict | None = None,
+                   revision: int | None = None) -> "RowStore":
     """The rows of earlier runs in ``dst`` that ``--resume`` keeps: written with this configuration, ok, of a
     key of ``work`` that still names the same files (every role's), their outputs present with the size they
     were written with (``outputs_intact``) and their input
@@ -594,7 +617,9 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
     finished row is not kept (processed again, or failed since); ``why``: "input" (its bytes changed), "file"
     (another file under the key), "unreadable", "outputs", or None (its last row had failed). ``config``: this run's configuration record, to
     name what differs from the folder's when it holds rows of other configurations only. ``left`` receives
-    ``{key: outputs}`` of the finished rows of keys no longer planned (their outputs stay; ``LEFT``)."""
+    ``{key: outputs}`` of the finished rows of keys no longer planned (their outputs stay; ``LEFT``). ``revision``:
+    the stage's ``results_revision``; a finished row made with another (or before it was recorded) is processed
+    again, and said (campaign 39b F1)."""
     planned = {w.key: (str(w.path), _extra_paths(w) if w.extra else None) for w in work}
     key_of = {str(w.path): w.key for w in work}
     renamed: dict[str, str] = {}
@@ -603,15 +628,20 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
     away: set[str] = set()  # keys whose finished row is kept though an input of it cannot be found now
     finished: dict[str, list] = {}  # key: the outputs of its newest ok row of this configuration
     rows, hashes = RowStore(), set()
+    made_by: dict = {}  # key: the results revision of its row processed again for it
     for r, text in _previous_lines(dst):  # oldest first: a newer row of a key decides
         hashes.add(r.get("config_sha256"))
         key = r["key"]
         if r.get("status") == "ok" and key_of.get(str(r.get("input"))) not in (None, key):  # (its old key may be another file's now)
             renamed[key] = key_of[str(r.get("input"))]
         why = None
-        if not (r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and (r.get("input"), r.get("inputs")) == planned.get(key)):
+        finished_here = r.get("config_sha256") == cfg_hash and r.get("status") == "ok"
+        if finished_here and key in planned and revision is not None and r.get("results_revision") != revision:
+            why = "revision"  # (before the file's check: versions before 2026-12-02 recorded a relative path; campaign 39b F3)
+            made_by[key] = r.get("results_revision")
+        elif not (finished_here and (r.get("input"), r.get("inputs")) == planned.get(key)):
             # a finished row whose key now names another file (p0.png replaced by p0.jpg): processed again, and said
-            why = "file" if r.get("config_sha256") == cfg_hash and r.get("status") == "ok" and key in planned else "other"
+            why = "file" if finished_here and key in planned else "other"
         elif not outputs_intact(dst, r):
             why = "outputs"
         else:
@@ -655,6 +685,7 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
         for why, what in (("input", "changed since (its bytes differ from those recorded)"),
                           ("unreadable", "cannot be read now (its file's status changed since)"),
                           ("outputs", "lost or changed an output file since"),
+                          ("revision", _revision_words({made_by.get(k) for k, (w, _) in again.items() if w == "revision"}, revision)),
                           ("file", "are listed now as another file under the same key")):  # (review 23 R23-10)
             if n := sum(1 for w, _ in again.values() if w == why):
                 first = next(k for k, (w, _) in again.items() if w == why)
@@ -711,7 +742,8 @@ def stage_lines(folder: Path) -> Iterator[dict]:
     """The rows a stage folder holds, oldest first, without the configuration tag (a later row of the same
     key replaces an earlier one); nothing for a folder that holds none. Read a line at a time."""
     for r, _ in _previous_lines(folder):
-        r.pop("config_sha256", None)
+        for name in _TAG_FIELDS:
+            r.pop(name, None)
         yield r
 
 
@@ -1363,11 +1395,12 @@ def write_reports(
     cfg = stage.config_record()
     manifest = {
         "schema_version": 1,
-        "tool": {"name": "fundus-pipeline", "version": __version__},
+        "tool": {"name": "fundus-pipeline", "version": __version__, **dict(code_record())},  # which code (campaign 39b F9)
         "stage": stage.name,
         "command": command,
         "config": cfg,
         "config_sha256": config_sha256(cfg),
+        "results_revision": stage.results_revision,  # (the rows' own: the journal records each one's)
         "input": {"dir": str(inputs.path), **inputs.record(), **{role: _extra_record(p) for role, p in extra_dirs.items()}},
         "output": {"dir": str(out_dir)},
         "environment": environment(),
@@ -1605,7 +1638,8 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     notes: list[str] = []
     redone: dict[str, tuple] = {}  # key: (why, the outputs of its earlier row), for a row processed again because something changed
     left: dict[str, list] = {}
-    rows = (resumable_rows(dst, cfg_hash, work, notes=notes, redone=redone, config=stage.config_record(), left=left, checked=checked_inputs)
+    rows = (resumable_rows(dst, cfg_hash, work, notes=notes, redone=redone, config=stage.config_record(), left=left, checked=checked_inputs,
+                           revision=stage.results_revision)
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
     if left:
         record_left(dst, left)
@@ -1619,7 +1653,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             (dst / name).unlink(missing_ok=True)
     remove_stale_temporaries(dst)  # of a killed run (the lock is held: no other fundus process writes here)
     # The journal keeps only rows of the current configuration (the others are not resumable).
-    tag = f', "config_sha256": "{cfg_hash}"}}'
+    tag = _tag(cfg_hash, stage.results_revision)
     try:
         with open_atomic(journal_path) as f:
             for key in rows:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
+
 
 def test_an_input_unreadable_now_does_not_say_its_earlier_outputs_came_from_other_bytes(tmp_path, monkeypatch):
     """Known left of review 38: a photograph done before whose file's status changed and that cannot be read now is
@@ -36,3 +38,135 @@ def test_an_input_unreadable_now_does_not_say_its_earlier_outputs_came_from_othe
     assert rows["p0"]["status"] == rows["p1"]["status"] == "error"
     assert rows["p0"]["error"].endswith("(outputs of an earlier run from the bytes it read then stay: p0.png)"), rows["p0"]["error"]
     assert rows["p1"]["error"].endswith("(outputs of an earlier run from other bytes stay: p1.png)"), rows["p1"]["error"]
+
+
+def test_a_resume_processes_again_the_rows_another_version_made(tmp_path, capsys):
+    """39b F1 (HIGH): a resume after an upgrade kept, exit 0 and without a word, the rows the earlier code had made
+    (without the small-photograph, grey and no-FOV warnings of today's grade, with another FOV rule): the resume
+    compared the options only. Each row records the stage's results revision; rows of another (or of a version
+    before the record) are processed again and said, and the new rows are kept by the next resume."""
+    import json
+
+    from fundus_pipeline.cli import main
+    from fundus_pipeline.runner import JOURNAL
+    from tests.test_campaign36 import _bmp
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for k in range(3):
+        _bmp(src / f"p{k}.bmp", k)
+    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
+    assert main([*args, "--quiet"]) == 0
+    journal = out / JOURNAL
+    lines = journal.read_text().splitlines()
+    assert all(line.endswith(', "results_revision": 1}') for line in lines)
+    assert json.loads((out / "manifest.json").read_text())["results_revision"] == 1
+    assert "results_revision" not in (out / "results.csv").read_text()  # the journal's tag, not a column
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    # as an earlier version wrote it: no revision in p0's and p1's lines, revision 0 (another) in p2's
+    edited = [line.replace(', "results_revision": 1}', "}") for line in lines[:2]] + [lines[2].replace('"results_revision": 1}', '"results_revision": 0}')]
+    journal.write_text("\n".join(edited) + "\n")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    said = capsys.readouterr()
+    err = said.err
+    assert ("note: 3 photograph(s) done before were made by another version of fundus (results revision 0, or before they were "
+            "recorded; this one computes revision 1), whose results can differ, and are processed again (e.g. 'p0')") in err, err
+    assert "3 ok, 0 failed ->" in said.out and "already done" not in said.out + err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before and len(before) == 3  # made again: the same bytes here
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert "3 ok, 0 failed (3 already done, resumed)" in capsys.readouterr().out
+
+
+def test_a_row_of_an_older_version_with_a_relative_input_is_said_to_be_of_that_version(tmp_path, capsys):
+    """39b F3: versions before 2026-12-02 recorded the input as typed (relative); their rows were processed again with
+    the note "listed now as another file under the same key", which they are not."""
+    import json
+    import os
+
+    from fundus_pipeline.cli import main
+    from fundus_pipeline.runner import JOURNAL
+    from tests.test_campaign36 import _bmp
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _bmp(src / "p0.bmp", 0)
+    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
+    assert main([*args, "--quiet"]) == 0
+    row = json.loads((out / JOURNAL).read_text())
+    row.pop("results_revision", None)
+    row["input"] = os.path.relpath(row["input"])  # as typed, in the working folder
+    (out / JOURNAL).write_text(json.dumps(row) + "\n")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "1 photograph(s) done before were made by another version of fundus" in err and "another file" not in err, err
+
+
+def test_a_run_whose_record_differs_where_no_option_does_is_refused_as_another_versions(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """39b F2: a run folder of a version before 2026-12-02 (whose record of the run lacked a key added since) was
+    refused as "another configuration or other weights; rerun with the same options", naming no option: the user
+    had used the same ones."""
+    import json
+
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    m["run_sha256"] = "0" * 64  # as the hash of a record without a key added since
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "was written by another version of fundus, whose record of the run differs where no option does" in err, err
+    assert "rerun with the same options" not in err
+
+
+def test_a_replay_whose_rows_and_images_are_the_same_and_page_not_is_not_a_difference(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """39b F5: a replay of a run one day old exited 3, "the results differ from the recorded run", when every row and
+    image was the same and only report.html, drawn by the newer page code, was not. Said, exit 0; with a row that
+    differs too the page is counted among the files that differ, as before."""
+    import json
+
+    from tests.test_run import run, tiny_args
+
+    x = tmp_path / "x"
+    assert run("run", photos, x, *tiny_args(tiny, "--steps", "grade")) == 0
+    page = x / "report.html"
+    page.write_text(page.read_text().replace("<title>", "<title>old page code: "))  # as an earlier version drew it
+    capsys.readouterr()
+    assert run("run", "--replay", x, tmp_path / "r1") == 0
+    err = capsys.readouterr().err
+    assert "--replay: identical results (3 rows and" in err and "but report.html differs" in err, err
+    m = json.loads((x / "manifest.json").read_text())
+    m["items"][0]["grade"] = "x" + m["items"][0]["grade"]  # a recorded row that differs too
+    (x / "manifest.json").write_text(json.dumps(m, indent=2))
+    capsys.readouterr()
+    assert run("run", "--replay", x, tmp_path / "r2") == 3
+    err = capsys.readouterr().err
+    assert "--replay: the results differ from the recorded run: 1 of 3 rows" in err, err
+    assert "1 of " in err.split("rows", 1)[1] and "files (first: report.html)" in err and "but report.html differs" not in err, err
+
+
+def test_manifests_say_which_code_wrote_them(tmp_path, photos, tiny):  # noqa: F811
+    """39b F9: nothing in a folder said which fundus wrote it (tool.version 0.1.0 in every version): the stage and run
+    manifests record the git commit (and whether the checkout had changes) where fundus runs from a checkout, as a
+    set's and a training run's did, and each stage its results revision."""
+    import json
+    import re
+    import subprocess
+
+    from tests.test_run import run, tiny_args
+
+    x = tmp_path / "x"
+    assert run("run", photos, x, *tiny_args(tiny, "--steps", "grade")) == 0
+    root = Path(__file__).resolve().parents[1]
+    for m in (json.loads((x / "manifest.json").read_text()), json.loads((x / "grade" / "manifest.json").read_text())):
+        tool = m["tool"]
+        assert tool["name"] == "fundus-pipeline" and tool["version"]
+        if (root / ".git").exists():
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+            assert re.fullmatch(r"[0-9a-f]{40,64}", tool["git_commit"]) and tool["git_commit"] == head and isinstance(tool["dirty"], bool)
+    assert json.loads((x / "grade" / "manifest.json").read_text())["results_revision"] == 1

@@ -196,6 +196,11 @@ class Stage(ABC):
     uses_torch: ClassVar[bool] = False
     fov_policy: FovPolicy = "estimate"
     transient: ClassVar[tuple[str, ...]] = ()  # attributes sent to spawned workers as None (``setup`` rebuilds them)
+    #: The revision of what this stage computes: raised with every change of the code that changes a row or an output
+    #: for the same input and options (a new warning, another FOV rule). ``--resume`` processes again the rows of
+    #: another revision, those of a version before the record (2026-12-05) included: their results were made by other
+    #: code (campaign 39b F1: a resume after an upgrade kept rows without the warnings the code gives now).
+    results_revision: ClassVar[int] = 1
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

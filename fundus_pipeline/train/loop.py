@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 import torch.nn as nn
 
+from fundus_pipeline.provenance import CODE_FOLDERS, _dirty, code_provenance  # noqa: F401  (where they were)
 from fundus_pipeline.errors import FundusError
 from fundus_pipeline.train.config import START_RECORD, TrainConfig
 
@@ -166,49 +165,6 @@ def _finite_or_null(value: Any) -> Any:
 def _deciding(cfg: TrainConfig) -> frozenset[str]:
     """The options of ``cfg``'s command that decide the weights: all but RESUME_MAY_CHANGE."""
     return frozenset(type(cfg).model_fields) - RESUME_MAY_CHANGE
-
-
-def code_provenance() -> dict:
-    """The package version and, when it runs from a git checkout, the commit and whether its files differ
-    from it (``dirty``: a tracked file changed, or a module not committed in a code folder, ``_dirty``): what a
-    summary and an exported weight record so that a run can be rerun with the same code (campaign 21b M1).
-    Without git, or outside a checkout, the version alone."""
-    import subprocess
-
-    from fundus_pipeline import __version__
-
-    rec: dict = {"version": __version__}
-    root = Path(__file__).resolve().parents[2]
-    if not ((root / ".git").exists() and (root / "pyproject.toml").is_file()):  # an installed package: not our checkout
-        return rec
-    try:
-        run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=20, check=True)
-        commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
-        dirty = _dirty(run(["git", "status", "--porcelain", "--untracked-files=all"]).stdout)
-    except (OSError, subprocess.SubprocessError):
-        return rec
-    if re.fullmatch(r"[0-9a-f]{40,64}", commit):
-        rec.update(git_commit=commit, dirty=dirty)
-    return rec
-
-
-#: The checkout's folders whose untracked files are code the run may have imported (a new module): they make it dirty.
-CODE_FOLDERS = ("fundus_pipeline/", "degradation/")
-
-
-def _dirty(porcelain: str) -> bool:
-    """Whether ``git status --porcelain --untracked-files=all`` shows a tracked file changed, or an untracked file
-    in a code folder (``CODE_FOLDERS``): a module not committed ran as part of the code too (only tracked files
-    had counted); untracked files elsewhere (notes, scratch output) do not."""
-    for line in porcelain.splitlines():
-        if not line.strip():
-            continue
-        if not line.startswith("?? "):
-            return True
-        path = line[3:].strip().strip('"')
-        if path.startswith(CODE_FOLDERS) and path.endswith(".py"):
-            return True
-    return False
 
 
 #: Options naming folders: compared as the folder they resolve to (and a set by its table's sha256).
