@@ -638,7 +638,10 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
         finished_here = r.get("config_sha256") == cfg_hash and r.get("status") == "ok"
         if finished_here and key in planned and revision is not None and r.get("results_revision") != revision:
             why = "revision"  # (before the file's check: versions before 2026-12-02 recorded a relative path; campaign 39b F3)
-            made_by[key] = r.get("results_revision")
+            if (input_state(r) if checked is None else checked.get(key, ("same", {}))[0]) == "changed":
+                why = "input"  # replaced since, too: said as such (review 40 M-2)
+            made = r.get("results_revision")
+            made_by[key] = made if isinstance(made, int) and not isinstance(made, bool) else None  # (a hand edit: a list)
         elif not (finished_here and (r.get("input"), r.get("inputs")) == planned.get(key)):
             # a finished row whose key now names another file (p0.png replaced by p0.jpg): processed again, and said
             why = "file" if finished_here and key in planned else "other"
@@ -1641,7 +1644,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
     rows = (resumable_rows(dst, cfg_hash, work, notes=notes, redone=redone, config=stage.config_record(), left=left, checked=checked_inputs,
                            revision=stage.results_revision)
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
-    if left:
+    for key, (_, earlier) in redone.items():  # processed again: its earlier outputs stay the folder's own until its new row is
+        left.setdefault(key, []).extend(earlier)  # written (review 40 M-3: an interrupted first resume after an upgrade
+    if left:  # had left every earlier output unlisted, and --overwrite refused them as somebody else's)
         record_left(dst, left)
     for note in notes:  # in a chained run (``said`` given) each is said once, with the stage it was found in first
         if progress and (said is None or note not in said):
@@ -1687,9 +1692,10 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         if row.get("status") != "ok" and row["key"] in redone:  # done before, failing now: its earlier outputs are not this row's
             why, earlier = redone[row["key"]]
             if stay := _earlier_outputs(dst, earlier, row.get("outputs")):
-                # "other bytes" only where they are (an input unreadable now, or an output lost, had been said so too)
-                made = "from other bytes" if why in ("input", "file") else "from the bytes it read then"
-                row["error"] = f"{row.get('error', '')} (outputs of an earlier run {made} stay: {', '.join(stay[:3])}{', ...' if len(stay) > 3 else ''})"
+                # "other bytes" only where they are known to be (an input unreadable now, or an output lost, had been said
+                # so too); where not known (its earlier row had failed too, another revision) neither is claimed (review 40 M-2)
+                made = " from other bytes" if why in ("input", "file") else ""
+                row["error"] = f"{row.get('error', '')} (outputs of an earlier run{made} stay: {', '.join(stay[:3])}{', ...' if len(stay) > 3 else ''})"
                 row["earlier_outputs"] = stay  # (a later resume that fails again says so too)
         row["threads"] = threads  # each row says what made its bytes: a resume may run on another count
         text = _dumps(row)

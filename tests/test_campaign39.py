@@ -36,7 +36,7 @@ def test_an_input_unreadable_now_does_not_say_its_earlier_outputs_came_from_othe
     assert main([*args, "--resume"]) == 3
     rows = _rows(out)
     assert rows["p0"]["status"] == rows["p1"]["status"] == "error"
-    assert rows["p0"]["error"].endswith("(outputs of an earlier run from the bytes it read then stay: p0.png)"), rows["p0"]["error"]
+    assert rows["p0"]["error"].endswith("(outputs of an earlier run stay: p0.png)"), rows["p0"]["error"]
     assert rows["p1"]["error"].endswith("(outputs of an earlier run from other bytes stay: p1.png)"), rows["p1"]["error"]
 
 
@@ -170,3 +170,46 @@ def test_manifests_say_which_code_wrote_them(tmp_path, photos, tiny):  # noqa: F
             head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
             assert re.fullmatch(r"[0-9a-f]{40,64}", tool["git_commit"]) and tool["git_commit"] == head and isinstance(tool["dirty"], bool)
     assert json.loads((x / "grade" / "manifest.json").read_text())["results_revision"] == 1
+
+
+def test_review40_a_precision_left_out_is_named_not_taken_for_another_version(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """Review 40 M-1: a run made with --precision bf16 and resumed without it was refused as "written by another
+    version of fundus" (the options compared left out precision and compile, as the record does at their defaults)."""
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade", "--precision", "bf16")) == 0
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
+    err = capsys.readouterr().err
+    assert 'precision: "bf16" there, "fp32" now' in err and "another version" not in err, err
+
+
+def test_review40_an_upgrades_first_resume_names_a_replaced_photograph_and_keeps_earlier_outputs_owned(tmp_path, capsys):
+    """Review 40 M-2, M-3: on the first resume after an upgrade a photograph replaced since was said to be another
+    version's row only (the revision was checked first), and its failure said its earlier outputs came "from the
+    bytes it read then"; and a first resume interrupted left every earlier output unlisted (the journal is rewritten
+    with the kept rows only), so that the folder's own files read as somebody else's."""
+    import json
+
+    from fundus_pipeline.cli import main
+    from fundus_pipeline.runner import JOURNAL, left_outputs
+    from tests.test_campaign36 import _bmp
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for k in range(2):
+        _bmp(src / f"p{k}.bmp", k)
+    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
+    assert main([*args, "--quiet"]) == 0
+    journal = out / JOURNAL
+    journal.write_text(journal.read_text().replace(', "results_revision": 1}', "}"))  # as an earlier version wrote it
+    _bmp(src / "p1.bmp", 7)  # replaced since
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "1 photograph(s) done before changed since (its bytes differ from those recorded) and are processed again (e.g. 'p1')" in err, err
+    assert "1 photograph(s) done before were made by another version of fundus" in err and "(e.g. 'p0')" in err, err
+    # M-3: while they are processed again, their earlier outputs are the folder's own (an interruption keeps them so)
+    assert {k: sorted(v) for k, v in left_outputs(out).items()} == {"p0": ["p0.png"], "p1": ["p1.png"]}
+    assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 2
