@@ -1100,6 +1100,8 @@ def _run_manifest_json(file: Path, prefix: str, missing: str, *, head: bool = Fa
     UsageError starting with ``prefix`` (``missing``: the message when the file is not there)."""
     try:
         m = read_manifest_head(file) if head else json.loads(file.read_text())
+        if head and isinstance(m, dict) and "stage" not in m:  # laid out otherwise (its keys sorted by a tool): whole
+            m = json.loads(file.read_text())
     except FileNotFoundError:
         raise UsageError(prefix + missing) from None
     except (OSError, UnicodeDecodeError) as e:
@@ -1237,14 +1239,14 @@ def manifest_items(path: Path, name: str = "items") -> Iterator[dict]:
                 if yielded:
                     raise
                 break
-            if isinstance(row, dict):
+            if isinstance(row, dict) or name != "items":  # (a plan's entry that is not an object is refused by its reader)
                 yielded += 1
                 yield row
         else:
             if inside:
                 return
     m = json.loads(Path(path).read_text(encoding="utf-8", errors="surrogateescape"))  # not laid out one item a line
-    yield from (r for r in (m.get(name) if isinstance(m, dict) else None) or [] if isinstance(r, dict))
+    yield from (r for r in (m.get(name) if isinstance(m, dict) else None) or [] if isinstance(r, dict) or name != "items")
 
 
 def sha256_file_or_none(path: Path) -> str | None:

@@ -24,7 +24,7 @@ def code_provenance() -> dict:
     try:
         run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=20, check=True)
         commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
-        dirty = _dirty(run(["git", "status", "--porcelain", "--untracked-files=all"]).stdout)
+        dirty = _dirty(run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=all"]).stdout)
     except (OSError, subprocess.SubprocessError):
         return rec
     if re.fullmatch(r"[0-9a-f]{40,64}", commit):

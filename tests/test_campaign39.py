@@ -213,3 +213,23 @@ def test_review40_an_upgrades_first_resume_names_a_replaced_photograph_and_keeps
     # M-3: while they are processed again, their earlier outputs are the folder's own (an interruption keeps them so)
     assert {k: sorted(v) for k, v in left_outputs(out).items()} == {"p0": ["p0.png"], "p1": ["p1.png"]}
     assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 2
+
+
+def test_review40_fundus_report_reads_a_manifest_with_sorted_keys_and_refuses_a_plan_entry_not_an_object(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """Review 40 LOW: reading the run manifest's head only, fundus report refused one whose keys a tool had sorted
+    ("items" before "stage": not a run's manifest) and passed over a plan entry that is not an object."""
+    import json
+
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    before = (out / "report.html").read_bytes()
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
+    assert run("report", out) == 0 and (out / "report.html").read_bytes() == before
+    m["plan"].append(7)
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    capsys.readouterr()
+    assert run("report", out) == 2
+    assert "invalid run manifest (plan:" in capsys.readouterr().err
