@@ -712,7 +712,11 @@ class Chain:
         both = [step for step in self.weights if isinstance(weights.get(step), dict) and cfg.get(f"{step}_weights") == now.get(f"{step}_weights")]
         sha = {f"{step} weights (sha256)": weights[step].get("sha256") for step in both}
         sha_now = {f"{step} weights (sha256)": self.weights[step]["sha256"] for step in both}
-        return config_change({**{k: cfg.get(k) for k in keys}, **sha}, {**{k: now.get(k) for k in keys}, **sha_now})
+        # a key the recorded configuration lacks (a version before it was added) is its default there (review 41 F3:
+        # "precision: null there, "fp32" now" for a run of a version before 2026-12-01 named no option a user could repeat)
+        default = RunConfig().model_dump(mode="json")
+        then = {k: cfg[k] if k in cfg else default.get(k) for k in keys}
+        return config_change({**then, **sha}, {**{k: now.get(k) for k in keys}, **sha_now})
 
     def _prepare_folder(self) -> None:
         out = self.out

@@ -637,9 +637,10 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
         why = None
         finished_here = r.get("config_sha256") == cfg_hash and r.get("status") == "ok"
         if finished_here and key in planned and revision is not None and r.get("results_revision") != revision:
-            why = "revision"  # (before the file's check: versions before 2026-12-02 recorded a relative path; campaign 39b F3)
-            if (input_state(r) if checked is None else checked.get(key, ("same", {}))[0]) == "changed":
-                why = "input"  # replaced since, too: said as such (review 40 M-2)
+            # (before the file's check: versions before 2026-12-02 recorded a relative path, campaign 39b F3; and before the
+            # input's: computed again anyway, it is not read for a note's sake, review 41 F1: every input of an older
+            # version's folder had been read in full before the first item)
+            why = "revision"
             made = r.get("results_revision")
             made_by[key] = made if isinstance(made, int) and not isinstance(made, bool) else None  # (a hand edit: a list)
         elif not (finished_here and (r.get("input"), r.get("inputs")) == planned.get(key)):
@@ -1645,7 +1646,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
                            revision=stage.results_revision)
             if resume else RowStore())  # this run's rows: the resumed ones, then each one as recorded
     for key, (_, earlier) in redone.items():  # processed again: its earlier outputs stay the folder's own until its new row is
-        left.setdefault(key, []).extend(earlier)  # written (review 40 M-3: an interrupted first resume after an upgrade
+        left.setdefault(key, []).extend(n for n in earlier if plain_name(n))  # written (review 40 M-3: an interrupted first resume after an upgrade
     if left:  # had left every earlier output unlisted, and --overwrite refused them as somebody else's)
         record_left(dst, left)
     for note in notes:  # in a chained run (``said`` given) each is said once, with the stage it was found in first

@@ -185,11 +185,11 @@ def test_review40_a_precision_left_out_is_named_not_taken_for_another_version(tm
     assert 'precision: "bf16" there, "fp32" now' in err and "another version" not in err, err
 
 
-def test_review40_an_upgrades_first_resume_names_a_replaced_photograph_and_keeps_earlier_outputs_owned(tmp_path, capsys):
-    """Review 40 M-2, M-3: on the first resume after an upgrade a photograph replaced since was said to be another
-    version's row only (the revision was checked first), and its failure said its earlier outputs came "from the
-    bytes it read then"; and a first resume interrupted left every earlier output unlisted (the journal is rewritten
-    with the kept rows only), so that the folder's own files read as somebody else's."""
+def test_review40_an_upgrades_first_resume_reads_no_input_for_a_note_and_keeps_earlier_outputs_owned(tmp_path, capsys, monkeypatch):
+    """Review 40 M-3: a first resume after an upgrade that was interrupted left every earlier output unlisted (the
+    journal is rewritten with the kept rows only), so that the folder's own files read as somebody else's. Review 41
+    F1: the rows of another revision are computed again without reading their inputs first for a note (every input
+    of a 2026-12-01..05 folder had been read in full before the first item); one replaced since is among them."""
     import json
 
     from fundus_pipeline.cli import main
@@ -205,11 +205,18 @@ def test_review40_an_upgrades_first_resume_names_a_replaced_photograph_and_keeps
     journal = out / JOURNAL
     journal.write_text(journal.read_text().replace(', "results_revision": 1}', "}"))  # as an earlier version wrote it
     _bmp(src / "p1.bmp", 7)  # replaced since
+    from fundus_pipeline import runner
+    from fundus_pipeline.models import weights
+
+    reads: list = []
+    real = weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda p, *a, **kw: reads.append(Path(p).name) or real(p, *a, **kw))
+    runner._DIGESTS_READ.clear()
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     err = capsys.readouterr().err
-    assert "1 photograph(s) done before changed since (its bytes differ from those recorded) and are processed again (e.g. 'p1')" in err, err
-    assert "1 photograph(s) done before were made by another version of fundus" in err and "(e.g. 'p0')" in err, err
+    assert "2 photograph(s) done before were made by another version of fundus" in err and "(e.g. 'p0')" in err, err
+    assert not [n for n in reads if n.endswith(".bmp")], reads  # no input read before its item
     # M-3: while they are processed again, their earlier outputs are the folder's own (an interruption keeps them so)
     assert {k: sorted(v) for k, v in left_outputs(out).items()} == {"p0": ["p0.png"], "p1": ["p1.png"]}
     assert json.loads((out / "manifest.json").read_text())["counts"]["ok"] == 2
@@ -233,3 +240,38 @@ def test_review40_fundus_report_reads_a_manifest_with_sorted_keys_and_refuses_a_
     capsys.readouterr()
     assert run("report", out) == 2
     assert "invalid run manifest (plan:" in capsys.readouterr().err
+
+
+def test_review41_a_run_recorded_before_precision_existed_is_another_versions_and_odd_outputs_do_not_crash(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """Review 41 F3: a run of a version before 2026-12-01 (its recorded configuration without precision and compile)
+    was refused as "precision: null there, "fp32" now; rerun with the same options", an option nobody can repeat: a
+    key the record lacks is its default there. F4: a hand-edited row whose outputs held a number ended a resume that
+    processed it again in an internal error (exit 1)."""
+    import json
+
+    from fundus_pipeline.cli import main
+    from fundus_pipeline.runner import JOURNAL
+    from tests.test_campaign36 import _bmp
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    del m["config"]["precision"], m["config"]["compile"]
+    m["run_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "written by another version of fundus" in err and "precision" not in err, err
+
+    src, deg = tmp_path / "in2", tmp_path / "deg"
+    src.mkdir()
+    _bmp(src / "p0.bmp", 0)
+    args = ["degrade", str(src), str(deg), "--types", "111", "--workers", "1", "--quiet"]
+    assert main(args) == 0
+    row = json.loads((deg / JOURNAL).read_text())
+    row["outputs"] = [7, None, "p0.png"]
+    row.pop("results_revision")
+    (deg / JOURNAL).write_text(json.dumps(row) + "\n")
+    assert main(args + ["--resume"]) == 0
