@@ -50,7 +50,7 @@ from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, rea
 from fundus_pipeline.provenance import code_record
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, previous_lines, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -522,6 +522,18 @@ def unreached_rows(cfg: RunConfig, plan: list[ChainItem], inputs: Iterable[Image
                        "clean_input": str(it.path), "degradation": code or cfg.simulate, "status": "pending"}  # fmt: skip
 
 
+def _results_revision(step: str) -> int:
+    """The ``results_revision`` of the stage that a run's ``step`` (or "degrade") runs."""
+    from fundus_pipeline.stages.degrade import DegradeStage
+    from fundus_pipeline.stages.enhance import EnhanceStage
+    from fundus_pipeline.stages.grade import GradeStage
+    from fundus_pipeline.stages.score import ScoreStage
+    from fundus_pipeline.stages.segment import SegmentStage
+
+    classes = {"degrade": DegradeStage, "grade": GradeStage, "enhance": EnhanceStage, "score": ScoreStage, "segment": SegmentStage}
+    return classes[step].results_revision
+
+
 def unreached_in_manifest(manifest: Path, plan: list[ChainItem]) -> Iterator[dict]:
     """Those rows again, from a finished manifest's items, read a line at a time (`fundus report` needs no input folder)."""
     seen = {it.clean_key or it.key for it in plan}
@@ -738,7 +750,10 @@ class Chain:
             # only inputs of this run matter: one no longer listed (or now another file) drops out of the table
             planned = {it.key: str(it.path) for it in self.inputs.items}
             self.checked = {}  # key: (input_state, refreshed stat fields), for the first stage's resume (review 37 M-1, M-2)
-            for r in stage_lines(out / self._first_folder()):
+            revision = _results_revision(self._first_folder())
+            for r, _ in previous_lines(out / self._first_folder()):
+                if r.get("results_revision") != revision:
+                    continue  # made by other code: computed again anyway, its input not read first (review 41 F1)
                 if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input"):
                     fresh: dict = {}
                     self.checked[r["key"]] = (input_state(r, fresh), fresh)

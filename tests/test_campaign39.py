@@ -275,3 +275,33 @@ def test_review41_a_run_recorded_before_precision_existed_is_another_versions_an
     row.pop("results_revision")
     (deg / JOURNAL).write_text(json.dumps(row) + "\n")
     assert main(args + ["--resume"]) == 0
+
+
+def test_review41_an_upgraded_run_folder_is_resumed_without_reading_or_refusing_its_inputs_first(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """Review 41 F1 (fundus run): the chain's check of the first stage's inputs read in full every input an older
+    version recorded by size and time, and refused the resume for a photograph replaced since, although every row of
+    another revision is computed again (nothing would mix)."""
+    import json
+
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    args = tiny_args(tiny, "--steps", "grade,segment")
+    assert run("run", photos, out, *args) == 0
+    for step in ("grade", "segment"):  # as a version of 2026-12-04 wrote them: no revision, a stat of size and time
+        journal = out / step / ".fundus-journal.jsonl"
+        rows = [json.loads(line) for line in journal.read_text().splitlines()]
+        for r in rows:
+            r.pop("results_revision")
+            r["input_stat"] = r["input_stat"][:2]
+        journal.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from PIL import Image
+
+    from tests.conftest import synthetic_fundus
+
+    Image.fromarray(synthetic_fundus(96, 112, 9)).save(photos / "p0.png")  # replaced since by another photograph
+    capsys.readouterr()
+    assert run("run", photos, out, *args, "--resume") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["ok"] == 3 and all(n.startswith("3 photograph(s) done before were made by another version")
+                                          for n in m["stages"]["grade"]["resume_notes"]), m["stages"]["grade"]
