@@ -540,8 +540,8 @@ def _dumps(row: dict) -> str:
 
 
 def _revision_words(found: set, now: int | None) -> str:
-    """How a resume's note names the rows made by other code: "were made by an earlier version of fundus (results
-    revision 1; this one computes revision 2)"."""
+    """How a resume's note names the rows made by other code: "were made by another version of fundus (results
+    revision 1; this one computes revision 2), whose results can differ,"."""
     known = sorted(r for r in found if isinstance(r, int) and not isinstance(r, bool))
     which = f"results revision {', '.join(map(str, known))}" if known else "before results revisions were recorded"
     if known and None in found:
@@ -620,7 +620,8 @@ def resumable_rows(dst: Path, cfg_hash: str, work: list[WorkItem], notes: list |
     again because their input or an output changed since, or are no longer among the inputs (campaign 23b
     LOW-3). ``redone`` receives ``{key: (why, the outputs of its last finished row)}`` for the planned keys whose
     finished row is not kept (processed again, or failed since); ``why``: "input" (its bytes changed), "file"
-    (another file under the key), "unreadable", "outputs", or None (its last row had failed). ``config``: this run's configuration record, to
+    (another file under the key), "unreadable", "outputs", "revision" (made by other code), or None (its last row
+    had failed). ``config``: this run's configuration record, to
     name what differs from the folder's when it holds rows of other configurations only. ``left`` receives
     ``{key: outputs}`` of the finished rows of keys no longer planned (their outputs stay; ``LEFT``). ``revision``:
     the stage's ``results_revision``; a finished row made with another (or before it was recorded) is processed
@@ -1698,8 +1699,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         if row.get("status") != "ok" and row["key"] in redone:  # done before, failing now: its earlier outputs are not this row's
             why, earlier = redone[row["key"]]
             if stay := _earlier_outputs(dst, earlier, row.get("outputs")):
-                # "other bytes" only where they are known to be (an input unreadable now, or an output lost, had been said
-                # so too); where not known (its earlier row had failed too, another revision) neither is claimed (review 40 M-2)
+                # "other bytes" only where they are known to be (an input unreadable now or an output lost had been said so
+                # too); where that is not known (unreadable, outputs, another revision, a row that had failed too) no claim
+                # is made (review 40 M-2)
                 made = " from other bytes" if why in ("input", "file") else ""
                 row["error"] = f"{row.get('error', '')} (outputs of an earlier run{made} stay: {', '.join(stay[:3])}{', ...' if len(stay) > 3 else ''})"
                 row["earlier_outputs"] = stay  # (a later resume that fails again says so too)
