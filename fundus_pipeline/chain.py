@@ -724,8 +724,12 @@ class Chain:
         both = [step for step in self.weights if isinstance(weights.get(step), dict) and cfg.get(f"{step}_weights") == now.get(f"{step}_weights")]
         sha = {f"{step} weights (sha256)": weights[step].get("sha256") for step in both}
         sha_now = {f"{step} weights (sha256)": self.weights[step]["sha256"] for step in both}
-        # a key the recorded configuration lacks (a version before it was added) is its default there (review 41 F3:
-        # "precision: null there, "fp32" now" for a run of a version before 2026-12-01 named no option a user could repeat)
+        # precision and compile, which the record leaves out at their defaults, are their defaults where the recorded
+        # configuration lacks them (review 41 F3: "precision: null there"); any other key it lacks was added since: a
+        # record of another version, which no option repeated resumes ("" makes the refusal say so; review 42 F1:
+        # "rerun with the same options" naming the default weights, then refused again)
+        if any(k not in cfg for k in keys - {"precision", "compile"}):
+            return ""
         default = RunConfig().model_dump(mode="json")
         then = {k: cfg[k] if k in cfg else default.get(k) for k in keys}
         return config_change({**then, **sha}, {**{k: now.get(k) for k in keys}, **sha_now})
@@ -753,6 +757,7 @@ class Chain:
             revision = _results_revision(self._first_folder())
             for r, _ in previous_lines(out / self._first_folder()):
                 if r.get("results_revision") != revision:
+                    self.checked.pop(r["key"], None)  # (its newest row decides; review 42 F2)
                     continue  # made by other code: computed again anyway, its input not read first (review 41 F1)
                 if r.get("status") == "ok" and planned.get(r["key"]) == r.get("input"):
                     fresh: dict = {}

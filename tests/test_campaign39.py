@@ -305,3 +305,45 @@ def test_review41_an_upgraded_run_folder_is_resumed_without_reading_or_refusing_
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["ok"] == 3 and all(n.startswith("3 photograph(s) done before were made by another version")
                                           for n in m["stages"]["grade"]["resume_notes"]), m["stages"]["grade"]
+
+
+def test_review42_a_record_lacking_a_key_added_since_is_another_versions_whatever_else_differs(tmp_path, photos, tiny, capsys):  # noqa: F811
+    """Review 42 F1: a run of a version before 2026-12-02 13:44 made with its default weights was refused naming the
+    weights ("rerun with the same options"), and refused again as another version's once they were given."""
+    import json
+
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    del m["config"]["correction_sigma"]  # a key added on 2026-12-02
+    m["config"]["grade_weights"] = "hemf"  # that version's default
+    m["run_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "written by another version of fundus" in err and "grade_weights" not in err, err
+
+
+def test_review42_the_newest_row_of_a_key_decides_whether_its_input_is_checked_first(tmp_path, photos, tiny):  # noqa: F811
+    """Review 42 F2: a row of this revision followed by a newer one of another (a downgrade's, a hand edit) had its
+    replaced input refuse the whole resume, although the key is computed again anyway."""
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import synthetic_fundus
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    args = tiny_args(tiny, "--steps", "grade")
+    assert run("run", photos, out, *args) == 0
+    journal = out / "grade" / ".fundus-journal.jsonl"
+    lines = journal.read_text().splitlines()
+    newer = json.loads(lines[0])
+    newer["results_revision"] = 0  # a newer row of the same key, made by other code
+    journal.write_text("\n".join(lines + [json.dumps(newer)]) + "\n")
+    Image.fromarray(synthetic_fundus(96, 112, 9)).save(photos / f"{newer['key']}.png")  # replaced since
+    assert run("run", photos, out, *args, "--resume") == 0
