@@ -8,6 +8,39 @@ from pathlib import Path
 from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
 
 
+def _degraded(root: Path, n: int) -> tuple[Path, Path, list[str]]:
+    """(ROOT/in of n BMP photographs p0.bmp ..., ROOT/out, the argv) of a finished `fundus degrade` run of one worker."""
+    from fundus_pipeline.cli import main
+    from tests.test_campaign36 import _bmp
+
+    root.mkdir(exist_ok=True)
+    src, out = root / "in", root / "out"
+    src.mkdir()
+    for k in range(n):
+        _bmp(src / f"p{k}.bmp", k)
+    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
+    assert main([*args, "--quiet"]) == 0
+    return src, out, args
+
+
+def _refused_resume(tmp_path: Path, photos: Path, tiny, edit, capsys) -> str:  # noqa: F811
+    """The refusal (exit 2) of a `--resume` of a finished grade run whose manifest ``edit`` changed (its run_sha256
+    made another, as a record of other options or another version has)."""
+    import json
+
+    from tests.test_run import run, tiny_args
+
+    out = tmp_path / "out"
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    m["run_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    capsys.readouterr()
+    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
+    return capsys.readouterr().err
+
+
 def test_an_input_unreadable_now_does_not_say_its_earlier_outputs_came_from_other_bytes(tmp_path, monkeypatch):
     """Known left of review 38: a photograph done before whose file's status changed and that cannot be read now is
     processed again and fails; its error said the earlier outputs that stay were "from other bytes", which nobody
@@ -17,12 +50,7 @@ def test_an_input_unreadable_now_does_not_say_its_earlier_outputs_came_from_othe
     from fundus_pipeline.models import weights
     from tests.test_campaign36 import _bmp, _rows
 
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    for k in range(2):
-        _bmp(src / f"p{k}.bmp", k)
-    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1", "--quiet"]
-    assert main(args) == 0
+    src, out, args = _degraded(tmp_path, 2)
     (src / "p0.bmp").chmod(0o600)  # its status changes, its bytes stay
     _bmp(src / "p1.bmp", 7)  # replaced by another photograph
 
@@ -49,14 +77,8 @@ def test_a_resume_processes_again_the_rows_another_version_made(tmp_path, capsys
 
     from fundus_pipeline.cli import main
     from fundus_pipeline.runner import JOURNAL
-    from tests.test_campaign36 import _bmp
 
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    for k in range(3):
-        _bmp(src / f"p{k}.bmp", k)
-    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
-    assert main([*args, "--quiet"]) == 0
+    src, out, args = _degraded(tmp_path, 3)
     journal = out / JOURNAL
     lines = journal.read_text().splitlines()
     assert all(line.endswith(', "results_revision": 1}') for line in lines)
@@ -87,13 +109,8 @@ def test_a_row_of_an_older_version_with_a_relative_input_is_said_to_be_of_that_v
 
     from fundus_pipeline.cli import main
     from fundus_pipeline.runner import JOURNAL
-    from tests.test_campaign36 import _bmp
 
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    _bmp(src / "p0.bmp", 0)
-    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
-    assert main([*args, "--quiet"]) == 0
+    src, out, args = _degraded(tmp_path, 1)
     row = json.loads((out / JOURNAL).read_text())
     row.pop("results_revision", None)
     row["input"] = os.path.relpath(row["input"])  # as typed, in the working folder
@@ -196,12 +213,7 @@ def test_review40_an_upgrades_first_resume_reads_no_input_for_a_note_and_keeps_e
     from fundus_pipeline.runner import JOURNAL, left_outputs
     from tests.test_campaign36 import _bmp
 
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    for k in range(2):
-        _bmp(src / f"p{k}.bmp", k)
-    args = ["degrade", str(src), str(out), "--types", "111", "--workers", "1"]
-    assert main([*args, "--quiet"]) == 0
+    src, out, args = _degraded(tmp_path, 2)
     journal = out / JOURNAL
     journal.write_text(journal.read_text().replace(', "results_revision": 1}', "}"))  # as an earlier version wrote it
     _bmp(src / "p1.bmp", 7)  # replaced since
@@ -251,25 +263,14 @@ def test_review41_a_run_recorded_before_precision_existed_is_another_versions_an
 
     from fundus_pipeline.cli import main
     from fundus_pipeline.runner import JOURNAL
-    from tests.test_campaign36 import _bmp
-    from tests.test_run import run, tiny_args
 
-    out = tmp_path / "out"
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
-    m = json.loads((out / "manifest.json").read_text())
-    del m["config"]["precision"], m["config"]["compile"]
-    m["run_sha256"] = "0" * 64
-    (out / "manifest.json").write_text(json.dumps(m, indent=2))
-    capsys.readouterr()
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
-    err = capsys.readouterr().err
+    def older(m: dict) -> None:
+        del m["config"]["precision"], m["config"]["compile"]
+
+    err = _refused_resume(tmp_path, photos, tiny, older, capsys)
     assert "written by another version of fundus" in err and "precision" not in err, err
 
-    src, deg = tmp_path / "in2", tmp_path / "deg"
-    src.mkdir()
-    _bmp(src / "p0.bmp", 0)
-    args = ["degrade", str(src), str(deg), "--types", "111", "--workers", "1", "--quiet"]
-    assert main(args) == 0
+    _, deg, args = _degraded(tmp_path / "d", 1)
     row = json.loads((deg / JOURNAL).read_text())
     row["outputs"] = [7, None, "p0.png"]
     row.pop("results_revision")
@@ -310,20 +311,13 @@ def test_review41_an_upgraded_run_folder_is_resumed_without_reading_or_refusing_
 def test_review42_a_record_lacking_a_key_added_since_is_another_versions_whatever_else_differs(tmp_path, photos, tiny, capsys):  # noqa: F811
     """Review 42 F1: a run of a version before 2026-12-02 13:44 made with its default weights was refused naming the
     weights ("rerun with the same options"), and refused again as another version's once they were given."""
-    import json
 
-    from tests.test_run import run, tiny_args
 
-    out = tmp_path / "out"
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade")) == 0
-    m = json.loads((out / "manifest.json").read_text())
-    del m["config"]["correction_sigma"]  # a key added on 2026-12-02
-    m["config"]["grade_weights"] = "hemf"  # that version's default
-    m["run_sha256"] = "0" * 64
-    (out / "manifest.json").write_text(json.dumps(m, indent=2))
-    capsys.readouterr()
-    assert run("run", photos, out, *tiny_args(tiny, "--steps", "grade"), "--resume") == 2
-    err = capsys.readouterr().err
+    def older(m: dict) -> None:
+        del m["config"]["correction_sigma"]  # a key added on 2026-12-02
+        m["config"]["grade_weights"] = "hemf"  # that version's default
+
+    err = _refused_resume(tmp_path, photos, tiny, older, capsys)
     assert "written by another version of fundus" in err and "grade_weights" not in err, err
 
 
