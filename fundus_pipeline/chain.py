@@ -50,7 +50,7 @@ from fundus_pipeline.io import ImageItem, SUPPORTED_EXTENSIONS, open_atomic, rea
 from fundus_pipeline.provenance import code_record
 from fundus_pipeline.runner import (
     JOURNAL, LOCK, Engine, OutputLock, WorkerPool, _create_output, check_run_paths, config_sha256, default_threads, environment, exit_code_of,
-    config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, previous_lines, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
+    config_change, input_state, interrupts_deferred, left_outputs, is_empty, manifest_stage, own_file, _previous_lines, probe_lock, remove_stale_temporaries, resolve_inputs, run_stage, say_note, stage_lines, stage_rows, stage_texts, threads_record, write_json_streamed,
 )
 from fundus_pipeline.models.weights import sha256_file
 
@@ -530,8 +530,7 @@ def _results_revision(step: str) -> int:
     from fundus_pipeline.stages.score import ScoreStage
     from fundus_pipeline.stages.segment import SegmentStage
 
-    classes = {"degrade": DegradeStage, "grade": GradeStage, "enhance": EnhanceStage, "score": ScoreStage, "segment": SegmentStage}
-    return classes[step].results_revision
+    return {c.name: c for c in (DegradeStage, GradeStage, EnhanceStage, ScoreStage, SegmentStage)}[step].results_revision
 
 
 def unreached_in_manifest(manifest: Path, plan: list[ChainItem]) -> Iterator[dict]:
@@ -755,7 +754,7 @@ class Chain:
             planned = {it.key: str(it.path) for it in self.inputs.items}
             self.checked = {}  # key: (input_state, refreshed stat fields), for the first stage's resume (review 37 M-1, M-2)
             revision = _results_revision(self._first_folder())
-            for r, _ in previous_lines(out / self._first_folder()):
+            for r, _ in _previous_lines(out / self._first_folder()):
                 if r.get("results_revision") != revision:
                     self.checked.pop(r["key"], None)  # (its newest row decides; review 42 F2)
                     continue  # made by other code: computed again anyway, its input not read first (review 41 F1)

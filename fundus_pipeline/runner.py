@@ -549,11 +549,6 @@ def _revision_words(found: set, now: int | None) -> str:
     return f"were made by another version of fundus ({which}; this one computes revision {now}), whose results can differ,"
 
 
-def previous_lines(out_dir: Path) -> Iterator[tuple[dict, str]]:
-    """``_previous_lines``: the rows with their tag (``config_sha256``, ``results_revision``) and their texts."""
-    return _previous_lines(out_dir)
-
-
 def _previous_lines(out_dir: Path) -> Iterator[tuple[dict, str]]:
     """Rows of earlier runs in this folder, oldest first, each with the configuration hash it was written
     with, and its JSON text: the crash-safe journal when there is one (it holds every row of the run that
