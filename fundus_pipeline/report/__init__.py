@@ -116,7 +116,11 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
         if not rel:
             continue
         p = Path(rel)
-        p = p if p.is_absolute() else out / p
+        if not p.is_absolute():
+            # OUT-relative (--simulate's degraded images, the enhanced ones); a version before 2026-12-02 recorded
+            # its inputs as given, relative to the working folder (campaign 39b F4): there when not in OUT, and
+            # shown only when its bytes are the recorded ones (checked below)
+            p = out / p if name != "input" or (out / p).exists() or not p.exists() else p.absolute()
         if name == "enhanced" and not _inside(out, rel):
             lost.add(name, key, f"{p} (not a file of the run's folder)")
             continue
@@ -136,7 +140,9 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
             base[name] = thumb
             t[name] = data_uri(base[name])
         except unreadable:
-            lost.add(name, key, str(p))
+            older = name == "input" and not Path(rel).is_absolute() and not (out / Path(rel).parts[0]).exists()
+            lost.add(name, key, f"{rel} (a relative path, in neither {out} nor the working folder: a version before 2026-12-02 "
+                                "recorded the inputs relative to the folder it was run in; run `fundus report` there)" if older else str(p))
     if row.get("vessels_image"):
         seg = base.get("enhanced" if row.get("segmented") == "enhanced" else "input")
         if not _inside(out, row["vessels_image"]):

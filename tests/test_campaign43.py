@@ -1,0 +1,35 @@
+"""Session of 2026-12-05 (night): known-left items of campaign 39b, and campaign 43's findings."""
+
+from __future__ import annotations
+
+
+from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
+
+
+def test_report_of_an_older_run_finds_its_inputs_recorded_relative_to_its_working_folder(tmp_path, photos, tiny, monkeypatch, capsys):  # noqa: F811
+    """39b F4: a version before 2026-12-02 recorded a run's inputs as given (``in/p0.png``, relative to the folder it
+    was run in); `fundus report` looked for them in OUT only and called intact inputs "missing or changed". They are
+    now found in the working folder, shown when their bytes are the recorded ones, and where they are not found the
+    warning says why and where to run the command."""
+    from tests.test_run import run, tiny_args
+
+    monkeypatch.chdir(tmp_path)
+    assert run("run", "in", "out", *tiny_args(tiny, "--steps", "grade")) == 0
+    for f in (tmp_path / "out").rglob("*"):  # as the older version wrote them
+        if f.is_file() and f.suffix in (".json", ".csv", ".jsonl"):
+            f.write_text(f.read_text().replace(f"{photos}/", "in/"))
+    capsys.readouterr()
+    assert run("report", "out") == 0
+    assert "missing" not in capsys.readouterr().err
+    assert (tmp_path / "out" / "report.html").read_text().count("data:image") >= 3
+
+    monkeypatch.chdir(tmp_path / "out")  # another working folder: not found, and said why
+    assert run("report", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "3 image(s)" in err and "relative path" in err and "run `fundus report` there" in err, err
+
+    monkeypatch.chdir(tmp_path)  # found there but with other bytes: not shown
+    (photos / "p0.png").write_bytes((photos / "p1.png").read_bytes())
+    assert run("report", "out") == 0
+    err = capsys.readouterr().err
+    assert "1 image(s)" in err and "in/p0.png (changed since the run)" in err, err
