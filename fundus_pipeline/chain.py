@@ -1287,6 +1287,7 @@ def _row_of(path: Path, key: str) -> dict | None:
 
 
 REPLAYED_FILES = (".png", "results.csv", "report.html")  # what a replay reproduces byte for byte (manifests hold times)
+_PAGE = re.compile(r"report(-[1-9][0-9]*)?\.html")  # the report's pages: report.html, report-2.html, ... (past 1,000 photographs)
 
 
 def verify_replay(rp: Replay, out: Path) -> dict:
@@ -1316,35 +1317,37 @@ def verify_replay(rp: Replay, out: Path) -> dict:
         elif k not in new or k not in old:
             first += " (missing from the " + ("replay" if k not in new else "recorded run") + ")"
     files = files_diff = 0
-    file_first, page_diff = "", False
+    file_first, pages_diff = "", []
     if rp.old_out_is_the_run():
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
-            if not (p.is_file() and (p.suffix == ".png" or rel in REPLAYED_FILES)):
+            page = _PAGE.fullmatch(rel) is not None  # every page: report-2.html, ... were not compared (known left of 39b)
+            if not (p.is_file() and (p.suffix == ".png" or rel in REPLAYED_FILES or page)):
                 continue
             files += 1
             q = rp.old_out / rel
             if not q.is_file() or sha256_file(q) != sha256_file(p):
-                if rel == "report.html" and q.is_file():
-                    page_diff = True  # decided below: with every row and image the same, only the page's code differs
+                if page and q.is_file():
+                    pages_diff.append(rel)  # decided below: with every row and image the same, only the page's code differs
                     continue
                 files_diff += 1
                 file_first = file_first or rel
     differs = bool(rows_diff or files_diff)
-    if page_diff and differs:
-        files_diff += 1
-        file_first = file_first or "report.html"
+    if pages_diff and differs:
+        files_diff += len(pages_diff)
+        file_first = file_first or pages_diff[0]
     checked = f"{len(new)} rows" + (f" and {files} files of {rp.old_out}" if files else " (the recorded run's folder is gone or holds another run: rows only)")
     if differs:
         line = (f"--replay: the results differ from the recorded run: {len(rows_diff)} of {len(set(old) | set(new))} rows{first}"
                 + (f"; {files_diff} of {files} files (first: {file_first})" if files_diff else "") + " (exit 3)")
-    elif page_diff:  # campaign 39b F5: a replay after an upgrade said "the results differ" (exit 3) for the page alone
-        line = (f"--replay: identical results ({checked}), but report.html differs: the page is drawn by another version's code from "
+    elif pages_diff:  # campaign 39b F5: a replay after an upgrade said "the results differ" (exit 3) for the page alone
+        which = f"{pages_diff[0]} differs" if len(pages_diff) == 1 else f"{len(pages_diff)} report pages differ (first: {pages_diff[0]})"
+        line = (f"--replay: identical results ({checked}), but {which}: the page is drawn by another version's code from "
                 "the same rows and images")
     else:
         line = f"--replay: identical to the recorded run ({checked})"
     return {"rows": len(new), "rows_differing": len(rows_diff), "files": files, "files_differing": files_diff, "differs": differs,
-            "page_differs": page_diff and not differs, "line": line}
+            "page_differs": bool(pages_diff) and not differs, "line": line}
 
 
 def read_run(out_dir: Path) -> tuple[dict, RunConfig, list[ChainItem]]:

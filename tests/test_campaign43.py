@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
 
 
@@ -33,3 +32,28 @@ def test_report_of_an_older_run_finds_its_inputs_recorded_relative_to_its_workin
     assert run("report", "out") == 0
     err = capsys.readouterr().err
     assert "1 image(s)" in err and "in/p0.png (changed since the run)" in err, err
+
+
+def test_a_replay_compares_every_page_of_the_report(tmp_path, photos, tiny, monkeypatch, capsys):  # noqa: F811
+    """Known left of 39b: a replay compared report.html and not report-2.html, ... (a run past 1,000 photographs):
+    a later page that differed was "identical to the recorded run". Every page is compared now; pages alone
+    differing are said (exit 0), as report.html alone was."""
+    from fundus_pipeline import report
+    from tests.test_run import run, tiny_args
+
+    monkeypatch.setattr(report, "PAGE_ROWS", 2)  # 3 photographs: two pages
+    x = tmp_path / "x"
+    assert run("run", photos, x, *tiny_args(tiny, "--steps", "grade")) == 0
+    assert (x / "report-2.html").is_file()
+    capsys.readouterr()
+    assert run("run", "--replay", x, tmp_path / "r0") == 0
+    assert "--replay: identical to the recorded run (3 rows and" in capsys.readouterr().err
+    page = x / "report-2.html"
+    page.write_text(page.read_text().replace("<title>", "<title>old page code: "))  # as an earlier version drew it
+    assert run("run", "--replay", x, tmp_path / "r1") == 0
+    err = capsys.readouterr().err
+    assert "--replay: identical results (3 rows and" in err and "but report-2.html differs" in err, err
+    for name in ("report.html", "report-2.html"):
+        (x / name).write_text((x / name).read_text().replace("<title>", "<title>old: "))
+    assert run("run", "--replay", x, tmp_path / "r2", "--format", "json") == 0
+    assert "but 2 report pages differ (first: report-2.html)" in capsys.readouterr().err
