@@ -16,7 +16,8 @@ For each stage (segment, enhance, score, grade) and each input size (DRIVE 565x5
 
 * ``batched``: ``--batch`` photographs through ``compute_batch`` at once, images/s, in each precision of
   ``--precisions`` (fp32; bf16 and fp16 under autocast, fp16 on CUDA only).
-* ``agreement`` (DRIVE test photographs, ``--agree N`` of them): what the low precisions change. Segment: vessel
+* ``agreement`` (the validation photographs DRIVE 37-40, training split, ``--agree N`` of them; never test
+  photographs, since the precision to ship is chosen on it): what the low precisions change. Segment: vessel
   F1 against the manual annotations, float32 against each precision (tolerance 0.002). Enhance: PSNR inside the
   FOV against the clean photograph of its Cofe-Net 111 degradation (seed 0), float32 against each precision
   (tolerance 0.05 dB). The precision to ship is the fastest one within both.
@@ -187,20 +188,22 @@ def agreement(name: str, stage, device: torch.device, precisions: list[str], n: 
     from fundus_pipeline.device import autocast
     from fundus_pipeline.io import read_image
 
-    root = default_data_root() / "DRIVE" / "test"
-    if not root.is_dir():
+    from fundus_pipeline.datasets import DRIVE_VAL, drive_paths
+
+    data = default_data_root()
+    photos = [drive_paths(data, ident) for ident in DRIVE_VAL[:n]]  # validation, not test: a precision is chosen on it
+    if not all(p["image"].is_file() and p["vessels"].is_file() for p in photos):
         return {"skipped": "DRIVE not present"}
-    photos = sorted((root / "images").iterdir())[:n]
-    res: dict = {}
+    res: dict = {"photographs": [p["image"].name for p in photos]}
     if name == "segment":
         for p in precisions:
             tp = fp = fn = 0
-            for path in photos:
-                item = prepare_item(stage, path.stem, {"image": decode(path)})
+            for paths in photos:
+                item = prepare_item(stage, paths["image"].stem, {"image": decode(paths["image"])})
                 with autocast(device, p):
                     out = stage.compute(item)
                 pred = out.images_now()["_vessels"] > 0
-                gt, _ = read_image(next((root / "1st_manual").glob(path.name.split("_")[0] + "_manual1.*")))
+                gt, _ = read_image(paths["vessels"])
                 gt = (gt if gt.ndim == 2 else gt[..., 0]) > 127
                 fov = item.fov.mask
                 tp += int((pred & gt & fov).sum())
@@ -217,10 +220,10 @@ def agreement(name: str, stage, device: torch.device, precisions: list[str], n: 
 
         degrader = DegradeStage(DegradeConfig.build(types="111", seed=0))
         pairs = []
-        for path in photos:
-            clean = decode(path)
-            low = degrader.compute(prepare_item(degrader, path.stem, {"image": clean})).images_now()[""]
-            pairs.append((clean, prepare_item(stage, path.stem, {"image": Img(low, clean.meta)})))
+        for paths in photos:
+            clean, stem = decode(paths["image"]), paths["image"].stem
+            low = degrader.compute(prepare_item(degrader, stem, {"image": clean})).images_now()[""]
+            pairs.append((clean, prepare_item(stage, stem, {"image": Img(low, clean.meta)})))
         for p in precisions:
             vals = []
             for clean, item in pairs:
@@ -323,7 +326,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=sides, default="drive,1024")
     ap.add_argument("--batch", type=count(0), default=0, help="photographs per batch (default: 8 on CUDA, 2 on CPU)")
     ap.add_argument("--precisions", default="", help="default: fp32,bf16,fp16 on CUDA, fp32,bf16 on CPU")
-    ap.add_argument("--agree", type=count(0), default=0, help="DRIVE test photographs for the agreement figures (default: 20 on CUDA, 2 on CPU)")
+    ap.add_argument("--agree", type=count(0), default=0, help="validation photographs (DRIVE 37-40) for the agreement figures, at most 4 (default: 4 on CUDA, 2 on CPU)")
     ap.add_argument("--fed-n", type=count(0), default=0, help="photographs of the fed run (default: 64 on CUDA, 4 on CPU)")
     ap.add_argument("--decoders", type=count(1), default=4)
     ap.add_argument("--only", type=names(("segment", "enhance", "score", "grade")), default="segment,enhance,score,grade")
@@ -336,7 +339,7 @@ def main() -> None:
     reps = args.reps or (20 if gpu else 3)
     batch = args.batch or (8 if gpu else 2)
     precisions = (args.precisions or ("fp32,bf16,fp16" if gpu else "fp32,bf16")).split(",")
-    agree_n, fed_n = args.agree or (20 if gpu else 2), args.fed_n or (64 if gpu else 4)
+    agree_n, fed_n = min(4, args.agree or (4 if gpu else 2)), args.fed_n or (64 if gpu else 4)
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "machine": environment(), "reps": reps, "date": time.strftime("%Y-%m-%d"),

@@ -57,3 +57,22 @@ def test_a_replay_compares_every_page_of_the_report(tmp_path, photos, tiny, monk
         (x / name).write_text((x / name).read_text().replace("<title>", "<title>old: "))
     assert run("run", "--replay", x, tmp_path / "r2", "--format", "json") == 0
     assert "but 2 report pages differ (first: report-2.html)" in capsys.readouterr().err
+
+
+def test_the_enhancer_default_validation_intervals_come_back_from_the_committed_rows(tmp_path):
+    """Campaign 43b F1/F4: the README gives the validation comparison behind the default enhancer with paired
+    intervals; they are recomputed from the committed per-photograph rows by the documented command, and the
+    script fails as the others do (one line, exit 2) on a file that is not such a record."""
+    import json
+
+    from tests.test_scripts_errors import ROOT, _one_error, _script
+
+    docs = ROOT / "docs"
+    r = _script("compare_choices.py", str(docs / "correction_cofe.json") + ":0", str(docs / "correction_cofe_add_seg.json") + ":32", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got == json.loads((docs / "validation_cofe_vs_cofe_add_seg.json").read_text())
+    assert got["photographs"] == 7 and got["f1"]["ci"][0] > 0 > got["psnr"]["ci"][0]  # what the README says of them
+    (tmp_path / "x.json").write_text("[1]")
+    _one_error(_script("compare_choices.py", str(tmp_path / "x.json"), str(docs / "correction_cofe.json"), cwd=tmp_path), 2, "is not a record")
+    _one_error(_script("compare_choices.py", str(tmp_path / "none.json"), str(docs / "correction_cofe.json"), cwd=tmp_path), 2, "cannot read")
