@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fundus_pipeline.stages.base import Stage
 from tests.test_run import photos, tiny  # noqa: F401  (fixtures)
+
+REV = Stage.results_revision  # every stage's (none overrides it)
 
 
 def _degraded(root: Path, n: int) -> tuple[Path, Path, list[str]]:
@@ -81,19 +84,19 @@ def test_a_resume_processes_again_the_rows_another_version_made(tmp_path, capsys
     src, out, args = _degraded(tmp_path, 3)
     journal = out / JOURNAL
     lines = journal.read_text().splitlines()
-    assert all(line.endswith(', "results_revision": 1}') for line in lines)
-    assert json.loads((out / "manifest.json").read_text())["results_revision"] == 1
+    assert all(line.endswith(f', "results_revision": {REV}}}') for line in lines)
+    assert json.loads((out / "manifest.json").read_text())["results_revision"] == REV
     assert "results_revision" not in (out / "results.csv").read_text()  # the journal's tag, not a column
     before = {p.name: p.read_bytes() for p in out.glob("*.png")}
     # as an earlier version wrote it: no revision in p0's and p1's lines, revision 0 (another) in p2's
-    edited = [line.replace(', "results_revision": 1}', "}") for line in lines[:2]] + [lines[2].replace('"results_revision": 1}', '"results_revision": 0}')]
+    edited = [line.replace(f', "results_revision": {REV}}}', "}") for line in lines[:2]] + [lines[2].replace(f'"results_revision": {REV}}}', '"results_revision": 0}')]
     journal.write_text("\n".join(edited) + "\n")
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     said = capsys.readouterr()
     err = said.err
     assert ("note: 3 photograph(s) done before were made by another version of fundus (results revision 0, or before they were "
-            "recorded; this one computes revision 1), whose results can differ, and are processed again (e.g. 'p0')") in err, err
+            f"recorded; this one computes revision {REV}), whose results can differ, and are processed again (e.g. 'p0')") in err, err
     assert "3 ok, 0 failed ->" in said.out and "already done" not in said.out + err
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before and len(before) == 3  # made again: the same bytes here
     capsys.readouterr()
@@ -186,7 +189,7 @@ def test_manifests_say_which_code_wrote_them(tmp_path, photos, tiny):  # noqa: F
         if (root / ".git").exists():
             head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
             assert re.fullmatch(r"[0-9a-f]{40,64}", tool["git_commit"]) and tool["git_commit"] == head and isinstance(tool["dirty"], bool)
-    assert json.loads((x / "grade" / "manifest.json").read_text())["results_revision"] == 1
+    assert json.loads((x / "grade" / "manifest.json").read_text())["results_revision"] == REV
 
 
 def test_review40_a_precision_left_out_is_named_not_taken_for_another_version(tmp_path, photos, tiny, capsys):  # noqa: F811
@@ -215,7 +218,7 @@ def test_review40_an_upgrades_first_resume_reads_no_input_for_a_note_and_keeps_e
 
     src, out, args = _degraded(tmp_path, 2)
     journal = out / JOURNAL
-    journal.write_text(journal.read_text().replace(', "results_revision": 1}', "}"))  # as an earlier version wrote it
+    journal.write_text(journal.read_text().replace(f', "results_revision": {REV}}}', "}"))  # as an earlier version wrote it
     _bmp(src / "p1.bmp", 7)  # replaced since
     from fundus_pipeline import runner
     from fundus_pipeline.models import weights

@@ -76,3 +76,63 @@ def test_the_enhancer_default_validation_intervals_come_back_from_the_committed_
     (tmp_path / "x.json").write_text("[1]")
     _one_error(_script("compare_choices.py", str(tmp_path / "x.json"), str(docs / "correction_cofe.json"), cwd=tmp_path), 2, "is not a record")
     _one_error(_script("compare_choices.py", str(tmp_path / "none.json"), str(docs / "correction_cofe.json"), cwd=tmp_path), 2, "cannot read")
+
+
+def _export_4x3(a, corners: int, size: float = 0.025):
+    """``a`` (square uint8 RGB) as a camera exports it: padded to 4:3 with black bands, and the same with a date in
+    ``corners`` (2: the bottom ones; 4) of the frame, white text ``size`` of the height tall, clear of the field."""
+    import cv2
+
+    h, w = a.shape[:2]
+    full = h * 4 // 3
+    left = (full - w) // 2
+    plain = cv2.copyMakeBorder(a, 0, 0, left, full - w - left, cv2.BORDER_CONSTANT, value=0)
+    stamped = plain.copy()
+    scale, text = size * h / 22, "2024-03-12 OD"
+    thick = max(1, int(scale * 1.5))
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    for x, y in [(3, th + 3), (full - tw - 3, th + 3), (3, h - 5), (full - tw - 3, h - 5)][4 - corners:]:
+        cv2.putText(stamped, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return plain, stamped
+
+
+def _iou(a, b) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_a_date_stamped_in_the_corners_leaves_the_field_of_view_as_it_is():
+    """Campaign 43a F1 (HIGH): text burned into two or four corners of the frame (a date, a name), clear of the field,
+    raised the surround level (the median of the corners): the field's dim rim was cut off in silence (IoU 0.88
+    here) or no field was found; and the text outside counted as a bright surround, "not a fundus photograph".
+    A corner with text is read by its darkest tenth, the surround by its 75th percentile."""
+    import numpy as np
+
+    from degradation.fov import estimate_fov_geometry
+    from fundus_pipeline.stages.base import Fov
+    from tests.conftest import synthetic_fundus
+
+    h = 480
+    yy, xx = np.mgrid[:h, :h]
+    falloff = np.clip(1.15 - 0.9 * (np.hypot(yy - h / 2, xx - h / 2) / (0.46 * h)) ** 3, 0.12, 1)  # a dim, vignetted rim
+    for seed in range(2):
+        photo = np.clip(synthetic_fundus(h, h, seed) * falloff[..., None], 0, 255).astype(np.uint8)
+        for corners in (2, 4):
+            plain, stamped = _export_4x3(photo, corners)
+            m0, _ = estimate_fov_geometry(plain.astype(np.float32) / 255)
+            m1, g1 = estimate_fov_geometry(stamped.astype(np.float32) / 255)
+            assert not m1.all() and _iou(m0, m1) >= 0.99, (seed, corners, _iou(m0, m1))
+            assert Fov(m1, g1, True).surround_level(stamped) < 0.05
+
+
+def test_a_stamped_export_of_a_real_photograph_keeps_its_field_of_view(data_root):
+    """Campaign 43a F1 on a real photograph (its repro: HEI-MED 00000003 exported 4:3 with a date in the four
+    corners): no field of view was found, and segment, enhance and run failed it blaming the circle."""
+    from degradation.fov import estimate_fov_geometry
+    from fundus_pipeline.io import read_image
+
+    photo, _ = read_image(data_root / "HEI-MED" / "images" / "00000003.jpg")
+    side = min(photo.shape[:2])
+    plain, stamped = _export_4x3(photo[:side, :side], 4)
+    m0, _ = estimate_fov_geometry(plain.astype("float32") / 255)
+    m1, _ = estimate_fov_geometry(stamped.astype("float32") / 255)
+    assert not m0.all() and not m1.all() and _iou(m0, m1) >= 0.99, _iou(m0, m1)

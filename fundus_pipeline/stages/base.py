@@ -133,9 +133,11 @@ class Fov:
         return cls(mask, geom, not bool(mask.all()))
 
     def surround_level(self, image: np.ndarray) -> float:
-        """The 95th percentile of the mean colour value outside the FOV, in [0, 1] (every 7th pixel; 0 when there
-        is no outside): near 0 for a fundus photograph's black surround (DRIVE 0.04, HRF and EyePACS below
-        0.03), far above it when the "FOV" was fitted to a picture that has none (a natural image: 0.7-0.8).
+        """The 75th percentile of the mean colour value outside the FOV, in [0, 1] (every 7th pixel; 0 when there
+        is no outside): near 0 for a fundus photograph's black surround (DRIVE, HRF, HEI-MED, the CofeNet and
+        EyePACS photographs: at most 0.034), far above it when the "FOV" was fitted to a picture that has none
+        (scikit-image's astronaut: 0.68). Not the 95th, as until 2026-12-05: a date or name burned into the
+        surround made that 1.0, and the result was called "not a fundus photograph" (campaign 43a F1).
         ``image``: the float RGB in [0, 1] or the decoded integer array (gray or colour, no alpha)."""
         outside = ~self.mask
         if not outside.any():
@@ -145,7 +147,7 @@ class Fov:
             vals = vals.mean(axis=1)
         if image.dtype.kind in "ui":
             vals = vals / float(np.iinfo(image.dtype).max)
-        return float(np.percentile(vals, 95)) if vals.size else 0.0
+        return float(np.percentile(vals, 75)) if vals.size else 0.0
 
     @classmethod
     def full(cls, height: int, width: int) -> "Fov":
@@ -200,7 +202,9 @@ class Stage(ABC):
     #: for the same input and options (a new warning, another FOV rule). ``--resume`` processes again the rows of
     #: another revision, those of a version before the record (2026-12-05) included: their results were made by other
     #: code (campaign 39b F1: a resume after an upgrade kept rows without the warnings the code gives now).
-    results_revision: ClassVar[int] = 1
+    #: 2 (2026-12-05): the FOV rule that reads a corner with text burned into it by its darkest tenth, and the
+    #: surround level of the plausibility warning as its 75th percentile (campaign 43a F1); every stage estimates a FOV.
+    results_revision: ClassVar[int] = 2
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
