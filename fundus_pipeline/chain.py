@@ -889,7 +889,7 @@ class Chain:
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3), "threads_used": res.threads_used,
                              **({"resume_notes": res.notes} if res.notes else {})}
         self.worked |= res.counts.get("total", 0) > res.counts.get("skipped", 0)  # a row made now, not resumed
-        self.interrupted |= res.interrupted
+        self.interrupted |= res.interrupted or res.stop_held  # a Ctrl-C while its tables were written stops the chain there
         return res.store  # the rows just written (and the resumed ones), without reading them back
 
     def _simulate(self) -> list[ChainItem]:

@@ -67,6 +67,9 @@ class RunResult:
     store: "RowStore" = field(default_factory=lambda: RowStore())
     threads_used: "int | list[int] | None" = None  # the CPU threads a worker used (a list: a resume ran on another count)
     notes: list[str] = field(default_factory=list)  # what the resume noted (``resumable_rows``), as the manifest records it
+    #: a Ctrl-C (or stop signal) came while the finished stage wrote its tables: they were completed first, and what
+    #: would come after them (a chain's later stages) is not to run (campaign 43c F2: the chain had run them all, exit 0)
+    stop_held: bool = False
 
     @property
     def rows(self) -> list[dict]:
@@ -1739,7 +1742,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
         if WORKER_DEATHS[0] != deaths:
             remove_stale_temporaries(dst)  # a worker killed while writing left one (its item was written again)
     finally:
-        with interrupts_deferred():  # (the progress bar's last line too: a stop there had left no tables; campaign 31b L2)
+        with interrupts_deferred(held := []):  # (the progress bar's last line too: a stop there had left no tables; campaign 31b L2)
             bar.close()
             with contextlib.suppress(OSError):  # a full disk was reported where the write failed
                 journal.close()
@@ -1749,7 +1752,7 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             except OSError as e:
                 raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
                                   hint="free space, then rerun with --resume") from None
-    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used, notes)
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used, notes, bool(held))
 
 
 def _worker_signals() -> None:
@@ -1871,12 +1874,13 @@ def stop_signals_as_interrupt():
     return _signal_handlers(not_ignored(STOP_SIGNALS), raise_stop)
 
 
-def interrupts_deferred():
+def interrupts_deferred(seen: list | None = None):
     """While a run writes its final tables: a Ctrl-C (or SIGTERM / SIGHUP where the command turned them into
     one) waits until results.csv and manifest.json are complete (they then record what was done, and the run
     ends as it would have), a second one stops at once (the tables of the last snapshot stay, since every write
-    is atomic). Only in the main thread; elsewhere a no-op."""
-    seen = []
+    is atomic). The signals held are appended to ``seen``: what comes after the tables (a chain's next stage)
+    is not to run. Only in the main thread; elsewhere a no-op."""
+    seen = [] if seen is None else seen
 
     def hold(signum, frame) -> None:
         seen.append(signum)

@@ -136,3 +136,37 @@ def test_a_stamped_export_of_a_real_photograph_keeps_its_field_of_view(data_root
     m0, _ = estimate_fov_geometry(plain.astype("float32") / 255)
     m1, _ = estimate_fov_geometry(stamped.astype("float32") / 255)
     assert not m0.all() and not m1.all() and _iou(m0, m1) >= 0.99, _iou(m0, m1)
+
+
+def test_a_ctrl_c_while_a_stage_writes_its_tables_stops_the_chain_there(tmp_path, photos, tiny, monkeypatch, capsys):  # noqa: F811
+    """Campaign 43c F2: a Ctrl-C that came while the grade stage wrote its tables was held until they were complete
+    ("finishing results.csv and manifest.json first") and then forgotten: the chain ran every later stage and
+    exited 0. The tables are still completed; the chain stops there, as interrupted (exit 130), and a resume
+    finishes it."""
+    import json
+    import os
+    import signal
+
+    from fundus_pipeline import runner
+    from tests.test_run import run, tiny_args
+
+    real, calls = runner.write_reports, []
+
+    def write_reports(*a, **kw):
+        calls.append(kw.get("running"))
+        if len(calls) == 1 and not kw.get("running"):
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered while the grade stage finishes its tables
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "write_reports", write_reports)
+    out = tmp_path / "out"
+    args = tiny_args(tiny, "--enhance-if", "good,usable,reject")
+    assert run("run", photos, out, *args) == 130
+    assert "finishing results.csv and manifest.json first" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["interrupted"] is True and sorted(m["stages"]) == ["grade"], (m["interrupted"], m["stages"])
+    assert json.loads((out / "grade" / "manifest.json").read_text())["status"] == "finished"  # its tables completed first
+    assert not (out / "enhance").exists()
+    monkeypatch.setattr(runner, "write_reports", real)
+    assert run("run", photos, out, *args, "--resume") == 0
+    assert sorted(json.loads((out / "manifest.json").read_text())["stages"]) == ["enhance", "grade", "score", "segment"]
