@@ -952,7 +952,7 @@ class Chain:
                 self._run_steps()
             except KeyboardInterrupt:
                 self.interrupted = True
-            except (FundusError, OSError) as e:  # a full disk, say: the manifest says the run stopped (not "running")
+            except Exception as e:  # a full disk, say, or a fault (campaign 43c F9): the manifest says the run stopped (not "running")
                 with contextlib.suppress(Exception):
                     if previous is not None and not self.worked and isinstance(e, (UsageError, WeightsError)):
                         if isinstance(previous, Path):

@@ -175,8 +175,19 @@ class Inputs:
 
 def say_note(note: str) -> None:
     """``note`` on stderr, one line (``note: ...``); a stderr that cannot be written is passed over."""
-    with contextlib.suppress(OSError, ValueError):
+    if sys.stderr is None:  # (pythonw, some daemons: print would write to stdout instead; campaign 43c F9)
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         print(printable(f"note: {note}"), file=sys.stderr, flush=True)
+
+
+def _stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal: False for a caller's stream without ``isatty`` (a logging proxy, an
+    AttributeError that had escaped the Python API and left the manifest "running"; campaign 43c F9) or none."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _read_list(path: Path) -> list[ImageItem]:
@@ -1464,7 +1475,7 @@ class Progress:
         self.start_done = done
         self.next_mark = self._mark_after(done)
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and _stderr_is_terminal():
             self.bar = tqdm(total=total, initial=done, desc=name, unit="img", file=sys.stderr, dynamic_ncols=True)
 
     def _mark_after(self, n: int) -> int:
@@ -1506,11 +1517,11 @@ class Progress:
     def _say(self, write) -> None:
         """Progress is for the eye only: a stderr that cannot be written (closed, or a pipe whose reader has
         gone) silences it instead of ending the run (the failures are in results.csv either way)."""
-        if self.broken:
+        if self.broken or sys.stderr is None:
             return
         try:
             write()
-        except (OSError, ValueError):  # ValueError: a closed file
+        except (OSError, ValueError, AttributeError):  # ValueError: a closed file; AttributeError: a stream without flush
             self.broken, self.enabled, self.bar = True, False, None
 
     def close(self) -> None:
@@ -1887,7 +1898,9 @@ def interrupts_deferred(seen: list | None = None):
         if len(seen) > 1:
             raise KeyboardInterrupt
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name  # (a SIGTERM had said "Ctrl-C"; campaign 31b L5)
-        print(f"{what}: finishing results.csv and manifest.json first (a second one stops now)", file=sys.stderr, flush=True)
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                print(f"{what}: finishing results.csv and manifest.json first (a second one stops now)", file=sys.stderr, flush=True)
 
     held = tuple(s for s in (signal.SIGINT, *STOP_SIGNALS) if callable(signal.getsignal(s)))  # an ignored SIGINT stays ignored (32a F1)
     return _signal_handlers(held, hold)

@@ -170,3 +170,38 @@ def test_a_ctrl_c_while_a_stage_writes_its_tables_stops_the_chain_there(tmp_path
     monkeypatch.setattr(runner, "write_reports", real)
     assert run("run", photos, out, *args, "--resume") == 0
     assert sorted(json.loads((out / "manifest.json").read_text())["stages"]) == ["enhance", "grade", "score", "segment"]
+
+
+def test_the_python_api_under_a_stderr_without_isatty_or_none(tmp_path, photos, tiny, monkeypatch, capsys):  # noqa: F811
+    """Campaign 43c F9: a host whose sys.stderr is a stream without ``isatty`` (a logging proxy) got an AttributeError
+    from run_chain, not a FundusError, and the run's manifest stayed "running"; with ``sys.stderr = None`` (pythonw,
+    some daemons) the notes went to stdout. Both run now; the progress and notes go nowhere when there is no stderr."""
+    import json
+    import sys
+
+    from fundus_pipeline.chain import run_chain
+    from fundus_pipeline.config import RunConfig
+
+    class Proxy:  # write and flush only, as a stream-to-logger adapter
+        def __init__(self):
+            self.text = []
+
+        def write(self, s):
+            self.text.append(s)
+
+        def flush(self):
+            pass
+
+    cfg = RunConfig(steps=["grade", "segment"], grade_weights=str(tiny["hemf_tiny"]), grade_arch="hemf_tiny",
+                    segment_weights=str(tiny["imff_tiny"]), segment_arch="imff_tiny", device="cpu", thumbnail=64)
+    proxy = Proxy()
+    monkeypatch.setattr(sys, "stderr", proxy)
+    res = run_chain(cfg, photos, tmp_path / "a")
+    assert not res.interrupted and json.loads((tmp_path / "a" / "manifest.json").read_text())["status"] == "finished"
+    assert any("grade: 3/3" in t for t in proxy.text)  # the progress lines went to the caller's stream
+    monkeypatch.setattr(sys, "stderr", None)
+    capsys.readouterr()
+    (photos / "p0.png").write_bytes(b"not an image")  # an error row: said nowhere, but in the tables
+    res = run_chain(cfg, photos, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "finished"
+    assert "error" not in capsys.readouterr().out  # nothing meant for stderr went to stdout
