@@ -205,3 +205,43 @@ def test_the_python_api_under_a_stderr_without_isatty_or_none(tmp_path, photos, 
     res = run_chain(cfg, photos, tmp_path / "b")
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "finished"
     assert "error" not in capsys.readouterr().out  # nothing meant for stderr went to stdout
+
+
+def test_threads_sharing_a_model_in_train_mode_get_the_eval_maps_and_leave_it_as_it_was():
+    """Campaign 43c F1: threads calling predict_native on one model that the caller keeps in train mode (a training
+    loop validating from another thread) got maps up to 0.84 off, and BatchNorm's running statistics were changed for
+    good: each call restored the modes it had found, putting the model back in train mode under another thread's
+    forward pass. The model now stays in eval mode until the last overlapping call leaves."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from fundus_pipeline.models.inference import predict_native
+    from fundus_pipeline.models.registry import build_model
+    from tests.conftest import synthetic_fundus
+
+    torch.manual_seed(0)
+    model = build_model("imff_tiny")
+    rgb = synthetic_fundus(160, 160, 1).astype(np.float32) / 255
+    fov = rgb.max(axis=2) > 0.05
+    model.eval()
+    ref = predict_native(model, rgb, fov, 1.0)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    for trial in range(6):
+        out, barrier = [None] * 3, threading.Barrier(3)
+
+        def call(i):
+            barrier.wait()
+            for _ in range(4):
+                out[i] = predict_native(model, rgb, fov, 1.0)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(np.abs(o - ref).max() < 1e-5 for o in out), (trial, [float(np.abs(o - ref).max()) for o in out])
+        assert model.training and all(m.training for m in model.modules()), trial
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items()), trial

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 
 import cv2
 import numpy as np
@@ -91,17 +93,32 @@ def _tile_weight(box: tuple[int, int, int, int], overlap: int, H: int, W: int) -
     return wy[:, None] * wx[None, :]
 
 
+_EVAL_LOCK = threading.Lock()
+_EVALUATING: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()  # model: [depth, its modes]
+
+
 @contextlib.contextmanager
 def evaluating(model: torch.nn.Module):
     """``model`` in eval mode inside (BatchNorm and dropout as at inference, BatchNorm's running statistics
-    left alone), each submodule's own mode restored after: a caller's training loop is not disturbed."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    left alone), each submodule's own mode restored after: a caller's training loop is not disturbed. Calls that
+    overlap on one model (threads sharing it) keep it in eval mode until the last one leaves, which restores the
+    modes the first one found: each call had restored its own, so one thread's train mode came back while another
+    thread's forward pass ran, which then updated BatchNorm's statistics and gave wrong maps (campaign 43c F1)."""
+    with _EVAL_LOCK:
+        state = _EVALUATING.get(model)
+        if state is None:
+            state = _EVALUATING[model] = [0, [(m, m.training) for m in model.modules()]]
+            model.eval()
+        state[0] += 1
     try:
         yield model
     finally:
-        for m, mode in modes:
-            m.training = mode
+        with _EVAL_LOCK:
+            state[0] -= 1
+            if state[0] == 0:
+                for m, mode in state[1]:
+                    m.training = mode
+                _EVALUATING.pop(model, None)
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -15,7 +15,6 @@ import difflib
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,9 +198,9 @@ def load_state_dict(path: Path) -> dict:
     import torch
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        # no warnings filter around it: torch warns nothing here with weights_only given, and catch_warnings is not
+        # thread-safe: threads loading weights at once left a global "ignore every warning" behind (campaign 43c F4)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {path}") from None
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...
@@ -336,3 +335,12 @@ def compile_model(model: torch.nn.Module, backend: str | None = None) -> torch.n
 # stage's second use of a segmenter) share one loaded, verified model instead of loading it again. The
 # models are in eval mode and only used for inference, so sharing is safe.
 _LOADED: dict[tuple[str, str, str, bool], torch.nn.Module] = {}
+
+
+def clear_cache() -> int:
+    """Forget the models this process keeps for the stages (``load_model(shared=True)``: one per weights,
+    architecture, device and compile setting, about 9 MB for IMFF-Net): for a long-lived process that loads many
+    different weights (campaign 43c F6). Returns how many were dropped; a model a caller still holds stays usable."""
+    n = len(_LOADED)
+    _LOADED.clear()
+    return n
