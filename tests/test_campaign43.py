@@ -245,3 +245,19 @@ def test_threads_sharing_a_model_in_train_mode_get_the_eval_maps_and_leave_it_as
         assert all(np.abs(o - ref).max() < 1e-5 for o in out), (trial, [float(np.abs(o - ref).max()) for o in out])
         assert model.training and all(m.training for m in model.modules()), trial
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items()), trial
+
+
+def test_the_model_cache_can_be_emptied(tmp_path):
+    """Campaign 43c F6: the models a process keeps for the stages grew with every distinct weights file, with no
+    public way to drop them."""
+    import torch
+
+    from fundus_pipeline.models import weights
+    from fundus_pipeline.models.registry import build_model
+
+    weights.clear_cache()
+    for seed in range(2):
+        torch.manual_seed(seed)
+        torch.save(build_model("imff_tiny").state_dict(), tmp_path / f"w{seed}.pt")
+        weights.load_model(str(tmp_path / f"w{seed}.pt"), arch="imff_tiny", shared=True)
+    assert weights.clear_cache() == 2 and weights.clear_cache() == 0
