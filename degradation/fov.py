@@ -238,28 +238,31 @@ def _geometry_from_work_mask(
     return geom, nbox
 
 
-#: A corner square whose darkest tenth is dark (at most ``_CORNER_DARK``) and whose median lies more than
-#: ``_CORNER_SPREAD`` above it holds something bright on a dark ground (a burned-in date, name or logo): its level
-#: is that darkest tenth. Text on the black surround of DRIVE, HEI-MED, CofeNet and EyePACS photographs: 0 to 0.041
-#: and 0.18 to 0.28. A dark surround alone varies by less; a picture's own corners (scikit-image's astronaut,
-#: 0.064 and 0.44) are not dark enough, so a natural picture is still read whole.
+#: A corner square whose darkest tenth is dark (at most ``_CORNER_DARK``), whose median lies more than
+#: ``_CORNER_SPREAD`` above it and whose brightest tenth more than ``_CORNER_BRIGHT`` above the median holds bright
+#: marks on a dark ground (a burned-in date, name or logo): its level is that darkest tenth. (Without the last test a
+#: thin black line along the frame of a grey surround counted as marks, and the FOV was lost; review 43 M2.) Text
+#: on the black surround of DRIVE, HEI-MED, CofeNet and EyePACS photographs: tenths 0 to 0.047, medians 0.18 to 0.28,
+#: brightest tenths 0.07 to 0.16 above them. A dark surround alone varies by less; a picture's own corners
+#: (scikit-image's astronaut, 0.064 and 0.44) are not dark enough, so a natural picture is still read whole.
 _CORNER_DARK = 0.05
 _CORNER_SPREAD = 0.05
+_CORNER_BRIGHT = 0.06
 
 
 def corner_level(v: np.ndarray, least: int = 2) -> float:
     """The level of a picture's surround as its corners show it: the median of its four corner squares' levels,
     each square 4% of the shorter side (at least ``least`` pixels). A square's level is its median, or, where
-    text or a logo is burned into it (a dark 10th percentile and a median more than ``_CORNER_SPREAD`` above it),
-    that percentile: a stamp in two or four corners had raised the surround to the fundus level, so no FOV was
+    text or a logo is burned into it (see ``_CORNER_SPREAD``), its 10th percentile: a stamp in two or four corners had raised the surround to the fundus level, so no FOV was
     found or its dim rim was cut off (campaign 43a F1). ``v``: HxW or HxWxC, in [0, 1] (or integer levels, for
     which the spread is scaled to the type's range)."""
     p = max(least, int(round(0.04 * min(v.shape[:2]))))
     full = float(np.iinfo(v.dtype).max) if v.dtype.kind in "ui" else 1.0
     levels = []
     for c in (v[:p, :p], v[:p, -p:], v[-p:, :p], v[-p:, -p:]):
-        med, low = float(np.median(c)), float(np.percentile(c, 10))
-        levels.append(low if low <= _CORNER_DARK * full and med - low > _CORNER_SPREAD * full else med)
+        low, med, high = (float(x) for x in np.percentile(c, (10, 50, 90)))
+        text = low <= _CORNER_DARK * full and med - low > _CORNER_SPREAD * full and high - med > _CORNER_BRIGHT * full
+        levels.append(low if text else med)
     return float(np.median(levels))
 
 

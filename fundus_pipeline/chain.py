@@ -889,7 +889,7 @@ class Chain:
         self.stages[name] = {"counts": res.counts, "duration_s": round(res.duration_s, 3), "threads_used": res.threads_used,
                              **({"resume_notes": res.notes} if res.notes else {})}
         self.worked |= res.counts.get("total", 0) > res.counts.get("skipped", 0)  # a row made now, not resumed
-        self.interrupted |= res.interrupted or res.stop_held  # a Ctrl-C while its tables were written stops the chain there
+        self.interrupted |= res.interrupted  # (a Ctrl-C while its tables were written too: the chain stops there)
         return res.store  # the rows just written (and the resumed ones), without reading them back
 
     def _simulate(self) -> list[ChainItem]:
@@ -954,7 +954,8 @@ class Chain:
                 self.interrupted = True
             except Exception as e:  # a full disk, say, or a fault (campaign 43c F9): the manifest says the run stopped (not "running")
                 with contextlib.suppress(Exception):
-                    if previous is not None and not self.worked and isinstance(e, (UsageError, WeightsError)):
+                    refused = isinstance(e, (UsageError, WeightsError)) or not isinstance(e, (FundusError, OSError))  # (or a fault)
+                    if previous is not None and not self.worked and refused:
                         if isinstance(previous, Path):
                             os.replace(previous, self.out / "manifest.json")
                         else:
@@ -967,8 +968,10 @@ class Chain:
                     self.pool.close()
                 if isinstance(previous, Path):
                     previous.unlink(missing_ok=True)
-            with interrupts_deferred():  # the joined table, the manifest and the report are finished first
-                return self._finish()
+            with interrupts_deferred(held := []):  # the joined table, the manifest and the report are finished first
+                result = self._finish()
+            result.interrupted |= bool(held)  # then the command ends as interrupted (exit 130), as a stage's does (review 43 L1)
+            return result
 
     def _run_steps(self) -> None:
         cfg = self.cfg
@@ -1333,6 +1336,7 @@ def verify_replay(rp: Replay, out: Path) -> dict:
                 files_diff += 1
                 file_first = file_first or rel
     differs = bool(rows_diff or files_diff)
+    pages_diff.sort(key=lambda name: int(name[7:-5] or 1) if name != "report.html" else 1)  # report.html, report-2.html, ...
     if pages_diff and differs:
         files_diff += len(pages_diff)
         file_first = file_first or pages_diff[0]

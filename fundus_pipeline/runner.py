@@ -67,8 +67,9 @@ class RunResult:
     store: "RowStore" = field(default_factory=lambda: RowStore())
     threads_used: "int | list[int] | None" = None  # the CPU threads a worker used (a list: a resume ran on another count)
     notes: list[str] = field(default_factory=list)  # what the resume noted (``resumable_rows``), as the manifest records it
-    #: a Ctrl-C (or stop signal) came while the finished stage wrote its tables: they were completed first, and what
-    #: would come after them (a chain's later stages) is not to run (campaign 43c F2: the chain had run them all, exit 0)
+    #: a Ctrl-C (or stop signal) came while the stage wrote its final tables: they were completed first (its manifest says
+    #: what was done), and ``interrupted`` is set, so that nothing after them runs (campaign 43c F2: the chain had run
+    #: every later stage, exit 0)
     stop_held: bool = False
 
     @property
@@ -1763,7 +1764,10 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
             except OSError as e:
                 raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
                                   hint="free space, then rerun with --resume") from None
-    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted, rows, threads_used, notes, bool(held))
+    # a stop held while the tables were written ends the command as interrupted once they are complete: what would come
+    # after them (a chain's later stages, grade's copies into --sort-into, an API caller's next call) does not run (review 43 M3)
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted or bool(held), rows, threads_used,
+                     notes, bool(held))
 
 
 def _worker_signals() -> None:

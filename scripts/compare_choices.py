@@ -26,7 +26,13 @@ def fail(message: str) -> None:
 
 
 def rows_of(spec: str) -> tuple[str, dict]:
-    path, _, sigma = spec.rpartition(":") if spec.rpartition(":")[0] else (spec, "", "")
+    path, sep, sigma = spec.rpartition(":")
+    try:
+        float(sigma)
+    except ValueError:  # no ":SIGMA" (a path may hold a ':' of its own)
+        path, sigma = spec, ""
+    if not sep:
+        path, sigma = spec, ""
     try:
         record = json.loads(open(path, encoding="utf-8").read())
         want = float(sigma) if sigma else float(record["choice"])
@@ -47,9 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a")
     ap.add_argument("b")
-    ap.add_argument("--resamples", type=int, default=10000)
+    ap.add_argument("--resamples", type=int, default=10000, help="at least 1")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.resamples < 1:
+        fail(f"--resamples must be at least 1, not {args.resamples}")
     name_a, a = rows_of(args.a)
     name_b, b = rows_of(args.b)
     if set(a) != set(b):

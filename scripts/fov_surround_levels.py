@@ -4,7 +4,7 @@ corners over the fundus level, as the estimator measures it at its working size 
 blurred). The threshold was set on 2026-12-04 from all 1,433 photographs, test part included; this prints
 each part's maximum so that the training and validation parts alone can be checked against it.
 
-    python scripts/fov_surround_levels.py [--data ../shared/data]     (one JSON object; about a minute)
+    python scripts/fov_surround_levels.py [--data ../shared/data]     (one JSON object; seconds)
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> None:
     with open(ROOT / "docs" / "grade" / "eyepacs256_split.csv", newline="") as f:
         for row in csv.DictReader(f):
             bgr = cv2.imread(str(images / row["image"]), cv2.IMREAD_COLOR)
+            if bgr is None:
+                print(f"Error: cannot read {images / row['image']}", file=sys.stderr)
+                raise SystemExit(2)
             v, _, _ = _to_float_work(np.ascontiguousarray(bgr[:, :, ::-1]))
             vs = cv2.GaussianBlur(v, (0, 0), max(1.0, max(v.shape) / 256.0))
             bg = corner_level(vs)
@@ -45,6 +48,9 @@ def main() -> None:
     out = {"threshold": _MAX_SURROUND}
     for part in ("train", "val", "test"):
         x = np.array(ratios.get(part, []))
+        if not x.size:
+            print(f"Error: no photograph of the {part} part has a fundus level", file=sys.stderr)
+            raise SystemExit(2)
         out[part] = {"photographs": int(x.size), "max": round(float(x.max()), 3), "p99": round(float(np.percentile(x, 99)), 3),
                      "above_threshold": int((x > _MAX_SURROUND).sum())}
     print(json.dumps(out, indent=1))

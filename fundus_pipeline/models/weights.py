@@ -194,12 +194,26 @@ def lookup_spec(path: Path) -> tuple[WeightsSpec | None, str]:
     return (same[0] if same else None), digest
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A zip file that holds a TorchScript program (``torch.jit.save``: ``constants.pkl`` and ``code/``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
 def load_state_dict(path: Path) -> dict:
     import torch
 
+    if _is_torchscript(path):  # torch.load would warn about it on stderr before refusing it (review 43 L2)
+        raise WeightsError(f"{path} is a TorchScript archive, not a state dict", "save the model's weights instead: torch.save(model.state_dict(), 'new.pt')")
     try:
-        # no warnings filter around it: torch warns nothing here with weights_only given, and catch_warnings is not
-        # thread-safe: threads loading weights at once left a global "ignore every warning" behind (campaign 43c F4)
+        # no warnings filter around it: torch warns nothing here with weights_only given for a state dict, and
+        # catch_warnings is not thread-safe: threads loading weights at once left a global "ignore every warning"
+        # behind (campaign 43c F4)
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {path}") from None
@@ -340,7 +354,8 @@ _LOADED: dict[tuple[str, str, str, bool], torch.nn.Module] = {}
 def clear_cache() -> int:
     """Forget the models this process keeps for the stages (``load_model(shared=True)``: one per weights,
     architecture, device and compile setting, about 9 MB for IMFF-Net): for a long-lived process that loads many
-    different weights (campaign 43c F6). Returns how many were dropped; a model a caller still holds stays usable."""
+    different weights (campaign 43c F6). Returns how many were dropped; a model a caller still holds stays usable.
+    On a GPU, ``torch.cuda.empty_cache()`` then gives their memory back to the device."""
     n = len(_LOADED)
     _LOADED.clear()
     return n

@@ -140,7 +140,8 @@ def thumbnails(out: Path, row: dict, side: int, missing: list | None = None, inp
             base[name] = thumb
             t[name] = data_uri(base[name])
         except unreadable:
-            older = name == "input" and not Path(rel).is_absolute() and not (out / Path(rel).parts[0]).exists()
+            older = (name == "input" and not Path(rel).is_absolute() and not (out / Path(rel).parts[0]).exists()
+                     and not Path(rel).exists())  # (a file there that cannot be read is named as it is)
             lost.add(name, key, f"{rel} (a relative path, in neither {out} nor the working folder: a version before 2026-12-02 "
                                 "recorded the inputs relative to the folder it was run in; run `fundus report` there)" if older else str(p))
     if row.get("vessels_image"):
