@@ -253,9 +253,9 @@ _CORNER_BRIGHT = 0.06
 def corner_level(v: np.ndarray, least: int = 2) -> float:
     """The level of a picture's surround as its corners show it: the median of its four corner squares' levels,
     each square 4% of the shorter side (at least ``least`` pixels). A square's level is its median, or, where
-    text or a logo is burned into it (see ``_CORNER_SPREAD``), its 10th percentile: a stamp in two or four corners had raised the surround to the fundus level, so no FOV was
-    found or its dim rim was cut off (campaign 43a F1). ``v``: HxW or HxWxC, in [0, 1] (or integer levels, for
-    which the spread is scaled to the type's range)."""
+    text or a logo is burned into it (see ``_CORNER_DARK``), its 10th percentile: a stamp in two or four corners
+    had raised the surround to the fundus level, so no FOV was found or its dim rim was cut off (campaign 43a F1).
+    ``v``: HxW or HxWxC, in [0, 1] (or integer levels, for which the limits are scaled to the type's range)."""
     p = max(least, int(round(0.04 * min(v.shape[:2]))))
     full = float(np.iinfo(v.dtype).max) if v.dtype.kind in "ui" else 1.0
     levels = []
