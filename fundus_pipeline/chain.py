@@ -954,8 +954,7 @@ class Chain:
                 self.interrupted = True
             except Exception as e:  # a full disk, say, or a fault (campaign 43c F9): the manifest says the run stopped (not "running")
                 with contextlib.suppress(Exception):
-                    refused = isinstance(e, (UsageError, WeightsError)) or not isinstance(e, (FundusError, OSError))  # (or a fault)
-                    if previous is not None and not self.worked and refused:
+                    if previous is not None and not self.worked and isinstance(e, (UsageError, WeightsError)):
                         if isinstance(previous, Path):
                             os.replace(previous, self.out / "manifest.json")
                         else:

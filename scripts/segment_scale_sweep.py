@@ -42,8 +42,8 @@ def main() -> None:
     except ValueError:
         fail(f"--diameters takes FOV diameters of 64 to 8000 px, comma-separated, not {a.diameters!r}")
     root = default_data_root() / "HRF"
-    if not (root / "images").is_dir() or not (root / "manual1").is_dir():
-        fail(f"HRF not found at {root} (set FUNDUS_DATA)")
+    if not all(any((root / "images").glob(i + ".*")) and (root / "manual1" / f"{i}.tif").is_file() for i in HRF_VAL):
+        fail(f"HRF's validation photographs {', '.join(HRF_VAL)} or their annotations not found at {root} (set FUNDUS_DATA)")
     try:
         model, spec = load_model(a.weights)
     except FundusError as e:

@@ -12,7 +12,7 @@ from fundus_pipeline.stages.base import ItemInput, ItemOutput, NetworkStage
 
 #: Outside these, a result is flagged in the ``warning`` column (the item still succeeds): vessel fractions
 #: inside the FOV of real photographs lie between about 0.04 (heavily degraded) and 0.16 (DRIVE manual
-#: annotations: 0.12); a black surround has a 95th-percentile level below 0.05 (``Fov.surround_level``).
+#: annotations: 0.12); a black surround has a 75th-percentile level below 0.05 (``Fov.surround_level``).
 PLAUSIBLE_VESSEL_FRACTION = (0.02, 0.25)
 MAX_SURROUND_LEVEL = 0.15
 
