@@ -1335,7 +1335,7 @@ def verify_replay(rp: Replay, out: Path) -> dict:
                 files_diff += 1
                 file_first = file_first or rel
     differs = bool(rows_diff or files_diff)
-    pages_diff.sort(key=lambda name: int(name[7:-5] or 1) if name != "report.html" else 1)  # report.html, report-2.html, ...
+    pages_diff.sort(key=lambda name: int(name[len("report-"):-len(".html")] or 1))  # report.html, report-2.html, ...
     if pages_diff and differs:
         files_diff += len(pages_diff)
         file_first = file_first or pages_diff[0]

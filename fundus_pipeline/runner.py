@@ -67,10 +67,6 @@ class RunResult:
     store: "RowStore" = field(default_factory=lambda: RowStore())
     threads_used: "int | list[int] | None" = None  # the CPU threads a worker used (a list: a resume ran on another count)
     notes: list[str] = field(default_factory=list)  # what the resume noted (``resumable_rows``), as the manifest records it
-    #: a Ctrl-C (or stop signal) came while the stage wrote its final tables: they were completed first (its manifest says
-    #: what was done), and ``interrupted`` is set, so that nothing after them runs (campaign 43c F2: the chain had run
-    #: every later stage, exit 0)
-    stop_held: bool = False
 
     @property
     def rows(self) -> list[dict]:
@@ -174,12 +170,17 @@ class Inputs:
             say_note(note)
 
 
+def _to_stderr(line: str) -> None:
+    """``line`` on stderr; a stderr that cannot be written (closed, a caller's stream without flush) or none at all
+    (pythonw, some daemons: print would write to stdout instead; campaign 43c F9) is passed over."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            print(line, file=sys.stderr, flush=True)
+
+
 def say_note(note: str) -> None:
-    """``note`` on stderr, one line (``note: ...``); a stderr that cannot be written is passed over."""
-    if sys.stderr is None:  # (pythonw, some daemons: print would write to stdout instead; campaign 43c F9)
-        return
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        print(printable(f"note: {note}"), file=sys.stderr, flush=True)
+    """``note`` on stderr, one line (``note: ...``)."""
+    _to_stderr(printable(f"note: {note}"))
 
 
 def _stderr_is_terminal() -> bool:
@@ -1765,9 +1766,9 @@ def _run_locked(stage: Stage, work: list[WorkItem], inputs: Inputs, extra_dirs: 
                 raise FundusError(f"cannot write results.csv and manifest.json in {dst}: {e.strerror or e}",
                                   hint="free space, then rerun with --resume") from None
     # a stop held while the tables were written ends the command as interrupted once they are complete: what would come
-    # after them (a chain's later stages, grade's copies into --sort-into, an API caller's next call) does not run (review 43 M3)
-    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted or bool(held), rows, threads_used,
-                     notes, bool(held))
+    # after them (a chain's later stages, grade's copies into --sort-into, an API caller's next call) does not run
+    # (campaign 43c F2, review 43 M3); the manifest says what was done
+    return RunResult(stage.name, inputs.path, dst, counts, failed, time.time() - started, interrupted or bool(held), rows, threads_used, notes)
 
 
 def _worker_signals() -> None:
@@ -1891,10 +1892,10 @@ def stop_signals_as_interrupt():
 
 def interrupts_deferred(seen: list | None = None):
     """While a run writes its final tables: a Ctrl-C (or SIGTERM / SIGHUP where the command turned them into
-    one) waits until results.csv and manifest.json are complete (they then record what was done, and the run
-    ends as it would have), a second one stops at once (the tables of the last snapshot stay, since every write
-    is atomic). The signals held are appended to ``seen``: what comes after the tables (a chain's next stage)
-    is not to run. Only in the main thread; elsewhere a no-op."""
+    one) waits until results.csv and manifest.json are complete (they then record what was done), a second one
+    stops at once (the tables of the last snapshot stay, since every write is atomic). The signals held are
+    appended to ``seen``: the caller then ends as interrupted, and what comes after the tables does not run. Only in
+    the main thread; elsewhere a no-op."""
     seen = [] if seen is None else seen
 
     def hold(signum, frame) -> None:
@@ -1902,9 +1903,7 @@ def interrupts_deferred(seen: list | None = None):
         if len(seen) > 1:
             raise KeyboardInterrupt
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name  # (a SIGTERM had said "Ctrl-C"; campaign 31b L5)
-        if sys.stderr is not None:
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                print(f"{what}: finishing results.csv and manifest.json first (a second one stops now)", file=sys.stderr, flush=True)
+        _to_stderr(f"{what}: finishing results.csv and manifest.json first (a second one stops now)")
 
     held = tuple(s for s in (signal.SIGINT, *STOP_SIGNALS) if callable(signal.getsignal(s)))  # an ignored SIGINT stays ignored (32a F1)
     return _signal_handlers(held, hold)
